@@ -1,0 +1,50 @@
+"""Errors the planner raises. Everything else is a bug."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which request field, a stable machine-readable code, and a sentence for people."""
+
+    field: str
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InfeasiblePlanError(ValueError):
+    """This plan cannot run on this model, training setup and cluster.
+
+    `reason` is a stable code (e.g. "invalid_plan"); `violations` names every broken rule, not just the first,
+    so a user fixes a request in one round trip. The search prunes on this error; the API answers 422 with it.
+    """
+
+    def __init__(self, reason: str, violations: list[Violation]):
+        self.reason = reason
+        self.violations = list(violations)
+        lines = "\n".join(f"  - {v}" for v in self.violations)
+        super().__init__(f"{reason}: {len(self.violations)} rule(s) broken\n{lines}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "reason": self.reason,
+            "violations": [{"field": v.field, "code": v.code, "message": v.message} for v in self.violations],
+        }
+
+
+class UnknownPresetError(ValueError):
+    """A preset name that does not exist; the message lists the closest known names."""
+
+    def __init__(self, kind: str, name: str, known: list[str]):
+        import difflib
+
+        self.kind, self.name = kind, name
+        close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.4)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        super().__init__(f"unknown {kind} preset {name!r}.{hint} Known: {', '.join(sorted(known))}.")
+        self.closest = close

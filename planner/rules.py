@@ -1,0 +1,119 @@
+"""Structural rules a ParallelPlan must meet for a given model, training setup and cluster.
+
+Each rule is a small function returning the violations it finds; `plan_violations` runs all of them so the
+user sees every broken rule at once. These are "can't run at all" rules; running out of memory is not one of
+them (an estimate still answers, with fits=false).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from planner.errors import InfeasiblePlanError, Violation
+
+if TYPE_CHECKING:
+    from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+
+
+def _degrees_fill_cluster(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    if plan.num_gpus != cluster.num_gpus:
+        yield Violation(
+            "plan",
+            "degrees_product",
+            f"dp x tp x pp x cp = {plan.dp} x {plan.tp} x {plan.pp} x {plan.cp} = {plan.num_gpus}, "
+            f"but the cluster has {cluster.num_nodes} x {cluster.gpus_per_node} = {cluster.num_gpus} GPUs",
+        )
+
+
+def _tp_divides_model(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    widths = {
+        "num_attention_heads": model.num_attention_heads,
+        "num_kv_heads": model.kv_heads,
+        "ffn_hidden_size": model.ffn_size,
+    }
+    for name, width in widths.items():
+        if width % plan.tp:
+            yield Violation("plan.tp", f"tp_divides_{name}", f"tp={plan.tp} does not divide {name}={width}")
+
+
+def _batch_divides(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    per_step = plan.dp * plan.micro_batch_size
+    if training.global_batch_size % per_step:
+        yield Violation(
+            "training.global_batch_size",
+            "batch_divisible",
+            f"global_batch_size={training.global_batch_size} is not divisible by "
+            f"dp x micro_batch_size = {plan.dp} x {plan.micro_batch_size} = {per_step}",
+        )
+
+
+def _sequence_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    if plan.sequence_parallel and training.seq_len % plan.tp:
+        yield Violation(
+            "plan.sequence_parallel",
+            "sp_divides_seq",
+            f"sequence parallel splits the sequence over tp={plan.tp}, which does not divide "
+            f"seq_len={training.seq_len}",
+        )
+    # Context parallelism splits each sequence into 2*cp chunks for load balance (Megatron-LM CP docs).
+    if plan.cp > 1 and training.seq_len % (2 * plan.cp):
+        yield Violation(
+            "plan.cp", "cp_divides_seq", f"seq_len={training.seq_len} is not divisible by 2 x cp = {2 * plan.cp}"
+        )
+    if plan.cp > 1 and training.attention_kernel != "flash":
+        yield Violation("plan.cp", "cp_needs_flash", "context parallelism (ring attention) needs flash attention")
+    if model.position_embedding == "learned" and training.seq_len > (model.max_position_embeddings or 0):
+        yield Violation(
+            "training.seq_len",
+            "seq_exceeds_positions",
+            f"seq_len={training.seq_len} exceeds the model's learned positions "
+            f"(max_position_embeddings={model.max_position_embeddings})",
+        )
+
+
+def _pipeline_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    chunks = plan.num_model_chunks
+    if chunks > model.num_layers:
+        yield Violation(
+            "plan.pp",
+            "too_many_stages",
+            f"pp x virtual_stages = {chunks} model chunks, but the model has only {model.num_layers} layers",
+        )
+    if plan.layers_per_stage is not None and sum(plan.layers_per_stage) != model.num_layers:
+        yield Violation(
+            "plan.layers_per_stage",
+            "layers_per_stage_sum",
+            f"sums to {sum(plan.layers_per_stage)}; the model has {model.num_layers} layers",
+        )
+    microbatches = plan.num_microbatches(training)
+    if plan.schedule == "interleaved_1f1b" and microbatches and microbatches % plan.pp:
+        # Megatron-LM's and torch.distributed.pipelining's interleaved schedules run micro-batches in
+        # rounds of pp; a partial round would idle some devices in a way neither library schedules.
+        yield Violation(
+            "plan.schedule",
+            "interleaved_microbatches",
+            f"interleaved_1f1b needs the number of micro-batches ({microbatches}) to be a multiple of pp={plan.pp}",
+        )
+
+
+_RULES: tuple[Callable[..., Iterator[Violation]], ...] = (
+    _degrees_fill_cluster,
+    _tp_divides_model,
+    _batch_divides,
+    _sequence_splits,
+    _pipeline_splits,
+)
+
+
+def plan_violations(
+    plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec
+) -> list[Violation]:
+    return [v for rule in _RULES for v in rule(plan, model, training, cluster)]
+
+
+def require_valid(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec) -> None:
+    """Raise InfeasiblePlanError naming every broken rule, or return."""
+    found = plan_violations(plan, model, training, cluster)
+    if found:
+        raise InfeasiblePlanError("invalid_plan", found)

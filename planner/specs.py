@@ -1,0 +1,381 @@
+"""The contract's data types (DESIGN.md "The contract"): what the user asks about and what the planner answers.
+
+All models are frozen pydantic v2 models. Field names are public: add freely, rename never.
+Units are in the names (`_s`, `_bytes`, `_GBps` = 10^9 B/s, `_tflops`); SI inside.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from planner.errors import Violation
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "sgd"]
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(Frozen):
+    """A decoder-only transformer, described by the fields every planner and config format agree on.
+
+    Defaults follow the two families: GELU models (GPT-2/3, Megatron GPT) default to learned positions and
+    biases on every linear layer; SwiGLU models (Llama, Mistral) to RoPE and no biases. Hybrids (GPT-NeoX:
+    GELU + RoPE; Qwen2: SwiGLU + QKV bias) set the fields explicitly.
+    """
+
+    name: str | None = None
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    num_attention_heads: PositiveInt
+    num_kv_heads: PositiveInt | None = None  # None: = num_attention_heads (multi-head attention)
+    head_dim: PositiveInt | None = None  # None: hidden_size // num_attention_heads
+    ffn_hidden_size: PositiveInt | None = None  # None: 4 * hidden_size (GELU) or Llama's 2/3 * 4h rounded
+    vocab_size: PositiveInt
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    tie_embeddings: bool = False
+    num_experts: PositiveInt = 1
+    experts_per_token: PositiveInt = 1
+    position_embedding: Literal["learned", "rope"] | None = None
+    max_position_embeddings: PositiveInt | None = None  # rows of a learned position table
+    qkv_bias: bool | None = None
+    linear_bias: bool | None = None  # attention output projection and MLP
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # hidden and attention dropout probability
+
+    @model_validator(mode="after")
+    def _fill_family_defaults(self) -> ModelSpec:
+        gelu = self.mlp == "gelu"
+        defaults: dict[str, Any] = {
+            "num_kv_heads": self.num_attention_heads,
+            "head_dim": self.hidden_size // self.num_attention_heads,
+            "ffn_hidden_size": 4 * self.hidden_size if gelu else _llama_ffn(self.hidden_size),
+            "position_embedding": "learned" if gelu else "rope",
+            "qkv_bias": gelu,
+            "linear_bias": gelu,
+        }
+        for field, value in defaults.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)
+        if self.position_embedding == "learned" and self.max_position_embeddings is None:
+            object.__setattr__(self, "max_position_embeddings", 2048)  # GPT-3's context (Brown et al. 2020)
+        _check_model(self)
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        assert self.num_kv_heads is not None
+        return self.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        assert self.head_dim is not None
+        return self.head_dim
+
+    @property
+    def ffn_size(self) -> int:
+        assert self.ffn_hidden_size is not None
+        return self.ffn_hidden_size
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection (= hidden_size unless head_dim is set independently)."""
+        return self.num_attention_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        """Width of one of the key / value projections (smaller than q_size under GQA/MQA)."""
+        return self.kv_heads * self.head_size
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
+        """Read a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, Mixtral)."""
+        from planner.presets import model_from_hf_config
+
+        return model_from_hf_config(config)
+
+
+def _llama_ffn(hidden: int, multiple_of: int = 256) -> int:
+    """Llama's default SwiGLU width: 2/3 of 4h, rounded up to a multiple of 256 (Touvron et al. 2023, code)."""
+    ffn = int(2 * 4 * hidden / 3)
+    return multiple_of * ((ffn + multiple_of - 1) // multiple_of)
+
+
+def _check_model(model: ModelSpec) -> None:
+    problems = []
+    if model.num_attention_heads % model.kv_heads:
+        problems.append(
+            f"num_kv_heads ({model.kv_heads}) must divide num_attention_heads ({model.num_attention_heads})"
+        )
+    if model.experts_per_token > model.num_experts:
+        problems.append(
+            f"experts_per_token ({model.experts_per_token}) exceeds num_experts ({model.num_experts})"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class TrainingSpec(Frozen):
+    """What one optimizer step processes. `global_batch_size` counts sequences."""
+
+    seq_len: PositiveInt
+    global_batch_size: PositiveInt
+    precision: Precision = "bf16"
+    optimizer: Optimizer = "adamw"
+    # "flash": fused attention that never stores the s x s score matrix (FlashAttention / SDPA);
+    # "eager": softmax(QK^T)V written out as separate ops (Megatron-LM before 2023, Korthikanti et al. 2022).
+    attention_kernel: Literal["flash", "eager"] = "flash"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch_size
+
+
+# ------------------------------------------------------------------------------------------- cluster
+
+
+class LinkSpec(Frozen):
+    """One link tier, per GPU and per direction. `efficiency` = achievable nccl-tests bus bandwidth / line rate."""
+
+    name: str
+    bandwidth_GBps: Annotated[float, Field(gt=0)]
+    efficiency: Annotated[float, Field(gt=0, le=1)] = 1.0
+    latency_s: Annotated[float, Field(ge=0)] = 0.0
+    source: str = ""
+
+    @property
+    def bus_bandwidth_Bps(self) -> float:
+        return self.bandwidth_GBps * 1e9 * self.efficiency
+
+
+class GpuSpec(Frozen):
+    """One accelerator as the cost model needs it. Peak numbers are dense (no sparsity), from the datasheet."""
+
+    name: str
+    kind: Literal["gpu", "cpu"] = "gpu"
+    memory_bytes: Annotated[int, Field(gt=0)]
+    peak_tflops: dict[Precision, Annotated[float, Field(gt=0)]]
+    hbm_GBps: Annotated[float, Field(gt=0)]
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    # Achievable fraction of peak for the large GEMMs of a transformer; see planner/cost/compute.py.
+    matmul_efficiency: Annotated[float, Field(gt=0, le=1)]
+    memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.8
+    source: str = ""
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _all_precisions(cls, value: dict[str, float]) -> dict[str, float]:
+        missing = {"bf16", "fp16", "fp32"} - set(value)
+        if missing:
+            raise ValueError(f"peak_tflops lacks {sorted(missing)}")
+        return value
+
+
+class ClusterSpec(Frozen):
+    """Identical nodes of `gpus_per_node` GPUs. `*_GBps` override the GPU preset's link line rates."""
+
+    gpu: GpuSpec
+    num_nodes: PositiveInt = 1
+    gpus_per_node: PositiveInt = 8
+    intra_node_GBps: Annotated[float, Field(gt=0)] | None = None
+    inter_node_GBps: Annotated[float, Field(gt=0)] | None = None
+    profile: str | None = None
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from planner.presets import gpu_preset
+
+            return gpu_preset(value)
+        return value
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def intra_link(self) -> LinkSpec:
+        link = self.gpu.intra_node
+        if self.intra_node_GBps is None:
+            return link
+        return link.model_copy(update={"bandwidth_GBps": self.intra_node_GBps, "source": "user override"})
+
+    @property
+    def inter_link(self) -> LinkSpec:
+        link = self.gpu.inter_node
+        if self.inter_node_GBps is None:
+            return link
+        return link.model_copy(update={"bandwidth_GBps": self.inter_node_GBps, "source": "user override"})
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+class ParallelPlan(Frozen):
+    """One parallel layout. Rank order is fixed by DESIGN.md: rank = ((pp_i*dp + dp_i)*cp + cp_i)*tp + tp_i.
+
+    The plan checks the rules it can check alone when it is built; `violations()` checks the rules that
+    need the model, training setup and cluster. Both name every broken rule, not only the first.
+    """
+
+    dp: PositiveInt = 1
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    cp: PositiveInt = 1
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    micro_batch_size: PositiveInt = 1
+    sequence_parallel: bool = False
+    recompute: Recompute = "none"
+    schedule: Schedule = "1f1b"
+    virtual_stages: PositiveInt = 1
+    layers_per_stage: tuple[Annotated[int, Field(ge=1)], ...] | None = None
+    # Reduce gradients while backward still runs (PyTorch DDP / FSDP do; Megatron-LM before 2023 did not).
+    overlap_grad_reduce: bool = True
+
+    @model_validator(mode="after")
+    def _intrinsic_rules(self) -> ParallelPlan:
+        problems = [str(v) for v in self._intrinsic_violations()]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _intrinsic_violations(self) -> list[Violation]:
+        found = []
+        if self.sequence_parallel and self.tp == 1:
+            found.append(Violation("plan.sequence_parallel", "sp_without_tp", "sequence parallel needs tp > 1"))
+        if self.schedule == "interleaved_1f1b":
+            if self.pp < 2:
+                found.append(Violation("plan.schedule", "interleaved_needs_pp", "interleaved_1f1b needs pp >= 2"))
+            if self.virtual_stages < 2:
+                found.append(
+                    Violation(
+                        "plan.virtual_stages",
+                        "interleaved_needs_virtual_stages",
+                        "interleaved_1f1b needs virtual_stages >= 2 (1 is plain 1f1b)",
+                    )
+                )
+        elif self.virtual_stages != 1:
+            found.append(
+                Violation(
+                    "plan.virtual_stages",
+                    "virtual_stages_need_interleaving",
+                    f"virtual_stages={self.virtual_stages} needs schedule interleaved_1f1b (got {self.schedule})",
+                )
+            )
+        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.num_model_chunks:
+            found.append(
+                Violation(
+                    "plan.layers_per_stage",
+                    "layers_per_stage_length",
+                    f"has {len(self.layers_per_stage)} entries; pp x virtual_stages = {self.num_model_chunks}",
+                )
+            )
+        return found
+
+    @property
+    def num_gpus(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def num_model_chunks(self) -> int:
+        """Pipeline stages in the model: pp devices x virtual_stages chunks each."""
+        return self.pp * self.virtual_stages
+
+    def num_microbatches(self, training: TrainingSpec) -> int:
+        return training.global_batch_size // (self.dp * self.micro_batch_size)
+
+    def stage_layer_counts(self, num_layers: int) -> tuple[int, ...]:
+        """Layers in each model chunk, in pipeline order (chunk c runs on device c % pp).
+
+        Without `layers_per_stage` the layers are spread as evenly as possible; the extra layers go to the
+        middle chunks because the first and last chunks also hold the embedding and the LM head.
+        """
+        if self.layers_per_stage is not None:
+            return self.layers_per_stage
+        chunks = self.num_model_chunks
+        base, extra = divmod(num_layers, chunks)
+        order = sorted(range(chunks), key=lambda c: (c in (0, chunks - 1), abs(c - (chunks - 1) / 2)))
+        bumped = set(order[:extra])
+        return tuple(base + (c in bumped) for c in range(chunks))
+
+    def violations(self, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec) -> list[Violation]:
+        """Every structural rule this plan breaks for this model, training setup and cluster."""
+        from planner.rules import plan_violations
+
+        return plan_violations(self, model, training, cluster)
+
+
+# ------------------------------------------------------------------------------------------ estimate
+
+
+class StageMemory(Frozen):
+    """Peak bytes on one GPU of one pipeline stage (device), split by what holds them."""
+
+    stage: int
+    layers: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    other_bytes: float
+    total_bytes: float
+    capacity_bytes: float
+    over_bytes: float  # > 0: does not fit, by this many bytes
+
+
+class MemoryEstimate(Frozen):
+    peak_bytes: float
+    peak_stage: int
+    capacity_bytes: float
+    by_stage: list[StageMemory]
+
+
+class TimeBreakdown(Frozen):
+    """Seconds of one step on the critical path; the terms add up to `step_time_s`."""
+
+    compute_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float  # exposed part only (the rest overlaps with backward)
+    bubble_s: float
+    optimizer_s: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.model_dump().values())
+
+
+class StepEstimate(Frozen):
+    """The cost model's answer for one (model, training, cluster, plan)."""
+
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    model_tflops_per_gpu: float
+    hardware_tflops_per_gpu: float
+    mfu: float
+    hfu: float
+    fits: bool
+    num_microbatches: int
+    memory: MemoryEstimate
+    breakdown: TimeBreakdown
+    # Which model each term came from ("analytic" now; "profile" once a HardwareProfile supplies it).
+    sources: dict[str, str]
+    why_not_fits: list[str] = []
+    assumptions: list[str] = []
