@@ -1,0 +1,66 @@
+"""Collective and point-to-point times: the alpha-beta model with nccl-tests' bus-bandwidth factors.
+
+nccl-tests (doc/PERFORMANCE.md) defines bus bandwidth so that it is comparable to the link's speed whatever
+the group size n: busbw = algbw * 2(n-1)/n for all_reduce, algbw * (n-1)/n for all_gather, reduce_scatter and
+alltoall, with algbw = bytes / time. Inverting gives the times below (Thakur et al. 2005 for the ring
+algorithms behind them); alpha is a per-operation latency.
+
+All functions take and return SI units and broadcast over numpy arrays, so the search can cost many
+candidates at once. A group of one rank costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.layout import GroupPlacement
+from planner.specs import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The speed a group's collectives see: bus bandwidth (B/s) and per-operation latency (s)."""
+
+    bus_bandwidth_Bps: float
+    latency_s: float
+
+
+def group_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
+    """Inside a node a group runs at the intra-node (NVLink) bus bandwidth. Across nodes, NCCL spreads its rings
+    over the NICs of the group's members on each node, so the group gets members_per_node GPUs' network share
+    (the DGX rail layout: one NIC per GPU), never more than the intra-node links carry."""
+    intra, inter = cluster.intra_link, cluster.inter_link
+    if group.intra_node:
+        return Channel(intra.bus_bandwidth_Bps, intra.latency_s)
+    bandwidth = min(intra.bus_bandwidth_Bps, group.members_per_node * inter.bus_bandwidth_Bps)
+    return Channel(bandwidth, inter.latency_s)
+
+
+def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
+    """Pipeline neighbours: one GPU to one GPU, over the network when any pair of neighbours spans two nodes."""
+    link = cluster.inter_link if group.neighbours_cross_nodes else cluster.intra_link
+    return Channel(link.bus_bandwidth_Bps, link.latency_s)
+
+
+def all_reduce_s(size_bytes, n, channel: Channel):
+    """Ring all-reduce of `size_bytes` per rank: 2(n-1)/n * S / busbw + alpha (nccl-tests)."""
+    n = np.asarray(n, dtype=float)
+    return (n > 1) * channel.latency_s + 2 * (n - 1) / n * size_bytes / channel.bus_bandwidth_Bps
+
+
+def all_gather_s(total_bytes, n, channel: Channel):
+    """All-gather producing `total_bytes` on every rank: (n-1)/n * S / busbw + alpha (nccl-tests)."""
+    n = np.asarray(n, dtype=float)
+    return (n > 1) * channel.latency_s + (n - 1) / n * total_bytes / channel.bus_bandwidth_Bps
+
+
+def reduce_scatter_s(total_bytes, n, channel: Channel):
+    """Reduce-scatter of a `total_bytes` input per rank: (n-1)/n * S / busbw + alpha (nccl-tests)."""
+    return all_gather_s(total_bytes, n, channel)
+
+
+def p2p_s(size_bytes, channel: Channel):
+    """One send/recv: alpha + S / bandwidth (nccl-tests sendrecv: busbw = algbw)."""
+    return channel.latency_s + size_bytes / channel.bus_bandwidth_Bps

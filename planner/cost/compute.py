@@ -1,0 +1,99 @@
+"""Compute time of operations on one GPU: a roofline per op (Williams et al. 2009, "Roofline: an insightful
+visual performance model"). Matmuls are compute-bound and run at `matmul_efficiency` x the dense peak of the
+training precision; element-wise ops are memory-bound and run at `memory_efficiency` x the HBM bandwidth.
+
+Where the efficiencies come from: the GPU presets (planner/presets.py). For the A100, matmul_efficiency is
+calibrated on one published measurement, Korthikanti et al. 2022 table 4 (one 22B-model layer, tp=8,
+micro-batch 4: forward 7.7 ms + backward 11.9 ms); `calibrate_matmul_efficiency` below reproduces that
+derivation and tests/validation/test_calibration.py checks it. A measured profile replaces these numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cost.ops import OpCost
+from planner.specs import GpuSpec
+
+# Backward of a matmul computes two products of the forward's size (input and weight gradients):
+# 2x forward FLOPs (Narayanan et al. 2021, sec. 5.1 / eq. 3).
+BACKWARD_MATMUL_FACTOR = 2.0
+# FlashAttention's backward recomputes the scores and runs 5 matmuls to the forward's 2 (Dao 2023,
+# FlashAttention-2, sec. 3.1-3.2): 2.5x forward FLOPs.
+BACKWARD_FLASH_FACTOR = 2.5
+# Fused attention kernels skip the blocks above the diagonal of a causal mask, about half the work
+# (Dao 2023, sec. 3.1.1); eager attention computes the whole s x s product and masks it afterwards.
+CAUSAL_FLASH_WORK = 0.5
+# An element-wise forward reads its input and writes its output (2 passes); its backward reads the saved
+# input and the incoming gradient and writes the outgoing gradient (3 passes): 1.5x the forward traffic.
+BACKWARD_TRAFFIC_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What one GPU sustains for a precision: matmul FLOP/s and element-wise bytes/s."""
+
+    matmul_flops_per_s: float
+    memory_bytes_per_s: float
+
+    @classmethod
+    def of(cls, gpu: GpuSpec, precision: str) -> Speeds:
+        return cls(
+            matmul_flops_per_s=gpu.peak_tflops[precision] * 1e12 * gpu.matmul_efficiency,  # type: ignore[index]
+            memory_bytes_per_s=gpu.hbm_GBps * 1e9 * gpu.memory_efficiency,
+        )
+
+
+def forward_s(op: OpCost, speeds: Speeds) -> float:
+    work = op.matmul_flops * (CAUSAL_FLASH_WORK if op.flash else 1.0)
+    return work / speeds.matmul_flops_per_s + op.traffic_bytes / speeds.memory_bytes_per_s
+
+
+def backward_s(op: OpCost, speeds: Speeds) -> float:
+    factor = BACKWARD_FLASH_FACTOR * CAUSAL_FLASH_WORK if op.flash else BACKWARD_MATMUL_FACTOR
+    return (
+        op.matmul_flops * factor / speeds.matmul_flops_per_s
+        + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
+    )
+
+
+def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds) -> float:
+    """Extra forward work in backward: the whole block (full) or the attention core (selective)."""
+    if recompute == "full":
+        return sum(forward_s(op, speeds) for op in ops)
+    if recompute == "selective":
+        return sum(forward_s(op, speeds) for op in ops if op.attention_core)
+    return 0.0
+
+
+def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float) -> float:
+    """Seconds of matmul work in forward + backward + recompute of `ops` at `matmul_flops_per_s`."""
+    def work(op: OpCost, recomputed: bool) -> float:
+        if op.flash:
+            return op.matmul_flops * CAUSAL_FLASH_WORK * (1 + BACKWARD_FLASH_FACTOR + recomputed)
+        return op.matmul_flops * (1 + BACKWARD_MATMUL_FACTOR + recomputed)
+
+    return sum(work(op, _recomputed(op, recompute)) for op in ops) / matmul_flops_per_s
+
+
+def traffic_s(ops: list[OpCost], recompute: str, memory_bytes_per_s: float) -> float:
+    """Seconds of element-wise memory traffic in forward + backward + recompute of `ops`."""
+    passes = {True: 1 + BACKWARD_TRAFFIC_FACTOR + 1, False: 1 + BACKWARD_TRAFFIC_FACTOR}
+    return sum(op.traffic_bytes * passes[_recomputed(op, recompute)] for op in ops) / memory_bytes_per_s
+
+
+def _recomputed(op: OpCost, recompute: str) -> bool:
+    return recompute == "full" or (recompute == "selective" and op.attention_core)
+
+
+def fit_matmul_efficiency(samples: list[tuple[float, float, float]]) -> float:
+    """Least-squares matmul efficiency from measured layer times.
+
+    Each sample is (matmul seconds at 100% of peak, seconds of everything else, measured seconds); the model
+    says measured = matmul / eff + other. With x = 1/eff the relative residuals (matmul * x + other - measured)
+    / measured are linear in x, so the x minimising their squares has a closed form."""
+    numerator = sum(m / t * (t - o) / t for m, o, t in samples)
+    denominator = sum((m / t) ** 2 for m, o, t in samples)
+    if numerator <= 0:
+        raise ValueError("measured times are shorter than the memory traffic and communication alone")
+    return denominator / numerator

@@ -1,0 +1,109 @@
+"""Memory per GPU: model states (ZeRO accounting), activations in flight per pipeline schedule, overhead.
+
+Model states follow Rajbhandari et al. 2020 (ZeRO, sec. 3.1 and 5): mixed-precision Adam keeps 2 bytes of
+16-bit weights, 2 bytes of 16-bit gradients and K = 12 bytes of fp32 master weights, momentum and variance
+per parameter; ZeRO stage 1 / 2 / 3 partitions the optimizer states / + gradients / + weights over the N_d
+data-parallel ranks. Activations per micro-batch come from planner/cost/ops.py; how many micro-batches each
+stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Korthikanti et al. 2022,
+sec. 4.2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+MiB = 1024**2
+
+# (weight bytes, gradient bytes) per parameter by training precision (ZeRO sec. 3.1: fp16 weights and grads).
+_WEIGHT_GRAD_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
+# Optimizer-state bytes per parameter, K in ZeRO's notation. Mixed precision adds an fp32 master copy (4).
+# AdamW: momentum + variance in fp32 (Loshchilov & Hutter 2019). SGD: torch.optim.SGD's default (no momentum)
+# keeps no state.
+_OPTIMIZER_BYTES = {
+    ("adamw", True): 12,
+    ("adamw", False): 8,
+    ("sgd", True): 4,
+    ("sgd", False): 0,
+}
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    weights: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
+    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32")]
+
+
+def model_state_bytes(
+    params: float, precision: str, optimizer: str, zero_stage: int, shard_degree: int
+) -> ModelStateBytes:
+    """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
+    (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1)."""
+    weight_bytes, grad_bytes = _WEIGHT_GRAD_BYTES[precision]
+    opt_bytes = optimizer_bytes_per_param(precision, optimizer)
+    return ModelStateBytes(
+        weights=params * weight_bytes / (shard_degree if zero_stage >= 3 else 1),
+        grads=params * grad_bytes / (shard_degree if zero_stage >= 2 else 1),
+        optimizer=params * opt_bytes / (shard_degree if zero_stage >= 1 else 1),
+    )
+
+
+def inflight_microbatches(schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+    """Micro-batches whose activations device `device` holds at its peak, in units of the device's layers.
+
+    GPipe runs all forwards before any backward: m (Huang et al. 2019). 1F1B: device d holds pp - d
+    (Narayanan et al. 2021, sec. 2.2.1; Megatron-LM's warm-up count pp - d - 1, plus the one in flight).
+    Interleaved 1F1B: device d runs (pp - d - 1) * 2 + (v - 1) * pp warm-up chunk forwards plus one
+    (Megatron-LM schedules.py), each holding 1/v of the device's layers; for d = 0 this is
+    pp * (1 + (pp - 1) / (pp * v)), Korthikanti et al. sec. 4.2.3.
+    """
+    if schedule == "gpipe":
+        return float(microbatches)
+    if schedule == "1f1b":
+        return float(min(pp - device, microbatches))
+    chunks = (pp - device - 1) * 2 + (virtual_stages - 1) * pp + 1
+    return min(chunks, microbatches * virtual_stages) / virtual_stages
+
+
+def layer_inflight(kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+    """Micro-batches of one layer's activations alive at the device's peak.
+
+    Without a pipeline, gradient accumulation finishes each micro-batch's backward before the next forward: 1.
+    The LM head sits in the last chunk, which runs each backward right after its forward under 1F1B and
+    interleaving: 1. The embedding sits in chunk 0, which holds pp micro-batches (the non-interleaved count)."""
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(microbatches)
+    if kind == "head":
+        return 1.0
+    if kind == "embedding":
+        return float(min(pp, microbatches))
+    return inflight_microbatches(schedule, device, pp, virtual_stages, microbatches)
+
+
+# The CUDA context (kernels, cuBLAS / cuDNN handles) lives outside PyTorch's allocator; PyTorch's CUDA notes
+# ("Memory management") warn that it is not counted by memory_allocated. ~0.5 GiB is what torch reports on
+# A100/H100 with CUDA 12 lazy loading (assumption until a profile measures it).
+CUDA_CONTEXT_BYTES = 0.5 * GiB
+# NCCL allocates NCCL_BUFFSIZE = 4 MiB per channel and peer for each communicator (NCCL docs, "Environment
+# variables"); with the 2 ring peers and up to 16 channels NVLink/IB rings use, ~128 MiB per communicator.
+NCCL_BYTES_PER_COMMUNICATOR = 2 * 16 * 4 * MiB
+# The caching allocator rounds and splits blocks; ZeRO (sec. 3.2) reports fragmentation large enough to OOM
+# with memory free. We reserve 5% of allocated bytes for it (assumption until the executor measures it).
+FRAGMENTATION_FRACTION = 0.05
+
+
+def overhead_bytes(allocated_bytes: float, communicators: int, kind: str) -> float:
+    """The memory a GPU needs beyond tensors: context, communicator buffers and allocator fragmentation."""
+    fixed = CUDA_CONTEXT_BYTES + communicators * NCCL_BYTES_PER_COMMUNICATOR if kind == "gpu" else 0.0
+    return fixed + FRAGMENTATION_FRACTION * allocated_bytes

@@ -1,0 +1,200 @@
+"""A transformer block as a list of operations, each with its FLOPs, the bytes it saves for backward and the
+bytes of memory traffic it causes, for one micro-batch on one GPU.
+
+This is the per-op derivation of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", sec. 4.1 and table 2), generalised so that grouped-query attention (kv_size < q_size),
+SwiGLU MLPs, fused (flash) attention and dropout-free models come out right instead of reusing the GPT
+constant 34 + 5as/h. With GELU, MHA, dropout, 16-bit activations and 1-byte dropout masks the sums reproduce
+the paper exactly: 34 sbh + 5 a s^2 b bytes per layer (tests/unit/test_ops.py).
+
+Every saved tensor is tagged with how parallelism shrinks it:
+- "tp": split by tensor parallelism always (inside the column/row-parallel region);
+- "sp": the LayerNorm/dropout region that Megatron replicates on each TP rank unless sequence parallelism
+  splits it too (Korthikanti sec. 4.2.2);
+and every op with the recompute mode that drops its saved tensors ("core" ops = the attention core that
+selective recompute discards, sec. 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
+
+Region = Literal["tp", "sp"]
+
+ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One forward operation of a block, per micro-batch, per GPU (after tp / sp / cp splitting)."""
+
+    name: str
+    matmul_flops: float  # forward multiply-adds x 2
+    saved_bytes: float  # tensors kept for backward
+    traffic_bytes: float  # bytes moved through HBM by element-wise work (matmul I/O excluded)
+    attention_core: bool = False  # discarded and recomputed by selective recompute
+    flash: bool = False  # a fused attention kernel (its FLOPs run at flash-attention speed)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes one GPU sees for one micro-batch: local tokens, full key length, and element sizes."""
+
+    tokens: float  # s/cp * b, tokens of this GPU's sequence shard
+    key_len: float  # keys each query attends to (the full sequence; ring attention visits all of it)
+    heads: float  # attention heads on this GPU (a / tp)
+    tp: int
+    sp_div: int  # tp when sequence parallel, else 1
+    elem: int  # bytes per activation element
+    mask: int  # bytes per dropout-mask element
+
+    @classmethod
+    def of(cls, model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cpu: bool = False) -> Shape:
+        elem = ACTIVATION_BYTES[training.precision]
+        return cls(
+            tokens=training.seq_len / plan.cp * plan.micro_batch_size,
+            key_len=training.seq_len,
+            heads=model.num_attention_heads / plan.tp,
+            tp=plan.tp,
+            sp_div=plan.tp if plan.sequence_parallel else 1,
+            elem=elem,
+            # CUDA's fused dropout keeps a 1-byte bool mask; CPU dropout is bernoulli * x and keeps the mask
+            # in the activation dtype (measured: ../shared/notes/torch-distributed-on-cpu.md, 8b).
+            mask=elem if cpu else 1,
+        )
+
+    def width(self, features: float, region: Region) -> float:
+        """Elements of a [tokens, features] activation on this GPU."""
+        return self.tokens * features / (self.tp if region == "tp" else self.sp_div)
+
+
+def _norm(name: str, model: ModelSpec, shape: Shape) -> OpCost:
+    """LayerNorm / RMSNorm saves its input (Korthikanti: 2sbh each); reads x, writes y."""
+    elems = shape.width(model.hidden_size, "sp")
+    return OpCost(name, 0.0, shape.elem * elems, 2 * shape.elem * elems)
+
+
+def _linear(name: str, shape: Shape, in_features: float, out_features: float, input_region: Region) -> OpCost:
+    """A (column- or row-parallel) linear layer saves its input; 2 * in * out FLOPs per token over tp."""
+    flops = 2 * shape.tokens * in_features * out_features / shape.tp
+    return OpCost(name, flops, shape.elem * shape.width(in_features, input_region), 0.0)
+
+
+def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
+    """Bias-dropout-add (fused in Megatron): reads x and the residual, writes y (and the mask if p > 0)."""
+    elems = shape.width(model.hidden_size, "sp")
+    mask = shape.mask * elems if model.dropout > 0 else 0.0
+    return OpCost(name, 0.0, mask, 3 * shape.elem * elems + mask)
+
+
+def attention_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
+    """Norm, QKV projection, the attention core, output projection, dropout + residual."""
+    q, kv = model.q_size, model.kv_size
+    ops = [_norm("attn_norm", model, shape), _linear("qkv_proj", shape, model.hidden_size, q + 2 * kv, "sp")]
+    ops += _flash_core(model, shape) if training.attention_kernel == "flash" else _eager_core(model, shape)
+    ops += [_linear("out_proj", shape, q, model.hidden_size, "tp"), _dropout_add("attn_dropout", model, shape)]
+    return ops
+
+
+def _core_flops(model: ModelSpec, shape: Shape) -> float:
+    """QK^T and softmax(.)V: 2 * 2 * tokens * key_len * q_size / tp (Narayanan et al. 2021, eq. 3's s/6h term).
+
+    The full s x s product is counted, causal mask or not, as Megatron-LM's and the MFU convention do."""
+    return 4 * shape.tokens * shape.key_len * model.q_size / shape.tp
+
+
+def _flash_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """Fused attention (Dao et al. 2022) keeps Q, K, V, the output and a per-row logsumexp, never the s x s
+    scores. Q/K/V are the saved inputs here; the output is saved as the out_proj input."""
+    qkv_saved = shape.elem * shape.width(model.q_size + 2 * model.kv_size, "tp")
+    logsumexp = 4 * shape.tokens * shape.heads  # fp32, one per query row and head
+    return [
+        OpCost("qkv_saved", 0.0, qkv_saved, 0.0),
+        OpCost("flash_attention", _core_flops(model, shape), logsumexp, 0.0, attention_core=True, flash=True),
+    ]
+
+
+def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """softmax(QK^T / sqrt(d)) V as separate kernels (Korthikanti sec. 4.1): QK^T saves Q and K (4sbh under
+    MHA), the fused scale-mask-softmax saves its output (2as^2b), dropout its mask (as^2b) and output
+    (2as^2b, the input of the AV product), and AV saves V (2sbh)."""
+    scores = shape.heads * shape.tokens * shape.key_len
+    has_dropout = model.dropout > 0
+    q_k = shape.elem * shape.width(model.q_size + model.kv_size, "tp")
+    v = shape.elem * shape.width(model.kv_size, "tp")
+    softmax_out = shape.elem * scores
+    dropout_saved = (shape.mask + shape.elem) * scores if has_dropout else 0.0
+    dropout_traffic = (2 * shape.elem + shape.mask) * scores if has_dropout else 0.0
+    return [
+        OpCost("qk_saved", 0.0, q_k, 0.0),
+        OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True),
+        OpCost("softmax", 0.0, softmax_out, 2 * shape.elem * scores, attention_core=True),
+        OpCost("attn_prob_dropout", 0.0, dropout_saved, dropout_traffic, attention_core=True),
+        OpCost("attn_values", _core_flops(model, shape) / 2, v, 0.0, attention_core=True),
+    ]
+
+
+def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """Norm, MLP, dropout + residual. A MoE token runs `experts_per_token` expert MLPs (Fedus et al. 2021),
+    so its MLP FLOPs and saved activations scale by that factor; the router is negligible."""
+    h, f, k = model.hidden_size, model.ffn_size, model.experts_per_token
+    ff = shape.width(f, "tp")
+    if model.mlp == "swiglu":
+        # silu(x W1) * (x W3) in eager PyTorch: silu saves its input, the product saves both operands
+        # (Shazeer 2020 for the structure; saved set measured in ../shared/notes, 8b: 4 tensors of size f).
+        up = _linear("fc1_fc3", shape, h, 2 * f, "sp")
+        act = OpCost("swiglu", 0.0, 3 * shape.elem * ff, 5 * shape.elem * ff)
+    else:
+        # Megatron's fused bias-GELU saves its input (Korthikanti: 8sbh for f = 4h).
+        up = _linear("fc1", shape, h, f, "sp")
+        act = OpCost("gelu", 0.0, shape.elem * ff, 2 * shape.elem * ff)
+    down = _linear("fc2", shape, f, h, "tp")
+    expert_ops = [_scaled(op, k) for op in (up, act, down)]
+    return [_norm("mlp_norm", model, shape), *expert_ops, _dropout_add("mlp_dropout", model, shape)]
+
+
+def _scaled(op: OpCost, factor: int) -> OpCost:
+    if factor == 1:
+        return op
+    return OpCost(op.name, op.matmul_flops * factor, op.saved_bytes * factor, op.traffic_bytes * factor)
+
+
+def block_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
+    return attention_ops(model, training, shape) + mlp_ops(model, shape)
+
+
+def embedding_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """Token (+ position) lookup and embedding dropout; the lookup saves only token ids."""
+    elems = shape.width(model.hidden_size, "sp")
+    mask = shape.mask * elems if model.dropout > 0 else 0.0
+    return [OpCost("embedding", 0.0, mask, 3 * shape.elem * elems + mask)]
+
+
+def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """Final norm, the vocab-parallel LM head and cross-entropy. The loss upcasts logits to fp32 and keeps
+    fp32 log-probabilities for backward (Megatron's vocab-parallel cross entropy; PyTorch's log_softmax);
+    the logits in activation precision are alive at the same time."""
+    logits = shape.tokens * model.vocab_size / shape.tp
+    return [
+        _norm("final_norm", model, shape),
+        _linear("lm_head", shape, model.hidden_size, model.vocab_size, "sp"),
+        OpCost("cross_entropy", 0.0, (4 + shape.elem) * logits, (shape.elem + 2 * 4) * logits),
+    ]
+
+
+def saved_bytes(ops: list[OpCost], recompute: str) -> float:
+    """Bytes a block keeps between its forward and backward under a recompute mode.
+
+    full: only the block input (Chen et al. 2016; Korthikanti table 2, 2sbh, split by sp);
+    selective: everything but the attention core (Korthikanti sec. 5); none: everything."""
+    if recompute == "selective":
+        return sum(op.saved_bytes for op in ops if not op.attention_core)
+    return sum(op.saved_bytes for op in ops)
+
+
+def block_input_bytes(model: ModelSpec, shape: Shape) -> float:
+    """What full recompute keeps per block: its input activation."""
+    return shape.elem * shape.width(model.hidden_size, "sp")

@@ -1,0 +1,158 @@
+"""ModelSpec -> layer graph: a networkx DiGraph of LayerCost records in execution order.
+
+LayerCost is declarative: what one layer costs one GPU for one micro-batch under a plan. The cost model
+fills it from FLOPs and bytes (planner/cost/); the profiler fills the same fields with measurements, so a
+prediction and a measurement compare field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import networkx as nx
+
+from planner.cost import comm, ops, params
+from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
+from planner.layout import placement
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+
+LayerKind = Literal["embedding", "block", "head"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer, one GPU, one micro-batch. Times in seconds, memory in bytes."""
+
+    name: str
+    kind: LayerKind
+    params: params.ParamCount  # whole-layer counts; per GPU = params.per_gpu(tp)
+    forward_flops: float  # this GPU's share
+    forward_s: float
+    backward_s: float
+    recompute_s: float  # forward work repeated during backward
+    tp_comm_s: float  # tensor-parallel collectives, forward + backward (+ recompute), not overlapped
+    cp_comm_s: float  # ring-attention exchanges not hidden behind attention compute
+    saved_bytes: float  # kept from forward to backward under the plan's recompute mode
+    working_bytes: float  # rematerialised for this layer's backward (recompute), alive one layer at a time
+
+    @property
+    def busy_s(self) -> float:
+        """Time this layer keeps its GPU busy per micro-batch."""
+        return self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
+
+
+def layer_graph(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> nx.DiGraph:
+    """embedding -> block.0 -> ... -> block.{L-1} -> head, each node carrying `cost`: LayerCost."""
+    ctx = LayerContext.of(model, training, cluster, plan)
+    costs = [embedding_cost(model, plan, ctx), *block_costs(model, training, plan, ctx), head_cost(model, plan, ctx)]
+    graph = nx.DiGraph()
+    for cost in costs:
+        graph.add_node(cost.name, cost=cost)
+    nx.add_path(graph, [cost.name for cost in costs])
+    return graph
+
+
+def layers_in_order(graph: nx.DiGraph) -> list[LayerCost]:
+    return [graph.nodes[name]["cost"] for name in nx.topological_sort(graph)]
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What every layer's cost needs from the request: local shapes, GPU speeds, TP and CP channels."""
+
+    shape: ops.Shape
+    speeds: Speeds
+    tp_channel: comm.Channel
+    cp_channel: comm.Channel
+    activation_bytes: float  # one [tokens, hidden] activation in full (what a TP collective moves)
+
+    @classmethod
+    def of(cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> LayerContext:
+        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
+        shape = ops.Shape.of(model, training, plan, cpu=cluster.gpu.kind == "cpu")
+        return cls(
+            shape=shape,
+            speeds=Speeds.of(cluster.gpu, training.precision),
+            tp_channel=comm.group_channel(cluster, placement("tp", *degrees)),
+            cp_channel=comm.p2p_channel(cluster, placement("cp", *degrees)),
+            activation_bytes=shape.elem * shape.tokens * model.hidden_size,
+        )
+
+    def tp_allreduces_s(self, count: int, plan: ParallelPlan):
+        """`count` all-reduces of one activation over the TP group. With sequence parallelism each becomes a
+        reduce-scatter + all-gather pair of the same volume (Korthikanti et al. 2022, sec. 4.2.2)."""
+        if plan.sequence_parallel:
+            pair = comm.reduce_scatter_s(self.activation_bytes, plan.tp, self.tp_channel) + comm.all_gather_s(
+                self.activation_bytes, plan.tp, self.tp_channel
+            )
+            return count * float(pair)
+        return count * float(comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel))
+
+
+def block_costs(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> list[LayerCost]:
+    """All blocks are identical, so one LayerCost is computed and named once per layer."""
+    block = ops.block_ops(model, training, ctx.shape)
+    everything = ops.saved_bytes(block, "none")
+    kept = ops.block_input_bytes(model, ctx.shape) if plan.recompute == "full" else ops.saved_bytes(block, plan.recompute)
+    # Megatron-LM's TP block: 2 all-reduces forward, 2 backward (Shoeybi et al. 2019, fig. 3); full
+    # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
+    tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
+    template = dict(
+        kind="block",
+        params=params.block_params(model),
+        forward_flops=sum(op.matmul_flops for op in block),
+        forward_s=sum(forward_s(op, ctx.speeds) for op in block),
+        backward_s=sum(backward_s(op, ctx.speeds) for op in block),
+        recompute_s=recompute_s(block, plan.recompute, ctx.speeds),
+        tp_comm_s=ctx.tp_allreduces_s(tp_allreduces, plan),
+        cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
+        saved_bytes=kept,
+        working_bytes=everything - kept,
+    )
+    return [LayerCost(name=f"block.{i}", **template) for i in range(model.num_layers)]  # type: ignore[arg-type]
+
+
+def _ring_attention_exposed_s(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext, block: list[ops.OpCost]) -> float:
+    """Ring attention (Liu et al. 2023) passes each rank's K and V around the cp ring, cp - 1 hops forward and
+    K, V and their gradients backward (3x forward traffic); the hops overlap with the attention compute of the
+    chunk in hand (Megatron-LM context parallelism), so only the excess is exposed."""
+    if plan.cp == 1:
+        return 0.0
+    kv_bytes = ctx.shape.elem * ctx.shape.tokens * 2 * model.kv_size / plan.tp
+    hops_s = (plan.cp - 1) * float(comm.p2p_s(kv_bytes, ctx.cp_channel))
+    core = [op for op in block if op.attention_core]
+    core_forward = sum(forward_s(op, ctx.speeds) for op in core)
+    core_backward = sum(backward_s(op, ctx.speeds) for op in core)
+    return max(0.0, hops_s - core_forward) + max(0.0, 2 * hops_s - core_backward)
+
+
+def embedding_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
+    """Vocab-parallel embedding: one all-reduce (or reduce-scatter with SP) of its output in forward."""
+    layer = ops.embedding_ops(model, ctx.shape)
+    return _edge_layer("embedding", "embedding", params.embedding_params(model), layer, ctx, plan)
+
+
+def head_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
+    """Final norm, LM head and loss: the head's input gradient is all-reduced over TP in backward."""
+    layer = ops.head_ops(model, ctx.shape)
+    return _edge_layer("head", "head", params.head_params(model), layer, ctx, plan)
+
+
+def _edge_layer(
+    name: str, kind: LayerKind, count: params.ParamCount, layer: list[ops.OpCost], ctx: LayerContext, plan: ParallelPlan
+) -> LayerCost:
+    """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only)."""
+    return LayerCost(
+        name=name,
+        kind=kind,
+        params=count,
+        forward_flops=sum(op.matmul_flops for op in layer),
+        forward_s=sum(forward_s(op, ctx.speeds) for op in layer),
+        backward_s=sum(backward_s(op, ctx.speeds) for op in layer),
+        recompute_s=0.0,
+        tp_comm_s=ctx.tp_allreduces_s(1, plan),
+        cp_comm_s=0.0,
+        saved_bytes=ops.saved_bytes(layer, "none"),
+        working_bytes=0.0,
+    )
