@@ -47,8 +47,11 @@ def resolve_model(value: Any) -> Any:
     name = value["name"]
     overrides = {k: v for k, v in value.items() if k != "name"}
     if isinstance(name, str) and name.lower() in MODEL_PRESETS:
-        base = model_preset(name).model_dump()
-        return ModelSpec.model_validate({**base, **overrides})
+        if not overrides:
+            return model_preset(name)
+        # Only the preset's explicit fields: derived ones (head_dim, ffn, kv heads) follow the overrides.
+        base = model_preset(name).model_dump(exclude_unset=True)
+        return ModelSpec.model_validate({**base, **overrides, "name": f"{name} (modified)"})
     if not overrides:
         model_preset(name)  # raises UnknownPresetError listing the closest names
     return value

@@ -113,6 +113,11 @@ def _llama_ffn(hidden: int, multiple_of: int = 256) -> int:
 
 def _check_model(model: ModelSpec) -> None:
     problems = []
+    if model.hidden_size % model.num_attention_heads and "head_dim" not in model.model_fields_set:
+        problems.append(
+            f"hidden_size ({model.hidden_size}) is not divisible by num_attention_heads "
+            f"({model.num_attention_heads}); set head_dim explicitly"
+        )
     if model.num_attention_heads % model.kv_heads:
         problems.append(
             f"num_kv_heads ({model.kv_heads}) must divide num_attention_heads ({model.num_attention_heads})"

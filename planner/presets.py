@@ -1,0 +1,506 @@
+"""Named models and GPUs, and Hugging Face `config.json` -> ModelSpec.
+
+Every preset cites where its numbers come from. Model presets copy the published configuration field by
+field (tests/unit/test_presets.py checks each total against the published parameter count). GPU presets
+hold datasheet peaks (dense, no sparsity) plus the achievable fractions the cost model applies to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from planner.errors import UnknownPresetError
+from planner.specs import GpuSpec, LinkSpec, ModelSpec
+
+# ============================================================================ Hugging Face config.json
+
+
+def _require(config: dict[str, Any], key: str, model_type: str) -> Any:
+    value = config.get(key)
+    if value is None:
+        raise ValueError(f"{model_type} config.json lacks required field {key!r}")
+    return value
+
+
+def _optional(config: dict[str, Any], key: str, default: Any) -> Any:
+    """A field's value, or the architecture's default when the field is absent or null."""
+    value = config.get(key)
+    return default if value is None else value
+
+
+def _swiglu_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Llama and its descendants (Mistral, Qwen2, Mixtral) share these field names (transformers LlamaConfig).
+
+    `attention_bias` puts biases on q/k/v *and* o_proj in LlamaAttention; ModelSpec splits biases into
+    qkv / everything-else, so an o_proj bias without `mlp_bias` is dropped (h parameters per layer).
+    """
+    return {
+        "num_layers": _require(config, "num_hidden_layers", model_type),
+        "hidden_size": _require(config, "hidden_size", model_type),
+        "num_attention_heads": _require(config, "num_attention_heads", model_type),
+        "num_kv_heads": config.get("num_key_value_heads"),  # absent or null: multi-head attention
+        "head_dim": config.get("head_dim"),
+        "ffn_hidden_size": _require(config, "intermediate_size", model_type),
+        "vocab_size": _require(config, "vocab_size", model_type),
+        "mlp": "swiglu",
+        "norm": "rmsnorm",
+        "position_embedding": "rope",
+        # Every one of these configs defaults tie_word_embeddings to False (LlamaConfig, MistralConfig,
+        # Qwen2Config, MixtralConfig); small Qwen2 models set it to true explicitly.
+        "tie_embeddings": bool(_optional(config, "tie_word_embeddings", False)),
+        "qkv_bias": bool(_optional(config, "attention_bias", False)),
+        "linear_bias": bool(_optional(config, "mlp_bias", False)),
+        "dropout": float(_optional(config, "attention_dropout", 0.0)),
+    }
+
+
+def _qwen2_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Qwen2 hard-codes bias=True on q/k/v_proj and bias=False on o_proj and the MLP (modeling_qwen2.py)."""
+    return {**_swiglu_fields(config, model_type), "qkv_bias": True, "linear_bias": False}
+
+
+def _mixtral_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Mixtral: `num_local_experts` SwiGLU experts per layer, `num_experts_per_tok` active per token."""
+    return {
+        **_swiglu_fields(config, model_type),
+        "num_experts": _require(config, "num_local_experts", model_type),
+        "experts_per_token": _require(config, "num_experts_per_tok", model_type),
+    }
+
+
+def _gpt2_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """GPT-2 (transformers GPT2Config): learned positions, biases everywhere, LM head always tied."""
+    hidden = _require(config, "n_embd", model_type)
+    return {
+        "num_layers": _require(config, "n_layer", model_type),
+        "hidden_size": hidden,
+        "num_attention_heads": _require(config, "n_head", model_type),
+        "ffn_hidden_size": _optional(config, "n_inner", 4 * hidden),  # n_inner null means 4h (GPT2MLP)
+        "vocab_size": _require(config, "vocab_size", model_type),
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "position_embedding": "learned",
+        "max_position_embeddings": _require(config, "n_positions", model_type),
+        "tie_embeddings": bool(_optional(config, "tie_word_embeddings", True)),
+        "qkv_bias": True,
+        "linear_bias": True,
+        "dropout": float(_optional(config, "resid_pdrop", 0.1)),  # GPT2Config's default
+    }
+
+
+def _gpt_neox_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: GELU MLP with biases, LayerNorm, rotary positions, untied `embed_out` by default.
+
+    `rotary_pct` and `use_parallel_residual` change the computation, not the parameter count: the parallel
+    block still has two LayerNorms (input_layernorm, post_attention_layernorm).
+    """
+    return {
+        "num_layers": _require(config, "num_hidden_layers", model_type),
+        "hidden_size": _require(config, "hidden_size", model_type),
+        "num_attention_heads": _require(config, "num_attention_heads", model_type),
+        "ffn_hidden_size": _require(config, "intermediate_size", model_type),
+        "vocab_size": _require(config, "vocab_size", model_type),
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "position_embedding": "rope",
+        "tie_embeddings": bool(_optional(config, "tie_word_embeddings", False)),
+        "qkv_bias": bool(_optional(config, "attention_bias", True)),  # GPTNeoXConfig default: biases on
+        "linear_bias": True,
+        "dropout": float(_optional(config, "hidden_dropout", 0.0)),
+    }
+
+
+_HF_READERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "llama": _swiglu_fields,
+    "mistral": _swiglu_fields,
+    "qwen2": _qwen2_fields,
+    "mixtral": _mixtral_fields,
+    "gpt2": _gpt2_fields,
+    "gpt_neox": _gpt_neox_fields,
+}
+
+# Older or hand-written configs may lack model_type; their architectures[0] names the model class.
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "GPT2LMHeadModel": "gpt2",
+    "GPTNeoXForCausalLM": "gpt_neox",
+}
+
+
+def _hf_model_type(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type is None:
+        architectures = config.get("architectures") or []
+        if not architectures:
+            raise ValueError("config.json names neither a model_type nor architectures")
+        model_type = _HF_ARCHITECTURES.get(str(architectures[0]), str(architectures[0]))
+    if model_type not in _HF_READERS:
+        supported = ", ".join(sorted(_HF_READERS))
+        raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: {supported}")
+    return model_type
+
+
+def model_from_hf_config(config: dict[str, Any]) -> ModelSpec:
+    """A ModelSpec from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Mixtral, GPT-2, GPT-NeoX).
+
+    Dispatches on `model_type` (else `architectures[0]`); takes the name from `_name_or_path` when present.
+    Raises ValueError naming the model_type when it is not supported, or the field when one is missing.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"a Hugging Face config must be a JSON object, got {type(config).__name__}")
+    model_type = _hf_model_type(config)
+    fields = _HF_READERS[model_type](config, model_type)
+    return ModelSpec(name=config.get("_name_or_path"), **fields)
+
+
+# ======================================================================================= model presets
+
+
+def _megatron_gpt(name: str, num_layers: int, hidden_size: int, num_heads: int) -> ModelSpec:
+    """A GPT of Narayanan et al. 2021 (arXiv 2104.04473): Megatron-LM's GPT with GPT-3's architecture.
+
+    Vocabulary 51,200 (GPT-2's 50,257 BPE tokens padded to a multiple of 1024, the V of eq. 2), learned
+    positions for s = 2048, FFN 4h, GELU, LayerNorm, biases on every linear layer, LM head tied to the word
+    embedding, dropout 0.1 (Megatron-LM's hidden and attention dropout defaults).
+    """
+    return ModelSpec(
+        name=name,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        vocab_size=51200,
+        mlp="gelu",
+        norm="layernorm",
+        position_embedding="learned",
+        max_position_embeddings=2048,
+        tie_embeddings=True,
+        qkv_bias=True,
+        linear_bias=True,
+        dropout=0.1,
+    )
+
+
+def _from_hf(name: str, config: dict[str, Any]) -> ModelSpec:
+    return model_from_hf_config(config).model_copy(update={"name": name})
+
+
+# (layers, hidden, heads) of Narayanan et al. 2021, Table 1 (weak scaling); the published sizes are the
+# names. Totals are checked against the paper's eq. 2 in tests/unit/test_presets.py.
+_NARAYANAN_TABLE_1 = {
+    "gpt3-1.7b": (24, 2304, 24),
+    "gpt3-3.6b": (30, 3072, 32),
+    "gpt3-7.5b": (36, 4096, 32),
+    "gpt3-18.4b": (40, 6144, 48),
+    "gpt3-39.1b": (48, 8192, 64),
+    "gpt3-76.1b": (60, 10240, 80),
+    "gpt3-145.6b": (80, 12288, 96),
+    "gpt3-310.1b": (96, 16384, 128),
+    "gpt3-529.6b": (105, 20480, 128),
+    "gpt3-1t": (128, 25600, 160),
+}
+
+# Fields copied from each model's published config.json on the Hugging Face Hub (only the fields that
+# shape the parameters; RoPE settings, norm eps and token ids do not).
+# fmt: off
+_HF_CONFIGS: dict[str, dict[str, Any]] = {
+    # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
+    "llama2-7b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/meta-llama/Llama-2-13b-hf/blob/main/config.json
+    "llama2-13b": {
+        "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+        "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json
+    "llama2-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json (Llama 3.1 8B: same shape)
+    "llama3-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/meta-llama/Meta-Llama-3-70B/blob/main/config.json (Llama 3.1 70B: same shape)
+    "llama3-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/meta-llama/Llama-3.1-405B/blob/main/config.json; Dubey et al. 2024, Table 3
+    "llama3-405b": {
+        "model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+        "num_attention_heads": 128, "num_key_value_heads": 8, "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
+    "mistral-7b": {
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+    # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
+    "qwen2.5-72b": {
+        "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+}
+# fmt: on
+
+
+def _build_model_presets() -> dict[str, ModelSpec]:
+    presets = {name: _megatron_gpt(name, *shape) for name, shape in _NARAYANAN_TABLE_1.items()}
+    # GPT-3 175B (Brown et al. 2020, Table 2.1: 96 layers, d_model 12288, 96 heads) with Megatron's padded
+    # vocabulary; Narayanan et al. 2021, Table 2, lists it as 174.6B parameters.
+    presets["gpt3-175b"] = _megatron_gpt("gpt3-175b", 96, 12288, 96)
+    presets.update({name: _from_hf(name, config) for name, config in _HF_CONFIGS.items()})
+    return presets
+
+
+MODEL_PRESETS: dict[str, ModelSpec] = _build_model_presets()
+
+
+def model_preset(name: str) -> ModelSpec:
+    """The named model (case-insensitive); UnknownPresetError lists the closest names."""
+    try:
+        return MODEL_PRESETS[name.lower()]
+    except KeyError:
+        raise UnknownPresetError("model", name, list(MODEL_PRESETS)) from None
+
+
+# ========================================================================================= GPU presets
+
+# Achievable fraction of the dense peak for a transformer's GEMMs. For the A100 it is the least-squares fit
+# of the block time model to the five single-layer timings of Korthikanti et al. 2022, table 4
+# (planner/calibration.py; tests/validation/test_calibration.py recomputes it and fails if this drifts).
+A100_MATMUL_EFFICIENCY = 0.691
+# Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS,
+# stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe from
+# zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
+_MAX_ACHIEVABLE_MATMUL = {"a100": 271.2 / 312, "h100-sxm": 794.5 / 989.4, "h100-pcie": 503.8 / 756.5, "l4": 70.9 / 121}
+
+
+def _matmul_efficiency(gpu: str) -> float:
+    """Other GPUs: the A100 calibration scaled by how much of its peak each GPU's cuBLAS reaches relative to the
+    A100 in the same benchmark (an assumption until a profile of that GPU measures it)."""
+    return round(A100_MATMUL_EFFICIENCY * _MAX_ACHIEVABLE_MATMUL[gpu] / _MAX_ACHIEVABLE_MATMUL["a100"], 3)
+
+
+# Achievable fraction of the HBM line rate for streaming (element-wise) kernels: BabelStream 5.0 Triad
+# 1377.5 GB/s of 1555 GB/s = 0.886 on an A100-SXM4-40GB (ALCF Polaris; argonne-lcf/ALCFBeginnersGuide,
+# polaris/examples/BabelStream). Assumed to carry over to the other GPUs until a profile measures them.
+DEFAULT_MEMORY_EFFICIENCY = 0.88
+
+# Per-collective latency (the alpha of an alpha-beta model), from small-message nccl-tests all_reduce:
+# 2 x A100-SXM4 over NVLink, 32 B: 10.1 us (NVIDIA/nccl#583); 2 nodes x 1 A100 over HDR InfiniBand, 8 B:
+# 19.9 us (NVIDIA/nccl-tests#150). PCIe: assumed 20 us, between the NVLink pair and the 42 us that an
+# 8-GPU PCIe ring (RTX 4090) shows at 8 B (NVIDIA/nccl#1530).
+NVLINK_LATENCY_S = 10e-6
+NETWORK_LATENCY_S = 20e-6
+PCIE_LATENCY_S = 20e-6
+
+# Network bus bandwidth / line rate: 86 of 100 GB/s all_reduce busbw between two 8 x A100 nodes with
+# 4 x 200 Gb/s HDR (NVIDIA/nccl-tests#175, a user's measurement). Reused for NDR and for Ethernet NICs.
+NETWORK_EFFICIENCY = 0.86
+
+_NVLINK3 = LinkSpec(
+    name="nvlink3",
+    # 12 NVLink3 links x 25 GB/s per direction; all_reduce busbw ~230 GB/s per the NCCL maintainer
+    # (NVIDIA/nccl-tests#149; 232.5 GB/s measured in nccl-tests#175): 230 / 300 = 0.77.
+    bandwidth_GBps=300.0,
+    efficiency=0.77,
+    latency_s=NVLINK_LATENCY_S,
+    source="A100 datasheet (600 GB/s bidirectional NVLink); NVIDIA/nccl-tests#149",
+)
+_NVLINK4 = LinkSpec(
+    name="nvlink4",
+    # 18 NVLink4 links, 450 GB/s per direction; ring busbw ~370 GB/s "with the protocol overhead (~20%)"
+    # per the NCCL maintainer (NVIDIA/nccl-tests#212; 365-370 GB/s measured in NVIDIA/nccl#1455):
+    # 370 / 450 = 0.82. NVLink SHARP all_reduce reaches 475-480 GB/s busbw on 8 GPUs (nccl-tests#272), a
+    # different algorithm that this per-link figure does not model.
+    bandwidth_GBps=450.0,
+    efficiency=0.82,
+    latency_s=NVLINK_LATENCY_S,
+    source="H100/H200 datasheets (900 GB/s bidirectional NVLink); NVIDIA/nccl-tests#212",
+)
+
+
+def _pcie(generation: int, bandwidth_GBps: float) -> LinkSpec:
+    """GPUs without NVSwitch talk over PCIe x16 (per direction: Gen4 32 GB/s, Gen5 64 GB/s).
+
+    Efficiency 0.5 is an assumption: "on PCI systems, the performance you get is usually determined by
+    the bandwidth your CPU and memory can deliver" (NCCL maintainer, NVIDIA/nccl#1639, where 8 PCIe Gen5
+    GPUs reach 28 GB/s all_reduce busbw = 0.44 of line rate, 4 GPUs 35 GB/s = 0.55).
+    """
+    return LinkSpec(
+        name=f"pcie-gen{generation}-x16",
+        bandwidth_GBps=bandwidth_GBps,
+        efficiency=0.5,
+        latency_s=PCIE_LATENCY_S,
+        source=f"PCIe Gen{generation} x16 line rate per direction; efficiency per NVIDIA/nccl#1639",
+    )
+
+
+def _network(name: str, gbit_per_s: int, source: str) -> LinkSpec:
+    """One NIC per GPU: the network bandwidth each GPU sees per direction is the NIC's line rate."""
+    return LinkSpec(
+        name=name,
+        bandwidth_GBps=gbit_per_s / 8,
+        efficiency=NETWORK_EFFICIENCY,
+        latency_s=NETWORK_LATENCY_S,
+        source=source,
+    )
+
+
+# DGX A100: eight 200 Gb/s HDR InfiniBand HCAs for the compute fabric, one per GPU.
+_IB_HDR = _network("ib-hdr-200g", 200, "DGX A100 user guide: 8 x 200 Gb/s HDR InfiniBand, one per GPU")
+# DGX H100 / H200: eight 400 Gb/s NDR ConnectX-7 ports for the compute fabric, one per GPU.
+_IB_NDR = _network("ib-ndr-400g", 400, "DGX H100/H200 user guide: 8 x 400 Gb/s NDR (ConnectX-7), one per GPU")
+# PCIe servers (H100 PCIe, L4) have no reference design: assume one 200 Gb/s NIC per GPU.
+_NIC_200G = _network("nic-200g", 200, "assumed: one 200 Gb/s NIC per GPU (no reference system)")
+
+
+# gloo between processes on one machine: all_reduce sustains ~1.1 GB/s for large messages with a 0.3-0.5 ms
+# floor per collective (shared/notes/torch-distributed-on-cpu.md, section 8c, 2 processes on 2 cores). Both
+# tiers are the same shared memory; the rate is already an achieved one, hence efficiency 1.0.
+_GLOO_SHARED_MEMORY = LinkSpec(
+    name="shared-memory",
+    bandwidth_GBps=1.0,
+    efficiency=1.0,
+    latency_s=300e-6,
+    source="gloo all_reduce, 2 processes on 2 cores: notes/torch-distributed-on-cpu.md section 8c",
+)
+
+
+def _mib(mib: int) -> int:
+    """Bytes in `mib` MiB (torch and deviceQuery report device memory in MiB)."""
+    return mib * 2**20
+
+
+# memory_bytes is what torch.cuda.get_device_properties(i).total_memory reports (torch prints it in MiB as
+# "total_memory=...MB"): the memory a training process can actually allocate from, after what the driver
+# keeps for itself (ECC, page tables). The marketed "80 GB" is the physical capacity.
+GPU_PRESETS: dict[str, GpuSpec] = {
+    "a100-40gb": GpuSpec(
+        name="a100-40gb",
+        # deviceQuery: "40339 MBytes (42298834944 bytes)" (bottlerocket-os/bottlerocket#3873).
+        memory_bytes=42_298_834_944,
+        # Dense tensor-core bf16/fp16 312 TFLOP/s; fp32 is the CUDA-core 19.5 because PyTorch leaves TF32
+        # matmuls off by default (torch.backends.cuda.matmul.allow_tf32 = False since 1.12).
+        peak_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        hbm_GBps=1555.0,
+        intra_node=_NVLINK3,
+        inter_node=_IB_HDR,
+        matmul_efficiency=_matmul_efficiency("a100"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 40GB",
+    ),
+    "a100-80gb": GpuSpec(
+        name="a100-80gb",
+        # A100-SXM4-80GB totalGlobalMem 85,198,045,184 B (81251 MiB), as tabulated in public scheduler code
+        # (e.g. a Kubernetes GPU-sharing simulator's per-model memory map) and in deviceQuery output.
+        memory_bytes=85_198_045_184,
+        peak_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        hbm_GBps=2039.0,  # HBM2e; the 40 GB part has 1555
+        intra_node=_NVLINK3,
+        inter_node=_IB_HDR,
+        matmul_efficiency=_matmul_efficiency("a100"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 80GB",
+    ),
+    "h100-sxm": GpuSpec(
+        name="h100-sxm",
+        # torch 2.7: _CudaDeviceProperties(name='NVIDIA H100 80GB HBM3', total_memory=81089MB).
+        memory_bytes=_mib(81089),
+        # Hopper whitepaper dense peaks (the datasheet's bf16 1979 assumes 2:4 sparsity); fp32 CUDA cores.
+        peak_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        hbm_GBps=3350.0,
+        intra_node=_NVLINK4,
+        inter_node=_IB_NDR,
+        matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA H100 datasheet (resources.nvidia.com/en-us-tensor-core/"
+        "nvidia-tensor-core-gpu-datasheet) and Hopper whitepaper, SXM5 80GB",
+    ),
+    "h100-pcie": GpuSpec(
+        name="h100-pcie",
+        # torch: _CudaDeviceProperties(name='NVIDIA H100 PCIe', total_memory=81008MB).
+        memory_bytes=_mib(81008),
+        # 114 SMs at a lower clock: bf16 1513 with sparsity -> 756.5 dense; fp32 51.2.
+        peak_tflops={"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
+        hbm_GBps=2000.0,  # HBM2e, "greater than 2,000 GBps" (H100 PCIe product brief PB-11133-001)
+        # NVLink bridges pair PCIe cards at most two by two; an 8-GPU server talks over PCIe Gen5.
+        intra_node=_pcie(5, 64.0),
+        inter_node=_NIC_200G,
+        matmul_efficiency=_matmul_efficiency("h100-pcie"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA H100 datasheet and H100 PCIe product brief PB-11133-001, PCIe 80GB",
+    ),
+    "h200": GpuSpec(
+        name="h200",
+        # torch: _CudaDeviceProperties(name='NVIDIA H200', total_memory=143156MB) of the marketed 141 GB.
+        memory_bytes=_mib(143156),
+        # Same GH100 compute as H100 SXM; only the memory changed (141 GB HBM3e at 4.8 TB/s).
+        peak_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        hbm_GBps=4800.0,
+        intra_node=_NVLINK4,
+        inter_node=_IB_NDR,
+        matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA H200 datasheet (nvdam.widen.net/s/nb5zzzsjdf/"
+        "hpc-datasheet-sc23-h200-datasheet-3002446)",
+    ),
+    "l4": GpuSpec(
+        name="l4",
+        # deviceQuery: "22518 MBytes (23612293120 bytes)" of the marketed 24 GB GDDR6.
+        memory_bytes=23_612_293_120,
+        # Datasheet bf16/fp16 tensor 242 with sparsity -> 121 dense; fp32 30.3.
+        peak_tflops={"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+        hbm_GBps=300.0,  # GDDR6, not HBM; the field is the device-memory bandwidth
+        intra_node=_pcie(4, 32.0),
+        inter_node=_NIC_200G,
+        matmul_efficiency=_matmul_efficiency("l4"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4), Ada GPU architecture whitepaper v2.1",
+    ),
+    # A placeholder for the CPU box that CI and the gloo tests run on. Its real speeds come from a measured
+    # HardwareProfile (profiler/); these nominal figures only keep the analytic model finite and modest.
+    # They are meant as achieved rates already, hence both efficiencies 1.0.
+    "cpu": GpuSpec(
+        name="cpu",
+        kind="cpu",
+        memory_bytes=16 * 2**30,
+        peak_tflops={"bf16": 0.2, "fp16": 0.2, "fp32": 0.2},
+        hbm_GBps=20.0,
+        intra_node=_GLOO_SHARED_MEMORY,
+        inter_node=_GLOO_SHARED_MEMORY,
+        matmul_efficiency=1.0,
+        memory_efficiency=1.0,
+        source="nominal placeholder; replace with a measured HardwareProfile",
+    ),
+}
+
+
+def gpu_preset(name: str) -> GpuSpec:
+    """The named GPU (case-insensitive); UnknownPresetError lists the closest names."""
+    try:
+        return GPU_PRESETS[name.lower()]
+    except KeyError:
+        raise UnknownPresetError("gpu", name, list(GPU_PRESETS)) from None
