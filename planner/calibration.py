@@ -33,19 +33,24 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
     tp_allreduces = 4 + (2 if recompute == "full" else 0)
     return BlockTimeTerms(
         matmul_at_peak_s=matmul_work_s(block, recompute, peak),
-        other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s) + ctx.tp_allreduces_s(tp_allreduces, req.plan),
+        other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s)
+        + ctx.tp_allreduces_s(tp_allreduces, req.plan),
     )
 
 
 @dataclass(frozen=True)
 class Calibration:
     matmul_efficiency: float
-    samples: list[tuple[PublishedLayerTiming, float]]  # (measurement, predicted seconds at the fitted efficiency)
+    samples: list[
+        tuple[PublishedLayerTiming, float]
+    ]  # (measurement, predicted seconds at the fitted efficiency)
 
 
 def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = None) -> Calibration:
     timings = layer_timings() if timings is None else timings
     terms = [block_time_terms(t.request) for t in timings]
-    efficiency = fit_matmul_efficiency([(x.matmul_at_peak_s, x.other_s, t.measured_s) for x, t in zip(terms, timings)])
+    efficiency = fit_matmul_efficiency(
+        [(x.matmul_at_peak_s, x.other_s, t.measured_s) for x, t in zip(terms, timings, strict=True)]
+    )
     predicted = [x.matmul_at_peak_s / efficiency + x.other_s for x in terms]
-    return Calibration(efficiency, list(zip(timings, predicted)))
+    return Calibration(efficiency, list(zip(timings, predicted, strict=True)))

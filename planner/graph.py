@@ -42,10 +42,16 @@ class LayerCost:
         return self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
 
 
-def layer_graph(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> nx.DiGraph:
+def layer_graph(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+) -> nx.DiGraph:
     """embedding -> block.0 -> ... -> block.{L-1} -> head, each node carrying `cost`: LayerCost."""
     ctx = LayerContext.of(model, training, cluster, plan)
-    costs = [embedding_cost(model, plan, ctx), *block_costs(model, training, plan, ctx), head_cost(model, plan, ctx)]
+    costs = [
+        embedding_cost(model, plan, ctx),
+        *block_costs(model, training, plan, ctx),
+        head_cost(model, plan, ctx),
+    ]
     graph = nx.DiGraph()
     for cost in costs:
         graph.add_node(cost.name, cost=cost)
@@ -68,7 +74,9 @@ class LayerContext:
     activation_bytes: float  # one [tokens, hidden] activation in full (what a TP collective moves)
 
     @classmethod
-    def of(cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> LayerContext:
+    def of(
+        cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+    ) -> LayerContext:
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         shape = ops.Shape.of(model, training, plan, cpu=cluster.gpu.kind == "cpu")
         return cls(
@@ -90,11 +98,17 @@ class LayerContext:
         return count * float(comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel))
 
 
-def block_costs(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> list[LayerCost]:
+def block_costs(
+    model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext
+) -> list[LayerCost]:
     """All blocks are identical, so one LayerCost is computed and named once per layer."""
     block = ops.block_ops(model, training, ctx.shape)
     everything = ops.saved_bytes(block, "none")
-    kept = ops.block_input_bytes(model, ctx.shape) if plan.recompute == "full" else ops.saved_bytes(block, plan.recompute)
+    kept = (
+        ops.block_input_bytes(model, ctx.shape)
+        if plan.recompute == "full"
+        else ops.saved_bytes(block, plan.recompute)
+    )
     # Megatron-LM's TP block: 2 all-reduces forward, 2 backward (Shoeybi et al. 2019, fig. 3); full
     # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
     tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
@@ -113,7 +127,9 @@ def block_costs(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ct
     return [LayerCost(name=f"block.{i}", **template) for i in range(model.num_layers)]  # type: ignore[arg-type]
 
 
-def _ring_attention_exposed_s(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext, block: list[ops.OpCost]) -> float:
+def _ring_attention_exposed_s(
+    model: ModelSpec, plan: ParallelPlan, ctx: LayerContext, block: list[ops.OpCost]
+) -> float:
     """Ring attention (Liu et al. 2023) passes each rank's K and V around the cp ring, cp - 1 hops forward and
     K, V and their gradients backward (3x forward traffic); the hops overlap with the attention compute of the
     chunk in hand (Megatron-LM context parallelism), so only the excess is exposed."""
@@ -140,7 +156,12 @@ def head_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerC
 
 
 def _edge_layer(
-    name: str, kind: LayerKind, count: params.ParamCount, layer: list[ops.OpCost], ctx: LayerContext, plan: ParallelPlan
+    name: str,
+    kind: LayerKind,
+    count: params.ParamCount,
+    layer: list[ops.OpCost],
+    ctx: LayerContext,
+    plan: ParallelPlan,
 ) -> LayerCost:
     """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only)."""
     return LayerCost(

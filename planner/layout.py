@@ -54,10 +54,7 @@ class GroupPlacement:
 
 @lru_cache(maxsize=4096)
 def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node: int) -> GroupPlacement:
-    if axis == "dp_cp":
-        groups = group_ranks("dp", pp, dp * cp, 1, tp)
-    else:
-        groups = group_ranks(axis, pp, dp, cp, tp)
+    groups = group_ranks("dp", pp, dp * cp, 1, tp) if axis == "dp_cp" else group_ranks(axis, pp, dp, cp, tp)
     nodes = groups // gpus_per_node
     size = groups.shape[1]
     intra = bool((nodes == nodes[:, :1]).all())

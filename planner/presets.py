@@ -294,7 +294,12 @@ A100_MATMUL_EFFICIENCY = 0.691
 # Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS,
 # stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe from
 # zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
-_MAX_ACHIEVABLE_MATMUL = {"a100": 271.2 / 312, "h100-sxm": 794.5 / 989.4, "h100-pcie": 503.8 / 756.5, "l4": 70.9 / 121}
+_MAX_ACHIEVABLE_MATMUL = {
+    "a100": 271.2 / 312,
+    "h100-sxm": 794.5 / 989.4,
+    "h100-pcie": 503.8 / 756.5,
+    "l4": 70.9 / 121,
+}
 
 
 def _matmul_efficiency(gpu: str) -> float:

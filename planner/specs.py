@@ -262,10 +262,14 @@ class ParallelPlan(Frozen):
     def _intrinsic_violations(self) -> list[Violation]:
         found = []
         if self.sequence_parallel and self.tp == 1:
-            found.append(Violation("plan.sequence_parallel", "sp_without_tp", "sequence parallel needs tp > 1"))
+            found.append(
+                Violation("plan.sequence_parallel", "sp_without_tp", "sequence parallel needs tp > 1")
+            )
         if self.schedule == "interleaved_1f1b":
             if self.pp < 2:
-                found.append(Violation("plan.schedule", "interleaved_needs_pp", "interleaved_1f1b needs pp >= 2"))
+                found.append(
+                    Violation("plan.schedule", "interleaved_needs_pp", "interleaved_1f1b needs pp >= 2")
+                )
             if self.virtual_stages < 2:
                 found.append(
                     Violation(

@@ -68,6 +68,7 @@ def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds) -> float:
 
 def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float) -> float:
     """Seconds of matmul work in forward + backward + recompute of `ops` at `matmul_flops_per_s`."""
+
     def work(op: OpCost, recomputed: bool) -> float:
         if op.flash:
             return op.matmul_flops * CAUSAL_FLASH_WORK * (1 + BACKWARD_FLASH_FACTOR + recomputed)

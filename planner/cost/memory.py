@@ -57,7 +57,9 @@ def model_state_bytes(
     )
 
 
-def inflight_microbatches(schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+def inflight_microbatches(
+    schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int
+) -> float:
     """Micro-batches whose activations device `device` holds at its peak, in units of the device's layers.
 
     GPipe runs all forwards before any backward: m (Huang et al. 2019). 1F1B: device d holds pp - d
@@ -74,7 +76,9 @@ def inflight_microbatches(schedule: str, device: int, pp: int, virtual_stages: i
     return min(chunks, microbatches * virtual_stages) / virtual_stages
 
 
-def layer_inflight(kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+def layer_inflight(
+    kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int
+) -> float:
     """Micro-batches of one layer's activations alive at the device's peak.
 
     Without a pipeline, gradient accumulation finishes each micro-batch's backward before the next forward: 1.

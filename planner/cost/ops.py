@@ -95,7 +95,10 @@ def attention_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> lis
     q, kv = model.q_size, model.kv_size
     ops = [_norm("attn_norm", model, shape), _linear("qkv_proj", shape, model.hidden_size, q + 2 * kv, "sp")]
     ops += _flash_core(model, shape) if training.attention_kernel == "flash" else _eager_core(model, shape)
-    ops += [_linear("out_proj", shape, q, model.hidden_size, "tp"), _dropout_add("attn_dropout", model, shape)]
+    ops += [
+        _linear("out_proj", shape, q, model.hidden_size, "tp"),
+        _dropout_add("attn_dropout", model, shape),
+    ]
     return ops
 
 
@@ -123,17 +126,17 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
     (2as^2b, the input of the AV product), and AV saves V (2sbh)."""
     scores = shape.heads * shape.tokens * shape.key_len
     has_dropout = model.dropout > 0
-    q_k = shape.elem * shape.width(model.q_size + model.kv_size, "tp")
-    v = shape.elem * shape.width(model.kv_size, "tp")
+    # Q, K and V are the inputs the recomputed core starts from, so selective recompute keeps them.
+    qkv_saved = shape.elem * shape.width(model.q_size + 2 * model.kv_size, "tp")
     softmax_out = shape.elem * scores
     dropout_saved = (shape.mask + shape.elem) * scores if has_dropout else 0.0
     dropout_traffic = (2 * shape.elem + shape.mask) * scores if has_dropout else 0.0
     return [
-        OpCost("qk_saved", 0.0, q_k, 0.0),
+        OpCost("qkv_saved", 0.0, qkv_saved, 0.0),
         OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True),
         OpCost("softmax", 0.0, softmax_out, 2 * shape.elem * scores, attention_core=True),
         OpCost("attn_prob_dropout", 0.0, dropout_saved, dropout_traffic, attention_core=True),
-        OpCost("attn_values", _core_flops(model, shape) / 2, v, 0.0, attention_core=True),
+        OpCost("attn_values", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True),
     ]
 
 

@@ -83,10 +83,14 @@ def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
     return estimate_step(req.model, req.training, req.cluster, req.plan)
 
 
-def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
+def estimate_step(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+) -> StepEstimate:
     """Predict one step of a structurally valid plan (see planner.rules)."""
     layers = layers_in_order(layer_graph(model, training, cluster, plan))
-    inputs = StepInputs(model, training, cluster, plan, device_loads(plan, layers), plan.num_microbatches(training))
+    inputs = StepInputs(
+        model, training, cluster, plan, device_loads(plan, layers), plan.num_microbatches(training)
+    )
     breakdown = step_breakdown(inputs)
     mem = memory_estimate(inputs)
     return _summarise(inputs, breakdown, mem)
@@ -206,10 +210,15 @@ def memory_estimate(inputs: StepInputs) -> MemoryEstimate:
 def stage_memory(inputs: StepInputs, load: DeviceLoad) -> StageMemory:
     plan, training = inputs.plan, inputs.training
     states = memory.model_state_bytes(
-        inputs.device_params(load), training.precision, training.optimizer, plan.zero_stage, inputs.shard_degree
+        inputs.device_params(load),
+        training.precision,
+        training.optimizer,
+        plan.zero_stage,
+        inputs.shard_degree,
     )
-    weights, grads = states.weights + _zero_buffers(inputs, load, "weights"), states.grads + _zero_buffers(
-        inputs, load, "grads"
+    weights, grads = (
+        states.weights + _zero_buffers(inputs, load, "weights"),
+        states.grads + _zero_buffers(inputs, load, "grads"),
     )
     activations = activation_bytes(inputs, load)
     allocated = weights + grads + states.optimizer + activations
@@ -249,7 +258,9 @@ def activation_bytes(inputs: StepInputs, load: DeviceLoad) -> float:
     plan = inputs.plan
     held = sum(
         layer.saved_bytes
-        * memory.layer_inflight(layer.kind, plan.schedule, load.device, plan.pp, plan.virtual_stages, inputs.microbatches)
+        * memory.layer_inflight(
+            layer.kind, plan.schedule, load.device, plan.pp, plan.virtual_stages, inputs.microbatches
+        )
         for layer in load.layers
     )
     return held + max((layer.working_bytes for layer in load.layers), default=0.0)

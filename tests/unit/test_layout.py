@@ -1,0 +1,52 @@
+"""The rank layout of DESIGN.md over many cluster shapes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from planner.layout import AXES, coords_of, group_ranks, placement, rank_of
+
+SHAPES = [
+    (pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4], [1, 2, 6], [1, 2], [1, 2, 4, 8])
+]
+
+
+@pytest.mark.parametrize(("pp", "dp", "cp", "tp"), SHAPES)
+def test_every_axis_partitions_the_ranks(pp, dp, cp, tp):
+    world = pp * dp * cp * tp
+    for axis in AXES:
+        groups = group_ranks(axis, pp, dp, cp, tp)
+        assert sorted(groups.ravel().tolist()) == list(range(world))
+        assert groups.shape[1] == {"pp": pp, "dp": dp, "cp": cp, "tp": tp}[axis]
+
+
+@pytest.mark.parametrize(("pp", "dp", "cp", "tp"), SHAPES)
+def test_rank_formula_and_its_inverse(pp, dp, cp, tp):
+    for rank in range(pp * dp * cp * tp):
+        c = coords_of(rank, dp=dp, cp=cp, tp=tp)
+        assert rank_of(c["pp"], c["dp"], c["cp"], c["tp"], dp=dp, cp=cp, tp=tp) == rank
+    groups = group_ranks("tp", pp, dp, cp, tp)
+    assert (np.diff(groups, axis=1) == 1).all()  # TP innermost: consecutive ranks
+
+
+@pytest.mark.parametrize("gpus_per_node", [4, 8])
+def test_tp_within_node_and_dp_across(gpus_per_node):
+    where = placement("tp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    assert where.intra_node and where.members_per_node == gpus_per_node
+    dp = placement("dp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    assert not dp.intra_node and dp.members_per_node == 1
+    pp = placement("pp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    assert pp.neighbours_cross_nodes
+
+
+def test_tp_straddling_nodes_is_detected():
+    # tp=8 on 6-GPU nodes cannot stay inside a node.
+    assert not placement("tp", 1, 3, 1, 8, 6).intra_node
+
+
+def test_merged_dp_cp_group():
+    where = placement("dp_cp", 1, 4, 2, 1, 8)
+    assert where.size == 8 and where.intra_node

@@ -1,0 +1,116 @@
+"""Per-op activation accounting against Korthikanti et al. 2022 table 2, and FLOPs against Narayanan eq. 3."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.cost import ops
+from planner.cost.flops import hardware_flops_per_step, model_flops_per_step, narayanan_eq3_flops
+from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
+from tests.conftest import gpt_block_model
+
+S, B, H, A = 2048, 2, 512, 8
+EAGER_FP16 = TrainingSpec(seq_len=S, global_batch_size=B * 8, precision="fp16", attention_kernel="eager")
+
+
+def saved(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    shape = ops.Shape.of(model, training, plan)
+    block = ops.block_ops(model, training, shape)
+    if plan.recompute == "full":
+        return ops.block_input_bytes(model, shape)
+    return ops.saved_bytes(block, plan.recompute)
+
+
+def sbh(x: float) -> float:
+    return S * B * H * x
+
+
+def as2b(x: float) -> float:
+    return A * S * S * B * x
+
+
+def test_gpt_block_is_34sbh_plus_5as2b():
+    got = saved(gpt_block_model(H, A), EAGER_FP16, ParallelPlan(micro_batch_size=B))
+    assert got == pytest.approx(sbh(34) + as2b(5), rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [2, 4, 8])
+def test_tensor_parallel_rows_of_table_2(t):
+    model = gpt_block_model(H, A)
+    tp_only = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B))
+    assert tp_only == pytest.approx(sbh(10 + 24 / t) + as2b(5) / t)
+    tp_sp = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B, sequence_parallel=True))
+    assert tp_sp == pytest.approx((sbh(34) + as2b(5)) / t)
+    tp_selective = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B, recompute="selective"))
+    assert tp_selective == pytest.approx(sbh(10 + 24 / t))
+    sp_selective = saved(
+        model,
+        EAGER_FP16,
+        ParallelPlan(tp=t, micro_batch_size=B, sequence_parallel=True, recompute="selective"),
+    )
+    assert sp_selective == pytest.approx(sbh(34) / t)
+
+
+def test_full_recompute_keeps_only_the_block_input():
+    got = saved(gpt_block_model(H, A), EAGER_FP16, ParallelPlan(micro_batch_size=B, recompute="full"))
+    assert got == pytest.approx(sbh(2))
+
+
+def test_no_dropout_drops_masks_and_dropout_output():
+    # Without dropout: 34 - 2 (hidden masks) = 32 sbh and 5 - 3 (mask + dropout output) = 2 as^2b.
+    got = saved(gpt_block_model(H, A, dropout=0.0), EAGER_FP16, ParallelPlan(micro_batch_size=B))
+    assert got == pytest.approx(sbh(32) + as2b(2))
+
+
+def test_flash_attention_has_no_quadratic_term():
+    model = gpt_block_model(H, A, dropout=0.0)
+    flash = TrainingSpec(seq_len=S, global_batch_size=B, precision="bf16", attention_kernel="flash")
+    got = saved(model, flash, ParallelPlan(micro_batch_size=B))
+    logsumexp = 4 * S * B * A
+    assert got == pytest.approx(sbh(32) + logsumexp)
+
+
+def test_gqa_and_swiglu_per_op():
+    # Llama-style: kv heads 2 of 8 (kv_size = h/4), SwiGLU f; saved: norms 2+2, qkv in 2, q 2, k+v 2*(2/4),
+    # out_proj in 2, fc1 in 2, swiglu 3 tensors of f, fc2 in 1 tensor of f (2 bytes each).
+    f = 1376
+    model = ModelSpec(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=A,
+        num_kv_heads=2,
+        ffn_hidden_size=f,
+        vocab_size=1000,
+        mlp="swiglu",
+        norm="rmsnorm",
+    )
+    training = TrainingSpec(seq_len=S, global_batch_size=B, precision="bf16", attention_kernel="flash")
+    got = saved(model, training, ParallelPlan(micro_batch_size=B))
+    expected = sbh(2 + 2 + 2 + 2 + 2 * 2 / 4 + 2 + 2) + S * B * 2 * 4 * f + 4 * S * B * A
+    assert got == pytest.approx(expected)
+
+
+def test_block_forward_flops_are_24bsh2_plus_4bs2h():
+    model = gpt_block_model(H, A)
+    block = ops.block_ops(
+        model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B))
+    )
+    assert sum(op.matmul_flops for op in block) == pytest.approx(24 * B * S * H**2 + 4 * B * S**2 * H)
+
+
+def test_hardware_flops_with_full_recompute_equal_narayanan_eq3(gpt175b):
+    training = TrainingSpec(seq_len=2048, global_batch_size=1536)
+    assert hardware_flops_per_step(gpt175b, training, "full") == pytest.approx(
+        narayanan_eq3_flops(gpt175b, training)
+    )
+    # Model FLOPs exclude the recomputed forward: 3/4 of the block part.
+    assert model_flops_per_step(gpt175b, training) < narayanan_eq3_flops(gpt175b, training) * 0.76
+
+
+def test_tp_splits_flops_evenly():
+    model = gpt_block_model(H, A)
+    one = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B)))
+    four = ops.block_ops(
+        model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(tp=4, micro_batch_size=B))
+    )
+    assert sum(op.matmul_flops for op in four) == pytest.approx(sum(op.matmul_flops for op in one) / 4)
