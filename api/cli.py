@@ -1,0 +1,632 @@
+"""The `paraplan` command (DESIGN.md, "api/"): estimate a plan, list the presets.
+
+Start-up must stay fast (DESIGN.md: `paraplan plan` answers in well under a second), so this module imports
+only typer and rich at the top; the planner (pydantic, numpy, networkx) is imported inside the commands that
+use it, and torch / FastAPI never.
+
+Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input or an invalid plan,
+2 kept for `paraplan plan` finding nothing that fits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from planner.request import EstimateRequest
+    from planner.specs import ModelSpec, ParallelPlan, StepEstimate
+
+GiB = 1024**3
+EXIT_OK, EXIT_BAD_INPUT = 0, 1
+
+# typer re-exports click's BadParameter but not its base class, click's UsageError, which every
+# command-line syntax error (unknown option, value of the wrong type, missing argument) derives from.
+_UsageError: type[Exception] = typer.BadParameter.__base__  # type: ignore[assignment]
+
+
+@contextmanager
+def _usage_errors_exit_one() -> Iterator[None]:
+    try:
+        yield
+    except _UsageError as error:
+        error.exit_code = EXIT_BAD_INPUT  # type: ignore[attr-defined]
+        raise
+
+
+class _BadInputExitsOne(TyperGroup):
+    """Command-line syntax errors exit 1 like every other bad input: click's default, 2, is the exit code
+    `paraplan plan` keeps for "nothing fits", and a script must be able to tell the two apart."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_exit_one():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_exit_one():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=_BadInputExitsOne,
+    name="paraplan",
+    help="Predict, plan and check parallel training of large models with PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+catalog_app = typer.Typer(cls=_BadInputExitsOne, help="List the model and GPU presets.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+class CliInputError(ValueError):
+    """Input the command line rejects before the planner sees it: unreadable files, bad JSON, missing flags.
+
+    A ValueError like the planner's own errors, so one `except ValueError` reports every kind of bad input.
+    """
+
+    def __init__(self, message: str, kind: str = "bad_input", fields: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.kind, self.fields = kind, fields or []
+
+
+# ================================================================================= request from flags
+
+# Each `estimate` flag (by its parameter name) -> where its value goes in the contract request. `--model`
+# is not here: it replaces the whole `model` section (see _model_from_flag).
+FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    "gpu": ("cluster", "gpu"),
+    "nodes": ("cluster", "num_nodes"),
+    "gpus_per_node": ("cluster", "gpus_per_node"),
+    "intra_node_GBps": ("cluster", "intra_node_GBps"),
+    "inter_node_GBps": ("cluster", "inter_node_GBps"),
+    "seq_len": ("training", "seq_len"),
+    "global_batch": ("training", "global_batch_size"),
+    "precision": ("training", "precision"),
+    "optimizer": ("training", "optimizer"),
+    "attention": ("training", "attention_kernel"),
+    "dp": ("plan", "dp"),
+    "tp": ("plan", "tp"),
+    "pp": ("plan", "pp"),
+    "cp": ("plan", "cp"),
+    "zero": ("plan", "zero_stage"),
+    "mbs": ("plan", "micro_batch_size"),
+    "sp": ("plan", "sequence_parallel"),
+    "recompute": ("plan", "recompute"),
+    "schedule": ("plan", "schedule"),
+    "virtual_stages": ("plan", "virtual_stages"),
+    "layers_per_stage": ("plan", "layers_per_stage"),
+}
+
+# Flags that change the GPU count or the model-parallel degrees: after one of them, a `plan.dp` read from the
+# file no longer matches, so it is dropped and inferred again (unless --dp is given).
+_RESHAPING_FLAGS = ("nodes", "gpus_per_node", "tp", "pp", "cp")
+
+# What an estimate cannot do without, and the flag that supplies it.
+_REQUIRED: tuple[tuple[str, str | None, str], ...] = (
+    ("model", None, "--model"),
+    ("cluster", "gpu", "--gpu"),
+    ("training", "seq_len", "--seq-len"),
+    ("training", "global_batch_size", "--global-batch"),
+)
+
+
+def flag_name(parameter: str) -> str:
+    return "--" + parameter.replace("_", "-")
+
+
+def flag_for_field(field: str) -> str | None:
+    """The flag that sets a contract field (or the section holding it), for error messages."""
+    if field == "model" or field.startswith("model."):
+        return "--model"
+    for parameter, (section, name) in FLAG_FIELDS.items():
+        if field == f"{section}.{name}" or field.startswith(f"{section}.{name}."):
+            return flag_name(parameter)
+    return None
+
+
+def build_request(base: dict[str, Any], model_flag: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The contract request: the file's fields (`base`), overridden and filled by the flags given."""
+    request = {key: value for key, value in base.items() if key != "search"}  # `search` is for `plan` only
+    for section in ("training", "cluster", "plan"):
+        value = request.get(section, {})
+        # A section that is not an object is left as it is, for validation to name it.
+        request[section] = dict(value) if isinstance(value, dict) else value
+    if model_flag is not None:
+        request["model"] = model_from_flag(model_flag)
+    given = {name: value for name, value in flags.items() if value is not None}
+    if "dp" not in given and any(name in given for name in _RESHAPING_FLAGS) and isinstance(request["plan"], dict):
+        request["plan"].pop("dp", None)
+    for name, value in given.items():
+        section, field = FLAG_FIELDS[name]
+        if isinstance(request[section], dict):
+            request[section][field] = value
+    _require_inputs(request)
+    return request
+
+
+def _require_inputs(request: dict[str, Any]) -> None:
+    missing = []
+    for section, field, flag in _REQUIRED:
+        holder = request if field is None else request.get(section)
+        key = section if field is None else field
+        if not isinstance(holder, dict) or holder.get(key) is None:
+            path = section if field is None else f"{section}.{field}"
+            missing.append({"field": path, "flag": flag, "message": f"required: pass {flag} or set {path}"})
+    if missing:
+        raise CliInputError("missing required input", kind="missing_input", fields=missing)
+
+
+def parse_layers_per_stage(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CliInputError(
+            f"--layers-per-stage takes comma-separated layer counts such as 10,12,12,10; got {text!r}"
+        ) from None
+
+
+# ====================================================================================== model input
+
+
+def model_from_flag(value: str) -> Any:
+    """`--model`: inline JSON (`{...}`), a JSON file (a ModelSpec or a Hugging Face config.json, or a folder
+    holding config.json), or else a preset name, which the request layer resolves."""
+    if value.lstrip().startswith("{"):
+        return model_from_json(parse_json_object(value, "--model"), "--model", default_name=None)
+    path = Path(value)
+    if value.endswith(".json") or "/" in value or path.is_dir():
+        if path.is_dir():
+            path = path / "config.json"
+        default_name = path.parent.name if path.name == "config.json" else path.stem
+        return model_from_json(read_json_object(path), str(path), default_name=default_name or None)
+    return {"name": value}
+
+
+def is_hf_config(config: dict[str, Any]) -> bool:
+    """A Hugging Face config.json names its class; a ModelSpec never has these keys."""
+    return "model_type" in config or "architectures" in config
+
+
+def model_from_json(config: dict[str, Any], source: str, default_name: str | None) -> dict[str, Any]:
+    if not is_hf_config(config):
+        return config  # a ModelSpec (or a preset with overrides): the request layer validates it
+    from pydantic import ValidationError
+
+    from planner.presets import model_from_hf_config
+
+    try:
+        model = model_from_hf_config(config)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_loc(e['loc'])}: {_clean(e['msg'])}" for e in exc.errors())
+        raise CliInputError(f"{source}: not a usable Hugging Face config: {problems}") from None
+    except ValueError as exc:
+        raise CliInputError(f"{source}: not a usable Hugging Face config: {exc}") from None
+    if model.name is None and default_name:
+        model = model.model_copy(update={"name": default_name})
+    return model.model_dump()
+
+
+# ========================================================================================= JSON files
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise CliInputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliInputError(f"{path}: cannot read: {exc}") from None
+
+
+def parse_json_object(text: str, source: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliInputError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CliInputError(f"{source}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    return parse_json_object(read_text(path), str(path))
+
+
+# ============================================================================================= errors
+
+
+def error_payload(exc: ValueError) -> dict[str, Any]:
+    """The machine-readable form of a bad-input error (the `error` object of `--json` output). Anything but
+    the known kinds is a bug and is raised again, traceback and all."""
+    from pydantic import ValidationError
+
+    from planner.errors import InfeasiblePlanError, UnknownPresetError
+
+    if isinstance(exc, CliInputError):
+        return {"kind": exc.kind, "message": str(exc), **({"fields": exc.fields} if exc.fields else {})}
+    if isinstance(exc, InfeasiblePlanError):
+        details = exc.to_dict()
+        return {"kind": "invalid_plan", "reason": details["reason"], "message": "plan is invalid for this setup",
+                "violations": details["violations"]}  # fmt: skip
+    if isinstance(exc, UnknownPresetError):
+        return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}
+    if isinstance(exc, ValidationError):
+        return _validation_payload(exc)
+    raise exc
+
+
+def _validation_payload(exc: Any) -> dict[str, Any]:
+    from planner.errors import UnknownPresetError
+
+    errors = exc.errors()
+    # The request layer resolves preset names inside validators, so pydantic wraps UnknownPresetError.
+    presets = [e["ctx"]["error"] for e in errors if isinstance(e.get("ctx", {}).get("error"), UnknownPresetError)]
+    if presets and len(presets) == len(errors):
+        return {"kind": "unknown_preset", "message": "\n".join(str(p) for p in presets),
+                "closest": [name for p in presets for name in p.closest]}  # fmt: skip
+    fields = [field for error in errors for field in _validation_fields(error)]
+    return {"kind": "invalid_request", "message": "invalid request", "fields": fields}
+
+
+def _validation_fields(error: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per problem. The specs join several rules broken at once into one ValueError
+    ("plan.tp: ...; plan.schedule: ..."); split them so each names its own field."""
+    where = _loc(error["loc"])
+    entries = []
+    for part in _clean(error["msg"]).split("; "):
+        field, message = where, part
+        head, sep, rest = part.partition(": ")
+        if sep and head.startswith(f"{where}.") and " " not in head:
+            field, message = head, rest
+        entries.append({"field": field or "(request)", "flag": flag_for_field(field), "message": message})
+    return entries
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+def error_text(payload: dict[str, Any]) -> str:
+    """The human-readable form of an error payload."""
+    if "violations" in payload:
+        lines = [f"  - {v['field']}: {v['message']}" for v in payload["violations"]]
+    elif "fields" in payload:
+        lines = [f"  - {f['field']}{_flag_hint(f)}: {f['message']}" for f in payload["fields"]]
+    else:
+        return f"error: {payload['message']}"
+    return "\n".join([f"error: {payload['message']}:", *lines])
+
+
+def _flag_hint(field: dict[str, Any]) -> str:
+    flag = field.get("flag")
+    return f" ({flag})" if flag and flag not in field["message"] else ""
+
+
+def print_error(payload: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"error": payload}, indent=2))
+    else:
+        typer.echo(error_text(payload), err=True)  # plain text: long preset lists must not be re-wrapped
+
+
+# =========================================================================================== estimate
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # pipes and logs: do not wrap the tables at 80 columns
+    return console
+
+
+def parse_request(request: dict[str, Any]) -> EstimateRequest:
+    from planner.request import parse_estimate_request
+
+    return parse_estimate_request(request)
+
+
+def estimate_json(request: dict[str, Any]) -> dict[str, Any]:
+    import planner
+
+    return planner.estimate(parse_request(request)).model_dump(mode="json")
+
+
+def estimate_one(path: Path | None, model_flag: str | None, flags: dict[str, Any], as_json: bool) -> int:
+    import planner
+
+    try:
+        base = read_json_object(path) if path is not None else {}
+        request = parse_request(build_request(base, model_flag, flags))
+        result = planner.estimate(request)
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json)
+        return EXIT_BAD_INPUT
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        print_report(request, result)
+    return EXIT_OK
+
+
+def estimate_lines(path: Path, model_flag: str | None, flags: dict[str, Any]) -> int:
+    """One estimate per line of a `.jsonl` file, one JSON answer per line; a bad line answers its error and
+    the others still run."""
+    try:
+        lines = read_text(path).splitlines()
+    except CliInputError as exc:
+        print_error(error_payload(exc), as_json=True)
+        return EXIT_BAD_INPUT
+    failed = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            base = parse_json_object(line, f"{path} line {number}")
+            record = estimate_json(build_request(base, model_flag, flags))
+        except ValueError as exc:
+            record, failed = {"line": number, "error": error_payload(exc)}, True
+        typer.echo(json.dumps(record))
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+@app.command()
+def estimate(
+    request: Annotated[
+        Path | None,
+        typer.Argument(help="A contract request: .json (one request) or .jsonl (one per line, JSON answers)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the contract's JSON answer.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
+    ] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU preset, e.g. a100-80gb, h100-sxm.")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Nodes (default 1).")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default 8).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step.")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (default), fp16 or fp32.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw (default) or sgd.")] = None,
+    attention: Annotated[str | None, typer.Option(help="flash (default) or eager attention kernel.")] = None,
+    dp: Annotated[int | None, typer.Option(help="Data-parallel degree (default: GPUs / (tp x pp x cp)).")] = None,
+    tp: Annotated[int | None, typer.Option(help="Tensor-parallel degree.")] = None,
+    pp: Annotated[int | None, typer.Option(help="Pipeline-parallel degree.")] = None,
+    cp: Annotated[int | None, typer.Option(help="Context-parallel degree.")] = None,
+    zero: Annotated[int | None, typer.Option(help="ZeRO stage 0-3.")] = None,
+    mbs: Annotated[int | None, typer.Option(help="Micro-batch size (sequences).")] = None,
+    sp: Annotated[bool | None, typer.Option("--sp/--no-sp", help="Sequence parallelism (needs tp > 1).")] = None,
+    recompute: Annotated[str | None, typer.Option(help="none, selective or full.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="gpipe, 1f1b or interleaved_1f1b.")] = None,
+    virtual_stages: Annotated[int | None, typer.Option(help="Model chunks per device (interleaved).")] = None,
+    layers_per_stage: Annotated[
+        str | None, typer.Option(help="Layers of each model chunk, comma-separated: 10,12,12,10.")
+    ] = None,
+    intra_node_GBps: Annotated[
+        float | None, typer.Option("--intra-node-GBps", help="Override the GPU's intra-node link, GB/s.")
+    ] = None,
+    inter_node_GBps: Annotated[
+        float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
+    ] = None,
+) -> None:
+    """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits."""
+    parameters = dict(locals())
+    flags = {name: value for name, value in parameters.items() if name in FLAG_FIELDS}
+    try:
+        flags["layers_per_stage"] = parse_layers_per_stage(layers_per_stage)
+    except CliInputError as exc:
+        print_error(error_payload(exc), as_json or _is_jsonl(request))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if request is not None and _is_jsonl(request):
+        raise typer.Exit(estimate_lines(request, model, flags))
+    raise typer.Exit(estimate_one(request, model, flags, as_json))
+
+
+def _is_jsonl(path: Path | None) -> bool:
+    return path is not None and path.suffix.lower() == ".jsonl"
+
+
+# ============================================================================================= report
+
+
+def print_report(request: EstimateRequest, result: StepEstimate) -> None:
+    console = _console()
+    console.print(_header(request), highlight=False)
+    console.print()
+    console.print(_headline(result))
+    console.print()
+    console.print(_breakdown_table(result))
+    console.print(_memory_table(result))
+    _print_fit(console, result)
+    if result.assumptions:
+        console.print("\n[bold]Assumptions[/bold]")
+        for note in result.assumptions:
+            console.print(f"  - {note}", markup=False, highlight=False)
+
+
+def _header(request: EstimateRequest) -> str:
+    from planner.cost.params import model_params
+
+    model, cluster, training = request.model, request.cluster, request.training
+    nodes = f"{cluster.num_nodes} node{'s' if cluster.num_nodes > 1 else ''}"
+    gpus = f"{cluster.num_gpus} × {cluster.gpu.name} ({nodes} × {cluster.gpus_per_node})"
+    setup = (
+        f"seq {training.seq_len} · global batch {training.global_batch_size} · {training.precision} · "
+        f"{training.optimizer} · {training.attention_kernel} attention"
+    )
+    return "\n".join(
+        [
+            f"[bold]{_model_name(model)}[/bold] · {format_count(model_params(model))} params · {gpus}",
+            setup,
+            f"plan: {plan_summary(request.plan)}",
+        ]
+    )
+
+
+def _model_name(model: ModelSpec) -> str:
+    from rich.markup import escape
+
+    return escape(model.name or "custom model")
+
+
+def plan_summary(plan: ParallelPlan) -> str:
+    """One line, e.g. "dp16 tp8 pp8 cp1 · ZeRO-1 · mbs 1 · sp · selective · interleaved_1f1b v3"."""
+    degrees = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}"
+    parts = [degrees, f"ZeRO-{plan.zero_stage}", f"mbs {plan.micro_batch_size}"]
+    if plan.sequence_parallel:
+        parts.append("sp")
+    parts.append("no recompute" if plan.recompute == "none" else f"{plan.recompute} recompute")
+    parts.append(plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""))
+    if plan.layers_per_stage is not None:
+        parts.append("layers " + ",".join(str(n) for n in plan.layers_per_stage))
+    return " · ".join(parts)
+
+
+def _headline(result: StepEstimate) -> Table:
+    table = Table.grid(padding=(0, 3))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("Step time", format_seconds(result.step_time_s)),
+        ("Tokens/s", f"{result.tokens_per_s:,.0f}"),
+        ("Tokens/s per GPU", f"{result.tokens_per_s_per_gpu:,.1f}"),
+        ("Model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}"),
+        ("MFU", f"{result.mfu:.1%}"),
+        ("HFU", f"{result.hfu:.1%}"),
+        ("Micro-batches", str(result.num_microbatches)),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+# The breakdown's terms in the order they happen, with what each one means for a reader.
+_TERM_LABELS = {
+    "compute_s": "compute",
+    "tp_comm_s": "tensor-parallel comm",
+    "cp_comm_s": "context-parallel comm",
+    "pp_comm_s": "pipeline p2p comm",
+    "dp_comm_s": "data-parallel comm (exposed)",
+    "bubble_s": "pipeline bubble",
+    "optimizer_s": "optimizer step",
+}
+
+
+def _breakdown_table(result: StepEstimate) -> Table:
+    table = Table(title="Step time breakdown", title_justify="left")
+    table.add_column("term")
+    table.add_column("seconds", justify="right")
+    table.add_column("% of step", justify="right")
+    step = result.step_time_s
+    for term, seconds in result.breakdown.model_dump().items():
+        table.add_row(_TERM_LABELS.get(term, term), f"{seconds:.4f}", f"{seconds / step:.1%}")
+    table.add_row("[bold]total[/bold]", f"{step:.4f}", "100.0%")
+    return table
+
+
+def _memory_table(result: StepEstimate) -> Table:
+    memory = result.memory
+    table = Table(title="Memory per GPU, by pipeline stage (GiB)", title_justify="left")
+    for column in ("stage", "layers", "params", "grads", "optimizer", "activations", "other", "total", "capacity"):
+        table.add_column(column, justify="right")
+    table.add_column("status")
+    for stage in memory.by_stage:
+        amounts = (stage.params_bytes, stage.grads_bytes, stage.optimizer_bytes, stage.activations_bytes,
+                   stage.other_bytes, stage.total_bytes, stage.capacity_bytes)  # fmt: skip
+        status = f"[red]over by {stage.over_bytes / GiB:.2f}[/red]" if stage.over_bytes > 0 else "fits"
+        label = f"{stage.stage}*" if stage.stage == memory.peak_stage else str(stage.stage)
+        table.add_row(label, str(stage.layers), *(f"{amount / GiB:.2f}" for amount in amounts), status)
+    table.caption = "* peak stage"
+    return table
+
+
+def _print_fit(console: Console, result: StepEstimate) -> None:
+    memory = result.memory
+    peak = f"peak {memory.peak_bytes / GiB:.2f} GiB on stage {memory.peak_stage}"
+    peak += f" of {memory.capacity_bytes / GiB:.2f} GiB"
+    if result.fits:
+        console.print(f"[bold green]FITS[/bold green]: {peak}")
+        return
+    console.print(f"[bold red]DOES NOT FIT[/bold red]: {peak}")
+    for reason in result.why_not_fits:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def format_count(count: float) -> str:
+    """Parameter counts as people quote them: 174.6B, 8.0B, 124.4M."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(int(count))
+
+
+# ============================================================================================ catalog
+
+
+@catalog_app.command("models")
+def catalog_models(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """The model presets: shape and parameter count."""
+    from planner.cost.params import model_params
+    from planner.presets import MODEL_PRESETS
+
+    if as_json:
+        rows = [{**spec.model_dump(mode="json"), "params": model_params(spec)} for spec in MODEL_PRESETS.values()]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Model presets", title_justify="left")
+    for column in ("name", "layers", "hidden", "heads", "kv heads", "ffn", "vocab", "params"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for name, spec in MODEL_PRESETS.items():
+        shape = (spec.num_layers, spec.hidden_size, spec.num_attention_heads, spec.kv_heads, spec.ffn_size,
+                 spec.vocab_size)  # fmt: skip
+        table.add_row(name, *(str(n) for n in shape), format_count(model_params(spec)))
+    _console().print(table)
+
+
+@catalog_app.command("gpus")
+def catalog_gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """The GPU presets: memory, dense peak, memory and link bandwidths (line rates)."""
+    from planner.presets import GPU_PRESETS
+
+    if as_json:
+        typer.echo(json.dumps([spec.model_dump(mode="json") for spec in GPU_PRESETS.values()], indent=2))
+        return
+    table = Table(title="GPU presets", title_justify="left")
+    for column in ("name", "memory GiB", "peak bf16 TFLOP/s", "HBM GB/s", "intra-node GB/s", "inter-node GB/s"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for name, gpu in GPU_PRESETS.items():
+        table.add_row(
+            name,
+            f"{gpu.memory_bytes / GiB:.1f}",
+            f"{gpu.peak_tflops['bf16']:g}",
+            f"{gpu.hbm_GBps:g}",
+            f"{gpu.intra_node.bandwidth_GBps:g} ({gpu.intra_node.name})",
+            f"{gpu.inter_node.bandwidth_GBps:g} ({gpu.inter_node.name})",
+        )
+    _console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
