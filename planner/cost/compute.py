@@ -4,8 +4,9 @@ training precision; element-wise ops are memory-bound and run at `memory_efficie
 
 Where the efficiencies come from: the GPU presets (planner/presets.py). For the A100, matmul_efficiency is
 calibrated on one published measurement, Korthikanti et al. 2022 table 4 (one 22B-model layer, tp=8,
-micro-batch 4: forward 7.7 ms + backward 11.9 ms); `calibrate_matmul_efficiency` below reproduces that
-derivation and tests/validation/test_calibration.py checks it. A measured profile replaces these numbers.
+micro-batch 4, five variants of parallelism and recomputation): `fit_matmul_efficiency` below is the fit,
+planner/calibration.py applies it and tests/validation/test_devset.py checks the preset against it. A measured
+profile replaces these numbers.
 """
 
 from __future__ import annotations

@@ -141,12 +141,12 @@ def dp_comm_s(inputs: StepInputs, load: DeviceLoad) -> float:
     3 (FSDP, resharding): per micro-batch, all-gathers in forward and backward and a reduce-scatter."""
     n, zero, m = inputs.shard_degree, inputs.plan.zero_stage, inputs.microbatches
     channel = comm.group_channel(inputs.cluster, placement("dp_cp", *inputs.degrees))
-    params = inputs.device_params(load)
-    grads, weights = params * inputs.weight_bytes, params * inputs.weight_bytes
-    gather = float(comm.all_gather_s(weights, n, channel))
-    scatter = float(comm.reduce_scatter_s(grads, n, channel))
+    # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
+    state_bytes = inputs.device_params(load) * inputs.weight_bytes
+    gather = float(comm.all_gather_s(state_bytes, n, channel))
+    scatter = float(comm.reduce_scatter_s(state_bytes, n, channel))
     if zero == 0:
-        return float(comm.all_reduce_s(grads, n, channel))
+        return float(comm.all_reduce_s(state_bytes, n, channel))
     if zero == 1:
         return scatter + gather
     if zero == 2:
