@@ -289,7 +289,7 @@ def model_preset(name: str) -> ModelSpec:
 
 # Achievable fraction of the dense peak for a transformer's GEMMs. For the A100 it is the least-squares fit
 # of the block time model to the five single-layer timings of Korthikanti et al. 2022, table 4
-# (planner/calibration.py; tests/validation/test_calibration.py recomputes it and fails if this drifts).
+# (planner/calibration.py; tests/validation/test_devset.py recomputes it and fails if this drifts).
 A100_MATMUL_EFFICIENCY = 0.691
 # Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS,
 # stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe from
