@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.presets import gpu_preset, model_preset
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+from planner.presets import model_preset
+from planner.specs import ModelSpec
 
 
 def gpt_block_model(hidden: int = 512, heads: int = 8, dropout: float = 0.1, layers: int = 4) -> ModelSpec:
@@ -17,11 +17,6 @@ def gpt_block_model(hidden: int = 512, heads: int = 8, dropout: float = 0.1, lay
 @pytest.fixture
 def gpt175b() -> ModelSpec:
     return model_preset("gpt3-175b")
-
-
-@pytest.fixture
-def a100_cluster() -> ClusterSpec:
-    return ClusterSpec(gpu=gpu_preset("a100-80gb"), num_nodes=128, gpus_per_node=8)
 
 
 @pytest.fixture
@@ -43,6 +38,3 @@ def gpt3_request() -> dict:
             "virtual_stages": 3,
         },
     }
-
-
-__all__ = ["gpt_block_model", "ParallelPlan", "TrainingSpec"]

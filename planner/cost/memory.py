@@ -39,6 +39,11 @@ class ModelStateBytes:
         return self.weights + self.grads + self.optimizer
 
 
+def weight_bytes_per_param(precision: str) -> int:
+    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32."""
+    return _WEIGHT_GRAD_BYTES[precision][0]
+
+
 def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
     return _OPTIMIZER_BYTES[(optimizer, precision != "fp32")]
 
@@ -57,9 +62,7 @@ def model_state_bytes(
     )
 
 
-def inflight_microbatches(
-    schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int
-) -> float:
+def inflight_microbatches(schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
     """Micro-batches whose activations device `device` holds at its peak, in units of the device's layers.
 
     GPipe runs all forwards before any backward: m (Huang et al. 2019). 1F1B: device d holds pp - d
@@ -76,9 +79,7 @@ def inflight_microbatches(
     return min(chunks, microbatches * virtual_stages) / virtual_stages
 
 
-def layer_inflight(
-    kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int
-) -> float:
+def layer_inflight(kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
     """Micro-batches of one layer's activations alive at the device's peak.
 
     Without a pipeline, gradient accumulation finishes each micro-batch's backward before the next forward: 1.

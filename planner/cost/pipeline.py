@@ -46,12 +46,11 @@ def device_loads(plan: ParallelPlan, layers: list[LayerCost]) -> list[DeviceLoad
     return [DeviceLoad(device, tuple(layers)) for device, layers in enumerate(per_device)]
 
 
-def pipeline_busy_and_bubble_s(busy_per_device_s: list[float], microbatches: int, virtual_stages: int):
-    """Step time of a pipeline of p devices with per-micro-batch times t_i: m * max(t) on the slowest device
-    plus the fill/drain bubble (sum(t) - max(t)) / v. For equal stages this is Narayanan et al. 2021 eq. 1
+def pipeline_bubble_s(busy_per_device_s: list[float], virtual_stages: int) -> float:
+    """A pipeline of p devices with per-micro-batch times t_i runs m * max(t) on the slowest device plus the
+    fill/drain bubble (sum(t) - max(t)) / v, returned here. For equal stages this is Narayanan et al. 2021 eq. 1
     (bubble = (p - 1) t) and, interleaved, eq. 2 (bubble / v); GPipe's bubble equals 1F1B's (sec. 2.2.1)."""
-    slowest = max(busy_per_device_s)
-    return microbatches * slowest, (sum(busy_per_device_s) - slowest) / virtual_stages
+    return (sum(busy_per_device_s) - max(busy_per_device_s)) / virtual_stages
 
 
 def p2p_transfers_on_critical_path(plan: ParallelPlan, microbatches: int) -> int:

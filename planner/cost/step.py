@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from planner.cost import comm, flops, memory
+from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
     DeviceLoad,
     device_loads,
     p2p_transfers_on_critical_path,
-    pipeline_busy_and_bubble_s,
+    pipeline_bubble_s,
 )
 from planner.graph import LayerCost, layer_graph, layers_in_order
 from planner.layout import placement
@@ -56,7 +57,7 @@ class StepInputs:
 
     @property
     def weight_bytes(self) -> int:
-        return 4 if self.training.precision == "fp32" else 2
+        return memory.weight_bytes_per_param(self.training.precision)
 
     @property
     def shard_degree(self) -> int:
@@ -83,14 +84,10 @@ def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
     return estimate_step(req.model, req.training, req.cluster, req.plan)
 
 
-def estimate_step(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
-) -> StepEstimate:
+def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
     """Predict one step of a structurally valid plan (see planner.rules)."""
     layers = layers_in_order(layer_graph(model, training, cluster, plan))
-    inputs = StepInputs(
-        model, training, cluster, plan, device_loads(plan, layers), plan.num_microbatches(training)
-    )
+    inputs = StepInputs(model, training, cluster, plan, device_loads(plan, layers), plan.num_microbatches(training))
     breakdown = step_breakdown(inputs)
     mem = memory_estimate(inputs)
     return _summarise(inputs, breakdown, mem)
@@ -103,14 +100,13 @@ def step_breakdown(inputs: StepInputs) -> TimeBreakdown:
     busy = [load.busy_s for load in inputs.loads]
     slowest = inputs.loads[busy.index(max(busy))]
     m = inputs.microbatches
-    _, bubble_s = pipeline_busy_and_bubble_s(busy, m, inputs.plan.virtual_stages)
     return TimeBreakdown(
         compute_s=m * sum(layer.forward_s + layer.backward_s + layer.recompute_s for layer in slowest.layers),
         tp_comm_s=m * sum(layer.tp_comm_s for layer in slowest.layers),
         cp_comm_s=m * sum(layer.cp_comm_s for layer in slowest.layers),
         pp_comm_s=pp_comm_s(inputs),
         dp_comm_s=max(dp_comm_exposed_s(inputs, load) for load in inputs.loads),
-        bubble_s=bubble_s,
+        bubble_s=pipeline_bubble_s(busy, inputs.plan.virtual_stages),
         optimizer_s=max(optimizer_step_s(inputs, load) for load in inputs.loads),
     )
 
@@ -124,7 +120,7 @@ def pp_comm_s(inputs: StepInputs) -> float:
         return 0.0
     channel = comm.p2p_channel(inputs.cluster, placement("pp", *inputs.degrees))
     tokens = inputs.training.seq_len / plan.cp * plan.micro_batch_size
-    activation = inputs.weight_bytes * tokens * model.hidden_size / plan.tp
+    activation = ACTIVATION_BYTES[inputs.training.precision] * tokens * model.hidden_size / plan.tp
     transfers = p2p_transfers_on_critical_path(plan, inputs.microbatches)
     total = transfers * float(comm.p2p_s(activation, channel))
     if inputs.tied_copy:
