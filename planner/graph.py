@@ -7,7 +7,7 @@ prediction and a measurement compare field by field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import networkx as nx
@@ -42,16 +42,33 @@ class LayerCost:
         return self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s + self.cp_comm_s
 
 
+@dataclass(frozen=True)
+class LayerKinds:
+    """The three kinds of layer a decoder-only model has, costed once each: every block is identical."""
+
+    embedding: LayerCost
+    block: LayerCost
+    head: LayerCost
+
+
+def layer_kinds(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> LayerKinds:
+    """Costs depend on the plan only through tp, cp, sequence_parallel, micro_batch_size and recompute (the
+    tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp)."""
+    ctx = LayerContext.of(model, training, cluster, plan)
+    return LayerKinds(
+        embedding=embedding_cost(model, plan, ctx),
+        block=block_cost(model, training, plan, ctx),
+        head=head_cost(model, plan, ctx),
+    )
+
+
 def layer_graph(
     model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
 ) -> nx.DiGraph:
     """embedding -> block.0 -> ... -> block.{L-1} -> head, each node carrying `cost`: LayerCost."""
-    ctx = LayerContext.of(model, training, cluster, plan)
-    costs = [
-        embedding_cost(model, plan, ctx),
-        *block_costs(model, training, plan, ctx),
-        head_cost(model, plan, ctx),
-    ]
+    kinds = layer_kinds(model, training, cluster, plan)
+    blocks = [replace(kinds.block, name=f"block.{i}") for i in range(model.num_layers)]
+    costs = [kinds.embedding, *blocks, kinds.head]
     graph = nx.DiGraph()
     for cost in costs:
         graph.add_node(cost.name, cost=cost)
@@ -98,10 +115,8 @@ class LayerContext:
         return count * float(comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel))
 
 
-def block_costs(
-    model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext
-) -> list[LayerCost]:
-    """All blocks are identical, so one LayerCost is computed and named once per layer."""
+def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
+    """One transformer block (all blocks are identical)."""
     block = ops.block_ops(model, training, ctx.shape)
     everything = ops.saved_bytes(block, "none")
     kept = (
@@ -112,7 +127,8 @@ def block_costs(
     # Megatron-LM's TP block: 2 all-reduces forward, 2 backward (Shoeybi et al. 2019, fig. 3); full
     # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
     tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
-    template = dict(
+    return LayerCost(
+        name="block",
         kind="block",
         params=params.block_params(model),
         forward_flops=sum(op.matmul_flops for op in block),
@@ -124,7 +140,6 @@ def block_costs(
         saved_bytes=kept,
         working_bytes=everything - kept,
     )
-    return [LayerCost(name=f"block.{i}", **template) for i in range(model.num_layers)]  # type: ignore[arg-type]
 
 
 def _ring_attention_exposed_s(

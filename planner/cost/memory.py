@@ -11,6 +11,9 @@ sec. 4.2.3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 GiB = 1024**3
 MiB = 1024**2
@@ -30,9 +33,9 @@ _OPTIMIZER_BYTES = {
 
 @dataclass(frozen=True)
 class ModelStateBytes:
-    weights: float
-    grads: float
-    optimizer: float
+    weights: Any  # float or numpy array, like the inputs
+    grads: Any
+    optimizer: Any
 
     @property
     def total(self) -> float:
@@ -48,52 +51,53 @@ def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
     return _OPTIMIZER_BYTES[(optimizer, precision != "fp32")]
 
 
-def model_state_bytes(
-    params: float, precision: str, optimizer: str, zero_stage: int, shard_degree: int
-) -> ModelStateBytes:
+def model_state_bytes(params, precision: str, optimizer: str, zero_stage, shard_degree) -> ModelStateBytes:
     """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
-    (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1)."""
+    (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1).
+    Broadcasts over numpy arrays of params, stages and degrees."""
     weight_bytes, grad_bytes = _WEIGHT_GRAD_BYTES[precision]
     opt_bytes = optimizer_bytes_per_param(precision, optimizer)
     return ModelStateBytes(
-        weights=params * weight_bytes / (shard_degree if zero_stage >= 3 else 1),
-        grads=params * grad_bytes / (shard_degree if zero_stage >= 2 else 1),
-        optimizer=params * opt_bytes / (shard_degree if zero_stage >= 1 else 1),
+        weights=params * weight_bytes / np.where(zero_stage >= 3, shard_degree, 1),
+        grads=params * grad_bytes / np.where(zero_stage >= 2, shard_degree, 1),
+        optimizer=params * opt_bytes / np.where(zero_stage >= 1, shard_degree, 1),
     )
 
 
-def inflight_microbatches(schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+def inflight_microbatches(schedule, device, pp, virtual_stages, microbatches):
     """Micro-batches whose activations device `device` holds at its peak, in units of the device's layers.
 
     GPipe runs all forwards before any backward: m (Huang et al. 2019). 1F1B: device d holds pp - d
     (Narayanan et al. 2021, sec. 2.2.1; Megatron-LM's warm-up count pp - d - 1, plus the one in flight).
     Interleaved 1F1B: device d runs (pp - d - 1) * 2 + (v - 1) * pp warm-up chunk forwards plus one
     (Megatron-LM schedules.py), each holding 1/v of the device's layers; for d = 0 this is
-    pp * (1 + (pp - 1) / (pp * v)), Korthikanti et al. sec. 4.2.3.
+    pp * (1 + (pp - 1) / (pp * v)), Korthikanti et al. sec. 4.2.3. Broadcasts over numpy arrays.
     """
-    if schedule == "gpipe":
-        return float(microbatches)
-    if schedule == "1f1b":
-        return float(min(pp - device, microbatches))
+    schedule = np.asarray(schedule)
     chunks = (pp - device - 1) * 2 + (virtual_stages - 1) * pp + 1
-    return min(chunks, microbatches * virtual_stages) / virtual_stages
+    interleaved = np.minimum(chunks, microbatches * virtual_stages) / virtual_stages
+    return np.select(
+        [schedule == "gpipe", schedule == "1f1b"],
+        [microbatches, np.minimum(pp - device, microbatches)],
+        interleaved,
+    ).astype(float)
 
 
-def layer_inflight(kind: str, schedule: str, device: int, pp: int, virtual_stages: int, microbatches: int) -> float:
+def layer_inflight(kind: str, schedule, device, pp: int, virtual_stages, microbatches):
     """Micro-batches of one layer's activations alive at the device's peak.
 
     Without a pipeline, gradient accumulation finishes each micro-batch's backward before the next forward: 1.
     The LM head sits in the last chunk, which runs each backward right after its forward under 1F1B and
     interleaving: 1. The embedding sits in chunk 0, which holds pp micro-batches (the non-interleaved count)."""
     if pp == 1:
-        return 1.0
-    if schedule == "gpipe":
-        return float(microbatches)
+        return np.ones_like(np.asarray(microbatches), dtype=float)
     if kind == "head":
-        return 1.0
-    if kind == "embedding":
-        return float(min(pp, microbatches))
-    return inflight_microbatches(schedule, device, pp, virtual_stages, microbatches)
+        pipelined = np.ones_like(np.asarray(microbatches), dtype=float)
+    elif kind == "embedding":
+        pipelined = np.minimum(pp, microbatches)
+    else:
+        pipelined = inflight_microbatches(schedule, device, pp, virtual_stages, microbatches)
+    return np.where(np.asarray(schedule) == "gpipe", microbatches, pipelined).astype(float)
 
 
 # The CUDA context (kernels, cuBLAS / cuDNN handles) lives outside PyTorch's allocator; PyTorch's CUDA notes

@@ -1,4 +1,4 @@
-"""One training step: layer costs -> devices -> pipeline time, exposed communication, optimizer, memory.
+"""One training step, for one plan or for many candidate plans at once.
 
 The step time is the sum of the breakdown's terms (critical path of the slowest pipeline device):
   compute + tp_comm + cp_comm    m x the slowest device's per-micro-batch work
@@ -6,22 +6,29 @@ The step time is the sum of the breakdown's terms (critical path of the slowest 
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward
   optimizer                      the optimizer step (memory-bound)
+
+There is one implementation, written over numpy arrays: a `PlanBatch` holds candidate plans that share a
+pipeline depth, one row each; per-row columns are (N, 1) arrays so they broadcast against per-device values
+(N, pp). `estimate_step` is a batch of one; the search evaluates hundreds of thousands of rows per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from planner.cost import comm, flops, memory
+from planner.cost.comm import Channel
 from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
-    DeviceLoad,
-    device_loads,
+    blocks_per_device,
+    edge_masks,
     p2p_transfers_on_critical_path,
     pipeline_bubble_s,
 )
-from planner.graph import LayerCost, layer_graph, layers_in_order
+from planner.graph import LayerCost, LayerKinds, layer_graph, layer_kinds, layers_in_order
 from planner.layout import placement
 from planner.request import EstimateRequest, parse_estimate_request
 from planner.rules import require_valid
@@ -37,45 +44,178 @@ from planner.specs import (
 )
 
 GiB = 1024**3
+TIME_TERMS: tuple[str, ...] = tuple(TimeBreakdown.model_fields)
+MEMORY_TERMS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+
+
+def _column(values: Any, dtype: Any = None) -> np.ndarray:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
 
 
 @dataclass(frozen=True)
-class StepInputs:
-    """Everything the step-level formulas read, resolved once."""
+class KindColumns:
+    """One layer kind's cost (LayerCost fields) for every row, as (N, 1) columns."""
+
+    forward_s: np.ndarray
+    backward_s: np.ndarray
+    recompute_s: np.ndarray
+    tp_comm_s: np.ndarray
+    cp_comm_s: np.ndarray
+    saved_bytes: np.ndarray
+    working_bytes: np.ndarray
+    params_per_gpu: np.ndarray
+
+    @classmethod
+    def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
+        """Stack per-row LayerCosts (`tp` per row gives each row's parameter shard)."""
+        column = {f.name: _column([getattr(cost, f.name) for cost in costs], float) for f in fields(cls)[:-1]}
+        sharded = _column([cost.params.sharded for cost in costs], float)
+        replicated = _column([cost.params.replicated for cost in costs], float)
+        return cls(**column, params_per_gpu=sharded / _column(tp) + replicated)
+
+    def take(self, rows: np.ndarray) -> KindColumns:
+        return KindColumns(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @property
+    def work_s(self) -> np.ndarray:
+        return self.forward_s + self.backward_s + self.recompute_s
+
+    @property
+    def busy_s(self) -> np.ndarray:
+        return self.work_s + self.tp_comm_s + self.cp_comm_s
+
+
+@dataclass(frozen=True)
+class PlanBatch:
+    """Candidate plans of one model, training setup and cluster that share `pp`: (N, 1) columns of the plan's
+    fields, each row's layer costs, and the channels its dp x cp and pipeline groups see."""
 
     model: ModelSpec
     training: TrainingSpec
     cluster: ClusterSpec
-    plan: ParallelPlan
-    loads: list[DeviceLoad]
-    microbatches: int
+    pp: int
+    dp: np.ndarray
+    tp: np.ndarray
+    cp: np.ndarray
+    zero_stage: np.ndarray
+    micro_batch_size: np.ndarray
+    schedule: np.ndarray  # strings
+    virtual_stages: np.ndarray
+    overlap_grad_reduce: np.ndarray  # bools
+    microbatches: np.ndarray
+    blocks: np.ndarray  # (N, pp): blocks on each device, all of its chunks together
+    embedding: KindColumns
+    block: KindColumns
+    head: KindColumns
+    dp_channel: Channel  # bus bandwidth and latency as (N, 1) columns
+    pp_channel: Channel
+
+    @classmethod
+    def of_plan(cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> PlanBatch:
+        """A batch of one, for `estimate_step`."""
+        kinds = layer_kinds(model, training, cluster, plan)
+        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
+        dp_channel = comm.group_channel(cluster, placement("dp_cp", *degrees))
+        pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees))
+        return cls(
+            model=model,
+            training=training,
+            cluster=cluster,
+            pp=plan.pp,
+            dp=_column(plan.dp),
+            tp=_column(plan.tp),
+            cp=_column(plan.cp),
+            zero_stage=_column(plan.zero_stage),
+            micro_batch_size=_column(plan.micro_batch_size),
+            schedule=_column(plan.schedule),
+            virtual_stages=_column(plan.virtual_stages),
+            overlap_grad_reduce=_column(plan.overlap_grad_reduce),
+            microbatches=_column(plan.num_microbatches(training)),
+            blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
+            **kind_columns([kinds], _column(plan.tp)),
+            dp_channel=channel_columns([dp_channel]),
+            pp_channel=channel_columns([pp_channel]),
+        )
 
     @property
-    def degrees(self) -> tuple[int, int, int, int, int]:
-        plan = self.plan
-        return (plan.pp, plan.dp, plan.cp, plan.tp, self.cluster.gpus_per_node)
+    def shard_degree(self) -> np.ndarray:
+        """ZeRO partitions over the gradient-reduction group: dp x cp (Megatron-LM, FSDP over dp_cp)."""
+        return self.dp * self.cp
 
     @property
     def weight_bytes(self) -> int:
         return memory.weight_bytes_per_param(self.training.precision)
 
     @property
-    def shard_degree(self) -> int:
-        """ZeRO partitions over the gradient-reduction group: dp x cp (Megatron-LM, FSDP over dp_cp)."""
-        return self.plan.dp * self.plan.cp
-
-    @property
     def tied_copy(self) -> bool:
         """With tied embeddings and pp > 1 the last device keeps its own copy of the word embedding, kept in
         sync by an all-reduce of its gradient with the first device (Megatron-LM, Shoeybi et al. 2019)."""
-        return self.model.tie_embeddings and self.plan.pp > 1
+        return self.model.tie_embeddings and self.pp > 1
 
-    def device_params(self, load: DeviceLoad) -> float:
-        tp = self.plan.tp
-        count = sum(layer.params.per_gpu(tp) for layer in load.layers)
-        if self.tied_copy and load.device == self.plan.pp - 1:
-            count += self.model.vocab_size * self.model.hidden_size / tp
+    def per_device(self, quantity: str) -> np.ndarray:
+        """A KindColumns quantity summed over each device's layers: (N, pp)."""
+        has_embedding, has_head = edge_masks(self.pp)
+        return (
+            self.blocks * getattr(self.block, quantity)
+            + has_embedding * getattr(self.embedding, quantity)
+            + has_head * getattr(self.head, quantity)
+        )
+
+    def device_params(self) -> np.ndarray:
+        """Parameters each device holds per GPU (its tp shard): (N, pp)."""
+        count = self.per_device("params_per_gpu")
+        if self.tied_copy:
+            _, has_head = edge_masks(self.pp)
+            count = count + has_head * self.model.vocab_size * self.model.hidden_size / self.tp
         return count
+
+    def layers_on_device(self) -> np.ndarray:
+        has_embedding, has_head = edge_masks(self.pp)
+        return self.blocks + has_embedding + has_head
+
+
+def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColumns]:
+    """Per-row LayerKinds -> the batch's `embedding`, `block` and `head` columns."""
+    return {
+        kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")
+    }
+
+
+def channel_columns(channels: list[Channel]) -> Channel:
+    return Channel(
+        bus_bandwidth_Bps=_column([c.bus_bandwidth_Bps for c in channels], float),
+        latency_s=_column([c.latency_s for c in channels], float),
+    )
+
+
+@dataclass(frozen=True)
+class BatchEstimate:
+    """The cost model's answer for every row of a PlanBatch: time terms (N,), memory per device (N, pp)."""
+
+    time_s: dict[str, np.ndarray]  # TIME_TERMS -> (N,)
+    memory_bytes: dict[str, np.ndarray]  # MEMORY_TERMS -> (N, pp)
+
+    @property
+    def step_time_s(self) -> np.ndarray:
+        return sum(self.time_s[term] for term in TIME_TERMS)  # type: ignore[return-value]
+
+    @property
+    def device_total_bytes(self) -> np.ndarray:
+        return sum(self.memory_bytes[term] for term in MEMORY_TERMS)  # type: ignore[return-value]
+
+    @property
+    def peak_bytes(self) -> np.ndarray:
+        return self.device_total_bytes.max(axis=1)
+
+    @property
+    def peak_stage(self) -> np.ndarray:
+        return self.device_total_bytes.argmax(axis=1)
+
+
+def evaluate(batch: PlanBatch) -> BatchEstimate:
+    """Every term of the step time and of each device's memory, for every row."""
+    time_s = {term: np.broadcast_to(value, (len(batch.dp), 1))[:, 0] for term, value in step_times(batch).items()}
+    return BatchEstimate(time_s=time_s, memory_bytes=device_memory(batch))
 
 
 def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
@@ -86,83 +226,78 @@ def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
 
 def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
     """Predict one step of a structurally valid plan (see planner.rules)."""
-    layers = layers_in_order(layer_graph(model, training, cluster, plan))
-    inputs = StepInputs(model, training, cluster, plan, device_loads(plan, layers), plan.num_microbatches(training))
-    breakdown = step_breakdown(inputs)
-    mem = memory_estimate(inputs)
-    return _summarise(inputs, breakdown, mem)
+    batch = PlanBatch.of_plan(model, training, cluster, plan)
+    return summarise(batch, evaluate(batch), row=0, plan=plan)
 
 
 # --------------------------------------------------------------------------------------------- time
 
 
-def step_breakdown(inputs: StepInputs) -> TimeBreakdown:
-    busy = [load.busy_s for load in inputs.loads]
-    slowest = inputs.loads[busy.index(max(busy))]
-    m = inputs.microbatches
-    return TimeBreakdown(
-        compute_s=m * sum(layer.forward_s + layer.backward_s + layer.recompute_s for layer in slowest.layers),
-        tp_comm_s=m * sum(layer.tp_comm_s for layer in slowest.layers),
-        cp_comm_s=m * sum(layer.cp_comm_s for layer in slowest.layers),
-        pp_comm_s=pp_comm_s(inputs),
-        dp_comm_s=max(dp_comm_exposed_s(inputs, load) for load in inputs.loads),
-        bubble_s=pipeline_bubble_s(busy, inputs.plan.virtual_stages),
-        optimizer_s=max(optimizer_step_s(inputs, load) for load in inputs.loads),
-    )
+def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
+    busy = batch.per_device("busy_s")
+    slowest = busy.argmax(axis=1)[:, None]
+    m = batch.microbatches
+
+    def on_slowest(quantity: str) -> np.ndarray:
+        return m * np.take_along_axis(batch.per_device(quantity), slowest, axis=1)
+
+    return {
+        "compute_s": on_slowest("work_s"),
+        "tp_comm_s": on_slowest("tp_comm_s"),
+        "cp_comm_s": on_slowest("cp_comm_s"),
+        "pp_comm_s": pp_comm_s(batch),
+        "dp_comm_s": dp_comm_exposed_s(batch).max(axis=1, keepdims=True),
+        "bubble_s": pipeline_bubble_s(busy, batch.virtual_stages),
+        "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
+    }
 
 
-def pp_comm_s(inputs: StepInputs) -> float:
+def pp_comm_s(batch: PlanBatch) -> np.ndarray:
     """Activations (forward) and their gradients (backward) between pipeline neighbours. Each TP rank sends
     only its 1/tp share: the sequence-parallel shard, or Megatron's scatter/gather optimisation (Narayanan et
     al. 2021, sec. 4.1). Plus the tied word-embedding gradient all-reduce between first and last device."""
-    plan, model = inputs.plan, inputs.model
-    if plan.pp == 1:
-        return 0.0
-    channel = comm.p2p_channel(inputs.cluster, placement("pp", *inputs.degrees))
-    tokens = inputs.training.seq_len / plan.cp * plan.micro_batch_size
-    activation = ACTIVATION_BYTES[inputs.training.precision] * tokens * model.hidden_size / plan.tp
-    transfers = p2p_transfers_on_critical_path(plan, inputs.microbatches)
-    total = transfers * float(comm.p2p_s(activation, channel))
-    if inputs.tied_copy:
-        grad = inputs.weight_bytes * model.vocab_size * model.hidden_size / plan.tp
-        total += float(comm.all_reduce_s(grad, 2, channel))
+    if batch.pp == 1:
+        return np.zeros_like(batch.dp, dtype=float)
+    model, training = batch.model, batch.training
+    tokens = training.seq_len / batch.cp * batch.micro_batch_size
+    activation = ACTIVATION_BYTES[training.precision] * tokens * model.hidden_size / batch.tp
+    transfers = p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches)
+    total = transfers * comm.p2p_s(activation, batch.pp_channel)
+    if batch.tied_copy:
+        grad = batch.weight_bytes * model.vocab_size * model.hidden_size / batch.tp
+        total = total + comm.all_reduce_s(grad, 2, batch.pp_channel)
     return total
 
 
-def dp_comm_s(inputs: StepInputs, load: DeviceLoad) -> float:
-    """Data-parallel traffic of one device per step (ZeRO sec. 7: all-reduce = reduce-scatter + all-gather).
+def dp_comm_s(batch: PlanBatch) -> np.ndarray:
+    """Data-parallel traffic of each device per step (ZeRO sec. 7: all-reduce = reduce-scatter + all-gather).
 
     ZeRO 0: all-reduce of the gradients; 1: reduce-scatter of gradients + all-gather of updated weights;
     2 (FSDP, no resharding after forward): a reduce-scatter per micro-batch + one all-gather;
     3 (FSDP, resharding): per micro-batch, all-gathers in forward and backward and a reduce-scatter."""
-    n, zero, m = inputs.shard_degree, inputs.plan.zero_stage, inputs.microbatches
-    channel = comm.group_channel(inputs.cluster, placement("dp_cp", *inputs.degrees))
+    n, zero, m, channel = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
-    state_bytes = inputs.device_params(load) * inputs.weight_bytes
-    gather = float(comm.all_gather_s(state_bytes, n, channel))
-    scatter = float(comm.reduce_scatter_s(state_bytes, n, channel))
-    if zero == 0:
-        return float(comm.all_reduce_s(state_bytes, n, channel))
-    if zero == 1:
-        return scatter + gather
-    if zero == 2:
-        return m * scatter + gather
-    return m * (2 * gather + scatter)
+    state_bytes = batch.device_params() * batch.weight_bytes
+    gather = comm.all_gather_s(state_bytes, n, channel)
+    scatter = comm.reduce_scatter_s(state_bytes, n, channel)
+    return np.select(
+        [zero == 0, zero == 1, zero == 2],
+        [comm.all_reduce_s(state_bytes, n, channel), scatter + gather, m * scatter + gather],
+        m * (2 * gather + scatter),
+    )
 
 
-def dp_comm_exposed_s(inputs: StepInputs, load: DeviceLoad) -> float:
+def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     """Gradient reduction runs in buckets while backward goes on (PyTorch DDP, Li et al. 2020, sec. 3.2.3;
     FSDP prefetching, Zhao et al. 2023). ZeRO 0/1 reduce during the last micro-batch's backward; ZeRO 2/3
     communicate every micro-batch and overlap with all of the step's compute. The last bucket (one layer's
     share) can never overlap. Without overlap (Megatron-LM before 2023) all of it is exposed."""
-    total = dp_comm_s(inputs, load)
-    if not inputs.plan.overlap_grad_reduce or total == 0.0:
-        return total
-    if inputs.plan.zero_stage <= 1:
-        window = sum(layer.backward_s + layer.recompute_s for layer in load.layers)
-    else:
-        window = inputs.microbatches * sum(layer.forward_s + layer.backward_s for layer in load.layers)
-    return max(total - window, total / len(load.layers))
+    total = dp_comm_s(batch)
+    last_backward = batch.per_device("backward_s") + batch.per_device("recompute_s")
+    every_microbatch = batch.microbatches * (batch.per_device("forward_s") + batch.per_device("backward_s"))
+    window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
+    overlapped = np.maximum(total - window, total / batch.layers_on_device())
+    return np.where(batch.overlap_grad_reduce & (total > 0), overlapped, total)
 
 
 def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
@@ -180,11 +315,11 @@ def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
     return 6 + unscale + 4 + update + 6 + 2
 
 
-def optimizer_step_s(inputs: StepInputs, load: DeviceLoad) -> float:
+def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The optimizer is memory-bound (roofline, Williams et al. 2009): bytes touched / achievable HBM
-    bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1)."""
-    training, gpu = inputs.training, inputs.cluster.gpu
-    params = inputs.device_params(load) / (inputs.shard_degree if inputs.plan.zero_stage >= 1 else 1)
+    bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp)."""
+    training, gpu = batch.training, batch.cluster.gpu
+    params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
     traffic = optimizer_traffic_bytes_per_param(training.precision, training.optimizer)
     return params * traffic / (gpu.hbm_GBps * 1e9 * gpu.memory_efficiency)
 
@@ -192,87 +327,71 @@ def optimizer_step_s(inputs: StepInputs, load: DeviceLoad) -> float:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def memory_estimate(inputs: StepInputs) -> MemoryEstimate:
-    stages = [stage_memory(inputs, load) for load in inputs.loads]
-    peak = max(stages, key=lambda s: s.total_bytes)
-    return MemoryEstimate(
-        peak_bytes=peak.total_bytes,
-        peak_stage=peak.stage,
-        capacity_bytes=float(inputs.cluster.gpu.memory_bytes),
-        by_stage=stages,
-    )
-
-
-def stage_memory(inputs: StepInputs, load: DeviceLoad) -> StageMemory:
-    plan, training = inputs.plan, inputs.training
+def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
+    """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp)."""
+    training = batch.training
     states = memory.model_state_bytes(
-        inputs.device_params(load),
-        training.precision,
-        training.optimizer,
-        plan.zero_stage,
-        inputs.shard_degree,
+        batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree
     )
-    weights, grads = (
-        states.weights + _zero_buffers(inputs, load, "weights"),
-        states.grads + _zero_buffers(inputs, load, "grads"),
-    )
-    activations = activation_bytes(inputs, load)
+    weights = states.weights + zero_working_copies(batch, "weights")
+    grads = states.grads + zero_working_copies(batch, "grads")
+    activations = activation_bytes(batch)
     allocated = weights + grads + states.optimizer + activations
-    other = memory.overhead_bytes(allocated, _communicators(plan, inputs.tied_copy), inputs.cluster.gpu.kind)
-    total = allocated + other
-    capacity = float(inputs.cluster.gpu.memory_bytes)
-    return StageMemory(
-        stage=load.device,
-        layers=load.num_blocks,
-        params_bytes=weights,
-        grads_bytes=grads,
-        optimizer_bytes=states.optimizer,
-        activations_bytes=activations,
-        other_bytes=other,
-        total_bytes=total,
-        capacity_bytes=capacity,
-        over_bytes=max(0.0, total - capacity),
-    )
+    other = memory.overhead_bytes(allocated, communicators(batch), batch.cluster.gpu.kind)
+    return {
+        "params_bytes": weights,
+        "grads_bytes": grads,
+        "optimizer_bytes": np.broadcast_to(states.optimizer, weights.shape),
+        "activations_bytes": activations,
+        "other_bytes": other,
+    }
 
 
-def _zero_buffers(inputs: StepInputs, load: DeviceLoad, kind: str) -> float:
+def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
     16-bit weights); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
-    blocks = [layer for layer in load.layers if layer.kind == "block"]
-    if not blocks:
-        return 0.0
-    block_params = blocks[0].params.per_gpu(inputs.plan.tp)
-    if kind == "weights" and inputs.plan.zero_stage == 3:
-        return 2 * block_params * inputs.weight_bytes
-    if kind == "grads" and inputs.plan.zero_stage >= 2:
-        return block_params * inputs.weight_bytes
-    return 0.0
+    block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * batch.weight_bytes
+    if kind == "weights":
+        return np.where(batch.zero_stage == 3, 2 * block_bytes, 0.0)
+    return np.where(batch.zero_stage >= 2, block_bytes, 0.0)
 
 
-def activation_bytes(inputs: StepInputs, load: DeviceLoad) -> float:
+def activation_bytes(batch: PlanBatch) -> np.ndarray:
     """Saved activations of every micro-batch in flight, plus one layer's rematerialised working set."""
-    plan = inputs.plan
-    held = sum(
-        layer.saved_bytes
-        * memory.layer_inflight(
-            layer.kind, plan.schedule, load.device, plan.pp, plan.virtual_stages, inputs.microbatches
+    device = np.arange(batch.pp)[None, :]
+    has_embedding, has_head = edge_masks(batch.pp)
+
+    def held(kind: str, count: np.ndarray) -> np.ndarray:
+        inflight = memory.layer_inflight(
+            kind, batch.schedule, device, batch.pp, batch.virtual_stages, batch.microbatches
         )
-        for layer in load.layers
+        return count * getattr(batch, kind).saved_bytes * inflight
+
+    saved = held("embedding", has_embedding) + held("block", batch.blocks) + held("head", has_head)
+    working = np.maximum.reduce(
+        [
+            has_embedding * batch.embedding.working_bytes,
+            (batch.blocks > 0) * batch.block.working_bytes,
+            has_head * batch.head.working_bytes,
+        ]
     )
-    return held + max((layer.working_bytes for layer in load.layers), default=0.0)
+    return saved + working
 
 
-def _communicators(plan: ParallelPlan, tied_copy: bool) -> int:
+def communicators(batch: PlanBatch) -> np.ndarray:
     """NCCL communicators a rank joins: one per group of size > 1, two for its pipeline neighbours."""
-    groups = [plan.tp, plan.cp, plan.dp * plan.cp]
-    return sum(size > 1 for size in groups) + (2 if plan.pp > 1 else 0) + int(tied_copy)
+    groups = (batch.tp > 1).astype(int) + (batch.cp > 1) + (batch.shard_degree > 1)
+    return groups + (2 if batch.pp > 1 else 0) + int(batch.tied_copy)
 
 
 # ------------------------------------------------------------------------------------------ summary
 
 
-def _summarise(inputs: StepInputs, breakdown: TimeBreakdown, mem: MemoryEstimate) -> StepEstimate:
-    model, training, cluster, plan = inputs.model, inputs.training, inputs.cluster, inputs.plan
+def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelPlan) -> StepEstimate:
+    """Row `row` of a batch result as the contract's StepEstimate (`plan` is that row's plan)."""
+    model, training, cluster = batch.model, batch.training, batch.cluster
+    breakdown = TimeBreakdown(**{term: float(result.time_s[term][row]) for term in TIME_TERMS})
+    mem = memory_of_row(batch, result, row)
     step_s = breakdown.total_s
     gpus = cluster.num_gpus
     peak = cluster.gpu.peak_tflops[training.precision] * 1e12
@@ -288,12 +407,34 @@ def _summarise(inputs: StepInputs, breakdown: TimeBreakdown, mem: MemoryEstimate
         mfu=model_flops / step_s / gpus / peak,
         hfu=hardware_flops / step_s / gpus / peak,
         fits=not over,
-        num_microbatches=inputs.microbatches,
+        num_microbatches=int(batch.microbatches[row, 0]),
         memory=mem,
         breakdown=breakdown,
         sources={term: "analytic" for term in TimeBreakdown.model_fields} | {"memory": "analytic"},
         why_not_fits=[_over_message(stage) for stage in over],
-        assumptions=_assumptions(inputs),
+        assumptions=_assumptions(cluster, training, plan),
+    )
+
+
+def memory_of_row(batch: PlanBatch, result: BatchEstimate, row: int) -> MemoryEstimate:
+    capacity = float(batch.cluster.gpu.memory_bytes)
+    stages = []
+    for device in range(batch.pp):
+        terms = {term: float(result.memory_bytes[term][row, device]) for term in MEMORY_TERMS}
+        total = sum(terms.values())
+        stages.append(
+            StageMemory(
+                stage=device,
+                layers=int(batch.blocks[row, device]),
+                **terms,
+                total_bytes=total,
+                capacity_bytes=capacity,
+                over_bytes=max(0.0, total - capacity),
+            )
+        )
+    peak = max(stages, key=lambda s: s.total_bytes)
+    return MemoryEstimate(
+        peak_bytes=peak.total_bytes, peak_stage=peak.stage, capacity_bytes=capacity, by_stage=stages
     )
 
 
@@ -305,12 +446,12 @@ def _over_message(stage: StageMemory) -> str:
     )
 
 
-def _assumptions(inputs: StepInputs) -> list[str]:
-    gpu, plan = inputs.cluster.gpu, inputs.plan
+def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
+    gpu = cluster.gpu
     notes = [
         f"matmuls at {gpu.matmul_efficiency:.0%} of {gpu.name} peak, element-wise ops at "
         f"{gpu.memory_efficiency:.0%} of its HBM bandwidth (GPU preset)",
-        f"{inputs.training.attention_kernel} attention",
+        f"{training.attention_kernel} attention",
     ]
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
