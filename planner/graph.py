@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import networkx as nx
+import numpy as np
 
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
@@ -51,10 +52,19 @@ class LayerKinds:
     head: LayerCost
 
 
-def layer_kinds(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> LayerKinds:
+def layer_kinds(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    micro_batch_sizes: np.ndarray | None = None,
+) -> LayerKinds:
     """Costs depend on the plan only through tp, cp, sequence_parallel, micro_batch_size and recompute (the
-    tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp)."""
-    ctx = LayerContext.of(model, training, cluster, plan)
+    tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp).
+
+    `micro_batch_sizes` (an array) replaces the plan's micro-batch size: every cost field then holds one
+    value per size, which is how the search costs all micro-batch sizes in one call."""
+    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes)
     return LayerKinds(
         embedding=embedding_cost(model, plan, ctx),
         block=block_cost(model, training, plan, ctx),
@@ -92,10 +102,15 @@ class LayerContext:
 
     @classmethod
     def of(
-        cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+        cls,
+        model: ModelSpec,
+        training: TrainingSpec,
+        cluster: ClusterSpec,
+        plan: ParallelPlan,
+        micro_batch_sizes: np.ndarray | None = None,
     ) -> LayerContext:
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
-        shape = ops.Shape.of(model, training, plan, cpu=cluster.gpu.kind == "cpu")
+        shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision),
@@ -111,8 +126,8 @@ class LayerContext:
             pair = comm.reduce_scatter_s(self.activation_bytes, plan.tp, self.tp_channel) + comm.all_gather_s(
                 self.activation_bytes, plan.tp, self.tp_channel
             )
-            return count * float(pair)
-        return count * float(comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel))
+            return count * pair
+        return count * comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel)
 
 
 def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
@@ -151,11 +166,11 @@ def _ring_attention_exposed_s(
     if plan.cp == 1:
         return 0.0
     kv_bytes = ctx.shape.elem * ctx.shape.tokens * 2 * model.kv_size / plan.tp
-    hops_s = (plan.cp - 1) * float(comm.p2p_s(kv_bytes, ctx.cp_channel))
+    hops_s = (plan.cp - 1) * comm.p2p_s(kv_bytes, ctx.cp_channel)
     core = [op for op in block if op.attention_core]
     core_forward = sum(forward_s(op, ctx.speeds) for op in core)
     core_backward = sum(backward_s(op, ctx.speeds) for op in core)
-    return max(0.0, hops_s - core_forward) + max(0.0, 2 * hops_s - core_backward)
+    return np.maximum(0.0, hops_s - core_forward) + np.maximum(0.0, 2 * hops_s - core_backward)
 
 
 def embedding_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:

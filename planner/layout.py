@@ -68,8 +68,8 @@ def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node
 
 
 def _fewest_members_per_node(nodes: np.ndarray) -> int:
-    fewest = nodes.shape[1]
-    for row in nodes:
-        _, counts = np.unique(row, return_counts=True)
-        fewest = min(fewest, int(counts.min()))
-    return fewest
+    """The smallest count of one group's members on one node, over all groups and their nodes."""
+    groups, size = nodes.shape
+    group_and_node = np.arange(groups)[:, None] * (int(nodes.max()) + 1) + nodes
+    _, counts = np.unique(group_and_node, return_counts=True)
+    return int(min(size, counts.min()))

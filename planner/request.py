@@ -1,4 +1,4 @@
-"""The contract's request: `{"model", "training", "cluster", "plan", "search"}` -> resolved specs.
+"""The contract's request: `{"model", "training", "cluster", "plan" | "search"}` -> resolved specs.
 
 `model` is a preset reference (`{"name": "gpt3-175b"}`), a preset with overrides
 (`{"name": "llama3-8b", "num_layers": 4}`) or the full form. `cluster.gpu` is a preset name or a full GpuSpec.
@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
 
 class EstimateRequest(BaseModel):
@@ -33,6 +33,35 @@ class EstimateRequest(BaseModel):
     @classmethod
     def _infer_dp(cls, data: Any) -> Any:
         return infer_dp(data)
+
+
+class PlanRequest(BaseModel):
+    """A request to search for plans, as `paraplan plan` and `POST /v1/plans` take it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelSpec
+    training: TrainingSpec
+    cluster: ClusterSpec
+    search: SearchOptions = SearchOptions()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_model(cls, value: Any) -> Any:
+        return resolve_model(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plan(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "plan" in data:
+            raise ValueError("a plan search takes no `plan`; keep plan fields fixed with `search.fixed`")
+        return data
+
+
+def parse_plan_request(request: dict[str, Any] | PlanRequest) -> PlanRequest:
+    if isinstance(request, PlanRequest):
+        return request
+    return PlanRequest.model_validate(request)
 
 
 def resolve_model(value: Any) -> Any:

@@ -316,17 +316,67 @@ class ParallelPlan(Frozen):
         """
         if self.layers_per_stage is not None:
             return self.layers_per_stage
-        chunks = self.num_model_chunks
-        base, extra = divmod(num_layers, chunks)
-        order = sorted(range(chunks), key=lambda c: (c in (0, chunks - 1), abs(c - (chunks - 1) / 2)))
-        bumped = set(order[:extra])
-        return tuple(base + (c in bumped) for c in range(chunks))
+        return even_layer_split(num_layers, self.num_model_chunks)
 
     def violations(self, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec) -> list[Violation]:
         """Every structural rule this plan breaks for this model, training setup and cluster."""
         from planner.rules import plan_violations
 
         return plan_violations(self, model, training, cluster)
+
+
+def even_layer_split(num_layers: int, chunks: int) -> tuple[int, ...]:
+    """`num_layers` blocks over `chunks` chunks as evenly as possible; the extra layers go to the middle chunks
+    because the first and last chunks also hold the embedding and the LM head."""
+    base, extra = divmod(num_layers, chunks)
+    order = sorted(range(chunks), key=lambda c: (c in (0, chunks - 1), abs(c - (chunks - 1) / 2)))
+    bumped = set(order[:extra])
+    return tuple(base + (c in bumped) for c in range(chunks))
+
+
+# -------------------------------------------------------------------------------------------- search
+
+
+class FixedPlanFields(Frozen):
+    """Plan fields a search must keep (`search.fixed`); the rest are searched."""
+
+    dp: PositiveInt | None = None
+    tp: PositiveInt | None = None
+    pp: PositiveInt | None = None
+    cp: PositiveInt | None = None
+    zero_stage: Annotated[int, Field(ge=0, le=3)] | None = None
+    micro_batch_size: PositiveInt | None = None
+    sequence_parallel: bool | None = None
+    recompute: Recompute | None = None
+    schedule: Schedule | None = None
+    virtual_stages: PositiveInt | None = None
+
+
+class SearchOptions(Frozen):
+    """What `paraplan plan` searches over and how it ranks (the contract's `search`)."""
+
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    # A plan fits when every stage's peak stays under this fraction of GPU memory (headroom for spikes the
+    # model does not see: allocator growth, NCCL lazy buffers, evaluation batches).
+    max_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    fixed: FixedPlanFields = FixedPlanFields()
+    schedules: tuple[Schedule, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
+    recompute: tuple[Recompute, ...] = ("none", "selective", "full")
+    zero_stages: tuple[Annotated[int, Field(ge=0, le=3)], ...] = (0, 1, 2, 3)
+    micro_batch_sizes: tuple[PositiveInt, ...] | None = None  # None: every divisor of the per-replica batch
+    max_tp: PositiveInt | None = None  # None: the GPUs of one node
+    tp_within_node: bool = True  # TP groups never cross nodes (their all-reduces are on the critical path)
+    max_cp: PositiveInt | None = None
+    max_virtual_stages: PositiveInt | None = None
+    overlap_grad_reduce: bool = True
+    partition: bool = True  # balance layers over stages with the ILP for the leading candidates
+
+    @field_validator("schedules", "recompute", "zero_stages")
+    @classmethod
+    def _not_empty(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("must allow at least one value")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ estimate

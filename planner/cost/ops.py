@@ -18,7 +18,7 @@ selective recompute discards, sec. 5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 
@@ -43,7 +43,7 @@ class OpCost:
 class Shape:
     """The sizes one GPU sees for one micro-batch: local tokens, full key length, and element sizes."""
 
-    tokens: float  # s/cp * b, tokens of this GPU's sequence shard
+    tokens: Any  # s/cp * b, tokens of this GPU's sequence shard (a float, or an array over micro-batch sizes)
     key_len: float  # keys each query attends to (the full sequence; ring attention visits all of it)
     heads: float  # attention heads on this GPU (a / tp)
     tp: int
@@ -52,10 +52,19 @@ class Shape:
     mask: int  # bytes per dropout-mask element
 
     @classmethod
-    def of(cls, model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cpu: bool = False) -> Shape:
+    def of(
+        cls,
+        model: ModelSpec,
+        training: TrainingSpec,
+        plan: ParallelPlan,
+        micro_batch_sizes: Any = None,
+        cpu: bool = False,
+    ) -> Shape:
+        """`micro_batch_sizes` (a numpy array) replaces the plan's: every size below then broadcasts over it."""
         elem = ACTIVATION_BYTES[training.precision]
+        micro_batch = plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes
         return cls(
-            tokens=training.seq_len / plan.cp * plan.micro_batch_size,
+            tokens=training.seq_len / plan.cp * micro_batch,
             key_len=training.seq_len,
             heads=model.num_attention_heads / plan.tp,
             tp=plan.tp,

@@ -67,11 +67,17 @@ class KindColumns:
 
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
-        """Stack per-row LayerCosts (`tp` per row gives each row's parameter shard)."""
-        column = {f.name: _column([getattr(cost, f.name) for cost in costs], float) for f in fields(cls)[:-1]}
-        sharded = _column([cost.params.sharded for cost in costs], float)
-        replicated = _column([cost.params.replicated for cost in costs], float)
-        return cls(**column, params_per_gpu=sharded / _column(tp) + replicated)
+        """Stack LayerCosts (`tp`: each one's tp degree). A cost whose fields are arrays over W micro-batch
+        sizes (graph.layer_kinds) contributes W consecutive rows."""
+        width = max(np.size(cost.forward_s) for cost in costs)
+
+        def stacked(values: list[Any]) -> np.ndarray:
+            return _column(np.concatenate([np.broadcast_to(np.asarray(v, float), (width,)) for v in values]))
+
+        column = {f.name: stacked([getattr(cost, f.name) for cost in costs]) for f in fields(cls)[:-1]}
+        sharded = stacked([cost.params.sharded for cost in costs])
+        replicated = stacked([cost.params.replicated for cost in costs])
+        return cls(**column, params_per_gpu=sharded / np.repeat(_column(tp), width, axis=0) + replicated)
 
     def take(self, rows: np.ndarray) -> KindColumns:
         return KindColumns(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})

@@ -1,0 +1,178 @@
+"""The cost model over a whole candidate set: shared inputs computed once, rows costed in numpy batches.
+
+Layer costs depend on a candidate only through (tp, cp, sequence_parallel, micro_batch_size, recompute), and
+group channels only through the layout, so both are computed once per distinct key and gathered per row.
+A cheap lower bound on every row's step time lets the search cost rows best-first and stop early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from planner.cost import comm
+from planner.cost.pipeline import blocks_per_device
+from planner.cost.step import (
+    KindColumns,
+    PlanBatch,
+    channel_columns,
+    evaluate,
+    kind_columns,
+    pp_comm_s,
+)
+from planner.graph import layer_kinds
+from planner.layout import placement
+from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec, even_layer_split
+
+_SCHEDULE_NAMES = np.array(SCHEDULES)
+
+
+def _col(values: np.ndarray) -> np.ndarray:
+    return values.reshape(-1, 1)
+
+
+@dataclass(frozen=True)
+class RowCosts:
+    """The exact cost of some rows: step time, peak bytes and the stage that holds the peak."""
+
+    rows: np.ndarray
+    step_time_s: np.ndarray
+    peak_bytes: np.ndarray
+    peak_stage: np.ndarray
+
+
+class CandidateCosts:
+    """Costs a candidate set; built once per search."""
+
+    def __init__(self, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, candidates: Candidates):
+        self.model, self.training, self.cluster, self.candidates = model, training, cluster, candidates
+        self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
+        self.layer_key, self.kinds = self._layer_kinds()
+        self.dp_channel, self.pp_channel = self._channels(layout_rows)
+        self._even_block_tables: dict[int, np.ndarray] = {}
+
+    def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
+        """Layer costs for every (tp, cp, sequence_parallel, recompute) group, each costed at all micro-batch
+        sizes at once; row r's costs sit at index group * len(sizes) + the index of its size."""
+        c = self.candidates
+        group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
+        sizes = np.unique(c.micro_batch_size)
+        kinds = [
+            layer_kinds(self.model, self.training, self.cluster, _layer_plan(c, row), micro_batch_sizes=sizes)
+            for row in group_rows
+        ]
+        key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
+        return key, kind_columns(kinds, c.tp[group_rows])
+
+    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.Channel, comm.Channel]:
+        c, gpn = self.candidates, self.cluster.gpus_per_node
+        degrees = [(int(c.pp[r]), int(c.dp[r]), int(c.cp[r]), int(c.tp[r]), gpn) for r in layout_rows]
+        dp = [comm.group_channel(self.cluster, placement("dp_cp", *d)) for d in degrees]
+        pp = [comm.p2p_channel(self.cluster, placement("pp", *d)) for d in degrees]
+        return channel_columns(dp), channel_columns(pp)
+
+    @property
+    def num_layouts(self) -> int:
+        return int(self.layout_id.max(initial=-1)) + 1
+
+    @cached_property
+    def microbatches(self) -> np.ndarray:
+        return self.training.global_batch_size // (self.candidates.dp * self.candidates.micro_batch_size)
+
+    def batch(self, rows: np.ndarray, pp: int, overlap_grad_reduce: bool) -> PlanBatch:
+        """The rows (all with pipeline depth pp) as a PlanBatch."""
+        c, key, layout = self.candidates, self.layer_key[rows], self.layout_id[rows]
+        return PlanBatch(
+            model=self.model,
+            training=self.training,
+            cluster=self.cluster,
+            pp=pp,
+            dp=_col(c.dp[rows]),
+            tp=_col(c.tp[rows]),
+            cp=_col(c.cp[rows]),
+            zero_stage=_col(c.zero_stage[rows]),
+            micro_batch_size=_col(c.micro_batch_size[rows]),
+            schedule=_col(_SCHEDULE_NAMES[c.schedule[rows]]),
+            virtual_stages=_col(c.virtual_stages[rows]),
+            overlap_grad_reduce=np.full((len(rows), 1), overlap_grad_reduce),
+            microbatches=_col(self.microbatches[rows]),
+            blocks=self._even_blocks(pp)[c.virtual_stages[rows]],
+            embedding=self.kinds["embedding"].take(key),
+            block=self.kinds["block"].take(key),
+            head=self.kinds["head"].take(key),
+            dp_channel=comm.Channel(self.dp_channel.bus_bandwidth_Bps[layout], self.dp_channel.latency_s[layout]),
+            pp_channel=comm.Channel(self.pp_channel.bus_bandwidth_Bps[layout], self.pp_channel.latency_s[layout]),
+        )
+
+    def _even_blocks(self, pp: int) -> np.ndarray:
+        """Blocks per device of the even split, indexed by virtual-stage count: (max v + 1, pp)."""
+        if pp not in self._even_block_tables:
+            self._even_block_tables[pp] = self._even_block_table(pp)
+        return self._even_block_tables[pp]
+
+    def _even_block_table(self, pp: int) -> np.ndarray:
+        most = self.model.num_layers // pp
+        table = np.zeros((most + 1, pp), dtype=np.int64)
+        for v in range(1, most + 1):
+            table[v] = blocks_per_device(even_layer_split(self.model.num_layers, pp * v), pp)
+        return table
+
+    def lower_bound_s(self, overlap_grad_reduce: bool) -> np.ndarray:
+        """A lower bound on every row's step time: m x the mean device's per-micro-batch time (the slowest
+        device is no faster than the mean) plus the exact pipeline traffic."""
+        c, bound = self.candidates, np.empty(len(self.candidates))
+        for pp in np.unique(c.pp):
+            rows = np.flatnonzero(c.pp == pp)
+            batch = self.batch(rows, int(pp), overlap_grad_reduce)
+            busy = self.model.num_layers * batch.block.busy_s + batch.embedding.busy_s + batch.head.busy_s
+            bound[rows] = (batch.microbatches * busy / pp + pp_comm_s(batch))[:, 0]
+        return bound
+
+    def cost(self, rows: np.ndarray, overlap_grad_reduce: bool) -> RowCosts:
+        """Exact step time and peak memory of `rows`, one PlanBatch per pipeline depth."""
+        step = np.empty(len(rows))
+        peak = np.empty(len(rows))
+        stage = np.empty(len(rows), dtype=np.int64)
+        pps = self.candidates.pp[rows]
+        for pp in np.unique(pps):
+            where = np.flatnonzero(pps == pp)
+            result = evaluate(self.batch(rows[where], int(pp), overlap_grad_reduce))
+            step[where], peak[where], stage[where] = result.step_time_s, result.peak_bytes, result.peak_stage
+        return RowCosts(rows, step, peak, stage)
+
+
+def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An id per row for each distinct combination of the (small, non-negative integer) columns, and one
+    representative row per id. Presence tables instead of sorting: the columns have few distinct values."""
+    code = np.zeros(len(columns[0]), dtype=np.int64)
+    for column in columns:
+        rank, distinct = _dense_rank(column)
+        code = code * distinct + rank
+    ids, groups = _dense_rank(code)
+    representative = np.empty(groups, dtype=np.int64)
+    representative[ids] = np.arange(len(ids))
+    return ids, representative
+
+
+def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each value's rank among the distinct values, and how many distinct values there are."""
+    values = values.astype(np.int64, copy=False)
+    present = np.zeros(int(values.max(initial=0)) + 1, dtype=bool)
+    present[values] = True
+    rank = np.cumsum(present) - 1
+    return rank[values], int(present.sum())
+
+
+def _layer_plan(c: Candidates, row: int) -> ParallelPlan:
+    """A plan with the row's layer-cost fields but the micro-batch size (the schedule changes no layer cost)."""
+    return ParallelPlan(
+        dp=int(c.dp[row]),
+        tp=int(c.tp[row]),
+        pp=int(c.pp[row]),
+        cp=int(c.cp[row]),
+        sequence_parallel=bool(c.sequence_parallel[row]),
+        recompute=RECOMPUTE[c.recompute[row]],
+    )

@@ -1,0 +1,264 @@
+"""The search: enumerate, cost best-first with a lower bound, balance the leaders' stages, rank and explain.
+
+1. planner/search/space.py enumerates every candidate (numpy columns) and counts what it leaves out.
+2. Every candidate gets a cheap lower bound on its step time (search/evaluate.py). Candidates are costed
+   exactly in increasing order of that bound, a growing chunk at a time, until the k-th best plan that fits
+   is faster than the next bound: nothing left can enter the top k (branch and bound).
+3. The leading candidates with a pipeline get their layers re-split over stages by the partition ILP
+   (search/partition.py), which moves layers off the stages that hold the embedding or LM head or more
+   micro-batches; the re-split plan replaces the even split when it is faster or fits where that did not.
+4. The top k are estimated in full; the answer says why the winner wins and what binds it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planner.cost.step import TIME_TERMS, estimate_step
+from planner.request import PlanRequest, parse_plan_request
+from planner.search.evaluate import CandidateCosts, RowCosts
+from planner.search.result import (
+    CandidateCounts,
+    ClosestPlan,
+    Explanation,
+    RankedPlan,
+    Rejection,
+    SearchResult,
+    SearchTiming,
+    TermComparison,
+)
+from planner.search.space import Candidates, Rejections, search_space
+from planner.specs import ParallelPlan, StepEstimate
+
+GiB = 1024**3
+FIRST_CHUNK = 4096  # candidates costed in the first round; each round doubles it
+
+
+@dataclass(frozen=True)
+class Costed:
+    """Every exactly-costed candidate so far, in the order they were costed."""
+
+    rows: np.ndarray
+    step_time_s: np.ndarray
+    peak_bytes: np.ndarray
+    peak_stage: np.ndarray
+
+    @classmethod
+    def of(cls, parts: list[RowCosts]) -> Costed:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
+
+
+def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
+    """The fastest plans that fit, ranked and explained (or, when none fits, the closest ones)."""
+    req = parse_plan_request(request)
+    options = req.search
+    started = time.perf_counter()
+    candidates, rejected = search_space(req.model, req.training, req.cluster, options)
+    enumerated = time.perf_counter()
+
+    limit = options.max_memory_fraction * req.cluster.gpu.memory_bytes
+    costs = CandidateCosts(req.model, req.training, req.cluster, candidates)
+    costed, pruned = _branch_and_bound(costs, limit, options.top_k, options.overlap_grad_reduce)
+    evaluated = time.perf_counter()
+
+    leaders = _leaders(costed, limit, options.top_k)
+    ranked = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
+    partitioned = 0
+    if options.partition:
+        from planner.search.balance import rebalance
+
+        ranked, partitioned = rebalance(req, ranked, limit)
+    ranked = _rank(ranked, limit)[: options.top_k]
+    finished = time.perf_counter()
+
+    fits = costed.peak_bytes <= limit
+    return SearchResult(
+        plans=[RankedPlan(rank=i + 1, plan=plan, estimate=est) for i, (plan, est) in enumerate(ranked)],
+        closest=[] if ranked else _closest(req, candidates, costed, limit, options.top_k),
+        memory_limit_bytes=limit,
+        counts=CandidateCounts(
+            layouts=costs.num_layouts,
+            enumerated=len(candidates),
+            evaluated=len(costed.rows),
+            pruned_by_bound=pruned,
+            out_of_memory=int((~fits).sum()),
+            fits=int(fits.sum()),
+            partitioned=partitioned,
+        ),
+        rejected=_rejections(rejected, costed, limit, pruned),
+        explanation=_explain(ranked, candidates, costed, limit, options.overlap_grad_reduce) if ranked else None,
+        timing=SearchTiming(
+            enumerate_s=enumerated - started,
+            evaluate_s=evaluated - enumerated,
+            partition_s=finished - evaluated,
+            total_s=finished - started,
+            candidates_per_s=len(candidates) / max(finished - started, 1e-9),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------ branch and bound
+
+
+def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[Costed, int]:
+    """Cost candidates in order of their lower bound until the k-th best fitting step time is below the
+    next bound. Returns what was costed and how many were never costed."""
+    total = len(costs.candidates)
+    if total == 0:
+        return Costed.of([RowCosts(*(np.zeros(0),) * 4)]), 0
+    bound = costs.lower_bound_s(overlap)
+    order = np.argsort(bound, kind="stable")
+    parts: list[RowCosts] = []
+    best = np.zeros(0)  # the k fastest fitting step times so far
+    start, chunk = 0, FIRST_CHUNK
+    while start < total:
+        if len(best) == top_k and bound[order[start]] > best[-1]:
+            break
+        rows = order[start : start + chunk]
+        part = costs.cost(rows, overlap)
+        parts.append(part)
+        best = np.sort(np.concatenate([best, part.step_time_s[part.peak_bytes <= limit]]))[:top_k]
+        start, chunk = start + len(rows), chunk * 2
+    return Costed.of(parts), total - start
+
+
+def _leaders(costed: Costed, limit: float, top_k: int) -> np.ndarray:
+    """Rows of the fastest fitting candidates (ties: less memory), with room for the partition step to
+    promote candidates just behind the top k."""
+    fits = np.flatnonzero(costed.peak_bytes <= limit)
+    order = np.lexsort((costed.peak_bytes[fits], costed.step_time_s[fits]))
+    return costed.rows[fits[order[: 2 * top_k]]]
+
+
+def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstimate]:
+    return plan, estimate_step(req.model, req.training, req.cluster, plan)
+
+
+def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[tuple[ParallelPlan, StepEstimate]]:
+    fitting = [(p, e) for p, e in plans if e.memory.peak_bytes <= limit]
+    return sorted(fitting, key=lambda pe: (pe[1].step_time_s, pe[1].memory.peak_bytes))
+
+
+# ------------------------------------------------------------------------------------------- answers
+
+
+def _closest(
+    req: PlanRequest, candidates: Candidates, costed: Costed, limit: float, top_k: int
+) -> list[ClosestPlan]:
+    """When nothing fits: the candidates with the least memory over the limit."""
+    nearest = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[:top_k]]
+    answer = []
+    for row in nearest:
+        plan, est = _full(req, candidates.plan(int(row), req.search.overlap_grad_reduce))
+        answer.append(
+            ClosestPlan(
+                plan=plan,
+                estimate=est,
+                over_bytes=est.memory.peak_bytes - limit,
+                over_stage=est.memory.peak_stage,
+            )
+        )
+    return answer
+
+
+def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int) -> list[Rejection]:
+    over = costed.peak_bytes > limit
+    rejected.add(
+        "candidate",
+        "out_of_memory",
+        int(over.sum()),
+        f"peak memory above the limit of {limit / GiB:.2f} GiB (search.max_memory_fraction x GPU memory)",
+    )
+    rejected.add(
+        "candidate",
+        "pruned_by_bound",
+        pruned,
+        "a lower bound on its step time is already slower than the k-th best plan that fits",
+    )
+    found = [
+        Rejection(code=code, level=level, count=count, example=rejected.examples[code])
+        for (level, code), count in rejected.counts.items()
+    ]
+    return sorted(found, key=lambda r: -r.count)
+
+
+def _explain(
+    ranked: list[tuple[ParallelPlan, StepEstimate]],
+    candidates: Candidates,
+    costed: Costed,
+    limit: float,
+    overlap: bool,
+) -> Explanation:
+    plan, est = ranked[0]
+    summary = [
+        f"{_describe(plan)}: {est.step_time_s:.3f} s per step, {est.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {est.mfu:.1%}, peak {est.memory.peak_bytes / GiB:.2f} GiB of the {limit / GiB:.2f} GiB limit"
+    ]
+    versus: list[TermComparison] = []
+    if len(ranked) > 1:
+        runner_plan, runner = ranked[1]
+        summary.append(
+            f"runner-up {_describe(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
+            f"({runner.step_time_s / est.step_time_s - 1:.1%})"
+        )
+        versus = _term_differences(est, runner)
+    return Explanation(
+        summary=summary,
+        versus_runner_up=versus,
+        binding_constraint=_binding_constraint(est, candidates, costed, limit, overlap),
+    )
+
+
+def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[TermComparison]:
+    rows = [
+        TermComparison(
+            term=term,
+            winner_s=getattr(winner.breakdown, term),
+            runner_up_s=getattr(runner_up.breakdown, term),
+            difference_s=getattr(runner_up.breakdown, term) - getattr(winner.breakdown, term),
+        )
+        for term in TIME_TERMS
+    ]
+    return sorted((r for r in rows if abs(r.difference_s) > 1e-9), key=lambda r: -abs(r.difference_s))
+
+
+def _binding_constraint(
+    winner: StepEstimate, candidates: Candidates, costed: Costed, limit: float, overlap: bool
+) -> str:
+    """Memory binds when some faster candidate does not fit; then name the fastest of them and by how much."""
+    faster = np.flatnonzero((costed.step_time_s < winner.step_time_s) & (costed.peak_bytes > limit))
+    if len(faster) == 0:
+        headroom = (limit - winner.memory.peak_bytes) / GiB
+        return (
+            f"none: no candidate in the space is faster, fitting or not ({headroom:.2f} GiB of memory headroom "
+            "below the limit)"
+        )
+    fastest = faster[np.argmin(costed.step_time_s[faster])]
+    plan = candidates.plan(int(costed.rows[fastest]), overlap)
+    over = costed.peak_bytes[fastest] - limit
+    return (
+        f"memory: {len(faster):,} faster candidates do not fit; the fastest, {_describe(plan)} "
+        f"({costed.step_time_s[fastest]:.3f} s), needs {costed.peak_bytes[fastest] / GiB:.2f} GiB on stage "
+        f"{int(costed.peak_stage[fastest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
+    )
+
+
+def _describe(plan: ParallelPlan) -> str:
+    parts = [f"dp={plan.dp} tp={plan.tp} pp={plan.pp}"]
+    if plan.cp > 1:
+        parts.append(f"cp={plan.cp}")
+    parts.append(f"zero={plan.zero_stage} mbs={plan.micro_batch_size}")
+    if plan.sequence_parallel:
+        parts.append("sp")
+    if plan.recompute != "none":
+        parts.append(f"recompute={plan.recompute}")
+    if plan.pp > 1:
+        schedule = plan.schedule + (f"(v={plan.virtual_stages})" if plan.virtual_stages > 1 else "")
+        parts.append(schedule)
+    if plan.layers_per_stage is not None:
+        parts.append(f"layers={list(plan.layers_per_stage)}")
+    return " ".join(parts)

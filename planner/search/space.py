@@ -1,0 +1,308 @@
+"""The search space: every candidate plan for a model, training setup and cluster, as numpy columns.
+
+Two levels. A *layout* is a dp x tp x pp x cp factorization of the GPU count; the structural rules of
+planner/rules.py are checked once per layout. Each valid layout then expands into *candidates*: every ZeRO
+stage, micro-batch size dividing the per-replica batch, recompute mode, sequence-parallel choice and schedule
+with its virtual-stage count, built as numpy arrays (one row per candidate, never one object per candidate).
+Whatever is left out is counted by reason, so the search can say why the space is the size it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from planner.errors import InfeasiblePlanError, Violation
+from planner.rules import plan_violations
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+RECOMPUTE = ("none", "selective", "full")
+DEGREES = ("dp", "tp", "pp", "cp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    cp: int
+
+
+@dataclass
+class Rejections:
+    """How many layouts or candidates were left out, by reason code, with one example message per code."""
+
+    counts: Counter = field(default_factory=Counter)  # (level, code) -> count
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, level: str, code: str, count: int, example: str) -> None:
+        if count:
+            self.counts[(level, code)] += count
+            self.examples.setdefault(code, example)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One row per candidate plan. Schedules and recompute modes are stored as indices into SCHEDULES and
+    RECOMPUTE so every column is an integer array."""
+
+    dp: np.ndarray
+    tp: np.ndarray
+    pp: np.ndarray
+    cp: np.ndarray
+    zero_stage: np.ndarray
+    micro_batch_size: np.ndarray
+    sequence_parallel: np.ndarray
+    recompute: np.ndarray
+    schedule: np.ndarray
+    virtual_stages: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.dp)
+
+    def take(self, rows: np.ndarray) -> Candidates:
+        return Candidates(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @classmethod
+    def concat(cls, parts: list[Candidates]) -> Candidates:
+        if not parts:
+            return cls(**{f.name: np.zeros(0, dtype=np.int64) for f in fields(cls)})
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def plan(self, row: int, overlap_grad_reduce: bool = True) -> ParallelPlan:
+        return ParallelPlan(
+            dp=int(self.dp[row]),
+            tp=int(self.tp[row]),
+            pp=int(self.pp[row]),
+            cp=int(self.cp[row]),
+            zero_stage=int(self.zero_stage[row]),
+            micro_batch_size=int(self.micro_batch_size[row]),
+            sequence_parallel=bool(self.sequence_parallel[row]),
+            recompute=RECOMPUTE[self.recompute[row]],
+            schedule=SCHEDULES[self.schedule[row]],
+            virtual_stages=int(self.virtual_stages[row]),
+            overlap_grad_reduce=overlap_grad_reduce,
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ------------------------------------------------------------------------------------ the options
+
+
+def check_options(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions) -> None:
+    """Refuse options that leave nothing to search, naming the option: a fixed value the model or the other
+    options rule out."""
+    found = _fixed_against_rules(model, training, cluster, options) + _fixed_against_options(cluster, options)
+    if found:
+        raise InfeasiblePlanError("contradictory_search_options", found)
+
+
+def _fixed_against_rules(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions
+) -> list[Violation]:
+    """The plan rules a fixed field breaks whatever the other fields are. A plan with only the fixed fields
+    set is checked and only the violations blaming a fixed field are kept."""
+    fixed = options.fixed.model_dump(exclude_none=True)
+    probe = ParallelPlan.model_construct(**fixed)
+    found = [
+        Violation(f"search.fixed.{v.field.removeprefix('plan.')}", v.code, v.message)
+        for v in [*probe._intrinsic_violations(), *plan_violations(probe, model, training, cluster)]
+        if v.field.removeprefix("plan.") in fixed
+    ]
+    degrees = [fixed[d] for d in DEGREES if d in fixed]
+    if degrees and cluster.num_gpus % int(np.prod(degrees)):
+        found.append(
+            Violation(
+                "search.fixed",
+                "degrees_product",
+                f"the fixed degrees multiply to {int(np.prod(degrees))}, which does not divide the cluster's "
+                f"{cluster.num_gpus} GPUs",
+            )
+        )
+    replicas = fixed.get("dp", 1) * fixed.get("micro_batch_size", 1)
+    if training.global_batch_size % replicas:
+        found.append(
+            Violation(
+                "search.fixed",
+                "batch_divisible",
+                f"global_batch_size={training.global_batch_size} is not divisible by the fixed dp x "
+                f"micro_batch_size = {replicas}",
+            )
+        )
+    return found
+
+
+def _fixed_against_options(cluster: ClusterSpec, options: SearchOptions) -> list[Violation]:
+    fixed, found = options.fixed, []
+    allowed = {"schedule": options.schedules, "recompute": options.recompute, "zero_stage": options.zero_stages}
+    if options.micro_batch_sizes is not None:
+        allowed["micro_batch_size"] = options.micro_batch_sizes
+    for name, values in allowed.items():
+        value = getattr(fixed, name)
+        if value is not None and value not in values:
+            found.append(
+                Violation(f"search.fixed.{name}", "fixed_not_allowed", f"{value!r} is not among the allowed {values}")
+            )
+    if fixed.tp is not None:
+        reason = _tp_option_conflict(fixed.tp, cluster, options)
+        if reason:
+            found.append(Violation("search.fixed.tp", reason[0], reason[1]))
+    if fixed.cp is not None and options.max_cp is not None and fixed.cp > options.max_cp:
+        found.append(Violation("search.fixed.cp", "cp_above_max_cp", f"{fixed.cp} > search.max_cp={options.max_cp}"))
+    return found
+
+
+def _tp_option_conflict(tp: int, cluster: ClusterSpec, options: SearchOptions) -> tuple[str, str] | None:
+    max_tp = options.max_tp or cluster.gpus_per_node
+    if options.max_tp is not None and tp > max_tp:
+        return "tp_above_max_tp", f"tp={tp} > search.max_tp={max_tp}"
+    if options.tp_within_node and cluster.gpus_per_node % tp:
+        return (
+            "tp_crosses_nodes",
+            f"tp={tp} groups would cross nodes of {cluster.gpus_per_node} GPUs (search.tp_within_node is true)",
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def layouts(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections
+) -> list[Layout]:
+    """Every dp x tp x pp x cp factorization of the GPU count that the fixed degrees, the options and the
+    structural rules allow."""
+    n, fixed = cluster.num_gpus, options.fixed
+    valid = []
+    for tp, pp, cp in itertools.product(divisors(n), repeat=3):
+        if n % (tp * pp * cp):
+            continue
+        layout = Layout(dp=n // (tp * pp * cp), tp=tp, pp=pp, cp=cp)
+        if any(getattr(fixed, d) not in (None, getattr(layout, d)) for d in DEGREES):
+            continue
+        reason = _layout_option_conflict(layout, cluster, options)
+        if reason:
+            rejected.add("layout", *reason)
+            continue
+        broken = plan_violations(_probe_plan(layout), model, training, cluster)
+        for violation in broken:
+            rejected.add("layout", violation.code, 1, violation.message)
+        if not broken:
+            valid.append(layout)
+    return valid
+
+
+def _layout_option_conflict(layout: Layout, cluster: ClusterSpec, options: SearchOptions):
+    tp_reason = _tp_option_conflict(layout.tp, cluster, options)
+    if tp_reason:
+        return tp_reason[0], 1, tp_reason[1]
+    if options.max_cp is not None and layout.cp > options.max_cp:
+        return "cp_above_max_cp", 1, f"cp={layout.cp} > search.max_cp={options.max_cp}"
+    return None
+
+
+def _probe_plan(layout: Layout) -> ParallelPlan:
+    """The layout with the least demanding other fields: what fails here fails for every candidate."""
+    return ParallelPlan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp)
+
+
+# --------------------------------------------------------------------------------------- candidates
+
+
+def search_space(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions
+) -> tuple[Candidates, Rejections]:
+    check_options(model, training, cluster, options)
+    rejected = Rejections()
+    parts = [
+        expand(layout, model, training, options, rejected)
+        for layout in layouts(model, training, cluster, options, rejected)
+    ]
+    return Candidates.concat(parts), rejected
+
+
+def expand(
+    layout: Layout, model: ModelSpec, training: TrainingSpec, options: SearchOptions, rejected: Rejections
+) -> Candidates:
+    """Every candidate of one layout: the product of the per-field choices, minus the combinations the
+    rules forbid (counted)."""
+    choices = {
+        "zero_stage": _zero_stages(layout, options, rejected),
+        "micro_batch_size": _micro_batch_sizes(layout, training, options),
+        "sequence_parallel": _sequence_parallel(layout, training, options, rejected),
+        "recompute": [RECOMPUTE.index(r) for r in options.recompute if options.fixed.recompute in (None, r)],
+        "schedule_v": _schedules(layout, model, options),
+    }
+    if not all(choices.values()):
+        return Candidates.concat([])
+    grid = np.stack(np.meshgrid(*[np.arange(len(c)) for c in choices.values()], indexing="ij"), -1).reshape(-1, 5)
+    columns = {name: np.asarray(values)[grid[:, i]] for i, (name, values) in enumerate(choices.items())}
+    schedule, virtual = columns.pop("schedule_v").T
+    microbatches = training.global_batch_size // (layout.dp * columns["micro_batch_size"])
+    partial_round = (schedule == SCHEDULES.index("interleaved_1f1b")) & (microbatches % layout.pp != 0)
+    rejected.add(
+        "candidate",
+        "interleaved_microbatches",
+        int(partial_round.sum()),
+        f"interleaved_1f1b needs the number of micro-batches to be a multiple of pp={layout.pp}",
+    )
+    keep = ~partial_round
+    rows = int(keep.sum())
+    return Candidates(
+        **{d: np.full(rows, getattr(layout, d)) for d in DEGREES},
+        **{name: values[keep] for name, values in columns.items()},
+        schedule=schedule[keep],
+        virtual_stages=virtual[keep],
+    )
+
+
+def _zero_stages(layout: Layout, options: SearchOptions, rejected: Rejections) -> list[int]:
+    stages = [z for z in options.zero_stages if options.fixed.zero_stage in (None, z)]
+    if layout.dp * layout.cp > 1 or len(stages) == 1:
+        return stages
+    # ZeRO shards over dp x cp; with one replica every stage is ZeRO 0 plus FSDP's working copies.
+    rejected.add(
+        "candidate", "zero_without_replicas", len(stages) - 1, "ZeRO over dp x cp = 1 rank only adds FSDP buffers"
+    )
+    return stages[:1]
+
+
+def _micro_batch_sizes(layout: Layout, training: TrainingSpec, options: SearchOptions) -> list[int]:
+    sizes = divisors(training.global_batch_size // layout.dp)
+    if options.micro_batch_sizes is not None:
+        sizes = [b for b in sizes if b in options.micro_batch_sizes]
+    return [b for b in sizes if options.fixed.micro_batch_size in (None, b)]
+
+
+def _sequence_parallel(layout: Layout, training: TrainingSpec, options: SearchOptions, rejected: Rejections):
+    choices = [sp for sp in (False, True) if options.fixed.sequence_parallel in (None, sp)]
+    if layout.tp == 1:
+        return [False] if False in choices else []
+    if True in choices and training.seq_len % layout.tp:
+        rejected.add("candidate", "sp_divides_seq", 1, f"tp={layout.tp} does not divide seq_len={training.seq_len}")
+        choices.remove(True)
+    return choices
+
+
+def _schedules(layout: Layout, model: ModelSpec, options: SearchOptions) -> list[tuple[int, int]]:
+    """(schedule index, virtual stages) pairs. Without a pipeline the schedule makes no difference, so one
+    non-interleaved schedule stands for all."""
+    fixed = options.fixed
+    allowed = [s for s in options.schedules if fixed.schedule in (None, s)]
+    if layout.pp == 1:
+        flat = [s for s in allowed if s != "interleaved_1f1b"]
+        return [(SCHEDULES.index(flat[-1]), 1)] if flat and fixed.virtual_stages in (None, 1) else []
+    pairs = [(SCHEDULES.index(s), 1) for s in allowed if s != "interleaved_1f1b"]
+    if "interleaved_1f1b" in allowed:
+        most = model.num_layers // layout.pp
+        if options.max_virtual_stages is not None:
+            most = min(most, options.max_virtual_stages)
+        pairs += [(SCHEDULES.index("interleaved_1f1b"), v) for v in range(2, most + 1)]
+    return [(s, v) for s, v in pairs if fixed.virtual_stages in (None, v)]
