@@ -1,11 +1,11 @@
-"""The `paraplan` command (DESIGN.md, "api/"): estimate a plan, list the presets.
+"""The `paraplan` command (DESIGN.md, "api/"): estimate a plan, search for plans, list the presets.
 
 Start-up must stay fast (DESIGN.md: `paraplan plan` answers in well under a second), so this module imports
 only typer and rich at the top; the planner (pydantic, numpy, networkx) is imported inside the commands that
 use it, and torch / FastAPI never.
 
 Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input or an invalid plan,
-2 kept for `paraplan plan` finding nothing that fits.
+2 `paraplan plan` found nothing that fits.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
-    from planner.request import EstimateRequest
+    from planner.request import EstimateRequest, PlanRequest
+    from planner.search.result import SearchResult
     from planner.specs import ModelSpec, ParallelPlan, StepEstimate
 
 GiB = 1024**3
@@ -104,6 +105,8 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "schedule": ("plan", "schedule"),
     "virtual_stages": ("plan", "virtual_stages"),
     "layers_per_stage": ("plan", "layers_per_stage"),
+    "top": ("search", "top_k"),
+    "max_memory_fraction": ("search", "max_memory_fraction"),
 }
 
 # Flags that change the GPU count or the model-parallel degrees: after one of them, a `plan.dp` read from the
@@ -133,24 +136,46 @@ def flag_for_field(field: str) -> str | None:
     return None
 
 
-def build_request(base: dict[str, Any], model_flag: str | None, flags: dict[str, Any]) -> dict[str, Any]:
-    """The contract request: the file's fields (`base`), overridden and filled by the flags given."""
-    request = {key: value for key, value in base.items() if key != "search"}  # `search` is for `plan` only
-    for section in ("training", "cluster", "plan"):
+def build_request(
+    base: dict[str, Any], model_flag: str | None, flags: dict[str, Any], command: str = "estimate"
+) -> dict[str, Any]:
+    """The contract request: the file's fields (`base`), overridden and filled by the flags given.
+
+    `estimate` takes a `plan` (and ignores a file's `search`); `plan` takes a `search`, where the plan flags
+    fix fields (`--tp 8` -> search.fixed.tp), and ignores a file's `plan`."""
+    dropped = "search" if command == "estimate" else "plan"
+    request = {key: value for key, value in base.items() if key != dropped}
+    for section in ("training", "cluster", "plan" if command == "estimate" else "search"):
         value = request.get(section, {})
         # A section that is not an object is left as it is, for validation to name it.
         request[section] = dict(value) if isinstance(value, dict) else value
     if model_flag is not None:
         request["model"] = model_from_flag(model_flag)
     given = {name: value for name, value in flags.items() if value is not None}
-    if "dp" not in given and any(name in given for name in _RESHAPING_FLAGS) and isinstance(request["plan"], dict):
-        request["plan"].pop("dp", None)
+    if command == "estimate":
+        _drop_stale_dp(request, given)
     for name, value in given.items():
         section, field = FLAG_FIELDS[name]
-        if isinstance(request[section], dict):
-            request[section][field] = value
+        holder = request[section] if command == "estimate" or section != "plan" else _fixed_section(request)
+        if isinstance(holder, dict):
+            holder[field] = value
     _require_inputs(request)
     return request
+
+
+def _drop_stale_dp(request: dict[str, Any], given: dict[str, Any]) -> None:
+    if "dp" not in given and any(name in given for name in _RESHAPING_FLAGS) and isinstance(request["plan"], dict):
+        request["plan"].pop("dp", None)
+
+
+def _fixed_section(request: dict[str, Any]) -> dict[str, Any] | Any:
+    """`search.fixed` of a plan request, created when absent (left alone when it is not an object)."""
+    search = request["search"]
+    if not isinstance(search, dict):
+        return search
+    fixed = search.get("fixed", {})
+    search["fixed"] = dict(fixed) if isinstance(fixed, dict) else fixed
+    return search["fixed"]
 
 
 def _require_inputs(request: dict[str, Any]) -> None:
@@ -458,7 +483,7 @@ def print_report(request: EstimateRequest, result: StepEstimate) -> None:
             console.print(f"  - {note}", markup=False, highlight=False)
 
 
-def _header(request: EstimateRequest) -> str:
+def _header(request: EstimateRequest | PlanRequest) -> str:
     from planner.cost.params import model_params
 
     model, cluster, training = request.model, request.cluster, request.training
@@ -468,13 +493,11 @@ def _header(request: EstimateRequest) -> str:
         f"seq {training.seq_len} · global batch {training.global_batch_size} · {training.precision} · "
         f"{training.optimizer} · {training.attention_kernel} attention"
     )
-    return "\n".join(
-        [
-            f"[bold]{_model_name(model)}[/bold] · {format_count(model_params(model))} params · {gpus}",
-            setup,
-            f"plan: {plan_summary(request.plan)}",
-        ]
-    )
+    lines = [f"[bold]{_model_name(model)}[/bold] · {format_count(model_params(model))} params · {gpus}", setup]
+    plan = getattr(request, "plan", None)  # a search request has none
+    if plan is not None:
+        lines.append(f"plan: {plan_summary(plan)}")
+    return "\n".join(lines)
 
 
 def _model_name(model: ModelSpec) -> str:
@@ -576,6 +599,157 @@ def format_count(count: float) -> str:
         if count >= scale:
             return f"{count / scale:.1f}{suffix}"
     return str(int(count))
+
+
+# =============================================================================================== plan
+
+EXIT_NOTHING_FITS = 2
+
+
+@app.command()
+def plan(
+    request: Annotated[Path | None, typer.Argument(help="A contract request (.json); its `search` is used.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the contract's JSON answer.")] = False,
+    top: Annotated[int | None, typer.Option(help="How many plans to rank (default 5).")] = None,
+    max_memory_fraction: Annotated[
+        float | None, typer.Option(help="A plan fits under this fraction of GPU memory (default 0.9).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
+    ] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU preset, e.g. a100-80gb, h100-sxm.")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Nodes (default 1).")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default 8).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step.")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (default), fp16 or fp32.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw (default) or sgd.")] = None,
+    attention: Annotated[str | None, typer.Option(help="flash (default) or eager attention kernel.")] = None,
+    dp: Annotated[int | None, typer.Option(help="Keep the data-parallel degree fixed.")] = None,
+    tp: Annotated[int | None, typer.Option(help="Keep the tensor-parallel degree fixed.")] = None,
+    pp: Annotated[int | None, typer.Option(help="Keep the pipeline-parallel degree fixed.")] = None,
+    cp: Annotated[int | None, typer.Option(help="Keep the context-parallel degree fixed.")] = None,
+    zero: Annotated[int | None, typer.Option(help="Keep the ZeRO stage fixed.")] = None,
+    mbs: Annotated[int | None, typer.Option(help="Keep the micro-batch size fixed.")] = None,
+    sp: Annotated[bool | None, typer.Option("--sp/--no-sp", help="Keep sequence parallelism on or off.")] = None,
+    recompute: Annotated[str | None, typer.Option(help="Keep recompute fixed: none, selective or full.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Keep the schedule fixed.")] = None,
+    virtual_stages: Annotated[int | None, typer.Option(help="Keep the virtual-stage count fixed.")] = None,
+    intra_node_GBps: Annotated[
+        float | None, typer.Option("--intra-node-GBps", help="Override the GPU's intra-node link, GB/s.")
+    ] = None,
+    inter_node_GBps: Annotated[
+        float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
+    ] = None,
+) -> None:
+    """Search for the fastest plans that fit: a ranked table, why the winner wins, what was left out.
+
+    Exit 0 with plans, 2 when nothing fits (the closest candidates are shown), 1 on bad input."""
+    parameters = dict(locals())
+    flags = {name: value for name, value in parameters.items() if name in FLAG_FIELDS}
+    raise typer.Exit(plan_search(request, model, flags, as_json))
+
+
+def plan_search(path: Path | None, model_flag: str | None, flags: dict[str, Any], as_json: bool) -> int:
+    from planner.request import parse_plan_request
+    from planner.search import search
+
+    try:
+        base = read_json_object(path) if path is not None else {}
+        request = parse_plan_request(build_request(base, model_flag, flags, command="plan"))
+        result = search(request)
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json)
+        return EXIT_BAD_INPUT
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        print_search(request, result)
+    return EXIT_OK if result.found else EXIT_NOTHING_FITS
+
+
+def print_search(request: PlanRequest, result: SearchResult) -> None:
+    console = _console()
+    console.print(_header(request), highlight=False)
+    console.print()
+    if result.found:
+        console.print(_ranked_table(result))
+        _print_explanation(console, result)
+    else:
+        console.print(
+            f"[bold red]NO PLAN FITS[/bold red] under {result.memory_limit_bytes / GiB:.2f} GiB per GPU "
+            "(search.max_memory_fraction x GPU memory). The closest candidates:"
+        )
+        console.print(_closest_table(result))
+    _print_counts(console, result)
+
+
+def _ranked_table(result: SearchResult) -> Table:
+    table = Table(title="Fastest plans that fit", title_justify="left")
+    for column in ("#", "plan", "step", "tokens/s", "MFU", "peak GiB"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for ranked in result.plans:
+        est = ranked.estimate
+        table.add_row(
+            str(ranked.rank),
+            plan_summary(ranked.plan),
+            format_seconds(est.step_time_s),
+            f"{est.tokens_per_s:,.0f}",
+            f"{est.mfu:.1%}",
+            f"{est.memory.peak_bytes / GiB:.2f}",
+        )
+    return table
+
+
+def _closest_table(result: SearchResult) -> Table:
+    table = Table()
+    for column in ("plan", "step", "peak GiB", "over GiB", "on stage"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for near in result.closest:
+        table.add_row(
+            plan_summary(near.plan),
+            format_seconds(near.estimate.step_time_s),
+            f"{near.estimate.memory.peak_bytes / GiB:.2f}",
+            f"{near.over_bytes / GiB:.2f}",
+            str(near.over_stage),
+        )
+    return table
+
+
+def _print_explanation(console: Console, result: SearchResult) -> None:
+    explanation = result.explanation
+    assert explanation is not None  # a search that found plans explains the winner
+    console.print("[bold]Why this plan[/bold]")
+    for line in explanation.summary:
+        console.print(f"  - {line}", markup=False, highlight=False)
+    for row in explanation.versus_runner_up[:4]:
+        verb = "saves" if row.difference_s > 0 else "costs"
+        console.print(
+            f"    {verb} {abs(row.difference_s):.3f} s of {_TERM_LABELS.get(row.term, row.term)} "
+            f"({row.winner_s:.3f} s vs {row.runner_up_s:.3f} s)",
+            highlight=False,
+        )
+    console.print(f"  - binding constraint: {explanation.binding_constraint}", markup=False, highlight=False)
+
+
+def _print_counts(console: Console, result: SearchResult) -> None:
+    counts, timing = result.counts, result.timing
+    console.print(
+        f"\n{counts.enumerated:,} candidates from {counts.layouts} layouts; {counts.evaluated:,} costed "
+        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory), {counts.pruned_by_bound:,} pruned by the "
+        f"bound, {counts.partitioned} re-split by the ILP; {timing.total_s:.2f} s "
+        f"({timing.candidates_per_s:,.0f} candidates/s)",
+        highlight=False,
+    )
+    if result.rejected:
+        console.print("[bold]Left out[/bold]")
+        for rejection in result.rejected[:8]:
+            console.print(
+                f"  {rejection.count:>10,} {rejection.level}s  {rejection.code}: {rejection.example}",
+                markup=False,
+                highlight=False,
+            )
 
 
 # ============================================================================================ catalog

@@ -19,6 +19,8 @@ from planner.search.partition import PartitionProblem, solve_partition
 from planner.specs import ParallelPlan, StepEstimate
 
 Ranked = list[tuple[ParallelPlan, StepEstimate]]
+# Per leading candidate; the search as a whole aims at under a second.
+PARTITION_TIME_LIMIT_S = 0.2
 
 
 def partition_problem(req: PlanRequest, plan: ParallelPlan, limit_bytes: float) -> PartitionProblem:
@@ -61,7 +63,10 @@ def rebalance(req: PlanRequest, plans: Ranked, limit_bytes: float) -> tuple[Rank
 def _better_split(
     req: PlanRequest, plan: ParallelPlan, est: StepEstimate, limit_bytes: float
 ) -> tuple[ParallelPlan, StepEstimate]:
-    found = solve_partition(partition_problem(req, plan, limit_bytes))
+    try:
+        found = solve_partition(partition_problem(req, plan, limit_bytes), time_limit_s=PARTITION_TIME_LIMIT_S)
+    except TimeoutError:
+        return plan, est  # no split found in time: the even split stands
     if found is None or found.layers_per_stage == plan.stage_layer_counts(req.model.num_layers):
         return plan, est
     split = plan.model_copy(update={"layers_per_stage": found.layers_per_stage})
