@@ -68,8 +68,13 @@ def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node
 
 
 def _fewest_members_per_node(nodes: np.ndarray) -> int:
-    """The smallest count of one group's members on one node, over all groups and their nodes."""
-    groups, size = nodes.shape
-    group_and_node = np.arange(groups)[:, None] * (int(nodes.max()) + 1) + nodes
-    _, counts = np.unique(group_and_node, return_counts=True)
-    return int(min(size, counts.min()))
+    """The smallest count of one group's members on one node, over all groups and their nodes.
+
+    A group's ranks increase along its row, so its nodes do too and each node's members form one run: the
+    answer is the shortest run. Runs start where the node changes (and at every row start); a run's length
+    is the distance to the next start, the next row's first element closing the last run of a row."""
+    assert (np.diff(nodes, axis=1) >= 0).all(), "group ranks are sorted"
+    starts = np.ones(nodes.shape, dtype=bool)
+    starts[:, 1:] = nodes[:, 1:] != nodes[:, :-1]
+    positions = np.flatnonzero(starts)
+    return int(np.diff(positions, append=nodes.size).min())

@@ -14,14 +14,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.pipeline import blocks_per_device
-from planner.cost.step import (
-    KindColumns,
-    PlanBatch,
-    channel_columns,
-    evaluate,
-    kind_columns,
-    pp_comm_s,
-)
+from planner.cost.step import KindColumns, PlanBatch, channel_columns, evaluate, kind_columns
 from planner.graph import layer_kinds
 from planner.layout import placement
 from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
@@ -120,16 +113,24 @@ class CandidateCosts:
             table[v] = blocks_per_device(even_layer_split(self.model.num_layers, pp * v), pp)
         return table
 
-    def lower_bound_s(self, overlap_grad_reduce: bool) -> np.ndarray:
-        """A lower bound on every row's step time: m x the mean device's per-micro-batch time (the slowest
-        device is no faster than the mean) plus the exact pipeline traffic."""
-        c, bound = self.candidates, np.empty(len(self.candidates))
+    def lower_bound_s(self) -> np.ndarray:
+        """A lower bound on every row's step time, from its per-micro-batch busy times: the sum S over all
+        layers, and an upper bound M on the slowest device (the most blocks any device holds, plus both the
+        embedding and the head). The step has m x max >= m x S / pp of work, and a bubble
+        (S - max) / v >= (S - M) / v; every other term is non-negative."""
+        c, kinds = self.candidates, self.kinds
+        block, edges = kinds["block"].busy_s[:, 0], (kinds["embedding"].busy_s + kinds["head"].busy_s)[:, 0]
+        block, edges = block[self.layer_key], edges[self.layer_key]
+        total = self.model.num_layers * block + edges
+        slowest_at_most = self._most_blocks_on_a_device() * block + edges
+        return self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
+
+    def _most_blocks_on_a_device(self) -> np.ndarray:
+        c, most = self.candidates, np.empty(len(self.candidates), dtype=np.int64)
         for pp in np.unique(c.pp):
             rows = np.flatnonzero(c.pp == pp)
-            batch = self.batch(rows, int(pp), overlap_grad_reduce)
-            busy = self.model.num_layers * batch.block.busy_s + batch.embedding.busy_s + batch.head.busy_s
-            bound[rows] = (batch.microbatches * busy / pp + pp_comm_s(batch))[:, 0]
-        return bound
+            most[rows] = self._even_blocks(int(pp)).max(axis=1)[c.virtual_stages[rows]]
+        return most
 
     def cost(self, rows: np.ndarray, overlap_grad_reduce: bool) -> RowCosts:
         """Exact step time and peak memory of `rows`, one PlanBatch per pipeline depth."""

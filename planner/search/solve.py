@@ -110,7 +110,7 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
     total = len(costs.candidates)
     if total == 0:
         return Costed.of([RowCosts(*(np.zeros(0),) * 4)]), 0
-    bound = costs.lower_bound_s(overlap)
+    bound = costs.lower_bound_s()
     order = np.argsort(bound, kind="stable")
     parts: list[RowCosts] = []
     best = np.zeros(0)  # the k fastest fitting step times so far
@@ -127,11 +127,10 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
 
 
 def _leaders(costed: Costed, limit: float, top_k: int) -> np.ndarray:
-    """Rows of the fastest fitting candidates (ties: less memory), with room for the partition step to
-    promote candidates just behind the top k."""
+    """Rows of the k fastest fitting candidates (ties: less memory)."""
     fits = np.flatnonzero(costed.peak_bytes <= limit)
     order = np.lexsort((costed.peak_bytes[fits], costed.step_time_s[fits]))
-    return costed.rows[fits[order[: 2 * top_k]]]
+    return costed.rows[fits[order[:top_k]]]
 
 
 def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstimate]:

@@ -260,3 +260,48 @@ def test_python_dash_m_api_cli():
     )  # fmt: skip
     assert done.returncode == 1
     assert "plan is invalid for this setup:" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+LLAMA8B_PLAN_FLAGS = ["--model", "llama3-8b", "--gpu", "h100-sxm", "--seq-len", "8192", "--global-batch", "64"]
+
+
+def test_plan_prints_a_ranked_table_and_the_explanation():
+    result = run("plan", *LLAMA8B_PLAN_FLAGS, "--top", "3")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Fastest plans that fit" in out and "Why this plan" in out and "binding constraint" in out
+    assert "candidates from" in out and "Left out" in out
+    assert "Traceback" not in out
+
+
+def test_plan_json_is_the_search_contract_with_fixed_flags_kept():
+    code, answer = run_json("plan", *LLAMA8B_PLAN_FLAGS, "--top", "2", "--tp", "2")
+    assert code == 0
+    assert len(answer["plans"]) == 2
+    for ranked in answer["plans"]:
+        assert ranked["plan"]["tp"] == 2
+        assert set(ranked["estimate"]) >= CONTRACT_FIELDS
+    assert {"counts", "rejected", "explanation", "timing", "closest", "memory_limit_bytes"} <= set(answer)
+
+
+def test_plan_takes_a_request_file_and_ignores_its_plan():
+    result = run("plan", str(FIXTURES / "gpt3-175b.json"), "--top", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["plans"]) == 1
+
+
+def test_plan_where_nothing_fits_exits_2_with_the_closest_candidates():
+    flags = ["--model", "llama3-405b", "--gpu", "a100-80gb", "--seq-len", "8192", "--global-batch", "16"]
+    result = run("plan", *flags)
+    assert result.exit_code == 2
+    assert "NO PLAN FITS" in result.stdout and "over GiB" in result.stdout and "Traceback" not in result.output
+    code, answer = run_json("plan", *flags)
+    assert code == 2 and answer["plans"] == [] and answer["closest"][0]["over_bytes"] > 0
+
+
+def test_plan_with_contradictory_options_exits_1_naming_the_option():
+    result = run("plan", *LLAMA8B_PLAN_FLAGS, "--tp", "3")
+    assert result.exit_code == 1
+    assert "search.fixed.tp" in result.output and "Traceback" not in result.output

@@ -111,7 +111,7 @@ def test_batched_costs_equal_the_scalar_estimate(case):
     costs = CandidateCosts(req.model, req.training, req.cluster, candidates)
     rows = np.random.default_rng(0).choice(len(candidates), size=min(60, len(candidates)), replace=False)
     batched = costs.cost(rows, overlap_grad_reduce=True)
-    bound = costs.lower_bound_s(overlap_grad_reduce=True)
+    bound = costs.lower_bound_s()
     for i, row in enumerate(rows):
         est = estimate_step(req.model, req.training, req.cluster, candidates.plan(int(row)))
         assert batched.step_time_s[i] == pytest.approx(est.step_time_s, rel=1e-12)
