@@ -6,6 +6,10 @@ virtual stage, chunk = device). The objective is the slowest device's time per m
 memory cap. The ILP uses the standard cumulative-boolean formulation of contiguous partitioning; the DP
 (virtual_stages == 1 only) is exact on the same integer data, so the two agree to the unit.
 
+When every block costs the same (the cost model's case: equal block times, equal memory rows), a contiguous split
+is fully determined by the number of blocks per chunk, and a much smaller ILP over those counts (pp * v integers
+instead of ~n * pp * v booleans) solves in milliseconds; `solve_partition` picks it by itself.
+
 Both solve on integers (`_scale`). Times round to the nearest unit (a power of two of seconds, ~2**-30 of the
 largest device total), so "optimal" holds to within n units. Memory rounds conservatively: bytes up, capacity down,
 in power-of-two units (exact divisions); a returned partition truly fits, also in `evaluate_partition`'s fsums.
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from ortools.sat.python import cp_model
+
+from planner.specs import even_layer_split
 
 _TIME_STEPS_LOG2 = 30  # the largest possible device time spans ~2**30 units
 _MEMORY_STEPS_LOG2 = 20  # the capacity spans ~2**20 units
@@ -132,13 +138,120 @@ def evaluate_partition(
 
 
 def solve_partition(problem: PartitionProblem, time_limit_s: float = 1.0, workers: int = 2) -> Partition | None:
-    """Minimise the slowest device's time with CP-SAT; None when no split fits in memory (proven infeasible).
+    """Minimise the slowest device's time with CP-SAT, within each device's memory capacity.
+
+    Uniform blocks (all block times equal and all memory rows equal, exactly) use the count model
+    (`_solve_block_counts`, milliseconds); anything else the per-block model (`_solve_per_block`). Both optimise the
+    same integer data (`_scale`), so they reach the same optimum.
+
+    time_limit_s: CP-SAT's wall-clock limit for the whole call. workers: CP-SAT search threads.
+
+    Returns the best split found: optimal=True when CP-SAT proved it optimal, optimal=False when the time limit
+    stopped it with a feasible split in hand; None when CP-SAT proved that no split fits in memory.
+
+    Raises TimeoutError when the time limit passes before CP-SAT finds any split (infeasibility is not proven
+    either: a longer limit may find one), and RuntimeError if CP-SAT rejects the model (a bug).
+    """
+    if _uniform_blocks(problem):
+        return _solve_block_counts(problem, time_limit_s, workers)
+    return _solve_per_block(problem, time_limit_s, workers)
+
+
+def _uniform_blocks(problem: PartitionProblem) -> bool:
+    """Every block has the same time and the same memory row (exact float equality)."""
+    return len(set(problem.block_time_s)) == 1 and len(set(problem.block_memory_bytes)) == 1
+
+
+def _solve(model: cp_model.CpModel, time_limit_s: float, workers: int) -> tuple[cp_model.CpSolver, int] | None:
+    """Run CP-SAT: (solver, status) with a solution in hand, None when proven infeasible; raises TimeoutError when
+    the limit passes with neither, RuntimeError on an invalid model."""
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = workers
+    status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        return None
+    if status == cp_model.UNKNOWN:
+        raise TimeoutError(f"CP-SAT found no partition in {time_limit_s} s; infeasibility is not proven")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise RuntimeError(f"CP-SAT returned {solver.status_name(status)}: {model.validate()}")
+    return solver, status
+
+
+def _solve_block_counts(problem: PartitionProblem, time_limit_s: float, workers: int) -> Partition | None:
+    """The count model, for uniform blocks: n_c in [1, n - (C - 1)] blocks in chunk c, sum n_c = n. Device d holds
+    k_d = sum of n_c over c % pp == d; base_time[d] + t * k_d <= Z and base_memory[d] + m[d] * k_d <= capacity;
+    minimise Z, hinted with the even split.
+
+    Several count vectors usually tie on Z, so a proven optimum Z* is followed by a second solve with Z <= Z*
+    fixed that picks, lexicographically, (1) the least sum |n_c - even_c| from `even_layer_split`, then (2) the
+    least sum rank_c * n_c, rank_c being c's place in the order in which `even_layer_split` hands out extra blocks
+    (middle chunks first, the two end chunks last). The optimum of (2) over the optimal set of (1) is unique (a
+    linear objective with distinct weights over a polymatroid base), so the answer does not depend on the
+    workers or the search's luck; with no memory pressure and no base time it is exactly `even_layer_split`.
+    (Only if the time limit cuts the second solve short is the tie left to the first solve's pick.)
+    """
+    n, chunks, pp, data = problem.num_blocks, problem.num_chunks, problem.pp, _scale(problem)
+    block_time, block_memory = data.time_units[0], data.memory_units[0]
+    model = cp_model.CpModel()
+    counts = [model.new_int_var(1, n - (chunks - 1), f"n_{chunk}") for chunk in range(chunks)]
+    model.add(sum(counts) == n)
+    lowest = max(data.base_time_units)
+    slowest = model.new_int_var(lowest, lowest + block_time * n, "max_device_time")
+    for device in range(pp):
+        blocks = sum(counts[device::pp])
+        model.add(data.base_time_units[device] + block_time * blocks <= slowest)
+        if data.capacity_units is not None:
+            model.add(data.base_memory_units[device] + block_memory[device] * blocks <= data.capacity_units)
+    model.minimize(slowest)
+    even = even_layer_split(n, chunks)
+    for count, size in zip(counts, even, strict=True):
+        model.add_hint(count, size)
+
+    solved = _solve(model, time_limit_s, workers)
+    if solved is None:
+        return None
+    solver, status = solved
+    sizes = [solver.value(count) for count in counts]
+    remaining_s = time_limit_s - solver.wall_time
+    if status == cp_model.OPTIMAL and remaining_s > 0:
+        model.add(slowest <= solver.value(slowest))
+        model.clear_objective()
+        model.clear_hints()
+        for count, size in zip(counts, sizes, strict=True):
+            model.add_hint(count, size)
+        deviation = [model.new_int_var(0, n, f"deviation_{chunk}") for chunk in range(chunks)]
+        for dev, count, size in zip(deviation, counts, even, strict=True):
+            model.add_abs_equality(dev, count - size)
+        rank = _extra_block_rank(chunks)
+        # sum rank_c * n_c lies in [0, (chunks - 1) * n]: a unit of deviation outweighs any change in it.
+        model.minimize(
+            ((chunks - 1) * n + 1) * sum(deviation) + sum(r * count for r, count in zip(rank, counts, strict=True))
+        )
+        tie_break = cp_model.CpSolver()
+        tie_break.parameters.max_time_in_seconds = remaining_s
+        tie_break.parameters.num_workers = workers
+        # The first solution still fits, so only the time limit can leave this without one: keep that solution.
+        if tie_break.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            sizes = [tie_break.value(count) for count in counts]
+    return evaluate_partition(problem, tuple(sizes), optimal=status == cp_model.OPTIMAL)
+
+
+def _extra_block_rank(chunks: int) -> list[int]:
+    """rank_c: chunk c's place (0 first) in the order in which `even_layer_split` hands out extra blocks, read off
+    that function: with chunks + k blocks the chunks ranked below k get 2 blocks, the others 1, so chunk c gets
+    (2 * chunks - 1 - rank_c) blocks summed over k = 0 .. chunks - 1."""
+    totals = [sum(sizes) for sizes in zip(*(even_layer_split(chunks + k, chunks) for k in range(chunks)), strict=True)]
+    return [2 * chunks - 1 - total for total in totals]
+
+
+def _solve_per_block(problem: PartitionProblem, time_limit_s: float, workers: int) -> Partition | None:
+    """The per-block model, for any block costs.
 
     u[l][c] = "block l is in chunk >= c", monotone in l and c; block l - 1 is in chunk >= c whenever block l is in
     chunk >= c + 1, so chunks are contiguous, in order and non-empty. Block l is in chunk c iff
     x[l][c] = u[l][c] - u[l][c+1] = 1. Per device: base + sum of its chunks' block times <= Z, and the same for
-    memory <= capacity; minimise Z. An even split is the solution hint. At the time limit with a feasible
-    solution the result has optimal=False; with none, TimeoutError (infeasibility is not proven).
+    memory <= capacity; minimise Z. The even split (`even_layer_split`) is the solution hint.
     """
     n, chunks, pp, data = problem.num_blocks, problem.num_chunks, problem.pp, _scale(problem)
     model = cp_model.CpModel()
@@ -157,21 +270,15 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 1.0, worker
             memory = sum(data.memory_units[b][device] * in_chunk(b, c) for b, c in pairs)
             model.add(data.base_memory_units[device] + memory <= data.capacity_units)
     model.minimize(slowest)
-    even_chunk_of_block = [c for c in range(chunks) for _ in range(n // chunks + (c < n % chunks))]
+    even_chunk_of_block = [c for c, size in enumerate(even_layer_split(n, chunks)) for _ in range(size)]
     for block, chunk in itertools.product(range(n), range(chunks)):
         if not isinstance(literal := u[block][chunk], int):
             model.add_hint(literal, even_chunk_of_block[block] >= chunk)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = workers
-    status = solver.solve(model)
-    if status == cp_model.INFEASIBLE:
+    solved = _solve(model, time_limit_s, workers)
+    if solved is None:
         return None
-    if status == cp_model.UNKNOWN:
-        raise TimeoutError(f"CP-SAT found no partition in {time_limit_s} s; infeasibility is not proven")
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise RuntimeError(f"CP-SAT returned {solver.status_name(status)}: {model.validate()}")
+    solver, status = solved
     sizes = [sum(solver.value(in_chunk(b, c)) for b in range(n)) for c in range(chunks)]
     return evaluate_partition(problem, tuple(sizes), optimal=status == cp_model.OPTIMAL)
 

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -13,10 +14,14 @@ import pytest
 from planner.search.partition import (
     Partition,
     PartitionProblem,
+    _solve_block_counts,
+    _solve_per_block,
+    _uniform_blocks,
     evaluate_partition,
     exact_partition,
     solve_partition,
 )
+from planner.specs import even_layer_split
 
 GIB = 2.0**30
 # Both solvers optimise times rounded to ~2**-30 of the largest device total; two optimal splits can differ by a
@@ -62,15 +67,22 @@ def assert_valid(problem: PartitionProblem, partition: Partition) -> None:
     assert all(m <= problem.capacity_bytes for m in partition.device_memory_bytes)
 
 
+def compositions(n: int, chunks: int) -> list[tuple[int, ...]]:
+    """Every split of n blocks into `chunks` non-empty contiguous chunks, as chunk sizes."""
+    bounds = ((0, *cuts, n) for cuts in itertools.combinations(range(1, n), chunks - 1))
+    return [tuple(b - a for a, b in itertools.pairwise(bound)) for bound in bounds]
+
+
+def fits(problem: PartitionProblem, sizes: tuple[int, ...]) -> bool:
+    return all(m <= problem.capacity_bytes for m in evaluate_partition(problem, sizes).device_memory_bytes)
+
+
 def brute_force(problem: PartitionProblem) -> Partition | None:
     """The best split over every composition of n into num_chunks positive parts, in float."""
-    n, chunks = problem.num_blocks, problem.num_chunks
     best = None
-    for cuts in itertools.combinations(range(1, n), chunks - 1):
-        bounds = (0, *cuts, n)
-        candidate = evaluate_partition(problem, tuple(b - a for a, b in itertools.pairwise(bounds)))
-        fits = all(m <= problem.capacity_bytes for m in candidate.device_memory_bytes)
-        if fits and (best is None or candidate.max_device_time_s < best.max_device_time_s):
+    for sizes in compositions(problem.num_blocks, problem.num_chunks):
+        candidate = evaluate_partition(problem, sizes)
+        if fits(problem, sizes) and (best is None or candidate.max_device_time_s < best.max_device_time_s):
             best = candidate
     return best
 
@@ -264,3 +276,224 @@ def test_lists_are_stored_as_tuples_of_floats():
     problem = PartitionProblem(**{**valid_kwargs(), "block_time_s": [1, 2, 3, 4]})
     assert problem.block_time_s == (1.0, 2.0, 3.0, 4.0)
     assert hash(problem) == hash(dataclasses.replace(problem))
+
+
+# ------------------------------------------------------------------ uniform blocks: the count model
+
+UNIFORM_SEEDS = range(30)
+
+
+def random_uniform_problem(rng: np.random.Generator, n: int, pp: int, virtual_stages: int = 1) -> PartitionProblem:
+    """The cost model's case: every block has the same time and the same memory row (heavier on early devices);
+    base time and memory per device; a cap from infeasible to loose."""
+    block_memory = tuple(np.linspace(2.0, 1.0, pp) * rng.uniform(0.8, 1.2, pp) * rng.uniform(0.2, 2.0) * GIB)
+    base_memory = rng.uniform(0.0, 0.5, pp) * GIB * n / pp
+    even_load = base_memory.max() + np.mean(block_memory) * n / pp
+    return PartitionProblem(
+        block_time_s=(float(rng.uniform(0.1, 3.0)),) * n,
+        block_memory_bytes=(block_memory,) * n,
+        device_base_time_s=tuple(rng.uniform(0.0, 3.0, pp)),
+        device_base_memory_bytes=tuple(base_memory),
+        capacity_bytes=rng.uniform(CAP_FACTOR_LO, CAP_FACTOR_HI) * even_load,
+        pp=pp,
+        virtual_stages=virtual_stages,
+    )
+
+
+def small_uniform_problem(seed: int) -> PartitionProblem:
+    rng = np.random.default_rng(2000 + seed)
+    pp = int(rng.integers(1, 6))
+    return random_uniform_problem(rng, int(rng.integers(max(4, pp), 21)), pp)
+
+
+def uniform_optimum(problem: PartitionProblem) -> float | None:
+    """Closed form for uniform blocks: device d takes at most K_d(Z) blocks at time Z within its capacity, and a
+    split exists iff every K_d >= virtual_stages (one block per chunk) and sum K_d >= n. The least such Z is one
+    of the values base_time[d] + k * t."""
+    t, per_block = problem.block_time_s[0], problem.block_memory_bytes[0]
+    n, pp, v = problem.num_blocks, problem.pp, problem.virtual_stages
+    base_time, base_memory = problem.device_base_time_s, problem.device_base_memory_bytes
+
+    def most_blocks(device: int, z: float) -> int:
+        by_time = math.floor((z - base_time[device]) / t + 1e-9) if t > 0 else n
+        spare = problem.capacity_bytes - base_memory[device]
+        if spare < 0:
+            return -1
+        if per_block[device] == 0 or spare == math.inf:
+            return min(by_time, n)
+        return min(by_time, math.floor(spare / per_block[device] * (1 + 1e-12)), n)
+
+    for z in sorted({base_time[d] + k * t for d in range(pp) for k in range(v, n + 1)}):
+        room = [most_blocks(d, z) for d in range(pp)]
+        if min(room) >= v and sum(room) >= n:
+            return z
+    return None
+
+
+def test_uniform_cases_take_the_count_model():
+    assert _uniform_blocks(small_uniform_problem(0))
+    assert not _uniform_blocks(small_random_problem(0))
+    # Equal times but one memory row off by one byte: not uniform.
+    problem = uniform_problem(8, 2, base_time_s=(0.0, 0.0))
+    rows = list(problem.block_memory_bytes)
+    rows[3] = (GIB, GIB + 1)
+    assert not _uniform_blocks(dataclasses.replace(problem, block_memory_bytes=tuple(rows)))
+
+
+@pytest.mark.parametrize("seed", UNIFORM_SEEDS)
+def test_count_model_matches_per_block_model_and_exact_dp(seed):
+    problem = small_uniform_problem(seed)
+    counts = _solve_block_counts(problem, time_limit_s=10.0, workers=2)
+    per_block = _solve_per_block(problem, time_limit_s=10.0, workers=2)
+    dp = exact_partition(problem)
+    assert (counts is None) == (per_block is None) == (dp is None) == (uniform_optimum(problem) is None)
+    if dp is not None:
+        assert counts.optimal and per_block.optimal
+        assert counts.max_device_time_s == pytest.approx(dp.max_device_time_s, **SAME_TIME)
+        assert per_block.max_device_time_s == pytest.approx(dp.max_device_time_s, **SAME_TIME)
+        assert dp.max_device_time_s == pytest.approx(uniform_optimum(problem), **SAME_TIME)
+        assert_valid(problem, counts)
+        assert solve_partition(problem) == counts
+
+
+def test_uniform_random_cases_cover_infeasible_binding_and_loose_caps():
+    def regime(problem: PartitionProblem) -> str:
+        capped = exact_partition(problem)
+        if capped is None:
+            return "infeasible"
+        free = exact_partition(dataclasses.replace(problem, capacity_bytes=math.inf))
+        return "binding" if capped.max_device_time_s > free.max_device_time_s * (1 + 1e-6) else "loose"
+
+    counts = collections.Counter(regime(small_uniform_problem(seed)) for seed in UNIFORM_SEEDS)
+    assert min(counts["infeasible"], counts["binding"], counts["loose"]) >= 4, counts
+
+
+@pytest.mark.parametrize("virtual_stages", [2, 3])
+@pytest.mark.parametrize("seed", range(8))
+def test_interleaved_count_model_matches_brute_force(virtual_stages, seed):
+    rng = np.random.default_rng(3000 + seed)
+    pp = int(rng.integers(2, 4))
+    problem = random_uniform_problem(rng, pp * virtual_stages + int(rng.integers(1, 7)), pp, virtual_stages)
+    counts, expected = solve_partition(problem, time_limit_s=10.0), brute_force(problem)
+    assert (counts is None) == (expected is None) == (uniform_optimum(problem) is None)
+    if expected is not None:
+        assert counts.optimal
+        assert counts.max_device_time_s == pytest.approx(expected.max_device_time_s, **SAME_TIME)
+        assert counts.max_device_time_s == pytest.approx(uniform_optimum(problem), **SAME_TIME)
+        assert_valid(problem, counts)
+
+
+def transformer_like_problem(n: int, pp: int, virtual_stages: int, capacity_factor: float) -> PartitionProblem:
+    """Uniform blocks at a real model's scale: 1F1B memory heavier on early devices, embedding and head time and
+    memory on the end devices, a cap relative to the even split's fullest device."""
+    per_block = tuple(float(b) for b in np.linspace(2.0, 1.0, pp) * 0.3 * GIB)
+    base_time_s = np.zeros(pp)
+    base_time_s[[0, -1]] += [2.5e-3, 4.0e-3]
+    base_memory = np.full(pp, 4 * GIB)
+    base_memory[[0, -1]] += [2 * GIB, 3 * GIB]
+    even_load = max(base_memory[d] + per_block[d] * n / pp for d in range(pp))
+    return PartitionProblem(
+        block_time_s=(1.3e-3,) * n,
+        block_memory_bytes=(per_block,) * n,
+        device_base_time_s=tuple(base_time_s),
+        device_base_memory_bytes=tuple(base_memory),
+        capacity_bytes=capacity_factor * even_load,
+        pp=pp,
+        virtual_stages=virtual_stages,
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "pp", "virtual_stages"),
+    [(96, 8, 1), (96, 8, 3), (105, 35, 1)] + [(126, 16, v) for v in range(2, 8)],
+)
+@pytest.mark.parametrize("capacity_factor", [math.inf, 0.85, 0.75])  # loose, binding or infeasible
+def test_real_scale_uniform_cases_solve_to_proven_optimality(n, pp, virtual_stages, capacity_factor):
+    problem = transformer_like_problem(n, pp, virtual_stages, capacity_factor)
+    partition = solve_partition(problem)
+    expected = uniform_optimum(problem)
+    assert (partition is None) == (expected is None)
+    if partition is not None:
+        assert partition.optimal
+        assert partition.max_device_time_s == pytest.approx(expected, **SAME_TIME)
+        assert_valid(problem, partition)
+        even = even_layer_split(n, problem.num_chunks)
+        if fits(problem, even):
+            assert partition.max_device_time_s <= evaluate_partition(problem, even).max_device_time_s
+
+
+@pytest.mark.parametrize(
+    ("n", "pp", "virtual_stages"),
+    [(10, 4, 1), (11, 4, 1), (96, 8, 1), (98, 8, 1), (13, 3, 2), (100, 8, 3), (126, 16, 7), (105, 35, 1)],
+)
+def test_uniform_blocks_without_pressure_give_the_even_split(n, pp, virtual_stages):
+    problem = dataclasses.replace(uniform_problem(n, pp, base_time_s=(0.0,) * pp), virtual_stages=virtual_stages)
+    for capacity_bytes in (math.inf, (n // problem.num_chunks + 1) * virtual_stages * 2 * GIB):
+        partition = solve_partition(dataclasses.replace(problem, capacity_bytes=capacity_bytes))
+        assert partition.layers_per_stage == even_layer_split(n, problem.num_chunks)
+        assert partition.optimal
+
+
+def extra_block_rank(chunks: int) -> list[int]:
+    """The order in which even_layer_split gives chunks an extra block as the block count grows (0 first)."""
+    return [next(k for k in range(chunks) if even_layer_split(chunks + k + 1, chunks)[c] == 2) for c in range(chunks)]
+
+
+def test_ties_go_to_the_even_split_then_to_the_middle_chunks():
+    # Device 0's base time is 2.5 blocks: Z* = 4 blocks' time with 1 block on device 0. (1, 4, 4, 2), (1, 4, 3, 3),
+    # (1, 3, 4, 3) and (1, 3, 3, 4) are all 4 blocks off even_layer_split's (3, 3, 3, 2); even_layer_split gives
+    # extras to chunk 1, then 2, then 0, then 3, so the tie goes to the most blocks on chunks 1 and 2.
+    problem = uniform_problem(11, 4, base_time_s=(2.5, 0.0, 0.0, 0.0))
+    assert even_layer_split(11, 4) == (3, 3, 3, 2)
+    for workers in (1, 2, 8):
+        assert solve_partition(problem, workers=workers).layers_per_stage == (1, 4, 4, 2)
+
+
+def exact_uniform_problem(seed: int) -> PartitionProblem:
+    """Small uniform cases on binary-exact data (integer times and GiB): float comparisons match the solver's
+    integer units exactly, so ties in float are ties for the solver."""
+    rng = np.random.default_rng(4000 + seed)
+    pp, virtual_stages = int(rng.integers(1, 5)), int(rng.integers(1, 3))
+    n = min(pp * virtual_stages + int(rng.integers(2, 9)), 15)
+    return PartitionProblem(
+        block_time_s=(1.0,) * n,
+        block_memory_bytes=(tuple(float(m) * GIB for m in rng.integers(1, 4, pp)),) * n,
+        device_base_time_s=tuple(float(t) / 2 for t in rng.integers(0, 7, pp)),
+        device_base_memory_bytes=tuple(float(m) * GIB for m in rng.integers(0, 4, pp)),
+        capacity_bytes=float(rng.integers(6, 24)) * GIB,
+        pp=pp,
+        virtual_stages=virtual_stages,
+    )
+
+
+def tie_break_key(problem: PartitionProblem, sizes: tuple[int, ...]) -> tuple[float, int, int]:
+    """(slowest device, deviation from even_layer_split, sum rank_c * n_c): the count model's order."""
+    even = even_layer_split(problem.num_blocks, problem.num_chunks)
+    deviation = sum(abs(s - e) for s, e in zip(sizes, even, strict=True))
+    placement = sum(map(operator.mul, extra_block_rank(problem.num_chunks), sizes))
+    return evaluate_partition(problem, sizes).max_device_time_s, deviation, placement
+
+
+def test_count_model_tie_break_matches_brute_force_and_is_unique():
+    # Over every split that fits, the least tie_break_key is a single split, and it is the solver's.
+    seen = collections.Counter()
+    for seed in range(20):
+        problem = exact_uniform_problem(seed)
+        fitting = [s for s in compositions(problem.num_blocks, problem.num_chunks) if fits(problem, s)]
+        partition = solve_partition(problem, time_limit_s=10.0)
+        assert (partition is None) == (not fitting), seed
+        if not fitting:
+            seen["infeasible"] += 1
+            continue
+        keys = {sizes: tie_break_key(problem, sizes) for sizes in fitting}
+        best = min(keys.values())
+        assert [sizes for sizes, key in keys.items() if key == best] == [partition.layers_per_stage], seed
+        seen["tied on time and deviation"] += sum(key[:2] == best[:2] for key in keys.values()) > 1
+    assert min(seen["infeasible"], seen["tied on time and deviation"]) >= 4, seen
+
+
+def test_no_split_found_within_the_time_limit_raises_timeout_error():
+    # Far too little time for CP-SAT to find any split: not proven infeasible, so not None.
+    problem = random_problem(np.random.default_rng(0), 96, 8)
+    with pytest.raises(TimeoutError, match="infeasibility is not proven"):
+        solve_partition(problem, time_limit_s=1e-6)
