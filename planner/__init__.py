@@ -16,4 +16,13 @@ def estimate(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
     return estimate_request(request)
 
 
-__all__ = ["estimate"]
+def __getattr__(name: str) -> Any:
+    """`planner.search(request)`: the search package, imported on first use (PEP 562) and callable."""
+    if name == "search":
+        import planner.search
+
+        return planner.search
+    raise AttributeError(f"module 'planner' has no attribute {name!r}")
+
+
+__all__ = ["estimate", "search"]

@@ -65,20 +65,23 @@ def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
     costed, pruned = _branch_and_bound(costs, limit, options.top_k, options.overlap_grad_reduce)
     evaluated = time.perf_counter()
 
+    # The k fastest that fit; when none fits, the k nearest to fitting, which a re-split may yet make fit.
     leaders = _leaders(costed, limit, options.top_k)
-    ranked = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
+    if len(leaders) == 0:
+        leaders = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[: options.top_k]]
+    estimated = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
     partitioned = 0
     if options.partition:
         from planner.search.balance import rebalance
 
-        ranked, partitioned = rebalance(req, ranked, limit)
-    ranked = _rank(ranked, limit)[: options.top_k]
+        estimated, partitioned = rebalance(req, estimated, limit)
+    ranked = _rank(estimated, limit)[: options.top_k]
     finished = time.perf_counter()
 
     fits = costed.peak_bytes <= limit
     return SearchResult(
         plans=[RankedPlan(rank=i + 1, plan=plan, estimate=est) for i, (plan, est) in enumerate(ranked)],
-        closest=[] if ranked else _closest(req, candidates, costed, limit, options.top_k),
+        closest=[] if ranked else _closest(estimated, limit),
         memory_limit_bytes=limit,
         counts=CandidateCounts(
             layouts=costs.num_layouts,
@@ -145,23 +148,18 @@ def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[
 # ------------------------------------------------------------------------------------------- answers
 
 
-def _closest(
-    req: PlanRequest, candidates: Candidates, costed: Costed, limit: float, top_k: int
-) -> list[ClosestPlan]:
-    """When nothing fits: the candidates with the least memory over the limit."""
-    nearest = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[:top_k]]
-    answer = []
-    for row in nearest:
-        plan, est = _full(req, candidates.plan(int(row), req.search.overlap_grad_reduce))
-        answer.append(
-            ClosestPlan(
-                plan=plan,
-                estimate=est,
-                over_bytes=est.memory.peak_bytes - limit,
-                over_stage=est.memory.peak_stage,
-            )
+def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[ClosestPlan]:
+    """When nothing fits: the candidates nearest to fitting, by how much they are over."""
+    nearest = sorted(estimated, key=lambda pe: pe[1].memory.peak_bytes)
+    return [
+        ClosestPlan(
+            plan=plan,
+            estimate=est,
+            over_bytes=est.memory.peak_bytes - limit,
+            over_stage=est.memory.peak_stage,
         )
-    return answer
+        for plan, est in nearest
+    ]
 
 
 def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int) -> list[Rejection]:
