@@ -409,6 +409,27 @@ def estimate_lines(path: Path, model_flag: str | None, flags: dict[str, Any]) ->
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
+# Options `estimate` and `plan` share: the model, the training setup and the cluster.
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
+]
+GpuOption = Annotated[str | None, typer.Option("--gpu", help="GPU preset, e.g. a100-80gb, h100-sxm.")]
+NodesOption = Annotated[int | None, typer.Option("--nodes", help="Nodes (default 1).")]
+GpusPerNodeOption = Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node (default 8).")]
+SeqLenOption = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")]
+GlobalBatchOption = Annotated[int | None, typer.Option("--global-batch", help="Sequences per optimizer step.")]
+PrecisionOption = Annotated[str | None, typer.Option("--precision", help="bf16 (default), fp16 or fp32.")]
+OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adamw (default) or sgd.")]
+AttentionOption = Annotated[str | None, typer.Option("--attention", help="flash (default) or eager attention kernel.")]
+IntraNodeOption = Annotated[
+    float | None, typer.Option("--intra-node-GBps", help="Override the GPU's intra-node link, GB/s.")
+]
+InterNodeOption = Annotated[
+    float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
+]
+
+
 @app.command()
 def estimate(
     request: Annotated[
@@ -416,18 +437,15 @@ def estimate(
         typer.Argument(help="A contract request: .json (one request) or .jsonl (one per line, JSON answers)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the contract's JSON answer.")] = False,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
-    ] = None,
-    gpu: Annotated[str | None, typer.Option(help="GPU preset, e.g. a100-80gb, h100-sxm.")] = None,
-    nodes: Annotated[int | None, typer.Option(help="Nodes (default 1).")] = None,
-    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default 8).")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
-    global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step.")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (default), fp16 or fp32.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw (default) or sgd.")] = None,
-    attention: Annotated[str | None, typer.Option(help="flash (default) or eager attention kernel.")] = None,
+    model: ModelOption = None,
+    gpu: GpuOption = None,
+    nodes: NodesOption = None,
+    gpus_per_node: GpusPerNodeOption = None,
+    seq_len: SeqLenOption = None,
+    global_batch: GlobalBatchOption = None,
+    precision: PrecisionOption = None,
+    optimizer: OptimizerOption = None,
+    attention: AttentionOption = None,
     dp: Annotated[int | None, typer.Option(help="Data-parallel degree (default: GPUs / (tp x pp x cp)).")] = None,
     tp: Annotated[int | None, typer.Option(help="Tensor-parallel degree.")] = None,
     pp: Annotated[int | None, typer.Option(help="Pipeline-parallel degree.")] = None,
@@ -441,12 +459,8 @@ def estimate(
     layers_per_stage: Annotated[
         str | None, typer.Option(help="Layers of each model chunk, comma-separated: 10,12,12,10.")
     ] = None,
-    intra_node_GBps: Annotated[
-        float | None, typer.Option("--intra-node-GBps", help="Override the GPU's intra-node link, GB/s.")
-    ] = None,
-    inter_node_GBps: Annotated[
-        float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
-    ] = None,
+    intra_node_GBps: IntraNodeOption = None,
+    inter_node_GBps: InterNodeOption = None,
 ) -> None:
     """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits."""
     parameters = dict(locals())
@@ -614,18 +628,15 @@ def plan(
     max_memory_fraction: Annotated[
         float | None, typer.Option(help="A plan fits under this fraction of GPU memory (default 0.9).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
-    ] = None,
-    gpu: Annotated[str | None, typer.Option(help="GPU preset, e.g. a100-80gb, h100-sxm.")] = None,
-    nodes: Annotated[int | None, typer.Option(help="Nodes (default 1).")] = None,
-    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default 8).")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
-    global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step.")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (default), fp16 or fp32.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw (default) or sgd.")] = None,
-    attention: Annotated[str | None, typer.Option(help="flash (default) or eager attention kernel.")] = None,
+    model: ModelOption = None,
+    gpu: GpuOption = None,
+    nodes: NodesOption = None,
+    gpus_per_node: GpusPerNodeOption = None,
+    seq_len: SeqLenOption = None,
+    global_batch: GlobalBatchOption = None,
+    precision: PrecisionOption = None,
+    optimizer: OptimizerOption = None,
+    attention: AttentionOption = None,
     dp: Annotated[int | None, typer.Option(help="Keep the data-parallel degree fixed.")] = None,
     tp: Annotated[int | None, typer.Option(help="Keep the tensor-parallel degree fixed.")] = None,
     pp: Annotated[int | None, typer.Option(help="Keep the pipeline-parallel degree fixed.")] = None,
@@ -636,12 +647,8 @@ def plan(
     recompute: Annotated[str | None, typer.Option(help="Keep recompute fixed: none, selective or full.")] = None,
     schedule: Annotated[str | None, typer.Option(help="Keep the schedule fixed.")] = None,
     virtual_stages: Annotated[int | None, typer.Option(help="Keep the virtual-stage count fixed.")] = None,
-    intra_node_GBps: Annotated[
-        float | None, typer.Option("--intra-node-GBps", help="Override the GPU's intra-node link, GB/s.")
-    ] = None,
-    inter_node_GBps: Annotated[
-        float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
-    ] = None,
+    intra_node_GBps: IntraNodeOption = None,
+    inter_node_GBps: InterNodeOption = None,
 ) -> None:
     """Search for the fastest plans that fit: a ranked table, why the winner wins, what was left out.
 

@@ -14,20 +14,26 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
 
-class EstimateRequest(BaseModel):
-    """A request with a plan, as `paraplan estimate` and `POST /v1/estimates` take it."""
+class _Setup(BaseModel):
+    """What every request names: the model (a preset, a preset with overrides, or in full), the training
+    setup and the cluster."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: ModelSpec
     training: TrainingSpec
     cluster: ClusterSpec
-    plan: ParallelPlan
 
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, value: Any) -> Any:
         return resolve_model(value)
+
+
+class EstimateRequest(_Setup):
+    """A request with a plan, as `paraplan estimate` and `POST /v1/estimates` take it."""
+
+    plan: ParallelPlan
 
     @model_validator(mode="before")
     @classmethod
@@ -35,20 +41,10 @@ class EstimateRequest(BaseModel):
         return infer_dp(data)
 
 
-class PlanRequest(BaseModel):
+class PlanRequest(_Setup):
     """A request to search for plans, as `paraplan plan` and `POST /v1/plans` take it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: ModelSpec
-    training: TrainingSpec
-    cluster: ClusterSpec
     search: SearchOptions = SearchOptions()
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _resolve_model(cls, value: Any) -> Any:
-        return resolve_model(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -99,15 +99,17 @@ def test_ilp_matches_exact_dp_on_random_cases(seed):
         assert_valid(problem, dp)
 
 
-def test_random_cases_cover_infeasible_binding_and_loose_caps():
-    def regime(problem: PartitionProblem) -> str:
-        capped = exact_partition(problem)
-        if capped is None:
-            return "infeasible"
-        free = exact_partition(dataclasses.replace(problem, capacity_bytes=math.inf))
-        return "binding" if capped.max_device_time_s > free.max_device_time_s * (1 + 1e-6) else "loose"
+def cap_regime(problem: PartitionProblem) -> str:
+    """Whether the memory cap makes the problem infeasible, changes the optimum (binding) or not (loose)."""
+    capped = exact_partition(problem)
+    if capped is None:
+        return "infeasible"
+    free = exact_partition(dataclasses.replace(problem, capacity_bytes=math.inf))
+    return "binding" if capped.max_device_time_s > free.max_device_time_s * (1 + 1e-6) else "loose"
 
-    counts = collections.Counter(regime(small_random_problem(seed)) for seed in RANDOM_SEEDS)
+
+def test_random_cases_cover_infeasible_binding_and_loose_caps():
+    counts = collections.Counter(cap_regime(small_random_problem(seed)) for seed in RANDOM_SEEDS)
     assert min(counts["infeasible"], counts["binding"], counts["loose"]) >= 4, counts
 
 
@@ -357,14 +359,7 @@ def test_count_model_matches_per_block_model_and_exact_dp(seed):
 
 
 def test_uniform_random_cases_cover_infeasible_binding_and_loose_caps():
-    def regime(problem: PartitionProblem) -> str:
-        capped = exact_partition(problem)
-        if capped is None:
-            return "infeasible"
-        free = exact_partition(dataclasses.replace(problem, capacity_bytes=math.inf))
-        return "binding" if capped.max_device_time_s > free.max_device_time_s * (1 + 1e-6) else "loose"
-
-    counts = collections.Counter(regime(small_uniform_problem(seed)) for seed in UNIFORM_SEEDS)
+    counts = collections.Counter(cap_regime(small_uniform_problem(seed)) for seed in UNIFORM_SEEDS)
     assert min(counts["infeasible"], counts["binding"], counts["loose"]) >= 4, counts
 
 
