@@ -226,7 +226,8 @@ def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[Ter
 def _binding_constraint(
     winner: StepEstimate, candidates: Candidates, costed: Costed, limit: float, overlap: bool
 ) -> str:
-    """Memory binds when some faster candidate does not fit; then name the fastest of them and by how much."""
+    """Memory binds when some faster candidate does not fit; then name the faster one nearest to fitting and
+    by how much it is over."""
     faster = np.flatnonzero((costed.step_time_s < winner.step_time_s) & (costed.peak_bytes > limit))
     if len(faster) == 0:
         headroom = (limit - winner.memory.peak_bytes) / GiB
@@ -234,13 +235,13 @@ def _binding_constraint(
             f"none: no candidate in the space is faster, fitting or not ({headroom:.2f} GiB of memory headroom "
             "below the limit)"
         )
-    fastest = faster[np.argmin(costed.step_time_s[faster])]
-    plan = candidates.plan(int(costed.rows[fastest]), overlap)
-    over = costed.peak_bytes[fastest] - limit
+    nearest = faster[np.argmin(costed.peak_bytes[faster])]
+    plan = candidates.plan(int(costed.rows[nearest]), overlap)
+    over = costed.peak_bytes[nearest] - limit
     return (
-        f"memory: {len(faster):,} faster candidates do not fit; the fastest, {_describe(plan)} "
-        f"({costed.step_time_s[fastest]:.3f} s), needs {costed.peak_bytes[fastest] / GiB:.2f} GiB on stage "
-        f"{int(costed.peak_stage[fastest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
+        f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {_describe(plan)} "
+        f"({costed.step_time_s[nearest]:.3f} s), needs {costed.peak_bytes[nearest] / GiB:.2f} GiB on stage "
+        f"{int(costed.peak_stage[nearest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
     )
 
 
