@@ -683,12 +683,14 @@ def print_search(request: PlanRequest, result: SearchResult) -> None:
     if result.found:
         console.print(_ranked_table(result))
         _print_explanation(console, result)
-    else:
+    elif result.closest:
         console.print(
             f"[bold red]NO PLAN FITS[/bold red] under {result.memory_limit_bytes / GiB:.2f} GiB per GPU "
             "(search.max_memory_fraction x GPU memory). The closest candidates:"
         )
         console.print(_closest_table(result))
+    else:
+        console.print("[bold red]NO VALID PLAN[/bold red]: every layout breaks a rule (see what was left out).")
     _print_counts(console, result)
 
 

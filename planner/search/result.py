@@ -23,7 +23,8 @@ class ClosestPlan(Frozen):
 
 
 class Rejection(Frozen):
-    """Layouts (dp x tp x pp x cp) or candidates left out for one reason."""
+    """Layouts (dp x tp x pp x cp) or candidates left out for one reason (a layout that breaks several rules
+    counts under each)."""
 
     code: str
     level: Literal["layout", "candidate"]

@@ -61,6 +61,8 @@ def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
     enumerated = time.perf_counter()
 
     limit = options.max_memory_fraction * req.cluster.gpu.memory_bytes
+    if len(candidates) == 0:
+        return _no_valid_candidate(rejected, limit, time.perf_counter() - started)
     costs = CandidateCosts(req.model, req.training, req.cluster, candidates)
     costed, pruned = _branch_and_bound(costs, limit, options.top_k, options.overlap_grad_reduce)
     evaluated = time.perf_counter()
@@ -104,6 +106,24 @@ def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
     )
 
 
+def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) -> SearchResult:
+    """Every layout breaks a structural rule: no plan, no closest candidate, and the reasons."""
+    empty = Costed.of([RowCosts(*(np.zeros(0),) * 4)])
+    return SearchResult(
+        plans=[],
+        closest=[],
+        memory_limit_bytes=limit,
+        counts=CandidateCounts(
+            layouts=0, enumerated=0, evaluated=0, pruned_by_bound=0, out_of_memory=0, fits=0, partitioned=0
+        ),
+        rejected=_rejections(rejected, empty, limit, pruned=0),
+        explanation=None,
+        timing=SearchTiming(
+            enumerate_s=elapsed_s, evaluate_s=0.0, partition_s=0.0, total_s=elapsed_s, candidates_per_s=0.0
+        ),
+    )
+
+
 # ------------------------------------------------------------------------------------ branch and bound
 
 
@@ -111,8 +131,6 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
     """Cost candidates in order of their lower bound until the k-th best fitting step time is below the
     next bound. Returns what was costed and how many were never costed."""
     total = len(costs.candidates)
-    if total == 0:
-        return Costed.of([RowCosts(*(np.zeros(0),) * 4)]), 0
     bound = costs.lower_bound_s()
     order = np.argsort(bound, kind="stable")
     parts: list[RowCosts] = []

@@ -207,3 +207,14 @@ def test_a_plan_search_takes_no_plan():
     with pytest.raises(ValueError, match="search.fixed"):
         parse_plan_request({"model": "llama3-8b", "training": {"seq_len": 2048, "global_batch_size": 8},
                             "cluster": {"gpu": "h100-sxm"}, "plan": {"tp": 2}})  # fmt: skip
+
+
+def test_no_valid_layout_at_all_is_an_answer_with_the_reasons():
+    """5 GPUs per node, 8 heads, 4 layers, batch 4: dp 5 cannot split the batch, and tp, pp or cp of 5 break
+    the heads, the layers or the sequence."""
+    request = {"model": SMALL_GPT, "training": {"seq_len": 1024, "global_batch_size": 4},
+               "cluster": {"gpu": "a100-80gb", "num_nodes": 1, "gpus_per_node": 5}}  # fmt: skip
+    result = planner.search(request)
+    assert not result.found and result.closest == [] and result.counts.enumerated == 0
+    codes = {r.code for r in result.rejected}
+    assert {"batch_divisible", "too_many_stages"} <= codes
