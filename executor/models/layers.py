@@ -1,0 +1,162 @@
+"""The pieces of a decoder-only transformer block: norms, rotary positions, attention, MLP and mixture of experts.
+
+Every projection is its own `nn.Linear` (`wq`, `wk`, `wv`, `wo`; `w1`, `w3`, `w2`) so a tensor-parallel plan is a
+flat dict of names: ColwiseParallel on wq/wk/wv and w1/w3, RowwiseParallel on wo/w2 (torchtitan's Llama plan).
+Biases follow `ModelSpec.qkv_bias` (q, k, v) and `ModelSpec.linear_bias` (wo and every MLP matrix), exactly as
+`planner.cost.params` counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.specs import ModelSpec
+
+NORM_EPS = 1e-5  # Llama's and GPT-2's norm epsilon (Touvron et al. 2023 code; Radford et al. 2019 code)
+ROPE_THETA = 10000.0  # the base of the rotary frequencies (Su et al. 2021, eq. 15; Llama 1/2)
+
+
+def make_norm(spec: ModelSpec, **factory: Any) -> nn.Module:
+    """LayerNorm with weight and bias (Ba et al. 2016; GPT-2) or RMSNorm with a weight only (Zhang & Sennrich 2019)."""
+    if spec.norm == "layernorm":
+        return nn.LayerNorm(spec.hidden_size, eps=NORM_EPS, **factory)
+    return nn.RMSNorm(spec.hidden_size, eps=NORM_EPS, **factory)
+
+
+def make_dropout(p: float) -> nn.Module:
+    """nn.Dropout where the spec asks for it; Identity otherwise, so p = 0 adds no op and saves no mask."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles m * theta_i, [seq_len, head_dim], fp32 (Su et al. 2021, eq. 34).
+
+    Computed on every call instead of cached in a buffer: a buffer would travel with state_dict and
+    parallelization wrappers, and these few flops are nothing next to the attention they feed.
+    """
+    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # the two halves of a head share frequencies (rotate_half)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [b, s, heads, head_dim] by position (Su et al. 2021, eq. 34), in the GPT-NeoX "rotate half" layout.
+
+    The pairs are (i, i + head_dim/2) rather than Meta Llama's adjacent (2i, 2i+1): the same rotation up to a
+    fixed permutation of the q/k weight columns, and it needs no complex numbers. Math in fp32 as in Llama.
+    """
+    x32 = x.float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).type_as(x)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads (Ainslie et al. 2023) and optional RoPE.
+
+    Head counts are read from the projections' outputs at run time (`view(b, s, -1, head_dim)`), never from
+    the spec or the weight shapes: after tensor parallelism shards wq/wk/wv column-wise each rank holds
+    heads/tp query and kv_heads/tp key/value heads, and under DTensor `weight.shape` is the global shape.
+    """
+
+    def __init__(self, spec: ModelSpec, **factory: Any) -> None:
+        super().__init__()
+        h = spec.hidden_size
+        self.head_dim = spec.head_size
+        self.use_rope = spec.position_embedding == "rope"
+        self.attention_dropout_p = spec.dropout  # on the attention probabilities (GPT-2's attn_pdrop)
+        self.wq = nn.Linear(h, spec.q_size, bias=bool(spec.qkv_bias), **factory)
+        self.wk = nn.Linear(h, spec.kv_size, bias=bool(spec.qkv_bias), **factory)
+        self.wv = nn.Linear(h, spec.kv_size, bias=bool(spec.qkv_bias), **factory)
+        self.wo = nn.Linear(spec.q_size, h, bias=bool(spec.linear_bias), **factory)
+
+    def _heads(self, x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return proj(x).view(batch, seq, -1, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x, self.wq), self._heads(x, self.wk), self._heads(x, self.wv)
+        if self.use_rope:
+            cos, sin = rotary_cos_sin(x.shape[1], self.head_dim, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim], as SDPA wants
+        # GQA: query head i reads kv head i // group; repeat_interleave keeps that grouping on every TP rank
+        # as long as tp divides kv_heads (the planner's rule).
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+# ------------------------------------------------------------------------------------------------- MLPs
+
+
+class FeedForward(nn.Module):
+    """SwiGLU `w2(silu(w1 x) * w3 x)` (Shazeer 2020; Llama) or GELU `w2(gelu(w1 x))` (Radford et al. 2019).
+
+    GELU uses the tanh approximation, as GPT-2 and Megatron-LM do. A GELU MLP has no w3.
+    """
+
+    def __init__(self, spec: ModelSpec, **factory: Any) -> None:
+        super().__init__()
+        h, f, bias = spec.hidden_size, spec.ffn_size, bool(spec.linear_bias)
+        self.swiglu = spec.mlp == "swiglu"
+        self.w1 = nn.Linear(h, f, bias=bias, **factory)
+        self.w3 = nn.Linear(h, f, bias=bias, **factory) if self.swiglu else None
+        self.w2 = nn.Linear(f, h, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts: a bias-free router picks each token's top-k of `num_experts` MLPs (Fedus et al. 2021).
+
+    Gates are the softmax over all experts, renormalised over the chosen k (Mixtral, Jiang et al. 2024).
+    Every expert runs on every token and unchosen experts get gate 0: k/E of the work is useful, but the
+    result is exact, every parameter gets a gradient (DDP needs no find_unused_parameters) and there is no
+    token dispatch to shard. It is a reference model, not a fast one.
+    """
+
+    def __init__(self, spec: ModelSpec, **factory: Any) -> None:
+        super().__init__()
+        self.top_k = spec.experts_per_token
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False, **factory)
+        self.experts = nn.ModuleList(FeedForward(spec, **factory) for _ in range(spec.num_experts))
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., num_experts] routing weights: the top-k softmax probabilities, renormalised; zeros elsewhere."""
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        top_probs, top_index = probs.topk(self.top_k, dim=-1)
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, top_index, top_probs).type_as(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.gates(x)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            out = out + gates[..., i : i + 1] * expert(x)
+        return out
+
+
+def make_mlp(spec: ModelSpec, **factory: Any) -> nn.Module:
+    """One dense MLP, or a mixture of experts when the spec has more than one expert."""
+    return MoEFeedForward(spec, **factory) if spec.num_experts > 1 else FeedForward(spec, **factory)
