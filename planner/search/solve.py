@@ -74,7 +74,7 @@ def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
     estimated = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
     partitioned = 0
     if options.partition:
-        from planner.search.balance import rebalance
+        from planner.search.balance import rebalance  # OR-Tools is imported only when the ILP runs
 
         estimated, partitioned = rebalance(req, estimated, limit)
     ranked = _rank(estimated, limit)[: options.top_k]
