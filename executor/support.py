@@ -1,0 +1,152 @@
+"""What the executor can run: every plan it refuses, named before any process starts.
+
+Pure Python (no torch), so `paraplan` and the API can check a plan in microseconds. The planner's own rules
+(planner/rules.py) say whether a plan makes sense at all; these say whether *this executor* can run it with the
+torch.distributed features it uses. Each refusal traces to a measured failure or a missing feature, recorded in
+shared/notes/torch-distributed-on-cpu.md:
+
+- DP under TP or PP uses FSDP2 (`fully_shard`, or `replicate_with_fsdp.replicate` for ZeRO-0), which works with
+  every schedule and with DTensor parameters. Only ZeRO-1 needs classic DDP + ZeroRedundancyOptimizer, and that
+  pair fails on DTensor parameters (TP) and per stage under GPipe / interleaved 1F1B (DDP's reducer).
+- With dp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from planner.errors import InfeasiblePlanError, Violation
+from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
+
+Rule = Callable[[ParallelPlan, ModelSpec, TrainingSpec | None], Iterator[Violation]]
+
+
+def _context_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if plan.cp > 1:
+        yield Violation("plan.cp", "executor_no_cp", "context parallelism is not implemented by the executor yet")
+
+
+def _zero1_needs_ddp(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if plan.zero_stage != 1 or plan.dp == 1:
+        return
+    if plan.tp > 1:
+        yield Violation(
+            "plan.zero_stage",
+            "executor_zero1_with_tp",
+            "ZeRO-1 runs on classic DDP + ZeroRedundancyOptimizer, which cannot hold tensor-parallel (DTensor) "
+            "parameters (DDP's parameter broadcast fails: 'Operator c10d.broadcast_.default does not have a "
+            "sharding strategy registered'); use zero_stage 0, 2 or 3, which run on FSDP2",
+        )
+    if plan.pp > 1 and plan.schedule != "1f1b":
+        yield Violation(
+            "plan.schedule",
+            "executor_zero1_schedule",
+            f"ZeRO-1 puts classic DDP on each pipeline stage, and DDP fails under {plan.schedule} from the second "
+            "step on ('rebuilt parameter indices size is not same as original model parameters size', "
+            "c10d reducer); use schedule 1f1b, or zero_stage 0, 2 or 3, which run on FSDP2",
+        )
+
+
+def _tied_embeddings(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if model.tie_embeddings and plan.pp > 1:
+        yield Violation(
+            "model.tie_embeddings",
+            "executor_tied_embeddings_pp",
+            "tied embeddings with pp > 1: the first and last pipeline stages each hold a copy of the shared "
+            "matrix and the executor does not sum their gradients, so the copies would drift apart",
+        )
+
+
+def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    widths = {
+        "num_attention_heads": model.num_attention_heads,
+        "num_kv_heads": model.kv_heads,
+        "ffn_hidden_size": model.ffn_size,
+        # The token embedding is vocab-parallel (RowwiseParallel) and the LM head column-parallel: both split
+        # the vocabulary rows evenly over the tp ranks.
+        "vocab_size": model.vocab_size,
+    }
+    for name, width in widths.items():
+        if width % plan.tp:
+            yield Violation(
+                "plan.tp",
+                f"executor_tp_divides_{name}",
+                f"tensor parallelism splits {name} over tp={plan.tp} ranks, but {width} is not divisible by it",
+            )
+    if plan.tp > 1 and model.num_experts > 1:
+        yield Violation(
+            "plan.tp",
+            "executor_tp_moe",
+            "the executor's tensor-parallel plan covers dense MLPs only; a mixture of experts needs tp=1",
+        )
+
+
+def _sequence_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if training is not None and plan.sequence_parallel and training.seq_len % plan.tp:
+        yield Violation(
+            "plan.sequence_parallel",
+            "executor_sp_divides_seq",
+            f"sequence parallelism splits seq_len={training.seq_len} over tp={plan.tp} ranks, which does not divide it",
+        )
+
+
+def _microbatches(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if training is None:
+        return
+    per_replica, micro = divmod(training.global_batch_size, plan.dp)
+    if plan.num_microbatches(training) < 1:
+        yield Violation(
+            "plan.micro_batch_size",
+            "executor_no_microbatch",
+            f"global_batch_size={training.global_batch_size} gives fewer than one micro-batch of "
+            f"{plan.micro_batch_size} per data-parallel rank (dp={plan.dp})",
+        )
+    elif micro or per_replica % plan.micro_batch_size:
+        # Unequal micro-batches would weight sequences unequally in the mean loss (and torch's pipeline
+        # splitter refuses them); parity with a single-device run needs them equal.
+        yield Violation(
+            "training.global_batch_size",
+            "executor_batch_divides",
+            f"global_batch_size={training.global_batch_size} must split into equal micro-batches: it is not "
+            f"divisible by dp x micro_batch_size = {plan.dp} x {plan.micro_batch_size}",
+        )
+
+
+def _stage_layers(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    counts = plan.stage_layer_counts(model.num_layers)
+    if min(counts) < 1:
+        yield Violation(
+            "plan.pp",
+            "executor_empty_chunk",
+            f"every pipeline chunk needs at least one layer, but {model.num_layers} layers over "
+            f"pp x virtual_stages = {plan.num_model_chunks} chunks give {list(counts)}",
+        )
+    if sum(counts) != model.num_layers:
+        yield Violation(
+            "plan.layers_per_stage",
+            "executor_layers_per_stage_sum",
+            f"layers_per_stage sums to {sum(counts)}; the model has {model.num_layers} layers",
+        )
+
+
+_RULES: tuple[Rule, ...] = (
+    _context_parallel,
+    _zero1_needs_ddp,
+    _tied_embeddings,
+    _tensor_parallel_widths,
+    _sequence_parallel,
+    _microbatches,
+    _stage_layers,
+)
+
+
+def executor_violations(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None = None) -> list[Violation]:
+    """Every reason the executor refuses `plan` for `model`; the batch and sequence rules need `training`."""
+    return [found for rule in _RULES for found in rule(plan, model, training)]
+
+
+def require_executable(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec) -> None:
+    """Raise InfeasiblePlanError("not_executable", ...) naming every refusal, or return."""
+    found = executor_violations(plan, model, training)
+    if found:
+        raise InfeasiblePlanError("not_executable", found)

@@ -1,0 +1,130 @@
+"""The executor names every plan it cannot run, with the field to change, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from executor.support import executor_violations, require_executable
+from planner.errors import InfeasiblePlanError
+from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
+
+LLAMA = ModelSpec(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=176,
+    vocab_size=256,
+    mlp="swiglu",
+    norm="rmsnorm",
+)
+TRAINING = TrainingSpec(seq_len=32, global_batch_size=8, precision="fp32", optimizer="sgd")
+
+
+def codes(plan: ParallelPlan, model: ModelSpec = LLAMA, training: TrainingSpec | None = TRAINING) -> list[str]:
+    return [v.code for v in executor_violations(plan, model, training)]
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ParallelPlan(),
+        ParallelPlan(dp=2, zero_stage=0),
+        ParallelPlan(dp=2, zero_stage=1),
+        ParallelPlan(dp=2, tp=2, zero_stage=0),  # FSDP2's replicate holds DTensor parameters
+        ParallelPlan(dp=2, tp=2, zero_stage=3, sequence_parallel=True),
+        ParallelPlan(pp=2, dp=2, zero_stage=1, schedule="1f1b"),
+        ParallelPlan(pp=2, dp=2, zero_stage=0, schedule="gpipe"),
+        ParallelPlan(pp=2, dp=2, zero_stage=2, schedule="interleaved_1f1b", virtual_stages=2),
+        ParallelPlan(tp=2, zero_stage=1),  # one dp rank: nothing to shard, ZeRO is moot
+        ParallelPlan(pp=2, zero_stage=1, schedule="gpipe"),
+        ParallelPlan(pp=2, dp=2, tp=2, zero_stage=3, recompute="selective"),
+    ],
+)
+def test_plans_the_executor_runs_pass(plan: ParallelPlan) -> None:
+    assert codes(plan) == []
+
+
+def test_context_parallelism_is_refused() -> None:
+    (violation,) = executor_violations(ParallelPlan(cp=2), LLAMA, TRAINING)
+    assert (violation.field, violation.code) == ("plan.cp", "executor_no_cp")
+    assert "not implemented by the executor yet" in violation.message
+
+
+def test_zero1_with_tensor_parallelism_is_refused_with_ddps_error() -> None:
+    (violation,) = executor_violations(ParallelPlan(dp=2, tp=2, zero_stage=1), LLAMA, TRAINING)
+    assert (violation.field, violation.code) == ("plan.zero_stage", "executor_zero1_with_tp")
+    assert "c10d.broadcast_.default does not have a sharding strategy" in violation.message
+
+
+@pytest.mark.parametrize("schedule, virtual", [("gpipe", 1), ("interleaved_1f1b", 2)])
+def test_zero1_per_pipeline_stage_needs_1f1b(schedule: str, virtual: int) -> None:
+    plan = ParallelPlan(pp=2, dp=2, zero_stage=1, schedule=schedule, virtual_stages=virtual)
+    (violation,) = executor_violations(plan, LLAMA, TRAINING)
+    assert (violation.field, violation.code) == ("plan.schedule", "executor_zero1_schedule")
+    assert schedule in violation.message and "rebuilt parameter indices" in violation.message
+
+
+def test_tied_embeddings_need_one_pipeline_stage() -> None:
+    tied = LLAMA.model_copy(update={"tie_embeddings": True})
+    assert codes(ParallelPlan(pp=2), tied) == ["executor_tied_embeddings_pp"]
+    assert codes(ParallelPlan(tp=2, dp=2, zero_stage=3), tied) == []
+
+
+def test_tensor_parallelism_must_divide_every_split_width() -> None:
+    model = ModelSpec(
+        num_layers=2, hidden_size=96, num_attention_heads=6, num_kv_heads=3, ffn_hidden_size=200, vocab_size=251
+    )
+    assert codes(ParallelPlan(tp=2), model) == [
+        "executor_tp_divides_num_kv_heads",
+        "executor_tp_divides_vocab_size",
+    ]
+    assert codes(ParallelPlan(tp=3), model) == [
+        "executor_tp_divides_ffn_hidden_size",
+        "executor_tp_divides_vocab_size",
+    ]
+
+
+def test_mixture_of_experts_has_no_tensor_parallel_plan() -> None:
+    moe = LLAMA.model_copy(update={"num_experts": 4, "experts_per_token": 2})
+    assert codes(ParallelPlan(tp=2), moe) == ["executor_tp_moe"]
+    assert codes(ParallelPlan(dp=2, zero_stage=3), moe) == []
+
+
+def test_sequence_parallelism_must_divide_the_sequence() -> None:
+    training = TRAINING.model_copy(update={"seq_len": 30})
+    model = LLAMA.model_copy(update={"num_attention_heads": 8, "num_kv_heads": 4, "vocab_size": 512})
+    assert codes(ParallelPlan(tp=4, sequence_parallel=True), model, training) == ["executor_sp_divides_seq"]
+    assert codes(ParallelPlan(tp=4, sequence_parallel=False), model, training) == []
+
+
+def test_micro_batches_must_exist_and_be_equal() -> None:
+    assert codes(ParallelPlan(dp=2, micro_batch_size=8)) == ["executor_no_microbatch"]
+    assert codes(ParallelPlan(dp=2, micro_batch_size=3)) == ["executor_batch_divides"]
+    assert codes(ParallelPlan(dp=3)) == ["executor_batch_divides"]
+
+
+def test_batch_and_sequence_rules_need_the_training_setup() -> None:
+    assert codes(ParallelPlan(dp=3), training=None) == []
+
+
+def test_every_pipeline_chunk_needs_a_layer() -> None:
+    assert codes(ParallelPlan(pp=4, schedule="interleaved_1f1b", virtual_stages=2)) == ["executor_empty_chunk"]
+    assert codes(ParallelPlan(pp=2, layers_per_stage=(1, 2))) == ["executor_layers_per_stage_sum"]
+
+
+def test_require_executable_names_every_refusal() -> None:
+    plan = ParallelPlan(cp=2, dp=2, tp=2, zero_stage=1)
+    with pytest.raises(InfeasiblePlanError) as refused:
+        require_executable(plan, LLAMA.model_copy(update={"tie_embeddings": True}), TRAINING)
+    assert refused.value.reason == "not_executable"
+    assert [v.code for v in refused.value.violations] == ["executor_no_cp", "executor_zero1_with_tp"]
+    assert refused.value.to_dict()["violations"][0]["field"] == "plan.cp"
+
+
+def test_support_imports_no_torch() -> None:
+    check = "import sys, executor.support; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True)
