@@ -1,0 +1,188 @@
+"""apply_plan: turn one rank's copy of the model into its share of a parallel plan, in DESIGN.md's fixed order.
+
+pipeline split -> tensor/sequence parallel -> activation recompute -> data parallel (DDP / FSDP2) -> pipeline
+stages + schedule. Every rank calls it with the same full model (same seed) and the plan's mesh; what comes back
+(`AppliedPlan`) runs one step's forward and backward on this rank's slice of the global batch and reports the
+global-batch mean loss, so a parallel run and a single-device run can be compared number for number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from executor.parallel.checkpoint import apply_recompute
+from executor.parallel.data import apply_data_parallel, make_optimizer
+from executor.parallel.pipeline import build_schedule, build_stages, split_model
+from executor.parallel.tensor import apply_tensor_parallel
+from executor.support import require_executable
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from executor.models import Transformer
+    from planner.specs import ParallelPlan, TrainingSpec
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AppliedPlan:
+    """This rank's share of a plan: its model chunks (one unless interleaved), and the schedule under PP."""
+
+    plan: ParallelPlan
+    mesh: DeviceMesh
+    chunks: list[nn.Module]
+    schedule: Any  # a torch.distributed.pipelining schedule, or None without pipeline parallelism
+    is_first: bool  # holds the first pipeline stage (takes token ids)
+    is_last: bool  # holds the last pipeline stage (computes the loss)
+    microbatches: int
+    loss_fn: LossFn
+    device: torch.device
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for chunk in self.chunks:
+            yield from chunk.parameters()
+
+    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
+        """The optimizer over this rank's parameters, ZeroRedundancyOptimizer under ZeRO-1."""
+        dp_group = self.mesh["dp"].get_group()
+        return make_optimizer(self.parameters(), self.plan.zero_stage, dp_group, optimizer_class, **kwargs)
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward and backward over this rank's rows of the global batch [B, s]; the global-batch mean loss.
+
+        Gradients equal those of the mean loss over all B sequences: each micro-batch's mean loss is scaled by
+        1/microbatches (by hand here, by the schedule's `scale_grads` under PP) and DP averages over dp ranks.
+        """
+        tokens, targets = self._local_rows(tokens), self._local_rows(targets)
+        local = self._pipeline(tokens, targets) if self.schedule is not None else self._accumulate(tokens, targets)
+        return self._global_mean(local)
+
+    def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """dp rank r takes rows [r B/dp, (r+1) B/dp) of the global batch."""
+        return batch.chunk(self.plan.dp)[self.mesh["dp"].get_local_rank()].to(self.device)
+
+    def _accumulate(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Gradient accumulation over equal micro-batches. Gradients are synchronised after every micro-batch:
+        correct for DDP, FSDP2 and replicate alike (they average what has accumulated), at the price of
+        microbatches - 1 extra reductions."""
+        (model,) = self.chunks
+        total = torch.zeros((), device=self.device)
+        for x, y in zip(tokens.chunk(self.microbatches), targets.chunk(self.microbatches), strict=True):
+            loss = self.loss_fn(model(x), y)
+            (loss / self.microbatches).backward()
+            total += loss.detach()
+        return total / self.microbatches
+
+    def _pipeline(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One schedule step; the last stage's mean micro-batch loss (zero on the other stages)."""
+        losses: list[torch.Tensor] = []
+        inputs = (tokens,) if self.is_first else ()
+        outputs = {"target": targets, "losses": losses} if self.is_last else {}
+        self.schedule.step(*inputs, **outputs)
+        if not self.is_last:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _global_mean(self, local: torch.Tensor) -> float:
+        """Mean over dp ranks (each saw B/dp rows), then the last stage's value on every pp rank. TP ranks
+        already agree (the head's output is replicated)."""
+        loss = local.detach().float().clone()
+        if self.plan.dp > 1:
+            dist.all_reduce(loss, group=self.mesh["dp"].get_group())
+            loss /= self.plan.dp
+        if self.plan.pp > 1:  # the other stages contribute zeros: a sum is a broadcast from the last stage
+            dist.all_reduce(loss, group=self.mesh["pp"].get_group())
+        return loss.item()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale gradients so their global 2-norm is at most `max_norm`; the norm before clipping.
+
+        The norm covers every parameter of the model once, whatever is sharded over tp/dp (DTensor norms are
+        reduced by `full_tensor`) or split over pipeline stages (squares summed over pp).
+        """
+        groups = _grads_by_layout(self.parameters())
+        zero = torch.zeros((), device=self.device)
+        norm_sq = sum((_group_norm(group) ** 2 for group in groups), zero)
+        if self.plan.pp > 1:
+            dist.all_reduce(norm_sq, group=self.mesh["pp"].get_group())
+        total = norm_sq.sqrt()
+        for group in groups:  # one call per layout: foreach kernels cannot mix DTensor layouts or plain tensors
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total.item()
+
+
+def _grads_by_layout(params: Iterator[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Parameters with gradients, grouped by DTensor mesh and placements (plain tensors in one group)."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for param in params:
+        if param.grad is None:
+            continue
+        grad = param.grad
+        key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else None
+        groups.setdefault(key, []).append(param)
+    return list(groups.values())
+
+
+def _group_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """2-norm of the gradients of parameters of one layout, as a plain tensor: the value over the whole model."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def apply_plan(
+    model: Transformer,
+    plan: ParallelPlan,
+    mesh: DeviceMesh,
+    *,
+    training: TrainingSpec,
+    loss_fn: LossFn,
+    device: torch.device,
+) -> AppliedPlan:
+    """This rank's share of `plan` over `mesh` (from executor.mesh.build_mesh), built from the full `model`."""
+    require_executable(plan, model.spec, training)  # refuse before any collective can hang on a bad plan
+    # 1. Pipeline split first: every later step then touches only the layers this rank runs, and the chunks keep
+    #    the full model's FQNs, which the TP plan below addresses.
+    chunks = split_model(model, plan, mesh["pp"].get_local_rank())
+    modules = [_parallelize_chunk(chunk, plan, mesh) for _, chunk in chunks]
+    num_stages = plan.num_model_chunks
+    stage_ids = [stage for stage, _ in chunks]
+    schedule = None
+    if plan.pp > 1:
+        # 5. Stages and schedule last: PipelineStage must wrap the final (DDP/FSDP2) module, whose backward it
+        #    drives (no_sync / requires_gradient_sync on all but the last micro-batch).
+        stages = build_stages(list(zip(stage_ids, modules, strict=True)), num_stages, mesh["pp"], device)
+        schedule = build_schedule(stages, plan.schedule, plan.num_microbatches(training), loss_fn)
+    return AppliedPlan(
+        plan=plan,
+        mesh=mesh,
+        chunks=modules,
+        schedule=schedule,
+        is_first=0 in stage_ids,
+        is_last=num_stages - 1 in stage_ids,
+        microbatches=plan.num_microbatches(training),
+        loss_fn=loss_fn,
+        device=device,
+    )
+
+
+def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh) -> nn.Module:
+    # 2. TP/SP before anything wraps the blocks: parallelize_module finds submodules by their plain FQNs and
+    #    turns their parameters into DTensors on the tp mesh.
+    chunk = apply_tensor_parallel(chunk, mesh["tp"], plan.sequence_parallel)
+    # 3. Recompute next, inside DP: the checkpointed region then contains TP's collectives (replayed or saved in
+    #    backward) but not FSDP2's all-gathers, which FSDP2 schedules itself around each block.
+    chunk = apply_recompute(chunk, plan.recompute)
+    # 4. DP last among module transforms: FSDP2 shards the parameters as they now are (TP's DTensors become 2-D
+    #    (dp, tp) DTensors) and hooks the checkpoint-wrapped blocks, so backward's recompute re-gathers them.
+    return apply_data_parallel(chunk, mesh["dp"], plan.zero_stage, pure_dp=plan.tp == 1 and plan.pp == 1)

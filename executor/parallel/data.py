@@ -1,0 +1,79 @@
+"""Data parallelism at the plan's ZeRO stage (Rajbhandari et al. 2020, sec. 5), on the mesh's dp axis.
+
+| ZeRO | what is split over dp            | torch feature                                                       |
+|------|----------------------------------|---------------------------------------------------------------------|
+| 0    | nothing (gradients all-reduced)  | DDP for pure-DP plans; FSDP2's `replicate` under TP or PP           |
+| 1    | optimizer state                  | DDP + ZeroRedundancyOptimizer (`make_optimizer`)                    |
+| 2    | + gradients                      | FSDP2 `fully_shard(reshard_after_forward=False)`: parameters stay   |
+|      |                                  | gathered from forward to backward, gradients are reduce-scattered   |
+| 3    | + parameters                     | FSDP2 `fully_shard(reshard_after_forward=True)`                     |
+
+FSDP2 (and its `replicate`) is applied per block and then to the root, so each block's all-gather /
+reduce-scatter is its own collective that overlaps with the neighbouring blocks' compute. Classic DDP cannot
+hold DTensor (tensor-parallel) parameters, and the old `_composable.replicate` trains silently wrong with them
+(shared/notes/torch-distributed-on-cpu.md), hence FSDP2's `replicate` whenever the plan is not pure DP.
+Every wrapper averages gradients over dp, so gradients equal those of the mean loss over the global batch.
+With one dp rank there is nothing to synchronise and the module is returned unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from executor.models import Transformer
+
+
+def _per_block_then_root(wrap: Callable[..., Any], module: Transformer, **kwargs: Any) -> nn.Module:
+    """Apply an FSDP2-style wrapper to every block of `module`, then to `module` for what is left (embeddings,
+    norm, head): one communication group per block, as torchtitan does."""
+    for block in module.layers.values():
+        wrap(block, **kwargs)
+    wrap(module, **kwargs)
+    return module
+
+
+def apply_data_parallel(module: Transformer, dp_mesh: DeviceMesh, zero_stage: int, pure_dp: bool) -> nn.Module:
+    """`module` synchronised over `dp_mesh` at `zero_stage`; DDP returns a wrapper, FSDP2 changes it in place.
+
+    `pure_dp`: the plan has tp == pp == 1, so classic DDP can run ZeRO-0 (it is the fastest on CPU/gloo).
+    """
+    if dp_mesh.size() == 1:
+        return module
+    if zero_stage >= 2:
+        from torch.distributed.fsdp import fully_shard
+
+        return _per_block_then_root(fully_shard, module, mesh=dp_mesh, reshard_after_forward=zero_stage == 3)
+    if zero_stage == 1 or pure_dp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, process_group=dp_mesh.get_group())
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    return _per_block_then_root(replicate, module, mesh=dp_mesh)
+
+
+def make_optimizer(
+    params: Iterable[torch.Tensor],
+    zero_stage: int,
+    dp_group: ProcessGroup | None,
+    optimizer_class: type[torch.optim.Optimizer],
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """The optimizer for `params`; under ZeRO-1 with more than one dp rank, each rank keeps the state of its
+    share of the parameters (ZeroRedundancyOptimizer broadcasts the updated values after each step)."""
+    import torch.distributed as dist
+
+    params = list(params)
+    if zero_stage == 1 and dp_group is not None and dist.get_world_size(dp_group) > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=dp_group, **kwargs)
+    return optimizer_class(params, **kwargs)
