@@ -1,0 +1,140 @@
+"""Every parallel layout the executor runs trains exactly like one process: same losses, same gradient norms.
+
+Each case launches tests/distributed/parity_worker.py under torchrun (gloo on CPU) and compares its 4 losses and
+clipped gradient norms with a plain single-process PyTorch run (fp32, SGD with momentum, which is
+scale-sensitive). It also checks that each rank really holds only its share of the parameters. Launches run one
+after another: the box has 2 cores, and the 8-process case alone takes about 30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from executor.support import require_executable  # noqa: E402
+from planner.errors import InfeasiblePlanError  # noqa: E402
+from planner.specs import ParallelPlan  # noqa: E402
+from tests.distributed.parity_worker import MODELS, TRAINING  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = "tests/distributed/parity_worker.py"
+TOLERANCE = 1e-5
+LAUNCH_TIMEOUT_S = 120
+
+
+def _run_worker(command: list[str], out: Path) -> tuple[dict, float]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"{' '.join(command)} ran past {LAUNCH_TIMEOUT_S} s:\n{timeout.stderr}")
+    wall_s = time.perf_counter() - started
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+    return json.loads(out.read_text()), wall_s
+
+
+def launch(model: str, plan: ParallelPlan, out: Path) -> tuple[dict, float]:
+    """Run the worker under torchrun with one process per GPU of the plan; refuse what the executor cannot run
+    before any process starts."""
+    require_executable(plan, MODELS[model], TRAINING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_gpus}"]
+    command += [WORKER, "--model", model, "--plan", plan.model_dump_json(), "--out", str(out)]
+    return _run_worker(command, out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """reference(model): the plain single-process run of that model, made once per module on first use."""
+    folder = tmp_path_factory.mktemp("reference")
+    runs: dict[str, dict] = {}
+
+    def get(model: str) -> dict:
+        if model not in runs:
+            out = folder / f"{model}.json"
+            runs[model], _ = _run_worker(
+                [sys.executable, WORKER, "--reference", "--model", model, "--out", str(out)], out
+            )
+        return runs[model]
+
+    return get
+
+
+def _sharded_ways(plan: ParallelPlan) -> int:
+    """Into how many pieces the plan splits the parameters (TP, PP and ZeRO >= 2 shard; ZeRO 0/1 replicate)."""
+    return plan.tp * plan.pp * (plan.dp if plan.zero_stage >= 2 else 1)
+
+
+CASES = {
+    "dp2-zero0-ddp": ("llama", ParallelPlan(dp=2, zero_stage=0)),
+    "dp2-zero1-zero_redundancy_optimizer": ("llama", ParallelPlan(dp=2, zero_stage=1)),
+    "dp2-zero2-fsdp2": ("llama", ParallelPlan(dp=2, zero_stage=2)),
+    "dp2-zero3-fsdp2": ("llama", ParallelPlan(dp=2, zero_stage=3)),
+    "tp2": ("llama", ParallelPlan(tp=2)),
+    "tp2-sp": ("llama", ParallelPlan(tp=2, sequence_parallel=True)),
+    "pp2-gpipe": ("llama", ParallelPlan(pp=2, schedule="gpipe", micro_batch_size=2)),
+    "pp2-1f1b": ("llama", ParallelPlan(pp=2, schedule="1f1b", micro_batch_size=2)),
+    "pp2-interleaved-v2": (
+        "llama",
+        ParallelPlan(pp=2, schedule="interleaved_1f1b", virtual_stages=2, micro_batch_size=2),
+    ),
+    "dp2xtp2-sp-zero3-fsdp2": ("llama", ParallelPlan(dp=2, tp=2, sequence_parallel=True, zero_stage=3)),
+    "dp2xtp2-zero0-replicate": ("llama", ParallelPlan(dp=2, tp=2, zero_stage=0)),
+    "pp2xdp2-1f1b-zero1": ("llama", ParallelPlan(pp=2, dp=2, schedule="1f1b", zero_stage=1)),
+    "pp2xdp2-1f1b-zero2": ("llama", ParallelPlan(pp=2, dp=2, schedule="1f1b", zero_stage=2)),
+    "pp2xtp2-sp-1f1b": (
+        "llama",
+        ParallelPlan(pp=2, tp=2, sequence_parallel=True, schedule="1f1b", micro_batch_size=2),
+    ),
+    "pp2xdp2xtp2-sp-1f1b-zero3": (
+        "llama",
+        ParallelPlan(pp=2, dp=2, tp=2, sequence_parallel=True, schedule="1f1b", zero_stage=3),
+    ),
+    "recompute-selective": ("llama", ParallelPlan(recompute="selective")),
+    "recompute-full": ("llama", ParallelPlan(recompute="full")),
+    "tp2-sp-recompute-selective": ("llama", ParallelPlan(tp=2, sequence_parallel=True, recompute="selective")),
+    "tp2-recompute-full": ("llama", ParallelPlan(tp=2, recompute="full")),
+    # GPT-2 style: tied head re-tied after TP, learned positions under SP, GELU MLP without w3, biases.
+    "gpt-dp2xtp2-sp-zero3": ("gpt", ParallelPlan(dp=2, tp=2, sequence_parallel=True, zero_stage=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict], tmp_path: Path) -> None:
+    model, plan = CASES[name]
+    expected = reference(model)
+    result, wall_s = launch(model, plan, tmp_path / "result.json")
+    loss_diff = max(abs(a - b) for a, b in zip(result["losses"], expected["losses"], strict=True))
+    norm_diff = max(abs(a - b) for a, b in zip(result["grad_norms"], expected["grad_norms"], strict=True))
+    print(f"\nparity {name}: {plan.num_gpus} processes, max |loss diff| {loss_diff:.1e}, "
+          f"max |grad norm diff| {norm_diff:.1e}, wall {wall_s:.1f} s, worker {result['worker_s']:.1f} s")  # fmt: skip
+    assert loss_diff <= TOLERANCE, (result["losses"], expected["losses"])
+    assert norm_diff <= TOLERANCE, (result["grad_norms"], expected["grad_norms"])
+    (full,) = expected["local_params"]
+    assert len(result["local_params"]) == plan.num_gpus
+    # Each rank holds its share, plus the few parameters every layout replicates (norms, positions, row biases).
+    assert max(result["local_params"]) <= 1.05 * full / _sharded_ways(plan), result["local_params"]
+
+
+def test_an_unsupported_plan_is_refused_before_any_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_launch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process was started for a plan the executor cannot run")
+
+    monkeypatch.setattr(subprocess, "run", no_launch)
+    plan = ParallelPlan(pp=2, dp=2, schedule="gpipe", zero_stage=1)
+    with pytest.raises(InfeasiblePlanError) as refused:
+        launch("llama", plan, tmp_path / "never.json")
+    assert refused.value.reason == "not_executable"
+    assert [v.code for v in refused.value.violations] == ["executor_zero1_schedule"]
