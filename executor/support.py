@@ -58,13 +58,14 @@ def _tied_embeddings(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
 
 
 def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    # Each rank's attention views its projections as whole heads, and the MLP's column- and row-parallel halves
+    # must split f identically: an uneven f fails ("a and b must have same reduction dim"). The vocabulary may
+    # split unevenly: DTensor shards the embedding and the head row-wise with uneven shards and gets the same
+    # numbers (the GPT case of tests/distributed/test_parity.py has vocab 255 on tp=2).
     widths = {
         "num_attention_heads": model.num_attention_heads,
         "num_kv_heads": model.kv_heads,
         "ffn_hidden_size": model.ffn_size,
-        # The token embedding is vocab-parallel (RowwiseParallel) and the LM head column-parallel: both split
-        # the vocabulary rows evenly over the tp ranks.
-        "vocab_size": model.vocab_size,
     }
     for name, width in widths.items():
         if width % plan.tp:

@@ -104,7 +104,8 @@ CASES = {
     "recompute-full": ("llama", ParallelPlan(recompute="full")),
     "tp2-sp-recompute-selective": ("llama", ParallelPlan(tp=2, sequence_parallel=True, recompute="selective")),
     "tp2-recompute-full": ("llama", ParallelPlan(tp=2, recompute="full")),
-    # GPT-2 style: tied head re-tied after TP, learned positions under SP, GELU MLP without w3, biases.
+    # GPT-2 style: tied head re-tied after TP, learned positions under SP, GELU MLP without w3, biases, and an
+    # odd vocabulary (255) that TP shards unevenly.
     "gpt-dp2xtp2-sp-zero3": ("gpt", ParallelPlan(dp=2, tp=2, sequence_parallel=True, zero_stage=3)),
 }
 

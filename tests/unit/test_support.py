@@ -78,14 +78,16 @@ def test_tensor_parallelism_must_divide_every_split_width() -> None:
     model = ModelSpec(
         num_layers=2, hidden_size=96, num_attention_heads=6, num_kv_heads=3, ffn_hidden_size=200, vocab_size=251
     )
-    assert codes(ParallelPlan(tp=2), model) == [
+    assert codes(ParallelPlan(tp=2), model) == ["executor_tp_divides_num_kv_heads"]
+    assert codes(ParallelPlan(tp=3), model) == ["executor_tp_divides_ffn_hidden_size"]
+    assert codes(ParallelPlan(tp=6), model) == [
         "executor_tp_divides_num_kv_heads",
-        "executor_tp_divides_vocab_size",
-    ]
-    assert codes(ParallelPlan(tp=3), model) == [
         "executor_tp_divides_ffn_hidden_size",
-        "executor_tp_divides_vocab_size",
     ]
+
+
+def test_the_vocabulary_may_split_unevenly() -> None:
+    assert codes(ParallelPlan(tp=2), LLAMA.model_copy(update={"vocab_size": 255})) == []
 
 
 def test_mixture_of_experts_has_no_tensor_parallel_plan() -> None:
