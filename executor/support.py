@@ -34,8 +34,9 @@ def _zero1_needs_ddp(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
             "plan.zero_stage",
             "executor_zero1_with_tp",
             "ZeRO-1 runs on classic DDP + ZeroRedundancyOptimizer, which cannot hold tensor-parallel (DTensor) "
-            "parameters (DDP's parameter broadcast fails: 'Operator c10d.broadcast_.default does not have a "
-            "sharding strategy registered'); use zero_stage 0, 2 or 3, which run on FSDP2",
+            "parameters: DDP's start-up sync fails ('Operator c10d.broadcast_.default does not have a sharding "
+            "strategy registered', or with plain norm weights beside them 'aten.cat.default got mixed "
+            "torch.Tensor and DTensor'); use zero_stage 0, 2 or 3, which run on FSDP2",
         )
     if plan.pp > 1 and plan.schedule != "1f1b":
         yield Violation(
