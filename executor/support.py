@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from planner.errors import InfeasiblePlanError, Violation
+from planner.rules import tensor_parallel_widths
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 
 Rule = Callable[[ParallelPlan, ModelSpec, TrainingSpec | None], Iterator[Violation]]
@@ -63,12 +64,7 @@ def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: Trai
     # must split f identically: an uneven f fails ("a and b must have same reduction dim"). The vocabulary may
     # split unevenly: DTensor shards the embedding and the head row-wise with uneven shards and gets the same
     # numbers (the GPT case of tests/distributed/test_parity.py has vocab 255 on tp=2).
-    widths = {
-        "num_attention_heads": model.num_attention_heads,
-        "num_kv_heads": model.kv_heads,
-        "ffn_hidden_size": model.ffn_size,
-    }
-    for name, width in widths.items():
+    for name, width in tensor_parallel_widths(model).items():
         if width % plan.tp:
             yield Violation(
                 "plan.tp",

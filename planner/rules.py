@@ -26,13 +26,18 @@ def _degrees_fill_cluster(plan: ParallelPlan, model: ModelSpec, training: Traini
         )
 
 
-def _tp_divides_model(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
-    widths = {
+def tensor_parallel_widths(model: ModelSpec) -> dict[str, int]:
+    """The widths tensor parallelism splits over tp ranks: whole heads (Megatron-LM's attention shards by head,
+    Shoeybi et al. 2019 sec. 3) and the MLP's hidden size (column- and row-parallel halves must agree)."""
+    return {
         "num_attention_heads": model.num_attention_heads,
         "num_kv_heads": model.kv_heads,
         "ffn_hidden_size": model.ffn_size,
     }
-    for name, width in widths.items():
+
+
+def _tp_divides_model(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    for name, width in tensor_parallel_widths(model).items():
         if width % plan.tp:
             yield Violation("plan.tp", f"tp_divides_{name}", f"tp={plan.tp} does not divide {name}={width}")
 
