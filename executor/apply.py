@@ -49,10 +49,16 @@ class AppliedPlan:
         for chunk in self.chunks:
             yield from chunk.parameters()
 
-    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
-        """The optimizer over this rank's parameters, ZeroRedundancyOptimizer under ZeRO-1."""
+    def make_optimizers(
+        self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any
+    ) -> list[torch.optim.Optimizer]:
+        """One optimizer per model chunk (ZeroRedundancyOptimizer under ZeRO-1). Per chunk, so that a checkpoint
+        can name each optimizer's state by the parameter names of its own chunk (executor/train_state.py)."""
         dp_group = self.mesh["dp"].get_group()
-        return make_optimizer(self.parameters(), self.plan.zero_stage, dp_group, optimizer_class, **kwargs)
+        return [
+            make_optimizer(chunk.parameters(), self.plan.zero_stage, dp_group, optimizer_class, **kwargs)
+            for chunk in self.chunks
+        ]
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward over this rank's rows of the global batch [B, s]; the global-batch mean loss.

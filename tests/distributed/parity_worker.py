@@ -86,13 +86,15 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     mesh = build_mesh(plan, "cpu")
     model = build_model(spec, seed=0)
     applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
-    optimizer = applied.make_optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    optimizers = applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
     losses, norms = [], []
     for tokens, targets in batches(spec):
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
         norms.append(applied.clip_grad_norm_(MAX_GRAD_NORM))
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
     local_params = [None] * dist.get_world_size()
     dist.all_gather_object(local_params, sum(_local_numel(p) for p in applied.parameters()))
     dist.destroy_process_group()

@@ -1,0 +1,240 @@
+"""The training entry point, run on every rank by torchrun: `python -m executor.train --run-file OUT/run.json`.
+
+Each rank builds the same full model from the request's ModelSpec (same seed), takes its share of the plan
+(`executor.apply.apply_plan`), and trains for `config.steps` optimizer steps on global batches that are the same
+whatever the plan (`executor.data`). Rank 0 appends one JSON line per step to `OUT/metrics.jsonl` and prints it
+after `STEP_MARKER`. Checkpoints go to `OUT/checkpoints/` (`executor.train_state`); `--resume` continues from
+the newest complete one and reproduces the losses an uninterrupted run would have had.
+
+SIGTERM (from torchrun, Slurm preemption or `paraplan train` on Ctrl-C) stops the run cleanly: the ranks agree
+to stop after the step in flight, save a checkpoint, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from executor import train_state
+from executor.apply import AppliedPlan, apply_plan
+from executor.config import RunDir, TrainConfig, TrainRun, step_line
+from executor.data import batches
+from executor.mesh import build_mesh
+from executor.models import build_model
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32 whatever the compute dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class StopRequest:
+    """Set by SIGTERM; the ranks act on it together (see `Trainer._agree`), never inside the handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+@dataclass
+class Trainer:
+    run: TrainRun
+    run_dir: RunDir
+    applied: AppliedPlan
+    optimizers: list[torch.optim.Optimizer]
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]
+    stop: StopRequest
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.run.config
+
+    @property
+    def is_rank0(self) -> bool:
+        return dist.get_rank() == 0
+
+    def train(self, first_step: int) -> int:
+        """Steps first_step + 1 .. config.steps; returns the last step done (earlier on SIGTERM)."""
+        training = self.run.request.training
+        data = batches(
+            vocab_size=self.run.request.model.vocab_size,
+            seq_len=training.seq_len,
+            global_batch=training.global_batch_size,
+            seed=self.config.seed,
+            data=self.config.data,
+            first_step=first_step,
+        )
+        step = first_step
+        for step in range(first_step + 1, self.config.steps + 1):
+            batch = next(data)
+            started = time.perf_counter()
+            loss, grad_norm = self._step(step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
+            step_time_s = time.perf_counter() - started
+            stop, peak_bytes = self._agree()
+            self._record(step, loss, grad_norm, step_time_s, peak_bytes)
+            if self._checkpoint_due(step) or stop:
+                self.save(step)
+            if stop:
+                break
+        return step
+
+    def _step(self, step: int, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, float | None]:
+        lr = self.config.learning_rate(step)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        with self.autocast():
+            loss = self.applied.step(tokens, targets)
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = self.applied.clip_grad_norm_(self.config.max_grad_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss, grad_norm
+
+    def _agree(self) -> tuple[bool, int]:
+        """One small all-reduce per step: did any rank get SIGTERM, and the peak memory over all ranks."""
+        flags = torch.tensor([int(self.stop.requested), peak_memory_bytes(self.device)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), int(flags[1].item())
+
+    def _record(self, step: int, loss: float, grad_norm: float | None, step_time_s: float, peak_bytes: int) -> None:
+        if not self.is_rank0:
+            return
+        training = self.run.request.training
+        record_ = {
+            "step": step,
+            "loss": loss,
+            "step_time_s": step_time_s,
+            "tokens_per_s": training.global_batch_size * training.seq_len / step_time_s,
+            "peak_memory_bytes": peak_bytes,
+            "lr": self.config.learning_rate(step),
+            "grad_norm": grad_norm,
+        }
+        with self.run_dir.metrics_file.open("a") as metrics:
+            metrics.write(json.dumps(record_) + "\n")
+        print(step_line(record_), flush=True)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return step == self.config.steps or (every > 0 and step % every == 0)
+
+    def save(self, step: int) -> None:
+        train_state.save(self.run_dir.checkpoint_dir(step), step, self.applied.chunks, self.optimizers)
+        if self.is_rank0:
+            self.run_dir.prune_checkpoints(self.config.keep_checkpoints)
+            print(f"paraplan: checkpoint saved at step {step}", flush=True)
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint; the step it was taken at (0 when there is none)."""
+        latest = self.run_dir.latest_checkpoint()
+        step = 0
+        if latest is not None:
+            step, folder = latest
+            train_state.load(folder, self.applied.chunks, self.optimizers)
+        dist.barrier()  # rank 0 rewrites the metrics file only once every rank has found the same checkpoint
+        if self.is_rank0:
+            self.run_dir.truncate_metrics(step)  # the steps after it are trained again
+            print(f"paraplan: resuming after step {step}", flush=True)
+        return step
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the caching allocator's peak allocated bytes. CPU: the process's peak resident set (Linux reports
+    ru_maxrss in KiB), which includes the Python interpreter and torch itself."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"--device cuda: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _autocast(run: TrainRun, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """Mixed precision on GPU at the request's precision (fp32 master weights and optimizer state); on CPU
+    everything runs in fp32, whatever the request says."""
+    dtype = _AUTOCAST_DTYPES.get(run.request.training.precision)
+    if device.type != "cuda" or dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _optimizers(run: TrainRun, applied: AppliedPlan) -> list[torch.optim.Optimizer]:
+    config = run.config
+    if run.request.training.optimizer == "sgd":
+        return applied.make_optimizers(torch.optim.SGD, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return applied.make_optimizers(torch.optim.AdamW, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_trainer(run: TrainRun, run_dir: RunDir, stop: StopRequest) -> Trainer:
+    device = _device(run.config)
+    plan = run.request.plan
+    mesh = build_mesh(plan, device.type)
+    model = build_model(run.request.model, device=device, seed=run.config.seed)
+    applied = apply_plan(model, plan, mesh, training=run.request.training, loss_fn=loss_fn, device=device)
+    return Trainer(run, run_dir, applied, _optimizers(run, applied), device, _autocast(run, device), stop)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m executor.train", description=__doc__)
+    parser.add_argument("--run-file", type=Path, required=True, help="run.json written by `paraplan train`")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    return parser.parse_args(argv)
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    stop = StopRequest()  # before the process group: a SIGTERM during start-up must not kill the rank mid-way
+    run_dir = RunDir(args.run_file.parent)
+    run = run_dir.read_run()
+    device_type = run.config.device
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    trainer = build_trainer(run, run_dir, stop)
+    first_step = trainer.resume() if args.resume else 0
+    last_step = trainer.train(first_step)
+    if trainer.is_rank0 and stop.requested:
+        print(f"paraplan: stopped by SIGTERM after step {last_step}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    # Leave without interpreter finalization: with torch 2.13 + gloo a gloo worker thread can still be releasing
+    # a finished collective's tensors when Python finalizes, and the rank then aborts (SIGABRT) after all its
+    # work is done (tests/distributed/parity_worker.py has the details). Everything is written and flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
