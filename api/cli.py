@@ -5,7 +5,7 @@ only typer and rich at the top; the planner (pydantic, numpy, networkx) is impor
 use it, and torch / FastAPI never.
 
 Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input or an invalid plan,
-2 `paraplan plan` found nothing that fits.
+2 `paraplan plan` found nothing that fits; `paraplan train` adds 3 (a rank failed) and 130 (stopped).
 """
 
 from __future__ import annotations
@@ -286,6 +286,14 @@ def error_payload(exc: ValueError) -> dict[str, Any]:
                 "violations": details["violations"]}  # fmt: skip
     if isinstance(exc, UnknownPresetError):
         return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}
+    from executor.launch import LaunchError
+    from executor.prepare import RunRefused
+
+    if isinstance(exc, RunRefused):
+        violations = [{"field": v.field, "code": v.code, "message": v.message} for v in exc.violations]
+        return {"kind": "run_refused", "message": "cannot start this training run", "violations": violations}
+    if isinstance(exc, LaunchError):
+        return {"kind": "bad_input", "message": str(exc)}
     if isinstance(exc, ValidationError):
         return _validation_payload(exc)
     raise exc
@@ -805,6 +813,141 @@ def catalog_gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
             f"{gpu.inter_node.bandwidth_GBps:g} ({gpu.inter_node.name})",
         )
     _console().print(table)
+
+
+# ============================================================================================= train
+
+# Options `train` and `launch-script` share: what to run, where, and its hyperparameters.
+StepsOption = Annotated[int, typer.Option("--steps", help="Optimizer steps to reach (a resumed run counts on).")]
+OutOption = Annotated[Path, typer.Option("--out", help="The run's folder: run.json, metrics.jsonl, checkpoints, logs.")]
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help="A text file, trained on as bytes (default: synthetic tokens).")
+]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")]
+CheckpointEveryOption = Annotated[
+    int, typer.Option("--checkpoint-every", help="Save every N steps (0: at the end and when stopped).")
+]
+LrOption = Annotated[float, typer.Option("--lr", help="Peak learning rate (warm-up, then cosine).")]
+WarmupOption = Annotated[int | None, typer.Option("--warmup-steps", help="Warm-up steps (default 10% of --steps).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Model initialisation and data order.")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="cpu (gloo, fp32) or cuda (NCCL, at the request's precision).")
+]
+
+
+def _train_config(**fields: Any) -> Any:
+    from executor.config import TrainConfig
+
+    return TrainConfig(**{name: value for name, value in fields.items() if value is not None})
+
+
+def _prepare(request: Path, out: Path, nproc: int | None, resume: bool, **config: Any) -> Any:
+    """The checked run written to `out`, or None after printing why it cannot start."""
+    from executor.prepare import prepare_run
+
+    try:
+        return prepare_run(read_json_object(request), _train_config(**config), out, nproc=nproc, resume=resume)
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json=False)
+        return None
+
+
+@app.command()
+def train(
+    request: Annotated[Path, typer.Argument(help="A contract request with its `plan` (.json).")],
+    steps: StepsOption,
+    out: OutOption,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Processes (default: the plan's GPU count).")] = None,
+    data: DataOption = None,
+    resume: ResumeOption = False,
+    checkpoint_every: CheckpointEveryOption = 0,
+    lr: LrOption = 3e-4,
+    warmup_steps: WarmupOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Train the request's model under its plan on this machine (torchrun, one process per GPU or CPU rank).
+
+    Exit 0 when every step ran, 1 on bad input (nothing started), 3 when a rank failed, 130 when stopped with
+    Ctrl-C (after a checkpoint: continue with --resume)."""
+    from api.training import exit_code, print_outcome, run_training
+    from executor.config import RunDir
+
+    config = dict(steps=steps, data=data, checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps,
+                  seed=seed, device=device)  # fmt: skip
+    run = _prepare(request, out, nproc, resume, **config)
+    if run is None:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    console = _console()
+    console.print(_header(run.request), highlight=False)
+    result = run_training(run, RunDir(out), run.request.plan.num_gpus, resume, console)
+    print_outcome(console, RunDir(out), result)
+    raise typer.Exit(exit_code(result))
+
+
+@app.command("launch-script")
+def launch_script(
+    request: Annotated[Path, typer.Argument(help="A contract request with its `plan` (.json).")],
+    steps: StepsOption,
+    out: Annotated[Path, typer.Option("--out", help="The run's folder, on a file system every node shares.")],
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes.")] = 1,
+    nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", help="Processes per node.")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option("--rdzv-endpoint", help="host:port of the c10d rendezvous (on node 0).")
+    ] = None,
+    sbatch: Annotated[bool, typer.Option("--sbatch", help="Write a Slurm batch script instead.")] = False,
+    submit: Annotated[bool, typer.Option("--submit", help="With --sbatch: submit it with sbatch.")] = False,
+    job_name: Annotated[str, typer.Option("--job-name", help="Slurm job name.")] = "paraplan",
+    time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit.")] = "01:00:00",
+    partition: Annotated[str | None, typer.Option("--partition", help="Slurm partition.")] = None,
+    data: DataOption = None,
+    resume: ResumeOption = False,
+    checkpoint_every: CheckpointEveryOption = 0,
+    lr: LrOption = 3e-4,
+    warmup_steps: WarmupOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cuda",
+) -> None:
+    """Write the run to --out and print the torchrun command for each node (or a Slurm batch script)."""
+    from api.training import launch_script_text, worker_args
+    from executor import launch
+    from executor.config import RunDir
+
+    config = dict(steps=steps, data=data, checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps,
+                  seed=seed, device=device)  # fmt: skip
+    per_node = nproc_per_node
+    try:
+        if submit and not sbatch:
+            raise CliInputError("--submit needs --sbatch")
+        if per_node is None:
+            per_node = _gpus_per_node(request)
+        spec = launch.LaunchSpec(nproc_per_node=per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                                 args=worker_args(RunDir(out), resume))  # fmt: skip
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    run = _prepare(request, out, nnodes * per_node, resume, **config)
+    if run is None:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    slurm = {"job_name": job_name, "time_limit": time_limit, "partition": partition} if sbatch else None
+    try:
+        text = launch_script_text(RunDir(out), spec, slurm)
+        if submit:
+            typer.echo(f"submitted batch job {launch.submit_sbatch(text, out)}")
+            return
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    typer.echo(text, nl=False)
+
+
+def _gpus_per_node(request: Path) -> int:
+    """The request's cluster.gpus_per_node: the default process count per node."""
+    cluster = read_json_object(request).get("cluster")
+    value = cluster.get("gpus_per_node") if isinstance(cluster, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CliInputError("give --nproc-per-node, or cluster.gpus_per_node in the request")
+    return value
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.errors import Violation
+
 BYTE_VOCAB = 256  # the byte-level tokenizer's vocabulary: one token per byte value
 SHIPPED_TEXT = Path(__file__).parent / "texts" / "founding.txt"
 
@@ -52,15 +54,37 @@ def decode_bytes(tokens: np.ndarray) -> str:
     return bytes(np.asarray(tokens, dtype=np.uint8)).decode("utf-8", errors="replace")
 
 
-def read_corpus(path: Path, seq_len: int) -> np.ndarray:
-    """A text file as byte tokens, refusing files too short to hold one training window."""
+def text_data_violations(path: Path, vocab_size: int, seq_len: int) -> list[Violation]:
+    """Why a text file cannot feed this model (empty list: it can): it must exist, hold one training window
+    of seq_len + 1 bytes, and every byte value must be a token of the model's vocabulary."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    tokens = encode_bytes(path.read_bytes())
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"data file {path} has {len(tokens)} bytes; one window of seq_len + 1 = {seq_len + 1} needed")
-    return tokens
+        return [Violation("data", "data_missing", f"data file {path} does not exist or is not a file")]
+    problems = []
+    if vocab_size < BYTE_VOCAB:
+        problems.append(
+            Violation(
+                "model.vocab_size",
+                "vocab_too_small_for_bytes",
+                f"a text file is read as bytes ({BYTE_VOCAB} token values); the model's vocab_size is {vocab_size}",
+            )
+        )
+    size = path.stat().st_size
+    if size < seq_len + 1:
+        problems.append(
+            Violation(
+                "data", "data_too_short", f"data file {path} has {size} bytes; seq_len + 1 = {seq_len + 1} needed"
+            )
+        )
+    return problems
+
+
+def read_corpus(path: Path, vocab_size: int, seq_len: int) -> np.ndarray:
+    """A text file as byte tokens; ValueError naming every reason it cannot feed the model."""
+    problems = text_data_violations(path, vocab_size, seq_len)
+    if problems:
+        raise ValueError("; ".join(str(problem) for problem in problems))
+    return encode_bytes(Path(path).read_bytes())
 
 
 def text_batch(corpus: np.ndarray, seq_len: int, global_batch: int, seed: int, step: int) -> Batch:
@@ -74,9 +98,7 @@ def batches(
     *, vocab_size: int, seq_len: int, global_batch: int, seed: int, data: Path | None = None, first_step: int = 0
 ) -> Iterator[Batch]:
     """Global batches from `first_step` on: synthetic without `data`, else windows of the byte-tokenized file."""
-    if data is not None and vocab_size < BYTE_VOCAB:
-        raise ValueError(f"a text file needs vocab_size >= {BYTE_VOCAB} (byte tokens); the model has {vocab_size}")
-    corpus = read_corpus(data, seq_len) if data is not None else None
+    corpus = read_corpus(data, vocab_size, seq_len) if data is not None else None
     step = first_step
     while True:
         if corpus is None:

@@ -7,7 +7,15 @@ import itertools
 import numpy as np
 import pytest
 
-from executor.data import SHIPPED_TEXT, batches, decode_bytes, encode_bytes, read_corpus, synthetic_batch
+from executor.data import (
+    SHIPPED_TEXT,
+    batches,
+    decode_bytes,
+    encode_bytes,
+    read_corpus,
+    synthetic_batch,
+    text_data_violations,
+)
 
 
 def take(iterator, n):
@@ -41,7 +49,7 @@ def test_data_parallel_ranks_split_the_same_global_batch():
 
 
 def test_shipped_text_windows_are_byte_tokens_of_the_file():
-    corpus = read_corpus(SHIPPED_TEXT, seq_len=64)
+    corpus = read_corpus(SHIPPED_TEXT, vocab_size=256, seq_len=64)
     batch = take(batches(vocab_size=256, seq_len=64, global_batch=4, seed=0, data=SHIPPED_TEXT), 1)[0]
     assert batch.tokens.shape == (4, 64)
     text = SHIPPED_TEXT.read_text()
@@ -52,11 +60,16 @@ def test_shipped_text_windows_are_byte_tokens_of_the_file():
 
 
 def test_missing_short_and_unusable_data_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_corpus(tmp_path / "nope.txt", seq_len=8)
+    with pytest.raises(ValueError, match="data: data file .*nope.txt does not exist"):
+        read_corpus(tmp_path / "nope.txt", vocab_size=256, seq_len=8)
     short = tmp_path / "short.txt"
     short.write_text("abc")
-    with pytest.raises(ValueError, match="has 3 bytes"):
-        read_corpus(short, seq_len=8)
-    with pytest.raises(ValueError, match="vocab_size >= 256"):
+    with pytest.raises(ValueError, match="has 3 bytes; seq_len \\+ 1 = 9 needed"):
+        read_corpus(short, vocab_size=256, seq_len=8)
+    with pytest.raises(ValueError, match="model.vocab_size: .* vocab_size is 128"):
         next(batches(vocab_size=128, seq_len=8, global_batch=2, seed=0, data=SHIPPED_TEXT))
+    both = text_data_violations(short, vocab_size=128, seq_len=8)
+    assert [(v.field, v.code) for v in both] == [
+        ("model.vocab_size", "vocab_too_small_for_bytes"),
+        ("data", "data_too_short"),
+    ]

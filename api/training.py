@@ -1,0 +1,176 @@
+"""`paraplan train` and `paraplan launch-script`: check a run, launch it under torchrun, show its progress.
+
+No torch here: the run is checked by `executor.prepare` and launched by `executor.launch`; the workers import
+torch. Progress comes from the metrics line rank 0 prints after each step (`executor.config.parse_step_line`).
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from executor import launch
+from executor.config import RunDir, TrainRun, parse_step_line
+
+EXIT_RUN_FAILED = 3  # a rank failed; the run's logs say why
+EXIT_STOPPED = 130  # stopped by Ctrl-C / SIGTERM after a checkpoint (the shell's code for an interrupt)
+GRACE_S = 60.0
+"""How long a stopping run may take to finish its step and save a checkpoint before it is killed."""
+
+
+def worker_args(run_dir: RunDir, resume: bool) -> tuple[str, ...]:
+    return ("--run-file", str(run_dir.run_file.resolve()), *(("--resume",) if resume else ()))
+
+
+def local_spec(run_dir: RunDir, nproc: int, resume: bool) -> launch.LaunchSpec:
+    return launch.LaunchSpec(nproc_per_node=nproc, args=worker_args(run_dir, resume), log_dir=run_dir.logs)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished (or stopped) run measured, from its metrics file."""
+
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    median_step_time_s: float | None
+    median_tokens_per_s: float | None
+    peak_memory_bytes: int | None
+
+    @classmethod
+    def of(cls, records: list[dict[str, Any]]) -> Summary:
+        if not records:
+            return cls(0, None, None, None, None, None)
+        # The first step pays for lazy initialisation (allocator warm-up, optimizer state): leave it out of the
+        # steady-state figures when there is anything else to go on.
+        steady = records[1:] or records
+        return cls(
+            steps=records[-1]["step"],
+            first_loss=records[0]["loss"],
+            last_loss=records[-1]["loss"],
+            median_step_time_s=statistics.median(r["step_time_s"] for r in steady),
+            median_tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+            peak_memory_bytes=max(r["peak_memory_bytes"] for r in records),
+        )
+
+
+@contextmanager
+def _stop_on_interrupt(cancel: threading.Event) -> Iterator[None]:
+    """Ctrl-C or SIGTERM asks the run to stop (it saves a checkpoint first) instead of killing this process
+    and leaving the workers, which run in their own session, behind."""
+    handler: Callable[[int, Any], None] = lambda signum, frame: cancel.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tokens_per_s]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _line_handler(progress: Progress, task: Any) -> Callable[[str], None]:
+    def on_line(line: str) -> None:
+        record = parse_step_line(line)
+        if record is not None:
+            progress.update(
+                task,
+                completed=record["step"],
+                loss=f"{record['loss']:.4f}",
+                tokens_per_s=f"{record['tokens_per_s']:,.0f}",
+            )
+        elif "paraplan: " in line:  # checkpoints, resume and stop notices from rank 0
+            progress.console.print(line.partition("paraplan: ")[2], style="dim")
+
+    return on_line
+
+
+def run_training(run: TrainRun, run_dir: RunDir, nproc: int, resume: bool, console: Console) -> launch.RunResult:
+    """Launch the run locally and show its progress until it ends (or is stopped with Ctrl-C)."""
+    latest = run_dir.latest_checkpoint() if resume else None
+    first_step = latest[0] if latest else 0
+    cancel = threading.Event()
+    with _progress(console) as progress, _stop_on_interrupt(cancel):
+        task = progress.add_task("train", total=run.config.steps, completed=first_step, loss="-", tokens_per_s="-")
+        return launch.run(
+            local_spec(run_dir, nproc, resume),
+            on_line=_line_handler(progress, task),
+            cancel=cancel,
+            grace_s=GRACE_S,
+        )
+
+
+def exit_code(result: launch.RunResult) -> int:
+    if result.cancelled:
+        return EXIT_STOPPED
+    return 0 if result.ok else EXIT_RUN_FAILED
+
+
+def print_outcome(console: Console, run_dir: RunDir, result: launch.RunResult) -> None:
+    summary = Summary.of(run_dir.read_metrics())
+    console.print(summary_table(summary))
+    if result.cancelled:
+        latest = run_dir.latest_checkpoint()
+        where = f"checkpoint at step {latest[0]}" if latest else "no checkpoint"
+        console.print(f"stopped ({where}); continue with the same command and --resume")
+    elif not result.ok:
+        console.print(failure_text(result), style="red", markup=False, highlight=False)
+    console.print(f"metrics: {run_dir.metrics_file}   logs: {result.run_log_dir or run_dir.logs}")
+
+
+def summary_table(summary: Summary) -> Table:
+    table = Table(title="training run", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("steps done", str(summary.steps))
+    table.add_row("loss first -> last", f"{_fmt(summary.first_loss, '.4f')} -> {_fmt(summary.last_loss, '.4f')}")
+    table.add_row("median step time", _fmt(summary.median_step_time_s, ".4f", " s"))
+    table.add_row("median tokens/s", _fmt(summary.median_tokens_per_s, ",.0f"))
+    peak = None if summary.peak_memory_bytes is None else summary.peak_memory_bytes / 2**30
+    table.add_row("peak memory (max over ranks)", _fmt(peak, ".2f", " GiB"))
+    return table
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def failure_text(result: launch.RunResult) -> str:
+    """Which rank failed first and why, with the tail of its error output."""
+    cause = result.root_cause
+    if cause is None:
+        return f"training failed: torchrun exited with {result.returncode}; see the logs"
+    lines = [f"training failed: rank {cause.rank} exited with {cause.exitcode}: {cause.message or '(no message)'}"]
+    others = [failed.rank for failed in result.failed_ranks if failed is not cause]
+    if others:
+        lines.append(f"also stopped or failed: ranks {', '.join(map(str, others))}")
+    return "\n".join(lines)
+
+
+def launch_script_text(run_dir: RunDir, spec: launch.LaunchSpec, sbatch: dict[str, Any] | None) -> str:
+    """The per-node torchrun lines, or a Slurm batch script, for a run already written to `run_dir`."""
+    if sbatch is not None:
+        return launch.sbatch_script(spec, **sbatch)
+    commands = launch.per_node_commands(spec)
+    return "".join(f"# node {rank} of {spec.nnodes}:\n{command}\n" for rank, command in enumerate(commands))
