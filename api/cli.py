@@ -11,6 +11,7 @@ Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -909,7 +910,7 @@ def launch_script(
     device: DeviceOption = "cuda",
 ) -> None:
     """Write the run to --out and print the torchrun command for each node (or a Slurm batch script)."""
-    from api.training import launch_script_text, worker_args
+    from api.training import EXIT_RUN_FAILED, launch_script_text, worker_args
     from executor import launch
     from executor.config import RunDir
 
@@ -926,19 +927,24 @@ def launch_script(
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    run = _prepare(request, out, nnodes * per_node, resume, **config)
-    if run is None:
-        raise typer.Exit(EXIT_BAD_INPUT)
     slurm = {"job_name": job_name, "time_limit": time_limit, "partition": partition} if sbatch else None
-    try:
+    try:  # everything that can be refused is checked before run.json is written
         text = launch_script_text(RunDir(out), spec, slurm)
-        if submit:
-            typer.echo(f"submitted batch job {launch.submit_sbatch(text, out)}")
-            return
+        if submit and shutil.which("sbatch") is None:
+            raise CliInputError("--submit: Slurm's sbatch is not on PATH; drop --submit to print the script")
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    typer.echo(text, nl=False)
+    if _prepare(request, out, nnodes * per_node, resume, **config) is None:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if not submit:
+        typer.echo(text, nl=False)
+        return
+    try:
+        typer.echo(f"submitted batch job {launch.submit_sbatch(text, out)}")
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json=False)
+        raise typer.Exit(EXIT_RUN_FAILED) from None
 
 
 def _gpus_per_node(request: Path) -> int:

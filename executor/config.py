@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from planner.request import EstimateRequest
 
@@ -47,11 +47,13 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
     device: Literal["cpu", "cuda"] = "cpu"
 
-    @model_validator(mode="after")
-    def _warmup_within_run(self) -> TrainConfig:
-        if self.warmup_steps is not None and self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
-        return self
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_run(cls, warmup_steps: int | None, info: ValidationInfo) -> int | None:
+        steps = info.data.get("steps")  # absent when `steps` itself failed validation
+        if warmup_steps is not None and steps is not None and warmup_steps > steps:
+            raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed steps ({steps})")
+        return warmup_steps
 
     @property
     def warmup(self) -> int:
@@ -63,7 +65,7 @@ class TrainConfig(BaseModel):
         `lr * min_lr_ratio` at the last step (Loshchilov & Hutter, SGDR, ICLR 2017, eq. 5). A pure function of
         the step, so a resumed run continues on the same curve with no scheduler state to restore."""
         if step <= self.warmup:
-            return self.lr * step / self.warmup
+            return self.lr * (step / self.warmup)  # exactly lr at step == warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
