@@ -97,8 +97,6 @@ def _validate(spec: LaunchSpec) -> None:
         _require_int("node_rank", spec.node_rank, 0)
         if spec.node_rank >= spec.nnodes:
             raise LaunchError(f"node_rank must be in [0, nnodes={spec.nnodes}), got {spec.node_rank}")
-    if spec.nnodes > 1 and spec.rdzv_endpoint is None:
-        raise LaunchError(f"rdzv_endpoint (host:port) is required when nnodes={spec.nnodes} > 1")
     if spec.rdzv_endpoint is not None:
         _validate_endpoint(spec.rdzv_endpoint)
     if not _RDZV_ID.fullmatch(spec.rdzv_id):
@@ -130,6 +128,8 @@ def _rendezvous_flags(spec: LaunchSpec) -> list[str]:
     """``--standalone`` for a local job without an endpoint, else c10d rendezvous at ``rdzv_endpoint``."""
     if spec.nnodes == 1 and spec.rdzv_endpoint is None:
         return ["--standalone", "--nnodes=1"]
+    if spec.rdzv_endpoint is None:  # a Slurm script finds its first node by itself (sbatch_script)
+        raise LaunchError(f"rdzv_endpoint (host:port) is required when nnodes={spec.nnodes} > 1")
     flags = [f"--nnodes={spec.nnodes}"]
     if spec.node_rank is not None:
         flags.append(f"--node-rank={spec.node_rank}")

@@ -107,6 +107,14 @@ def test_multi_node_command_uses_c10d_rendezvous():
     assert "--standalone" not in command
 
 
+def test_a_multi_node_command_needs_a_rendezvous_endpoint():
+    spec = LaunchSpec(nproc_per_node=2, nnodes=2)
+    with pytest.raises(LaunchError, match="rdzv_endpoint"):
+        torchrun_command(spec)
+    with pytest.raises(LaunchError, match="rdzv_endpoint"):
+        per_node_commands(spec)
+
+
 def test_per_node_commands_cover_every_node_and_quote_arguments():
     tricky = ("--name", "it's a run", "--glob", "*.pt")
     spec = LaunchSpec(nproc_per_node=2, nnodes=3, rdzv_endpoint="[::1]:29400", args=tricky)
@@ -124,7 +132,6 @@ def test_per_node_commands_cover_every_node_and_quote_arguments():
     [
         ({"nproc_per_node": 0}, "nproc_per_node"),
         ({"nproc_per_node": 2, "nnodes": 0}, "nnodes"),
-        ({"nproc_per_node": 2, "nnodes": 2}, "rdzv_endpoint"),
         ({"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "node0"}, "rdzv_endpoint"),
         ({"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "node0:http"}, "rdzv_endpoint"),
         ({"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "n:1", "node_rank": 2}, "node_rank"),
@@ -144,7 +151,7 @@ def test_bad_specs_are_rejected_naming_the_field(fields, named):
 
 
 def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
-    spec = LaunchSpec(nproc_per_node=8, nnodes=4, rdzv_endpoint="unused:1", args=("--plan", "my plan.json"))
+    spec = LaunchSpec(nproc_per_node=8, nnodes=4, args=("--plan", "my plan.json"))  # Slurm finds the endpoint
     script = sbatch_script(spec, "llama", time_limit="02:00:00", partition="gpu", extra_sbatch=("--exclusive",))
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
