@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,24 @@ def test_a_rank_killed_mid_run_is_reported_as_that_rank_and_its_peer_is_stopped(
     assert (result.root_cause.rank, result.root_cause.exitcode) == (1, -signal.SIGKILL), result.failed_ranks
     assert time.monotonic() - started < 60  # the surviving rank is stopped, not left waiting in a collective
     assert_nothing_left(run_dir)
+
+
+@pytest.mark.gpu
+def test_one_gpu_trains_in_bf16_and_reports_cuda_memory(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    request = tiny_request({"dp": 1}, hidden=128, seq_len=128)
+    request["training"]["precision"] = "bf16"
+    request["cluster"]["gpus_per_node"] = 1
+    run_dir = RunDir(tmp_path / "run")
+    prepare_run(request, TrainConfig(steps=20, lr=3e-3, device="cuda"), run_dir.root, nproc=1)
+    result = launch.run(replace(spec_for(run_dir), nproc_per_node=1), timeout_s=LAUNCH_TIMEOUT_S)
+    assert result.ok, _logs(result)
+    records = run_dir.read_metrics()
+    assert len(records) == 20
+    assert records[-1]["loss"] < records[0]["loss"]
+    # CUDA max allocated: the fp32 weights, grads and AdamW state of 1.4M parameters and the activations,
+    # far below a process's resident set.
+    assert 10 * 2**20 < records[-1]["peak_memory_bytes"] < 2 * 2**30
