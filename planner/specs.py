@@ -438,3 +438,102 @@ class StepEstimate(Frozen):
     sources: dict[str, str]
     why_not_fits: list[str] = []
     assumptions: list[str] = []
+
+
+# ------------------------------------------------------------------------------------- hardware profile
+
+PROFILE_SCHEMA_VERSION = 1
+"""Bumped whenever a HardwareProfile field changes meaning; a profile of another version is refused, not guessed."""
+
+CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
+LinkTier = Literal["intra_node", "inter_node"]
+LayerKind = Literal["block", "embedding", "head"]
+
+
+class TimingStats(Frozen):
+    """Repeated timings of one measurement: the median and how far the repeats spread around it."""
+
+    median_s: Annotated[float, Field(ge=0)]
+    spread: Annotated[float, Field(ge=0)]  # (p90 - p10) / median over the repeats
+    repeats: PositiveInt
+    unstable: bool = False  # spread above the profiler's threshold: the median is not to be trusted alone
+
+
+class LayerMeasurement(Frozen):
+    """One layer at one shape, dtype and recompute mode, as one device runs it under tensor parallelism `tp`
+    (its weights sharded as tp would shard them). `backward` includes the recomputation the mode implies."""
+
+    layer: LayerKind
+    tp: PositiveInt = 1
+    micro_batch_size: PositiveInt
+    seq_len: PositiveInt
+    dtype: Precision
+    recompute: Recompute = "none"
+    forward: TimingStats
+    backward: TimingStats
+    saved_bytes: Annotated[int, Field(ge=0)]  # what the forward keeps for backward (saved-tensor hooks)
+    peak_allocated_bytes: int | None = None  # CUDA only: allocator peak over forward + backward
+
+
+class OptimizerMeasurement(Frozen):
+    """One optimizer step over `num_params` parameters (fp32 master weights and state)."""
+
+    optimizer: Optimizer
+    num_params: PositiveInt
+    time: TimingStats
+
+
+class CollectiveMeasurement(Frozen):
+    """One collective at one message size on a group of `group_size` ranks over one link tier.
+    algbw = size / time; busbw = algbw x the nccl-tests factor of the op (nccl-tests doc/PERFORMANCE.md)."""
+
+    op: CollectiveOp
+    tier: LinkTier
+    group_size: Annotated[int, Field(ge=2)]
+    size_bytes: PositiveInt
+    time: TimingStats
+    algbw_GBps: Annotated[float, Field(ge=0)]
+    busbw_GBps: Annotated[float, Field(ge=0)]
+
+
+class CollectiveFit(Frozen):
+    """time(size) = latency_s + size x busbw_factor(op, n) / (bandwidth_GBps x 1e9): the alpha-beta model
+    (Hockney 1994; Thakur et al. 2005) fitted to the measurements of one op, tier and group size."""
+
+    op: CollectiveOp
+    tier: LinkTier
+    group_size: Annotated[int, Field(ge=2)]
+    latency_s: Annotated[float, Field(ge=0)]
+    bandwidth_GBps: Annotated[float, Field(gt=0)]  # bus bandwidth
+    r2: float  # of the fitted times against the measured ones
+    max_rel_error: Annotated[float, Field(ge=0)]
+    num_samples: PositiveInt
+
+
+class HardwareProfile(Frozen):
+    """What the profiler measured on one machine type: versioned, with the software it was measured under."""
+
+    schema_version: int = PROFILE_SCHEMA_VERSION
+    device_kind: Literal["cpu", "cuda"]
+    device_name: str
+    device_count: PositiveInt = 1
+    hosts: list[str] = []
+    torch_version: str
+    cuda_version: str | None = None
+    nccl_version: str | None = None
+    created: str  # ISO 8601, UTC
+    settings: dict[str, Any] = {}
+    model: ModelSpec | None = None  # the model whose layers were measured
+    layers: list[LayerMeasurement] = []
+    optimizer: list[OptimizerMeasurement] = []
+    collectives: list[CollectiveMeasurement] = []
+    collective_fits: list[CollectiveFit] = []
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != PROFILE_SCHEMA_VERSION:
+            raise ValueError(
+                f"profile schema version {value} is not this paraplan's ({PROFILE_SCHEMA_VERSION}); measure again"
+            )
+        return value
