@@ -490,6 +490,9 @@ class CollectiveMeasurement(Frozen):
     op: CollectiveOp
     tier: LinkTier
     group_size: Annotated[int, Field(ge=2)]
+    # nccl-tests' convention (doc/PERFORMANCE.md), as planner/cost/comm.py's total_bytes: all_reduce the buffer,
+    # all_gather the gathered output, reduce_scatter each rank's input, all_to_all the send buffer, send_recv
+    # one message.
     size_bytes: PositiveInt
     time: TimingStats
     algbw_GBps: Annotated[float, Field(ge=0)]
@@ -505,7 +508,7 @@ class CollectiveFit(Frozen):
     group_size: Annotated[int, Field(ge=2)]
     latency_s: Annotated[float, Field(ge=0)]
     bandwidth_GBps: Annotated[float, Field(gt=0)]  # bus bandwidth
-    r2: float  # of the fitted times against the measured ones
+    r2: float  # of log(fitted time) against log(measured time): small messages count as much as large ones
     max_rel_error: Annotated[float, Field(ge=0)]
     num_samples: PositiveInt
 
