@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from planner.specs import PROFILE_SCHEMA_VERSION, CollectiveMeasurement, CollectiveOp, LinkTier
+from profiler.fit import busbw_factor
 from profiler.timing import stats, time_repeats
 
 if TYPE_CHECKING:
@@ -143,19 +144,6 @@ def sweep_command_args(
     if settings.backend is not None:
         args += ["--backend", settings.backend]
     return tuple(args)
-
-
-def busbw_factor(op: str, group_size: int) -> float:
-    """busbw / algbw for ``op`` on ``group_size`` ranks (nccl-tests doc/PERFORMANCE.md, "Summary")."""
-    n = group_size
-    factors = {
-        "all_reduce": 2 * (n - 1) / n,
-        "all_gather": (n - 1) / n,
-        "reduce_scatter": (n - 1) / n,
-        "all_to_all": (n - 1) / n,
-        "send_recv": 1.0,
-    }
-    return factors[op]
 
 
 def message_elements(op: str, size_bytes: int, group_size: int) -> int:
