@@ -126,7 +126,7 @@ class Trainer:
         if not self.is_rank0:
             return
         training = self.run.request.training
-        record_ = {
+        metrics = {
             "step": step,
             "loss": loss,
             "step_time_s": step_time_s,
@@ -135,9 +135,9 @@ class Trainer:
             "lr": self.config.learning_rate(step),
             "grad_norm": grad_norm,
         }
-        with self.run_dir.metrics_file.open("a") as metrics:
-            metrics.write(json.dumps(record_) + "\n")
-        print(step_line(record_), flush=True)
+        with self.run_dir.metrics_file.open("a") as file:
+            file.write(json.dumps(metrics) + "\n")
+        print(step_line(metrics), flush=True)
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.config.checkpoint_every
