@@ -133,7 +133,7 @@ RESUME_LAYOUTS = {
         "virtual_stages": 2,
         "micro_batch_size": 2,
     },  # fmt: skip
-    "tp2-sp-full-recompute": {"dp": 1, "tp": 2, "sequence_parallel": True, "recompute": "full"},
+    "dp2-zero3-full-recompute": {"dp": 2, "zero_stage": 3, "recompute": "full"},
 }
 
 
