@@ -173,13 +173,19 @@ def step_line(record: dict[str, Any]) -> str:
     return STEP_MARKER + json.dumps(record)
 
 
-def parse_step_line(line: str) -> dict[str, Any] | None:
-    """The metrics record in a worker's output line (torchrun may prefix it with `[default0]:`), else None."""
-    _, marker, payload = line.partition(STEP_MARKER)
-    if not marker:
+def parse_marked_line(line: str, marker: str) -> dict[str, Any] | None:
+    """The JSON object after `marker` in a worker's output line (torchrun may prefix it with `[default0]:`),
+    else None. Workers report progress this way: training steps here, profiling progress in profiler/."""
+    _, found, payload = line.partition(marker)
+    if not found:
         return None
     try:
         record = json.loads(payload)
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def parse_step_line(line: str) -> dict[str, Any] | None:
+    """The metrics record of a step line (`step_line`), else None."""
+    return parse_marked_line(line, STEP_MARKER)

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
+from executor.config import parse_marked_line
 from planner.specs import PROFILE_SCHEMA_VERSION, CollectiveMeasurement, CollectiveOp, LinkTier
 from profiler.fit import busbw_factor
 from profiler.timing import stats, time_repeats
@@ -159,15 +160,8 @@ def progress_line(record: dict[str, Any]) -> str:
 
 
 def parse_progress_line(line: str) -> dict[str, Any] | None:
-    """The progress record in a worker's output line (torchrun may prefix it with ``[default0]:``), else None."""
-    _, marker, payload = line.partition(PROGRESS_MARKER)
-    if not marker:
-        return None
-    try:
-        record = json.loads(payload)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+    """The progress record in a worker's output line, else None."""
+    return parse_marked_line(line, PROGRESS_MARKER)
 
 
 def read_result(path: str | Path) -> tuple[dict[str, Any], list[CollectiveMeasurement]]:

@@ -25,27 +25,10 @@ from executor import launch  # noqa: E402
 from executor.config import RunDir, TrainConfig, parse_step_line  # noqa: E402
 from executor.data import SHIPPED_TEXT  # noqa: E402
 from executor.prepare import prepare_run  # noqa: E402
+from tests.train_requests import tiny_train_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 120
-
-
-def tiny_request(plan: dict, hidden: int = 64, seq_len: int = 32) -> dict:
-    return {
-        "model": {
-            "num_layers": 4,
-            "hidden_size": hidden,
-            "num_attention_heads": 4,
-            "num_kv_heads": 2,
-            "ffn_hidden_size": 176 if hidden == 64 else 352,
-            "vocab_size": 256,
-            "mlp": "swiglu",
-            "norm": "rmsnorm",
-        },  # fmt: skip
-        "training": {"seq_len": seq_len, "global_batch_size": 8, "precision": "fp32", "optimizer": "adamw"},
-        "cluster": {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 2},
-        "plan": plan,
-    }
 
 
 def spec_for(run_dir: RunDir, resume: bool = False) -> launch.LaunchSpec:
@@ -105,7 +88,9 @@ def rank_pid(run_dir: RunDir, rank: int) -> int:
 def test_cli_trains_on_the_shipped_text_and_the_loss_falls(tmp_path):
     """`paraplan train` end to end (README's demo, smaller): metrics on every step, and the model learns."""
     request = tmp_path / "request.json"
-    request.write_text(__import__("json").dumps(tiny_request({"dp": 2, "zero_stage": 1}, hidden=128, seq_len=128)))
+    request.write_text(
+        __import__("json").dumps(tiny_train_request({"dp": 2, "zero_stage": 1}, hidden=128, seq_len=128))
+    )
     out = tmp_path / "run"
     command = [sys.executable, "-m", "api.cli", "train", str(request), "--steps", "30", "--out", str(out),
                "--data", str(SHIPPED_TEXT), "--lr", "3e-3"]  # fmt: skip
@@ -141,11 +126,11 @@ RESUME_LAYOUTS = {
 def test_a_run_killed_mid_way_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, plan):
     config = TrainConfig(steps=10, checkpoint_every=4, lr=3e-3)
     whole = RunDir(tmp_path / "whole")
-    prepare_run(tiny_request(plan), config, whole.root, nproc=2)
+    prepare_run(tiny_train_request(plan), config, whole.root, nproc=2)
     run_to_end(whole)
 
     broken = RunDir(tmp_path / "broken")
-    prepare_run(tiny_request(plan), config, broken.root, nproc=2)
+    prepare_run(tiny_train_request(plan), config, broken.root, nproc=2)
     process = launch.start(spec_for(broken))
     assert process.stdout is not None
     for line in process.stdout:  # SIGKILL everything, like a lost node, once step 5 is done
@@ -160,7 +145,7 @@ def test_a_run_killed_mid_way_resumes_with_the_losses_of_an_uninterrupted_one(tm
     resumed_from, _ = broken.latest_checkpoint()
     assert resumed_from in (4, 8)  # 4 unless steps 6-8 and their save finished before the kill landed
 
-    prepare_run(tiny_request(plan), config, broken.root, nproc=2, resume=True)
+    prepare_run(tiny_train_request(plan), config, broken.root, nproc=2, resume=True)
     run_to_end(broken, resume=True)
     assert [r["step"] for r in broken.read_metrics()] == list(range(1, 11))
     assert losses(broken) == pytest.approx(losses(whole), rel=0, abs=1e-6)
@@ -169,7 +154,7 @@ def test_a_run_killed_mid_way_resumes_with_the_losses_of_an_uninterrupted_one(tm
 
 def test_sigterm_stops_after_the_step_in_flight_and_saves_a_checkpoint(tmp_path):
     run_dir = RunDir(tmp_path / "run")
-    prepare_run(tiny_request({"dp": 2, "zero_stage": 2}), TrainConfig(steps=500), run_dir.root, nproc=2)
+    prepare_run(tiny_train_request({"dp": 2, "zero_stage": 2}), TrainConfig(steps=500), run_dir.root, nproc=2)
     cancel = threading.Event()
 
     def stop_at_step_3(line: str) -> None:
@@ -189,7 +174,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_saves_a_checkpoint(tmp_path)
 
 def test_a_rank_killed_mid_run_is_reported_as_that_rank_and_its_peer_is_stopped(tmp_path):
     run_dir = RunDir(tmp_path / "run")
-    prepare_run(tiny_request({"dp": 2, "zero_stage": 0}), TrainConfig(steps=500), run_dir.root, nproc=2)
+    prepare_run(tiny_train_request({"dp": 2, "zero_stage": 0}), TrainConfig(steps=500), run_dir.root, nproc=2)
     killed: list[int] = []
 
     def kill_rank_1_at_step_3(line: str) -> None:
@@ -214,7 +199,7 @@ def test_one_gpu_trains_in_bf16_and_reports_cuda_memory(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    request = tiny_request({"dp": 1}, hidden=128, seq_len=128)
+    request = tiny_train_request({"dp": 1}, hidden=128, seq_len=128)
     request["training"]["precision"] = "bf16"
     request["cluster"]["gpus_per_node"] = 1
     run_dir = RunDir(tmp_path / "run")

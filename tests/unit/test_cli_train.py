@@ -17,15 +17,8 @@ from api.cli import app
 from api.training import EXIT_RUN_FAILED, EXIT_STOPPED, Summary, exit_code, failure_text
 from executor.config import RunDir
 from executor.launch import FailedRank, RunResult
+from tests.train_requests import TINY_REQUEST
 
-# Two CPU ranks, plain data parallelism with ZeRO-1: a plan the executor runs.
-TINY_REQUEST: dict[str, Any] = {
-    "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
-              "ffn_hidden_size": 176, "vocab_size": 256, "mlp": "swiglu", "norm": "rmsnorm"},
-    "training": {"seq_len": 32, "global_batch_size": 8, "precision": "fp32", "optimizer": "adamw"},
-    "cluster": {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 2},
-    "plan": {"dp": 2, "zero_stage": 1},
-}  # fmt: skip
 MULTI_NODE = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "node0:29500"]
 
 runner = CliRunner()

@@ -23,15 +23,7 @@ from executor.config import (
 from executor.prepare import RunRefused, prepare_run
 from planner.errors import Violation
 from planner.request import parse_estimate_request
-
-# Two CPU ranks, plain data parallelism with ZeRO-1: a plan the executor runs.
-TINY_REQUEST: dict[str, Any] = {
-    "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
-              "ffn_hidden_size": 176, "vocab_size": 256, "mlp": "swiglu", "norm": "rmsnorm"},
-    "training": {"seq_len": 32, "global_batch_size": 8, "precision": "fp32", "optimizer": "adamw"},
-    "cluster": {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 2},
-    "plan": {"dp": 2, "zero_stage": 1},
-}  # fmt: skip
+from tests.train_requests import TINY_REQUEST
 
 
 def tiny_request(**sections: dict[str, Any]) -> dict[str, Any]:
