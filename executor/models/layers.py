@@ -66,6 +66,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------- attention
 
 
+def native_gqa(query: torch.Tensor) -> bool:
+    """Whether SDPA's own grouped-query support (`enable_gqa`, torch >= 2.5) runs in a fused kernel here: the CPU
+    flash kernel takes it in any dtype; on CUDA only the flash backend does, and only in 16-bit (pytorch#139586),
+    so fp32 CUDA falls back to repeating K/V rather than to the slow math kernel."""
+    return query.device.type == "cpu" or query.dtype in (torch.float16, torch.bfloat16)
+
+
+class AttentionCore(nn.Module):
+    """softmax(Q K^T / sqrt(d)) V with a causal mask, over [b, heads, s, head_dim] (SDPA picks the kernel).
+
+    A module of its own, with no parameters, so that selective recompute can checkpoint exactly the attention
+    core (Korthikanti et al. 2022 sec. 5) and keep everything else (executor/parallel/checkpoint.py).
+    With grouped-query attention K and V keep their kv_heads (`enable_gqa`), so backward saves them at kv size,
+    as the planner counts (planner/cost/ops.py); query head i reads kv head i // group on every TP rank as long
+    as tp divides kv_heads (the planner's rule).
+    """
+
+    def __init__(self, dropout_p: float) -> None:
+        super().__init__()
+        self.dropout_p = dropout_p  # on the attention probabilities (GPT-2's attn_pdrop)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.dropout_p if self.training else 0.0
+        grouped = q.shape[1] != k.shape[1]
+        if grouped and not native_gqa(q):
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped and native_gqa(q)
+        )
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads (Ainslie et al. 2023) and optional RoPE.
 
@@ -79,10 +111,10 @@ class Attention(nn.Module):
         h = spec.hidden_size
         self.head_dim = spec.head_size
         self.use_rope = spec.position_embedding == "rope"
-        self.attention_dropout_p = spec.dropout  # on the attention probabilities (GPT-2's attn_pdrop)
         self.wq = nn.Linear(h, spec.q_size, bias=bool(spec.qkv_bias), **factory)
         self.wk = nn.Linear(h, spec.kv_size, bias=bool(spec.qkv_bias), **factory)
         self.wv = nn.Linear(h, spec.kv_size, bias=bool(spec.qkv_bias), **factory)
+        self.core = AttentionCore(spec.dropout)
         self.wo = nn.Linear(spec.q_size, h, bias=bool(spec.linear_bias), **factory)
 
     def _heads(self, x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
@@ -95,12 +127,7 @@ class Attention(nn.Module):
             cos, sin = rotary_cos_sin(x.shape[1], self.head_dim, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim], as SDPA wants
-        # GQA: query head i reads kv head i // group; repeat_interleave keeps that grouping on every TP rank
-        # as long as tp divides kv_heads (the planner's rule).
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        dropout_p = self.attention_dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 

@@ -15,6 +15,7 @@ def one_sequence(model: ModelSpec, training: TrainingSpec) -> Shape:
     """The shape of one whole sequence on one unsplit GPU: the unit model FLOPs are counted in."""
     return Shape(
         tokens=training.seq_len,
+        seq=training.seq_len,
         key_len=training.seq_len,
         heads=model.num_attention_heads,
         tp=1,

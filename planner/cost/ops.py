@@ -44,12 +44,14 @@ class Shape:
     """The sizes one GPU sees for one micro-batch: local tokens, full key length, and element sizes."""
 
     tokens: Any  # s/cp * b, tokens of this GPU's sequence shard (a float, or an array over micro-batch sizes)
+    seq: float  # s/cp, positions of this GPU's sequence shard
     key_len: float  # keys each query attends to (the full sequence; ring attention visits all of it)
     heads: float  # attention heads on this GPU (a / tp)
     tp: int
     sp_div: int  # tp when sequence parallel, else 1
     elem: int  # bytes per activation element
     mask: int  # bytes per dropout-mask element
+    eager_rms_norm: bool = False  # RMSNorm runs as separate kernels (no fused kernel on this device)
 
     @classmethod
     def of(
@@ -65,6 +67,7 @@ class Shape:
         micro_batch = plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes
         return cls(
             tokens=training.seq_len / plan.cp * micro_batch,
+            seq=training.seq_len / plan.cp,
             key_len=training.seq_len,
             heads=model.num_attention_heads / plan.tp,
             tp=plan.tp,
@@ -73,6 +76,9 @@ class Shape:
             # CUDA's fused dropout keeps a 1-byte bool mask; CPU dropout is bernoulli * x and keeps the mask
             # in the activation dtype (measured: ../shared/notes/torch-distributed-on-cpu.md, 8b).
             mask=elem if cpu else 1,
+            # torch has no fused RMSNorm kernel on CPU (aten::_fused_rms_norm is CompositeImplicitAutograd
+            # there, torch 2.13); CUDA builds since torch 2.8 run the fused one.
+            eager_rms_norm=cpu,
         )
 
     def width(self, features: float, region: Region) -> float:
@@ -80,10 +86,30 @@ class Shape:
         return self.tokens * features / (self.tp if region == "tp" else self.sp_div)
 
 
+# Per-token statistics a norm keeps for backward, fp32: LayerNorm its mean and 1/std, RMSNorm 1/rms
+# (torch's native_layer_norm and _fused_rms_norm outputs; Apex/Megatron's fused kernels keep the same).
+NORM_STATS_BYTES = {"layernorm": 8, "rmsnorm": 4}
+
+
 def _norm(name: str, model: ModelSpec, shape: Shape) -> OpCost:
-    """LayerNorm / RMSNorm saves its input (Korthikanti: 2sbh each); reads x, writes y."""
+    """LayerNorm / RMSNorm saves its input (Korthikanti: 2sbh each) and its per-token statistics; reads x,
+    writes y. Without a fused kernel, RMSNorm runs as torch's decomposition, which upcasts x to fp32, and whose
+    products keep the fp32 x and the fp32 normalised x instead (measured:
+    tests/validation/test_saved_activations.py)."""
     elems = shape.width(model.hidden_size, "sp")
-    return OpCost(name, 0.0, shape.elem * elems, 2 * shape.elem * elems)
+    stats = NORM_STATS_BYTES[model.norm] * elems / model.hidden_size
+    if model.norm == "rmsnorm" and shape.eager_rms_norm:
+        return OpCost(name, 0.0, 2 * 4 * elems + stats, 2 * shape.elem * elems)
+    return OpCost(name, 0.0, shape.elem * elems + stats, 2 * shape.elem * elems)
+
+
+def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:
+    """RoPE (Su et al. 2021) rotates q and k by cos/sin tables of [seq, head_dim] in fp32, which its products
+    keep for backward; the reference model (executor/models/layers.py) computes them in every block, so every
+    block keeps its own copy, whatever the micro-batch size. Its FLOPs are element-wise and negligible."""
+    if model.position_embedding != "rope":
+        return []
+    return [OpCost("rotary", 0.0, 2 * 4 * shape.seq * model.head_size, 0.0)]
 
 
 def _linear(name: str, shape: Shape, in_features: float, out_features: float, input_region: Region) -> OpCost:
@@ -103,6 +129,7 @@ def attention_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> lis
     """Norm, QKV projection, the attention core, output projection, dropout + residual."""
     q, kv = model.q_size, model.kv_size
     ops = [_norm("attn_norm", model, shape), _linear("qkv_proj", shape, model.hidden_size, q + 2 * kv, "sp")]
+    ops += _rotary(model, shape)
     ops += _flash_core(model, shape) if training.attention_kernel == "flash" else _eager_core(model, shape)
     ops += [
         _linear("out_proj", shape, q, model.hidden_size, "tp"),

@@ -29,26 +29,35 @@ def as2b(x: float) -> float:
     return A * S * S * B * x
 
 
+def norm_stats(per_token_bytes: int, split: int = 1) -> float:
+    """Two norms' per-token statistics (fp32 mean and 1/std for LayerNorm, 1/rms for RMSNorm), which the
+    paper's formula leaves out; `split`: tp under sequence parallelism."""
+    return 2 * per_token_bytes * S * B / split
+
+
+LN_STATS = ops.NORM_STATS_BYTES["layernorm"]
+
+
 def test_gpt_block_is_34sbh_plus_5as2b():
     got = saved(gpt_block_model(H, A), EAGER_FP16, ParallelPlan(micro_batch_size=B))
-    assert got == pytest.approx(sbh(34) + as2b(5), rel=1e-12)
+    assert got == pytest.approx(sbh(34) + as2b(5) + norm_stats(LN_STATS), rel=1e-12)
 
 
 @pytest.mark.parametrize("t", [2, 4, 8])
 def test_tensor_parallel_rows_of_table_2(t):
     model = gpt_block_model(H, A)
     tp_only = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B))
-    assert tp_only == pytest.approx(sbh(10 + 24 / t) + as2b(5) / t)
+    assert tp_only == pytest.approx(sbh(10 + 24 / t) + as2b(5) / t + norm_stats(LN_STATS))
     tp_sp = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B, sequence_parallel=True))
-    assert tp_sp == pytest.approx((sbh(34) + as2b(5)) / t)
+    assert tp_sp == pytest.approx((sbh(34) + as2b(5)) / t + norm_stats(LN_STATS, t))
     tp_selective = saved(model, EAGER_FP16, ParallelPlan(tp=t, micro_batch_size=B, recompute="selective"))
-    assert tp_selective == pytest.approx(sbh(10 + 24 / t))
+    assert tp_selective == pytest.approx(sbh(10 + 24 / t) + norm_stats(LN_STATS))
     sp_selective = saved(
         model,
         EAGER_FP16,
         ParallelPlan(tp=t, micro_batch_size=B, sequence_parallel=True, recompute="selective"),
     )
-    assert sp_selective == pytest.approx(sbh(34) / t)
+    assert sp_selective == pytest.approx(sbh(34) / t + norm_stats(LN_STATS, t))
 
 
 def test_full_recompute_keeps_only_the_block_input():
@@ -59,7 +68,7 @@ def test_full_recompute_keeps_only_the_block_input():
 def test_no_dropout_drops_masks_and_dropout_output():
     # Without dropout: 34 - 2 (hidden masks) = 32 sbh and 5 - 3 (mask + dropout output) = 2 as^2b.
     got = saved(gpt_block_model(H, A, dropout=0.0), EAGER_FP16, ParallelPlan(micro_batch_size=B))
-    assert got == pytest.approx(sbh(32) + as2b(2))
+    assert got == pytest.approx(sbh(32) + as2b(2) + norm_stats(LN_STATS))
 
 
 def test_flash_attention_has_no_quadratic_term():
@@ -67,12 +76,13 @@ def test_flash_attention_has_no_quadratic_term():
     flash = TrainingSpec(seq_len=S, global_batch_size=B, precision="bf16", attention_kernel="flash")
     got = saved(model, flash, ParallelPlan(micro_batch_size=B))
     logsumexp = 4 * S * B * A
-    assert got == pytest.approx(sbh(32) + logsumexp)
+    assert got == pytest.approx(sbh(32) + logsumexp + norm_stats(LN_STATS))
 
 
 def test_gqa_and_swiglu_per_op():
     # Llama-style: kv heads 2 of 8 (kv_size = h/4), SwiGLU f; saved: norms 2+2, qkv in 2, q 2, k+v 2*(2/4),
-    # out_proj in 2, fc1 in 2, swiglu 3 tensors of f, fc2 in 1 tensor of f (2 bytes each).
+    # out_proj in 2, fc1 in 2, swiglu 3 tensors of f, fc2 in 1 tensor of f (2 bytes each); RoPE's fp32 cos and
+    # sin tables of [S, head_dim].
     f = 1376
     model = ModelSpec(
         num_layers=1,
@@ -86,7 +96,9 @@ def test_gqa_and_swiglu_per_op():
     )
     training = TrainingSpec(seq_len=S, global_batch_size=B, precision="bf16", attention_kernel="flash")
     got = saved(model, training, ParallelPlan(micro_batch_size=B))
-    expected = sbh(2 + 2 + 2 + 2 + 2 * 2 / 4 + 2 + 2) + S * B * 2 * 4 * f + 4 * S * B * A
+    rope = 2 * 4 * S * (H // A)
+    expected = sbh(2 + 2 + 2 + 2 + 2 * 2 / 4 + 2 + 2) + S * B * 2 * 4 * f + 4 * S * B * A + rope
+    expected += norm_stats(ops.NORM_STATS_BYTES["rmsnorm"])
     assert got == pytest.approx(expected)
 
 
