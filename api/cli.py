@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 if TYPE_CHECKING:
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
-    from planner.specs import ModelSpec, ParallelPlan, StepEstimate
+    from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, StepEstimate
 
 GiB = 1024**3
 EXIT_OK, EXIT_BAD_INPUT = 0, 1
@@ -67,6 +67,12 @@ app = typer.Typer(
 )
 catalog_app = typer.Typer(cls=_BadInputExitsOne, help="List the model and GPU presets.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+profile_app = typer.Typer(
+    cls=_BadInputExitsOne,
+    help="Measure this machine (layer compute, collectives) into a HardwareProfile that plans can use.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
 
 
 class CliInputError(ValueError):
@@ -90,6 +96,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "gpus_per_node": ("cluster", "gpus_per_node"),
     "intra_node_GBps": ("cluster", "intra_node_GBps"),
     "inter_node_GBps": ("cluster", "inter_node_GBps"),
+    "profile": ("cluster", "profile"),
     "seq_len": ("training", "seq_len"),
     "global_batch": ("training", "global_batch_size"),
     "precision": ("training", "precision"),
@@ -287,6 +294,14 @@ def error_payload(exc: ValueError) -> dict[str, Any]:
                 "violations": details["violations"]}  # fmt: skip
     if isinstance(exc, UnknownPresetError):
         return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}
+    from planner.profiles import ProfileError
+
+    if isinstance(exc, ProfileError):
+        return {"kind": "bad_profile", "message": str(exc), "fields": [{"field": exc.field, "message": str(exc)}]}
+    from profiler.compute import ComputeSweepError
+
+    if isinstance(exc, ComputeSweepError):
+        return {"kind": "bad_input", "message": str(exc), "fields": [{"field": exc.field, "message": str(exc)}]}
     from executor.launch import LaunchError
     from executor.prepare import RunRefused
 
@@ -371,7 +386,14 @@ def _console() -> Console:
 def parse_request(request: dict[str, Any]) -> EstimateRequest:
     from planner.request import parse_estimate_request
 
-    return parse_estimate_request(request)
+    return parse_estimate_request(request, resolve_profile)
+
+
+def resolve_profile(ref: str) -> HardwareProfile:
+    """`cluster.profile` -> the profile: a file, or an id stored in the database (imported only when asked)."""
+    from profiler.store import resolve_profile as resolve
+
+    return resolve(ref)
 
 
 def estimate_json(request: dict[str, Any]) -> dict[str, Any]:
@@ -437,6 +459,10 @@ IntraNodeOption = Annotated[
 InterNodeOption = Annotated[
     float | None, typer.Option("--inter-node-GBps", help="Override the GPU's inter-node link, GB/s.")
 ]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option("--profile", help="A HardwareProfile file or stored id (paraplan profile): plan from measurements."),
+]
 
 
 @app.command()
@@ -470,6 +496,7 @@ def estimate(
     ] = None,
     intra_node_GBps: IntraNodeOption = None,
     inter_node_GBps: InterNodeOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits."""
     parameters = dict(locals())
@@ -577,10 +604,12 @@ def _breakdown_table(result: StepEstimate) -> Table:
     table.add_column("term")
     table.add_column("seconds", justify="right")
     table.add_column("% of step", justify="right")
+    table.add_column("from")
     step = result.step_time_s
     for term, seconds in result.breakdown.model_dump().items():
-        table.add_row(_TERM_LABELS.get(term, term), f"{seconds:.4f}", f"{seconds / step:.1%}")
-    table.add_row("[bold]total[/bold]", f"{step:.4f}", "100.0%")
+        source = result.sources.get(term, "analytic")
+        table.add_row(_TERM_LABELS.get(term, term), f"{seconds:.4f}", f"{seconds / step:.1%}", source)
+    table.add_row("[bold]total[/bold]", f"{step:.4f}", "100.0%", "")
     return table
 
 
@@ -658,6 +687,7 @@ def plan(
     virtual_stages: Annotated[int | None, typer.Option(help="Keep the virtual-stage count fixed.")] = None,
     intra_node_GBps: IntraNodeOption = None,
     inter_node_GBps: InterNodeOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Search for the fastest plans that fit: a ranked table, why the winner wins, what was left out.
 
@@ -673,7 +703,7 @@ def plan_search(path: Path | None, model_flag: str | None, flags: dict[str, Any]
 
     try:
         base = read_json_object(path) if path is not None else {}
-        request = parse_plan_request(build_request(base, model_flag, flags, command="plan"))
+        request = parse_plan_request(build_request(base, model_flag, flags, command="plan"), resolve_profile)
         result = search(request)
     except ValueError as exc:
         print_error(error_payload(exc), as_json)
@@ -954,6 +984,227 @@ def _gpus_per_node(request: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise CliInputError("give --nproc-per-node, or cluster.gpus_per_node in the request")
     return value
+
+
+# ======================================================================================== profile
+
+EXIT_PROFILE_FAILED = 3  # a profiling run failed (a rank died); as `train`'s failed run
+
+ProfileOutOption = Annotated[Path, typer.Option("--out", help="Where to write the profile (JSON).")]
+StoreOption = Annotated[
+    bool, typer.Option("--store/--no-store", help="Also store the profile in the database (PARAPLAN_DATABASE_URL).")
+]
+NameOption = Annotated[str | None, typer.Option("--name", help="A label for the stored profile.")]
+ProfileModelOption = Annotated[str, typer.Option("--model", help="Preset name, ModelSpec JSON file or inline JSON.")]
+# profiler.collectives.OPS, spelled out so that `paraplan --help` need not import the profiler.
+ALL_COLLECTIVES = "all_reduce,all_gather,reduce_scatter,all_to_all,send_recv"
+
+
+def parse_int_list(flag: str, text: str) -> tuple[int, ...]:
+    """ "1,2,4" -> (1, 2, 4); CliInputError naming the flag for anything else."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise CliInputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise CliInputError(f"{flag}: give at least one value")
+    return values
+
+
+def compute_sweep(
+    model: str,
+    seq_len: str,
+    mbs: str,
+    tp: str,
+    recompute: str,
+    device: str,
+    dtype: str,
+    optimizer: str,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+) -> Any:
+    """The ComputeSweep the flags describe, or CliInputError / ComputeSweepError naming the bad flag."""
+    from planner.request import resolve_model
+    from planner.specs import ModelSpec
+    from profiler.compute import ComputeSweep, ComputeSweepError
+
+    spec = ModelSpec.model_validate(resolve_model(model_from_flag(model)))
+    sweep = ComputeSweep(
+        model=spec, seq_lens=parse_int_list("--seq-len", seq_len), micro_batch_sizes=parse_int_list("--mbs", mbs),
+        tps=parse_int_list("--tp", tp), recompute_modes=tuple(m.strip() for m in recompute.split(",")),  # type: ignore[arg-type]
+        dtype=dtype, device=device, optimizer=optimizer, warmup=warmup, repeats=repeats, threads=threads,  # type: ignore[arg-type]
+    )  # fmt: skip
+    problems = sweep.violations()
+    if problems:
+        field, _ = problems[0]
+        raise ComputeSweepError(flag_name(field), "; ".join(f"{flag_name(f)}: {why}" for f, why in problems))
+    return sweep
+
+
+def comm_launch(
+    out: Path,
+    nproc: int,
+    nnodes: int,
+    rdzv_endpoint: str | None,
+    min_bytes: int,
+    max_bytes: int,
+    ops: str,
+    warmup: int,
+    repeats: int,
+    backend: str | None,
+) -> Any:
+    """The collective sweep the flags describe, checked before anything starts."""
+    from api.profiling import CommLaunch, comm_violations
+    from profiler.collectives import sweep_command_args
+
+    problems = comm_violations(nproc, nnodes)
+    if problems:
+        raise CliInputError("; ".join(problems), fields=[{"field": "--nproc", "message": p} for p in problems])
+    args = sweep_command_args(out, min_bytes, max_bytes, ops, warmup, repeats, backend)
+    comm = CommLaunch(nproc, nnodes, args, rdzv_endpoint)
+    comm.spec()  # LaunchSpec's own checks (ranks, endpoint)
+    return comm
+
+
+def _sweep_file(out: Path) -> Path:
+    """Where rank 0 writes the raw sweep: next to the profile, so a multi-node sweep can be turned into one."""
+    return out.with_name(out.stem + ".sweep.json")
+
+
+def _finish_profile(profile: HardwareProfile, out: Path, store: bool, name: str | None) -> None:
+    from api.profiling import save
+
+    profile_id = save(profile, out, store, name)
+    stored = f" and stored as id {profile_id}" if profile_id else ""
+    typer.echo(f"profile written to {out}{stored}; plan with it: --profile {profile_id or out}")
+
+
+def _bad_input(exc: ValueError) -> typer.Exit:
+    print_error(error_payload(exc), as_json=False)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _run_failed(exc: Exception) -> typer.Exit:
+    _console().print(str(exc), style="red", markup=False, highlight=False)
+    return typer.Exit(EXIT_PROFILE_FAILED)
+
+
+@profile_app.command("compute")
+def profile_compute(
+    out: ProfileOutOption,
+    model: ProfileModelOption,
+    seq_len: Annotated[str, typer.Option("--seq-len", help="Sequence lengths, comma-separated.")],
+    mbs: Annotated[str, typer.Option("--mbs", help="Micro-batch sizes, comma-separated.")] = "1,2,4",
+    tp: Annotated[str, typer.Option("--tp", help="Tensor-parallel degrees whose shards to time.")] = "1",
+    recompute: Annotated[str, typer.Option(help="Recompute modes of the blocks.")] = "none,selective,full",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 (CPU); fp32, bf16 or fp16 (cuda).")] = "fp32",
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd: the optimizer step to time.")] = "adamw",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 10,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads).")] = None,
+    store: StoreOption = True,
+    name: NameOption = None,
+) -> None:
+    """Time each layer of the model (blocks per recompute mode, embedding, head) and the optimizer step here."""
+    from api.profiling import layer_table, run_compute
+
+    try:
+        sweep = compute_sweep(model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads)
+        profile = run_compute(sweep, _console())
+    except ValueError as exc:
+        raise _bad_input(exc) from None
+    _console().print(layer_table(profile))
+    _finish_profile(profile, out, store, name)
+
+
+@profile_app.command("comm")
+def profile_comm(
+    out: ProfileOutOption,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) per node.")] = 2,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes; above 1 the per-node commands are printed.")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port of node 0.")] = None,
+    min_bytes: Annotated[int, typer.Option("--min-bytes")] = 1024,
+    max_bytes: Annotated[int, typer.Option("--max-bytes")] = 256 * 2**20,
+    ops: Annotated[str, typer.Option(help="Collectives, comma-separated.")] = ALL_COLLECTIVES,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per size.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed runs per size.")] = 20,
+    backend: Annotated[str | None, typer.Option(help="gloo or nccl (default: nccl with CUDA).")] = None,
+    from_sweep: Annotated[
+        Path | None, typer.Option("--from-sweep", help="Build the profile from a finished multi-node sweep file.")
+    ] = None,
+    store: StoreOption = True,
+    name: NameOption = None,
+) -> None:
+    """Sweep collectives over message sizes under torchrun; bus bandwidth per op and size, alpha-beta fits."""
+    from api.profiling import ProfileRunError, collective_table, comm_profile, per_node_text, run_comm
+
+    try:
+        if from_sweep is not None:
+            profile = comm_profile(from_sweep)
+        else:
+            comm = comm_launch(_sweep_file(out), nproc, nnodes, rdzv_endpoint, min_bytes, max_bytes, ops, warmup,
+                               repeats, backend)  # fmt: skip
+            if nnodes > 1:
+                typer.echo(per_node_text(comm), nl=False)
+                typer.echo(f"# then: paraplan profile comm --from-sweep {_sweep_file(out)} --out {out}")
+                return
+            profile = _with_interrupt(lambda cancel: run_comm(comm, _sweep_file(out), _console(), cancel))
+    except ValueError as exc:
+        raise _bad_input(exc) from None
+    except ProfileRunError as exc:
+        raise _run_failed(exc) from None
+    _console().print(collective_table(profile))
+    _finish_profile(profile, out, store, name)
+
+
+@profile_app.command("all")
+def profile_all(
+    out: ProfileOutOption,
+    model: ProfileModelOption,
+    seq_len: Annotated[str, typer.Option("--seq-len", help="Sequence lengths, comma-separated.")],
+    mbs: Annotated[str, typer.Option("--mbs", help="Micro-batch sizes, comma-separated.")] = "1,2,4",
+    tp: Annotated[str, typer.Option("--tp", help="Tensor-parallel degrees whose shards to time.")] = "1",
+    recompute: Annotated[str, typer.Option(help="Recompute modes of the blocks.")] = "none,selective,full",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 (CPU); fp32, bf16 or fp16 (cuda).")] = "fp32",
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes for the collective sweep (one node).")] = 2,
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest collective message.")] = 256 * 2**20,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 10,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the compute profile.")] = None,
+    store: StoreOption = True,
+    name: NameOption = None,
+) -> None:
+    """Compute and collectives on this node, in one profile."""
+    from api.profiling import ProfileRunError, collective_table, layer_table, merge, run_comm, run_compute
+
+    try:
+        sweep = compute_sweep(model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads)
+        comm = comm_launch(_sweep_file(out), nproc, 1, None, 1024, max_bytes, ALL_COLLECTIVES, warmup, repeats, None)
+        compute = run_compute(sweep, _console())
+        collectives = _with_interrupt(lambda cancel: run_comm(comm, _sweep_file(out), _console(), cancel))
+        profile = merge(compute, collectives)
+    except ValueError as exc:
+        raise _bad_input(exc) from None
+    except ProfileRunError as exc:
+        raise _run_failed(exc) from None
+    _console().print(layer_table(profile))
+    _console().print(collective_table(profile))
+    _finish_profile(profile, out, store, name)
+
+
+def _with_interrupt(body: Any) -> Any:
+    """Run `body(cancel)` with Ctrl-C / SIGTERM setting `cancel`, so torchrun's workers are stopped, not orphaned."""
+    import threading
+
+    from api.training import stop_on_interrupt
+
+    cancel = threading.Event()
+    with stop_on_interrupt(cancel):
+        return body(cancel)
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ class Summary:
 
 
 @contextmanager
-def _stop_on_interrupt(cancel: threading.Event) -> Iterator[None]:
+def stop_on_interrupt(cancel: threading.Event) -> Iterator[None]:
     """Ctrl-C or SIGTERM asks the run to stop (it saves a checkpoint first) instead of killing this process
     and leaving the workers, which run in their own session, behind."""
     handler: Callable[[int, Any], None] = lambda signum, frame: cancel.set()  # noqa: E731
@@ -111,7 +111,7 @@ def run_training(run: TrainRun, run_dir: RunDir, nproc: int, resume: bool, conso
     latest = run_dir.latest_checkpoint() if resume else None
     first_step = latest[0] if latest else 0
     cancel = threading.Event()
-    with _progress(console) as progress, _stop_on_interrupt(cancel):
+    with _progress(console) as progress, stop_on_interrupt(cancel):
         task = progress.add_task("train", total=run.config.steps, completed=first_step, loss="-", tokens_per_s="-")
         return launch.run(
             local_spec(run_dir, nproc, resume),

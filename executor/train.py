@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from executor import train_state
@@ -35,14 +34,9 @@ from executor.apply import AppliedPlan, apply_plan
 from executor.config import RunDir, TrainConfig, TrainRun, step_line
 from executor.data import batches
 from executor.mesh import build_mesh
-from executor.models import build_model
+from executor.models import build_model, next_token_loss
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, in fp32 whatever the compute dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 class StopRequest:
@@ -202,7 +196,7 @@ def build_trainer(run: TrainRun, run_dir: RunDir, stop: StopRequest) -> Trainer:
     plan = run.request.plan
     mesh = build_mesh(plan, device.type)
     model = build_model(run.request.model, device=device, seed=run.config.seed)
-    applied = apply_plan(model, plan, mesh, training=run.request.training, loss_fn=loss_fn, device=device)
+    applied = apply_plan(model, plan, mesh, training=run.request.training, loss_fn=next_token_loss, device=device)
     return Trainer(run, run_dir, applied, _optimizers(run, applied), device, _autocast(run, device), stop)
 
 

@@ -9,11 +9,11 @@ if TYPE_CHECKING:
     from planner.specs import StepEstimate
 
 
-def estimate(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
+def estimate(request: dict[str, Any] | EstimateRequest, resolve_profile: Any = None) -> StepEstimate:
     """Predict one training step of the contract's request (with `plan`). See planner.cost.step."""
     from planner.cost.step import estimate_request
 
-    return estimate_request(request)
+    return estimate_request(request, resolve_profile)
 
 
 def __getattr__(name: str) -> Any:

@@ -41,9 +41,7 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
 @dataclass(frozen=True)
 class Calibration:
     matmul_efficiency: float
-    samples: list[
-        tuple[PublishedLayerTiming, float]
-    ]  # (measurement, predicted seconds at the fitted efficiency)
+    samples: list[tuple[PublishedLayerTiming, float]]  # (measurement, predicted seconds at the fitted efficiency)
 
 
 def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = None) -> Calibration:

@@ -8,15 +8,16 @@ prediction and a measurement compare field by field.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
 
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
+from planner.cost.measured import MeasuredLayer, ProfileCosts
 from planner.layout import placement
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
 
 LayerKind = Literal["embedding", "block", "head"]
 
@@ -36,6 +37,8 @@ class LayerCost:
     cp_comm_s: float  # ring-attention exchanges not hidden behind attention compute
     saved_bytes: float  # kept from forward to backward under the plan's recompute mode
     working_bytes: float  # rematerialised for this layer's backward (recompute), alive one layer at a time
+    time_source: str = "analytic"  # "profile" when forward/backward/recompute came from a HardwareProfile
+    time_note: str | None = None  # why a profile could not supply the times, when one was attached
 
     @property
     def busy_s(self) -> float:
@@ -72,9 +75,7 @@ def layer_kinds(
     )
 
 
-def layer_graph(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
-) -> nx.DiGraph:
+def layer_graph(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> nx.DiGraph:
     """embedding -> block.0 -> ... -> block.{L-1} -> head, each node carrying `cost`: LayerCost."""
     kinds = layer_kinds(model, training, cluster, plan)
     blocks = [replace(kinds.block, name=f"block.{i}") for i in range(model.num_layers)]
@@ -91,6 +92,15 @@ def layers_in_order(graph: nx.DiGraph) -> list[LayerCost]:
 
 
 @dataclass(frozen=True)
+class LayerTimes:
+    forward_s: Any
+    backward_s: Any
+    recompute_s: Any
+    source: str
+    note: str | None
+
+
+@dataclass(frozen=True)
 class LayerContext:
     """What every layer's cost needs from the request: local shapes, GPU speeds, TP and CP channels."""
 
@@ -99,6 +109,10 @@ class LayerContext:
     tp_channel: comm.Channel
     cp_channel: comm.Channel
     activation_bytes: float  # one [tokens, hidden] activation in full (what a TP collective moves)
+    measured: ProfileCosts | None  # the cluster's profile, if one is attached
+    micro_batch_sizes: Any  # the plan's micro-batch size, or the array the search costs at once
+    seq_len: int
+    dtype: Precision
 
     @classmethod
     def of(
@@ -117,6 +131,27 @@ class LayerContext:
             tp_channel=comm.group_channel(cluster, placement("tp", *degrees)),
             cp_channel=comm.p2p_channel(cluster, placement("cp", *degrees)),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
+            measured=cluster.measured,
+            micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,
+            seq_len=training.seq_len,
+            dtype=training.precision,
+        )
+
+    def layer_times(self, kind: LayerKind, layer_ops: list[ops.OpCost], tp: int, recompute: str) -> LayerTimes:
+        """Forward, backward and recompute seconds of a layer: measured, when the cluster's profile has this
+        layer at this shape (its backward then includes the recompute), else from the roofline over `layer_ops`."""
+        note = None
+        if self.measured is not None:
+            found = self.measured.layer(kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute)
+            if isinstance(found, MeasuredLayer):
+                return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None)
+            note = f"{kind} times are analytic: {found}"
+        return LayerTimes(
+            forward_s=sum(forward_s(op, self.speeds) for op in layer_ops),
+            backward_s=sum(backward_s(op, self.speeds) for op in layer_ops),
+            recompute_s=recompute_s(layer_ops, recompute, self.speeds),
+            source="analytic",
+            note=note,
         )
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
@@ -135,25 +170,26 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
     block = ops.block_ops(model, training, ctx.shape)
     everything = ops.saved_bytes(block, "none")
     kept = (
-        ops.block_input_bytes(model, ctx.shape)
-        if plan.recompute == "full"
-        else ops.saved_bytes(block, plan.recompute)
+        ops.block_input_bytes(model, ctx.shape) if plan.recompute == "full" else ops.saved_bytes(block, plan.recompute)
     )
     # Megatron-LM's TP block: 2 all-reduces forward, 2 backward (Shoeybi et al. 2019, fig. 3); full
     # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
     tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
+    times = ctx.layer_times("block", block, plan.tp, plan.recompute)
     return LayerCost(
         name="block",
         kind="block",
         params=params.block_params(model),
         forward_flops=sum(op.matmul_flops for op in block),
-        forward_s=sum(forward_s(op, ctx.speeds) for op in block),
-        backward_s=sum(backward_s(op, ctx.speeds) for op in block),
-        recompute_s=recompute_s(block, plan.recompute, ctx.speeds),
+        forward_s=times.forward_s,
+        backward_s=times.backward_s,
+        recompute_s=times.recompute_s,
         tp_comm_s=ctx.tp_allreduces_s(tp_allreduces, plan),
         cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
         saved_bytes=kept,
         working_bytes=everything - kept,
+        time_source=times.source,
+        time_note=times.note,
     )
 
 
@@ -194,16 +230,19 @@ def _edge_layer(
     plan: ParallelPlan,
 ) -> LayerCost:
     """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only)."""
+    times = ctx.layer_times(kind, layer, plan.tp, "none")
     return LayerCost(
         name=name,
         kind=kind,
         params=count,
         forward_flops=sum(op.matmul_flops for op in layer),
-        forward_s=sum(forward_s(op, ctx.speeds) for op in layer),
-        backward_s=sum(backward_s(op, ctx.speeds) for op in layer),
+        forward_s=times.forward_s,
+        backward_s=times.backward_s,
         recompute_s=0.0,
         tp_comm_s=ctx.tp_allreduces_s(1, plan),
         cp_comm_s=0.0,
         saved_bytes=ops.saved_bytes(layer, "none"),
         working_bytes=0.0,
+        time_source=times.source,
+        time_note=times.note,
     )

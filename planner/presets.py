@@ -469,8 +469,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         inter_node=_IB_NDR,
         matmul_efficiency=_matmul_efficiency("h100-sxm"),
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
-        source="NVIDIA H200 datasheet (nvdam.widen.net/s/nb5zzzsjdf/"
-        "hpc-datasheet-sc23-h200-datasheet-3002446)",
+        source="NVIDIA H200 datasheet (nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446)",
     ),
     "l4": GpuSpec(
         name="l4",

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
+from planner.profiles import ProfileError, load_profile_json
+from planner.specs import ClusterSpec, HardwareProfile, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
 
 class _Setup(BaseModel):
@@ -54,10 +56,11 @@ class PlanRequest(_Setup):
         return data
 
 
-def parse_plan_request(request: dict[str, Any] | PlanRequest) -> PlanRequest:
-    if isinstance(request, PlanRequest):
-        return request
-    return PlanRequest.model_validate(request)
+def parse_plan_request(
+    request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolver | None = None
+) -> PlanRequest:
+    req = request if isinstance(request, PlanRequest) else PlanRequest.model_validate(request)
+    return attach_profile(req, resolve_profile)
 
 
 def resolve_model(value: Any) -> Any:
@@ -99,7 +102,27 @@ def infer_dp(data: Any) -> Any:
     return data
 
 
-def parse_estimate_request(request: dict[str, Any] | EstimateRequest) -> EstimateRequest:
-    if isinstance(request, EstimateRequest):
-        return request
-    return EstimateRequest.model_validate(request)
+def parse_estimate_request(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> EstimateRequest:
+    req = request if isinstance(request, EstimateRequest) else EstimateRequest.model_validate(request)
+    return attach_profile(req, resolve_profile)
+
+
+ProfileResolver = Callable[[str], HardwareProfile]
+Request = TypeVar("Request", EstimateRequest, PlanRequest)
+
+
+def attach_profile(req: Request, resolve_profile: ProfileResolver | None = None) -> Request:
+    """`req` with the HardwareProfile that `cluster.profile` names attached to its cluster, so the cost model
+    uses the measurements (ClusterSpec.with_profile). The planner reads profile files itself; the CLI and the
+    service pass `resolve_profile` (profiler.store.resolve_profile), which also finds stored ids."""
+    cluster = req.cluster
+    if cluster.profile is None or cluster.measured is not None:
+        return req
+    try:
+        profile = (resolve_profile or load_profile_json)(cluster.profile)
+    except ProfileError as error:
+        message = str(error) if str(error).startswith("cluster.profile") else f"cluster.profile: {error}"
+        raise ProfileError(message, field="cluster.profile") from None
+    return req.model_copy(update={"cluster": cluster.with_profile(profile)})

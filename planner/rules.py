@@ -69,9 +69,7 @@ def _sequence_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
             f"seq_len={training.seq_len} is not divisible by 2 x cp = {2 * plan.cp}",
         )
     if plan.cp > 1 and training.attention_kernel != "flash":
-        yield Violation(
-            "plan.cp", "cp_needs_flash", "context parallelism (ring attention) needs flash attention"
-        )
+        yield Violation("plan.cp", "cp_needs_flash", "context parallelism (ring attention) needs flash attention")
     if model.position_embedding == "learned" and training.seq_len > (model.max_position_embeddings or 0):
         yield Violation(
             "training.seq_len",

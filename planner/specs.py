@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from planner.errors import Violation
 
@@ -123,9 +123,7 @@ def _check_model(model: ModelSpec) -> None:
             f"num_kv_heads ({model.kv_heads}) must divide num_attention_heads ({model.num_attention_heads})"
         )
     if model.experts_per_token > model.num_experts:
-        problems.append(
-            f"experts_per_token ({model.experts_per_token}) exceeds num_experts ({model.num_experts})"
-        )
+        problems.append(f"experts_per_token ({model.experts_per_token}) exceeds num_experts ({model.num_experts})")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -198,7 +196,9 @@ class ClusterSpec(Frozen):
     gpus_per_node: PositiveInt = 8
     intra_node_GBps: Annotated[float, Field(gt=0)] | None = None
     inter_node_GBps: Annotated[float, Field(gt=0)] | None = None
-    profile: str | None = None
+    profile: str | None = None  # a HardwareProfile file or stored id; the edges resolve it (`with_profile`)
+    # The resolved profile as the cost model reads it (planner.cost.measured.ProfileCosts); never serialised.
+    _measured: Any = PrivateAttr(default=None)
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -212,6 +212,25 @@ class ClusterSpec(Frozen):
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    @property
+    def measured(self) -> Any:
+        """The ProfileCosts of the attached profile (see `with_profile`), or None: the analytic model only."""
+        return self._measured
+
+    def with_profile(self, profile: HardwareProfile) -> ClusterSpec:
+        """This cluster with `profile`'s measurements attached; ProfileError naming `cluster.profile` when the
+        profile was measured on another kind of device than `gpu`."""
+        from planner.cost.measured import ProfileCosts
+        from planner.profiles import ProfileError
+
+        costs = ProfileCosts(profile)
+        mismatch = costs.device_mismatch(self.gpu.kind, self.gpu.name)
+        if mismatch:
+            raise ProfileError(f"cluster.profile: {mismatch}", field="cluster.profile")
+        attached = self.model_copy()
+        attached._measured = costs
+        return attached
 
     @property
     def intra_link(self) -> LinkSpec:
@@ -262,14 +281,10 @@ class ParallelPlan(Frozen):
     def _intrinsic_violations(self) -> list[Violation]:
         found = []
         if self.sequence_parallel and self.tp == 1:
-            found.append(
-                Violation("plan.sequence_parallel", "sp_without_tp", "sequence parallel needs tp > 1")
-            )
+            found.append(Violation("plan.sequence_parallel", "sp_without_tp", "sequence parallel needs tp > 1"))
         if self.schedule == "interleaved_1f1b":
             if self.pp < 2:
-                found.append(
-                    Violation("plan.schedule", "interleaved_needs_pp", "interleaved_1f1b needs pp >= 2")
-                )
+                found.append(Violation("plan.schedule", "interleaved_needs_pp", "interleaved_1f1b needs pp >= 2"))
             if self.virtual_stages < 2:
                 found.append(
                     Violation(

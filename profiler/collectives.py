@@ -39,18 +39,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from executor.config import parse_marked_line
+from planner.cost.measured import busbw_factor
 from planner.specs import PROFILE_SCHEMA_VERSION, CollectiveMeasurement, CollectiveOp, LinkTier
-from profiler.fit import busbw_factor
+from profiler.environment import device_name, software_versions, utc_now
 from profiler.timing import stats, time_repeats
 
 if TYPE_CHECKING:
@@ -345,40 +344,22 @@ def _sweep(world: World, settings: SweepSettings, device: torch.device) -> list[
     return measurements
 
 
-def _device_name(device: torch.device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _meta(world: World, settings: SweepSettings, backend: str, device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on, in HardwareProfile's field names where it has them."""
-    import torch
     import torch.distributed as dist
 
     hosts: list[Any] = [None] * world.world_size
     dist.all_gather_object(hosts, socket.gethostname())
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
     return {
         "schema_version": PROFILE_SCHEMA_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "world_size": world.world_size,
         "nnodes": world.nnodes,
         "local_world_size": world.local_world_size,
         "backend": backend,
         "device_kind": device.type,
-        "device_name": _device_name(device),
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "nccl_version": nccl,
+        "device_name": device_name(device),
+        **software_versions(nccl=backend == "nccl"),
         "hosts": hosts,
         "settings": asdict(settings) | {"backend": backend},
         "size_convention": "nccl-tests: all_gather = output bytes, reduce_scatter = input bytes, float32",

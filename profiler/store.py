@@ -21,13 +21,22 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy
-from pydantic import ValidationError
 from sqlalchemy import ColumnElement, Index, Integer, String, Text, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from planner.profiles import ProfileError, load_profile_json, profile_from_data, require_profile, save_profile_json
 from planner.specs import PROFILE_SCHEMA_VERSION, HardwareProfile
+
+__all__ = [  # the file form lives in planner.profiles (the planner reads files too); re-exported for one import
+    "ProfileError",
+    "ProfileStore",
+    "ProfileSummary",
+    "load_profile_json",
+    "resolve_profile",
+    "save_profile_json",
+]
 
 DATA_DIR_ENV = "PARAPLAN_DATA_DIR"
 DATABASE_URL_ENV = "PARAPLAN_DATABASE_URL"
@@ -38,101 +47,6 @@ DATABASE_SCHEMA_VERSION = 1
 
 SCHEMA_VERSION_KEY = "schema_version"
 _PROFILE_ID = re.compile(r"[0-9a-fA-F]{32}")
-
-
-class ProfileError(ValueError):
-    """Bad profile input (a file, a stored row, a reference, a database URL); ``field`` names what is wrong.
-
-    A ValueError like the planner's own input errors, so the CLI and the API report it as bad input.
-    """
-
-    def __init__(self, message: str, field: str = "profile"):
-        super().__init__(message)
-        self.field = field
-
-
-# ================================================================================================= JSON files
-
-
-def save_profile_json(profile: HardwareProfile, path: str | Path) -> Path:
-    """Write ``profile`` to ``path`` (parent folders created) and return the path.
-
-    Atomic (a temporary file in the same folder, then ``os.replace``), so a reader never sees half a profile and
-    an interrupted write leaves any earlier file intact.
-    """
-    _require_profile(profile)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of our own (not tempfile's, which would leave the file readable by its owner alone).
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with tmp_path.open("x", encoding="utf-8") as f:
-            f.write(profile.model_dump_json(indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_profile_json(path: str | Path) -> HardwareProfile:
-    """The profile in ``path``; ProfileError saying what is wrong for anything that is not one of this version."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"no profile file at {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ProfileError(f"cannot read profile file {path}: {error}") from error
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ProfileError(f"{path} is not JSON: {error}") from error
-    return profile_from_data(data, where=str(path))
-
-
-def profile_from_data(data: Any, where: str = "profile") -> HardwareProfile:
-    """Validate decoded JSON as a HardwareProfile of this paraplan's schema version; ``where`` names the source
-    in messages (a file path, a stored id)."""
-    if not isinstance(data, dict):
-        raise ProfileError(f"{where} holds a JSON {type(data).__name__}, not a profile object")
-    _check_profile_version(data.get("schema_version"))
-    try:
-        return HardwareProfile.model_validate(data)
-    except ValidationError as error:
-        raise _validation_error(error, where) from error
-
-
-def _check_profile_version(version: Any) -> None:
-    """Refuse before field validation: another version's fields may mean something else, and the version is
-    the one thing to tell a user whose profile is merely old."""
-    if version is None:
-        raise ProfileError(
-            f"profile has no schema_version; this paraplan reads version {PROFILE_SCHEMA_VERSION}; measure again",
-            field="schema_version",
-        )
-    # `type(...) is int`: True == 1 in Python, and a boolean is not a version.
-    if type(version) is not int or version != PROFILE_SCHEMA_VERSION:
-        raise ProfileError(
-            f"profile schema version {version!r} is not this paraplan's ({PROFILE_SCHEMA_VERSION}); measure again",
-            field="schema_version",
-        )
-
-
-def _validation_error(error: ValidationError, where: str) -> ProfileError:
-    """One ProfileError for all of pydantic's complaints: ``field`` is the first one's dotted location, the
-    message lists every one so a hand-edited file is fixed in one round trip."""
-    problems = error.errors()
-    locations = [".".join(str(part) for part in problem["loc"]) or "profile" for problem in problems]
-    lines = "; ".join(f"{loc}: {problem['msg']}" for loc, problem in zip(locations, problems, strict=True))
-    return ProfileError(f"{where} is not a valid profile: {lines}", field=locations[0] if locations else "profile")
-
-
-def _require_profile(profile: Any) -> None:
-    if not isinstance(profile, HardwareProfile):
-        raise ProfileError(f"expected a HardwareProfile, got {type(profile).__name__}")
 
 
 # ============================================================================================ where things live
@@ -349,7 +263,7 @@ def _database_version(sessions: sessionmaker) -> str:
 
 
 def _row_for(profile: HardwareProfile, name: str | None) -> ProfileRow:
-    _require_profile(profile)
+    require_profile(profile)
     return ProfileRow(
         id=uuid.uuid4().hex,
         created=_utc_iso(profile.created),

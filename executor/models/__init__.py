@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from executor.models.init import canonical_fqn, init_weights
 from executor.models.layers import Attention, FeedForward, MoEFeedForward, apply_rotary, rotary_cos_sin
-from executor.models.transformer import Transformer, TransformerBlock, build_model
+from executor.models.transformer import Transformer, TransformerBlock, build_model, next_token_loss
 
 __all__ = [
     "Attention",
@@ -20,5 +20,6 @@ __all__ = [
     "build_model",
     "canonical_fqn",
     "init_weights",
+    "next_token_loss",
     "rotary_cos_sin",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from executor.models.init import init_weights
@@ -107,6 +108,11 @@ class Transformer(nn.Module):
         if self.output is not None:
             hidden = self.output(hidden)
         return hidden
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32 whatever the compute dtype: the training loss."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def _check_buildable(spec: ModelSpec) -> None:

@@ -30,17 +30,29 @@ class Channel:
 def group_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
     """Inside a node a group runs at the intra-node (NVLink) bus bandwidth. Across nodes, NCCL spreads its rings
     over the NICs of the group's members on each node, so the group gets members_per_node GPUs' network share
-    (the DGX rail layout: one NIC per GPU), never more than the intra-node links carry."""
-    intra, inter = cluster.intra_link, cluster.inter_link
+    (the DGX rail layout: one NIC per GPU), never more than the intra-node links carry. With a profile attached,
+    each tier's speed is its measured all_reduce fit (the inter-node tier was measured with every GPU of a node
+    sending at once, so per GPU, as the formula wants)."""
+    intra = tier_channel(cluster, "intra_node", "all_reduce", group.size)
     if group.intra_node:
-        return Channel(intra.bus_bandwidth_Bps, intra.latency_s)
+        return intra
+    inter = tier_channel(cluster, "inter_node", "all_reduce", group.size)
     bandwidth = min(intra.bus_bandwidth_Bps, group.members_per_node * inter.bus_bandwidth_Bps)
     return Channel(bandwidth, inter.latency_s)
 
 
 def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
     """Pipeline neighbours: one GPU to one GPU, over the network when any pair of neighbours spans two nodes."""
-    link = cluster.inter_link if group.neighbours_cross_nodes else cluster.intra_link
+    return tier_channel(cluster, "inter_node" if group.neighbours_cross_nodes else "intra_node", "send_recv", 2)
+
+
+def tier_channel(cluster: ClusterSpec, tier: str, op: str, group_size: int) -> Channel:
+    """One link tier's channel: the profile's fit of `op` there when it has one (planner/cost/measured.py),
+    else the GPU preset's link (or the user's override)."""
+    fit = cluster.measured.channel_fit(op, tier, group_size) if cluster.measured is not None else None
+    if fit is not None:
+        return Channel(fit.bandwidth_GBps * 1e9, fit.latency_s)
+    link = cluster.intra_link if tier == "intra_node" else cluster.inter_link
     return Channel(link.bus_bandwidth_Bps, link.latency_s)
 
 

@@ -30,7 +30,7 @@ from planner.cost.pipeline import (
 )
 from planner.graph import LayerCost, LayerKinds, layer_graph, layer_kinds, layers_in_order
 from planner.layout import placement
-from planner.request import EstimateRequest, parse_estimate_request
+from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import require_valid
 from planner.specs import (
     ClusterSpec,
@@ -182,9 +182,7 @@ class PlanBatch:
 
 def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColumns]:
     """Per-row LayerKinds -> the batch's `embedding`, `block` and `head` columns."""
-    return {
-        kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")
-    }
+    return {kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")}
 
 
 def channel_columns(channels: list[Channel]) -> Channel:
@@ -224,8 +222,11 @@ def evaluate(batch: PlanBatch) -> BatchEstimate:
     return BatchEstimate(time_s=time_s, memory_bytes=device_memory(batch))
 
 
-def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
-    req = parse_estimate_request(request)
+def estimate_request(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> StepEstimate:
+    """The contract's estimate; `resolve_profile` finds `cluster.profile` (default: a file path)."""
+    req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
     return estimate_step(req.model, req.training, req.cluster, req.plan)
 
@@ -233,7 +234,11 @@ def estimate_request(request: dict[str, Any] | EstimateRequest) -> StepEstimate:
 def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
     """Predict one step of a structurally valid plan (see planner.rules)."""
     batch = PlanBatch.of_plan(model, training, cluster, plan)
-    return summarise(batch, evaluate(batch), row=0, plan=plan)
+    estimate = summarise(batch, evaluate(batch), row=0, plan=plan)
+    if cluster.measured is None:
+        return estimate
+    sources, notes = profile_sources(layer_kinds(model, training, cluster, plan), batch, plan)
+    return estimate.model_copy(update={"sources": sources, "assumptions": notes + estimate.assumptions})
 
 
 # --------------------------------------------------------------------------------------------- time
@@ -323,11 +328,46 @@ def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
 
 def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The optimizer is memory-bound (roofline, Williams et al. 2009): bytes touched / achievable HBM
-    bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp)."""
+    bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp).
+    With a profile that timed this optimizer: its measured seconds per parameter instead."""
     training, gpu = batch.training, batch.cluster.gpu
     params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    per_param_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer)
+    if per_param_s is not None:
+        return params * per_param_s
     traffic = optimizer_traffic_bytes_per_param(training.precision, training.optimizer)
     return params * traffic / (gpu.hbm_GBps * 1e9 * gpu.memory_efficiency)
+
+
+def measured_optimizer_s_per_param(cluster: ClusterSpec, optimizer: str) -> float | None:
+    return None if cluster.measured is None else cluster.measured.optimizer_s_per_param(optimizer)
+
+
+def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> tuple[dict[str, str], list[str]]:
+    """Which model each time term came from with a profile attached ("profile", "analytic", or "profile+analytic"
+    when its layers mixed both), and a note for every layer the profile could not answer."""
+    layers = (kinds.embedding, kinds.block, kinds.head)
+    layer_sources = {cost.time_source for cost in layers}
+    compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
+    measured = batch.cluster.measured
+    has_fit = {
+        axis: measured.channel_fit(op, "intra_node", 2) is not None
+        for axis, op in (("collective", "all_reduce"), ("p2p", "send_recv"))
+    }
+    comm_source = {True: "profile", False: "analytic"}
+    optimizer = measured_optimizer_s_per_param(batch.cluster, batch.training.optimizer) is not None
+    sources = {
+        "compute_s": compute,
+        "bubble_s": compute,
+        "tp_comm_s": comm_source[has_fit["collective"]],
+        "dp_comm_s": comm_source[has_fit["collective"]],
+        "cp_comm_s": comm_source[has_fit["p2p"]],
+        "pp_comm_s": comm_source[has_fit["p2p"]],
+        "optimizer_s": comm_source[optimizer],
+        "memory": "analytic",
+    }
+    notes = [cost.time_note for cost in layers if cost.time_note]
+    return sources, notes
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -439,9 +479,7 @@ def memory_of_row(batch: PlanBatch, result: BatchEstimate, row: int) -> MemoryEs
             )
         )
     peak = max(stages, key=lambda s: s.total_bytes)
-    return MemoryEstimate(
-        peak_bytes=peak.total_bytes, peak_stage=peak.stage, capacity_bytes=capacity, by_stage=stages
-    )
+    return MemoryEstimate(peak_bytes=peak.total_bytes, peak_stage=peak.stage, capacity_bytes=capacity, by_stage=stages)
 
 
 def _over_message(stage: StageMemory) -> str:
@@ -467,8 +505,10 @@ def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPla
     return notes
 
 
-def layer_costs(request: dict[str, Any] | EstimateRequest) -> list[LayerCost]:
+def layer_costs(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> list[LayerCost]:
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
-    req = parse_estimate_request(request)
+    req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
     return layers_in_order(layer_graph(req.model, req.training, req.cluster, req.plan))

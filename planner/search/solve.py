@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from planner.cost.step import TIME_TERMS, estimate_step
-from planner.request import PlanRequest, parse_plan_request
+from planner.request import PlanRequest, ProfileResolver, parse_plan_request
 from planner.search.evaluate import CandidateCosts, RowCosts
 from planner.search.result import (
     CandidateCounts,
@@ -52,9 +52,10 @@ class Costed:
         return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
 
 
-def search(request: dict[str, Any] | PlanRequest) -> SearchResult:
-    """The fastest plans that fit, ranked and explained (or, when none fits, the closest ones)."""
-    req = parse_plan_request(request)
+def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolver | None = None) -> SearchResult:
+    """The fastest plans that fit, ranked and explained (or, when none fits, the closest ones). With
+    `cluster.profile`, from the measurements (`resolve_profile` finds it; default: a file path)."""
+    req = parse_plan_request(request, resolve_profile)
     options = req.search
     started = time.perf_counter()
     candidates, rejected = search_space(req.model, req.training, req.cluster, options)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from executor import launch
+from planner.cost.measured import busbw_factor
 from planner.specs import TimingStats
 from profiler import collectives
 from profiler.collectives import OPS, message_elements, read_result, sweep_command_args
-from profiler.fit import busbw_factor
 from profiler.timing import UNSTABLE_SPREAD, stats, time_repeats
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from planner.cost import measured
+from planner.cost.measured import LayerTable, NotMeasured
 from planner.specs import CollectiveMeasurement, LayerMeasurement, TimingStats
 from profiler import fit
-from profiler.fit import LayerTable, NotMeasured
 
 SIZES_BYTES = [2**k for k in range(10, 29)]  # 1 KiB .. 256 MiB, as a sweep would take them
 
@@ -34,7 +35,7 @@ def sample(op: str, n: int, size_bytes: int, time_s: float, tier: str = "intra_n
 def sweep(latency_s, bandwidth_GBps, op="all_reduce", n=8, noise=0.0, seed=0, tier="intra_node", sizes=SIZES_BYTES):
     """Samples of the alpha-beta model, each time multiplied by (1 + noise x a standard normal draw)."""
     rng = np.random.default_rng(seed)
-    factor = fit.busbw_factor(op, n)
+    factor = measured.busbw_factor(op, n)
     samples = []
     for size in sizes:
         exact_s = latency_s + size * factor / (bandwidth_GBps * 1e9)
@@ -47,20 +48,20 @@ def sweep(latency_s, bandwidth_GBps, op="all_reduce", n=8, noise=0.0, seed=0, ti
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_busbw_factors_are_nccl_tests(n):
-    assert fit.busbw_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
+    assert measured.busbw_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
     for op in ("all_gather", "reduce_scatter", "all_to_all"):
-        assert fit.busbw_factor(op, n) == pytest.approx((n - 1) / n)
-    assert fit.busbw_factor("send_recv", n) == 1.0
+        assert measured.busbw_factor(op, n) == pytest.approx((n - 1) / n)
+    assert measured.busbw_factor("send_recv", n) == 1.0
 
 
 def test_factor_values_by_hand():
-    assert fit.busbw_factor("all_reduce", 2) == 1.0
-    assert fit.busbw_factor("all_reduce", 4) == 1.5
-    assert fit.busbw_factor("all_reduce", 8) == 1.75
-    assert fit.busbw_factor("all_gather", 2) == 0.5
-    assert fit.busbw_factor("reduce_scatter", 4) == 0.75
-    assert fit.busbw_factor("all_to_all", 8) == 0.875
-    assert set(fit.BUSBW_FACTORS) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
+    assert measured.busbw_factor("all_reduce", 2) == 1.0
+    assert measured.busbw_factor("all_reduce", 4) == 1.5
+    assert measured.busbw_factor("all_reduce", 8) == 1.75
+    assert measured.busbw_factor("all_gather", 2) == 0.5
+    assert measured.busbw_factor("reduce_scatter", 4) == 0.75
+    assert measured.busbw_factor("all_to_all", 8) == 0.875
+    assert set(measured.BUSBW_FACTORS) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
 
 
 def test_bandwidths():
@@ -71,9 +72,9 @@ def test_bandwidths():
 
 def test_unknown_op_and_bad_inputs():
     with pytest.raises(ValueError, match="op"):
-        fit.busbw_factor("broadcast", 8)
+        measured.busbw_factor("broadcast", 8)
     with pytest.raises(ValueError, match="group_size"):
-        fit.busbw_factor("all_reduce", 0)
+        measured.busbw_factor("all_reduce", 0)
     with pytest.raises(ValueError, match="time_s"):
         fit.algbw_GBps(1024, 0.0)
 
@@ -113,7 +114,7 @@ def test_relative_weighting_keeps_small_messages_accurate():
     small = sizes <= 16 * 1024
 
     result = fit.fit_collective(samples)
-    weighted_error = np.abs(fit.predict_collective_s(result, sizes) - exact) / exact
+    weighted_error = np.abs(measured.predict_collective_s(result, sizes) - exact) / exact
     assert weighted_error[small].max() < 0.05
 
     # What an ordinary (unweighted) least-squares line does with the same samples: the 256 MiB point's 3% noise
@@ -126,10 +127,10 @@ def test_relative_weighting_keeps_small_messages_accurate():
 
 def test_predict_collective():
     result = fit.fit_collective(sweep(5e-6, 80.0))
-    assert fit.predict_collective_s(result, 0) == pytest.approx(result.latency_s)
-    assert fit.predict_collective_s(result, 1e9) == pytest.approx(5e-6 + 1e9 * 1.75 / 80e9, rel=1e-6)
+    assert measured.predict_collective_s(result, 0) == pytest.approx(result.latency_s)
+    assert measured.predict_collective_s(result, 1e9) == pytest.approx(5e-6 + 1e9 * 1.75 / 80e9, rel=1e-6)
     with pytest.raises(ValueError, match="size_bytes"):
-        fit.predict_collective_s(result, -1)
+        measured.predict_collective_s(result, -1)
 
 
 def test_negative_latency_is_clamped_to_zero():

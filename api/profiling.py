@@ -1,0 +1,223 @@
+"""`paraplan profile compute|comm|all`: run the profilers, show their progress and results, save and store the profile.
+
+The compute profile runs in this process (it imports torch when it starts measuring); the collective sweep runs
+under torchrun through `executor.launch`, one worker per rank, and is turned into a profile with its alpha-beta
+fits here. Across several nodes this command cannot start the other nodes' workers: it prints the torchrun line
+for each node, and `--from-sweep` turns the file rank 0 wrote into a profile afterwards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from executor import launch
+from planner.specs import HardwareProfile
+from profiler import collectives
+from profiler.compute import ComputeSweep
+from profiler.fit import fit_all
+
+
+class ProfileRunError(RuntimeError):
+    """A profiling run that failed (a rank died, the sweep wrote nothing): the message says which and why."""
+
+
+def _progress(console: Console, label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- compute
+
+
+def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
+    """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer)."""
+    from profiler.compute import profile_compute
+
+    with _progress(console, "compute") as progress:
+        task = progress.add_task("compute", total=len(sweep.points()) + 1, what="starting")
+
+        def tick(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, what=what)
+
+        return profile_compute(sweep, on_progress=tick)
+
+
+# ------------------------------------------------------------------------------------------- collectives
+
+
+@dataclass(frozen=True)
+class CommLaunch:
+    """A collective sweep to launch: `nproc` workers per node on `nnodes` nodes, with the sweep's worker args."""
+
+    nproc: int
+    nnodes: int
+    sweep_args: tuple[str, ...]
+    rdzv_endpoint: str | None = None
+
+    def spec(self, log_dir: Path | None = None) -> launch.LaunchSpec:
+        return launch.LaunchSpec(
+            nproc_per_node=self.nproc,
+            nnodes=self.nnodes,
+            rdzv_endpoint=self.rdzv_endpoint,
+            module="profiler.collectives",
+            args=self.sweep_args,
+            log_dir=log_dir,
+        )
+
+
+def comm_violations(nproc: int, nnodes: int) -> list[str]:
+    """Why `nproc` x `nnodes` ranks cannot form the groups a sweep measures: every group needs two ranks."""
+    if nproc < 1 or nnodes < 1:
+        return [f"--nproc and --nnodes must be >= 1, got {nproc} and {nnodes}"]
+    if nproc * nnodes < 2:
+        return [f"a collective needs a group of at least 2 ranks; --nproc {nproc} on {nnodes} node(s) gives 1"]
+    return []
+
+
+def per_node_text(comm: CommLaunch) -> str:
+    """The torchrun line to start on each node of a multi-node sweep."""
+    commands = launch.per_node_commands(comm.spec())
+    return "".join(f"# node {rank} of {comm.nnodes}:\n{command}\n" for rank, command in enumerate(commands))
+
+
+def run_comm(comm: CommLaunch, sweep_file: Path, console: Console, cancel: threading.Event) -> HardwareProfile:
+    """Run a one-node sweep under torchrun with a progress bar; the profile of what it measured, with fits."""
+    log_dir = Path(tempfile.mkdtemp(prefix="paraplan-comm-"))
+    with _progress(console, "collectives") as progress:
+        task = progress.add_task("collectives", total=None, what="starting workers")
+        result = launch.run(comm.spec(log_dir), on_line=_comm_line_handler(progress, task), cancel=cancel)
+    if result.cancelled:
+        raise ProfileRunError("the collective sweep was stopped before it finished")
+    if not result.ok:
+        cause = result.root_cause
+        why = f"rank {cause.rank} exited with {cause.exitcode}: {cause.message}" if cause else "see the logs"
+        raise ProfileRunError(f"the collective sweep failed: {why} (logs: {result.run_log_dir or log_dir})")
+    return comm_profile(sweep_file)
+
+
+def _comm_line_handler(progress: Progress, task: Any) -> Callable[[str], None]:
+    def on_line(line: str) -> None:
+        record = collectives.parse_progress_line(line)
+        if record is not None:
+            what = f"{record['tier']} {record['op']} {record['size_bytes']:,} B"
+            progress.update(task, completed=record["done"], total=record["total"], what=what)
+
+    return on_line
+
+
+def comm_profile(sweep_file: Path) -> HardwareProfile:
+    """The profile of a finished sweep's result file (rank 0's), with one alpha-beta fit per op, tier and size."""
+    meta, measurements = collectives.read_result(sweep_file)
+    fields = ("device_kind", "device_name", "hosts", "torch_version", "cuda_version", "nccl_version", "created")
+    return HardwareProfile(
+        device_count=meta["world_size"],
+        settings=meta["settings"] | {"kind": "collectives", "nnodes": meta["nnodes"], "backend": meta["backend"]},
+        collectives=measurements,
+        collective_fits=fit_all(measurements),
+        **{name: meta[name] for name in fields},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ both
+
+
+def merge(compute: HardwareProfile, comm: HardwareProfile) -> HardwareProfile:
+    """One profile of one machine type: the compute measurements with the collectives' added."""
+    if compute.device_kind != comm.device_kind:
+        raise ProfileRunError(
+            f"the compute profile ran on {compute.device_kind}, the collectives on {comm.device_kind}: "
+            "profile both on the same device"
+        )
+    return compute.model_copy(
+        update={
+            "device_count": comm.device_count,
+            "hosts": sorted(set(compute.hosts) | set(comm.hosts)),
+            "nccl_version": comm.nccl_version,
+            "settings": {"compute": compute.settings, "collectives": comm.settings},
+            "collectives": comm.collectives,
+            "collective_fits": comm.collective_fits,
+        }
+    )
+
+
+def save(profile: HardwareProfile, out: Path, store: bool, name: str | None) -> str | None:
+    """Write the profile to `out` and, with `store`, add it to the database; the stored id, if any."""
+    from profiler.store import ProfileStore, save_profile_json
+
+    save_profile_json(profile, out)
+    if not store:
+        return None
+    with ProfileStore() as database:
+        return database.add(profile, name=name)
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def layer_table(profile: HardwareProfile) -> Table:
+    """Per-layer forward / backward medians (ms), saved activations (MiB) and the repeats' spread."""
+    table = Table(title=f"layer times on {profile.device_name}", title_justify="left")
+    for column in ("layer", "recompute", "tp", "mbs", "seq", "fwd ms", "bwd ms", "saved MiB", "spread"):
+        table.add_column(column, justify="left" if column in ("layer", "recompute") else "right")
+    for m in profile.layers:
+        spread = max(m.forward.spread, m.backward.spread)
+        flag = " [yellow]unstable[/yellow]" if m.forward.unstable or m.backward.unstable else ""
+        table.add_row(
+            m.layer, m.recompute if m.layer == "block" else "-", str(m.tp), str(m.micro_batch_size), str(m.seq_len),
+            f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}", f"{m.saved_bytes / 2**20:.2f}",
+            f"{spread:.0%}{flag}",
+        )  # fmt: skip
+    for o in profile.optimizer:
+        per_param_ns = o.time.median_s / o.num_params * 1e9
+        table.caption = f"{o.optimizer} step: {per_param_ns:.2f} ns per parameter ({o.num_params:,} parameters)"
+    return table
+
+
+def collective_table(profile: HardwareProfile) -> Table:
+    """Bus bandwidth (GB/s) of each op at each measured size, one column per op and tier, and the fits below."""
+    series = sorted({(m.tier, m.op, m.group_size) for m in profile.collectives})
+    sizes = sorted({m.size_bytes for m in profile.collectives})
+    busbw = {(m.tier, m.op, m.group_size, m.size_bytes): m for m in profile.collectives}
+    table = Table(title="bus bandwidth, GB/s (nccl-tests convention)", title_justify="left")
+    table.add_column("size", justify="right")
+    for tier, op, n in series:
+        table.add_column(f"{op}\n{tier} n={n}", justify="right")
+    for size in sizes:
+        cells = [_busbw_cell(busbw.get((tier, op, n, size))) for tier, op, n in series]
+        table.add_row(_size_text(size), *cells)
+    fits = [
+        f"{f.op} {f.tier} n={f.group_size}: latency {f.latency_s * 1e6:.1f} us, busbw {f.bandwidth_GBps:.2f} GB/s, "
+        f"log-R2 {f.r2:.3f}, max error {f.max_rel_error:.0%}"
+        for f in profile.collective_fits
+    ]
+    table.caption = "\n".join(fits)
+    return table
+
+
+def _busbw_cell(measurement: Any) -> str:
+    if measurement is None:
+        return "-"
+    mark = "*" if measurement.time.unstable else ""
+    return f"{measurement.busbw_GBps:.3f}{mark}"
+
+
+def _size_text(size_bytes: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:g} {unit}"
+    return f"{size_bytes} B"

@@ -1,0 +1,300 @@
+"""What a HardwareProfile tells the cost model: layer times looked up or interpolated from the measured shapes, and
+collective times from alpha-beta fits. Pure numpy; the fits themselves are made by profiler/fit.py.
+
+- Collectives: time(size) = latency_s + size x busbw_factor(op, n) / bus bandwidth (Hockney 1994; Thakur,
+  Rabenseifner & Gropp 2005), with nccl-tests' bus-bandwidth factors (nccl-tests doc/PERFORMANCE.md).
+- Layers: forward/backward time and saved-activation bytes at the shapes a plan asks for (`LayerTable`); what
+  cannot be answered soundly raises `NotMeasured`, and the caller falls back to the analytic model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from planner.specs import (
+        CollectiveFit,
+        CollectiveOp,
+        HardwareProfile,
+        LayerKind,
+        LayerMeasurement,
+        Precision,
+        Recompute,
+    )
+
+GB = 1e9  # bytes in the GB of `_GBps` (DESIGN.md "Units": 10^9 B/s)
+
+# ------------------------------------------------------------------------------------ bus bandwidth
+
+BUSBW_FACTORS: dict[str, Callable[[int], float]] = {
+    # nccl-tests doc/PERFORMANCE.md: the factor that turns algbw (size / time) into busbw, the speed each link
+    # sees, comparable across group sizes n. all_to_all: src/alltoall.cu; send_recv: src/sendrecv.cu.
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+    "send_recv": lambda n: 1.0,
+}
+
+
+def busbw_factor(op: CollectiveOp | str, n: int) -> float:
+    """busbw / algbw for `op` on a group of `n` ranks (nccl-tests doc/PERFORMANCE.md); 0 for a lone rank's
+    collectives, which move nothing."""
+    if op not in BUSBW_FACTORS:
+        raise ValueError(f"op: unknown collective {op!r}; known: {sorted(BUSBW_FACTORS)}")
+    if n < 1:
+        raise ValueError(f"group_size: a group has at least one rank, got {n}")
+    return BUSBW_FACTORS[op](n)
+
+
+def predict_collective_s(fit: CollectiveFit, size_bytes: float) -> float:
+    """The fitted alpha-beta time of one `fit.op` of `size_bytes` (nccl-tests' size: what algbw divides)."""
+    if np.any(np.asarray(size_bytes) < 0):
+        raise ValueError(f"size_bytes: must be >= 0, got {size_bytes}")
+    factor = busbw_factor(fit.op, fit.group_size)
+    return fit.latency_s + size_bytes * factor / (fit.bandwidth_GBps * GB)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+LayerKey = tuple[str, int, str, str]  # (layer, tp, dtype, recompute)
+LookupMethod = Literal["measured", "interpolated", "extrapolated", "seq_fit"]
+
+EXTRAPOLATION_LIMIT = 2.0  # this module's rule, not a measured constant: answer up to 2x the largest measured
+
+
+class NotMeasured(LookupError):
+    """The profile cannot answer this layer shape soundly; `field` names what is missing. Fall back to the
+    analytic model."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer's measured or interpolated cost. `method` says how it was obtained (see `LayerTable`);
+    `exact` is true only for a measured shape."""
+
+    forward_s: float
+    backward_s: float
+    saved_bytes: int
+    exact: bool
+    method: LookupMethod
+
+
+@dataclass(frozen=True)
+class _Points:
+    """The measured shapes of one (layer, tp, dtype, recompute): values columns are forward_s, backward_s,
+    saved_bytes."""
+
+    micro_batch_size: np.ndarray
+    seq_len: np.ndarray
+    values: np.ndarray
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.micro_batch_size * self.seq_len
+
+
+class LayerTable:
+    """Layer costs by shape, from a profile's LayerMeasurements. `lookup` answers with these rules, in order:
+
+    1. (layer, tp, dtype, recompute) must have been measured; the exact micro_batch_size and seq_len, if
+       measured, are answered as measured (`method="measured"`, `exact=True`).
+    2. tokens = micro_batch_size x seq_len may be at most 2x the largest measured tokens of the group, and
+       seq_len at most 2x the largest measured seq_len; beyond that raises NotMeasured.
+    3. seq_len measured: at fixed seq_len times and saved bytes are linear in micro_batch_size (every op of a
+       block is batched over it), so the value is piecewise linear between the measured micro-batch sizes
+       (`"interpolated"`); outside them it continues the nearest segment, or scales the single point in
+       proportion (`"extrapolated"`), never below 0.
+    4. seq_len not measured (two distinct measured seq_lens needed, else NotMeasured): value = a x tokens +
+       b x tokens x seq_len, the per-token linear part plus attention's part quadratic in seq_len (Korthikanti
+       et al. 2022 sec. 4.1: activations 34sbh + 5as^2b; FLOPs 96Bslh^2(1 + s/6h + ...), Narayanan et al.
+       SC'21). Fitted by least squares on the per-token value, value / tokens = a + b x seq_len, over all
+       the group's points, so that small shapes weigh as much as large ones (`"seq_fit"`).
+    """
+
+    def __init__(self, groups: dict[LayerKey, _Points]):
+        self._groups = groups
+
+    @classmethod
+    def from_measurements(cls, layers: Iterable[LayerMeasurement]) -> LayerTable:
+        """Group measurements by (layer, tp, dtype, recompute); a shape measured twice in a group is refused."""
+        rows: dict[LayerKey, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        for m in layers:
+            key = (m.layer, m.tp, m.dtype, m.recompute)
+            shape = (m.micro_batch_size, m.seq_len)
+            group = rows.setdefault(key, {})
+            if shape in group:
+                raise ValueError(f"layers: {key} measured twice at micro_batch_size, seq_len = {shape}")
+            group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes)
+        return cls({key: _to_points(group) for key, group in rows.items()})
+
+    def lookup(
+        self,
+        layer: LayerKind,
+        tp: int,
+        micro_batch_size: int,
+        seq_len: int,
+        dtype: Precision,
+        recompute: Recompute,
+    ) -> LayerTime:
+        """Forward and backward seconds and saved bytes of one layer at this shape, by the class's rules."""
+        if micro_batch_size < 1 or seq_len < 1:
+            raise ValueError(f"micro_batch_size, seq_len: must be >= 1, got {micro_batch_size}, {seq_len}")
+        points = self._group((layer, tp, dtype, recompute))
+        measured = (points.micro_batch_size == micro_batch_size) & (points.seq_len == seq_len)
+        if measured.any():
+            return _layer_time(points.values[np.argmax(measured)], "measured")
+        _check_in_range(points, micro_batch_size, seq_len)
+        at_seq_len = points.seq_len == seq_len
+        if at_seq_len.any():
+            values, extrapolated = _along_micro_batch(
+                points.micro_batch_size[at_seq_len], points.values[at_seq_len], micro_batch_size
+            )
+            return _layer_time(values, "extrapolated" if extrapolated else "interpolated")
+        return _layer_time(_seq_fit(points, micro_batch_size, seq_len), "seq_fit")
+
+    def _group(self, key: LayerKey) -> _Points:
+        """The group's points, or NotMeasured naming the first of layer, tp, dtype, recompute never measured
+        with the ones before it."""
+        if key in self._groups:
+            return self._groups[key]
+        names = ("layer", "tp", "dtype", "recompute")
+        depth = next(d for d in range(len(names)) if not any(k[: d + 1] == key[: d + 1] for k in self._groups))
+        options = sorted({k[depth] for k in self._groups if k[:depth] == key[:depth]}, key=str)
+        given = "".join(f", {n}={v!r}" for n, v in zip(names[:depth], key[:depth], strict=True))
+        message = f"no layer measurement with {names[depth]}={key[depth]!r}{given}; measured: {options}"
+        raise NotMeasured(names[depth], message)
+
+
+def _to_points(group: dict[tuple[int, int], tuple[float, float, int]]) -> _Points:
+    shapes = np.array(list(group), dtype=float)
+    return _Points(shapes[:, 0], shapes[:, 1], np.array(list(group.values()), dtype=float))
+
+
+def _layer_time(values: np.ndarray, method: LookupMethod) -> LayerTime:
+    forward_s, backward_s, saved_bytes = (float(v) for v in values)
+    return LayerTime(forward_s, backward_s, round(saved_bytes), method == "measured", method)
+
+
+def _check_in_range(points: _Points, micro_batch_size: int, seq_len: int) -> None:
+    """LayerTable rule 2: no more than EXTRAPOLATION_LIMIT x the largest measured tokens and seq_len."""
+    tokens, largest_tokens = micro_batch_size * seq_len, float(points.tokens.max())
+    if tokens > EXTRAPOLATION_LIMIT * largest_tokens:
+        raise NotMeasured(
+            "tokens",
+            f"micro_batch_size x seq_len = {tokens} tokens is beyond {EXTRAPOLATION_LIMIT:g}x the largest "
+            f"measured ({largest_tokens:.0f})",
+        )
+    largest_seq_len = float(points.seq_len.max())
+    if seq_len > EXTRAPOLATION_LIMIT * largest_seq_len:
+        raise NotMeasured(
+            "seq_len",
+            f"seq_len {seq_len} is beyond {EXTRAPOLATION_LIMIT:g}x the largest measured ({largest_seq_len:.0f})",
+        )
+
+
+def _along_micro_batch(
+    micro_batch_sizes: np.ndarray, values: np.ndarray, micro_batch_size: int
+) -> tuple[np.ndarray, bool]:
+    """LayerTable rule 3: piecewise linear in micro_batch_size at one seq_len; (values, extrapolated)."""
+    order = np.argsort(micro_batch_sizes)
+    x, y = micro_batch_sizes[order], values[order]
+    if len(x) == 1:
+        return y[0] * (micro_batch_size / x[0]), True
+    if x[0] <= micro_batch_size <= x[-1]:
+        return np.array([np.interp(micro_batch_size, x, column) for column in y.T]), False
+    near, far = (0, 1) if micro_batch_size < x[0] else (-1, -2)
+    slope = (y[near] - y[far]) / (x[near] - x[far])
+    return np.maximum(y[near] + slope * (micro_batch_size - x[near]), 0.0), True
+
+
+def _seq_fit(points: _Points, micro_batch_size: int, seq_len: int) -> np.ndarray:
+    """LayerTable rule 4: value / tokens = a + b x seq_len, least squares over the group, evaluated here."""
+    if len(np.unique(points.seq_len)) < 2:
+        raise NotMeasured(
+            "seq_len",
+            f"seq_len {seq_len} not measured, and one measured seq_len "
+            f"({points.seq_len[0]:.0f}) cannot tell the linear from the quadratic part",
+        )
+    per_token = points.values / points.tokens[:, None]
+    slope, intercept = np.polyfit(points.seq_len, per_token, 1)
+    return np.maximum(micro_batch_size * seq_len * (intercept + slope * seq_len), 0.0)
+
+
+# ------------------------------------------------------------------------------------ profile costs
+
+
+@dataclass(frozen=True)
+class MeasuredLayer:
+    """A layer's forward and backward seconds from a profile (backward includes any recompute), one value per
+    micro-batch size when the sizes came as an array."""
+
+    forward_s: np.ndarray | float
+    backward_s: np.ndarray | float
+
+
+class ProfileCosts:
+    """A HardwareProfile as the cost model reads it: layer times (`layer`), the optimizer's time per parameter
+    and collective channels from the alpha-beta fits. Each answers None where the profile cannot, and the caller
+    uses the analytic model for that term; `misses` keeps why, for the estimate's assumptions."""
+
+    def __init__(self, profile: HardwareProfile):
+        self.profile = profile
+        self.table = LayerTable.from_measurements(profile.layers)
+        self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
+        self.optimizers = {m.optimizer: m for m in profile.optimizer}
+
+    def layer(
+        self, kind: LayerKind, tp: int, micro_batch_sizes: Any, seq_len: int, dtype: Precision, recompute: Recompute
+    ) -> MeasuredLayer | NotMeasured:
+        """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array), or the
+        NotMeasured that says why the profile cannot answer."""
+        sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
+        try:
+            times = [self.table.lookup(kind, tp, int(b), seq_len, dtype, recompute) for b in sizes]
+        except NotMeasured as missing:
+            return missing
+        forward = np.array([t.forward_s for t in times])
+        backward = np.array([t.backward_s for t in times])
+        if np.ndim(micro_batch_sizes) == 0:
+            return MeasuredLayer(float(forward[0]), float(backward[0]))
+        return MeasuredLayer(forward, backward)
+
+    def optimizer_s_per_param(self, optimizer: str) -> float | None:
+        """Seconds per parameter of one optimizer step (clip + step + zero_grad), or None if not measured."""
+        measured = self.optimizers.get(optimizer)  # type: ignore[call-overload]
+        return None if measured is None else measured.time.median_s / measured.num_params
+
+    def channel_fit(self, op: CollectiveOp, tier: str, group_size: int) -> CollectiveFit | None:
+        """The fit of `op` on `tier` at `group_size`, else at the nearest measured group size of that tier (bus
+        bandwidth is defined to be comparable across group sizes, nccl-tests doc/PERFORMANCE.md); None if the
+        profile has no fit of `op` on `tier`."""
+        sizes = [n for (o, t, n) in self.fits if o == op and t == tier]
+        if not sizes:
+            return None
+        nearest = min(sizes, key=lambda n: (abs(np.log(n / group_size)), n))
+        return self.fits[(op, tier, nearest)]
+
+    def device_mismatch(self, gpu_kind: str, gpu_name: str) -> str | None:
+        """Why this profile does not describe the request's GPU, or None when it does. A CPU profile serves the
+        `cpu` device; a CUDA profile serves a GPU preset whose family (the name's first part, e.g. "h100") appears
+        in the measured device's name, PCIe parts only PCIe presets."""
+        measured = self.profile.device_name
+        if (gpu_kind == "cpu") != (self.profile.device_kind == "cpu"):
+            kind = self.profile.device_kind
+            return f"the profile was measured on {kind} ({measured}), the cluster's gpu is {gpu_name}"
+        if gpu_kind == "cpu":
+            return None
+        family = gpu_name.split("-")[0].lower()
+        pcie_profile, pcie_preset = "pcie" in measured.lower(), "pcie" in gpu_name.lower()
+        if family not in measured.lower() or pcie_profile != pcie_preset:
+            return f"the profile was measured on {measured!r}, not on a {gpu_name}"
+        return None
