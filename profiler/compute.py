@@ -45,6 +45,7 @@ from planner.specs import (
     Recompute,
 )
 from profiler.environment import device_name, software_versions, utc_now
+from profiler.layer_timing import LayerSamples, time_layers
 from profiler.timing import stats, time_repeats
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class ComputeSweep:
     warmup: int = 3
     repeats: int = 10
     threads: int | None = None  # CPU: torch.set_num_threads; None keeps torch's default
+    model_blocks: int = 4  # blocks of the model the layers are timed in (at most the model's own)
 
     def violations(self) -> list[tuple[str, str]]:
         """(field, reason) for everything that makes the sweep unmeasurable, without importing torch."""
@@ -94,7 +96,7 @@ class ComputeSweep:
             found.append(("device", f"must be cpu or cuda, got {self.device!r}"))
         if self.device == "cpu" and self.dtype != "fp32":
             found.append(("dtype", f"the executor trains in fp32 on the CPU; {self.dtype} is profiled on cuda only"))
-        for name in ("warmup", "optimizer_params", "repeats", "threads"):
+        for name in ("warmup", "optimizer_params", "repeats", "threads", "model_blocks"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup" else 1
             if value is not None and value < minimum:
@@ -104,25 +106,51 @@ class ComputeSweep:
     def _lists(self) -> list[tuple[str, Sequence[int]]]:
         return [("seq_lens", self.seq_lens), ("micro_batch_sizes", self.micro_batch_sizes), ("tps", self.tps)]
 
-    def points(self) -> list[LayerPoint]:
-        """Every layer shape to measure, blocks first, in the order the profile lists them."""
+    def runs(self) -> list[ModelRun]:
+        """One timed model per (tp, seq_len, micro_batch_size, recompute mode). The first mode's run of each shape
+        also gives the embedding's and the head's times: they are never recomputed."""
         shapes = [(tp, s, b) for tp in self.tps for s in self.seq_lens for b in self.micro_batch_sizes]
-        blocks = [LayerPoint("block", tp, b, s, mode) for tp, s, b in shapes for mode in self.recompute_modes]
-        edges = [LayerPoint(kind, tp, b, s, "none") for kind in ("embedding", "head") for tp, s, b in shapes]
-        return blocks + edges
+        return [
+            ModelRun(tp, b, s, mode, with_edges=mode == self.recompute_modes[0])
+            for tp, s, b in shapes
+            for mode in self.recompute_modes
+        ]
+
+    @property
+    def timed_blocks(self) -> int:
+        return min(self.model_blocks, self.model.num_layers)
 
 
 @dataclass(frozen=True)
 class LayerPoint:
+    """One layer kind at one shape and recompute mode (embedding and head: "none")."""
+
     layer: LayerKind
     tp: int
     micro_batch_size: int
     seq_len: int
     recompute: Recompute
 
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One timed model: its blocks at this shape and mode, and (`with_edges`) its embedding and head."""
+
+    tp: int
+    micro_batch_size: int
+    seq_len: int
+    recompute: Recompute
+    with_edges: bool
+
+    def points(self) -> list[LayerPoint]:
+        block = LayerPoint("block", self.tp, self.micro_batch_size, self.seq_len, self.recompute)
+        if not self.with_edges:
+            return [block]
+        shape = (self.tp, self.micro_batch_size, self.seq_len)
+        return [block, LayerPoint("embedding", *shape, "none"), LayerPoint("head", *shape, "none")]
+
     def describe(self) -> str:
-        mode = f" {self.recompute}" if self.layer == "block" else ""
-        return f"{self.layer}{mode} tp={self.tp} mbs={self.micro_batch_size} seq={self.seq_len}"
+        return f"{self.recompute} tp={self.tp} mbs={self.micro_batch_size} seq={self.seq_len}"
 
 
 def shard_violations(model: ModelSpec, tp: int) -> list[str]:
@@ -255,10 +283,18 @@ def build_layer(
     params_dtype = params_dtype or torch.float32
     builder = {"block": _block, "embedding": _embedding, "head": _head}[point.layer]
     layer = builder(spec, point, device, params_dtype, generator)
-    if dtype in _AUTOCAST_DTYPES and device.type == "cuda":
-        autocast_dtype = getattr(torch, _AUTOCAST_DTYPES[dtype])
-        layer.autocast = lambda: torch.autocast(device_type="cuda", dtype=autocast_dtype)
+    layer.autocast = autocast_for(dtype, device)
     return layer
+
+
+def autocast_for(dtype: Precision, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """The trainer's mixed precision (executor/train.py): autocast to a 16-bit dtype on CUDA, nothing else."""
+    import torch
+
+    if dtype not in _AUTOCAST_DTYPES or device.type != "cuda":
+        return nullcontext
+    autocast_dtype = getattr(torch, _AUTOCAST_DTYPES[dtype])
+    return lambda: torch.autocast(device_type="cuda", dtype=autocast_dtype)
 
 
 def _block(spec: ModelSpec, point: LayerPoint, device: Any, dtype: Any, generator: Any) -> LayerUnderTest:
@@ -337,43 +373,49 @@ def _no_gc_pauses() -> Iterator[None]:
         gc.enable()
 
 
-def measure_layer(sweep: ComputeSweep, point: LayerPoint, device: torch.device) -> LayerMeasurement:
-    """Forward time, backward time (recompute included), saved bytes and, on CUDA, the allocator's peak."""
-    layer = build_layer(sweep.model, point, sweep.dtype, device)
+def measure_run(sweep: ComputeSweep, run: ModelRun, device: torch.device) -> list[LayerMeasurement]:
+    """Time the run's layers inside a model (profiler/layer_timing.py); take each layer's saved bytes and, on
+    CUDA, its allocator peak from the layer alone (they do not depend on its neighbours)."""
+    samples = _time_in_model(sweep, run, device)
+    measurements = []
+    for point in run.points():
+        layer = build_layer(sweep.model, point, sweep.dtype, device)
+        saved = saved_activation_bytes(layer.forward, keep=list(layer.module.parameters()))
+        measurements.append(
+            LayerMeasurement(
+                layer=point.layer,
+                tp=point.tp,
+                micro_batch_size=point.micro_batch_size,
+                seq_len=point.seq_len,
+                dtype=sweep.dtype,
+                recompute=point.recompute,
+                forward=stats(samples.forward[point.layer]),
+                backward=stats(samples.backward[point.layer]),
+                saved_bytes=saved,
+                peak_allocated_bytes=_peak_allocated_bytes(layer, device),
+            )
+        )
+    return measurements
+
+
+def _time_in_model(sweep: ComputeSweep, run: ModelRun, device: torch.device) -> LayerSamples:
+    """The executor's Transformer with `sweep.timed_blocks` blocks sharded for `run.tp`, prepared for the run's
+    recompute mode, timed layer by layer over `sweep.repeats` forward + backward passes."""
+    import torch
+
+    from executor.models import build_model, next_token_loss
+    from executor.parallel.checkpoint import apply_recompute
+
+    spec = shard_spec(sweep.model, run.tp).model_copy(update={"num_layers": sweep.timed_blocks})
+    model = apply_recompute(build_model(spec, device=device, seed=0), run.recompute).train()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    point = LayerPoint("head", run.tp, run.micro_batch_size, run.seq_len, "none")
+    tokens, targets = (_tokens(point, spec.vocab_size, generator, device) for _ in range(2))
     with _no_gc_pauses():
-        forward_s = time_repeats(layer.forward, warmup=sweep.warmup, repeats=sweep.repeats, device=device)
-        backward_s = _time_backward(layer, sweep, device)
-    layer.clear_grads()
-    saved = saved_activation_bytes(layer.forward, keep=list(layer.module.parameters()))
-    return LayerMeasurement(
-        layer=point.layer,
-        tp=point.tp,
-        micro_batch_size=point.micro_batch_size,
-        seq_len=point.seq_len,
-        dtype=sweep.dtype,
-        recompute=point.recompute,
-        forward=stats(forward_s),
-        backward=stats(backward_s),
-        saved_bytes=saved,
-        peak_allocated_bytes=_peak_allocated_bytes(layer, device),
-    )
-
-
-def _time_backward(layer: LayerUnderTest, sweep: ComputeSweep, device: torch.device) -> list[float]:
-    """Each backward runs from a fresh forward (untimed), with the gradients cleared as `zero_grad` leaves them."""
-    pending: list[torch.Tensor] = []
-
-    def fresh_forward() -> None:
-        layer.clear_grads()
-        pending[:] = [layer.forward()]
-
-    return time_repeats(
-        lambda: layer.backward(pending.pop()),
-        warmup=sweep.warmup,
-        repeats=sweep.repeats,
-        device=device,
-        before_each=fresh_forward,
-    )
+        return time_layers(
+            model, tokens, targets, next_token_loss, warmup=sweep.warmup, repeats=sweep.repeats, device=device,
+            autocast=autocast_for(sweep.dtype, device),
+        )  # fmt: skip
 
 
 def _peak_allocated_bytes(layer: LayerUnderTest, device: torch.device) -> int | None:
@@ -426,13 +468,14 @@ def profile_compute(sweep: ComputeSweep, on_progress: Progress | None = None) ->
     import torch
 
     device = _open_device(sweep)
-    points = sweep.points()
-    total = len(points) + 1
-    layers = []
-    for done, point in enumerate(points, start=1):
-        layers.append(measure_layer(sweep, point, device))
+    runs = sweep.runs()
+    total = len(runs) + 1
+    measured = []
+    for done, run in enumerate(runs, start=1):
+        measured.append(measure_run(sweep, run, device))
         if on_progress is not None:
-            on_progress(done, total, point.describe())
+            on_progress(done, total, run.describe())
+    layers = sorted((m for run in measured for m in run), key=_profile_order)
     optimizer = measure_optimizer(sweep, device)
     if on_progress is not None:
         on_progress(total, total, f"{sweep.optimizer} step")
@@ -447,6 +490,13 @@ def profile_compute(sweep: ComputeSweep, on_progress: Progress | None = None) ->
         optimizer=[optimizer],
         **software_versions(nccl=False),
     )
+
+
+def _profile_order(m: LayerMeasurement) -> tuple[int, int, int, int, int]:
+    """Blocks first, then embedding, then head; within a kind by tp, seq_len, micro-batch, recompute mode."""
+    kinds = ("block", "embedding", "head")
+    mode = RECOMPUTE_MODES.index(m.recompute)
+    return (kinds.index(m.layer), m.tp, m.seq_len, m.micro_batch_size, mode)
 
 
 def _open_device(sweep: ComputeSweep) -> torch.device:
