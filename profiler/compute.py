@@ -26,6 +26,7 @@ torch is imported inside the functions, so the CLI can validate a sweep without 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import weakref
@@ -518,4 +519,5 @@ def _settings(sweep: ComputeSweep) -> dict[str, Any]:
     """The sweep's settings as the profile records them (the model is recorded on its own)."""
     settings = asdict(sweep)
     settings.pop("model")
-    return settings | {"kind": "compute", "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    settings |= {"kind": "compute", "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return json.loads(json.dumps(settings))  # tuples as lists: as the profile reads back from JSON
