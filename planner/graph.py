@@ -140,18 +140,29 @@ class LayerContext:
     def layer_times(self, kind: LayerKind, layer_ops: list[ops.OpCost], tp: int, recompute: str) -> LayerTimes:
         """Forward, backward and recompute seconds of a layer: measured, when the cluster's profile has this
         layer at this shape (its backward then includes the recompute), else from the roofline over `layer_ops`."""
-        note = None
-        if self.measured is not None:
-            found = self.measured.layer(kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute)
-            if isinstance(found, MeasuredLayer):
-                return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None)
-            note = f"{kind} times are analytic: {found}"
-        return LayerTimes(
+        analytic = LayerTimes(
             forward_s=sum(forward_s(op, self.speeds) for op in layer_ops),
             backward_s=sum(backward_s(op, self.speeds) for op in layer_ops),
             recompute_s=recompute_s(layer_ops, recompute, self.speeds),
             source="analytic",
-            note=note,
+            note=None,
+        )
+        if self.measured is None:
+            return analytic
+        found = self.measured.layer(kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute)
+        if not isinstance(found, MeasuredLayer):
+            return replace(analytic, note=f"{kind} times are analytic: {found}")
+        if found.complete:
+            return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None)
+        # Some of the micro-batch sizes the search costs at once are beyond the profile: those sizes only are
+        # costed analytically, the others as measured.
+        missing = found.missing
+        return LayerTimes(
+            forward_s=np.where(missing, analytic.forward_s, found.forward_s),
+            backward_s=np.where(missing, analytic.backward_s, found.backward_s),
+            recompute_s=np.where(missing, analytic.recompute_s, 0.0),
+            source="profile+analytic",
+            note=f"{kind} times are analytic for some micro-batch sizes: {found.reason}",
         )
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):

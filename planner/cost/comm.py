@@ -46,6 +46,20 @@ def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
     return tier_channel(cluster, "inter_node" if group.neighbours_cross_nodes else "intra_node", "send_recv", 2)
 
 
+def channel_source(cluster: ClusterSpec, group: GroupPlacement, p2p: bool = False) -> str:
+    """"profile" when the channel `group_channel` (or, for `p2p`, `p2p_channel`) gives this group comes from
+    the attached profile's fits on every tier it uses, else "analytic" (no profile, no fit, or a lone rank)."""
+    if cluster.measured is None or group.size < 2:
+        return "analytic"
+    if p2p:
+        tiers = ["inter_node" if group.neighbours_cross_nodes else "intra_node"]
+    else:
+        tiers = ["intra_node"] if group.intra_node else ["intra_node", "inter_node"]
+    op = "send_recv" if p2p else "all_reduce"
+    measured = all(cluster.measured.channel_fit(op, tier, group.size) is not None for tier in tiers)
+    return "profile" if measured else "analytic"
+
+
 def tier_channel(cluster: ClusterSpec, tier: str, op: str, group_size: int) -> Channel:
     """One link tier's channel: the profile's fit of `op` there when it has one (planner/cost/measured.py),
     else the GPU preset's link (or the user's override)."""

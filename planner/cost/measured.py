@@ -9,6 +9,7 @@ collective times from alpha-beta fits. Pure numpy; the fits themselves are made 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -234,11 +235,17 @@ def _seq_fit(points: _Points, micro_batch_size: int, seq_len: int) -> np.ndarray
 
 @dataclass(frozen=True)
 class MeasuredLayer:
-    """A layer's forward and backward seconds from a profile (backward includes any recompute), one value per
-    micro-batch size when the sizes came as an array."""
+    """A layer's forward and backward seconds from a profile (backward includes any recompute): numbers, or
+    arrays over the micro-batch sizes asked for, NaN where `missing` (the profile cannot answer that size)."""
 
     forward_s: np.ndarray | float
     backward_s: np.ndarray | float
+    missing: np.ndarray | bool = False
+    reason: NotMeasured | None = None  # why the first missing size is missing
+
+    @property
+    def complete(self) -> bool:
+        return not np.any(self.missing)
 
 
 class ProfileCosts:
@@ -255,18 +262,25 @@ class ProfileCosts:
     def layer(
         self, kind: LayerKind, tp: int, micro_batch_sizes: Any, seq_len: int, dtype: Precision, recompute: Recompute
     ) -> MeasuredLayer | NotMeasured:
-        """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array), or the
-        NotMeasured that says why the profile cannot answer."""
+        """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array, each size
+        answered on its own), or, when the profile answers none of them, the NotMeasured that says why."""
         sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
-        try:
-            times = [self.table.lookup(kind, tp, int(b), seq_len, dtype, recompute) for b in sizes]
-        except NotMeasured as missing:
-            return missing
-        forward = np.array([t.forward_s for t in times])
-        backward = np.array([t.backward_s for t in times])
+        times = np.full((len(sizes), 2), np.nan)
+        reasons: list[NotMeasured] = []
+        for row, size in enumerate(sizes):
+            try:
+                found = self.table.lookup(kind, tp, int(size), seq_len, dtype, recompute)
+            except NotMeasured as missing:
+                reasons.append(missing)
+                continue
+            times[row] = found.forward_s, found.backward_s
+        missing = np.isnan(times[:, 0])
+        if missing.all():
+            return reasons[0]
+        reason = reasons[0] if reasons else None
         if np.ndim(micro_batch_sizes) == 0:
-            return MeasuredLayer(float(forward[0]), float(backward[0]))
-        return MeasuredLayer(forward, backward)
+            return MeasuredLayer(float(times[0, 0]), float(times[0, 1]))
+        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason)
 
     def optimizer_s_per_param(self, optimizer: str) -> float | None:
         """Seconds per parameter of one optimizer step (clip + step + zero_grad), or None if not measured."""
@@ -285,8 +299,8 @@ class ProfileCosts:
 
     def device_mismatch(self, gpu_kind: str, gpu_name: str) -> str | None:
         """Why this profile does not describe the request's GPU, or None when it does. A CPU profile serves the
-        `cpu` device; a CUDA profile serves a GPU preset whose family (the name's first part, e.g. "h100") appears
-        in the measured device's name, PCIe parts only PCIe presets."""
+        `cpu` device; a CUDA profile serves a GPU preset whose family (the name's first part, e.g. "h100") is a
+        word of the measured device's name ("l4" is not "L40S"), PCIe parts only PCIe presets."""
         measured = self.profile.device_name
         if (gpu_kind == "cpu") != (self.profile.device_kind == "cpu"):
             kind = self.profile.device_kind
@@ -294,7 +308,7 @@ class ProfileCosts:
         if gpu_kind == "cpu":
             return None
         family = gpu_name.split("-")[0].lower()
-        pcie_profile, pcie_preset = "pcie" in measured.lower(), "pcie" in gpu_name.lower()
-        if family not in measured.lower() or pcie_profile != pcie_preset:
+        words = set(re.split(r"[^a-z0-9]+", measured.lower()))  # "NVIDIA A100-SXM4-80GB" -> nvidia, a100, ...
+        if family not in words or ("pcie" in words) != ("pcie" in gpu_name.lower()):
             return f"the profile was measured on {measured!r}, not on a {gpu_name}"
         return None

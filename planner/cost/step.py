@@ -349,21 +349,17 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
     layers = (kinds.embedding, kinds.block, kinds.head)
     layer_sources = {cost.time_source for cost in layers}
     compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
-    measured = batch.cluster.measured
-    has_fit = {
-        axis: measured.channel_fit(op, "intra_node", 2) is not None
-        for axis, op in (("collective", "all_reduce"), ("p2p", "send_recv"))
-    }
-    comm_source = {True: "profile", False: "analytic"}
-    optimizer = measured_optimizer_s_per_param(batch.cluster, batch.training.optimizer) is not None
+    cluster = batch.cluster
+    degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
+    optimizer = measured_optimizer_s_per_param(cluster, batch.training.optimizer) is not None
     sources = {
         "compute_s": compute,
         "bubble_s": compute,
-        "tp_comm_s": comm_source[has_fit["collective"]],
-        "dp_comm_s": comm_source[has_fit["collective"]],
-        "cp_comm_s": comm_source[has_fit["p2p"]],
-        "pp_comm_s": comm_source[has_fit["p2p"]],
-        "optimizer_s": comm_source[optimizer],
+        "tp_comm_s": comm.channel_source(cluster, placement("tp", *degrees)),
+        "dp_comm_s": comm.channel_source(cluster, placement("dp_cp", *degrees)),
+        "cp_comm_s": comm.channel_source(cluster, placement("cp", *degrees), p2p=True),
+        "pp_comm_s": comm.channel_source(cluster, placement("pp", *degrees), p2p=True),
+        "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "analytic",
     }
     notes = [cost.time_note for cost in layers if cost.time_note]

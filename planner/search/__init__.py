@@ -17,8 +17,8 @@ __all__ = ["search"]
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, request: Any) -> Any:
-        return search(request)
+    def __call__(self, request: Any, resolve_profile: Any = None) -> Any:
+        return search(request, resolve_profile)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,627 @@
+"""Planning from a measured HardwareProfile: ProfileCosts answers layer, optimizer and collective costs, the edges
+attach the profile that `cluster.profile` names, and every time term of the estimate says where it came from.
+
+The profiles are synthetic (no torch): round numbers, so that each expected value is worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import planner
+from planner.cost import comm
+from planner.cost.measured import MeasuredLayer, NotMeasured, ProfileCosts, predict_collective_s
+from planner.cost.params import model_params
+from planner.cost.step import layer_costs
+from planner.layout import placement
+from planner.presets import gpu_preset
+from planner.profiles import ProfileError, save_profile_json
+from planner.request import attach_profile, parse_estimate_request, parse_plan_request
+from planner.search.solve import search
+from planner.specs import (
+    PROFILE_SCHEMA_VERSION,
+    ClusterSpec,
+    CollectiveFit,
+    HardwareProfile,
+    LayerMeasurement,
+    ModelSpec,
+    OptimizerMeasurement,
+    TimingStats,
+)
+
+MODEL = ModelSpec(
+    num_layers=4,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=352,
+    vocab_size=256,
+    mlp="swiglu",
+    norm="rmsnorm",
+    position_embedding="rope",
+)
+PARAMS = model_params(MODEL)  # untied, pp = tp = 1: what one device holds
+SEQ_LEN = 128
+FP32_BYTES = 4
+
+# (forward_s, backward_s) of each layer kind at micro_batch_size 4, seq_len 128, fp32, tp 1, recompute none.
+EMBEDDING = (0.001, 0.002)
+BLOCK = (0.010, 0.020)
+HEAD = (0.003, 0.004)
+# One layer of each kind per micro-batch: embedding + 4 blocks + head.
+PER_MICROBATCH_S = sum(EMBEDDING) + MODEL.num_layers * sum(BLOCK) + sum(HEAD)  # 0.13 s
+
+ADAMW_S, ADAMW_PARAMS = 0.002, 1000  # 2e-6 s per parameter
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+
+def timing(median_s: float) -> TimingStats:
+    return TimingStats(median_s=median_s, spread=0.01, repeats=5)
+
+
+def layer(
+    kind: str,
+    times: tuple[float, float],
+    micro_batch_size: int = 4,
+    recompute: str = "none",
+    seq_len: int = SEQ_LEN,
+    tp: int = 1,
+    dtype: str = "fp32",
+) -> LayerMeasurement:
+    forward_s, backward_s = times
+    return LayerMeasurement(
+        layer=kind,
+        tp=tp,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        recompute=recompute,
+        forward=timing(forward_s),
+        backward=timing(backward_s),
+        saved_bytes=1000 * micro_batch_size,
+    )
+
+
+def model_layers(micro_batch_size: int = 4, recompute_modes: tuple[str, ...] = ("none",)) -> list[LayerMeasurement]:
+    """Embedding, block and head at one micro-batch size; the block in each of `recompute_modes`."""
+    blocks = [layer("block", BLOCK, micro_batch_size, recompute=mode) for mode in recompute_modes]
+    return [layer("embedding", EMBEDDING, micro_batch_size), *blocks, layer("head", HEAD, micro_batch_size)]
+
+
+def adamw(time_s: float = ADAMW_S, num_params: int = ADAMW_PARAMS) -> OptimizerMeasurement:
+    return OptimizerMeasurement(optimizer="adamw", num_params=num_params, time=timing(time_s))
+
+
+def fit(op: str, tier: str, group_size: int, latency_s: float = 1e-4, bandwidth_GBps: float = 2.0) -> CollectiveFit:
+    return CollectiveFit(
+        op=op,
+        tier=tier,
+        group_size=group_size,
+        latency_s=latency_s,
+        bandwidth_GBps=bandwidth_GBps,
+        r2=0.99,
+        max_rel_error=0.05,
+        num_samples=8,
+    )
+
+
+def make_profile(**fields: Any) -> HardwareProfile:
+    """A CPU profile of MODEL; by default its layers at micro_batch_size 4 and an AdamW step."""
+    base: dict[str, Any] = {
+        "device_kind": "cpu",
+        "device_name": "x86_64 test box",
+        "torch_version": "2.7.0",
+        "created": "2025-06-01T12:00:00+00:00",
+        "model": MODEL,
+        "layers": model_layers(),
+        "optimizer": [adamw()],
+    }
+    return HardwareProfile(**(base | fields))
+
+
+def cuda_profile(device_name: str) -> HardwareProfile:
+    return make_profile(device_kind="cuda", device_name=device_name, cuda_version="12.8")
+
+
+def request(profile: str | None = None, gpus_per_node: int = 1, num_nodes: int = 1, **plan: Any) -> dict[str, Any]:
+    """The contract's estimate request for MODEL on the `cpu` device; `plan` overrides the single-process plan."""
+    cluster: dict[str, Any] = {"gpu": "cpu", "num_nodes": num_nodes, "gpus_per_node": gpus_per_node}
+    if profile is not None:
+        cluster["profile"] = profile
+    return {
+        "model": MODEL.model_dump(exclude_none=True),
+        "training": {"seq_len": SEQ_LEN, "global_batch_size": 8, "precision": "fp32"},
+        "cluster": cluster,
+        "plan": {"dp": 1, "tp": 1, "pp": 1, "micro_batch_size": 4, "recompute": "none"} | plan,
+    }
+
+
+def plan_request(profile: str | None, **search_options: Any) -> dict[str, Any]:
+    req = request(profile)
+    del req["plan"]
+    return req | ({"search": search_options} if search_options else {})
+
+
+@pytest.fixture
+def save(tmp_path: Path):
+    """Write a profile to tmp_path and return its path as the request names it."""
+
+    def saved(profile: HardwareProfile, name: str = "profile.json") -> str:
+        return str(save_profile_json(profile, tmp_path / name))
+
+    return saved
+
+
+def cpu_cluster(gpus_per_node: int = 1, num_nodes: int = 1) -> ClusterSpec:
+    return ClusterSpec(gpu=gpu_preset("cpu"), gpus_per_node=gpus_per_node, num_nodes=num_nodes)
+
+
+# ----------------------------------------------------------------------------------------- ProfileCosts
+
+
+def test_layer_answers_measured_shapes_as_measured():
+    costs = ProfileCosts(make_profile())
+    found = costs.layer("block", 1, 4, SEQ_LEN, "fp32", "none")
+    assert isinstance(found, MeasuredLayer)
+    assert (found.forward_s, found.backward_s) == BLOCK
+    assert isinstance(found.forward_s, float)
+    head = costs.layer("head", 1, 4, SEQ_LEN, "fp32", "none")
+    assert isinstance(head, MeasuredLayer) and (head.forward_s, head.backward_s) == HEAD
+
+
+def test_layer_interpolates_linearly_between_micro_batch_sizes():
+    profile = make_profile(layers=[layer("block", (0.01, 0.02), 2), layer("block", (0.04, 0.05), 8)])
+    costs = ProfileCosts(profile)
+    found = costs.layer("block", 1, 4, SEQ_LEN, "fp32", "none")
+    assert isinstance(found, MeasuredLayer)
+    # 4 lies a third of the way from 2 to 8.
+    assert found.forward_s == pytest.approx(0.01 + (0.04 - 0.01) / 3)
+    assert found.backward_s == pytest.approx(0.02 + (0.05 - 0.02) / 3)
+
+
+def test_layer_answers_an_array_of_micro_batch_sizes_element_by_element():
+    profile = make_profile(layers=[layer("block", (0.01, 0.02), 2), layer("block", (0.04, 0.05), 8)])
+    found = ProfileCosts(profile).layer("block", 1, np.array([2, 5, 8]), SEQ_LEN, "fp32", "none")
+    assert isinstance(found, MeasuredLayer)
+    np.testing.assert_allclose(found.forward_s, [0.01, 0.025, 0.04])
+    np.testing.assert_allclose(found.backward_s, [0.02, 0.035, 0.05])
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("block", 1, 4, SEQ_LEN, "fp32", "full"), "recompute"),
+        (("block", 2, 4, SEQ_LEN, "fp32", "none"), "tp"),
+        (("block", 1, 4, SEQ_LEN, "bf16", "none"), "dtype"),
+        (("block", 1, 4, 4 * SEQ_LEN, "fp32", "none"), "tokens"),  # 4x the measured tokens
+        (("block", 1, 1, 2 * SEQ_LEN, "fp32", "none"), "seq_len"),  # one measured seq_len cannot fit s^2
+    ],
+)
+def test_layer_returns_not_measured_naming_what_is_missing(args, field):
+    found = ProfileCosts(make_profile()).layer(*args)
+    assert isinstance(found, NotMeasured)
+    assert found.field == field
+
+
+def test_layer_of_a_kind_never_measured_is_not_measured():
+    found = ProfileCosts(make_profile(layers=[layer("block", BLOCK)])).layer("head", 1, 4, SEQ_LEN, "fp32", "none")
+    assert isinstance(found, NotMeasured) and found.field == "layer"
+
+
+def test_optimizer_seconds_per_parameter():
+    costs = ProfileCosts(make_profile())
+    assert costs.optimizer_s_per_param("adamw") == pytest.approx(ADAMW_S / ADAMW_PARAMS)
+    assert costs.optimizer_s_per_param("sgd") is None
+
+
+def test_channel_fit_takes_the_nearest_measured_group_size_of_the_tier():
+    two, eight = fit("all_reduce", "intra_node", 2), fit("all_reduce", "intra_node", 8, latency_s=2e-4)
+    inter = fit("all_reduce", "inter_node", 16, latency_s=3e-4)
+    costs = ProfileCosts(make_profile(collective_fits=[two, eight, inter]))
+    assert costs.channel_fit("all_reduce", "intra_node", 2) == two
+    assert costs.channel_fit("all_reduce", "intra_node", 8) == eight
+    assert costs.channel_fit("all_reduce", "intra_node", 3) == two  # |log 2/3| < |log 8/3|
+    assert costs.channel_fit("all_reduce", "intra_node", 6) == eight  # |log 8/6| < |log 2/6|
+    assert costs.channel_fit("all_reduce", "intra_node", 4) == two  # as far from 2 as from 8: the smaller
+    assert costs.channel_fit("all_reduce", "intra_node", 64) == eight
+    assert costs.channel_fit("all_reduce", "inter_node", 2) == inter  # other tiers' sizes are not candidates
+    assert costs.channel_fit("all_gather", "intra_node", 2) is None
+    assert costs.channel_fit("send_recv", "inter_node", 2) is None
+    assert ProfileCosts(make_profile()).channel_fit("all_reduce", "intra_node", 2) is None
+
+
+@pytest.mark.parametrize(
+    ("device_name", "gpu", "matches"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm", True),
+        ("NVIDIA H100 80GB HBM3", "a100-80gb", False),
+        ("NVIDIA H100 80GB HBM3", "h100-pcie", False),
+        ("NVIDIA H100 80GB HBM3", "cpu", False),
+        ("NVIDIA H100 PCIe", "h100-pcie", True),
+        ("NVIDIA H100 PCIe", "h100-sxm", False),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb", True),
+        ("NVIDIA H200", "h100-sxm", False),
+    ],
+)
+def test_device_mismatch_of_a_cuda_profile(device_name, gpu, matches):
+    preset = gpu_preset(gpu)
+    mismatch = ProfileCosts(cuda_profile(device_name)).device_mismatch(preset.kind, preset.name)
+    assert (mismatch is None) == matches
+    if not matches:
+        assert device_name in mismatch and gpu in mismatch
+
+
+def test_device_mismatch_of_a_cpu_profile():
+    costs = ProfileCosts(make_profile())
+    assert costs.device_mismatch("cpu", "cpu") is None
+    mismatch = costs.device_mismatch("gpu", "h100-sxm")
+    assert mismatch is not None and "cpu" in mismatch and "h100-sxm" in mismatch
+
+
+def test_an_l40s_profile_does_not_describe_an_l4():
+    preset = gpu_preset("l4")
+    assert ProfileCosts(cuda_profile("NVIDIA L40S")).device_mismatch(preset.kind, preset.name) is not None
+
+
+# --------------------------------------------------------------------------------- ClusterSpec.with_profile
+
+
+def test_with_profile_attaches_costs_to_a_copy():
+    cluster = cpu_cluster()
+    attached = cluster.with_profile(make_profile())
+    assert isinstance(attached.measured, ProfileCosts)
+    assert attached.measured.profile == make_profile()
+    assert cluster.measured is None  # the original is untouched
+    assert attached.model_dump() == cluster.model_dump()  # never serialised
+
+
+def test_with_profile_refuses_another_device():
+    cluster = ClusterSpec(gpu=gpu_preset("h100-sxm"), gpus_per_node=8)
+    with pytest.raises(ProfileError, match=r"^cluster\.profile: ") as raised:
+        cluster.with_profile(make_profile())
+    assert raised.value.field == "cluster.profile"
+    assert cluster.with_profile(cuda_profile("NVIDIA H100 80GB HBM3")).measured is not None
+
+
+# ----------------------------------------------------------------------------------- request edges
+
+
+def test_parse_estimate_request_loads_the_profile_file(save):
+    req = parse_estimate_request(request(save(make_profile())))
+    assert isinstance(req.cluster.measured, ProfileCosts)
+    assert req.cluster.measured.profile == make_profile()
+
+
+def test_parse_plan_request_loads_the_profile_file(save):
+    req = parse_plan_request(plan_request(save(make_profile())))
+    assert isinstance(req.cluster.measured, ProfileCosts)
+
+
+def test_no_profile_no_resolver_call():
+    def resolver(ref: str) -> HardwareProfile:
+        raise AssertionError(f"resolver called for {ref!r}")
+
+    req = parse_estimate_request(request(), resolve_profile=resolver)
+    assert req.cluster.measured is None
+    assert attach_profile(req, resolver) is req
+
+
+def test_attach_profile_keeps_an_attached_profile():
+    calls: list[str] = []
+
+    def resolver(ref: str) -> HardwareProfile:
+        calls.append(ref)
+        return make_profile()
+
+    req = parse_estimate_request(request("box-1"), resolve_profile=resolver)
+    assert attach_profile(req, resolver) is req
+    assert calls == ["box-1"]
+
+
+def test_a_missing_profile_file_names_the_field_and_the_path(tmp_path: Path):
+    path = tmp_path / "nowhere" / "profile.json"
+    with pytest.raises(ProfileError) as raised:
+        parse_estimate_request(request(str(path)))
+    assert raised.value.field == "cluster.profile"
+    assert str(path) in str(raised.value)
+    assert str(raised.value).startswith("cluster.profile: ")
+
+
+def test_a_profile_of_another_schema_version_is_refused(tmp_path: Path):
+    data = json.loads(make_profile().model_dump_json())
+    data["schema_version"] = PROFILE_SCHEMA_VERSION + 1
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ProfileError, match="schema version") as raised:
+        planner.estimate(request(str(path)))
+    assert raised.value.field == "cluster.profile"
+
+
+def test_a_profile_of_another_device_is_refused_at_the_edge(save):
+    req = request(save(make_profile()))
+    req["cluster"]["gpu"] = "h100-sxm"
+    with pytest.raises(ProfileError, match="h100-sxm") as raised:
+        parse_estimate_request(req)
+    assert raised.value.field == "cluster.profile"
+
+
+def test_a_resolver_finds_profiles_by_id():
+    stored = {"cpu-box": make_profile(optimizer=[adamw(time_s=0.004)])}
+    seen: list[str] = []
+
+    def resolver(ref: str) -> HardwareProfile:
+        seen.append(ref)
+        if ref not in stored:
+            raise ProfileError(f"no stored profile {ref!r}")
+        return stored[ref]
+
+    result = planner.estimate(request("cpu-box"), resolve_profile=resolver)
+    assert seen == ["cpu-box"]
+    assert result.sources["optimizer_s"] == "profile"
+    assert result.breakdown.optimizer_s == pytest.approx(PARAMS * 0.004 / ADAMW_PARAMS)
+    with pytest.raises(ProfileError, match="no stored profile 'elsewhere'") as raised:
+        planner.estimate(request("elsewhere"), resolve_profile=resolver)
+    assert raised.value.field == "cluster.profile"
+
+
+# -------------------------------------------------------------------------------------------- estimate
+
+
+def test_single_process_estimate_from_the_profile(save):
+    result = planner.estimate(request(save(make_profile())))
+    assert result.num_microbatches == 2
+    assert result.breakdown.compute_s == pytest.approx(2 * PER_MICROBATCH_S)  # 0.26 s
+    assert result.breakdown.optimizer_s == pytest.approx(PARAMS * ADAMW_S / ADAMW_PARAMS)
+    assert result.breakdown.bubble_s == 0
+    assert result.breakdown.dp_comm_s == result.breakdown.tp_comm_s == result.breakdown.pp_comm_s == 0
+    assert result.step_time_s == pytest.approx(2 * PER_MICROBATCH_S + PARAMS * ADAMW_S / ADAMW_PARAMS)
+    assert result.sources["compute_s"] == result.sources["bubble_s"] == "profile"
+    assert result.sources["optimizer_s"] == "profile"
+    assert result.sources["memory"] == "analytic"
+    assert not any("analytic:" in note for note in result.assumptions)
+
+
+def test_optimizer_time_follows_the_measurement(save):
+    slow = planner.estimate(request(save(make_profile(optimizer=[adamw(time_s=3 * ADAMW_S)]))))
+    more = planner.estimate(request(save(make_profile(optimizer=[adamw(num_params=4 * ADAMW_PARAMS)]))))
+    assert slow.breakdown.optimizer_s == pytest.approx(3 * PARAMS * ADAMW_S / ADAMW_PARAMS)
+    assert more.breakdown.optimizer_s == pytest.approx(PARAMS * ADAMW_S / ADAMW_PARAMS / 4)
+    # What the optimizer steps over is the device's fp32 weights.
+    assert slow.memory.by_stage[0].params_bytes == PARAMS * FP32_BYTES
+
+
+def test_zero_shards_the_measured_optimizer_step(save):
+    path = save(make_profile())
+    result = planner.estimate(request(path, gpus_per_node=2, dp=2, zero_stage=1))
+    assert result.breakdown.optimizer_s == pytest.approx(PARAMS / 2 * ADAMW_S / ADAMW_PARAMS)
+    assert result.sources["optimizer_s"] == "profile"
+
+
+def test_an_unmeasured_optimizer_is_analytic(save):
+    sgd = OptimizerMeasurement(optimizer="sgd", num_params=1000, time=timing(1.0))
+    with_sgd_only = planner.estimate(request(save(make_profile(optimizer=[sgd]))))
+    analytic = planner.estimate(request())
+    assert with_sgd_only.sources["optimizer_s"] == "analytic"
+    assert with_sgd_only.breakdown.optimizer_s == pytest.approx(analytic.breakdown.optimizer_s)
+
+
+def test_micro_batch_size_is_interpolated_in_the_estimate(save):
+    # Measured at 2 and 8; times at 8 are not 4x those at 2, so plain scaling would give other numbers.
+    at_2 = {"embedding": (0.001, 0.002), "block": (0.010, 0.020), "head": (0.003, 0.005)}
+    at_8 = {"embedding": (0.004, 0.005), "block": (0.040, 0.050), "head": (0.009, 0.011)}
+    layers = [layer(kind, times, 2) for kind, times in at_2.items()]
+    layers += [layer(kind, times, 8) for kind, times in at_8.items()]
+    result = planner.estimate(request(save(make_profile(layers=layers))))
+
+    def at_4(kind: str) -> float:
+        return sum(a + (b - a) / 3 for a, b in zip(at_2[kind], at_8[kind], strict=True))  # 4 = 2 + (8 - 2) / 3
+
+    per_microbatch = at_4("embedding") + MODEL.num_layers * at_4("block") + at_4("head")
+    assert result.breakdown.compute_s == pytest.approx(2 * per_microbatch)
+    assert result.sources["compute_s"] == "profile"
+
+
+def test_an_unmeasured_recompute_mode_falls_back_to_analytic_blocks(save):
+    path = save(make_profile())
+    result = planner.estimate(request(path, recompute="selective"))
+    analytic = planner.estimate(request(recompute="selective"))
+    analytic_block = layer_costs(request(recompute="selective"))[1]
+    assert analytic_block.kind == "block"
+    block_s = analytic_block.forward_s + analytic_block.backward_s + analytic_block.recompute_s
+    expected = 2 * (sum(EMBEDDING) + MODEL.num_layers * block_s + sum(HEAD))
+    assert result.breakdown.compute_s == pytest.approx(expected)
+    assert result.breakdown.compute_s != pytest.approx(analytic.breakdown.compute_s)
+    assert result.sources["compute_s"] == "profile+analytic"
+    [note] = [note for note in result.assumptions if "times are analytic" in note]
+    assert note.startswith("block times are analytic") and "recompute" in note and "selective" in note
+    assert result.assumptions[0] == note  # the profile's notes come first
+
+
+def test_layer_costs_record_where_their_times_came_from(save):
+    path = save(make_profile(layers=model_layers(recompute_modes=("none", "full"))))
+    embedding, *blocks, head = layer_costs(request(path, recompute="full"))
+    assert len(blocks) == MODEL.num_layers
+    assert {cost.time_source for cost in (embedding, *blocks, head)} == {"profile"}
+    assert all(cost.time_note is None for cost in (embedding, *blocks, head))
+    assert (blocks[0].forward_s, blocks[0].backward_s, blocks[0].recompute_s) == (*BLOCK, 0.0)
+    # Without the profile, full recompute repeats the forward in a recompute term of its own.
+    analytic_block = layer_costs(request(recompute="full"))[1]
+    assert analytic_block.time_source == "analytic" and analytic_block.recompute_s > 0
+
+
+def test_layers_the_profile_cannot_answer_are_noted(save):
+    path = save(make_profile(layers=[layer("block", BLOCK)]))
+    embedding, block, *_, head = layer_costs(request(path))
+    assert block.time_source == "profile" and block.time_note is None
+    assert embedding.time_source == head.time_source == "analytic"
+    assert embedding.time_note.startswith("embedding times are analytic") and "layer='embedding'" in embedding.time_note
+    result = planner.estimate(request(path))
+    assert result.assumptions[:2] == [embedding.time_note, head.time_note]
+    assert result.sources["compute_s"] == "profile+analytic"
+
+
+def test_pipeline_stages_and_bubble_from_measured_layers(save):
+    result = planner.estimate(request(save(make_profile()), gpus_per_node=2, pp=2))
+    first = sum(EMBEDDING) + 2 * sum(BLOCK)  # 0.063 s
+    last = 2 * sum(BLOCK) + sum(HEAD)  # 0.067 s
+    assert result.breakdown.compute_s == pytest.approx(2 * last)  # m x the slowest device
+    assert result.breakdown.bubble_s == pytest.approx(first)  # sum - max over the devices
+    assert result.sources["bubble_s"] == "profile"
+
+
+def test_an_empty_profile_changes_no_term(save):
+    empty = make_profile(layers=[], optimizer=[])
+    for plan in ({"dp": 2}, {"dp": 2, "recompute": "full"}, {"pp": 2}, {"dp": 2, "zero_stage": 1}):
+        with_profile = planner.estimate(request(save(empty), gpus_per_node=2, **plan))
+        without = planner.estimate(request(gpus_per_node=2, **plan))
+        assert with_profile.breakdown == without.breakdown
+        assert with_profile.memory == without.memory
+        assert set(with_profile.sources.values()) == {"analytic"}
+        notes = with_profile.assumptions[:3]
+        assert [note.split(" ")[0] for note in notes] == ["embedding", "block", "head"]
+        assert with_profile.assumptions[3:] == without.assumptions
+
+
+def test_without_a_profile_everything_is_analytic():
+    result = planner.estimate(request())
+    assert set(result.sources) == {*result.breakdown.model_dump(), "memory"}
+    assert set(result.sources.values()) == {"analytic"}
+    assert not any("times are analytic" in note for note in result.assumptions)
+
+
+# ------------------------------------------------------------------------------------------ collectives
+
+
+def test_dp_all_reduce_uses_the_measured_fit(save):
+    all_reduce = fit("all_reduce", "intra_node", 2, latency_s=1e-4, bandwidth_GBps=2.0)
+    path = save(make_profile(collective_fits=[all_reduce]))
+    plan = {"dp": 2, "zero_stage": 0, "overlap_grad_reduce": False}
+    result = planner.estimate(request(path, gpus_per_node=2, **plan))
+    grad_bytes = PARAMS * FP32_BYTES
+    # The alpha-beta all-reduce on 2 ranks: alpha + 2 (n - 1) / n x S / busbw = 1e-4 + S / 2e9.
+    assert result.breakdown.dp_comm_s == pytest.approx(1e-4 + grad_bytes / 2e9)
+    channel = comm.Channel(bus_bandwidth_Bps=2e9, latency_s=1e-4)
+    assert result.breakdown.dp_comm_s == pytest.approx(comm.all_reduce_s(grad_bytes, 2, channel))
+    assert result.breakdown.dp_comm_s == pytest.approx(predict_collective_s(all_reduce, grad_bytes))
+    assert result.sources["dp_comm_s"] == "profile"
+    assert result.sources["tp_comm_s"] == "analytic"  # tp = 1: no tensor-parallel group, nothing measured
+    assert result.sources["pp_comm_s"] == "analytic"  # no send_recv fit
+
+
+def test_dp_all_reduce_without_fits_is_analytic(save):
+    plan = {"dp": 2, "zero_stage": 0, "overlap_grad_reduce": False}
+    result = planner.estimate(request(save(make_profile()), gpus_per_node=2, **plan))
+    link = gpu_preset("cpu").intra_node
+    expected = link.latency_s + PARAMS * FP32_BYTES / link.bus_bandwidth_Bps
+    assert result.breakdown.dp_comm_s == pytest.approx(expected)
+    assert result.breakdown.dp_comm_s == pytest.approx(
+        planner.estimate(request(gpus_per_node=2, **plan)).breakdown.dp_comm_s
+    )
+    assert result.sources["dp_comm_s"] == "analytic"
+
+
+def test_tier_channel_reads_the_fit_of_its_tier_and_op():
+    fits = [
+        fit("all_reduce", "intra_node", 2, latency_s=1e-4, bandwidth_GBps=2.0),
+        fit("all_reduce", "inter_node", 2, latency_s=5e-4, bandwidth_GBps=0.5),
+        fit("send_recv", "intra_node", 2, latency_s=2e-5, bandwidth_GBps=3.0),
+    ]
+    cluster = cpu_cluster().with_profile(make_profile(collective_fits=fits))
+    assert comm.tier_channel(cluster, "intra_node", "all_reduce", 2) == comm.Channel(2e9, 1e-4)
+    assert comm.tier_channel(cluster, "inter_node", "all_reduce", 4) == comm.Channel(0.5e9, 5e-4)
+    assert comm.tier_channel(cluster, "intra_node", "send_recv", 2) == comm.Channel(3e9, 2e-5)
+    link = gpu_preset("cpu").inter_node
+    assert comm.tier_channel(cluster, "inter_node", "send_recv", 2) == comm.Channel(
+        link.bus_bandwidth_Bps, link.latency_s
+    )
+
+
+def test_group_and_p2p_channels_from_the_fits():
+    fits = [
+        fit("all_reduce", "intra_node", 2, latency_s=1e-4, bandwidth_GBps=4.0),
+        fit("all_reduce", "inter_node", 2, latency_s=5e-4, bandwidth_GBps=1.5),
+        fit("send_recv", "inter_node", 2, latency_s=3e-4, bandwidth_GBps=0.75),
+    ]
+    cluster = cpu_cluster(gpus_per_node=2, num_nodes=2).with_profile(make_profile(collective_fits=fits))
+    inside = placement("dp", 1, 2, 1, 1, 2)  # (axis, pp, dp, cp, tp, gpus_per_node)
+    assert inside.intra_node
+    assert comm.group_channel(cluster, inside) == comm.Channel(4e9, 1e-4)
+    across = placement("dp", 1, 4, 1, 1, 2)
+    assert not across.intra_node and across.members_per_node == 2
+    # Two members per node, each with its own share of the network, capped by the intra-node links.
+    assert comm.group_channel(cluster, across) == comm.Channel(min(4e9, 2 * 1.5e9), 5e-4)
+    neighbours = placement("pp", 4, 1, 1, 1, 2)
+    assert neighbours.neighbours_cross_nodes
+    assert comm.p2p_channel(cluster, neighbours) == comm.Channel(0.75e9, 3e-4)
+
+
+def test_pipeline_sends_use_the_send_recv_fit(save):
+    send_recv = fit("send_recv", "intra_node", 2, latency_s=2e-5, bandwidth_GBps=3.0)
+    result = planner.estimate(request(save(make_profile(collective_fits=[send_recv])), gpus_per_node=2, pp=2))
+    activation = FP32_BYTES * 4 * SEQ_LEN * MODEL.hidden_size  # micro_batch_size x seq_len x hidden, fp32
+    transfers = 2 * (2 + 2 - 1)  # forward and backward: m + pp - 1 boundary crossings each
+    assert result.breakdown.pp_comm_s == pytest.approx(transfers * (2e-5 + activation / 3e9))
+    assert result.sources["pp_comm_s"] == "profile"
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+def test_search_plans_from_the_profile(save):
+    path = save(make_profile(layers=model_layers(recompute_modes=("none", "selective", "full"))))
+    result = search(plan_request(path))
+    assert result.found
+    top = result.plans[0]
+    assert top.estimate.sources["compute_s"] == "profile"
+    assert top.estimate.sources["optimizer_s"] == "profile"
+    # Times scale with the micro-batch size from the one measured point, so every plan runs 8 sequences
+    # through the measured per-sequence times.
+    assert top.estimate.breakdown.compute_s == pytest.approx(8 / 4 * PER_MICROBATCH_S)
+    assert top.estimate.breakdown.optimizer_s == pytest.approx(PARAMS * ADAMW_S / ADAMW_PARAMS)
+    again = planner.estimate(request(path, **top.plan.model_dump(exclude={"layers_per_stage"})))
+    assert again.step_time_s == pytest.approx(top.estimate.step_time_s)
+
+
+def test_search_takes_a_resolver():
+    seen: list[str] = []
+
+    def resolver(ref: str) -> HardwareProfile:
+        seen.append(ref)
+        return make_profile(layers=model_layers(recompute_modes=("none", "selective", "full")))
+
+    result = search(plan_request("cpu-box"), resolve_profile=resolver)
+    assert seen == ["cpu-box"]
+    assert result.plans[0].estimate.sources["compute_s"] == "profile"
+
+
+def test_search_refuses_a_missing_profile(tmp_path: Path):
+    with pytest.raises(ProfileError) as raised:
+        search(plan_request(str(tmp_path / "missing.json")))
+    assert raised.value.field == "cluster.profile"
+
+
+def test_planner_search_passes_the_resolver_on():
+    result = planner.search(plan_request("cpu-box"), resolve_profile=lambda ref: make_profile())
+    assert result.found
+
+
+def test_search_costs_a_measured_micro_batch_size_as_the_estimate_does(save):
+    # The block is measured (slow) at micro_batch_size 4 only; 16 is beyond 2x the measured tokens, so a plan
+    # at 16 is analytic (and here much faster). Searching 4 alone or 4 and 16 must agree on the plan at 4.
+    slow = make_profile(
+        layers=[layer("embedding", (1e-5, 1e-5)), layer("block", (0.5, 1.0)), layer("head", (1e-5, 1e-5))]
+    )
+    path = save(slow)
+    req = plan_request(path, top_k=1, recompute=["none"], zero_stages=[0], micro_batch_sizes=[4, 16])
+    req["training"]["global_batch_size"] = 32
+    at_16 = planner.estimate(request(path, micro_batch_size=16) | {"training": req["training"]})
+    at_4 = planner.estimate(request(path, micro_batch_size=4) | {"training": req["training"]})
+    assert at_16.step_time_s < at_4.step_time_s
+    assert search(req).plans[0].plan.micro_batch_size == 16
