@@ -301,7 +301,8 @@ def error_payload(exc: ValueError) -> dict[str, Any]:
     from profiler.compute import ComputeSweepError
 
     if isinstance(exc, ComputeSweepError):
-        return {"kind": "bad_input", "message": str(exc), "fields": [{"field": exc.field, "message": str(exc)}]}
+        flag = exc.field if exc.field.startswith("--") else SWEEP_FLAGS.get(exc.field, flag_name(exc.field))
+        return {"kind": "bad_input", "message": str(exc), "fields": [{"field": flag, "message": str(exc)}]}
     from executor.launch import LaunchError
     from executor.prepare import RunRefused
 
@@ -1037,9 +1038,14 @@ def compute_sweep(
     )  # fmt: skip
     problems = sweep.violations()
     if problems:
-        field, _ = problems[0]
-        raise ComputeSweepError(flag_name(field), "; ".join(f"{flag_name(f)}: {why}" for f, why in problems))
+        flags = [SWEEP_FLAGS.get(field, flag_name(field)) for field, _ in problems]
+        message = "; ".join(f"{flag}: {why}" for flag, (_, why) in zip(flags, problems, strict=True))
+        raise ComputeSweepError(flags[0], message)
     return sweep
+
+
+# ComputeSweep's fields -> the `profile compute` flag that sets each, for refusals.
+SWEEP_FLAGS = {"seq_lens": "--seq-len", "micro_batch_sizes": "--mbs", "tps": "--tp", "recompute_modes": "--recompute"}
 
 
 def comm_launch(
@@ -1061,7 +1067,12 @@ def comm_launch(
     problems = comm_violations(nproc, nnodes)
     if problems:
         raise CliInputError("; ".join(problems), fields=[{"field": "--nproc", "message": p} for p in problems])
-    args = sweep_command_args(out, min_bytes, max_bytes, ops, warmup, repeats, backend)
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise CliInputError("--rdzv-endpoint host:port (node 0's address) is needed with --nnodes > 1")
+    try:
+        args = sweep_command_args(out, min_bytes, max_bytes, ops, warmup, repeats, backend)
+    except ValueError as exc:  # the sweep's own checks name the flag (--ops, --min-bytes, ...)
+        raise CliInputError(str(exc)) from None
     comm = CommLaunch(nproc, nnodes, args, rdzv_endpoint)
     comm.spec()  # LaunchSpec's own checks (ranks, endpoint)
     return comm

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from executor import launch
+from planner.profiles import ProfileError
 from planner.specs import HardwareProfile
 from profiler import collectives
 from profiler.compute import ComputeSweep
@@ -121,14 +122,22 @@ def _comm_line_handler(progress: Progress, task: Any) -> Callable[[str], None]:
 
 
 def comm_profile(sweep_file: Path) -> HardwareProfile:
-    """The profile of a finished sweep's result file (rank 0's), with one alpha-beta fit per op, tier and size."""
-    meta, measurements = collectives.read_result(sweep_file)
+    """The profile of a finished sweep's result file (rank 0's), with one alpha-beta fit per op, tier and size.
+    ProfileError for a file that is not a sweep result, or whose timings cannot be fitted."""
+    try:
+        meta, measurements = collectives.read_result(sweep_file)
+    except ValueError as error:
+        raise ProfileError(str(error), field="--from-sweep") from None
+    try:
+        fits = fit_all(measurements)
+    except ValueError as error:  # e.g. times that do not grow with size: latency and noise only
+        raise ProfileError(f"cannot fit the sweep in {sweep_file}: {error}", field="collectives") from None
     fields = ("device_kind", "device_name", "hosts", "torch_version", "cuda_version", "nccl_version", "created")
     return HardwareProfile(
         device_count=meta["world_size"],
         settings=meta["settings"] | {"kind": "collectives", "nnodes": meta["nnodes"], "backend": meta["backend"]},
         collectives=measurements,
-        collective_fits=fit_all(measurements),
+        collective_fits=fits,
         **{name: meta[name] for name in fields},
     )
 

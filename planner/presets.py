@@ -35,7 +35,7 @@ def _swiglu_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
     `attention_bias` puts biases on q/k/v *and* o_proj in LlamaAttention; ModelSpec splits biases into
     qkv / everything-else, so an o_proj bias without `mlp_bias` is dropped (h parameters per layer).
     """
-    return {
+    fields = {
         "num_layers": _require(config, "num_hidden_layers", model_type),
         "hidden_size": _require(config, "hidden_size", model_type),
         "num_attention_heads": _require(config, "num_attention_heads", model_type),
@@ -53,6 +53,9 @@ def _swiglu_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
         "linear_bias": bool(_optional(config, "mlp_bias", False)),
         "dropout": float(_optional(config, "attention_dropout", 0.0)),
     }
+    # Left out when absent, not set to None: a field given explicitly counts as the preset's own and would
+    # survive overrides of hidden_size or heads (planner.request.resolve_model), instead of following them.
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _qwen2_fields(config: dict[str, Any], model_type: str) -> dict[str, Any]:
