@@ -35,8 +35,9 @@ from executor.prepare import prepare_run  # noqa: E402
 from planner.profiles import load_profile_json, save_profile_json  # noqa: E402
 from planner.request import resolve_model  # noqa: E402
 
-MODEL = {"name": "llama3-8b", "num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_kv_heads": 2,
-         "ffn_hidden_size": 352, "vocab_size": 256}  # fmt: skip  (executor/examples/tiny-llama-2cpu.json's model)
+# A small Llama (3.3M parameters): big enough that a block takes milliseconds, not microseconds, on one core.
+MODEL = {"name": "llama3-8b", "num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "num_kv_heads": 2,
+         "ffn_hidden_size": 704, "vocab_size": 256}  # fmt: skip
 SEQ_LEN, GLOBAL_BATCH = 128, 8
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 RECOMPUTE_MODES = ("none", "selective", "full")

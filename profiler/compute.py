@@ -54,8 +54,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
-DEFAULT_OPTIMIZER_PARAMS = 4 * 2**20  # enough for the per-parameter time to dominate the per-tensor overhead
-_OPTIMIZER_TENSOR_PARAMS = 2**18  # parameters per tensor of the synthetic optimizer set (a mid-size weight)
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _MAX_GRAD_NORM = 1.0  # the trainer's default (executor/config.py); clipping costs the same whatever the bound
 
@@ -71,7 +69,7 @@ class ComputeSweepError(ValueError):
 @dataclass(frozen=True)
 class ComputeSweep:
     """What to measure: every (tp, seq_len, micro_batch_size) for blocks under each recompute mode, the embedding
-    and the head at each of them, and one optimizer step over `optimizer_params` parameters."""
+    and the head at each of them, and one optimizer step over the timed model's parameters."""
 
     model: ModelSpec
     seq_lens: tuple[int, ...]
@@ -81,7 +79,6 @@ class ComputeSweep:
     dtype: Precision = "fp32"
     device: str = "cpu"
     optimizer: Optimizer = "adamw"
-    optimizer_params: int = DEFAULT_OPTIMIZER_PARAMS
     warmup: int = 3
     repeats: int = 10
     threads: int | None = None  # CPU: torch.set_num_threads; None keeps torch's default
@@ -97,7 +94,7 @@ class ComputeSweep:
             found.append(("device", f"must be cpu or cuda, got {self.device!r}"))
         if self.device == "cpu" and self.dtype != "fp32":
             found.append(("dtype", f"the executor trains in fp32 on the CPU; {self.dtype} is profiled on cuda only"))
-        for name in ("warmup", "optimizer_params", "repeats", "threads", "model_blocks"):
+        for name in ("warmup", "repeats", "threads", "model_blocks"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup" else 1
             if value is not None and value < minimum:
@@ -435,12 +432,15 @@ def _peak_allocated_bytes(layer: LayerUnderTest, device: torch.device) -> int | 
 
 
 def measure_optimizer(sweep: ComputeSweep, device: torch.device) -> OptimizerMeasurement:
-    """Clip + step + zero_grad over `optimizer_params` fp32 parameters with gradients, as the trainer runs them
-    (AdamW, or SGD with momentum 0.9; weight decay 0.1), after warm-ups that create the optimizer state."""
+    """Clip + step + zero_grad as the trainer runs them (AdamW, or SGD with momentum 0.9; weight decay 0.1) over
+    the parameters of the model the layers are timed in: the real mix of tensor sizes, whose per-tensor overhead
+    a synthetic set would miss. Warm-ups create the optimizer state."""
     import torch
 
-    tensors = -(-sweep.optimizer_params // _OPTIMIZER_TENSOR_PARAMS)
-    params = [torch.nn.Parameter(torch.randn(_OPTIMIZER_TENSOR_PARAMS, device=device)) for _ in range(tensors)]
+    from executor.models import build_model
+
+    spec = shard_spec(sweep.model, sweep.tps[0]).model_copy(update={"num_layers": sweep.timed_blocks})
+    params = list(build_model(spec, device=device, seed=0).parameters())
     if sweep.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=0.1)
     else:
@@ -457,7 +457,7 @@ def measure_optimizer(sweep: ComputeSweep, device: torch.device) -> OptimizerMea
 
     with _no_gc_pauses():
         samples = time_repeats(step, warmup=sweep.warmup, repeats=sweep.repeats, device=device, before_each=fill_grads)
-    num_params = tensors * _OPTIMIZER_TENSOR_PARAMS
+    num_params = sum(param.numel() for param in params)
     return OptimizerMeasurement(optimizer=sweep.optimizer, num_params=num_params, time=stats(samples))
 
 
