@@ -1024,6 +1024,7 @@ def compute_sweep(
     warmup: int,
     repeats: int,
     threads: int | None,
+    passes: int = 1,
 ) -> Any:
     """The ComputeSweep the flags describe, or CliInputError / ComputeSweepError naming the bad flag."""
     from planner.request import resolve_model
@@ -1034,7 +1035,8 @@ def compute_sweep(
     sweep = ComputeSweep(
         model=spec, seq_lens=parse_int_list("--seq-len", seq_len), micro_batch_sizes=parse_int_list("--mbs", mbs),
         tps=parse_int_list("--tp", tp), recompute_modes=tuple(m.strip() for m in recompute.split(",")),  # type: ignore[arg-type]
-        dtype=dtype, device=device, optimizer=optimizer, warmup=warmup, repeats=repeats, threads=threads,  # type: ignore[arg-type]
+        dtype=dtype, device=device, optimizer=optimizer,  # type: ignore[arg-type]
+        warmup=warmup, repeats=repeats, threads=threads, passes=passes,
     )  # fmt: skip
     problems = sweep.violations()
     if problems:
@@ -1115,6 +1117,7 @@ def profile_compute(
     warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 3,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 10,
     threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads).")] = None,
+    passes: Annotated[int, typer.Option(help="Run the sweep this many times and pool the samples.")] = 1,
     store: StoreOption = True,
     name: NameOption = None,
 ) -> None:
@@ -1122,7 +1125,9 @@ def profile_compute(
     from api.profiling import layer_table, run_compute
 
     try:
-        sweep = compute_sweep(model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads)
+        sweep = compute_sweep(
+            model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads, passes
+        )
         profile = run_compute(sweep, _console())
     except ValueError as exc:
         raise _bad_input(exc) from None

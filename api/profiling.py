@@ -50,7 +50,7 @@ def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
     from profiler.compute import profile_compute
 
     with _progress(console, "compute") as progress:
-        task = progress.add_task("compute", total=len(sweep.runs()) + 1, what="starting")
+        task = progress.add_task("compute", total=sweep.passes * len(sweep.runs()) + 1, what="starting")
 
         def tick(done: int, total: int, what: str) -> None:
             progress.update(task, completed=done, total=total, what=what)

@@ -54,7 +54,7 @@ def request(micro_batch_size: int, recompute: str, profile: Path) -> dict:
     }
 
 
-def measure_profile(out: Path, threads: int, repeats: int, console: Console) -> Path:
+def measure_profile(out: Path, threads: int, repeats: int, passes: int, console: Console) -> Path:
     from api.profiling import run_compute
     from profiler.compute import ComputeSweep
 
@@ -64,6 +64,7 @@ def measure_profile(out: Path, threads: int, repeats: int, console: Console) -> 
         micro_batch_sizes=MICRO_BATCH_SIZES,
         threads=threads,
         repeats=repeats,
+        passes=passes,
     )
     return save_profile_json(run_compute(sweep, console), out)
 
@@ -85,12 +86,13 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="an existing CPU profile of this model (default: measure one)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, profile and training alike")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repeats per profiled layer")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per profiled layer and pass")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the profile's sweep, samples pooled")
     parser.add_argument("--out", type=Path, default=None, help="where the profile and runs go (default: a temp dir)")
     args = parser.parse_args()
     console = Console(width=160)
     out = args.out or Path(tempfile.mkdtemp(prefix="paraplan-cpu-steps-"))
-    profile = args.profile or measure_profile(out / "profile.json", args.threads, args.repeats, console)
+    profile = args.profile or measure_profile(out / "profile.json", args.threads, args.repeats, args.passes, console)
     device = load_profile_json(profile).device_name
 
     table = Table(title=f"single-process step time on {device}: predicted from the profile vs measured")

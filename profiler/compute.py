@@ -83,6 +83,9 @@ class ComputeSweep:
     repeats: int = 10
     threads: int | None = None  # CPU: torch.set_num_threads; None keeps torch's default
     model_blocks: int = 4  # blocks of the model the layers are timed in (at most the model's own)
+    # Times the whole sweep is run, `repeats` each time, its samples pooled: a machine whose speed drifts over
+    # seconds (shared CPUs, clocks) then weighs on every measurement alike instead of on whichever ran then.
+    passes: int = 1
 
     def violations(self) -> list[tuple[str, str]]:
         """(field, reason) for everything that makes the sweep unmeasurable, without importing torch."""
@@ -94,7 +97,7 @@ class ComputeSweep:
             found.append(("device", f"must be cpu or cuda, got {self.device!r}"))
         if self.device == "cpu" and self.dtype != "fp32":
             found.append(("dtype", f"the executor trains in fp32 on the CPU; {self.dtype} is profiled on cuda only"))
-        for name in ("warmup", "repeats", "threads", "model_blocks"):
+        for name in ("warmup", "repeats", "threads", "model_blocks", "passes"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup" else 1
             if value is not None and value < minimum:
@@ -371,10 +374,12 @@ def _no_gc_pauses() -> Iterator[None]:
         gc.enable()
 
 
-def measure_run(sweep: ComputeSweep, run: ModelRun, device: torch.device) -> list[LayerMeasurement]:
-    """Time the run's layers inside a model (profiler/layer_timing.py); take each layer's saved bytes and, on
-    CUDA, its allocator peak from the layer alone (they do not depend on its neighbours)."""
-    samples = _time_in_model(sweep, run, device)
+def measure_run(
+    sweep: ComputeSweep, run: ModelRun, samples: LayerSamples, device: torch.device
+) -> list[LayerMeasurement]:
+    """The run's layer measurements: times from `samples` (taken inside a model, profiler/layer_timing.py); each
+    layer's saved bytes and, on CUDA, its allocator peak from the layer alone (they do not depend on its
+    neighbours)."""
     measurements = []
     for point in run.points():
         layer = build_layer(sweep.model, point, sweep.dtype, device)
@@ -470,12 +475,13 @@ def profile_compute(sweep: ComputeSweep, on_progress: Progress | None = None) ->
 
     device = _open_device(sweep)
     runs = sweep.runs()
-    total = len(runs) + 1
-    measured = []
-    for done, run in enumerate(runs, start=1):
-        measured.append(measure_run(sweep, run, device))
+    total = sweep.passes * len(runs) + 1
+    samples = {run: LayerSamples() for run in runs}
+    for done, run in enumerate(runs * sweep.passes, start=1):
+        samples[run].extend(_time_in_model(sweep, run, device))
         if on_progress is not None:
             on_progress(done, total, run.describe())
+    measured = [measure_run(sweep, run, samples[run], device) for run in runs]
     layers = sorted((m for run in measured for m in run), key=_profile_order)
     optimizer = measure_optimizer(sweep, device)
     if on_progress is not None:

@@ -60,6 +60,12 @@ class LayerSamples:
     forward: dict[str, list[float]] = field(default_factory=lambda: {"embedding": [], "block": [], "head": []})
     backward: dict[str, list[float]] = field(default_factory=lambda: {"embedding": [], "block": [], "head": []})
 
+    def extend(self, other: LayerSamples) -> None:
+        """Pool `other`'s samples into these (another pass over the same layers)."""
+        for mine, theirs in ((self.forward, other.forward), (self.backward, other.backward)):
+            for kind, values in theirs.items():
+                mine[kind].extend(values)
+
 
 def time_layers(
     model: Transformer,

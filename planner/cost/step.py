@@ -488,11 +488,18 @@ def _over_message(stage: StageMemory) -> str:
 
 def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
     gpu = cluster.gpu
-    notes = [
-        f"matmuls at {gpu.matmul_efficiency:.0%} of {gpu.name} peak, element-wise ops at "
-        f"{gpu.memory_efficiency:.0%} of its HBM bandwidth (GPU preset)",
-        f"{training.attention_kernel} attention",
-    ]
+    if cluster.measured is None:
+        speeds = (
+            f"matmuls at {gpu.matmul_efficiency:.0%} of {gpu.name} peak, element-wise ops at "
+            f"{gpu.memory_efficiency:.0%} of its HBM bandwidth (GPU preset)"
+        )
+    else:
+        profile = cluster.measured.profile
+        speeds = (
+            f"times measured on {profile.device_name} ({profile.created}, torch {profile.torch_version}); "
+            "terms the profile cannot answer use the GPU preset's speeds; memory is analytic"
+        )
+    notes = [speeds, f"{training.attention_kernel} attention"]
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
     if plan.dp * plan.cp > 1:
