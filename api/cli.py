@@ -1001,6 +1001,20 @@ ProfileModelOption = Annotated[str, typer.Option("--model", help="Preset name, M
 ALL_COLLECTIVES = "all_reduce,all_gather,reduce_scatter,all_to_all,send_recv"
 
 
+# Options `profile compute` and `profile all` share.
+SeqLensOption = Annotated[str, typer.Option("--seq-len", help="Sequence lengths, comma-separated.")]
+MbsListOption = Annotated[str, typer.Option("--mbs", help="Micro-batch sizes, comma-separated.")]
+TpListOption = Annotated[str, typer.Option("--tp", help="Tensor-parallel degrees whose shards to time.")]
+RecomputeListOption = Annotated[str, typer.Option("--recompute", help="Recompute modes of the blocks.")]
+SweepDeviceOption = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+SweepDtypeOption = Annotated[str, typer.Option("--dtype", help="fp32 (CPU); fp32, bf16 or fp16 (cuda).")]
+SweepOptimizerOption = Annotated[str, typer.Option("--optimizer", help="adamw or sgd: the optimizer step to time.")]
+WarmupRunsOption = Annotated[int, typer.Option("--warmup", help="Untimed runs per measurement.")]
+RepeatsOption = Annotated[int, typer.Option("--repeats", help="Timed runs per measurement.")]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads (torch.set_num_threads).")]
+PassesOption = Annotated[int, typer.Option("--passes", help="Run the sweep this many times and pool the samples.")]
+
+
 def parse_int_list(flag: str, text: str) -> tuple[int, ...]:
     """ "1,2,4" -> (1, 2, 4); CliInputError naming the flag for anything else."""
     try:
@@ -1107,17 +1121,17 @@ def _run_failed(exc: Exception) -> typer.Exit:
 def profile_compute(
     out: ProfileOutOption,
     model: ProfileModelOption,
-    seq_len: Annotated[str, typer.Option("--seq-len", help="Sequence lengths, comma-separated.")],
-    mbs: Annotated[str, typer.Option("--mbs", help="Micro-batch sizes, comma-separated.")] = "1,2,4",
-    tp: Annotated[str, typer.Option("--tp", help="Tensor-parallel degrees whose shards to time.")] = "1",
-    recompute: Annotated[str, typer.Option(help="Recompute modes of the blocks.")] = "none,selective,full",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32 (CPU); fp32, bf16 or fp16 (cuda).")] = "fp32",
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd: the optimizer step to time.")] = "adamw",
-    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 3,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 10,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads).")] = None,
-    passes: Annotated[int, typer.Option(help="Run the sweep this many times and pool the samples.")] = 1,
+    seq_len: SeqLensOption,
+    mbs: MbsListOption = "1,2,4",
+    tp: TpListOption = "1",
+    recompute: RecomputeListOption = "none,selective,full",
+    device: SweepDeviceOption = "cpu",
+    dtype: SweepDtypeOption = "fp32",
+    optimizer: SweepOptimizerOption = "adamw",
+    warmup: WarmupRunsOption = 3,
+    repeats: RepeatsOption = 10,
+    threads: ThreadsOption = None,
+    passes: PassesOption = 1,
     store: StoreOption = True,
     name: NameOption = None,
 ) -> None:
@@ -1179,18 +1193,19 @@ def profile_comm(
 def profile_all(
     out: ProfileOutOption,
     model: ProfileModelOption,
-    seq_len: Annotated[str, typer.Option("--seq-len", help="Sequence lengths, comma-separated.")],
-    mbs: Annotated[str, typer.Option("--mbs", help="Micro-batch sizes, comma-separated.")] = "1,2,4",
-    tp: Annotated[str, typer.Option("--tp", help="Tensor-parallel degrees whose shards to time.")] = "1",
-    recompute: Annotated[str, typer.Option(help="Recompute modes of the blocks.")] = "none,selective,full",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32 (CPU); fp32, bf16 or fp16 (cuda).")] = "fp32",
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    seq_len: SeqLensOption,
+    mbs: MbsListOption = "1,2,4",
+    tp: TpListOption = "1",
+    recompute: RecomputeListOption = "none,selective,full",
+    device: SweepDeviceOption = "cpu",
+    dtype: SweepDtypeOption = "fp32",
+    optimizer: SweepOptimizerOption = "adamw",
+    warmup: WarmupRunsOption = 3,
+    repeats: RepeatsOption = 10,
+    threads: ThreadsOption = None,
+    passes: PassesOption = 1,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes for the collective sweep (one node).")] = 2,
     max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest collective message.")] = 256 * 2**20,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 3,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 10,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the compute profile.")] = None,
     store: StoreOption = True,
     name: NameOption = None,
 ) -> None:
@@ -1198,7 +1213,9 @@ def profile_all(
     from api.profiling import ProfileRunError, collective_table, layer_table, merge, run_comm, run_compute
 
     try:
-        sweep = compute_sweep(model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads)
+        sweep = compute_sweep(
+            model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads, passes
+        )
         comm = comm_launch(_sweep_file(out), nproc, 1, None, 1024, max_bytes, ALL_COLLECTIVES, warmup, repeats, None)
         compute = run_compute(sweep, _console())
         collectives = _with_interrupt(lambda cancel: run_comm(comm, _sweep_file(out), _console(), cancel))
