@@ -8,11 +8,14 @@ What is measured is what the executor runs (executor/models, executor/parallel/c
   includes the recomputation the mode implies.
 - ``embedding``: the word (and learned position) lookup of a vocabulary shard, vocab/tp rows.
 - ``head``: final norm, the LM head of a vocabulary shard and the training loss (``next_token_loss``).
-- the optimizer: gradient clipping, ``step()`` and ``zero_grad()`` over a parameter set, as the trainer runs them.
+- the optimizer: gradient clipping, ``step()`` and ``zero_grad()`` over the timed model's parameters, as the
+  trainer runs them.
 
-Timing uses CUDA events on a GPU and ``perf_counter`` on the CPU with a fixed thread count (profiler/timing.py),
-after warm-ups, reporting the median and spread of the repeats. On CUDA 16-bit precisions run as the executor
-runs them, under autocast over fp32 weights; on the CPU the executor trains in fp32, so only fp32 is profiled.
+Layer times are taken inside a small running model of the executor's own Transformer, at the layer boundaries
+(profiler/layer_timing.py says why): CUDA events on a GPU, ``perf_counter`` on the CPU with a fixed thread count,
+after warm-ups, reporting the median and spread of the repeats (pooled over `passes`). On CUDA 16-bit precisions
+run as the executor runs them, under autocast over fp32 weights; on the CPU the executor trains in fp32, so only
+fp32 is profiled there.
 
 Saved bytes. `saved_activation_bytes` counts the storages that a forward pass creates and that are still alive
 once it returns, other than its output: exactly what the autograd graph (or a checkpoint) holds until backward.
@@ -249,8 +252,9 @@ def _dispatch_mode(on_output: Callable[[Any], None]) -> Any:
 
 @dataclass
 class LayerUnderTest:
-    """One layer ready to run: `forward()` builds a fresh input inside the call and returns the output (a loss for
-    the head), `backward(output)` runs the backward pass from it."""
+    """One layer on its own, for what does not depend on its neighbours (saved bytes, the CUDA allocator's peak):
+    `forward()` builds a fresh input inside the call and returns the output (a loss for the head),
+    `backward(output)` runs the backward pass from it."""
 
     module: nn.Module
     make_input: Callable[[], torch.Tensor]
