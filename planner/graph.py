@@ -93,6 +93,8 @@ def layers_in_order(graph: nx.DiGraph) -> list[LayerCost]:
 
 @dataclass(frozen=True)
 class LayerTimes:
+    """A layer's seconds (numbers, or arrays over micro-batch sizes) and where they came from."""
+
     forward_s: Any
     backward_s: Any
     recompute_s: Any
