@@ -47,7 +47,7 @@ def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
 
 
 def channel_source(cluster: ClusterSpec, group: GroupPlacement, p2p: bool = False) -> str:
-    """"profile" when the channel `group_channel` (or, for `p2p`, `p2p_channel`) gives this group comes from
+    """The source "profile" when the channel `group_channel` (or, for `p2p`, `p2p_channel`) gives this group comes from
     the attached profile's fits on every tier it uses, else "analytic" (no profile, no fit, or a lone rank)."""
     if cluster.measured is None or group.size < 2:
         return "analytic"

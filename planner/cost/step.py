@@ -117,9 +117,16 @@ class PlanBatch:
     pp_channel: Channel
 
     @classmethod
-    def of_plan(cls, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> PlanBatch:
-        """A batch of one, for `estimate_step`."""
-        kinds = layer_kinds(model, training, cluster, plan)
+    def of_plan(
+        cls,
+        model: ModelSpec,
+        training: TrainingSpec,
+        cluster: ClusterSpec,
+        plan: ParallelPlan,
+        kinds: LayerKinds | None = None,
+    ) -> PlanBatch:
+        """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed)."""
+        kinds = kinds or layer_kinds(model, training, cluster, plan)
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         dp_channel = comm.group_channel(cluster, placement("dp_cp", *degrees))
         pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees))
@@ -233,11 +240,12 @@ def estimate_request(
 
 def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
     """Predict one step of a structurally valid plan (see planner.rules)."""
-    batch = PlanBatch.of_plan(model, training, cluster, plan)
+    kinds = layer_kinds(model, training, cluster, plan)
+    batch = PlanBatch.of_plan(model, training, cluster, plan, kinds)
     estimate = summarise(batch, evaluate(batch), row=0, plan=plan)
     if cluster.measured is None:
         return estimate
-    sources, notes = profile_sources(layer_kinds(model, training, cluster, plan), batch, plan)
+    sources, notes = profile_sources(kinds, batch, plan)
     return estimate.model_copy(update={"sources": sources, "assumptions": notes + estimate.assumptions})
 
 

@@ -10,17 +10,9 @@ import pytest
 from executor.support import executor_violations, require_executable
 from planner.errors import InfeasiblePlanError
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
+from tests.train_requests import TINY_REQUEST
 
-LLAMA = ModelSpec(
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=176,
-    vocab_size=256,
-    mlp="swiglu",
-    norm="rmsnorm",
-)
+LLAMA = ModelSpec.model_validate(TINY_REQUEST["model"])  # the executor tests' tiny Llama
 TRAINING = TrainingSpec(seq_len=32, global_batch_size=8, precision="fp32", optimizer="sgd")
 
 
