@@ -22,6 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from api import errors
+from api.errors import InputError, error_text
+
 if TYPE_CHECKING:
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
@@ -73,17 +76,6 @@ profile_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(profile_app, name="profile")
-
-
-class CliInputError(ValueError):
-    """Input the command line rejects before the planner sees it: unreadable files, bad JSON, missing flags.
-
-    A ValueError like the planner's own errors, so one `except ValueError` reports every kind of bad input.
-    """
-
-    def __init__(self, message: str, kind: str = "bad_input", fields: list[dict[str, Any]] | None = None):
-        super().__init__(message)
-        self.kind, self.fields = kind, fields or []
 
 
 # ================================================================================= request from flags
@@ -195,7 +187,7 @@ def _require_inputs(request: dict[str, Any]) -> None:
             path = section if field is None else f"{section}.{field}"
             missing.append({"field": path, "flag": flag, "message": f"required: pass {flag} or set {path}"})
     if missing:
-        raise CliInputError("missing required input", kind="missing_input", fields=missing)
+        raise InputError("missing required input", kind="missing_input", fields=missing)
 
 
 def parse_layers_per_stage(text: str | None) -> list[int] | None:
@@ -204,7 +196,7 @@ def parse_layers_per_stage(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise CliInputError(
+        raise InputError(
             f"--layers-per-stage takes comma-separated layer counts such as 10,12,12,10; got {text!r}"
         ) from None
 
@@ -241,10 +233,10 @@ def model_from_json(config: dict[str, Any], source: str, default_name: str | Non
     try:
         model = model_from_hf_config(config)
     except ValidationError as exc:
-        problems = "; ".join(f"{_loc(e['loc'])}: {_clean(e['msg'])}" for e in exc.errors())
-        raise CliInputError(f"{source}: not a usable Hugging Face config: {problems}") from None
+        problems = "; ".join(f"{f['field']}: {f['message']}" for e in exc.errors() for f in errors.validation_fields(e))
+        raise InputError(f"{source}: not a usable Hugging Face config: {problems}") from None
     except ValueError as exc:
-        raise CliInputError(f"{source}: not a usable Hugging Face config: {exc}") from None
+        raise InputError(f"{source}: not a usable Hugging Face config: {exc}") from None
     if model.name is None and default_name:
         model = model.model_copy(update={"name": default_name})
     return model.model_dump()
@@ -257,18 +249,18 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text()
     except FileNotFoundError:
-        raise CliInputError(f"{path}: no such file") from None
+        raise InputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CliInputError(f"{path}: cannot read: {exc}") from None
+        raise InputError(f"{path}: cannot read: {exc}") from None
 
 
 def parse_json_object(text: str, source: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliInputError(f"{source}: not valid JSON: {exc}") from None
+        raise InputError(f"{source}: not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise CliInputError(f"{source}: expected a JSON object, got {type(value).__name__}")
+        raise InputError(f"{source}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -280,91 +272,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def error_payload(exc: ValueError) -> dict[str, Any]:
-    """The machine-readable form of a bad-input error (the `error` object of `--json` output). Anything but
-    the known kinds is a bug and is raised again, traceback and all."""
-    from pydantic import ValidationError
-
-    from planner.errors import InfeasiblePlanError, UnknownPresetError
-
-    if isinstance(exc, CliInputError):
-        return {"kind": exc.kind, "message": str(exc), **({"fields": exc.fields} if exc.fields else {})}
-    if isinstance(exc, InfeasiblePlanError):
-        details = exc.to_dict()
-        return {"kind": "invalid_plan", "reason": details["reason"], "message": "plan is invalid for this setup",
-                "violations": details["violations"]}  # fmt: skip
-    if isinstance(exc, UnknownPresetError):
-        return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}
-    from planner.profiles import ProfileError
-
-    if isinstance(exc, ProfileError):
-        return {"kind": "bad_profile", "message": str(exc), "fields": [{"field": exc.field, "message": str(exc)}]}
+    """The machine-readable form of a bad-input error (the `error` object of `--json` output), naming the flag
+    that sets each field at fault. Anything but the known kinds is a bug and is raised again."""
     from profiler.compute import ComputeSweepError
 
-    if isinstance(exc, ComputeSweepError):
+    if isinstance(exc, ComputeSweepError):  # a sweep field is set by exactly one flag: name the flag
         flag = exc.field if exc.field.startswith("--") else SWEEP_FLAGS.get(exc.field, flag_name(exc.field))
         return {"kind": "bad_input", "message": str(exc), "fields": [{"field": flag, "message": str(exc)}]}
-    from executor.launch import LaunchError
-    from executor.prepare import RunRefused
-
-    if isinstance(exc, RunRefused):
-        violations = [{"field": v.field, "code": v.code, "message": v.message} for v in exc.violations]
-        return {"kind": "run_refused", "message": "cannot start this training run", "violations": violations}
-    if isinstance(exc, LaunchError):
-        return {"kind": "bad_input", "message": str(exc)}
-    if isinstance(exc, ValidationError):
-        return _validation_payload(exc)
-    raise exc
-
-
-def _validation_payload(exc: Any) -> dict[str, Any]:
-    from planner.errors import UnknownPresetError
-
-    errors = exc.errors()
-    # The request layer resolves preset names inside validators, so pydantic wraps UnknownPresetError.
-    presets = [e["ctx"]["error"] for e in errors if isinstance(e.get("ctx", {}).get("error"), UnknownPresetError)]
-    if presets and len(presets) == len(errors):
-        return {"kind": "unknown_preset", "message": "\n".join(str(p) for p in presets),
-                "closest": [name for p in presets for name in p.closest]}  # fmt: skip
-    fields = [field for error in errors for field in _validation_fields(error)]
-    return {"kind": "invalid_request", "message": "invalid request", "fields": fields}
-
-
-def _validation_fields(error: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per problem. The specs join several rules broken at once into one ValueError
-    ("plan.tp: ...; plan.schedule: ..."); split them so each names its own field."""
-    where = _loc(error["loc"])
-    entries = []
-    for part in _clean(error["msg"]).split("; "):
-        field, message = where, part
-        head, sep, rest = part.partition(": ")
-        if sep and head.startswith(f"{where}.") and " " not in head:
-            field, message = head, rest
-        entries.append({"field": field or "(request)", "flag": flag_for_field(field), "message": message})
-    return entries
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
-def _clean(message: str) -> str:
-    return message.removeprefix("Value error, ")
-
-
-def error_text(payload: dict[str, Any]) -> str:
-    """The human-readable form of an error payload."""
-    if "violations" in payload:
-        lines = [f"  - {v['field']}: {v['message']}" for v in payload["violations"]]
-    elif "fields" in payload:
-        lines = [f"  - {f['field']}{_flag_hint(f)}: {f['message']}" for f in payload["fields"]]
-    else:
-        return f"error: {payload['message']}"
-    return "\n".join([f"error: {payload['message']}:", *lines])
-
-
-def _flag_hint(field: dict[str, Any]) -> str:
-    flag = field.get("flag")
-    return f" ({flag})" if flag and flag not in field["message"] else ""
+    return errors.error_payload(exc, flag_for_field)
 
 
 def print_error(payload: dict[str, Any], as_json: bool) -> None:
@@ -425,7 +340,7 @@ def estimate_lines(path: Path, model_flag: str | None, flags: dict[str, Any]) ->
     the others still run."""
     try:
         lines = read_text(path).splitlines()
-    except CliInputError as exc:
+    except InputError as exc:
         print_error(error_payload(exc), as_json=True)
         return EXIT_BAD_INPUT
     failed = False
@@ -504,7 +419,7 @@ def estimate(
     flags = {name: value for name, value in parameters.items() if name in FLAG_FIELDS}
     try:
         flags["layers_per_stage"] = parse_layers_per_stage(layers_per_stage)
-    except CliInputError as exc:
+    except InputError as exc:
         print_error(error_payload(exc), as_json or _is_jsonl(request))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if request is not None and _is_jsonl(request):
@@ -950,7 +865,7 @@ def launch_script(
     per_node = nproc_per_node
     try:
         if submit and not sbatch:
-            raise CliInputError("--submit needs --sbatch")
+            raise InputError("--submit needs --sbatch")
         if per_node is None:
             per_node = _gpus_per_node(request)
         spec = launch.LaunchSpec(nproc_per_node=per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
@@ -962,7 +877,7 @@ def launch_script(
     try:  # everything that can be refused is checked before run.json is written
         text = launch_script_text(RunDir(out), spec, slurm)
         if submit and shutil.which("sbatch") is None:
-            raise CliInputError("--submit: Slurm's sbatch is not on PATH; drop --submit to print the script")
+            raise InputError("--submit: Slurm's sbatch is not on PATH; drop --submit to print the script")
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -983,7 +898,7 @@ def _gpus_per_node(request: Path) -> int:
     cluster = read_json_object(request).get("cluster")
     value = cluster.get("gpus_per_node") if isinstance(cluster, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise CliInputError("give --nproc-per-node, or cluster.gpus_per_node in the request")
+        raise InputError("give --nproc-per-node, or cluster.gpus_per_node in the request")
     return value
 
 
@@ -1016,13 +931,13 @@ PassesOption = Annotated[int, typer.Option("--passes", help="Run the sweep this 
 
 
 def parse_int_list(flag: str, text: str) -> tuple[int, ...]:
-    """ "1,2,4" -> (1, 2, 4); CliInputError naming the flag for anything else."""
+    """ "1,2,4" -> (1, 2, 4); InputError naming the flag for anything else."""
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise CliInputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        raise InputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
     if not values:
-        raise CliInputError(f"{flag}: give at least one value")
+        raise InputError(f"{flag}: give at least one value")
     return values
 
 
@@ -1040,7 +955,7 @@ def compute_sweep(
     threads: int | None,
     passes: int = 1,
 ) -> Any:
-    """The ComputeSweep the flags describe, or CliInputError / ComputeSweepError naming the bad flag."""
+    """The ComputeSweep the flags describe, or InputError / ComputeSweepError naming the bad flag."""
     from planner.request import resolve_model
     from planner.specs import ModelSpec
     from profiler.compute import ComputeSweep, ComputeSweepError
@@ -1082,13 +997,13 @@ def comm_launch(
 
     problems = comm_violations(nproc, nnodes)
     if problems:
-        raise CliInputError("; ".join(problems), fields=[{"field": "--nproc", "message": p} for p in problems])
+        raise InputError("; ".join(problems), fields=[{"field": "--nproc", "message": p} for p in problems])
     if nnodes > 1 and rdzv_endpoint is None:
-        raise CliInputError("--rdzv-endpoint host:port (node 0's address) is needed with --nnodes > 1")
+        raise InputError("--rdzv-endpoint host:port (node 0's address) is needed with --nnodes > 1")
     try:
         args = sweep_command_args(out, min_bytes, max_bytes, ops, warmup, repeats, backend)
     except ValueError as exc:  # the sweep's own checks name the flag (--ops, --min-bytes, ...)
-        raise CliInputError(str(exc)) from None
+        raise InputError(str(exc)) from None
     comm = CommLaunch(nproc, nnodes, args, rdzv_endpoint)
     comm.spec()  # LaunchSpec's own checks (ranks, endpoint)
     return comm
@@ -1227,6 +1142,41 @@ def profile_all(
     _console().print(layer_table(profile))
     _console().print(collective_table(profile))
     _finish_profile(profile, out, store, name)
+
+
+# ========================================================================================== serve
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; only this machine by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Database, job folders, datasets ($PARAPLAN_DATA_DIR).")
+    ] = None,
+    max_jobs: Annotated[
+        int | None, typer.Option("--max-jobs", help="Jobs run at once; more wait in a queue ($PARAPLAN_MAX_JOBS).")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's: critical, error, warning, info.")] = "info",
+) -> None:
+    """Serve the REST API (OpenAPI docs at /docs). Endpoints that start processes need PARAPLAN_API_TOKEN."""
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    try:
+        settings = Settings.from_env(data_dir=data_dir, max_concurrent_jobs=max_jobs)
+        application = create_app(settings)
+    except ValueError as exc:
+        print_error(error_payload(exc), as_json=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = "on" if settings.api_token else "off (profiles and jobs are disabled; set PARAPLAN_API_TOKEN)"
+    typer.echo(f"paraplan serving http://{host}:{port} (data: {settings.data_dir}; token: {token})", err=True)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 def _with_interrupt(body: Any) -> Any:

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_LOG = "launcher.log"
@@ -442,7 +442,7 @@ def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
             continue
 
 
-def stop(process: subprocess.Popen[str], grace_s: float = 10.0) -> int:
+def stop(process: subprocess.Popen[Any], grace_s: float = 10.0) -> int:
     """Stop a launch and everything it started; return torchrun's exit status.
 
     SIGTERM goes to torchrun's process group; torchrun forwards it to its workers and waits for them. If it is
@@ -470,7 +470,7 @@ def _wait_until_gone(pids: Sequence[int], limit_s: float) -> None:
         time.sleep(0.05)
 
 
-def _launch_env(env: Mapping[str, str] | None) -> dict[str, str]:
+def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus ``env``, with the repo root on PYTHONPATH so ``-m executor.train`` resolves from any cwd."""
     merged = {**os.environ, **(env or {})}
     merged["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), merged.get("PYTHONPATH", "")) if p)
@@ -486,7 +486,7 @@ def start(spec: LaunchSpec, env: Mapping[str, str] | None = None, cwd: Path | No
     return subprocess.Popen(
         torchrun_command(spec),
         cwd=cwd or REPO_ROOT,
-        env=_launch_env(env),
+        env=launch_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -561,6 +561,18 @@ def _collect_result(
         first_rank = (spec.node_rank or 0) * spec.nproc_per_node
         failures = failures_from_error_files(run_log_dir, first_rank)
     return RunResult(returncode, failures, spec.log_dir, run_log_dir, timed_out, cancelled)
+
+
+def result_from_output(spec: LaunchSpec, output: Iterable[str], returncode: int, cancelled: bool = False) -> RunResult:
+    """The RunResult of a launch whose console output went to a file instead of through :func:`run` (the REST
+    service's detached job supervisors): torchrun's failure report in ``output``, its error files as the
+    fallback."""
+    if spec.log_dir is None:
+        raise LaunchError("result_from_output needs the spec's log_dir, where torchrun left its error files")
+    parser = FailureSummaryParser()
+    for line in output:
+        parser.feed(line.rstrip("\n"))
+    return _collect_result(spec, parser, set(), returncode, False, cancelled)
 
 
 def run(

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy
+from sqlalchemy import event
 from sqlalchemy import ColumnElement, Index, Integer, String, Text, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -42,8 +43,9 @@ DATA_DIR_ENV = "PARAPLAN_DATA_DIR"
 DATABASE_URL_ENV = "PARAPLAN_DATABASE_URL"
 DATABASE_FILE_NAME = "paraplan.db"
 
-DATABASE_SCHEMA_VERSION = 1
-"""Bumped whenever a table of the database changes; a database of another version is refused, not migrated."""
+DATABASE_SCHEMA_VERSION = 2
+"""Bumped whenever a table of the database changes; a database of another version is refused, not migrated.
+2: the REST service's tables (api/store.py: plans, jobs, measured_runs) joined the profiles."""
 
 SCHEMA_VERSION_KEY = "schema_version"
 _PROFILE_ID = re.compile(r"[0-9a-fA-F]{32}")
@@ -139,9 +141,10 @@ class ProfileStore:
             self.engine.dispose()
             raise
 
-    def add(self, profile: HardwareProfile, name: str | None = None) -> str:
-        """Store ``profile`` (with an optional label) and return its new id."""
-        row = _row_for(profile, name)
+    def add(self, profile: HardwareProfile, name: str | None = None, profile_id: str | None = None) -> str:
+        """Store ``profile`` (with an optional label) and return its id: ``profile_id`` when given (the REST
+        service stores a profiling job's result under the job's id, so one id names both), else a new one."""
+        row = _row_for(profile, name, profile_id or uuid.uuid4().hex)
         with self._sessions.begin() as session:
             session.add(row)
         return row.id
@@ -156,10 +159,16 @@ class ProfileStore:
 
     def summaries(self) -> list[ProfileSummary]:
         """Every stored profile, newest measurement first (bodies are not read)."""
-        columns = [getattr(ProfileRow, field.name) for field in fields(ProfileSummary)]
-        query = select(*columns).order_by(*_newest_first())
+        query = select(*_summary_columns()).order_by(*_newest_first())
         with self._sessions() as session:
             return [ProfileSummary(*values) for values in session.execute(query)]
+
+    def summary(self, profile_id: str) -> ProfileSummary | None:
+        """One stored profile's summary, or None if there is no such id."""
+        query = select(*_summary_columns()).where(ProfileRow.id == profile_id)
+        with self._sessions() as session:
+            found = session.execute(query).first()
+        return None if found is None else ProfileSummary(*found)
 
     def find_matching(
         self,
@@ -220,7 +229,19 @@ def _create_engine(url: str) -> sqlalchemy.Engine:
         return _engine_or_error(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
     if not database.startswith("file:"):  # a `file:` URI is SQLite's to interpret
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return _engine_or_error(url, connect_args={"check_same_thread": False})
+    engine = _engine_or_error(url, connect_args={"check_same_thread": False, "timeout": 30})
+    event.listen(engine, "connect", _use_write_ahead_log)
+    return engine
+
+
+def _use_write_ahead_log(connection: Any, record: Any) -> None:
+    """WAL lets readers (the server's request threads, a CLI) go on while one writer commits, and with
+    synchronous=NORMAL a commit does not wait for the disk twice; a crash can lose the last commits but never
+    corrupts the file (https://www.sqlite.org/wal.html)."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _engine_or_error(url: str, **options: Any) -> sqlalchemy.Engine:
@@ -262,10 +283,12 @@ def _database_version(sessions: sessionmaker) -> str:
             return session.get_one(MetaRow, SCHEMA_VERSION_KEY).value
 
 
-def _row_for(profile: HardwareProfile, name: str | None) -> ProfileRow:
+def _row_for(profile: HardwareProfile, name: str | None, profile_id: str) -> ProfileRow:
     require_profile(profile)
+    if not _PROFILE_ID.fullmatch(profile_id):
+        raise ProfileError(f"a profile id is 32 hex digits, got {profile_id!r}", field="id")
     return ProfileRow(
-        id=uuid.uuid4().hex,
+        id=profile_id.lower(),
         created=_utc_iso(profile.created),
         stored=datetime.now(UTC).isoformat(timespec="microseconds"),
         device_kind=profile.device_kind,
@@ -295,6 +318,10 @@ def _utc_iso(created: str) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
+def _summary_columns() -> list[Any]:
+    return [getattr(ProfileRow, field.name) for field in fields(ProfileSummary)]
+
+
 def _newest_first() -> tuple[ColumnElement[Any], ...]:
     """Latest measurement first; of profiles measured in the same second, the one stored last."""
     return ProfileRow.created.desc(), ProfileRow.stored.desc()
@@ -309,6 +336,11 @@ def _safe_url(url: str) -> str:
 
 
 # ================================================================================================ references
+
+
+def is_profile_id(ref: str) -> bool:
+    """True if ``ref`` has the form of a stored profile's id (32 hex digits)."""
+    return _PROFILE_ID.fullmatch(ref) is not None
 
 
 def resolve_profile(ref: str, store: ProfileStore | None = None) -> HardwareProfile:

@@ -1,0 +1,176 @@
+"""The REST service: `create_app(settings)` builds it; `paraplan serve` runs it under uvicorn.
+
+Every error, from a malformed body to an unknown route, is answered with one body shape,
+`{"error": {"kind", "message", "fields" | "violations" | ...}}`, and the status of its kind (api/errors.py):
+422 for bad input (naming the field) and for plans that cannot run (with the planner's reason), 404 for unknown
+ids, 401/403 for a missing or wrong token, 413 for a body over the size limit. A 500 is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_payload, validation_fields
+from api.jobs import JobRunner
+from api.profile_jobs import ProfileJobBody, ProfileJobs
+from api.routes import catalog, estimates, health, jobs, plans, profiles
+from api.routes.common import ApiError, Service, error_response
+from api.service import PlanSearches
+from api.settings import Settings
+from api.store import ApiStore
+from api.train_jobs import TrainJobOptions, TrainJobs
+
+log = logging.getLogger("paraplan.api")
+VERSION = "0.1.0"
+_STATUS_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                 413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A server over `settings` (default: from the environment). The database is opened (and its schema
+    version checked) here, so a bad database fails before the server listens."""
+    settings = settings or Settings.from_env()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = ApiStore(settings.database_url)
+    runner = JobRunner(store, settings, {"train": TrainJobs(store), "profile": ProfileJobs(store)})
+    service = Service(settings, store, runner, PlanSearches(store))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.close()  # running jobs go on; the next server re-attaches to them
+            store.close()
+
+    app = FastAPI(title="paraplan", version=VERSION, lifespan=lifespan,
+                  description="Performance model and auto-parallel planner for PyTorch training.")  # fmt: skip
+    app.state.service = service
+    app.include_router(health.router)
+    for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router):
+        app.include_router(router, prefix="/v1")
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+# ================================================================================================= errors
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ValueError, _bad_input)
+    app.add_exception_handler(RequestValidationError, _invalid_parameters)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.payload())
+
+
+async def _bad_input(request: Request, exc: Exception) -> Response:
+    """The planner's, executor's and profiler's bad-input errors (ValueErrors), in the CLI's error shape."""
+    assert isinstance(exc, ValueError)
+    try:
+        return error_response(error_payload(exc))
+    except ValueError:  # a ValueError of no known kind: a bug, not bad input
+        return await _internal_error(request, exc)
+
+
+async def _invalid_parameters(request: Request, exc: Exception) -> Response:
+    """Query, path and header parameters FastAPI validated (bodies are read by the routes themselves)."""
+    assert isinstance(exc, RequestValidationError)
+    fields = [field for error in exc.errors() for field in validation_fields(dict(error))]
+    return error_response({"kind": "invalid_request", "message": "invalid request", "fields": fields})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = _STATUS_KINDS.get(exc.status_code, "invalid_request")
+    return error_response({"kind": kind, "message": str(exc.detail)}, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response({"kind": "internal", "message": "internal error; the server's log has the details"})
+
+
+# ========================================================================================== request size
+
+
+class BodySizeLimit:
+    """Refuse (413) a request body over `max_bytes`, by its Content-Length or, without one, as it arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await error_response(self._too_large())(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise ApiError(**self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> dict[str, Any]:
+        return {"kind": "too_large", "message": f"the request body is over this server's {self.max_bytes} bytes"}
+
+
+# ================================================================================================ OpenAPI
+
+
+# Bodies are read by the routes (so that every malformed one gets the common error shape); these are the
+# schemas that document them.
+def _body_schemas() -> dict[str, Any]:
+    from pydantic import BaseModel, ConfigDict
+
+    from planner.request import EstimateRequest, PlanRequest
+
+    class TrainJobRequest(EstimateRequest, TrainJobOptions):  # type: ignore[misc]
+        """The contract's request with `plan` (or, instead of model/training/cluster/plan, `plan_id`), plus the
+        job's own fields."""
+
+        model_config = ConfigDict(title="TrainJobRequest")
+
+    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody]
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas |= schema.pop("$defs", {})
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_body_schemas())
+        app.openapi_schema = schema
+    return app.openapi_schema

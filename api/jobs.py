@@ -1,0 +1,245 @@
+"""The job runner: a queue of training and profiling jobs, each run by a detached supervisor process.
+
+A job is prepared when it is posted (its folder ``<data dir>/jobs/<id>/`` holds what its supervisor will run,
+see api/supervise.py) and stored QUEUED. The runner starts the oldest queued jobs while fewer than
+``max_concurrent_jobs`` run, watches each until its supervisor exits, then records how it ended (what the job's
+kind makes of its files: a measured run, a stored profile, a failure reason).
+
+Supervisors run in sessions of their own and write only to files, so jobs outlive client disconnects and the
+server itself. When a server starts it reconciles what a previous one left RUNNING: a job whose supervisor still
+runs is watched again; one that wrote its result meanwhile is finished from it; any other is FAILED with reason
+"server restarted" and whatever it left running is killed. Nothing stays RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from api.settings import Settings
+from api.store import FINAL_STATES, ApiStore, JobRow, utc_now
+from api.supervise import OUTPUT_FILE, is_supervisor_of, read_result, supervisor_argv
+from executor import launch
+
+log = logging.getLogger("paraplan.jobs")
+
+POLL_S = 0.25
+"""How often a watcher looks at a supervisor it did not start (it cannot wait() for another server's child)."""
+RESTARTED = "server restarted"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: its final state, why it failed (if it did), and other columns to set."""
+
+    state: str
+    failure_reason: str | None = None
+    updates: dict[str, Any] = field(default_factory=dict)
+
+
+class JobKind(Protocol):
+    """What one kind of job (training, profiling) makes of a finished supervisor's files."""
+
+    def outcome(self, row: JobRow, job_dir: Path, returncode: int) -> Outcome: ...
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobRunner:
+    """Starts queued jobs (at most ``settings.max_concurrent_jobs`` at once), watches and cancels them."""
+
+    def __init__(self, store: ApiStore, settings: Settings, kinds: Mapping[str, JobKind]):
+        self._store, self._settings, self._kinds = store, settings, dict(kinds)
+        self._watched: set[str] = set()
+        self._lock = threading.Lock()  # guards _watched: the dispatcher and the watchers change it
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+
+    def job_dir(self, job_id: str) -> Path:
+        return self._settings.jobs_dir / job_id
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Reconcile what a previous server left, then start dispatching queued jobs."""
+        self._settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.reconcile()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="paraplan-dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def close(self) -> None:
+        """Stop dispatching and watching. Running jobs go on; the next server re-attaches to them."""
+        self._closing.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout=5)
+
+    @property
+    def alive(self) -> bool:
+        return self._dispatcher is not None and self._dispatcher.is_alive()
+
+    def wake(self) -> None:
+        """Look at the queue now (a job was queued or one ended)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------------------ reconciling
+
+    def reconcile(self) -> None:
+        for row in self._store.jobs(states=["RUNNING"], limit=10_000):
+            job_dir = self.job_dir(row.id)
+            if read_result(job_dir) is not None:
+                self._finish(row.id)
+            elif row.pid is not None and is_supervisor_of(row.pid, job_dir):
+                log.info("job %s: re-attached to its supervisor (pid %d)", row.id, row.pid)
+                self._watch(row.id, lambda pid=row.pid, d=job_dir: not is_supervisor_of(pid, d))
+            else:
+                kill_strays(job_dir)
+                self._end(row.id, Outcome("FAILED", RESTARTED))
+
+    # ------------------------------------------------------------------------------------------ dispatching
+
+    def _dispatch_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self._start_queued()
+            except Exception:  # the loop must outlive a database hiccup; the next wake-up retries
+                log.exception("dispatching queued jobs failed")
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+
+    def _start_queued(self) -> None:
+        with self._lock:
+            free = self._settings.max_concurrent_jobs - len(self._watched)
+        if free <= 0:
+            return
+        for row in self._store.jobs(states=["QUEUED"], limit=free, oldest_first=True):
+            if self._closing.is_set():
+                return
+            self._launch(row.id)
+
+    def _launch(self, job_id: str) -> None:
+        """QUEUED -> RUNNING (unless it was cancelled meanwhile), then start its supervisor."""
+        if not self._store.update_job(job_id, only_if_state=["QUEUED"], state="RUNNING", started=utc_now()):
+            return
+        job_dir = self.job_dir(job_id)
+        try:
+            process = subprocess.Popen(
+                supervisor_argv(job_dir),
+                cwd=launch.REPO_ROOT,
+                env=launch.launch_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=(job_dir / OUTPUT_FILE).open("ab"),
+                start_new_session=True,  # not stopped by the server's Ctrl-C; outlives the server
+            )
+        except OSError as error:
+            self._end(job_id, Outcome("FAILED", f"could not start the job's supervisor: {error}"))
+            return
+        self._store.update_job(job_id, pid=process.pid)
+        log.info("job %s: started (supervisor pid %d)", job_id, process.pid)
+        self._watch(job_id, lambda: process.poll() is not None)
+        row = self._store.get_job(job_id)
+        if row is not None and row.cancel_requested:  # cancelled while starting, before its pid was known
+            self._signal_supervisor(job_id)
+
+    # --------------------------------------------------------------------------------------------- watching
+
+    def _watch(self, job_id: str, exited: Callable[[], bool]) -> None:
+        with self._lock:
+            self._watched.add(job_id)
+        thread = threading.Thread(target=self._watch_loop, args=(job_id, exited), name=f"job-{job_id}", daemon=True)
+        thread.start()
+
+    def _watch_loop(self, job_id: str, exited: Callable[[], bool]) -> None:
+        try:
+            while not exited():
+                if self._closing.wait(POLL_S):
+                    return  # the server is stopping: the job goes on, and the next server watches it
+            self._finish(job_id)
+        except Exception:
+            log.exception("job %s: watching failed", job_id)
+            self._end(job_id, Outcome("FAILED", "the server failed while recording how the job ended; see its log"))
+        finally:
+            with self._lock:
+                self._watched.discard(job_id)
+            self.wake()
+
+    def _finish(self, job_id: str) -> None:
+        """Record how a job whose supervisor has exited ended."""
+        row = self._store.get_job(job_id)
+        if row is None or row.state in FINAL_STATES:
+            return
+        job_dir = self.job_dir(job_id)
+        result = read_result(job_dir)
+        if result is None:
+            kill_strays(job_dir)
+            outcome = (
+                Outcome("CANCELLED")
+                if row.cancel_requested  # stopped before it could install its signal handler
+                else Outcome("FAILED", "the job's supervisor exited without a result (it was killed)")
+            )
+        elif result.get("cancelled") or (row.cancel_requested and result["returncode"] != 0):
+            outcome = Outcome("CANCELLED", updates={"returncode": result["returncode"]})
+        else:
+            outcome = self._kinds[row.kind].outcome(row, job_dir, result["returncode"])
+            outcome.updates.setdefault("returncode", result["returncode"])
+        self._end(job_id, outcome)
+
+    def _end(self, job_id: str, outcome: Outcome) -> None:
+        self._store.update_job(
+            job_id,
+            only_if_state=["QUEUED", "RUNNING"],
+            state=outcome.state,
+            failure_reason=outcome.failure_reason,
+            finished=utc_now(),
+            **outcome.updates,
+        )
+        log.info("job %s: %s %s", job_id, outcome.state, outcome.failure_reason or "")
+
+    # ------------------------------------------------------------------------------------------- cancelling
+
+    def cancel(self, job_id: str) -> JobRow:
+        """Cancel a job: a queued one at once; a running one is asked to stop (SIGTERM to its supervisor, which
+        gives a training run the grace period to save a checkpoint, then kills every rank). Cancelling a job
+        that has ended changes nothing."""
+        row = self._store.get_job(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        if row.state == "QUEUED" and self._store.update_job(
+            job_id, only_if_state=["QUEUED"], state="CANCELLED", cancel_requested=True, finished=utc_now()
+        ):
+            return self._store.get_job(job_id) or row
+        if row.state == "RUNNING" or (row.state == "QUEUED"):  # QUEUED here: it started meanwhile
+            self._store.update_job(job_id, only_if_state=["RUNNING"], cancel_requested=True)
+            self._signal_supervisor(job_id)
+        return self._store.get_job(job_id) or row
+
+    def _signal_supervisor(self, job_id: str) -> None:
+        row = self._store.get_job(job_id)
+        if row is None or row.pid is None or not is_supervisor_of(row.pid, self.job_dir(job_id)):
+            return  # not started yet (the watcher will see cancel_requested) or already gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(row.pid, signal.SIGTERM)
+
+
+def kill_strays(job_dir: Path) -> None:
+    """SIGKILL every process still running a job's command (found by its folder in their command lines): what a
+    killed supervisor left behind must not go on using the machine."""
+    marker = str(job_dir).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to kill

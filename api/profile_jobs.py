@@ -1,0 +1,200 @@
+"""Profiling jobs: `POST /v1/profiles` -> `paraplan profile compute|comm|all` run by a job supervisor; the
+profile it writes is stored under the job's id, so the id a client got back is what `cluster.profile` takes.
+
+The body holds the command's options under their flag names (`seq_len` for `--seq-len`). They are checked
+by the same code the command runs, before anything starts; the model is passed to the command inline, so a
+request can never make it read a file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.errors import InputError
+from api.jobs import Outcome
+from api.settings import Settings
+from api.store import ApiStore, JobRow, utc_now
+from api.supervise import OUTPUT_FILE, write_command
+from api.train_jobs import check_process_count
+from planner.profiles import load_profile_json
+
+PROFILE_FILE = "profile.json"
+Recompute = Literal["none", "selective", "full"]
+
+
+class ProfileJobBody(BaseModel):
+    """What to measure: `what` picks the command; the other fields are its flags."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    what: Literal["compute", "comm", "all"] = "all"
+    name: str | None = Field(None, max_length=255, description="a label for the stored profile")
+    model: str | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
+    seq_len: list[int] | None = Field(None, min_length=1, max_length=16)
+    mbs: list[int] | None = Field(None, min_length=1, max_length=16)
+    tp: list[int] | None = Field(None, min_length=1, max_length=8)
+    recompute: list[Recompute] | None = Field(None, min_length=1, max_length=3)
+    device: Literal["cpu", "cuda"] | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    optimizer: Literal["adamw", "sgd"] | None = None
+    warmup: int | None = Field(None, ge=0, le=1000)
+    repeats: int | None = Field(None, ge=1, le=10_000)
+    threads: int | None = Field(None, ge=1, le=1024)
+    passes: int | None = Field(None, ge=1, le=100)
+    nproc: int | None = Field(None, ge=2, description="processes of the collective sweep (comm, all)")
+    min_bytes: int | None = Field(None, ge=1, le=2**34)
+    max_bytes: int | None = Field(None, ge=1, le=2**34)
+    ops: list[str] | None = Field(None, min_length=1, max_length=8)
+    backend: Literal["gloo", "nccl"] | None = None
+
+
+_COMPUTE = ("model", "seq_len", "mbs", "tp", "recompute", "device", "dtype", "optimizer", "warmup", "repeats",
+            "threads", "passes")  # fmt: skip
+OPTIONS = {
+    "compute": frozenset(_COMPUTE),
+    "comm": frozenset({"nproc", "min_bytes", "max_bytes", "ops", "warmup", "repeats", "backend"}),
+    "all": frozenset({*_COMPUTE, "nproc", "max_bytes"}),
+}
+REQUIRED = {"compute": ("model", "seq_len"), "comm": (), "all": ("model", "seq_len")}
+
+
+def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -> JobRow:
+    """Check the job and write its folder; ValueError naming the body field at fault otherwise."""
+    job = ProfileJobBody.model_validate(body)
+    flags = _flags(job)
+    _check_with_the_command(job)
+    check_process_count(job.nproc or 2, settings)
+    job_dir = settings.jobs_dir / job_id
+    job_dir.mkdir(parents=True)
+    try:
+        argv = [sys.executable, "-m", "api.cli", "profile", job.what, "--out", str(job_dir / PROFILE_FILE),
+                "--no-store", *[token for flag, value in flags.items() for token in (flag, value)]]  # fmt: skip
+        write_command(job_dir, argv, settings.job_grace_s)
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    nproc = (job.nproc or 2) if job.what != "compute" else 1
+    return JobRow(id=job_id, kind="profile", state="QUEUED", created=utc_now(), nproc=nproc)
+
+
+def _flags(job: ProfileJobBody) -> dict[str, str]:
+    """`--flag value` for each option given (after checking it belongs to `what`)."""
+    given = job.model_dump(exclude_none=True, exclude={"what", "name"})
+    for field in sorted(set(given) - OPTIONS[job.what]):
+        raise InputError.at(field, f"not an option of a {job.what!r} profile (those are: {_names(job.what)})")
+    for field in REQUIRED[job.what]:
+        if field not in given:
+            raise InputError.at(field, f"required for a {job.what!r} profile")
+    return {_flag(field): _flag_value(field, value) for field, value in given.items()}
+
+
+def _names(what: str) -> str:
+    return ", ".join(sorted(OPTIONS[what]))
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _field(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _flag_value(field: str, value: Any) -> str:
+    return str(_option_value(field, value))
+
+
+def _option_value(field: str, value: Any) -> Any:
+    """A body value as the command's option takes it: lists comma-separated, the model as inline JSON."""
+    if field == "model":
+        return json.dumps(_model_spec(value).model_dump(mode="json"))
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return value
+
+
+def _model_spec(value: str | dict[str, Any]) -> Any:
+    """A preset name or a ModelSpec (with a preset's overrides) -> the full ModelSpec; never a file."""
+    from planner.request import resolve_model
+    from planner.specs import ModelSpec
+
+    return ModelSpec.model_validate(resolve_model(value))
+
+
+def _command_options(job: ProfileJobBody) -> dict[str, Any]:
+    """Every option of the command as it will run: the body's values over the command's own defaults."""
+    from api import cli
+
+    command = {"compute": cli.profile_compute, "comm": cli.profile_comm, "all": cli.profile_all}[job.what]
+    defaults = {name: parameter.default for name, parameter in inspect.signature(command).parameters.items()}
+    given = job.model_dump(exclude_none=True, exclude={"what", "name"})
+    return defaults | {field: _option_value(field, value) for field, value in given.items()}
+
+
+def _check_with_the_command(job: ProfileJobBody) -> None:
+    """Run the command's own checks (they need no torch) on the options, renaming its flags to body fields."""
+    from api import cli
+
+    options = _command_options(job)
+    try:
+        if job.what != "comm":
+            wanted = inspect.signature(cli.compute_sweep).parameters
+            cli.compute_sweep(**{name: value for name, value in options.items() if name in wanted})
+        if job.what != "compute":  # `profile all` sweeps every collective from 1 KiB
+            cli.comm_launch(
+                Path("sweep.json"), options["nproc"], 1, None, options.get("min_bytes", 1024), options["max_bytes"],
+                options.get("ops", cli.ALL_COLLECTIVES), options["warmup"], options["repeats"], options.get("backend"),
+            )  # fmt: skip
+    except ValueError as error:
+        raise _renamed(error) from None
+
+
+def _renamed(error: ValueError) -> ValueError:
+    """The command's refusal, naming body fields instead of its flags."""
+    payload = cli_payload(error)
+    text = str(error)
+    for flag in sorted({_flag(name) for name in ProfileJobBody.model_fields}, key=len, reverse=True):
+        text = text.replace(flag, _field(flag))
+    fields = [{"field": _field(f["field"]) if f["field"].startswith("--") else f["field"],
+               "message": f["message"]} for f in payload.get("fields", [])]  # fmt: skip
+    return InputError(text, fields=fields or [{"field": "(request)", "message": text}])
+
+
+def cli_payload(error: ValueError) -> dict[str, Any]:
+    from api import cli
+
+    return cli.error_payload(error)
+
+
+class ProfileJobs:
+    """The profiling kind of job: store the profile it wrote under the job's id."""
+
+    def __init__(self, store: ApiStore):
+        self._store = store
+
+    def outcome(self, row: JobRow, job_dir: Path, returncode: int) -> Outcome:
+        if returncode != 0:
+            return Outcome("FAILED", last_error(job_dir / OUTPUT_FILE, returncode))
+        try:
+            profile = load_profile_json(job_dir / PROFILE_FILE)
+        except ValueError as error:
+            return Outcome("FAILED", f"the profiler exited cleanly but its profile cannot be read: {error}")
+        name = json.loads(row.body).get("name")
+        self._store.profiles.add(profile, name=name, profile_id=row.id)
+        return Outcome("SUCCEEDED", updates={"profile_id": row.id})
+
+
+def last_error(output: Path, returncode: int, lines: int = 8) -> str:
+    """The end of a failed command's output: where its error message is."""
+    try:
+        tail = [line for line in output.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    except OSError:
+        tail = []
+    return "\n".join([f"the profiler exited with {returncode}", *tail])

@@ -1,0 +1,1 @@
+"""The REST service's routers (mounted by api/app.py): health, catalog, estimates, plans, profiles, jobs."""

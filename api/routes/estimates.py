@@ -1,0 +1,23 @@
+"""`POST /v1/estimates`: the contract's request with a `plan` -> its StepEstimate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from api import service as planning
+from api.routes.common import ServiceDep, body_schema, json_body, json_response
+
+router = APIRouter(prefix="/estimates", tags=["estimates"])
+
+
+@router.post(
+    "",
+    summary="Predict one training step of a plan: time, memory per stage, and where the time goes",
+    openapi_extra=body_schema("EstimateRequest"),
+    response_description="the StepEstimate",
+)
+async def create_estimate(request: Request, service: ServiceDep) -> Response:
+    body = await json_body(request)
+    return json_response(await run_in_threadpool(planning.estimate, body, service.store))

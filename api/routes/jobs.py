@@ -1,0 +1,248 @@
+"""Training jobs: `POST /v1/jobs` (token; Idempotency-Key), `GET /v1/jobs`, `GET /v1/jobs/{id}`, its metrics,
+its logs (text, or a server-sent-events stream that follows the job to its end) and `POST .../cancel` (token).
+
+`submit_job` and `job_view` serve the profiling jobs of api/routes/profiles.py too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+
+from api.errors import InputError
+from api.routes.common import (
+    ApiError,
+    Limit,
+    Offset,
+    Service,
+    ServiceDep,
+    TokenDep,
+    body_schema,
+    json_body,
+    json_response,
+    not_found,
+)
+from api.store import FINAL_STATES, JobRow, dumps
+from api.supervise import OUTPUT_FILE
+from api.train_jobs import RUN_FOLDER, prepare_train_job, train_job_view
+from executor.config import RunDir
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", description="a retried POST with the same key returns the same job")
+]
+MAX_LOG_CHUNK_BYTES = 1 << 20
+SSE_POLL_S = 0.25
+
+
+# ============================================================================================= submitting
+
+
+def submit_job(
+    service: Service, body: dict[str, Any], key: str | None, prepare: Callable[[str], JobRow]
+) -> tuple[JobRow, bool]:
+    """Prepare and queue a job; (job, True). With an Idempotency-Key already used for the same body: (that
+    job, False); used for another body: 409."""
+    body_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if key is not None:
+        _check_key(key)
+        existing = service.store.job_by_key(key)
+        if existing is not None:
+            return _replayed(existing, body_hash), False
+    row = prepare(new_job_id())
+    row.body, row.body_hash, row.idempotency_key = dumps(body), body_hash, key
+    stored, created = service.store.add_job(row)
+    if not created:  # another request with this key won the race: drop what this one prepared
+        shutil.rmtree(service.runner.job_dir(row.id), ignore_errors=True)
+        return _replayed(stored, body_hash), False
+    service.runner.wake()
+    return stored, True
+
+
+def new_job_id() -> str:
+    from api.store import new_id
+
+    return new_id()
+
+
+def _check_key(key: str) -> None:
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InputError.at("Idempotency-Key", "must be 1 to 255 printable characters")
+
+
+def _replayed(existing: JobRow, body_hash: str) -> JobRow:
+    if existing.body_hash != body_hash:
+        raise ApiError(
+            "conflict", f"Idempotency-Key already used for job {existing.id} with a different body", job_id=existing.id
+        )
+    return existing
+
+
+def accepted(service: Service, row: JobRow, created: bool, collection: str) -> Response:
+    headers = {"Location": f"/v1/{collection}/{row.id}", **({} if created else {"Idempotent-Replayed": "true"})}
+    return json_response(job_view(service, row), 202, headers)
+
+
+# ================================================================================================ viewing
+
+
+def job_view(service: Service, row: JobRow) -> dict[str, Any]:
+    """A job as the API shows it: state, timing, why it failed, and what its kind adds (progress, results)."""
+    collection = "jobs" if row.kind == "train" else "profiles"
+    view: dict[str, Any] = {
+        "id": row.id, "kind": row.kind, "state": row.state, "created": row.created, "started": row.started,
+        "finished": row.finished, "nproc": row.nproc, "cancel_requested": row.cancel_requested,
+        "failure_reason": row.failure_reason, "returncode": row.returncode,
+        "links": {"self": f"/v1/{collection}/{row.id}", "logs": f"/v1/jobs/{row.id}/logs"},
+    }  # fmt: skip
+    if row.kind == "train":
+        details = train_details(service, row)
+        view |= details | {"links": view["links"] | details["links"]}
+    else:
+        view["profile_id"] = row.profile_id
+    return view
+
+
+def train_details(service: Service, row: JobRow) -> dict[str, Any]:
+    estimate = json.loads(row.estimate) if row.estimate else None
+    measured = service.store.measured_runs(job_id=row.id, limit=1)
+    details = train_job_view(row, service.runner.job_dir(row.id))
+    return details | {
+        "plan_id": row.plan_id,
+        "predicted": {"step_time_s": estimate["step_time_s"], "peak_bytes": estimate["memory"]["peak_bytes"]}
+        if estimate
+        else None,
+        "measured_run": _measured(measured[0]) if measured else None,
+        "links": {"metrics": f"/v1/jobs/{row.id}/metrics"},
+    }
+
+
+def _measured(run: Any) -> dict[str, Any]:
+    fields = ("id", "steps", "predicted_step_time_s", "measured_step_time_s", "measured_tokens_per_s",
+              "predicted_peak_bytes", "measured_peak_bytes")  # fmt: skip
+    return {name: getattr(run, name) for name in fields}
+
+
+def get_job_row(service: Service, job_id: str, kind: str | None = "train") -> JobRow:
+    row = service.store.get_job(job_id)
+    if row is None or (kind is not None and row.kind != kind):
+        raise not_found("training job" if kind == "train" else "job", job_id)
+    return row
+
+
+# ================================================================================================= routes
+
+
+@router.post(
+    "",
+    status_code=202,
+    dependencies=[TokenDep],
+    summary="Run a training job: the contract's request with `plan` (or `plan_id`) plus steps, nproc, data, ...",
+    openapi_extra=body_schema("TrainJobRequest"),
+)
+async def create_job(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
+    body = await json_body(request)
+
+    def submit() -> tuple[JobRow, bool]:
+        return submit_job(service, body, idempotency_key,
+                          lambda job_id: prepare_train_job(body, job_id, service.store, service.settings))  # fmt: skip
+
+    row, created = await run_in_threadpool(submit)
+    return accepted(service, row, created, "jobs")
+
+
+@router.get("", summary="Training jobs, newest first")
+def list_jobs(
+    service: ServiceDep,
+    state: Annotated[Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"] | None, Query()] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Response:
+    rows = service.store.jobs(kind="train", states=[state] if state else [], limit=limit, offset=offset)
+    return json_response({"jobs": [job_view(service, row) for row in rows]})
+
+
+@router.get("/{job_id}", summary="One training job: state, failure reason, latest metrics")
+def get_job(job_id: str, service: ServiceDep) -> Response:
+    return json_response(job_view(service, get_job_row(service, job_id)))
+
+
+@router.get("/{job_id}/metrics", summary="Every step's metrics, the summary, and the prediction beside it")
+def get_metrics(job_id: str, service: ServiceDep) -> Response:
+    row = get_job_row(service, job_id)
+    run_dir = RunDir(service.runner.job_dir(job_id) / RUN_FOLDER)
+    view = train_details(service, row)
+    return json_response({"id": job_id, "state": row.state, "steps": run_dir.read_metrics(),
+                          "summary": view["summary"], "predicted": view["predicted"],
+                          "measured_run": view["measured_run"]})  # fmt: skip
+
+
+@router.post("/{job_id}/cancel", dependencies=[TokenDep], summary="Cancel a job (every rank is stopped)")
+def cancel_job(job_id: str, service: ServiceDep) -> Response:
+    get_job_row(service, job_id, kind=None)
+    return json_response(job_view(service, service.runner.cancel(job_id)))
+
+
+@router.get(
+    "/{job_id}/logs",
+    summary="The job's output: text from `offset`, or with `follow` (or Accept: text/event-stream) a "
+    "server-sent-events stream, one event per line, until the job ends",
+)
+async def get_logs(
+    job_id: str,
+    request: Request,
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="byte offset to start from")] = 0,
+    follow: Annotated[bool, Query(description="stream as server-sent events until the job ends")] = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    await run_in_threadpool(get_job_row, service, job_id, None)
+    output = service.runner.job_dir(job_id) / OUTPUT_FILE
+    if follow or "text/event-stream" in request.headers.get("accept", ""):
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else offset
+        return StreamingResponse(_events(service, job_id, output, start, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+    data = await run_in_threadpool(_read_from, output, offset, MAX_LOG_CHUNK_BYTES)
+    headers = {"X-Next-Offset": str(offset + len(data))}
+    return Response(data.decode("utf-8", errors="replace"), media_type="text/plain; charset=utf-8", headers=headers)
+
+
+def _read_from(path: Path, offset: int, limit: int, whole_lines: bool = False) -> bytes:
+    """Up to `limit` bytes of `path` from `offset` (only complete lines, if asked)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            data = file.read(limit)
+    except FileNotFoundError:
+        return b""
+    return data[: data.rfind(b"\n") + 1] if whole_lines else data
+
+
+async def _events(service: Service, job_id: str, output: Path, offset: int, request: Request) -> AsyncIterator[str]:
+    """One `data:` event per output line (its `id` is the byte offset after it, for Last-Event-ID), then an
+    `end` event with the job's final state."""
+    while True:
+        row = await run_in_threadpool(service.store.get_job, job_id)
+        ended = row is None or row.state in FINAL_STATES  # once ended, nothing more is written: read to the end
+        data = await run_in_threadpool(_read_from, output, offset, MAX_LOG_CHUNK_BYTES, not ended)
+        for line in data.splitlines(keepends=True):
+            offset += len(line)
+            yield f"id: {offset}\ndata: {line.decode('utf-8', errors='replace').rstrip()}\n\n"
+        if data:
+            continue
+        if ended:
+            yield f"event: end\ndata: {json.dumps({'state': row.state if row else 'UNKNOWN'})}\n\n"
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(SSE_POLL_S)

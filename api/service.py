@@ -1,0 +1,120 @@
+"""What the REST service does with the contract's requests, apart from HTTP: parse them (resolving
+`cluster.profile` among stored profiles only), estimate, search (memoized) and store searches.
+
+No FastAPI here; api/routes/ translate between this and HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from api.errors import InputError
+from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
+from planner.profiles import ProfileError
+from planner.request import EstimateRequest, PlanRequest, parse_estimate_request, parse_plan_request
+from planner.specs import HardwareProfile
+from profiler.store import is_profile_id
+
+
+def stored_profile_resolver(store: ApiStore) -> Any:
+    """`cluster.profile` -> a stored profile. The service never reads a file a request names: only ids."""
+
+    def resolve(ref: str) -> HardwareProfile:
+        if not is_profile_id(ref):
+            message = f"{ref!r} is not a stored profile id (32 hex digits); the service does not read files"
+            raise ProfileError(message, "cluster.profile")
+        return store.profiles.get(ref.lower())
+
+    return resolve
+
+
+def parse_estimate(body: dict[str, Any], store: ApiStore) -> EstimateRequest:
+    return parse_estimate_request(body, stored_profile_resolver(store))
+
+
+def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
+    import planner
+
+    return planner.estimate(parse_estimate(body, store)).model_dump(mode="json")
+
+
+class PlanSearches:
+    """Plan searches, memoized: a search is a pure function of its parsed request (a stored profile never
+    changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
+    identical searches run once; the others wait for its answer instead of computing it again."""
+
+    def __init__(self, store: ApiStore, capacity: int = 256):
+        self._store, self._capacity = store, capacity
+        self._results: OrderedDict[str, str] = OrderedDict()  # request key -> SearchResult JSON
+        self._in_flight: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def search(self, body: dict[str, Any]) -> tuple[PlanRequest, str]:
+        """The parsed request and its SearchResult as JSON text."""
+        request = parse_plan_request(body, stored_profile_resolver(self._store))
+        key = json.dumps(request.model_dump(mode="json"), sort_keys=True)
+        with self._lock:
+            cached = self._cached(key)
+            flight = self._in_flight.setdefault(key, threading.Lock()) if cached is None else None
+        if cached is not None:
+            return request, cached
+        assert flight is not None
+        with flight:
+            with self._lock:
+                cached = self._cached(key)
+            if cached is None:
+                cached = self._run(request)
+                with self._lock:
+                    self._remember(key, cached)
+                    self._in_flight.pop(key, None)
+        return request, cached
+
+    def _cached(self, key: str) -> str | None:
+        found = self._results.get(key)
+        if found is not None:
+            self._results.move_to_end(key)
+        return found
+
+    def _remember(self, key: str, result: str) -> None:
+        self._results[key] = result
+        while len(self._results) > self._capacity:
+            self._results.popitem(last=False)
+
+    @staticmethod
+    def _run(request: PlanRequest) -> str:
+        import planner
+
+        return planner.search(request).model_dump_json()
+
+    def store(self, body: dict[str, Any], request: PlanRequest, result_json: str) -> PlanRow:
+        """Keep a search (the request as posted, and its answer) under a new id."""
+        result = json.loads(result_json)
+        best = result["plans"][0]["estimate"]["step_time_s"] if result["plans"] else None
+        row = PlanRow(
+            id=new_id(),
+            created=utc_now(),
+            model_name=request.model.name or "(custom)",
+            num_gpus=request.cluster.num_gpus,
+            found=len(result["plans"]),
+            best_step_time_s=best,
+            request=dumps(body),
+            result=result_json,
+        )
+        return self._store.add_plan(row)
+
+
+def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:
+    """The contract request (with `plan`) of the `rank`-th plan of stored search `plan_id`."""
+    row = store.get_plan(plan_id)
+    if row is None:
+        raise InputError.at("plan_id", f"no stored plan search with id {plan_id!r}")
+    ranked = json.loads(row.result)["plans"]
+    if not ranked:
+        raise InputError.at("plan_id", f"plan search {plan_id} found no plan that fits; there is nothing to run")
+    if rank > len(ranked):
+        raise InputError.at("plan_rank", f"plan search {plan_id} ranked {len(ranked)} plan(s), not {rank}")
+    searched = json.loads(row.request)
+    return {key: searched[key] for key in ("model", "training", "cluster")} | {"plan": ranked[rank - 1]["plan"]}

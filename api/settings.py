@@ -1,0 +1,94 @@
+"""How a paraplan server is configured: a data folder, a database, a token, limits. From the environment by
+default (`Settings.from_env`), so `paraplan serve` needs no flags on a fresh machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from api.errors import InputError
+from profiler.store import DATABASE_FILE_NAME, DATABASE_URL_ENV, default_data_dir
+
+API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
+MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
+MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
+MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
+
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+"""1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
+
+
+class SettingsError(InputError):
+    """A setting that cannot work; names the environment variable or flag."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server instance needs to know; ``create_app(settings)`` builds a server from it.
+
+    ``api_token`` None means the endpoints that start processes (profiles, jobs) are disabled, not open.
+    """
+
+    data_dir: Path
+    database_url: str
+    api_token: str | None = None
+    max_concurrent_jobs: int = 1
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_job_processes: int = field(default_factory=lambda: default_max_job_processes())
+    """Processes one job may start: a request for a 512-GPU plan must not fork 512 ranks on this machine."""
+    job_grace_s: float = 60.0
+    """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
+        if self.max_concurrent_jobs < 1:
+            raise SettingsError(f"{MAX_JOBS_ENV}: must be at least 1, got {self.max_concurrent_jobs}")
+        if self.max_job_processes < 1:
+            raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
+        if self.max_request_bytes < 1024:
+            raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from PARAPLAN_* variables, then ``overrides`` (what the command line was given, None for
+        "not given"). The database follows the data folder unless PARAPLAN_DATABASE_URL names one."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        data_dir = Path(given.pop("data_dir", None) or default_data_dir()).expanduser().resolve()
+        settings = cls(
+            data_dir=data_dir,
+            database_url=os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{data_dir / DATABASE_FILE_NAME}",
+            api_token=os.environ.get(API_TOKEN_ENV) or None,
+            max_concurrent_jobs=_int_env(MAX_JOBS_ENV, 1),
+            max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
+            max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
+        )
+        return replace(settings, **given)
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Each job's files live in ``jobs_dir/<id>``."""
+        return self.data_dir / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Text files a training job may name as its ``data`` (by file name only)."""
+        return self.data_dir / "datasets"
+
+
+def default_max_job_processes() -> int:
+    """One process per core, and at least 8 (a one-node GPU job)."""
+    return max(8, os.cpu_count() or 1)
+
+
+def _int_env(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {text!r}") from None
