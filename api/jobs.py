@@ -134,15 +134,16 @@ class JobRunner:
             return
         job_dir = self.job_dir(job_id)
         try:
-            process = subprocess.Popen(
-                supervisor_argv(job_dir),
-                cwd=launch.REPO_ROOT,
-                env=launch.launch_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=(job_dir / OUTPUT_FILE).open("ab"),
-                start_new_session=True,  # not stopped by the server's Ctrl-C; outlives the server
-            )
+            with (job_dir / OUTPUT_FILE).open("ab") as output:  # where a supervisor's own crash would show
+                process = subprocess.Popen(
+                    supervisor_argv(job_dir),
+                    cwd=launch.REPO_ROOT,
+                    env=launch.launch_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=output,
+                    start_new_session=True,  # not stopped by the server's Ctrl-C; outlives the server
+                )
         except OSError as error:
             self._end(job_id, Outcome("FAILED", f"could not start the job's supervisor: {error}"))
             return

@@ -66,10 +66,13 @@ class PlanSearches:
             with self._lock:
                 cached = self._cached(key)
             if cached is None:
-                cached = self._run(request)
-                with self._lock:
-                    self._remember(key, cached)
-                    self._in_flight.pop(key, None)
+                try:
+                    cached = self._run(request)
+                    with self._lock:
+                        self._remember(key, cached)
+                finally:
+                    with self._lock:
+                        self._in_flight.pop(key, None)
         return request, cached
 
     def _cached(self, key: str) -> str | None:

@@ -435,9 +435,12 @@ def pid_alive(pid: int) -> bool:
 
 def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
     """Send ``sig`` to the process group of each pid (torchrun puts every worker in its own session)."""
+    own_group = os.getpgrp()
     for pid in pids:
         try:
-            os.killpg(os.getpgid(pid), sig)
+            group = os.getpgid(pid)
+            if group != own_group:  # never the caller's own group (a stray that stayed in it is left alone)
+                os.killpg(group, sig)
         except (ProcessLookupError, PermissionError):
             continue
 
@@ -445,22 +448,27 @@ def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
 def stop(process: subprocess.Popen[Any], grace_s: float = 10.0) -> int:
     """Stop a launch and everything it started; return torchrun's exit status.
 
-    SIGTERM goes to torchrun's process group; torchrun forwards it to its workers and waits for them. If it is
-    not done within ``grace_s``, SIGKILL goes to torchrun's group and to the group of every process below it —
-    found before the kill, because a killed torchrun can no longer reap or signal its workers.
+    SIGTERM goes to torchrun's process group; torchrun forwards it to its workers and waits for them. Whatever
+    is still running when ``grace_s`` is up — torchrun, a worker that ignored the signal, or a process orphaned
+    when its parent exited — is killed: SIGKILL to its process group. The processes are listed before the
+    first signal, because a killed or exited parent can no longer lead to its children.
     """
     if process.poll() is not None:
         return process.returncode
+    deadline = time.monotonic() + grace_s
+    started = descendant_pids(process.pid)
     _signal_groups([process.pid], signal.SIGTERM)
     try:
-        return process.wait(timeout=grace_s)
+        returncode: int | None = process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        pass
-    doomed = [*descendant_pids(process.pid), process.pid]
-    _signal_groups(doomed, signal.SIGKILL)
-    returncode = process.wait()
-    _wait_until_gone(doomed, limit_s=grace_s)
-    return returncode
+        returncode = None
+    doomed = [*started, *descendant_pids(process.pid), process.pid]
+    _wait_until_gone(doomed, limit_s=max(0.0, deadline - time.monotonic()))
+    survivors = [pid for pid in doomed if pid_alive(pid)]
+    if survivors:
+        _signal_groups(survivors, signal.SIGKILL)
+        _wait_until_gone(survivors, limit_s=grace_s)
+    return process.wait() if returncode is None else returncode
 
 
 def _wait_until_gone(pids: Sequence[int], limit_s: float) -> None:

@@ -1,0 +1,188 @@
+"""The service's parts below HTTP: settings, the supervisor of one job, the store's compare-and-set, the
+memoized search, `paraplan serve` refusing bad settings. Real processes and a real SQLite file throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from api.cli import app
+from api.service import PlanSearches
+from api.settings import Settings, SettingsError
+from api.store import ApiStore, JobRow, utc_now
+from api.supervise import read_result, supervisor_argv, write_command
+
+TINY_SEARCH = Path(__file__).parents[2] / "executor" / "examples" / "tiny-llama-2cpu-search.json"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_follow_the_environment_and_the_database_follows_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("PARAPLAN_DATABASE_URL", raising=False)
+    monkeypatch.setenv("PARAPLAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PARAPLAN_MAX_JOBS", "3")
+    settings = Settings.from_env()
+    assert settings.data_dir == (tmp_path / "data").resolve()
+    assert settings.database_url == f"sqlite:///{(tmp_path / 'data').resolve() / 'paraplan.db'}"
+    assert settings.max_concurrent_jobs == 3 and settings.api_token is None
+    moved = Settings.from_env(data_dir=tmp_path / "other")
+    assert moved.database_url.endswith(f"{tmp_path / 'other'}/paraplan.db")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [("PARAPLAN_API_TOKEN", "short", "PARAPLAN_API_TOKEN"), ("PARAPLAN_MAX_JOBS", "many", "PARAPLAN_MAX_JOBS"),
+     ("PARAPLAN_MAX_JOBS", "0", "PARAPLAN_MAX_JOBS"), ("PARAPLAN_MAX_REQUEST_BYTES", "10", "PARAPLAN_MAX_REQUEST_BYTES")],
+)  # fmt: skip
+def test_bad_settings_name_their_variable(tmp_path, monkeypatch, variable, value, named):
+    monkeypatch.setenv("PARAPLAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env()
+
+
+def test_serve_refuses_bad_settings_before_listening(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARAPLAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PARAPLAN_API_TOKEN", "short")
+    result = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert result.exit_code == 1
+    assert "PARAPLAN_API_TOKEN" in result.output and "Traceback" not in result.output
+
+
+def test_serve_refuses_a_database_of_another_schema_version(tmp_path, monkeypatch):
+    database = tmp_path / "paraplan.db"
+    ApiStore(f"sqlite:///{database}").close()
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE paraplan_meta SET value = '999' WHERE key = 'schema_version'")
+    monkeypatch.setenv("PARAPLAN_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("PARAPLAN_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert result.exit_code == 1
+    assert "schema version 999" in result.output
+
+
+# ------------------------------------------------------------------------------------------- supervisor
+
+
+def _supervise(job_dir: Path, argv: list[str], grace_s: float = 5.0) -> subprocess.Popen[bytes]:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_command(job_dir, argv, grace_s)
+    return subprocess.Popen(supervisor_argv(job_dir), start_new_session=True)
+
+
+def test_the_supervisor_records_the_output_and_the_exit_status(tmp_path):
+    job_dir = tmp_path / "job"
+    code = "import sys; print('hello from the job'); sys.exit(3)"
+    assert _supervise(job_dir, [sys.executable, "-c", code]).wait(timeout=60) == 1
+    assert read_result(job_dir) == {"returncode": 3, "cancelled": False}
+    assert "hello from the job" in (job_dir / "output.log").read_text()
+
+
+def test_sigterm_stops_the_command_and_everything_it_started(tmp_path):
+    """The command starts a grandchild that ignores SIGTERM: after the grace period it is killed too."""
+    job_dir = tmp_path / "job"
+    code = (
+        "import subprocess, sys, time;"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"ready\", flush=True); "
+        "time.sleep(600)']);"
+        "time.sleep(600)"
+    )
+    supervisor = _supervise(job_dir, [sys.executable, "-c", code], grace_s=1.0)
+    _wait_for(lambda: "ready" in (job_dir / "output.log").read_text(), 60)
+    started = _pids_mentioning("time.sleep(600)")
+    assert len(started) == 2
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.wait(timeout=60)
+    assert read_result(job_dir)["cancelled"] is True
+    _wait_for(lambda: not _pids_mentioning("time.sleep(600)"), 10)
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for(condition, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+
+def _job(job_id: str, key: str | None = None) -> JobRow:
+    return JobRow(id=job_id, kind="train", state="QUEUED", created=utc_now(), nproc=1, body="{}", body_hash="h",
+                  idempotency_key=key)  # fmt: skip
+
+
+def test_a_state_change_happens_only_from_the_states_given(tmp_path):
+    store = ApiStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.add_job(_job("a" * 32))
+    assert store.update_job("a" * 32, only_if_state=["QUEUED"], state="RUNNING")
+    assert not store.update_job("a" * 32, only_if_state=["QUEUED"], state="CANCELLED")
+    assert store.get_job("a" * 32).state == "RUNNING"
+    store.close()
+
+
+def test_an_idempotency_key_is_held_by_one_job(tmp_path):
+    store = ApiStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    first, created = store.add_job(_job("a" * 32, key="retry-1"))
+    again, created_again = store.add_job(_job("b" * 32, key="retry-1"))
+    assert created and not created_again and again.id == first.id
+    assert store.get_job("b" * 32) is None
+    store.close()
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
+    store = ApiStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    searches = PlanSearches(store)
+    runs = []
+    real_run = PlanSearches._run
+
+    def counted(request):
+        runs.append(1)
+        time.sleep(0.2)  # long enough for the other threads to arrive while it runs
+        return real_run(request)
+
+    monkeypatch.setattr(PlanSearches, "_run", staticmethod(counted))
+    body = json.loads(TINY_SEARCH.read_text())
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda: answers.append(searches.search(body)[1])) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(runs) == 1 and len(set(answers)) == 1 and len(answers) == 6
+    other = {**body, "training": {**body["training"], "global_batch_size": 16}}
+    searches.search(other)
+    assert len(runs) == 2
+    store.close()
