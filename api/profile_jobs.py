@@ -70,7 +70,8 @@ def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -
     job = ProfileJobBody.model_validate(body)
     flags = _flags(job)
     _check_with_the_command(job)
-    check_process_count(job.nproc or 2, settings)
+    processes = 1 if job.what == "compute" else (job.nproc or 2)
+    check_process_count(processes, settings, job.device or "cpu")
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     try:
@@ -80,8 +81,7 @@ def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
-    nproc = (job.nproc or 2) if job.what != "compute" else 1
-    return JobRow(id=job_id, kind="profile", state="QUEUED", created=utc_now(), nproc=nproc)
+    return JobRow(id=job_id, kind="profile", state="QUEUED", created=utc_now(), nproc=processes)
 
 
 def _flags(job: ProfileJobBody) -> dict[str, str]:

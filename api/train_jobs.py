@@ -87,7 +87,11 @@ def dataset_path(name: str | None, settings: Settings) -> Path | None:
     return candidate
 
 
-def check_process_count(nproc: int, settings: Settings) -> None:
+def check_process_count(nproc: int, settings: Settings, device: str = "cpu") -> None:
+    """A job may not start more processes than the server allows, nor more CUDA ranks than it has GPUs."""
+    gpus = launch.visible_gpu_count()
+    if device == "cuda" and nproc > gpus:
+        raise InputError.at("device", f"cuda with {nproc} process(es), but this server sees {gpus} GPU(s)")
     if nproc > settings.max_job_processes:
         raise InputError.at(
             "nproc",
@@ -105,7 +109,7 @@ def prepare_train_job(body: dict[str, Any], job_id: str, store: ApiStore, settin
     options, request = split_body(body)
     parsed = parse_estimate(request_of(options, request, store), store)
     nproc = options.nproc or parsed.plan.num_gpus
-    check_process_count(nproc, settings)
+    check_process_count(nproc, settings, options.device)
     config = TrainConfig(
         steps=options.steps, data=dataset_path(options.data, settings), checkpoint_every=options.checkpoint_every,
         lr=options.lr, warmup_steps=options.warmup_steps, seed=options.seed, device=options.device,

@@ -478,6 +478,19 @@ def _wait_until_gone(pids: Sequence[int], limit_s: float) -> None:
         time.sleep(0.05)
 
 
+def visible_gpu_count() -> int:
+    """NVIDIA GPUs a local launch can use, without importing torch: the devices the driver lists (in /proc, or
+    as /dev/nvidiaN), limited by CUDA_VISIBLE_DEVICES when it is set."""
+    listed = max(
+        len(list(Path("/proc/driver/nvidia/gpus").glob("*"))),
+        len([p for p in Path("/dev").glob("nvidia[0-9]*") if p.name.removeprefix("nvidia").isdigit()]),
+    )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return listed
+    return min(listed, len([device for device in visible.split(",") if device.strip()]))
+
+
 def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus ``env``, with the repo root on PYTHONPATH so ``-m executor.train`` resolves from any cwd."""
     merged = {**os.environ, **(env or {})}
