@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from api.errors import InputError
 from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
@@ -17,6 +18,9 @@ from planner.profiles import ProfileError
 from planner.request import EstimateRequest, PlanRequest, parse_estimate_request, parse_plan_request
 from planner.specs import HardwareProfile
 from profiler.store import is_profile_id
+
+if TYPE_CHECKING:
+    from planner.search.result import SearchResult
 
 
 def stored_profile_resolver(store: ApiStore) -> Any:
@@ -41,6 +45,20 @@ def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
     return planner.estimate(parse_estimate(body, store)).model_dump(mode="json")
 
 
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A SearchResult as JSON text, with what the plans table copies out of it (read once, not per request)."""
+
+    json: str
+    found: int
+    best_step_time_s: float | None
+
+    @classmethod
+    def of(cls, result: SearchResult) -> SearchAnswer:
+        best = result.plans[0].estimate.step_time_s if result.plans else None
+        return cls(result.model_dump_json(), len(result.plans), best)
+
+
 class PlanSearches:
     """Plan searches, memoized: a search is a pure function of its parsed request (a stored profile never
     changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
@@ -48,12 +66,12 @@ class PlanSearches:
 
     def __init__(self, store: ApiStore, capacity: int = 256):
         self._store, self._capacity = store, capacity
-        self._results: OrderedDict[str, str] = OrderedDict()  # request key -> SearchResult JSON
+        self._results: OrderedDict[str, SearchAnswer] = OrderedDict()  # by the parsed request's JSON
         self._in_flight: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def search(self, body: dict[str, Any]) -> tuple[PlanRequest, str]:
-        """The parsed request and its SearchResult as JSON text."""
+    def search(self, body: dict[str, Any]) -> tuple[PlanRequest, SearchAnswer]:
+        """The parsed request and its answer."""
         request = parse_plan_request(body, stored_profile_resolver(self._store))
         key = json.dumps(request.model_dump(mode="json"), sort_keys=True)
         with self._lock:
@@ -75,36 +93,34 @@ class PlanSearches:
                         self._in_flight.pop(key, None)
         return request, cached
 
-    def _cached(self, key: str) -> str | None:
+    def _cached(self, key: str) -> SearchAnswer | None:
         found = self._results.get(key)
         if found is not None:
             self._results.move_to_end(key)
         return found
 
-    def _remember(self, key: str, result: str) -> None:
+    def _remember(self, key: str, result: SearchAnswer) -> None:
         self._results[key] = result
         while len(self._results) > self._capacity:
             self._results.popitem(last=False)
 
     @staticmethod
-    def _run(request: PlanRequest) -> str:
+    def _run(request: PlanRequest) -> SearchAnswer:
         import planner
 
-        return planner.search(request).model_dump_json()
+        return SearchAnswer.of(planner.search(request))
 
-    def store(self, body: dict[str, Any], request: PlanRequest, result_json: str) -> PlanRow:
+    def store(self, body: dict[str, Any], request: PlanRequest, answer: SearchAnswer) -> PlanRow:
         """Keep a search (the request as posted, and its answer) under a new id."""
-        result = json.loads(result_json)
-        best = result["plans"][0]["estimate"]["step_time_s"] if result["plans"] else None
         row = PlanRow(
             id=new_id(),
             created=utc_now(),
             model_name=request.model.name or "(custom)",
             num_gpus=request.cluster.num_gpus,
-            found=len(result["plans"]),
-            best_step_time_s=best,
+            found=answer.found,
+            best_step_time_s=answer.best_step_time_s,
             request=dumps(body),
-            result=result_json,
+            result=answer.json,
         )
         return self._store.add_plan(row)
 

@@ -9,14 +9,16 @@ contract defines them, and the columns beside them copy only what listing and fi
 from __future__ import annotations
 
 import json
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from profiler.store import Base, ProfileStore
 
@@ -105,6 +107,14 @@ class ApiStore:
     def __init__(self, url: str):
         self.profiles = ProfileStore(url)  # opens (and version-checks) the database, creating these tables too
         self._sessions = sessionmaker(self.profiles.engine, expire_on_commit=False)
+        # One writer at a time in this process: SQLite takes one writer anyway, and waiting here is fair and
+        # quick where waiting in SQLite's busy handler is neither (it sleeps and retries).
+        self._write_lock = threading.Lock()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._write_lock, self._sessions.begin() as session:
+            yield session
 
     def close(self) -> None:
         self.profiles.close()
@@ -117,7 +127,7 @@ class ApiStore:
     # ------------------------------------------------------------------------------------------------ plans
 
     def add_plan(self, row: PlanRow) -> PlanRow:
-        with self._sessions.begin() as session:
+        with self._writing() as session:
             session.add(row)
         return row
 
@@ -135,7 +145,7 @@ class ApiStore:
     def add_job(self, row: JobRow) -> tuple[JobRow, bool]:
         """Insert ``row``; (row, True). When its idempotency key is taken: (the job holding it, False)."""
         try:
-            with self._sessions.begin() as session:
+            with self._writing() as session:
                 session.add(row)
             return row, True
         except IntegrityError:
@@ -170,13 +180,13 @@ class ApiStore:
         statement = update(JobRow).where(JobRow.id == job_id).values(**values)
         if only_if_state:
             statement = statement.where(JobRow.state.in_(only_if_state))
-        with self._sessions.begin() as session:
+        with self._writing() as session:
             return session.execute(statement).rowcount > 0
 
     # ------------------------------------------------------------------------------------------ measured runs
 
     def add_measured_run(self, row: MeasuredRunRow) -> MeasuredRunRow:
-        with self._sessions.begin() as session:
+        with self._writing() as session:
             session.add(row)
         return row
 

@@ -40,14 +40,14 @@ def test_settings_follow_the_environment_and_the_database_follows_the_data_dir(t
 
 
 @pytest.mark.parametrize(
-    ("variable", "value", "named"),
-    [("PARAPLAN_API_TOKEN", "short", "PARAPLAN_API_TOKEN"), ("PARAPLAN_MAX_JOBS", "many", "PARAPLAN_MAX_JOBS"),
-     ("PARAPLAN_MAX_JOBS", "0", "PARAPLAN_MAX_JOBS"), ("PARAPLAN_MAX_REQUEST_BYTES", "10", "PARAPLAN_MAX_REQUEST_BYTES")],
+    ("variable", "value"),
+    [("PARAPLAN_API_TOKEN", "short"), ("PARAPLAN_MAX_JOBS", "many"), ("PARAPLAN_MAX_JOBS", "0"),
+     ("PARAPLAN_MAX_REQUEST_BYTES", "10"), ("PARAPLAN_MAX_JOB_PROCESSES", "0")],
 )  # fmt: skip
-def test_bad_settings_name_their_variable(tmp_path, monkeypatch, variable, value, named):
+def test_bad_settings_name_their_variable(tmp_path, monkeypatch, variable, value):
     monkeypatch.setenv("PARAPLAN_DATA_DIR", str(tmp_path))
     monkeypatch.setenv(variable, value)
-    with pytest.raises(SettingsError, match=named):
+    with pytest.raises(SettingsError, match=variable):
         Settings.from_env()
 
 
@@ -96,7 +96,7 @@ def test_sigterm_stops_the_command_and_everything_it_started(tmp_path):
     code = (
         "import subprocess, sys, time;"
         "child = subprocess.Popen([sys.executable, '-c', "
-        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"ready\", flush=True); "
+        '\'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print("ready", flush=True); '
         "time.sleep(600)']);"
         "time.sleep(600)"
     )
@@ -175,7 +175,7 @@ def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PlanSearches, "_run", staticmethod(counted))
     body = json.loads(TINY_SEARCH.read_text())
-    answers: list[str] = []
+    answers: list = []
     threads = [threading.Thread(target=lambda: answers.append(searches.search(body)[1])) for _ in range(6)]
     for thread in threads:
         thread.start()
