@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_payload, validation_fields
@@ -100,7 +101,17 @@ async def _invalid_parameters(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = _STATUS_KINDS.get(exc.status_code, "invalid_request")
-    return error_response({"kind": kind, "message": str(exc.detail)}, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names only the first matching route's methods
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response({"kind": kind, "message": str(exc.detail)}, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (asked of the router, which knows included routers too)."""
+    routes = request.app.router.routes
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    return [m for m in methods if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

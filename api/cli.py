@@ -11,6 +11,7 @@ Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -1002,8 +1003,9 @@ def comm_launch(
         raise InputError("--rdzv-endpoint host:port (node 0's address) is needed with --nnodes > 1")
     try:
         args = sweep_command_args(out, min_bytes, max_bytes, ops, warmup, repeats, backend)
-    except ValueError as exc:  # the sweep's own checks name the flag (--ops, --min-bytes, ...)
-        raise InputError(str(exc)) from None
+    except ValueError as exc:  # the sweep's own checks start with the flag (--ops, --min-bytes, ...)
+        flag = re.match(r"--[a-z][a-z-]*", str(exc))
+        raise InputError(str(exc), fields=[{"field": flag.group(0), "message": str(exc)}] if flag else None) from None
     comm = CommLaunch(nproc, nnodes, args, rdzv_endpoint)
     comm.spec()  # LaunchSpec's own checks (ranks, endpoint)
     return comm

@@ -158,13 +158,21 @@ def _check_with_the_command(job: ProfileJobBody) -> None:
 
 def _renamed(error: ValueError) -> ValueError:
     """The command's refusal, naming body fields instead of its flags."""
-    payload = cli_payload(error)
-    text = str(error)
+    fields = [{"field": _as_field(f["field"]), "message": _unflagged(f["message"])}
+              for f in cli_payload(error).get("fields", [])]  # fmt: skip
+    text = _unflagged(str(error))
+    return InputError(text, fields=fields or [{"field": "(request)", "message": text}])
+
+
+def _as_field(name: str) -> str:
+    return _field(name) if name.startswith("--") else name
+
+
+def _unflagged(text: str) -> str:
+    """`text` with each of the command's flags written as the body field that sets it."""
     for flag in sorted({_flag(name) for name in ProfileJobBody.model_fields}, key=len, reverse=True):
         text = text.replace(flag, _field(flag))
-    fields = [{"field": _field(f["field"]) if f["field"].startswith("--") else f["field"],
-               "message": f["message"]} for f in payload.get("fields", [])]  # fmt: skip
-    return InputError(text, fields=fields or [{"field": "(request)", "message": text}])
+    return text
 
 
 def cli_payload(error: ValueError) -> dict[str, Any]:

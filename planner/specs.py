@@ -18,6 +18,17 @@ Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 PositiveInt = Annotated[int, Field(ge=1)]
 
+# Upper bounds far above any model or cluster built so far (dense models have ~100-200 layers, clusters ~10^5
+# GPUs). They keep what a request costs bounded: search time grows with the layer count and the degrees, and
+# the executor's checks build per-stage lists.
+Layers = Annotated[int, Field(ge=1, le=1024)]
+Width = Annotated[int, Field(ge=1, le=2**20)]  # hidden, ffn, head sizes
+Heads = Annotated[int, Field(ge=1, le=2**14)]
+Vocab = Annotated[int, Field(ge=1, le=2**24)]
+Experts = Annotated[int, Field(ge=1, le=2**14)]
+Tokens = Annotated[int, Field(ge=1, le=2**24)]  # sequence lengths, batch sizes (sequences), positions
+Degree = Annotated[int, Field(ge=1, le=2**17)]  # node counts and parallel degrees
+
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -35,20 +46,20 @@ class ModelSpec(Frozen):
     """
 
     name: str | None = None
-    num_layers: PositiveInt
-    hidden_size: PositiveInt
-    num_attention_heads: PositiveInt
-    num_kv_heads: PositiveInt | None = None  # None: = num_attention_heads (multi-head attention)
-    head_dim: PositiveInt | None = None  # None: hidden_size // num_attention_heads
-    ffn_hidden_size: PositiveInt | None = None  # None: 4 * hidden_size (GELU) or Llama's 2/3 * 4h rounded
-    vocab_size: PositiveInt
+    num_layers: Layers
+    hidden_size: Width
+    num_attention_heads: Heads
+    num_kv_heads: Heads | None = None  # None: = num_attention_heads (multi-head attention)
+    head_dim: Width | None = None  # None: hidden_size // num_attention_heads
+    ffn_hidden_size: Width | None = None  # None: 4 * hidden_size (GELU) or Llama's 2/3 * 4h rounded
+    vocab_size: Vocab
     mlp: Literal["gelu", "swiglu"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     tie_embeddings: bool = False
-    num_experts: PositiveInt = 1
-    experts_per_token: PositiveInt = 1
+    num_experts: Experts = 1
+    experts_per_token: Experts = 1
     position_embedding: Literal["learned", "rope"] | None = None
-    max_position_embeddings: PositiveInt | None = None  # rows of a learned position table
+    max_position_embeddings: Tokens | None = None  # rows of a learned position table
     qkv_bias: bool | None = None
     linear_bias: bool | None = None  # attention output projection and MLP
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # hidden and attention dropout probability
@@ -134,8 +145,8 @@ def _check_model(model: ModelSpec) -> None:
 class TrainingSpec(Frozen):
     """What one optimizer step processes. `global_batch_size` counts sequences."""
 
-    seq_len: PositiveInt
-    global_batch_size: PositiveInt
+    seq_len: Tokens
+    global_batch_size: Tokens
     precision: Precision = "bf16"
     optimizer: Optimizer = "adamw"
     # "flash": fused attention that never stores the s x s score matrix (FlashAttention / SDPA);
@@ -192,8 +203,8 @@ class ClusterSpec(Frozen):
     """Identical nodes of `gpus_per_node` GPUs. `*_GBps` override the GPU preset's link line rates."""
 
     gpu: GpuSpec
-    num_nodes: PositiveInt = 1
-    gpus_per_node: PositiveInt = 8
+    num_nodes: Degree = 1
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = 8
     intra_node_GBps: Annotated[float, Field(gt=0)] | None = None
     inter_node_GBps: Annotated[float, Field(gt=0)] | None = None
     profile: str | None = None  # a HardwareProfile file or stored id; the edges resolve it (`with_profile`)
@@ -257,17 +268,17 @@ class ParallelPlan(Frozen):
     need the model, training setup and cluster. Both name every broken rule, not only the first.
     """
 
-    dp: PositiveInt = 1
-    tp: PositiveInt = 1
-    pp: PositiveInt = 1
-    cp: PositiveInt = 1
+    dp: Degree = 1
+    tp: Degree = 1
+    pp: Degree = 1
+    cp: Degree = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    micro_batch_size: PositiveInt = 1
+    micro_batch_size: Tokens = 1
     sequence_parallel: bool = False
     recompute: Recompute = "none"
     schedule: Schedule = "1f1b"
-    virtual_stages: PositiveInt = 1
-    layers_per_stage: tuple[Annotated[int, Field(ge=1)], ...] | None = None
+    virtual_stages: Layers = 1
+    layers_per_stage: tuple[Layers, ...] | None = None
     # Reduce gradients while backward still runs (PyTorch DDP / FSDP do; Megatron-LM before 2023 did not).
     overlap_grad_reduce: bool = True
 
@@ -355,16 +366,16 @@ def even_layer_split(num_layers: int, chunks: int) -> tuple[int, ...]:
 class FixedPlanFields(Frozen):
     """Plan fields a search must keep (`search.fixed`); the rest are searched."""
 
-    dp: PositiveInt | None = None
-    tp: PositiveInt | None = None
-    pp: PositiveInt | None = None
-    cp: PositiveInt | None = None
+    dp: Degree | None = None
+    tp: Degree | None = None
+    pp: Degree | None = None
+    cp: Degree | None = None
     zero_stage: Annotated[int, Field(ge=0, le=3)] | None = None
-    micro_batch_size: PositiveInt | None = None
+    micro_batch_size: Tokens | None = None
     sequence_parallel: bool | None = None
     recompute: Recompute | None = None
     schedule: Schedule | None = None
-    virtual_stages: PositiveInt | None = None
+    virtual_stages: Layers | None = None
 
 
 class SearchOptions(Frozen):
@@ -378,11 +389,12 @@ class SearchOptions(Frozen):
     schedules: tuple[Schedule, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
     recompute: tuple[Recompute, ...] = ("none", "selective", "full")
     zero_stages: tuple[Annotated[int, Field(ge=0, le=3)], ...] = (0, 1, 2, 3)
-    micro_batch_sizes: tuple[PositiveInt, ...] | None = None  # None: every divisor of the per-replica batch
-    max_tp: PositiveInt | None = None  # None: the GPUs of one node
+    # None: every divisor of the per-replica batch
+    micro_batch_sizes: Annotated[tuple[Tokens, ...], Field(max_length=64)] | None = None
+    max_tp: Degree | None = None  # None: the GPUs of one node
     tp_within_node: bool = True  # TP groups never cross nodes (their all-reduces are on the critical path)
-    max_cp: PositiveInt | None = None
-    max_virtual_stages: PositiveInt | None = None
+    max_cp: Degree | None = None
+    max_virtual_stages: Layers | None = None
     overlap_grad_reduce: bool = True
     partition: bool = True  # balance layers over stages with the ILP for the leading candidates
 
