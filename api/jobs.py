@@ -72,7 +72,9 @@ class JobRunner:
     # --------------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Reconcile what a previous server left, then start dispatching queued jobs."""
+        """Reconcile what a previous server left, then start dispatching queued jobs (again, after a close:
+        an app's lifespan can run more than once)."""
+        self._closing.clear()
         self._settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.reconcile()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="paraplan-dispatcher", daemon=True)

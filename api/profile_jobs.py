@@ -71,7 +71,8 @@ def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -
     flags = _flags(job)
     _check_with_the_command(job)
     processes = 1 if job.what == "compute" else (job.nproc or 2)
-    check_process_count(processes, settings, job.device or "cpu")
+    needs_gpus = job.device == "cuda" or job.backend == "nccl"
+    check_process_count(processes, settings, "cuda" if needs_gpus else "cpu")
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     try:

@@ -28,6 +28,7 @@ Vocab = Annotated[int, Field(ge=1, le=2**24)]
 Experts = Annotated[int, Field(ge=1, le=2**14)]
 Tokens = Annotated[int, Field(ge=1, le=2**24)]  # sequence lengths, batch sizes (sequences), positions
 Degree = Annotated[int, Field(ge=1, le=2**17)]  # node counts and parallel degrees
+MAX_GPUS = 2**17
 
 
 class Frozen(BaseModel):
@@ -219,6 +220,15 @@ class ClusterSpec(Frozen):
 
             return gpu_preset(value)
         return value
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> ClusterSpec:
+        if self.num_gpus > MAX_GPUS:
+            raise ValueError(
+                f"cluster.num_nodes: {self.num_nodes} nodes x {self.gpus_per_node} GPUs = {self.num_gpus} GPUs, "
+                f"over the {MAX_GPUS} this planner searches"
+            )
+        return self
 
     @property
     def num_gpus(self) -> int:

@@ -9,7 +9,9 @@ Whatever is left out is counted by reason, so the search can say why the space i
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -89,8 +91,12 @@ class Candidates:
         )
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+@functools.lru_cache(maxsize=4096)
+def divisors(n: int) -> tuple[int, ...]:
+    """The divisors of n, ascending: the pairs (d, n // d) for d up to sqrt(n), so a batch of 2**24 costs
+    4,096 trials instead of 2**24 (it is asked for every layout's per-replica batch)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return tuple(small + [n // d for d in reversed(small) if d * d != n])
 
 
 # ------------------------------------------------------------------------------------ the options
