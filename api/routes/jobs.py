@@ -31,7 +31,7 @@ from api.routes.common import (
     json_response,
     not_found,
 )
-from api.store import FINAL_STATES, JobRow, dumps
+from api.store import FINAL_STATES, JobRow, dumps, new_id
 from api.supervise import OUTPUT_FILE
 from api.train_jobs import RUN_FOLDER, prepare_train_job, train_job_view
 from executor.config import RunDir
@@ -49,18 +49,18 @@ SSE_POLL_S = 0.25
 
 
 def submit_job(
-    service: Service, body: dict[str, Any], key: str | None, prepare: Callable[[str], JobRow]
+    service: Service, kind: str, body: dict[str, Any], key: str | None, prepare: Callable[[str], JobRow]
 ) -> tuple[JobRow, bool]:
-    """Prepare and queue a job; (job, True). With an Idempotency-Key already used for the same body: (that
-    job, False); used for another body: 409."""
+    """Prepare and queue a job of `kind`; (job, True). With an Idempotency-Key already used for the same body:
+    (that job, False); used for another body: 409. Keys are per kind: a profile and a training job may share one."""
     body_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    if key is not None:
-        _check_key(key)
-        existing = service.store.job_by_key(key)
+    stored_key = None if key is None else f"{kind}:{_checked(key)}"
+    if stored_key is not None:
+        existing = service.store.job_by_key(stored_key)
         if existing is not None:
             return _replayed(existing, body_hash), False
-    row = prepare(new_job_id())
-    row.body, row.body_hash, row.idempotency_key = dumps(body), body_hash, key
+    row = prepare(new_id())
+    row.body, row.body_hash, row.idempotency_key = dumps(body), body_hash, stored_key
     stored, created = service.store.add_job(row)
     if not created:  # another request with this key won the race: drop what this one prepared
         shutil.rmtree(service.runner.job_dir(row.id), ignore_errors=True)
@@ -69,15 +69,10 @@ def submit_job(
     return stored, True
 
 
-def new_job_id() -> str:
-    from api.store import new_id
-
-    return new_id()
-
-
-def _check_key(key: str) -> None:
-    if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise InputError.at("Idempotency-Key", "must be 1 to 255 printable characters")
+def _checked(key: str) -> str:
+    if not 1 <= len(key) <= 240 or not key.isprintable():
+        raise InputError.at("Idempotency-Key", "must be 1 to 240 printable characters")
+    return key
 
 
 def _replayed(existing: JobRow, body_hash: str) -> JobRow:
@@ -154,7 +149,7 @@ async def create_job(request: Request, service: ServiceDep, idempotency_key: Ide
     body = await json_body(request)
 
     def submit() -> tuple[JobRow, bool]:
-        return submit_job(service, body, idempotency_key,
+        return submit_job(service, "train", body, idempotency_key,
                           lambda job_id: prepare_train_job(body, job_id, service.store, service.settings))  # fmt: skip
 
     row, created = await run_in_threadpool(submit)

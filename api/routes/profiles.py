@@ -31,7 +31,7 @@ async def create_profile(request: Request, service: ServiceDep, idempotency_key:
     body = await json_body(request)
 
     def submit() -> tuple[JobRow, bool]:
-        return submit_job(service, body, idempotency_key,
+        return submit_job(service, "profile", body, idempotency_key,
                           lambda job_id: prepare_profile_job(body, job_id, service.settings))  # fmt: skip
 
     row, created = await run_in_threadpool(submit)

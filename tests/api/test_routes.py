@@ -521,6 +521,9 @@ def test_an_idempotency_key_replays_the_same_job(
     fresh = idle_client.post("/v1/jobs", json=body, headers=auth_headers | {"Idempotency-Key": "retry-2"})
     assert fresh.status_code == 202 and fresh.json()["id"] != job_id
 
+    profile = idle_client.post("/v1/profiles", json=PROFILE_BODY, headers=keyed)  # keys are per kind of job
+    assert profile.status_code == 202 and profile.json()["kind"] == "profile", profile.text
+
 
 def test_an_idempotency_key_must_be_printable_and_short(
     idle_client: TestClient, tiny_request: dict[str, Any], auth_headers: dict[str, str], data_dir: Path
