@@ -21,8 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import event
-from sqlalchemy import ColumnElement, Index, Integer, String, Text, select
+from sqlalchemy import ColumnElement, Index, Integer, String, Text, event, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
