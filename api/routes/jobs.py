@@ -83,9 +83,19 @@ def _replayed(existing: JobRow, body_hash: str) -> JobRow:
     return existing
 
 
-def accepted(service: Service, row: JobRow, created: bool, collection: str) -> Response:
-    headers = {"Location": f"/v1/{collection}/{row.id}", **({} if created else {"Idempotent-Replayed": "true"})}
-    return json_response(job_view(service, row), 202, headers)
+async def accept_job(
+    request: Request, service: Service, kind: str, key: str | None, prepare: Callable[[dict[str, Any], str], JobRow]
+) -> Response:
+    """A POST that queues a job: 202 with the job (and where it lives), also when it replays an earlier one."""
+    body = await json_body(request)
+
+    def submit() -> tuple[dict[str, Any], bool]:
+        row, created = submit_job(service, kind, body, key, lambda job_id: prepare(body, job_id))
+        return job_view(service, row), created
+
+    view, created = await run_in_threadpool(submit)
+    replayed = {} if created else {"Idempotent-Replayed": "true"}
+    return json_response(view, 202, {"Location": view["links"]["self"], **replayed})
 
 
 # ================================================================================================ viewing
@@ -146,14 +156,10 @@ def get_job_row(service: Service, job_id: str, kind: str | None = "train") -> Jo
     openapi_extra=body_schema("TrainJobRequest"),
 )
 async def create_job(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
-    body = await json_body(request)
+    def prepare(body: dict[str, Any], job_id: str) -> JobRow:
+        return prepare_train_job(body, job_id, service.store, service.settings)
 
-    def submit() -> tuple[JobRow, bool]:
-        return submit_job(service, "train", body, idempotency_key,
-                          lambda job_id: prepare_train_job(body, job_id, service.store, service.settings))  # fmt: skip
-
-    row, created = await run_in_threadpool(submit)
-    return accepted(service, row, created, "jobs")
+    return await accept_job(request, service, "train", idempotency_key, prepare)
 
 
 @router.get("", summary="Training jobs, newest first")

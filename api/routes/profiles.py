@@ -8,12 +8,11 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.profile_jobs import prepare_profile_job
-from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_body, json_response, json_with, not_found
-from api.routes.jobs import IdempotencyKey, accepted, job_view, submit_job
+from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_response, json_with, not_found
+from api.routes.jobs import IdempotencyKey, accept_job, job_view
 from api.store import JobRow
 from planner.profiles import ProfileError
 
@@ -28,14 +27,13 @@ router = APIRouter(prefix="/profiles", tags=["profiles"])
     openapi_extra=body_schema("ProfileJobBody"),
 )
 async def create_profile(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
-    body = await json_body(request)
-
-    def submit() -> tuple[JobRow, bool]:
-        return submit_job(service, "profile", body, idempotency_key,
-                          lambda job_id: prepare_profile_job(body, job_id, service.settings))  # fmt: skip
-
-    row, created = await run_in_threadpool(submit)
-    return accepted(service, row, created, "profiles")
+    return await accept_job(
+        request,
+        service,
+        "profile",
+        idempotency_key,
+        lambda body, job_id: prepare_profile_job(body, job_id, service.settings),
+    )
 
 
 @router.get("", summary="Profiling jobs and stored profiles, newest first")
