@@ -61,8 +61,7 @@ schema = schemathesis.openapi.from_dict(_openapi_document())
 
 @pytest.fixture
 def fuzzed_app(tmp_path: Path) -> Iterator[Any]:
-    """A fresh app with a token for each test: schemathesis ends the app's lifespan with each test, and the
-    job runner of an app does not start again (see test_an_app_serves_again_after_its_lifespan_restarts)."""
+    """A fresh app with a token (and an empty database) for each test."""
     data_dir = tmp_path / "data"
     settings_ = Settings.from_env(data_dir=data_dir, api_token=TOKEN, max_concurrent_jobs=1,
                                   database_url=f"sqlite:///{data_dir / DATABASE_FILE_NAME}")  # fmt: skip
