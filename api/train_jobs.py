@@ -137,10 +137,9 @@ class TrainJobs:
         self._store = store
 
     def outcome(self, row: JobRow, job_dir: Path, returncode: int) -> Outcome:
-        run_dir = RunDir(job_dir / RUN_FOLDER)
         if returncode != 0:
             return Outcome("FAILED", self._failure(row, job_dir, returncode))
-        self._store.add_measured_run(measured_run(row, run_dir))
+        self._store.add_measured_run(measured_run(row, RunDir(job_dir / RUN_FOLDER)))
         return Outcome("SUCCEEDED")
 
     @staticmethod
@@ -174,8 +173,8 @@ def measured_run(row: JobRow, run_dir: RunDir) -> MeasuredRunRow:
 
 def train_job_view(row: JobRow, job_dir: Path) -> dict[str, Any]:
     """Progress of a training job: steps done and its latest metrics; when it has ended, its summary."""
-    records = RunDir(job_dir / RUN_FOLDER).read_metrics() if (job_dir / RUN_FOLDER).is_dir() else []
-    run_file = RunDir(job_dir / RUN_FOLDER).run_file
-    total = RunDir(job_dir / RUN_FOLDER).read_run().config.steps if run_file.is_file() else None
+    run_dir = RunDir(job_dir / RUN_FOLDER)
+    records = run_dir.read_metrics() if run_dir.root.is_dir() else []
+    total = run_dir.read_run().config.steps if run_dir.run_file.is_file() else None
     return {"steps": total, "steps_done": records[-1]["step"] if records else 0,
             "latest_metrics": records[-1] if records else None, "summary": vars(Summary.of(records))}  # fmt: skip

@@ -186,3 +186,33 @@ def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
     searches.search(other)
     assert len(runs) == 2
     store.close()
+
+
+# ------------------------------------------------------------------------------------------ a failing job
+
+
+@pytest.mark.slow
+def test_a_job_whose_ranks_fail_is_failed_with_the_first_ranks_error(tmp_path):
+    """run.json is broken after the job was accepted: every rank fails reading it, and the job's failure
+    reason is torchrun's root cause (rank and message), not just an exit code."""
+    from api.jobs import JobRunner
+    from api.profile_jobs import ProfileJobs
+    from api.train_jobs import RUN_FOLDER, TrainJobs, prepare_train_job
+
+    settings = Settings.from_env(data_dir=tmp_path, api_token=None)
+    store = ApiStore(settings.database_url)
+    body = json.loads((TINY_SEARCH.parent / "tiny-llama-2cpu.json").read_text()) | {"steps": 2}
+    row = prepare_train_job(body, "f" * 32, store, settings)
+    row.body, row.body_hash = json.dumps(body), "h"
+    store.add_job(row)
+    (settings.jobs_dir / row.id / RUN_FOLDER / "run.json").write_text('{"request": {}}')
+    runner = JobRunner(store, settings, {"train": TrainJobs(store), "profile": ProfileJobs(store)})
+    runner.start()
+    try:
+        _wait_for(lambda: store.get_job(row.id).state == "FAILED", 180)
+    finally:
+        runner.close()
+    reason = store.get_job(row.id).failure_reason
+    assert reason.startswith("training failed: rank ") and "ValidationError" in reason, reason
+    assert store.measured_runs(job_id=row.id) == []
+    store.close()
