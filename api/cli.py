@@ -1146,6 +1146,142 @@ def profile_all(
     _finish_profile(profile, out, store, name)
 
 
+# ======================================================================================= validate
+
+# A small Llama (3.3M parameters) whose blocks take milliseconds on one CPU core: what `validate` runs by default.
+VALIDATION_MODEL = (
+    '{"name": "llama3-8b", "num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "num_kv_heads": 2, '
+    '"ffn_hidden_size": 704, "vocab_size": 256}'
+)
+
+
+@app.command()
+def validate(
+    nproc: Annotated[int, typer.Option("--nproc", help="Ranks on this machine; every plan uses all of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the profile, the runs, report.md and the plot.")],
+    model: Annotated[str, typer.Option("--model", help="Preset name, ModelSpec JSON file or inline JSON.")] = (
+        VALIDATION_MODEL
+    ),
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 128,
+    global_batch: Annotated[int, typer.Option("--global-batch", help="Sequences per optimizer step.")] = 8,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Use this profile (file or stored id) instead of measuring one.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps each plan trains.", min=2)] = 12,
+    warm_steps: Annotated[int, typer.Option("--warm-steps", help="First steps left out of the median.", min=0)] = 4,
+    max_plans: Annotated[
+        int | None, typer.Option("--max-plans", help="Run at most this many plans, spread over the space.", min=2)
+    ] = None,
+    zero: Annotated[str | None, typer.Option("--zero", help="ZeRO stages to include, e.g. 0,1.")] = None,
+    mbs: Annotated[str | None, typer.Option("--mbs", help="Micro-batch sizes to include.")] = None,
+    recompute: Annotated[str | None, typer.Option("--recompute", help="Recompute modes to include.")] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="Pipeline schedules to include.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu (gloo, fp32) or cuda (NCCL, bf16).")] = "cpu",
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU preset of the cuda device, e.g. h100-sxm.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads per rank, profile and runs.", min=1)] = 1,
+    store: Annotated[
+        bool, typer.Option("--store/--no-store", help="Store measured runs and the calibrated profile in the database.")
+    ] = True,
+    job_id: Annotated[str | None, typer.Option("--job-id", hidden=True)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Profile this machine, run every valid plan, compare predictions with the runs and recalibrate.
+
+    Exit 0 with a report (report.md, validation.png, calibrated-profile.json in --out), 1 on bad input,
+    3 when profiling failed or fewer than two plans ran, 130 when stopped."""
+    import sys
+
+    from api.training import EXIT_RUN_FAILED, EXIT_STOPPED
+    from api.validation import ValidationStopped
+
+    try:
+        setup = validation_setup(
+            nproc, out, model, seq_len, global_batch, steps, warm_steps, max_plans, zero, mbs, recompute, schedule,
+            device, gpu, threads,
+        )  # fmt: skip
+        measured = resolve_profile(profile) if profile is not None else None
+        result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel))
+    except ValidationStopped as exc:
+        _console().print(f"stopped: {exc}", style="yellow", markup=False)
+        raise typer.Exit(EXIT_STOPPED) from None
+    except ValueError as exc:
+        raise _bad_input(exc) from None
+    except RuntimeError as exc:  # ProfileRunError, or too few plans ran
+        raise _run_failed(exc) from None
+    from api.validation_report import write_report
+
+    report, plot = write_report(result, stored, "paraplan " + " ".join(sys.argv[1:]))
+    (out / "validation.json").write_text(json.dumps(result.figures_json(), indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result.figures_json() | {"report": str(report), "plot": str(plot),
+                                                        "calibrated_profile": stored}))  # fmt: skip
+        return
+    _print_validation(result, report, plot, stored)
+
+
+def validation_setup(
+    nproc: int, out: Path, model: str, seq_len: int, global_batch: int, steps: int, warm_steps: int,
+    max_plans: int | None, zero: str | None, mbs: str | None, recompute: str | None, schedule: str | None,
+    device: str, gpu: str | None, threads: int,
+) -> Any:  # fmt: skip
+    """The ValidationSetup the flags describe; InputError naming the flag otherwise."""
+    from pydantic import ValidationError
+
+    from api.validation import ValidationSetup
+    from planner.request import resolve_model
+    from planner.specs import ModelSpec, SearchOptions
+
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device: cpu or cuda, got {device!r}")
+    if device == "cuda" and gpu is None:
+        raise InputError("--gpu: name the GPU preset of the cuda device (e.g. h100-sxm) so estimates use its memory")
+    if warm_steps >= steps:
+        raise InputError(f"--warm-steps: must be below --steps ({steps}), got {warm_steps}", fields=[
+            {"field": "--warm-steps", "message": "must be below --steps"}])  # fmt: skip
+    lists = {"zero_stages": ("--zero", zero, int), "micro_batch_sizes": ("--mbs", mbs, int),
+             "recompute": ("--recompute", recompute, str), "schedules": ("--schedule", schedule, str)}  # fmt: skip
+    options = {name: _list_flag(flag, text, kind) for name, (flag, text, kind) in lists.items() if text is not None}
+    try:
+        search = SearchOptions(**options)
+        spec = ModelSpec.model_validate(resolve_model(model_from_flag(model)))
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else "model"
+        flag = lists[field][0] if field in lists else "--model"
+        raise InputError(f"{flag}: {problem['msg']}", fields=[{"field": flag, "message": problem["msg"]}]) from None
+    return ValidationSetup(
+        model=spec, seq_len=seq_len, global_batch_size=global_batch, nproc=nproc, out=out, device=device,
+        gpu=gpu or "cpu", steps=steps, warm_steps=warm_steps, search=search, max_plans=max_plans, threads=threads,
+    )  # fmt: skip
+
+
+def _list_flag(flag: str, text: str, kind: type) -> tuple:
+    return parse_int_list(flag, text) if kind is int else tuple(v.strip() for v in text.split(","))
+
+
+def _run_validation(setup: Any, profile: Any, store: bool, job_id: str | None, cancel: Any) -> Any:
+    from api.store import ApiStore, new_id
+    from api.validation import Outputs, validate
+    from profiler.store import default_database_url
+
+    database = ApiStore(default_database_url()) if store else None
+    outputs = Outputs(store=database, validation_id=job_id or new_id(), job_id=job_id)
+    return validate(setup, profile, outputs, _console(), cancel)
+
+
+def _print_validation(result: Any, report: Path, plot: Path, stored: str | None) -> None:
+    table = Table(title="predicted vs measured step time")
+    for column in ("figure", "before calibration", "after (held out)"):
+        table.add_column(column, justify="right")
+    for label, name, form in (("MAPE", "mape", "{:.1%}"), ("Kendall tau", "kendall_tau", "{:.3f}"),
+                              ("top-1 regret", "regret", "{:.1%}")):  # fmt: skip
+        table.add_row(label, form.format(getattr(result.before, name)), form.format(getattr(result.after, name)))
+    _console().print(table)
+    typer.echo(f"report: {report}\nplot: {plot}")
+    calibrated = stored or report.with_name("calibrated-profile.json")
+    typer.echo(f"calibrated profile: {calibrated} (estimate with --profile {calibrated})")
+
+
 # ========================================================================================== serve
 
 

@@ -87,6 +87,7 @@ class MeasuredRunRow(Base):
     created: Mapped[str] = mapped_column(String(40), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
     plan_id: Mapped[str | None] = mapped_column(String(32))
+    validation_id: Mapped[str | None] = mapped_column(String(32), index=True)  # the `paraplan validate` run
     device: Mapped[str] = mapped_column(String(16))
     steps: Mapped[int] = mapped_column(Integer)
     predicted_step_time_s: Mapped[float | None] = mapped_column(Float)
@@ -190,10 +191,14 @@ class ApiStore:
             session.add(row)
         return row
 
-    def measured_runs(self, job_id: str | None = None, limit: int = 100) -> Sequence[MeasuredRunRow]:
+    def measured_runs(
+        self, job_id: str | None = None, limit: int = 100, validation_id: str | None = None
+    ) -> Sequence[MeasuredRunRow]:
         query = select(MeasuredRunRow).order_by(MeasuredRunRow.created.desc()).limit(limit)
         if job_id is not None:
             query = query.where(MeasuredRunRow.job_id == job_id)
+        if validation_id is not None:
+            query = query.where(MeasuredRunRow.validation_id == validation_id)
         with self._sessions() as session:
             return session.scalars(query).all()
 

@@ -1,20 +1,32 @@
-"""Calibrating the analytic model's free factors on published or measured layer timings.
+"""Calibrating the cost model's free factors: on published layer timings, and on runs measured here.
 
-The A100 preset's `matmul_efficiency` is not a guess: it is the least-squares fit of the block time model
-(planner/cost/compute.py: matmul work / efficiency + element-wise traffic + TP collectives) to the five
-single-layer measurements of Korthikanti et al. 2022, table 4 (22B-model layer, tp=8, micro-batch 4, with and
-without sequence parallelism and recomputation). tests/validation checks that the preset matches the fit.
+1. Published: the A100 preset's `matmul_efficiency` is not a guess: it is the least-squares fit of the block time
+   model (planner/cost/compute.py: matmul work / efficiency + element-wise traffic + TP collectives) to the five
+   single-layer measurements of Korthikanti et al. 2022, table 4 (22B-model layer, tp=8, micro-batch 4, with and
+   without sequence parallelism and recomputation). tests/validation checks that the preset matches the fit.
+2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
+   runs them together, with its framework around them. `fit_calibration` fits the factors of
+   `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
+   efficiency per link tier, the gradient-reduction overlap and a per-micro-batch overhead) so that the cost model, reading the profile, predicts
+   the measured step times. It is a bounded nonlinear least-squares fit (Levenberg 1944; Marquardt 1963) of the
+   log step-time ratio, through the cost model itself, with a weak prior at the uncalibrated values so that a
+   factor no measured run depends on (say, the inter-node tier on one machine) stays where it was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.cost import ops
 from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
 from planner.devset import PublishedLayerTiming, layer_timings
+from planner.cost.step import estimate_step
 from planner.graph import LayerContext
-from planner.request import parse_estimate_request
+from planner.request import EstimateRequest, parse_estimate_request
+from planner.specs import Calibration, HardwareProfile
 
 
 @dataclass(frozen=True)
@@ -39,16 +51,188 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
 
 
 @dataclass(frozen=True)
-class Calibration:
+class MatmulCalibration:
     matmul_efficiency: float
     samples: list[tuple[PublishedLayerTiming, float]]  # (measurement, predicted seconds at the fitted efficiency)
 
 
-def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = None) -> Calibration:
+def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = None) -> MatmulCalibration:
     timings = layer_timings() if timings is None else timings
     terms = [block_time_terms(t.request) for t in timings]
     efficiency = fit_matmul_efficiency(
         [(x.matmul_at_peak_s, x.other_s, t.measured_s) for x, t in zip(terms, timings, strict=True)]
     )
     predicted = [x.matmul_at_peak_s / efficiency + x.other_s for x in terms]
-    return Calibration(efficiency, list(zip(timings, predicted, strict=True)))
+    return MatmulCalibration(efficiency, list(zip(timings, predicted, strict=True)))
+
+
+# ------------------------------------------------------------------------------------- measured runs
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One measured run: the request it trained (model, training, cluster, plan) and its steady step time."""
+
+    request: EstimateRequest
+    measured_s: float
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One free factor as the fit sees it: a coordinate with its uncalibrated value and its bounds."""
+
+    name: str
+    start: float
+    low: float
+    high: float
+
+
+# Efficiencies are fitted as log(1 / efficiency), the time multiplier's logarithm, so that 2x too slow and 2x
+# too fast weigh alike; the bounds allow 20x faster and 100x slower (framework dispatch can dwarf a tiny
+# collective). The overhead is in milliseconds so that every coordinate moves on a scale of about 1.
+LOG_SLOWDOWN = (0.0, -np.log(20.0), np.log(100.0))
+COMPUTE_CLASSES = ("forward", "backward", "optimizer")
+TIERS = ("intra_node", "inter_node")
+FACTORS = (
+    *(Factor(f"compute:{c}", *LOG_SLOWDOWN) for c in COMPUTE_CLASSES),
+    *(Factor(f"bandwidth:{t}", *LOG_SLOWDOWN) for t in TIERS),
+    *(Factor(f"latency:{t}", *LOG_SLOWDOWN) for t in TIERS),
+    Factor("overlap", 1.0, 0.0, 1.0),
+    Factor("microbatch_overhead_ms", 0.0, 0.0, 1000.0),
+)
+PRIOR_WEIGHT = 0.1  # of each factor's distance from its start, against the runs' log-ratio residuals
+MAX_ITERATIONS = 30
+
+
+def calibration_of(x: np.ndarray, num_runs: int, fit_mape: float, created: str) -> Calibration:
+    """The factors at coordinates `x` (FACTORS' order) as the profile stores them."""
+    value = dict(zip((f.name for f in FACTORS), x.tolist(), strict=True))
+
+    def efficiencies(kind: str, names: tuple[str, ...]) -> dict[str, float]:
+        return {name: float(np.exp(-value[f"{kind}:{name}"])) for name in names}
+
+    return Calibration(
+        compute_efficiency=efficiencies("compute", COMPUTE_CLASSES),  # type: ignore[arg-type]
+        collective_efficiency=efficiencies("bandwidth", TIERS),  # type: ignore[arg-type]
+        collective_latency_efficiency=efficiencies("latency", TIERS),  # type: ignore[arg-type]
+        overlap=float(value["overlap"]),
+        microbatch_overhead_s=float(value["microbatch_overhead_ms"]) / 1e3,
+        num_runs=num_runs,
+        fit_mape=fit_mape,
+        created=created,
+    )
+
+
+def predict_steps(profile: HardwareProfile, runs: list[MeasuredStep]) -> np.ndarray:
+    """The step time the cost model predicts for each run's plan from `profile` (with its calibration, if any)."""
+    predicted = []
+    for run in runs:
+        req = run.request
+        cluster = req.cluster.with_profile(profile)
+        predicted.append(estimate_step(req.model, req.training, cluster, req.plan).step_time_s)
+    return np.array(predicted)
+
+
+def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created: str) -> HardwareProfile:
+    """`profile` with the Calibration that best predicts `runs` (any calibration it had is replaced).
+
+    Levenberg-Marquardt on r_i = log(predicted_i / measured_i), plus PRIOR_WEIGHT x (x - start) per factor,
+    with a forward-difference Jacobian through the cost model and each step clipped to the factor's bounds.
+    """
+    if not runs:
+        raise ValueError("runs: a calibration needs at least one measured run")
+    measured = np.array([run.measured_s for run in runs])
+    if not np.all(measured > 0):
+        raise ValueError("runs: every measured step time must be > 0")
+    base = profile.model_copy(update={"calibration": None})
+    start = np.array([f.start for f in FACTORS])
+    low, high = np.array([f.low for f in FACTORS]), np.array([f.high for f in FACTORS])
+
+    def at(x: np.ndarray) -> HardwareProfile:
+        return base.model_copy(update={"calibration": calibration_of(x, len(runs), 0.0, created)})
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        ratio = np.log(predict_steps(at(x), runs) / measured)
+        return np.concatenate([ratio, PRIOR_WEIGHT * (x - start)])
+
+    x = _levenberg_marquardt(residuals, start, low, high)
+    fit_mape = float(np.mean(np.abs(predict_steps(at(x), runs) / measured - 1)))
+    return base.model_copy(update={"calibration": calibration_of(x, len(runs), fit_mape, created)})
+
+
+def _levenberg_marquardt(
+    residuals: Callable[[np.ndarray], np.ndarray], x: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> np.ndarray:
+    """Minimise |residuals(x)|^2 within [low, high] (Marquardt 1963, with the step projected onto the box)."""
+    r = residuals(x)
+    damping = 1e-2
+    for _ in range(MAX_ITERATIONS):
+        jacobian = _jacobian(residuals, x, r, low, high)
+        gradient = jacobian.T @ r
+        normal = jacobian.T @ jacobian
+        improved = False
+        while damping < 1e8:
+            step = np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-9), -gradient)
+            candidate = np.clip(x + step, low, high)
+            r_candidate = residuals(candidate)
+            if r_candidate @ r_candidate < r @ r:
+                improved = (r @ r - r_candidate @ r_candidate) > 1e-10 * (r @ r)
+                x, r, damping = candidate, r_candidate, max(damping / 10, 1e-7)
+                break
+            damping *= 10
+        if not improved:
+            break
+    return x
+
+
+def _jacobian(
+    residuals: Callable[[np.ndarray], np.ndarray], x: np.ndarray, r: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> np.ndarray:
+    """Forward differences, stepping inwards at an upper bound."""
+    columns = []
+    for i in range(len(x)):
+        h = 1e-4 * max(1.0, abs(x[i]))
+        h = -h if x[i] + h > high[i] else h
+        moved = x.copy()
+        moved[i] += h
+        columns.append((residuals(moved) - r) / h)
+    return np.stack(columns, axis=1)
+
+
+def halves(runs: list[MeasuredStep]) -> tuple[list[int], list[int]]:
+    """Two halves of the runs for fitting on one and testing on the other: within each layout (dp, tp, pp, cp),
+    runs sorted by measured time are dealt alternately, so each half spans every layout and the fast and slow
+    plans of each."""
+    order = sorted(
+        range(len(runs)),
+        key=lambda i: (*_layout(runs[i].request), runs[i].measured_s),
+    )
+    first: list[int] = []
+    second: list[int] = []
+    previous = None
+    for position, i in enumerate(order):
+        layout = _layout(runs[i].request)
+        if layout != previous:
+            # Start each layout in the half that is smaller so far, so odd-sized layouts do not pile up.
+            turn, previous = (0 if len(first) <= len(second) else 1), layout
+            start = position
+        (first if (position - start + turn) % 2 == 0 else second).append(i)
+    return sorted(first), sorted(second)
+
+
+def _layout(req: EstimateRequest) -> tuple[int, int, int, int]:
+    plan = req.plan
+    return plan.dp, plan.tp, plan.pp, plan.cp
+
+
+def held_out_predictions(profile: HardwareProfile, runs: list[MeasuredStep], created: str) -> np.ndarray:
+    """Each run's step time predicted by a calibration fitted on the other half of the runs only (`halves`):
+    fit on one half, test on the other, and the reverse."""
+    if len(runs) < 2:
+        raise ValueError("runs: a held-out test needs at least two measured runs")
+    predicted = np.empty(len(runs))
+    first, second = halves(runs)
+    for fit_on, test_on in ((first, second), (second, first)):
+        calibrated = fit_calibration(profile, [runs[i] for i in fit_on], created)
+        predicted[test_on] = predict_steps(calibrated, [runs[i] for i in test_on])
+    return predicted

@@ -550,6 +550,33 @@ class CollectiveFit(Frozen):
     num_samples: PositiveInt
 
 
+ComputeClass = Literal["forward", "backward", "optimizer"]
+Efficiency = Annotated[float, Field(gt=0, le=1000)]
+
+
+class Calibration(Frozen):
+    """The cost model's free factors, fitted to runs measured on the profiled machine (`paraplan validate`,
+    planner/calibration.py), so that estimates from this profile predict whole training steps, not isolated
+    layers. An efficiency is (seconds the profile measured in isolation) / (seconds the same work takes inside
+    a run); a class or tier left out keeps 1."""
+
+    compute_efficiency: dict[ComputeClass, Efficiency] = {}
+    # Bus bandwidth in a run / the profile's fitted bandwidth, per link tier.
+    collective_efficiency: dict[LinkTier, Efficiency] = {}
+    # The profile's fitted per-operation latency (alpha) / the latency in a run, per link tier: inside a step a
+    # collective also pays its framework's dispatch (DTensor, FSDP hooks) and waits for a busy peer.
+    collective_latency_efficiency: dict[LinkTier, Efficiency] = {}
+    # The share of the gradient reduction that backward can hide which a run does hide (1: all of it, as the
+    # uncalibrated model assumes; 0: none).
+    overlap: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Framework time per micro-batch on every device that the layers do not account for (hooks, the pipeline
+    # schedule's bookkeeping, the host launching the micro-batch).
+    microbatch_overhead_s: Annotated[float, Field(ge=0)] = 0.0
+    num_runs: PositiveInt  # measured runs the factors were fitted on
+    fit_mape: Annotated[float, Field(ge=0)]  # step-time error on those runs after the fit
+    created: str  # ISO 8601, UTC
+
+
 class HardwareProfile(Frozen):
     """What the profiler measured on one machine type: versioned, with the software it was measured under."""
 
@@ -568,6 +595,7 @@ class HardwareProfile(Frozen):
     optimizer: list[OptimizerMeasurement] = []
     collectives: list[CollectiveMeasurement] = []
     collective_fits: list[CollectiveFit] = []
+    calibration: Calibration | None = None  # fitted to measured runs; None: the profile's times as measured
 
     @field_validator("schema_version")
     @classmethod

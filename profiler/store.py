@@ -42,7 +42,7 @@ DATA_DIR_ENV = "PARAPLAN_DATA_DIR"
 DATABASE_URL_ENV = "PARAPLAN_DATABASE_URL"
 DATABASE_FILE_NAME = "paraplan.db"
 
-DATABASE_SCHEMA_VERSION = 2
+DATABASE_SCHEMA_VERSION = 3
 """Bumped whenever a table of the database changes; a database of another version is refused, not migrated.
 2: the REST service's tables (api/store.py: plans, jobs, measured_runs) joined the profiles."""
 

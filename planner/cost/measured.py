@@ -251,13 +251,22 @@ class MeasuredLayer:
 class ProfileCosts:
     """A HardwareProfile as the cost model reads it: layer times (`layer`), the optimizer's time per parameter
     and collective channels from the alpha-beta fits. Each answers None where the profile cannot, and the caller
-    uses the analytic model for that term; `misses` keeps why, for the estimate's assumptions."""
+    uses the analytic model for that term; `misses` keeps why, for the estimate's assumptions.
+
+    A calibrated profile (`profile.calibration`, fitted by planner/calibration.py) answers with its factors
+    applied: measured seconds / the class's efficiency, collective fits at the tier's efficiency."""
 
     def __init__(self, profile: HardwareProfile):
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
         self.optimizers = {m.optimizer: m for m in profile.optimizer}
+        calibration = profile.calibration
+        self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
+        self.collective_efficiency = dict(calibration.collective_efficiency) if calibration else {}
+        self.collective_latency_efficiency = dict(calibration.collective_latency_efficiency) if calibration else {}
+        self.overlap = calibration.overlap if calibration else 1.0
+        self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
 
     def layer(
         self, kind: LayerKind, tp: int, micro_batch_sizes: Any, seq_len: int, dtype: Precision, recompute: Recompute
@@ -273,7 +282,10 @@ class ProfileCosts:
             except NotMeasured as missing:
                 reasons.append(missing)
                 continue
-            times[row] = found.forward_s, found.backward_s
+            times[row] = (
+                found.forward_s / self.compute_efficiency.get("forward", 1.0),
+                found.backward_s / self.compute_efficiency.get("backward", 1.0),
+            )
         missing = np.isnan(times[:, 0])
         if missing.all():
             return reasons[0]
@@ -285,17 +297,27 @@ class ProfileCosts:
     def optimizer_s_per_param(self, optimizer: str) -> float | None:
         """Seconds per parameter of one optimizer step (clip + step + zero_grad), or None if not measured."""
         measured = self.optimizers.get(optimizer)  # type: ignore[call-overload]
-        return None if measured is None else measured.time.median_s / measured.num_params
+        if measured is None:
+            return None
+        return measured.time.median_s / measured.num_params / self.compute_efficiency.get("optimizer", 1.0)
 
     def channel_fit(self, op: CollectiveOp, tier: str, group_size: int) -> CollectiveFit | None:
         """The fit of `op` on `tier` at `group_size`, else at the nearest measured group size of that tier (bus
         bandwidth is defined to be comparable across group sizes, nccl-tests doc/PERFORMANCE.md); None if the
-        profile has no fit of `op` on `tier`."""
+        profile has no fit of `op` on `tier`. A calibrated profile answers at its tier's bandwidth and latency
+        efficiencies."""
         sizes = [n for (o, t, n) in self.fits if o == op and t == tier]
         if not sizes:
             return None
         nearest = min(sizes, key=lambda n: (abs(np.log(n / group_size)), n))
-        return self.fits[(op, tier, nearest)]
+        fit = self.fits[(op, tier, nearest)]
+        bandwidth = self.collective_efficiency.get(tier, 1.0)  # type: ignore[call-overload]
+        latency = self.collective_latency_efficiency.get(tier, 1.0)  # type: ignore[call-overload]
+        if bandwidth == 1.0 and latency == 1.0:
+            return fit
+        return fit.model_copy(
+            update={"latency_s": fit.latency_s / latency, "bandwidth_GBps": fit.bandwidth_GBps * bandwidth}
+        )
 
     def device_mismatch(self, gpu_kind: str, gpu_name: str) -> str | None:
         """Why this profile does not describe the request's GPU, or None when it does. A CPU profile serves the

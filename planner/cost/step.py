@@ -253,7 +253,8 @@ def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec
 
 
 def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
-    busy = batch.per_device("busy_s")
+    overhead = microbatch_overhead_s(batch.cluster)
+    busy = batch.per_device("busy_s") + overhead
     slowest = busy.argmax(axis=1)[:, None]
     m = batch.microbatches
 
@@ -261,7 +262,7 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         return m * np.take_along_axis(batch.per_device(quantity), slowest, axis=1)
 
     return {
-        "compute_s": on_slowest("work_s"),
+        "compute_s": on_slowest("work_s") + m * overhead,
         "tp_comm_s": on_slowest("tp_comm_s"),
         "cp_comm_s": on_slowest("cp_comm_s"),
         "pp_comm_s": pp_comm_s(batch),
@@ -316,7 +317,21 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     every_microbatch = batch.microbatches * (batch.per_device("forward_s") + batch.per_device("backward_s"))
     window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
     overlapped = np.maximum(total - window, total / batch.layers_on_device())
-    return np.where(batch.overlap_grad_reduce & (total > 0), overlapped, total)
+    # A calibrated profile says how much of what could be hidden a run does hide (planner/calibration.py).
+    hidden = calibrated_overlap(batch.cluster) * (total - overlapped)
+    return np.where(batch.overlap_grad_reduce & (total > 0), total - hidden, total)
+
+
+def calibrated_overlap(cluster: ClusterSpec) -> float:
+    """The fitted share of hideable gradient reduction that runs hide; 1 without a calibrated profile."""
+    return 1.0 if cluster.measured is None else cluster.measured.overlap
+
+
+def microbatch_overhead_s(cluster: ClusterSpec) -> float:
+    """Framework seconds per micro-batch on each device beyond its layers' time, fitted by a calibrated profile
+    (planner/calibration.py); 0 otherwise. It lies on the micro-batch's critical path, so it adds to the busy
+    time the pipeline bubble is made of."""
+    return 0.0 if cluster.measured is None else cluster.measured.microbatch_overhead_s
 
 
 def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:

@@ -1,0 +1,377 @@
+"""`paraplan validate`: profile this machine, run every valid plan, compare with the predictions, recalibrate.
+
+The loop, in order:
+1. a profile of this machine for the model (layers at every micro-batch size, tp degree and recompute mode the
+   plans use, and the collectives of `nproc` ranks), unless an existing one is given;
+2. every plan the search space holds for `nproc` ranks (planner/search/space.py) that the executor can run;
+3. each plan trained by the executor under torchrun for a few steps; its steady step time is the median of the
+   steps after the warm-up ones, and it is stored as a measured run with its plan and its estimate;
+4. predicted vs measured, before calibration and after (each plan predicted by a calibration fitted on the other
+   half of the plans only), and the calibration fitted on all runs, saved with the profile.
+No torch here: the profiler and the runs import it in their own processes or on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from api.store import ApiStore, MeasuredRunRow, new_id, utc_now
+from executor import launch
+from executor.config import RunDir, TrainConfig
+from executor.support import executor_violations
+from planner import agreement
+from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
+from planner.cost.step import estimate_step
+from planner.profiles import save_profile_json
+from planner.request import EstimateRequest, parse_estimate_request, parse_plan_request
+from planner.search.space import search_space
+from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
+
+class ValidationStopped(RuntimeError):
+    """Ctrl-C, SIGTERM or a cancelled job stopped the validation; what ran so far is kept in its folder."""
+
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "executor" / "texts" / "founding.txt"
+RUN_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class ValidationSetup:
+    """What to validate: the model and batch, on `nproc` local ranks of `device`, and how long to run each plan."""
+
+    model: ModelSpec
+    seq_len: int
+    global_batch_size: int
+    nproc: int
+    out: Path
+    device: str = "cpu"
+    gpu: str = "cpu"  # the cluster's GPU preset; `cpu` for CPU ranks
+    steps: int = 12
+    warm_steps: int = 4  # left out of the median: lazy initialisation and the allocator settle in the first steps
+    search: SearchOptions = field(default_factory=SearchOptions)
+    max_plans: int | None = None
+    data: Path = DEFAULT_DATA
+    threads: int = 1  # torch threads per rank, in the profile and the runs alike (a profile holds for one count)
+
+    def request(self, plan: ParallelPlan | None = None) -> dict[str, Any]:
+        """The contract request of this setup, with `plan` when given."""
+        request: dict[str, Any] = {
+            "model": self.model.model_dump(mode="json", exclude_unset=True),
+            "training": {"seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+                         "precision": "fp32" if self.device == "cpu" else "bf16"},
+            "cluster": {"gpu": self.gpu, "num_nodes": 1, "gpus_per_node": self.nproc},
+        }  # fmt: skip
+        if plan is not None:
+            request["plan"] = plan.model_dump(mode="json")
+        return request
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+def valid_plans(setup: ValidationSetup) -> list[ParallelPlan]:
+    """Every plan of the search space that the executor runs, in the search space's order; with `max_plans`, that
+    many spread evenly over the list (so every layout keeps some)."""
+    req = parse_plan_request({**setup.request(), "search": setup.search.model_dump(mode="json")})
+    candidates, _ = search_space(req.model, req.training, req.cluster, req.search)
+    plans = [candidates.plan(row, setup.search.overlap_grad_reduce) for row in range(len(candidates))]
+    runnable = [plan for plan in plans if not executor_violations(plan, req.model, req.training)]
+    if setup.max_plans is None or len(runnable) <= setup.max_plans:
+        return runnable
+    picks = np.linspace(0, len(runnable) - 1, setup.max_plans).round().astype(int)
+    return [runnable[i] for i in sorted(set(picks.tolist()))]
+
+
+def profile_needs(plans: list[ParallelPlan]) -> dict[str, list]:
+    """The layer shapes the plans' estimates look up: micro-batch sizes, tp degrees and recompute modes."""
+    return {
+        "micro_batch_sizes": sorted({p.micro_batch_size for p in plans}),
+        "tps": sorted({p.tp for p in plans}),
+        "recompute_modes": sorted({p.recompute for p in plans}, key=["none", "selective", "full"].index),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    """One plan as predicted and as run. `measured_s` is None when the run failed (`error` says why)."""
+
+    plan: ParallelPlan
+    estimate: dict[str, Any]  # the uncalibrated StepEstimate, as JSON
+    run_dir: str
+    measured_s: float | None = None
+    step_times_s: list[float] = field(default_factory=list)
+    measured_peak_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def predicted_s(self) -> float:
+        return float(self.estimate["step_time_s"])
+
+
+def run_plan(
+    setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile, run_dir: Path, cancel: threading.Event
+) -> PlanRun:
+    """Estimate `plan` from `profile`, train it for `setup.steps` steps and take its steady step time."""
+    from api.training import local_spec
+    from executor.prepare import prepare_run
+
+    request = setup.request(plan)
+    estimate = estimate_with(profile, parse_estimate_request(request))
+    config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device)  # type: ignore[arg-type]
+    prepare_run(request, config, run_dir, nproc=setup.nproc)
+    spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
+    env = {"OMP_NUM_THREADS": str(setup.threads)}
+    result = launch.run(spec, env=env, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
+    if result.cancelled:
+        raise ValidationStopped(f"stopped while running {run_dir}")
+    base = PlanRun(plan, estimate.model_dump(mode="json"), str(run_dir))
+    if not result.ok:
+        cause = result.root_cause
+        why = f"rank {cause.rank}: {cause.message}" if cause else f"torchrun exited with {result.returncode}"
+        return PlanRun(**{**base.__dict__, "error": why})
+    records = RunDir(run_dir).read_metrics()
+    steady = [r["step_time_s"] for r in records[setup.warm_steps :]] or [r["step_time_s"] for r in records]
+    peak = max((r.get("peak_memory_bytes") or 0 for r in records), default=0) or None
+    return PlanRun(**{**base.__dict__, "measured_s": statistics.median(steady), "step_times_s": steady,
+                      "measured_peak_bytes": peak})  # fmt: skip
+
+
+def estimate_with(profile: HardwareProfile, req: EstimateRequest) -> Any:
+    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan)
+
+
+# ----------------------------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class Figures:
+    """How predictions agree with the runs (planner/agreement.py)."""
+
+    mape: float
+    kendall_tau: float
+    regret: float
+
+    @classmethod
+    def of(cls, predicted: np.ndarray, measured: np.ndarray) -> Figures:
+        return cls(
+            mape=agreement.mape(predicted, measured),
+            kendall_tau=agreement.kendall_tau(predicted, measured),
+            regret=agreement.top1_regret(predicted, measured),
+        )
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A finished validation: every plan's run, the figures before and after calibration (held out), and the
+    calibrated profile."""
+
+    setup: ValidationSetup
+    runs: list[PlanRun]
+    held_out_s: list[float]  # per measured run, predicted by the calibration fitted on the other half
+    before: Figures
+    after: Figures
+    calibrated: HardwareProfile
+
+    @property
+    def measured(self) -> list[PlanRun]:
+        return [run for run in self.runs if run.measured_s is not None]
+
+    def figures_json(self) -> dict[str, Any]:
+        """What `--json` prints: the headline figures (before calibration at the top level, as the issue names
+        them) and the fitted calibration."""
+        calibration = self.calibrated.calibration
+        return {
+            **asdict(self.before),
+            "calibrated": {**asdict(self.after), "held_out": True},
+            "plans": len(self.runs),
+            "measured": len(self.measured),
+            "failed": [{"plan": r.plan.model_dump(mode="json"), "error": r.error} for r in self.runs if r.error],
+            "calibration": calibration.model_dump(mode="json") if calibration else None,
+        }
+
+
+def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun], created: str) -> Validation:
+    """The figures before calibration, the held-out figures after, and the calibration fitted on every run."""
+    measured = [run for run in runs if run.measured_s is not None]
+    if len(measured) < 2:
+        raise ValueError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
+    steps = [MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s) for run in measured]  # type: ignore[arg-type]
+    times = np.array([run.measured_s for run in measured])
+    before = predict_steps(profile, steps)
+    held_out = held_out_predictions(profile, steps, created)
+    calibrated = fit_calibration(profile, steps, created)
+    return Validation(
+        setup=setup,
+        runs=runs,
+        held_out_s=held_out.tolist(),
+        before=Figures.of(before, times),
+        after=Figures.of(held_out, times),
+        calibrated=calibrated,
+    )
+
+
+def run_all(
+    setup: ValidationSetup,
+    plans: list[ParallelPlan],
+    profile: HardwareProfile,
+    cancel: threading.Event,
+    on_run: Callable[[int, PlanRun], None] = lambda i, run: None,
+) -> list[PlanRun]:
+    """Run every plan in turn (one at a time: they share this machine); `on_run` sees each as it ends."""
+    runs = []
+    for i, plan in enumerate(plans):
+        runs.append(run_plan(setup, plan, profile, setup.out / "runs" / f"{i:03d}", cancel))
+        on_run(i, runs[-1])
+    return runs
+
+
+def write_runs(path: Path, runs: list[PlanRun]) -> None:
+    path.write_text(json.dumps([{**asdict(r), "plan": r.plan.model_dump(mode="json")} for r in runs], indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def measure_profile(
+    setup: ValidationSetup, plans: list[ParallelPlan], console: Console, cancel: threading.Event
+) -> HardwareProfile:
+    """A profile of this machine for the plans: their layer shapes, and the collectives of `nproc` ranks."""
+    from api.profiling import CommLaunch, merge, run_comm, run_compute
+    from profiler.collectives import sweep_command_args
+    from profiler.compute import ComputeSweep
+
+    needs = profile_needs(plans)
+    sweep = ComputeSweep(
+        model=setup.model,
+        seq_lens=(setup.seq_len,),
+        micro_batch_sizes=tuple(needs["micro_batch_sizes"]),
+        tps=tuple(needs["tps"]),
+        recompute_modes=tuple(needs["recompute_modes"]),
+        dtype="fp32" if setup.device == "cpu" else "bf16",
+        device=setup.device,
+        threads=setup.threads if setup.device == "cpu" else None,
+    )
+    problems = sweep.violations()
+    if problems:
+        raise ValueError("; ".join(f"{field}: {why}" for field, why in problems))
+    compute = run_compute(sweep, console)
+    if setup.nproc < 2:
+        return compute
+    sweep_file = setup.out / "profile.sweep.json"
+    # A CPU's gloo sweep to 256 MB takes minutes, and the small models a CPU trains send a few MB at most.
+    max_bytes = 16 * 2**20 if setup.device == "cpu" else 256 * 2**20
+    comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=max_bytes))
+    return merge(compute, run_comm(comm, sweep_file, console, cancel))
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a validation's results go: files in `setup.out`, and with `store` the database (measured runs, and
+    the calibrated profile as a new stored profile)."""
+
+    store: ApiStore | None
+    validation_id: str
+    job_id: str | None = None
+
+
+def validate(
+    setup: ValidationSetup,
+    profile: HardwareProfile | None,
+    outputs: Outputs,
+    console: Console,
+    cancel: threading.Event,
+) -> tuple[Validation, str | None]:
+    """The whole loop (module docstring); the validation and the stored id of its calibrated profile, if stored."""
+    plans = valid_plans(setup)
+    if len(plans) < 2:
+        raise ValueError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
+    setup.out.mkdir(parents=True, exist_ok=True)
+    console.print(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
+    if profile is None:
+        profile = measure_profile(setup, plans, console, cancel)
+    save_profile_json(profile, setup.out / PROFILE_FILE)
+    runs = _run_with_progress(setup, plans, profile, outputs, console, cancel)
+    write_runs(setup.out / RUNS_FILE, runs)
+    result = compare(setup, profile, runs, utc_now())
+    save_profile_json(result.calibrated, setup.out / CALIBRATED_PROFILE_FILE)
+    stored = None
+    if outputs.store is not None:
+        name = f"calibrated by validation {outputs.validation_id}"
+        stored = outputs.store.profiles.add(result.calibrated, name=name)
+    return result, stored
+
+
+PROFILE_FILE, CALIBRATED_PROFILE_FILE, RUNS_FILE = "profile.json", "calibrated-profile.json", "runs.json"
+
+
+def _run_with_progress(
+    setup: ValidationSetup,
+    plans: list[ParallelPlan],
+    profile: HardwareProfile,
+    outputs: Outputs,
+    console: Console,
+    cancel: threading.Event,
+) -> list[PlanRun]:
+    progress = Progress(
+        TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("runs", total=len(plans), what=describe(plans[0]))
+
+        def on_run(i: int, run: PlanRun) -> None:
+            if outputs.store is not None and run.measured_s is not None:
+                outputs.store.add_measured_run(measured_run_row(run, setup, outputs))
+            upcoming = describe(plans[i + 1]) if i + 1 < len(plans) else "done"
+            progress.update(task, completed=i + 1, what=upcoming)
+
+        return run_all(setup, plans, profile, cancel, on_run)
+
+
+def describe(plan: ParallelPlan) -> str:
+    """A plan in one short line, for progress bars and tables."""
+    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp}"
+    if plan.dp > 1:
+        text += f" zero{plan.zero_stage}"
+    text += f" mbs{plan.micro_batch_size} {plan.recompute}"
+    if plan.sequence_parallel:
+        text += " sp"
+    if plan.pp > 1:
+        text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
+    return text
+
+
+def measured_run_row(run: PlanRun, setup: ValidationSetup, outputs: Outputs) -> MeasuredRunRow:
+    estimate = run.estimate
+    return MeasuredRunRow(
+        id=new_id(),
+        created=utc_now(),
+        job_id=outputs.job_id,
+        validation_id=outputs.validation_id,
+        plan_id=None,
+        device=setup.device,
+        steps=setup.steps,
+        predicted_step_time_s=run.predicted_s,
+        measured_step_time_s=run.measured_s,
+        measured_tokens_per_s=setup.global_batch_size * setup.seq_len / run.measured_s if run.measured_s else None,
+        predicted_peak_bytes=int(estimate["memory"]["peak_bytes"]),
+        measured_peak_bytes=run.measured_peak_bytes,
+        request=json.dumps(setup.request(run.plan)),
+        estimate=json.dumps(estimate),
+    )

@@ -1,0 +1,148 @@
+"""A validation's report: Markdown (figures, per-plan table, calibration) and a PNG plot, in the output folder.
+
+The plot has two panels: predicted vs measured step time for every plan (before calibration and held-out after,
+with the y = x line), and each plan's predicted breakdown by term (stacked) beside its measured time.
+matplotlib is imported here only, with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from api.validation import Validation, describe
+from planner.cost.step import TIME_TERMS
+
+REPORT_FILE, PLOT_FILE = "report.md", "validation.png"
+MiB = 2**20
+
+
+def write_report(result: Validation, stored_profile_id: str | None, command: str) -> tuple[Path, Path]:
+    """Write report.md and validation.png to the validation's folder; their paths."""
+    out = result.setup.out
+    plot = plot_validation(result, out / PLOT_FILE)
+    report = out / REPORT_FILE
+    report.write_text(markdown(result, stored_profile_id, command, plot.name))
+    return report, plot
+
+
+def markdown(result: Validation, stored_profile_id: str | None, command: str, plot_name: str) -> str:
+    setup = result.setup
+    lines = [
+        f"# Validation: {len(result.measured)} plans on {setup.nproc} {setup.device} rank(s)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model {setup.model.name} ({setup.model.num_layers} layers, hidden {setup.model.hidden_size}), "
+        f"seq_len {setup.seq_len}, global batch {setup.global_batch_size}; each plan trained {setup.steps} steps, "
+        f"step time = median of the steps after the first {setup.warm_steps}.",
+        "",
+        *figures_table(result),
+        "",
+        "After calibration, every plan is predicted by the factors fitted on the other half of the plans only "
+        "(fit on one half, test on the other, and the reverse).",
+        "",
+        f"![predicted vs measured]({plot_name})",
+        "",
+        *plan_table(result),
+        "",
+        *calibration_lines(result, stored_profile_id),
+        *failure_lines(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def figures_table(result: Validation) -> list[str]:
+    rows = [("step-time MAPE", "mape", "{:.1%}"), ("Kendall tau", "kendall_tau", "{:.3f}"),
+            ("top-1 regret", "regret", "{:.1%}")]  # fmt: skip
+    lines = ["| figure | before calibration | after calibration (held out) |", "|---|---:|---:|"]
+    for label, name, form in rows:
+        before, after = getattr(result.before, name), getattr(result.after, name)
+        lines.append(f"| {label} | {form.format(before)} | {form.format(after)} |")
+    return lines
+
+
+def plan_table(result: Validation) -> list[str]:
+    lines = [
+        "| plan | predicted s | calibrated s (held out) | measured s | error before | error after "
+        "| predicted peak MiB | measured peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run, held_out in zip(result.measured, result.held_out_s, strict=True):
+        measured = run.measured_s or float("nan")
+        peak = run.estimate["memory"]["peak_bytes"] / MiB
+        measured_peak = f"{run.measured_peak_bytes / MiB:.0f}" if run.measured_peak_bytes else "-"
+        lines.append(
+            f"| {describe(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
+            f"| {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} | {peak:.0f} | {measured_peak} |"
+        )
+    if result.setup.device == "cpu":
+        lines += ["", "On a CPU the measured peak is the process's peak resident set (interpreter and torch "
+                  "included), so it is shown, not scored."]  # fmt: skip
+    return lines
+
+
+def calibration_lines(result: Validation, stored_profile_id: str | None) -> list[str]:
+    calibration = result.calibrated.calibration
+    assert calibration is not None
+    stored = f"; stored as profile `{stored_profile_id}`" if stored_profile_id else ""
+    efficiencies = [
+        *(f"compute {k} {v:.3g}" for k, v in calibration.compute_efficiency.items()),
+        *(f"{k} bandwidth {v:.3g}" for k, v in calibration.collective_efficiency.items()),
+        *(f"{k} latency {v:.3g}" for k, v in calibration.collective_latency_efficiency.items()),
+    ]
+    return [
+        f"## Calibration (fitted on all {calibration.num_runs} runs: MAPE {calibration.fit_mape:.1%})",
+        "",
+        f"Efficiencies (profiled time / time in a run): {', '.join(efficiencies)}; gradient-reduction overlap "
+        f"{calibration.overlap:.2f}; overhead per micro-batch {calibration.microbatch_overhead_s * 1e3:.2f} ms.",
+        "",
+        f"Calibrated profile: `calibrated-profile.json`{stored}. Estimate with it: `--profile` that file or id.",
+    ]
+
+
+def failure_lines(result: Validation) -> list[str]:
+    failed = [run for run in result.runs if run.error]
+    if not failed:
+        return []
+    return ["", "## Runs that failed", "", *(f"- {describe(run.plan)}: {run.error}" for run in failed)]
+
+
+def plot_validation(result: Validation, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result.measured
+    measured = np.array([run.measured_s for run in runs])
+    before = np.array([run.predicted_s for run in runs])
+    after = np.array(result.held_out_s)
+    figure, (scatter, bars) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1, 2]})
+
+    top = 1.1 * max(measured.max(), before.max(), after.max())
+    scatter.plot([0, top], [0, top], color="grey", linewidth=1, label="y = x")
+    scatter.scatter(measured, before, marker="o", label=f"before calibration (MAPE {result.before.mape:.1%})")
+    scatter.scatter(measured, after, marker="x", label=f"calibrated, held out (MAPE {result.after.mape:.1%})")
+    scatter.set(xlim=(0, top), ylim=(0, top), xlabel="measured step time (s)", ylabel="predicted step time (s)",
+                title="predicted vs measured")  # fmt: skip
+    scatter.legend(loc="upper left", fontsize=8)
+
+    order = np.argsort(measured)
+    x = np.arange(len(runs))
+    bottom = np.zeros(len(runs))
+    for term in TIME_TERMS:
+        values = np.array([runs[i].estimate["breakdown"][term] for i in order])
+        if values.any():
+            bars.bar(x, values, bottom=bottom, label=term.removesuffix("_s"))
+            bottom += values
+    bars.scatter(x, measured[order], color="black", marker="_", s=120, zorder=3, label="measured")
+    bars.scatter(x, after[order], color="red", marker=".", zorder=3, label="calibrated (held out)")
+    bars.set_xticks(x, [describe(runs[i].plan) for i in order], rotation=90, fontsize=6)
+    bars.set(ylabel="seconds per step", title="predicted breakdown before calibration, by measured time")
+    bars.legend(fontsize=7, ncols=3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
