@@ -1191,7 +1191,7 @@ def validate(
     3 when profiling failed or fewer than two plans ran, 130 when stopped."""
     import sys
 
-    from api.training import EXIT_RUN_FAILED, EXIT_STOPPED
+    from api.training import EXIT_STOPPED
     from api.validation import ValidationStopped
 
     try:

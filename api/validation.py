@@ -37,6 +37,7 @@ from planner.request import EstimateRequest, parse_estimate_request, parse_plan_
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
 
+
 class ValidationStopped(RuntimeError):
     """Ctrl-C, SIGTERM or a cancelled job stopped the validation; what ran so far is kept in its folder."""
 

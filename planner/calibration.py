@@ -7,8 +7,8 @@
 2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
    runs them together, with its framework around them. `fit_calibration` fits the factors of
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
-   efficiency per link tier, the gradient-reduction overlap and a per-micro-batch overhead) so that the cost model, reading the profile, predicts
-   the measured step times. It is a bounded nonlinear least-squares fit (Levenberg 1944; Marquardt 1963) of the
+   efficiency per link tier, the gradient-reduction overlap and a per-micro-batch overhead) so that the cost
+   model, reading the profile, predicts the measured step times. It is a bounded nonlinear least-squares fit (Levenberg 1944; Marquardt 1963) of the
    log step-time ratio, through the cost model itself, with a weak prior at the uncalibrated values so that a
    factor no measured run depends on (say, the inter-node tier on one machine) stays where it was.
 """
@@ -22,8 +22,8 @@ import numpy as np
 
 from planner.cost import ops
 from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
-from planner.devset import PublishedLayerTiming, layer_timings
 from planner.cost.step import estimate_step
+from planner.devset import PublishedLayerTiming, layer_timings
 from planner.graph import LayerContext
 from planner.request import EstimateRequest, parse_estimate_request
 from planner.specs import Calibration, HardwareProfile
