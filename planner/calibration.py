@@ -8,9 +8,10 @@
    runs them together, with its framework around them. `fit_calibration` fits the factors of
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
    efficiency per link tier, the gradient-reduction overlap and a per-micro-batch overhead) so that the cost
-   model, reading the profile, predicts the measured step times. It is a bounded nonlinear least-squares fit (Levenberg 1944; Marquardt 1963) of the
-   log step-time ratio, through the cost model itself, with a weak prior at the uncalibrated values so that a
-   factor no measured run depends on (say, the inter-node tier on one machine) stays where it was.
+   model, reading the profile, predicts the measured step times. It is a bounded nonlinear least-squares fit
+   (Levenberg 1944; Marquardt 1963) of the log step-time ratio, through the cost model itself, with a weak prior
+   at the uncalibrated values so that a factor no measured run depends on (say, the inter-node tier on one
+   machine) stays where it was.
 """
 
 from __future__ import annotations
