@@ -23,12 +23,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import error_payload, validation_fields
 from api.jobs import JobRunner
 from api.profile_jobs import ProfileJobBody, ProfileJobs
-from api.routes import catalog, estimates, health, jobs, plans, profiles
+from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
 from api.service import PlanSearches
 from api.settings import Settings
 from api.store import ApiStore
 from api.train_jobs import TrainJobOptions, TrainJobs
+from api.validation_jobs import ValidationJobBody, ValidationJobs
 
 log = logging.getLogger("paraplan.api")
 VERSION = "0.1.0"
@@ -42,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = ApiStore(settings.database_url)
-    runner = JobRunner(store, settings, {"train": TrainJobs(store), "profile": ProfileJobs(store)})
+    kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
+    runner = JobRunner(store, settings, kinds)
     service = Service(settings, store, runner, PlanSearches(store))
 
     @asynccontextmanager
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Performance model and auto-parallel planner for PyTorch training.")  # fmt: skip
     app.state.service = service
     app.include_router(health.router)
-    for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router):
+    for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router, validations.router):
         app.include_router(router, prefix="/v1")
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -168,7 +170,7 @@ def _body_schemas() -> dict[str, Any]:
 
         model_config = ConfigDict(title="TrainJobRequest")
 
-    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody]
+    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -154,26 +154,21 @@ def _check_with_the_command(job: ProfileJobBody) -> None:
                 options.get("ops", cli.ALL_COLLECTIVES), options["warmup"], options["repeats"], options.get("backend"),
             )  # fmt: skip
     except ValueError as error:
-        raise _renamed(error) from None
+        raise renamed_error(error, ProfileJobBody) from None
 
 
-def _renamed(error: ValueError) -> ValueError:
-    """The command's refusal, naming body fields instead of its flags."""
-    fields = [{"field": _as_field(f["field"]), "message": _unflagged(f["message"])}
-              for f in cli_payload(error).get("fields", [])]  # fmt: skip
-    text = _unflagged(str(error))
+def renamed_error(error: ValueError, body: type[BaseModel]) -> ValueError:
+    """A command's refusal, naming the fields of the job's `body` instead of the command's flags."""
+
+    def unflagged(text: str) -> str:
+        for flag in sorted({_flag(name) for name in body.model_fields}, key=len, reverse=True):
+            text = text.replace(flag, _field(flag))
+        return text
+
+    fields = [{"field": _field(f["field"]) if f["field"].startswith("--") else f["field"],
+               "message": unflagged(f["message"])} for f in cli_payload(error).get("fields", [])]  # fmt: skip
+    text = unflagged(str(error))
     return InputError(text, fields=fields or [{"field": "(request)", "message": text}])
-
-
-def _as_field(name: str) -> str:
-    return _field(name) if name.startswith("--") else name
-
-
-def _unflagged(text: str) -> str:
-    """`text` with each of the command's flags written as the body field that sets it."""
-    for flag in sorted({_flag(name) for name in ProfileJobBody.model_fields}, key=len, reverse=True):
-        text = text.replace(flag, _field(flag))
-    return text
 
 
 def cli_payload(error: ValueError) -> dict[str, Any]:
@@ -200,10 +195,10 @@ class ProfileJobs:
         return Outcome("SUCCEEDED", updates={"profile_id": row.id})
 
 
-def last_error(output: Path, returncode: int, lines: int = 8) -> str:
+def last_error(output: Path, returncode: int, lines: int = 8, command: str = "the profiler") -> str:
     """The end of a failed command's output: where its error message is."""
     try:
         tail = [line for line in output.read_text(errors="replace").splitlines() if line.strip()][-lines:]
     except OSError:
         tail = []
-    return "\n".join([f"the profiler exited with {returncode}", *tail])
+    return "\n".join([f"{command} exited with {returncode}", *tail])

@@ -239,8 +239,36 @@ def run_all(
     return runs
 
 
-def write_runs(path: Path, runs: list[PlanRun]) -> None:
-    path.write_text(json.dumps([{**asdict(r), "plan": r.plan.model_dump(mode="json")} for r in runs], indent=1))
+def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
+    """A run as runs.json keeps it: what it measured, with the full request it trained."""
+    return {**asdict(run), "plan": run.plan.model_dump(mode="json"), "request": setup.request(run.plan),
+            "device": setup.device, "steps": setup.steps}  # fmt: skip
+
+
+def write_runs(path: Path, runs: list[PlanRun], setup: ValidationSetup) -> None:
+    path.write_text(json.dumps([run_record(run, setup) for run in runs], indent=1))
+
+
+def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | None) -> MeasuredRunRow:
+    """A measured run of runs.json as the database stores it, with its plan's request and estimate."""
+    estimate, measured_s = record["estimate"], record["measured_s"]
+    training = record["request"]["training"]
+    return MeasuredRunRow(
+        id=new_id(),
+        created=utc_now(),
+        job_id=job_id,
+        validation_id=validation_id,
+        plan_id=None,
+        device=record["device"],
+        steps=record["steps"],
+        predicted_step_time_s=estimate["step_time_s"],
+        measured_step_time_s=measured_s,
+        measured_tokens_per_s=training["global_batch_size"] * training["seq_len"] / measured_s,
+        predicted_peak_bytes=int(estimate["memory"]["peak_bytes"]),
+        measured_peak_bytes=record["measured_peak_bytes"],
+        request=json.dumps(record["request"]),
+        estimate=json.dumps(estimate),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -308,7 +336,7 @@ def validate(
         profile = measure_profile(setup, plans, console, cancel)
     save_profile_json(profile, setup.out / PROFILE_FILE)
     runs = _run_with_progress(setup, plans, profile, outputs, console, cancel)
-    write_runs(setup.out / RUNS_FILE, runs)
+    write_runs(setup.out / RUNS_FILE, runs, setup)
     result = compare(setup, profile, runs, utc_now())
     save_profile_json(result.calibrated, setup.out / CALIBRATED_PROFILE_FILE)
     stored = None
@@ -338,7 +366,8 @@ def _run_with_progress(
 
         def on_run(i: int, run: PlanRun) -> None:
             if outputs.store is not None and run.measured_s is not None:
-                outputs.store.add_measured_run(measured_run_row(run, setup, outputs))
+                row = measured_run_row(run_record(run, setup), outputs.validation_id, outputs.job_id)
+                outputs.store.add_measured_run(row)
             upcoming = describe(plans[i + 1]) if i + 1 < len(plans) else "done"
             progress.update(task, completed=i + 1, what=upcoming)
 
@@ -356,23 +385,3 @@ def describe(plan: ParallelPlan) -> str:
     if plan.pp > 1:
         text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
     return text
-
-
-def measured_run_row(run: PlanRun, setup: ValidationSetup, outputs: Outputs) -> MeasuredRunRow:
-    estimate = run.estimate
-    return MeasuredRunRow(
-        id=new_id(),
-        created=utc_now(),
-        job_id=outputs.job_id,
-        validation_id=outputs.validation_id,
-        plan_id=None,
-        device=setup.device,
-        steps=setup.steps,
-        predicted_step_time_s=run.predicted_s,
-        measured_step_time_s=run.measured_s,
-        measured_tokens_per_s=setup.global_batch_size * setup.seq_len / run.measured_s if run.measured_s else None,
-        predicted_peak_bytes=int(estimate["memory"]["peak_bytes"]),
-        measured_peak_bytes=run.measured_peak_bytes,
-        request=json.dumps(setup.request(run.plan)),
-        estimate=json.dumps(estimate),
-    )

@@ -34,6 +34,7 @@ from api.routes.common import (
 from api.store import FINAL_STATES, JobRow, dumps, new_id
 from api.supervise import OUTPUT_FILE
 from api.train_jobs import RUN_FOLDER, prepare_train_job, train_job_view
+from api.validation_jobs import validation_details
 from executor.config import RunDir
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -103,7 +104,7 @@ async def accept_job(
 
 def job_view(service: Service, row: JobRow) -> dict[str, Any]:
     """A job as the API shows it: state, timing, why it failed, and what its kind adds (progress, results)."""
-    collection = "jobs" if row.kind == "train" else "profiles"
+    collection = {"train": "jobs", "profile": "profiles", "validate": "validations"}[row.kind]
     view: dict[str, Any] = {
         "id": row.id, "kind": row.kind, "state": row.state, "created": row.created, "started": row.started,
         "finished": row.finished, "nproc": row.nproc, "cancel_requested": row.cancel_requested,
@@ -113,6 +114,9 @@ def job_view(service: Service, row: JobRow) -> dict[str, Any]:
     if row.kind == "train":
         details = train_details(service, row)
         view |= details | {"links": view["links"] | details["links"]}
+    elif row.kind == "validate":
+        links = {"report": f"/v1/validations/{row.id}/report", "plot": f"/v1/validations/{row.id}/plot"}
+        view |= validation_details(row, service.runner.job_dir(row.id)) | {"links": view["links"] | links}
     else:
         view["profile_id"] = row.profile_id
     return view
@@ -127,15 +131,19 @@ def train_details(service: Service, row: JobRow) -> dict[str, Any]:
         "predicted": {"step_time_s": estimate["step_time_s"], "peak_bytes": estimate["memory"]["peak_bytes"]}
         if estimate
         else None,
-        "measured_run": _measured(measured[0]) if measured else None,
+        "measured_run": measured_view(measured[0]) if measured else None,
         "links": {"metrics": f"/v1/jobs/{row.id}/metrics"},
     }
 
 
-def _measured(run: Any) -> dict[str, Any]:
+def measured_view(run: Any) -> dict[str, Any]:
+    """A measured run as the API shows it; a validation's runs carry their plan too."""
     fields = ("id", "steps", "predicted_step_time_s", "measured_step_time_s", "measured_tokens_per_s",
               "predicted_peak_bytes", "measured_peak_bytes")  # fmt: skip
-    return {name: getattr(run, name) for name in fields}
+    view = {name: getattr(run, name) for name in fields}
+    if run.validation_id is not None:
+        view["plan"] = json.loads(run.request)["plan"]
+    return view
 
 
 def get_job_row(service: Service, job_id: str, kind: str | None = "train") -> JobRow:
