@@ -14,6 +14,7 @@ No torch here: the profiler and the runs import it in their own processes or on 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from executor.config import RunDir, TrainConfig
 from executor.support import executor_violations
 from planner import agreement
 from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
+from planner.cost.params import model_params
 from planner.cost.step import estimate_step
 from planner.profiles import save_profile_json
 from planner.request import EstimateRequest, parse_estimate_request, parse_plan_request
@@ -300,10 +302,17 @@ def measure_profile(
     if setup.nproc < 2:
         return compute
     sweep_file = setup.out / "profile.sweep.json"
-    # A CPU's gloo sweep to 256 MB takes minutes, and the small models a CPU trains send a few MB at most.
-    max_bytes = 16 * 2**20 if setup.device == "cpu" else 256 * 2**20
-    comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=max_bytes))
+    comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))
     return merge(compute, run_comm(comm, sweep_file, console, cancel))
+
+
+def largest_message_bytes(model: ModelSpec) -> int:
+    """The collective sweep's largest message: the power of two that holds the model's fp32 gradients (the
+    largest buffer a plan reduces), between 4 MiB (below it gloo's times are latency and noise that the fit
+    cannot split) and 256 MiB. Larger messages only lengthen the sweep (a gloo sweep to 256 MiB takes minutes);
+    the alpha-beta fit carries the bandwidth to any size."""
+    gradient_bytes = 4 * model_params(model)
+    return int(min(2**28, max(2**22, 2 ** math.ceil(math.log2(gradient_bytes)))))
 
 
 # ------------------------------------------------------------------------------------------------- loop

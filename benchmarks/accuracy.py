@@ -38,9 +38,7 @@ def run_table(title: str, prefixes: tuple[str, ...]) -> list[float]:
         error = result.step_time_s / run.step_time_s - 1
         errors.append(error)
         p = run.request["plan"]
-        plan = f"tp{p['tp']} pp{p['pp']} dp{p['dp']} {p['recompute']}" + (
-            " sp" if p["sequence_parallel"] else ""
-        )
+        plan = f"tp{p['tp']} pp{p['pp']} dp{p['dp']} {p['recompute']}" + (" sp" if p["sequence_parallel"] else "")
         table.add_row(
             run.id,
             plan,
@@ -56,16 +54,12 @@ def run_table(title: str, prefixes: tuple[str, ...]) -> list[float]:
 
 def summary(errors: list[float]) -> str:
     absolute = [abs(e) for e in errors]
-    return (
-        f"mean |error| {sum(absolute) / len(absolute):.1%}, max {max(absolute):.1%} over {len(errors)} runs"
-    )
+    return f"mean |error| {sum(absolute) / len(absolute):.1%}, max {max(absolute):.1%} over {len(errors)} runs"
 
 
 def calibration_table() -> None:
     calibration = calibrate_matmul_efficiency()
-    table = Table(
-        title=f"A100 matmul efficiency fitted on Korthikanti table 4: {calibration.matmul_efficiency:.3f}"
-    )
+    table = Table(title=f"A100 matmul efficiency fitted on Korthikanti table 4: {calibration.matmul_efficiency:.3f}")
     for column in ("layer timing", "measured ms", "model ms", "error"):
         table.add_column(column)
     for timing, predicted in calibration.samples:

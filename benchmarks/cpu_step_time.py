@@ -108,8 +108,7 @@ def main() -> None:
             row = (str(mbs), mode, str(GLOBAL_BATCH // mbs), f"{predicted:.4f}", f"{measured:.4f}")
             table.add_row(*row, f"{errors[-1]:+.1%}")
     table.caption = (
-        f"MAPE {statistics.mean(abs(e) for e in errors):.1%}, worst {max(errors, key=abs):+.1%}; "
-        f"profile {profile}"
+        f"MAPE {statistics.mean(abs(e) for e in errors):.1%}, worst {max(errors, key=abs):+.1%}; profile {profile}"
     )
     console.print(table)
 

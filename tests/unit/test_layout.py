@@ -9,9 +9,7 @@ import pytest
 
 from planner.layout import AXES, coords_of, group_ranks, placement, rank_of
 
-SHAPES = [
-    (pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4], [1, 2, 6], [1, 2], [1, 2, 4, 8])
-]
+SHAPES = [(pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4], [1, 2, 6], [1, 2], [1, 2, 4, 8])]
 
 
 @pytest.mark.parametrize(("pp", "dp", "cp", "tp"), SHAPES)

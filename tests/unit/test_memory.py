@@ -36,6 +36,4 @@ def test_gpipe_holds_every_microbatch():
 @pytest.mark.parametrize(("pp", "v"), [(4, 2), (8, 3), (35, 3)])
 def test_interleaved_first_device_matches_korthikanti(pp, v):
     # Korthikanti et al. 2022, sec. 4.2.3: first stage's activations scale by (1 + (p - 1) / (p v)).
-    assert inflight_microbatches("interleaved_1f1b", 0, pp, v, 10_000) == pytest.approx(
-        pp * (1 + (pp - 1) / (pp * v))
-    )
+    assert inflight_microbatches("interleaved_1f1b", 0, pp, v, 10_000) == pytest.approx(pp * (1 + (pp - 1) / (pp * v)))

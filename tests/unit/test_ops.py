@@ -104,17 +104,13 @@ def test_gqa_and_swiglu_per_op():
 
 def test_block_forward_flops_are_24bsh2_plus_4bs2h():
     model = gpt_block_model(H, A)
-    block = ops.block_ops(
-        model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B))
-    )
+    block = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B)))
     assert sum(op.matmul_flops for op in block) == pytest.approx(24 * B * S * H**2 + 4 * B * S**2 * H)
 
 
 def test_hardware_flops_with_full_recompute_equal_narayanan_eq3(gpt175b):
     training = TrainingSpec(seq_len=2048, global_batch_size=1536)
-    assert hardware_flops_per_step(gpt175b, training, "full") == pytest.approx(
-        narayanan_eq3_flops(gpt175b, training)
-    )
+    assert hardware_flops_per_step(gpt175b, training, "full") == pytest.approx(narayanan_eq3_flops(gpt175b, training))
     # Model FLOPs exclude the recomputed forward: 3/4 of the block part.
     assert model_flops_per_step(gpt175b, training) < narayanan_eq3_flops(gpt175b, training) * 0.76
 
@@ -122,7 +118,5 @@ def test_hardware_flops_with_full_recompute_equal_narayanan_eq3(gpt175b):
 def test_tp_splits_flops_evenly():
     model = gpt_block_model(H, A)
     one = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B)))
-    four = ops.block_ops(
-        model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(tp=4, micro_batch_size=B))
-    )
+    four = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(tp=4, micro_batch_size=B)))
     assert sum(op.matmul_flops for op in four) == pytest.approx(sum(op.matmul_flops for op in one) / 4)

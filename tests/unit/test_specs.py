@@ -13,13 +13,9 @@ from planner.specs import ModelSpec, ParallelPlan
 
 def test_plan_names_every_intrinsic_rule():
     with pytest.raises(ValidationError) as err:
-        ParallelPlan(
-            tp=1, sequence_parallel=True, schedule="1f1b", virtual_stages=2, layers_per_stage=(3, 3, 3)
-        )
+        ParallelPlan(tp=1, sequence_parallel=True, schedule="1f1b", virtual_stages=2, layers_per_stage=(3, 3, 3))
     text = str(err.value)
-    assert (
-        "plan.sequence_parallel" in text and "plan.virtual_stages" in text and "plan.layers_per_stage" in text
-    )
+    assert "plan.sequence_parallel" in text and "plan.virtual_stages" in text and "plan.layers_per_stage" in text
 
 
 def test_interleaving_needs_pp_and_chunks():

@@ -35,9 +35,7 @@ def test_no_pipeline_no_bubble(gpt3_request):
 
 
 def test_recompute_trades_memory_for_time(gpt3_request):
-    modes = {
-        mode: estimate(with_plan(gpt3_request, recompute=mode)) for mode in ("none", "selective", "full")
-    }
+    modes = {mode: estimate(with_plan(gpt3_request, recompute=mode)) for mode in ("none", "selective", "full")}
     act = {mode: r.memory.by_stage[0].activations_bytes for mode, r in modes.items()}
     assert act["full"] < act["selective"] < act["none"]
     assert modes["full"].step_time_s > modes["selective"].step_time_s >= modes["none"].step_time_s
@@ -77,9 +75,7 @@ def test_not_fitting_is_an_answer_with_the_stage_and_bytes():
 def test_uneven_layers_per_stage_slow_the_pipeline(gpt3_request):
     even = estimate(with_plan(gpt3_request, schedule="1f1b", virtual_stages=1))
     skewed = estimate(
-        with_plan(
-            gpt3_request, schedule="1f1b", virtual_stages=1, layers_per_stage=[19, 11, 11, 11, 11, 11, 11, 11]
-        )
+        with_plan(gpt3_request, schedule="1f1b", virtual_stages=1, layers_per_stage=[19, 11, 11, 11, 11, 11, 11, 11])
     )
     assert skewed.step_time_s > even.step_time_s
     assert skewed.memory.by_stage[0].layers == 19

@@ -17,10 +17,7 @@ TARGET_SOURCES = ("narayanan2021_t1_", "korthikanti2022_t5_")
 
 
 def relative_errors(sources: tuple[str, ...]) -> dict[str, float]:
-    return {
-        run.id: estimate(run.request).step_time_s / run.step_time_s - 1
-        for run in training_runs(sources=sources)
-    }
+    return {run.id: estimate(run.request).step_time_s / run.step_time_s - 1 for run in training_runs(sources=sources)}
 
 
 def test_table1_and_table5_accuracy():

@@ -1,0 +1,85 @@
+"""`paraplan validate` end to end, as a real process: a profile of this CPU, real training runs under torchrun with
+gloo (2 ranks), the report and plot, the calibrated profile, and the measured runs in a real SQLite database.
+
+A tiny model and three plans keep it to about a minute on a 2-core box; the figures of a real validation (93 plans)
+are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from api.store import ApiStore  # noqa: E402
+from planner.profiles import load_profile_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"name": "llama3-8b", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
+              "ffn_hidden_size": 128, "vocab_size": 256}  # fmt: skip
+# Four plans (dp2, tp2 with and without sequence parallelism, pp2 1f1b) at micro-batch 2; three are run.
+SMALL_SPACE = ["--model", json.dumps(TINY_MODEL), "--seq-len", "32", "--global-batch", "4", "--mbs", "2",
+               "--recompute", "none", "--zero", "0", "--schedule", "1f1b", "--max-plans", "3"]  # fmt: skip
+
+
+def paraplan(*args: str, data_dir: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PARAPLAN_DATA_DIR": str(data_dir)}
+    env.pop("PARAPLAN_DATABASE_URL", None)
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout_s)  # fmt: skip
+
+
+def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
+    out, data_dir = tmp_path / "validation", tmp_path / "data"
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--out", str(out),
+                    "--json", data_dir=data_dir)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["plans"] == figures["measured"] == 3 and figures["failed"] == []
+    for name in ("mape", "kendall_tau", "regret"):
+        assert isinstance(figures[name], float) and isinstance(figures["calibrated"][name], float)
+    assert figures["mape"] >= 0 and figures["regret"] >= 0 and -1 <= figures["kendall_tau"] <= 1
+
+    report = (out / "report.md").read_text()
+    assert "| step-time MAPE |" in report and report.count("| dp") + report.count("| tp") >= 1
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = load_profile_json(out / "profile.json")
+    assert measured.calibration is None and measured.collective_fits and measured.layers
+    calibrated = load_profile_json(out / "calibrated-profile.json")
+    assert calibrated.calibration is not None and calibrated.calibration.num_runs == 3
+
+    store = ApiStore(f"sqlite:///{data_dir / 'paraplan.db'}")
+    try:
+        runs = store.measured_runs(limit=10)
+        assert len(runs) == 3 and len({run.validation_id for run in runs}) == 1
+        assert all(run.measured_step_time_s > 0 and run.predicted_step_time_s > 0 for run in runs)
+        assert store.profiles.get(figures["calibrated_profile"]).calibration == calibrated.calibration
+    finally:
+        store.close()
+
+    # The stored calibrated profile is what estimates then read, by its id.
+    request = json.loads(runs[0].request)
+    request["cluster"]["profile"] = figures["calibrated_profile"]
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    done = paraplan("estimate", str(tmp_path / "request.json"), "--json", data_dir=data_dir, timeout_s=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    estimate = json.loads(done.stdout)
+    assert estimate["sources"]["compute_s"] == "profile"
+    assert estimate["step_time_s"] != pytest.approx(runs[0].predicted_step_time_s, rel=1e-6)
+
+
+def test_validate_names_the_flag_at_fault(tmp_path: Path):
+    done = paraplan("validate", "--nproc", "2", "--steps", "3", "--warm-steps", "3", "--out", str(tmp_path / "v"),
+                    data_dir=tmp_path / "data", timeout_s=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "--warm-steps" in done.stdout + done.stderr
+    done = paraplan("validate", "--nproc", "2", "--mbs", "3", "--out", str(tmp_path / "v"), data_dir=tmp_path / "data",
+                    timeout_s=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "validating needs two" in done.stdout + done.stderr
