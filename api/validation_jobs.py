@@ -58,8 +58,8 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
     """Check the job and write its folder; ValueError naming the body field at fault otherwise."""
     job = ValidationJobBody.model_validate(body)
     options = _command_options(job)
-    _check_with_the_command(options)
     check_process_count(job.nproc, settings, job.device or "cpu")
+    _check_with_the_command(options)
     profile = _stored_profile(job.profile, store) if job.profile else None
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
