@@ -18,7 +18,7 @@ import math
 import statistics
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from planner.calibration import MeasuredStep, fit_calibration, held_out_predicti
 from planner.cost.params import model_params
 from planner.cost.step import estimate_step
 from planner.profiles import save_profile_json
-from planner.request import EstimateRequest, parse_estimate_request, parse_plan_request
+from planner.request import parse_estimate_request, parse_plan_request
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
 
@@ -132,28 +132,22 @@ def run_plan(
     from executor.prepare import prepare_run
 
     request = setup.request(plan)
-    estimate = estimate_with(profile, parse_estimate_request(request))
+    req = parse_estimate_request(request)
+    estimate = estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan)
     config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device)  # type: ignore[arg-type]
     prepare_run(request, config, run_dir, nproc=setup.nproc)
     spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
-    env = {"OMP_NUM_THREADS": str(setup.threads)}
-    result = launch.run(spec, env=env, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
+    result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
     if result.cancelled:
         raise ValidationStopped(f"stopped while running {run_dir}")
-    base = PlanRun(plan, estimate.model_dump(mode="json"), str(run_dir))
+    run = PlanRun(plan, estimate.model_dump(mode="json"), str(run_dir))
     if not result.ok:
         cause = result.root_cause
-        why = f"rank {cause.rank}: {cause.message}" if cause else f"torchrun exited with {result.returncode}"
-        return PlanRun(**{**base.__dict__, "error": why})
+        return replace(run, error=f"rank {cause.rank}: {cause.message}" if cause else f"exit {result.returncode}")
     records = RunDir(run_dir).read_metrics()
-    steady = [r["step_time_s"] for r in records[setup.warm_steps :]] or [r["step_time_s"] for r in records]
-    peak = max((r.get("peak_memory_bytes") or 0 for r in records), default=0) or None
-    return PlanRun(**{**base.__dict__, "measured_s": statistics.median(steady), "step_times_s": steady,
-                      "measured_peak_bytes": peak})  # fmt: skip
-
-
-def estimate_with(profile: HardwareProfile, req: EstimateRequest) -> Any:
-    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan)
+    steady = [record["step_time_s"] for record in records[setup.warm_steps :]]
+    peak = max((record.get("peak_memory_bytes") or 0 for record in records), default=0) or None
+    return replace(run, measured_s=statistics.median(steady), step_times_s=steady, measured_peak_bytes=peak)
 
 
 # ----------------------------------------------------------------------------------------------- result
