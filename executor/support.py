@@ -110,6 +110,22 @@ def _microbatches(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec |
         )
 
 
+def _one_f_one_b_fill(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    # Found by `paraplan validate`: torch.distributed.pipelining's Schedule1F1B refuses to start with fewer
+    # micro-batches than stages ("Number of microbatches (1) must be greater than or equal to the number of
+    # stages (2)"). GPipe runs them; interleaved 1F1B already needs a multiple of pp (planner/rules.py).
+    if training is None or plan.pp == 1 or plan.schedule != "1f1b":
+        return
+    microbatches = plan.num_microbatches(training)
+    if 1 <= microbatches < plan.pp:
+        yield Violation(
+            "plan.micro_batch_size",
+            "executor_1f1b_fill",
+            f"1f1b needs at least pp={plan.pp} micro-batches per step, and micro_batch_size={plan.micro_batch_size} "
+            f"gives {microbatches}; use a smaller micro-batch or the gpipe schedule",
+        )
+
+
 def _stage_layers(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
     counts = plan.stage_layer_counts(model.num_layers)
     if min(counts) < 1:
@@ -143,6 +159,7 @@ _RULES: tuple[Rule, ...] = (
     _tensor_parallel_widths,
     _sequence_parallel,
     _microbatches,
+    _one_f_one_b_fill,
     _stage_layers,
     _precision,
 )

@@ -60,6 +60,15 @@ def test_zero1_per_pipeline_stage_needs_1f1b(schedule: str, virtual: int) -> Non
     assert schedule in violation.message and "rebuilt parameter indices" in violation.message
 
 
+def test_1f1b_needs_a_micro_batch_per_stage_gpipe_does_not() -> None:
+    # global batch 8 at micro-batch 8: one micro-batch for two stages (torch's Schedule1F1B refuses it).
+    (violation,) = executor_violations(ParallelPlan(pp=2, micro_batch_size=8, schedule="1f1b"), LLAMA, TRAINING)
+    assert (violation.field, violation.code) == ("plan.micro_batch_size", "executor_1f1b_fill")
+    assert "gives 1" in violation.message
+    assert codes(ParallelPlan(pp=2, micro_batch_size=8, schedule="gpipe")) == []
+    assert codes(ParallelPlan(pp=2, micro_batch_size=4, schedule="1f1b")) == []
+
+
 def test_tied_embeddings_need_one_pipeline_stage() -> None:
     tied = LLAMA.model_copy(update={"tie_embeddings": True})
     assert codes(ParallelPlan(pp=2), tied) == ["executor_tied_embeddings_pp"]
