@@ -522,6 +522,12 @@ def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPla
             f"times measured on {profile.device_name} ({profile.created}, torch {profile.torch_version}); "
             "terms the profile cannot answer use the GPU preset's speeds; memory is analytic"
         )
+        if profile.calibration is not None:
+            fitted = profile.calibration
+            speeds += (
+                f"; calibrated on {fitted.num_runs} measured runs ({fitted.created}, step-time error "
+                f"{fitted.fit_mape:.0%} on them)"
+            )
     notes = [speeds, f"{training.attention_kernel} attention"]
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")

@@ -71,6 +71,7 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     estimate = json.loads(done.stdout)
     assert estimate["sources"]["compute_s"] == "profile"
+    assert any("calibrated on 3 measured runs" in note for note in estimate["assumptions"]), estimate["assumptions"]
     assert estimate["step_time_s"] != pytest.approx(runs[0].predicted_step_time_s, rel=1e-6)
 
 
