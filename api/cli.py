@@ -1266,7 +1266,11 @@ def _run_validation(setup: Any, profile: Any, store: bool, job_id: str | None, c
 
     database = ApiStore(default_database_url()) if store else None
     outputs = Outputs(store=database, validation_id=job_id or new_id(), job_id=job_id)
-    return validate(setup, profile, outputs, _console(), cancel)
+    try:
+        return validate(setup, profile, outputs, _console(), cancel)
+    finally:
+        if database is not None:
+            database.close()
 
 
 def _print_validation(result: Any, report: Path, plot: Path, stored: str | None) -> None:

@@ -56,6 +56,8 @@ class ValidationJobBody(BaseModel):
 
 def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings, store: ApiStore) -> JobRow:
     """Check the job and write its folder; ValueError naming the body field at fault otherwise."""
+    from api.cli import flag_name
+
     job = ValidationJobBody.model_validate(body)
     options = _command_options(job)
     check_process_count(job.nproc, settings, job.device or "cpu")
@@ -64,7 +66,7 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     try:
-        flags = [token for name, value in options.items() for token in (_flag(name), str(value))]
+        flags = [token for name, value in options.items() for token in (flag_name(name), str(value))]
         argv = [sys.executable, "-m", "api.cli", "validate", "--out", str(job_dir / OUT_FOLDER), "--no-store",
                 "--json", *flags]  # fmt: skip
         if profile is not None:
@@ -97,10 +99,6 @@ def _model_spec(value: str | dict[str, Any]) -> Any:
         problem = error.errors()[0]
         where = ".".join(["model", *map(str, problem["loc"])])
         raise InputError.at(where, problem["msg"]) from None
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _check_with_the_command(options: dict[str, Any]) -> None:
