@@ -21,7 +21,7 @@ from rich.table import Table
 
 from executor import launch
 from planner.profiles import ProfileError
-from planner.specs import HardwareProfile
+from planner.specs import HardwareProfile, LayerMeasurement
 from profiler import collectives
 from profiler.compute import ComputeSweep
 from profiler.fit import fit_all
@@ -56,6 +56,33 @@ def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
             progress.update(task, completed=done, total=total, what=what)
 
         return profile_compute(sweep, on_progress=tick)
+
+
+def run_tp_layers(sweep: ComputeSweep, console: Console, cancel: threading.Event) -> list[LayerMeasurement]:
+    """Time the sweep's layers on tp ranks (profiler/tp_layers.py) for every tp degree > 1 it names: one torchrun
+    launch of tp workers per degree, with a progress bar."""
+    from profiler import tp_layers
+
+    folder = Path(tempfile.mkdtemp(prefix="paraplan-tp-layers-"))
+    sweep_file = folder / "sweep.json"
+    sweep_file.write_text(sweep.to_json())
+    layers: list[LayerMeasurement] = []
+    for tp in sorted(t for t in set(sweep.tps) if t > 1):
+        out = folder / f"tp{tp}.json"
+        spec = launch.LaunchSpec(
+            nproc_per_node=tp,
+            module="profiler.tp_layers",
+            args=("--sweep", str(sweep_file), "--out", str(out)),
+            log_dir=folder / f"logs-tp{tp}",
+        )
+        env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
+        with _progress(console, f"layers on {tp} tp ranks") as progress:
+            task = progress.add_task("tp", total=None, what="starting workers")
+            on_line = _line_handler(progress, task, lambda record: record["what"])
+            result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
+        _require_finished(result, f"timing layers on {tp} tensor-parallel ranks", folder)
+        layers += tp_layers.read_result(out)
+    return layers
 
 
 # ------------------------------------------------------------------------------------------- collectives
@@ -101,22 +128,29 @@ def run_comm(comm: CommLaunch, sweep_file: Path, console: Console, cancel: threa
     log_dir = Path(tempfile.mkdtemp(prefix="paraplan-comm-"))
     with _progress(console, "collectives") as progress:
         task = progress.add_task("collectives", total=None, what="starting workers")
-        result = launch.run(comm.spec(log_dir), on_line=_comm_line_handler(progress, task), cancel=cancel)
-    if result.cancelled:
-        raise ProfileRunError("the collective sweep was stopped before it finished")
-    if not result.ok:
-        cause = result.root_cause
-        why = f"rank {cause.rank} exited with {cause.exitcode}: {cause.message}" if cause else "see the logs"
-        raise ProfileRunError(f"the collective sweep failed: {why} (logs: {result.run_log_dir or log_dir})")
+        on_line = _line_handler(progress, task, lambda r: f"{r['tier']} {r['op']} {r['size_bytes']:,} B")
+        result = launch.run(comm.spec(log_dir), on_line=on_line, cancel=cancel)
+    _require_finished(result, "the collective sweep", log_dir)
     return comm_profile(sweep_file)
 
 
-def _comm_line_handler(progress: Progress, task: Any) -> Callable[[str], None]:
+def _require_finished(result: launch.RunResult, what: str, log_dir: Path) -> None:
+    """ProfileRunError unless the workers' launch finished and succeeded: stopped, or which rank failed and why."""
+    if result.cancelled:
+        raise ProfileRunError(f"{what} was stopped before it finished")
+    if not result.ok:
+        cause = result.root_cause
+        why = f"rank {cause.rank} exited with {cause.exitcode}: {cause.message}" if cause else "see the logs"
+        raise ProfileRunError(f"{what} failed: {why} (logs: {result.run_log_dir or log_dir})")
+
+
+def _line_handler(progress: Progress, task: Any, describe: Callable[[dict[str, Any]], str]) -> Callable[[str], None]:
+    """Moves the progress bar on each of the workers' progress lines (profiler.collectives.progress_line)."""
+
     def on_line(line: str) -> None:
         record = collectives.parse_progress_line(line)
         if record is not None:
-            what = f"{record['tier']} {record['op']} {record['size_bytes']:,} B"
-            progress.update(task, completed=record["done"], total=record["total"], what=what)
+            progress.update(task, completed=record["done"], total=record["total"], what=describe(record))
 
     return on_line
 

@@ -101,6 +101,7 @@ def profile_needs(plans: list[ParallelPlan]) -> dict[str, list]:
         "micro_batch_sizes": sorted({p.micro_batch_size for p in plans}),
         "tps": sorted({p.tp for p in plans}),
         "recompute_modes": sorted({p.recompute for p in plans}, key=["none", "selective", "full"].index),
+        "sequence_parallel": sorted({p.sequence_parallel for p in plans if p.tp > 1}) or [False],
     }
 
 
@@ -270,11 +271,16 @@ def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | N
 # ---------------------------------------------------------------------------------------------- profile
 
 
+# Each layer shape is measured in two passes over the sweep, pooled: a shared machine's speed drifts over minutes,
+# and two passes spread that drift over every shape instead of on whichever ran during a slow spell.
+PROFILE_PASSES = 2
+
+
 def measure_profile(
     setup: ValidationSetup, plans: list[ParallelPlan], console: Console, cancel: threading.Event
 ) -> HardwareProfile:
     """A profile of this machine for the plans: their layer shapes, and the collectives of `nproc` ranks."""
-    from api.profiling import CommLaunch, merge, run_comm, run_compute
+    from api.profiling import CommLaunch, merge, run_comm, run_compute, run_tp_layers
     from profiler.collectives import sweep_command_args
     from profiler.compute import ComputeSweep
 
@@ -288,6 +294,8 @@ def measure_profile(
         dtype="fp32" if setup.device == "cpu" else "bf16",
         device=setup.device,
         threads=setup.threads if setup.device == "cpu" else None,
+        sequence_parallel=tuple(needs["sequence_parallel"]),
+        passes=PROFILE_PASSES,
     )
     problems = sweep.violations()
     if problems:
@@ -295,6 +303,8 @@ def measure_profile(
     compute = run_compute(sweep, console)
     if setup.nproc < 2:
         return compute
+    tp_layers = run_tp_layers(sweep, console, cancel)
+    compute = compute.model_copy(update={"layers": [*compute.layers, *tp_layers]})
     sweep_file = setup.out / "profile.sweep.json"
     comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))
     return merge(compute, run_comm(comm, sweep_file, console, cancel))

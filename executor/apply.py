@@ -9,12 +9,14 @@ global-batch mean loss, so a parallel run and a single-device run can be compare
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from executor.parallel.checkpoint import apply_recompute
 from executor.parallel.data import apply_data_parallel, make_optimizer
@@ -75,14 +77,15 @@ class AppliedPlan:
         return batch.chunk(self.plan.dp)[self.mesh["dp"].get_local_rank()].to(self.device)
 
     def _accumulate(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Gradient accumulation over equal micro-batches. Gradients are synchronised after every micro-batch:
-        correct for DDP, FSDP2 and replicate alike (they average what has accumulated), at the price of
-        microbatches - 1 extra reductions."""
+        """Gradient accumulation over equal micro-batches, communicating as the cost model counts it
+        (planner/cost/step.py `dp_comm_s`); see `_accumulating`."""
         (model,) = self.chunks
         total = torch.zeros((), device=self.device)
-        for x, y in zip(tokens.chunk(self.microbatches), targets.chunk(self.microbatches), strict=True):
-            loss = self.loss_fn(model(x), y)
-            (loss / self.microbatches).backward()
+        pairs = list(zip(tokens.chunk(self.microbatches), targets.chunk(self.microbatches), strict=True))
+        for index, (x, y) in enumerate(pairs):
+            with _accumulating(model, self.plan.zero_stage, last=index == len(pairs) - 1):
+                loss = self.loss_fn(model(x), y)
+                (loss / self.microbatches).backward()
             total += loss.detach()
         return total / self.microbatches
 
@@ -122,6 +125,31 @@ class AppliedPlan:
         for group in groups:  # one call per layout: foreach kernels cannot mix DTensor layouts or plain tensors
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total.item()
+
+
+@contextmanager
+def _accumulating(model: nn.Module, zero_stage: int, last: bool) -> Iterator[None]:
+    """One micro-batch's forward and backward under gradient accumulation. ZeRO-0/1 reduce the gradients once,
+    after the last micro-batch (DDP's `no_sync`, FSDP2 `replicate`'s `set_requires_gradient_sync`), as Megatron-LM
+    does. ZeRO-2 reduce-scatters after every micro-batch, which keeps gradients sharded, but keeps the gathered
+    parameters until the last backward (ZeRO-2 shards no parameters); ZeRO-3 regathers them every micro-batch
+    (Rajbhandari et al. 2020, sec. 5). A module without a data-parallel wrapper (one dp rank) has nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if last or zero_stage == 3:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):  # fully_shard (ZeRO-2) or replicate (ZeRO-0)
+        hold = model.set_reshard_after_backward if zero_stage == 2 else model.set_requires_gradient_sync
+        hold(False)
+        try:
+            yield
+        finally:
+            hold(True)
+    else:
+        yield
 
 
 def _grads_by_layout(params: Iterator[nn.Parameter]) -> list[list[nn.Parameter]]:

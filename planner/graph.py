@@ -100,6 +100,16 @@ class LayerTimes:
     recompute_s: Any
     source: str
     note: str | None
+    includes_tp_comm: Any = False  # per micro-batch size: measured on tp ranks, TP's collectives included
+
+    def tp_comm_s(self, collectives_s: Any) -> Any:
+        """The layer's TP collective seconds: `collectives_s` (from the fits or the preset's links), or none where
+        the measured times already hold them."""
+        included = np.asarray(self.includes_tp_comm)
+        if not included.any():
+            return collectives_s
+        left = np.where(included, 0.0, collectives_s)
+        return float(left) if left.ndim == 0 else left
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class LayerContext:
     micro_batch_sizes: Any  # the plan's micro-batch size, or the array the search costs at once
     seq_len: int
     dtype: Precision
+    sequence_parallel: bool
 
     @classmethod
     def of(
@@ -137,6 +148,7 @@ class LayerContext:
             micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,
             seq_len=training.seq_len,
             dtype=training.precision,
+            sequence_parallel=plan.sequence_parallel,
         )
 
     def layer_times(self, kind: LayerKind, layer_ops: list[ops.OpCost], tp: int, recompute: str) -> LayerTimes:
@@ -151,11 +163,13 @@ class LayerContext:
         )
         if self.measured is None:
             return analytic
-        found = self.measured.layer(kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute)
+        found = self.measured.layer(
+            kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute, self.sequence_parallel
+        )
         if not isinstance(found, MeasuredLayer):
             return replace(analytic, note=f"{kind} times are analytic: {found}")
         if found.complete:
-            return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None)
+            return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None, found.includes_tp_comm)
         # Some of the micro-batch sizes the search costs at once are beyond the profile: those sizes only are
         # costed analytically, the others as measured.
         missing = found.missing
@@ -165,6 +179,7 @@ class LayerContext:
             recompute_s=np.where(missing, analytic.recompute_s, 0.0),
             source="profile+analytic",
             note=f"{kind} times are analytic for some micro-batch sizes: {found.reason}",
+            includes_tp_comm=found.includes_tp_comm,
         )
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
@@ -197,7 +212,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         forward_s=times.forward_s,
         backward_s=times.backward_s,
         recompute_s=times.recompute_s,
-        tp_comm_s=ctx.tp_allreduces_s(tp_allreduces, plan),
+        tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(tp_allreduces, plan)),
         cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
         saved_bytes=kept,
         working_bytes=everything - kept,
@@ -252,7 +267,7 @@ def _edge_layer(
         forward_s=times.forward_s,
         backward_s=times.backward_s,
         recompute_s=0.0,
-        tp_comm_s=ctx.tp_allreduces_s(1, plan),
+        tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(1, plan)),
         cp_comm_s=0.0,
         saved_bytes=ops.saved_bytes(layer, "none"),
         working_bytes=0.0,

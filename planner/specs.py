@@ -498,10 +498,16 @@ class TimingStats(Frozen):
 
 class LayerMeasurement(Frozen):
     """One layer at one shape, dtype and recompute mode, as one device runs it under tensor parallelism `tp`
-    (its weights sharded as tp would shard them). `backward` includes the recomputation the mode implies."""
+    (its weights sharded as tp would shard them). `backward` includes the recomputation the mode implies.
+
+    `tp_collectives`: timed on `tp` ranks running the executor's tensor-parallel layer (profiler/tp_layers.py),
+    so the times include its collectives and DTensor's dispatch, with or without `sequence_parallel`; otherwise
+    timed on one device holding the shard, and the cost model adds the collectives from the fits."""
 
     layer: LayerKind
     tp: PositiveInt = 1
+    tp_collectives: bool = False
+    sequence_parallel: bool = False
     micro_batch_size: PositiveInt
     seq_len: PositiveInt
     dtype: Precision

@@ -35,7 +35,7 @@ import socket
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planner.specs import (
@@ -55,6 +55,7 @@ from profiler.timing import stats, time_repeats
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
 
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -89,6 +90,9 @@ class ComputeSweep:
     # Times the whole sweep is run, `repeats` each time, its samples pooled: a machine whose speed drifts over
     # seconds (shared CPUs, clocks) then weighs on every measurement alike instead of on whichever ran then.
     passes: int = 1
+    # Tensor-parallel degrees > 1 are also timed on that many ranks running the executor's tensor-parallel layers
+    # (profiler/tp_layers.py), for each of these sequence-parallel settings.
+    sequence_parallel: tuple[bool, ...] = (False,)
 
     def violations(self) -> list[tuple[str, str]]:
         """(field, reason) for everything that makes the sweep unmeasurable, without importing torch."""
@@ -120,9 +124,28 @@ class ComputeSweep:
             for mode in self.recompute_modes
         ]
 
+    def tp_runs(self, tp: int) -> list[ModelRun]:
+        """The runs that `tp` ranks time together (profiler/tp_layers.py): every shape and recompute mode of
+        `runs()` at this tp, once per sequence-parallel setting."""
+        return [
+            replace(run, sequence_parallel=sequence_parallel)
+            for sequence_parallel in self.sequence_parallel
+            for run in self.runs()
+            if run.tp == tp
+        ]
+
     @property
     def timed_blocks(self) -> int:
         return min(self.model_blocks, self.model.num_layers)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "model": self.model.model_dump(mode="json")})
+
+    @classmethod
+    def from_json(cls, text: str) -> ComputeSweep:
+        data = json.loads(text)
+        lists = ("seq_lens", "micro_batch_sizes", "tps", "recompute_modes", "sequence_parallel")
+        return cls(**{**data, "model": ModelSpec.model_validate(data["model"])} | {k: tuple(data[k]) for k in lists})
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,7 @@ class ModelRun:
     seq_len: int
     recompute: Recompute
     with_edges: bool
+    sequence_parallel: bool = False  # timed on tp ranks only
 
     def points(self) -> list[LayerPoint]:
         block = LayerPoint("block", self.tp, self.micro_batch_size, self.seq_len, self.recompute)
@@ -154,7 +178,8 @@ class ModelRun:
         return [block, LayerPoint("embedding", *shape, "none"), LayerPoint("head", *shape, "none")]
 
     def describe(self) -> str:
-        return f"{self.recompute} tp={self.tp} mbs={self.micro_batch_size} seq={self.seq_len}"
+        sp = " sp" if self.sequence_parallel else ""
+        return f"{self.recompute} tp={self.tp}{sp} mbs={self.micro_batch_size} seq={self.seq_len}"
 
 
 def shard_violations(model: ModelSpec, tp: int) -> list[str]:
@@ -405,17 +430,26 @@ def measure_run(
     return measurements
 
 
-def _time_in_model(sweep: ComputeSweep, run: ModelRun, device: torch.device) -> LayerSamples:
-    """The executor's Transformer with `sweep.timed_blocks` blocks sharded for `run.tp`, prepared for the run's
-    recompute mode, timed layer by layer over `sweep.repeats` forward + backward passes."""
+def time_in_model(
+    sweep: ComputeSweep, run: ModelRun, device: torch.device, tp_mesh: DeviceMesh | None = None
+) -> LayerSamples:
+    """The executor's Transformer with `sweep.timed_blocks` blocks, prepared for the run's recompute mode, timed
+    layer by layer over `sweep.repeats` forward + backward passes. Without `tp_mesh` the blocks are those one of
+    `run.tp` ranks holds, on this device alone; with it (a mesh of `run.tp` ranks, every one calling this), the
+    whole model tensor-parallelised by the executor (executor/parallel/tensor.py), collectives included."""
     import torch
 
     from executor.models import build_model, next_token_loss
     from executor.parallel.checkpoint import apply_recompute
+    from executor.parallel.tensor import apply_tensor_parallel
 
-    spec = shard_spec(sweep.model, run.tp).model_copy(update={"num_layers": sweep.timed_blocks})
-    model = apply_recompute(build_model(spec, device=device, seed=0), run.recompute).train()
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    whole = sweep.model if tp_mesh is not None else shard_spec(sweep.model, run.tp)
+    spec = whole.model_copy(update={"num_layers": sweep.timed_blocks})
+    model = build_model(spec, device=device, seed=0)
+    if tp_mesh is not None:
+        model = apply_tensor_parallel(model, tp_mesh, run.sequence_parallel)
+    model = apply_recompute(model, run.recompute).train()
+    generator = torch.Generator(device="cpu").manual_seed(0)  # the same tokens on every rank
     point = LayerPoint("head", run.tp, run.micro_batch_size, run.seq_len, "none")
     tokens, targets = (_tokens(point, spec.vocab_size, generator, device) for _ in range(2))
     with _no_gc_pauses():
@@ -482,7 +516,7 @@ def profile_compute(sweep: ComputeSweep, on_progress: Progress | None = None) ->
     total = sweep.passes * len(runs) + 1
     samples = {run: LayerSamples() for run in runs}
     for done, run in enumerate(runs * sweep.passes, start=1):
-        samples[run].extend(_time_in_model(sweep, run, device))
+        samples[run].extend(time_in_model(sweep, run, device))
         if on_progress is not None:
             on_progress(done, total, run.describe())
     measured = [measure_run(sweep, run, samples[run], device) for run in runs]

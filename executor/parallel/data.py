@@ -5,7 +5,8 @@
 | 0    | nothing (gradients all-reduced)  | DDP for pure-DP plans; FSDP2's `replicate` under TP or PP           |
 | 1    | optimizer state                  | DDP + ZeroRedundancyOptimizer (`make_optimizer`)                    |
 | 2    | + gradients                      | FSDP2 `fully_shard(reshard_after_forward=False)`: parameters stay   |
-|      |                                  | gathered from forward to backward, gradients are reduce-scattered   |
+|      |                                  | gathered over the step's micro-batches, gradients are               |
+|      |                                  | reduce-scattered after each (executor/apply.py `_accumulating`)     |
 | 3    | + parameters                     | FSDP2 `fully_shard(reshard_after_forward=True)`                     |
 
 FSDP2 (and its `replicate`) is applied per block and then to the root, so each block's all-gather /

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -87,6 +87,7 @@ class LayerTime:
     saved_bytes: int
     exact: bool
     method: LookupMethod
+    includes_tp_comm: bool = False  # timed on tp ranks: tensor parallelism's collectives are in the times
 
 
 @dataclass(frozen=True)
@@ -119,23 +120,32 @@ class LayerTable:
        et al. 2022 sec. 4.1: activations 34sbh + 5as^2b; FLOPs 96Bslh^2(1 + s/6h + ...), Narayanan et al.
        SC'21). Fitted by least squares on the per-token value, value / tokens = a + b x seq_len, over all
        the group's points, so that small shapes weigh as much as large ones (`"seq_fit"`).
+
+    Layers timed on tp ranks (`LayerMeasurement.tp_collectives`, times that include TP's collectives) answer for
+    their sequence-parallel setting in preference to the one-device shard; the same rules apply to them.
     """
 
-    def __init__(self, groups: dict[LayerKey, _Points]):
-        self._groups = groups
+    def __init__(self, groups: dict[LayerKey, _Points], tp_groups: dict[tuple[LayerKey, bool], _Points] | None = None):
+        self._groups = groups  # one-device shards
+        self._tp_groups = tp_groups or {}  # timed on tp ranks, by (key, sequence_parallel)
 
     @classmethod
     def from_measurements(cls, layers: Iterable[LayerMeasurement]) -> LayerTable:
-        """Group measurements by (layer, tp, dtype, recompute); a shape measured twice in a group is refused."""
-        rows: dict[LayerKey, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        """Group measurements by (layer, tp, dtype, recompute) (and, timed on tp ranks, sequence parallelism); a
+        shape measured twice in a group is refused."""
+        rows: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
         for m in layers:
-            key = (m.layer, m.tp, m.dtype, m.recompute)
+            key: Any = (m.layer, m.tp, m.dtype, m.recompute)
+            if m.tp_collectives:
+                key = (key, m.sequence_parallel)
             shape = (m.micro_batch_size, m.seq_len)
             group = rows.setdefault(key, {})
             if shape in group:
                 raise ValueError(f"layers: {key} measured twice at micro_batch_size, seq_len = {shape}")
             group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes)
-        return cls({key: _to_points(group) for key, group in rows.items()})
+        points = {key: _to_points(group) for key, group in rows.items()}
+        shards = {key: group for key, group in points.items() if isinstance(key[0], str)}
+        return cls(shards, {key: group for key, group in points.items() if not isinstance(key[0], str)})
 
     def lookup(
         self,
@@ -145,22 +155,20 @@ class LayerTable:
         seq_len: int,
         dtype: Precision,
         recompute: Recompute,
+        sequence_parallel: bool = False,
     ) -> LayerTime:
         """Forward and backward seconds and saved bytes of one layer at this shape, by the class's rules."""
         if micro_batch_size < 1 or seq_len < 1:
             raise ValueError(f"micro_batch_size, seq_len: must be >= 1, got {micro_batch_size}, {seq_len}")
-        points = self._group((layer, tp, dtype, recompute))
-        measured = (points.micro_batch_size == micro_batch_size) & (points.seq_len == seq_len)
-        if measured.any():
-            return _layer_time(points.values[np.argmax(measured)], "measured")
-        _check_in_range(points, micro_batch_size, seq_len)
-        at_seq_len = points.seq_len == seq_len
-        if at_seq_len.any():
-            values, extrapolated = _along_micro_batch(
-                points.micro_batch_size[at_seq_len], points.values[at_seq_len], micro_batch_size
-            )
-            return _layer_time(values, "extrapolated" if extrapolated else "interpolated")
-        return _layer_time(_seq_fit(points, micro_batch_size, seq_len), "seq_fit")
+        key = (layer, tp, dtype, recompute)
+        on_ranks = self._tp_groups.get((key, sequence_parallel)) if tp > 1 else None
+        if on_ranks is not None:
+            try:
+                return replace(_answer(on_ranks, micro_batch_size, seq_len), includes_tp_comm=True)
+            except NotMeasured:
+                if key not in self._groups:
+                    raise
+        return _answer(self._group(key), micro_batch_size, seq_len)
 
     def _group(self, key: LayerKey) -> _Points:
         """The group's points, or NotMeasured naming the first of layer, tp, dtype, recompute never measured
@@ -173,6 +181,21 @@ class LayerTable:
         given = "".join(f", {n}={v!r}" for n, v in zip(names[:depth], key[:depth], strict=True))
         message = f"no layer measurement with {names[depth]}={key[depth]!r}{given}; measured: {options}"
         raise NotMeasured(names[depth], message)
+
+
+def _answer(points: _Points, micro_batch_size: int, seq_len: int) -> LayerTime:
+    """LayerTable rules 1-4 over one group's points."""
+    measured = (points.micro_batch_size == micro_batch_size) & (points.seq_len == seq_len)
+    if measured.any():
+        return _layer_time(points.values[np.argmax(measured)], "measured")
+    _check_in_range(points, micro_batch_size, seq_len)
+    at_seq_len = points.seq_len == seq_len
+    if at_seq_len.any():
+        values, extrapolated = _along_micro_batch(
+            points.micro_batch_size[at_seq_len], points.values[at_seq_len], micro_batch_size
+        )
+        return _layer_time(values, "extrapolated" if extrapolated else "interpolated")
+    return _layer_time(_seq_fit(points, micro_batch_size, seq_len), "seq_fit")
 
 
 def _to_points(group: dict[tuple[int, int], tuple[float, float, int]]) -> _Points:
@@ -242,6 +265,7 @@ class MeasuredLayer:
     backward_s: np.ndarray | float
     missing: np.ndarray | bool = False
     reason: NotMeasured | None = None  # why the first missing size is missing
+    includes_tp_comm: np.ndarray | bool = False  # per size: timed on tp ranks, TP's collectives included
 
     @property
     def complete(self) -> bool:
@@ -269,16 +293,24 @@ class ProfileCosts:
         self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
 
     def layer(
-        self, kind: LayerKind, tp: int, micro_batch_sizes: Any, seq_len: int, dtype: Precision, recompute: Recompute
+        self,
+        kind: LayerKind,
+        tp: int,
+        micro_batch_sizes: Any,
+        seq_len: int,
+        dtype: Precision,
+        recompute: Recompute,
+        sequence_parallel: bool = False,
     ) -> MeasuredLayer | NotMeasured:
         """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array, each size
         answered on its own), or, when the profile answers none of them, the NotMeasured that says why."""
         sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
         times = np.full((len(sizes), 2), np.nan)
+        with_tp_comm = np.zeros(len(sizes), dtype=bool)
         reasons: list[NotMeasured] = []
         for row, size in enumerate(sizes):
             try:
-                found = self.table.lookup(kind, tp, int(size), seq_len, dtype, recompute)
+                found = self.table.lookup(kind, tp, int(size), seq_len, dtype, recompute, sequence_parallel)
             except NotMeasured as missing:
                 reasons.append(missing)
                 continue
@@ -286,13 +318,14 @@ class ProfileCosts:
                 found.forward_s / self.compute_efficiency.get("forward", 1.0),
                 found.backward_s / self.compute_efficiency.get("backward", 1.0),
             )
+            with_tp_comm[row] = found.includes_tp_comm
         missing = np.isnan(times[:, 0])
         if missing.all():
             return reasons[0]
         reason = reasons[0] if reasons else None
         if np.ndim(micro_batch_sizes) == 0:
-            return MeasuredLayer(float(times[0, 0]), float(times[0, 1]))
-        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason)
+            return MeasuredLayer(float(times[0, 0]), float(times[0, 1]), includes_tp_comm=bool(with_tp_comm[0]))
+        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason, with_tp_comm)
 
     def optimizer_s_per_param(self, optimizer: str) -> float | None:
         """Seconds per parameter of one optimizer step (clip + step + zero_grad), or None if not measured."""

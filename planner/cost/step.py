@@ -293,18 +293,30 @@ def dp_comm_s(batch: PlanBatch) -> np.ndarray:
     """Data-parallel traffic of each device per step (ZeRO sec. 7: all-reduce = reduce-scatter + all-gather).
 
     ZeRO 0: all-reduce of the gradients; 1: reduce-scatter of gradients + all-gather of updated weights;
-    2 (FSDP, no resharding after forward): a reduce-scatter per micro-batch + one all-gather;
-    3 (FSDP, resharding): per micro-batch, all-gathers in forward and backward and a reduce-scatter."""
+    2 (FSDP, no resharding until the last micro-batch's backward): a reduce-scatter per micro-batch + one
+    all-gather; 3 (FSDP, resharding): per micro-batch, all-gathers in forward and backward and a reduce-scatter.
+    Each collective is issued once per communication unit (`dp_units`): the volume is the same, the per-operation
+    latency is paid per unit."""
     n, zero, m, channel = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
+    units = dp_units(batch)
     # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
-    state_bytes = batch.device_params() * batch.weight_bytes
-    gather = comm.all_gather_s(state_bytes, n, channel)
-    scatter = comm.reduce_scatter_s(state_bytes, n, channel)
+    unit_bytes = batch.device_params() * batch.weight_bytes / units
+    gather = units * comm.all_gather_s(unit_bytes, n, channel)
+    scatter = units * comm.reduce_scatter_s(unit_bytes, n, channel)
     return np.select(
         [zero == 0, zero == 1, zero == 2],
-        [comm.all_reduce_s(state_bytes, n, channel), scatter + gather, m * scatter + gather],
+        [units * comm.all_reduce_s(unit_bytes, n, channel), scatter + gather, m * scatter + gather],
         m * (2 * gather + scatter),
     )
+
+
+def dp_units(batch: PlanBatch) -> np.ndarray:
+    """How many pieces a device's data-parallel collectives come in: FSDP2 (ZeRO 2/3, and `replicate` for
+    ZeRO 0 under TP or PP) wraps every block and then the root, one collective each (Zhao et al. 2023, sec. 3.2;
+    executor/parallel/data.py); DDP and ZeRO-1 reduce the whole gradient in one bucketed pass. (N, pp)."""
+    pure_dp = (batch.tp == 1) & (batch.pp == 1)
+    per_unit = (batch.zero_stage >= 2) | ((batch.zero_stage == 0) & ~pure_dp)
+    return np.where(per_unit, batch.blocks + 1, 1)
 
 
 def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
@@ -386,6 +398,9 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         "memory": "analytic",
     }
     notes = [cost.time_note for cost in layers if cost.time_note]
+    if plan.tp > 1 and not np.any(kinds.block.tp_comm_s):
+        sources["tp_comm_s"] = "profile"
+        notes.append("tensor-parallel collectives were timed inside the layers, on tp ranks: compute_s holds them")
     return sources, notes
 
 
