@@ -74,11 +74,15 @@ def layer(
     seq_len: int = SEQ_LEN,
     tp: int = 1,
     dtype: str = "fp32",
+    on_ranks: bool = False,
+    sequence_parallel: bool = False,
 ) -> LayerMeasurement:
     forward_s, backward_s = times
     return LayerMeasurement(
         layer=kind,
         tp=tp,
+        tp_collectives=on_ranks,
+        sequence_parallel=sequence_parallel,
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
         dtype=dtype,
@@ -628,3 +632,75 @@ def test_search_costs_a_measured_micro_batch_size_as_the_estimate_does(save):
     at_4 = planner.estimate(request(path, micro_batch_size=4) | {"training": req["training"]})
     assert at_16.step_time_s < at_4.step_time_s
     assert search(req).plans[0].plan.micro_batch_size == 16
+
+
+# ------------------------------------------------------------------------------- layers timed on tp ranks
+
+TP_FIT = fit("all_reduce", "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0)
+
+
+def tp_layers(on_ranks: bool, sequence_parallel: bool = False, scale: float = 1.0) -> list[LayerMeasurement]:
+    """Embedding, block and head at tp 2: shards (on_ranks False) or timed on 2 ranks, `scale` x the tp-1 times."""
+    times = {"embedding": EMBEDDING, "block": BLOCK, "head": HEAD}
+    return [
+        layer(kind, (f * scale, b * scale), tp=2, on_ranks=on_ranks, sequence_parallel=sequence_parallel)
+        for kind, (f, b) in times.items()
+    ]
+
+
+def test_layers_timed_on_tp_ranks_hold_the_tp_collectives(save):
+    shards = tp_layers(on_ranks=False, scale=0.5)
+    on_ranks = tp_layers(on_ranks=True, scale=2.0)
+    profile = make_profile(layers=model_layers() + shards + on_ranks, collective_fits=[TP_FIT])
+    result = planner.estimate(request(save(profile), gpus_per_node=2, tp=2))
+    assert result.breakdown.compute_s == pytest.approx(2 * 2.0 * PER_MICROBATCH_S)  # 2 micro-batches, 2x times
+    assert result.breakdown.tp_comm_s == 0
+    assert result.sources["tp_comm_s"] == "profile"
+    assert any("timed inside the layers" in note for note in result.assumptions)
+
+
+def test_shards_plus_fitted_collectives_without_tp_rank_timings(save):
+    profile = make_profile(layers=model_layers() + tp_layers(on_ranks=False, scale=0.5), collective_fits=[TP_FIT])
+    result = planner.estimate(request(save(profile), gpus_per_node=2, tp=2))
+    assert result.breakdown.compute_s == pytest.approx(2 * 0.5 * PER_MICROBATCH_S)
+    # 4 all-reduces per block and one each for embedding and head, per micro-batch.
+    activation = 4 * 4 * SEQ_LEN * MODEL.hidden_size
+    per_microbatch = (4 * MODEL.num_layers + 2) * (1e-3 + activation / 1e9)
+    assert result.breakdown.tp_comm_s == pytest.approx(2 * per_microbatch)
+
+
+def test_tp_rank_timings_answer_only_their_sequence_parallel_setting():
+    profile = make_profile(
+        layers=model_layers() + tp_layers(False, scale=0.5) + tp_layers(True, sequence_parallel=True, scale=3.0)
+    )
+    costs = ProfileCosts(profile)
+    with_sp = costs.layer("block", 2, 4, SEQ_LEN, "fp32", "none", sequence_parallel=True)
+    without = costs.layer("block", 2, 4, SEQ_LEN, "fp32", "none", sequence_parallel=False)
+    assert isinstance(with_sp, MeasuredLayer) and isinstance(without, MeasuredLayer)
+    assert (with_sp.forward_s, with_sp.includes_tp_comm) == (pytest.approx(3 * BLOCK[0]), True)
+    assert (without.forward_s, without.includes_tp_comm) == (pytest.approx(0.5 * BLOCK[0]), False)
+
+
+def test_tp_rank_timings_fall_back_to_shards_beyond_their_shapes():
+    ranks_small = [
+        layer("block", BLOCK, micro_batch_size=1, tp=2, on_ranks=True),
+    ]
+    shards = [layer("block", BLOCK, micro_batch_size=8, tp=2)]
+    costs = ProfileCosts(make_profile(layers=model_layers() + ranks_small + shards))
+    found = costs.layer("block", 2, np.array([1, 8]), SEQ_LEN, "fp32", "none")
+    assert isinstance(found, MeasuredLayer)
+    assert list(found.includes_tp_comm) == [True, False]  # mbs 8 is beyond 2x mbs 1: the shard answers
+
+
+def test_fsdp_pays_the_collective_latency_once_per_unit(save):
+    """ZeRO-3 (FSDP2) wraps each of the 4 blocks and the root: 5 all-gathers twice and 5 reduce-scatters per
+    micro-batch, the volume split among them; DDP (ZeRO-0) reduces in one pass."""
+    fits = [fit(op, "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0) for op in ("all_reduce",)]
+    path = save(make_profile(collective_fits=fits))
+    plan = {"dp": 2, "overlap_grad_reduce": False}
+    zero3 = planner.estimate(request(path, gpus_per_node=2, zero_stage=3, **plan)).breakdown.dp_comm_s
+    zero0 = planner.estimate(request(path, gpus_per_node=2, zero_stage=0, **plan)).breakdown.dp_comm_s
+    state = PARAMS * FP32_BYTES
+    microbatches = 1  # global batch 8, dp 2, micro-batch 4
+    assert zero3 == pytest.approx(microbatches * 3 * (5 * 1e-3 + state / 2 / 1e9))
+    assert zero0 == pytest.approx(1e-3 + state / 1e9)
