@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from planner.cost.measured import busbw_factor
 from planner.specs import PROFILE_SCHEMA_VERSION, CollectiveMeasurement, CollectiveOp, LinkTier
 from profiler.environment import device_name, software_versions, utc_now
 from profiler.timing import stats, time_repeats
+from profiler.worker import leave, run_recorded, write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -366,14 +366,6 @@ def _meta(world: World, settings: SweepSettings, backend: str, device: torch.dev
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)
-
-
 def _init(world: World, settings: SweepSettings) -> tuple[str, torch.device]:
     """Start the process group: nccl on this rank's GPU, or gloo on the CPU."""
     import torch
@@ -393,7 +385,6 @@ def _init(world: World, settings: SweepSettings) -> tuple[str, torch.device]:
 
 
 def _run(argv: Sequence[str] | None) -> None:
-    import torch.distributed as dist
 
     out, settings = _parse_args(argv)
     world = World.from_env()
@@ -401,22 +392,13 @@ def _run(argv: Sequence[str] | None) -> None:
     meta = _meta(world, settings, backend, device)
     measurements = _sweep(world, settings, device)
     if world.rank == 0:
-        _write_json(out, {"meta": meta, "measurements": [m.model_dump() for m in measurements]})
-    dist.barrier()
-    dist.destroy_process_group()
-    # Leave without interpreter finalization: with torch 2.13 + gloo a gloo worker thread can still be releasing a
-    # finished collective's tensors when Python finalizes, and the rank then aborts (SIGABRT) after all its work is
-    # done (tests/distributed/parity_worker.py has the details). Everything is written and flushed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        write_json_atomically(out, {"meta": meta, "measurements": [m.model_dump() for m in measurements]})
+    leave()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The worker entry point; an exception is recorded in the rank's torchrun error file (and so in its report)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(_run)(argv)
+    """The worker entry point (profiler/worker.py `run_recorded`)."""
+    run_recorded(_run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from planner.specs import LayerMeasurement
 from profiler.collectives import progress_line
 from profiler.compute import ComputeSweep, measure_run, time_in_model
 from profiler.layer_timing import LayerSamples
+from profiler.worker import leave, run_recorded, write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -104,23 +104,13 @@ def _run(argv: Sequence[str] | None) -> None:
     device = _init(sweep)
     layers = _measure(sweep, device)
     if dist.get_rank() == 0:
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps({"layers": [m.model_dump(mode="json") for m in layers]}, indent=1))
-        os.replace(partial, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
-    # As profiler/collectives.py: leave without interpreter finalization (a gloo thread can still be releasing
-    # tensors and abort the rank after its work is done).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        write_json_atomically(args.out, {"layers": [m.model_dump(mode="json") for m in layers]})
+    leave()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The worker entry point; an exception is recorded in the rank's torchrun error file (and so in its report)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(_run)(argv)
+    """The worker entry point (profiler/worker.py `run_recorded`)."""
+    run_recorded(_run, argv)
 
 
 if __name__ == "__main__":

@@ -133,19 +133,22 @@ class LayerTable:
     def from_measurements(cls, layers: Iterable[LayerMeasurement]) -> LayerTable:
         """Group measurements by (layer, tp, dtype, recompute) (and, timed on tp ranks, sequence parallelism); a
         shape measured twice in a group is refused."""
-        rows: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        shards: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        on_ranks: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
         for m in layers:
             key: Any = (m.layer, m.tp, m.dtype, m.recompute)
+            rows = shards
             if m.tp_collectives:
-                key = (key, m.sequence_parallel)
+                key, rows = (key, m.sequence_parallel), on_ranks
             shape = (m.micro_batch_size, m.seq_len)
             group = rows.setdefault(key, {})
             if shape in group:
                 raise ValueError(f"layers: {key} measured twice at micro_batch_size, seq_len = {shape}")
             group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes)
-        points = {key: _to_points(group) for key, group in rows.items()}
-        shards = {key: group for key, group in points.items() if isinstance(key[0], str)}
-        return cls(shards, {key: group for key, group in points.items() if not isinstance(key[0], str)})
+        return cls(
+            {key: _to_points(group) for key, group in shards.items()},
+            {key: _to_points(group) for key, group in on_ranks.items()},
+        )
 
     def lookup(
         self,
