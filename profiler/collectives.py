@@ -385,7 +385,6 @@ def _init(world: World, settings: SweepSettings) -> tuple[str, torch.device]:
 
 
 def _run(argv: Sequence[str] | None) -> None:
-
     out, settings = _parse_args(argv)
     world = World.from_env()
     backend, device = _init(world, settings)
