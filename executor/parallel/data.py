@@ -3,7 +3,8 @@
 | ZeRO | what is split over dp            | torch feature                                                       |
 |------|----------------------------------|---------------------------------------------------------------------|
 | 0    | nothing (gradients all-reduced)  | DDP for pure-DP plans; FSDP2's `replicate` under TP or PP           |
-| 1    | optimizer state                  | DDP + ZeroRedundancyOptimizer (`make_optimizer`)                    |
+| 1    | optimizer state                  | DDP + ZeroRedundancyOptimizer (`make_optimizer`): gradients are     |
+|      |                                  | all-reduced, each owner broadcasts its updated share                |
 | 2    | + gradients                      | FSDP2 `fully_shard(reshard_after_forward=False)`: parameters stay   |
 |      |                                  | gathered over the step's micro-batches, gradients are               |
 |      |                                  | reduce-scattered after each (executor/apply.py `_accumulating`)     |
@@ -69,12 +70,18 @@ def make_optimizer(
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """The optimizer for `params`; under ZeRO-1 with more than one dp rank, each rank keeps the state of its
-    share of the parameters (ZeroRedundancyOptimizer broadcasts the updated values after each step)."""
+    share of the parameters and broadcasts its updated values after each step. `parameters_as_bucket_view`
+    packs each rank's share into one flat bucket, so that is one broadcast per rank instead of one per
+    parameter tensor: each broadcast's latency (and on CPU its Python dispatch) is paid n times, not once per
+    tensor (measured on 2 gloo ranks, 3.3M-parameter Llama: ZeRO-1 cost about 50 ms a step more than ZeRO-0
+    with per-tensor broadcasts, about the same with buckets)."""
     import torch.distributed as dist
 
     params = list(params)
     if zero_stage == 1 and dp_group is not None and dist.get_world_size(dp_group) > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=dp_group, **kwargs)
+        return ZeroRedundancyOptimizer(
+            params, optimizer_class=optimizer_class, process_group=dp_group, parameters_as_bucket_view=True, **kwargs
+        )
     return optimizer_class(params, **kwargs)

@@ -292,11 +292,17 @@ def pp_comm_s(batch: PlanBatch) -> np.ndarray:
 def dp_comm_s(batch: PlanBatch) -> np.ndarray:
     """Data-parallel traffic of each device per step (ZeRO sec. 7: all-reduce = reduce-scatter + all-gather).
 
-    ZeRO 0: all-reduce of the gradients; 1: reduce-scatter of gradients + all-gather of updated weights;
-    2 (FSDP, no resharding until the last micro-batch's backward): a reduce-scatter per micro-batch + one
-    all-gather; 3 (FSDP, resharding): per micro-batch, all-gathers in forward and backward and a reduce-scatter.
-    Each collective is issued once per communication unit (`dp_units`): the volume is the same, the per-operation
-    latency is paid per unit."""
+    ZeRO 0: all-reduce of the gradients; 1: the same all-reduce (DDP) and, after the optimizer step, each
+    owner's broadcast of its updated share (torch's ZeroRedundancyOptimizer, executor/parallel/data.py), which
+    together move an all-gather's bytes; 2 (FSDP, no resharding until the last micro-batch's backward): a
+    reduce-scatter per micro-batch + one all-gather; 3 (FSDP, resharding): per micro-batch, all-gathers in
+    forward and backward and a reduce-scatter. Each collective is issued once per communication unit
+    (`dp_units`): the volume is the same, the per-operation latency is paid per unit."""
+    return dp_during_backward_s(batch) + dp_after_step_s(batch)
+
+
+def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
+    """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
     n, zero, m, channel = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     units = dp_units(batch)
     # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
@@ -304,10 +310,18 @@ def dp_comm_s(batch: PlanBatch) -> np.ndarray:
     gather = units * comm.all_gather_s(unit_bytes, n, channel)
     scatter = units * comm.reduce_scatter_s(unit_bytes, n, channel)
     return np.select(
-        [zero == 0, zero == 1, zero == 2],
-        [units * comm.all_reduce_s(unit_bytes, n, channel), scatter + gather, m * scatter + gather],
+        [zero <= 1, zero == 2],
+        [units * comm.all_reduce_s(unit_bytes, n, channel), m * scatter + gather],
         m * (2 * gather + scatter),
     )
+
+
+def dp_after_step_s(batch: PlanBatch) -> np.ndarray:
+    """ZeRO-1's gather of the updated weights (one broadcast per owner, same bytes as an all-gather): it runs
+    after the optimizer step, so nothing overlaps with it."""
+    weight_bytes = batch.device_params() * batch.weight_bytes
+    gather = comm.all_gather_s(weight_bytes, batch.shard_degree, batch.dp_channel)
+    return np.where(batch.zero_stage == 1, gather, 0.0)
 
 
 def dp_units(batch: PlanBatch) -> np.ndarray:
@@ -323,15 +337,17 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     """Gradient reduction runs in buckets while backward goes on (PyTorch DDP, Li et al. 2020, sec. 3.2.3;
     FSDP prefetching, Zhao et al. 2023). ZeRO 0/1 reduce during the last micro-batch's backward; ZeRO 2/3
     communicate every micro-batch and overlap with all of the step's compute. The last bucket (one layer's
-    share) can never overlap. Without overlap (Megatron-LM before 2023) all of it is exposed."""
-    total = dp_comm_s(batch)
+    share) can never overlap, nor can ZeRO-1's gather after the optimizer step. Without overlap (Megatron-LM
+    before 2023) all of it is exposed."""
+    hideable = dp_during_backward_s(batch)
     last_backward = batch.per_device("backward_s") + batch.per_device("recompute_s")
     every_microbatch = batch.microbatches * (batch.per_device("forward_s") + batch.per_device("backward_s"))
     window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
-    overlapped = np.maximum(total - window, total / batch.layers_on_device())
+    overlapped = np.maximum(hideable - window, hideable / batch.layers_on_device())
     # A calibrated profile says how much of what could be hidden a run does hide (planner/calibration.py).
-    hidden = calibrated_overlap(batch.cluster) * (total - overlapped)
-    return np.where(batch.overlap_grad_reduce & (total > 0), total - hidden, total)
+    hidden = calibrated_overlap(batch.cluster) * (hideable - overlapped)
+    exposed = np.where(batch.overlap_grad_reduce & (hideable > 0), hideable - hidden, hideable)
+    return exposed + dp_after_step_s(batch)
 
 
 def calibrated_overlap(cluster: ClusterSpec) -> float:

@@ -704,3 +704,17 @@ def test_fsdp_pays_the_collective_latency_once_per_unit(save):
     microbatches = 1  # global batch 8, dp 2, micro-batch 4
     assert zero3 == pytest.approx(microbatches * 3 * (5 * 1e-3 + state / 2 / 1e9))
     assert zero0 == pytest.approx(1e-3 + state / 1e9)
+
+
+def test_zero1_adds_the_gather_of_updated_weights_which_never_overlaps(save):
+    """ZeRO-1 runs as DDP's all-reduce plus each owner's broadcast of its updated share after the optimizer
+    step (an all-gather's bytes): with overlap on, only the all-reduce can hide behind backward."""
+    fits = [fit(op, "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0) for op in ("all_reduce", "all_gather")]
+    path = save(make_profile(collective_fits=fits))
+    state = PARAMS * FP32_BYTES
+    gather = 1e-3 + state / 2 / 1e9  # alpha + (n - 1) / n x S / busbw on 2 ranks
+    for overlap in (False, True):
+        plan = {"dp": 2, "overlap_grad_reduce": overlap}
+        zero1 = planner.estimate(request(path, gpus_per_node=2, zero_stage=1, **plan)).breakdown.dp_comm_s
+        zero0 = planner.estimate(request(path, gpus_per_node=2, zero_stage=0, **plan)).breakdown.dp_comm_s
+        assert zero1 == pytest.approx(zero0 + gather)
