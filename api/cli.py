@@ -914,7 +914,7 @@ StoreOption = Annotated[
 NameOption = Annotated[str | None, typer.Option("--name", help="A label for the stored profile.")]
 ProfileModelOption = Annotated[str, typer.Option("--model", help="Preset name, ModelSpec JSON file or inline JSON.")]
 # profiler.collectives.OPS, spelled out so that `paraplan --help` need not import the profiler.
-ALL_COLLECTIVES = "all_reduce,all_gather,reduce_scatter,all_to_all,send_recv"
+ALL_COLLECTIVES = "all_reduce,all_gather,reduce_scatter,all_to_all,send_recv,fsdp_all_gather,fsdp_reduce_scatter"
 
 
 # Options `profile compute` and `profile all` share.

@@ -172,6 +172,7 @@ def comm_profile(sweep_file: Path) -> HardwareProfile:
         settings=meta["settings"] | {"kind": "collectives", "nnodes": meta["nnodes"], "backend": meta["backend"]},
         collectives=measurements,
         collective_fits=fits,
+        comm_compute_overlap=meta.get("overlap", {}).get("fraction"),
         **{name: meta[name] for name in fields},
     )
 
@@ -194,6 +195,7 @@ def merge(compute: HardwareProfile, comm: HardwareProfile) -> HardwareProfile:
             "settings": {"compute": compute.settings, "collectives": comm.settings},
             "collectives": comm.collectives,
             "collective_fits": comm.collective_fits,
+            "comm_compute_overlap": comm.comm_compute_overlap,
         }
     )
 

@@ -134,6 +134,15 @@ def predict_steps(profile: HardwareProfile, runs: list[MeasuredStep]) -> np.ndar
     return np.array(predicted)
 
 
+def starting_point(profile: HardwareProfile) -> np.ndarray:
+    """FACTORS' starts, the overlap at what the profile measured (where it did): the uncalibrated model's own
+    values, which the prior then holds the fit near."""
+    start = np.array([f.start for f in FACTORS])
+    if profile.comm_compute_overlap is not None:
+        start[[f.name for f in FACTORS].index("overlap")] = profile.comm_compute_overlap
+    return start
+
+
 def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created: str) -> HardwareProfile:
     """`profile` with the Calibration that best predicts `runs` (any calibration it had is replaced).
 
@@ -146,7 +155,7 @@ def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created:
     if not np.all(measured > 0):
         raise ValueError("runs: every measured step time must be > 0")
     base = profile.model_copy(update={"calibration": None})
-    start = np.array([f.start for f in FACTORS])
+    start = starting_point(profile)
     low, high = np.array([f.low for f in FACTORS]), np.array([f.high for f in FACTORS])
 
     def at(x: np.ndarray) -> HardwareProfile:

@@ -482,7 +482,12 @@ class StepEstimate(Frozen):
 PROFILE_SCHEMA_VERSION = 1
 """Bumped whenever a HardwareProfile field changes meaning; a profile of another version is refused, not guessed."""
 
-CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
+CollectiveOp = Literal[
+    "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv", "fsdp_all_gather", "fsdp_reduce_scatter"
+]
+"""The fsdp_* ops are one FSDP2 unit's all-gather and reduce-scatter as training issues them, framework work
+included (profiler/collectives.py); the cost model charges what they take beyond the bare collective as
+dispatch that no compute hides (planner/cost/step.py `fsdp_dispatch_s`)."""
 LinkTier = Literal["intra_node", "inter_node"]
 LayerKind = Literal["block", "embedding", "head"]
 
@@ -601,6 +606,9 @@ class HardwareProfile(Frozen):
     optimizer: list[OptimizerMeasurement] = []
     collectives: list[CollectiveMeasurement] = []
     collective_fits: list[CollectiveFit] = []
+    # The share of a collective that hides behind compute running with it (profiler/collectives.py
+    # measure_overlap); None: not measured, and the cost model hides all it can.
+    comm_compute_overlap: Annotated[float, Field(ge=0, le=1)] | None = None
     calibration: Calibration | None = None  # fitted to measured runs; None: the profile's times as measured
 
     @field_validator("schema_version")

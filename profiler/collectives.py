@@ -18,6 +18,15 @@ Message sizes follow nccl-tests (doc/PERFORMANCE.md), the convention the cost mo
     all_to_all      the per-rank send buffer (= receive buffer; S/n/peer) factor (n-1)/n
     send_recv       one message, group rank 0 -> group rank 1 (one way,   factor 1
                     as a pipeline stage hands on activations; group_size 2)
+    fsdp_all_gather      one FSDP2 unit of S parameter bytes, gathered     factor (n-1)/n
+                         for a forward and freed after it
+    fsdp_reduce_scatter  the same unit's S gradient bytes reduce-scattered  factor (n-1)/n
+                         by a backward, its parameters held gathered (ZeRO-2)
+
+The fsdp_* ops time what training pays per unit and collective under FSDP2 (``fully_shard`` on the tier's group,
+a unit whose forward barely computes): the collective plus the framework's own work around it (hooks, copying
+parameters into and gradients out of the flat buffer, DTensor bookkeeping). On GPUs that work is small beside
+NCCL; on a CPU under gloo it is many times the bare collective, which is why it is measured rather than assumed.
 
 Elements are float32. Sizes double from ``--min-bytes`` while they stay <= ``--max-bytes`` (powers of two with
 the default bounds, as nccl-tests' ``-f 2``); where S does not split into n whole float32 chunks it is rounded down
@@ -49,7 +58,7 @@ from executor.config import parse_marked_line
 from planner.cost.measured import busbw_factor
 from planner.specs import PROFILE_SCHEMA_VERSION, CollectiveMeasurement, CollectiveOp, LinkTier
 from profiler.environment import device_name, software_versions, utc_now
-from profiler.timing import stats, time_repeats
+from profiler.timing import TimingStats, stats, time_repeats
 from profiler.worker import leave, run_recorded, write_json_atomically
 
 if TYPE_CHECKING:
@@ -149,7 +158,7 @@ def sweep_command_args(
 def message_elements(op: str, size_bytes: int, group_size: int) -> int:
     """float32 elements of S for ``op``: a multiple of the group size where S is split into one chunk per rank."""
     elements = size_bytes // ELEMENT_BYTES
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+    if op != "all_reduce" and op != "send_recv":
         elements -= elements % group_size
     return elements
 
@@ -263,6 +272,8 @@ def _op_call(op: str, group: ProcessGroup, elements: int, device: torch.device) 
     import torch
     import torch.distributed as dist
 
+    if op.startswith("fsdp_"):
+        return _fsdp_unit_call(op, group, elements, device)
     n, me = dist.get_world_size(group), dist.get_rank(group)
     full = torch.ones(elements, dtype=torch.float32, device=device)
     if op == "all_reduce":
@@ -286,27 +297,48 @@ def _op_call(op: str, group: ProcessGroup, elements: int, device: torch.device) 
     return lambda: None  # the rest of the group waits at the barriers
 
 
+def _fsdp_unit_call(op: str, group: ProcessGroup, elements: int, device: torch.device) -> Callable[[], object]:
+    """One training pass over a single FSDP2 unit of ``elements`` float32 parameters sharded over ``group``.
+
+    fsdp_all_gather: a forward that gathers the unit and frees it after (ZeRO-3). fsdp_reduce_scatter: a forward
+    and backward with the parameters held gathered (``reshard_after_forward=False`` and no resharding after
+    backward, ZeRO-2 between micro-batches), so the only collective is the gradients' reduce-scatter; the
+    forward's hooks are in its time, as they are in every micro-batch's. The unit's forward reads one element,
+    so its compute is negligible beside the collective and the framework's work."""
+    import torch
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    class Unit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(elements, dtype=torch.float32, device=device))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.weight[:1]
+
+    mesh = DeviceMesh.from_group(group, device.type)
+    x = torch.zeros(1, device=device)
+    if op == "fsdp_all_gather":
+        gathering = fully_shard(Unit(), mesh=mesh, reshard_after_forward=True)
+
+        def forward() -> object:
+            with torch.no_grad():
+                return gathering(x)
+
+        return forward
+    assert op == "fsdp_reduce_scatter", op
+    held = fully_shard(Unit(), mesh=mesh, reshard_after_forward=False)
+    held.set_reshard_after_backward(False)  # the first (warm-up) call gathers; later ones only reduce-scatter
+    return lambda: held(x).sum().backward()
+
+
 def _measure(
     op: str, tier: Tier, elements: int, settings: SweepSettings, device: torch.device
 ) -> CollectiveMeasurement:
-    import torch
-    import torch.distributed as dist
 
-    call = _op_call(op, tier.group, elements, device)
-    # The barrier is on the world, not only the group: on several nodes every group of the tier runs at once, and
-    # lining all of them up makes them really overlap (shared links measured shared). On one node they coincide.
-    samples = time_repeats(
-        call, warmup=settings.warmup, repeats=settings.repeats, device=device, before_each=dist.barrier
-    )
-    # A collective is done when its slowest rank is done: a rank can leave early (a gloo send returns once its
-    # data is buffered, a reduce-scatter rank may finish its own chunk first) while peers still wait for data. So
-    # each repeat's time is the max over ranks (over the world: on several nodes all the tier's groups ran at
-    # once, and a stalled group is as real as a stalled rank). It includes the barrier's exit skew (the first rank
-    # out waits inside the collective for the last), which adds a little to the smallest sizes' times; the min
-    # would instead report a rank that finished before its peers had their data.
-    per_rank = torch.tensor(samples, dtype=torch.float64, device=device)
-    dist.all_reduce(per_rank, op=dist.ReduceOp.MAX)
-    timing = stats(per_rank.tolist())
+    timing = _time_on_all_ranks(_op_call(op, tier.group, elements, device), settings, device)
     size_bytes = elements * ELEMENT_BYTES
     algbw_GBps = size_bytes / timing.median_s / 1e9 if timing.median_s > 0 else 0.0
     group_size = 2 if op == "send_recv" else tier.group_size  # a pair, whatever the size of the tier's group
@@ -321,6 +353,72 @@ def _measure(
     )
 
 
+def _time_on_all_ranks(call: Callable[[], object], settings: SweepSettings, device: torch.device) -> TimingStats:
+    """The repeats' times of `call`, run by every rank at once, each repeat's time the slowest rank's."""
+    import torch
+    import torch.distributed as dist
+
+    # The barrier is on the world, not only the group: on several nodes every group of the tier runs at once, and
+    # lining all of them up makes them really overlap (shared links measured shared). On one node they coincide.
+    samples = time_repeats(
+        call, warmup=settings.warmup, repeats=settings.repeats, device=device, before_each=dist.barrier
+    )
+    # A collective is done when its slowest rank is done: a rank can leave early (a gloo send returns once its
+    # data is buffered, a reduce-scatter rank may finish its own chunk first) while peers still wait for data. So
+    # each repeat's time is the max over ranks (over the world: on several nodes all the tier's groups ran at
+    # once, and a stalled group is as real as a stalled rank). It includes the barrier's exit skew (the first rank
+    # out waits inside the collective for the last), which adds a little to the smallest sizes' times; the min
+    # would instead report a rank that finished before its peers had their data.
+    per_rank = torch.tensor(samples, dtype=torch.float64, device=device)
+    dist.all_reduce(per_rank, op=dist.ReduceOp.MAX)
+    return stats(per_rank.tolist())
+
+
+OVERLAP_MESSAGE_BYTES = 8 * 1024**2
+
+
+def measure_overlap(tier: Tier, settings: SweepSettings, device: torch.device) -> dict[str, Any]:
+    """How much of a collective hides behind compute running at the same time on this machine.
+
+    An all_reduce of 8 MiB (or the sweep's largest size, if smaller) alone, matrix products of about as long
+    alone, and both together (the all_reduce issued asynchronously, the products run, then waited for):
+    ``fraction = (compute + comm - both) / min(compute, comm)``, clipped to [0, 1]: 1 when the shorter one hides
+    entirely, 0 when they serialise. On GPUs NCCL runs on its own stream and SMs, but steals memory bandwidth
+    and SMs from the compute (Rashidi et al. 2021, "Enabling Compute-Communication Overlap in Distributed Deep
+    Learning Training Platforms", ISCA); on a CPU whose cores all train, gloo's copies compete with the
+    compute for the same cores. The cost model hides that share of the overlappable gradient traffic
+    (planner/cost/step.py `dp_comm_exposed_s`)."""
+    import torch
+    import torch.distributed as dist
+
+    elements = message_elements("all_reduce", min(OVERLAP_MESSAGE_BYTES, settings.max_bytes), tier.group_size)
+    buffer = torch.ones(elements, dtype=torch.float32, device=device)
+    side = 2048 if device.type == "cuda" else 256
+    matrix = torch.randn(side, side, device=device)
+
+    def comm() -> object:
+        return dist.all_reduce(buffer, group=tier.group)
+
+    comm_s = _time_on_all_ranks(comm, settings, device).median_s
+    one_product_s = _time_on_all_ranks(lambda: matrix @ matrix, settings, device).median_s
+    products = max(1, round(comm_s / max(one_product_s, 1e-9)))
+
+    def compute() -> object:
+        return [matrix @ matrix for _ in range(products)]
+
+    def both() -> object:
+        work = dist.all_reduce(buffer, group=tier.group, async_op=True)
+        compute()
+        return work.wait()
+
+    compute_s = _time_on_all_ranks(compute, settings, device).median_s
+    both_s = _time_on_all_ranks(both, settings, device).median_s
+    hidden = (compute_s + comm_s - both_s) / max(min(compute_s, comm_s), 1e-12)
+    fraction = float(min(1.0, max(0.0, hidden)))
+    return {"tier": tier.name, "size_bytes": elements * ELEMENT_BYTES, "comm_s": comm_s,
+            "compute_s": compute_s, "both_s": both_s, "fraction": fraction}  # fmt: skip
+
+
 def _plan(tiers: list[Tier], settings: SweepSettings) -> list[tuple[Tier, str, int]]:
     """Every (tier, op, elements) to measure, in order; sizes that round to no element are left out."""
     planned = []
@@ -333,8 +431,10 @@ def _plan(tiers: list[Tier], settings: SweepSettings) -> list[tuple[Tier, str, i
     return planned
 
 
-def _sweep(world: World, settings: SweepSettings, device: torch.device) -> list[CollectiveMeasurement]:
-    planned = _plan(_tier_groups(world), settings)
+def _sweep(
+    world: World, tiers: list[Tier], settings: SweepSettings, device: torch.device
+) -> list[CollectiveMeasurement]:
+    planned = _plan(tiers, settings)
     measurements = []
     for done, (tier, op, elements) in enumerate(planned, start=1):
         measurements.append(_measure(op, tier, elements, settings, device))
@@ -389,7 +489,10 @@ def _run(argv: Sequence[str] | None) -> None:
     world = World.from_env()
     backend, device = _init(world, settings)
     meta = _meta(world, settings, backend, device)
-    measurements = _sweep(world, settings, device)
+    tiers = _tier_groups(world)
+    measurements = _sweep(world, tiers, settings, device)
+    # On the first tier: a node's own links, or the network where each node has one rank.
+    meta["overlap"] = measure_overlap(tiers[0], settings, device)
     if world.rank == 0:
         write_json_atomically(out, {"meta": meta, "measurements": [m.model_dump() for m in measurements]})
     leave()

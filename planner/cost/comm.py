@@ -26,6 +26,10 @@ class Channel:
     bus_bandwidth_Bps: float
     latency_s: float
 
+    def take(self, rows) -> Channel:
+        """The rows `rows` of a channel whose fields are columns (a search's batch)."""
+        return Channel(self.bus_bandwidth_Bps[rows], self.latency_s[rows])
+
 
 def group_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
     """Inside a node a group runs at the intra-node (NVLink) bus bandwidth. Across nodes, NCCL spreads its rings
@@ -39,6 +43,34 @@ def group_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
     inter = tier_channel(cluster, "inter_node", "all_reduce", group.size)
     bandwidth = min(intra.bus_bandwidth_Bps, group.members_per_node * inter.bus_bandwidth_Bps)
     return Channel(bandwidth, inter.latency_s)
+
+
+def fsdp_channel(cluster: ClusterSpec, group: GroupPlacement, op: str) -> Channel:
+    """One FSDP2 unit's `op` ("fsdp_all_gather" or "fsdp_reduce_scatter") on the group as the profile measured
+    it, the framework's work around the collective included (profiler/collectives.py), on the slowest tier the
+    group spans; without such a fit, the group's bare channel (`group_channel`)."""
+    tier = "intra_node" if group.intra_node else "inter_node"
+    fit = cluster.measured.channel_fit(op, tier, group.size) if cluster.measured is not None else None
+    if fit is None:
+        return group_channel(cluster, group)
+    return Channel(fit.bandwidth_GBps * 1e9, fit.latency_s)
+
+
+@dataclass(frozen=True)
+class DpChannels:
+    """The data-parallel group's channels: DDP's bucketed collectives (and ZeRO-1's) run bare, FSDP2's per unit."""
+
+    bare: Channel
+    fsdp_gather: Channel
+    fsdp_scatter: Channel
+
+    @classmethod
+    def of(cls, cluster: ClusterSpec, group: GroupPlacement) -> DpChannels:
+        gather, scatter = (fsdp_channel(cluster, group, op) for op in ("fsdp_all_gather", "fsdp_reduce_scatter"))
+        return cls(group_channel(cluster, group), gather, scatter)
+
+    def take(self, rows) -> DpChannels:
+        return DpChannels(self.bare.take(rows), self.fsdp_gather.take(rows), self.fsdp_scatter.take(rows))
 
 
 def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:

@@ -39,6 +39,9 @@ BUSBW_FACTORS: dict[str, Callable[[int], float]] = {
     "reduce_scatter": lambda n: (n - 1) / n,
     "all_to_all": lambda n: (n - 1) / n,
     "send_recv": lambda n: 1.0,
+    # One FSDP2 unit's collectives, sized as the bare ones (gathered output, scattered input).
+    "fsdp_all_gather": lambda n: (n - 1) / n,
+    "fsdp_reduce_scatter": lambda n: (n - 1) / n,
 }
 
 
@@ -292,7 +295,9 @@ class ProfileCosts:
         self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
         self.collective_efficiency = dict(calibration.collective_efficiency) if calibration else {}
         self.collective_latency_efficiency = dict(calibration.collective_latency_efficiency) if calibration else {}
-        self.overlap = calibration.overlap if calibration else 1.0
+        # A calibration's fitted overlap, else the one measured, else all that can hide does.
+        measured_overlap = 1.0 if profile.comm_compute_overlap is None else profile.comm_compute_overlap
+        self.overlap = calibration.overlap if calibration else measured_overlap
         self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
 
     def layer(

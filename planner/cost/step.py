@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from planner.cost import comm, flops, memory
-from planner.cost.comm import Channel
+from planner.cost.comm import Channel, DpChannels
 from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
     blocks_per_device,
@@ -113,7 +113,7 @@ class PlanBatch:
     embedding: KindColumns
     block: KindColumns
     head: KindColumns
-    dp_channel: Channel  # bus bandwidth and latency as (N, 1) columns
+    dp_channel: DpChannels  # bus bandwidths and latencies as (N, 1) columns
     pp_channel: Channel
 
     @classmethod
@@ -128,7 +128,7 @@ class PlanBatch:
         """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed)."""
         kinds = kinds or layer_kinds(model, training, cluster, plan)
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
-        dp_channel = comm.group_channel(cluster, placement("dp_cp", *degrees))
+        dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees))
         pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees))
         return cls(
             model=model,
@@ -146,7 +146,7 @@ class PlanBatch:
             microbatches=_column(plan.num_microbatches(training)),
             blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
             **kind_columns([kinds], _column(plan.tp)),
-            dp_channel=channel_columns([dp_channel]),
+            dp_channel=dp_channel_columns([dp_channel]),
             pp_channel=channel_columns([pp_channel]),
         )
 
@@ -190,6 +190,10 @@ class PlanBatch:
 def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColumns]:
     """Per-row LayerKinds -> the batch's `embedding`, `block` and `head` columns."""
     return {kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")}
+
+
+def dp_channel_columns(channels: list[DpChannels]) -> DpChannels:
+    return DpChannels(*(channel_columns([getattr(c, f.name) for c in channels]) for f in fields(DpChannels)))
 
 
 def channel_columns(channels: list[Channel]) -> Channel:
@@ -303,15 +307,16 @@ def dp_comm_s(batch: PlanBatch) -> np.ndarray:
 
 def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
     """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
-    n, zero, m, channel = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
+    n, zero, m, channels = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     units = dp_units(batch)
     # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
     unit_bytes = batch.device_params() * batch.weight_bytes / units
-    gather = units * comm.all_gather_s(unit_bytes, n, channel)
-    scatter = units * comm.reduce_scatter_s(unit_bytes, n, channel)
+    # ZeRO 2/3 run on FSDP2: its per-unit collectives as measured, framework work included, where profiled.
+    gather = units * comm.all_gather_s(unit_bytes, n, channels.fsdp_gather)
+    scatter = units * comm.reduce_scatter_s(unit_bytes, n, channels.fsdp_scatter)
     return np.select(
         [zero <= 1, zero == 2],
-        [units * comm.all_reduce_s(unit_bytes, n, channel), m * scatter + gather],
+        [units * comm.all_reduce_s(unit_bytes, n, channels.bare), m * scatter + gather],
         m * (2 * gather + scatter),
     )
 
@@ -320,7 +325,7 @@ def dp_after_step_s(batch: PlanBatch) -> np.ndarray:
     """ZeRO-1's gather of the updated weights (one broadcast per owner, same bytes as an all-gather): it runs
     after the optimizer step, so nothing overlaps with it."""
     weight_bytes = batch.device_params() * batch.weight_bytes
-    gather = comm.all_gather_s(weight_bytes, batch.shard_degree, batch.dp_channel)
+    gather = comm.all_gather_s(weight_bytes, batch.shard_degree, batch.dp_channel.bare)
     return np.where(batch.zero_stage == 1, gather, 0.0)
 
 
@@ -351,7 +356,8 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
 
 
 def calibrated_overlap(cluster: ClusterSpec) -> float:
-    """The fitted share of hideable gradient reduction that runs hide; 1 without a calibrated profile."""
+    """The share of hideable gradient reduction that runs hide: fitted by a calibration, else measured by the
+    profile (profiler/collectives.py measure_overlap), else 1."""
     return 1.0 if cluster.measured is None else cluster.measured.overlap
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.pipeline import blocks_per_device
-from planner.cost.step import KindColumns, PlanBatch, channel_columns, evaluate, kind_columns
+from planner.cost.step import KindColumns, PlanBatch, channel_columns, dp_channel_columns, evaluate, kind_columns
 from planner.graph import layer_kinds
 from planner.layout import placement
 from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
@@ -60,12 +60,12 @@ class CandidateCosts:
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
         return key, kind_columns(kinds, c.tp[group_rows])
 
-    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.Channel, comm.Channel]:
+    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.DpChannels, comm.Channel]:
         c, gpn = self.candidates, self.cluster.gpus_per_node
         degrees = [(int(c.pp[r]), int(c.dp[r]), int(c.cp[r]), int(c.tp[r]), gpn) for r in layout_rows]
-        dp = [comm.group_channel(self.cluster, placement("dp_cp", *d)) for d in degrees]
+        dp = [comm.DpChannels.of(self.cluster, placement("dp_cp", *d)) for d in degrees]
         pp = [comm.p2p_channel(self.cluster, placement("pp", *d)) for d in degrees]
-        return channel_columns(dp), channel_columns(pp)
+        return dp_channel_columns(dp), channel_columns(pp)
 
     @property
     def num_layouts(self) -> int:
@@ -96,8 +96,8 @@ class CandidateCosts:
             embedding=self.kinds["embedding"].take(key),
             block=self.kinds["block"].take(key),
             head=self.kinds["head"].take(key),
-            dp_channel=comm.Channel(self.dp_channel.bus_bandwidth_Bps[layout], self.dp_channel.latency_s[layout]),
-            pp_channel=comm.Channel(self.pp_channel.bus_bandwidth_Bps[layout], self.pp_channel.latency_s[layout]),
+            dp_channel=self.dp_channel.take(layout),
+            pp_channel=self.pp_channel.take(layout),
         )
 
     def _even_blocks(self, pp: int) -> np.ndarray:

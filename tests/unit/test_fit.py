@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import get_args
 
 import numpy as np
 import pytest
 
 from planner.cost import measured
 from planner.cost.measured import LayerTable, NotMeasured
-from planner.specs import CollectiveMeasurement, LayerMeasurement, TimingStats
+from planner.specs import CollectiveMeasurement, CollectiveOp, LayerMeasurement, TimingStats
 from profiler import fit
 
 SIZES_BYTES = [2**k for k in range(10, 29)]  # 1 KiB .. 256 MiB, as a sweep would take them
@@ -61,7 +62,8 @@ def test_factor_values_by_hand():
     assert measured.busbw_factor("all_gather", 2) == 0.5
     assert measured.busbw_factor("reduce_scatter", 4) == 0.75
     assert measured.busbw_factor("all_to_all", 8) == 0.875
-    assert set(measured.BUSBW_FACTORS) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
+    assert measured.busbw_factor("fsdp_all_gather", 4) == measured.busbw_factor("fsdp_reduce_scatter", 4) == 0.75
+    assert set(measured.BUSBW_FACTORS) == set(get_args(CollectiveOp))
 
 
 def test_bandwidths():
