@@ -41,7 +41,15 @@ COMPUTE_FLAGS = ["--model", MODEL_FLAG, "--seq-len", "32", "--warmup", "1", "--r
 
 COMM_MAX_BYTES = 4 * 2**20  # see the module docstring
 COMM_SIZES = [1024 * 2**k for k in range(13)]  # 1 KiB .. 4 MiB, doubling
-ALL_OPS = {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
+ALL_OPS = {
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "send_recv",
+    "fsdp_all_gather",
+    "fsdp_reduce_scatter",
+}
 
 STORED_ID = re.compile(r"stored as id ([0-9a-f]{32})\b")
 
@@ -488,6 +496,7 @@ def test_profile_all_measures_layers_and_collectives_in_one_profile(tmp_path: Pa
     assert {m.op for m in profile.collectives} == ALL_OPS
     assert {f.op for f in profile.collective_fits} == ALL_OPS and len(profile.collective_fits) == len(ALL_OPS)
     assert all(f.bandwidth_GBps > 0 and f.group_size == 2 for f in profile.collective_fits)
+    assert 0 <= profile.comm_compute_overlap <= 1  # measured by the collectives worker, carried by the merge
     assert profile.settings["compute"]["kind"] == "compute"
     assert profile.settings["collectives"]["kind"] == "collectives"
     assert "layer times on" in done.stdout and "bus bandwidth, GB/s" in done.stdout, output(done)

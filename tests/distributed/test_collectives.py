@@ -126,12 +126,13 @@ def test_sweep_command_args_refuses_bad_input(kwargs: dict, flag: str) -> None:
 
 
 def test_busbw_factors_and_chunked_sizes() -> None:
-    assert [busbw_factor(op, 4) for op in OPS] == [1.5, 0.75, 0.75, 0.75, 1.0]
+    assert [busbw_factor(op, 4) for op in OPS] == [1.5, 0.75, 0.75, 0.75, 1.0, 0.75, 0.75]
     # 1 KiB = 256 float32; split ops need a multiple of the group size (nccl-tests rounds the same way).
     assert message_elements("all_reduce", 1024, 3) == 256
     assert message_elements("all_gather", 1024, 3) == 255
     assert message_elements("send_recv", 1026, 3) == 256
     assert message_elements("reduce_scatter", 8, 3) == 0  # left out of a sweep
+    assert message_elements("fsdp_all_gather", 1024, 3) == 255  # FSDP2 shards the unit into equal chunks
 
 
 def test_worker_refuses_a_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,6 +177,25 @@ def test_sweep_measures_every_op_and_size(sweep: tuple[Path, launch.RunResult, l
     assert (meta["world_size"], meta["nnodes"], meta["backend"], meta["device_kind"]) == (2, 1, "gloo", "cpu")
     assert len(meta["hosts"]) == 2 and meta["torch_version"] and meta["nccl_version"] is None
     assert meta["settings"]["repeats"] == 3 and meta["settings"]["ops"] == list(OPS)
+
+
+def test_sweep_measures_how_much_communication_hides_behind_compute(sweep) -> None:
+    meta, _ = read_result(sweep[0])
+    overlap = meta["overlap"]
+    assert overlap["tier"] == "intra_node" and overlap["size_bytes"] == max(SIZES)  # below the 8 MiB default
+    comm, compute, both = overlap["comm_s"], overlap["compute_s"], overlap["both_s"]
+    assert min(comm, compute, both) > 0
+    hidden = (comm + compute - both) / min(comm, compute)
+    assert overlap["fraction"] == pytest.approx(min(1.0, max(0.0, hidden)))
+
+
+def test_fsdp_units_cost_at_least_their_bare_collective(sweep) -> None:
+    """FSDP2's per-unit all-gather does the bare all-gather and more (hooks, copies into the flat buffer); at
+    the largest size the extra work cannot make it faster than the bare one by more than noise."""
+    _, measurements = read_result(sweep[0])
+    largest = {m.op: m.time.median_s for m in measurements if m.size_bytes == max(SIZES)}
+    assert largest["fsdp_all_gather"] > 0.5 * largest["all_gather"]
+    assert largest["fsdp_reduce_scatter"] > 0.5 * largest["reduce_scatter"]
 
 
 def test_sweep_reports_progress_from_rank_0(sweep: tuple[Path, launch.RunResult, list[dict]]) -> None:

@@ -14,7 +14,15 @@ import pytest
 
 from api.cli import VALIDATION_MODEL
 from api.validation import ValidationSetup, valid_plans
-from planner.calibration import MeasuredStep, fit_calibration, halves, held_out_predictions, predict_steps
+from planner.calibration import (
+    FACTORS,
+    MeasuredStep,
+    fit_calibration,
+    halves,
+    held_out_predictions,
+    predict_steps,
+    starting_point,
+)
 from planner.cost.measured import ProfileCosts
 from planner.profiles import load_profile_json, save_profile_json
 from planner.request import parse_estimate_request, resolve_model
@@ -110,3 +118,14 @@ def test_a_fit_needs_positive_measured_times():
         fit_calibration(PROFILE, [MeasuredStep(run.request, 0.0)], created="now")
     with pytest.raises(ValueError, match="at least two"):
         held_out_predictions(PROFILE, [run], created="now")
+
+
+def test_the_fit_starts_from_the_overlap_the_profile_measured():
+    """A profile that measured its compute-communication overlap predicts with it uncalibrated, so the fit
+    starts (and its prior holds it) there rather than at 1."""
+    names = [factor.name for factor in FACTORS]
+    assert starting_point(PROFILE)[names.index("overlap")] == 1.0
+    measured = PROFILE.model_copy(update={"comm_compute_overlap": 0.2})
+    assert starting_point(measured)[names.index("overlap")] == 0.2
+    others = [i for i, name in enumerate(names) if name != "overlap"]
+    assert np.array_equal(starting_point(measured)[others], starting_point(PROFILE)[others])

@@ -718,3 +718,43 @@ def test_zero1_adds_the_gather_of_updated_weights_which_never_overlaps(save):
         zero1 = planner.estimate(request(path, gpus_per_node=2, zero_stage=1, **plan)).breakdown.dp_comm_s
         zero0 = planner.estimate(request(path, gpus_per_node=2, zero_stage=0, **plan)).breakdown.dp_comm_s
         assert zero1 == pytest.approx(zero0 + gather)
+
+
+def test_fsdp_stages_pay_the_measured_fsdp_unit_collectives(save):
+    """ZeRO-3 runs on FSDP2: with fsdp_* fits its per-unit all-gathers and reduce-scatters take their measured
+    times (framework work included), not the bare collectives'; ZeRO-0's all-reduce keeps the bare fit."""
+    bare = [fit(op, "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0) for op in ("all_reduce",)]
+    fsdp = [
+        fit("fsdp_all_gather", "intra_node", 2, latency_s=4e-3, bandwidth_GBps=0.5),
+        fit("fsdp_reduce_scatter", "intra_node", 2, latency_s=6e-3, bandwidth_GBps=0.25),
+    ]
+    plan = {"dp": 2, "overlap_grad_reduce": False}
+    with_fsdp = save(make_profile(collective_fits=bare + fsdp), "fsdp.json")
+    without = save(make_profile(collective_fits=bare), "bare.json")
+    zero3 = planner.estimate(request(with_fsdp, gpus_per_node=2, zero_stage=3, **plan)).breakdown.dp_comm_s
+    unit_bytes = PARAMS * FP32_BYTES / 5  # 4 blocks and the root
+    gather, scatter = 4e-3 + unit_bytes / 2 / 0.5e9, 6e-3 + unit_bytes / 2 / 0.25e9
+    assert zero3 == pytest.approx(5 * (2 * gather + scatter))  # one micro-batch
+    zero0 = {
+        path: planner.estimate(request(path, gpus_per_node=2, zero_stage=0, **plan)) for path in (with_fsdp, without)
+    }
+    assert zero0[with_fsdp].breakdown.dp_comm_s == zero0[without].breakdown.dp_comm_s
+
+
+def test_measured_overlap_hides_only_its_share_of_the_gradient_reduction(save):
+    """Without a calibration the profile's measured compute-communication overlap decides how much of the
+    hideable all-reduce hides: none at 0, all that can at 1 (the default when it was not measured)."""
+    fits = [fit("all_reduce", "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0)]
+    plan = {"dp": 2, "zero_stage": 0}
+
+    def dp_comm(**fields: Any) -> float:
+        path = save(make_profile(collective_fits=fits, **fields), f"{fields}.json")
+        return planner.estimate(request(path, gpus_per_node=2, **plan)).breakdown.dp_comm_s
+
+    serial = planner.estimate(
+        request(save(make_profile(collective_fits=fits)), gpus_per_node=2, overlap_grad_reduce=False, **plan)
+    ).breakdown.dp_comm_s
+    hidden_all, hidden_none, half = dp_comm(), dp_comm(comm_compute_overlap=0.0), dp_comm(comm_compute_overlap=0.5)
+    assert hidden_none == pytest.approx(serial)
+    assert hidden_all < serial
+    assert half == pytest.approx((hidden_all + hidden_none) / 2)
