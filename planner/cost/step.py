@@ -349,7 +349,7 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     every_microbatch = batch.microbatches * (batch.per_device("forward_s") + batch.per_device("backward_s"))
     window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
     overlapped = np.maximum(hideable - window, hideable / batch.layers_on_device())
-    # A calibrated profile says how much of what could be hidden a run does hide (planner/calibration.py).
+    # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
     hidden = calibrated_overlap(batch.cluster) * (hideable - overlapped)
     exposed = np.where(batch.overlap_grad_reduce & (hideable > 0), hideable - hidden, hideable)
     return exposed + dp_after_step_s(batch)
