@@ -22,7 +22,7 @@ from rich.table import Table
 from executor import launch
 from planner.profiles import ProfileError
 from planner.specs import HardwareProfile, LayerMeasurement
-from profiler import collectives
+from profiler import collectives, tp_layers
 from profiler.compute import ComputeSweep
 from profiler.fit import fit_all
 
@@ -58,31 +58,52 @@ def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
         return profile_compute(sweep, on_progress=tick)
 
 
-def run_tp_layers(sweep: ComputeSweep, console: Console, cancel: threading.Event) -> list[LayerMeasurement]:
+def run_tp_layers(sweep: ComputeSweep, console: Console, cancel: threading.Event) -> tp_layers.RanksResult:
     """Time the sweep's layers on tp ranks (profiler/tp_layers.py) for every tp degree > 1 it names: one torchrun
     launch of tp workers per degree, with a progress bar."""
-    from profiler import tp_layers
-
-    folder = Path(tempfile.mkdtemp(prefix="paraplan-tp-layers-"))
-    sweep_file = folder / "sweep.json"
-    sweep_file.write_text(sweep.to_json())
     layers: list[LayerMeasurement] = []
     for tp in sorted(t for t in set(sweep.tps) if t > 1):
-        out = folder / f"tp{tp}.json"
-        spec = launch.LaunchSpec(
-            nproc_per_node=tp,
-            module="profiler.tp_layers",
-            args=("--sweep", str(sweep_file), "--out", str(out)),
-            log_dir=folder / f"logs-tp{tp}",
-        )
-        env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
-        with _progress(console, f"layers on {tp} tp ranks") as progress:
-            task = progress.add_task("tp", total=None, what="starting workers")
-            on_line = _line_handler(progress, task, lambda record: record["what"])
-            result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
-        _require_finished(result, f"timing layers on {tp} tensor-parallel ranks", folder)
-        layers += tp_layers.read_result(out)
-    return layers
+        layers += _run_on_ranks(sweep, tp, (), f"layers on {tp} tp ranks", console, cancel).layers
+    return tp_layers.RanksResult(layers, [])
+
+
+def run_loaded_layers(
+    sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event
+) -> tp_layers.RanksResult:
+    """Time the sweep's one-device layers and optimizer step on `nproc` ranks at once (profiler/tp_layers.py
+    `--loaded`): what each rank takes while every rank of the node computes."""
+    return _run_on_ranks(sweep, nproc, ("--loaded",), f"layers on {nproc} loaded ranks", console, cancel)
+
+
+def with_rank_measurements(profile: HardwareProfile, *results: tp_layers.RanksResult) -> HardwareProfile:
+    """`profile` with the layers and optimizer steps timed on several ranks added."""
+    layers = [m for result in results for m in result.layers]
+    optimizer = [m for result in results for m in result.optimizer]
+    return profile.model_copy(
+        update={"layers": [*profile.layers, *layers], "optimizer": [*profile.optimizer, *optimizer]}
+    )
+
+
+def _run_on_ranks(
+    sweep: ComputeSweep, nproc: int, flags: tuple[str, ...], label: str, console: Console, cancel: threading.Event
+) -> tp_layers.RanksResult:
+    """One torchrun launch of profiler/tp_layers.py on `nproc` ranks with `flags`, with a progress bar."""
+    folder = Path(tempfile.mkdtemp(prefix="paraplan-layers-on-ranks-"))
+    sweep_file, out = folder / "sweep.json", folder / "result.json"
+    sweep_file.write_text(sweep.to_json())
+    spec = launch.LaunchSpec(
+        nproc_per_node=nproc,
+        module="profiler.tp_layers",
+        args=("--sweep", str(sweep_file), "--out", str(out), *flags),
+        log_dir=folder / "logs",
+    )
+    env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
+    with _progress(console, label) as progress:
+        task = progress.add_task("ranks", total=None, what="starting workers")
+        on_line = _line_handler(progress, task, lambda record: record["what"])
+        result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
+    _require_finished(result, f"timing {label}", folder)
+    return tp_layers.read_result(out)
 
 
 # ------------------------------------------------------------------------------------------- collectives

@@ -279,8 +279,17 @@ PROFILE_PASSES = 2
 def measure_profile(
     setup: ValidationSetup, plans: list[ParallelPlan], console: Console, cancel: threading.Event
 ) -> HardwareProfile:
-    """A profile of this machine for the plans: their layer shapes, and the collectives of `nproc` ranks."""
-    from api.profiling import CommLaunch, merge, run_comm, run_compute, run_tp_layers
+    """A profile of this machine for the plans: their layer shapes (alone, on tp ranks, and on all `nproc` ranks
+    at once), and the collectives of `nproc` ranks."""
+    from api.profiling import (
+        CommLaunch,
+        merge,
+        run_comm,
+        run_compute,
+        run_loaded_layers,
+        run_tp_layers,
+        with_rank_measurements,
+    )
     from profiler.collectives import sweep_command_args
     from profiler.compute import ComputeSweep
 
@@ -303,8 +312,8 @@ def measure_profile(
     compute = run_compute(sweep, console)
     if setup.nproc < 2:
         return compute
-    tp_layers = run_tp_layers(sweep, console, cancel)
-    compute = compute.model_copy(update={"layers": [*compute.layers, *tp_layers]})
+    on_ranks = run_tp_layers(sweep, console, cancel), run_loaded_layers(sweep, setup.nproc, console, cancel)
+    compute = with_rank_measurements(compute, *on_ranks)
     sweep_file = setup.out / "profile.sweep.json"
     comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))
     return merge(compute, run_comm(comm, sweep_file, console, cancel))

@@ -96,7 +96,8 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
         f"## Calibration (fitted on all {calibration.num_runs} runs: MAPE {calibration.fit_mape:.1%})",
         "",
         f"Efficiencies (profiled time / time in a run): {', '.join(efficiencies)}; gradient-reduction overlap "
-        f"{calibration.overlap:.2f}; overhead per micro-batch {calibration.microbatch_overhead_s * 1e3:.2f} ms.",
+        f"{calibration.overlap:.2f}; overhead per micro-batch {calibration.microbatch_overhead_s * 1e3:.2f} ms, "
+        f"per step {calibration.step_overhead_s * 1e3:.2f} ms.",
         "",
         f"Calibrated profile: `calibrated-profile.json`{stored}. Estimate with it: `--profile` that file or id.",
     ]

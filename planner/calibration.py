@@ -7,11 +7,11 @@
 2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
    runs them together, with its framework around them. `fit_calibration` fits the factors of
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
-   efficiency per link tier, the gradient-reduction overlap and a per-micro-batch overhead) so that the cost
-   model, reading the profile, predicts the measured step times. It is a bounded nonlinear least-squares fit
-   (Levenberg 1944; Marquardt 1963) of the log step-time ratio, through the cost model itself, with a weak prior
-   at the uncalibrated values so that a factor no measured run depends on (say, the inter-node tier on one
-   machine) stays where it was.
+   efficiency per link tier, the gradient-reduction overlap and the overheads per micro-batch and per step) so
+   that the cost model, reading the profile, predicts the measured step times. It is a bounded nonlinear
+   least-squares fit (Levenberg 1944; Marquardt 1963) of the log step-time ratio, through the cost model itself,
+   with a weak prior at the uncalibrated values so that a factor no measured run depends on (say, the inter-node
+   tier on one machine) stays where it was.
 """
 
 from __future__ import annotations
@@ -86,22 +86,29 @@ class Factor:
     start: float
     low: float
     high: float
+    prior_weight: float  # of the factor's distance from its start, against the runs' log-ratio residuals
 
 
 # Efficiencies are fitted as log(1 / efficiency), the time multiplier's logarithm, so that 2x too slow and 2x
 # too fast weigh alike; the bounds allow 20x faster and 100x slower (framework dispatch can dwarf a tiny
-# collective). The overhead is in milliseconds so that every coordinate moves on a scale of about 1.
-LOG_SLOWDOWN = (0.0, -np.log(20.0), np.log(100.0))
+# collective). The overheads are in milliseconds.
+PRIOR_WEIGHT = 0.1  # per unit of log slowdown (a factor e) or of overlap share: weak beside 10% step-time errors
+# Per millisecond of overhead: a 10 ms overhead weighs as a 1% step-time error. Every run pays the overheads, so
+# the runs pin them down; a prior as strong as the efficiencies' would instead push their share of the steps
+# into whichever efficiency is charged once per step (the optimizer's).
+OVERHEAD_PRIOR_WEIGHT = 0.001
+LOG_SLOWDOWN = (0.0, -np.log(20.0), np.log(100.0), PRIOR_WEIGHT)
+OVERHEAD_MS = (0.0, 0.0, 1000.0, OVERHEAD_PRIOR_WEIGHT)
 COMPUTE_CLASSES = ("forward", "backward", "optimizer")
 TIERS = ("intra_node", "inter_node")
 FACTORS = (
     *(Factor(f"compute:{c}", *LOG_SLOWDOWN) for c in COMPUTE_CLASSES),
     *(Factor(f"bandwidth:{t}", *LOG_SLOWDOWN) for t in TIERS),
     *(Factor(f"latency:{t}", *LOG_SLOWDOWN) for t in TIERS),
-    Factor("overlap", 1.0, 0.0, 1.0),
-    Factor("microbatch_overhead_ms", 0.0, 0.0, 1000.0),
+    Factor("overlap", 1.0, 0.0, 1.0, PRIOR_WEIGHT),
+    Factor("microbatch_overhead_ms", *OVERHEAD_MS),
+    Factor("step_overhead_ms", *OVERHEAD_MS),
 )
-PRIOR_WEIGHT = 0.1  # of each factor's distance from its start, against the runs' log-ratio residuals
 MAX_ITERATIONS = 30
 
 
@@ -118,6 +125,7 @@ def calibration_of(x: np.ndarray, num_runs: int, fit_mape: float, created: str) 
         collective_latency_efficiency=efficiencies("latency", TIERS),  # type: ignore[arg-type]
         overlap=float(value["overlap"]),
         microbatch_overhead_s=float(value["microbatch_overhead_ms"]) / 1e3,
+        step_overhead_s=float(value["step_overhead_ms"]) / 1e3,
         num_runs=num_runs,
         fit_mape=fit_mape,
         created=created,
@@ -146,7 +154,7 @@ def starting_point(profile: HardwareProfile) -> np.ndarray:
 def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created: str) -> HardwareProfile:
     """`profile` with the Calibration that best predicts `runs` (any calibration it had is replaced).
 
-    Levenberg-Marquardt on r_i = log(predicted_i / measured_i), plus PRIOR_WEIGHT x (x - start) per factor,
+    Levenberg-Marquardt on r_i = log(predicted_i / measured_i), plus prior_weight x (x - start) per factor,
     with a forward-difference Jacobian through the cost model and each step clipped to the factor's bounds.
     """
     if not runs:
@@ -157,13 +165,14 @@ def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created:
     base = profile.model_copy(update={"calibration": None})
     start = starting_point(profile)
     low, high = np.array([f.low for f in FACTORS]), np.array([f.high for f in FACTORS])
+    prior_weight = np.array([f.prior_weight for f in FACTORS])
 
     def at(x: np.ndarray) -> HardwareProfile:
         return base.model_copy(update={"calibration": calibration_of(x, len(runs), 0.0, created)})
 
     def residuals(x: np.ndarray) -> np.ndarray:
         ratio = np.log(predict_steps(at(x), runs) / measured)
-        return np.concatenate([ratio, PRIOR_WEIGHT * (x - start)])
+        return np.concatenate([ratio, prior_weight * (x - start)])
 
     x = _levenberg_marquardt(residuals, start, low, high)
     fit_mape = float(np.mean(np.abs(predict_steps(at(x), runs) / measured - 1)))

@@ -39,6 +39,9 @@ class LayerCost:
     working_bytes: float  # rematerialised for this layer's backward (recompute), alive one layer at a time
     time_source: str = "analytic"  # "profile" when forward/backward/recompute came from a HardwareProfile
     time_note: str | None = None  # why a profile could not supply the times, when one was attached
+    # forward/backward/recompute are the times with every rank of the node busy; alone, the layer takes them
+    # divided by this (>= 1 where a profile timed the layer both ways, else 1: no difference known).
+    contention: float = 1.0
 
     @property
     def busy_s(self) -> float:
@@ -101,6 +104,7 @@ class LayerTimes:
     source: str
     note: str | None
     includes_tp_comm: Any = False  # per micro-batch size: measured on tp ranks, TP's collectives included
+    contention: Any = 1.0  # per micro-batch size: loaded / alone times (LayerCost.contention)
 
     def tp_comm_s(self, collectives_s: Any) -> Any:
         """The layer's TP collective seconds: `collectives_s` (from the fits or the preset's links), or none where
@@ -126,6 +130,7 @@ class LayerContext:
     seq_len: int
     dtype: Precision
     sequence_parallel: bool
+    busy_ranks: int  # ranks of a node computing at once: every plan of a cluster keeps all its GPUs busy
 
     @classmethod
     def of(
@@ -149,6 +154,7 @@ class LayerContext:
             seq_len=training.seq_len,
             dtype=training.precision,
             sequence_parallel=plan.sequence_parallel,
+            busy_ranks=busy_ranks_per_node(cluster),
         )
 
     def layer_times(self, kind: LayerKind, layer_ops: list[ops.OpCost], tp: int, recompute: str) -> LayerTimes:
@@ -164,12 +170,15 @@ class LayerContext:
         if self.measured is None:
             return analytic
         found = self.measured.layer(
-            kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute, self.sequence_parallel
-        )
+            kind, tp, self.micro_batch_sizes, self.seq_len, self.dtype, recompute, self.sequence_parallel,
+            self.busy_ranks,
+        )  # fmt: skip
         if not isinstance(found, MeasuredLayer):
             return replace(analytic, note=f"{kind} times are analytic: {found}")
         if found.complete:
-            return LayerTimes(found.forward_s, found.backward_s, 0.0, "profile", None, found.includes_tp_comm)
+            return LayerTimes(
+                found.forward_s, found.backward_s, 0.0, "profile", None, found.includes_tp_comm, found.contention
+            )
         # Some of the micro-batch sizes the search costs at once are beyond the profile: those sizes only are
         # costed analytically, the others as measured.
         missing = found.missing
@@ -180,6 +189,7 @@ class LayerContext:
             source="profile+analytic",
             note=f"{kind} times are analytic for some micro-batch sizes: {found.reason}",
             includes_tp_comm=found.includes_tp_comm,
+            contention=np.where(missing, 1.0, found.contention),
         )
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
@@ -191,6 +201,11 @@ class LayerContext:
             )
             return count * pair
         return count * comm.all_reduce_s(self.activation_bytes, plan.tp, self.tp_channel)
+
+
+def busy_ranks_per_node(cluster: ClusterSpec) -> int:
+    """Ranks of one node that compute at the same time: the node's GPUs, or all of the cluster's if fewer."""
+    return min(cluster.gpus_per_node, cluster.num_gpus)
 
 
 def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
@@ -218,6 +233,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         working_bytes=everything - kept,
         time_source=times.source,
         time_note=times.note,
+        contention=times.contention,
     )
 
 
@@ -273,4 +289,5 @@ def _edge_layer(
         working_bytes=0.0,
         time_source=times.source,
         time_note=times.note,
+        contention=times.contention,
     )

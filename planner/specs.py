@@ -507,11 +507,18 @@ class LayerMeasurement(Frozen):
 
     `tp_collectives`: timed on `tp` ranks running the executor's tensor-parallel layer (profiler/tp_layers.py),
     so the times include its collectives and DTensor's dispatch, with or without `sequence_parallel`; otherwise
-    timed on one device holding the shard, and the cost model adds the collectives from the fits."""
+    timed on one device holding the shard, and the cost model adds the collectives from the fits.
+
+    `concurrent_ranks`: how many ranks of the node ran the same work at the same time while it was timed: 1 when
+    one device ran alone; N when every rank of an N-rank node timed its own copy at once (profiler/tp_layers.py
+    `--loaded`), as a data-parallel or pipelined step keeps them all busy. Devices that share cores, caches or
+    memory bandwidth (CPU ranks) are slower loaded than alone; the cost model uses the loaded times for plans
+    that keep that many ranks busy."""
 
     layer: LayerKind
     tp: PositiveInt = 1
     tp_collectives: bool = False
+    concurrent_ranks: PositiveInt = 1
     sequence_parallel: bool = False
     micro_batch_size: PositiveInt
     seq_len: PositiveInt
@@ -524,11 +531,13 @@ class LayerMeasurement(Frozen):
 
 
 class OptimizerMeasurement(Frozen):
-    """One optimizer step over `num_params` parameters (fp32 master weights and state)."""
+    """One optimizer step over `num_params` parameters (fp32 master weights and state); `concurrent_ranks` as in
+    LayerMeasurement."""
 
     optimizer: Optimizer
     num_params: PositiveInt
     time: TimingStats
+    concurrent_ranks: PositiveInt = 1
 
 
 class CollectiveMeasurement(Frozen):
@@ -583,6 +592,9 @@ class Calibration(Frozen):
     # Framework time per micro-batch on every device that the layers do not account for (hooks, the pipeline
     # schedule's bookkeeping, the host launching the micro-batch).
     microbatch_overhead_s: Annotated[float, Field(ge=0)] = 0.0
+    # Framework time per step that neither layers nor collectives account for (the trainer's own bookkeeping,
+    # the loss and norm reductions' waits, ranks lining up at the step's synchronisation points).
+    step_overhead_s: Annotated[float, Field(ge=0)] = 0.0
     num_runs: PositiveInt  # measured runs the factors were fitted on
     fit_mape: Annotated[float, Field(ge=0)]  # step-time error on those runs after the fit
     created: str  # ISO 8601, UTC

@@ -1,4 +1,5 @@
-"""Tensor-parallel layer times under torchrun: the executor's own tensor-parallel layers, timed on `tp` ranks.
+"""Layer times on several ranks under torchrun: the executor's own tensor-parallel layers, timed on `tp` ranks; and
+with ``--loaded``, the one-device layers timed on every rank of the node at once.
 
 The single-device compute sweep (profiler/compute.py) times the shard of a layer that one of `tp` ranks holds, and
 the cost model adds tensor parallelism's collectives from the collective fits. A tensor-parallel rank runs more than
@@ -11,13 +12,20 @@ sequence-parallel setting, at the layer boundaries as profiler/layer_timing.py d
 ``tp_collectives=True`` (planner/specs.py LayerMeasurement); the cost model then takes TP's collectives as part of
 the layer times and does not add them again (planner/graph.py).
 
-Run on every rank, with as many ranks as the tensor-parallel degree::
+Loaded (``--loaded``): a data-parallel or pipelined step keeps every rank of a node computing at the same time, and
+ranks that share cores, caches and memory bandwidth (CPU ranks, above all) each run slower than one rank alone,
+which is how the single-device sweep times them. So every rank times its own copy of the sweep's one-device
+(tp = 1) runs and of the optimizer step at once, lined up by a barrier before each, and rank 0's times are
+recorded with ``concurrent_ranks`` = the world size (planner/specs.py LayerMeasurement); the cost model uses them
+for plans that keep that many ranks of a node busy.
 
-    torchrun --nproc-per-node TP -m profiler.tp_layers --sweep SWEEP.json --out FILE.json
+Run on every rank, with as many ranks as the tensor-parallel degree (or, loaded, as the node has)::
 
-SWEEP.json is a ComputeSweep (``ComputeSweep.to_json``). Rank 0 writes ``{"layers": [LayerMeasurement, ...]}``
-(their saved bytes are those of one rank's shard, measured on rank 0 alone) and prints one progress line per run
-(profiler.collectives.progress_line).
+    torchrun --nproc-per-node TP -m profiler.tp_layers --sweep SWEEP.json --out FILE.json [--loaded]
+
+SWEEP.json is a ComputeSweep (``ComputeSweep.to_json``). Rank 0 writes ``{"layers": [LayerMeasurement, ...],
+"optimizer": [OptimizerMeasurement, ...]}`` (saved bytes are those of one rank's shard, measured on rank 0 alone;
+the optimizer only when loaded) and prints one progress line per run (profiler.collectives.progress_line).
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from planner.specs import LayerMeasurement
+from planner.specs import LayerMeasurement, OptimizerMeasurement
 from profiler.collectives import progress_line
-from profiler.compute import ComputeSweep, measure_run, time_in_model
+from profiler.compute import ComputeSweep, ModelRun, measure_optimizer, measure_run, time_in_model
 from profiler.layer_timing import LayerSamples
 from profiler.worker import leave, run_recorded, write_json_atomically
 
@@ -39,13 +48,24 @@ if TYPE_CHECKING:
     import torch
 
 
-def read_result(path: Path) -> list[LayerMeasurement]:
+@dataclass(frozen=True)
+class RanksResult:
+    """What rank 0 wrote: layer measurements and (loaded) the optimizer step."""
+
+    layers: list[LayerMeasurement]
+    optimizer: list[OptimizerMeasurement]
+
+
+def read_result(path: Path) -> RanksResult:
     """The measurements rank 0 wrote; ValueError naming the file if it is not such a result."""
     try:
-        rows = json.loads(path.read_text())["layers"]
-        return [LayerMeasurement.model_validate(row) for row in rows]
+        data = json.loads(path.read_text())
+        return RanksResult(
+            layers=[LayerMeasurement.model_validate(row) for row in data["layers"]],
+            optimizer=[OptimizerMeasurement.model_validate(row) for row in data.get("optimizer", [])],
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a tensor-parallel layer sweep result: {error}") from error
+        raise ValueError(f"{path} is not a layer sweep result of several ranks: {error}") from error
 
 
 def _init(sweep: ComputeSweep) -> torch.device:
@@ -64,7 +84,7 @@ def _init(sweep: ComputeSweep) -> torch.device:
     return torch.device("cpu")
 
 
-def _measure(sweep: ComputeSweep, device: torch.device) -> list[LayerMeasurement]:
+def _measure_tp(sweep: ComputeSweep, device: torch.device) -> list[LayerMeasurement]:
     """Every run of the sweep at this world's tp degree, pooled over `sweep.passes`; rank 0's result."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -77,20 +97,49 @@ def _measure(sweep: ComputeSweep, device: torch.device) -> list[LayerMeasurement
     # One untimed run first: the first DTensor collectives of a process set up gloo's pairs and DTensor's caches,
     # which the first run's few warm-ups do not all absorb.
     time_in_model(sweep, runs[0], device, tp_mesh=mesh)
-    samples = {run: LayerSamples() for run in runs}
-    total = sweep.passes * len(runs)
-    for done, run in enumerate(runs * sweep.passes, start=1):
-        samples[run].extend(time_in_model(sweep, run, device, tp_mesh=mesh))
-        if dist.get_rank() == 0:
-            print(progress_line({"done": done, "total": total, "what": run.describe()}), flush=True)
+    samples = _time_runs(sweep, runs, lambda run: time_in_model(sweep, run, device, tp_mesh=mesh))
     if dist.get_rank() != 0:
         return []
-    on_ranks = {"tp_collectives": True}
+    on_ranks = {"tp_collectives": True, "concurrent_ranks": tp}
     return [
         measurement.model_copy(update=on_ranks | {"sequence_parallel": run.sequence_parallel})
         for run in runs
         for measurement in measure_run(sweep, run, samples[run], device)
     ]
+
+
+def _measure_loaded(sweep: ComputeSweep, device: torch.device) -> RanksResult:
+    """The sweep's one-device runs and its optimizer step, timed on every rank at once; rank 0's result."""
+    import torch.distributed as dist
+
+    runs = [run for run in sweep.runs() if run.tp == 1]
+    if not runs:
+        raise ValueError(f"the sweep has no tp degree 1 (tps: {list(sweep.tps)}): nothing runs on one device")
+    samples = _time_runs(sweep, runs, lambda run: time_in_model(sweep, run, device))
+    dist.barrier()
+    optimizer = measure_optimizer(sweep, device)
+    if dist.get_rank() != 0:
+        return RanksResult([], [])
+    loaded = {"concurrent_ranks": dist.get_world_size()}
+    layers = [m.model_copy(update=loaded) for run in runs for m in measure_run(sweep, run, samples[run], device)]
+    return RanksResult(layers, [optimizer.model_copy(update=loaded)])
+
+
+def _time_runs(
+    sweep: ComputeSweep, runs: list[ModelRun], time_run: Callable[[ModelRun], LayerSamples]
+) -> dict[ModelRun, LayerSamples]:
+    """`time_run` of every run, `sweep.passes` times over, pooled; every rank starts each run together (a
+    barrier), and rank 0 prints a progress line after each."""
+    import torch.distributed as dist
+
+    samples = {run: LayerSamples() for run in runs}
+    total = sweep.passes * len(runs)
+    for done, run in enumerate(runs * sweep.passes, start=1):
+        dist.barrier()
+        samples[run].extend(time_run(run))
+        if dist.get_rank() == 0:
+            print(progress_line({"done": done, "total": total, "what": run.describe()}), flush=True)
+    return samples
 
 
 def _run(argv: Sequence[str] | None) -> None:
@@ -99,12 +148,16 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m profiler.tp_layers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", type=Path, required=True, help="a ComputeSweep as JSON (ComputeSweep.to_json)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file rank 0 writes")
+    parser.add_argument("--loaded", action="store_true", help="time the one-device runs on every rank at once")
     args = parser.parse_args(argv)
     sweep = ComputeSweep.from_json(args.sweep.read_text())
     device = _init(sweep)
-    layers = _measure(sweep, device)
+    result = _measure_loaded(sweep, device) if args.loaded else RanksResult(_measure_tp(sweep, device), [])
     if dist.get_rank() == 0:
-        write_json_atomically(args.out, {"layers": [m.model_dump(mode="json") for m in layers]})
+        write_json_atomically(args.out, {
+            "layers": [m.model_dump(mode="json") for m in result.layers],
+            "optimizer": [m.model_dump(mode="json") for m in result.optimizer],
+        })  # fmt: skip
     leave()
 
 

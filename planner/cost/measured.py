@@ -91,6 +91,7 @@ class LayerTime:
     exact: bool
     method: LookupMethod
     includes_tp_comm: bool = False  # timed on tp ranks: tensor parallelism's collectives are in the times
+    contention: float = 1.0  # timed loaded: these times / the same layer's times alone (see LayerTable)
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,22 @@ class LayerTable:
 
     Layers timed on tp ranks (`LayerMeasurement.tp_collectives`, times that include TP's collectives) answer for
     their sequence-parallel setting in preference to the one-device shard; the same rules apply to them.
+
+    Layers timed loaded (`LayerMeasurement.concurrent_ranks` > 1, every rank of the node computing at once) answer
+    for a plan that keeps as many ranks busy (`busy_ranks`), in preference to the same layer timed alone; their
+    `contention` is the loaded time over the alone time at the same shape, so the cost model can tell the
+    steady state, where every rank works, from a pipeline's fill and drain, where some wait.
     """
 
-    def __init__(self, groups: dict[LayerKey, _Points], tp_groups: dict[tuple[LayerKey, bool], _Points] | None = None):
-        self._groups = groups  # one-device shards
+    def __init__(
+        self,
+        groups: dict[LayerKey, _Points],
+        tp_groups: dict[tuple[LayerKey, bool], _Points] | None = None,
+        loaded_groups: dict[tuple[LayerKey, int], _Points] | None = None,
+    ):
+        self._groups = groups  # one-device shards, timed alone
         self._tp_groups = tp_groups or {}  # timed on tp ranks, by (key, sequence_parallel)
+        self._loaded_groups = loaded_groups or {}  # one-device shards timed loaded, by (key, concurrent_ranks)
 
     @classmethod
     def from_measurements(cls, layers: Iterable[LayerMeasurement]) -> LayerTable:
@@ -138,20 +150,20 @@ class LayerTable:
         shape measured twice in a group is refused."""
         shards: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
         on_ranks: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        loaded: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
         for m in layers:
             key: Any = (m.layer, m.tp, m.dtype, m.recompute)
             rows = shards
             if m.tp_collectives:
                 key, rows = (key, m.sequence_parallel), on_ranks
+            elif m.concurrent_ranks > 1:
+                key, rows = (key, m.concurrent_ranks), loaded
             shape = (m.micro_batch_size, m.seq_len)
             group = rows.setdefault(key, {})
             if shape in group:
                 raise ValueError(f"layers: {key} measured twice at micro_batch_size, seq_len = {shape}")
             group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes)
-        return cls(
-            {key: _to_points(group) for key, group in shards.items()},
-            {key: _to_points(group) for key, group in on_ranks.items()},
-        )
+        return cls(*({key: _to_points(group) for key, group in rows.items()} for rows in (shards, on_ranks, loaded)))
 
     def lookup(
         self,
@@ -162,8 +174,10 @@ class LayerTable:
         dtype: Precision,
         recompute: Recompute,
         sequence_parallel: bool = False,
+        busy_ranks: int = 1,
     ) -> LayerTime:
-        """Forward and backward seconds and saved bytes of one layer at this shape, by the class's rules."""
+        """Forward and backward seconds and saved bytes of one layer at this shape, by the class's rules, with
+        `busy_ranks` ranks of the node computing at once."""
         if micro_batch_size < 1 or seq_len < 1:
             raise ValueError(f"micro_batch_size, seq_len: must be >= 1, got {micro_batch_size}, {seq_len}")
         key = (layer, tp, dtype, recompute)
@@ -174,7 +188,15 @@ class LayerTable:
             except NotMeasured:
                 if key not in self._groups:
                     raise
-        return _answer(self._group(key), micro_batch_size, seq_len)
+        alone = _answer(self._group(key), micro_batch_size, seq_len)
+        loaded = self._loaded_groups.get((key, busy_ranks)) if busy_ranks > 1 else None
+        if loaded is None:
+            return alone
+        try:
+            busy = _answer(loaded, micro_batch_size, seq_len)
+        except NotMeasured:
+            return alone
+        return replace(busy, contention=_contention(busy, alone))
 
     def _group(self, key: LayerKey) -> _Points:
         """The group's points, or NotMeasured naming the first of layer, tp, dtype, recompute never measured
@@ -202,6 +224,12 @@ def _answer(points: _Points, micro_batch_size: int, seq_len: int) -> LayerTime:
         )
         return _layer_time(values, "extrapolated" if extrapolated else "interpolated")
     return _layer_time(_seq_fit(points, micro_batch_size, seq_len), "seq_fit")
+
+
+def _contention(loaded: LayerTime, alone: LayerTime) -> float:
+    """How many times longer a layer's forward + backward takes loaded than alone; 1 where alone took no time."""
+    alone_s = alone.forward_s + alone.backward_s
+    return (loaded.forward_s + loaded.backward_s) / alone_s if alone_s > 0 else 1.0
 
 
 def _to_points(group: dict[tuple[int, int], tuple[float, float, int]]) -> _Points:
@@ -272,6 +300,7 @@ class MeasuredLayer:
     missing: np.ndarray | bool = False
     reason: NotMeasured | None = None  # why the first missing size is missing
     includes_tp_comm: np.ndarray | bool = False  # per size: timed on tp ranks, TP's collectives included
+    contention: np.ndarray | float = 1.0  # per size: loaded time / alone time (LayerTable), 1 where not loaded
 
     @property
     def complete(self) -> bool:
@@ -290,7 +319,7 @@ class ProfileCosts:
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
-        self.optimizers = {m.optimizer: m for m in profile.optimizer}
+        self.optimizers = {(m.optimizer, m.concurrent_ranks): m for m in profile.optimizer}
         calibration = profile.calibration
         self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
         self.collective_efficiency = dict(calibration.collective_efficiency) if calibration else {}
@@ -299,6 +328,7 @@ class ProfileCosts:
         measured_overlap = 1.0 if profile.comm_compute_overlap is None else profile.comm_compute_overlap
         self.overlap = calibration.overlap if calibration else measured_overlap
         self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
+        self.step_overhead_s = calibration.step_overhead_s if calibration else 0.0
 
     def layer(
         self,
@@ -309,16 +339,21 @@ class ProfileCosts:
         dtype: Precision,
         recompute: Recompute,
         sequence_parallel: bool = False,
+        busy_ranks: int = 1,
     ) -> MeasuredLayer | NotMeasured:
         """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array, each size
-        answered on its own), or, when the profile answers none of them, the NotMeasured that says why."""
+        answered on its own) with `busy_ranks` ranks of the node computing at once, or, when the profile answers
+        none of them, the NotMeasured that says why."""
         sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
         times = np.full((len(sizes), 2), np.nan)
         with_tp_comm = np.zeros(len(sizes), dtype=bool)
+        contention = np.ones(len(sizes))
         reasons: list[NotMeasured] = []
         for row, size in enumerate(sizes):
             try:
-                found = self.table.lookup(kind, tp, int(size), seq_len, dtype, recompute, sequence_parallel)
+                found = self.table.lookup(
+                    kind, tp, int(size), seq_len, dtype, recompute, sequence_parallel, busy_ranks
+                )
             except NotMeasured as missing:
                 reasons.append(missing)
                 continue
@@ -326,18 +361,22 @@ class ProfileCosts:
                 found.forward_s / self.compute_efficiency.get("forward", 1.0),
                 found.backward_s / self.compute_efficiency.get("backward", 1.0),
             )
-            with_tp_comm[row] = found.includes_tp_comm
+            with_tp_comm[row], contention[row] = found.includes_tp_comm, found.contention
         missing = np.isnan(times[:, 0])
         if missing.all():
             return reasons[0]
         reason = reasons[0] if reasons else None
         if np.ndim(micro_batch_sizes) == 0:
-            return MeasuredLayer(float(times[0, 0]), float(times[0, 1]), includes_tp_comm=bool(with_tp_comm[0]))
-        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason, with_tp_comm)
+            return MeasuredLayer(
+                float(times[0, 0]), float(times[0, 1]), includes_tp_comm=bool(with_tp_comm[0]),
+                contention=float(contention[0]),
+            )  # fmt: skip
+        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason, with_tp_comm, contention)
 
-    def optimizer_s_per_param(self, optimizer: str) -> float | None:
-        """Seconds per parameter of one optimizer step (clip + step + zero_grad), or None if not measured."""
-        measured = self.optimizers.get(optimizer)  # type: ignore[call-overload]
+    def optimizer_s_per_param(self, optimizer: str, busy_ranks: int = 1) -> float | None:
+        """Seconds per parameter of one optimizer step (clip + step + zero_grad) with `busy_ranks` ranks of the
+        node stepping at once (timed so, else alone), or None if not measured."""
+        measured = self.optimizers.get((optimizer, busy_ranks)) or self.optimizers.get((optimizer, 1))
         if measured is None:
             return None
         return measured.time.median_s / measured.num_params / self.compute_efficiency.get("optimizer", 1.0)

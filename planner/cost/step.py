@@ -28,7 +28,7 @@ from planner.cost.pipeline import (
     p2p_transfers_on_critical_path,
     pipeline_bubble_s,
 )
-from planner.graph import LayerCost, LayerKinds, layer_graph, layer_kinds, layers_in_order
+from planner.graph import LayerCost, LayerKinds, busy_ranks_per_node, layer_graph, layer_kinds, layers_in_order
 from planner.layout import placement
 from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import require_valid
@@ -63,7 +63,8 @@ class KindColumns:
     cp_comm_s: np.ndarray
     saved_bytes: np.ndarray
     working_bytes: np.ndarray
-    params_per_gpu: np.ndarray
+    contention: np.ndarray
+    params_per_gpu: np.ndarray  # last: `of` derives it, every other field is a LayerCost field of the same name
 
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
@@ -89,6 +90,15 @@ class KindColumns:
     @property
     def busy_s(self) -> np.ndarray:
         return self.work_s + self.tp_comm_s + self.cp_comm_s
+
+    @property
+    def alone_work_s(self) -> np.ndarray:
+        """`work_s` while the node's other ranks wait (LayerCost.contention)."""
+        return self.work_s / self.contention
+
+    @property
+    def alone_busy_s(self) -> np.ndarray:
+        return self.alone_work_s + self.tp_comm_s + self.cp_comm_s
 
 
 @dataclass(frozen=True)
@@ -261,19 +271,33 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
     busy = batch.per_device("busy_s") + overhead
     slowest = busy.argmax(axis=1)[:, None]
     m = batch.microbatches
+    alone = microbatches_alone(batch.pp, batch.virtual_stages, m)
 
-    def on_slowest(quantity: str) -> np.ndarray:
-        return m * np.take_along_axis(batch.per_device(quantity), slowest, axis=1)
+    def on_slowest(quantity: str, count: np.ndarray = m) -> np.ndarray:
+        return count * np.take_along_axis(batch.per_device(quantity), slowest, axis=1)
 
     return {
-        "compute_s": on_slowest("work_s") + m * overhead,
+        "compute_s": on_slowest("work_s", m - alone) + on_slowest("alone_work_s", alone) + m * overhead
+        + step_overhead_s(batch.cluster),
         "tp_comm_s": on_slowest("tp_comm_s"),
         "cp_comm_s": on_slowest("cp_comm_s"),
         "pp_comm_s": pp_comm_s(batch),
         "dp_comm_s": dp_comm_exposed_s(batch).max(axis=1, keepdims=True),
-        "bubble_s": pipeline_bubble_s(busy, batch.virtual_stages),
+        "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + overhead, batch.virtual_stages),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
     }
+
+
+def microbatches_alone(pp: int, virtual_stages: np.ndarray, microbatches: np.ndarray) -> np.ndarray:
+    """How much of the slowest device's work, in micro-batches, runs while the rest of the pipeline waits: a
+    device waits for its neighbours while the pipeline fills and drains, as long as the bubble, (p - 1) / v
+    micro-batch slots (Narayanan et al. 2021, eq. 1-2), and its own work in those slots, F of the first
+    micro-batch, B of the last, runs with the others idle. That work, and the bubble, run at the speed of a
+    rank alone; the rest at the speed of a loaded node (LayerCost.contention). Exact for two stages; with more,
+    fill and drain keep some neighbours busy, so this is the least contention that remains. No pipeline: none."""
+    if pp == 1:
+        return np.zeros_like(microbatches, dtype=float)
+    return np.minimum(microbatches, (pp - 1) / virtual_stages)
 
 
 def pp_comm_s(batch: PlanBatch) -> np.ndarray:
@@ -361,6 +385,12 @@ def calibrated_overlap(cluster: ClusterSpec) -> float:
     return 1.0 if cluster.measured is None else cluster.measured.overlap
 
 
+def step_overhead_s(cluster: ClusterSpec) -> float:
+    """Framework seconds per step beyond what its layers, collectives and optimizer account for, fitted by a
+    calibrated profile (planner/calibration.py); 0 otherwise."""
+    return 0.0 if cluster.measured is None else cluster.measured.step_overhead_s
+
+
 def microbatch_overhead_s(cluster: ClusterSpec) -> float:
     """Framework seconds per micro-batch on each device beyond its layers' time, fitted by a calibrated profile
     (planner/calibration.py); 0 otherwise. It lies on the micro-batch's critical path, so it adds to the busy
@@ -397,7 +427,10 @@ def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
 
 
 def measured_optimizer_s_per_param(cluster: ClusterSpec, optimizer: str) -> float | None:
-    return None if cluster.measured is None else cluster.measured.optimizer_s_per_param(optimizer)
+    """The profile's optimizer seconds per parameter with every rank of a node stepping at once, if measured."""
+    if cluster.measured is None:
+        return None
+    return cluster.measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster))
 
 
 def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> tuple[dict[str, str], list[str]]:

@@ -117,9 +117,11 @@ class CandidateCosts:
         """A lower bound on every row's step time, from its per-micro-batch busy times: the sum S over all
         layers, and an upper bound M on the slowest device (the most blocks any device holds, plus both the
         embedding and the head). The step has m x max >= m x S / pp of work, and a bubble
-        (S - max) / v >= (S - M) / v; every other term is non-negative."""
+        (S - max) / v >= (S - M) / v; every other term is non-negative. Busy times are taken as a rank alone runs
+        them (KindColumns.alone_busy_s), which a loaded node's never undercut."""
         c, kinds = self.candidates, self.kinds
-        block, edges = kinds["block"].busy_s[:, 0], (kinds["embedding"].busy_s + kinds["head"].busy_s)[:, 0]
+        block = kinds["block"].alone_busy_s[:, 0]
+        edges = (kinds["embedding"].alone_busy_s + kinds["head"].alone_busy_s)[:, 0]
         block, edges = block[self.layer_key], edges[self.layer_key]
         total = self.model.num_layers * block + edges
         slowest_at_most = self._most_blocks_on_a_device() * block + edges

@@ -1,6 +1,7 @@
-"""Layers timed on tensor-parallel ranks (profiler/tp_layers.py): two real gloo workers under torchrun time the
-executor's tensor-parallel model of a tiny Llama, and an estimate planned from the result takes TP's collectives
-from those layer times instead of adding the fitted ones."""
+"""Layers timed on several ranks (profiler/tp_layers.py): two real gloo workers under torchrun time the executor's
+tensor-parallel model of a tiny Llama, and an estimate planned from the result takes TP's collectives from those
+layer times instead of adding the fitted ones; loaded, both workers time the one-device layers and the optimizer
+at once, and estimates of plans that keep both ranks busy use those times."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ pytest.importorskip("torch")
 from rich.console import Console  # noqa: E402
 
 import planner  # noqa: E402
-from api.profiling import run_tp_layers  # noqa: E402
+from api.profiling import run_loaded_layers, run_tp_layers, with_rank_measurements  # noqa: E402
 from planner.profiles import save_profile_json  # noqa: E402
 from planner.specs import ModelSpec  # noqa: E402
 from profiler.compute import ComputeSweep, profile_compute  # noqa: E402
@@ -40,7 +41,12 @@ def quiet() -> Console:
 
 @pytest.fixture(scope="module")
 def measured():
-    return run_tp_layers(SWEEP, quiet(), threading.Event())
+    return run_tp_layers(SWEEP, quiet(), threading.Event()).layers
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return run_loaded_layers(SWEEP, 2, quiet(), threading.Event())
 
 
 def test_every_shape_mode_and_sequence_parallel_setting_is_timed_on_two_ranks(measured):
@@ -71,3 +77,37 @@ def test_an_estimate_takes_tp_collectives_from_the_layers(measured, tmp_path):
                  == ("block", 2, "none", True))  # fmt: skip
     per_block = block.forward.median_s + block.backward.median_s
     assert estimate.breakdown.compute_s > 2 * TINY.num_layers * per_block  # 2 micro-batches, edges on top
+
+
+def test_loaded_ranks_time_every_one_device_layer_and_the_optimizer(loaded):
+    shapes = {(m.layer, m.micro_batch_size, m.recompute) for m in loaded.layers}
+    blocks = {("block", b, r) for b in (1, 2) for r in ("none", "full")}
+    assert shapes == blocks | {(kind, b, "none") for kind in ("embedding", "head") for b in (1, 2)}
+    assert all(m.tp == 1 and not m.tp_collectives and m.concurrent_ranks == 2 for m in loaded.layers)
+    assert all(m.forward.median_s > 0 and m.backward.median_s > 0 for m in loaded.layers)
+    [optimizer] = loaded.optimizer
+    assert (optimizer.optimizer, optimizer.concurrent_ranks) == ("adamw", 2) and optimizer.time.median_s > 0
+
+
+def test_plans_that_keep_both_ranks_busy_are_estimated_from_the_loaded_times(loaded, tmp_path):
+    alone = profile_compute(SWEEP)
+    path = save_profile_json(with_rank_measurements(alone, loaded), tmp_path / "profile.json")
+
+    def request(gpus_per_node: int, **plan) -> dict:
+        return {
+            "model": TINY.model_dump(exclude_none=True),
+            "training": {"seq_len": 32, "global_batch_size": 4, "precision": "fp32"},
+            "cluster": {"gpu": "cpu", "gpus_per_node": gpus_per_node, "profile": str(path)},
+            "plan": {"micro_batch_size": 2, **plan},
+        }
+
+    def one_device_s(measurements) -> float:
+        """Forward + backward of one micro-batch of 2 through the whole tp-1 model: blocks, embedding and head."""
+        mine = [m for m in measurements if (m.tp, m.micro_batch_size, m.recompute) == (1, 2, "none")]
+        seconds = {m.layer: m.forward.median_s + m.backward.median_s for m in mine}
+        return TINY.num_layers * seconds["block"] + seconds["embedding"] + seconds["head"]
+
+    one = planner.estimate(request(1))  # two micro-batches on one rank, alone
+    two = planner.estimate(request(2, dp=2, zero_stage=0))  # one micro-batch on each of two busy ranks
+    assert one.breakdown.compute_s == pytest.approx(2 * one_device_s(alone.layers))
+    assert two.breakdown.compute_s == pytest.approx(one_device_s(loaded.layers))

@@ -35,6 +35,7 @@ TRUE = Calibration(
     collective_latency_efficiency={"intra_node": 0.2},
     overlap=0.5,
     microbatch_overhead_s=0.002,
+    step_overhead_s=0.03,
     num_runs=1,
     fit_mape=0.0,
     created="2026-11-22T00:00:00+00:00",
@@ -63,6 +64,7 @@ def test_calibrated_profile_answers_with_its_factors_applied():
     assert scaled.forward_s == pytest.approx(layer.forward_s / 0.6)
     assert scaled.backward_s == pytest.approx(layer.backward_s / 0.7)
     assert calibrated.optimizer_s_per_param("adamw") == pytest.approx(plain.optimizer_s_per_param("adamw") / 0.8)
+    assert (plain.step_overhead_s, calibrated.step_overhead_s) == (0.0, 0.03)
     fit, scaled_fit = (
         plain.channel_fit("all_reduce", "intra_node", 2),
         calibrated.channel_fit("all_reduce", "intra_node", 2),

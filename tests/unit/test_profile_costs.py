@@ -76,12 +76,14 @@ def layer(
     dtype: str = "fp32",
     on_ranks: bool = False,
     sequence_parallel: bool = False,
+    concurrent_ranks: int = 1,
 ) -> LayerMeasurement:
     forward_s, backward_s = times
     return LayerMeasurement(
         layer=kind,
         tp=tp,
         tp_collectives=on_ranks,
+        concurrent_ranks=concurrent_ranks,
         sequence_parallel=sequence_parallel,
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
@@ -758,3 +760,70 @@ def test_measured_overlap_hides_only_its_share_of_the_gradient_reduction(save):
     assert hidden_none == pytest.approx(serial)
     assert hidden_all < serial
     assert half == pytest.approx((hidden_all + hidden_none) / 2)
+
+
+# ------------------------------------------------------------------------------- layers timed on a loaded node
+
+
+def loaded_layers(scale: float, concurrent_ranks: int = 2) -> list[LayerMeasurement]:
+    """Embedding, block and head at tp 1, timed with `concurrent_ranks` ranks busy: `scale` x the alone times."""
+    times = {"embedding": EMBEDDING, "block": BLOCK, "head": HEAD}
+    return [
+        layer(kind, (f * scale, b * scale), concurrent_ranks=concurrent_ranks) for kind, (f, b) in times.items()
+    ]
+
+
+def test_loaded_times_answer_plans_that_keep_as_many_ranks_busy():
+    costs = ProfileCosts(make_profile(layers=model_layers() + loaded_layers(1.25)))
+    alone = costs.layer("block", 1, 4, SEQ_LEN, "fp32", "none")
+    busy = costs.layer("block", 1, 4, SEQ_LEN, "fp32", "none", busy_ranks=2)
+    other = costs.layer("block", 1, 4, SEQ_LEN, "fp32", "none", busy_ranks=4)  # never timed with 4 busy
+    assert (alone.forward_s, alone.contention) == (pytest.approx(BLOCK[0]), 1.0)
+    assert (busy.forward_s, busy.contention) == (pytest.approx(1.25 * BLOCK[0]), pytest.approx(1.25))
+    assert (other.forward_s, other.contention) == (pytest.approx(BLOCK[0]), 1.0)
+
+
+def test_loaded_times_beyond_their_shapes_fall_back_to_the_alone_ones():
+    loaded = [layer("block", (2 * BLOCK[0], 2 * BLOCK[1]), micro_batch_size=1, concurrent_ranks=2)]
+    alone = [layer("block", BLOCK, micro_batch_size=1), layer("block", BLOCK, micro_batch_size=8)]
+    costs = ProfileCosts(make_profile(layers=model_layers() + alone + loaded))
+    found = costs.layer("block", 1, np.array([1, 8]), SEQ_LEN, "fp32", "none", busy_ranks=2)
+    # mbs 8 is beyond 2x the loaded mbs 1: the alone time answers, with no contention.
+    assert list(found.contention) == pytest.approx([2.0, 1.0])
+    assert list(found.forward_s) == pytest.approx([2 * BLOCK[0], BLOCK[0]])
+
+
+def test_data_parallel_ranks_compute_at_the_loaded_speed(save):
+    path = save(make_profile(layers=model_layers() + loaded_layers(1.5), collective_fits=[]))
+    result = planner.estimate(request(path, gpus_per_node=2, dp=2))
+    assert result.breakdown.compute_s == pytest.approx(1.5 * PER_MICROBATCH_S)  # one micro-batch per rank
+
+
+def test_a_pipeline_fills_and_drains_at_the_alone_speed(save):
+    """Two stages, two micro-batches: each device's first forward and last backward (one micro-batch of work)
+    and the bubble run while the other device waits; the other micro-batch runs with both busy."""
+    path = save(make_profile(layers=model_layers() + loaded_layers(1.5)))
+    result = planner.estimate(request(path, gpus_per_node=2, pp=2))
+    first = sum(EMBEDDING) + 2 * sum(BLOCK)
+    last = 2 * sum(BLOCK) + sum(HEAD)
+    assert result.breakdown.compute_s == pytest.approx(1.5 * last + last)
+    assert result.breakdown.bubble_s == pytest.approx(first)
+    one_microbatch = planner.estimate(request(path, gpus_per_node=2, pp=2) | {
+        "training": {"seq_len": SEQ_LEN, "global_batch_size": 4, "precision": "fp32"}})  # fmt: skip
+    assert one_microbatch.breakdown.compute_s == pytest.approx(last)  # never both busy: alone throughout
+
+
+def test_the_optimizer_of_a_loaded_node_is_timed_loaded(save):
+    loaded = OptimizerMeasurement(optimizer="adamw", num_params=ADAMW_PARAMS, time=timing(3 * ADAMW_S),
+                                  concurrent_ranks=2)  # fmt: skip
+    path = save(make_profile(optimizer=[adamw(), loaded]))
+    alone = planner.estimate(request(path)).breakdown.optimizer_s
+    busy = planner.estimate(request(path, gpus_per_node=2, pp=2)).breakdown.optimizer_s
+    assert alone == pytest.approx(PARAMS * ADAMW_S / ADAMW_PARAMS)
+    assert busy == pytest.approx(3 * max_stage_params(path) * ADAMW_S / ADAMW_PARAMS)
+
+
+def max_stage_params(path: str) -> float:
+    """Parameters of the larger of two pipeline stages of MODEL."""
+    result = planner.estimate(request(path, gpus_per_node=2, pp=2))
+    return max(stage.params_bytes for stage in result.memory.by_stage) / FP32_BYTES
