@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from api.validation import Validation, describe
+from api.validation import PlanRun, Validation, describe
 from planner.cost.step import TIME_TERMS
+from planner.specs import LayerMeasurement
+from profiler.timing import stats
 
 REPORT_FILE, PLOT_FILE = "report.md", "validation.png"
 MiB = 2**20
@@ -47,6 +49,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         "",
         *plan_table(result),
         "",
+        *contention_lines(result),
         *calibration_lines(result, stored_profile_id),
         *failure_lines(result),
     ]
@@ -65,9 +68,9 @@ def figures_table(result: Validation) -> list[str]:
 
 def plan_table(result: Validation) -> list[str]:
     lines = [
-        "| plan | predicted s | calibrated s (held out) | measured s | error before | error after "
+        "| plan | predicted s | calibrated s (held out) | measured s | step spread | error before | error after "
         "| predicted peak MiB | measured peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run, held_out in zip(result.measured, result.held_out_s, strict=True):
         measured = run.measured_s or float("nan")
@@ -75,12 +78,49 @@ def plan_table(result: Validation) -> list[str]:
         measured_peak = f"{run.measured_peak_bytes / MiB:.0f}" if run.measured_peak_bytes else "-"
         lines.append(
             f"| {describe(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
-            f"| {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} | {peak:.0f} | {measured_peak} |"
+            f"| {step_spread(run):.0%} | {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} "
+            f"| {peak:.0f} | {measured_peak} |"
         )
+    spreads = [step_spread(run) for run in result.measured]
+    lines += ["", f"Step spread: the p10-p90 range of a plan's steady steps over their median (median over the "
+              f"plans: {np.median(spreads):.0%}); a measured time is itself no surer than that."]  # fmt: skip
     if result.setup.device == "cpu":
         lines += ["", "On a CPU the measured peak is the process's peak resident set (interpreter and torch "
                   "included), so it is shown, not scored."]  # fmt: skip
     return lines
+
+
+def contention_lines(result: Validation) -> list[str]:
+    """How much slower the profile's one-device layers ran with every rank busy than alone (none: not timed)."""
+    ratios = loaded_over_alone(result.calibrated.layers)
+    if not ratios:
+        return []
+    low, median, high = np.percentile(ratios, [0, 50, 100])
+    return [
+        f"Layers timed on all {result.setup.nproc} ranks at once took {median:.2f}x their time alone (median over "
+        f"{len(ratios)} layer shapes; {low:.2f}x to {high:.2f}x): data-parallel and pipelined plans are costed "
+        "from those times (planner/cost/step.py `microbatches_alone`).",
+        "",
+    ]
+
+
+def loaded_over_alone(layers: list[LayerMeasurement]) -> list[float]:
+    """(forward + backward) loaded / alone, for each one-device layer shape timed both ways."""
+
+    def shape(m: LayerMeasurement) -> tuple[object, ...]:
+        return m.layer, m.tp, m.micro_batch_size, m.seq_len, m.dtype, m.recompute
+
+    def seconds(m: LayerMeasurement) -> float:
+        return m.forward.median_s + m.backward.median_s
+
+    alone = {shape(m): seconds(m) for m in layers if m.concurrent_ranks == 1 and not m.tp_collectives}
+    loaded = [m for m in layers if m.concurrent_ranks > 1 and not m.tp_collectives]
+    return [seconds(m) / alone[shape(m)] for m in loaded if alone.get(shape(m), 0) > 0]
+
+
+def step_spread(run: PlanRun) -> float:
+    """How much a plan's steady steps vary: (p90 - p10) / median (profiler/timing.py `stats`)."""
+    return stats(run.step_times_s).spread
 
 
 def calibration_lines(result: Validation, stored_profile_id: str | None) -> list[str]:

@@ -40,7 +40,7 @@ class LayerCost:
     time_source: str = "analytic"  # "profile" when forward/backward/recompute came from a HardwareProfile
     time_note: str | None = None  # why a profile could not supply the times, when one was attached
     # forward/backward/recompute are the times with every rank of the node busy; alone, the layer takes them
-    # divided by this (>= 1 where a profile timed the layer both ways, else 1: no difference known).
+    # divided by this (the ratio a profile measured where it timed the layer both ways, else 1: none known).
     contention: float = 1.0
 
     @property

@@ -1,7 +1,8 @@
 """One training step, for one plan or for many candidate plans at once.
 
 The step time is the sum of the breakdown's terms (critical path of the slowest pipeline device):
-  compute + tp_comm + cp_comm    m x the slowest device's per-micro-batch work
+  compute + tp_comm + cp_comm    m x the slowest device's per-micro-batch work (+ a calibrated profile's
+                                 framework overheads per micro-batch and per step)
   bubble                         pipeline fill and drain (Narayanan et al. 2021, eq. 1-2)
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward

@@ -117,11 +117,14 @@ class CandidateCosts:
         """A lower bound on every row's step time, from its per-micro-batch busy times: the sum S over all
         layers, and an upper bound M on the slowest device (the most blocks any device holds, plus both the
         embedding and the head). The step has m x max >= m x S / pp of work, and a bubble
-        (S - max) / v >= (S - M) / v; every other term is non-negative. Busy times are taken as a rank alone runs
-        them (KindColumns.alone_busy_s), which a loaded node's never undercut."""
+        (S - max) / v >= (S - M) / v; every other term is non-negative. Each layer's busy time is the lesser of
+        its loaded and its alone time (KindColumns), since a step charges some micro-batches at either."""
         c, kinds = self.candidates, self.kinds
-        block = kinds["block"].alone_busy_s[:, 0]
-        edges = (kinds["embedding"].alone_busy_s + kinds["head"].alone_busy_s)[:, 0]
+
+        def least_busy_s(kind: str) -> np.ndarray:
+            return np.minimum(kinds[kind].busy_s, kinds[kind].alone_busy_s)[:, 0]
+
+        block, edges = least_busy_s("block"), least_busy_s("embedding") + least_busy_s("head")
         block, edges = block[self.layer_key], edges[self.layer_key]
         total = self.model.num_layers * block + edges
         slowest_at_most = self._most_blocks_on_a_device() * block + edges

@@ -1,7 +1,7 @@
 """`paraplan validate` end to end, as a real process: a profile of this CPU, real training runs under torchrun with
 gloo (2 ranks), the report and plot, the calibrated profile, and the measured runs in a real SQLite database.
 
-A tiny model and three plans keep it to about a minute on a 2-core box; the figures of a real validation (93 plans)
+A tiny model and three plans keep it to about a minute on a 2-core box; the figures of a real validation (90 plans)
 are in the README.
 """
 
@@ -48,9 +48,15 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
 
     report = (out / "report.md").read_text()
     assert "| step-time MAPE |" in report and report.count("| dp") + report.count("| tp") >= 1
+    assert "| step spread |" in report and "Step spread:" in report
+    assert "Layers timed on all 2 ranks at once took" in report
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     measured = load_profile_json(out / "profile.json")
     assert measured.calibration is None and measured.collective_fits and measured.layers
+    # Layers and the optimizer timed alone, on 2 tp ranks, and on both ranks at once (loaded).
+    assert {(m.tp, m.tp_collectives, m.concurrent_ranks) for m in measured.layers} == {(1, False, 1), (2, False, 1),
+                                                                                      (2, True, 2), (1, False, 2)}
+    assert sorted(o.concurrent_ranks for o in measured.optimizer) == [1, 2]
     calibrated = load_profile_json(out / "calibrated-profile.json")
     assert calibrated.calibration is not None and calibrated.calibration.num_runs == 3
 

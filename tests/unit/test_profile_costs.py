@@ -827,3 +827,17 @@ def max_stage_params(path: str) -> float:
     """Parameters of the larger of two pipeline stages of MODEL."""
     result = planner.estimate(request(path, gpus_per_node=2, pp=2))
     return max(stage.params_bytes for stage in result.memory.by_stage) / FP32_BYTES
+
+
+def test_a_search_over_a_loaded_node_costs_every_plan_as_the_estimate_does(save):
+    """On two busy ranks, data-parallel plans run at the loaded times, pipelines partly at the alone ones: the
+    search's batched costs and its pruning bound must agree with the estimate of each plan it returns."""
+    layers = model_layers(recompute_modes=("none", "selective", "full")) + loaded_layers(1.4)
+    path = save(make_profile(layers=layers, collective_fits=[TP_FIT]))
+    req = plan_request(path, top_k=50, recompute=["none"])
+    req["cluster"]["gpus_per_node"] = 2
+    result = search(req)
+    assert {(p.plan.dp, p.plan.pp) for p in result.plans} >= {(2, 1), (1, 2)}
+    for ranked in result.plans:
+        again = planner.estimate(request(path, gpus_per_node=2, **ranked.plan.model_dump()))
+        assert again.step_time_s == pytest.approx(ranked.estimate.step_time_s)
