@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         HardwareProfile,
         LayerKind,
         LayerMeasurement,
+        OptimizerMeasurement,
         Precision,
         Recompute,
     )
@@ -319,7 +320,9 @@ class ProfileCosts:
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
-        self.optimizers = {(m.optimizer, m.concurrent_ranks): m for m in profile.optimizer}
+        self.optimizers: dict[tuple[str, int], OptimizerMeasurement] = {
+            (m.optimizer, m.concurrent_ranks): m for m in profile.optimizer
+        }
         calibration = profile.calibration
         self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
         self.collective_efficiency = dict(calibration.collective_efficiency) if calibration else {}
