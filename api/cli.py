@@ -1169,6 +1169,9 @@ def validate(
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="Steps each plan trains.", min=2)] = 12,
     warm_steps: Annotated[int, typer.Option("--warm-steps", help="First steps left out of the median.", min=0)] = 4,
+    passes: Annotated[
+        int, typer.Option("--passes", help="Run every plan this many times, in alternating order; steps pooled.", min=1)
+    ] = 1,
     max_plans: Annotated[
         int | None, typer.Option("--max-plans", help="Run at most this many plans, spread over the space.", min=2)
     ] = None,
@@ -1197,7 +1200,7 @@ def validate(
     try:
         setup = validation_setup(
             nproc, out, model, seq_len, global_batch, steps, warm_steps, max_plans, zero, mbs, recompute, schedule,
-            device, gpu, threads,
+            device, gpu, threads, passes,
         )  # fmt: skip
         measured = resolve_profile(profile) if profile is not None else None
         result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel))
@@ -1222,7 +1225,7 @@ def validate(
 def validation_setup(
     nproc: int, out: Path, model: str, seq_len: int, global_batch: int, steps: int, warm_steps: int,
     max_plans: int | None, zero: str | None, mbs: str | None, recompute: str | None, schedule: str | None,
-    device: str, gpu: str | None, threads: int,
+    device: str, gpu: str | None, threads: int, passes: int = 1,
 ) -> Any:  # fmt: skip
     """The ValidationSetup the flags describe; InputError naming the flag otherwise."""
     from pydantic import ValidationError
@@ -1252,6 +1255,7 @@ def validation_setup(
     return ValidationSetup(
         model=spec, seq_len=seq_len, global_batch_size=global_batch, nproc=nproc, out=out, device=device,
         gpu=gpu or "cpu", steps=steps, warm_steps=warm_steps, search=search, max_plans=max_plans, threads=threads,
+        passes=passes,
     )  # fmt: skip
 
 

@@ -65,6 +65,9 @@ class ValidationSetup:
     max_plans: int | None = None
     data: Path = DEFAULT_DATA
     threads: int = 1  # torch threads per rank, in the profile and the runs alike (a profile holds for one count)
+    # Times every plan is run, each pass in the opposite order of the one before, its steady steps pooled: a machine
+    # whose speed drifts over the validation's minutes then weighs on every plan alike (see `run_all`).
+    passes: int = 1
 
     def request(self, plan: ParallelPlan | None = None) -> dict[str, Any]:
         """The contract request of this setup, with `plan` when given."""
@@ -227,13 +230,36 @@ def run_all(
     profile: HardwareProfile,
     cancel: threading.Event,
     on_run: Callable[[int, PlanRun], None] = lambda i, run: None,
+    on_attempt: Callable[[int, ParallelPlan | None], None] = lambda done, upcoming: None,
 ) -> list[PlanRun]:
-    """Run every plan in turn (one at a time: they share this machine); `on_run` sees each as it ends."""
-    runs = []
-    for i, plan in enumerate(plans):
-        runs.append(run_plan(setup, plan, profile, setup.out / "runs" / f"{i:03d}", cancel))
-        on_run(i, runs[-1])
-    return runs
+    """Run every plan `setup.passes` times, one run at a time (they share this machine), odd passes in reverse
+    order, so that early and late plans see the machine's drift alike; a plan's result pools its passes
+    (`pooled`). `on_attempt` sees the count of runs done and the plan up next after each run; `on_run` sees each
+    plan's pooled result once its last pass has run."""
+    attempts: list[list[PlanRun]] = [[] for _ in plans]
+    schedule = [
+        (attempt, i)
+        for attempt in range(setup.passes)
+        for i in (range(len(plans)) if attempt % 2 == 0 else reversed(range(len(plans))))
+    ]
+    for done, (attempt, i) in enumerate(schedule, start=1):
+        folder = f"{i:03d}" if setup.passes == 1 else f"{i:03d}-pass{attempt + 1}"
+        attempts[i].append(run_plan(setup, plans[i], profile, setup.out / "runs" / folder, cancel))
+        if attempt == setup.passes - 1:
+            on_run(i, pooled(attempts[i]))
+        on_attempt(done, plans[schedule[done][1]] if done < len(schedule) else None)
+    return [pooled(runs) for runs in attempts]
+
+
+def pooled(runs: list[PlanRun]) -> PlanRun:
+    """One plan's runs as one: the first failure if any failed, else the median of every run's steady steps."""
+    failed = next((run for run in runs if run.measured_s is None), None)
+    if failed is not None:
+        return failed
+    steps = [step for run in runs for step in run.step_times_s]
+    peaks = [run.measured_peak_bytes for run in runs if run.measured_peak_bytes is not None]
+    return replace(runs[0], measured_s=statistics.median(steps), step_times_s=steps,
+                   measured_peak_bytes=max(peaks) if peaks else None)  # fmt: skip
 
 
 def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
@@ -384,16 +410,17 @@ def _run_with_progress(
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )  # fmt: skip
     with progress:
-        task = progress.add_task("runs", total=len(plans), what=describe(plans[0]))
+        task = progress.add_task("runs", total=len(plans) * setup.passes, what=describe(plans[0]))
 
         def on_run(i: int, run: PlanRun) -> None:
             if outputs.store is not None and run.measured_s is not None:
                 row = measured_run_row(run_record(run, setup), outputs.validation_id, outputs.job_id)
                 outputs.store.add_measured_run(row)
-            upcoming = describe(plans[i + 1]) if i + 1 < len(plans) else "done"
-            progress.update(task, completed=i + 1, what=upcoming)
 
-        return run_all(setup, plans, profile, cancel, on_run)
+        def on_attempt(done: int, upcoming: ParallelPlan | None) -> None:
+            progress.update(task, completed=done, what=describe(upcoming) if upcoming else "done")
+
+        return run_all(setup, plans, profile, cancel, on_run, on_attempt)
 
 
 def describe(plan: ParallelPlan) -> str:

@@ -37,8 +37,9 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         f"Command: `{command}`",
         "",
         f"Model {setup.model.name} ({setup.model.num_layers} layers, hidden {setup.model.hidden_size}), "
-        f"seq_len {setup.seq_len}, global batch {setup.global_batch_size}; each plan trained {setup.steps} steps, "
-        f"step time = median of the steps after the first {setup.warm_steps}.",
+        f"seq_len {setup.seq_len}, global batch {setup.global_batch_size}; each plan trained {setup.steps} steps "
+        f"{_times(setup.passes)}, step time = median of the steps after the first {setup.warm_steps}"
+        f"{' of every run, pooled' if setup.passes > 1 else ''}.",
         "",
         *figures_table(result),
         "",
@@ -54,6 +55,10 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         *failure_lines(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _times(passes: int) -> str:
+    return "once" if passes == 1 else f"{passes} times (in alternating order)"
 
 
 def figures_table(result: Validation) -> list[str]:

@@ -37,11 +37,14 @@ def paraplan(*args: str, data_dir: Path, timeout_s: float = 300) -> subprocess.C
 
 def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     out, data_dir = tmp_path / "validation", tmp_path / "data"
-    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--out", str(out),
-                    "--json", data_dir=data_dir)  # fmt: skip
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--passes", "2",
+                    "--out", str(out), "--json", data_dir=data_dir)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["plans"] == figures["measured"] == 3 and figures["failed"] == []
+    # Every plan ran twice, and its time pools both runs' 3 steady steps.
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [f"00{i}-pass{k}" for i in range(3) for k in (1, 2)]
+    assert all(len(run["step_times_s"]) == 6 for run in json.loads((out / "runs.json").read_text()))
     for name in ("mape", "kendall_tau", "regret"):
         assert isinstance(figures[name], float) and isinstance(figures["calibrated"][name], float)
     assert figures["mape"] >= 0 and figures["regret"] >= 0 and -1 <= figures["kendall_tau"] <= 1
@@ -49,6 +52,7 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     report = (out / "report.md").read_text()
     assert "| step-time MAPE |" in report and report.count("| dp") + report.count("| tp") >= 1
     assert "| step spread |" in report and "Step spread:" in report
+    assert "each plan trained 4 steps 2 times (in alternating order)" in report
     assert "Layers timed on all 2 ranks at once took" in report
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     measured = load_profile_json(out / "profile.json")

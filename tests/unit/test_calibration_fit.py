@@ -131,3 +131,4 @@ def test_the_fit_starts_from_the_overlap_the_profile_measured():
     assert starting_point(measured)[names.index("overlap")] == 0.2
     others = [i for i, name in enumerate(names) if name != "overlap"]
     assert np.array_equal(starting_point(measured)[others], starting_point(PROFILE)[others])
+

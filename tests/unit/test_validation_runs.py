@@ -1,0 +1,30 @@
+"""How `paraplan validate` turns a plan's runs into one measured time (api/validation.py `pooled`)."""
+
+from __future__ import annotations
+
+import statistics
+
+from api.validation import PlanRun, pooled
+from planner.specs import ParallelPlan
+
+
+def plan_run(steps: list[float] | None, peak: int | None = None, error: str | None = None) -> PlanRun:
+    measured = None if steps is None else statistics.median(steps)
+    return PlanRun(ParallelPlan(dp=2), {"step_time_s": 1.0}, "runs/000", measured, steps or [], peak, error)
+
+
+def test_a_plan_run_several_times_pools_its_steady_steps():
+    both = pooled([plan_run([1.0, 2.0, 9.0], peak=100), plan_run([3.0, 4.0, 5.0], peak=300)])
+    assert both.measured_s == 3.5  # the median of all six steps, not a median of medians (2 and 4)
+    assert both.step_times_s == [1.0, 2.0, 9.0, 3.0, 4.0, 5.0]
+    assert both.measured_peak_bytes == 300 and both.error is None
+
+
+def test_a_plan_that_failed_once_is_failed():
+    failed = plan_run(None, error="rank 1: out of memory")
+    assert pooled([plan_run([1.0, 2.0]), failed]) == failed
+
+
+def test_one_run_is_its_own_result():
+    once = plan_run([0.2, 0.3, 0.25], peak=7)
+    assert pooled([once]) == once
