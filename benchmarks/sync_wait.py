@@ -19,24 +19,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from profiler.timing import time_repeats  # noqa: E402
 
 MATRIX_SIDE = 128  # small products, so that a segment's length can be set finely
 MEASURE_S = 3.0  # seconds of segments timed per length and mode
 
 
-def timed(call: Callable[[], object], repeats: int, before_each: Callable[[], object] = lambda: None) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        before_each()
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return samples
+def timed(call: Callable[[], object], repeats: int, before_each: Callable[[], object] | None = None) -> list[float]:
+    """Seconds of each call on the CPU (profiler/timing.py, as every profile is timed)."""
+    return time_repeats(call, warmup=0, repeats=repeats, device="cpu", before_each=before_each)
 
 
 def mean_over_ranks(value: float) -> float:
