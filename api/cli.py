@@ -1185,10 +1185,17 @@ def validate(
     store: Annotated[
         bool, typer.Option("--store/--no-store", help="Store measured runs and the calibrated profile in the database.")
     ] = True,
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs", help="An earlier validation's runs.json: compare and recalibrate without running."),
+    ] = None,
     job_id: Annotated[str | None, typer.Option("--job-id", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Profile this machine, run every valid plan, compare predictions with the runs and recalibrate.
+
+    With --runs, nothing is profiled or run: the runs an earlier validation measured (with the same flags) are
+    predicted again by the cost model as it is now, from --profile or else the profile.json beside them.
 
     Exit 0 with a report (report.md, validation.png, calibrated-profile.json in --out), 1 on bad input,
     3 when profiling failed or fewer than two plans ran, 130 when stopped."""
@@ -1202,8 +1209,10 @@ def validate(
             nproc, out, model, seq_len, global_batch, steps, warm_steps, max_plans, zero, mbs, recompute, schedule,
             device, gpu, threads, passes,
         )  # fmt: skip
+        if runs is not None and profile is None:
+            profile = str(runs.with_name("profile.json"))
         measured = resolve_profile(profile) if profile is not None else None
-        result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel))
+        result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel, runs))
     except ValidationStopped as exc:
         _console().print(f"stopped: {exc}", style="yellow", markup=False)
         raise typer.Exit(EXIT_STOPPED) from None
@@ -1263,7 +1272,9 @@ def _list_flag(flag: str, text: str, kind: type) -> tuple:
     return parse_int_list(flag, text) if kind is int else tuple(v.strip() for v in text.split(","))
 
 
-def _run_validation(setup: Any, profile: Any, store: bool, job_id: str | None, cancel: Any) -> Any:
+def _run_validation(
+    setup: Any, profile: Any, store: bool, job_id: str | None, cancel: Any, earlier_runs: Path | None = None
+) -> Any:
     from api.store import ApiStore, new_id
     from api.validation import Outputs, validate
     from profiler.store import default_database_url
@@ -1271,7 +1282,7 @@ def _run_validation(setup: Any, profile: Any, store: bool, job_id: str | None, c
     database = ApiStore(default_database_url()) if store else None
     outputs = Outputs(store=database, validation_id=job_id or new_id(), job_id=job_id)
     try:
-        return validate(setup, profile, outputs, _console(), cancel)
+        return validate(setup, profile, outputs, _console(), cancel, earlier_runs)
     finally:
         if database is not None:
             database.close()

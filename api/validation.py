@@ -136,15 +136,14 @@ def run_plan(
     from executor.prepare import prepare_run
 
     request = setup.request(plan)
-    req = parse_estimate_request(request)
-    estimate = estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan)
+    estimate = _estimate(setup, plan, profile)
     config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device)  # type: ignore[arg-type]
     prepare_run(request, config, run_dir, nproc=setup.nproc)
     spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
     result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
     if result.cancelled:
         raise ValidationStopped(f"stopped while running {run_dir}")
-    run = PlanRun(plan, estimate.model_dump(mode="json"), str(run_dir))
+    run = PlanRun(plan, estimate, str(run_dir))
     if not result.ok:
         cause = result.root_cause
         return replace(run, error=f"rank {cause.rank}: {cause.message}" if cause else f"exit {result.returncode}")
@@ -272,6 +271,54 @@ def write_runs(path: Path, runs: list[PlanRun], setup: ValidationSetup) -> None:
     path.write_text(json.dumps([run_record(run, setup) for run in runs], indent=1))
 
 
+def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> list[PlanRun]:
+    """An earlier validation's runs (its runs.json), each estimated again by the cost model as it is now, from
+    `profile`: a changed cost model or profile checked against runs already measured, without running them again.
+    ValueError naming the file and the run if it is not such a file, or a run trained another setup's request."""
+    try:
+        records = json.loads(path.read_text())
+        runs = [_earlier_run(record) for record in records]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--runs: {path} is not a validation's runs.json: {error}") from error
+    if not runs:
+        raise ValueError(f"--runs: {path} holds no runs")
+    for number, (record, run) in enumerate(zip(records, runs, strict=True)):
+        where = f"--runs: {path} run {number}"
+        _require_same_setup(parse_estimate_request(record["request"]), setup, run.plan, where)
+        if record.get("steps", setup.steps) != setup.steps:
+            raise ValueError(f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
+    return [replace(run, estimate=_estimate(setup, run.plan, profile)) for run in runs]
+
+
+def _earlier_run(record: dict[str, Any]) -> PlanRun:
+    return PlanRun(
+        plan=ParallelPlan.model_validate(record["plan"]),
+        estimate=record["estimate"],
+        run_dir=str(record["run_dir"]),
+        measured_s=record["measured_s"],
+        step_times_s=list(record["step_times_s"]),
+        measured_peak_bytes=record.get("measured_peak_bytes"),
+        error=record.get("error"),
+    )
+
+
+def _require_same_setup(trained: Any, setup: ValidationSetup, plan: ParallelPlan, where: str) -> None:
+    """The request a run trained is the one this setup asks of its plan: same model, training and cluster."""
+    asked = parse_estimate_request(setup.request(plan))
+    for part in ("model", "training", "cluster"):
+        if getattr(trained, part) != getattr(asked, part):
+            raise ValueError(
+                f"{where} ({describe(plan)}) trained another {part} than this validation's: "
+                f"{getattr(trained, part).model_dump(exclude_defaults=True)}; give the flags it was run with"
+            )
+
+
+def _estimate(setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile) -> dict[str, Any]:
+    """The uncalibrated estimate of `plan` from `profile`, as JSON."""
+    req = parse_estimate_request(setup.request(plan))
+    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan).model_dump(mode="json")
+
+
 def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | None) -> MeasuredRunRow:
     """A measured run of runs.json as the database stores it, with its plan's request and estimate."""
     estimate, measured_s = record["estimate"], record["measured_s"]
@@ -373,17 +420,20 @@ def validate(
     outputs: Outputs,
     console: Console,
     cancel: threading.Event,
+    earlier_runs: Path | None = None,
 ) -> tuple[Validation, str | None]:
-    """The whole loop (module docstring); the validation and the stored id of its calibrated profile, if stored."""
-    plans = valid_plans(setup)
-    if len(plans) < 2:
-        raise ValueError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
-    setup.out.mkdir(parents=True, exist_ok=True)
-    console.print(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
-    if profile is None:
-        profile = measure_profile(setup, plans, console, cancel)
-    save_profile_json(profile, setup.out / PROFILE_FILE)
-    runs = _run_with_progress(setup, plans, profile, outputs, console, cancel)
+    """The whole loop (module docstring); the validation and the stored id of its calibrated profile, if stored.
+    With `earlier_runs` (an earlier validation's runs.json) and a profile, nothing is profiled or run: those runs
+    are compared with the cost model's predictions as they are now (`read_runs`), and calibrated again."""
+    if earlier_runs is not None:
+        if profile is None:
+            raise ValueError("--profile: comparing earlier runs needs the profile to predict them from")
+        runs = read_runs(earlier_runs, setup, profile)
+        setup.out.mkdir(parents=True, exist_ok=True)
+        save_profile_json(profile, setup.out / PROFILE_FILE)
+        console.print(f"comparing the {len(runs)} runs of {earlier_runs} with the cost model; results in {setup.out}")
+    else:
+        profile, runs = _profile_and_run(setup, profile, outputs, console, cancel)
     write_runs(setup.out / RUNS_FILE, runs, setup)
     result = compare(setup, profile, runs, utc_now())
     save_profile_json(result.calibrated, setup.out / CALIBRATED_PROFILE_FILE)
@@ -395,6 +445,25 @@ def validate(
 
 
 PROFILE_FILE, CALIBRATED_PROFILE_FILE, RUNS_FILE = "profile.json", "calibrated-profile.json", "runs.json"
+
+
+def _profile_and_run(
+    setup: ValidationSetup,
+    profile: HardwareProfile | None,
+    outputs: Outputs,
+    console: Console,
+    cancel: threading.Event,
+) -> tuple[HardwareProfile, list[PlanRun]]:
+    """Steps 1-3 of the loop: the profile (measured unless given) and every valid plan's run."""
+    plans = valid_plans(setup)
+    if len(plans) < 2:
+        raise ValueError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
+    setup.out.mkdir(parents=True, exist_ok=True)
+    console.print(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
+    if profile is None:
+        profile = measure_profile(setup, plans, console, cancel)
+    save_profile_json(profile, setup.out / PROFILE_FILE)  # before the runs: a stopped validation keeps it
+    return profile, _run_with_progress(setup, plans, profile, outputs, console, cancel)
 
 
 def _run_with_progress(

@@ -84,6 +84,28 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert any("calibrated on 3 measured runs" in note for note in estimate["assumptions"]), estimate["assumptions"]
     assert estimate["step_time_s"] != pytest.approx(runs[0].predicted_step_time_s, rel=1e-6)
 
+    # The same runs compared again (--runs): nothing is profiled or run, and with the same profile and cost model
+    # the predictions, and so the figures before calibration, are the same.
+    again = tmp_path / "again"
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--passes", "2",
+                    "--runs", str(out / "runs.json"), "--no-store", "--out", str(again), "--json",
+                    data_dir=data_dir, timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    compared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: compared[k] for k in ("mape", "kendall_tau", "regret", "measured")} == {
+        k: figures[k] for k in ("mape", "kendall_tau", "regret", "measured")
+    }
+    assert not (again / "runs").exists() and (again / "report.md").exists()
+    steps = [[run["step_times_s"] for run in json.loads((o / "runs.json").read_text())] for o in (out, again)]
+    assert steps[0] == steps[1]
+    # Flags that describe another validation are refused, naming the run that does not match.
+    other = [*SMALL_SPACE]
+    other[other.index("--seq-len") + 1] = "64"
+    done = paraplan("validate", "--nproc", "2", *other, "--steps", "4", "--runs", str(out / "runs.json"),
+                    "--no-store", "--out", str(tmp_path / "other"), data_dir=data_dir, timeout_s=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "--runs:" in done.stdout + done.stderr and "trained another training" in done.stdout + done.stderr
+
 
 def test_validate_names_the_flag_at_fault(tmp_path: Path):
     done = paraplan("validate", "--nproc", "2", "--steps", "3", "--warm-steps", "3", "--out", str(tmp_path / "v"),
