@@ -76,12 +76,12 @@ def run_loaded_layers(
 
 
 def with_rank_measurements(profile: HardwareProfile, *results: tp_layers.RanksResult) -> HardwareProfile:
-    """`profile` with the layers and optimizer steps timed on several ranks added."""
-    layers = [m for result in results for m in result.layers]
-    optimizer = [m for result in results for m in result.optimizer]
-    return profile.model_copy(
-        update={"layers": [*profile.layers, *layers], "optimizer": [*profile.optimizer, *optimizer]}
-    )
+    """`profile` with the layers, optimizer steps and meeting waits timed on several ranks added."""
+    added = {
+        name: [*getattr(profile, name), *(m for result in results for m in getattr(result, name))]
+        for name in ("layers", "optimizer", "meeting_waits")
+    }
+    return profile.model_copy(update=added)
 
 
 def _run_on_ranks(

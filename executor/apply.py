@@ -8,7 +8,7 @@ global-batch mean loss, so a parallel run and a single-device run can be compare
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,15 +116,25 @@ class AppliedPlan:
         The norm covers every parameter of the model once, whatever is sharded over tp/dp (DTensor norms are
         reduced by `full_tensor`) or split over pipeline stages (squares summed over pp).
         """
-        groups = _grads_by_layout(self.parameters())
-        zero = torch.zeros((), device=self.device)
-        norm_sq = sum((_group_norm(group) ** 2 for group in groups), zero)
-        if self.plan.pp > 1:
-            dist.all_reduce(norm_sq, group=self.mesh["pp"].get_group())
-        total = norm_sq.sqrt()
-        for group in groups:  # one call per layout: foreach kernels cannot mix DTensor layouts or plain tensors
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-        return total.item()
+        pp_group = self.mesh["pp"].get_group() if self.plan.pp > 1 else None
+        return clip_grad_norm(self.parameters(), max_norm, self.device, pp_group)
+
+
+def clip_grad_norm(
+    params: Iterable[nn.Parameter], max_norm: float, device: torch.device, pp_group: Any = None
+) -> float:
+    """Scale the gradients of `params` (plain tensors or DTensors of any layouts) so that their global 2-norm is at
+    most `max_norm`; the norm before clipping. `pp_group`: the pipeline group whose stages hold the rest of the
+    model (their squares are summed), if any."""
+    groups = _grads_by_layout(iter(params))
+    zero = torch.zeros((), device=device)
+    norm_sq = sum((_group_norm(group) ** 2 for group in groups), zero)
+    if pp_group is not None:
+        dist.all_reduce(norm_sq, group=pp_group)
+    total = norm_sq.sqrt()
+    for group in groups:  # one call per layout: foreach kernels cannot mix DTensor layouts or plain tensors
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total.item()
 
 
 @contextmanager

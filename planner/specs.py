@@ -532,12 +532,31 @@ class LayerMeasurement(Frozen):
 
 class OptimizerMeasurement(Frozen):
     """One optimizer step over `num_params` parameters (fp32 master weights and state); `concurrent_ranks` as in
-    LayerMeasurement."""
+    LayerMeasurement. `sharded`: the parameters were DTensor shards over the `concurrent_ranks` ranks (FSDP2), each
+    op dispatched by DTensor, as in plans whose parameters are DTensors; `num_params` is then one rank's share."""
 
     optimizer: Optimizer
     num_params: PositiveInt
     time: TimingStats
     concurrent_ranks: PositiveInt = 1
+    sharded: bool = False
+
+
+class MeetingWait(Frozen):
+    """How long each rank waited for its peers per meeting (a collective every rank must reach), with
+    `concurrent_ranks` ranks running the executor's model at one layer shape (profiler/meeting_wait.py): `free`
+    passes never meet, `synced` ones meet `meetings_per_pass` times; wait_s = (synced - free) / meetings_per_pass -
+    collective_s, the one-element collective's own time, averaged over the ranks and never below 0."""
+
+    micro_batch_size: PositiveInt
+    seq_len: PositiveInt
+    recompute: Recompute
+    concurrent_ranks: Annotated[int, Field(ge=2)]
+    meetings_per_pass: PositiveInt
+    free: TimingStats
+    synced: TimingStats
+    collective_s: Annotated[float, Field(ge=0)]
+    wait_s: Annotated[float, Field(ge=0)]
 
 
 class CollectiveMeasurement(Frozen):
@@ -621,6 +640,7 @@ class HardwareProfile(Frozen):
     # The share of a collective that hides behind compute running with it (profiler/collectives.py
     # measure_overlap); None: not measured, and the cost model hides all it can.
     comm_compute_overlap: Annotated[float, Field(ge=0, le=1)] | None = None
+    meeting_waits: list[MeetingWait] = []  # by layer shape; none: not measured, and no meeting waits
     calibration: Calibration | None = None  # fitted to measured runs; None: the profile's times as measured
 
     @field_validator("schema_version")

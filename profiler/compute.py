@@ -391,7 +391,7 @@ def _tokens(point: LayerPoint, vocab: int, generator: Any, device: Any) -> torch
 
 
 @contextmanager
-def _no_gc_pauses() -> Iterator[None]:
+def no_gc_pauses() -> Iterator[None]:
     """Collect first, then keep Python's cyclic garbage collector out of the timed region: a collection landing
     in one repeat adds milliseconds to a millisecond-sized CPU layer. The trainer's own steps pay the pauses
     at about the same rate either way."""
@@ -430,16 +430,25 @@ def measure_run(
     return measurements
 
 
-def time_in_model(
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """The executor's Transformer as a run times it, with one micro-batch of tokens and targets."""
+
+    model: nn.Module
+    tokens: torch.Tensor
+    targets: torch.Tensor
+
+
+def model_for_run(
     sweep: ComputeSweep, run: ModelRun, device: torch.device, tp_mesh: DeviceMesh | None = None
-) -> LayerSamples:
-    """The executor's Transformer with `sweep.timed_blocks` blocks, prepared for the run's recompute mode, timed
-    layer by layer over `sweep.repeats` forward + backward passes. Without `tp_mesh` the blocks are those one of
-    `run.tp` ranks holds, on this device alone; with it (a mesh of `run.tp` ranks, every one calling this), the
-    whole model tensor-parallelised by the executor (executor/parallel/tensor.py), collectives included."""
+) -> ModelUnderTest:
+    """The executor's Transformer with `sweep.timed_blocks` blocks, prepared for the run's recompute mode. Without
+    `tp_mesh` the blocks are those one of `run.tp` ranks holds, on this device alone; with it (a mesh of `run.tp`
+    ranks, every one calling this), the whole model tensor-parallelised by the executor
+    (executor/parallel/tensor.py), collectives included. The same tokens on every rank."""
     import torch
 
-    from executor.models import build_model, next_token_loss
+    from executor.models import build_model
     from executor.parallel.checkpoint import apply_recompute
     from executor.parallel.tensor import apply_tensor_parallel
 
@@ -449,13 +458,23 @@ def time_in_model(
     if tp_mesh is not None:
         model = apply_tensor_parallel(model, tp_mesh, run.sequence_parallel)
     model = apply_recompute(model, run.recompute).train()
-    generator = torch.Generator(device="cpu").manual_seed(0)  # the same tokens on every rank
+    generator = torch.Generator(device="cpu").manual_seed(0)
     point = LayerPoint("head", run.tp, run.micro_batch_size, run.seq_len, "none")
     tokens, targets = (_tokens(point, spec.vocab_size, generator, device) for _ in range(2))
-    with _no_gc_pauses():
+    return ModelUnderTest(model, tokens, targets)
+
+
+def time_in_model(
+    sweep: ComputeSweep, run: ModelRun, device: torch.device, tp_mesh: DeviceMesh | None = None
+) -> LayerSamples:
+    """The run's model (`model_for_run`) timed layer by layer over `sweep.repeats` forward + backward passes."""
+    from executor.models import next_token_loss
+
+    under_test = model_for_run(sweep, run, device, tp_mesh)
+    with no_gc_pauses():
         return time_layers(
-            model, tokens, targets, next_token_loss, warmup=sweep.warmup, repeats=sweep.repeats, device=device,
-            autocast=autocast_for(sweep.dtype, device),
+            under_test.model, under_test.tokens, under_test.targets, next_token_loss, warmup=sweep.warmup,
+            repeats=sweep.repeats, device=device, autocast=autocast_for(sweep.dtype, device),
         )  # fmt: skip
 
 
@@ -474,16 +493,28 @@ def _peak_allocated_bytes(layer: LayerUnderTest, device: torch.device) -> int | 
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure_optimizer(sweep: ComputeSweep, device: torch.device) -> OptimizerMeasurement:
-    """Clip + step + zero_grad as the trainer runs them (AdamW, or SGD with momentum 0.9; weight decay 0.1) over
-    the parameters of the model the layers are timed in: the real mix of tensor sizes, whose per-tensor overhead
-    a synthetic set would miss. Warm-ups create the optimizer state."""
+def measure_optimizer(
+    sweep: ComputeSweep, device: torch.device, shard_mesh: DeviceMesh | None = None
+) -> OptimizerMeasurement:
+    """Clip + step + zero_grad as the trainer runs them (executor/apply.py `clip_grad_norm`; AdamW, or SGD with
+    momentum 0.9; weight decay 0.1) over the parameters of the model the layers are timed in: the real mix of
+    tensor sizes, whose per-tensor overhead a synthetic set would miss. Warm-ups create the optimizer state.
+
+    With `shard_mesh` (every rank of it calling this), the model is first sharded over it by FSDP2 as the executor
+    shards it for ZeRO-3 (executor/parallel/data.py): the parameters are then DTensor shards, whose every optimizer
+    op goes through DTensor's dispatch, and the clip reduces the norm over the mesh, as in a plan whose parameters
+    are DTensors (FSDP2, tensor parallelism). `num_params` counts this rank's shard; the result is `sharded`."""
     import torch
 
+    from executor.apply import clip_grad_norm
     from executor.models import build_model
+    from executor.parallel.data import apply_data_parallel
 
     spec = shard_spec(sweep.model, sweep.tps[0]).model_copy(update={"num_layers": sweep.timed_blocks})
-    params = list(build_model(spec, device=device, seed=0).parameters())
+    model = build_model(spec, device=device, seed=0)
+    if shard_mesh is not None:
+        model = apply_data_parallel(model, shard_mesh, zero_stage=3, pure_dp=True)
+    params = list(model.parameters())
     if sweep.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=0.1)
     else:
@@ -494,14 +525,22 @@ def measure_optimizer(sweep: ComputeSweep, device: torch.device) -> OptimizerMea
             param.grad = torch.ones_like(param)
 
     def step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, _MAX_GRAD_NORM)
+        clip_grad_norm(params, _MAX_GRAD_NORM, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with _no_gc_pauses():
+    with no_gc_pauses():
         samples = time_repeats(step, warmup=sweep.warmup, repeats=sweep.repeats, device=device, before_each=fill_grads)
-    num_params = sum(param.numel() for param in params)
-    return OptimizerMeasurement(optimizer=sweep.optimizer, num_params=num_params, time=stats(samples))
+    num_params = sum(_local(param).numel() for param in params)
+    return OptimizerMeasurement(
+        optimizer=sweep.optimizer, num_params=num_params, time=stats(samples), sharded=shard_mesh is not None
+    )
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, a plain tensor itself."""
+    to_local = getattr(param, "to_local", None)
+    return to_local() if to_local is not None else param
 
 
 Progress = Callable[[int, int, str], None]  # (done, total, what was just measured)

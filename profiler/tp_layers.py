@@ -17,7 +17,9 @@ ranks that share cores, caches and memory bandwidth (CPU ranks, above all) each 
 which is how the single-device sweep times them. So every rank times its own copy of the sweep's one-device
 (tp = 1) runs and of the optimizer step at once, lined up by a barrier before each, and rank 0's times are
 recorded with ``concurrent_ranks`` = the world size (planner/specs.py LayerMeasurement); the cost model uses them
-for plans that keep that many ranks of a node busy.
+for plans that keep that many ranks of a node busy. The optimizer step is also timed on the model sharded over
+every rank by FSDP2 (``sharded``): the parameters of FSDP2 and tensor-parallel plans are DTensors, and DTensor's
+dispatch of every optimizer op costs more than the arithmetic on a small model's shards.
 
 Run on every rank, with as many ranks as the tensor-parallel degree (or, loaded, as the node has)::
 
@@ -34,14 +36,15 @@ import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from planner.specs import LayerMeasurement, OptimizerMeasurement
+from planner.specs import LayerMeasurement, MeetingWait, OptimizerMeasurement
 from profiler.collectives import progress_line
 from profiler.compute import ComputeSweep, ModelRun, measure_optimizer, measure_run, time_in_model
 from profiler.layer_timing import LayerSamples
+from profiler.meeting_wait import measure_meeting_wait
 from profiler.worker import leave, run_recorded, write_json_atomically
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ class RanksResult:
 
     layers: list[LayerMeasurement]
     optimizer: list[OptimizerMeasurement]
+    meeting_waits: list[MeetingWait] = field(default_factory=list)
 
 
 def read_result(path: Path) -> RanksResult:
@@ -63,6 +67,7 @@ def read_result(path: Path) -> RanksResult:
         return RanksResult(
             layers=[LayerMeasurement.model_validate(row) for row in data["layers"]],
             optimizer=[OptimizerMeasurement.model_validate(row) for row in data.get("optimizer", [])],
+            meeting_waits=[MeetingWait.model_validate(row) for row in data.get("meeting_waits", [])],
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a layer sweep result of several ranks: {error}") from error
@@ -109,8 +114,10 @@ def _measure_tp(sweep: ComputeSweep, device: torch.device) -> list[LayerMeasurem
 
 
 def _measure_loaded(sweep: ComputeSweep, device: torch.device) -> RanksResult:
-    """The sweep's one-device runs and its optimizer step, timed on every rank at once; rank 0's result."""
+    """The sweep's one-device runs and its optimizer step, timed on every rank at once, the optimizer on plain
+    parameters and on DTensor shards over every rank (profiler.compute.measure_optimizer); rank 0's result."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     runs = [run for run in sweep.runs() if run.tp == 1]
     if not runs:
@@ -118,11 +125,29 @@ def _measure_loaded(sweep: ComputeSweep, device: torch.device) -> RanksResult:
     samples = _time_runs(sweep, runs, lambda run: time_in_model(sweep, run, device))
     dist.barrier()
     optimizer = measure_optimizer(sweep, device)
+    dist.barrier()
+    sharded = measure_optimizer(sweep, device, shard_mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
+    waits = _measure_waits(sweep, runs, device)
     if dist.get_rank() != 0:
         return RanksResult([], [])
     loaded = {"concurrent_ranks": dist.get_world_size()}
     layers = [m.model_copy(update=loaded) for run in runs for m in measure_run(sweep, run, samples[run], device)]
-    return RanksResult(layers, [optimizer.model_copy(update=loaded)])
+    return RanksResult(layers, [optimizer.model_copy(update=loaded), sharded.model_copy(update=loaded)], waits)
+
+
+def _measure_waits(sweep: ComputeSweep, runs: list[ModelRun], device: torch.device) -> list[MeetingWait]:
+    """The wait per meeting (profiler/meeting_wait.py) at each micro-batch size of `runs`, in the first of its
+    recompute modes; rank 0 prints a progress line after each."""
+    import torch.distributed as dist
+
+    first_per_size = list({run.micro_batch_size: run for run in reversed(runs)}.values())[::-1]
+    waits = []
+    for done, run in enumerate(first_per_size, start=1):
+        waits.append(measure_meeting_wait(sweep, run, device))
+        if dist.get_rank() == 0:
+            what = f"meeting wait mbs={run.micro_batch_size}"
+            print(progress_line({"done": done, "total": len(first_per_size), "what": what}), flush=True)
+    return waits
 
 
 def _time_runs(
@@ -157,6 +182,7 @@ def _run(argv: Sequence[str] | None) -> None:
         write_json_atomically(args.out, {
             "layers": [m.model_dump(mode="json") for m in result.layers],
             "optimizer": [m.model_dump(mode="json") for m in result.optimizer],
+            "meeting_waits": [m.model_dump(mode="json") for m in result.meeting_waits],
         })  # fmt: skip
     leave()
 

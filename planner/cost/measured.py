@@ -320,8 +320,8 @@ class ProfileCosts:
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
-        self.optimizers: dict[tuple[str, int], OptimizerMeasurement] = {
-            (m.optimizer, m.concurrent_ranks): m for m in profile.optimizer
+        self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {
+            (m.optimizer, m.concurrent_ranks, m.sharded): m for m in profile.optimizer
         }
         calibration = profile.calibration
         self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
@@ -331,6 +331,10 @@ class ProfileCosts:
         measured_overlap = 1.0 if profile.comm_compute_overlap is None else profile.comm_compute_overlap
         self.overlap = calibration.overlap if calibration else measured_overlap
         self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
+        waits: dict[int, list[float]] = {}
+        for wait in profile.meeting_waits:
+            waits.setdefault(wait.micro_batch_size, []).append(wait.wait_s)
+        self.meeting_waits = {size: float(np.mean(values)) for size, values in sorted(waits.items())}
         self.step_overhead_s = calibration.step_overhead_s if calibration else 0.0
 
     def layer(
@@ -376,13 +380,28 @@ class ProfileCosts:
             )  # fmt: skip
         return MeasuredLayer(times[:, 0], times[:, 1], missing, reason, with_tp_comm, contention)
 
-    def optimizer_s_per_param(self, optimizer: str, busy_ranks: int = 1) -> float | None:
+    def optimizer_s_per_param(self, optimizer: str, busy_ranks: int = 1, sharded: bool = False) -> float | None:
         """Seconds per parameter of one optimizer step (clip + step + zero_grad) with `busy_ranks` ranks of the
-        node stepping at once (timed so, else alone), or None if not measured."""
-        measured = self.optimizers.get((optimizer, busy_ranks)) or self.optimizers.get((optimizer, 1))
+        node stepping at once (timed so, else alone), on DTensor shards if `sharded` (timed so, else on plain
+        tensors), or None if not measured."""
+        tried = [(optimizer, busy_ranks, sharded), (optimizer, busy_ranks, False), (optimizer, 1, False)]
+        measured = next((self.optimizers[key] for key in tried if key in self.optimizers), None)
         if measured is None:
             return None
         return measured.time.median_s / measured.num_params / self.compute_efficiency.get("optimizer", 1.0)
+
+    def meeting_wait_s(self, micro_batch_sizes: Any) -> np.ndarray:
+        """Seconds a rank waits for its peers per meeting (profiler/meeting_wait.py), for each micro-batch size of
+        `micro_batch_sizes`: as measured at the nearest measured size (by ratio; a rank's compute between meetings,
+        and so its variation, grows with the micro-batch), the mean over the shapes measured at it; 0 where the
+        profile measured none."""
+        sizes = np.asarray(micro_batch_sizes, dtype=float)
+        if not self.meeting_waits:
+            return np.zeros_like(sizes)
+        measured = np.array(list(self.meeting_waits), dtype=float)
+        waits = np.array(list(self.meeting_waits.values()))
+        nearest = np.abs(np.log(sizes[..., None] / measured)).argmin(axis=-1)
+        return waits[nearest]
 
     def channel_fit(self, op: CollectiveOp, tier: str, group_size: int) -> CollectiveFit | None:
         """The fit of `op` on `tier` at `group_size`, else at the nearest measured group size of that tier (bus

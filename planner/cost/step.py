@@ -282,8 +282,8 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         + step_overhead_s(batch.cluster),
         "tp_comm_s": on_slowest("tp_comm_s"),
         "cp_comm_s": on_slowest("cp_comm_s"),
-        "pp_comm_s": pp_comm_s(batch),
-        "dp_comm_s": dp_comm_exposed_s(batch).max(axis=1, keepdims=True),
+        "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * meeting_wait_s(batch),
+        "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * meeting_wait_s(batch)).max(axis=1, keepdims=True),
         "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + overhead, batch.virtual_stages),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
     }
@@ -316,6 +316,47 @@ def pp_comm_s(batch: PlanBatch) -> np.ndarray:
         grad = batch.weight_bytes * model.vocab_size * model.hidden_size / batch.tp
         total = total + comm.all_reduce_s(grad, 2, batch.pp_channel)
     return total
+
+
+def meeting_wait_s(batch: PlanBatch) -> np.ndarray:
+    """Seconds a rank waits for the latest of its peers each time they meet (profiler/meeting_wait.py), at each
+    row's micro-batch size; 0 without a profile that measured it. (N, 1)."""
+    if batch.cluster.measured is None:
+        return np.zeros_like(batch.micro_batch_size, dtype=float)
+    return batch.cluster.measured.meeting_wait_s(batch.micro_batch_size)
+
+
+def pp_meetings(batch: PlanBatch) -> np.ndarray:
+    """Meetings of pipeline neighbours per step on the critical path: each activation or gradient hand-off
+    (`p2p_transfers_on_critical_path`), and the sums over stages of the loss and of the squared gradient norm
+    (executor/apply.py). (N, 1)."""
+    if batch.pp == 1:
+        return np.zeros_like(batch.dp, dtype=float)
+    return p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches) + 2
+
+
+# DDP's gradient buckets (torch.nn.parallel.DistributedDataParallel): the first holds 1 MiB
+# (dist._DEFAULT_FIRST_BUCKET_BYTES), the others bucket_cap_mb = 25 MiB, of gradients in the parameters' dtype
+# (fp32: the executor keeps fp32 weights and runs mixed precision by autocast).
+DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_BYTES, DDP_GRADIENT_BYTES = 2**20, 25 * 2**20, 4
+
+
+def dp_meetings(batch: PlanBatch) -> np.ndarray:
+    """Meetings of data-parallel peers per step, each a collective every rank of the group must reach: the loss's
+    mean over dp, the gradient norm's reduction when the parameters are DTensor shards (executor/apply.py), and
+    the gradient collectives: DDP's buckets, after which ZeRO-1's owners broadcast their shares (asynchronously,
+    waited for together: one meeting); FSDP2 one collective per unit as `dp_comm_s` counts them (ZeRO-2: a
+    gather per unit, a reduce-scatter per unit and micro-batch; ZeRO-3: two gathers and a reduce-scatter per unit
+    and micro-batch; `replicate`: an all-reduce per unit). (N, pp); 0 with one data-parallel rank."""
+    zero, m, units = batch.zero_stage, batch.microbatches, dp_units(batch)
+    gradient_bytes = batch.device_params() * DDP_GRADIENT_BYTES
+    ddp_buckets = 1 + np.ceil(np.maximum(gradient_bytes - DDP_FIRST_BUCKET_BYTES, 0) / DDP_BUCKET_BYTES)
+    gradients = np.select(
+        [on_fsdp2(batch) & (zero == 2), on_fsdp2(batch) & (zero == 3), on_fsdp2(batch)],
+        [units * (m + 1), 3 * m * units, units],
+        ddp_buckets + (zero == 1),
+    )
+    return (batch.shard_degree > 1) * (1 + holds_dtensors(batch) + gradients)
 
 
 def dp_comm_s(batch: PlanBatch) -> np.ndarray:
@@ -358,9 +399,15 @@ def dp_units(batch: PlanBatch) -> np.ndarray:
     """How many pieces a device's data-parallel collectives come in: FSDP2 (ZeRO 2/3, and `replicate` for
     ZeRO 0 under TP or PP) wraps every block and then the root, one collective each (Zhao et al. 2023, sec. 3.2;
     executor/parallel/data.py); DDP and ZeRO-1 reduce the whole gradient in one bucketed pass. (N, pp)."""
+    return np.where(on_fsdp2(batch), batch.blocks + 1, 1)
+
+
+def on_fsdp2(batch: PlanBatch) -> np.ndarray:
+    """Rows whose data parallelism runs on FSDP2: `fully_shard` for ZeRO 2/3, `replicate` for ZeRO 0 under TP or
+    PP (executor/parallel/data.py); the rest run DDP, or nothing with a single data-parallel rank. (N, 1)."""
     pure_dp = (batch.tp == 1) & (batch.pp == 1)
-    per_unit = (batch.zero_stage >= 2) | ((batch.zero_stage == 0) & ~pure_dp)
-    return np.where(per_unit, batch.blocks + 1, 1)
+    fsdp2 = (batch.zero_stage >= 2) | ((batch.zero_stage == 0) & ~pure_dp)
+    return fsdp2 & (batch.shard_degree > 1)
 
 
 def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
@@ -376,8 +423,18 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     overlapped = np.maximum(hideable - window, hideable / batch.layers_on_device())
     # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
     hidden = calibrated_overlap(batch.cluster) * (hideable - overlapped)
-    exposed = np.where(batch.overlap_grad_reduce & (hideable > 0), hideable - hidden, hideable)
+    can_hide = batch.overlap_grad_reduce & (hideable > 0) & ~blocking_fsdp2(batch)
+    exposed = np.where(can_hide, hideable - hidden, hideable)
     return exposed + dp_after_step_s(batch)
+
+
+def blocking_fsdp2(batch: PlanBatch) -> np.ndarray:
+    """Rows whose FSDP2 collectives block the rank. FSDP2 overlaps its all-gathers and reduce-scatters with compute
+    by issuing them on their own CUDA streams, as synchronous calls (torch/distributed/fsdp/_fully_shard/
+    _fsdp_collectives.py `foreach_reduce`: the reduce-scatter without `async_op`; Zhao et al. 2023 sec. 4 on the
+    streams); on a CPU, where streams are no-ops, a synchronous gloo collective holds the rank until it is done,
+    so none of it hides. DDP's bucket all-reduces are asynchronous everywhere. (N, 1)."""
+    return on_fsdp2(batch) & (batch.cluster.gpu.kind == "cpu")
 
 
 def calibrated_overlap(cluster: ClusterSpec) -> float:
@@ -417,21 +474,30 @@ def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
 def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The optimizer is memory-bound (roofline, Williams et al. 2009): bytes touched / achievable HBM
     bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp).
-    With a profile that timed this optimizer: its measured seconds per parameter instead."""
+    With a profile that timed this optimizer: its measured seconds per parameter instead, as timed on DTensor
+    shards for plans whose parameters are DTensors (`holds_dtensors`; profiler/compute.py `measure_optimizer`)."""
     training, gpu = batch.training, batch.cluster.gpu
     params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
-    per_param_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer)
-    if per_param_s is not None:
-        return params * per_param_s
+    plain_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer)
+    if plain_s is not None:
+        sharded_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer, sharded=True)
+        return params * np.where(holds_dtensors(batch), sharded_s, plain_s)
     traffic = optimizer_traffic_bytes_per_param(training.precision, training.optimizer)
     return params * traffic / (gpu.hbm_GBps * 1e9 * gpu.memory_efficiency)
 
 
-def measured_optimizer_s_per_param(cluster: ClusterSpec, optimizer: str) -> float | None:
-    """The profile's optimizer seconds per parameter with every rank of a node stepping at once, if measured."""
+def measured_optimizer_s_per_param(cluster: ClusterSpec, optimizer: str, sharded: bool = False) -> float | None:
+    """The profile's optimizer seconds per parameter with every rank of a node stepping at once, on DTensor shards
+    if `sharded` (where the profile timed them so), if measured."""
     if cluster.measured is None:
         return None
-    return cluster.measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster))
+    return cluster.measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster), sharded)
+
+
+def holds_dtensors(batch: PlanBatch) -> np.ndarray:
+    """Rows whose parameters are DTensors: sharded by tensor parallelism or wrapped by FSDP2 (executor/apply.py).
+    (N, 1)."""
+    return (batch.tp > 1) | on_fsdp2(batch)
 
 
 def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> tuple[dict[str, str], list[str]]:
