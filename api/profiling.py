@@ -21,7 +21,7 @@ from rich.table import Table
 
 from executor import launch
 from planner.profiles import ProfileError
-from planner.specs import HardwareProfile, LayerMeasurement
+from planner.specs import HardwareProfile, LayerMeasurement, OptimizerMeasurement
 from profiler import collectives, tp_layers
 from profiler.compute import ComputeSweep
 from profiler.fit import fit_all
@@ -248,10 +248,20 @@ def layer_table(profile: HardwareProfile) -> Table:
             f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}", f"{m.saved_bytes / 2**20:.2f}",
             f"{spread:.0%}{flag}",
         )  # fmt: skip
-    for o in profile.optimizer:
-        per_param_ns = o.time.median_s / o.num_params * 1e9
-        table.caption = f"{o.optimizer} step: {per_param_ns:.2f} ns per parameter ({o.num_params:,} parameters)"
+    lines = [_optimizer_line(o) for o in profile.optimizer]
+    lines += [
+        f"wait per meeting of {w.concurrent_ranks} ranks at mbs {w.micro_batch_size}: {w.wait_s * 1e3:.3f} ms"
+        for w in profile.meeting_waits
+    ]
+    table.caption = "\n".join(lines) or None
     return table
+
+
+def _optimizer_line(o: OptimizerMeasurement) -> str:
+    per_param_ns = o.time.median_s / o.num_params * 1e9
+    how = f", {o.concurrent_ranks} ranks busy" if o.concurrent_ranks > 1 else ""
+    how += ", DTensor shards" if o.sharded else ""
+    return f"{o.optimizer} step: {per_param_ns:.2f} ns per parameter ({o.num_params:,} parameters{how})"
 
 
 def collective_table(profile: HardwareProfile) -> Table:

@@ -51,6 +51,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         *plan_table(result),
         "",
         *contention_lines(result),
+        *meeting_lines(result),
         *calibration_lines(result, stored_profile_id),
         *failure_lines(result),
     ]
@@ -105,6 +106,19 @@ def contention_lines(result: Validation) -> list[str]:
         f"Layers timed on all {result.setup.nproc} ranks at once took {median:.2f}x their time alone (median over "
         f"{len(ratios)} layer shapes; {low:.2f}x to {high:.2f}x): data-parallel and pipelined plans are costed "
         "from those times (planner/cost/step.py `microbatches_alone`).",
+        "",
+    ]
+
+
+def meeting_lines(result: Validation) -> list[str]:
+    """The profile's wait per meeting of the ranks, by micro-batch size (none: not measured)."""
+    waits = result.calibrated.meeting_waits
+    if not waits:
+        return []
+    each = ", ".join(f"{w.wait_s * 1e3:.2f} ms at micro-batch {w.micro_batch_size}" for w in waits)
+    return [
+        f"Each meeting of the ranks (a collective all must reach) cost a wait for the latest of {each} "
+        "(profiler/meeting_wait.py); the cost model charges it at every data-parallel and pipeline meeting of a step.",
         "",
     ]
 

@@ -26,8 +26,10 @@ Run on every rank, with as many ranks as the tensor-parallel degree (or, loaded,
     torchrun --nproc-per-node TP -m profiler.tp_layers --sweep SWEEP.json --out FILE.json [--loaded]
 
 SWEEP.json is a ComputeSweep (``ComputeSweep.to_json``). Rank 0 writes ``{"layers": [LayerMeasurement, ...],
-"optimizer": [OptimizerMeasurement, ...]}`` (saved bytes are those of one rank's shard, measured on rank 0 alone;
-the optimizer only when loaded) and prints one progress line per run (profiler.collectives.progress_line).
+"optimizer": [OptimizerMeasurement, ...], "meeting_waits": [MeetingWait, ...]}`` (saved bytes are those of one
+rank's shard, measured on rank 0 alone; the optimizer and, at each micro-batch size, the wait per meeting of the
+ranks (profiler/meeting_wait.py) only when loaded) and prints one progress line per run and per wait
+(profiler.collectives.progress_line).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Layers timed on several ranks (profiler/tp_layers.py): two real gloo workers under torchrun time the executor's
 tensor-parallel model of a tiny Llama, and an estimate planned from the result takes TP's collectives from those
 layer times instead of adding the fitted ones; loaded, both workers time the one-device layers and the optimizer
-at once, and estimates of plans that keep both ranks busy use those times."""
+at once (and the optimizer on DTensor shards, and the wait per meeting of the ranks), and estimates of plans that
+keep both ranks busy use those times."""
 
 from __future__ import annotations
 
@@ -85,8 +86,22 @@ def test_loaded_ranks_time_every_one_device_layer_and_the_optimizer(loaded):
     assert shapes == blocks | {(kind, b, "none") for kind in ("embedding", "head") for b in (1, 2)}
     assert all(m.tp == 1 and not m.tp_collectives and m.concurrent_ranks == 2 for m in loaded.layers)
     assert all(m.forward.median_s > 0 and m.backward.median_s > 0 for m in loaded.layers)
-    [optimizer] = loaded.optimizer
-    assert (optimizer.optimizer, optimizer.concurrent_ranks) == ("adamw", 2) and optimizer.time.median_s > 0
+    plain, sharded = loaded.optimizer
+    for optimizer in (plain, sharded):
+        assert (optimizer.optimizer, optimizer.concurrent_ranks) == ("adamw", 2) and optimizer.time.median_s > 0
+    # The sharded step ran on DTensor shards over both ranks: each holds about half the parameters.
+    assert (plain.sharded, sharded.sharded) == (False, True)
+    assert sharded.num_params == pytest.approx(plain.num_params / 2, rel=0.01)
+
+
+def test_loaded_ranks_measure_the_wait_per_meeting_at_each_micro_batch_size(loaded):
+    waits = loaded.meeting_waits
+    assert [(w.micro_batch_size, w.recompute) for w in waits] == [(1, "none"), (2, "none")]
+    for wait in waits:
+        # A meeting before each block's forward and after each block's backward.
+        assert wait.meetings_per_pass == 2 * TINY.num_layers and wait.concurrent_ranks == 2
+        assert wait.free.median_s > 0 and wait.synced.median_s > 0 and wait.collective_s > 0 and wait.wait_s >= 0
+        assert wait.free.repeats == wait.synced.repeats == SWEEP.repeats * SWEEP.passes
 
 
 def test_plans_that_keep_both_ranks_busy_are_estimated_from_the_loaded_times(loaded, tmp_path):

@@ -54,13 +54,15 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert "| step spread |" in report and "Step spread:" in report
     assert "each plan trained 4 steps 2 times (in alternating order)" in report
     assert "Layers timed on all 2 ranks at once took" in report
+    assert "Each meeting of the ranks (a collective all must reach) cost a wait" in report
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     measured = load_profile_json(out / "profile.json")
     assert measured.calibration is None and measured.collective_fits and measured.layers
     # Layers and the optimizer timed alone, on 2 tp ranks, and on both ranks at once (loaded).
     assert {(m.tp, m.tp_collectives, m.concurrent_ranks) for m in measured.layers} == {(1, False, 1), (2, False, 1),
                                                                                       (2, True, 2), (1, False, 2)}
-    assert sorted(o.concurrent_ranks for o in measured.optimizer) == [1, 2]
+    assert sorted((o.concurrent_ranks, o.sharded) for o in measured.optimizer) == [(1, False), (2, False), (2, True)]
+    assert [(w.micro_batch_size, w.concurrent_ranks) for w in measured.meeting_waits] == [(2, 2)]
     calibrated = load_profile_json(out / "calibrated-profile.json")
     assert calibrated.calibration is not None and calibrated.calibration.num_runs == 3
 

@@ -29,6 +29,7 @@ from planner.specs import (
     CollectiveFit,
     HardwareProfile,
     LayerMeasurement,
+    MeetingWait,
     ModelSpec,
     OptimizerMeasurement,
     TimingStats,
@@ -841,3 +842,84 @@ def test_a_search_over_a_loaded_node_costs_every_plan_as_the_estimate_does(save)
     for ranked in result.plans:
         again = planner.estimate(request(path, gpus_per_node=2, **ranked.plan.model_dump()))
         assert again.step_time_s == pytest.approx(ranked.estimate.step_time_s)
+
+
+# ------------------------------------------------------------- meetings, DTensor optimizer steps, FSDP2 on a CPU
+
+
+def meeting_wait(micro_batch_size: int, wait_s: float) -> MeetingWait:
+    return MeetingWait(micro_batch_size=micro_batch_size, seq_len=SEQ_LEN, recompute="none", concurrent_ranks=2,
+                       meetings_per_pass=8, free=timing(0.1), synced=timing(0.1 + 8 * wait_s), collective_s=1e-4,
+                       wait_s=wait_s)  # fmt: skip
+
+
+def test_the_wait_per_meeting_is_the_one_measured_at_the_nearest_micro_batch_size():
+    costs = ProfileCosts(make_profile(meeting_waits=[meeting_wait(1, 1e-3), meeting_wait(4, 2e-3),
+                                                     meeting_wait(4, 4e-3)]))  # fmt: skip
+    # 3 is nearer 4 than 1 (by ratio); two shapes measured at 4 answer their mean.
+    assert list(costs.meeting_wait_s(np.array([1, 3, 4, 16]))) == pytest.approx([1e-3, 3e-3, 3e-3, 3e-3])
+    assert list(ProfileCosts(make_profile()).meeting_wait_s(np.array([4]))) == [0.0]
+
+
+def two_rank_step(path: str, **plan: Any) -> Any:
+    return planner.estimate(request(path, gpus_per_node=2, **plan)).breakdown
+
+
+def test_every_meeting_of_data_parallel_ranks_pays_the_measured_wait(save):
+    """One micro-batch of 4 per rank. ZeRO-3 meets its peer at each of 5 FSDP2 units (4 blocks and the root) 3 times
+    (2 all-gathers, 1 reduce-scatter), for the loss's mean and for the gradient norm of its DTensor shards: 17.
+    ZeRO-2: a gather and a reduce-scatter per unit, loss, norm: 12. DDP (ZeRO-0): its 2 gradient buckets (the first
+    of 1 MiB, then the rest of the model's 3.2 MB) and the loss: 3; ZeRO-1 adds the owners' broadcasts: 4."""
+    fits = [fit(op, "intra_node", 2) for op in ("all_reduce", "all_gather", "reduce_scatter")]
+    waiting = save(make_profile(collective_fits=fits, meeting_waits=[meeting_wait(4, 1e-3)]), "waits.json")
+    never = save(make_profile(collective_fits=fits), "none.json")
+    for zero, meetings in ((3, 17), (2, 12), (0, 3), (1, 4)):
+        plan = {"dp": 2, "zero_stage": zero}
+        extra = two_rank_step(waiting, **plan).dp_comm_s - two_rank_step(never, **plan).dp_comm_s
+        assert extra == pytest.approx(meetings * 1e-3), zero
+
+
+def test_every_pipeline_hand_off_pays_the_measured_wait(save):
+    """Two stages, two micro-batches: 2 x (2 + 1) hand-offs on the critical path, and the sums of the loss and
+    of the gradient norm over the stages."""
+    waiting = save(make_profile(meeting_waits=[meeting_wait(4, 1e-3)]), "waits.json")
+    never = save(make_profile(), "none.json")
+    extra = two_rank_step(waiting, pp=2).pp_comm_s - two_rank_step(never, pp=2).pp_comm_s
+    assert extra == pytest.approx(8 * 1e-3)
+    assert two_rank_step(waiting, pp=2).dp_comm_s == 0  # one data-parallel rank: no dp meetings
+
+
+def test_plans_on_dtensors_step_the_optimizer_at_its_sharded_speed(save):
+    """FSDP2 (ZeRO-2/3) and tensor-parallel plans hold DTensor parameters: their step takes the time measured on
+    DTensor shards; DDP (ZeRO-0/1) and pipeline plans hold plain tensors."""
+
+    def on_two(time_s: float, sharded: bool) -> OptimizerMeasurement:
+        return OptimizerMeasurement(optimizer="adamw", num_params=ADAMW_PARAMS, time=timing(time_s),
+                                    concurrent_ranks=2, sharded=sharded)  # fmt: skip
+
+    both = save(make_profile(optimizer=[adamw(), on_two(2 * ADAMW_S, False), on_two(5 * ADAMW_S, True)]), "b.json")
+    plain = save(make_profile(optimizer=[adamw(), on_two(2 * ADAMW_S, False)]), "p.json")
+    dtensors = [{"dp": 2, "zero_stage": 3}, {"dp": 2, "zero_stage": 2}, {"tp": 2}]
+    plain_tensors = [{"dp": 2, "zero_stage": 1}, {"dp": 2, "zero_stage": 0}, {"pp": 2}]
+    for plan, ratio in [(plan, 2.5) for plan in dtensors] + [(plan, 1.0) for plan in plain_tensors]:
+        with_sharded, without = two_rank_step(both, **plan).optimizer_s, two_rank_step(plain, **plan).optimizer_s
+        assert with_sharded == pytest.approx(ratio * without), plan
+
+
+def test_fsdp2_on_a_cpu_hides_none_of_its_collectives(save):
+    """FSDP2 overlaps its all-gathers and reduce-scatters by issuing them, synchronously, on their own CUDA streams;
+    on a CPU they block the rank, so overlapping changes nothing for ZeRO-2/3, while DDP hides part of its
+    all-reduce. On a GPU, FSDP2 hides its share too."""
+    fits = [fit(op, "intra_node", 2) for op in ("all_reduce", "all_gather", "reduce_scatter")]
+    path = save(make_profile(collective_fits=fits))
+    for zero, hides in ((3, False), (2, False), (0, True)):
+        overlapped = two_rank_step(path, dp=2, zero_stage=zero, overlap_grad_reduce=True).dp_comm_s
+        serial = two_rank_step(path, dp=2, zero_stage=zero, overlap_grad_reduce=False).dp_comm_s
+        assert (overlapped < serial) == hides and overlapped <= serial, zero
+
+    def on_gpu(overlap: bool) -> float:
+        gpu = request(gpus_per_node=2, dp=2, zero_stage=3, overlap_grad_reduce=overlap)
+        gpu["cluster"]["gpu"] = "h100-sxm"
+        return planner.estimate(gpu).breakdown.dp_comm_s
+
+    assert on_gpu(True) < on_gpu(False)
