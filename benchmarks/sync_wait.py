@@ -10,9 +10,10 @@ Every rank runs the same matrix products for a segment of about T milliseconds, 
 wait = synced - free - the one-float all_reduce's own time (measured alone, ranks lined up by a barrier): what a
 rank loses at each meeting because its peer arrived later. A rank's segment time varies (the OS takes its core
 for a moment, caches are shared); a meeting costs the slower of the ranks' segments, so the wait grows with the
-variance of a segment (the expected maximum of two draws exceeds their mean). The cost model does not charge it
-yet: this measures how much it would be on this machine (see README, *Checking the cost model against real
-runs*).
+variance of a segment (the expected maximum of two draws exceeds their mean). This benchmark shows how the wait
+grows with the segment, on synthetic segments; the profiler measures it with the executor's own layers as the
+segments (profiler/meeting_wait.py), and the cost model charges that at every meeting of a step (see README,
+*Checking the cost model against real runs*).
 """
 
 from __future__ import annotations
