@@ -124,12 +124,14 @@ def _measure_loaded(sweep: ComputeSweep, device: torch.device) -> RanksResult:
     runs = [run for run in sweep.runs() if run.tp == 1]
     if not runs:
         raise ValueError(f"the sweep has no tp degree 1 (tps: {list(sweep.tps)}): nothing runs on one device")
-    samples = _time_runs(sweep, runs, lambda run: time_in_model(sweep, run, device))
+    wait_runs = list({run.micro_batch_size: run for run in reversed(runs)}.values())[::-1]  # first mode per size
+    progress = _Progress(total=sweep.passes * len(runs) + len(wait_runs))
+    samples = _time_runs(sweep, runs, lambda run: time_in_model(sweep, run, device), progress)
     dist.barrier()
     optimizer = measure_optimizer(sweep, device)
     dist.barrier()
     sharded = measure_optimizer(sweep, device, shard_mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
-    waits = _measure_waits(sweep, runs, device)
+    waits = _measure_waits(sweep, wait_runs, device, progress)
     if dist.get_rank() != 0:
         return RanksResult([], [])
     loaded = {"concurrent_ranks": dist.get_world_size()}
@@ -137,35 +139,48 @@ def _measure_loaded(sweep: ComputeSweep, device: torch.device) -> RanksResult:
     return RanksResult(layers, [optimizer.model_copy(update=loaded), sharded.model_copy(update=loaded)], waits)
 
 
-def _measure_waits(sweep: ComputeSweep, runs: list[ModelRun], device: torch.device) -> list[MeetingWait]:
-    """The wait per meeting (profiler/meeting_wait.py) at each micro-batch size of `runs`, in the first of its
-    recompute modes; rank 0 prints a progress line after each."""
-    import torch.distributed as dist
-
-    first_per_size = list({run.micro_batch_size: run for run in reversed(runs)}.values())[::-1]
+def _measure_waits(
+    sweep: ComputeSweep, runs: list[ModelRun], device: torch.device, progress: _Progress
+) -> list[MeetingWait]:
+    """The wait per meeting (profiler/meeting_wait.py) at the shape of each of `runs`."""
     waits = []
-    for done, run in enumerate(first_per_size, start=1):
+    for run in runs:
         waits.append(measure_meeting_wait(sweep, run, device))
-        if dist.get_rank() == 0:
-            what = f"meeting wait mbs={run.micro_batch_size}"
-            print(progress_line({"done": done, "total": len(first_per_size), "what": what}), flush=True)
+        progress.tick(f"meeting wait mbs={run.micro_batch_size} seq={run.seq_len}")
     return waits
 
 
+@dataclass
+class _Progress:
+    """Rank 0's progress lines (profiler.collectives.progress_line), counting to `total`."""
+
+    total: int
+    done: int = 0
+
+    def tick(self, what: str) -> None:
+        import torch.distributed as dist
+
+        self.done += 1
+        if dist.get_rank() == 0:
+            print(progress_line({"done": self.done, "total": self.total, "what": what}), flush=True)
+
+
 def _time_runs(
-    sweep: ComputeSweep, runs: list[ModelRun], time_run: Callable[[ModelRun], LayerSamples]
+    sweep: ComputeSweep,
+    runs: list[ModelRun],
+    time_run: Callable[[ModelRun], LayerSamples],
+    progress: _Progress | None = None,
 ) -> dict[ModelRun, LayerSamples]:
     """`time_run` of every run, `sweep.passes` times over, pooled; every rank starts each run together (a
-    barrier), and rank 0 prints a progress line after each."""
+    barrier), and a progress line follows each (`progress`: counting on from it, else to these runs)."""
     import torch.distributed as dist
 
+    progress = progress or _Progress(total=sweep.passes * len(runs))
     samples = {run: LayerSamples() for run in runs}
-    total = sweep.passes * len(runs)
-    for done, run in enumerate(runs * sweep.passes, start=1):
+    for run in runs * sweep.passes:
         dist.barrier()
         samples[run].extend(time_run(run))
-        if dist.get_rank() == 0:
-            print(progress_line({"done": done, "total": total, "what": run.describe()}), flush=True)
+        progress.tick(run.describe())
     return samples
 
 
