@@ -103,8 +103,9 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     # Flags that describe another validation are refused, naming the run that does not match.
     other = [*SMALL_SPACE]
     other[other.index("--seq-len") + 1] = "64"
-    done = paraplan("validate", "--nproc", "2", *other, "--steps", "4", "--runs", str(out / "runs.json"),
-                    "--no-store", "--out", str(tmp_path / "other"), data_dir=data_dir, timeout_s=60)  # fmt: skip
+    done = paraplan("validate", "--nproc", "2", *other, "--steps", "4", "--warm-steps", "1", "--runs",
+                    str(out / "runs.json"), "--no-store", "--out", str(tmp_path / "other"), data_dir=data_dir,
+                    timeout_s=60)  # fmt: skip
     assert done.returncode == 1
     assert "--runs:" in done.stdout + done.stderr and "trained another training" in done.stdout + done.stderr
 
