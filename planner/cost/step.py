@@ -6,6 +6,7 @@ The step time is the sum of the breakdown's terms (critical path of the slowest 
   bubble                         pipeline fill and drain (Narayanan et al. 2021, eq. 1-2)
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward
+                                 (both comm terms also hold a measured profile's wait at each meeting of the ranks)
   optimizer                      the optimizer step (memory-bound)
 
 There is one implementation, written over numpy arrays: a `PlanBatch` holds candidate plans that share a
