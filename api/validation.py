@@ -26,6 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from api.errors import InputError
 from api.store import ApiStore, MeasuredRunRow, new_id, utc_now
 from executor import launch
 from executor.config import RunDir, TrainConfig
@@ -207,7 +208,7 @@ def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun
     """The figures before calibration, the held-out figures after, and the calibration fitted on every run."""
     measured = [run for run in runs if run.measured_s is not None]
     if len(measured) < 2:
-        raise ValueError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
+        raise RuntimeError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
     steps = [MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s) for run in measured]  # type: ignore[arg-type]
     times = np.array([run.measured_s for run in measured])
     before = predict_steps(profile, steps)
@@ -279,14 +280,14 @@ def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> l
         records = json.loads(path.read_text())
         runs = [_earlier_run(record) for record in records]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--runs: {path} is not a validation's runs.json: {error}") from error
+        raise InputError.at("--runs", f"{path} is not a validation's runs.json: {error}") from error
     if not runs:
-        raise ValueError(f"--runs: {path} holds no runs")
+        raise InputError.at("--runs", f"{path} holds no runs")
     for number, (record, run) in enumerate(zip(records, runs, strict=True)):
-        where = f"--runs: {path} run {number}"
+        where = f"{path} run {number}"
         _require_same_setup(parse_estimate_request(record["request"]), setup, run.plan, where)
         if record.get("steps", setup.steps) != setup.steps:
-            raise ValueError(f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
+            raise InputError.at("--runs", f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
     return [replace(run, estimate=_estimate(setup, run.plan, profile)) for run in runs]
 
 
@@ -307,9 +308,10 @@ def _require_same_setup(trained: Any, setup: ValidationSetup, plan: ParallelPlan
     asked = parse_estimate_request(setup.request(plan))
     for part in ("model", "training", "cluster"):
         if getattr(trained, part) != getattr(asked, part):
-            raise ValueError(
+            raise InputError.at(
+                "--runs",
                 f"{where} ({describe(plan)}) trained another {part} than this validation's: "
-                f"{getattr(trained, part).model_dump(exclude_defaults=True)}; give the flags it was run with"
+                f"{getattr(trained, part).model_dump(exclude_defaults=True)}; give the flags it was run with",
             )
 
 
@@ -381,7 +383,7 @@ def measure_profile(
     )
     problems = sweep.violations()
     if problems:
-        raise ValueError("; ".join(f"{field}: {why}" for field, why in problems))
+        raise InputError("; ".join(f"{field}: {why}" for field, why in problems))
     compute = run_compute(sweep, console)
     if setup.nproc < 2:
         return compute
@@ -427,7 +429,7 @@ def validate(
     are compared with the cost model's predictions as they are now (`read_runs`), and calibrated again."""
     if earlier_runs is not None:
         if profile is None:
-            raise ValueError("--profile: comparing earlier runs needs the profile to predict them from")
+            raise InputError.at("--profile", "comparing earlier runs needs the profile to predict them from")
         runs = read_runs(earlier_runs, setup, profile)
         setup.out.mkdir(parents=True, exist_ok=True)
         save_profile_json(profile, setup.out / PROFILE_FILE)
@@ -457,7 +459,7 @@ def _profile_and_run(
     """Steps 1-3 of the loop: the profile (measured unless given) and every valid plan's run."""
     plans = valid_plans(setup)
     if len(plans) < 2:
-        raise ValueError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
+        raise InputError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
     setup.out.mkdir(parents=True, exist_ok=True)
     console.print(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
     if profile is None:

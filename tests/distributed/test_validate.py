@@ -108,6 +108,7 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
                     timeout_s=60)  # fmt: skip
     assert done.returncode == 1
     assert "--runs:" in done.stdout + done.stderr and "trained another training" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_validate_names_the_flag_at_fault(tmp_path: Path):
@@ -118,4 +119,4 @@ def test_validate_names_the_flag_at_fault(tmp_path: Path):
     done = paraplan("validate", "--nproc", "2", "--mbs", "3", "--out", str(tmp_path / "v"), data_dir=tmp_path / "data",
                     timeout_s=60)  # fmt: skip
     assert done.returncode == 1
-    assert "validating needs two" in done.stdout + done.stderr
+    assert "validating needs two" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
