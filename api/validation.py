@@ -275,17 +275,19 @@ def write_runs(path: Path, runs: list[PlanRun], setup: ValidationSetup) -> None:
 def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> list[PlanRun]:
     """An earlier validation's runs (its runs.json), each estimated again by the cost model as it is now, from
     `profile`: a changed cost model or profile checked against runs already measured, without running them again.
-    ValueError naming the file and the run if it is not such a file, or a run trained another setup's request."""
+    InputError naming --runs, the file and the run if it is not such a file, or a run trained another setup's
+    request."""
     try:
         records = json.loads(path.read_text())
         runs = [_earlier_run(record) for record in records]
+        trained = [parse_estimate_request(record["request"]) for record in records]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError.at("--runs", f"{path} is not a validation's runs.json: {error}") from error
     if not runs:
         raise InputError.at("--runs", f"{path} holds no runs")
     for number, (record, run) in enumerate(zip(records, runs, strict=True)):
         where = f"{path} run {number}"
-        _require_same_setup(parse_estimate_request(record["request"]), setup, run.plan, where)
+        _require_same_setup(trained[number], setup, run.plan, where)
         if record.get("steps", setup.steps) != setup.steps:
             raise InputError.at("--runs", f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
     return [replace(run, estimate=_estimate(setup, run.plan, profile)) for run in runs]
