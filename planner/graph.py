@@ -42,6 +42,8 @@ class LayerCost:
     # forward/backward/recompute are the times with every rank of the node busy; alone, the layer takes them
     # divided by this (the ratio a profile measured where it timed the layer both ways, else 1: none known).
     contention: float = 1.0
+    # Parameters whose gradient each tp rank holds as a partial sum, reduced once per step (`sp_partial_params`).
+    partial_grad_params: float = 0.0
 
     @property
     def busy_s(self) -> float:
@@ -234,7 +236,16 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         time_source=times.source,
         time_note=times.note,
         contention=times.contention,
+        partial_grad_params=sp_partial_params(params.block_params(model), plan),
     )
+
+
+def sp_partial_params(count: params.ParamCount, plan: ParallelPlan) -> float:
+    """Under sequence parallelism the parameters a layer replicates over tp (norms, row-parallel biases) see only
+    this rank's shard of the sequence, so their gradients are partial sums until reduced over tp (Korthikanti et
+    al. 2022, sec. 4.2.2; executor/apply.py `reduce_partial_grads`). The embedding's replicated positions are
+    added before the sequence is split (executor/parallel/tensor.py) and are not among them."""
+    return float(count.replicated) if plan.sequence_parallel and plan.tp > 1 else 0.0
 
 
 def _ring_attention_exposed_s(
@@ -262,7 +273,8 @@ def embedding_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> L
 def head_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
     """Final norm, LM head and loss: the head's input gradient is all-reduced over TP in backward."""
     layer = ops.head_ops(model, ctx.shape)
-    return _edge_layer("head", "head", params.head_params(model), layer, ctx, plan)
+    head = _edge_layer("head", "head", params.head_params(model), layer, ctx, plan)
+    return replace(head, partial_grad_params=sp_partial_params(head.params, plan))
 
 
 def _edge_layer(

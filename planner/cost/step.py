@@ -48,6 +48,8 @@ from planner.specs import (
 GiB = 1024**3
 TIME_TERMS: tuple[str, ...] = tuple(TimeBreakdown.model_fields)
 MEMORY_TERMS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+# The gradients the executor reduces are in its weights' dtype: fp32 (mixed precision runs by autocast).
+GRADIENT_BYTES = 4
 
 
 def _column(values: Any, dtype: Any = None) -> np.ndarray:
@@ -66,6 +68,7 @@ class KindColumns:
     saved_bytes: np.ndarray
     working_bytes: np.ndarray
     contention: np.ndarray
+    partial_grad_params: np.ndarray
     params_per_gpu: np.ndarray  # last: `of` derives it, every other field is a LayerCost field of the same name
 
     @classmethod
@@ -127,6 +130,7 @@ class PlanBatch:
     head: KindColumns
     dp_channel: DpChannels  # bus bandwidths and latencies as (N, 1) columns
     pp_channel: Channel
+    tp_channel: Channel
 
     @classmethod
     def of_plan(
@@ -142,6 +146,7 @@ class PlanBatch:
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees))
         pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees))
+        tp_channel = comm.group_channel(cluster, placement("tp", *degrees))
         return cls(
             model=model,
             training=training,
@@ -160,6 +165,7 @@ class PlanBatch:
             **kind_columns([kinds], _column(plan.tp)),
             dp_channel=dp_channel_columns([dp_channel]),
             pp_channel=channel_columns([pp_channel]),
+            tp_channel=channel_columns([tp_channel]),
         )
 
     @property
@@ -281,7 +287,7 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
     return {
         "compute_s": on_slowest("work_s", m - alone) + on_slowest("alone_work_s", alone) + m * overhead
         + step_overhead_s(batch.cluster),
-        "tp_comm_s": on_slowest("tp_comm_s"),
+        "tp_comm_s": on_slowest("tp_comm_s") + tp_step_comm_s(batch),
         "cp_comm_s": on_slowest("cp_comm_s"),
         "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * meeting_wait_s(batch),
         "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * meeting_wait_s(batch)).max(axis=1, keepdims=True),
@@ -300,6 +306,28 @@ def microbatches_alone(pp: int, virtual_stages: np.ndarray, microbatches: np.nda
     if pp == 1:
         return np.zeros_like(microbatches, dtype=float)
     return np.minimum(microbatches, (pp - 1) / virtual_stages)
+
+
+def tp_step_comm_s(batch: PlanBatch) -> np.ndarray:
+    """Tensor-parallel work once per step, outside the layers' times: the one all-reduce of the gradients that
+    sequence parallelism leaves partial (`partial_grad_params`; Megatron-LM's finalize_model_grads, the executor's
+    `reduce_partial_grads`), and the waits at the tp ranks' meetings (`tp_meetings`). (N, 1)."""
+    partial_bytes = batch.per_device("partial_grad_params") * GRADIENT_BYTES
+    reduce = np.where(partial_bytes > 0, comm.all_reduce_s(partial_bytes, batch.tp, batch.tp_channel), 0.0)
+    return (reduce + tp_meetings(batch) * meeting_wait_s(batch)).max(axis=1, keepdims=True)
+
+
+# The gradient norm reduces each DTensor layout of the gradients once (executor/apply.py `clip_grad_norm`); tp
+# gives two that are split over its ranks, the column-parallel and the row-parallel matrices.
+CLIP_TP_LAYOUTS = 2
+
+
+def tp_meetings(batch: PlanBatch) -> np.ndarray:
+    """Meetings of the tp ranks per step besides the layers' own collectives (which the layers' times hold): the
+    gradient norm's reductions (`CLIP_TP_LAYOUTS`) and, under sequence parallelism, the partial gradients'
+    all-reduce. (N, pp); 0 without tensor parallelism."""
+    sequence_parallel = batch.per_device("partial_grad_params") > 0
+    return (batch.tp > 1) * (CLIP_TP_LAYOUTS + sequence_parallel)
 
 
 def pp_comm_s(batch: PlanBatch) -> np.ndarray:
@@ -337,9 +365,8 @@ def pp_meetings(batch: PlanBatch) -> np.ndarray:
 
 
 # DDP's gradient buckets (torch.nn.parallel.DistributedDataParallel): the first holds 1 MiB
-# (dist._DEFAULT_FIRST_BUCKET_BYTES), the others bucket_cap_mb = 25 MiB, of gradients in the parameters' dtype
-# (fp32: the executor keeps fp32 weights and runs mixed precision by autocast).
-DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_BYTES, DDP_GRADIENT_BYTES = 2**20, 25 * 2**20, 4
+# (dist._DEFAULT_FIRST_BUCKET_BYTES), the others bucket_cap_mb = 25 MiB.
+DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_BYTES = 2**20, 25 * 2**20
 
 
 def dp_meetings(batch: PlanBatch) -> np.ndarray:
@@ -350,7 +377,7 @@ def dp_meetings(batch: PlanBatch) -> np.ndarray:
     gather per unit, a reduce-scatter per unit and micro-batch; ZeRO-3: two gathers and a reduce-scatter per unit
     and micro-batch; `replicate`: an all-reduce per unit). (N, pp); 0 with one data-parallel rank."""
     zero, m, units = batch.zero_stage, batch.microbatches, dp_units(batch)
-    gradient_bytes = batch.device_params() * DDP_GRADIENT_BYTES
+    gradient_bytes = batch.device_params() * GRADIENT_BYTES
     ddp_buckets = 1 + np.ceil(np.maximum(gradient_bytes - DDP_FIRST_BUCKET_BYTES, 0) / DDP_BUCKET_BYTES)
     gradients = np.select(
         [on_fsdp2(batch) & (zero == 2), on_fsdp2(batch) & (zero == 3), on_fsdp2(batch)],

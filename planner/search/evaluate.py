@@ -44,7 +44,7 @@ class CandidateCosts:
         self.model, self.training, self.cluster, self.candidates = model, training, cluster, candidates
         self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
-        self.dp_channel, self.pp_channel = self._channels(layout_rows)
+        self.dp_channel, self.pp_channel, self.tp_channel = self._channels(layout_rows)
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
@@ -60,12 +60,13 @@ class CandidateCosts:
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
         return key, kind_columns(kinds, c.tp[group_rows])
 
-    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.DpChannels, comm.Channel]:
+    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.DpChannels, comm.Channel, comm.Channel]:
         c, gpn = self.candidates, self.cluster.gpus_per_node
         degrees = [(int(c.pp[r]), int(c.dp[r]), int(c.cp[r]), int(c.tp[r]), gpn) for r in layout_rows]
         dp = [comm.DpChannels.of(self.cluster, placement("dp_cp", *d)) for d in degrees]
         pp = [comm.p2p_channel(self.cluster, placement("pp", *d)) for d in degrees]
-        return dp_channel_columns(dp), channel_columns(pp)
+        tp = [comm.group_channel(self.cluster, placement("tp", *d)) for d in degrees]
+        return dp_channel_columns(dp), channel_columns(pp), channel_columns(tp)
 
     @property
     def num_layouts(self) -> int:
@@ -98,6 +99,7 @@ class CandidateCosts:
             head=self.kinds["head"].take(key),
             dp_channel=self.dp_channel.take(layout),
             pp_channel=self.pp_channel.take(layout),
+            tp_channel=self.tp_channel.take(layout),
         )
 
     def _even_blocks(self, pp: int) -> np.ndarray:

@@ -78,6 +78,7 @@ def reference(spec: ModelSpec) -> dict:
 
 def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
 
     from executor.apply import apply_plan
     from executor.mesh import build_mesh
@@ -93,12 +94,17 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
             optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
         norms.append(applied.clip_grad_norm_(MAX_GRAD_NORM))
-        for optimizer in optimizers:
-            optimizer.step()
+        with CommDebugMode() as optimizer_comms:
+            for optimizer in optimizers:
+                optimizer.step()
     local_params = [None] * dist.get_world_size()
     dist.all_gather_object(local_params, sum(_local_numel(p) for p in applied.parameters()))
     dist.destroy_process_group()
-    return {"losses": losses, "grad_norms": norms, "local_params": local_params}
+    # The collectives DTensor issued inside the last optimizer step (a Partial gradient left by backward costs
+    # an all-reduce in each operation that reads it).
+    optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
+    return {"losses": losses, "grad_norms": norms, "local_params": local_params,
+            "optimizer_collectives": optimizer_collectives}  # fmt: skip
 
 
 def _local_numel(param: torch.Tensor) -> int:

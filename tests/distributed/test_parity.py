@@ -125,6 +125,9 @@ def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict
     assert len(result["local_params"]) == plan.num_gpus
     # Each rank holds its share, plus the few parameters every layout replicates (norms, positions, row biases).
     assert max(result["local_params"]) <= 1.05 * full / _sharded_ways(plan), result["local_params"]
+    # Gradients reach the optimizer reduced: it issues no collective but ZeRO-1's broadcasts of updated shares.
+    zero1_broadcasts = {"c10d.broadcast_"} if plan.zero_stage == 1 and plan.dp > 1 else set()
+    assert set(result["optimizer_collectives"]) == zero1_broadcasts, result["optimizer_collectives"]
 
 
 def test_an_unsupported_plan_is_refused_before_any_process_starts(

@@ -17,7 +17,7 @@ import planner
 from planner.cost import comm
 from planner.cost.measured import MeasuredLayer, NotMeasured, ProfileCosts, predict_collective_s
 from planner.cost.params import model_params
-from planner.cost.step import layer_costs
+from planner.cost.step import PlanBatch, layer_costs, tp_step_comm_s
 from planner.layout import placement
 from planner.presets import gpu_preset
 from planner.profiles import ProfileError, save_profile_json
@@ -923,3 +923,29 @@ def test_fsdp2_on_a_cpu_hides_none_of_its_collectives(save):
         return planner.estimate(gpu).breakdown.dp_comm_s
 
     assert on_gpu(True) < on_gpu(False)
+
+
+def test_tensor_parallel_ranks_meet_for_the_gradient_norm_and_once_more_under_sequence_parallelism(save):
+    """At tp 2 the gradient norm reduces the column-split and the row-split matrices: 2 meetings a step. Sequence
+    parallelism leaves the norms' gradients partial, summed by one all-reduce a step: one meeting more."""
+    fits = [fit("all_reduce", "intra_node", 2)]
+    waiting = save(make_profile(collective_fits=fits, meeting_waits=[meeting_wait(4, 1e-3)]), "waits.json")
+    never = save(make_profile(collective_fits=fits), "none.json")
+    for plan, meetings in (({"tp": 2}, 2), ({"tp": 2, "sequence_parallel": True}, 3), ({"dp": 2}, 0)):
+        extra = two_rank_step(waiting, **plan).tp_comm_s - two_rank_step(never, **plan).tp_comm_s
+        assert extra == pytest.approx(meetings * 1e-3), plan
+
+
+def test_sequence_parallel_norm_gradients_are_all_reduced_once_a_step(save):
+    """4 blocks of 2 RMSNorms and the final norm, 128 fp32 weights each: one all-reduce of 4,608 bytes over tp
+    (Megatron-LM's finalize_model_grads), at the profile's all_reduce fit; nothing without SP."""
+    path = save(make_profile(collective_fits=[fit("all_reduce", "intra_node", 2, latency_s=1e-4, bandwidth_GBps=2.0)]))
+
+    def per_step_s(**plan: Any) -> float:
+        req = parse_estimate_request(request(path, gpus_per_node=2, **plan))
+        return float(tp_step_comm_s(PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan))[0, 0])
+
+    norm_bytes = (2 * MODEL.num_layers + 1) * MODEL.hidden_size * FP32_BYTES
+    ring = 2 * (2 - 1) / 2  # all-reduce bus factor for 2 ranks (nccl-tests)
+    assert per_step_s(tp=2, sequence_parallel=True) == pytest.approx(1e-4 + ring * norm_bytes / 2e9)
+    assert per_step_s(tp=2) == 0.0
