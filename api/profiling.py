@@ -45,8 +45,11 @@ def _progress(console: Console, label: str) -> Progress:
 # ----------------------------------------------------------------------------------------------- compute
 
 
-def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
-    """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer)."""
+def run_compute(
+    sweep: ComputeSweep, console: Console, after_pass: Callable[[int], None] | None = None
+) -> HardwareProfile:
+    """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer); `after_pass`
+    as `profile_compute` takes it."""
     from profiler.compute import profile_compute
 
     with _progress(console, "compute") as progress:
@@ -55,7 +58,7 @@ def run_compute(sweep: ComputeSweep, console: Console) -> HardwareProfile:
         def tick(done: int, total: int, what: str) -> None:
             progress.update(task, completed=done, total=total, what=what)
 
-        return profile_compute(sweep, on_progress=tick)
+        return profile_compute(sweep, on_progress=tick, after_pass=after_pass)
 
 
 def run_tp_layers(sweep: ComputeSweep, console: Console, cancel: threading.Event) -> tp_layers.RanksResult:

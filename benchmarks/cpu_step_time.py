@@ -1,16 +1,24 @@
 """Predicted (from a CPU profile) vs measured step time of single-process training plans on this machine.
 
-Run: python benchmarks/cpu_step_time.py [--threads 1] [--profile FILE] [--steps 30] [--out DIR]
+Run: python benchmarks/cpu_step_time.py [--threads 1] [--profile FILE] [--steps 12] [--rounds 3] [--out DIR]
      (prints a table; exits 0)
 
-1. Profiles the model's layers on this CPU (`profiler.compute`, the same sweep as `paraplan profile compute`)
-   with --threads torch threads, unless --profile gives one, and writes it to DIR/profile.json.
-2. For every single-process plan of the grid (micro-batch size x recompute mode), estimates the step with
-   `cluster.profile` set to that profile, then trains the plan with the executor (`executor.train` under torchrun,
-   one process, OMP_NUM_THREADS=--threads) for --steps steps and takes the median step time of the steps after
-   the first two. The thread count is fixed for both because a profile holds for one thread count only.
-3. Prints predicted vs measured, the error of each plan and the mean absolute percentage error (target: each
-   within 10%).
+1. Trains every single-process plan of the grid (micro-batch size x recompute mode) with the executor
+   (`executor.train` under torchrun, one process, OMP_NUM_THREADS=--threads) for --steps steps, in --rounds
+   rounds over the grid (every other round in reverse order); a plan's measured time is the median of all its
+   rounds' steps after the first two of each.
+2. Profiles the model's layers on this CPU (`profiler.compute`, the same sweep as `paraplan profile compute`)
+   with --threads torch threads, one pass over the sweep before each round, samples pooled, and writes the
+   profile to DIR/profile.json; or takes --profile.
+3. Estimates each plan with `cluster.profile` set to that profile; prints predicted vs measured, each plan's
+   error and the mean absolute percentage error (target: each within 10%).
+
+Why rounds, alternating with the profile's passes: this VM's speed drifts over minutes, and slow spells of tens
+of seconds come and go (steps 40% slower). Measured as one block each, the profile and a plan's run can fall in
+different spells, and their ratio then measures the machine, not the cost model (a profile measured in one
+block before all the runs predicted every plan 10-20% slow on 2026-12-03). Alternating them spreads each over
+the whole benchmark. The thread count is fixed for profile and training because a profile holds for one thread
+count only.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,16 +54,18 @@ WARM_STEPS = 2  # lazy initialisation (optimizer state, allocator) lands in the 
 DATA = Path(__file__).resolve().parent.parent / "executor" / "texts" / "founding.txt"
 
 
-def request(micro_batch_size: int, recompute: str, profile: Path) -> dict:
+def request(micro_batch_size: int, recompute: str, profile: Path | None = None) -> dict:
+    cluster = {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 1} | ({"profile": str(profile)} if profile else {})
     return {
         "model": MODEL,
         "training": {"seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH, "precision": "fp32"},
-        "cluster": {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 1, "profile": str(profile)},
+        "cluster": cluster,
         "plan": {"dp": 1, "tp": 1, "pp": 1, "micro_batch_size": micro_batch_size, "recompute": recompute},
     }
 
 
-def measure_profile(out: Path, threads: int, repeats: int, passes: int, console: Console) -> Path:
+def measure_profile(out: Path, args: argparse.Namespace, console: Console, after_pass: Callable[[int], None]) -> Path:
+    """The model's layers on this CPU, one pass over the sweep per round, `after_pass(i)` after pass i."""
     from api.profiling import run_compute
     from profiler.compute import ComputeSweep
 
@@ -62,51 +73,70 @@ def measure_profile(out: Path, threads: int, repeats: int, passes: int, console:
         model=resolve_model(MODEL),
         seq_lens=(SEQ_LEN,),
         micro_batch_sizes=MICRO_BATCH_SIZES,
-        threads=threads,
-        repeats=repeats,
-        passes=passes,
+        threads=args.threads,
+        repeats=args.repeats,
+        passes=args.rounds,
     )
-    return save_profile_json(run_compute(sweep, console), out)
+    return save_profile_json(run_compute(sweep, console, after_pass=after_pass), out)
 
 
-def measured_step_s(req: dict, steps: int, threads: int, out: Path) -> float:
-    """Median step time of a real training run of `req` (steps after the warm ones)."""
-    run_dir = RunDir(out)
-    prepare_run(req, TrainConfig(steps=steps, data=DATA, lr=1e-3), out, nproc=1)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    result = launch.run(local_spec(run_dir, 1, resume=False), env=env, timeout_s=600)
-    if not result.ok:
-        raise SystemExit(f"training {out.name} failed: {result.root_cause}")
-    times = [record["step_time_s"] for record in run_dir.read_metrics()[WARM_STEPS:]]
-    return statistics.median(times)
+class TrainingRounds:
+    """Every plan of the grid trained for `args.steps` steps once per round (every other round in reverse order),
+    the steps after the warm ones pooled over the rounds."""
+
+    def __init__(self, grid: list[tuple[int, str]], args: argparse.Namespace, out: Path):
+        self.grid, self.args, self.out = grid, args, out
+        self.pooled: dict[tuple[int, str], list[float]] = {point: [] for point in grid}
+
+    def run(self, round_index: int) -> None:
+        for mbs, mode in self.grid if round_index % 2 == 0 else self.grid[::-1]:
+            folder = self.out / f"mbs{mbs}-{mode}-round{round_index + 1}"
+            self.pooled[mbs, mode] += self._steady_step_times(request(mbs, mode), folder)
+
+    def _steady_step_times(self, req: dict, out: Path) -> list[float]:
+        run_dir = RunDir(out)
+        prepare_run(req, TrainConfig(steps=self.args.steps, data=DATA, lr=1e-3), out, nproc=1)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.args.threads)}
+        result = launch.run(local_spec(run_dir, 1, resume=False), env=env, timeout_s=600)
+        if not result.ok:
+            raise SystemExit(f"training {out.name} failed: {result.root_cause}")
+        return [record["step_time_s"] for record in run_dir.read_metrics()[WARM_STEPS:]]
+
+    def medians(self) -> dict[tuple[int, str], float]:
+        return {point: statistics.median(times) for point, times in self.pooled.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, help="an existing CPU profile of this model (default: measure one)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12, help="training steps per plan and round")
+    parser.add_argument("--rounds", type=int, default=3, help="profile passes and training rounds, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, profile and training alike")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per profiled layer and pass")
-    parser.add_argument("--passes", type=int, default=3, help="passes over the profile's sweep, samples pooled")
     parser.add_argument("--out", type=Path, default=None, help="where the profile and runs go (default: a temp dir)")
     args = parser.parse_args()
     console = Console(width=160)
     out = args.out or Path(tempfile.mkdtemp(prefix="paraplan-cpu-steps-"))
-    profile = args.profile or measure_profile(out / "profile.json", args.threads, args.repeats, args.passes, console)
-    device = load_profile_json(profile).device_name
+    grid = [(mbs, mode) for mbs in MICRO_BATCH_SIZES for mode in RECOMPUTE_MODES]
+    rounds = TrainingRounds(grid, args, out)
+    if args.profile is None:
+        profile = measure_profile(out / "profile.json", args, console, after_pass=rounds.run)
+    else:
+        profile = args.profile
+        for round_index in range(args.rounds):
+            rounds.run(round_index)
+    measured = rounds.medians()
 
-    table = Table(title=f"single-process step time on {device}: predicted from the profile vs measured")
+    table = Table(title=f"single-process step time on {load_profile_json(profile).device_name}: "
+                        "predicted from the profile vs measured")  # fmt: skip
     for column in ("mbs", "recompute", "microbatches", "predicted s", "measured s", "error"):
         table.add_column(column, justify="right")
     errors = []
-    for mbs in MICRO_BATCH_SIZES:
-        for mode in RECOMPUTE_MODES:
-            req = request(mbs, mode, profile)
-            predicted = planner.estimate(req).step_time_s
-            measured = measured_step_s(req, args.steps, args.threads, out / f"mbs{mbs}-{mode}")
-            errors.append(predicted / measured - 1)
-            row = (str(mbs), mode, str(GLOBAL_BATCH // mbs), f"{predicted:.4f}", f"{measured:.4f}")
-            table.add_row(*row, f"{errors[-1]:+.1%}")
+    for mbs, mode in grid:
+        predicted = planner.estimate(request(mbs, mode, profile)).step_time_s
+        errors.append(predicted / measured[mbs, mode] - 1)
+        row = (str(mbs), mode, str(GLOBAL_BATCH // mbs), f"{predicted:.4f}", f"{measured[mbs, mode]:.4f}")
+        table.add_row(*row, f"{errors[-1]:+.1%}")
     table.caption = (
         f"MAPE {statistics.mean(abs(e) for e in errors):.1%}, worst {max(errors, key=abs):+.1%}; profile {profile}"
     )

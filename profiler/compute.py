@@ -546,18 +546,25 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 Progress = Callable[[int, int, str], None]  # (done, total, what was just measured)
 
 
-def profile_compute(sweep: ComputeSweep, on_progress: Progress | None = None) -> HardwareProfile:
-    """Measure every point of `sweep` and the optimizer on this machine; a HardwareProfile of the results."""
+def profile_compute(
+    sweep: ComputeSweep, on_progress: Progress | None = None, after_pass: Callable[[int], None] | None = None
+) -> HardwareProfile:
+    """Measure every point of `sweep` and the optimizer on this machine; a HardwareProfile of the results.
+    `after_pass(i)` runs after pass i: other measurements interleaved with the passes see the machine at the
+    same times as the profile does (a shared machine's speed drifts over minutes)."""
     import torch
 
     device = _open_device(sweep)
     runs = sweep.runs()
     total = sweep.passes * len(runs) + 1
     samples = {run: LayerSamples() for run in runs}
-    for done, run in enumerate(runs * sweep.passes, start=1):
-        samples[run].extend(time_in_model(sweep, run, device))
-        if on_progress is not None:
-            on_progress(done, total, run.describe())
+    for pass_index in range(sweep.passes):
+        for done, run in enumerate(runs, start=pass_index * len(runs) + 1):
+            samples[run].extend(time_in_model(sweep, run, device))
+            if on_progress is not None:
+                on_progress(done, total, run.describe())
+        if after_pass is not None:
+            after_pass(pass_index)
     measured = [measure_run(sweep, run, samples[run], device) for run in runs]
     layers = sorted((m for run in measured for m in run), key=_profile_order)
     optimizer = measure_optimizer(sweep, device)

@@ -89,6 +89,23 @@ def profile() -> HardwareProfile:
     return result
 
 
+def test_work_between_passes_runs_after_each_pass_and_the_passes_pool():
+    """`after_pass` runs other work between the passes (benchmarks/cpu_step_time.py trains there), each pass's
+    samples already taken; the profile pools all passes."""
+    events: list[tuple[str, int]] = []
+    two_passes = sweep(seq_lens=(16,), micro_batch_sizes=(1,), passes=2)
+    per_pass = len(two_passes.runs())
+    result = profile_compute(
+        two_passes,
+        on_progress=lambda done, total, what: events.append(("layers", done)),
+        after_pass=lambda index: events.append(("between", index)),
+    )
+    layers_then_between = [("layers", n) for n in range(1, per_pass + 1)] + [("between", 0)]
+    layers_then_between += [("layers", n) for n in range(per_pass + 1, 2 * per_pass + 1)] + [("between", 1)]
+    assert events[:-1] == layers_then_between  # then the optimizer's tick
+    assert all(m.forward.repeats == 2 * 2 for m in result.layers)
+
+
 def test_profile_has_every_layer_point(profile: HardwareProfile):
     keys = {(m.layer, m.micro_batch_size, m.seq_len, m.recompute) for m in profile.layers}
     blocks = {("block", b, s, mode) for b in (1, 2) for s in (16, 32) for mode in ("none", "selective", "full")}
