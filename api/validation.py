@@ -2,7 +2,8 @@
 
 The loop, in order:
 1. a profile of this machine for the model (layers at every micro-batch size, tp degree and recompute mode the
-   plans use, and the collectives of `nproc` ranks), unless an existing one is given;
+   plans use, and the collectives of `nproc` ranks), unless an existing one is given; with several passes of
+   runs, one profile pass before each pass of runs, the profiles pooled (profiler/pool.py);
 2. every plan the search space holds for `nproc` ranks (planner/search/space.py) that the executor can run;
 3. each plan trained by the executor under torchrun for a few steps; its steady step time is the median of the
    steps after the warm-up ones, and it is stored as a measured run with its plan and its estimate;
@@ -39,6 +40,7 @@ from planner.profiles import save_profile_json
 from planner.request import parse_estimate_request, parse_plan_request
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
+from profiler.pool import pool_profiles
 
 
 class ValidationStopped(RuntimeError):
@@ -66,8 +68,9 @@ class ValidationSetup:
     max_plans: int | None = None
     data: Path = DEFAULT_DATA
     threads: int = 1  # torch threads per rank, in the profile and the runs alike (a profile holds for one count)
-    # Times every plan is run, each pass in the opposite order of the one before, its steady steps pooled: a machine
-    # whose speed drifts over the validation's minutes then weighs on every plan alike (see `run_all`).
+    # Times every plan is run, each pass in the opposite order of the one before, its steady steps pooled, and a
+    # profile pass measured before each: a machine whose speed drifts over the validation's minutes then weighs on
+    # every plan, and on the profile, alike (see `run_all`, `_profile_and_run`).
     passes: int = 1
 
     def request(self, plan: ParallelPlan | None = None) -> dict[str, Any]:
@@ -227,38 +230,44 @@ def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun
 def run_all(
     setup: ValidationSetup,
     plans: list[ParallelPlan],
-    profile: HardwareProfile,
+    profile_for_pass: Callable[[int], HardwareProfile],
     cancel: threading.Event,
     on_run: Callable[[int, PlanRun], None] = lambda i, run: None,
     on_attempt: Callable[[int, ParallelPlan | None], None] = lambda done, upcoming: None,
 ) -> list[PlanRun]:
     """Run every plan `setup.passes` times, one run at a time (they share this machine), odd passes in reverse
     order, so that early and late plans see the machine's drift alike; a plan's result pools its passes
-    (`pooled`). `on_attempt` sees the count of runs done and the plan up next after each run; `on_run` sees each
+    (`pooled`). Each pass's runs are estimated from `profile_for_pass(pass)`, called as the pass begins (it may
+    measure). `on_attempt` sees the count of runs done and the plan up next after each run; `on_run` sees each
     plan's pooled result once its last pass has run."""
     attempts: list[list[PlanRun]] = [[] for _ in plans]
-    schedule = [
-        (attempt, i)
-        for attempt in range(setup.passes)
-        for i in (range(len(plans)) if attempt % 2 == 0 else reversed(range(len(plans))))
-    ]
-    for done, (attempt, i) in enumerate(schedule, start=1):
-        folder = f"{i:03d}" if setup.passes == 1 else f"{i:03d}-pass{attempt + 1}"
-        attempts[i].append(run_plan(setup, plans[i], profile, setup.out / "runs" / folder, cancel))
-        if attempt == setup.passes - 1:
-            on_run(i, pooled(attempts[i]))
-        on_attempt(done, plans[schedule[done][1]] if done < len(schedule) else None)
+    schedule = [(attempt, i) for attempt in range(setup.passes) for i in _pass_order(len(plans), attempt)]
+    for attempt in range(setup.passes):
+        profile = profile_for_pass(attempt)
+        for i in _pass_order(len(plans), attempt):
+            folder = f"{i:03d}" if setup.passes == 1 else f"{i:03d}-pass{attempt + 1}"
+            attempts[i].append(run_plan(setup, plans[i], profile, setup.out / "runs" / folder, cancel))
+            if attempt == setup.passes - 1:
+                on_run(i, pooled(attempts[i]))
+            done = sum(len(runs) for runs in attempts)
+            on_attempt(done, plans[schedule[done][1]] if done < len(schedule) else None)
     return [pooled(runs) for runs in attempts]
 
 
+def _pass_order(count: int, attempt: int) -> list[int]:
+    """The plans' indices in the order pass `attempt` runs them: forward, then backward, and so on."""
+    return list(range(count)) if attempt % 2 == 0 else list(reversed(range(count)))
+
+
 def pooled(runs: list[PlanRun]) -> PlanRun:
-    """One plan's runs as one: the first failure if any failed, else the median of every run's steady steps."""
+    """One plan's runs as one: the first failure if any failed, else the median of every run's steady steps, with
+    the last run's estimate (made from the profile as it stood after every pass's measurement)."""
     failed = next((run for run in runs if run.measured_s is None), None)
     if failed is not None:
         return failed
     steps = [step for run in runs for step in run.step_times_s]
     peaks = [run.measured_peak_bytes for run in runs if run.measured_peak_bytes is not None]
-    return replace(runs[0], measured_s=statistics.median(steps), step_times_s=steps,
+    return replace(runs[-1], run_dir=runs[0].run_dir, measured_s=statistics.median(steps), step_times_s=steps,
                    measured_peak_bytes=max(peaks) if peaks else None)  # fmt: skip
 
 
@@ -348,16 +357,22 @@ def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | N
 # ---------------------------------------------------------------------------------------------- profile
 
 
-# Each layer shape is measured in two passes over the sweep, pooled: a shared machine's speed drifts over minutes,
-# and two passes spread that drift over every shape instead of on whichever ran during a slow spell.
+# With one pass of runs, each layer shape is measured in two passes over the sweep, pooled: a shared machine's speed
+# drifts over minutes, and two passes spread that drift over every shape instead of on whichever ran during a slow
+# spell. With several passes of runs, one profile pass comes before each (`_profile_and_run`).
 PROFILE_PASSES = 2
 
 
 def measure_profile(
-    setup: ValidationSetup, plans: list[ParallelPlan], console: Console, cancel: threading.Event
+    setup: ValidationSetup,
+    plans: list[ParallelPlan],
+    console: Console,
+    cancel: threading.Event,
+    passes: int = PROFILE_PASSES,
+    collectives: bool = True,
 ) -> HardwareProfile:
     """A profile of this machine for the plans: their layer shapes (alone, on tp ranks, and on all `nproc` ranks
-    at once), and the collectives of `nproc` ranks."""
+    at once), in `passes` passes over them, and, with `collectives`, the collectives of `nproc` ranks."""
     from api.profiling import (
         CommLaunch,
         merge,
@@ -381,7 +396,7 @@ def measure_profile(
         device=setup.device,
         threads=setup.threads if setup.device == "cpu" else None,
         sequence_parallel=tuple(needs["sequence_parallel"]),
-        passes=PROFILE_PASSES,
+        passes=passes,
     )
     problems = sweep.violations()
     if problems:
@@ -391,6 +406,8 @@ def measure_profile(
         return compute
     on_ranks = run_tp_layers(sweep, console, cancel), run_loaded_layers(sweep, setup.nproc, console, cancel)
     compute = with_rank_measurements(compute, *on_ranks)
+    if not collectives:
+        return compute
     sweep_file = setup.out / "profile.sweep.json"
     comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))
     return merge(compute, run_comm(comm, sweep_file, console, cancel))
@@ -458,22 +475,37 @@ def _profile_and_run(
     console: Console,
     cancel: threading.Event,
 ) -> tuple[HardwareProfile, list[PlanRun]]:
-    """Steps 1-3 of the loop: the profile (measured unless given) and every valid plan's run."""
+    """Steps 1-3 of the loop: the profile (measured unless given) and every valid plan's run. With several passes
+    of runs, a profile pass is measured before each pass of runs and the profiles are pooled (profiler/pool.py),
+    so that the profile samples the machine over the same stretch of time as the runs; each pass's runs are
+    estimated from the pooled profile so far, and the last pass's from all of it."""
     plans = valid_plans(setup)
     if len(plans) < 2:
         raise InputError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
     setup.out.mkdir(parents=True, exist_ok=True)
     console.print(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
-    if profile is None:
+    if profile is None and setup.passes == 1:
         profile = measure_profile(setup, plans, console, cancel)
-    save_profile_json(profile, setup.out / PROFILE_FILE)  # before the runs: a stopped validation keeps it
-    return profile, _run_with_progress(setup, plans, profile, outputs, console, cancel)
+    if profile is not None:
+        save_profile_json(profile, setup.out / PROFILE_FILE)  # before the runs: a stopped validation keeps it
+        given = profile
+        return profile, _run_with_progress(setup, plans, lambda attempt: given, outputs, console, cancel)
+    measured: list[HardwareProfile] = []
+
+    def profile_pass(attempt: int) -> HardwareProfile:
+        measured.append(measure_profile(setup, plans, console, cancel, passes=1, collectives=attempt == 0))
+        pooled_so_far = pool_profiles(measured)
+        save_profile_json(pooled_so_far, setup.out / PROFILE_FILE)
+        return pooled_so_far
+
+    runs = _run_with_progress(setup, plans, profile_pass, outputs, console, cancel)
+    return pool_profiles(measured), runs
 
 
 def _run_with_progress(
     setup: ValidationSetup,
     plans: list[ParallelPlan],
-    profile: HardwareProfile,
+    profile_for_pass: Callable[[int], HardwareProfile],
     outputs: Outputs,
     console: Console,
     cancel: threading.Event,
@@ -493,7 +525,14 @@ def _run_with_progress(
         def on_attempt(done: int, upcoming: ParallelPlan | None) -> None:
             progress.update(task, completed=done, what=describe(upcoming) if upcoming else "done")
 
-        return run_all(setup, plans, profile, cancel, on_run, on_attempt)
+        def profile_with_progress_paused(attempt: int) -> HardwareProfile:
+            progress.stop()  # the profiler shows its own progress bars; one live display at a time
+            try:
+                return profile_for_pass(attempt)
+            finally:
+                progress.start()
+
+        return run_all(setup, plans, profile_with_progress_paused, cancel, on_run, on_attempt)
 
 
 def describe(plan: ParallelPlan) -> str:

@@ -58,6 +58,8 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     measured = load_profile_json(out / "profile.json")
     assert measured.calibration is None and measured.collective_fits and measured.layers
+    # One profile pass before each pass of runs, the two pooled.
+    assert len(measured.settings["pooled_from"]) == 2
     # Layers and the optimizer timed alone, on 2 tp ranks, and on both ranks at once (loaded).
     assert {(m.tp, m.tp_collectives, m.concurrent_ranks) for m in measured.layers} == {(1, False, 1), (2, False, 1),
                                                                                       (2, True, 2), (1, False, 2)}

@@ -8,9 +8,11 @@ from api.validation import PlanRun, pooled
 from planner.specs import ParallelPlan
 
 
-def plan_run(steps: list[float] | None, peak: int | None = None, error: str | None = None) -> PlanRun:
+def plan_run(
+    steps: list[float] | None, peak: int | None = None, error: str | None = None, predicted_s: float = 1.0
+) -> PlanRun:
     measured = None if steps is None else statistics.median(steps)
-    return PlanRun(ParallelPlan(dp=2), {"step_time_s": 1.0}, "runs/000", measured, steps or [], peak, error)
+    return PlanRun(ParallelPlan(dp=2), {"step_time_s": predicted_s}, "runs/000", measured, steps or [], peak, error)
 
 
 def test_a_plan_run_several_times_pools_its_steady_steps():
@@ -28,3 +30,9 @@ def test_a_plan_that_failed_once_is_failed():
 def test_one_run_is_its_own_result():
     once = plan_run([0.2, 0.3, 0.25], peak=7)
     assert pooled([once]) == once
+
+
+def test_the_pooled_run_is_predicted_from_the_profile_of_its_last_pass():
+    """Under `--passes` a profile pass precedes each pass of runs: the last run's estimate comes from all of them."""
+    first, last = plan_run([1.0], predicted_s=0.8), plan_run([1.2], predicted_s=0.9)
+    assert pooled([first, last]).predicted_s == 0.9
