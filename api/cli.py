@@ -1170,7 +1170,13 @@ def validate(
     steps: Annotated[int, typer.Option("--steps", help="Steps each plan trains.", min=2)] = 12,
     warm_steps: Annotated[int, typer.Option("--warm-steps", help="First steps left out of the median.", min=0)] = 4,
     passes: Annotated[
-        int, typer.Option("--passes", help="Run every plan this many times, in alternating order; steps pooled.", min=1)
+        int,
+        typer.Option(
+            "--passes",
+            help="Run every plan this many times, in alternating order, steps pooled; with more than one, a profile "
+            "pass is measured before each pass of runs and the profiles pooled.",
+            min=1,
+        ),
     ] = 1,
     max_plans: Annotated[
         int | None, typer.Option("--max-plans", help="Run at most this many plans, spread over the space.", min=2)
