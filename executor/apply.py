@@ -70,7 +70,7 @@ class AppliedPlan:
         """
         tokens, targets = self._local_rows(tokens), self._local_rows(targets)
         local = self._pipeline(tokens, targets) if self.schedule is not None else self._accumulate(tokens, targets)
-        reduce_partial_grads(self.parameters())
+        align_grads_with_params(self.parameters())
         return self._global_mean(local)
 
     def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def clip_grad_norm(
     """Scale the gradients of `params` (plain tensors or DTensors of any layouts) so that their global 2-norm is at
     most `max_norm`; the norm before clipping. `pp_group`: the pipeline group whose stages hold the rest of the
     model (their squares are summed), if any."""
-    groups = list(_grads_by_layout(iter(params)).values())
+    groups = _grads_by_layout(iter(params))
     zero = torch.zeros((), device=device)
     norm_sq = sum((_group_norm(group) ** 2 for group in groups), zero)
     if pp_group is not None:
@@ -163,36 +163,61 @@ def _accumulating(model: nn.Module, zero_stage: int, last: bool) -> Iterator[Non
         yield
 
 
-def reduce_partial_grads(params: Iterable[nn.Parameter]) -> None:
-    """Sum the gradients that a backward leaves as partial sums over ranks, one all-reduce per layout, as
-    Megatron-LM all-reduces the sequence-parallel norms' gradients over tp once after backward
-    (megatron/core/distributed/finalize_model_grads.py; Korthikanti et al. 2022, sec. 4.2.2: each tp rank's
-    norm saw only its shard of the sequence). DTensor keeps such gradients `Partial` and would otherwise reduce
-    them again in every operation that reads one: measured on a 4-block Llama at tp 2 with SP, 11 all-reduces
-    in the gradient norm and 27 in AdamW's step, about 100 ms a step on 2 CPU ranks."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+def align_grads_with_params(params: Iterable[nn.Parameter]) -> None:
+    """Bring every DTensor gradient to its parameter's layout, as the optimizer and the gradient norm expect, once
+    per step after backward:
 
-    for layout, group in _grads_by_layout(iter(params)).items():
-        if layout is None or not any(isinstance(p, Partial) for p in layout[1]):
-            continue
-        mesh, placements = layout
-        summed = [Replicate() if isinstance(p, Partial) else p for p in placements]
-        if any(isinstance(p, Partial) and p.reduce_op != "sum" for p in placements):
-            for param in group:  # other reductions (avg, max): DTensor's own, one tensor at a time
-                param.grad = param.grad.redistribute(placements=summed)
-            continue
-        shards = [param.grad.to_local() for param in group]
-        flat = torch.cat([shard.reshape(-1) for shard in shards])
-        for dim, placement in enumerate(placements):
-            if isinstance(placement, Partial):
-                dist.all_reduce(flat, group=mesh.get_group(dim))
-        for param, shard, values in zip(group, shards, flat.split([s.numel() for s in shards]), strict=True):
-            grad = param.grad
-            param.grad = DTensor.from_local(values.view_as(shard), mesh, summed, shape=grad.shape, stride=grad.stride())
+    - gradients that are partial sums over ranks are summed, one all-reduce per layout: under sequence parallelism
+      the norms saw only this rank's shard of the sequence (Korthikanti et al. 2022, sec. 4.2.2), and Megatron-LM
+      all-reduces their gradients over tp once after backward (megatron/core/distributed/finalize_model_grads.py).
+      Left `Partial`, DTensor reduces them again in every operation that reads one: measured on a 4-block Llama
+      at tp 2 with SP, 11 all-reduces in the gradient norm and 27 in AdamW's step, about 100 ms a step on 2 CPU
+      ranks;
+    - whole gradients of sharded parameters are cut to this rank's shard, which needs no communication: torch's
+      vocabulary-parallel embedding (RowwiseParallel) leaves its weight's gradient `Replicate`, all [vocab, h] of it
+      on every tp rank (torch 2.13), and each optimizer operation would cut it again."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for param in params:
+        grad = param.grad
+        if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
+            key = (grad.device_mesh, tuple(grad.placements), tuple(param.placements))
+            groups.setdefault(key, []).append(param)
+    for (mesh, placements, target), group in groups.items():
+        if _sums_into(placements, target):
+            _all_reduce_partials(group, mesh, placements, target)
+        else:
+            for param in group:
+                param.grad = param.grad.redistribute(placements=target)
 
 
-def _grads_by_layout(params: Iterator[nn.Parameter]) -> dict[Any, list[nn.Parameter]]:
-    """Parameters with gradients, grouped by DTensor mesh and placements (plain tensors under the key None)."""
+def _sums_into(placements: tuple, target: tuple) -> bool:
+    """Whether each mesh dimension either keeps its placement or turns a partial sum into a replica: then one
+    all-reduce per such dimension of the gradients flattened together does the whole change."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    def summed(have: Any, want: Any) -> bool:
+        return isinstance(have, Partial) and have.reduce_op == "sum" and isinstance(want, Replicate)
+
+    return all(have == want or summed(have, want) for have, want in zip(placements, target, strict=True))
+
+
+def _all_reduce_partials(group: list[nn.Parameter], mesh: DeviceMesh, placements: tuple, target: tuple) -> None:
+    from torch.distributed.tensor import DTensor
+
+    shards = [param.grad.to_local() for param in group]
+    flat = torch.cat([shard.reshape(-1) for shard in shards])
+    for dim, (have, want) in enumerate(zip(placements, target, strict=True)):
+        if have != want:
+            dist.all_reduce(flat, group=mesh.get_group(dim))
+    for param, shard, values in zip(group, shards, flat.split([s.numel() for s in shards]), strict=True):
+        grad = param.grad
+        param.grad = DTensor.from_local(values.view_as(shard), mesh, target, shape=grad.shape, stride=grad.stride())
+
+
+def _grads_by_layout(params: Iterator[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Parameters with gradients, grouped by DTensor mesh and placements (plain tensors in one group)."""
     from torch.distributed.tensor import DTensor
 
     groups: dict[Any, list[nn.Parameter]] = {}
@@ -202,7 +227,7 @@ def _grads_by_layout(params: Iterator[nn.Parameter]) -> dict[Any, list[nn.Parame
         grad = param.grad
         key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else None
         groups.setdefault(key, []).append(param)
-    return groups
+    return list(groups.values())
 
 
 def _group_norm(params: list[nn.Parameter]) -> torch.Tensor:

@@ -243,7 +243,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
 def sp_partial_params(count: params.ParamCount, plan: ParallelPlan) -> float:
     """Under sequence parallelism the parameters a layer replicates over tp (norms, row-parallel biases) see only
     this rank's shard of the sequence, so their gradients are partial sums until reduced over tp (Korthikanti et
-    al. 2022, sec. 4.2.2; executor/apply.py `reduce_partial_grads`). The embedding's replicated positions are
+    al. 2022, sec. 4.2.2; executor/apply.py `align_grads_with_params`). The embedding's replicated positions are
     added before the sequence is split (executor/parallel/tensor.py) and are not among them."""
     return float(count.replicated) if plan.sequence_parallel and plan.tp > 1 else 0.0
 

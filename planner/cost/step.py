@@ -311,7 +311,7 @@ def microbatches_alone(pp: int, virtual_stages: np.ndarray, microbatches: np.nda
 def tp_step_comm_s(batch: PlanBatch) -> np.ndarray:
     """Tensor-parallel work once per step, outside the layers' times: the one all-reduce of the gradients that
     sequence parallelism leaves partial (`partial_grad_params`; Megatron-LM's finalize_model_grads, the executor's
-    `reduce_partial_grads`), and the waits at the tp ranks' meetings (`tp_meetings`). (N, 1)."""
+    `align_grads_with_params`), and the waits at the tp ranks' meetings (`tp_meetings`). (N, 1)."""
     partial_bytes = batch.per_device("partial_grad_params") * GRADIENT_BYTES
     reduce = np.where(partial_bytes > 0, comm.all_reduce_s(partial_bytes, batch.tp, batch.tp_channel), 0.0)
     return (reduce + tp_meetings(batch) * meeting_wait_s(batch)).max(axis=1, keepdims=True)

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,7 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
         for optimizer in optimizers:
             optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
+        misplaced_grads = [name for name, p in _named_parameters(applied) if _layout(p.grad) != _layout(p)]
         norms.append(applied.clip_grad_norm_(MAX_GRAD_NORM))
         with CommDebugMode() as optimizer_comms:
             for optimizer in optimizers:
@@ -104,7 +106,19 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     # an all-reduce in each operation that reads it).
     optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
     return {"losses": losses, "grad_norms": norms, "local_params": local_params,
-            "optimizer_collectives": optimizer_collectives}  # fmt: skip
+            "optimizer_collectives": optimizer_collectives, "misplaced_grads": misplaced_grads}  # fmt: skip
+
+
+def _named_parameters(applied: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    for chunk in applied.chunks:
+        yield from chunk.named_parameters()
+
+
+def _layout(tensor: torch.Tensor) -> tuple | None:
+    """A DTensor's placements; None for a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tuple(tensor.placements) if isinstance(tensor, DTensor) else None
 
 
 def _local_numel(param: torch.Tensor) -> int:

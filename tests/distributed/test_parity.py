@@ -125,7 +125,9 @@ def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict
     assert len(result["local_params"]) == plan.num_gpus
     # Each rank holds its share, plus the few parameters every layout replicates (norms, positions, row biases).
     assert max(result["local_params"]) <= 1.05 * full / _sharded_ways(plan), result["local_params"]
-    # Gradients reach the optimizer reduced: it issues no collective but ZeRO-1's broadcasts of updated shares.
+    # Gradients reach the optimizer reduced and in their parameters' layouts (after the last step's backward), so
+    # the optimizer issues no collective but ZeRO-1's broadcasts of updated shares.
+    assert result["misplaced_grads"] == [], result["misplaced_grads"]
     zero1_broadcasts = {"c10d.broadcast_"} if plan.zero_stage == 1 and plan.dp > 1 else set()
     assert set(result["optimizer_collectives"]) == zero1_broadcasts, result["optimizer_collectives"]
 
