@@ -204,6 +204,8 @@ def _sums_into(placements: tuple, target: tuple) -> bool:
 
 
 def _all_reduce_partials(group: list[nn.Parameter], mesh: DeviceMesh, placements: tuple, target: tuple) -> None:
+    """Sum the group's partial gradients over the mesh dimensions where they are partial, flattened into one
+    buffer (one all-reduce per dimension, not per tensor), and give each parameter its summed gradient."""
     from torch.distributed.tensor import DTensor
 
     shards = [param.grad.to_local() for param in group]
