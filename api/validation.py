@@ -242,6 +242,7 @@ def run_all(
     plan's pooled result once its last pass has run."""
     attempts: list[list[PlanRun]] = [[] for _ in plans]
     schedule = [(attempt, i) for attempt in range(setup.passes) for i in _pass_order(len(plans), attempt)]
+    done = 0
     for attempt in range(setup.passes):
         profile = profile_for_pass(attempt)
         for i in _pass_order(len(plans), attempt):
@@ -249,7 +250,7 @@ def run_all(
             attempts[i].append(run_plan(setup, plans[i], profile, setup.out / "runs" / folder, cancel))
             if attempt == setup.passes - 1:
                 on_run(i, pooled(attempts[i]))
-            done = sum(len(runs) for runs in attempts)
+            done += 1
             on_attempt(done, plans[schedule[done][1]] if done < len(schedule) else None)
     return [pooled(runs) for runs in attempts]
 
