@@ -581,7 +581,25 @@ def _collect_result(
     if not failures and returncode != 0:
         first_rank = (spec.node_rank or 0) * spec.nproc_per_node
         failures = failures_from_error_files(run_log_dir, first_rank)
-    return RunResult(returncode, failures, spec.log_dir, run_log_dir, timed_out, cancelled)
+    return RunResult(returncode, blame_past_stopped_ranks(failures), spec.log_dir, run_log_dir, timed_out, cancelled)
+
+
+def blame_past_stopped_ranks(failures: list[FailedRank]) -> list[FailedRank]:
+    """Failures with the root cause moved off a rank that torchrun itself stopped, when another rank died otherwise.
+
+    torchrun names as root cause the failure with the earliest timestamp: an error file's, or for a rank that wrote
+    none, the time torchrun noticed it. When a rank is killed outright (SIGKILL, the OOM killer) or crashes, its
+    peer can record the broken collective in its error file before torchrun's next poll notices the dead rank;
+    the peer is then named, though torchrun goes on to stop it with SIGTERM like every survivor. A rank that
+    ended by SIGTERM is therefore not the root cause while another ended by a different signal."""
+    named = next((failure for failure in failures if failure.root_cause), None)
+    if named is None or named.exitcode != -signal.SIGTERM:
+        return failures
+    killed = next((f for f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGTERM), None)
+    if killed is None:
+        return failures
+    blamed = [replace(failure, root_cause=failure.rank == killed.rank) for failure in failures]
+    return sorted(blamed, key=lambda failure: (not failure.root_cause, failure.rank))
 
 
 def result_from_output(spec: LaunchSpec, output: Iterable[str], returncode: int, cancelled: bool = False) -> RunResult:

@@ -16,11 +16,13 @@ import pytest
 from executor.launch import (
     LAUNCHER_LOG,
     REPO_ROOT,
+    FailedRank,
     FailureSummaryParser,
     LaunchError,
     LaunchSpec,
     RunResult,
     _pump,
+    blame_past_stopped_ranks,
     failures_from_error_files,
     per_node_commands,
     pid_alive,
@@ -240,18 +242,61 @@ def _write_error_file(path: Path, message: str, timestamp: int) -> Path:
     return path
 
 
+def _parsed(report: str) -> list[FailedRank]:
+    """The failures a FailureSummaryParser reads from `report`."""
+    parser = FailureSummaryParser()
+    for line in report.splitlines():
+        parser.feed(line)
+    return parser.failures()
+
+
 def test_child_failed_report_is_parsed_with_messages_from_error_files(tmp_path):
     error_file = _write_error_file(tmp_path / "attempt_0" / "1" / "error.json", "ValueError: bad shard", 1)
-    parser = FailureSummaryParser()
-    for line in CHILD_FAILED_REPORT.format(error_file=error_file).splitlines():
-        parser.feed(line)
-    root, killed = parser.failures()
+    root, killed = _parsed(CHILD_FAILED_REPORT.format(error_file=error_file))
     assert (root.rank, root.exitcode, root.message, root.error_file, root.root_cause) == (
         5, 3, "ValueError: bad shard", error_file, True,
     )  # fmt: skip
     assert (killed.rank, killed.exitcode, killed.message, killed.error_file, killed.root_cause) == (
         4, -9, "Signal 9 (SIGKILL) received by PID 3246", None, False,
     )  # fmt: skip
+
+
+# A peer of a SIGKILLed rank recorded the broken collective before torchrun noticed the kill, so torchrun named the
+# peer, which it then stopped with SIGTERM (seen under load in tests/distributed/test_train.py).
+PEER_NAMED_FIRST_REPORT = """\
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 3247)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 3247
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 3246)
+  error_file: {error_file}
+  traceback : Traceback (most recent call last):
+============================================================
+"""
+
+
+def test_a_rank_killed_outright_is_the_root_cause_rather_than_the_peer_torchrun_stopped(tmp_path):
+    error_file = _write_error_file(tmp_path / "0" / "error.json", "RuntimeError: Connection closed by peer", 1)
+    failures = _parsed(PEER_NAMED_FIRST_REPORT.format(error_file=error_file))
+    assert [(f.rank, f.root_cause) for f in failures] == [(0, True), (1, False)]  # torchrun's own naming
+    blamed = blame_past_stopped_ranks(failures)
+    assert [(f.rank, f.exitcode, f.root_cause) for f in blamed] == [(1, -9, True), (0, -15, False)]
+    assert RunResult(1, blamed, tmp_path).root_cause == blamed[0]
+
+
+def test_torchrun_s_root_cause_stands_unless_it_ended_by_sigterm_and_another_rank_by_another_signal(tmp_path):
+    error_file = _write_error_file(tmp_path / "1" / "error.json", "ValueError: bad shard", 1)
+    failures = _parsed(CHILD_FAILED_REPORT.format(error_file=error_file))  # root: exit 3; the other: SIGKILL
+    assert blame_past_stopped_ranks(failures) == failures
+    stopped_alone = _parsed(PEER_NAMED_FIRST_REPORT.format(error_file=error_file).replace("-9 (pid", "1 (pid"))
+    assert blame_past_stopped_ranks(stopped_alone) == stopped_alone  # the other rank raised: no signal to blame
+    assert blame_past_stopped_ranks([]) == []
 
 
 def test_error_files_alone_name_the_failed_ranks_earliest_first(tmp_path):
