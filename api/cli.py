@@ -1208,7 +1208,7 @@ def validate(
     import sys
 
     from api.training import EXIT_STOPPED
-    from api.validation import ValidationStopped
+    from api.validation import RUNS_FILE, ValidationStopped
 
     try:
         setup = validation_setup(
@@ -1220,7 +1220,8 @@ def validate(
         measured = resolve_profile(profile) if profile is not None else None
         result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel, runs))
     except ValidationStopped as exc:
-        _console().print(f"stopped: {exc}", style="yellow", markup=False)
+        kept = f"; the runs measured so far are in {out / RUNS_FILE}" if (out / RUNS_FILE).is_file() else ""
+        _console().print(f"stopped: {exc}{kept}", style="yellow", markup=False)
         raise typer.Exit(EXIT_STOPPED) from None
     except ValueError as exc:
         raise _bad_input(exc) from None

@@ -41,6 +41,7 @@ from planner.request import parse_estimate_request, parse_plan_request
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
 from profiler.pool import pool_profiles
+from profiler.worker import write_json_atomically
 
 
 class ValidationStopped(RuntimeError):
@@ -233,13 +234,14 @@ def run_all(
     profile_for_pass: Callable[[int], HardwareProfile],
     cancel: threading.Event,
     on_run: Callable[[int, PlanRun], None] = lambda i, run: None,
-    on_attempt: Callable[[int, ParallelPlan | None], None] = lambda done, upcoming: None,
+    on_attempt: Callable[[int, ParallelPlan | None, list[PlanRun]], None] = lambda done, upcoming, so_far: None,
 ) -> list[PlanRun]:
     """Run every plan `setup.passes` times, one run at a time (they share this machine), odd passes in reverse
     order, so that early and late plans see the machine's drift alike; a plan's result pools its passes
     (`pooled`). Each pass's runs are estimated from `profile_for_pass(pass)`, called as the pass begins (it may
-    measure). `on_attempt` sees the count of runs done and the plan up next after each run; `on_run` sees each
-    plan's pooled result once its last pass has run."""
+    measure). After each run, `on_attempt` sees the count of runs done, the plan up next and the result so far of
+    every plan run at least once (pooled over its passes so far); `on_run` sees each plan's pooled result once its
+    last pass has run."""
     attempts: list[list[PlanRun]] = [[] for _ in plans]
     schedule = [(attempt, i) for attempt in range(setup.passes) for i in _pass_order(len(plans), attempt)]
     done = 0
@@ -251,7 +253,8 @@ def run_all(
             if attempt == setup.passes - 1:
                 on_run(i, pooled(attempts[i]))
             done += 1
-            on_attempt(done, plans[schedule[done][1]] if done < len(schedule) else None)
+            upcoming = plans[schedule[done][1]] if done < len(schedule) else None
+            on_attempt(done, upcoming, [pooled(runs) for runs in attempts if runs])
     return [pooled(runs) for runs in attempts]
 
 
@@ -279,7 +282,7 @@ def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
 
 
 def write_runs(path: Path, runs: list[PlanRun], setup: ValidationSetup) -> None:
-    path.write_text(json.dumps([run_record(run, setup) for run in runs], indent=1))
+    write_json_atomically(path, [run_record(run, setup) for run in runs])
 
 
 def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> list[PlanRun]:
@@ -523,8 +526,10 @@ def _run_with_progress(
                 row = measured_run_row(run_record(run, setup), outputs.validation_id, outputs.job_id)
                 outputs.store.add_measured_run(row)
 
-        def on_attempt(done: int, upcoming: ParallelPlan | None) -> None:
+        def on_attempt(done: int, upcoming: ParallelPlan | None, so_far: list[PlanRun]) -> None:
             progress.update(task, completed=done, what=describe(upcoming) if upcoming else "done")
+            # A stopped validation keeps what it measured, in the form `--runs` re-analyses.
+            write_runs(setup.out / RUNS_FILE, so_far, setup)
 
         def profile_with_progress_paused(attempt: int) -> HardwareProfile:
             progress.stop()  # the profiler shows its own progress bars; one live display at a time

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from api.store import ApiStore  # noqa: E402
 from planner.profiles import load_profile_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+FIXTURE_PROFILE = REPO / "tests" / "unit" / "fixtures" / "validation" / "cpu-profile.json"  # the default model's
 TINY_MODEL = {"name": "llama3-8b", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
               "ffn_hidden_size": 128, "vocab_size": 256}  # fmt: skip
 # Four plans (dp2, tp2 with and without sequence parallelism, pp2 1f1b) at micro-batch 2; three are run.
@@ -111,6 +114,30 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert done.returncode == 1
     assert "--runs:" in done.stdout + done.stderr and "trained another training" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
+    out, data_dir = tmp_path / "validation", tmp_path / "data"
+    env = {**os.environ, "PARAPLAN_DATA_DIR": str(data_dir)}
+    # The default model with a stored profile of it: nothing is profiled, the runs start at once.
+    command = [sys.executable, "-m", "api.cli", "validate", "--nproc", "2", "--mbs", "4", "--recompute", "none",
+               "--zero", "0", "--schedule", "1f1b", "--max-plans", "3", "--steps", "3", "--warm-steps", "1",
+               "--passes", "2", "--profile", str(FIXTURE_PROFILE), "--no-store", "--out", str(out)]  # fmt: skip
+    validation = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                  cwd=REPO)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "runs.json").exists() and validation.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        validation.send_signal(signal.SIGTERM)  # as Ctrl-C would, after the first run and before the last
+        output, _ = validation.communicate(timeout=120)
+    finally:
+        validation.kill()
+    assert validation.returncode == 130, output
+    assert f"the runs measured so far are in {out / 'runs.json'}" in " ".join(output.split()), output
+    kept = json.loads((out / "runs.json").read_text())
+    assert 1 <= len(kept) < 3 or len(kept[-1]["step_times_s"]) < 4  # not every run of both passes
+    assert all(run["measured_s"] > 0 and run["request"]["plan"] == run["plan"] for run in kept)
 
 
 def test_validate_names_the_flag_at_fault(tmp_path: Path):
