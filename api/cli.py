@@ -1178,6 +1178,14 @@ def validate(
             min=1,
         ),
     ] = 1,
+    paired: Annotated[
+        bool,
+        typer.Option(
+            "--paired",
+            help="Profile each plan's layer shapes again just before its run and predict the run from that profile "
+            "(with --passes 1): the cost model's error without the machine's drift between profile and run.",
+        ),
+    ] = False,
     max_plans: Annotated[
         int | None, typer.Option("--max-plans", help="Run at most this many plans, spread over the space.", min=2)
     ] = None,
@@ -1213,7 +1221,7 @@ def validate(
     try:
         setup = validation_setup(
             nproc, out, model, seq_len, global_batch, steps, warm_steps, max_plans, zero, mbs, recompute, schedule,
-            device, gpu, threads, passes,
+            device, gpu, threads, passes, paired,
         )  # fmt: skip
         if runs is not None and profile is None:
             profile = str(runs.with_name("profile.json"))
@@ -1241,7 +1249,7 @@ def validate(
 def validation_setup(
     nproc: int, out: Path, model: str, seq_len: int, global_batch: int, steps: int, warm_steps: int,
     max_plans: int | None, zero: str | None, mbs: str | None, recompute: str | None, schedule: str | None,
-    device: str, gpu: str | None, threads: int, passes: int = 1,
+    device: str, gpu: str | None, threads: int, passes: int = 1, paired: bool = False,
 ) -> Any:  # fmt: skip
     """The ValidationSetup the flags describe; InputError naming the flag otherwise."""
     from pydantic import ValidationError
@@ -1254,6 +1262,9 @@ def validation_setup(
         raise InputError(f"--device: cpu or cuda, got {device!r}")
     if device == "cuda" and gpu is None:
         raise InputError("--gpu: name the GPU preset of the cuda device (e.g. h100-sxm) so estimates use its memory")
+    if paired and passes > 1:
+        raise InputError(f"--paired: each plan runs once, right after its own profile; use --passes 1, not {passes}",
+                         fields=[{"field": "--paired", "message": "needs --passes 1"}])  # fmt: skip
     if warm_steps >= steps:
         raise InputError(f"--warm-steps: must be below --steps ({steps}), got {warm_steps}", fields=[
             {"field": "--warm-steps", "message": "must be below --steps"}])  # fmt: skip
@@ -1271,7 +1282,7 @@ def validation_setup(
     return ValidationSetup(
         model=spec, seq_len=seq_len, global_batch_size=global_batch, nproc=nproc, out=out, device=device,
         gpu=gpu or "cpu", steps=steps, warm_steps=warm_steps, search=search, max_plans=max_plans, threads=threads,
-        passes=passes,
+        passes=passes, paired=paired,
     )  # fmt: skip
 
 

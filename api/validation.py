@@ -36,11 +36,11 @@ from planner import agreement
 from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
 from planner.cost.params import model_params
 from planner.cost.step import estimate_step
-from planner.profiles import save_profile_json
+from planner.profiles import load_profile_json, save_profile_json
 from planner.request import parse_estimate_request, parse_plan_request
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
-from profiler.pool import pool_profiles
+from profiler.pool import overlay_profile, pool_profiles
 from profiler.worker import write_json_atomically
 
 
@@ -73,6 +73,10 @@ class ValidationSetup:
     # profile pass measured before each: a machine whose speed drifts over the validation's minutes then weighs on
     # every plan, and on the profile, alike (see `run_all`, `_profile_and_run`).
     passes: int = 1
+    # Each plan's layer shapes profiled again just before its run, and the run predicted from that profile (the
+    # collectives from the validation's): the error then measures the cost model, not how far the machine's speed
+    # drifted between the profile and the run (`run_all`). One pass only: the pass is the pairing.
+    paired: bool = False
 
     def request(self, plan: ParallelPlan | None = None) -> dict[str, Any]:
         """The contract request of this setup, with `plan` when given."""
@@ -127,6 +131,7 @@ class PlanRun:
     step_times_s: list[float] = field(default_factory=list)
     measured_peak_bytes: int | None = None
     error: str | None = None
+    profile_file: str | None = None  # a paired validation's profile of this run (None: the validation's)
 
     @property
     def predicted_s(self) -> float:
@@ -208,12 +213,20 @@ class Validation:
         }
 
 
+def _own_profile(run: PlanRun) -> HardwareProfile | None:
+    """The profile measured next to the run, in a paired validation; None otherwise."""
+    return load_profile_json(Path(run.profile_file)) if run.profile_file else None
+
+
 def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun], created: str) -> Validation:
     """The figures before calibration, the held-out figures after, and the calibration fitted on every run."""
     measured = [run for run in runs if run.measured_s is not None]
     if len(measured) < 2:
         raise RuntimeError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
-    steps = [MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s) for run in measured]  # type: ignore[arg-type]
+    steps = [
+        MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s, _own_profile(run))  # type: ignore[arg-type]
+        for run in measured
+    ]
     times = np.array([run.measured_s for run in measured])
     before = predict_steps(profile, steps)
     held_out = held_out_predictions(profile, steps, created)
@@ -235,13 +248,15 @@ def run_all(
     cancel: threading.Event,
     on_run: Callable[[int, PlanRun], None] = lambda i, run: None,
     on_attempt: Callable[[int, ParallelPlan | None, list[PlanRun]], None] = lambda done, upcoming, so_far: None,
+    profile_for_run: Callable[[ParallelPlan, HardwareProfile], HardwareProfile] | None = None,
 ) -> list[PlanRun]:
     """Run every plan `setup.passes` times, one run at a time (they share this machine), odd passes in reverse
     order, so that early and late plans see the machine's drift alike; a plan's result pools its passes
     (`pooled`). Each pass's runs are estimated from `profile_for_pass(pass)`, called as the pass begins (it may
     measure). After each run, `on_attempt` sees the count of runs done, the plan up next and the result so far of
     every plan run at least once (pooled over its passes so far); `on_run` sees each plan's pooled result once its
-    last pass has run."""
+    last pass has run. With `profile_for_run` (a paired validation), each run is estimated from
+    `profile_for_run(plan, pass profile)`, measured just before it and kept in its run folder."""
     attempts: list[list[PlanRun]] = [[] for _ in plans]
     schedule = [(attempt, i) for attempt in range(setup.passes) for i in _pass_order(len(plans), attempt)]
     done = 0
@@ -249,13 +264,30 @@ def run_all(
         profile = profile_for_pass(attempt)
         for i in _pass_order(len(plans), attempt):
             folder = f"{i:03d}" if setup.passes == 1 else f"{i:03d}-pass{attempt + 1}"
-            attempts[i].append(run_plan(setup, plans[i], profile, setup.out / "runs" / folder, cancel))
+            attempts[i].append(_run_one(setup, plans[i], profile, setup.out / "runs" / folder, cancel, profile_for_run))
             if attempt == setup.passes - 1:
                 on_run(i, pooled(attempts[i]))
             done += 1
             upcoming = plans[schedule[done][1]] if done < len(schedule) else None
             on_attempt(done, upcoming, [pooled(runs) for runs in attempts if runs])
     return [pooled(runs) for runs in attempts]
+
+
+def _run_one(
+    setup: ValidationSetup,
+    plan: ParallelPlan,
+    profile: HardwareProfile,
+    run_dir: Path,
+    cancel: threading.Event,
+    profile_for_run: Callable[[ParallelPlan, HardwareProfile], HardwareProfile] | None,
+) -> PlanRun:
+    """`run_plan`, estimated from the plan's own profile when there is `profile_for_run`, which is then saved in
+    the run's folder."""
+    if profile_for_run is None:
+        return run_plan(setup, plan, profile, run_dir, cancel)
+    own = profile_for_run(plan, profile)
+    run = run_plan(setup, plan, own, run_dir, cancel)
+    return replace(run, profile_file=str(save_profile_json(own, run_dir / PROFILE_FILE)))
 
 
 def _pass_order(count: int, attempt: int) -> list[int]:
@@ -315,6 +347,7 @@ def _earlier_run(record: dict[str, Any]) -> PlanRun:
         step_times_s=list(record["step_times_s"]),
         measured_peak_bytes=record.get("measured_peak_bytes"),
         error=record.get("error"),
+        profile_file=record.get("profile_file"),
     )
 
 
@@ -390,11 +423,14 @@ def measure_profile(
     from profiler.compute import ComputeSweep
 
     needs = profile_needs(plans)
+    # Several ranks: the loaded run times the one-device (tp 1) layers, which every plan's optimizer step and
+    # meeting waits are measured with.
+    tps = sorted({1, *needs["tps"]}) if setup.nproc > 1 else needs["tps"]
     sweep = ComputeSweep(
         model=setup.model,
         seq_lens=(setup.seq_len,),
         micro_batch_sizes=tuple(needs["micro_batch_sizes"]),
-        tps=tuple(needs["tps"]),
+        tps=tuple(tps),
         recompute_modes=tuple(needs["recompute_modes"]),
         dtype="fp32" if setup.device == "cpu" else "bf16",
         device=setup.device,
@@ -531,14 +567,21 @@ def _run_with_progress(
             # A stopped validation keeps what it measured, in the form `--runs` re-analyses.
             write_runs(setup.out / RUNS_FILE, so_far, setup)
 
-        def profile_with_progress_paused(attempt: int) -> HardwareProfile:
+        def paused(measure: Callable[[], HardwareProfile]) -> HardwareProfile:
             progress.stop()  # the profiler shows its own progress bars; one live display at a time
             try:
-                return profile_for_pass(attempt)
+                return measure()
             finally:
                 progress.start()
 
-        return run_all(setup, plans, profile_with_progress_paused, cancel, on_run, on_attempt)
+        def profile_for_run(plan: ParallelPlan, profile: HardwareProfile) -> HardwareProfile:
+            own = paused(lambda: measure_profile(setup, [plan], console, cancel, passes=1, collectives=False))
+            return overlay_profile(profile, own)
+
+        return run_all(
+            setup, plans, lambda attempt: paused(lambda: profile_for_pass(attempt)), cancel, on_run, on_attempt,
+            profile_for_run if setup.paired else None,
+        )  # fmt: skip
 
 
 def describe(plan: ParallelPlan) -> str:

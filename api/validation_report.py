@@ -40,6 +40,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         f"seq_len {setup.seq_len}, global batch {setup.global_batch_size}; each plan trained {setup.steps} steps "
         f"{_times(setup.passes)}, step time = median of the steps after the first {setup.warm_steps}"
         f"{' of every run, pooled' if setup.passes > 1 else ''}.",
+        *_paired_lines(setup.paired),
         "",
         *figures_table(result),
         "",
@@ -56,6 +57,14 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         *failure_lines(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(paired: bool) -> list[str]:
+    if not paired:
+        return []
+    return ["", "Paired: each plan's layer shapes were profiled again just before its run, and the run is predicted "
+            "from that profile (collectives from the validation's): the errors leave out the machine's drift between "
+            "a profile and a run measured apart."]  # fmt: skip
 
 
 def _times(passes: int) -> str:

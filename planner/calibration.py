@@ -72,10 +72,13 @@ def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = Non
 
 @dataclass(frozen=True)
 class MeasuredStep:
-    """One measured run: the request it trained (model, training, cluster, plan) and its steady step time."""
+    """One measured run: the request it trained (model, training, cluster, plan) and its steady step time.
+    `profile`: a profile measured next to this run (`paraplan validate --paired`), which it is then predicted
+    from instead of the validation's, under the same calibration."""
 
     request: EstimateRequest
     measured_s: float
+    profile: HardwareProfile | None = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,13 @@ def calibration_of(x: np.ndarray, num_runs: int, fit_mape: float, created: str) 
 
 
 def predict_steps(profile: HardwareProfile, runs: list[MeasuredStep]) -> np.ndarray:
-    """The step time the cost model predicts for each run's plan from `profile` (with its calibration, if any)."""
+    """The step time the cost model predicts for each run's plan from `profile` (with its calibration, if any), or
+    from the run's own profile under `profile`'s calibration."""
     predicted = []
     for run in runs:
         req = run.request
-        cluster = req.cluster.with_profile(profile)
+        own = profile if run.profile is None else run.profile.model_copy(update={"calibration": profile.calibration})
+        cluster = req.cluster.with_profile(own)
         predicted.append(estimate_step(req.model, req.training, cluster, req.plan).step_time_s)
     return np.array(predicted)
 

@@ -40,6 +40,20 @@ def pool_profiles(profiles: Sequence[HardwareProfile]) -> HardwareProfile:
     return first.model_copy(update=pooled)
 
 
+def overlay_profile(base: HardwareProfile, newer: HardwareProfile) -> HardwareProfile:
+    """`base` with each measurement that `newer` holds in place of base's own: `newer` re-measured some shapes
+    later (`paraplan validate --paired` profiles each plan's shapes just before its run). Collectives and their
+    fits stay base's."""
+    update: dict[str, Any] = {name: _overlay_list(getattr(base, name), getattr(newer, name)) for name in POOLED_LISTS}
+    update["settings"] = {**base.settings, "overlaid_with": newer.created}
+    return base.model_copy(update=update)
+
+
+def _overlay_list(base: Sequence[Frozen], newer: Sequence[Frozen]) -> list[Frozen]:
+    remeasured = {_identity(entry) for entry in newer}
+    return [*newer, *(entry for entry in base if _identity(entry) not in remeasured)]
+
+
 def pool_timings(timings: Sequence[TimingStats]) -> TimingStats:
     """The median of the medians; the widest of the spreads and the spread of the medians themselves."""
     medians = [t.median_s for t in timings]

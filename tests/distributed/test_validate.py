@@ -14,16 +14,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
 
 from api.store import ApiStore  # noqa: E402
+from planner.cost.step import estimate_step  # noqa: E402
 from planner.profiles import load_profile_json  # noqa: E402
+from planner.request import parse_estimate_request  # noqa: E402
+from planner.specs import HardwareProfile  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE_PROFILE = REPO / "tests" / "unit" / "fixtures" / "validation" / "cpu-profile.json"  # the default model's
+# A profile of the default model (`paraplan validate`'s), and a small space of it that runs in seconds a plan.
+FIXTURE_PROFILE = REPO / "tests" / "unit" / "fixtures" / "validation" / "cpu-profile.json"
+FIXTURE_SPACE = ["--mbs", "4", "--recompute", "none", "--zero", "0", "--schedule", "1f1b", "--steps", "3",
+                 "--warm-steps", "1"]  # fmt: skip
 TINY_MODEL = {"name": "llama3-8b", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
               "ffn_hidden_size": 128, "vocab_size": 256}  # fmt: skip
 # Four plans (dp2, tp2 with and without sequence parallelism, pp2 1f1b) at micro-batch 2; three are run.
@@ -119,9 +126,8 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
 def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
     out, data_dir = tmp_path / "validation", tmp_path / "data"
     env = {**os.environ, "PARAPLAN_DATA_DIR": str(data_dir)}
-    # The default model with a stored profile of it: nothing is profiled, the runs start at once.
-    command = [sys.executable, "-m", "api.cli", "validate", "--nproc", "2", "--mbs", "4", "--recompute", "none",
-               "--zero", "0", "--schedule", "1f1b", "--max-plans", "3", "--steps", "3", "--warm-steps", "1",
+    # The default model with a profile of it: nothing is profiled, the runs start at once.
+    command = [sys.executable, "-m", "api.cli", "validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "3",
                "--passes", "2", "--profile", str(FIXTURE_PROFILE), "--no-store", "--out", str(out)]  # fmt: skip
     validation = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                   cwd=REPO)  # fmt: skip
@@ -140,6 +146,31 @@ def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
     assert all(run["measured_s"] > 0 and run["request"]["plan"] == run["plan"] for run in kept)
 
 
+def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_before_it(tmp_path: Path):
+    out = tmp_path / "validation"
+    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "2", "--paired", "--profile",
+                    str(FIXTURE_PROFILE), "--no-store", "--out", str(out), "--json",
+                    data_dir=tmp_path / "data")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["measured"] == 2
+    validation_profile = load_profile_json(out / "profile.json")
+    for run in json.loads((out / "runs.json").read_text()):
+        assert run["profile_file"] == str(Path(run["run_dir"]) / "profile.json")
+        own = load_profile_json(Path(run["profile_file"]))
+        # The validation's profile with this plan's shapes measured again, on both ranks, before the run started.
+        assert own.settings["overlaid_with"] > validation_profile.created
+        assert own.collective_fits == validation_profile.collective_fits
+        remeasured = [m for m in own.layers if m not in validation_profile.layers]
+        assert (1, 2) in {(m.tp, m.concurrent_ranks) for m in remeasured if m.layer == "block"}  # loaded blocks
+        assert run["estimate"]["step_time_s"] == pytest.approx(estimate_from(own, run["request"]))
+    assert "Paired: each plan's layer shapes were profiled again just before its run" in (out / "report.md").read_text()
+
+
+def estimate_from(profile: HardwareProfile, request: dict[str, Any]) -> float:
+    req = parse_estimate_request(request)
+    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan).step_time_s
+
+
 def test_validate_names_the_flag_at_fault(tmp_path: Path):
     done = paraplan("validate", "--nproc", "2", "--steps", "3", "--warm-steps", "3", "--out", str(tmp_path / "v"),
                     data_dir=tmp_path / "data", timeout_s=60)  # fmt: skip
@@ -149,3 +180,7 @@ def test_validate_names_the_flag_at_fault(tmp_path: Path):
                     timeout_s=60)  # fmt: skip
     assert done.returncode == 1
     assert "validating needs two" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+    done = paraplan("validate", "--nproc", "2", "--paired", "--passes", "2", "--out", str(tmp_path / "v"),
+                    data_dir=tmp_path / "data", timeout_s=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "--paired: each plan runs once" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr

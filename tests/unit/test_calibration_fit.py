@@ -7,7 +7,9 @@ The profile is a real one: `paraplan validate --nproc 2` measured it on a 2-core
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from planner.calibration import (
 from planner.cost.measured import ProfileCosts
 from planner.profiles import load_profile_json, save_profile_json
 from planner.request import parse_estimate_request, resolve_model
-from planner.specs import Calibration, ModelSpec, SearchOptions
+from planner.specs import Calibration, HardwareProfile, ModelSpec, SearchOptions, TimingStats
 
 PROFILE = load_profile_json(Path(__file__).parent / "fixtures" / "validation" / "cpu-profile.json")
 TRUE = Calibration(
@@ -132,3 +134,30 @@ def test_the_fit_starts_from_the_overlap_the_profile_measured():
     others = [i for i, name in enumerate(names) if name != "overlap"]
     assert np.array_equal(starting_point(measured)[others], starting_point(PROFILE)[others])
 
+
+
+def _slower(profile: HardwareProfile, factor: float) -> HardwareProfile:
+    """`profile` with every layer, optimizer step and meeting wait `factor` times slower: a slow spell."""
+    from profiler.pool import POOLED_LISTS
+
+    def slowed(entry: Any) -> Any:
+        return entry.model_copy(update={name: value.model_copy(update={"median_s": value.median_s * factor})
+                                        for name, value in entry if isinstance(value, TimingStats)})  # fmt: skip
+
+    return profile.model_copy(update={name: [slowed(e) for e in getattr(profile, name)] for name in POOLED_LISTS})
+
+
+def test_a_run_with_its_own_profile_is_predicted_from_it_under_the_same_calibration():
+    runs = runs_measured_under(TRUE)
+    slow = _slower(PROFILE, 1.5)
+    paired = [replace(runs[0], profile=slow), *runs[1:]]
+    calibrated = PROFILE.model_copy(update={"calibration": TRUE})
+    plain, own = predict_steps(calibrated, runs), predict_steps(calibrated, paired)
+    assert own[1:] == pytest.approx(plain[1:])  # the others still come from the validation's profile
+    assert own[0] > 1.2 * plain[0]  # the run's own, slower profile, with TRUE's efficiencies and overheads
+    assert own[0] == pytest.approx(predict_steps(slow.model_copy(update={"calibration": TRUE}), runs[:1])[0])
+    # A fit to runs measured in the slow spell, each paired with the profile of that spell, finds the same factors.
+    truth = predict_steps(slow.model_copy(update={"calibration": TRUE}), runs)
+    in_spell = [MeasuredStep(run.request, float(t), slow) for run, t in zip(runs, truth, strict=True)]
+    fitted = fit_calibration(PROFILE, in_spell, created="now")
+    assert np.abs(predict_steps(fitted, in_spell) / truth - 1).max() < 0.05

@@ -13,7 +13,7 @@ from planner.specs import (
     OptimizerMeasurement,
     TimingStats,
 )
-from profiler.pool import pool_profiles, pool_timings
+from profiler.pool import overlay_profile, pool_profiles, pool_timings
 
 
 def timing(median_s: float, spread: float = 0.02) -> TimingStats:
@@ -85,3 +85,17 @@ def test_one_profile_is_itself_and_none_is_refused():
     assert pool_profiles([only]) is only
     with pytest.raises(ValueError, match="at least one profile"):
         pool_profiles([])
+
+
+def test_an_overlay_takes_the_remeasured_shapes_from_the_newer_profile_and_the_rest_from_the_base():
+    fit = CollectiveFit(op="all_reduce", tier="intra_node", group_size=2, latency_s=1e-4, bandwidth_GBps=1.0,
+                        r2=0.99, max_rel_error=0.05, num_samples=8)  # fmt: skip
+    base = profile("2026-12-03T10:00:00+00:00", 0.010, 0.002, 1e-3, layers=[block(0.010), block(0.030, 8)],
+                   collective_fits=[fit])  # fmt: skip
+    newer = profile("2026-12-03T10:20:00+00:00", 0.015, 0.003, 4e-3, layers=[block(0.015)], optimizer=[])
+    overlaid = overlay_profile(base, newer)
+    assert sorted((m.micro_batch_size, m.forward.median_s) for m in overlaid.layers) == [(4, 0.015), (8, 0.030)]
+    assert overlaid.optimizer == base.optimizer  # not re-measured: the base's stands
+    assert [w.wait_s for w in overlaid.meeting_waits] == [4e-3]
+    assert overlaid.collective_fits == [fit] and overlaid.created == base.created
+    assert overlaid.settings == {"threads": 1, "overlaid_with": newer.created}
