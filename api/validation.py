@@ -6,7 +6,8 @@ The loop, in order:
    runs, one profile pass before each pass of runs, the profiles pooled (profiler/pool.py);
 2. every plan the search space holds for `nproc` ranks (planner/search/space.py) that the executor can run;
 3. each plan trained by the executor under torchrun for a few steps; its steady step time is the median of the
-   steps after the warm-up ones, and it is stored as a measured run with its plan and its estimate;
+   steps after the warm-up ones, and it is stored as a measured run with its plan and its estimate; paired
+   (`--paired`), each run is predicted from its plan's layer shapes profiled again just before it;
 4. predicted vs measured, before calibration and after (each plan predicted by a calibration fitted on the other
    half of the plans only), and the calibration fitted on all runs, saved with the profile.
 No torch here: the profiler and the runs import it in their own processes or on first use.
@@ -199,6 +200,11 @@ class Validation:
     def measured(self) -> list[PlanRun]:
         return [run for run in self.runs if run.measured_s is not None]
 
+    @property
+    def paired(self) -> bool:
+        """The runs were predicted from profiles measured next to them (`ValidationSetup.paired`)."""
+        return any(run.profile_file for run in self.runs)
+
     def figures_json(self) -> dict[str, Any]:
         """What `--json` prints: the headline figures (before calibration at the top level, as the issue names
         them) and the fitted calibration."""
@@ -206,6 +212,7 @@ class Validation:
         return {
             **asdict(self.before),
             "calibrated": {**asdict(self.after), "held_out": True},
+            "paired": self.paired,
             "plans": len(self.runs),
             "measured": len(self.measured),
             "failed": [{"plan": r.plan.model_dump(mode="json"), "error": r.error} for r in self.runs if r.error],
@@ -330,12 +337,18 @@ def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> l
         raise InputError.at("--runs", f"{path} is not a validation's runs.json: {error}") from error
     if not runs:
         raise InputError.at("--runs", f"{path} holds no runs")
+    estimated = []
     for number, (record, run) in enumerate(zip(records, runs, strict=True)):
         where = f"{path} run {number}"
         _require_same_setup(trained[number], setup, run.plan, where)
         if record.get("steps", setup.steps) != setup.steps:
             raise InputError.at("--runs", f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
-    return [replace(run, estimate=_estimate(setup, run.plan, profile)) for run in runs]
+        try:
+            own = _own_profile(run)  # a paired validation's run is estimated from its own profile
+        except ValueError as error:
+            raise InputError.at("--runs", f"{where}: {error}") from error
+        estimated.append(replace(run, estimate=_estimate(setup, run.plan, own or profile)))
+    return estimated
 
 
 def _earlier_run(record: dict[str, Any]) -> PlanRun:

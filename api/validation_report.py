@@ -40,7 +40,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         f"seq_len {setup.seq_len}, global batch {setup.global_batch_size}; each plan trained {setup.steps} steps "
         f"{_times(setup.passes)}, step time = median of the steps after the first {setup.warm_steps}"
         f"{' of every run, pooled' if setup.passes > 1 else ''}.",
-        *_paired_lines(setup.paired),
+        *_paired_lines(result.paired),
         "",
         *figures_table(result),
         "",

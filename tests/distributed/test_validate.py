@@ -51,7 +51,7 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
                     "--out", str(out), "--json", data_dir=data_dir)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["plans"] == figures["measured"] == 3 and figures["failed"] == []
+    assert figures["plans"] == figures["measured"] == 3 and figures["failed"] == [] and not figures["paired"]
     # Every plan ran twice, and its time pools both runs' 3 steady steps.
     assert sorted(p.name for p in (out / "runs").iterdir()) == [f"00{i}-pass{k}" for i in range(3) for k in (1, 2)]
     assert all(len(run["step_times_s"]) == 6 for run in json.loads((out / "runs.json").read_text()))
@@ -152,7 +152,8 @@ def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_befo
                     str(FIXTURE_PROFILE), "--no-store", "--out", str(out), "--json",
                     data_dir=tmp_path / "data")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["measured"] == 2
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["measured"] == 2 and figures["paired"]
     validation_profile = load_profile_json(out / "profile.json")
     for run in json.loads((out / "runs.json").read_text()):
         assert run["profile_file"] == str(Path(run["run_dir"]) / "profile.json")
@@ -164,6 +165,14 @@ def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_befo
         assert (1, 2) in {(m.tp, m.concurrent_ranks) for m in remeasured if m.layer == "block"}  # loaded blocks
         assert run["estimate"]["step_time_s"] == pytest.approx(estimate_from(own, run["request"]))
     assert "Paired: each plan's layer shapes were profiled again just before its run" in (out / "report.md").read_text()
+    # Compared again (--runs), each run is still predicted from its own profile: the same figures.
+    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--runs", str(out / "runs.json"), "--no-store",
+                    "--out", str(tmp_path / "again"), "--json", data_dir=tmp_path / "data", timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert again["paired"] and {k: again[k] for k in ("mape", "kendall_tau", "regret")} == {
+        k: figures[k] for k in ("mape", "kendall_tau", "regret")
+    }
 
 
 def estimate_from(profile: HardwareProfile, request: dict[str, Any]) -> float:
