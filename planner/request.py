@@ -31,6 +31,11 @@ class _Setup(BaseModel):
     def _resolve_model(cls, value: Any) -> Any:
         return resolve_model(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_trains_fp32(cls, data: Any) -> Any:
+        return default_cpu_precision(data)
+
 
 class EstimateRequest(_Setup):
     """A request with a plan, as `paraplan estimate` and `POST /v1/estimates` take it."""
@@ -83,6 +88,22 @@ def resolve_model(value: Any) -> Any:
     if not overrides:
         model_preset(name)  # raises UnknownPresetError listing the closest names
     return value
+
+
+def default_cpu_precision(data: Any) -> Any:
+    """On the `cpu` device a request that names no `training.precision` is fp32, not bf16: the executor trains
+    fp32 on CPUs whatever the request says, and a CPU profile holds fp32 layer times only, so a bf16 default would
+    predict a run that never happens (from the analytic model instead of the profile)."""
+    if not isinstance(data, dict):
+        return data
+    cluster, training = data.get("cluster"), data.get("training")
+    if not isinstance(cluster, dict) or not isinstance(training, dict) or "precision" in training:
+        return data
+    gpu = cluster.get("gpu")
+    on_cpu = gpu.lower() == "cpu" if isinstance(gpu, str) else isinstance(gpu, dict) and gpu.get("kind") == "cpu"
+    if on_cpu:
+        return {**data, "training": {**training, "precision": "fp32"}}
+    return data
 
 
 def infer_dp(data: Any) -> Any:

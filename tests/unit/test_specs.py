@@ -55,6 +55,22 @@ def test_dp_inferred_from_cluster(gpt3_request):
     assert result.step_time_s > 0
 
 
+def test_precision_defaults_to_fp32_on_the_cpu_device_only():
+    """The executor trains fp32 on CPUs, so a CPU request without a precision is costed at fp32; GPUs stay bf16
+    and an explicit precision is kept."""
+    from planner.request import parse_estimate_request
+
+    def precision(gpu: object, training: dict) -> str:
+        request = {"model": "llama3-8b", "training": {"seq_len": 128, "global_batch_size": 8, **training},
+                   "cluster": {"gpu": gpu, "gpus_per_node": 1}, "plan": {"tp": 1}}  # fmt: skip
+        return parse_estimate_request(request).training.precision
+
+    custom_cpu = gpu_preset("cpu").model_dump() | {"name": "my-cpu"}
+    assert precision("cpu", {}) == "fp32" and precision("CPU", {}) == "fp32" and precision(custom_cpu, {}) == "fp32"
+    assert precision("h100-sxm", {}) == "bf16"
+    assert precision("cpu", {"precision": "bf16"}) == "bf16"
+
+
 def test_unknown_preset_suggests_close_names_with_the_other_field_errors():
     with pytest.raises(ValidationError) as err:
         estimate({"model": {"name": "llama3-8"}, "training": {}, "cluster": {}, "plan": {}})
