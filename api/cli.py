@@ -367,7 +367,9 @@ NodesOption = Annotated[int | None, typer.Option("--nodes", help="Nodes (default
 GpusPerNodeOption = Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node (default 8).")]
 SeqLenOption = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")]
 GlobalBatchOption = Annotated[int | None, typer.Option("--global-batch", help="Sequences per optimizer step.")]
-PrecisionOption = Annotated[str | None, typer.Option("--precision", help="bf16 (default; fp32 with --gpu cpu), fp16 or fp32.")]
+PrecisionOption = Annotated[
+    str | None, typer.Option("--precision", help="bf16 (default; fp32 with --gpu cpu), fp16 or fp32.")
+]
 OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adamw (default) or sgd.")]
 AttentionOption = Annotated[str | None, typer.Option("--attention", help="flash (default) or eager attention kernel.")]
 IntraNodeOption = Annotated[

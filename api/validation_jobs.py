@@ -52,6 +52,10 @@ class ValidationJobBody(BaseModel):
     device: Literal["cpu", "cuda"] | None = None
     gpu: str | None = Field(None, max_length=64, description="GPU preset of the cuda device")
     threads: int | None = Field(None, ge=1, le=1024)
+    paired: bool | None = Field(
+        None, description="profile each plan's layer shapes again just before its run and predict it from that "
+        "profile (with passes 1)",
+    )
     profile: str | None = Field(None, max_length=64, description="a stored profile id to use instead of measuring")
 
 
@@ -67,7 +71,7 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     try:
-        flags = [token for name, value in options.items() for token in (flag_name(name), str(value))]
+        flags = [token for name, value in options.items() for token in _flag_tokens(flag_name(name), value)]
         argv = [sys.executable, "-m", "api.cli", "validate", "--out", str(job_dir / OUT_FOLDER), "--no-store",
                 "--json", *flags]  # fmt: skip
         if profile is not None:
@@ -85,6 +89,13 @@ def _command_options(job: ValidationJobBody) -> dict[str, Any]:
     if "model" in given:
         given["model"] = json.dumps(_model_spec(given["model"]).model_dump(mode="json"))
     return {name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in given.items()}
+
+
+def _flag_tokens(flag: str, value: Any) -> list[str]:
+    """A flag with its value; a bool option is a switch: the bare flag when true, nothing when false."""
+    if isinstance(value, bool):
+        return [flag] if value else []
+    return [flag, str(value)]
 
 
 def _model_spec(value: str | dict[str, Any]) -> Any:

@@ -36,6 +36,7 @@ def test_a_validation_needs_the_token(idle_client: TestClient):
         (SMALL | {"recompute": ["sometimes"]}, "invalid_request", "recompute.0"),
         (SMALL | {"model": {"name": "llama3-8b", "num_layers": 0}}, "bad_input", "model.num_layers"),
         (SMALL | {"unknown": 1}, "invalid_request", "unknown"),
+        (SMALL | {"paired": True, "passes": 2}, "bad_input", "paired"),
     ],
 )
 def test_bad_validations_name_the_field_and_start_nothing(
@@ -49,6 +50,27 @@ def test_bad_validations_name_the_field_and_start_nothing(
     error = error_of(idle_client.post("/v1/validations", json=body, headers=auth_headers), 422, kind)
     assert field in named_fields(error), error
     assert job_folders(data_dir) == []
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_paired_reaches_the_command_as_its_switch(
+    idle_client: TestClient, auth_headers: dict[str, str], data_dir: Path, paired: bool
+):
+    """The job's command line, parsed as `paraplan validate` parses it, asks for a paired validation or not (the
+    paired validation itself: tests/distributed/test_validate.py)."""
+    import json
+
+    import typer
+
+    from api import cli
+    from api.supervise import COMMAND_FILE
+
+    accepted = idle_client.post("/v1/validations", json=SMALL | {"paired": paired}, headers=auth_headers)
+    assert accepted.status_code == 202, accepted.text
+    (job_id,) = job_folders(data_dir)
+    argv = json.loads((data_dir / "jobs" / job_id / COMMAND_FILE).read_text())["argv"]
+    validate = typer.main.get_command(cli.app).commands["validate"]  # type: ignore[attr-defined]
+    assert validate.make_context("validate", argv[argv.index("validate") + 1 :]).params["paired"] is paired
 
 
 def test_a_space_without_two_runnable_plans_is_refused(idle_client: TestClient, auth_headers: dict[str, str]):
