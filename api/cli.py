@@ -27,6 +27,8 @@ from api import errors
 from api.errors import InputError, error_text
 
 if TYPE_CHECKING:
+    import threading
+
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
     from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, StepEstimate
@@ -1128,17 +1130,32 @@ def profile_all(
     store: StoreOption = True,
     name: NameOption = None,
 ) -> None:
-    """Compute and collectives on this node, in one profile."""
-    from api.profiling import ProfileRunError, collective_table, layer_table, merge, run_comm, run_compute
+    """Compute and collectives on this node, in one profile. With several processes the layers are also timed as
+    they run on them: on tp ranks (each tp degree up to --nproc, tp 1 added) and on every rank busy at once, with
+    the optimizer step and the ranks' wait per meeting; plans of several ranks are costed from those."""
+    from api.profiling import (
+        ProfileRunError,
+        collective_table,
+        layer_table,
+        merge,
+        run_comm,
+        run_compute,
+        sweep_for_ranks,
+        with_layers_on_ranks,
+    )
 
     try:
         sweep = compute_sweep(
             model, seq_len, mbs, tp, recompute, device, dtype, optimizer, warmup, repeats, threads, passes
         )
+        sweep = sweep_for_ranks(sweep, nproc)
         comm = comm_launch(_sweep_file(out), nproc, 1, None, 1024, max_bytes, ALL_COLLECTIVES, warmup, repeats, None)
-        compute = run_compute(sweep, _console())
-        collectives = _with_interrupt(lambda cancel: run_comm(comm, _sweep_file(out), _console(), cancel))
-        profile = merge(compute, collectives)
+
+        def measure(cancel: threading.Event) -> HardwareProfile:
+            compute = with_layers_on_ranks(run_compute(sweep, _console()), sweep, nproc, _console(), cancel)
+            return merge(compute, run_comm(comm, _sweep_file(out), _console(), cancel))
+
+        profile = _with_interrupt(measure)
     except ValueError as exc:
         raise _bad_input(exc) from None
     except ProfileRunError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,28 @@ def run_loaded_layers(
     """Time the sweep's one-device layers and optimizer step on `nproc` ranks at once (profiler/tp_layers.py
     `--loaded`): what each rank takes while every rank of the node computes."""
     return _run_on_ranks(sweep, nproc, ("--loaded",), f"layers on {nproc} loaded ranks", console, cancel)
+
+
+def with_layers_on_ranks(
+    profile: HardwareProfile, sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event
+) -> HardwareProfile:
+    """`profile` (the sweep measured on one device) with what a node of `nproc` ranks adds: the layers on tp ranks
+    for every tp degree of the sweep up to `nproc` (larger ones cannot run on the node; their shards' times and the
+    fitted collectives cost them), and the one-device layers, optimizer step and meeting waits on `nproc` ranks
+    busy at once. The sweep must hold tp 1 (`sweep_for_ranks`). One device: `profile` unchanged."""
+    if nproc < 2:
+        return profile
+    on_node = replace(sweep, tps=tuple(tp for tp in sweep.tps if tp <= nproc))
+    on_ranks = run_tp_layers(on_node, console, cancel), run_loaded_layers(sweep, nproc, console, cancel)
+    return with_rank_measurements(profile, *on_ranks)
+
+
+def sweep_for_ranks(sweep: ComputeSweep, nproc: int) -> ComputeSweep:
+    """`sweep` with tp 1 added when there are several ranks: the loaded run times the one-device layers, which
+    every plan's optimizer step and meeting waits are measured with."""
+    if nproc < 2 or 1 in sweep.tps:
+        return sweep
+    return replace(sweep, tps=(1, *sweep.tps))
 
 
 def with_rank_measurements(profile: HardwareProfile, *results: tp_layers.RanksResult) -> HardwareProfile:
@@ -241,15 +263,16 @@ def save(profile: HardwareProfile, out: Path, store: bool, name: str | None) -> 
 def layer_table(profile: HardwareProfile) -> Table:
     """Per-layer forward / backward medians (ms), saved activations (MiB) and the repeats' spread."""
     table = Table(title=f"layer times on {profile.device_name}", title_justify="left")
-    for column in ("layer", "recompute", "tp", "mbs", "seq", "fwd ms", "bwd ms", "saved MiB", "spread"):
-        table.add_column(column, justify="left" if column in ("layer", "recompute") else "right")
+    columns = ("layer", "recompute", "timed on", "tp", "mbs", "seq", "fwd ms", "bwd ms", "saved MiB", "spread")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "recompute", "timed on") else "right")
     for m in profile.layers:
         spread = max(m.forward.spread, m.backward.spread)
         flag = " [yellow]unstable[/yellow]" if m.forward.unstable or m.backward.unstable else ""
         table.add_row(
-            m.layer, m.recompute if m.layer == "block" else "-", str(m.tp), str(m.micro_batch_size), str(m.seq_len),
-            f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}", f"{m.saved_bytes / 2**20:.2f}",
-            f"{spread:.0%}{flag}",
+            m.layer, m.recompute if m.layer == "block" else "-", _timed_on(m), str(m.tp), str(m.micro_batch_size),
+            str(m.seq_len), f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}",
+            f"{m.saved_bytes / 2**20:.2f}", f"{spread:.0%}{flag}",
         )  # fmt: skip
     lines = [_optimizer_line(o) for o in profile.optimizer]
     lines += [
@@ -258,6 +281,16 @@ def layer_table(profile: HardwareProfile) -> Table:
     ]
     table.caption = "\n".join(lines) or None
     return table
+
+
+def _timed_on(m: LayerMeasurement) -> str:
+    """Where a layer was timed: one device alone (a tp shard there), tp ranks with their collectives, or every
+    rank of the node busy at once."""
+    if m.tp_collectives:
+        return f"{m.tp} tp ranks" + (" (sp)" if m.sequence_parallel else "")
+    if m.concurrent_ranks > 1:
+        return f"{m.concurrent_ranks} ranks busy"
+    return "alone"
 
 
 def _optimizer_line(o: OptimizerMeasurement) -> str:

@@ -423,27 +423,16 @@ def measure_profile(
 ) -> HardwareProfile:
     """A profile of this machine for the plans: their layer shapes (alone, on tp ranks, and on all `nproc` ranks
     at once), in `passes` passes over them, and, with `collectives`, the collectives of `nproc` ranks."""
-    from api.profiling import (
-        CommLaunch,
-        merge,
-        run_comm,
-        run_compute,
-        run_loaded_layers,
-        run_tp_layers,
-        with_rank_measurements,
-    )
+    from api.profiling import CommLaunch, merge, run_comm, run_compute, sweep_for_ranks, with_layers_on_ranks
     from profiler.collectives import sweep_command_args
     from profiler.compute import ComputeSweep
 
     needs = profile_needs(plans)
-    # Several ranks: the loaded run times the one-device (tp 1) layers, which every plan's optimizer step and
-    # meeting waits are measured with.
-    tps = sorted({1, *needs["tps"]}) if setup.nproc > 1 else needs["tps"]
     sweep = ComputeSweep(
         model=setup.model,
         seq_lens=(setup.seq_len,),
         micro_batch_sizes=tuple(needs["micro_batch_sizes"]),
-        tps=tuple(tps),
+        tps=tuple(needs["tps"]),
         recompute_modes=tuple(needs["recompute_modes"]),
         dtype="fp32" if setup.device == "cpu" else "bf16",
         device=setup.device,
@@ -451,15 +440,12 @@ def measure_profile(
         sequence_parallel=tuple(needs["sequence_parallel"]),
         passes=passes,
     )
+    sweep = sweep_for_ranks(sweep, setup.nproc)
     problems = sweep.violations()
     if problems:
         raise InputError("; ".join(f"{field}: {why}" for field, why in problems))
-    compute = run_compute(sweep, console)
-    if setup.nproc < 2:
-        return compute
-    on_ranks = run_tp_layers(sweep, console, cancel), run_loaded_layers(sweep, setup.nproc, console, cancel)
-    compute = with_rank_measurements(compute, *on_ranks)
-    if not collectives:
+    compute = with_layers_on_ranks(run_compute(sweep, console), sweep, setup.nproc, console, cancel)
+    if setup.nproc < 2 or not collectives:
         return compute
     sweep_file = setup.out / "profile.sweep.json"
     comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))

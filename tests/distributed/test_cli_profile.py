@@ -481,18 +481,22 @@ def test_profile_comm_from_a_sweep_that_cannot_be_fitted_is_refused(comm: Profil
 
 @pytest.mark.slow
 def test_profile_all_measures_layers_and_collectives_in_one_profile(tmp_path: Path) -> None:
+    """Layers alone, on tp ranks and on both ranks busy; the optimizer alone, busy and on DTensor shards; the
+    ranks' meeting wait; the collectives."""
     out, data = tmp_path / "a.json", tmp_path / "data"
-    done = paraplan("profile", "all", *COMPUTE_FLAGS, "--mbs", "1", "--recompute", "none", "--nproc", "2",
-                    "--max-bytes", COMM_MAX_BYTES, "--out", out, "--no-store", data_dir=data)  # fmt: skip
+    done = paraplan("profile", "all", *COMPUTE_FLAGS, "--mbs", "1", "--recompute", "none", "--tp", "2", "--nproc",
+                    "2", "--max-bytes", COMM_MAX_BYTES, "--out", out, "--no-store", data_dir=data)  # fmt: skip
     assert done.returncode == 0, output(done)
     profile = load_profile_json(out)
     assert (profile.device_kind, profile.device_count) == ("cpu", 2)
-    assert [(m.layer, m.micro_batch_size, m.recompute) for m in profile.layers] == [
-        ("block", 1, "none"),
-        ("embedding", 1, "none"),
-        ("head", 1, "none"),
-    ]
-    assert len(profile.optimizer) == 1
+    timed = {(m.layer, m.tp, m.tp_collectives, m.concurrent_ranks) for m in profile.layers}
+    layers = ("block", "embedding", "head")
+    alone = {(layer, tp, False, 1) for layer in layers for tp in (1, 2)}  # tp 1 added for the busy ranks
+    assert timed == alone | {(layer, 2, True, 2) for layer in layers} | {(layer, 1, False, 2) for layer in layers}
+    assert {(m.micro_batch_size, m.recompute) for m in profile.layers} == {(1, "none")}
+    assert {(o.concurrent_ranks, o.sharded) for o in profile.optimizer} == {(1, False), (2, False), (2, True)}
+    assert [(w.concurrent_ranks, w.micro_batch_size) for w in profile.meeting_waits] == [(2, 1)]
+    assert "2 tp ranks" in done.stdout and "2 ranks busy" in done.stdout, output(done)
     assert {m.op for m in profile.collectives} == ALL_OPS
     assert {f.op for f in profile.collective_fits} == ALL_OPS and len(profile.collective_fits) == len(ALL_OPS)
     assert all(f.bandwidth_GBps > 0 and f.group_size == 2 for f in profile.collective_fits)
