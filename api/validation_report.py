@@ -60,11 +60,13 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
 
 
 def _paired_lines(paired: bool) -> list[str]:
+    """The report's note on a paired validation (`ValidationSetup.paired`): what its errors do and do not hold."""
     if not paired:
         return []
     return ["", "Paired: each plan's layer shapes were profiled again just before its run, and the run is predicted "
-            "from that profile (collectives from the validation's): the errors leave out the machine's drift between "
-            "a profile and a run measured apart."]  # fmt: skip
+            "from that profile (collectives from the validation's): the errors leave out the machine's drift over "
+            "the validation, not the changes of its speed in the minute between a plan's profile and its "
+            "run."]  # fmt: skip
 
 
 def _times(passes: int) -> str:
