@@ -1,6 +1,6 @@
 """Predicted (from a CPU profile) vs measured step time of single-process training plans on this machine.
 
-Run: python benchmarks/cpu_step_time.py [--threads 1] [--profile FILE] [--steps 12] [--rounds 3] [--out DIR]
+Run: python benchmarks/cpu_step_time.py [--threads 1] [--profile FILE] [--steps 12] [--rounds 5] [--out DIR]
      (prints a table; exits 0)
 
 1. Trains every single-process plan of the grid (micro-batch size x recompute mode) with the executor
@@ -17,8 +17,10 @@ Why rounds, alternating with the profile's passes: this VM's speed drifts over m
 of seconds come and go (steps 40% slower). Measured as one block each, the profile and a plan's run can fall in
 different spells, and their ratio then measures the machine, not the cost model (a profile measured in one
 block before all the runs predicted every plan 10-20% slow on 2026-12-03). Alternating them spreads each over
-the whole benchmark. The thread count is fixed for profile and training because a profile holds for one thread
-count only.
+the whole benchmark. Five rounds by default: a plan's median (and a layer's) then holds while up to two of its
+five rounds fall in slow spells; with three, one noisy hour of 2026-12-03 left one plan at +10.2% (the profile's
+point in a slow spell), and five rounds right after it put all twelve within 6.7%. The thread count is fixed for
+profile and training because a profile holds for one thread count only.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, help="an existing CPU profile of this model (default: measure one)")
     parser.add_argument("--steps", type=int, default=12, help="training steps per plan and round")
-    parser.add_argument("--rounds", type=int, default=3, help="profile passes and training rounds, alternating")
+    parser.add_argument("--rounds", type=int, default=5, help="profile passes and training rounds, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, profile and training alike")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per profiled layer and pass")
     parser.add_argument("--out", type=Path, default=None, help="where the profile and runs go (default: a temp dir)")
