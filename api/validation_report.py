@@ -60,7 +60,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
 
 
 def _paired_lines(paired: bool) -> list[str]:
-    """The report's note on a paired validation (`ValidationSetup.paired`): what its errors do and do not hold."""
+    """The report's note on a paired validation (`Validation.paired`): what its errors do and do not hold."""
     if not paired:
         return []
     return ["", "Paired: each plan's layer shapes were profiled again just before its run, and the run is predicted "
