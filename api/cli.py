@@ -1137,11 +1137,10 @@ def profile_all(
         ProfileRunError,
         collective_table,
         layer_table,
+        measure_node,
         merge,
         run_comm,
-        run_compute,
         sweep_for_ranks,
-        with_layers_on_ranks,
     )
 
     try:
@@ -1152,7 +1151,7 @@ def profile_all(
         comm = comm_launch(_sweep_file(out), nproc, 1, None, 1024, max_bytes, ALL_COLLECTIVES, warmup, repeats, None)
 
         def measure(cancel: threading.Event) -> HardwareProfile:
-            compute = with_layers_on_ranks(run_compute(sweep, _console()), sweep, nproc, _console(), cancel)
+            compute = measure_node(sweep, nproc, _console(), cancel)
             return merge(compute, run_comm(comm, _sweep_file(out), _console(), cancel))
 
         profile = _with_interrupt(measure)

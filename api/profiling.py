@@ -25,6 +25,7 @@ from planner.specs import HardwareProfile, LayerMeasurement, OptimizerMeasuremen
 from profiler import collectives, tp_layers
 from profiler.compute import ComputeSweep
 from profiler.fit import fit_all
+from profiler.pool import pool_profiles
 
 
 class ProfileRunError(RuntimeError):
@@ -90,6 +91,23 @@ def with_layers_on_ranks(
     on_node = replace(sweep, tps=tuple(tp for tp in sweep.tps if tp <= nproc))
     on_ranks = run_tp_layers(on_node, console, cancel), run_loaded_layers(sweep, nproc, console, cancel)
     return with_rank_measurements(profile, *on_ranks)
+
+
+def measure_node(sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event) -> HardwareProfile:
+    """`sweep` measured on this node: alone and, with several ranks, on them (`with_layers_on_ranks`). With several
+    ranks and passes, pass after pass of all three phases (alone, tp ranks, busy ranks), pooled (profiler/pool.py):
+    a shared machine's speed drifts over the minutes between the phases, and measured one phase after another the
+    drift lands on the ratios the cost model reads between them (a loaded layer's contention over its time alone,
+    tp ranks against one device); pass by pass every phase samples the same stretch of time."""
+    if nproc < 2 or sweep.passes == 1:
+        return with_layers_on_ranks(run_compute(sweep, console), sweep, nproc, console, cancel)
+    one_pass = replace(sweep, passes=1)
+    passes = [
+        with_layers_on_ranks(run_compute(one_pass, console), one_pass, nproc, console, cancel)
+        for _ in range(sweep.passes)
+    ]
+    pooled = pool_profiles(passes)
+    return pooled.model_copy(update={"settings": {**pooled.settings, "passes": sweep.passes}})
 
 
 def sweep_for_ranks(sweep: ComputeSweep, nproc: int) -> ComputeSweep:

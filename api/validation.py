@@ -407,10 +407,12 @@ def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | N
 # ---------------------------------------------------------------------------------------------- profile
 
 
-# With one pass of runs, each layer shape is measured in two passes over the sweep, pooled: a shared machine's speed
-# drifts over minutes, and two passes spread that drift over every shape instead of on whichever ran during a slow
-# spell. With several passes of runs, one profile pass comes before each (`_profile_and_run`).
-PROFILE_PASSES = 2
+# With one pass of runs, the profile is measured in three passes, each timing every layer shape alone, on tp ranks
+# and on busy ranks (api/profiling.measure_node), pooled by their median: a shared machine's speed drifts over
+# minutes, and passes spread that drift over every shape and phase instead of on whichever ran during a slow spell,
+# and with three a slow pass is outvoted. With several passes of runs, one profile pass comes before each
+# (`_profile_and_run`).
+PROFILE_PASSES = 3
 
 
 def measure_profile(
@@ -422,8 +424,8 @@ def measure_profile(
     collectives: bool = True,
 ) -> HardwareProfile:
     """A profile of this machine for the plans: their layer shapes (alone, on tp ranks, and on all `nproc` ranks
-    at once), in `passes` passes over them, and, with `collectives`, the collectives of `nproc` ranks."""
-    from api.profiling import CommLaunch, merge, run_comm, run_compute, sweep_for_ranks, with_layers_on_ranks
+    at once), in `passes` passes of all three, and, with `collectives`, the collectives of `nproc` ranks."""
+    from api.profiling import CommLaunch, measure_node, merge, run_comm, sweep_for_ranks
     from profiler.collectives import sweep_command_args
     from profiler.compute import ComputeSweep
 
@@ -444,7 +446,7 @@ def measure_profile(
     problems = sweep.violations()
     if problems:
         raise InputError("; ".join(f"{field}: {why}" for field, why in problems))
-    compute = with_layers_on_ranks(run_compute(sweep, console), sweep, setup.nproc, console, cancel)
+    compute = measure_node(sweep, setup.nproc, console, cancel)
     if setup.nproc < 2 or not collectives:
         return compute
     sweep_file = setup.out / "profile.sweep.json"

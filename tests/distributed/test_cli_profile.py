@@ -482,10 +482,11 @@ def test_profile_comm_from_a_sweep_that_cannot_be_fitted_is_refused(comm: Profil
 @pytest.mark.slow
 def test_profile_all_measures_layers_and_collectives_in_one_profile(tmp_path: Path) -> None:
     """Layers alone, on tp ranks and on both ranks busy; the optimizer alone, busy and on DTensor shards; the
-    ranks' meeting wait; the collectives."""
+    ranks' meeting wait; the collectives. Two passes: each times all three phases, and the passes are pooled."""
     out, data = tmp_path / "a.json", tmp_path / "data"
     done = paraplan("profile", "all", *COMPUTE_FLAGS, "--mbs", "1", "--recompute", "none", "--tp", "2", "--nproc",
-                    "2", "--max-bytes", COMM_MAX_BYTES, "--out", out, "--no-store", data_dir=data)  # fmt: skip
+                    "2", "--passes", "2", "--max-bytes", COMM_MAX_BYTES, "--out", out, "--no-store",
+                    data_dir=data)  # fmt: skip
     assert done.returncode == 0, output(done)
     profile = load_profile_json(out)
     assert (profile.device_kind, profile.device_count) == ("cpu", 2)
@@ -502,6 +503,10 @@ def test_profile_all_measures_layers_and_collectives_in_one_profile(tmp_path: Pa
     assert all(f.bandwidth_GBps > 0 and f.group_size == 2 for f in profile.collective_fits)
     assert 0 <= profile.comm_compute_overlap <= 1  # measured by the collectives worker, carried by the merge
     assert profile.settings["compute"]["kind"] == "compute"
+    assert profile.settings["compute"]["passes"] == 2 and len(profile.settings["compute"]["pooled_from"]) == 2
+    repeats = int(COMPUTE_FLAGS[COMPUTE_FLAGS.index("--repeats") + 1])
+    assert {m.forward.repeats for m in profile.layers} == {2 * repeats}  # every phase in both passes
+    assert done.stdout.count("layers on 2 loaded ranks") == 2, output(done)
     assert profile.settings["collectives"]["kind"] == "collectives"
     assert "layer times on" in done.stdout and "bus bandwidth, GB/s" in done.stdout, output(done)
     assert "stored as id" not in done.stdout
