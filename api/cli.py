@@ -1204,6 +1204,15 @@ def validate(
             "(with --passes 1): the cost model's error without the machine's drift between profile and run.",
         ),
     ] = False,
+    confirm: Annotated[
+        int,
+        typer.Option(
+            "--confirm",
+            help="Then run the plans predicted and measured fastest this many times more, alternating, pooled, until "
+            "the fastest is one run again (a few plans at most): the regret then compares times that repeat. 0: none.",
+            min=0,
+        ),
+    ] = 3,
     max_plans: Annotated[
         int | None, typer.Option("--max-plans", help="Run at most this many plans, spread over the space.", min=2)
     ] = None,
@@ -1239,7 +1248,7 @@ def validate(
     try:
         setup = validation_setup(
             nproc, out, model, seq_len, global_batch, steps, warm_steps, max_plans, zero, mbs, recompute, schedule,
-            device, gpu, threads, passes, paired,
+            device, gpu, threads, passes, paired, confirm,
         )  # fmt: skip
         if runs is not None and profile is None:
             profile = str(runs.with_name("profile.json"))
@@ -1267,7 +1276,7 @@ def validate(
 def validation_setup(
     nproc: int, out: Path, model: str, seq_len: int, global_batch: int, steps: int, warm_steps: int,
     max_plans: int | None, zero: str | None, mbs: str | None, recompute: str | None, schedule: str | None,
-    device: str, gpu: str | None, threads: int, passes: int = 1, paired: bool = False,
+    device: str, gpu: str | None, threads: int, passes: int = 1, paired: bool = False, confirm: int = 3,
 ) -> Any:  # fmt: skip
     """The ValidationSetup the flags describe; InputError naming the flag otherwise."""
     from pydantic import ValidationError
@@ -1300,7 +1309,7 @@ def validation_setup(
     return ValidationSetup(
         model=spec, seq_len=seq_len, global_batch_size=global_batch, nproc=nproc, out=out, device=device,
         gpu=gpu or "cpu", steps=steps, warm_steps=warm_steps, search=search, max_plans=max_plans, threads=threads,
-        passes=passes, paired=paired,
+        passes=passes, paired=paired, confirm=confirm,
     )  # fmt: skip
 
 

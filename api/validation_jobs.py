@@ -44,6 +44,9 @@ class ValidationJobBody(BaseModel):
     steps: int | None = Field(None, ge=2, le=10_000, description="steps each plan trains")
     warm_steps: int | None = Field(None, ge=0, le=10_000, description="first steps left out of the median")
     passes: int | None = Field(None, ge=1, le=100, description="runs of every plan, in alternating order, pooled")
+    confirm: int | None = Field(
+        None, ge=0, le=100, description="runs more of the plans predicted and measured fastest, pooled (0: none)"
+    )
     max_plans: int | None = Field(None, ge=2, le=10_000)
     zero: list[Literal[0, 1, 2, 3]] | None = Field(None, min_length=1, max_length=4)
     mbs: list[int] | None = Field(None, min_length=1, max_length=16)

@@ -51,6 +51,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         "",
         *plan_table(result),
         "",
+        *finalist_lines(result),
         *contention_lines(result),
         *meeting_lines(result),
         *calibration_lines(result, stored_profile_id),
@@ -105,6 +106,24 @@ def plan_table(result: Validation) -> list[str]:
         lines += ["", "On a CPU the measured peak is the process's peak resident set (interpreter and torch "
                   "included), so it is shown, not scored."]  # fmt: skip
     return lines
+
+
+def finalist_lines(result: Validation) -> list[str]:
+    """Which plans ran again after the sweep (api/validation.py `confirm_finalists`), and their times before."""
+    setup = result.setup
+    confirmed = [run for run in result.runs if run.confirm_runs]
+    if not confirmed:
+        return []
+    swept_steps = setup.passes * (setup.steps - setup.warm_steps)
+    times = "; ".join(
+        f"{describe(run.plan)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
+        f"{run.measured_s:.4f} s with {run.confirm_runs} more" if run.measured_s is not None
+        else f"{describe(run.plan)} failed in a run after the sweep"
+        for run in confirmed
+    )  # fmt: skip
+    more = "once more" if setup.confirm == 1 else f"{setup.confirm} times more each, in alternating order"
+    return [f"Finalists (the plans predicted and measured fastest) ran {more} after the sweep, until the fastest "
+            f"was one run again; their times above pool all their steps: {times}.", ""]  # fmt: skip
 
 
 def contention_lines(result: Validation) -> list[str]:

@@ -15,7 +15,7 @@ from tests.api.test_routes import UNKNOWN_ID, error_of, job_folders, named_field
 FIXTURE_PROFILE = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "validation" / "cpu-profile.json"
 # The default model of `paraplan validate` (the fixture profile's), two of its plans, three steps each.
 SMALL = {"nproc": 2, "steps": 3, "warm_steps": 1, "mbs": [4], "recompute": ["none"], "zero": [0],
-         "schedule": ["1f1b"], "max_plans": 2}  # fmt: skip
+         "schedule": ["1f1b"], "max_plans": 2, "confirm": 1}  # fmt: skip
 
 
 def stored_fixture_profile(client: TestClient) -> str:
@@ -98,7 +98,7 @@ def test_a_validation_runs_its_plans_and_stores_runs_and_calibrated_profile(
 
     report = client.get(view["links"]["report"])
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
-    assert "| step-time MAPE |" in report.text
+    assert "| step-time MAPE |" in report.text and "Finalists (the plans predicted and measured fastest)" in report.text
     plot = client.get(view["links"]["plot"])
     assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
     assert [v["id"] for v in client.get("/v1/validations").json()["validations"]] == [job["id"]]

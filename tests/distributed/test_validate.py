@@ -48,13 +48,21 @@ def paraplan(*args: str, data_dir: Path, timeout_s: float = 300) -> subprocess.C
 def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     out, data_dir = tmp_path / "validation", tmp_path / "data"
     done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--passes", "2",
-                    "--out", str(out), "--json", data_dir=data_dir)  # fmt: skip
+                    "--confirm", "1", "--out", str(out), "--json", data_dir=data_dir)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["plans"] == figures["measured"] == 3 and figures["failed"] == [] and not figures["paired"]
-    # Every plan ran twice, and its time pools both runs' 3 steady steps.
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [f"00{i}-pass{k}" for i in range(3) for k in (1, 2)]
-    assert all(len(run["step_times_s"]) == 6 for run in json.loads((out / "runs.json").read_text()))
+    # Every plan ran twice, its time pooling both runs' 3 steady steps; then the finalists (the plans predicted and
+    # measured fastest) once more, until the fastest was one of them.
+    records = json.loads((out / "runs.json").read_text())
+    finalists = [i for i, run in enumerate(records) if run["confirm_runs"]]
+    assert 1 <= len(finalists) <= 3 and all(records[i]["confirm_runs"] == 1 for i in finalists)
+    swept = [f"00{i}-pass{k}" for i in range(3) for k in (1, 2)]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(swept + [f"00{i}-confirm1" for i in finalists])
+    assert [len(run["step_times_s"]) for run in records] == [9 if i in finalists else 6 for i in range(3)]
+    ran = [run for run in records if run["measured_s"]]
+    assert min(ran, key=lambda run: run["estimate"]["step_time_s"])["confirm_runs"] == 1
+    assert min(ran, key=lambda run: run["measured_s"])["confirm_runs"] == 1
     for name in ("mape", "kendall_tau", "regret"):
         assert isinstance(figures[name], float) and isinstance(figures["calibrated"][name], float)
     assert figures["mape"] >= 0 and figures["regret"] >= 0 and -1 <= figures["kendall_tau"] <= 1
@@ -63,6 +71,7 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert "| step-time MAPE |" in report and report.count("| dp") + report.count("| tp") >= 1
     assert "| step spread |" in report and "Step spread:" in report
     assert "each plan trained 4 steps 2 times (in alternating order)" in report
+    assert "Finalists (the plans predicted and measured fastest) ran once more after the sweep" in report
     assert "Layers timed on all 2 ranks at once took" in report
     assert "Each meeting of the ranks (a collective all must reach) cost a wait" in report
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,8 +157,8 @@ def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
 
 def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_before_it(tmp_path: Path):
     out = tmp_path / "validation"
-    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "2", "--paired", "--profile",
-                    str(FIXTURE_PROFILE), "--no-store", "--out", str(out), "--json",
+    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "2", "--paired", "--confirm", "0",
+                    "--profile", str(FIXTURE_PROFILE), "--no-store", "--out", str(out), "--json",
                     data_dir=tmp_path / "data")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
