@@ -117,13 +117,16 @@ def finalist_lines(result: Validation) -> list[str]:
     swept_steps = setup.passes * (setup.steps - setup.warm_steps)
     times = "; ".join(
         f"{describe(run.plan)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
-        f"{run.measured_s:.4f} s with {run.confirm_runs} more" if run.measured_s is not None
+        f"{run.measured_s:.4f} s with {_runs(run.confirm_runs)} more" if run.measured_s is not None
         else f"{describe(run.plan)} failed in a run after the sweep"
         for run in confirmed
     )  # fmt: skip
-    more = "once more" if setup.confirm == 1 else f"{setup.confirm} times more each, in alternating order"
-    return [f"Finalists (the plans predicted and measured fastest) ran {more} after the sweep, until the fastest "
-            f"was one run again; their times above pool all their steps: {times}.", ""]  # fmt: skip
+    return ["Finalists (the plans predicted and measured fastest) ran again after the sweep, in alternating order, "
+            f"until the fastest was one run again; their times above pool all their steps: {times}.", ""]  # fmt: skip
+
+
+def _runs(count: int) -> str:
+    return "1 run" if count == 1 else f"{count} runs"
 
 
 def contention_lines(result: Validation) -> list[str]:

@@ -71,7 +71,8 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert "| step-time MAPE |" in report and report.count("| dp") + report.count("| tp") >= 1
     assert "| step spread |" in report and "Step spread:" in report
     assert "each plan trained 4 steps 2 times (in alternating order)" in report
-    assert "Finalists (the plans predicted and measured fastest) ran once more after the sweep" in report
+    assert "Finalists (the plans predicted and measured fastest) ran again after the sweep" in report
+    assert "s with 1 run more" in report
     assert "Layers timed on all 2 ranks at once took" in report
     assert "Each meeting of the ranks (a collective all must reach) cost a wait" in report
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
