@@ -581,7 +581,7 @@ def validate(
         save_profile_json(profile, setup.out / PROFILE_FILE)
         console.print(f"comparing the {len(runs)} runs of {earlier_runs} with the cost model; results in {setup.out}")
     else:
-        profile, runs = _profile_and_run(setup, profile, outputs, console, cancel)
+        profile, runs = _profile_and_run(setup, profile, console, cancel)
     write_runs(setup.out / RUNS_FILE, runs, setup)
     if earlier_runs is None:
         store_measured_runs(outputs, runs, setup)
@@ -611,7 +611,6 @@ PROFILE_FILE, CALIBRATED_PROFILE_FILE, RUNS_FILE = "profile.json", "calibrated-p
 def _profile_and_run(
     setup: ValidationSetup,
     profile: HardwareProfile | None,
-    outputs: Outputs,
     console: Console,
     cancel: threading.Event,
 ) -> tuple[HardwareProfile, list[PlanRun]]:
@@ -629,7 +628,7 @@ def _profile_and_run(
     if profile is not None:
         save_profile_json(profile, setup.out / PROFILE_FILE)  # before the runs: a stopped validation keeps it
         given = profile
-        return profile, _run_with_progress(setup, plans, lambda attempt: given, outputs, console, cancel)
+        return profile, _run_with_progress(setup, plans, lambda attempt: given, console, cancel)
     measured: list[HardwareProfile] = []
 
     def profile_pass(attempt: int) -> HardwareProfile:
@@ -638,7 +637,7 @@ def _profile_and_run(
         save_profile_json(pooled_so_far, setup.out / PROFILE_FILE)
         return pooled_so_far
 
-    runs = _run_with_progress(setup, plans, profile_pass, outputs, console, cancel)
+    runs = _run_with_progress(setup, plans, profile_pass, console, cancel)
     return pool_profiles(measured), runs
 
 
@@ -646,7 +645,6 @@ def _run_with_progress(
     setup: ValidationSetup,
     plans: list[ParallelPlan],
     profile_for_pass: Callable[[int], HardwareProfile],
-    outputs: Outputs,
     console: Console,
     cancel: threading.Event,
 ) -> list[PlanRun]:
