@@ -337,9 +337,8 @@ def confirm_finalists(
             extra[i].append(rerun(i, len(extra[i])))
             done += 1
             upcoming = runs[schedule[step + 1]].plan if step + 1 < len(schedule) else None
-            so_far = [_with_extra(run, extra.get(j, [])) for j, run in enumerate(runs)]
-            on_attempt(Attempt(done, done - step - 1 + len(schedule), upcoming, so_far))
-        runs = [_with_extra(run, extra.get(j, [])) for j, run in enumerate(runs)]
+            on_attempt(Attempt(done, done - step - 1 + len(schedule), upcoming, _with_extras(runs, extra)))
+        runs = _with_extras(runs, extra)
         confirmed.update(todo)
     return runs
 
@@ -352,6 +351,11 @@ def finalists(runs: list[PlanRun]) -> list[int]:
     predicted_best = min(ran, key=lambda i: runs[i].predicted_s)
     measured_best = min(ran, key=lambda i: runs[i].measured_s)  # type: ignore[arg-type, return-value]
     return sorted({predicted_best, measured_best})
+
+
+def _with_extras(runs: list[PlanRun], extra: dict[int, list[PlanRun]]) -> list[PlanRun]:
+    """`runs`, each pooled with its extra runs (by index) so far."""
+    return [_with_extra(run, extra.get(i, [])) for i, run in enumerate(runs)]
 
 
 def _with_extra(run: PlanRun, extra: list[PlanRun]) -> PlanRun:
@@ -401,7 +405,7 @@ def pooled(runs: list[PlanRun]) -> PlanRun:
 def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
     """A run as runs.json keeps it: what it measured, with the full request it trained."""
     return {**asdict(run), "plan": run.plan.model_dump(mode="json"), "request": setup.request(run.plan),
-            "device": setup.device, "steps": setup.steps}  # fmt: skip
+            "device": setup.device, "steps": setup.steps, "passes": setup.passes}  # fmt: skip
 
 
 def write_runs(path: Path, runs: list[PlanRun], setup: ValidationSetup) -> None:
@@ -425,14 +429,21 @@ def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> l
     for number, (record, run) in enumerate(zip(records, runs, strict=True)):
         where = f"{path} run {number}"
         _require_same_setup(trained[number], setup, run.plan, where)
-        if record.get("steps", setup.steps) != setup.steps:
-            raise InputError.at("--runs", f"{where} trained {record['steps']} steps, not --steps {setup.steps}")
+        _require_same_count(record, "steps", setup.steps, where)
+        _require_same_count(record, "passes", setup.passes, where)  # the report counts each plan's runs from it
         try:
             own = _own_profile(run)  # a paired validation's run is estimated from its own profile
         except ValueError as error:
             raise InputError.at("--runs", f"{where}: {error}") from error
         estimated.append(replace(run, estimate=_estimate(setup, run.plan, own or profile)))
     return estimated
+
+
+def _require_same_count(record: dict[str, Any], name: str, flag_value: int, where: str) -> None:
+    """InputError naming --steps or --passes if the run was made with another count (records from before a
+    count was kept are taken at the flag's)."""
+    if record.get(name, flag_value) != flag_value:
+        raise InputError.at("--runs", f"{where} was made with {name} {record[name]}, not --{name} {flag_value}")
 
 
 def _earlier_run(record: dict[str, Any]) -> PlanRun:

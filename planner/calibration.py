@@ -9,9 +9,9 @@
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
    efficiency per link tier, the gradient-reduction overlap and the overheads per micro-batch and per step) so
    that the cost model, reading the profile, predicts the measured step times. It is a bounded nonlinear
-   least-squares fit (Levenberg 1944; Marquardt 1963) of the log step-time ratio, through the cost model itself,
-   with a weak prior at the uncalibrated values so that a factor no measured run depends on (say, the inter-node
-   tier on one machine) stays where it was.
+   least-squares fit (Levenberg 1944; Marquardt 1963) of the log step-time ratio under Huber's robust loss
+   (Huber 1964), through the cost model itself, with a weak prior at the uncalibrated values so that a factor no
+   measured run depends on (say, the inter-node tier on one machine) stays where it was.
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ FACTORS = (
     Factor("step_overhead_ms", *OVERHEAD_MS),
 )
 MAX_ITERATIONS = 30
+# Runs are fitted under Huber's loss of the log ratio (Huber 1964): squared within HUBER_DELTA, linear beyond. A
+# run that a busy machine slowed by 30% then pulls the factors as hard as one 5% off would pull them per unit of
+# error, not six times as hard as under least squares; and MAPE, what the fit is judged by, is itself linear.
+HUBER_DELTA = 0.05
 
 
 def calibration_of(x: np.ndarray, num_runs: int, fit_mape: float, created: str) -> Calibration:
@@ -159,8 +163,9 @@ def starting_point(profile: HardwareProfile) -> np.ndarray:
 def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created: str) -> HardwareProfile:
     """`profile` with the Calibration that best predicts `runs` (any calibration it had is replaced).
 
-    Levenberg-Marquardt on r_i = log(predicted_i / measured_i), plus prior_weight x (x - start) per factor,
-    with a forward-difference Jacobian through the cost model and each step clipped to the factor's bounds.
+    Levenberg-Marquardt on r_i = log(predicted_i / measured_i) under Huber's loss (`huber_residuals`), plus
+    prior_weight x (x - start) per factor, with a forward-difference Jacobian through the cost model and each step
+    clipped to the factor's bounds.
     """
     if not runs:
         raise ValueError("runs: a calibration needs at least one measured run")
@@ -177,11 +182,20 @@ def fit_calibration(profile: HardwareProfile, runs: list[MeasuredStep], created:
 
     def residuals(x: np.ndarray) -> np.ndarray:
         ratio = np.log(predict_steps(at(x), runs) / measured)
-        return np.concatenate([ratio, prior_weight * (x - start)])
+        return np.concatenate([huber_residuals(ratio, HUBER_DELTA), prior_weight * (x - start)])
 
     x = _levenberg_marquardt(residuals, start, low, high)
     fit_mape = float(np.mean(np.abs(predict_steps(at(x), runs) / measured - 1)))
     return base.model_copy(update={"calibration": calibration_of(x, len(runs), fit_mape, created)})
+
+
+def huber_residuals(r: np.ndarray, delta: float) -> np.ndarray:
+    """Residuals whose squares are Huber's loss of `r` (Huber 1964): r itself within `delta`, beyond it
+    sign(r) sqrt(2 delta |r| - delta^2), which meets r with the same slope at |r| = delta, so a least-squares
+    solver minimises the Huber loss unchanged."""
+    size = np.abs(r)
+    beyond = np.sign(r) * np.sqrt(np.maximum(2 * delta * size - delta**2, 0.0))
+    return np.where(size <= delta, r, beyond)
 
 
 def _levenberg_marquardt(

@@ -131,6 +131,12 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert done.returncode == 1
     assert "--runs:" in done.stdout + done.stderr and "trained another training" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+    # So is another count of passes, from which the report counts each plan's runs in the sweep.
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--steps", "4", "--warm-steps", "1", "--passes", "1",
+                    "--runs", str(out / "runs.json"), "--no-store", "--out", str(tmp_path / "once"),
+                    data_dir=data_dir, timeout_s=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "was made with passes 2, not --passes 1" in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):

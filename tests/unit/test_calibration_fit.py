@@ -16,12 +16,14 @@ import pytest
 
 from api.cli import VALIDATION_MODEL
 from api.validation import ValidationSetup, valid_plans
+from planner import calibration
 from planner.calibration import (
     FACTORS,
     MeasuredStep,
     fit_calibration,
     halves,
     held_out_predictions,
+    huber_residuals,
     predict_steps,
     starting_point,
 )
@@ -135,7 +137,6 @@ def test_the_fit_starts_from_the_overlap_the_profile_measured():
     assert np.array_equal(starting_point(measured)[others], starting_point(PROFILE)[others])
 
 
-
 def _slower(profile: HardwareProfile, factor: float) -> HardwareProfile:
     """`profile` with every layer, optimizer step and meeting wait `factor` times slower: a slow spell."""
     from profiler.pool import POOLED_LISTS
@@ -161,3 +162,30 @@ def test_a_run_with_its_own_profile_is_predicted_from_it_under_the_same_calibrat
     in_spell = [MeasuredStep(run.request, float(t), slow) for run, t in zip(runs, truth, strict=True)]
     fitted = fit_calibration(PROFILE, in_spell, created="now")
     assert np.abs(predict_steps(fitted, in_spell) / truth - 1).max() < 0.05
+
+
+def test_huber_residuals_square_to_huber_loss():
+    r = np.array([-0.3, -0.05, -0.01, 0.0, 0.02, 0.05, 0.2])
+    delta = 0.05
+    loss = np.where(np.abs(r) <= delta, r**2, 2 * delta * np.abs(r) - delta**2)
+    residuals = huber_residuals(r, delta)
+    assert residuals**2 == pytest.approx(loss)
+    assert np.array_equal(np.sign(residuals), np.sign(r))
+    assert huber_residuals(np.array([0.01]), delta) == pytest.approx([0.01])  # least squares near the fit
+
+
+def test_one_run_a_busy_machine_slowed_barely_moves_the_fit(monkeypatch: pytest.MonkeyPatch):
+    """A run 50% slow (a neighbour took the cores) pulls a least-squares fit off the other runs; under Huber's
+    loss it pulls only as hard as a run HUBER_DELTA off, so the others stay close."""
+    runs = runs_measured_under(TRUE)
+    truth = np.array([run.measured_s for run in runs[1:]])
+    spoiled = [replace(runs[0], measured_s=runs[0].measured_s * 1.5), *runs[1:]]
+
+    def error_on_the_others() -> float:
+        fitted = fit_calibration(PROFILE, spoiled, created="now")
+        return float(np.mean(np.abs(predict_steps(fitted, runs[1:]) / truth - 1)))
+
+    robust = error_on_the_others()
+    monkeypatch.setattr(calibration, "HUBER_DELTA", 10.0)  # no residual beyond it: least squares
+    assert robust < 0.02
+    assert error_on_the_others() > 1.5 * robust
