@@ -154,7 +154,9 @@ def run_plan(
 
     request = setup.request(plan)
     estimate = _estimate(setup, plan, profile)
-    config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device)  # type: ignore[arg-type]
+    # No checkpoints: a run here only measures, and a 1B model's would write 15 GB per plan.
+    config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device,  # type: ignore[arg-type]
+                         checkpoints=False)  # fmt: skip
     prepare_run(request, config, run_dir, nproc=setup.nproc)
     spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
     result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)

@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
     data: Path | None = Field(None, description="a text file, read as bytes; null: the synthetic token stream")
     checkpoint_every: int = Field(0, ge=0, description="save every N steps; 0: only at the end and on SIGTERM")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+    checkpoints: bool = Field(
+        True, description="false: save none, not even at the end or on SIGTERM (a run that only measures)"
+    )
     device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("warmup_steps")

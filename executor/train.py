@@ -87,7 +87,7 @@ class Trainer:
             step_time_s = time.perf_counter() - started
             stop, peak_bytes = self._agree()
             self._record(step, loss, grad_norm, step_time_s, peak_bytes)
-            if self._checkpoint_due(step) or stop:
+            if self._checkpoint_due(step) or (stop and self.config.checkpoints):
                 self.save(step)
             if stop:
                 break
@@ -134,6 +134,8 @@ class Trainer:
         print(step_line(metrics), flush=True)
 
     def _checkpoint_due(self, step: int) -> bool:
+        if not self.config.checkpoints:
+            return False
         every = self.config.checkpoint_every
         return step == self.config.steps or (every > 0 and step % every == 0)
 

@@ -228,6 +228,12 @@ _HF_CONFIGS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
+    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (LM head tied to the embedding)
+    "llama3.2-1b": {
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
     # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json (Llama 3.1 8B: same shape)
     "llama3-8b": {
         "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

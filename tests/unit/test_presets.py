@@ -39,6 +39,8 @@ PUBLISHED_TOTALS = {
     "llama3-8b": 8.03e9,
     "llama3-70b": 70.55e9,
     "llama3-405b": 405.85e9,
+    # Hugging Face Hub, safetensors parameter count of meta-llama/Llama-3.2-1B (model card: "1.23B"), tied head.
+    "llama3.2-1b": 1.24e9,
     # Hugging Face Hub, safetensors parameter count of mistralai/Mistral-7B-v0.1.
     "mistral-7b": 7.24e9,
     # Qwen2.5 model cards: "Number of Parameters: 7.61B" / "72.7B".

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Validate single-GPU plans of Llama-3.2-1B (micro-batch x recompute, at three sequence lengths) on one CUDA GPU:
+# `paraplan validate --nproc 1 --device cuda` per sequence length, each profiling the GPU, running every plan and
+# comparing predicted with measured step time and peak memory. Each validation's folder is packed into
+# OUT/seqN.tar.gz (report.md, runs.json, profile.json, validation.json, run logs).
+#
+#   benchmarks/gpu_validation.sh OUT [SECONDS] [GPU_PRESET]
+#
+# SECONDS (default 420) bounds the whole script: each validation gets what is left, and one stopped at its limit
+# keeps the runs it measured in its runs.json (`paraplan validate --runs` compares them later).
+set -uo pipefail
+out=${1:?usage: gpu_validation.sh OUT [SECONDS] [GPU_PRESET]}
+budget=${2:-420}
+gpu=${3:-h200}
+deadline=$(( $(date +%s) + budget ))
+paraplan=(python3 -c "import sys; sys.argv[0] = 'paraplan'; from api.cli import main; main()")
+mkdir -p "$out"
+
+validate() {  # seq_len mbs-list recompute-list
+    local seq=$1 mbs=$2 recompute=$3 left=$(( deadline - $(date +%s) - 15 ))
+    if (( left < 30 )); then echo "seq $seq: skipped, ${left}s left"; return; fi
+    local dir=/tmp/gpu-validation/seq$seq
+    rm -rf "$dir"
+    echo "=== seq $seq: mbs $mbs, recompute $recompute, up to ${left}s ($(date -u +%T))"
+    timeout -s TERM -k 20 "$left" "${paraplan[@]}" validate --nproc 1 --device cuda --gpu "$gpu" \
+        --model llama3.2-1b --seq-len "$seq" --global-batch 8 --mbs "$mbs" --recompute "$recompute" \
+        --steps 8 --warm-steps 3 --confirm 0 --no-store --out "$dir" --json
+    echo "=== seq $seq: exit $? ($(date -u +%T))"
+    tar -czf "$out/seq$seq.tar.gz" -C "$dir" --exclude='checkpoints' . 2>/dev/null
+}
+
+validate 1024 1,2,4,8 none,selective,full
+validate 2048 1,2,4 none,selective,full
+validate 4096 1,2 none,selective,full
