@@ -144,6 +144,14 @@ class PlanRun:
     def predicted_s(self) -> float:
         return float(self.estimate["step_time_s"])
 
+    @property
+    def predicted_allocated_bytes(self) -> float:
+        """The predicted peak of the stage that peaks, without the bytes the CUDA caching allocator does not count
+        as allocated (the `other` term: context, NCCL buffers, fragmentation): what torch.cuda.max_memory_allocated,
+        the executor's measured peak on a GPU, compares with."""
+        stages = self.estimate["memory"]["by_stage"]
+        return max(float(stage["total_bytes"]) - float(stage["other_bytes"]) for stage in stages)
+
 
 def run_plan(
     setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile, run_dir: Path, cancel: threading.Event
@@ -205,6 +213,16 @@ class Validation:
     calibrated: HardwareProfile
 
     @property
+    def memory_mape(self) -> float | None:
+        """The mean absolute error of the predicted allocated peak (`PlanRun.predicted_allocated_bytes`) over the
+        runs' measured one, on a GPU; None on a CPU, where the measured peak is the process's resident set."""
+        runs = [run for run in self.measured if run.measured_peak_bytes]
+        if self.setup.device != "cuda" or not runs:
+            return None
+        predicted = np.array([run.predicted_allocated_bytes for run in runs])
+        return agreement.mape(predicted, np.array([float(run.measured_peak_bytes or 0) for run in runs]))
+
+    @property
     def measured(self) -> list[PlanRun]:
         return [run for run in self.runs if run.measured_s is not None]
 
@@ -219,6 +237,7 @@ class Validation:
         calibration = self.calibrated.calibration
         return {
             **asdict(self.before),
+            "memory_mape": self.memory_mape,
             "calibrated": {**asdict(self.after), "held_out": True},
             "paired": self.paired,
             "plans": len(self.runs),

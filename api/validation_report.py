@@ -81,23 +81,26 @@ def figures_table(result: Validation) -> list[str]:
     for label, name, form in rows:
         before, after = getattr(result.before, name), getattr(result.after, name)
         lines.append(f"| {label} | {form.format(before)} | {form.format(after)} |")
+    if result.memory_mape is not None:  # calibration fits times only: memory is the same after
+        lines.append(f"| peak-memory MAPE (allocated) | {result.memory_mape:.1%} | {result.memory_mape:.1%} |")
     return lines
 
 
 def plan_table(result: Validation) -> list[str]:
+    on_gpu = result.setup.device == "cuda"
+    memory_columns = ("predicted allocated MiB | measured allocated MiB | memory error" if on_gpu
+                      else "predicted peak MiB | measured peak MiB")  # fmt: skip
     lines = [
         "| plan | predicted s | calibrated s (held out) | measured s | step spread | error before | error after "
-        "| predicted peak MiB | measured peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {memory_columns} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for run, held_out in zip(result.measured, result.held_out_s, strict=True):
         measured = run.measured_s or float("nan")
-        peak = run.estimate["memory"]["peak_bytes"] / MiB
-        measured_peak = f"{run.measured_peak_bytes / MiB:.0f}" if run.measured_peak_bytes else "-"
         lines.append(
             f"| {describe(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
             f"| {step_spread(run):.0%} | {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} "
-            f"| {peak:.0f} | {measured_peak} |"
+            f"| {_memory_cells(run, on_gpu)} |"
         )
     spreads = [step_spread(run) for run in result.measured]
     lines += ["", f"Step spread: the p10-p90 range of a plan's steady steps over their median (median over the "
@@ -106,6 +109,16 @@ def plan_table(result: Validation) -> list[str]:
         lines += ["", "On a CPU the measured peak is the process's peak resident set (interpreter and torch "
                   "included), so it is shown, not scored."]  # fmt: skip
     return lines
+
+
+def _memory_cells(run: PlanRun, on_gpu: bool) -> str:
+    """Predicted and measured peak in MiB: on a GPU the allocated bytes, and the error; on a CPU the whole
+    prediction beside the process's resident set."""
+    predicted = run.predicted_allocated_bytes if on_gpu else run.estimate["memory"]["peak_bytes"]
+    if not run.measured_peak_bytes:
+        return f"{predicted / MiB:.0f} | -" + (" | -" if on_gpu else "")
+    cells = f"{predicted / MiB:.0f} | {run.measured_peak_bytes / MiB:.0f}"
+    return cells + (f" | {predicted / run.measured_peak_bytes - 1:+.1%}" if on_gpu else "")
 
 
 def finalist_lines(result: Validation) -> list[str]:

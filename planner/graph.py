@@ -37,6 +37,8 @@ class LayerCost:
     cp_comm_s: float  # ring-attention exchanges not hidden behind attention compute
     saved_bytes: float  # kept from forward to backward under the plan's recompute mode
     working_bytes: float  # rematerialised for this layer's backward (recompute), alive one layer at a time
+    # Held once per layer through the step, whatever the micro-batches in flight (autocast's cached weights).
+    cached_bytes: float = 0.0
     time_source: str = "analytic"  # "profile" when forward/backward/recompute came from a HardwareProfile
     time_note: str | None = None  # why a profile could not supply the times, when one was attached
     # forward/backward/recompute are the times with every rank of the node busy; alone, the layer takes them
@@ -107,6 +109,9 @@ class LayerTimes:
     note: str | None
     includes_tp_comm: Any = False  # per micro-batch size: measured on tp ranks, TP's collectives included
     contention: Any = 1.0  # per micro-batch size: loaded / alone times (LayerCost.contention)
+    # Per micro-batch size, from a profile that measured the allocator (CUDA); NaN where it did not.
+    saved_bytes: Any = np.nan
+    peak_bytes: Any = np.nan
 
     def tp_comm_s(self, collectives_s: Any) -> Any:
         """The layer's TP collective seconds: `collectives_s` (from the fits or the preset's links), or none where
@@ -179,8 +184,9 @@ class LayerContext:
             return replace(analytic, note=f"{kind} times are analytic: {found}")
         if found.complete:
             return LayerTimes(
-                found.forward_s, found.backward_s, 0.0, "profile", None, found.includes_tp_comm, found.contention
-            )
+                found.forward_s, found.backward_s, 0.0, "profile", None, found.includes_tp_comm, found.contention,
+                found.saved_bytes, found.peak_bytes,
+            )  # fmt: skip
         # Some of the micro-batch sizes the search costs at once are beyond the profile: those sizes only are
         # costed analytically, the others as measured.
         missing = found.missing
@@ -192,6 +198,8 @@ class LayerContext:
             note=f"{kind} times are analytic for some micro-batch sizes: {found.reason}",
             includes_tp_comm=found.includes_tp_comm,
             contention=np.where(missing, 1.0, found.contention),
+            saved_bytes=found.saved_bytes,
+            peak_bytes=found.peak_bytes,
         )
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
@@ -221,6 +229,9 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
     # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
     tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
     times = ctx.layer_times("block", block, plan.tp, plan.recompute)
+    kept, working = layer_memory(times, kept, everything - kept)
+    measured = _measured_memory(times).any()
+    cached = autocast_cached_weight_bytes(model, plan, ctx.dtype) if measured and plan.recompute == "full" else 0.0
     return LayerCost(
         name="block",
         kind="block",
@@ -232,12 +243,41 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(tp_allreduces, plan)),
         cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
         saved_bytes=kept,
-        working_bytes=everything - kept,
+        working_bytes=working,
+        cached_bytes=cached,
         time_source=times.source,
         time_note=times.note,
         contention=times.contention,
         partial_grad_params=sp_partial_params(params.block_params(model), plan),
     )
+
+
+def layer_memory(times: LayerTimes, analytic_saved: Any, analytic_working: Any) -> tuple[Any, Any]:
+    """A layer's saved and working bytes per micro-batch: measured where the profile timed it with the CUDA
+    allocator's peak, else analytic. Measured, working = the peak over its forward + backward - what it saved:
+    what its backward needs beyond what the forward kept (the loss's logits-sized gradients at the head)."""
+    measured = _measured_memory(times)
+    if not measured.any():
+        return analytic_saved, analytic_working
+    saved = np.where(measured, times.saved_bytes, analytic_saved)
+    working = np.where(measured, np.maximum(np.asarray(times.peak_bytes) - times.saved_bytes, 0.0), analytic_working)
+    return (float(saved), float(working)) if saved.ndim == 0 else (saved, working)
+
+
+def _measured_memory(times: LayerTimes) -> np.ndarray:
+    return ~np.isnan(np.asarray(times.peak_bytes, dtype=float))
+
+
+def autocast_cached_weight_bytes(model: ModelSpec, plan: ParallelPlan, precision: Precision) -> float:
+    """The 16-bit copies of a fully recomputed block's weights that torch.autocast keeps: autocast caches the cast
+    of every fp32 weight it casts until the outermost autocast region exits (torch.autocast, `cache_enabled`),
+    and the executor's region spans every micro-batch's forward and backward (executor/train.py `_step`), so the
+    copies outlive the checkpoint that drops the block's other tensors. Measured on an H200: full-recompute
+    Llama-3.2-1B plans peaked 16 x 2 x 60.8M bytes above the layers' own measured bytes (README, "On a GPU").
+    Under fp32 nothing is cast."""
+    if precision == "fp32":
+        return 0.0
+    return ops.ACTIVATION_BYTES[precision] * params.block_params(model).sharded / plan.tp
 
 
 def sp_partial_params(count: params.ParamCount, plan: ParallelPlan) -> float:
@@ -287,6 +327,7 @@ def _edge_layer(
 ) -> LayerCost:
     """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only)."""
     times = ctx.layer_times(kind, layer, plan.tp, "none")
+    saved, working = layer_memory(times, ops.saved_bytes(layer, "none"), 0.0)
     return LayerCost(
         name=name,
         kind=kind,
@@ -297,8 +338,8 @@ def _edge_layer(
         recompute_s=0.0,
         tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(1, plan)),
         cp_comm_s=0.0,
-        saved_bytes=ops.saved_bytes(layer, "none"),
-        working_bytes=0.0,
+        saved_bytes=saved,
+        working_bytes=working,
         time_source=times.source,
         time_note=times.note,
         contention=times.contention,

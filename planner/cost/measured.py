@@ -91,6 +91,9 @@ class LayerTime:
     saved_bytes: int
     exact: bool
     method: LookupMethod
+    # The allocator's peak over the layer's forward + backward above what was allocated before it (CUDA
+    # profiles only; NaN where the profile has none).
+    peak_bytes: float = float("nan")
     includes_tp_comm: bool = False  # timed on tp ranks: tensor parallelism's collectives are in the times
     contention: float = 1.0  # timed loaded: these times / the same layer's times alone (see LayerTable)
 
@@ -98,7 +101,7 @@ class LayerTime:
 @dataclass(frozen=True)
 class _Points:
     """The measured shapes of one (layer, tp, dtype, recompute): values columns are forward_s, backward_s,
-    saved_bytes."""
+    saved_bytes, peak_bytes (NaN where not measured)."""
 
     micro_batch_size: np.ndarray
     seq_len: np.ndarray
@@ -149,9 +152,9 @@ class LayerTable:
     def from_measurements(cls, layers: Iterable[LayerMeasurement]) -> LayerTable:
         """Group measurements by (layer, tp, dtype, recompute) (and, timed on tp ranks, sequence parallelism); a
         shape measured twice in a group is refused."""
-        shards: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
-        on_ranks: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
-        loaded: dict[Any, dict[tuple[int, int], tuple[float, float, int]]] = {}
+        shards: dict[Any, dict[tuple[int, int], tuple[float, ...]]] = {}
+        on_ranks: dict[Any, dict[tuple[int, int], tuple[float, ...]]] = {}
+        loaded: dict[Any, dict[tuple[int, int], tuple[float, ...]]] = {}
         for m in layers:
             key: Any = (m.layer, m.tp, m.dtype, m.recompute)
             rows = shards
@@ -163,7 +166,8 @@ class LayerTable:
             group = rows.setdefault(key, {})
             if shape in group:
                 raise ValueError(f"layers: {key} measured twice at micro_batch_size, seq_len = {shape}")
-            group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes)
+            peak = float("nan") if m.peak_allocated_bytes is None else m.peak_allocated_bytes
+            group[shape] = (m.forward.median_s, m.backward.median_s, m.saved_bytes, peak)
         return cls(*({key: _to_points(group) for key, group in rows.items()} for rows in (shards, on_ranks, loaded)))
 
     def lookup(
@@ -233,14 +237,14 @@ def _contention(loaded: LayerTime, alone: LayerTime) -> float:
     return (loaded.forward_s + loaded.backward_s) / alone_s if alone_s > 0 else 1.0
 
 
-def _to_points(group: dict[tuple[int, int], tuple[float, float, int]]) -> _Points:
+def _to_points(group: dict[tuple[int, int], tuple[float, ...]]) -> _Points:
     shapes = np.array(list(group), dtype=float)
     return _Points(shapes[:, 0], shapes[:, 1], np.array(list(group.values()), dtype=float))
 
 
 def _layer_time(values: np.ndarray, method: LookupMethod) -> LayerTime:
-    forward_s, backward_s, saved_bytes = (float(v) for v in values)
-    return LayerTime(forward_s, backward_s, round(saved_bytes), method == "measured", method)
+    forward_s, backward_s, saved_bytes, peak_bytes = (float(v) for v in values)
+    return LayerTime(forward_s, backward_s, round(saved_bytes), method == "measured", method, peak_bytes=peak_bytes)
 
 
 def _check_in_range(points: _Points, micro_batch_size: int, seq_len: int) -> None:
@@ -284,8 +288,10 @@ def _seq_fit(points: _Points, micro_batch_size: int, seq_len: int) -> np.ndarray
             f"({points.seq_len[0]:.0f}) cannot tell the linear from the quadratic part",
         )
     per_token = points.values / points.tokens[:, None]
-    slope, intercept = np.polyfit(points.seq_len, per_token, 1)
-    return np.maximum(micro_batch_size * seq_len * (intercept + slope * seq_len), 0.0)
+    unmeasured = np.isnan(per_token).any(axis=0)  # peak_bytes of a profile that has none: stays NaN
+    slope, intercept = np.polyfit(points.seq_len, np.nan_to_num(per_token), 1)
+    fitted = np.maximum(micro_batch_size * seq_len * (intercept + slope * seq_len), 0.0)
+    return np.where(unmeasured, np.nan, fitted)
 
 
 # ------------------------------------------------------------------------------------ profile costs
@@ -293,8 +299,9 @@ def _seq_fit(points: _Points, micro_batch_size: int, seq_len: int) -> np.ndarray
 
 @dataclass(frozen=True)
 class MeasuredLayer:
-    """A layer's forward and backward seconds from a profile (backward includes any recompute): numbers, or
-    arrays over the micro-batch sizes asked for, NaN where `missing` (the profile cannot answer that size)."""
+    """A layer's forward and backward seconds from a profile (backward includes any recompute), and its saved and
+    peak bytes: numbers, or arrays over the micro-batch sizes asked for, NaN where `missing` (the profile cannot
+    answer that size); `peak_bytes` is NaN too where the profile measured no allocator peak (CPU)."""
 
     forward_s: np.ndarray | float
     backward_s: np.ndarray | float
@@ -302,6 +309,8 @@ class MeasuredLayer:
     reason: NotMeasured | None = None  # why the first missing size is missing
     includes_tp_comm: np.ndarray | bool = False  # per size: timed on tp ranks, TP's collectives included
     contention: np.ndarray | float = 1.0  # per size: loaded time / alone time (LayerTable), 1 where not loaded
+    saved_bytes: np.ndarray | float = np.nan
+    peak_bytes: np.ndarray | float = np.nan
 
     @property
     def complete(self) -> bool:
@@ -319,6 +328,9 @@ class ProfileCosts:
     def __init__(self, profile: HardwareProfile):
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
+        # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
+        # profile, as the profiler's stack (the executor's) holds it (planner/graph.py `layer_memory`).
+        self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
         self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {
             (m.optimizer, m.concurrent_ranks, m.sharded): m for m in profile.optimizer
@@ -353,6 +365,7 @@ class ProfileCosts:
         none of them, the NotMeasured that says why."""
         sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
         times = np.full((len(sizes), 2), np.nan)
+        memory = np.full((len(sizes), 2), np.nan)  # saved_bytes, peak_bytes
         with_tp_comm = np.zeros(len(sizes), dtype=bool)
         contention = np.ones(len(sizes))
         reasons: list[NotMeasured] = []
@@ -369,6 +382,7 @@ class ProfileCosts:
                 found.backward_s / self.compute_efficiency.get("backward", 1.0),
             )
             with_tp_comm[row], contention[row] = found.includes_tp_comm, found.contention
+            memory[row] = found.saved_bytes, found.peak_bytes
         missing = np.isnan(times[:, 0])
         if missing.all():
             return reasons[0]
@@ -376,9 +390,11 @@ class ProfileCosts:
         if np.ndim(micro_batch_sizes) == 0:
             return MeasuredLayer(
                 float(times[0, 0]), float(times[0, 1]), includes_tp_comm=bool(with_tp_comm[0]),
-                contention=float(contention[0]),
+                contention=float(contention[0]), saved_bytes=float(memory[0, 0]), peak_bytes=float(memory[0, 1]),
             )  # fmt: skip
-        return MeasuredLayer(times[:, 0], times[:, 1], missing, reason, with_tp_comm, contention)
+        return MeasuredLayer(
+            times[:, 0], times[:, 1], missing, reason, with_tp_comm, contention, memory[:, 0], memory[:, 1]
+        )
 
     def optimizer_s_per_param(self, optimizer: str, busy_ranks: int = 1, sharded: bool = False) -> float | None:
         """Seconds per parameter of one optimizer step (clip + step + zero_grad) with `busy_ranks` ranks of the

@@ -6,6 +6,11 @@ per parameter; ZeRO stage 1 / 2 / 3 partitions the optimizer states / + gradient
 data-parallel ranks. Activations per micro-batch come from planner/cost/ops.py; how many micro-batches each
 stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Korthikanti et al. 2022,
 sec. 4.2.3).
+
+Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run, PyTorch's
+automatic mixed precision (`autocast=True` below): the parameters stay fp32 and torch.autocast casts them to 16
+bits per use, so weights and gradients take 4 bytes each and the optimizer keeps only its own state (the fp32
+weights are the master copy), 16 bytes per parameter for Adam as in ZeRO's accounting, but sharded differently.
 """
 
 from __future__ import annotations
@@ -42,26 +47,39 @@ class ModelStateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def weight_bytes_per_param(precision: str) -> int:
-    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32."""
-    return _WEIGHT_GRAD_BYTES[precision][0]
+def weight_bytes_per_param(precision: str, autocast: bool = False) -> int:
+    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32 and under
+    autocast (module docstring)."""
+    return 4 if autocast else _WEIGHT_GRAD_BYTES[precision][0]
 
 
-def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
-    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32")]
+def optimizer_bytes_per_param(precision: str, optimizer: str, autocast: bool = False) -> int:
+    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32" and not autocast)]
 
 
-def model_state_bytes(params, precision: str, optimizer: str, zero_stage, shard_degree) -> ModelStateBytes:
+def model_state_bytes(
+    params, precision: str, optimizer: str, zero_stage, shard_degree, autocast: bool = False
+) -> ModelStateBytes:
     """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
     (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1).
+    With `autocast`, (4 + 4 + K') * Psi, K' the optimizer's own state (module docstring).
     Broadcasts over numpy arrays of params, stages and degrees."""
-    weight_bytes, grad_bytes = _WEIGHT_GRAD_BYTES[precision]
-    opt_bytes = optimizer_bytes_per_param(precision, optimizer)
+    weight_bytes = grad_bytes = weight_bytes_per_param(precision, autocast)
+    opt_bytes = optimizer_bytes_per_param(precision, optimizer, autocast)
     return ModelStateBytes(
         weights=params * weight_bytes / np.where(zero_stage >= 3, shard_degree, 1),
         grads=params * grad_bytes / np.where(zero_stage >= 2, shard_degree, 1),
         optimizer=params * opt_bytes / np.where(zero_stage >= 1, shard_degree, 1),
     )
+
+
+def optimizer_step_extra_bytes(params, optimizer: str):
+    """Bytes torch.optim allocates for the step itself, beyond its state, over `params` parameters: AdamW's
+    default on CUDA, the foreach implementation, takes sqrt(v) of every tensor at once into a new list
+    (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(device_exp_avg_sqs)`), 4
+    bytes per parameter; SGD's step updates in place. Measured on an H200 with Llama-3.2-1B: the step peaked at
+    20.0 bytes per parameter, 16 of state and weights plus these 4 (README, "On a GPU")."""
+    return params * (4 if optimizer == "adamw" else 0)
 
 
 def inflight_microbatches(schedule, device, pp, virtual_stages, microbatches):

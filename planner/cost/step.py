@@ -67,6 +67,7 @@ class KindColumns:
     cp_comm_s: np.ndarray
     saved_bytes: np.ndarray
     working_bytes: np.ndarray
+    cached_bytes: np.ndarray
     contention: np.ndarray
     partial_grad_params: np.ndarray
     params_per_gpu: np.ndarray  # last: `of` derives it, every other field is a LayerCost field of the same name
@@ -176,6 +177,14 @@ class PlanBatch:
     @property
     def weight_bytes(self) -> int:
         return memory.weight_bytes_per_param(self.training.precision)
+
+    @property
+    def autocast_memory(self) -> bool:
+        """Memory as paraplan's executor holds it (memory.py's `autocast`): the cluster's profile measured the
+        layers' memory on CUDA, with the executor's fp32 weights under torch.autocast, and training is mixed
+        precision."""
+        measured = self.cluster.measured
+        return measured is not None and measured.measures_memory and self.training.precision != "fp32"
 
     @property
     def tied_copy(self) -> bool:
@@ -545,7 +554,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         "cp_comm_s": comm.channel_source(cluster, placement("cp", *degrees), p2p=True),
         "pp_comm_s": comm.channel_source(cluster, placement("pp", *degrees), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
-        "memory": "analytic",
+        "memory": "profile" if batch.autocast_memory else "analytic",
     }
     notes = [cost.time_note for cost in layers if cost.time_note]
     if plan.tp > 1 and not np.any(kinds.block.tp_comm_s):
@@ -558,20 +567,30 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
 
 
 def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
-    """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp)."""
+    """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp). Under autocast (`autocast_memory`)
+    the peak is the larger of the forward/backward one and the optimizer step's, which holds no activations but
+    its own temporaries (memory.optimizer_step_extra_bytes); the terms are those of the phase that peaks."""
     training = batch.training
+    autocast = batch.autocast_memory
     states = memory.model_state_bytes(
-        batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree
-    )
+        batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree,
+        autocast,
+    )  # fmt: skip
     weights = states.weights + zero_working_copies(batch, "weights")
     grads = states.grads + zero_working_copies(batch, "grads")
     activations = activation_bytes(batch)
-    allocated = weights + grads + states.optimizer + activations
+    optimizer = np.broadcast_to(states.optimizer, weights.shape)
+    if autocast:
+        stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+        extra = memory.optimizer_step_extra_bytes(stepped, training.optimizer)
+        in_step = extra > activations
+        activations, optimizer = np.where(in_step, 0.0, activations), np.where(in_step, optimizer + extra, optimizer)
+    allocated = weights + grads + optimizer + activations
     other = memory.overhead_bytes(allocated, communicators(batch), batch.cluster.gpu.kind)
     return {
         "params_bytes": weights,
         "grads_bytes": grads,
-        "optimizer_bytes": np.broadcast_to(states.optimizer, weights.shape),
+        "optimizer_bytes": optimizer,
         "activations_bytes": activations,
         "other_bytes": other,
     }
@@ -580,14 +599,16 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
     16-bit weights); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
-    block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * batch.weight_bytes
+    weight_bytes = memory.weight_bytes_per_param(batch.training.precision, batch.autocast_memory)
+    block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * weight_bytes
     if kind == "weights":
         return np.where(batch.zero_stage == 3, 2 * block_bytes, 0.0)
     return np.where(batch.zero_stage >= 2, block_bytes, 0.0)
 
 
 def activation_bytes(batch: PlanBatch) -> np.ndarray:
-    """Saved activations of every micro-batch in flight, plus one layer's rematerialised working set."""
+    """Saved activations of every micro-batch in flight, plus what layers hold once whatever is in flight
+    (`LayerCost.cached_bytes`), plus one layer's rematerialised working set."""
     device = np.arange(batch.pp)[None, :]
     has_embedding, has_head = edge_masks(batch.pp)
 
@@ -598,6 +619,7 @@ def activation_bytes(batch: PlanBatch) -> np.ndarray:
         return count * getattr(batch, kind).saved_bytes * inflight
 
     saved = held("embedding", has_embedding) + held("block", batch.blocks) + held("head", has_head)
+    saved = saved + batch.per_device("cached_bytes")
     working = np.maximum.reduce(
         [
             has_embedding * batch.embedding.working_bytes,
@@ -674,6 +696,13 @@ def _over_message(stage: StageMemory) -> str:
     )
 
 
+def _memory_assumption(measured: bool) -> str:
+    if not measured:
+        return "memory is analytic"
+    return ("activation memory as measured, with the executor's fp32 weights under autocast (4 + 4 bytes a "
+            "parameter for weights and gradients, the optimizer's own state, AdamW's step temporaries)")  # fmt: skip
+
+
 def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
     gpu = cluster.gpu
     if cluster.measured is None:
@@ -685,7 +714,8 @@ def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPla
         profile = cluster.measured.profile
         speeds = (
             f"times measured on {profile.device_name} ({profile.created}, torch {profile.torch_version}); "
-            "terms the profile cannot answer use the GPU preset's speeds; memory is analytic"
+            "terms the profile cannot answer use the GPU preset's speeds; "
+            + _memory_assumption(cluster.measured.measures_memory and training.precision != "fp32")
         )
         if profile.calibration is not None:
             fitted = profile.calibration

@@ -1,0 +1,68 @@
+"""The cost model's memory against real runs: Llama-3.2-1B plans the executor trained on one H200
+(benchmarks/gpu_validation.sh; tests/data/h200-llama3.2-1b holds each validation's profile.json and runs.json).
+Every run is predicted again from its profile, as `paraplan validate --runs` does, and its predicted allocated
+peak compared with the CUDA allocator's measured one. No GPU needed: the measurements are data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from api.cli import validation_setup
+from api.validation import PlanRun, ValidationSetup, compare, describe, read_runs
+from api.validation_report import markdown
+from planner.profiles import load_profile_json
+from planner.specs import HardwareProfile
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "h200-llama3.2-1b"
+# The flags each validation ran with (benchmarks/gpu_validation.sh: steps 8 / warm 3 in the first, 12 / 4 after).
+VALIDATIONS = {
+    "seq1024": dict(seq_len=1024, mbs="1,2,4,8", recompute="none,selective,full", steps=8, warm_steps=3),
+    "seq2048": dict(seq_len=2048, mbs="2,4", recompute="none,full", steps=12, warm_steps=4),
+}
+
+
+def h200_runs(name: str, tmp_path: Path) -> tuple[ValidationSetup, HardwareProfile, list[PlanRun]]:
+    flags = VALIDATIONS[name]
+    setup = validation_setup(
+        1, tmp_path, "llama3.2-1b", flags["seq_len"], 8, flags["steps"], flags["warm_steps"], None, None,
+        flags["mbs"], flags["recompute"], None, "cuda", "h200", 1, confirm=0,
+    )  # fmt: skip
+    profile = load_profile_json(DATA / name / "profile.json")
+    return setup, profile, read_runs(DATA / name / "runs.json", setup, profile)
+
+
+@pytest.mark.parametrize("name", sorted(VALIDATIONS))
+def test_every_h200_run_peaks_within_5_percent_of_its_prediction(name, tmp_path):
+    _, _, runs = h200_runs(name, tmp_path)
+    assert runs and all(run.measured_peak_bytes for run in runs)
+    for run in runs:
+        error = run.predicted_allocated_bytes / run.measured_peak_bytes - 1
+        assert abs(error) < 0.05, f"{describe(run.plan)}: predicted {error:+.1%}"
+
+
+@pytest.mark.parametrize("name", sorted(VALIDATIONS))
+def test_h200_peak_memory_mape_is_under_one_percent(name, tmp_path):
+    setup, profile, runs = h200_runs(name, tmp_path)
+    result = compare(setup, profile, runs, "2026-12-04T12:00:00+00:00")
+    assert result.memory_mape is not None and result.memory_mape < 0.01
+
+
+def test_the_predicted_peak_of_a_small_fully_recomputed_plan_is_the_optimizer_step(tmp_path):
+    """mbs 1 with full recompute holds little but the weights' state: its peak is AdamW's step, 16 bytes of
+    weights, gradients and state plus 4 of temporaries per parameter, as measured."""
+    _, _, runs = h200_runs("seq1024", tmp_path)
+    (run,) = [r for r in runs if r.plan.micro_batch_size == 1 and r.plan.recompute == "full"]
+    (stage,) = run.estimate["memory"]["by_stage"]
+    assert stage["activations_bytes"] == 0
+    assert stage["optimizer_bytes"] == pytest.approx(stage["params_bytes"] * 3)  # 8 of state + 4 of temporaries
+    assert run.estimate["sources"]["memory"] == "profile"
+
+
+def test_the_report_scores_memory_on_a_gpu(tmp_path):
+    setup, profile, runs = h200_runs("seq2048", tmp_path)
+    report = markdown(compare(setup, profile, runs, "2026-12-04T12:00:00+00:00"), None, "paraplan validate", "p.png")
+    assert "| peak-memory MAPE (allocated) | 0.2% | 0.2% |" in report
+    assert "| predicted allocated MiB | measured allocated MiB | memory error |" in report
+    assert "| 34340 | 34405 | -0.2% |" in report  # mbs 2, no recompute
