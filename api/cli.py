@@ -295,8 +295,10 @@ def print_error(payload: dict[str, Any], as_json: bool) -> None:
 # =========================================================================================== estimate
 
 
-def _console() -> Console:
-    console = Console()
+def _console(stderr: bool = False) -> Console:
+    """Rich output for people; with `stderr`, on standard error, so that a command's --json keeps standard output
+    to its JSON."""
+    console = Console(stderr=stderr)
     if not console.is_terminal:
         console.width = max(console.width, 120)  # pipes and logs: do not wrap the tables at 80 columns
     return console
@@ -1253,7 +1255,10 @@ def validate(
         if runs is not None and profile is None:
             profile = str(runs.with_name("profile.json"))
         measured = resolve_profile(profile) if profile is not None else None
-        result, stored = _with_interrupt(lambda cancel: _run_validation(setup, measured, store, job_id, cancel, runs))
+        console = _console(stderr=as_json)  # progress; with --json, stdout holds the figures alone
+        result, stored = _with_interrupt(
+            lambda cancel: _run_validation(setup, measured, store, job_id, cancel, console, runs)
+        )
     except ValidationStopped as exc:
         kept = f"; the runs measured so far are in {out / RUNS_FILE}" if (out / RUNS_FILE).is_file() else ""
         _console().print(f"stopped: {exc}{kept}", style="yellow", markup=False)
@@ -1318,7 +1323,13 @@ def _list_flag(flag: str, text: str, kind: type) -> tuple:
 
 
 def _run_validation(
-    setup: Any, profile: Any, store: bool, job_id: str | None, cancel: Any, earlier_runs: Path | None = None
+    setup: Any,
+    profile: Any,
+    store: bool,
+    job_id: str | None,
+    cancel: Any,
+    console: Console,
+    earlier_runs: Path | None = None,
 ) -> Any:
     from api.store import ApiStore, new_id
     from api.validation import Outputs, validate
@@ -1327,7 +1338,7 @@ def _run_validation(
     database = ApiStore(default_database_url()) if store else None
     outputs = Outputs(store=database, validation_id=job_id or new_id(), job_id=job_id)
     try:
-        return validate(setup, profile, outputs, _console(), cancel, earlier_runs)
+        return validate(setup, profile, outputs, console, cancel, earlier_runs)
     finally:
         if database is not None:
             database.close()

@@ -5,11 +5,13 @@ peak compared with the CUDA allocator's measured one. No GPU needed: the measure
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from api.cli import validation_setup
+from api.cli import app, validation_setup
 from api.validation import PlanRun, ValidationSetup, compare, describe, read_runs
 from api.validation_report import markdown
 from planner.profiles import load_profile_json
@@ -66,3 +68,17 @@ def test_the_report_scores_memory_on_a_gpu(tmp_path):
     assert "| peak-memory MAPE (allocated) | 0.2% | 0.2% |" in report
     assert "| predicted allocated MiB | measured allocated MiB | memory error |" in report
     assert "| 34340 | 34405 | -0.2% |" in report  # mbs 2, no recompute
+
+
+def test_validate_json_compares_the_h200_runs_with_stdout_holding_the_json_alone(tmp_path):
+    """`paraplan validate --runs ... --json`: progress goes to stderr, so stdout parses as the figures."""
+    data = DATA / "seq2048"
+    result = CliRunner().invoke(app, [
+        "validate", "--nproc", "1", "--device", "cuda", "--gpu", "h200", "--model", "llama3.2-1b",
+        "--seq-len", "2048", "--mbs", "2,4", "--recompute", "none,full", "--confirm", "0", "--no-store",
+        "--runs", str(data / "runs.json"), "--profile", str(data / "profile.json"), "--out", str(tmp_path), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["memory_mape"] < 0.01 and figures["measured"] == 2
+    assert "comparing the 2 runs" in result.stderr
