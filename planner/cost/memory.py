@@ -7,10 +7,11 @@ data-parallel ranks. Activations per micro-batch come from planner/cost/ops.py; 
 stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Korthikanti et al. 2022,
 sec. 4.2.3).
 
-Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run, PyTorch's
-automatic mixed precision (`autocast=True` below): the parameters stay fp32 and torch.autocast casts them to 16
-bits per use, so weights and gradients take 4 bytes each and the optimizer keeps only its own state (the fp32
-weights are the master copy), 16 bytes per parameter for Adam as in ZeRO's accounting, but sharded differently.
+Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run
+(`fp32_weights=True` below): the parameters stay fp32, and in mixed precision torch.autocast casts them to 16 bits
+per use (PyTorch's automatic mixed precision), so weights and gradients take 4 bytes each and the optimizer keeps
+only its own state (the fp32 weights are the master copy): 16 bytes per parameter for Adam as in ZeRO's
+accounting, but sharded differently.
 """
 
 from __future__ import annotations
@@ -47,25 +48,25 @@ class ModelStateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def weight_bytes_per_param(precision: str, autocast: bool = False) -> int:
-    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32 and under
-    autocast (module docstring)."""
-    return 4 if autocast else _WEIGHT_GRAD_BYTES[precision][0]
+def weight_bytes_per_param(precision: str, fp32_weights: bool = False) -> int:
+    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32 and with
+    `fp32_weights` (module docstring)."""
+    return 4 if fp32_weights else _WEIGHT_GRAD_BYTES[precision][0]
 
 
-def optimizer_bytes_per_param(precision: str, optimizer: str, autocast: bool = False) -> int:
-    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32" and not autocast)]
+def optimizer_bytes_per_param(precision: str, optimizer: str, fp32_weights: bool = False) -> int:
+    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32" and not fp32_weights)]
 
 
 def model_state_bytes(
-    params, precision: str, optimizer: str, zero_stage, shard_degree, autocast: bool = False
+    params, precision: str, optimizer: str, zero_stage, shard_degree, fp32_weights: bool = False
 ) -> ModelStateBytes:
     """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
     (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1).
-    With `autocast`, (4 + 4 + K') * Psi, K' the optimizer's own state (module docstring).
+    With `fp32_weights`, (4 + 4 + K') * Psi, K' the optimizer's own state (module docstring).
     Broadcasts over numpy arrays of params, stages and degrees."""
-    weight_bytes = grad_bytes = weight_bytes_per_param(precision, autocast)
-    opt_bytes = optimizer_bytes_per_param(precision, optimizer, autocast)
+    weight_bytes = grad_bytes = weight_bytes_per_param(precision, fp32_weights)
+    opt_bytes = optimizer_bytes_per_param(precision, optimizer, fp32_weights)
     return ModelStateBytes(
         weights=params * weight_bytes / np.where(zero_stage >= 3, shard_degree, 1),
         grads=params * grad_bytes / np.where(zero_stage >= 2, shard_degree, 1),

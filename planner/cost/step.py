@@ -179,12 +179,11 @@ class PlanBatch:
         return memory.weight_bytes_per_param(self.training.precision)
 
     @property
-    def autocast_memory(self) -> bool:
-        """Memory as paraplan's executor holds it (memory.py's `autocast`): the cluster's profile measured the
-        layers' memory on CUDA, with the executor's fp32 weights under torch.autocast, and training is mixed
-        precision."""
+    def executor_memory(self) -> bool:
+        """Memory as paraplan's executor holds it (memory.py's `fp32_weights`, torch.optim's step): the cluster's
+        profile measured the layers' memory on CUDA, where the profiler runs the executor's layers."""
         measured = self.cluster.measured
-        return measured is not None and measured.measures_memory and self.training.precision != "fp32"
+        return measured is not None and measured.measures_memory
 
     @property
     def tied_copy(self) -> bool:
@@ -554,7 +553,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         "cp_comm_s": comm.channel_source(cluster, placement("cp", *degrees), p2p=True),
         "pp_comm_s": comm.channel_source(cluster, placement("pp", *degrees), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
-        "memory": "profile" if batch.autocast_memory else "analytic",
+        "memory": "profile" if batch.executor_memory else "analytic",
     }
     notes = [cost.time_note for cost in layers if cost.time_note]
     if plan.tp > 1 and not np.any(kinds.block.tp_comm_s):
@@ -567,20 +566,21 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
 
 
 def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
-    """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp). Under autocast (`autocast_memory`)
-    the peak is the larger of the forward/backward one and the optimizer step's, which holds no activations but
-    its own temporaries (memory.optimizer_step_extra_bytes); the terms are those of the phase that peaks."""
+    """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp). As the executor holds it
+    (`executor_memory`), the peak is the larger of the forward/backward one and the optimizer step's, which holds
+    no activations but its own temporaries (memory.optimizer_step_extra_bytes); the terms are those of the phase
+    that peaks."""
     training = batch.training
-    autocast = batch.autocast_memory
+    executor = batch.executor_memory
     states = memory.model_state_bytes(
         batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree,
-        autocast,
+        fp32_weights=executor,
     )  # fmt: skip
     weights = states.weights + zero_working_copies(batch, "weights")
     grads = states.grads + zero_working_copies(batch, "grads")
     activations = activation_bytes(batch)
     optimizer = np.broadcast_to(states.optimizer, weights.shape)
-    if autocast:
+    if executor:
         stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
         extra = memory.optimizer_step_extra_bytes(stepped, training.optimizer)
         in_step = extra > activations
@@ -599,7 +599,7 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
     16-bit weights); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
-    weight_bytes = memory.weight_bytes_per_param(batch.training.precision, batch.autocast_memory)
+    weight_bytes = memory.weight_bytes_per_param(batch.training.precision, batch.executor_memory)
     block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * weight_bytes
     if kind == "weights":
         return np.where(batch.zero_stage == 3, 2 * block_bytes, 0.0)
@@ -699,8 +699,8 @@ def _over_message(stage: StageMemory) -> str:
 def _memory_assumption(measured: bool) -> str:
     if not measured:
         return "memory is analytic"
-    return ("activation memory as measured, with the executor's fp32 weights under autocast (4 + 4 bytes a "
-            "parameter for weights and gradients, the optimizer's own state, AdamW's step temporaries)")  # fmt: skip
+    return ("activation memory as measured, with the executor's fp32 weights (4 + 4 bytes a parameter for weights "
+            "and gradients, the optimizer's own state, AdamW's step temporaries)")  # fmt: skip
 
 
 def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
@@ -715,7 +715,7 @@ def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPla
         speeds = (
             f"times measured on {profile.device_name} ({profile.created}, torch {profile.torch_version}); "
             "terms the profile cannot answer use the GPU preset's speeds; "
-            + _memory_assumption(cluster.measured.measures_memory and training.precision != "fp32")
+            + _memory_assumption(cluster.measured.measures_memory)
         )
         if profile.calibration is not None:
             fitted = profile.calibration
