@@ -172,6 +172,26 @@ def test_sigterm_stops_after_the_step_in_flight_and_saves_a_checkpoint(tmp_path)
     assert_nothing_left(run_dir)
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["to-the-end", "stopped-by-sigterm"])
+def test_a_run_that_only_measures_saves_no_checkpoint(tmp_path, stopped):
+    """`checkpoints=False` (paraplan validate's runs): nothing saved at the end, nor when stopped."""
+    run_dir = RunDir(tmp_path / "run")
+    config = TrainConfig(steps=500 if stopped else 3, checkpoints=False)
+    prepare_run(tiny_train_request({"dp": 2, "zero_stage": 0}), config, run_dir.root, nproc=2)
+    cancel = threading.Event()
+
+    def stop_at_step_2(line: str) -> None:
+        record = parse_step_line(line)
+        if stopped and record is not None and record["step"] == 2:
+            cancel.set()
+
+    result = launch.run(spec_for(run_dir), on_line=stop_at_step_2, cancel=cancel, timeout_s=LAUNCH_TIMEOUT_S)
+    assert result.ok or (stopped and result.cancelled and result.failed_ranks == []), _logs(result)
+    assert len(run_dir.read_metrics()) >= (2 if stopped else 3)
+    assert run_dir.latest_checkpoint() is None
+    assert not any(run_dir.root.glob("checkpoints/*"))
+
+
 def test_a_rank_killed_mid_run_is_reported_as_that_rank_and_its_peer_is_stopped(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     prepare_run(tiny_train_request({"dp": 2, "zero_stage": 0}), TrainConfig(steps=500), run_dir.root, nproc=2)
