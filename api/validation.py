@@ -220,7 +220,7 @@ class Validation:
         if self.setup.device != "cuda" or not runs:
             return None
         predicted = np.array([run.predicted_allocated_bytes for run in runs])
-        return agreement.mape(predicted, np.array([float(run.measured_peak_bytes or 0) for run in runs]))
+        return agreement.mape(predicted, np.array([run.measured_peak_bytes for run in runs], dtype=float))
 
     @property
     def measured(self) -> list[PlanRun]:
