@@ -1261,7 +1261,7 @@ def validate(
         )
     except ValidationStopped as exc:
         kept = f"; the runs measured so far are in {out / RUNS_FILE}" if (out / RUNS_FILE).is_file() else ""
-        _console().print(f"stopped: {exc}{kept}", style="yellow", markup=False)
+        _console(stderr=as_json).print(f"stopped: {exc}{kept}", style="yellow", markup=False)
         raise typer.Exit(EXIT_STOPPED) from None
     except ValueError as exc:
         raise _bad_input(exc) from None

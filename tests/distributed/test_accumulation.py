@@ -1,6 +1,6 @@
 """Gradient accumulation communicates as the cost model counts it (executor/apply.py `_accumulating`): DDP and
-FSDP2's replicate reduce once per step, after the last micro-batch. Real torch wrappers on a one-rank gloo group,
-with a hook that counts what they would send."""
+FSDP2's replicate reduce once per step, after the last micro-batch; and DDP holds the gradients once, as the memory
+model counts them. Real torch wrappers on a one-rank gloo group, with a hook that counts what they would send."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from executor.apply import _accumulating
+from executor.parallel.data import classic_ddp
 
 MICROBATCHES = 4
 
@@ -34,7 +34,7 @@ def accumulate(model: nn.Module, zero_stage: int) -> None:
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_ddp_reduces_once_per_step(one_rank_group, zero_stage):
     torch.manual_seed(0)
-    model = DistributedDataParallel(nn.Linear(8, 8), process_group=one_rank_group)
+    model = classic_ddp(nn.Linear(8, 8), one_rank_group)
     reductions = []
 
     def counting(state, bucket):
@@ -51,6 +51,15 @@ def test_ddp_reduces_once_per_step(one_rank_group, zero_stage):
     reference.load_state_dict(model.module.state_dict())
     accumulate(reference, zero_stage)
     assert torch.allclose(model.module.weight.grad, reference.weight.grad)
+
+
+def test_ddp_gradients_live_in_its_buckets(one_rank_group):
+    """No second copy: the weight's and the bias's gradients are views into DDP's one bucket (it holds 25 MB), so
+    they share its storage; without `gradient_as_bucket_view` each gradient has storage of its own."""
+    model = classic_ddp(nn.Linear(8, 8), one_rank_group)
+    accumulate(model, 0)
+    weight, bias = model.module.weight.grad, model.module.bias.grad
+    assert weight.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
 
 
 def test_a_module_without_a_wrapper_accumulates_plainly():
