@@ -54,7 +54,7 @@ def test_ddp_reduces_once_per_step(one_rank_group, zero_stage):
 
 
 def test_ddp_gradients_live_in_its_buckets(one_rank_group):
-    """No second copy: the weight's and the bias's gradients are views into DDP's one bucket (it holds 25 MB), so
+    """No second copy: the weight's and the bias's gradients are views into the one bucket that holds them both, so
     they share its storage; without `gradient_as_bucket_view` each gradient has storage of its own."""
     model = classic_ddp(nn.Linear(8, 8), one_rank_group)
     accumulate(model, 0)
