@@ -102,6 +102,27 @@ def inflight_microbatches(schedule, device, pp, virtual_stages, microbatches):
     ).astype(float)
 
 
+def gradients_at_activation_peak(schedule, device, pp: int, microbatches, persistent):
+    """Whether device `device` holds its gradients at its activation peak, as the executor trains.
+
+    The executor frees the gradients before every step (`zero_grad(set_to_none=True)`, PyTorch's default) and
+    backward allocates each one as it gets there, so they are all held at the activation peak only if the device
+    runs a forward after its first backward: gradient accumulation over more than one micro-batch (pp == 1), or
+    1F1B with more micro-batches than the device holds in flight (`inflight_microbatches`). A single micro-batch
+    and GPipe peak at their first backward with no gradient yet; measured on an H200 (Llama-3.2-1B, 8 x 1024
+    tokens in one micro-batch): the peak was 4.5 GiB under a prediction that counted its 1.24B fp32 gradients
+    (4.6 GiB; README, "On a GPU").
+    Interleaved 1F1B counts them held (the chunks' gradients arrive one chunk at a time: an upper bound), and so
+    does a `persistent` gradient buffer (DDP's buckets, executor/parallel/data.py `classic_ddp`). Broadcasts."""
+    schedule = np.asarray(schedule)
+    if pp == 1:
+        forward_after_backward = np.asarray(microbatches) > 1
+    else:
+        one_f_one_b = microbatches > inflight_microbatches("1f1b", device, pp, 1, microbatches)
+        forward_after_backward = np.select([schedule == "gpipe", schedule == "1f1b"], [False, one_f_one_b], True)
+    return np.asarray(persistent) | forward_after_backward
+
+
 def layer_inflight(kind: str, schedule, device, pp: int, virtual_stages, microbatches):
     """Micro-batches of one layer's activations alive at the device's peak.
 

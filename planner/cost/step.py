@@ -567,9 +567,9 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
 
 def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     """Each device's peak bytes by what holds them: MEMORY_TERMS -> (N, pp). As the executor holds it
-    (`executor_memory`), the peak is the larger of the forward/backward one and the optimizer step's, which holds
-    no activations but its own temporaries (memory.optimizer_step_extra_bytes); the terms are those of the phase
-    that peaks."""
+    (`executor_memory`), the peak is the larger of the forward/backward one, which may come before any gradient
+    exists (`executor_gradients_at_activation_peak`), and the optimizer step's, which holds no activations but its
+    own temporaries (memory.optimizer_step_extra_bytes); the terms are those of the phase that peaks."""
     training = batch.training
     executor = batch.executor_memory
     states = memory.model_state_bytes(
@@ -583,8 +583,10 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     if executor:
         stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
         extra = memory.optimizer_step_extra_bytes(stepped, training.optimizer)
-        in_step = extra > activations
+        held = np.where(executor_gradients_at_activation_peak(batch), grads, 0.0)
+        in_step = grads + extra > held + activations
         activations, optimizer = np.where(in_step, 0.0, activations), np.where(in_step, optimizer + extra, optimizer)
+        grads = np.where(in_step, grads, held)
     allocated = weights + grads + optimizer + activations
     other = memory.overhead_bytes(allocated, communicators(batch), batch.cluster.gpu.kind)
     return {
@@ -594,6 +596,14 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
         "activations_bytes": activations,
         "other_bytes": other,
     }
+
+
+def executor_gradients_at_activation_peak(batch: PlanBatch) -> np.ndarray:
+    """Whether each device holds its gradients at its activation peak as the executor trains
+    (memory.gradients_at_activation_peak); DDP's buckets hold them throughout. (N, pp)."""
+    device = np.arange(batch.pp)[None, :]
+    ddp = (batch.shard_degree > 1) & ~on_fsdp2(batch)
+    return memory.gradients_at_activation_peak(batch.schedule, device, batch.pp, batch.microbatches, ddp)
 
 
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:

@@ -46,11 +46,12 @@ def tiny_profile() -> HardwareProfile:
     return h100_profile().model_copy(update={"layers": layers})
 
 
-def stage_memory(profile: HardwareProfile, gpus: int = 1, **plan: Any):
-    """The estimate of MODEL in bf16 on `gpus` H100s with `profile` attached, and its first stage's memory."""
+def stage_memory(profile: HardwareProfile, gpus: int = 1, global_batch: int = 8, **plan: Any):
+    """The estimate of MODEL in bf16 on `gpus` H100s with `profile` attached, micro-batches of 4, and its first
+    stage's memory."""
     request = parse_estimate_request({
         "model": MODEL.model_dump(exclude_none=True),
-        "training": {"seq_len": SEQ_LEN, "global_batch_size": 8, "precision": "bf16"},
+        "training": {"seq_len": SEQ_LEN, "global_batch_size": global_batch, "precision": "bf16"},
         "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": gpus},
         "plan": {"micro_batch_size": 4} | plan,
     })  # fmt: skip
@@ -72,6 +73,27 @@ def test_weights_and_gradients_are_fp32_and_adamw_keeps_its_two_moments():
     assert stage.params_bytes == pytest.approx(4 * PARAMS)
     assert stage.grads_bytes == pytest.approx(4 * PARAMS)
     assert stage.optimizer_bytes == pytest.approx(8 * PARAMS)
+
+
+def test_one_micro_batch_peaks_before_any_gradient_exists():
+    _, accumulating = stage_memory(h100_profile())
+    _, single = stage_memory(h100_profile(), global_batch=4)
+    assert single.grads_bytes == 0
+    assert single.activations_bytes == pytest.approx(accumulating.activations_bytes)
+    assert single.params_bytes + single.optimizer_bytes == accumulating.params_bytes + accumulating.optimizer_bytes
+
+
+def test_ddp_buckets_hold_the_gradients_even_with_one_micro_batch():
+    _, stage = stage_memory(h100_profile(), gpus=2, global_batch=8, dp=2)  # 4 sequences a rank
+    assert stage.grads_bytes == pytest.approx(4 * PARAMS)
+    _, fsdp = stage_memory(h100_profile(), gpus=2, global_batch=8, dp=2, zero_stage=2)
+    assert fsdp.grads_bytes == 0  # FSDP2's gradients are freed by zero_grad like plain ones
+
+
+def test_one_micro_batch_stepping_at_its_peak_counts_every_gradient():
+    _, stage = stage_memory(tiny_profile(), global_batch=4)
+    assert stage.activations_bytes == 0
+    assert stage.grads_bytes == pytest.approx(4 * PARAMS)
 
 
 def test_full_recompute_keeps_the_blocks_autocast_weight_copies():

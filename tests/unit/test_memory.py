@@ -1,10 +1,11 @@
-"""Model-state memory (ZeRO paper) and micro-batches in flight per schedule."""
+"""Model-state memory (ZeRO paper), micro-batches in flight per schedule, and whether gradients are held at the
+activation peak."""
 
 from __future__ import annotations
 
 import pytest
 
-from planner.cost.memory import inflight_microbatches, model_state_bytes
+from planner.cost.memory import gradients_at_activation_peak, inflight_microbatches, model_state_bytes
 
 GB = 1e9
 
@@ -37,3 +38,15 @@ def test_gpipe_holds_every_microbatch():
 def test_interleaved_first_device_matches_korthikanti(pp, v):
     # Korthikanti et al. 2022, sec. 4.2.3: first stage's activations scale by (1 + (p - 1) / (p v)).
     assert inflight_microbatches("interleaved_1f1b", 0, pp, v, 10_000) == pytest.approx(pp * (1 + (pp - 1) / (pp * v)))
+
+
+def test_gradients_are_held_at_the_peak_only_when_a_forward_follows_a_backward():
+    def held(schedule: str, device: int, pp: int, microbatches: int, persistent: bool = False) -> bool:
+        return bool(gradients_at_activation_peak(schedule, device, pp, microbatches, persistent))
+
+    assert not held("1f1b", 0, 1, 1) and held("1f1b", 0, 1, 2)  # accumulation: the 2nd forward sees them
+    assert held("1f1b", 0, 1, 1, persistent=True)  # DDP's buckets outlive zero_grad
+    assert not held("1f1b", 0, 4, 4) and held("1f1b", 0, 4, 5)  # device 0 holds 4 in flight
+    assert held("1f1b", 3, 4, 2)  # the last device runs backward after each forward
+    assert not held("gpipe", 3, 4, 32)  # every forward before any backward
+    assert held("interleaved_1f1b", 0, 4, 4)  # counted held: an upper bound
