@@ -139,6 +139,7 @@ class PlanRun:
     error: str | None = None
     profile_file: str | None = None  # a paired validation's profile of this run (None: the validation's)
     confirm_runs: int = 0  # runs after the sweep pooled into this one (a finalist, `confirm_finalists`)
+    crash: str | None = None  # why a run of this plan was killed by a signal and run once more (`run_plan`)
 
     @property
     def predicted_s(self) -> float:
@@ -156,28 +157,52 @@ class PlanRun:
 def run_plan(
     setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile, run_dir: Path, cancel: threading.Event
 ) -> PlanRun:
-    """Estimate `plan` from `profile`, train it for `setup.steps` steps and take its steady step time."""
-    from api.training import local_spec
-    from executor.prepare import prepare_run
-
-    request = setup.request(plan)
+    """Estimate `plan` from `profile`, train it for `setup.steps` steps and take its steady step time. A run that
+    `crashed` is run once more, in `<run_dir>-again`, and `crash` keeps why the first one died."""
     estimate = _estimate(setup, plan, profile)
-    # No checkpoints: a run here only measures, and a 1B model's would write 15 GB per plan.
-    config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device,  # type: ignore[arg-type]
-                         checkpoints=False)  # fmt: skip
-    prepare_run(request, config, run_dir, nproc=setup.nproc)
-    spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
-    result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
-    if result.cancelled:
-        raise ValidationStopped(f"stopped while running {run_dir}")
-    run = PlanRun(plan, estimate, str(run_dir))
+    result = _train(setup, plan, run_dir, cancel)
+    crash = None
+    if crashed(result):
+        crash, run_dir = failure(result), run_dir.with_name(f"{run_dir.name}-again")
+        result = _train(setup, plan, run_dir, cancel)
+    run = PlanRun(plan, estimate, str(run_dir), crash=crash)
     if not result.ok:
-        cause = result.root_cause
-        return replace(run, error=f"rank {cause.rank}: {cause.message}" if cause else f"exit {result.returncode}")
+        return replace(run, error=failure(result))
     records = RunDir(run_dir).read_metrics()
     steady = [record["step_time_s"] for record in records[setup.warm_steps :]]
     peak = max((record.get("peak_memory_bytes") or 0 for record in records), default=0) or None
     return replace(run, measured_s=statistics.median(steady), step_times_s=steady, measured_peak_bytes=peak)
+
+
+def _train(setup: ValidationSetup, plan: ParallelPlan, run_dir: Path, cancel: threading.Event) -> launch.RunResult:
+    """Train `plan` for `setup.steps` steps in `run_dir` under torchrun; ValidationStopped when `cancel` is set."""
+    from api.training import local_spec
+    from executor.prepare import prepare_run
+
+    # No checkpoints: a run here only measures, and a 1B model's would write 15 GB per plan.
+    config = TrainConfig(steps=setup.steps, data=setup.data, lr=1e-3, device=setup.device,  # type: ignore[arg-type]
+                         checkpoints=False)  # fmt: skip
+    prepare_run(setup.request(plan), config, run_dir, nproc=setup.nproc)
+    spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
+    result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
+    if result.cancelled:
+        raise ValidationStopped(f"stopped while running {run_dir}")
+    return result
+
+
+def crashed(result: launch.RunResult) -> bool:
+    """A run whose first failed rank was killed by a signal: a crash inside torch, its collectives' library or the
+    OS, not the plan's own error (an exception, CUDA out of memory) nor the run's time limit. Worth a second run:
+    in validation s16, one of the 90 x 4 runs died so (glibc's heap check aborted a gloo rank in backward) and
+    that plan's three other runs were fine."""
+    cause = result.root_cause
+    return not result.ok and not result.timed_out and cause is not None and cause.exitcode < 0
+
+
+def failure(result: launch.RunResult) -> str:
+    """Why a run failed, by its first failed rank."""
+    cause = result.root_cause
+    return f"rank {cause.rank}: {cause.message}" if cause else f"exit {result.returncode}"
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -243,6 +268,7 @@ class Validation:
             "plans": len(self.runs),
             "measured": len(self.measured),
             "failed": [{"plan": r.plan.model_dump(mode="json"), "error": r.error} for r in self.runs if r.error],
+            "crashed_once": [{"plan": r.plan.model_dump(mode="json"), "error": r.crash} for r in self.runs if r.crash],
             "calibration": calibration.model_dump(mode="json") if calibration else None,
         }
 
@@ -413,14 +439,16 @@ def _alternating(items: list[int], attempt: int) -> list[int]:
 
 def pooled(runs: list[PlanRun]) -> PlanRun:
     """One plan's runs as one: the first failure if any failed, else the median of every run's steady steps, with
-    the last run's estimate (made from the profile as it stood after every pass's measurement)."""
+    the last run's estimate (made from the profile as it stood after every pass's measurement); either way with
+    the first crash that a run survived by running again."""
+    crash = next((run.crash for run in runs if run.crash), None)
     failed = next((run for run in runs if run.measured_s is None), None)
     if failed is not None:
-        return failed
+        return replace(failed, crash=crash)
     steps = [step for run in runs for step in run.step_times_s]
     peaks = [run.measured_peak_bytes for run in runs if run.measured_peak_bytes is not None]
     return replace(runs[-1], run_dir=runs[0].run_dir, measured_s=statistics.median(steps), step_times_s=steps,
-                   measured_peak_bytes=max(peaks) if peaks else None)  # fmt: skip
+                   measured_peak_bytes=max(peaks) if peaks else None, crash=crash)  # fmt: skip
 
 
 def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
@@ -478,6 +506,7 @@ def _earlier_run(record: dict[str, Any]) -> PlanRun:
         error=record.get("error"),
         profile_file=record.get("profile_file"),
         confirm_runs=record.get("confirm_runs", 0),
+        crash=record.get("crash"),
     )
 
 

@@ -209,10 +209,17 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
 
 
 def failure_lines(result: Validation) -> list[str]:
+    """The plans whose runs failed, and those with a run that crashed (api/validation.py `crashed`) and ran again."""
     failed = [run for run in result.runs if run.error]
-    if not failed:
-        return []
-    return ["", "## Runs that failed", "", *(f"- {describe(run.plan)}: {run.error}" for run in failed)]
+    crashed = [run for run in result.runs if run.crash]
+    lines = []
+    if failed:
+        lines += ["", "## Runs that failed", "", *(f"- {describe(run.plan)}: {run.error}" for run in failed)]
+    if crashed:
+        lines += ["", "## Runs that crashed and ran again", "",
+                  "Killed by a signal, not by an error of their own; each ran once more, in `<its folder>-again`:", "",
+                  *(f"- {describe(run.plan)}: {run.crash}" for run in crashed)]  # fmt: skip
+    return lines
 
 
 def plot_validation(result: Validation, path: Path) -> Path:

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("torch")
 
 from api.store import ApiStore  # noqa: E402
+from executor.launch import descendant_pids  # noqa: E402
 from planner.cost.step import estimate_step  # noqa: E402
 from planner.profiles import load_profile_json  # noqa: E402
 from planner.request import parse_estimate_request  # noqa: E402
@@ -160,6 +161,53 @@ def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
     kept = json.loads((out / "runs.json").read_text())
     assert 1 <= len(kept) < 3 or len(kept[-1]["step_times_s"]) < 4  # not every run of both passes
     assert all(run["measured_s"] > 0 and run["request"]["plan"] == run["plan"] for run in kept)
+
+
+def test_a_run_killed_by_a_signal_runs_once_more_and_is_measured(tmp_path: Path):
+    """A rank that dies by a signal (here SIGKILL, sent as the run steps; in s16, glibc aborting a gloo rank) is a
+    crash, not the plan's failure: the run is made again in `<folder>-again`, and the crash reported."""
+    out = tmp_path / "validation"
+    env = {**os.environ, "PARAPLAN_DATA_DIR": str(tmp_path / "data")}
+    space = [*FIXTURE_SPACE, "--steps", "12", "--max-plans", "2"]  # the later --steps wins: long enough to kill
+    command = [sys.executable, "-m", "api.cli", "validate", "--nproc", "2", *space, "--confirm", "0",
+               "--profile", str(FIXTURE_PROFILE), "--no-store", "--out", str(out), "--json"]  # fmt: skip
+    validation = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  cwd=REPO)  # fmt: skip
+    try:
+        kill_a_rank_once_it_steps(validation, out / "runs" / "000" / "metrics.jsonl")
+        stdout, stderr = validation.communicate(timeout=240)
+    finally:
+        validation.kill()
+    assert validation.returncode == 0, stdout + stderr
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    assert figures["measured"] == 2 and figures["failed"] == []
+    (crash,) = figures["crashed_once"]
+    assert "SIGKILL" in crash["error"], crash
+    killed, other = json.loads((out / "runs.json").read_text())
+    assert killed["run_dir"] == str(out / "runs" / "000-again") and killed["crash"] == crash["error"]
+    assert len(killed["step_times_s"]) == 11 and killed["measured_s"] > 0  # the second run's steps after the first
+    assert other["run_dir"] == str(out / "runs" / "001") and other["crash"] is None
+    report = (out / "report.md").read_text()
+    assert "## Runs that crashed and ran again" in report and crash["error"] in report
+
+
+def kill_a_rank_once_it_steps(validation: subprocess.Popen[str], metrics: Path) -> None:
+    """SIGKILL one training rank of `validation` once its run has logged a step in `metrics`."""
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert validation.poll() is None, f"the validation exited {validation.returncode} before its first step"
+        assert time.monotonic() < deadline, f"no step logged in {metrics}"
+        time.sleep(0.05)
+    ranks = [pid for pid in descendant_pids(validation.pid) if b"executor.train" in command_line(pid)]
+    assert ranks, "no training rank found"
+    os.kill(ranks[-1], signal.SIGKILL)
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it exited while we looked
+        return b""
 
 
 def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_before_it(tmp_path: Path):

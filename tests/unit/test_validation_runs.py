@@ -1,11 +1,14 @@
-"""How `paraplan validate` turns a plan's runs into one measured time (api/validation.py `pooled`), and which
-plans it runs again after the sweep (`confirm_finalists`)."""
+"""How `paraplan validate` turns a plan's runs into one measured time (api/validation.py `pooled`), which plans it
+runs again after the sweep (`confirm_finalists`), and which failed runs it runs once more (`crashed`)."""
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
+from pathlib import Path
 
-from api.validation import MAX_FINALISTS, Attempt, PlanRun, confirm_finalists, finalists, pooled
+from api.validation import MAX_FINALISTS, Attempt, PlanRun, confirm_finalists, crashed, failure, finalists, pooled
+from executor.launch import FailedRank, RunResult
 from planner.specs import ParallelPlan
 
 
@@ -103,3 +106,25 @@ def test_a_finalist_that_fails_when_run_again_is_failed_and_out_of_the_race():
     confirmed = confirm_finalists(runs, 1, rerun)
     assert confirmed[1].error == "rank 0: killed" and confirmed[1].measured_s is None
     assert rerun.calls == [(0, 0), (1, 0), (2, 0)]  # plan 2 became the fastest that ran, and ran again
+
+
+def launch_result(exitcode: int | None, timed_out: bool = False) -> RunResult:
+    """How a launch ended: every rank fine (None), or rank 1 failed first with `exitcode` (negative: a signal)."""
+    failed = [] if exitcode is None else [FailedRank(1, exitcode, "the rank's message", root_cause=True)]
+    return RunResult(0 if exitcode is None else 1, failed, Path("logs"), timed_out=timed_out)
+
+
+def test_a_run_killed_by_a_signal_crashed_and_one_that_raised_or_ran_out_of_time_did_not():
+    assert crashed(launch_result(-6)) and crashed(launch_result(-9))
+    assert not crashed(launch_result(None))
+    assert not crashed(launch_result(1))  # an exception in the plan's own run (CUDA out of memory too)
+    assert not crashed(launch_result(-9, timed_out=True))  # killed at the run's time limit: no second try
+    assert failure(launch_result(-6)) == "rank 1: the rank's message"
+
+
+def test_a_crash_survived_by_running_again_is_kept_through_pooling_and_in_the_figures():
+    again = replace(plan_run([1.0, 2.0]), crash="rank 1: Signal 6 (SIGABRT)")
+    both = pooled([plan_run([3.0]), again])
+    assert both.crash == "rank 1: Signal 6 (SIGABRT)" and both.measured_s == 2.0
+    failed = pooled([again, plan_run(None, error="rank 0: out of memory")])
+    assert failed.error == "rank 0: out of memory" and failed.crash == again.crash
