@@ -420,12 +420,12 @@ def _run_one(
     profile_for_run: Callable[[ParallelPlan, HardwareProfile], HardwareProfile] | None,
 ) -> PlanRun:
     """`run_plan`, estimated from the plan's own profile when there is `profile_for_run`, which is then saved in
-    the run's folder."""
+    the folder of the run measured (`<run_dir>-again` after a crash)."""
     if profile_for_run is None:
         return run_plan(setup, plan, profile, run_dir, cancel)
     own = profile_for_run(plan, profile)
     run = run_plan(setup, plan, own, run_dir, cancel)
-    return replace(run, profile_file=str(save_profile_json(own, run_dir / PROFILE_FILE)))
+    return replace(run, profile_file=str(save_profile_json(own, Path(run.run_dir) / PROFILE_FILE)))
 
 
 def _pass_order(count: int, attempt: int) -> list[int]:
