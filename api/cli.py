@@ -1187,7 +1187,8 @@ def validate(
     profile: Annotated[
         str | None, typer.Option("--profile", help="Use this profile (file or stored id) instead of measuring one.")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Steps each plan trains.", min=2)] = 12,
+    # api/validation.py DEFAULT_STEPS says why 20 (spelled out: that module is imported only when needed)
+    steps: Annotated[int, typer.Option("--steps", help="Steps each plan trains.", min=2)] = 20,
     warm_steps: Annotated[int, typer.Option("--warm-steps", help="First steps left out of the median.", min=0)] = 4,
     passes: Annotated[
         int,

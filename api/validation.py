@@ -55,6 +55,14 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "executor" / "texts" / "
 RUN_TIMEOUT_S = 600.0
 
 
+# Steps each plan trains by default: 16 steady ones after the 4 warm-up steps. A plan's time is the median of its
+# steady steps, whose p10-p90 spread reached 30% on launch-bound GPU plans and on this 2-core CPU (README, "Checking
+# the cost model against real runs"): a coefficient of variation near 12%, so 16 steps put the median's standard
+# error near 1.25 x 12% / 4 = 4%, against 5% with the 8 of the former default of 12 steps. More passes or steps
+# narrow it further (the CPU targets took 4 runs of 30 steps a plan).
+DEFAULT_STEPS = 20
+
+
 @dataclass(frozen=True)
 class ValidationSetup:
     """What to validate: the model and batch, on `nproc` local ranks of `device`, and how long to run each plan."""
@@ -66,7 +74,7 @@ class ValidationSetup:
     out: Path
     device: str = "cpu"
     gpu: str = "cpu"  # the cluster's GPU preset; `cpu` for CPU ranks
-    steps: int = 12
+    steps: int = DEFAULT_STEPS
     warm_steps: int = 4  # left out of the median: lazy initialisation and the allocator settle in the first steps
     search: SearchOptions = field(default_factory=SearchOptions)
     max_plans: int | None = None

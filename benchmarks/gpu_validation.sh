@@ -27,7 +27,7 @@ validate() {  # seq_len mbs-list recompute-list
     echo "=== seq $seq: mbs $mbs, recompute $recompute, up to ${left}s ($(date -u +%T))"
     timeout -s TERM -k 20 "$left" "${paraplan[@]}" validate --nproc 1 --device cuda --gpu "$gpu" \
         --model llama3.2-1b --seq-len "$seq" --global-batch 8 --mbs "$mbs" --recompute "$recompute" \
-        --steps "${STEPS:-12}" --warm-steps "${WARM_STEPS:-4}" --confirm 0 --no-store --out "$dir" --json
+        --steps "${STEPS:-20}" --warm-steps "${WARM_STEPS:-4}" --confirm 0 --no-store --out "$dir" --json
     echo "=== seq $seq: exit $? ($(date -u +%T))"
     tar -czf "$out/seq$seq.tar.gz" -C "$dir" --exclude='checkpoints' . 2>/dev/null
 }

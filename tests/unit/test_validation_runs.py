@@ -3,11 +3,24 @@ runs again after the sweep (`confirm_finalists`), and which failed runs it runs 
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from api.validation import MAX_FINALISTS, Attempt, PlanRun, confirm_finalists, crashed, failure, finalists, pooled
+from api.cli import validate as cli_validate
+from api.validation import (
+    DEFAULT_STEPS,
+    MAX_FINALISTS,
+    Attempt,
+    PlanRun,
+    ValidationSetup,
+    confirm_finalists,
+    crashed,
+    failure,
+    finalists,
+    pooled,
+)
 from executor.launch import FailedRank, RunResult
 from planner.specs import ParallelPlan
 
@@ -128,3 +141,8 @@ def test_a_crash_survived_by_running_again_is_kept_through_pooling_and_in_the_fi
     assert both.crash == "rank 1: Signal 6 (SIGABRT)" and both.measured_s == 2.0
     failed = pooled([again, plan_run(None, error="rank 0: out of memory")])
     assert failed.error == "rank 0: out of memory" and failed.crash == again.crash
+
+
+def test_paraplan_validate_trains_each_plan_the_default_number_of_steps():
+    """The CLI spells the default out (it imports api.validation only when it runs); the two must agree."""
+    assert inspect.signature(cli_validate).parameters["steps"].default == DEFAULT_STEPS == ValidationSetup.steps
