@@ -19,7 +19,7 @@ from planner.specs import HardwareProfile
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "h200-llama3.2-1b"
 # The flags each validation ran with (benchmarks/gpu_validation.sh: steps 8 / warm 3 in the first, 12 / 4 in the
-# second, 20 / 5 in seq1024-20steps, another H200 on a later day).
+# second, 20 / 5 in seq1024-20steps, a session seven hours later).
 VALIDATIONS = {
     "seq1024": dict(seq_len=1024, mbs="1,2,4,8", recompute="none,selective,full", steps=8, warm_steps=3),
     "seq2048": dict(seq_len=2048, mbs="2,4", recompute="none,full", steps=12, warm_steps=4),
