@@ -99,8 +99,9 @@ def test_validate_json_compares_the_h200_runs_with_stdout_holding_the_json_alone
     data = DATA / "seq2048"
     result = CliRunner().invoke(app, [
         "validate", "--nproc", "1", "--device", "cuda", "--gpu", "h200", "--model", "llama3.2-1b",
-        "--seq-len", "2048", "--mbs", "2,4", "--recompute", "none,full", "--confirm", "0", "--no-store",
-        "--runs", str(data / "runs.json"), "--profile", str(data / "profile.json"), "--out", str(tmp_path), "--json",
+        "--seq-len", "2048", "--mbs", "2,4", "--recompute", "none,full", "--steps", "12", "--confirm", "0",
+        "--no-store", "--runs", str(data / "runs.json"), "--profile", str(data / "profile.json"),
+        "--out", str(tmp_path), "--json",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
