@@ -135,7 +135,7 @@ def test_a_run_killed_by_a_signal_crashed_and_one_that_raised_or_ran_out_of_time
     assert failure(launch_result(-6)) == "rank 1: the rank's message"
 
 
-def test_a_crash_survived_by_running_again_is_kept_through_pooling_and_in_the_figures():
+def test_a_crash_survived_by_running_again_is_kept_through_pooling():
     again = replace(plan_run([1.0, 2.0]), crash="rank 1: Signal 6 (SIGABRT)")
     both = pooled([plan_run([3.0]), again])
     assert both.crash == "rank 1: Signal 6 (SIGABRT)" and both.measured_s == 2.0
