@@ -1,4 +1,4 @@
-"""Published training runs (tests/validation/data/dev-set.json, a copy of ../shared/data/dev-set.json) as
+"""Published training runs (planner/data/dev-set.json, package data; a copy of ../shared/data/dev-set.json) as
 contract requests, with the step time each one measured.
 
 Megatron-LM runs of 2021-22 (Narayanan et al. 2021; Korthikanti et al. 2022) are GPT models in fp16 with
@@ -18,7 +18,7 @@ from typing import Any
 from planner.cost.flops import narayanan_eq3_flops
 from planner.specs import ModelSpec, TrainingSpec
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "tests" / "validation" / "data" / "dev-set.json"
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "dev-set.json"
 
 # Table 1 of Narayanan et al. gives neither the micro-batch size nor the number of interleaved chunks.
 # Micro-batch 1 is what the same authors use for the large models (Korthikanti et al. 2022, table 3);

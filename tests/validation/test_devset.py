@@ -1,4 +1,4 @@
-"""The cost model against published measurements (tests/validation/data/dev-set.json).
+"""The cost model against published measurements (planner/data/dev-set.json).
 
 Target (issue 2): on Narayanan et al. 2021 table 1 and Korthikanti et al. 2022 table 5, mean absolute error
 <= 5% and max <= 12% on iteration time. benchmarks/accuracy.py prints the full table.
