@@ -23,6 +23,7 @@ import numpy as np
 
 from planner.cost import comm, flops, memory
 from planner.cost.comm import Channel, DpChannels
+from planner.cost.layers import LayerCost, LayerKinds, busy_ranks_per_node, layer_kinds, layers_in_order
 from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
     blocks_per_device,
@@ -30,7 +31,6 @@ from planner.cost.pipeline import (
     p2p_transfers_on_critical_path,
     pipeline_bubble_s,
 )
-from planner.graph import LayerCost, LayerKinds, busy_ranks_per_node, layer_graph, layer_kinds, layers_in_order
 from planner.layout import placement
 from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import require_valid
@@ -75,7 +75,7 @@ class KindColumns:
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
         """Stack LayerCosts (`tp`: each one's tp degree). A cost whose fields are arrays over W micro-batch
-        sizes (graph.layer_kinds) contributes W consecutive rows."""
+        sizes (layers.layer_kinds) contributes W consecutive rows."""
         width = max(np.size(cost.forward_s) for cost in costs)
 
         def stacked(values: list[Any]) -> np.ndarray:
@@ -748,4 +748,4 @@ def layer_costs(
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
     req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
-    return layers_in_order(layer_graph(req.model, req.training, req.cluster, req.plan))
+    return layers_in_order(req.model, req.training, req.cluster, req.plan)

@@ -13,9 +13,9 @@ from functools import cached_property
 import numpy as np
 
 from planner.cost import comm
+from planner.cost.layers import layer_kinds
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.step import KindColumns, PlanBatch, channel_columns, dp_channel_columns, evaluate, kind_columns
-from planner.graph import layer_kinds
 from planner.layout import placement
 from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec, even_layer_split
