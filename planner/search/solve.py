@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from planner.cost.step import TIME_TERMS, estimate_step
+from planner.describe import describe_plan
 from planner.request import PlanRequest, ProfileResolver, parse_plan_request
 from planner.search.evaluate import CandidateCosts, RowCosts
 from planner.search.result import (
@@ -211,14 +212,14 @@ def _explain(
 ) -> Explanation:
     plan, est = ranked[0]
     summary = [
-        f"{_describe(plan)}: {est.step_time_s:.3f} s per step, {est.tokens_per_s:,.0f} tokens/s, "
+        f"{describe_plan(plan)}: {est.step_time_s:.3f} s per step, {est.tokens_per_s:,.0f} tokens/s, "
         f"MFU {est.mfu:.1%}, peak {est.memory.peak_bytes / GiB:.2f} GiB of the {limit / GiB:.2f} GiB limit"
     ]
     versus: list[TermComparison] = []
     if len(ranked) > 1:
         runner_plan, runner = ranked[1]
         summary.append(
-            f"runner-up {_describe(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
+            f"runner-up {describe_plan(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
             f"({runner.step_time_s / est.step_time_s - 1:.1%})"
         )
         versus = _term_differences(est, runner)
@@ -258,24 +259,8 @@ def _binding_constraint(
     plan = candidates.plan(int(costed.rows[nearest]), overlap)
     over = costed.peak_bytes[nearest] - limit
     return (
-        f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {_describe(plan)} "
+        f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {describe_plan(plan)} "
         f"({costed.step_time_s[nearest]:.3f} s), needs {costed.peak_bytes[nearest] / GiB:.2f} GiB on stage "
         f"{int(costed.peak_stage[nearest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
     )
 
-
-def _describe(plan: ParallelPlan) -> str:
-    parts = [f"dp={plan.dp} tp={plan.tp} pp={plan.pp}"]
-    if plan.cp > 1:
-        parts.append(f"cp={plan.cp}")
-    parts.append(f"zero={plan.zero_stage} mbs={plan.micro_batch_size}")
-    if plan.sequence_parallel:
-        parts.append("sp")
-    if plan.recompute != "none":
-        parts.append(f"recompute={plan.recompute}")
-    if plan.pp > 1:
-        schedule = plan.schedule + (f"(v={plan.virtual_stages})" if plan.virtual_stages > 1 else "")
-        parts.append(schedule)
-    if plan.layers_per_stage is not None:
-        parts.append(f"layers={list(plan.layers_per_stage)}")
-    return " ".join(parts)
