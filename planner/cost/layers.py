@@ -15,7 +15,7 @@ import numpy as np
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
-from planner.layout import placement
+from planner.layout import plan_placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
 
 LayerKind = Literal["embedding", "block", "head"]
@@ -140,13 +140,12 @@ class LayerContext:
         plan: ParallelPlan,
         micro_batch_sizes: np.ndarray | None = None,
     ) -> LayerContext:
-        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision),
-            tp_channel=comm.group_channel(cluster, placement("tp", *degrees)),
-            cp_channel=comm.p2p_channel(cluster, placement("cp", *degrees)),
+            tp_channel=comm.group_channel(cluster, plan_placement("tp", plan, cluster.gpus_per_node)),
+            cp_channel=comm.p2p_channel(cluster, plan_placement("cp", plan, cluster.gpus_per_node)),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
             measured=cluster.measured,
             micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,

@@ -24,10 +24,10 @@ import numpy as np
 from planner.cost import comm, flops, memory
 from planner.cost.comm import Channel, DpChannels
 from planner.cost.layers import LayerCost, LayerKinds, busy_ranks_per_node, layer_kinds, layers_in_order
-from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
     blocks_per_device,
     edge_masks,
+    p2p_activation_bytes,
     p2p_transfers_on_critical_path,
     pipeline_bubble_s,
 )
@@ -345,8 +345,7 @@ def pp_comm_s(batch: PlanBatch) -> np.ndarray:
     if batch.pp == 1:
         return np.zeros_like(batch.dp, dtype=float)
     model, training = batch.model, batch.training
-    tokens = training.seq_len / batch.cp * batch.micro_batch_size
-    activation = ACTIVATION_BYTES[training.precision] * tokens * model.hidden_size / batch.tp
+    activation = p2p_activation_bytes(model, training, batch.micro_batch_size, batch.cp, batch.tp)
     transfers = p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches)
     total = transfers * comm.p2p_s(activation, batch.pp_channel)
     if batch.tied_copy:
