@@ -7,7 +7,7 @@ A cheap lower bound on every row's step time lets the search cost rows best-firs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
@@ -35,6 +35,13 @@ class RowCosts:
     step_time_s: np.ndarray
     peak_bytes: np.ndarray
     peak_stage: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[RowCosts]) -> RowCosts:
+        """Rows costed in several rounds as one, in the order they were costed (none: empty)."""
+        if not parts:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 class CandidateCosts:

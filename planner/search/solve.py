@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,20 +36,6 @@ from planner.specs import ParallelPlan, StepEstimate
 
 GiB = 1024**3
 FIRST_CHUNK = 4096  # candidates costed in the first round; each round doubles it
-
-
-@dataclass(frozen=True)
-class Costed:
-    """Every exactly-costed candidate so far, in the order they were costed."""
-
-    rows: np.ndarray
-    step_time_s: np.ndarray
-    peak_bytes: np.ndarray
-    peak_stage: np.ndarray
-
-    @classmethod
-    def of(cls, parts: list[RowCosts]) -> Costed:
-        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
 
 
 def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolver | None = None) -> SearchResult:
@@ -110,7 +95,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
 
 def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) -> SearchResult:
     """Every layout breaks a structural rule: no plan, no closest candidate, and the reasons."""
-    empty = Costed.of([RowCosts(*(np.zeros(0),) * 4)])
+    empty = RowCosts.concat([])
     return SearchResult(
         plans=[],
         closest=[],
@@ -129,7 +114,7 @@ def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) ->
 # ------------------------------------------------------------------------------------ branch and bound
 
 
-def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[Costed, int]:
+def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[RowCosts, int]:
     """Cost candidates in order of their lower bound until the k-th best fitting step time is below the
     next bound. Returns what was costed and how many were never costed."""
     total = len(costs.candidates)
@@ -146,10 +131,10 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
         parts.append(part)
         best = np.sort(np.concatenate([best, part.step_time_s[part.peak_bytes <= limit]]))[:top_k]
         start, chunk = start + len(rows), chunk * 2
-    return Costed.of(parts), total - start
+    return RowCosts.concat(parts), total - start
 
 
-def _leaders(costed: Costed, limit: float, top_k: int) -> np.ndarray:
+def _leaders(costed: RowCosts, limit: float, top_k: int) -> np.ndarray:
     """Rows of the k fastest fitting candidates (ties: less memory)."""
     fits = np.flatnonzero(costed.peak_bytes <= limit)
     order = np.lexsort((costed.peak_bytes[fits], costed.step_time_s[fits]))
@@ -182,7 +167,7 @@ def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -
     ]
 
 
-def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int) -> list[Rejection]:
+def _rejections(rejected: Rejections, costed: RowCosts, limit: float, pruned: int) -> list[Rejection]:
     over = costed.peak_bytes > limit
     rejected.add(
         "candidate",
@@ -206,7 +191,7 @@ def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int)
 def _explain(
     ranked: list[tuple[ParallelPlan, StepEstimate]],
     candidates: Candidates,
-    costed: Costed,
+    costed: RowCosts,
     limit: float,
     overlap: bool,
 ) -> Explanation:
@@ -244,7 +229,7 @@ def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[Ter
 
 
 def _binding_constraint(
-    winner: StepEstimate, candidates: Candidates, costed: Costed, limit: float, overlap: bool
+    winner: StepEstimate, candidates: Candidates, costed: RowCosts, limit: float, overlap: bool
 ) -> str:
     """Memory binds when some faster candidate does not fit; then name the faster one nearest to fitting and
     by how much it is over."""
