@@ -22,6 +22,7 @@ from rich.table import Table  # noqa: E402
 
 import planner  # noqa: E402
 import planner.search.partition  # noqa: E402, F401  (OR-Tools loads here, not inside the first timing)
+from planner.describe import describe_plan  # noqa: E402
 
 CASES = {
     "GPT-3 175B, 1,024 A100-80GB": ("gpt3-175b", 2048, 1536, "a100-80gb", 128),
@@ -69,21 +70,10 @@ def main() -> None:
             f"{cold:.3f}",
             f"{warm:.3f}",
             f"{counts.enumerated / warm:,.0f}",
-            _summary(best.plan) if best else "nothing fits",
+            describe_plan(best.plan) if best else "nothing fits",
             f"{best.estimate.step_time_s:.3f}" if best else "-",
         )
     Console(width=220).print(table)
-
-
-def _summary(plan) -> str:
-    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp} z{plan.zero_stage} mbs{plan.micro_batch_size}"
-    text += " sp" if plan.sequence_parallel else ""
-    text += f" {plan.recompute}" if plan.recompute != "none" else ""
-    if plan.pp > 1:
-        text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
-    if plan.layers_per_stage:
-        text += " layers " + ",".join(map(str, plan.layers_per_stage))
-    return text
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from planner.errors import InfeasiblePlanError, Violation
-from planner.rules import tensor_parallel_widths
+from planner.rules import sequence_parallel_splits, tensor_parallel_widths
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 
 Rule = Callable[[ParallelPlan, ModelSpec, TrainingSpec | None], Iterator[Violation]]
@@ -80,7 +80,7 @@ def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: Trai
 
 
 def _sequence_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if training is not None and plan.sequence_parallel and training.seq_len % plan.tp:
+    if training is not None and plan.sequence_parallel and not sequence_parallel_splits(training.seq_len, plan.tp):
         yield Violation(
             "plan.sequence_parallel",
             "executor_sp_divides_seq",

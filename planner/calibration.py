@@ -23,9 +23,9 @@ import numpy as np
 
 from planner.cost import ops
 from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
+from planner.cost.layers import LayerContext, block_tp_allreduces
 from planner.cost.step import estimate_step
 from planner.devset import PublishedLayerTiming, layer_timings
-from planner.graph import LayerContext
 from planner.request import EstimateRequest, parse_estimate_request
 from planner.specs import Calibration, HardwareProfile
 
@@ -43,11 +43,10 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
     block = ops.block_ops(req.model, req.training, ctx.shape)
     recompute = req.plan.recompute
     peak = req.cluster.gpu.peak_tflops[req.training.precision] * 1e12
-    tp_allreduces = 4 + (2 if recompute == "full" else 0)
     return BlockTimeTerms(
         matmul_at_peak_s=matmul_work_s(block, recompute, peak),
         other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s)
-        + ctx.tp_allreduces_s(tp_allreduces, req.plan),
+        + ctx.tp_allreduces_s(block_tp_allreduces(recompute), req.plan),
     )
 
 

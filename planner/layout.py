@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from planner.specs import ParallelPlan
 
 Axis = Literal["pp", "dp", "cp", "tp"]
 # Gradients are reduced over dp and cp together (Megatron-LM's data-parallel group with context parallelism);
@@ -65,6 +68,11 @@ def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node
         members_per_node=size if intra else _fewest_members_per_node(nodes),
         neighbours_cross_nodes=bool((nodes[:, 1:] != nodes[:, :-1]).any()),
     )
+
+
+def plan_placement(axis: GroupAxis, plan: ParallelPlan, gpus_per_node: int) -> GroupPlacement:
+    """`placement` of a plan's groups along `axis`: the degrees named, not passed as a positional tuple."""
+    return placement(axis, plan.pp, plan.dp, plan.cp, plan.tp, gpus_per_node)
 
 
 def _fewest_members_per_node(nodes: np.ndarray) -> int:

@@ -53,14 +53,38 @@ def _batch_divides(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec,
         )
 
 
+def sequence_parallel_splits(seq_len, tp):
+    """Sequence parallelism splits each sequence over the tp ranks (Korthikanti et al. 2022, sec. 4.2.2), so tp
+    must divide seq_len. Numbers or numpy arrays: the search asks it of whole columns."""
+    return seq_len % tp == 0
+
+
+def sequence_parallel_violation(seq_len: int, tp: int) -> Violation:
+    return Violation(
+        "plan.sequence_parallel",
+        "sp_divides_seq",
+        f"sequence parallel splits the sequence over tp={tp}, which does not divide seq_len={seq_len}",
+    )
+
+
+def partial_interleaved_round(microbatches, pp):
+    """Megatron-LM's and torch.distributed.pipelining's interleaved schedules run micro-batches in rounds of pp
+    (Narayanan et al. 2021, sec. 2.2.2); a partial round would idle some devices in a way neither library
+    schedules. Numbers or numpy arrays."""
+    return microbatches % pp != 0
+
+
+def interleaved_round_violation(microbatches: int, pp: int) -> Violation:
+    return Violation(
+        "plan.schedule",
+        "interleaved_microbatches",
+        f"interleaved_1f1b needs the number of micro-batches ({microbatches}) to be a multiple of pp={pp}",
+    )
+
+
 def _sequence_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
-    if plan.sequence_parallel and training.seq_len % plan.tp:
-        yield Violation(
-            "plan.sequence_parallel",
-            "sp_divides_seq",
-            f"sequence parallel splits the sequence over tp={plan.tp}, which does not divide "
-            f"seq_len={training.seq_len}",
-        )
+    if plan.sequence_parallel and not sequence_parallel_splits(training.seq_len, plan.tp):
+        yield sequence_parallel_violation(training.seq_len, plan.tp)
     # Context parallelism splits each sequence into 2*cp chunks for load balance (Megatron-LM CP docs).
     if plan.cp > 1 and training.seq_len % (2 * plan.cp):
         yield Violation(
@@ -94,14 +118,8 @@ def _pipeline_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
             f"sums to {sum(plan.layers_per_stage)}; the model has {model.num_layers} layers",
         )
     microbatches = plan.num_microbatches(training)
-    if plan.schedule == "interleaved_1f1b" and microbatches and microbatches % plan.pp:
-        # Megatron-LM's and torch.distributed.pipelining's interleaved schedules run micro-batches in
-        # rounds of pp; a partial round would idle some devices in a way neither library schedules.
-        yield Violation(
-            "plan.schedule",
-            "interleaved_microbatches",
-            f"interleaved_1f1b needs the number of micro-batches ({microbatches}) to be a multiple of pp={plan.pp}",
-        )
+    if plan.schedule == "interleaved_1f1b" and partial_interleaved_round(microbatches, plan.pp):
+        yield interleaved_round_violation(microbatches, plan.pp)
 
 
 _RULES: tuple[Callable[..., Iterator[Violation]], ...] = (

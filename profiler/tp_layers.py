@@ -10,7 +10,7 @@ it runs. So the profiler also times the layers as the executor runs them: the mo
 parallelised by executor/parallel/tensor.py on a mesh of every rank, under each recompute mode and
 sequence-parallel setting, at the layer boundaries as profiler/layer_timing.py does. These measurements carry
 ``tp_collectives=True`` (planner/specs.py LayerMeasurement); the cost model then takes TP's collectives as part of
-the layer times and does not add them again (planner/graph.py).
+the layer times and does not add them again (planner/cost/layers.py).
 
 Loaded (``--loaded``): a data-parallel or pipelined step keeps every rank of a node computing at the same time, and
 ranks that share cores, caches and memory bandwidth (CPU ranks, above all) each run slower than one rank alone,

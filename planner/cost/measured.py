@@ -329,7 +329,7 @@ class ProfileCosts:
         self.profile = profile
         self.table = LayerTable.from_measurements(profile.layers)
         # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
-        # profile, as the profiler's stack (the executor's) holds it (planner/graph.py `layer_memory`).
+        # profile, as the profiler's stack (the executor's) holds it (planner/cost/layers.py `layer_memory`).
         self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
         self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
         self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {

@@ -5,7 +5,14 @@ Functions broadcast over numpy arrays: per-row values have shape (N, 1), per-dev
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from planner.cost.ops import ACTIVATION_BYTES
+
+if TYPE_CHECKING:
+    from planner.specs import ModelSpec, TrainingSpec
 
 
 def blocks_per_device(chunk_counts: tuple[int, ...], pp: int) -> np.ndarray:
@@ -39,3 +46,11 @@ def p2p_transfers_on_critical_path(pp: int, virtual_stages, microbatches):
     if pp == 1:
         return np.zeros_like(np.asarray(microbatches))
     return 2 * (virtual_stages * microbatches + pp - 1)
+
+
+def p2p_activation_bytes(model: ModelSpec, training: TrainingSpec, micro_batch_size, cp, tp):
+    """Bytes one pipeline hand-off moves per rank: a micro-batch's activation (its gradient, backward) of this
+    rank's cp share of the sequence, and only its 1/tp share: the sequence-parallel shard, or Megatron's
+    scatter/gather optimisation (Narayanan et al. 2021, sec. 4.1). Numbers or (N, 1) columns."""
+    tokens = training.seq_len / cp * micro_batch_size
+    return ACTIVATION_BYTES[training.precision] * tokens * model.hidden_size / tp

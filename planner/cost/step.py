@@ -23,14 +23,14 @@ import numpy as np
 
 from planner.cost import comm, flops, memory
 from planner.cost.comm import Channel, DpChannels
-from planner.cost.ops import ACTIVATION_BYTES
+from planner.cost.layers import LayerCost, LayerKinds, busy_ranks_per_node, layer_kinds, layers_in_order
 from planner.cost.pipeline import (
     blocks_per_device,
     edge_masks,
+    p2p_activation_bytes,
     p2p_transfers_on_critical_path,
     pipeline_bubble_s,
 )
-from planner.graph import LayerCost, LayerKinds, busy_ranks_per_node, layer_graph, layer_kinds, layers_in_order
 from planner.layout import placement
 from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import require_valid
@@ -75,7 +75,7 @@ class KindColumns:
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
         """Stack LayerCosts (`tp`: each one's tp degree). A cost whose fields are arrays over W micro-batch
-        sizes (graph.layer_kinds) contributes W consecutive rows."""
+        sizes (layers.layer_kinds) contributes W consecutive rows."""
         width = max(np.size(cost.forward_s) for cost in costs)
 
         def stacked(values: list[Any]) -> np.ndarray:
@@ -345,8 +345,7 @@ def pp_comm_s(batch: PlanBatch) -> np.ndarray:
     if batch.pp == 1:
         return np.zeros_like(batch.dp, dtype=float)
     model, training = batch.model, batch.training
-    tokens = training.seq_len / batch.cp * batch.micro_batch_size
-    activation = ACTIVATION_BYTES[training.precision] * tokens * model.hidden_size / batch.tp
+    activation = p2p_activation_bytes(model, training, batch.micro_batch_size, batch.cp, batch.tp)
     transfers = p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches)
     total = transfers * comm.p2p_s(activation, batch.pp_channel)
     if batch.tied_copy:
@@ -748,4 +747,4 @@ def layer_costs(
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
     req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
-    return layers_in_order(layer_graph(req.model, req.training, req.cluster, req.plan))
+    return layers_in_order(req.model, req.training, req.cluster, req.plan)

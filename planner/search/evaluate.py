@@ -7,18 +7,18 @@ A cheap lower bound on every row's step time lets the search cost rows best-firs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
 
 from planner.cost import comm
+from planner.cost.layers import layer_kinds
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.step import KindColumns, PlanBatch, channel_columns, dp_channel_columns, evaluate, kind_columns
-from planner.graph import layer_kinds
 from planner.layout import placement
-from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec, even_layer_split
+from planner.search.space import SCHEDULES, Candidates
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
 
@@ -36,6 +36,13 @@ class RowCosts:
     peak_bytes: np.ndarray
     peak_stage: np.ndarray
 
+    @classmethod
+    def concat(cls, parts: list[RowCosts]) -> RowCosts:
+        """Rows costed in several rounds as one, in the order they were costed (none: empty)."""
+        if not parts:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
 
 class CandidateCosts:
     """Costs a candidate set; built once per search."""
@@ -49,12 +56,14 @@ class CandidateCosts:
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
         """Layer costs for every (tp, cp, sequence_parallel, recompute) group, each costed at all micro-batch
-        sizes at once; row r's costs sit at index group * len(sizes) + the index of its size."""
+        sizes at once; row r's costs sit at index group * len(sizes) + the index of its size. Each group is
+        costed with one of its rows' plans: `sizes` replaces its micro-batch size, and no other field it does not
+        share with the group (schedule, ZeRO stage, dp, pp) changes a layer's cost."""
         c = self.candidates
         group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
         sizes = np.unique(c.micro_batch_size)
         kinds = [
-            layer_kinds(self.model, self.training, self.cluster, _layer_plan(c, row), micro_batch_sizes=sizes)
+            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), micro_batch_sizes=sizes)
             for row in group_rows
         ]
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
@@ -173,14 +182,3 @@ def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, int]:
     rank = np.cumsum(present) - 1
     return rank[values], int(present.sum())
 
-
-def _layer_plan(c: Candidates, row: int) -> ParallelPlan:
-    """A plan with the row's layer-cost fields but the micro-batch size (the schedule changes no layer cost)."""
-    return ParallelPlan(
-        dp=int(c.dp[row]),
-        tp=int(c.tp[row]),
-        pp=int(c.pp[row]),
-        cp=int(c.cp[row]),
-        sequence_parallel=bool(c.sequence_parallel[row]),
-        recompute=RECOMPUTE[c.recompute[row]],
-    )

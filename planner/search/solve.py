@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from planner.cost.step import TIME_TERMS, estimate_step
+from planner.describe import describe_plan
 from planner.request import PlanRequest, ProfileResolver, parse_plan_request
 from planner.search.evaluate import CandidateCosts, RowCosts
 from planner.search.result import (
@@ -36,20 +36,6 @@ from planner.specs import ParallelPlan, StepEstimate
 
 GiB = 1024**3
 FIRST_CHUNK = 4096  # candidates costed in the first round; each round doubles it
-
-
-@dataclass(frozen=True)
-class Costed:
-    """Every exactly-costed candidate so far, in the order they were costed."""
-
-    rows: np.ndarray
-    step_time_s: np.ndarray
-    peak_bytes: np.ndarray
-    peak_stage: np.ndarray
-
-    @classmethod
-    def of(cls, parts: list[RowCosts]) -> Costed:
-        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
 
 
 def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolver | None = None) -> SearchResult:
@@ -109,7 +95,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
 
 def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) -> SearchResult:
     """Every layout breaks a structural rule: no plan, no closest candidate, and the reasons."""
-    empty = Costed.of([RowCosts(*(np.zeros(0),) * 4)])
+    empty = RowCosts.concat([])
     return SearchResult(
         plans=[],
         closest=[],
@@ -128,7 +114,7 @@ def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) ->
 # ------------------------------------------------------------------------------------ branch and bound
 
 
-def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[Costed, int]:
+def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[RowCosts, int]:
     """Cost candidates in order of their lower bound until the k-th best fitting step time is below the
     next bound. Returns what was costed and how many were never costed."""
     total = len(costs.candidates)
@@ -145,10 +131,10 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
         parts.append(part)
         best = np.sort(np.concatenate([best, part.step_time_s[part.peak_bytes <= limit]]))[:top_k]
         start, chunk = start + len(rows), chunk * 2
-    return Costed.of(parts), total - start
+    return RowCosts.concat(parts), total - start
 
 
-def _leaders(costed: Costed, limit: float, top_k: int) -> np.ndarray:
+def _leaders(costed: RowCosts, limit: float, top_k: int) -> np.ndarray:
     """Rows of the k fastest fitting candidates (ties: less memory)."""
     fits = np.flatnonzero(costed.peak_bytes <= limit)
     order = np.lexsort((costed.peak_bytes[fits], costed.step_time_s[fits]))
@@ -181,7 +167,7 @@ def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -
     ]
 
 
-def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int) -> list[Rejection]:
+def _rejections(rejected: Rejections, costed: RowCosts, limit: float, pruned: int) -> list[Rejection]:
     over = costed.peak_bytes > limit
     rejected.add(
         "candidate",
@@ -205,20 +191,20 @@ def _rejections(rejected: Rejections, costed: Costed, limit: float, pruned: int)
 def _explain(
     ranked: list[tuple[ParallelPlan, StepEstimate]],
     candidates: Candidates,
-    costed: Costed,
+    costed: RowCosts,
     limit: float,
     overlap: bool,
 ) -> Explanation:
     plan, est = ranked[0]
     summary = [
-        f"{_describe(plan)}: {est.step_time_s:.3f} s per step, {est.tokens_per_s:,.0f} tokens/s, "
+        f"{describe_plan(plan)}: {est.step_time_s:.3f} s per step, {est.tokens_per_s:,.0f} tokens/s, "
         f"MFU {est.mfu:.1%}, peak {est.memory.peak_bytes / GiB:.2f} GiB of the {limit / GiB:.2f} GiB limit"
     ]
     versus: list[TermComparison] = []
     if len(ranked) > 1:
         runner_plan, runner = ranked[1]
         summary.append(
-            f"runner-up {_describe(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
+            f"runner-up {describe_plan(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
             f"({runner.step_time_s / est.step_time_s - 1:.1%})"
         )
         versus = _term_differences(est, runner)
@@ -243,7 +229,7 @@ def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[Ter
 
 
 def _binding_constraint(
-    winner: StepEstimate, candidates: Candidates, costed: Costed, limit: float, overlap: bool
+    winner: StepEstimate, candidates: Candidates, costed: RowCosts, limit: float, overlap: bool
 ) -> str:
     """Memory binds when some faster candidate does not fit; then name the faster one nearest to fitting and
     by how much it is over."""
@@ -258,24 +244,8 @@ def _binding_constraint(
     plan = candidates.plan(int(costed.rows[nearest]), overlap)
     over = costed.peak_bytes[nearest] - limit
     return (
-        f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {_describe(plan)} "
+        f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {describe_plan(plan)} "
         f"({costed.step_time_s[nearest]:.3f} s), needs {costed.peak_bytes[nearest] / GiB:.2f} GiB on stage "
         f"{int(costed.peak_stage[nearest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
     )
 
-
-def _describe(plan: ParallelPlan) -> str:
-    parts = [f"dp={plan.dp} tp={plan.tp} pp={plan.pp}"]
-    if plan.cp > 1:
-        parts.append(f"cp={plan.cp}")
-    parts.append(f"zero={plan.zero_stage} mbs={plan.micro_batch_size}")
-    if plan.sequence_parallel:
-        parts.append("sp")
-    if plan.recompute != "none":
-        parts.append(f"recompute={plan.recompute}")
-    if plan.pp > 1:
-        schedule = plan.schedule + (f"(v={plan.virtual_stages})" if plan.virtual_stages > 1 else "")
-        parts.append(schedule)
-    if plan.layers_per_stage is not None:
-        parts.append(f"layers={list(plan.layers_per_stage)}")
-    return " ".join(parts)

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from planner.errors import InfeasiblePlanError, Violation
-from planner.rules import plan_violations
+from planner.rules import (
+    interleaved_round_violation,
+    partial_interleaved_round,
+    plan_violations,
+    sequence_parallel_splits,
+    sequence_parallel_violation,
+)
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -252,13 +258,11 @@ def expand(
     columns = {name: np.asarray(values)[grid[:, i]] for i, (name, values) in enumerate(choices.items())}
     schedule, virtual = columns.pop("schedule_v").T
     microbatches = training.global_batch_size // (layout.dp * columns["micro_batch_size"])
-    partial_round = (schedule == SCHEDULES.index("interleaved_1f1b")) & (microbatches % layout.pp != 0)
-    rejected.add(
-        "candidate",
-        "interleaved_microbatches",
-        int(partial_round.sum()),
-        f"interleaved_1f1b needs the number of micro-batches to be a multiple of pp={layout.pp}",
-    )
+    interleaved = schedule == SCHEDULES.index("interleaved_1f1b")
+    partial_round = interleaved & partial_interleaved_round(microbatches, layout.pp)
+    if partial_round.any():
+        example = interleaved_round_violation(int(microbatches[partial_round.argmax()]), layout.pp)
+        rejected.add("candidate", example.code, int(partial_round.sum()), example.message)
     keep = ~partial_round
     rows = int(keep.sum())
     return Candidates(
@@ -291,8 +295,9 @@ def _sequence_parallel(layout: Layout, training: TrainingSpec, options: SearchOp
     choices = [sp for sp in (False, True) if options.fixed.sequence_parallel in (None, sp)]
     if layout.tp == 1:
         return [False] if False in choices else []
-    if True in choices and training.seq_len % layout.tp:
-        rejected.add("candidate", "sp_divides_seq", 1, f"tp={layout.tp} does not divide seq_len={training.seq_len}")
+    if True in choices and not sequence_parallel_splits(training.seq_len, layout.tp):
+        broken = sequence_parallel_violation(training.seq_len, layout.tp)
+        rejected.add("candidate", broken.code, 1, broken.message)
         choices.remove(True)
     return choices
 

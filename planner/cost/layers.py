@@ -1,4 +1,4 @@
-"""ModelSpec -> layer graph: a networkx DiGraph of LayerCost records in execution order.
+"""ModelSpec -> LayerCost records: the three kinds of layer, and the layers in execution order.
 
 LayerCost is declarative: what one layer costs one GPU for one micro-batch under a plan. The cost model
 fills it from FLOPs and bytes (planner/cost/); the profiler fills the same fields with measurements, so a
@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import networkx as nx
 import numpy as np
 
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
-from planner.layout import placement
+from planner.layout import plan_placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
 
 LayerKind = Literal["embedding", "block", "head"]
@@ -82,20 +81,13 @@ def layer_kinds(
     )
 
 
-def layer_graph(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> nx.DiGraph:
-    """embedding -> block.0 -> ... -> block.{L-1} -> head, each node carrying `cost`: LayerCost."""
+def layers_in_order(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+) -> list[LayerCost]:
+    """embedding, block.0, ..., block.{L-1}, head: every block is the one costed block, named by its index."""
     kinds = layer_kinds(model, training, cluster, plan)
     blocks = [replace(kinds.block, name=f"block.{i}") for i in range(model.num_layers)]
-    costs = [kinds.embedding, *blocks, kinds.head]
-    graph = nx.DiGraph()
-    for cost in costs:
-        graph.add_node(cost.name, cost=cost)
-    nx.add_path(graph, [cost.name for cost in costs])
-    return graph
-
-
-def layers_in_order(graph: nx.DiGraph) -> list[LayerCost]:
-    return [graph.nodes[name]["cost"] for name in nx.topological_sort(graph)]
+    return [kinds.embedding, *blocks, kinds.head]
 
 
 @dataclass(frozen=True)
@@ -148,13 +140,12 @@ class LayerContext:
         plan: ParallelPlan,
         micro_batch_sizes: np.ndarray | None = None,
     ) -> LayerContext:
-        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision),
-            tp_channel=comm.group_channel(cluster, placement("tp", *degrees)),
-            cp_channel=comm.p2p_channel(cluster, placement("cp", *degrees)),
+            tp_channel=comm.group_channel(cluster, plan_placement("tp", plan, cluster.gpus_per_node)),
+            cp_channel=comm.p2p_channel(cluster, plan_placement("cp", plan, cluster.gpus_per_node)),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
             measured=cluster.measured,
             micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,
@@ -225,9 +216,6 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
     kept = (
         ops.block_input_bytes(model, ctx.shape) if plan.recompute == "full" else ops.saved_bytes(block, plan.recompute)
     )
-    # Megatron-LM's TP block: 2 all-reduces forward, 2 backward (Shoeybi et al. 2019, fig. 3); full
-    # recompute repeats the forward ones (Korthikanti et al. 2022, sec. 5).
-    tp_allreduces = 4 + (2 if plan.recompute == "full" else 0)
     times = ctx.layer_times("block", block, plan.tp, plan.recompute)
     kept, working = layer_memory(times, kept, everything - kept)
     measured = _measured_memory(times).any()
@@ -240,7 +228,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         forward_s=times.forward_s,
         backward_s=times.backward_s,
         recompute_s=times.recompute_s,
-        tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(tp_allreduces, plan)),
+        tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(block_tp_allreduces(plan.recompute), plan)),
         cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
         saved_bytes=kept,
         working_bytes=working,
@@ -250,6 +238,13 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         contention=times.contention,
         partial_grad_params=sp_partial_params(params.block_params(model), plan),
     )
+
+
+def block_tp_allreduces(recompute: str) -> int:
+    """All-reduces of one activation over the TP group per block and micro-batch. Megatron-LM's TP block: 2
+    forward, 2 backward (Shoeybi et al. 2019, fig. 3); full recompute repeats the forward ones (Korthikanti et
+    al. 2022, sec. 5)."""
+    return 4 + (2 if recompute == "full" else 0)
 
 
 def layer_memory(times: LayerTimes, analytic_saved: Any, analytic_working: Any) -> tuple[Any, Any]:

@@ -1,0 +1,28 @@
+"""A plan in one line, the way every front door prints it (the CLI's tables, the search's explanation, the
+benchmarks). One copy, so a plan reads the same wherever it is named."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from planner.specs import ParallelPlan
+
+SEPARATOR = " · "
+
+
+def describe_plan(plan: ParallelPlan) -> str:
+    """e.g. "dp16 tp8 pp8 cp1 · ZeRO-1 · mbs 1 · sp · selective recompute · interleaved_1f1b v3". Every degree
+    is named, even at 1, so plans in a column line up; sequence parallelism and a layer split only when set."""
+    parts = [
+        f"dp{plan.dp} tp{plan.tp} pp{plan.pp} cp{plan.cp}",
+        f"ZeRO-{plan.zero_stage}",
+        f"mbs {plan.micro_batch_size}",
+    ]
+    if plan.sequence_parallel:
+        parts.append("sp")
+    parts.append("no recompute" if plan.recompute == "none" else f"{plan.recompute} recompute")
+    parts.append(plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""))
+    if plan.layers_per_stage is not None:
+        parts.append("layers " + ",".join(str(n) for n in plan.layers_per_stage))
+    return SEPARATOR.join(parts)

@@ -1,0 +1,148 @@
+"""planner/cost/schedule.py: the pipeline schedule as a task graph, against the closed form and by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from planner.cost.pipeline import p2p_transfers_on_critical_path, pipeline_bubble_s
+from planner.cost.schedule import (
+    ChunkTimes,
+    critical_path,
+    device_order,
+    plan_chunk_times,
+    plan_schedule_graph,
+    schedule_graph,
+    timeline,
+)
+from planner.cost.schedule import (
+    pipeline_time_s as graph_time_s,
+)
+from planner.cost.step import PlanBatch, estimate_step
+from planner.request import parse_estimate_request
+
+# (schedule, pp, virtual stages, micro-batch counts): interleaving needs whole rounds of pp micro-batches.
+SHAPES = [
+    *[("gpipe", pp, 1, m) for pp in (1, 2, 4, 8) for m in (1, 3, 8, 16)],
+    *[("1f1b", pp, 1, m) for pp in (1, 2, 3, 4, 8) for m in (1, 2, 5, 8, 32)],
+    *[("interleaved_1f1b", pp, v, m) for pp in (2, 4, 8) for v in (2, 3, 4) for m in (pp, 2 * pp, 4 * pp)],
+]
+
+
+def even(pp: int, v: int, forward_s=1.0, backward_s=2.0, recompute_s=0.0) -> list[ChunkTimes]:
+    """pp x v equal chunks making up a device's forward_s, backward_s and recompute_s."""
+    return [ChunkTimes(forward_s / v, backward_s / v, recompute_s / v)] * (pp * v)
+
+
+@pytest.mark.parametrize(("schedule", "pp", "v", "m"), SHAPES)
+@pytest.mark.parametrize("recompute_s", [0.0, 0.7])
+def test_even_stages_take_m_slots_plus_the_closed_form_bubble(schedule, pp, v, m, recompute_s):
+    """Narayanan et al. SC'21 eq. 1-2: m x t + (p - 1) t / v, whatever the split of t into F, B and recompute."""
+    per_device_s = 1.0 + 2.0 + recompute_s
+    graph = schedule_graph(even(pp, v, recompute_s=recompute_s), pp, schedule, m, p2p_s=0.0)
+    closed_form = m * per_device_s + pipeline_bubble_s(np.full((1, pp), per_device_s), v)[0, 0]
+    assert graph_time_s(graph) == pytest.approx(closed_form, rel=1e-12)
+
+
+@pytest.mark.parametrize(("schedule", "pp", "v", "m"), SHAPES[::3])
+def test_the_timeline_keeps_every_dependency_and_ends_with_the_longest_path(schedule, pp, v, m):
+    graph = schedule_graph(even(pp, v, recompute_s=0.5), pp, schedule, m, p2p_s=0.1)
+    tasks = timeline(graph)
+    assert len(tasks) == pp * v * m * 3  # forward, recompute, backward of every chunk and micro-batch
+    assert max(t.end_s for t in tasks) == pytest.approx(graph_time_s(graph))
+    for device in range(pp):
+        mine = [t for t in tasks if t.device == device]
+        assert all(a.end_s <= b.start_s + 1e-12 for a, b in zip(mine, mine[1:], strict=False))  # one at a time
+    when = {(t.chunk, t.microbatch, t.kind): t for t in tasks}
+    for chunk in range(1, pp * v):
+        for i in range(m):
+            hand_off = 0.1 if pp > 1 else 0.0
+            assert when[chunk, i, "forward"].start_s >= when[chunk - 1, i, "forward"].end_s + hand_off - 1e-12
+            assert when[chunk - 1, i, "recompute"].start_s >= when[chunk, i, "backward"].end_s + hand_off - 1e-12
+
+
+def test_two_stages_one_microbatch_by_hand():
+    """F on device 0, hand-off, F and B on device 1, hand-off back, B on device 0."""
+    chunks = [ChunkTimes(1.0, 2.0), ChunkTimes(3.0, 5.0)]
+    graph = schedule_graph(chunks, 2, "1f1b", 1, p2p_s=0.25)
+    assert graph_time_s(graph) == pytest.approx(1 + 0.25 + 3 + 5 + 0.25 + 2)
+    assert [(t.device, t.kind) for t in critical_path(graph)] == [
+        (0, "forward"), (1, "forward"), (1, "backward"), (0, "backward"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "v", "m"), [("gpipe", 4, 1, 8), ("1f1b", 8, 1, 32), ("interleaved_1f1b", 4, 2, 8)]
+)
+def test_transfers_on_the_path_lie_between_the_fill_and_the_cost_models_count(schedule, pp, v, m):
+    """The first forward and the last backward cross all pp - 1 boundaries; cost/step.py's `pp_comm_s` charges
+    every transfer `p2p_transfers_on_critical_path` counts, some of which the schedule hides behind compute."""
+    p2p_s = 0.01
+    without = graph_time_s(schedule_graph(even(pp, v), pp, schedule, m, p2p_s=0.0))
+    exposed = graph_time_s(schedule_graph(even(pp, v), pp, schedule, m, p2p_s=p2p_s)) - without
+    assert 2 * (pp - 1) * p2p_s - 1e-12 <= exposed <= p2p_transfers_on_critical_path(pp, v, m) * p2p_s
+
+
+def test_uneven_stages_are_bounded_by_the_slowest_device_and_by_the_closed_form():
+    """One slow stage: every micro-batch passes through it (m x its time is a floor), and 1F1B overlaps the fast
+    stages' fill and drain with it, so the closed form's bubble is an upper bound here, not the answer."""
+    per_device = [(1.0, 2.0), (1.5, 3.0), (1.0, 2.0), (0.8, 1.6)]
+    chunks = [ChunkTimes(f, b) for f, b in per_device]
+    busy = np.array([[f + b for f, b in per_device]])
+    slowest = 8 * busy.max()
+    closed_form = slowest + pipeline_bubble_s(busy, 1)[0, 0]
+    one_f_one_b = graph_time_s(schedule_graph(chunks, 4, "1f1b", 8, p2p_s=0.0))
+    assert slowest < one_f_one_b < closed_form
+    assert graph_time_s(schedule_graph(chunks, 4, "gpipe", 8, p2p_s=0.0)) == pytest.approx(closed_form)
+
+
+def test_device_orders_are_the_published_ones():
+    """1F1B on the first of 4 devices: 3 warm-up forwards, then one forward one backward (SC'21 fig. 4);
+    interleaved on the last of 2 devices with 2 chunks: chunk 1, then 3, in rounds of pp (fig. 4, bottom)."""
+    first = device_order("1f1b", 4, 1, 5, device=0)
+    assert [kind[0] + str(i) for kind, (_, i) in first] == ["f0", "f1", "f2", "f3", "b0", "f4", "b1", "b2", "b3", "b4"]
+    last = device_order("interleaved_1f1b", 2, 2, 4, device=1)
+    assert [(kind[0], chunk, i) for kind, (chunk, i) in last][:4] == [
+        ("f", 1, 0),
+        ("f", 1, 1),
+        ("f", 3, 0),
+        ("b", 3, 0),
+    ]
+    with pytest.raises(ValueError, match="rounds of pp=4"):
+        device_order("interleaved_1f1b", 4, 2, 6, device=0)
+
+
+def plan_request(gpt3_request: dict, schedule: str, virtual_stages: int):
+    """The README's GPT-3 plan without sequence parallelism (whose once-a-step reduction is no pipeline task)."""
+    plan = {**gpt3_request["plan"], "sequence_parallel": False, "schedule": schedule, "virtual_stages": virtual_stages}
+    return parse_estimate_request({**gpt3_request, "plan": plan})
+
+
+@pytest.mark.parametrize(("schedule", "virtual_stages"), [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 3)])
+def test_a_plans_chunks_hold_the_cost_models_busy_time(gpt3_request, schedule, virtual_stages):
+    req = plan_request(gpt3_request, schedule, virtual_stages)
+    chunks = plan_chunk_times(req.model, req.training, req.cluster, req.plan)
+    per_device = np.zeros(req.plan.pp)
+    np.add.at(
+        per_device, np.arange(len(chunks)) % req.plan.pp, [c.forward_s + c.backward_s + c.recompute_s for c in chunks]
+    )
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan)
+    np.testing.assert_allclose(per_device, batch.per_device("busy_s")[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "virtual_stages", "rel"), [("gpipe", 1, 1e-12), ("1f1b", 1, 1e-12), ("interleaved_1f1b", 3, 1e-3)]
+)
+def test_a_plans_graph_matches_its_estimate(gpt3_request, schedule, virtual_stages, rel):
+    """Without transfers, the longest path is the estimate's compute, TP, CP and bubble terms: exactly where every
+    chunk of a device is alike; interleaved, the embedding's and head's chunks differ from the others, and the
+    closed form's bubble is close to, not exactly, the schedule's."""
+    req = plan_request(gpt3_request, schedule, virtual_stages)
+    chunks = plan_chunk_times(req.model, req.training, req.cluster, req.plan)
+    graph = schedule_graph(chunks, req.plan.pp, schedule, req.plan.num_microbatches(req.training), p2p_s=0.0)
+    terms = estimate_step(req.model, req.training, req.cluster, req.plan).breakdown
+    assert graph_time_s(graph) == pytest.approx(
+        terms.compute_s + terms.tp_comm_s + terms.cp_comm_s + terms.bubble_s, rel=rel
+    )
+    with_transfers = plan_schedule_graph(req.model, req.training, req.cluster, req.plan)
+    assert graph_time_s(graph) < graph_time_s(with_transfers) < graph_time_s(graph) + terms.pp_comm_s
