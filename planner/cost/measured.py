@@ -419,7 +419,7 @@ class ProfileCosts:
         nearest = np.abs(np.log(sizes[..., None] / measured)).argmin(axis=-1)
         return waits[nearest]
 
-    def channel_fit(self, op: CollectiveOp, tier: str, group_size: int) -> CollectiveFit | None:
+    def channel_fit(self, op: CollectiveOp | str, tier: str, group_size: int) -> CollectiveFit | None:
         """The fit of `op` on `tier` at `group_size`, else at the nearest measured group size of that tier (bus
         bandwidth is defined to be comparable across group sizes, nccl-tests doc/PERFORMANCE.md); None if the
         profile has no fit of `op` on `tier`. A calibrated profile answers at its tier's bandwidth and latency

@@ -23,6 +23,7 @@ import numpy as np
 
 from planner.cost import comm, flops, memory
 from planner.cost.comm import Channel, DpChannels
+from planner.cost.measured import ProfileCosts
 from planner.cost.ops import ACTIVATION_BYTES
 from planner.cost.pipeline import (
     blocks_per_device,
@@ -115,6 +116,7 @@ class PlanBatch:
     model: ModelSpec
     training: TrainingSpec
     cluster: ClusterSpec
+    measured: ProfileCosts | None  # the request's profile (planner/request.py), or None: the analytic model only
     pp: int
     dp: np.ndarray
     tp: np.ndarray
@@ -141,17 +143,19 @@ class PlanBatch:
         cluster: ClusterSpec,
         plan: ParallelPlan,
         kinds: LayerKinds | None = None,
+        measured: ProfileCosts | None = None,
     ) -> PlanBatch:
         """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed)."""
-        kinds = kinds or layer_kinds(model, training, cluster, plan)
+        kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured)
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
-        dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees))
-        pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees))
-        tp_channel = comm.group_channel(cluster, placement("tp", *degrees))
+        dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees), measured)
+        pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees), measured)
+        tp_channel = comm.group_channel(cluster, placement("tp", *degrees), measured)
         return cls(
             model=model,
             training=training,
             cluster=cluster,
+            measured=measured,
             pp=plan.pp,
             dp=_column(plan.dp),
             tp=_column(plan.tp),
@@ -182,8 +186,7 @@ class PlanBatch:
     def executor_memory(self) -> bool:
         """Memory as paraplan's executor holds it (memory.py's `fp32_weights`, torch.optim's step): the cluster's
         profile measured the layers' memory on CUDA, where the profiler runs the executor's layers."""
-        measured = self.cluster.measured
-        return measured is not None and measured.measures_memory
+        return self.measured is not None and self.measured.measures_memory
 
     @property
     def tied_copy(self) -> bool:
@@ -265,15 +268,22 @@ def estimate_request(
     """The contract's estimate; `resolve_profile` finds `cluster.profile` (default: a file path)."""
     req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
-    return estimate_step(req.model, req.training, req.cluster, req.plan)
+    return estimate_step(req.model, req.training, req.cluster, req.plan, measured=req.measured)
 
 
-def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
-    """Predict one step of a structurally valid plan (see planner.rules)."""
-    kinds = layer_kinds(model, training, cluster, plan)
-    batch = PlanBatch.of_plan(model, training, cluster, plan, kinds)
+def estimate_step(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
+) -> StepEstimate:
+    """Predict one step of a structurally valid plan (see planner.rules); `measured`: what a profile of the
+    cluster measured (planner/request.py `profile_costs`), or None for the analytic model only."""
+    kinds = layer_kinds(model, training, cluster, plan, measured=measured)
+    batch = PlanBatch.of_plan(model, training, cluster, plan, kinds, measured)
     estimate = summarise(batch, evaluate(batch), row=0, plan=plan)
-    if cluster.measured is None:
+    if measured is None:
         return estimate
     sources, notes = profile_sources(kinds, batch, plan)
     return estimate.model_copy(update={"sources": sources, "assumptions": notes + estimate.assumptions})
@@ -283,7 +293,7 @@ def estimate_step(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec
 
 
 def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
-    overhead = microbatch_overhead_s(batch.cluster)
+    overhead = microbatch_overhead_s(batch.measured)
     busy = batch.per_device("busy_s") + overhead
     slowest = busy.argmax(axis=1)[:, None]
     m = batch.microbatches
@@ -294,7 +304,7 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
 
     return {
         "compute_s": on_slowest("work_s", m - alone) + on_slowest("alone_work_s", alone) + m * overhead
-        + step_overhead_s(batch.cluster),
+        + step_overhead_s(batch.measured),
         "tp_comm_s": on_slowest("tp_comm_s") + tp_step_comm_s(batch),
         "cp_comm_s": on_slowest("cp_comm_s"),
         "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * meeting_wait_s(batch),
@@ -358,9 +368,9 @@ def pp_comm_s(batch: PlanBatch) -> np.ndarray:
 def meeting_wait_s(batch: PlanBatch) -> np.ndarray:
     """Seconds a rank waits for the latest of its peers each time they meet (profiler/meeting_wait.py), at each
     row's micro-batch size; 0 without a profile that measured it. (N, 1)."""
-    if batch.cluster.measured is None:
+    if batch.measured is None:
         return np.zeros_like(batch.micro_batch_size, dtype=float)
-    return batch.cluster.measured.meeting_wait_s(batch.micro_batch_size)
+    return batch.measured.meeting_wait_s(batch.micro_batch_size)
 
 
 def pp_meetings(batch: PlanBatch) -> np.ndarray:
@@ -458,7 +468,7 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
     overlapped = np.maximum(hideable - window, hideable / batch.layers_on_device())
     # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
-    hidden = calibrated_overlap(batch.cluster) * (hideable - overlapped)
+    hidden = calibrated_overlap(batch.measured) * (hideable - overlapped)
     can_hide = batch.overlap_grad_reduce & (hideable > 0) & ~blocking_fsdp2(batch)
     exposed = np.where(can_hide, hideable - hidden, hideable)
     return exposed + dp_after_step_s(batch)
@@ -473,23 +483,23 @@ def blocking_fsdp2(batch: PlanBatch) -> np.ndarray:
     return on_fsdp2(batch) & (batch.cluster.gpu.kind == "cpu")
 
 
-def calibrated_overlap(cluster: ClusterSpec) -> float:
+def calibrated_overlap(measured: ProfileCosts | None) -> float:
     """The share of hideable gradient reduction that runs hide: fitted by a calibration, else measured by the
     profile (profiler/collectives.py measure_overlap), else 1."""
-    return 1.0 if cluster.measured is None else cluster.measured.overlap
+    return 1.0 if measured is None else measured.overlap
 
 
-def step_overhead_s(cluster: ClusterSpec) -> float:
+def step_overhead_s(measured: ProfileCosts | None) -> float:
     """Framework seconds per step beyond what its layers, collectives and optimizer account for, fitted by a
     calibrated profile (planner/calibration.py); 0 otherwise."""
-    return 0.0 if cluster.measured is None else cluster.measured.step_overhead_s
+    return 0.0 if measured is None else measured.step_overhead_s
 
 
-def microbatch_overhead_s(cluster: ClusterSpec) -> float:
+def microbatch_overhead_s(measured: ProfileCosts | None) -> float:
     """Framework seconds per micro-batch on each device beyond its layers' time, fitted by a calibrated profile
     (planner/calibration.py); 0 otherwise. It lies on the micro-batch's critical path, so it adds to the busy
     time the pipeline bubble is made of."""
-    return 0.0 if cluster.measured is None else cluster.measured.microbatch_overhead_s
+    return 0.0 if measured is None else measured.microbatch_overhead_s
 
 
 def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
@@ -514,20 +524,22 @@ def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     shards for plans whose parameters are DTensors (`holds_dtensors`; profiler/compute.py `measure_optimizer`)."""
     training, gpu = batch.training, batch.cluster.gpu
     params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
-    plain_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer)
+    plain_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer)
     if plain_s is not None:
-        sharded_s = measured_optimizer_s_per_param(batch.cluster, training.optimizer, sharded=True)
+        sharded_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer, sharded=True)
         return params * np.where(holds_dtensors(batch), sharded_s, plain_s)
     traffic = optimizer_traffic_bytes_per_param(training.precision, training.optimizer)
     return params * traffic / (gpu.hbm_GBps * 1e9 * gpu.memory_efficiency)
 
 
-def measured_optimizer_s_per_param(cluster: ClusterSpec, optimizer: str, sharded: bool = False) -> float | None:
+def measured_optimizer_s_per_param(
+    cluster: ClusterSpec, measured: ProfileCosts | None, optimizer: str, sharded: bool = False
+) -> float | None:
     """The profile's optimizer seconds per parameter with every rank of a node stepping at once, on DTensor shards
     if `sharded` (where the profile timed them so), if measured."""
-    if cluster.measured is None:
+    if measured is None:
         return None
-    return cluster.measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster), sharded)
+    return measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster), sharded)
 
 
 def holds_dtensors(batch: PlanBatch) -> np.ndarray:
@@ -542,16 +554,16 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
     layers = (kinds.embedding, kinds.block, kinds.head)
     layer_sources = {cost.time_source for cost in layers}
     compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
-    cluster = batch.cluster
+    cluster, measured = batch.cluster, batch.measured
     degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
-    optimizer = measured_optimizer_s_per_param(cluster, batch.training.optimizer) is not None
+    optimizer = measured_optimizer_s_per_param(cluster, measured, batch.training.optimizer) is not None
     sources = {
         "compute_s": compute,
         "bubble_s": compute,
-        "tp_comm_s": comm.channel_source(cluster, placement("tp", *degrees)),
-        "dp_comm_s": comm.channel_source(cluster, placement("dp_cp", *degrees)),
-        "cp_comm_s": comm.channel_source(cluster, placement("cp", *degrees), p2p=True),
-        "pp_comm_s": comm.channel_source(cluster, placement("pp", *degrees), p2p=True),
+        "tp_comm_s": comm.channel_source(measured, placement("tp", *degrees)),
+        "dp_comm_s": comm.channel_source(measured, placement("dp_cp", *degrees)),
+        "cp_comm_s": comm.channel_source(measured, placement("cp", *degrees), p2p=True),
+        "pp_comm_s": comm.channel_source(measured, placement("pp", *degrees), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "profile" if batch.executor_memory else "analytic",
     }
@@ -674,7 +686,7 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
         breakdown=breakdown,
         sources={term: "analytic" for term in TimeBreakdown.model_fields} | {"memory": "analytic"},
         why_not_fits=[_over_message(stage) for stage in over],
-        assumptions=_assumptions(cluster, training, plan),
+        assumptions=_assumptions(cluster, batch.measured, training, plan),
     )
 
 
@@ -713,19 +725,21 @@ def _memory_assumption(measured: bool) -> str:
             "and gradients, the optimizer's own state, AdamW's step temporaries)")  # fmt: skip
 
 
-def _assumptions(cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
+def _assumptions(
+    cluster: ClusterSpec, measured: ProfileCosts | None, training: TrainingSpec, plan: ParallelPlan
+) -> list[str]:
     gpu = cluster.gpu
-    if cluster.measured is None:
+    if measured is None:
         speeds = (
             f"matmuls at {gpu.matmul_efficiency:.0%} of {gpu.name} peak, element-wise ops at "
             f"{gpu.memory_efficiency:.0%} of its HBM bandwidth (GPU preset)"
         )
     else:
-        profile = cluster.measured.profile
+        profile = measured.profile
         speeds = (
             f"times measured on {profile.device_name} ({profile.created}, torch {profile.torch_version}); "
             "terms the profile cannot answer use the GPU preset's speeds; "
-            + _memory_assumption(cluster.measured.measures_memory)
+            + _memory_assumption(measured.measures_memory)
         )
         if profile.calibration is not None:
             fitted = profile.calibration
@@ -748,4 +762,4 @@ def layer_costs(
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
     req = parse_estimate_request(request, resolve_profile)
     require_valid(req.plan, req.model, req.training, req.cluster)
-    return layers_in_order(layer_graph(req.model, req.training, req.cluster, req.plan))
+    return layers_in_order(layer_graph(req.model, req.training, req.cluster, req.plan, req.measured))
