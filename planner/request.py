@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 from planner.cost.measured import ProfileCosts
+from planner.cost.runtime import Runtime, runtime_for
 from planner.profiles import ProfileError, load_profile_json
 from planner.specs import ClusterSpec, HardwareProfile, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
@@ -46,6 +47,12 @@ class _Setup(BaseModel):
         """The costs `cluster.profile` measured (see `attach_profile`), or None: the analytic model only. Pass it
         to the cost model (`estimate_step(..., measured=req.measured)`)."""
         return self._measured
+
+    @property
+    def runtime(self) -> Runtime:
+        """The training stack that runs this request's plans (planner/cost/runtime.py `runtime_for`, the one place
+        that chooses it), for the cost model's `runtime` argument."""
+        return runtime_for(self.cluster, self.measured)
 
     @model_validator(mode="before")
     @classmethod

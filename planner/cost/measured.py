@@ -452,3 +452,33 @@ class ProfileCosts:
         if family not in words or ("pcie" in words) != ("pcie" in gpu_name.lower()):
             return f"the profile was measured on {measured!r}, not on a {gpu_name}"
         return None
+
+
+# ------------------------------------------------------------------------------- terms of a step from a profile
+
+
+def meeting_wait_s(measured: ProfileCosts | None, micro_batch_size: np.ndarray) -> np.ndarray:
+    """Seconds a rank waits for the latest of its peers each time they meet (profiler/meeting_wait.py), at each
+    row's micro-batch size; 0 without a profile that measured it. (N, 1)."""
+    if measured is None:
+        return np.zeros_like(micro_batch_size, dtype=float)
+    return measured.meeting_wait_s(micro_batch_size)
+
+
+def calibrated_overlap(measured: ProfileCosts | None) -> float:
+    """The share of hideable gradient reduction that runs hide: fitted by a calibration, else measured by the
+    profile (profiler/collectives.py measure_overlap), else 1."""
+    return 1.0 if measured is None else measured.overlap
+
+
+def step_overhead_s(measured: ProfileCosts | None) -> float:
+    """Framework seconds per step beyond what its layers, collectives and optimizer account for, fitted by a
+    calibrated profile (planner/calibration.py); 0 otherwise."""
+    return 0.0 if measured is None else measured.step_overhead_s
+
+
+def microbatch_overhead_s(measured: ProfileCosts | None) -> float:
+    """Framework seconds per micro-batch on each device beyond its layers' time, fitted by a calibrated profile
+    (planner/calibration.py); 0 otherwise. It lies on the micro-batch's critical path, so it adds to the busy
+    time the pipeline bubble is made of."""
+    return 0.0 if measured is None else measured.microbatch_overhead_s

@@ -8,18 +8,23 @@ stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Ko
 sec. 4.2.3).
 
 Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run
-(`fp32_weights=True` below): the parameters stay fp32, and in mixed precision torch.autocast casts them to 16 bits
-per use (PyTorch's automatic mixed precision), so weights and gradients take 4 bytes each and the optimizer keeps
-only its own state (the fp32 weights are the master copy): 16 bytes per parameter for Adam as in ZeRO's
-accounting, but sharded differently.
+(`fp32_weights=True` below; planner/cost/runtime.py PARAPLAN_CUDA): the parameters stay fp32, and in mixed
+precision torch.autocast casts them to 16 bits per use (PyTorch's automatic mixed precision), so weights and
+gradients take 4 bytes each and the optimizer keeps only its own state (the fp32 weights are the master copy):
+16 bytes per parameter for Adam as in ZeRO's accounting, but sharded differently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from planner.cost.pipeline import edge_masks
+
+if TYPE_CHECKING:
+    from planner.cost.batch import PlanBatch
 
 GiB = 1024**3
 MiB = 1024**2
@@ -156,3 +161,88 @@ def overhead_bytes(allocated_bytes: float, communicators: int, kind: str) -> flo
     """The memory a GPU needs beyond tensors: context, communicator buffers and allocator fragmentation."""
     fixed = CUDA_CONTEXT_BYTES + communicators * NCCL_BYTES_PER_COMMUNICATOR if kind == "gpu" else 0.0
     return fixed + FRAGMENTATION_FRACTION * allocated_bytes
+
+
+# ------------------------------------------------------------------------------------ a step's memory per device
+
+
+def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
+    """Each device's peak bytes by what holds them: planner.cost.step.MEMORY_TERMS -> (N, pp). Where the regime
+    models the optimizer step's own peak (Runtime.optimizer_step_peak: the executor), the peak is the larger of
+    the forward/backward one, which may come before any gradient exists (`gradients_held_at_activation_peak`), and
+    the optimizer step's, which holds no activations but its own temporaries (`optimizer_step_extra_bytes`); the
+    terms are those of the phase that peaks."""
+    training, runtime = batch.training, batch.runtime
+    states = model_state_bytes(
+        batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree,
+        fp32_weights=runtime.fp32_weights,
+    )  # fmt: skip
+    weights = states.weights + zero_working_copies(batch, "weights")
+    grads = states.grads + zero_working_copies(batch, "grads")
+    activations = activation_bytes(batch)
+    optimizer = np.broadcast_to(states.optimizer, weights.shape)
+    if runtime.optimizer_step_peak:
+        stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+        extra = optimizer_step_extra_bytes(stepped, training.optimizer)
+        held = np.where(gradients_held_at_activation_peak(batch), grads, 0.0)
+        in_step = grads + extra > held + activations
+        activations, optimizer = np.where(in_step, 0.0, activations), np.where(in_step, optimizer + extra, optimizer)
+        grads = np.where(in_step, grads, held)
+    allocated = weights + grads + optimizer + activations
+    other = overhead_bytes(allocated, communicators(batch), batch.cluster.gpu.kind)
+    return {
+        "params_bytes": weights,
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer,
+        "activations_bytes": activations,
+        "other_bytes": other,
+    }
+
+
+def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:
+    """Whether each device holds its gradients at its activation peak as the executor trains
+    (`gradients_at_activation_peak`); DDP's buckets hold them throughout. (N, pp)."""
+    device = np.arange(batch.pp)[None, :]
+    ddp = (batch.shard_degree > 1) & ~batch.on_fsdp2
+    return gradients_at_activation_peak(batch.schedule, device, batch.pp, batch.microbatches, ddp)
+
+
+def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
+    """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
+    16-bit weights, or the regime's bytes); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao
+    et al. 2023)."""
+    weight_bytes = batch.runtime.weight_bytes(batch.training.precision)
+    block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * weight_bytes
+    if kind == "weights":
+        return np.where(batch.zero_stage == 3, 2 * block_bytes, 0.0)
+    return np.where(batch.zero_stage >= 2, block_bytes, 0.0)
+
+
+def activation_bytes(batch: PlanBatch) -> np.ndarray:
+    """Saved activations of every micro-batch in flight, plus what layers hold once whatever is in flight
+    (`LayerCost.cached_bytes`), plus one layer's rematerialised working set."""
+    device = np.arange(batch.pp)[None, :]
+    has_embedding, has_head = edge_masks(batch.pp)
+
+    def held(kind: str, count: np.ndarray) -> np.ndarray:
+        inflight = layer_inflight(
+            kind, batch.schedule, device, batch.pp, batch.virtual_stages, batch.microbatches
+        )
+        return count * getattr(batch, kind).saved_bytes * inflight
+
+    saved = held("embedding", has_embedding) + held("block", batch.blocks) + held("head", has_head)
+    saved = saved + batch.per_device("cached_bytes")
+    working = np.maximum.reduce(
+        [
+            has_embedding * batch.embedding.working_bytes,
+            (batch.blocks > 0) * batch.block.working_bytes,
+            has_head * batch.head.working_bytes,
+        ]
+    )
+    return saved + working
+
+
+def communicators(batch: PlanBatch) -> np.ndarray:
+    """NCCL communicators a rank joins: one per group of size > 1, two for its pipeline neighbours."""
+    groups = (batch.tp > 1).astype(int) + (batch.cp > 1) + (batch.shard_degree > 1)
+    return groups + (2 if batch.pp > 1 else 0) + int(batch.tied_copy)

@@ -13,9 +13,11 @@ from functools import cached_property
 import numpy as np
 
 from planner.cost import comm
+from planner.cost.batch import KindColumns, PlanBatch, channel_columns, dp_channel_columns, kind_columns
 from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device
-from planner.cost.step import KindColumns, PlanBatch, channel_columns, dp_channel_columns, evaluate, kind_columns
+from planner.cost.runtime import Runtime, runtime_for
+from planner.cost.step import evaluate
 from planner.graph import layer_kinds
 from planner.layout import placement
 from planner.search.space import RECOMPUTE, SCHEDULES, Candidates
@@ -48,9 +50,11 @@ class CandidateCosts:
         cluster: ClusterSpec,
         candidates: Candidates,
         measured: ProfileCosts | None = None,
+        runtime: Runtime | None = None,
     ):
         self.model, self.training, self.cluster, self.candidates = model, training, cluster, candidates
         self.measured = measured  # the request's profile (planner/request.py), or None
+        self.runtime = runtime or runtime_for(cluster, measured)  # the training stack (planner/cost/runtime.py)
         self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
         self.dp_channel, self.pp_channel, self.tp_channel = self._channels(layout_rows)
@@ -94,6 +98,7 @@ class CandidateCosts:
             training=self.training,
             cluster=self.cluster,
             measured=self.measured,
+            runtime=self.runtime,
             pp=pp,
             dp=_col(c.dp[rows]),
             tp=_col(c.tp[rows]),
