@@ -331,7 +331,9 @@ class ProfileCosts:
         # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
         # profile, as the profiler's stack (the executor's) holds it (planner/graph.py `layer_memory`).
         self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
-        self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
+        self.fits: dict[tuple[str, str, int], CollectiveFit] = {
+            (fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits
+        }
         self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {
             (m.optimizer, m.concurrent_ranks, m.sharded): m for m in profile.optimizer
         }
