@@ -9,7 +9,7 @@ request's measured profile and its training-stack regime (planner/cost/runtime.p
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -18,11 +18,9 @@ from planner.cost.comm import Channel, DpChannels
 from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device, edge_masks
 from planner.cost.runtime import Runtime, runtime_for
+from planner.graph import LayerCost, LayerKinds, layer_kinds
 from planner.layout import placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
-
-if TYPE_CHECKING:
-    from planner.graph import LayerCost, LayerKinds
 
 
 def _column(values: Any, dtype: Any = None) -> np.ndarray:
@@ -121,8 +119,6 @@ class PlanBatch:
     ) -> PlanBatch:
         """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed; `runtime`:
         the request's regime, by default `runtime_for` the cluster and profile)."""
-        from planner.graph import layer_kinds  # graph's layer costs build on the cost modules this one serves
-
         kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured)
         degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
         dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees), measured)

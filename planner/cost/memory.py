@@ -167,11 +167,10 @@ def overhead_bytes(allocated_bytes: float, communicators: int, kind: str) -> flo
 
 
 def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
-    """Each device's peak bytes by what holds them: planner.cost.step.MEMORY_TERMS -> (N, pp). Where the regime
-    models the optimizer step's own peak (Runtime.optimizer_step_peak: the executor), the peak is the larger of
-    the forward/backward one, which may come before any gradient exists (`gradients_held_at_activation_peak`), and
-    the optimizer step's, which holds no activations but its own temporaries (`optimizer_step_extra_bytes`); the
-    terms are those of the phase that peaks."""
+    """Each device's peak bytes by what holds them (step.MEMORY_TERMS -> (N, pp)). Where the regime models the
+    optimizer step's own peak (Runtime.optimizer_step_peak), the peak is the larger of the forward/backward one,
+    which may come before any gradient exists (`gradients_held_at_activation_peak`), and the step's, which holds
+    no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks."""
     training, runtime = batch.training, batch.runtime
     states = model_state_bytes(
         batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree,
