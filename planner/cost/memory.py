@@ -8,7 +8,7 @@ stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Ko
 sec. 4.2.3).
 
 Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run
-(`fp32_weights=True` below; planner/cost/runtime.py PARAPLAN_CUDA): the parameters stay fp32, and in mixed
+(planner/cost/runtime.py `EXECUTOR_MEMORY`, read by `device_memory` below): the parameters stay fp32, and in mixed
 precision torch.autocast casts them to 16 bits per use (PyTorch's automatic mixed precision), so weights and
 gradients take 4 bytes each and the optimizer keeps only its own state (the fp32 weights are the master copy):
 16 bytes per parameter for Adam as in ZeRO's accounting, but sharded differently.
@@ -31,15 +31,11 @@ MiB = 1024**2
 
 # (weight bytes, gradient bytes) per parameter by training precision (ZeRO sec. 3.1: fp16 weights and grads).
 _WEIGHT_GRAD_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
-# Optimizer-state bytes per parameter, K in ZeRO's notation. Mixed precision adds an fp32 master copy (4).
-# AdamW: momentum + variance in fp32 (Loshchilov & Hutter 2019). SGD: torch.optim.SGD's default (no momentum)
-# keeps no state.
-_OPTIMIZER_BYTES = {
-    ("adamw", True): 12,
-    ("adamw", False): 8,
-    ("sgd", True): 4,
-    ("sgd", False): 0,
-}
+# Optimizer-state bytes per parameter beyond a master copy. AdamW: momentum + variance in fp32 (Loshchilov &
+# Hutter 2019). SGD: torch.optim.SGD's default (no momentum) keeps no state.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}
+# Mixed precision keeps an fp32 master copy of the weights in the optimizer: K = states + 4 (ZeRO sec. 3.1).
+MASTER_WEIGHT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -53,29 +49,25 @@ class ModelStateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def weight_bytes_per_param(precision: str, fp32_weights: bool = False) -> int:
-    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32 and with
-    `fp32_weights` (module docstring)."""
-    return 4 if fp32_weights else _WEIGHT_GRAD_BYTES[precision][0]
+def model_state_bytes(params, precision: str, optimizer: str, zero_stage, shard_degree) -> ModelStateBytes:
+    """ZeRO's accounting of mixed-precision training (sec. 3.1): (2 + 2 + K) * Psi, K the optimizer's states plus
+    an fp32 master copy; (4 + 4 + K) * Psi in fp32, K the states alone. Reproduces the paper's 7.5B / N_d = 64
+    example (fig. 1). Other stacks' bytes: `sharded_state_bytes` with a regime's (planner/cost/runtime.py)."""
+    weight_bytes, grad_bytes = _WEIGHT_GRAD_BYTES[precision]
+    master = MASTER_WEIGHT_BYTES if precision != "fp32" else 0
+    opt_bytes = OPTIMIZER_STATE_BYTES[optimizer] + master
+    return sharded_state_bytes(params, weight_bytes, grad_bytes, opt_bytes, zero_stage, shard_degree)
 
 
-def optimizer_bytes_per_param(precision: str, optimizer: str, fp32_weights: bool = False) -> int:
-    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32" and not fp32_weights)]
-
-
-def model_state_bytes(
-    params, precision: str, optimizer: str, zero_stage, shard_degree, fp32_weights: bool = False
+def sharded_state_bytes(
+    params, weight_bytes: int, grad_bytes: int, optimizer_bytes: int, zero_stage, shard_degree
 ) -> ModelStateBytes:
-    """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
-    (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1).
-    With `fp32_weights`, (4 + 4 + K') * Psi, K' the optimizer's own state (module docstring).
-    Broadcasts over numpy arrays of params, stages and degrees."""
-    weight_bytes = grad_bytes = weight_bytes_per_param(precision, fp32_weights)
-    opt_bytes = optimizer_bytes_per_param(precision, optimizer, fp32_weights)
+    """ZeRO sec. 5.1-5.3: stage s divides the first s of (optimizer, gradients, weights) by N_d. Bytes are per
+    parameter. Broadcasts over numpy arrays of params, stages and degrees."""
     return ModelStateBytes(
         weights=params * weight_bytes / np.where(zero_stage >= 3, shard_degree, 1),
         grads=params * grad_bytes / np.where(zero_stage >= 2, shard_degree, 1),
-        optimizer=params * opt_bytes / np.where(zero_stage >= 1, shard_degree, 1),
+        optimizer=params * optimizer_bytes / np.where(zero_stage >= 1, shard_degree, 1),
     )
 
 
@@ -171,10 +163,11 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     optimizer step's own peak (Runtime.optimizer_step_peak), the peak is the larger of the forward/backward one,
     which may come before any gradient exists (`gradients_held_at_activation_peak`), and the step's, which holds
     no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks."""
-    training, runtime = batch.training, batch.runtime
-    states = model_state_bytes(
-        batch.device_params(), training.precision, training.optimizer, batch.zero_stage, batch.shard_degree,
-        fp32_weights=runtime.fp32_weights,
+    training, runtime, precision = batch.training, batch.runtime, batch.training.precision
+    optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[training.optimizer]
+    states = sharded_state_bytes(
+        batch.device_params(), runtime.weight_bytes(precision), runtime.gradient_bytes(precision), optimizer_bytes,
+        batch.zero_stage, batch.shard_degree,
     )  # fmt: skip
     weights = states.weights + zero_working_copies(batch, "weights")
     grads = states.grads + zero_working_copies(batch, "grads")
@@ -210,11 +203,10 @@ def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
     16-bit weights, or the regime's bytes); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao
     et al. 2023)."""
-    weight_bytes = batch.runtime.weight_bytes(batch.training.precision)
-    block_bytes = (batch.blocks > 0) * batch.block.params_per_gpu * weight_bytes
+    precision, blocks_held = batch.training.precision, (batch.blocks > 0) * batch.block.params_per_gpu
     if kind == "weights":
-        return np.where(batch.zero_stage == 3, 2 * block_bytes, 0.0)
-    return np.where(batch.zero_stage >= 2, block_bytes, 0.0)
+        return np.where(batch.zero_stage == 3, 2 * blocks_held * batch.runtime.weight_bytes(precision), 0.0)
+    return np.where(batch.zero_stage >= 2, blocks_held * batch.runtime.gradient_bytes(precision), 0.0)
 
 
 def activation_bytes(batch: PlanBatch) -> np.ndarray:

@@ -15,11 +15,9 @@ model states, the executor's wrappers for communication). Issue 28 adds Megatron
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from planner.cost.memory import weight_bytes_per_param
 
 if TYPE_CHECKING:
     from planner.cost.measured import ProfileCosts
@@ -36,20 +34,24 @@ class Runtime:
     name: str
     source: str  # where the stack's behaviour is documented (its code, its docs, a measurement)
 
-    # Memory (planner/cost/memory.py). `fp32_weights`: parameters stay fp32 and torch.autocast casts them per use,
-    # so weights and gradients take 4 bytes each and the optimizer keeps no separate master copy (memory.py's
-    # docstring); False: ZeRO's accounting (16-bit weights and gradients, fp32 master weights in the optimizer).
-    fp32_weights: bool
+    # Memory per parameter in mixed precision (bf16 / fp16; planner/cost/memory.py). ZeRO's accounting (sec. 3.1):
+    # 16-bit weights and gradients (2 + 2) and an fp32 master copy (4) beside the optimizer's states. The executor
+    # keeps its parameters fp32 and lets torch.autocast cast them per use: weights and gradients take 4 bytes each
+    # and the weights are the master copy (0 more). fp32 training holds 4 + 4 and no master copy in every stack.
+    mixed_weight_bytes: int
+    mixed_gradient_bytes: int
+    mixed_master_weight_bytes: int
     # The optimizer step peaks on its own (memory.device_memory): torch.optim's foreach AdamW temporaries, and the
     # gradients set to None before each step (`zero_grad(set_to_none=True)`), so forward may peak without them.
     optimizer_step_peak: bool
 
     # Communication volume. Gradients reduced over dp, the tied embedding's sync and ZeRO-1's weight gather move
-    # the training dtype's bytes (`data_parallel_bytes`). The executor's gradients are fp32 (fp32_weights), so
-    # its DDP and FSDP2 reductions really move 4 bytes; the cost model has always charged 2 in mixed precision,
-    # and the numbers are kept as they are until a measurement settles it (the restructuring keeps behaviour).
+    # `mixed_reduce_bytes` per element in mixed precision (4 in fp32). The executor's gradients are fp32
+    # (mixed_gradient_bytes), so its DDP and FSDP2 reductions really move 4 bytes; the cost model has always
+    # charged 2, and the numbers are kept until a measurement settles it (the restructuring keeps behaviour).
     # `partial_gradient_bytes`: what the once-a-step reduction of sequence-parallel partial gradients and DDP's
     # bucket count use: the executor's fp32 gradients, 4 bytes, in every regime today.
+    mixed_reduce_bytes: int
     partial_gradient_bytes: int
 
     # Data-parallel wrappers (executor/parallel/data.py). ZeRO stages run on FSDP2 `fully_shard`, one unit per
@@ -81,13 +83,20 @@ class Runtime:
     step_host_overhead_s: float
 
     def weight_bytes(self, precision: str) -> int:
-        """Bytes of one weight (and of its gradient) as the stack holds it in memory."""
-        return weight_bytes_per_param(precision, self.fp32_weights)
+        """Bytes of one weight as the stack holds it in memory."""
+        return FP32_BYTES if precision == "fp32" else self.mixed_weight_bytes
+
+    def gradient_bytes(self, precision: str) -> int:
+        """Bytes of one gradient as the stack holds it in memory."""
+        return FP32_BYTES if precision == "fp32" else self.mixed_gradient_bytes
+
+    def master_weight_bytes(self, precision: str) -> int:
+        """Bytes of the optimizer's fp32 master copy of one weight, beyond the weight itself."""
+        return 0 if precision == "fp32" else self.mixed_master_weight_bytes
 
     def data_parallel_bytes(self, precision: str) -> int:
-        """Bytes per element of the data-parallel collectives: the training dtype's (16-bit in mixed precision, ZeRO
-        sec. 3.1), whatever `fp32_weights` says (see `partial_gradient_bytes` on why)."""
-        return weight_bytes_per_param(precision)
+        """Bytes per element of the data-parallel collectives (see `mixed_reduce_bytes` on why not 4)."""
+        return FP32_BYTES if precision == "fp32" else self.mixed_reduce_bytes
 
     def on_fsdp2(self, zero_stage: np.ndarray, tp: np.ndarray, pp: int, shard_degree: np.ndarray) -> np.ndarray:
         """Rows whose data parallelism runs on FSDP2 (`fully_shard` or `replicate`); the rest run DDP, or nothing
@@ -98,12 +107,29 @@ class Runtime:
         return (fully_shard | replicate) & (shard_degree > 1)
 
 
+# Model states as the executor holds them (memory.py's docstring): fp32 parameters under torch.autocast, torch.optim's
+# step peaking on its own. Measured on an H200 (README, "On a GPU").
+EXECUTOR_MEMORY: dict[str, Any] = {
+    "mixed_weight_bytes": FP32_BYTES,
+    "mixed_gradient_bytes": FP32_BYTES,
+    "mixed_master_weight_bytes": 0,
+    "optimizer_step_peak": True,
+}
+# Model states as ZeRO counts them for mixed-precision Adam (Rajbhandari et al. 2020, sec. 3.1; Megatron-LM's fp16
+# / bf16 training): 16-bit weights and gradients, an fp32 master copy, no step peak of its own.
+ZERO_MEMORY: dict[str, Any] = {
+    "mixed_weight_bytes": 2,
+    "mixed_gradient_bytes": 2,
+    "mixed_master_weight_bytes": FP32_BYTES,
+    "optimizer_step_peak": False,
+}
+
 PARAPLAN_CUDA = Runtime(
     name="paraplan-cuda",
     source="executor/ (torch.autocast over fp32 parameters, FSDP2 / DDP / ZeroRedundancyOptimizer, DTensor tp); "
     "memory measured on an H200 (README, 'On a GPU')",
-    fp32_weights=True,
-    optimizer_step_peak=True,
+    **EXECUTOR_MEMORY,
+    mixed_reduce_bytes=2,
     partial_gradient_bytes=FP32_BYTES,
     fully_shard_zero_stages=(2, 3),
     replicate_under_model_parallel=True,
@@ -125,8 +151,7 @@ ANALYTIC = replace(
     PARAPLAN_CUDA,
     name="analytic",
     source="ZeRO sec. 3.1 model states (Rajbhandari et al. 2020); the executor's data-parallel wrappers",
-    fp32_weights=False,
-    optimizer_step_peak=False,
+    **ZERO_MEMORY,
 )
 
 # paraplan's executor on CPUs (gloo). It trains fp32 there (planner/request.py `default_cpu_precision`), where ZeRO's
@@ -147,6 +172,6 @@ def runtime_for(cluster: ClusterSpec, measured: ProfileCosts | None) -> Runtime:
     measured_memory = measured is not None and measured.measures_memory
     if cluster.gpu.kind == "cpu":
         if measured_memory:
-            return replace(PARAPLAN_CPU, fp32_weights=True, optimizer_step_peak=True)
+            return replace(PARAPLAN_CPU, name="paraplan-cpu-measured", **EXECUTOR_MEMORY)
         return PARAPLAN_CPU
     return PARAPLAN_CUDA if measured_memory else ANALYTIC

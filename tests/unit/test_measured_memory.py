@@ -1,4 +1,4 @@
-"""Memory from a CUDA profile (planner/graph.py `layer_memory`, planner/cost/memory.py's `fp32_weights`):
+"""Memory from a CUDA profile (planner/graph.py `layer_memory`, planner/cost/runtime.py's `EXECUTOR_MEMORY`):
 layers' saved and working bytes as the allocator measured them, the executor's fp32 weights under autocast,
 autocast's cached weight copies under full recompute, and AdamW's step when it peaks. A CPU profile, which
 measures no allocator peak, leaves memory analytic."""

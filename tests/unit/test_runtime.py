@@ -52,10 +52,14 @@ def test_the_request_names_its_regime():
 
 
 def test_bytes_per_element():
-    """The executor keeps fp32 weights under autocast (4 bytes); ZeRO's accounting 16-bit ones. Both charge the
-    training dtype's bytes on the data-parallel wire and fp32 for the partial gradients (the record's comment)."""
-    assert PARAPLAN_CUDA.weight_bytes("bf16") == 4 and ANALYTIC.weight_bytes("bf16") == 2
-    assert ANALYTIC.weight_bytes("fp32") == 4
+    """The executor keeps fp32 weights and gradients under autocast, its weights the master copy; ZeRO's accounting
+    16-bit ones and an fp32 master copy. Both charge the training dtype's bytes on the data-parallel wire and fp32
+    for the partial gradients (the record's comment)."""
+    assert (PARAPLAN_CUDA.weight_bytes("bf16"), PARAPLAN_CUDA.gradient_bytes("bf16")) == (4, 4)
+    assert (ANALYTIC.weight_bytes("bf16"), ANALYTIC.gradient_bytes("bf16")) == (2, 2)
+    assert PARAPLAN_CUDA.master_weight_bytes("bf16") == 0 and ANALYTIC.master_weight_bytes("bf16") == 4
+    assert ANALYTIC.weight_bytes("fp32") == ANALYTIC.gradient_bytes("fp32") == 4
+    assert ANALYTIC.master_weight_bytes("fp32") == 0
     assert PARAPLAN_CUDA.data_parallel_bytes("bf16") == ANALYTIC.data_parallel_bytes("bf16") == 2
     assert PARAPLAN_CUDA.partial_gradient_bytes == ANALYTIC.partial_gradient_bytes == 4
 
@@ -89,5 +93,5 @@ def test_the_cost_model_reads_the_regime_it_is_given():
     assert slower.breakdown.compute_s == pytest.approx(base.breakdown.compute_s + 0.25)
     blocking = estimate_step(*setup, runtime=replace(ANALYTIC, blocking_fsdp_collectives=True))
     assert blocking.breakdown.dp_comm_s > base.breakdown.dp_comm_s
-    fp32 = estimate_step(*setup, runtime=replace(ANALYTIC, fp32_weights=True))
+    fp32 = estimate_step(*setup, runtime=replace(ANALYTIC, mixed_weight_bytes=4))
     assert fp32.memory.by_stage[0].params_bytes == pytest.approx(2 * base.memory.by_stage[0].params_bytes)
