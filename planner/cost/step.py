@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from planner.cost import comm, flops
-from planner.cost.batch import KindColumns, PlanBatch, channel_columns, dp_channel_columns, kind_columns
+from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings
 from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
 from planner.cost.memory import device_memory
@@ -50,23 +50,6 @@ from planner.specs import (
 GiB = 1024**3
 TIME_TERMS: tuple[str, ...] = tuple(TimeBreakdown.model_fields)
 MEMORY_TERMS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
-# Re-exported: the search builds batches of its own (planner/search/evaluate.py), tests read single terms.
-__all__ = [
-    "TIME_TERMS",
-    "MEMORY_TERMS",
-    "BatchEstimate",
-    "KindColumns",
-    "PlanBatch",
-    "channel_columns",
-    "dp_channel_columns",
-    "estimate_request",
-    "estimate_step",
-    "evaluate",
-    "kind_columns",
-    "layer_costs",
-    "step_times",
-    "tp_step_comm_s",
-]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from rich.console import Console  # noqa: E402
 
 import planner  # noqa: E402
 from api.profiling import run_loaded_layers, run_tp_layers, with_rank_measurements  # noqa: E402
-from planner.cost.step import PlanBatch, tp_step_comm_s  # noqa: E402
+from planner.cost.batch import PlanBatch  # noqa: E402
+from planner.cost.tensor import tp_step_comm_s  # noqa: E402
 from planner.profiles import save_profile_json  # noqa: E402
 from planner.request import parse_estimate_request  # noqa: E402
 from planner.specs import ModelSpec  # noqa: E402

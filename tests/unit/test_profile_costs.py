@@ -15,9 +15,11 @@ import pytest
 
 import planner
 from planner.cost import comm
+from planner.cost.batch import PlanBatch
 from planner.cost.measured import MeasuredLayer, NotMeasured, ProfileCosts, predict_collective_s
 from planner.cost.params import model_params
-from planner.cost.step import PlanBatch, layer_costs, tp_step_comm_s
+from planner.cost.step import layer_costs
+from planner.cost.tensor import tp_step_comm_s
 from planner.layout import placement
 from planner.presets import gpu_preset
 from planner.profiles import ProfileError, save_profile_json
