@@ -40,7 +40,7 @@ from planner.calibration import MeasuredStep, fit_calibration, held_out_predicti
 from planner.cost.params import model_params
 from planner.cost.step import estimate_step
 from planner.profiles import load_profile_json, save_profile_json
-from planner.request import parse_estimate_request, parse_plan_request
+from planner.request import parse_estimate_request, parse_plan_request, profile_costs
 from planner.search.space import search_space
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan, SearchOptions
 from profiler.pool import overlay_profile, pool_profiles
@@ -533,7 +533,8 @@ def _require_same_setup(trained: Any, setup: ValidationSetup, plan: ParallelPlan
 def _estimate(setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile) -> dict[str, Any]:
     """The uncalibrated estimate of `plan` from `profile`, as JSON."""
     req = parse_estimate_request(setup.request(plan))
-    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan).model_dump(mode="json")
+    measured = profile_costs(req.cluster, profile)
+    return estimate_step(req.model, req.training, req.cluster, req.plan, measured=measured).model_dump(mode="json")
 
 
 def measured_run_row(record: dict[str, Any], validation_id: str, job_id: str | None) -> MeasuredRunRow:

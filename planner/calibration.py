@@ -26,7 +26,7 @@ from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
 from planner.cost.layers import LayerContext, block_tp_allreduces
 from planner.cost.step import estimate_step
 from planner.devset import PublishedLayerTiming, layer_timings
-from planner.request import EstimateRequest, parse_estimate_request
+from planner.request import EstimateRequest, parse_estimate_request, profile_costs
 from planner.specs import Calibration, HardwareProfile
 
 
@@ -39,7 +39,7 @@ class BlockTimeTerms:
 def block_time_terms(request: dict) -> BlockTimeTerms:
     """Split one block's forward + backward (+ recompute) time into its matmul part and everything else."""
     req = parse_estimate_request(request)
-    ctx = LayerContext.of(req.model, req.training, req.cluster, req.plan)
+    ctx = LayerContext.of(req.model, req.training, req.cluster, req.plan, measured=req.measured)
     block = ops.block_ops(req.model, req.training, ctx.shape)
     recompute = req.plan.recompute
     peak = req.cluster.gpu.peak_tflops[req.training.precision] * 1e12
@@ -146,8 +146,8 @@ def predict_steps(profile: HardwareProfile, runs: list[MeasuredStep]) -> np.ndar
     for run in runs:
         req = run.request
         own = profile if run.profile is None else run.profile.model_copy(update={"calibration": profile.calibration})
-        cluster = req.cluster.with_profile(own)
-        predicted.append(estimate_step(req.model, req.training, cluster, req.plan).step_time_s)
+        measured = profile_costs(req.cluster, own)
+        predicted.append(estimate_step(req.model, req.training, req.cluster, req.plan, measured=measured).step_time_s)
     return np.array(predicted)
 
 

@@ -1,20 +1,8 @@
-"""Errors the planner raises. Everything else is a bug."""
+"""Errors the planner raises. Everything else is a bug. (`Violation`, one broken rule, is a spec: planner/specs.)"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One broken rule: which request field, a stable machine-readable code, and a sentence for people."""
-
-    field: str
-    code: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
+from planner.specs.plan import Violation  # re-exported: rules and the API name it from here
 
 
 class InfeasiblePlanError(ValueError):
@@ -48,3 +36,6 @@ class UnknownPresetError(ValueError):
         hint = f" Closest: {', '.join(close)}." if close else ""
         super().__init__(f"unknown {kind} preset {name!r}.{hint} Known: {', '.join(sorted(known))}.")
         self.closest = close
+
+
+__all__ = ["InfeasiblePlanError", "UnknownPresetError", "Violation"]

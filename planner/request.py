@@ -2,7 +2,9 @@
 
 `model` is a preset reference (`{"name": "gpt3-175b"}`), a preset with overrides
 (`{"name": "llama3-8b", "num_layers": 4}`) or the full form. `cluster.gpu` is a preset name or a full GpuSpec.
-`plan.dp` may be left out: it is then the GPU count over tp x pp x cp.
+`plan.dp` may be left out: it is then the GPU count over tp x pp x cp. `cluster.profile` names a HardwareProfile:
+the request reads it (`attach_profile`) and holds what it measured as `measured`, which the cost model then takes
+as an explicit argument. This is the edge: planner/specs resolves no name.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
+from planner.cost.measured import ProfileCosts
+from planner.cost.runtime import Runtime, runtime_for
 from planner.profiles import ProfileError, load_profile_json
 from planner.specs import ClusterSpec, HardwareProfile, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
@@ -25,11 +29,30 @@ class _Setup(BaseModel):
     model: ModelSpec
     training: TrainingSpec
     cluster: ClusterSpec
+    # What `cluster.profile` measured, as the cost model reads it (`attach_profile`); never serialised.
+    _measured: ProfileCosts | None = PrivateAttr(default=None)
 
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_model(cls, value: Any) -> Any:
         return resolve_model(value)
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _resolve_cluster(cls, value: Any) -> Any:
+        return resolve_cluster(value)
+
+    @property
+    def measured(self) -> ProfileCosts | None:
+        """The costs `cluster.profile` measured (see `attach_profile`), or None: the analytic model only. Pass it
+        to the cost model (`estimate_step(..., measured=req.measured)`)."""
+        return self._measured
+
+    @property
+    def runtime(self) -> Runtime:
+        """The training stack that runs this request's plans (planner/cost/runtime.py `runtime_for`, the one place
+        that chooses it), for the cost model's `runtime` argument."""
+        return runtime_for(self.cluster, self.measured)
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +113,16 @@ def resolve_model(value: Any) -> Any:
     return value
 
 
+def resolve_cluster(value: Any) -> Any:
+    """A cluster dict whose `gpu` is a preset name -> the same dict with the preset's GpuSpec (or the input,
+    unchanged, for pydantic to report what is wrong with it)."""
+    from planner.presets import gpu_preset
+
+    if isinstance(value, dict) and isinstance(value.get("gpu"), str):
+        return {**value, "gpu": gpu_preset(value["gpu"])}
+    return value
+
+
 def default_cpu_precision(data: Any) -> Any:
     """On the `cpu` device a request that names no `training.precision` is fp32, not bf16: the executor trains
     fp32 on CPUs whatever the request says, and a CPU profile holds fp32 layer times only, so a bf16 default would
@@ -135,15 +168,27 @@ Request = TypeVar("Request", EstimateRequest, PlanRequest)
 
 
 def attach_profile(req: Request, resolve_profile: ProfileResolver | None = None) -> Request:
-    """`req` with the HardwareProfile that `cluster.profile` names attached to its cluster, so the cost model
-    uses the measurements (ClusterSpec.with_profile). The planner reads profile files itself; the CLI and the
-    service pass `resolve_profile` (profiler.store.resolve_profile), which also finds stored ids."""
+    """`req` holding the costs of the HardwareProfile that `cluster.profile` names (`req.measured`). The planner
+    reads profile files itself; the CLI and the service pass `resolve_profile` (profiler.store.resolve_profile),
+    which also finds stored ids."""
     cluster = req.cluster
-    if cluster.profile is None or cluster.measured is not None:
+    if cluster.profile is None or req.measured is not None:
         return req
     try:
         profile = (resolve_profile or load_profile_json)(cluster.profile)
     except ProfileError as error:
         message = str(error) if str(error).startswith("cluster.profile") else f"cluster.profile: {error}"
         raise ProfileError(message, field="cluster.profile") from None
-    return req.model_copy(update={"cluster": cluster.with_profile(profile)})
+    attached = req.model_copy()
+    attached._measured = profile_costs(cluster, profile)
+    return attached
+
+
+def profile_costs(cluster: ClusterSpec, profile: HardwareProfile) -> ProfileCosts:
+    """`profile` as the cost model reads it for `cluster`; ProfileError naming `cluster.profile` when the profile
+    was measured on another kind of device than `cluster.gpu`."""
+    costs = ProfileCosts(profile)
+    mismatch = costs.device_mismatch(cluster.gpu.kind, cluster.gpu.name)
+    if mismatch:
+        raise ProfileError(f"cluster.profile: {mismatch}", field="cluster.profile")
+    return costs

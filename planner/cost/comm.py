@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.cost.measured import ProfileCosts
 from planner.layout import GroupPlacement
 from planner.specs import ClusterSpec
 
@@ -31,28 +32,28 @@ class Channel:
         return Channel(self.bus_bandwidth_Bps[rows], self.latency_s[rows])
 
 
-def group_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
+def group_channel(cluster: ClusterSpec, group: GroupPlacement, measured: ProfileCosts | None = None) -> Channel:
     """Inside a node a group runs at the intra-node (NVLink) bus bandwidth. Across nodes, NCCL spreads its rings
     over the NICs of the group's members on each node, so the group gets members_per_node GPUs' network share
     (the DGX rail layout: one NIC per GPU), never more than the intra-node links carry. With a profile attached,
     each tier's speed is its measured all_reduce fit (the inter-node tier was measured with every GPU of a node
     sending at once, so per GPU, as the formula wants)."""
-    intra = tier_channel(cluster, "intra_node", "all_reduce", group.size)
+    intra = tier_channel(cluster, "intra_node", "all_reduce", group.size, measured)
     if group.intra_node:
         return intra
-    inter = tier_channel(cluster, "inter_node", "all_reduce", group.size)
+    inter = tier_channel(cluster, "inter_node", "all_reduce", group.size, measured)
     bandwidth = min(intra.bus_bandwidth_Bps, group.members_per_node * inter.bus_bandwidth_Bps)
     return Channel(bandwidth, inter.latency_s)
 
 
-def fsdp_channel(cluster: ClusterSpec, group: GroupPlacement, op: str) -> Channel:
+def fsdp_channel(cluster: ClusterSpec, group: GroupPlacement, op: str, measured: ProfileCosts | None = None) -> Channel:
     """One FSDP2 unit's `op` ("fsdp_all_gather" or "fsdp_reduce_scatter") on the group as the profile measured
     it, the framework's work around the collective included (profiler/collectives.py), on the slowest tier the
     group spans; without such a fit, the group's bare channel (`group_channel`)."""
     tier = "intra_node" if group.intra_node else "inter_node"
-    fit = cluster.measured.channel_fit(op, tier, group.size) if cluster.measured is not None else None
+    fit = measured.channel_fit(op, tier, group.size) if measured is not None else None
     if fit is None:
-        return group_channel(cluster, group)
+        return group_channel(cluster, group, measured)
     return Channel(fit.bandwidth_GBps * 1e9, fit.latency_s)
 
 
@@ -65,37 +66,41 @@ class DpChannels:
     fsdp_scatter: Channel
 
     @classmethod
-    def of(cls, cluster: ClusterSpec, group: GroupPlacement) -> DpChannels:
-        gather, scatter = (fsdp_channel(cluster, group, op) for op in ("fsdp_all_gather", "fsdp_reduce_scatter"))
-        return cls(group_channel(cluster, group), gather, scatter)
+    def of(cls, cluster: ClusterSpec, group: GroupPlacement, measured: ProfileCosts | None = None) -> DpChannels:
+        ops = ("fsdp_all_gather", "fsdp_reduce_scatter")
+        gather, scatter = (fsdp_channel(cluster, group, op, measured) for op in ops)
+        return cls(group_channel(cluster, group, measured), gather, scatter)
 
     def take(self, rows) -> DpChannels:
         return DpChannels(self.bare.take(rows), self.fsdp_gather.take(rows), self.fsdp_scatter.take(rows))
 
 
-def p2p_channel(cluster: ClusterSpec, group: GroupPlacement) -> Channel:
+def p2p_channel(cluster: ClusterSpec, group: GroupPlacement, measured: ProfileCosts | None = None) -> Channel:
     """Pipeline neighbours: one GPU to one GPU, over the network when any pair of neighbours spans two nodes."""
-    return tier_channel(cluster, "inter_node" if group.neighbours_cross_nodes else "intra_node", "send_recv", 2)
+    tier = "inter_node" if group.neighbours_cross_nodes else "intra_node"
+    return tier_channel(cluster, tier, "send_recv", 2, measured)
 
 
-def channel_source(cluster: ClusterSpec, group: GroupPlacement, p2p: bool = False) -> str:
+def channel_source(measured: ProfileCosts | None, group: GroupPlacement, p2p: bool = False) -> str:
     """The source "profile" when the channel `group_channel` (or, for `p2p`, `p2p_channel`) gives this group comes from
-    the attached profile's fits on every tier it uses, else "analytic" (no profile, no fit, or a lone rank)."""
-    if cluster.measured is None or group.size < 2:
+    the profile's fits (`measured`) on every tier it uses, else "analytic" (no profile, no fit, or a lone rank)."""
+    if measured is None or group.size < 2:
         return "analytic"
     if p2p:
         tiers = ["inter_node" if group.neighbours_cross_nodes else "intra_node"]
     else:
         tiers = ["intra_node"] if group.intra_node else ["intra_node", "inter_node"]
     op = "send_recv" if p2p else "all_reduce"
-    measured = all(cluster.measured.channel_fit(op, tier, group.size) is not None for tier in tiers)
-    return "profile" if measured else "analytic"
+    fitted = all(measured.channel_fit(op, tier, group.size) is not None for tier in tiers)
+    return "profile" if fitted else "analytic"
 
 
-def tier_channel(cluster: ClusterSpec, tier: str, op: str, group_size: int) -> Channel:
-    """One link tier's channel: the profile's fit of `op` there when it has one (planner/cost/measured.py),
-    else the GPU preset's link (or the user's override)."""
-    fit = cluster.measured.channel_fit(op, tier, group_size) if cluster.measured is not None else None
+def tier_channel(
+    cluster: ClusterSpec, tier: str, op: str, group_size: int, measured: ProfileCosts | None = None
+) -> Channel:
+    """One link tier's channel: the profile's fit of `op` there when it has one (`measured`, planner/cost/
+    measured.py), else the GPU preset's link (or the user's override)."""
+    fit = measured.channel_fit(op, tier, group_size) if measured is not None else None
     if fit is not None:
         return Channel(fit.bandwidth_GBps * 1e9, fit.latency_s)
     link = cluster.intra_link if tier == "intra_node" else cluster.inter_link

@@ -67,13 +67,15 @@ def layer_kinds(
     cluster: ClusterSpec,
     plan: ParallelPlan,
     micro_batch_sizes: np.ndarray | None = None,
+    measured: ProfileCosts | None = None,
 ) -> LayerKinds:
     """Costs depend on the plan only through tp, cp, sequence_parallel, micro_batch_size and recompute (the
     tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp).
 
     `micro_batch_sizes` (an array) replaces the plan's micro-batch size: every cost field then holds one
-    value per size, which is how the search costs all micro-batch sizes in one call."""
-    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes)
+    value per size, which is how the search costs all micro-batch sizes in one call. `measured`: the request's
+    profile (planner/request.py), whose times replace the analytic ones where it has them."""
+    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes, measured)
     return LayerKinds(
         embedding=embedding_cost(model, plan, ctx),
         block=block_cost(model, training, plan, ctx),
@@ -82,10 +84,14 @@ def layer_kinds(
 
 
 def layers_in_order(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
 ) -> list[LayerCost]:
     """embedding, block.0, ..., block.{L-1}, head: every block is the one costed block, named by its index."""
-    kinds = layer_kinds(model, training, cluster, plan)
+    kinds = layer_kinds(model, training, cluster, plan, measured=measured)
     blocks = [replace(kinds.block, name=f"block.{i}") for i in range(model.num_layers)]
     return [kinds.embedding, *blocks, kinds.head]
 
@@ -124,7 +130,7 @@ class LayerContext:
     tp_channel: comm.Channel
     cp_channel: comm.Channel
     activation_bytes: float  # one [tokens, hidden] activation in full (what a TP collective moves)
-    measured: ProfileCosts | None  # the cluster's profile, if one is attached
+    measured: ProfileCosts | None  # the request's profile, if it names one
     micro_batch_sizes: Any  # the plan's micro-batch size, or the array the search costs at once
     seq_len: int
     dtype: Precision
@@ -139,15 +145,16 @@ class LayerContext:
         cluster: ClusterSpec,
         plan: ParallelPlan,
         micro_batch_sizes: np.ndarray | None = None,
+        measured: ProfileCosts | None = None,
     ) -> LayerContext:
         shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision),
-            tp_channel=comm.group_channel(cluster, plan_placement("tp", plan, cluster.gpus_per_node)),
-            cp_channel=comm.p2p_channel(cluster, plan_placement("cp", plan, cluster.gpus_per_node)),
+            tp_channel=comm.group_channel(cluster, plan_placement("tp", plan, cluster.gpus_per_node), measured),
+            cp_channel=comm.p2p_channel(cluster, plan_placement("cp", plan, cluster.gpus_per_node), measured),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
-            measured=cluster.measured,
+            measured=measured,
             micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,
             seq_len=training.seq_len,
             dtype=training.precision,

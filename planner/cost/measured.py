@@ -331,7 +331,9 @@ class ProfileCosts:
         # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
         # profile, as the profiler's stack (the executor's) holds it (planner/cost/layers.py `layer_memory`).
         self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
-        self.fits = {(fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits}
+        self.fits: dict[tuple[str, str, int], CollectiveFit] = {
+            (fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits
+        }
         self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {
             (m.optimizer, m.concurrent_ranks, m.sharded): m for m in profile.optimizer
         }
@@ -419,7 +421,7 @@ class ProfileCosts:
         nearest = np.abs(np.log(sizes[..., None] / measured)).argmin(axis=-1)
         return waits[nearest]
 
-    def channel_fit(self, op: CollectiveOp, tier: str, group_size: int) -> CollectiveFit | None:
+    def channel_fit(self, op: CollectiveOp | str, tier: str, group_size: int) -> CollectiveFit | None:
         """The fit of `op` on `tier` at `group_size`, else at the nearest measured group size of that tier (bus
         bandwidth is defined to be comparable across group sizes, nccl-tests doc/PERFORMANCE.md); None if the
         profile has no fit of `op` on `tier`. A calibrated profile answers at its tier's bandwidth and latency
@@ -452,3 +454,33 @@ class ProfileCosts:
         if family not in words or ("pcie" in words) != ("pcie" in gpu_name.lower()):
             return f"the profile was measured on {measured!r}, not on a {gpu_name}"
         return None
+
+
+# ------------------------------------------------------------------------------- terms of a step from a profile
+
+
+def meeting_wait_s(measured: ProfileCosts | None, micro_batch_size: np.ndarray) -> np.ndarray:
+    """Seconds a rank waits for the latest of its peers each time they meet (profiler/meeting_wait.py), at each
+    row's micro-batch size; 0 without a profile that measured it. (N, 1)."""
+    if measured is None:
+        return np.zeros_like(micro_batch_size, dtype=float)
+    return measured.meeting_wait_s(micro_batch_size)
+
+
+def calibrated_overlap(measured: ProfileCosts | None) -> float:
+    """The share of hideable gradient reduction that runs hide: fitted by a calibration, else measured by the
+    profile (profiler/collectives.py measure_overlap), else 1."""
+    return 1.0 if measured is None else measured.overlap
+
+
+def step_overhead_s(measured: ProfileCosts | None) -> float:
+    """Framework seconds per step beyond what its layers, collectives and optimizer account for, fitted by a
+    calibrated profile (planner/calibration.py); 0 otherwise."""
+    return 0.0 if measured is None else measured.step_overhead_s
+
+
+def microbatch_overhead_s(measured: ProfileCosts | None) -> float:
+    """Framework seconds per micro-batch on each device beyond its layers' time, fitted by a calibrated profile
+    (planner/calibration.py); 0 otherwise. It lies on the micro-batch's critical path, so it adds to the busy
+    time the pipeline bubble is made of."""
+    return 0.0 if measured is None else measured.microbatch_overhead_s

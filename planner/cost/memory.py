@@ -8,33 +8,34 @@ stage holds at once comes from the schedule (Narayanan et al. 2021, sec. 2.2; Ko
 sec. 4.2.3).
 
 Measured on CUDA by paraplan's profiler, memory is that of the stack the profiler and the executor run
-(`fp32_weights=True` below): the parameters stay fp32, and in mixed precision torch.autocast casts them to 16 bits
-per use (PyTorch's automatic mixed precision), so weights and gradients take 4 bytes each and the optimizer keeps
-only its own state (the fp32 weights are the master copy): 16 bytes per parameter for Adam as in ZeRO's
-accounting, but sharded differently.
+(planner/cost/runtime.py `EXECUTOR_MEMORY`, read by `device_memory` below): the parameters stay fp32, and in mixed
+precision torch.autocast casts them to 16 bits per use (PyTorch's automatic mixed precision), so weights and
+gradients take 4 bytes each and the optimizer keeps only its own state (the fp32 weights are the master copy):
+16 bytes per parameter for Adam as in ZeRO's accounting, but sharded differently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from planner.cost.pipeline import edge_masks
+
+if TYPE_CHECKING:
+    from planner.cost.batch import PlanBatch
 
 GiB = 1024**3
 MiB = 1024**2
 
 # (weight bytes, gradient bytes) per parameter by training precision (ZeRO sec. 3.1: fp16 weights and grads).
 _WEIGHT_GRAD_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
-# Optimizer-state bytes per parameter, K in ZeRO's notation. Mixed precision adds an fp32 master copy (4).
-# AdamW: momentum + variance in fp32 (Loshchilov & Hutter 2019). SGD: torch.optim.SGD's default (no momentum)
-# keeps no state.
-_OPTIMIZER_BYTES = {
-    ("adamw", True): 12,
-    ("adamw", False): 8,
-    ("sgd", True): 4,
-    ("sgd", False): 0,
-}
+# Optimizer-state bytes per parameter beyond a master copy. AdamW: momentum + variance in fp32 (Loshchilov &
+# Hutter 2019). SGD: torch.optim.SGD's default (no momentum) keeps no state.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}
+# Mixed precision keeps an fp32 master copy of the weights in the optimizer: K = states + 4 (ZeRO sec. 3.1).
+MASTER_WEIGHT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -48,29 +49,25 @@ class ModelStateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def weight_bytes_per_param(precision: str, fp32_weights: bool = False) -> int:
-    """Bytes of one trained weight (and of its gradient): 16-bit in mixed precision, 4 in fp32 and with
-    `fp32_weights` (module docstring)."""
-    return 4 if fp32_weights else _WEIGHT_GRAD_BYTES[precision][0]
+def model_state_bytes(params, precision: str, optimizer: str, zero_stage, shard_degree) -> ModelStateBytes:
+    """ZeRO's accounting of mixed-precision training (sec. 3.1): (2 + 2 + K) * Psi, K the optimizer's states plus
+    an fp32 master copy; (4 + 4 + K) * Psi in fp32, K the states alone. Reproduces the paper's 7.5B / N_d = 64
+    example (fig. 1). Other stacks' bytes: `sharded_state_bytes` with a regime's (planner/cost/runtime.py)."""
+    weight_bytes, grad_bytes = _WEIGHT_GRAD_BYTES[precision]
+    master = MASTER_WEIGHT_BYTES if precision != "fp32" else 0
+    opt_bytes = OPTIMIZER_STATE_BYTES[optimizer] + master
+    return sharded_state_bytes(params, weight_bytes, grad_bytes, opt_bytes, zero_stage, shard_degree)
 
 
-def optimizer_bytes_per_param(precision: str, optimizer: str, fp32_weights: bool = False) -> int:
-    return _OPTIMIZER_BYTES[(optimizer, precision != "fp32" and not fp32_weights)]
-
-
-def model_state_bytes(
-    params, precision: str, optimizer: str, zero_stage, shard_degree, fp32_weights: bool = False
+def sharded_state_bytes(
+    params, weight_bytes: int, grad_bytes: int, optimizer_bytes: int, zero_stage, shard_degree
 ) -> ModelStateBytes:
-    """ZeRO sec. 5.1-5.3: (2 + 2 + K) * Psi without ZeRO; stage s divides the first s of
-    (optimizer, gradients, weights) by N_d. Reproduces the paper's 7.5B / N_d = 64 example (fig. 1).
-    With `fp32_weights`, (4 + 4 + K') * Psi, K' the optimizer's own state (module docstring).
-    Broadcasts over numpy arrays of params, stages and degrees."""
-    weight_bytes = grad_bytes = weight_bytes_per_param(precision, fp32_weights)
-    opt_bytes = optimizer_bytes_per_param(precision, optimizer, fp32_weights)
+    """ZeRO sec. 5.1-5.3: stage s divides the first s of (optimizer, gradients, weights) by N_d. Bytes are per
+    parameter. Broadcasts over numpy arrays of params, stages and degrees."""
     return ModelStateBytes(
         weights=params * weight_bytes / np.where(zero_stage >= 3, shard_degree, 1),
         grads=params * grad_bytes / np.where(zero_stage >= 2, shard_degree, 1),
-        optimizer=params * opt_bytes / np.where(zero_stage >= 1, shard_degree, 1),
+        optimizer=params * optimizer_bytes / np.where(zero_stage >= 1, shard_degree, 1),
     )
 
 
@@ -156,3 +153,87 @@ def overhead_bytes(allocated_bytes: float, communicators: int, kind: str) -> flo
     """The memory a GPU needs beyond tensors: context, communicator buffers and allocator fragmentation."""
     fixed = CUDA_CONTEXT_BYTES + communicators * NCCL_BYTES_PER_COMMUNICATOR if kind == "gpu" else 0.0
     return fixed + FRAGMENTATION_FRACTION * allocated_bytes
+
+
+# ------------------------------------------------------------------------------------ a step's memory per device
+
+
+def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
+    """Each device's peak bytes by what holds them (step.MEMORY_TERMS -> (N, pp)). Where the regime models the
+    optimizer step's own peak (Runtime.optimizer_step_peak), the peak is the larger of the forward/backward one,
+    which may come before any gradient exists (`gradients_held_at_activation_peak`), and the step's, which holds
+    no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks."""
+    training, runtime, precision = batch.training, batch.runtime, batch.training.precision
+    optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[training.optimizer]
+    states = sharded_state_bytes(
+        batch.device_params(), runtime.weight_bytes(precision), runtime.gradient_bytes(precision), optimizer_bytes,
+        batch.zero_stage, batch.shard_degree,
+    )  # fmt: skip
+    weights = states.weights + zero_working_copies(batch, "weights")
+    grads = states.grads + zero_working_copies(batch, "grads")
+    activations = activation_bytes(batch)
+    optimizer = np.broadcast_to(states.optimizer, weights.shape)
+    if runtime.optimizer_step_peak:
+        stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+        extra = optimizer_step_extra_bytes(stepped, training.optimizer)
+        held = np.where(gradients_held_at_activation_peak(batch), grads, 0.0)
+        in_step = grads + extra > held + activations
+        activations, optimizer = np.where(in_step, 0.0, activations), np.where(in_step, optimizer + extra, optimizer)
+        grads = np.where(in_step, grads, held)
+    allocated = weights + grads + optimizer + activations
+    other = overhead_bytes(allocated, communicators(batch), batch.cluster.gpu.kind)
+    return {
+        "params_bytes": weights,
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer,
+        "activations_bytes": activations,
+        "other_bytes": other,
+    }
+
+
+def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:
+    """Whether each device holds its gradients at its activation peak as the executor trains
+    (`gradients_at_activation_peak`); DDP's buckets hold them throughout. (N, pp)."""
+    device = np.arange(batch.pp)[None, :]
+    ddp = (batch.shard_degree > 1) & ~batch.on_fsdp2
+    return gradients_at_activation_peak(batch.schedule, device, batch.pp, batch.microbatches, ddp)
+
+
+def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
+    """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
+    16-bit weights, or the regime's bytes); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao
+    et al. 2023)."""
+    precision, blocks_held = batch.training.precision, (batch.blocks > 0) * batch.block.params_per_gpu
+    if kind == "weights":
+        return np.where(batch.zero_stage == 3, 2 * blocks_held * batch.runtime.weight_bytes(precision), 0.0)
+    return np.where(batch.zero_stage >= 2, blocks_held * batch.runtime.gradient_bytes(precision), 0.0)
+
+
+def activation_bytes(batch: PlanBatch) -> np.ndarray:
+    """Saved activations of every micro-batch in flight, plus what layers hold once whatever is in flight
+    (`LayerCost.cached_bytes`), plus one layer's rematerialised working set."""
+    device = np.arange(batch.pp)[None, :]
+    has_embedding, has_head = edge_masks(batch.pp)
+
+    def held(kind: str, count: np.ndarray) -> np.ndarray:
+        inflight = layer_inflight(
+            kind, batch.schedule, device, batch.pp, batch.virtual_stages, batch.microbatches
+        )
+        return count * getattr(batch, kind).saved_bytes * inflight
+
+    saved = held("embedding", has_embedding) + held("block", batch.blocks) + held("head", has_head)
+    saved = saved + batch.per_device("cached_bytes")
+    working = np.maximum.reduce(
+        [
+            has_embedding * batch.embedding.working_bytes,
+            (batch.blocks > 0) * batch.block.working_bytes,
+            has_head * batch.head.working_bytes,
+        ]
+    )
+    return saved + working
+
+
+def communicators(batch: PlanBatch) -> np.ndarray:
+    """NCCL communicators a rank joins: one per group of size > 1, two for its pipeline neighbours."""
+    groups = (batch.tp > 1).astype(int) + (batch.cp > 1) + (batch.shard_degree > 1)
+    return groups + (2 if batch.pp > 1 else 0) + int(batch.tied_copy)

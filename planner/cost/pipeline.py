@@ -1,6 +1,7 @@
 """Pipeline parallelism: which blocks each device holds, the pipeline's bubble and its point-to-point traffic.
 
-Functions broadcast over numpy arrays: per-row values have shape (N, 1), per-device ones (N, pp).
+Functions broadcast over numpy arrays: per-row values have shape (N, 1), per-device ones (N, pp). The terms of a
+step (`pp_comm_s`, `pp_meetings`) read a PlanBatch (planner/cost/batch.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from planner.cost import comm
 from planner.cost.ops import ACTIVATION_BYTES
 
 if TYPE_CHECKING:
+    from planner.cost.batch import PlanBatch
     from planner.specs import ModelSpec, TrainingSpec
 
 
@@ -54,3 +57,40 @@ def p2p_activation_bytes(model: ModelSpec, training: TrainingSpec, micro_batch_s
     scatter/gather optimisation (Narayanan et al. 2021, sec. 4.1). Numbers or (N, 1) columns."""
     tokens = training.seq_len / cp * micro_batch_size
     return ACTIVATION_BYTES[training.precision] * tokens * model.hidden_size / tp
+
+
+def microbatches_alone(pp: int, virtual_stages: np.ndarray, microbatches: np.ndarray) -> np.ndarray:
+    """How much of the slowest device's work, in micro-batches, runs while the rest of the pipeline waits: a
+    device waits for its neighbours while the pipeline fills and drains, as long as the bubble, (p - 1) / v
+    micro-batch slots (Narayanan et al. 2021, eq. 1-2), and its own work in those slots, F of the first
+    micro-batch, B of the last, runs with the others idle. That work, and the bubble, run at the speed of a
+    rank alone; the rest at the speed of a loaded node (LayerCost.contention). Exact for two stages; with more,
+    fill and drain keep some neighbours busy, so this is the least contention that remains. No pipeline: none."""
+    if pp == 1:
+        return np.zeros_like(microbatches, dtype=float)
+    return np.minimum(microbatches, (pp - 1) / virtual_stages)
+
+
+def pp_comm_s(batch: PlanBatch) -> np.ndarray:
+    """Activations (forward) and their gradients (backward) between pipeline neighbours (`p2p_activation_bytes`
+    each), plus the tied word-embedding gradient all-reduce between first and last device."""
+    if batch.pp == 1:
+        return np.zeros_like(batch.dp, dtype=float)
+    model, training = batch.model, batch.training
+    activation = p2p_activation_bytes(model, training, batch.micro_batch_size, batch.cp, batch.tp)
+    transfers = p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches)
+    total = transfers * comm.p2p_s(activation, batch.pp_channel)
+    if batch.tied_copy:
+        grad = batch.runtime.data_parallel_bytes(training.precision) * model.vocab_size * model.hidden_size / batch.tp
+        total = total + comm.all_reduce_s(grad, 2, batch.pp_channel)
+    return total
+
+
+def pp_meetings(batch: PlanBatch) -> np.ndarray:
+    """Meetings of pipeline neighbours per step on the critical path: each activation or gradient hand-off
+    (`p2p_transfers_on_critical_path`), and the regime's reductions over stages (Runtime.pipeline_step_reductions:
+    the executor sums the loss and the squared gradient norm, executor/apply.py). (N, 1)."""
+    if batch.pp == 1:
+        return np.zeros_like(batch.dp, dtype=float)
+    transfers = p2p_transfers_on_critical_path(batch.pp, batch.virtual_stages, batch.microbatches)
+    return transfers + batch.runtime.pipeline_step_reductions

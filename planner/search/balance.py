@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from planner.cost.step import PlanBatch, estimate_step, evaluate
+from planner.cost.batch import PlanBatch
+from planner.cost.step import estimate_step, evaluate
 from planner.request import PlanRequest
 from planner.search.partition import PartitionProblem, solve_partition
 from planner.specs import ParallelPlan, StepEstimate
@@ -26,7 +27,7 @@ PARTITION_TIME_LIMIT_S = 0.2
 def partition_problem(req: PlanRequest, plan: ParallelPlan, limit_bytes: float) -> PartitionProblem:
     """The plan's layer-to-stage problem: per-block time and per-device memory per block, per-device base
     time and memory, from the cost model at 0, 1 and 2 blocks per device."""
-    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, plan)
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, plan, measured=req.measured, runtime=req.runtime)
     pp = plan.pp
 
     def with_blocks(count: int) -> PlanBatch:
@@ -70,7 +71,7 @@ def _better_split(
     if found is None or found.layers_per_stage == plan.stage_layer_counts(req.model.num_layers):
         return plan, est
     split = plan.model_copy(update={"layers_per_stage": found.layers_per_stage})
-    split_est = estimate_step(req.model, req.training, req.cluster, split)
+    split_est = estimate_step(req.model, req.training, req.cluster, split, req.measured, req.runtime)
     fitted = est.memory.peak_bytes <= limit_bytes
     if split_est.memory.peak_bytes > limit_bytes or (fitted and split_est.step_time_s >= est.step_time_s):
         return plan, est

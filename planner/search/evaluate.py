@@ -13,9 +13,12 @@ from functools import cached_property
 import numpy as np
 
 from planner.cost import comm
+from planner.cost.batch import KindColumns, PlanBatch, channel_columns, dp_channel_columns, kind_columns
 from planner.cost.layers import layer_kinds
+from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device
-from planner.cost.step import KindColumns, PlanBatch, channel_columns, dp_channel_columns, evaluate, kind_columns
+from planner.cost.runtime import Runtime, runtime_for
+from planner.cost.step import evaluate
 from planner.layout import placement
 from planner.search.space import SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
@@ -47,8 +50,18 @@ class RowCosts:
 class CandidateCosts:
     """Costs a candidate set; built once per search."""
 
-    def __init__(self, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, candidates: Candidates):
+    def __init__(
+        self,
+        model: ModelSpec,
+        training: TrainingSpec,
+        cluster: ClusterSpec,
+        candidates: Candidates,
+        measured: ProfileCosts | None = None,
+        runtime: Runtime | None = None,
+    ):
         self.model, self.training, self.cluster, self.candidates = model, training, cluster, candidates
+        self.measured = measured  # the request's profile (planner/request.py), or None
+        self.runtime = runtime or runtime_for(cluster, measured)  # the training stack (planner/cost/runtime.py)
         self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
         self.dp_channel, self.pp_channel, self.tp_channel = self._channels(layout_rows)
@@ -63,7 +76,7 @@ class CandidateCosts:
         group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
         sizes = np.unique(c.micro_batch_size)
         kinds = [
-            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), micro_batch_sizes=sizes)
+            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), sizes, self.measured)
             for row in group_rows
         ]
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
@@ -72,9 +85,10 @@ class CandidateCosts:
     def _channels(self, layout_rows: np.ndarray) -> tuple[comm.DpChannels, comm.Channel, comm.Channel]:
         c, gpn = self.candidates, self.cluster.gpus_per_node
         degrees = [(int(c.pp[r]), int(c.dp[r]), int(c.cp[r]), int(c.tp[r]), gpn) for r in layout_rows]
-        dp = [comm.DpChannels.of(self.cluster, placement("dp_cp", *d)) for d in degrees]
-        pp = [comm.p2p_channel(self.cluster, placement("pp", *d)) for d in degrees]
-        tp = [comm.group_channel(self.cluster, placement("tp", *d)) for d in degrees]
+        cluster, measured = self.cluster, self.measured
+        dp = [comm.DpChannels.of(cluster, placement("dp_cp", *d), measured) for d in degrees]
+        pp = [comm.p2p_channel(cluster, placement("pp", *d), measured) for d in degrees]
+        tp = [comm.group_channel(cluster, placement("tp", *d), measured) for d in degrees]
         return dp_channel_columns(dp), channel_columns(pp), channel_columns(tp)
 
     @property
@@ -92,6 +106,8 @@ class CandidateCosts:
             model=self.model,
             training=self.training,
             cluster=self.cluster,
+            measured=self.measured,
+            runtime=self.runtime,
             pp=pp,
             dp=_col(c.dp[rows]),
             tp=_col(c.tp[rows]),

@@ -50,7 +50,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     limit = options.max_memory_fraction * req.cluster.gpu.memory_bytes
     if len(candidates) == 0:
         return _no_valid_candidate(rejected, limit, time.perf_counter() - started)
-    costs = CandidateCosts(req.model, req.training, req.cluster, candidates)
+    costs = CandidateCosts(req.model, req.training, req.cluster, candidates, req.measured, req.runtime)
     costed, pruned = _branch_and_bound(costs, limit, options.top_k, options.overlap_grad_reduce)
     evaluated = time.perf_counter()
 
@@ -142,7 +142,7 @@ def _leaders(costed: RowCosts, limit: float, top_k: int) -> np.ndarray:
 
 
 def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstimate]:
-    return plan, estimate_step(req.model, req.training, req.cluster, plan)
+    return plan, estimate_step(req.model, req.training, req.cluster, plan, req.measured, req.runtime)
 
 
 def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[tuple[ParallelPlan, StepEstimate]]:

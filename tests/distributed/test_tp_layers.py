@@ -17,7 +17,8 @@ from rich.console import Console  # noqa: E402
 
 import planner  # noqa: E402
 from api.profiling import run_loaded_layers, run_tp_layers, with_rank_measurements  # noqa: E402
-from planner.cost.step import PlanBatch, tp_step_comm_s  # noqa: E402
+from planner.cost.batch import PlanBatch  # noqa: E402
+from planner.cost.tensor import tp_step_comm_s  # noqa: E402
 from planner.profiles import save_profile_json  # noqa: E402
 from planner.request import parse_estimate_request  # noqa: E402
 from planner.specs import ModelSpec  # noqa: E402
@@ -77,7 +78,8 @@ def test_an_estimate_takes_tp_collectives_from_the_layers(measured, tmp_path):
     # The layers' times hold their collectives: what tp_comm_s keeps is the once-a-step all-reduce of the
     # sequence-parallel norms' gradients, outside the layers.
     req = parse_estimate_request(request)
-    once_a_step = tp_step_comm_s(PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan))[0, 0]
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan, measured=req.measured)
+    once_a_step = tp_step_comm_s(batch)[0, 0]
     assert 0 < once_a_step == pytest.approx(estimate.breakdown.tp_comm_s)
     assert estimate.sources["tp_comm_s"] == estimate.sources["compute_s"] == "profile"
     block = next(m for m in measured if (m.layer, m.micro_batch_size, m.recompute, m.sequence_parallel)

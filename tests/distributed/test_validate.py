@@ -24,7 +24,7 @@ from api.store import ApiStore  # noqa: E402
 from executor.launch import descendant_pids  # noqa: E402
 from planner.cost.step import estimate_step  # noqa: E402
 from planner.profiles import load_profile_json  # noqa: E402
-from planner.request import parse_estimate_request  # noqa: E402
+from planner.request import parse_estimate_request, profile_costs  # noqa: E402
 from planner.specs import HardwareProfile  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,7 +241,8 @@ def test_a_paired_validation_predicts_each_run_from_a_profile_measured_just_befo
 
 def estimate_from(profile: HardwareProfile, request: dict[str, Any]) -> float:
     req = parse_estimate_request(request)
-    return estimate_step(req.model, req.training, req.cluster.with_profile(profile), req.plan).step_time_s
+    measured = profile_costs(req.cluster, profile)
+    return estimate_step(req.model, req.training, req.cluster, req.plan, measured=measured).step_time_s
 
 
 def test_validate_names_the_flag_at_fault(tmp_path: Path):

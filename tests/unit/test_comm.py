@@ -46,5 +46,5 @@ def test_tiers_follow_the_layout():
 
 
 def test_override_replaces_line_rate():
-    cluster = ClusterSpec(gpu="h100-sxm", num_nodes=2, inter_node_GBps=100)
+    cluster = ClusterSpec(gpu=gpu_preset("h100-sxm"), num_nodes=2, inter_node_GBps=100)
     assert cluster.inter_link.bandwidth_GBps == 100 and cluster.inter_link.source == "user override"

@@ -19,7 +19,6 @@ import pytest
 
 from planner.cost.params import active_params_per_token, model_params
 from planner.presets import model_from_hf_config, model_preset
-from planner.specs import ModelSpec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
 
@@ -167,7 +166,3 @@ def test_missing_field_is_named(fixture: str, field: str) -> None:
     del config[field]
     with pytest.raises(ValueError, match=f"lacks required field '{field}'"):
         model_from_hf_config(config)
-
-
-def test_model_spec_from_hf_config_delegates() -> None:
-    assert ModelSpec.from_hf_config(load("mixtral-8x7b")) == model_from_hf_config(load("mixtral-8x7b"))

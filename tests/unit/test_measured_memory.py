@@ -1,4 +1,4 @@
-"""Memory from a CUDA profile (planner/cost/layers.py `layer_memory`, planner/cost/memory.py's `fp32_weights`):
+"""Memory from a CUDA profile (planner/cost/layers.py `layer_memory`, planner/cost/runtime.py's `EXECUTOR_MEMORY`):
 layers' saved and working bytes as the allocator measured them, the executor's fp32 weights under autocast,
 autocast's cached weight copies under full recompute, and AdamW's step when it peaks. A CPU profile, which
 measures no allocator peak, leaves memory analytic."""
@@ -14,7 +14,7 @@ from planner.cost.measured import LayerTable
 from planner.cost.params import block_params, model_params
 from planner.cost.step import estimate_step
 from planner.presets import gpu_preset
-from planner.request import parse_estimate_request
+from planner.request import parse_estimate_request, profile_costs
 from planner.specs import ClusterSpec, HardwareProfile, LayerMeasurement
 from tests.unit.test_profile_costs import BLOCK, EMBEDDING, HEAD, MODEL, SEQ_LEN, adamw, cuda_profile, layer
 
@@ -55,8 +55,8 @@ def stage_memory(profile: HardwareProfile, gpus: int = 1, global_batch: int = 8,
         "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": gpus},
         "plan": {"micro_batch_size": 4} | plan,
     })  # fmt: skip
-    cluster = ClusterSpec(gpu=gpu_preset("h100-sxm"), gpus_per_node=gpus).with_profile(profile)
-    estimate = estimate_step(request.model, request.training, cluster, request.plan)
+    cluster = ClusterSpec(gpu=gpu_preset("h100-sxm"), gpus_per_node=gpus)
+    estimate = estimate_step(request.model, request.training, cluster, request.plan, profile_costs(cluster, profile))
     return estimate, estimate.memory.by_stage[0]
 
 

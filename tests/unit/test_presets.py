@@ -7,6 +7,7 @@ import pytest
 from planner.cost.params import model_params
 from planner.errors import UnknownPresetError
 from planner.presets import GPU_PRESETS, MODEL_PRESETS, gpu_preset, model_preset
+from planner.request import resolve_cluster
 from planner.specs import ClusterSpec, GpuSpec, ModelSpec
 
 TOLERANCE = 0.005  # 0.5 %
@@ -183,7 +184,7 @@ def test_link_tiers() -> None:
 
 def test_gpu_preset_lookup_and_cluster_resolution() -> None:
     assert gpu_preset("H100-SXM") is GPU_PRESETS["h100-sxm"]
-    assert ClusterSpec(gpu="A100-80GB").gpu is GPU_PRESETS["a100-80gb"]
+    assert ClusterSpec.model_validate(resolve_cluster({"gpu": "A100-80GB"})).gpu is GPU_PRESETS["a100-80gb"]
 
 
 def test_unknown_gpu_preset_names_the_closest() -> None:

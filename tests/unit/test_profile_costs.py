@@ -15,13 +15,15 @@ import pytest
 
 import planner
 from planner.cost import comm
+from planner.cost.batch import PlanBatch
 from planner.cost.measured import MeasuredLayer, NotMeasured, ProfileCosts, predict_collective_s
 from planner.cost.params import model_params
-from planner.cost.step import PlanBatch, layer_costs, tp_step_comm_s
+from planner.cost.step import layer_costs
+from planner.cost.tensor import tp_step_comm_s
 from planner.layout import placement
 from planner.presets import gpu_preset
 from planner.profiles import ProfileError, save_profile_json
-from planner.request import attach_profile, parse_estimate_request, parse_plan_request
+from planner.request import attach_profile, parse_estimate_request, parse_plan_request, profile_costs
 from planner.search.solve import search
 from planner.specs import (
     PROFILE_SCHEMA_VERSION,
@@ -277,24 +279,23 @@ def test_an_l40s_profile_does_not_describe_an_l4():
     assert ProfileCosts(cuda_profile("NVIDIA L40S")).device_mismatch(preset.kind, preset.name) is not None
 
 
-# --------------------------------------------------------------------------------- ClusterSpec.with_profile
+# ---------------------------------------------------------------------------------------- profile_costs
 
 
-def test_with_profile_attaches_costs_to_a_copy():
+def test_profile_costs_read_the_profile_for_the_cluster():
     cluster = cpu_cluster()
-    attached = cluster.with_profile(make_profile())
-    assert isinstance(attached.measured, ProfileCosts)
-    assert attached.measured.profile == make_profile()
-    assert cluster.measured is None  # the original is untouched
-    assert attached.model_dump() == cluster.model_dump()  # never serialised
+    measured = profile_costs(cluster, make_profile())
+    assert isinstance(measured, ProfileCosts)
+    assert measured.profile == make_profile()
+    assert not hasattr(cluster, "measured")  # the spec holds no profile: the cost model takes it as an argument
 
 
-def test_with_profile_refuses_another_device():
+def test_profile_costs_refuse_another_device():
     cluster = ClusterSpec(gpu=gpu_preset("h100-sxm"), gpus_per_node=8)
     with pytest.raises(ProfileError, match=r"^cluster\.profile: ") as raised:
-        cluster.with_profile(make_profile())
+        profile_costs(cluster, make_profile())
     assert raised.value.field == "cluster.profile"
-    assert cluster.with_profile(cuda_profile("NVIDIA H100 80GB HBM3")).measured is not None
+    assert profile_costs(cluster, cuda_profile("NVIDIA H100 80GB HBM3")) is not None
 
 
 # ----------------------------------------------------------------------------------- request edges
@@ -302,13 +303,16 @@ def test_with_profile_refuses_another_device():
 
 def test_parse_estimate_request_loads_the_profile_file(save):
     req = parse_estimate_request(request(save(make_profile())))
-    assert isinstance(req.cluster.measured, ProfileCosts)
-    assert req.cluster.measured.profile == make_profile()
+    assert isinstance(req.measured, ProfileCosts)
+    assert req.measured.profile == make_profile()
+    assert req.model_dump() == parse_estimate_request(request()).model_dump() | {  # never serialised
+        "cluster": req.cluster.model_dump()
+    }
 
 
 def test_parse_plan_request_loads_the_profile_file(save):
     req = parse_plan_request(plan_request(save(make_profile())))
-    assert isinstance(req.cluster.measured, ProfileCosts)
+    assert isinstance(req.measured, ProfileCosts)
 
 
 def test_no_profile_no_resolver_call():
@@ -316,7 +320,7 @@ def test_no_profile_no_resolver_call():
         raise AssertionError(f"resolver called for {ref!r}")
 
     req = parse_estimate_request(request(), resolve_profile=resolver)
-    assert req.cluster.measured is None
+    assert req.measured is None
     assert attach_profile(req, resolver) is req
 
 
@@ -543,12 +547,13 @@ def test_tier_channel_reads_the_fit_of_its_tier_and_op():
         fit("all_reduce", "inter_node", 2, latency_s=5e-4, bandwidth_GBps=0.5),
         fit("send_recv", "intra_node", 2, latency_s=2e-5, bandwidth_GBps=3.0),
     ]
-    cluster = cpu_cluster().with_profile(make_profile(collective_fits=fits))
-    assert comm.tier_channel(cluster, "intra_node", "all_reduce", 2) == comm.Channel(2e9, 1e-4)
-    assert comm.tier_channel(cluster, "inter_node", "all_reduce", 4) == comm.Channel(0.5e9, 5e-4)
-    assert comm.tier_channel(cluster, "intra_node", "send_recv", 2) == comm.Channel(3e9, 2e-5)
+    cluster = cpu_cluster()
+    measured = profile_costs(cluster, make_profile(collective_fits=fits))
+    assert comm.tier_channel(cluster, "intra_node", "all_reduce", 2, measured) == comm.Channel(2e9, 1e-4)
+    assert comm.tier_channel(cluster, "inter_node", "all_reduce", 4, measured) == comm.Channel(0.5e9, 5e-4)
+    assert comm.tier_channel(cluster, "intra_node", "send_recv", 2, measured) == comm.Channel(3e9, 2e-5)
     link = gpu_preset("cpu").inter_node
-    assert comm.tier_channel(cluster, "inter_node", "send_recv", 2) == comm.Channel(
+    assert comm.tier_channel(cluster, "inter_node", "send_recv", 2, measured) == comm.Channel(
         link.bus_bandwidth_Bps, link.latency_s
     )
 
@@ -559,17 +564,18 @@ def test_group_and_p2p_channels_from_the_fits():
         fit("all_reduce", "inter_node", 2, latency_s=5e-4, bandwidth_GBps=1.5),
         fit("send_recv", "inter_node", 2, latency_s=3e-4, bandwidth_GBps=0.75),
     ]
-    cluster = cpu_cluster(gpus_per_node=2, num_nodes=2).with_profile(make_profile(collective_fits=fits))
+    cluster = cpu_cluster(gpus_per_node=2, num_nodes=2)
+    measured = profile_costs(cluster, make_profile(collective_fits=fits))
     inside = placement("dp", 1, 2, 1, 1, 2)  # (axis, pp, dp, cp, tp, gpus_per_node)
     assert inside.intra_node
-    assert comm.group_channel(cluster, inside) == comm.Channel(4e9, 1e-4)
+    assert comm.group_channel(cluster, inside, measured) == comm.Channel(4e9, 1e-4)
     across = placement("dp", 1, 4, 1, 1, 2)
     assert not across.intra_node and across.members_per_node == 2
     # Two members per node, each with its own share of the network, capped by the intra-node links.
-    assert comm.group_channel(cluster, across) == comm.Channel(min(4e9, 2 * 1.5e9), 5e-4)
+    assert comm.group_channel(cluster, across, measured) == comm.Channel(min(4e9, 2 * 1.5e9), 5e-4)
     neighbours = placement("pp", 4, 1, 1, 1, 2)
     assert neighbours.neighbours_cross_nodes
-    assert comm.p2p_channel(cluster, neighbours) == comm.Channel(0.75e9, 3e-4)
+    assert comm.p2p_channel(cluster, neighbours, measured) == comm.Channel(0.75e9, 3e-4)
 
 
 def test_pipeline_sends_use_the_send_recv_fit(save):
@@ -943,7 +949,8 @@ def test_sequence_parallel_norm_gradients_are_all_reduced_once_a_step(save):
 
     def per_step_s(**plan: Any) -> float:
         req = parse_estimate_request(request(path, gpus_per_node=2, **plan))
-        return float(tp_step_comm_s(PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan))[0, 0])
+        batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan, measured=req.measured)
+        return float(tp_step_comm_s(batch)[0, 0])
 
     norm_bytes = (2 * MODEL.num_layers + 1) * MODEL.hidden_size * FP32_BYTES
     ring = 2 * (2 - 1) / 2  # all-reduce bus factor for 2 ranks (nccl-tests)

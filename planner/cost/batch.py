@@ -1,0 +1,207 @@
+"""Candidate plans as numpy columns: the one input every cost term reads.
+
+A `PlanBatch` holds candidate plans that share a pipeline depth, one row each; per-row columns are (N, 1) arrays
+so they broadcast against per-device values (N, pp). `estimate_step` builds a batch of one (planner/cost/step.py);
+the search builds batches of hundreds of thousands of rows (planner/search/evaluate.py). The batch carries the
+request's measured profile and its training-stack regime (planner/cost/runtime.py) explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from planner.cost import comm
+from planner.cost.comm import Channel, DpChannels
+from planner.cost.layers import LayerCost, LayerKinds, layer_kinds
+from planner.cost.measured import ProfileCosts
+from planner.cost.pipeline import blocks_per_device, edge_masks
+from planner.cost.runtime import Runtime, runtime_for
+from planner.layout import placement
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+
+
+def _column(values: Any, dtype: Any = None) -> np.ndarray:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+@dataclass(frozen=True)
+class KindColumns:
+    """One layer kind's cost (LayerCost fields) for every row, as (N, 1) columns."""
+
+    forward_s: np.ndarray
+    backward_s: np.ndarray
+    recompute_s: np.ndarray
+    tp_comm_s: np.ndarray
+    cp_comm_s: np.ndarray
+    saved_bytes: np.ndarray
+    working_bytes: np.ndarray
+    cached_bytes: np.ndarray
+    contention: np.ndarray
+    partial_grad_params: np.ndarray
+    params_per_gpu: np.ndarray  # last: `of` derives it, every other field is a LayerCost field of the same name
+
+    @classmethod
+    def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
+        """Stack LayerCosts (`tp`: each one's tp degree). A cost whose fields are arrays over W micro-batch
+        sizes (layers.layer_kinds) contributes W consecutive rows."""
+        width = max(np.size(cost.forward_s) for cost in costs)
+
+        def stacked(values: list[Any]) -> np.ndarray:
+            return _column(np.concatenate([np.broadcast_to(np.asarray(v, float), (width,)) for v in values]))
+
+        column = {f.name: stacked([getattr(cost, f.name) for cost in costs]) for f in fields(cls)[:-1]}
+        sharded = stacked([cost.params.sharded for cost in costs])
+        replicated = stacked([cost.params.replicated for cost in costs])
+        return cls(**column, params_per_gpu=sharded / np.repeat(_column(tp), width, axis=0) + replicated)
+
+    def take(self, rows: np.ndarray) -> KindColumns:
+        return KindColumns(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @property
+    def work_s(self) -> np.ndarray:
+        return self.forward_s + self.backward_s + self.recompute_s
+
+    @property
+    def busy_s(self) -> np.ndarray:
+        return self.work_s + self.tp_comm_s + self.cp_comm_s
+
+    @property
+    def alone_work_s(self) -> np.ndarray:
+        """`work_s` while the node's other ranks wait (LayerCost.contention)."""
+        return self.work_s / self.contention
+
+    @property
+    def alone_busy_s(self) -> np.ndarray:
+        return self.alone_work_s + self.tp_comm_s + self.cp_comm_s
+
+
+@dataclass(frozen=True)
+class PlanBatch:
+    """Candidate plans of one model, training setup and cluster that share `pp`: (N, 1) columns of the plan's
+    fields, each row's layer costs, and the channels its dp x cp and pipeline groups see."""
+
+    model: ModelSpec
+    training: TrainingSpec
+    cluster: ClusterSpec
+    measured: ProfileCosts | None  # the request's profile (planner/request.py), or None: the analytic model only
+    runtime: Runtime  # the training stack that runs the plans (planner/cost/runtime.py `runtime_for`)
+    pp: int
+    dp: np.ndarray
+    tp: np.ndarray
+    cp: np.ndarray
+    zero_stage: np.ndarray
+    micro_batch_size: np.ndarray
+    schedule: np.ndarray  # strings
+    virtual_stages: np.ndarray
+    overlap_grad_reduce: np.ndarray  # bools
+    microbatches: np.ndarray
+    blocks: np.ndarray  # (N, pp): blocks on each device, all of its chunks together
+    embedding: KindColumns
+    block: KindColumns
+    head: KindColumns
+    dp_channel: DpChannels  # bus bandwidths and latencies as (N, 1) columns
+    pp_channel: Channel
+    tp_channel: Channel
+
+    @classmethod
+    def of_plan(
+        cls,
+        model: ModelSpec,
+        training: TrainingSpec,
+        cluster: ClusterSpec,
+        plan: ParallelPlan,
+        kinds: LayerKinds | None = None,
+        measured: ProfileCosts | None = None,
+        runtime: Runtime | None = None,
+    ) -> PlanBatch:
+        """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed; `runtime`:
+        the request's regime, by default `runtime_for` the cluster and profile)."""
+        kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured)
+        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
+        dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees), measured)
+        pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees), measured)
+        tp_channel = comm.group_channel(cluster, placement("tp", *degrees), measured)
+        return cls(
+            model=model,
+            training=training,
+            cluster=cluster,
+            measured=measured,
+            runtime=runtime or runtime_for(cluster, measured),
+            pp=plan.pp,
+            dp=_column(plan.dp),
+            tp=_column(plan.tp),
+            cp=_column(plan.cp),
+            zero_stage=_column(plan.zero_stage),
+            micro_batch_size=_column(plan.micro_batch_size),
+            schedule=_column(plan.schedule),
+            virtual_stages=_column(plan.virtual_stages),
+            overlap_grad_reduce=_column(plan.overlap_grad_reduce),
+            microbatches=_column(plan.num_microbatches(training)),
+            blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
+            **kind_columns([kinds], _column(plan.tp)),
+            dp_channel=dp_channel_columns([dp_channel]),
+            pp_channel=channel_columns([pp_channel]),
+            tp_channel=channel_columns([tp_channel]),
+        )
+
+    @property
+    def shard_degree(self) -> np.ndarray:
+        """ZeRO partitions over the gradient-reduction group: dp x cp (Megatron-LM, FSDP over dp_cp)."""
+        return self.dp * self.cp
+
+    @property
+    def on_fsdp2(self) -> np.ndarray:
+        """Rows whose data parallelism runs on FSDP2 in this regime (Runtime.on_fsdp2). (N, 1)."""
+        return self.runtime.on_fsdp2(self.zero_stage, self.tp, self.pp, self.shard_degree)
+
+    @property
+    def holds_dtensors(self) -> np.ndarray:
+        """Rows whose parameters are DTensors: sharded by tensor parallelism or wrapped by FSDP2 (executor/apply.py),
+        where the regime's parameters are DTensors at all (Runtime.dtensor_parameters). (N, 1)."""
+        return ((self.tp > 1) | self.on_fsdp2) & self.runtime.dtensor_parameters
+
+    @property
+    def tied_copy(self) -> bool:
+        """With tied embeddings and pp > 1 the last device keeps its own copy of the word embedding, kept in
+        sync by an all-reduce of its gradient with the first device (Megatron-LM, Shoeybi et al. 2019)."""
+        return self.model.tie_embeddings and self.pp > 1
+
+    def per_device(self, quantity: str) -> np.ndarray:
+        """A KindColumns quantity summed over each device's layers: (N, pp)."""
+        has_embedding, has_head = edge_masks(self.pp)
+        return (
+            self.blocks * getattr(self.block, quantity)
+            + has_embedding * getattr(self.embedding, quantity)
+            + has_head * getattr(self.head, quantity)
+        )
+
+    def device_params(self) -> np.ndarray:
+        """Parameters each device holds per GPU (its tp shard): (N, pp)."""
+        count = self.per_device("params_per_gpu")
+        if self.tied_copy:
+            _, has_head = edge_masks(self.pp)
+            count = count + has_head * self.model.vocab_size * self.model.hidden_size / self.tp
+        return count
+
+    def layers_on_device(self) -> np.ndarray:
+        has_embedding, has_head = edge_masks(self.pp)
+        return self.blocks + has_embedding + has_head
+
+
+def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColumns]:
+    """Per-row LayerKinds -> the batch's `embedding`, `block` and `head` columns."""
+    return {kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")}
+
+
+def dp_channel_columns(channels: list[DpChannels]) -> DpChannels:
+    return DpChannels(*(channel_columns([getattr(c, f.name) for c in channels]) for f in fields(DpChannels)))
+
+
+def channel_columns(channels: list[Channel]) -> Channel:
+    return Channel(
+        bus_bandwidth_Bps=_column([c.bus_bandwidth_Bps for c in channels], float),
+        latency_s=_column([c.latency_s for c in channels], float),
+    )

@@ -1,0 +1,56 @@
+"""The optimizer step: memory-bound passes over the parameters, or a profile's measured time per parameter.
+Per-device values are (N, pp) (planner/cost/batch.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from planner.cost.layers import busy_ranks_per_node
+from planner.cost.measured import ProfileCosts
+from planner.specs import ClusterSpec
+
+if TYPE_CHECKING:
+    from planner.cost.batch import PlanBatch
+
+
+def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
+    """HBM bytes one optimizer step moves per parameter, pass by pass, for mixed-precision training with fp32
+    master weights and (fp16 only) loss scaling (Micikevicius et al. 2018), as Megatron-LM's optimizer runs it:
+    copy 16-bit grads into fp32 (read 2, write 4); fp16: unscale and check for inf (read 4, write 4); gradient
+    norm for clipping (read 4); the update (read grad 4; read + write weight 8 and each optimizer state 8);
+    copy fp32 weights back to 16-bit (read 4, write 2); zero the 16-bit grads (write 2). In fp32 training
+    there are no copies: norm, update and zeroing only."""
+    states = 2 if optimizer == "adamw" else 0  # AdamW: momentum and variance; SGD (no momentum): none
+    update = 4 + 8 + 8 * states
+    if precision == "fp32":
+        return 4 + update + 4
+    unscale = 8 if precision == "fp16" else 0
+    return 6 + unscale + 4 + update + 6 + 2
+
+
+def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
+    """The optimizer is memory-bound (roofline, Williams et al. 2009): bytes touched / achievable HBM
+    bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp).
+    With a profile that timed this optimizer: its measured seconds per parameter instead, as timed on DTensor
+    shards for plans whose parameters are DTensors (PlanBatch.holds_dtensors; profiler/compute.py
+    `measure_optimizer`)."""
+    training, gpu = batch.training, batch.cluster.gpu
+    params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    plain_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer)
+    if plain_s is not None:
+        sharded_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer, sharded=True)
+        return params * np.where(batch.holds_dtensors, sharded_s, plain_s)
+    traffic = optimizer_traffic_bytes_per_param(training.precision, training.optimizer)
+    return params * traffic / (gpu.hbm_GBps * 1e9 * gpu.memory_efficiency)
+
+
+def measured_optimizer_s_per_param(
+    cluster: ClusterSpec, measured: ProfileCosts | None, optimizer: str, sharded: bool = False
+) -> float | None:
+    """The profile's optimizer seconds per parameter with every rank of a node stepping at once, on DTensor shards
+    if `sharded` (where the profile timed them so), if measured."""
+    if measured is None:
+        return None
+    return measured.optimizer_s_per_param(optimizer, busy_ranks_per_node(cluster), sharded)

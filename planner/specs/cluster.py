@@ -1,0 +1,88 @@
+"""The cluster a plan runs on: GPUs and their links (the contract's `cluster`). A GPU is a full GpuSpec here;
+preset names are resolved at the edge (planner/request.py `resolve_cluster`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from planner.specs.base import MAX_GPUS, Degree, Frozen, Precision
+
+
+class LinkSpec(Frozen):
+    """One link tier, per GPU and per direction. `efficiency` = achievable nccl-tests bus bandwidth / line rate."""
+
+    name: str
+    bandwidth_GBps: Annotated[float, Field(gt=0)]
+    efficiency: Annotated[float, Field(gt=0, le=1)] = 1.0
+    latency_s: Annotated[float, Field(ge=0)] = 0.0
+    source: str = ""
+
+    @property
+    def bus_bandwidth_Bps(self) -> float:
+        return self.bandwidth_GBps * 1e9 * self.efficiency
+
+
+class GpuSpec(Frozen):
+    """One accelerator as the cost model needs it. Peak numbers are dense (no sparsity), from the datasheet."""
+
+    name: str
+    kind: Literal["gpu", "cpu"] = "gpu"
+    memory_bytes: Annotated[int, Field(gt=0)]
+    peak_tflops: dict[Precision, Annotated[float, Field(gt=0)]]
+    hbm_GBps: Annotated[float, Field(gt=0)]
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    # Achievable fraction of peak for the large GEMMs of a transformer; see planner/cost/compute.py.
+    matmul_efficiency: Annotated[float, Field(gt=0, le=1)]
+    memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.8
+    source: str = ""
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _all_precisions(cls, value: dict[str, float]) -> dict[str, float]:
+        missing = {"bf16", "fp16", "fp32"} - set(value)
+        if missing:
+            raise ValueError(f"peak_tflops lacks {sorted(missing)}")
+        return value
+
+
+class ClusterSpec(Frozen):
+    """Identical nodes of `gpus_per_node` GPUs. `*_GBps` override the GPU preset's link line rates."""
+
+    gpu: GpuSpec
+    num_nodes: Degree = 1
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = 8
+    intra_node_GBps: Annotated[float, Field(gt=0)] | None = None
+    inter_node_GBps: Annotated[float, Field(gt=0)] | None = None
+    # A HardwareProfile file or stored id. The edge (planner/request.py) reads it; the cost model takes what it
+    # measured as an explicit argument (planner.cost.measured.ProfileCosts), never through this spec.
+    profile: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> ClusterSpec:
+        if self.num_gpus > MAX_GPUS:
+            raise ValueError(
+                f"cluster.num_nodes: {self.num_nodes} nodes x {self.gpus_per_node} GPUs = {self.num_gpus} GPUs, "
+                f"over the {MAX_GPUS} this planner searches"
+            )
+        return self
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def intra_link(self) -> LinkSpec:
+        link = self.gpu.intra_node
+        if self.intra_node_GBps is None:
+            return link
+        return link.model_copy(update={"bandwidth_GBps": self.intra_node_GBps, "source": "user override"})
+
+    @property
+    def inter_link(self) -> LinkSpec:
+        link = self.gpu.inter_node
+        if self.inter_node_GBps is None:
+            return link
+        return link.model_copy(update={"bandwidth_GBps": self.inter_node_GBps, "source": "user override"})

@@ -1,0 +1,63 @@
+"""The cost model's answer for one (model, training, cluster, plan): time, memory, breakdown."""
+
+from __future__ import annotations
+
+from planner.specs.base import Frozen
+
+
+class StageMemory(Frozen):
+    """Peak bytes on one GPU of one pipeline stage (device), split by what holds them."""
+
+    stage: int
+    layers: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    other_bytes: float
+    total_bytes: float
+    capacity_bytes: float
+    over_bytes: float  # > 0: does not fit, by this many bytes
+
+
+class MemoryEstimate(Frozen):
+    peak_bytes: float
+    peak_stage: int
+    capacity_bytes: float
+    by_stage: list[StageMemory]
+
+
+class TimeBreakdown(Frozen):
+    """Seconds of one step on the critical path; the terms add up to `step_time_s`."""
+
+    compute_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float  # exposed part only (the rest overlaps with backward)
+    bubble_s: float
+    optimizer_s: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.model_dump().values())
+
+
+class StepEstimate(Frozen):
+    """The cost model's answer for one (model, training, cluster, plan)."""
+
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    model_tflops_per_gpu: float
+    hardware_tflops_per_gpu: float
+    mfu: float
+    hfu: float
+    fits: bool
+    num_microbatches: int
+    memory: MemoryEstimate
+    breakdown: TimeBreakdown
+    # Which model each term came from ("analytic" now; "profile" once a HardwareProfile supplies it).
+    sources: dict[str, str]
+    why_not_fits: list[str] = []
+    assumptions: list[str] = []

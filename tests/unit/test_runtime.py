@@ -1,0 +1,97 @@
+"""The training-stack regimes (planner/cost/runtime.py): which one a request gets, what each holds, and that the
+cost model reads the regime it is given."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planner.cost.measured import ProfileCosts
+from planner.cost.runtime import ANALYTIC, PARAPLAN_CPU, PARAPLAN_CUDA, runtime_for
+from planner.cost.step import estimate_step
+from planner.presets import gpu_preset
+from planner.profiles import load_profile_json
+from planner.request import parse_estimate_request
+from planner.specs import ClusterSpec
+
+TESTS = Path(__file__).resolve().parents[1]
+H200_PROFILE = TESTS / "data" / "h200-llama3.2-1b" / "seq1024" / "profile.json"
+CPU_PROFILE = TESTS / "unit" / "fixtures" / "validation" / "cpu-profile.json"
+
+
+def cluster(gpu: str, gpus: int = 8) -> ClusterSpec:
+    return ClusterSpec(gpu=gpu_preset(gpu), gpus_per_node=gpus)
+
+
+def test_a_cpu_cluster_runs_the_executor_on_gloo():
+    assert runtime_for(cluster("cpu", 2), None) is PARAPLAN_CPU
+    assert runtime_for(cluster("cpu", 2), ProfileCosts(load_profile_json(CPU_PROFILE))) is PARAPLAN_CPU
+
+
+def test_a_gpu_is_the_executor_where_a_profile_measured_its_memory_else_analytic():
+    measured = ProfileCosts(load_profile_json(H200_PROFILE))
+    assert measured.measures_memory
+    assert runtime_for(cluster("h200"), measured) is PARAPLAN_CUDA
+    assert runtime_for(cluster("h200"), None) is ANALYTIC
+    timings_only = ProfileCosts(load_profile_json(H200_PROFILE).model_copy(update={"layers": []}))
+    assert runtime_for(cluster("h200"), timings_only) is ANALYTIC
+
+
+def test_the_request_names_its_regime():
+    request = {
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 8},
+        "cluster": {"gpu": "h200", "gpus_per_node": 8, "profile": str(H200_PROFILE)},
+        "plan": {"tp": 1},
+    }
+    assert parse_estimate_request(request).runtime is PARAPLAN_CUDA
+    assert parse_estimate_request({**request, "cluster": {"gpu": "h200"}}).runtime is ANALYTIC
+
+
+def test_bytes_per_element():
+    """The executor keeps fp32 weights and gradients under autocast, its weights the master copy; ZeRO's accounting
+    16-bit ones and an fp32 master copy. Both charge the training dtype's bytes on the data-parallel wire and fp32
+    for the partial gradients (the record's comment)."""
+    assert (PARAPLAN_CUDA.weight_bytes("bf16"), PARAPLAN_CUDA.gradient_bytes("bf16")) == (4, 4)
+    assert (ANALYTIC.weight_bytes("bf16"), ANALYTIC.gradient_bytes("bf16")) == (2, 2)
+    assert PARAPLAN_CUDA.master_weight_bytes("bf16") == 0 and ANALYTIC.master_weight_bytes("bf16") == 4
+    assert ANALYTIC.weight_bytes("fp32") == ANALYTIC.gradient_bytes("fp32") == 4
+    assert ANALYTIC.master_weight_bytes("fp32") == 0
+    assert PARAPLAN_CUDA.data_parallel_bytes("bf16") == ANALYTIC.data_parallel_bytes("bf16") == 2
+    assert PARAPLAN_CUDA.partial_gradient_bytes == ANALYTIC.partial_gradient_bytes == 4
+
+
+def test_fsdp2_runs_zero_2_and_3_and_zero_0_under_model_parallelism():
+    zero = np.array([[0], [0], [1], [2], [3], [3]])
+    tp = np.array([[1], [2], [2], [1], [1], [1]])
+    shards = np.array([[2], [2], [2], [2], [2], [1]])
+    on_fsdp2 = PARAPLAN_CUDA.on_fsdp2(zero, tp, 1, shards)[:, 0]
+    assert on_fsdp2.tolist() == [False, True, False, True, True, False]
+    assert PARAPLAN_CUDA.on_fsdp2(np.array([[0]]), np.array([[1]]), 2, np.array([[2]]))[0, 0]
+    ddp_under_tp = replace(PARAPLAN_CUDA, replicate_under_model_parallel=False)
+    assert not ddp_under_tp.on_fsdp2(zero, tp, 1, shards)[1, 0]
+
+
+def llama_1b(**plan: object):
+    req = parse_estimate_request({
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 16},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": plan,
+    })  # fmt: skip
+    return req.model, req.training, req.cluster, req.plan
+
+
+def test_the_cost_model_reads_the_regime_it_is_given():
+    setup = llama_1b(dp=8, zero_stage=3)
+    base = estimate_step(*setup, runtime=ANALYTIC)
+    assert base == estimate_step(*setup)  # the default is the request's own regime
+    slower = estimate_step(*setup, runtime=replace(ANALYTIC, step_host_overhead_s=0.25))
+    assert slower.breakdown.compute_s == pytest.approx(base.breakdown.compute_s + 0.25)
+    blocking = estimate_step(*setup, runtime=replace(ANALYTIC, blocking_fsdp_collectives=True))
+    assert blocking.breakdown.dp_comm_s > base.breakdown.dp_comm_s
+    fp32 = estimate_step(*setup, runtime=replace(ANALYTIC, mixed_weight_bytes=4))
+    assert fp32.memory.by_stage[0].params_bytes == pytest.approx(2 * base.memory.by_stage[0].params_bytes)
