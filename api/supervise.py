@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from api.training import stop_on_interrupt
+from api.commands.cancel import stop_on_interrupt
 from executor import launch
 
 COMMAND_FILE = "command.json"

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from api.cli import app
-from api.training import EXIT_RUN_FAILED, EXIT_STOPPED, Summary, exit_code, failure_text
+from api.commands.train import EXIT_RUN_FAILED, EXIT_STOPPED, Summary, exit_code, failure_text
 from executor.config import RunDir
 from executor.launch import FailedRank, RunResult
 from tests.train_requests import TINY_REQUEST
