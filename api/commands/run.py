@@ -50,7 +50,9 @@ def _options_type(command: str) -> type[BaseModel]:
 def _profile(options: Any, progress: Any, cancel: threading.Event) -> None:
     from api.commands.profile import measure, save
 
-    save(measure(options, progress, cancel), options.out, options.store, options.name)
+    profile_id = save(measure(options, progress, cancel), options.out, options.store, options.name)
+    stored = f" and stored as id {profile_id}" if profile_id else ""
+    print(f"profile written to {options.out}{stored}", flush=True)
 
 
 def _validate(options: Any, progress: Any, cancel: threading.Event, command: str) -> None:
