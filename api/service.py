@@ -37,7 +37,7 @@ def stored_profile_resolver(store: ApiStore) -> Any:
 
 
 def parse_estimate(body: dict[str, Any], store: ApiStore) -> EstimateRequest:
-    return commands.parse_estimate(body, stored_profile_resolver(store))
+    return commands.parse(body, "estimate", stored_profile_resolver(store))
 
 
 def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
@@ -71,7 +71,7 @@ class PlanSearches:
 
     def search(self, body: dict[str, Any]) -> tuple[PlanRequest, SearchAnswer]:
         """The parsed request and its answer."""
-        request = commands.parse_plan(body, stored_profile_resolver(self._store))
+        request = commands.parse(body, "plan", stored_profile_resolver(self._store))
         key = json.dumps(request.model_dump(mode="json"), sort_keys=True)
         with self._lock:
             cached = self._cached(key)

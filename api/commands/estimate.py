@@ -23,10 +23,12 @@ def resolve_profile(ref: str) -> HardwareProfile:
     return resolve(ref)
 
 
-def parse_estimate(request: dict[str, Any], resolve: ProfileResolver = resolve_profile) -> EstimateRequest:
-    from planner.request import parse_estimate_request
+def parse(request: dict[str, Any], command: str = "estimate", resolve: ProfileResolver = resolve_profile) -> Any:
+    """The request of `estimate` (with its `plan`) or of `plan` (with its `search`), parsed; ValueError naming the
+    field at fault."""
+    from planner.request import parse_estimate_request, parse_plan_request
 
-    return parse_estimate_request(request, resolve)
+    return (parse_estimate_request if command == "estimate" else parse_plan_request)(request, resolve)
 
 
 def estimate(
@@ -35,21 +37,15 @@ def estimate(
     """The parsed request and its StepEstimate; ValueError (InputError, InfeasiblePlanError, ...) on bad input."""
     import planner
 
-    parsed = parse_estimate(request, resolve)
+    parsed = parse(request, "estimate", resolve)
     return parsed, planner.estimate(parsed)
-
-
-def parse_plan(request: dict[str, Any], resolve: ProfileResolver = resolve_profile) -> PlanRequest:
-    from planner.request import parse_plan_request
-
-    return parse_plan_request(request, resolve)
 
 
 def search_plans(
     request: dict[str, Any], resolve: ProfileResolver = resolve_profile
 ) -> tuple[PlanRequest, SearchResult]:
     """The parsed request and its ranked plans; ValueError on bad input."""
-    from planner.search import search
+    import planner
 
-    parsed = parse_plan(request, resolve)
-    return parsed, search(parsed)
+    parsed = parse(request, "plan", resolve)
+    return parsed, planner.search(parsed)

@@ -12,8 +12,8 @@ from planner.cost.params import model_params
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan
 
 # With one pass of runs, the profile is measured in three passes, each timing every layer shape alone, on tp ranks
-# and on busy ranks (api/profiling.measure_node), pooled by their median: a shared machine's speed drifts over
-# minutes, and passes spread that drift over every shape and phase instead of on whichever ran during a slow spell,
+# and on busy ranks (api/commands/profile.py `measure_node`), pooled by their median: a shared machine's speed drifts
+# over minutes, and passes spread that drift over every shape and phase instead of on whichever ran during a slow spell,
 # and with three a slow pass is outvoted. With several passes of runs, one profile pass comes before each
 # (`_profile_and_run`).
 PROFILE_PASSES = 3

@@ -124,7 +124,7 @@ def _memory_cells(run: PlanRun, on_gpu: bool) -> str:
 
 
 def finalist_lines(result: Validation) -> list[str]:
-    """Which plans ran again after the sweep (api/validation.py `confirm_finalists`), and their times before."""
+    """Which plans ran again after the sweep (api/loop/schedule.py `confirm_finalists`), and their times before."""
     setup = result.setup
     confirmed = [run for run in result.runs if run.confirm_runs]
     if not confirmed:
@@ -211,7 +211,7 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
 
 
 def failure_lines(result: Validation) -> list[str]:
-    """The plans whose runs failed, and those with a run that crashed (api/validation.py `crashed`) and ran again."""
+    """The plans whose runs failed, and those with a run that crashed (api/loop/runs.py `crashed`) and ran again."""
     failed = [run for run in result.runs if run.error]
     crashed = [run for run in result.runs if run.crash]
     lines = []

@@ -1,5 +1,5 @@
 """`paraplan train` and `paraplan launch-script`, run in-process through typer's CliRunner, on the paths that
-start no process: every refusal, and the scripts launch-script prints. Also the pieces of api/training.py that
+start no process: every refusal, and the scripts launch-script prints. Also the pieces of api/commands/train.py that
 turn a finished run into a summary and an exit code."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How `paraplan validate` turns a plan's runs into one measured time (api/validation.py `pooled`), which plans it
+"""How `paraplan validate` turns a plan's runs into one measured time (api/loop/schedule.py `pooled`), which plans it
 runs again after the sweep (`confirm_finalists`), and which failed runs it runs once more (`crashed`)."""
 
 from __future__ import annotations
