@@ -441,8 +441,8 @@ def test_profile_comm_from_sweep_rebuilds_the_profile(comm: Profiled, data_dir: 
 
 CRASHES_ON_VALUE_ERROR = (
     "api/commands/flags.py error_payload re-raises any ValueError it does not know; profile comm lets through the "
-    "plain ValueErrors of profiler.collectives (read_result, SweepSettings) and profiler.fit (fit_all), so the user gets "
-    "a traceback instead of an error line"
+    "plain ValueErrors of profiler.collectives (read_result, SweepSettings) and profiler.fit (fit_all), so the user "
+    "gets a traceback instead of an error line"
 )
 
 
