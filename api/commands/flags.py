@@ -1,5 +1,5 @@
 """The commands' refusals name the option at fault by its command-line flag (`--warm-steps`), the form people type;
-a REST job renames each flag to its body field (`warm_steps`, api/profile_jobs.py `renamed_error`)."""
+a REST job renames each flag to its body field (`warm_steps`, api/jobs/profile.py `renamed_error`)."""
 
 from __future__ import annotations
 

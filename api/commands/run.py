@@ -1,5 +1,5 @@
 """`python -m api.commands.run RECORD`: run one command from its stored options record (written by
-`write_record`), reporting progress as plain lines. A job's supervisor (api/supervise.py) starts it in the job's
+`write_record`), reporting progress as plain lines. A job's supervisor (api/jobs/supervise.py) starts it in the job's
 own process, so that cancelling a job stops its whole process group and a job outlives the server.
 
 Exit codes as the CLI's: 0 done, 1 bad input, 3 a run failed, 130 stopped.
@@ -72,7 +72,7 @@ def main(path: Path) -> int:
     command, options = read_record(path)
     body: Callable[[threading.Event], None]
     if command == "validate":
-        body = lambda cancel: _validate(options, LineProgress(), cancel, " ".join(argv(path)[1:]))  # noqa: E731
+        body = lambda cancel: _validate(options, LineProgress(), cancel, f"python -m api.commands.run {path}")  # noqa: E731
     else:
         body = lambda cancel: _profile(options, LineProgress(), cancel)  # noqa: E731
     try:

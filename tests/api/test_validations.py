@@ -61,7 +61,7 @@ def test_paired_reaches_the_command_as_its_switch(
     import json
 
     from api.commands.run import RECORD_FILE, argv, read_record
-    from api.supervise import COMMAND_FILE
+    from api.jobs.supervise import COMMAND_FILE
 
     accepted = idle_client.post("/v1/validations", json=SMALL | {"paired": paired}, headers=auth_headers)
     assert accepted.status_code == 202, accepted.text

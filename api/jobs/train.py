@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.commands.train import Summary, failure_text, local_spec
 from api.errors import InputError
-from api.jobs import Outcome
+from api.jobs.runner import Outcome
+from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.service import parse_estimate, stored_plan_request
 from api.settings import Settings
 from api.store import ApiStore, JobRow, MeasuredRunRow, new_id, utc_now
-from api.supervise import OUTPUT_FILE, write_command
 from executor import launch
 from executor.config import RunDir, TrainConfig
 from executor.data import SHIPPED_TEXT

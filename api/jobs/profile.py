@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.commands.flags import error_payload, flag_name
 from api.commands.inputs import model_spec
 from api.errors import InputError
-from api.jobs import Outcome
+from api.jobs.runner import Outcome
+from api.jobs.supervise import OUTPUT_FILE, write_command
+from api.jobs.train import check_process_count
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
-from api.supervise import OUTPUT_FILE, write_command
-from api.train_jobs import check_process_count
 from planner.profiles import load_profile_json
 
 PROFILE_FILE = "profile.json"
