@@ -55,18 +55,12 @@ DeviceOption = Annotated[
 ]
 
 
-def _train_config(**fields: Any) -> Any:
-    from executor.config import TrainConfig
-
-    return TrainConfig(**{name: value for name, value in fields.items() if value is not None})
-
-
-def _prepare(request: Path, out: Path, nproc: int | None, resume: bool, **config: Any) -> Any:
-    """The checked run written to `out`, or None after printing why it cannot start."""
-    from executor.prepare import prepare_run
+def _prepare(request: Path, options: Any) -> Any:
+    """The checked run written to `options.out`, or None after printing why it cannot start."""
+    from api.commands.train import prepare
 
     try:
-        return prepare_run(read_json_object(request), _train_config(**config), out, nproc=nproc, resume=resume)
+        return prepare(read_json_object(request), options)
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)
         return None
@@ -92,12 +86,13 @@ def train(
     Ctrl-C (after a checkpoint: continue with --resume)."""
     from api.cli.progress import RichProgress
     from api.cli.report import _header
-    from api.commands.train import exit_code, run_training
+    from api.commands.train import TrainOptions, exit_code, run_training
     from executor.config import RunDir
 
-    config = dict(steps=steps, data=data, checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps,
-                  seed=seed, device=device)  # fmt: skip
-    run = _prepare(request, out, nproc, resume, **config)
+    options = TrainOptions(steps=steps, out=out, nproc=nproc, data=data, resume=resume,
+                           checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                           device=device)  # fmt: skip
+    run = _prepare(request, options)
     if run is None:
         raise typer.Exit(EXIT_BAD_INPUT)
     console = _console()
@@ -131,12 +126,10 @@ def launch_script(
     device: DeviceOption = "cuda",
 ) -> None:
     """Write the run to --out and print the torchrun command for each node (or a Slurm batch script)."""
-    from api.commands.train import EXIT_RUN_FAILED, launch_script_text, worker_args
+    from api.commands.train import EXIT_RUN_FAILED, TrainOptions, launch_script_text, worker_args
     from executor import launch
     from executor.config import RunDir
 
-    config = dict(steps=steps, data=data, checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps,
-                  seed=seed, device=device)  # fmt: skip
     per_node = nproc_per_node
     try:
         if submit and not sbatch:
@@ -156,7 +149,10 @@ def launch_script(
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    if _prepare(request, out, nnodes * per_node, resume, **config) is None:
+    options = TrainOptions(steps=steps, out=out, nproc=nnodes * per_node, data=data, resume=resume,
+                           checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                           device=device)  # fmt: skip
+    if _prepare(request, options) is None:
         raise typer.Exit(EXIT_BAD_INPUT)
     if not submit:
         typer.echo(text, nl=False)

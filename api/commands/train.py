@@ -11,12 +11,18 @@ import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
 
 from api.commands.cancel import stop_on_interrupt
 from api.commands.progress import Progress, Update
 from executor import launch
-from executor.config import RunDir, TrainRun, parse_step_line
+from executor.config import RunDir, TrainConfig, TrainRun, parse_step_line
+
+if TYPE_CHECKING:
+    from planner.request import EstimateRequest
 
 EXIT_RUN_FAILED = 3  # a rank failed; the run's logs say why
 
@@ -26,6 +32,37 @@ EXIT_STOPPED = 130  # stopped by Ctrl-C / SIGTERM after a checkpoint (the shell'
 
 GRACE_S = 60.0
 """How long a stopping run may take to finish its step and save a checkpoint before it is killed."""
+
+
+class TrainOptions(BaseModel):
+    """A run's own options, beside the contract request it trains (which the CLI reads from a file and a training
+    job takes from its body): how long, with what data and hyperparameters, where, on how many processes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int
+    out: Path
+    nproc: int | None = None  # default: the plan's GPU count
+    data: Path | None = None  # a text file, trained on as bytes; None: synthetic tokens
+    resume: bool = False
+    checkpoint_every: int = 0
+    lr: float = 3e-4
+    warmup_steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def config(self) -> TrainConfig:
+        """The executor's TrainConfig (its own checks name the field at fault)."""
+        fields = ("steps", "data", "checkpoint_every", "lr", "warmup_steps", "seed", "device")
+        return TrainConfig(**{name: getattr(self, name) for name in fields if getattr(self, name) is not None})
+
+
+def prepare(request: dict[str, Any] | EstimateRequest, options: TrainOptions) -> TrainRun:
+    """The run checked and written to `options.out` (run.json), ready to launch; ValueError naming the field at
+    fault otherwise."""
+    from executor.prepare import prepare_run
+
+    return prepare_run(request, options.config(), options.out, nproc=options.nproc, resume=options.resume)
 
 
 def worker_args(run_dir: RunDir, resume: bool) -> tuple[str, ...]:

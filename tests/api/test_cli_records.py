@@ -16,7 +16,9 @@ from api.cli.flags import FLAG_FIELDS
 from api.cli.profile import options_of as profile_options_of
 from api.cli.validate import options_of as validate_options_of
 from api.commands.profile import OPTIONS as PROFILE_OPTIONS
+from api.commands.train import TrainOptions
 from api.commands.validate import ValidateOptions
+from api.jobs.train import TrainJobOptions
 from planner.request import EstimateRequest, PlanRequest
 from planner.specs import FixedPlanFields
 
@@ -66,6 +68,25 @@ def test_profile_takes_its_records_options_with_its_defaults(what: str, tmp_path
         given | ({"model": from_cli.model, "seq_len": (128,)} if what != "comm" else {})  # type: ignore[attr-defined]
     )
     assert from_cli.model_dump() == expected.model_dump()
+
+
+@pytest.mark.parametrize("command", ["train", "launch-script"])
+def test_train_and_launch_script_take_the_records_options_with_its_defaults(command: str):
+    """Both write the run from a TrainOptions record; launch-script runs on GPUs by default, train here."""
+    defaults = cli_defaults(command)
+    shared = set(defaults) & set(TrainOptions.model_fields)
+    assert set(TrainOptions.model_fields) - {"nproc"} <= shared
+    for name in shared - {"steps", "out", "nproc", *(["device"] if command == "launch-script" else [])}:
+        assert defaults[name] == TrainOptions.model_fields[name].default, name
+
+
+def test_a_training_job_takes_the_records_defaults():
+    """A training job's body (beside its request) sets the same options, with the same defaults; `data` names a
+    text in the server's datasets folder instead of a path."""
+    shared = set(TrainJobOptions.model_fields) & set(TrainOptions.model_fields) - {"data"}
+    assert shared == {"steps", "nproc", "checkpoint_every", "lr", "warmup_steps", "seed", "device"}
+    for name in shared - {"steps"}:
+        assert TrainJobOptions.model_fields[name].default == TrainOptions.model_fields[name].default, name
 
 
 def imported_modules(path: Path) -> set[str]:
