@@ -33,8 +33,9 @@ class RichProgress:
                 task = bar.add_task(label, total=total, completed=done, what=what)
 
                 def update(done: int | None = None, total: int | None = None, what: str | None = None) -> None:
-                    fields = {} if what is None else {"what": what}
-                    bar.update(task, completed=done, total=total, **fields)
+                    bar.update(task, completed=done, total=total)
+                    if what is not None:
+                        bar.update(task, what=what)
 
                 yield update
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -52,7 +52,7 @@ class LineProgress:
         print(text, flush=True)
 
     @staticmethod
-    def _line(label: str, state: dict[str, object]) -> None:
+    def _line(label: str, state: Mapping[str, object]) -> None:
         total = "?" if state["total"] is None else state["total"]
         print(f"{label}: {state['done']}/{total} {state['what']}".rstrip(), file=sys.stdout, flush=True)
 
