@@ -21,15 +21,15 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_payload, validation_fields
-from api.jobs import JobRunner
-from api.profile_jobs import ProfileJobBody, ProfileJobs
+from api.jobs.profile import ProfileJobBody, ProfileJobs
+from api.jobs.runner import JobRunner
+from api.jobs.train import TrainJobOptions, TrainJobs
+from api.jobs.validate import ValidationJobBody, ValidationJobs
 from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
 from api.service import PlanSearches
 from api.settings import Settings
 from api.store import ApiStore
-from api.train_jobs import TrainJobOptions, TrainJobs
-from api.validation_jobs import ValidationJobBody, ValidationJobs
 
 log = logging.getLogger("paraplan.api")
 VERSION = "0.1.0"

@@ -12,10 +12,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from api.commands import estimate as commands
 from api.errors import InputError
 from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
 from planner.profiles import ProfileError
-from planner.request import EstimateRequest, PlanRequest, parse_estimate_request, parse_plan_request
+from planner.request import EstimateRequest, PlanRequest
 from planner.specs import HardwareProfile
 from profiler.store import is_profile_id
 
@@ -36,13 +37,11 @@ def stored_profile_resolver(store: ApiStore) -> Any:
 
 
 def parse_estimate(body: dict[str, Any], store: ApiStore) -> EstimateRequest:
-    return parse_estimate_request(body, stored_profile_resolver(store))
+    return commands.parse(body, "estimate", stored_profile_resolver(store))
 
 
 def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
-    import planner
-
-    return planner.estimate(parse_estimate(body, store)).model_dump(mode="json")
+    return commands.estimate(body, stored_profile_resolver(store))[1].model_dump(mode="json")
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class PlanSearches:
 
     def search(self, body: dict[str, Any]) -> tuple[PlanRequest, SearchAnswer]:
         """The parsed request and its answer."""
-        request = parse_plan_request(body, stored_profile_resolver(self._store))
+        request = commands.parse(body, "plan", stored_profile_resolver(self._store))
         key = json.dumps(request.model_dump(mode="json"), sort_keys=True)
         with self._lock:
             cached = self._cached(key)

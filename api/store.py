@@ -53,7 +53,7 @@ class PlanRow(Base):
 class JobRow(Base):
     """A training or profiling run the service started (or will start: QUEUED).
 
-    ``pid`` is the job's supervisor (api/supervise.py), which outlives the server that started it; a restarted
+    ``pid`` is the job's supervisor (api/jobs/supervise.py), which outlives the server that started it; a restarted
     server finds it again by pid and job folder. ``idempotency_key`` makes a retried POST return this job.
     """
 

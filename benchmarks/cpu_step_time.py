@@ -39,7 +39,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import planner  # noqa: E402
-from api.training import local_spec  # noqa: E402
+from api.commands.train import local_spec  # noqa: E402
 from executor import launch  # noqa: E402
 from executor.config import RunDir, TrainConfig  # noqa: E402
 from executor.prepare import prepare_run  # noqa: E402
@@ -66,9 +66,10 @@ def request(micro_batch_size: int, recompute: str, profile: Path | None = None) 
     }
 
 
-def measure_profile(out: Path, args: argparse.Namespace, console: Console, after_pass: Callable[[int], None]) -> Path:
+def measure_profile(out: Path, args: argparse.Namespace, after_pass: Callable[[int], None]) -> Path:
     """The model's layers on this CPU, one pass over the sweep per round, `after_pass(i)` after pass i."""
-    from api.profiling import run_compute
+    from api.commands.profile import run_compute
+    from api.commands.progress import LineProgress
     from profiler.compute import ComputeSweep
 
     sweep = ComputeSweep(
@@ -79,7 +80,7 @@ def measure_profile(out: Path, args: argparse.Namespace, console: Console, after
         repeats=args.repeats,
         passes=args.rounds,
     )
-    return save_profile_json(run_compute(sweep, console, after_pass=after_pass), out)
+    return save_profile_json(run_compute(sweep, LineProgress(), after_pass=after_pass), out)
 
 
 class TrainingRounds:
@@ -122,7 +123,7 @@ def main() -> None:
     grid = [(mbs, mode) for mbs in MICRO_BATCH_SIZES for mode in RECOMPUTE_MODES]
     rounds = TrainingRounds(grid, args, out)
     if args.profile is None:
-        profile = measure_profile(out / "profile.json", args, console, after_pass=rounds.run)
+        profile = measure_profile(out / "profile.json", args, after_pass=rounds.run)
     else:
         profile = args.profile
         for round_index in range(args.rounds):

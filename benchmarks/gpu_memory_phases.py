@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from api.cli import model_from_flag
+from api.commands.inputs import model_from_flag
 from executor.models import build_model, next_token_loss
 from executor.parallel.checkpoint import apply_recompute
 from planner.request import resolve_model

@@ -11,7 +11,7 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.responses import Response
 
 from api.errors import HTTP_STATUS, InputError
-from api.jobs import JobRunner
+from api.jobs.runner import JobRunner
 from api.service import PlanSearches
 from api.settings import API_TOKEN_ENV, Settings
 from api.store import ApiStore

@@ -19,6 +19,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from api.errors import InputError
+from api.jobs.supervise import OUTPUT_FILE
+from api.jobs.train import RUN_FOLDER, prepare_train_job, train_job_view
+from api.jobs.validate import validation_details
 from api.routes.common import (
     ApiError,
     Limit,
@@ -32,9 +35,6 @@ from api.routes.common import (
     not_found,
 )
 from api.store import FINAL_STATES, JobRow, dumps, new_id
-from api.supervise import OUTPUT_FILE
-from api.train_jobs import RUN_FOLDER, prepare_train_job, train_job_view
-from api.validation_jobs import validation_details
 from executor.config import RunDir
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api.profile_jobs import prepare_profile_job
+from api.jobs.profile import prepare_profile_job
 from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_response, json_with, not_found
 from api.routes.jobs import IdempotencyKey, accept_job, job_view
 from api.store import JobRow

@@ -33,7 +33,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
 from api.app import create_app
-from api.jobs import kill_strays
+from api.jobs.runner import kill_strays
 from api.settings import Settings
 from planner.presets import GPU_PRESETS, MODEL_PRESETS
 from profiler.store import DATABASE_FILE_NAME

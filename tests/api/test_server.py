@@ -162,7 +162,7 @@ def kill_processes_in(folder: Path, limit_s: float = 10) -> None:
 
 
 def supervisor_of(job_dir: Path) -> int | None:
-    return next((pid for pid, argv in processes_in(job_dir).items() if "api.supervise" in argv), None)
+    return next((pid for pid, argv in processes_in(job_dir).items() if "api.jobs.supervise" in argv), None)
 
 
 def alive(pid: int) -> bool:

@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from api.cli import app
+from api.jobs.supervise import read_result, supervisor_argv, write_command
 from api.service import PlanSearches
 from api.settings import Settings, SettingsError
 from api.store import ApiStore, JobRow, utc_now
-from api.supervise import read_result, supervisor_argv, write_command
 
 TINY_SEARCH = Path(__file__).parents[2] / "executor" / "examples" / "tiny-llama-2cpu-search.json"
 
@@ -195,9 +195,9 @@ def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
 def test_a_job_whose_ranks_fail_is_failed_with_the_first_ranks_error(tmp_path):
     """run.json is broken after the job was accepted: every rank fails reading it, and the job's failure
     reason is torchrun's root cause (rank and message), not just an exit code."""
-    from api.jobs import JobRunner
-    from api.profile_jobs import ProfileJobs
-    from api.train_jobs import RUN_FOLDER, TrainJobs, prepare_train_job
+    from api.jobs.profile import ProfileJobs
+    from api.jobs.runner import JobRunner
+    from api.jobs.train import RUN_FOLDER, TrainJobs, prepare_train_job
 
     settings = Settings.from_env(data_dir=tmp_path, api_token=None)
     store = ApiStore(settings.database_url)

@@ -56,21 +56,21 @@ def test_bad_validations_name_the_field_and_start_nothing(
 def test_paired_reaches_the_command_as_its_switch(
     idle_client: TestClient, auth_headers: dict[str, str], data_dir: Path, paired: bool
 ):
-    """The job's command line, parsed as `paraplan validate` parses it, asks for a paired validation or not (the
-    paired validation itself: tests/distributed/test_validate.py)."""
+    """The job's options record, read as the job's process reads it, asks for a paired validation or not, and the
+    job's command runs that record (the paired validation itself: tests/distributed/test_validate.py)."""
     import json
 
-    import typer
-
-    from api import cli
-    from api.supervise import COMMAND_FILE
+    from api.commands.run import RECORD_FILE, argv, read_record
+    from api.jobs.supervise import COMMAND_FILE
 
     accepted = idle_client.post("/v1/validations", json=SMALL | {"paired": paired}, headers=auth_headers)
     assert accepted.status_code == 202, accepted.text
     (job_id,) = job_folders(data_dir)
-    argv = json.loads((data_dir / "jobs" / job_id / COMMAND_FILE).read_text())["argv"]
-    validate = typer.main.get_command(cli.app).commands["validate"]  # type: ignore[attr-defined]
-    assert validate.make_context("validate", argv[argv.index("validate") + 1 :]).params["paired"] is paired
+    record = data_dir / "jobs" / job_id / RECORD_FILE
+    assert json.loads((data_dir / "jobs" / job_id / COMMAND_FILE).read_text())["argv"] == argv(record)
+    command, options = read_record(record)
+    assert command == "validate"
+    assert options.paired is paired  # type: ignore[attr-defined]
 
 
 def test_a_space_without_two_runnable_plans_is_refused(idle_client: TestClient, auth_headers: dict[str, str]):

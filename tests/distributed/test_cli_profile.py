@@ -231,8 +231,8 @@ COMPUTE_REFUSALS = {
     "bf16-on-cpu": (["--dtype", "bf16", "--device", "cpu"], "--dtype"),
     "mbs-not-a-number": (["--mbs", "x"], "--mbs"),
 }
-# api/cli.py compute_sweep names a ComputeSweep violation with flag_name(field), which turns the sweep's field names
-# into flags the command does not have: tps -> --tps, micro_batch_sizes -> --micro-batch-sizes, seq_lens ->
+# api/commands/profile.py compute_sweep names a ComputeSweep violation with flag_name(field), which turns the sweep's
+# field names into flags the command does not have: tps -> --tps, micro_batch_sizes -> --micro-batch-sizes, seq_lens ->
 # --seq-lens, recompute_modes -> --recompute-modes.
 # Refusals of settings whose ComputeSweep field is named differently from the flag: the flag is what is named.
 COMPUTE_REFUSALS_NAMING_A_FIELD = {
@@ -440,9 +440,9 @@ def test_profile_comm_from_sweep_rebuilds_the_profile(comm: Profiled, data_dir: 
 
 
 CRASHES_ON_VALUE_ERROR = (
-    "api/cli.py error_payload re-raises any ValueError it does not know; profile comm lets through the plain "
-    "ValueErrors of profiler.collectives (read_result, SweepSettings) and profiler.fit (fit_all), so the user gets "
-    "a traceback instead of an error line"
+    "api/commands/flags.py error_payload re-raises any ValueError it does not know; profile comm lets through the "
+    "plain ValueErrors of profiler.collectives (read_result, SweepSettings) and profiler.fit (fit_all), so the user "
+    "gets a traceback instead of an error line"
 )
 
 

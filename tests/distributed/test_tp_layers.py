@@ -6,17 +6,16 @@ keep both ranks busy use those times."""
 
 from __future__ import annotations
 
-import io
 import threading
 
 import pytest
 
 pytest.importorskip("torch")
 
-from rich.console import Console  # noqa: E402
 
 import planner  # noqa: E402
-from api.profiling import run_loaded_layers, run_tp_layers, with_rank_measurements  # noqa: E402
+from api.commands.profile import run_loaded_layers, run_tp_layers, with_rank_measurements  # noqa: E402
+from api.commands.progress import SILENT, Progress  # noqa: E402
 from planner.cost.batch import PlanBatch  # noqa: E402
 from planner.cost.tensor import tp_step_comm_s  # noqa: E402
 from planner.profiles import save_profile_json  # noqa: E402
@@ -39,8 +38,8 @@ SWEEP = ComputeSweep(
 )
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO())
+def quiet() -> Progress:
+    return SILENT
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.cli import VALIDATION_MODEL
-from api.validation import ValidationSetup, valid_plans
+from api.commands.defaults import VALIDATION_MODEL
+from api.loop.setup import ValidationSetup, valid_plans
 from planner import calibration
 from planner.calibration import (
     FACTORS,

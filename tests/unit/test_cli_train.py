@@ -1,5 +1,5 @@
 """`paraplan train` and `paraplan launch-script`, run in-process through typer's CliRunner, on the paths that
-start no process: every refusal, and the scripts launch-script prints. Also the pieces of api/training.py that
+start no process: every refusal, and the scripts launch-script prints. Also the pieces of api/commands/train.py that
 turn a finished run into a summary and an exit code."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from api.cli import app
-from api.training import EXIT_RUN_FAILED, EXIT_STOPPED, Summary, exit_code, failure_text
+from api.commands.train import EXIT_RUN_FAILED, EXIT_STOPPED, Summary, exit_code, failure_text
 from executor.config import RunDir
 from executor.launch import FailedRank, RunResult
 from tests.train_requests import TINY_REQUEST

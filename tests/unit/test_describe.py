@@ -1,6 +1,6 @@
 """planner/describe.py: the one line a plan is printed as (the CLI, the search's explanation, the benchmarks)."""
 
-from planner.describe import describe_plan
+from planner.describe import describe_plan, describe_plan_compact
 from planner.specs import ParallelPlan
 
 
@@ -20,3 +20,14 @@ def test_defaults_name_every_degree_and_say_no_recompute():
 def test_a_layer_split_is_listed_stage_by_stage():
     plan = ParallelPlan(dp=1, tp=1, pp=2, zero_stage=0, schedule="gpipe", layers_per_stage=(3, 5))
     assert describe_plan(plan) == "dp1 tp1 pp2 cp1 · ZeRO-0 · mbs 1 · no recompute · gpipe · layers 3,5"
+
+
+def test_a_compact_label_names_only_what_applies() -> None:
+    plan = ParallelPlan(dp=2, pp=2, zero_stage=1, micro_batch_size=4, sequence_parallel=False, schedule="1f1b")
+    assert describe_plan_compact(plan) == "dp2 tp1 pp2 zero1 mbs4 none 1f1b"
+    single = ParallelPlan(tp=2, sequence_parallel=True, recompute="full")
+    assert describe_plan_compact(single) == "dp1 tp2 pp1 mbs1 full sp"
+
+
+def test_a_compact_label_names_context_parallelism_and_its_zero_group() -> None:
+    assert describe_plan_compact(ParallelPlan(cp=2, zero_stage=2)) == "dp1 tp1 pp1 cp2 zero2 mbs1 none"

@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from api.cli import app, validation_setup
-from api.validation import PlanRun, ValidationSetup, compare, describe, read_runs
-from api.validation_report import markdown
+from api.cli import app
+from api.cli.validate import validation_setup
+from api.loop.compare import compare
+from api.loop.records import read_runs
+from api.loop.report import markdown
+from api.loop.runs import PlanRun
+from api.loop.setup import ValidationSetup
+from planner.describe import describe_plan_compact
 from planner.profiles import load_profile_json
 from planner.specs import HardwareProfile
 
@@ -43,7 +48,7 @@ def test_every_h200_run_peaks_within_5_percent_of_its_prediction(name, tmp_path)
     assert runs and all(run.measured_peak_bytes for run in runs)
     for run in runs:
         error = run.predicted_allocated_bytes / run.measured_peak_bytes - 1
-        assert abs(error) < 0.05, f"{describe(run.plan)}: predicted {error:+.1%}"
+        assert abs(error) < 0.05, f"{describe_plan_compact(run.plan)}: predicted {error:+.1%}"
 
 
 @pytest.mark.parametrize("name", sorted(VALIDATIONS))
@@ -72,7 +77,7 @@ def test_h200_step_time_of_the_20_step_validation_is_within_5_percent_on_average
     assert result.before.mape < 0.05 and result.after.mape < 0.05
     for run in result.measured:
         if run.plan.micro_batch_size >= 4:
-            assert abs(run.estimate["step_time_s"] / run.measured_s - 1) < 0.05, describe(run.plan)
+            assert abs(run.estimate["step_time_s"] / run.measured_s - 1) < 0.05, describe_plan_compact(run.plan)
 
 
 def test_the_predicted_peak_of_a_small_fully_recomputed_plan_is_the_optimizer_step(tmp_path):

@@ -1,4 +1,4 @@
-"""How `paraplan validate` turns a plan's runs into one measured time (api/validation.py `pooled`), which plans it
+"""How `paraplan validate` turns a plan's runs into one measured time (api/loop/schedule.py `pooled`), which plans it
 runs again after the sweep (`confirm_finalists`), and which failed runs it runs once more (`crashed`)."""
 
 from __future__ import annotations
@@ -8,19 +8,11 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from api.cli import validate as cli_validate
-from api.validation import (
-    DEFAULT_STEPS,
-    MAX_FINALISTS,
-    Attempt,
-    PlanRun,
-    ValidationSetup,
-    confirm_finalists,
-    crashed,
-    failure,
-    finalists,
-    pooled,
-)
+from api.cli.validate import validate as cli_validate
+from api.commands.defaults import DEFAULT_STEPS
+from api.loop.runs import PlanRun, crashed, failure
+from api.loop.schedule import MAX_FINALISTS, Attempt, confirm_finalists, finalists, pooled
+from api.loop.setup import ValidationSetup
 from executor.launch import FailedRank, RunResult
 from planner.specs import ParallelPlan
 
@@ -144,5 +136,5 @@ def test_a_crash_survived_by_running_again_is_kept_through_pooling():
 
 
 def test_paraplan_validate_trains_each_plan_the_default_number_of_steps():
-    """The CLI spells the default out (it imports api.validation only when it runs); the two must agree."""
+    """The CLI's option, the loop's setup and the default agree (the CLI imports the loop only when it runs)."""
     assert inspect.signature(cli_validate).parameters["steps"].default == DEFAULT_STEPS == ValidationSetup.steps

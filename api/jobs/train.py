@@ -15,15 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.commands.train import Summary, TrainOptions, failure_text, local_spec, prepare
 from api.errors import InputError
-from api.jobs import Outcome
+from api.jobs.runner import Outcome
+from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.service import parse_estimate, stored_plan_request
 from api.settings import Settings
 from api.store import ApiStore, JobRow, MeasuredRunRow, new_id, utc_now
-from api.supervise import OUTPUT_FILE, write_command
-from api.training import Summary, failure_text, local_spec
 from executor import launch
-from executor.config import RunDir, TrainConfig
+from executor.config import RunDir
 from executor.data import SHIPPED_TEXT
 
 RUN_FOLDER = "run"
@@ -104,20 +104,21 @@ def prepare_train_job(body: dict[str, Any], job_id: str, store: ApiStore, settin
     """Check the job and write its folder (run.json, the supervisor's command); ValueError naming the field
     at fault otherwise, with nothing left behind."""
     import planner
-    from executor.prepare import prepare_run
 
     options, request = split_body(body)
     parsed = parse_estimate(request_of(options, request, store), store)
     nproc = options.nproc or parsed.plan.num_gpus
     check_process_count(nproc, settings, options.device)
-    config = TrainConfig(
-        steps=options.steps, data=dataset_path(options.data, settings), checkpoint_every=options.checkpoint_every,
-        lr=options.lr, warmup_steps=options.warmup_steps, seed=options.seed, device=options.device,
-    )  # fmt: skip
     job_dir = settings.jobs_dir / job_id
+    run_options = TrainOptions(
+        steps=options.steps, out=job_dir / RUN_FOLDER, nproc=nproc, data=dataset_path(options.data, settings),
+        checkpoint_every=options.checkpoint_every, lr=options.lr, warmup_steps=options.warmup_steps,
+        seed=options.seed, device=options.device,
+    )  # fmt: skip
+    run_options.config()  # its refusals (a warm-up beyond the steps, ...) before anything is written
     job_dir.mkdir(parents=True)
     try:
-        run = prepare_run(parsed, config, job_dir / RUN_FOLDER, nproc=nproc)
+        run = prepare(parsed, run_options)
         predicted = planner.estimate(run.request)
         spec = local_spec(RunDir(job_dir / RUN_FOLDER), nproc, resume=False)
         write_command(job_dir, launch.torchrun_command(spec), settings.job_grace_s)

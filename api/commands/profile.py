@@ -1,13 +1,15 @@
-"""`paraplan profile compute|comm|all`: run the profilers, show their progress and results, save and store the profile.
+"""`profile compute|comm|all`: the options of each (typed records), their checks (no torch), and the measurement.
 
 The compute profile runs in this process (it imports torch when it starts measuring); the collective sweep runs
 under torchrun through `executor.launch`, one worker per rank, and is turned into a profile with its alpha-beta
-fits here. Across several nodes this command cannot start the other nodes' workers: it prints the torchrun line
-for each node, and `--from-sweep` turns the file rank 0 wrote into a profile afterwards.
+fits here. Across several nodes this command cannot start the other nodes' workers: the CLI prints the torchrun
+line for each node (`per_node_text`), and `from_sweep` turns the file rank 0 wrote into a profile afterwards.
+Progress goes through `api.commands.progress.Progress`.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -15,13 +17,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from pydantic import BaseModel, ConfigDict
 
+from api.commands.defaults import ALL_COLLECTIVES
+from api.commands.flags import SWEEP_FLAGS, flag_name
+from api.commands.progress import Progress, Update
+from api.errors import InputError
 from executor import launch
 from planner.profiles import ProfileError
-from planner.specs import HardwareProfile, LayerMeasurement, OptimizerMeasurement
+from planner.specs import HardwareProfile, LayerMeasurement, ModelSpec
 from profiler import collectives, tp_layers
 from profiler.compute import ComputeSweep
 from profiler.fit import fit_all
@@ -32,55 +36,166 @@ class ProfileRunError(RuntimeError):
     """A profiling run that failed (a rank died, the sweep wrote nothing): the message says which and why."""
 
 
-def _progress(console: Console, label: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[what]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+# ----------------------------------------------------------------------------------------------- options
 
 
-# ----------------------------------------------------------------------------------------------- compute
+class _Output(BaseModel):
+    """Where a profile goes: the file `out` and, with `store`, the database under `name`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path
+    store: bool = True
+    name: str | None = None
+
+
+class ComputeOptions(_Output):
+    """`profile compute`: the layer shapes to time and how."""
+
+    model: ModelSpec
+    seq_len: tuple[int, ...]
+    mbs: tuple[int, ...] = (1, 2, 4)
+    tp: tuple[int, ...] = (1,)
+    recompute: tuple[str, ...] = ("none", "selective", "full")
+    device: str = "cpu"
+    dtype: str = "fp32"
+    optimizer: str = "adamw"
+    warmup: int = 3
+    repeats: int = 10
+    threads: int | None = None
+    passes: int = 1
+
+
+class CommOptions(_Output):
+    """`profile comm`: the collective sweep (or, with `from_sweep`, a finished multi-node sweep's file)."""
+
+    nproc: int = 2
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    min_bytes: int = 1024
+    max_bytes: int = 256 * 2**20
+    ops: tuple[str, ...] = ALL_COLLECTIVES
+    warmup: int = 5
+    repeats: int = 20
+    backend: str | None = None
+    from_sweep: Path | None = None
+
+
+class AllOptions(ComputeOptions):
+    """`profile all`: compute and collectives on this node; every collective from 1 KiB, with the compute's
+    warm-up and repeats."""
+
+    nproc: int = 2
+    max_bytes: int = 256 * 2**20
+
+
+OPTIONS: dict[str, type[_Output]] = {"compute": ComputeOptions, "comm": CommOptions, "all": AllOptions}
+
+
+def compute_sweep(options: ComputeOptions) -> ComputeSweep:
+    """The ComputeSweep the options describe, or ComputeSweepError naming the bad flag."""
+    from profiler.compute import ComputeSweepError
+
+    sweep = ComputeSweep(
+        model=options.model, seq_lens=options.seq_len, micro_batch_sizes=options.mbs, tps=options.tp,
+        recompute_modes=options.recompute, dtype=options.dtype, device=options.device,  # type: ignore[arg-type]
+        optimizer=options.optimizer, warmup=options.warmup, repeats=options.repeats,  # type: ignore[arg-type]
+        threads=options.threads, passes=options.passes,
+    )  # fmt: skip
+    problems = sweep.violations()
+    if problems:
+        flags = [SWEEP_FLAGS.get(field, flag_name(field)) for field, _ in problems]
+        message = "; ".join(f"{flag}: {why}" for flag, (_, why) in zip(flags, problems, strict=True))
+        raise ComputeSweepError(flags[0], message)
+    return sweep
+
+
+def comm_launch(options: CommOptions | AllOptions) -> CommLaunch:
+    """The collective sweep the options describe, checked before anything starts (`profile all`: one node, every
+    collective from 1 KiB, with the compute's warm-up and repeats)."""
+    from profiler.collectives import sweep_command_args
+
+    if isinstance(options, AllOptions):
+        options = CommOptions(out=options.out, nproc=options.nproc, max_bytes=options.max_bytes,
+                              warmup=options.warmup, repeats=options.repeats)  # fmt: skip
+    nproc, nnodes = options.nproc, options.nnodes
+    problems = comm_violations(nproc, nnodes)
+    if problems:
+        raise InputError("; ".join(problems), fields=[{"field": "--nproc", "message": p} for p in problems])
+    if nnodes > 1 and options.rdzv_endpoint is None:
+        raise InputError("--rdzv-endpoint host:port (node 0's address) is needed with --nnodes > 1")
+    try:
+        args = sweep_command_args(sweep_file(options.out), options.min_bytes, options.max_bytes, ",".join(options.ops),
+                                  options.warmup, options.repeats, options.backend)  # fmt: skip
+    except ValueError as exc:  # the sweep's own checks start with the flag (--ops, --min-bytes, ...)
+        flag = re.match(r"--[a-z][a-z-]*", str(exc))
+        raise InputError(str(exc), fields=[{"field": flag.group(0), "message": str(exc)}] if flag else None) from None
+    comm = CommLaunch(nproc, nnodes, args, options.rdzv_endpoint)
+    comm.spec()  # LaunchSpec's own checks (ranks, endpoint)
+    return comm
+
+
+def check(options: _Output) -> None:
+    """Every check the measurement would make before starting (no torch): what a job runs before it is queued."""
+    if isinstance(options, ComputeOptions):
+        compute_sweep(options)
+    if isinstance(options, (CommOptions, AllOptions)) and getattr(options, "from_sweep", None) is None:
+        comm_launch(options)
+
+
+def sweep_file(out: Path) -> Path:
+    """Where rank 0 writes the raw sweep: next to the profile, so a multi-node sweep can be turned into one."""
+    return out.with_name(out.stem + ".sweep.json")
+
+
+# ------------------------------------------------------------------------------------------- operations
+
+
+def measure(options: _Output, progress: Progress, cancel: threading.Event) -> HardwareProfile:
+    """The profile the options ask for (a one-node sweep; a multi-node one's `from_sweep` file)."""
+    if isinstance(options, AllOptions):
+        sweep = sweep_for_ranks(compute_sweep(options), options.nproc)
+        comm = comm_launch(options)
+        compute = measure_node(sweep, options.nproc, progress, cancel)
+        return merge(compute, run_comm(comm, sweep_file(options.out), progress, cancel))
+    if isinstance(options, ComputeOptions):
+        return run_compute(compute_sweep(options), progress)
+    assert isinstance(options, CommOptions)
+    if options.from_sweep is not None:
+        return comm_profile(options.from_sweep)
+    return run_comm(comm_launch(options), sweep_file(options.out), progress, cancel)
 
 
 def run_compute(
-    sweep: ComputeSweep, console: Console, after_pass: Callable[[int], None] | None = None
+    sweep: ComputeSweep, progress: Progress, after_pass: Callable[[int], None] | None = None
 ) -> HardwareProfile:
     """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer); `after_pass`
     as `profile_compute` takes it."""
     from profiler.compute import profile_compute
 
-    with _progress(console, "compute") as progress:
-        task = progress.add_task("compute", total=sweep.passes * len(sweep.runs()) + 1, what="starting")
-
-        def tick(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, what=what)
-
-        return profile_compute(sweep, on_progress=tick, after_pass=after_pass)
+    with progress.task("compute", total=sweep.passes * len(sweep.runs()) + 1, what="starting") as update:
+        return profile_compute(sweep, on_progress=update, after_pass=after_pass)
 
 
-def run_tp_layers(sweep: ComputeSweep, console: Console, cancel: threading.Event) -> tp_layers.RanksResult:
+def run_tp_layers(sweep: ComputeSweep, progress: Progress, cancel: threading.Event) -> tp_layers.RanksResult:
     """Time the sweep's layers on tp ranks (profiler/tp_layers.py) for every tp degree > 1 it names: one torchrun
     launch of tp workers per degree, with a progress bar."""
     layers: list[LayerMeasurement] = []
     for tp in sorted(t for t in set(sweep.tps) if t > 1):
-        layers += _run_on_ranks(sweep, tp, (), f"layers on {tp} tp ranks", console, cancel).layers
+        layers += _run_on_ranks(sweep, tp, (), f"layers on {tp} tp ranks", progress, cancel).layers
     return tp_layers.RanksResult(layers, [])
 
 
 def run_loaded_layers(
-    sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event
+    sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event
 ) -> tp_layers.RanksResult:
     """Time the sweep's one-device layers and optimizer step on `nproc` ranks at once (profiler/tp_layers.py
     `--loaded`): what each rank takes while every rank of the node computes."""
-    return _run_on_ranks(sweep, nproc, ("--loaded",), f"layers on {nproc} loaded ranks", console, cancel)
+    return _run_on_ranks(sweep, nproc, ("--loaded",), f"layers on {nproc} loaded ranks", progress, cancel)
 
 
 def with_layers_on_ranks(
-    profile: HardwareProfile, sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event
+    profile: HardwareProfile, sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event
 ) -> HardwareProfile:
     """`profile` (the sweep measured on one device) with what a node of `nproc` ranks adds: the layers on tp ranks
     for every tp degree of the sweep up to `nproc` (larger ones cannot run on the node; their shards' times and the
@@ -89,21 +204,21 @@ def with_layers_on_ranks(
     if nproc < 2:
         return profile
     on_node = replace(sweep, tps=tuple(tp for tp in sweep.tps if tp <= nproc))
-    on_ranks = run_tp_layers(on_node, console, cancel), run_loaded_layers(sweep, nproc, console, cancel)
+    on_ranks = run_tp_layers(on_node, progress, cancel), run_loaded_layers(sweep, nproc, progress, cancel)
     return with_rank_measurements(profile, *on_ranks)
 
 
-def measure_node(sweep: ComputeSweep, nproc: int, console: Console, cancel: threading.Event) -> HardwareProfile:
+def measure_node(sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event) -> HardwareProfile:
     """`sweep` measured on this node: alone and, with several ranks, on them (`with_layers_on_ranks`). With several
     ranks and passes, pass after pass of all three phases (alone, tp ranks, busy ranks), pooled (profiler/pool.py):
     a shared machine's speed drifts over the minutes between the phases, and measured one phase after another the
     drift lands on the ratios the cost model reads between them (a loaded layer's contention over its time alone,
     tp ranks against one device); pass by pass every phase samples the same stretch of time."""
     if nproc < 2 or sweep.passes == 1:
-        return with_layers_on_ranks(run_compute(sweep, console), sweep, nproc, console, cancel)
+        return with_layers_on_ranks(run_compute(sweep, progress), sweep, nproc, progress, cancel)
     one_pass = replace(sweep, passes=1)
     passes = [
-        with_layers_on_ranks(run_compute(one_pass, console), one_pass, nproc, console, cancel)
+        with_layers_on_ranks(run_compute(one_pass, progress), one_pass, nproc, progress, cancel)
         for _ in range(sweep.passes)
     ]
     pooled = pool_profiles(passes)
@@ -128,7 +243,7 @@ def with_rank_measurements(profile: HardwareProfile, *results: tp_layers.RanksRe
 
 
 def _run_on_ranks(
-    sweep: ComputeSweep, nproc: int, flags: tuple[str, ...], label: str, console: Console, cancel: threading.Event
+    sweep: ComputeSweep, nproc: int, flags: tuple[str, ...], label: str, progress: Progress, cancel: threading.Event
 ) -> tp_layers.RanksResult:
     """One torchrun launch of profiler/tp_layers.py on `nproc` ranks with `flags`, with a progress bar."""
     folder = Path(tempfile.mkdtemp(prefix="paraplan-layers-on-ranks-"))
@@ -141,15 +256,11 @@ def _run_on_ranks(
         log_dir=folder / "logs",
     )
     env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
-    with _progress(console, label) as progress:
-        task = progress.add_task("ranks", total=None, what="starting workers")
-        on_line = _line_handler(progress, task, lambda record: record["what"])
+    with progress.task(label, what="starting workers") as update:
+        on_line = _line_handler(update, lambda record: record["what"])
         result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
     _require_finished(result, f"timing {label}", folder)
     return tp_layers.read_result(out)
-
-
-# ------------------------------------------------------------------------------------------- collectives
 
 
 @dataclass(frozen=True)
@@ -187,12 +298,11 @@ def per_node_text(comm: CommLaunch) -> str:
     return "".join(f"# node {rank} of {comm.nnodes}:\n{command}\n" for rank, command in enumerate(commands))
 
 
-def run_comm(comm: CommLaunch, sweep_file: Path, console: Console, cancel: threading.Event) -> HardwareProfile:
+def run_comm(comm: CommLaunch, sweep_file: Path, progress: Progress, cancel: threading.Event) -> HardwareProfile:
     """Run a one-node sweep under torchrun with a progress bar; the profile of what it measured, with fits."""
     log_dir = Path(tempfile.mkdtemp(prefix="paraplan-comm-"))
-    with _progress(console, "collectives") as progress:
-        task = progress.add_task("collectives", total=None, what="starting workers")
-        on_line = _line_handler(progress, task, lambda r: f"{r['tier']} {r['op']} {r['size_bytes']:,} B")
+    with progress.task("collectives", what="starting workers") as update:
+        on_line = _line_handler(update, lambda r: f"{r['tier']} {r['op']} {r['size_bytes']:,} B")
         result = launch.run(comm.spec(log_dir), on_line=on_line, cancel=cancel)
     _require_finished(result, "the collective sweep", log_dir)
     return comm_profile(sweep_file)
@@ -208,13 +318,13 @@ def _require_finished(result: launch.RunResult, what: str, log_dir: Path) -> Non
         raise ProfileRunError(f"{what} failed: {why} (logs: {result.run_log_dir or log_dir})")
 
 
-def _line_handler(progress: Progress, task: Any, describe: Callable[[dict[str, Any]], str]) -> Callable[[str], None]:
+def _line_handler(update: Update, describe: Callable[[dict[str, Any]], str]) -> Callable[[str], None]:
     """Moves the progress bar on each of the workers' progress lines (profiler.collectives.progress_line)."""
 
     def on_line(line: str) -> None:
         record = collectives.parse_progress_line(line)
         if record is not None:
-            progress.update(task, completed=record["done"], total=record["total"], what=describe(record))
+            update(record["done"], record["total"], describe(record))
 
     return on_line
 
@@ -239,9 +349,6 @@ def comm_profile(sweep_file: Path) -> HardwareProfile:
         comm_compute_overlap=meta.get("overlap", {}).get("fraction"),
         **{name: meta[name] for name in fields},
     )
-
-
-# ------------------------------------------------------------------------------------------------ both
 
 
 def merge(compute: HardwareProfile, comm: HardwareProfile) -> HardwareProfile:
@@ -273,81 +380,3 @@ def save(profile: HardwareProfile, out: Path, store: bool, name: str | None) -> 
         return None
     with ProfileStore() as database:
         return database.add(profile, name=name)
-
-
-# ----------------------------------------------------------------------------------------------- tables
-
-
-def layer_table(profile: HardwareProfile) -> Table:
-    """Per-layer forward / backward medians (ms), saved activations (MiB) and the repeats' spread."""
-    table = Table(title=f"layer times on {profile.device_name}", title_justify="left")
-    columns = ("layer", "recompute", "timed on", "tp", "mbs", "seq", "fwd ms", "bwd ms", "saved MiB", "spread")
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("layer", "recompute", "timed on") else "right")
-    for m in profile.layers:
-        spread = max(m.forward.spread, m.backward.spread)
-        flag = " [yellow]unstable[/yellow]" if m.forward.unstable or m.backward.unstable else ""
-        table.add_row(
-            m.layer, m.recompute if m.layer == "block" else "-", _timed_on(m), str(m.tp), str(m.micro_batch_size),
-            str(m.seq_len), f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}",
-            f"{m.saved_bytes / 2**20:.2f}", f"{spread:.0%}{flag}",
-        )  # fmt: skip
-    lines = [_optimizer_line(o) for o in profile.optimizer]
-    lines += [
-        f"wait per meeting of {w.concurrent_ranks} ranks at mbs {w.micro_batch_size}: {w.wait_s * 1e3:.3f} ms"
-        for w in profile.meeting_waits
-    ]
-    table.caption = "\n".join(lines) or None
-    return table
-
-
-def _timed_on(m: LayerMeasurement) -> str:
-    """Where a layer was timed: one device alone (a tp shard there), tp ranks with their collectives, or every
-    rank of the node busy at once."""
-    if m.tp_collectives:
-        return f"{m.tp} tp ranks" + (" (sp)" if m.sequence_parallel else "")
-    if m.concurrent_ranks > 1:
-        return f"{m.concurrent_ranks} ranks busy"
-    return "alone"
-
-
-def _optimizer_line(o: OptimizerMeasurement) -> str:
-    per_param_ns = o.time.median_s / o.num_params * 1e9
-    how = f", {o.concurrent_ranks} ranks busy" if o.concurrent_ranks > 1 else ""
-    how += ", DTensor shards" if o.sharded else ""
-    return f"{o.optimizer} step: {per_param_ns:.2f} ns per parameter ({o.num_params:,} parameters{how})"
-
-
-def collective_table(profile: HardwareProfile) -> Table:
-    """Bus bandwidth (GB/s) of each op at each measured size, one column per op and tier, and the fits below."""
-    series = sorted({(m.tier, m.op, m.group_size) for m in profile.collectives})
-    sizes = sorted({m.size_bytes for m in profile.collectives})
-    busbw = {(m.tier, m.op, m.group_size, m.size_bytes): m for m in profile.collectives}
-    table = Table(title="bus bandwidth, GB/s (nccl-tests convention)", title_justify="left")
-    table.add_column("size", justify="right")
-    for tier, op, n in series:
-        table.add_column(f"{op}\n{tier} n={n}", justify="right")
-    for size in sizes:
-        cells = [_busbw_cell(busbw.get((tier, op, n, size))) for tier, op, n in series]
-        table.add_row(_size_text(size), *cells)
-    fits = [
-        f"{f.op} {f.tier} n={f.group_size}: latency {f.latency_s * 1e6:.1f} us, busbw {f.bandwidth_GBps:.2f} GB/s, "
-        f"log-R2 {f.r2:.3f}, max error {f.max_rel_error:.0%}"
-        for f in profile.collective_fits
-    ]
-    table.caption = "\n".join(fits)
-    return table
-
-
-def _busbw_cell(measurement: Any) -> str:
-    if measurement is None:
-        return "-"
-    mark = "*" if measurement.time.unstable else ""
-    return f"{measurement.busbw_GBps:.3f}{mark}"
-
-
-def _size_text(size_bytes: int) -> str:
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if size_bytes >= scale:
-            return f"{size_bytes / scale:g} {unit}"
-    return f"{size_bytes} B"

@@ -1,4 +1,4 @@
-"""A job's supervisor: ``python -m api.supervise JOB_DIR`` runs the command in ``JOB_DIR/command.json``.
+"""A job's supervisor: ``python -m api.jobs.supervise JOB_DIR`` runs the command in ``JOB_DIR/command.json``.
 
 The REST service starts one per job, in a session of its own and writing only to files, so a job outlives the
 server that started it (and any client): a restarted server finds the supervisor by pid and re-attaches, or
@@ -22,13 +22,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from api.training import stop_on_interrupt
+from api.commands.cancel import stop_on_interrupt
 from executor import launch
 
 COMMAND_FILE = "command.json"
 OUTPUT_FILE = "output.log"
 RESULT_FILE = "result.json"
-MODULE = "api.supervise"
+MODULE = "api.jobs.supervise"
 
 
 def write_command(job_dir: Path, argv: list[str], grace_s: float) -> None:

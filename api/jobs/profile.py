@@ -1,28 +1,29 @@
-"""Profiling jobs: `POST /v1/profiles` -> `paraplan profile compute|comm|all` run by a job supervisor; the
-profile it writes is stored under the job's id, so the id a client got back is what `cluster.profile` takes.
+"""Profiling jobs: `POST /v1/profiles` -> the `profile compute|comm|all` command (api/commands/profile.py) run
+from its options record by a job supervisor; the profile it writes is stored under the job's id, so the id a
+client got back is what `cluster.profile` takes.
 
-The body holds the command's options under their flag names (`seq_len` for `--seq-len`). They are checked
-by the same code the command runs, before anything starts; the model is passed to the command inline, so a
-request can never make it read a file.
+The body holds the command's options under their record's names (`seq_len`). They are checked by the same code
+the command runs, before anything starts; the model is resolved here (a preset or a ModelSpec), so a request can
+never make the command read a file.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.commands.flags import error_payload, flag_name
+from api.commands.inputs import model_spec
 from api.errors import InputError
-from api.jobs import Outcome
+from api.jobs.runner import Outcome
+from api.jobs.supervise import OUTPUT_FILE, write_command
+from api.jobs.train import check_process_count
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
-from api.supervise import OUTPUT_FILE, write_command
-from api.train_jobs import check_process_count
 from planner.profiles import load_profile_json
 
 PROFILE_FILE = "profile.json"
@@ -57,7 +58,8 @@ class ProfileJobBody(BaseModel):
 
 _COMPUTE = ("model", "seq_len", "mbs", "tp", "recompute", "device", "dtype", "optimizer", "warmup", "repeats",
             "threads", "passes")  # fmt: skip
-OPTIONS = {
+# The body fields each kind of profile takes (the others are refused, naming the field).
+FIELDS = {
     "compute": frozenset(_COMPUTE),
     "comm": frozenset({"nproc", "min_bytes", "max_bytes", "ops", "warmup", "repeats", "backend"}),
     "all": frozenset({*_COMPUTE, "nproc", "max_bytes"}),
@@ -67,114 +69,65 @@ REQUIRED = {"compute": ("model", "seq_len"), "comm": (), "all": ("model", "seq_l
 
 def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -> JobRow:
     """Check the job and write its folder; ValueError naming the body field at fault otherwise."""
+    from api.commands import profile
+    from api.commands.run import RECORD_FILE, argv, write_record
+
     job = ProfileJobBody.model_validate(body)
-    flags = _flags(job)
-    _check_with_the_command(job)
+    job_dir = settings.jobs_dir / job_id
+    options = _options(job, job_dir / PROFILE_FILE)
+    try:
+        profile.check(options)
+    except ValueError as error:
+        raise renamed_error(error, ProfileJobBody) from None
     processes = 1 if job.what == "compute" else (job.nproc or 2)
     needs_gpus = job.device == "cuda" or job.backend == "nccl"
     check_process_count(processes, settings, "cuda" if needs_gpus else "cpu")
-    job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     try:
-        argv = [sys.executable, "-m", "api.cli", "profile", job.what, "--out", str(job_dir / PROFILE_FILE),
-                "--no-store", *[token for flag, value in flags.items() for token in (flag, value)]]  # fmt: skip
-        write_command(job_dir, argv, settings.job_grace_s)
+        write_command(job_dir, argv(write_record(job_dir / RECORD_FILE, f"profile {job.what}", options)),
+                      settings.job_grace_s)  # fmt: skip
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     return JobRow(id=job_id, kind="profile", state="QUEUED", created=utc_now(), nproc=processes)
 
 
-def _flags(job: ProfileJobBody) -> dict[str, str]:
-    """`--flag value` for each option given (after checking it belongs to `what`)."""
+def _options(job: ProfileJobBody, out: Path) -> Any:
+    """The command's options record: the body's fields (after checking they belong to `what`) over the record's
+    defaults; written to `out`, not stored (the server stores it when the job ends)."""
+    from api.commands.profile import OPTIONS
+
     given = job.model_dump(exclude_none=True, exclude={"what", "name"})
-    for field in sorted(set(given) - OPTIONS[job.what]):
+    for field in sorted(set(given) - FIELDS[job.what]):
         raise InputError.at(field, f"not an option of a {job.what!r} profile (those are: {_names(job.what)})")
     for field in REQUIRED[job.what]:
         if field not in given:
             raise InputError.at(field, f"required for a {job.what!r} profile")
-    return {_flag(field): _flag_value(field, value) for field, value in given.items()}
+    if "model" in given:
+        given["model"] = model_spec(given["model"])
+    return OPTIONS[job.what](out=out, store=False, **given)
 
 
 def _names(what: str) -> str:
-    return ", ".join(sorted(OPTIONS[what]))
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return ", ".join(sorted(FIELDS[what]))
 
 
 def _field(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
 
-def _flag_value(field: str, value: Any) -> str:
-    return str(_option_value(field, value))
-
-
-def _option_value(field: str, value: Any) -> Any:
-    """A body value as the command's option takes it: lists comma-separated, the model as inline JSON."""
-    if field == "model":
-        return json.dumps(_model_spec(value).model_dump(mode="json"))
-    if isinstance(value, list):
-        return ",".join(str(item) for item in value)
-    return value
-
-
-def _model_spec(value: str | dict[str, Any]) -> Any:
-    """A preset name or a ModelSpec (with a preset's overrides) -> the full ModelSpec; never a file."""
-    from planner.request import resolve_model
-    from planner.specs import ModelSpec
-
-    return ModelSpec.model_validate(resolve_model(value))
-
-
-def _command_options(job: ProfileJobBody) -> dict[str, Any]:
-    """Every option of the command as it will run: the body's values over the command's own defaults."""
-    from api import cli
-
-    command = {"compute": cli.profile_compute, "comm": cli.profile_comm, "all": cli.profile_all}[job.what]
-    defaults = {name: parameter.default for name, parameter in inspect.signature(command).parameters.items()}
-    given = job.model_dump(exclude_none=True, exclude={"what", "name"})
-    return defaults | {field: _option_value(field, value) for field, value in given.items()}
-
-
-def _check_with_the_command(job: ProfileJobBody) -> None:
-    """Run the command's own checks (they need no torch) on the options, renaming its flags to body fields."""
-    from api import cli
-
-    options = _command_options(job)
-    try:
-        if job.what != "comm":
-            wanted = inspect.signature(cli.compute_sweep).parameters
-            cli.compute_sweep(**{name: value for name, value in options.items() if name in wanted})
-        if job.what != "compute":  # `profile all` sweeps every collective from 1 KiB
-            cli.comm_launch(
-                Path("sweep.json"), options["nproc"], 1, None, options.get("min_bytes", 1024), options["max_bytes"],
-                options.get("ops", cli.ALL_COLLECTIVES), options["warmup"], options["repeats"], options.get("backend"),
-            )  # fmt: skip
-    except ValueError as error:
-        raise renamed_error(error, ProfileJobBody) from None
-
-
 def renamed_error(error: ValueError, body: type[BaseModel]) -> ValueError:
     """A command's refusal, naming the fields of the job's `body` instead of the command's flags."""
 
     def unflagged(text: str) -> str:
-        for flag in sorted({_flag(name) for name in body.model_fields}, key=len, reverse=True):
+        for flag in sorted({flag_name(name) for name in body.model_fields}, key=len, reverse=True):
             text = text.replace(flag, _field(flag))
         return text
 
     fields = [{"field": _field(f["field"]) if f["field"].startswith("--") else f["field"],
-               "message": unflagged(f["message"])} for f in cli_payload(error).get("fields", [])]  # fmt: skip
+               "message": unflagged(f["message"])} for f in error_payload(error).get("fields", [])]  # fmt: skip
     text = unflagged(str(error))
     return InputError(text, fields=fields or [{"field": "(request)", "message": text}])
-
-
-def cli_payload(error: ValueError) -> dict[str, Any]:
-    from api import cli
-
-    return cli.error_payload(error)
 
 
 class ProfileJobs:

@@ -1,7 +1,7 @@
 """The job runner: a queue of training and profiling jobs, each run by a detached supervisor process.
 
 A job is prepared when it is posted (its folder ``<data dir>/jobs/<id>/`` holds what its supervisor will run,
-see api/supervise.py) and stored QUEUED. The runner starts the oldest queued jobs while fewer than
+see api/jobs/supervise.py) and stored QUEUED. The runner starts the oldest queued jobs while fewer than
 ``max_concurrent_jobs`` run, watches each until its supervisor exits, then records how it ended (what the job's
 kind makes of its files: a measured run, a stored profile, a failure reason).
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from api.jobs.supervise import OUTPUT_FILE, is_supervisor_of, read_result, supervisor_argv
 from api.settings import Settings
 from api.store import FINAL_STATES, ApiStore, JobRow, utc_now
-from api.supervise import OUTPUT_FILE, is_supervisor_of, read_result, supervisor_argv
 from executor import launch
 
 log = logging.getLogger("paraplan.jobs")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from api.validation import PlanRun, Validation, describe
+from api.loop.compare import Validation
+from api.loop.runs import PlanRun
 from planner.cost.step import TIME_TERMS
+from planner.describe import describe_plan_compact
 from planner.specs import LayerMeasurement
 from profiler.timing import stats
 
@@ -98,7 +100,7 @@ def plan_table(result: Validation) -> list[str]:
     for run, held_out in zip(result.measured, result.held_out_s, strict=True):
         measured = run.measured_s or float("nan")
         lines.append(
-            f"| {describe(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
+            f"| {describe_plan_compact(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
             f"| {step_spread(run):.0%} | {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} "
             f"| {_memory_cells(run, on_gpu)} |"
         )
@@ -122,16 +124,16 @@ def _memory_cells(run: PlanRun, on_gpu: bool) -> str:
 
 
 def finalist_lines(result: Validation) -> list[str]:
-    """Which plans ran again after the sweep (api/validation.py `confirm_finalists`), and their times before."""
+    """Which plans ran again after the sweep (api/loop/schedule.py `confirm_finalists`), and their times before."""
     setup = result.setup
     confirmed = [run for run in result.runs if run.confirm_runs]
     if not confirmed:
         return []
     swept_steps = setup.passes * (setup.steps - setup.warm_steps)
     times = "; ".join(
-        f"{describe(run.plan)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
+        f"{describe_plan_compact(run.plan)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
         f"{run.measured_s:.4f} s with {_runs(run.confirm_runs)} more" if run.measured_s is not None
-        else f"{describe(run.plan)} failed in a run after the sweep"
+        else f"{describe_plan_compact(run.plan)} failed in a run after the sweep"
         for run in confirmed
     )  # fmt: skip
     return ["Finalists (the plans predicted and measured fastest) ran again after the sweep, in alternating order, "
@@ -209,16 +211,21 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
 
 
 def failure_lines(result: Validation) -> list[str]:
-    """The plans whose runs failed, and those with a run that crashed (api/validation.py `crashed`) and ran again."""
+    """The plans whose runs failed, and those with a run that crashed (api/loop/runs.py `crashed`) and ran again."""
     failed = [run for run in result.runs if run.error]
     crashed = [run for run in result.runs if run.crash]
     lines = []
     if failed:
-        lines += ["", "## Runs that failed", "", *(f"- {describe(run.plan)}: {run.error}" for run in failed)]
+        lines += [
+            "",
+            "## Runs that failed",
+            "",
+            *(f"- {describe_plan_compact(run.plan)}: {run.error}" for run in failed),
+        ]
     if crashed:
         lines += ["", "## Runs that crashed and ran again", "",
                   "Killed by a signal, not by an error of their own; each ran once more, in `<its folder>-again`:", "",
-                  *(f"- {describe(run.plan)}: {run.crash}" for run in crashed)]  # fmt: skip
+                  *(f"- {describe_plan_compact(run.plan)}: {run.crash}" for run in crashed)]  # fmt: skip
     return lines
 
 
@@ -252,7 +259,7 @@ def plot_validation(result: Validation, path: Path) -> Path:
             bottom += values
     bars.scatter(x, measured[order], color="black", marker="_", s=120, zorder=3, label="measured")
     bars.scatter(x, after[order], color="red", marker=".", zorder=3, label="calibrated (held out)")
-    bars.set_xticks(x, [describe(runs[i].plan) for i in order], rotation=90, fontsize=6)
+    bars.set_xticks(x, [describe_plan_compact(runs[i].plan) for i in order], rotation=90, fontsize=6)
     bars.set(ylabel="seconds per step", title="predicted breakdown before calibration, by measured time")
     bars.legend(fontsize=7, ncols=3)
     figure.tight_layout()

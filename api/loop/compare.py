@@ -1,0 +1,110 @@
+"""Predicted against measured: the figures before calibration and held out after, and the fitted calibration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.loop.runs import PlanRun
+from api.loop.setup import ValidationSetup
+from planner import agreement
+from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
+from planner.profiles import load_profile_json
+from planner.request import parse_estimate_request
+from planner.specs import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Figures:
+    """How predictions agree with the runs (planner/agreement.py)."""
+
+    mape: float
+    kendall_tau: float
+    regret: float
+
+    @classmethod
+    def of(cls, predicted: np.ndarray, measured: np.ndarray) -> Figures:
+        return cls(
+            mape=agreement.mape(predicted, measured),
+            kendall_tau=agreement.kendall_tau(predicted, measured),
+            regret=agreement.top1_regret(predicted, measured),
+        )
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A finished validation: every plan's run, the figures before and after calibration (held out), and the
+    calibrated profile."""
+
+    setup: ValidationSetup
+    runs: list[PlanRun]
+    held_out_s: list[float]  # per measured run, predicted by the calibration fitted on the other half
+    before: Figures
+    after: Figures
+    calibrated: HardwareProfile
+
+    @property
+    def memory_mape(self) -> float | None:
+        """The mean absolute error of the predicted allocated peak (`PlanRun.predicted_allocated_bytes`) over the
+        runs' measured one, on a GPU; None on a CPU, where the measured peak is the process's resident set."""
+        runs = [run for run in self.measured if run.measured_peak_bytes]
+        if self.setup.device != "cuda" or not runs:
+            return None
+        predicted = np.array([run.predicted_allocated_bytes for run in runs])
+        return agreement.mape(predicted, np.array([run.measured_peak_bytes for run in runs], dtype=float))
+
+    @property
+    def measured(self) -> list[PlanRun]:
+        return [run for run in self.runs if run.measured_s is not None]
+
+    @property
+    def paired(self) -> bool:
+        """The runs were predicted from profiles measured next to them (`ValidationSetup.paired`)."""
+        return any(run.profile_file for run in self.runs)
+
+    def figures_json(self) -> dict[str, Any]:
+        """What `--json` prints: the headline figures (before calibration at the top level, as the issue names
+        them) and the fitted calibration."""
+        calibration = self.calibrated.calibration
+        return {
+            **asdict(self.before),
+            "memory_mape": self.memory_mape,
+            "calibrated": {**asdict(self.after), "held_out": True},
+            "paired": self.paired,
+            "plans": len(self.runs),
+            "measured": len(self.measured),
+            "failed": [{"plan": r.plan.model_dump(mode="json"), "error": r.error} for r in self.runs if r.error],
+            "crashed_once": [{"plan": r.plan.model_dump(mode="json"), "error": r.crash} for r in self.runs if r.crash],
+            "calibration": calibration.model_dump(mode="json") if calibration else None,
+        }
+
+
+def own_profile(run: PlanRun) -> HardwareProfile | None:
+    """The profile measured next to the run, in a paired validation; None otherwise."""
+    return load_profile_json(Path(run.profile_file)) if run.profile_file else None
+
+
+def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun], created: str) -> Validation:
+    """The figures before calibration, the held-out figures after, and the calibration fitted on every run."""
+    measured = [run for run in runs if run.measured_s is not None]
+    if len(measured) < 2:
+        raise RuntimeError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
+    steps = [
+        MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s, own_profile(run))  # type: ignore[arg-type]
+        for run in measured
+    ]
+    times = np.array([run.measured_s for run in measured])
+    before = predict_steps(profile, steps)
+    held_out = held_out_predictions(profile, steps, created)
+    calibrated = fit_calibration(profile, steps, created)
+    return Validation(
+        setup=setup,
+        runs=runs,
+        held_out_s=held_out.tolist(),
+        before=Figures.of(before, times),
+        after=Figures.of(held_out, times),
+        calibrated=calibrated,
+    )
