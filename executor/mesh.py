@@ -1,16 +1,16 @@
 """The one place a DeviceMesh is built: from a ParallelPlan, in the rank order of planner/layout.py.
 
-DESIGN.md fixes rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i; `planner.layout.AXES` lists the axes
-outermost first, so a row-major mesh of shape (pp, dp, cp, tp) puts every rank where the planner's bandwidth
-tiers assumed it. Every axis is kept, size 1 included, so `mesh["tp"]` exists whatever the plan and code that
-applies a technique never branches on which axes happen to be present.
+DESIGN.md fixes rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i; `planner.specs.MESH_AXES` lists the axes
+outermost first and `plan.degrees` their sizes in that order, so a row-major mesh of that shape puts every rank
+where the planner's bandwidth tiers assumed it. Every axis is kept, size 1 included, so `mesh["tp"]` exists
+whatever the plan and code that applies a technique never branches on which axes happen to be present.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from planner.layout import AXES, mesh_shape
+from planner.specs import MESH_AXES
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -26,4 +26,4 @@ def build_mesh(plan: ParallelPlan, device_type: str) -> DeviceMesh:
     world = dist.get_world_size()
     if world != plan.num_gpus:
         raise ValueError(f"the plan needs dp x tp x pp x cp = {plan.num_gpus} processes, but {world} are running")
-    return init_device_mesh(device_type, mesh_shape(plan.pp, plan.dp, plan.cp, plan.tp), mesh_dim_names=AXES)
+    return init_device_mesh(device_type, tuple(plan.degrees), mesh_dim_names=MESH_AXES)

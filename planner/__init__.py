@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 
 def estimate(request: dict[str, Any] | EstimateRequest, resolve_profile: Any = None) -> StepEstimate:
-    """Predict one training step of the contract's request (with `plan`). See planner.cost.step."""
-    from planner.cost.step import estimate_request
+    """Predict one training step of the contract's request (with `plan`). See planner/estimates.py."""
+    from planner.estimates import estimate_request
 
     return estimate_request(request, resolve_profile)
 

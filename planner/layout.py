@@ -1,46 +1,43 @@
 """Rank layout: which ranks form each tp / cp / dp / pp group, and which link tier each group crosses.
 
-DESIGN.md fixes the order: rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i, TP innermost so TP groups stay
-inside a node. The planner's bandwidth tiers and the executor's DeviceMesh both come from here.
+DESIGN.md fixes the order of the axes (planner.specs.MESH_AXES, outermost first):
+rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i, TP innermost so TP groups stay inside a node. The planner's
+bandwidth tiers and the executor's DeviceMesh both come from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from planner.specs import ParallelPlan
+from planner.specs import MESH_AXES, Degrees, MeshAxis
 
-Axis = Literal["pp", "dp", "cp", "tp"]
 # Gradients are reduced over dp and cp together (Megatron-LM's data-parallel group with context parallelism);
-# cp sits next to dp in the rank order, so the merged group is the dp axis of a (pp, dp*cp, 1, tp) mesh.
-GroupAxis = Literal["pp", "dp", "cp", "tp", "dp_cp"]
-AXES: tuple[Axis, ...] = ("pp", "dp", "cp", "tp")  # outermost first; the DeviceMesh dims in this order
+# cp sits next to dp in the rank order, so the merged group is the dp axis of a mesh with dp x cp data ranks.
+GroupAxis = MeshAxis | Literal["dp_cp"]
 
 
-def mesh_shape(pp: int, dp: int, cp: int, tp: int) -> tuple[int, int, int, int]:
-    return (pp, dp, cp, tp)
+def rank_of(coords: dict[MeshAxis, int], degrees: Degrees) -> int:
+    """The global rank at `coords` (an index along every axis): row-major over MESH_AXES."""
+    rank = 0
+    for axis in MESH_AXES:
+        rank = rank * getattr(degrees, axis) + coords[axis]
+    return rank
 
 
-def rank_of(pp_i: int, dp_i: int, cp_i: int, tp_i: int, *, dp: int, cp: int, tp: int) -> int:
-    return ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i
+def coords_of(rank: int, degrees: Degrees) -> dict[MeshAxis, int]:
+    """`rank`'s index along every axis (the inverse of `rank_of`)."""
+    indices = np.unravel_index(rank, degrees)
+    return {axis: int(index) for axis, index in zip(MESH_AXES, indices, strict=True)}
 
 
-def coords_of(rank: int, *, dp: int, cp: int, tp: int) -> dict[Axis, int]:
-    rest, tp_i = divmod(rank, tp)
-    rest, cp_i = divmod(rest, cp)
-    pp_i, dp_i = divmod(rest, dp)
-    return {"pp": pp_i, "dp": dp_i, "cp": cp_i, "tp": tp_i}
-
-
-def group_ranks(axis: Axis, pp: int, dp: int, cp: int, tp: int) -> np.ndarray:
+def group_ranks(axis: MeshAxis, degrees: Degrees) -> np.ndarray:
     """All groups along `axis`: an array [num_groups, group_size] of global ranks."""
-    grid = np.arange(pp * dp * cp * tp).reshape(mesh_shape(pp, dp, cp, tp))
-    along_last = np.moveaxis(grid, AXES.index(axis), -1)
+    grid = np.arange(degrees.world).reshape(degrees)
+    along_last = np.moveaxis(grid, MESH_AXES.index(axis), -1)
     return along_last.reshape(-1, along_last.shape[-1])
 
 
@@ -56,8 +53,12 @@ class GroupPlacement:
 
 
 @lru_cache(maxsize=4096)
-def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node: int) -> GroupPlacement:
-    groups = group_ranks("dp", pp, dp * cp, 1, tp) if axis == "dp_cp" else group_ranks(axis, pp, dp, cp, tp)
+def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int) -> GroupPlacement:
+    """Where the groups along `axis` of a mesh of `degrees` sit on nodes of `gpus_per_node` ranks."""
+    if axis == "dp_cp":
+        groups = group_ranks("dp", degrees._replace(dp=degrees.dp * degrees.cp, cp=1))
+    else:
+        groups = group_ranks(axis, degrees)
     nodes = groups // gpus_per_node
     size = groups.shape[1]
     intra = bool((nodes == nodes[:, :1]).all())
@@ -68,11 +69,6 @@ def placement(axis: GroupAxis, pp: int, dp: int, cp: int, tp: int, gpus_per_node
         members_per_node=size if intra else _fewest_members_per_node(nodes),
         neighbours_cross_nodes=bool((nodes[:, 1:] != nodes[:, :-1]).any()),
     )
-
-
-def plan_placement(axis: GroupAxis, plan: ParallelPlan, gpus_per_node: int) -> GroupPlacement:
-    """`placement` of a plan's groups along `axis`: the degrees named, not passed as a positional tuple."""
-    return placement(axis, plan.pp, plan.dp, plan.cp, plan.tp, gpus_per_node)
 
 
 def _fewest_members_per_node(nodes: np.ndarray) -> int:

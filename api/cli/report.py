@@ -75,16 +75,12 @@ def _headline(result: StepEstimate) -> Table:
     return table
 
 
-# The breakdown's terms in the order they happen, with what each one means for a reader.
-_TERM_LABELS = {
-    "compute_s": "compute",
-    "tp_comm_s": "tensor-parallel comm",
-    "cp_comm_s": "context-parallel comm",
-    "pp_comm_s": "pipeline p2p comm",
-    "dp_comm_s": "data-parallel comm (exposed)",
-    "bubble_s": "pipeline bubble",
-    "optimizer_s": "optimizer step",
-}
+def term_label(term: str) -> str:
+    """How a reader sees a breakdown term: its description in the contract (planner/specs/estimate.py)."""
+    from planner.specs import TimeBreakdown
+
+    field = TimeBreakdown.model_fields.get(term)
+    return field.description if field is not None and field.description else term
 
 
 def _breakdown_table(result: StepEstimate) -> Table:
@@ -96,7 +92,7 @@ def _breakdown_table(result: StepEstimate) -> Table:
     step = result.step_time_s
     for term, seconds in result.breakdown.model_dump().items():
         source = result.sources.get(term, "analytic")
-        table.add_row(_TERM_LABELS.get(term, term), f"{seconds:.4f}", f"{seconds / step:.1%}", source)
+        table.add_row(term_label(term), f"{seconds:.4f}", f"{seconds / step:.1%}", source)
     table.add_row("[bold]total[/bold]", f"{step:.4f}", "100.0%", "")
     return table
 
@@ -200,7 +196,7 @@ def _print_explanation(console: Console, result: SearchResult) -> None:
     for row in explanation.versus_runner_up[:4]:
         verb = "saves" if row.difference_s > 0 else "costs"
         console.print(
-            f"    {verb} {abs(row.difference_s):.3f} s of {_TERM_LABELS.get(row.term, row.term)} "
+            f"    {verb} {abs(row.difference_s):.3f} s of {term_label(row.term)} "
             f"({row.winner_s:.3f} s vs {row.runner_up_s:.3f} s)",
             highlight=False,
         )

@@ -1,5 +1,5 @@
 """`paraplan validate`: the flags turned into the command's options record (api/commands/validate.py), the
-closed loop (api/loop/) run with rich progress, its figures shown as a table or printed as JSON."""
+closed loop (api/commands/loop/) run with rich progress, its figures shown as a table or printed as JSON."""
 
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ def validate(
 
     from api.cli.progress import RichProgress
     from api.commands.cancel import with_interrupt
+    from api.commands.loop.records import RUNS_FILE
+    from api.commands.loop.setup import ValidationStopped
     from api.commands.train import EXIT_STOPPED
     from api.commands.validate import run
-    from api.loop.records import RUNS_FILE
-    from api.loop.setup import ValidationStopped
 
     command = "paraplan " + " ".join(sys.argv[1:])
     try:

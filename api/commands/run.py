@@ -65,9 +65,9 @@ def _validate(options: Any, progress: Any, cancel: threading.Event, command: str
 def main(path: Path) -> int:
     from api.commands.cancel import with_interrupt
     from api.commands.flags import error_payload
+    from api.commands.loop.setup import ValidationStopped
     from api.commands.progress import LineProgress
     from api.errors import error_text
-    from api.loop.setup import ValidationStopped
 
     command, options = read_record(path)
     body: Callable[[threading.Event], None]

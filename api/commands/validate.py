@@ -1,8 +1,8 @@
 """`validate`: its options (a typed record), their checks (no torch), and the operation: the closed loop
-(api/loop/) run from the options, its report written and, with `store`, its results stored.
+(api/commands/loop/) run from the options, its report written and, with `store`, its results stored.
 
 The CLI (`paraplan validate`) and a validation job's process (api/commands/run.py) both run `run`; the job's
-server stores what the process measured with the same functions (api/loop/records.py `store_runs`,
+server stores what the process measured with the same functions (api/commands/loop/records.py `store_runs`,
 `store_calibrated`) when the process ends.
 """
 
@@ -65,7 +65,7 @@ def setup_of(options: ValidateOptions) -> Any:
     """The loop's ValidationSetup; InputError naming the flag at fault otherwise."""
     from pydantic import ValidationError
 
-    from api.loop.setup import ValidationSetup
+    from api.commands.loop.setup import ValidationSetup
     from planner.specs import SearchOptions
 
     device, gpu, steps, warm_steps, passes = (
@@ -103,7 +103,7 @@ def setup_of(options: ValidateOptions) -> Any:
 
 def check(options: ValidateOptions) -> None:
     """What a validation job checks before it is queued (no torch): the setup, and two plans the executor runs."""
-    from api.loop.setup import valid_plans
+    from api.commands.loop.setup import valid_plans
 
     plans = valid_plans(setup_of(options))
     if len(plans) < 2:
@@ -130,7 +130,7 @@ def run(options: ValidateOptions, progress: Progress, cancel: threading.Event, c
     """The loop from the options, then report.md, validation.png and validation.json in `options.out`. `command`
     is the command line the report quotes. ValidationStopped when `cancel` is set; ValueError on bad input;
     RuntimeError when profiling failed or fewer than two plans ran."""
-    from api.loop.report import write_report
+    from api.commands.loop.report import write_report
 
     setup = setup_of(options)
     profile_ref = options.profile
@@ -151,7 +151,7 @@ def resolve_profile(ref: str) -> Any:
 
 
 def _run_loop(setup: Any, profile: Any, options: ValidateOptions, progress: Progress, cancel: threading.Event) -> Any:
-    from api.loop.validate import Outputs, validate
+    from api.commands.loop.validate import Outputs, validate
     from api.store import ApiStore, new_id
     from profiler.store import default_database_url
 

@@ -18,13 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.commands.inputs import model_spec
+from api.commands.loop.records import CALIBRATED_PROFILE_FILE, RUNS_FILE, store_calibrated, store_runs
 from api.commands.validate import FIGURES_FILE
 from api.errors import InputError
 from api.jobs.profile import last_error, renamed_error
 from api.jobs.runner import Outcome
 from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.jobs.train import check_process_count
-from api.loop.records import CALIBRATED_PROFILE_FILE, RUNS_FILE, store_calibrated, store_runs
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
 from planner.profiles import ProfileError, load_profile_json, save_profile_json

@@ -9,8 +9,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
+from api.commands.loop.report import PLOT_FILE, REPORT_FILE
 from api.jobs.validate import OUT_FOLDER, prepare_validation_job
-from api.loop.report import PLOT_FILE, REPORT_FILE
 from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_response, not_found
 from api.routes.jobs import IdempotencyKey, accept_job, job_view, measured_view
 from api.store import JobRow

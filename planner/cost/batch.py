@@ -19,8 +19,8 @@ from planner.cost.layers import LayerCost, LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device, edge_masks
 from planner.cost.runtime import Runtime, runtime_for
-from planner.layout import placement
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
+from planner.layout import GroupAxis, GroupPlacement, placement
+from planner.specs import ClusterSpec, Degrees, ModelSpec, ParallelPlan, TrainingSpec
 
 
 def _column(values: Any, dtype: Any = None) -> np.ndarray:
@@ -120,10 +120,6 @@ class PlanBatch:
         """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed; `runtime`:
         the request's regime, by default `runtime_for` the cluster and profile)."""
         kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured)
-        degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
-        dp_channel = DpChannels.of(cluster, placement("dp_cp", *degrees), measured)
-        pp_channel = comm.p2p_channel(cluster, placement("pp", *degrees), measured)
-        tp_channel = comm.group_channel(cluster, placement("tp", *degrees), measured)
         return cls(
             model=model,
             training=training,
@@ -142,9 +138,7 @@ class PlanBatch:
             microbatches=_column(plan.num_microbatches(training)),
             blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
             **kind_columns([kinds], _column(plan.tp)),
-            dp_channel=dp_channel_columns([dp_channel]),
-            pp_channel=channel_columns([pp_channel]),
-            tp_channel=channel_columns([tp_channel]),
+            **group_channels(cluster, [plan.degrees], measured),
         )
 
     @property
@@ -194,6 +188,21 @@ class PlanBatch:
 def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColumns]:
     """Per-row LayerKinds -> the batch's `embedding`, `block` and `head` columns."""
     return {kind: KindColumns.of([getattr(row, kind) for row in kinds], tp) for kind in ("embedding", "block", "head")}
+
+
+def group_channels(
+    cluster: ClusterSpec, layouts: list[Degrees], measured: ProfileCosts | None
+) -> dict[str, DpChannels | Channel]:
+    """The batch's `dp_channel`, `pp_channel` and `tp_channel`: what the gradient-reduction (dp x cp), pipeline and
+    tensor-parallel groups of each layout see, placed on the cluster's nodes by planner/layout.py."""
+    def groups(axis: GroupAxis) -> list[GroupPlacement]:
+        return [placement(axis, degrees, cluster.gpus_per_node) for degrees in layouts]
+
+    return {
+        "dp_channel": dp_channel_columns([DpChannels.of(cluster, g, measured) for g in groups("dp_cp")]),
+        "pp_channel": channel_columns([comm.p2p_channel(cluster, g, measured) for g in groups("pp")]),
+        "tp_channel": channel_columns([comm.group_channel(cluster, g, measured) for g in groups("tp")]),
+    }
 
 
 def dp_channel_columns(channels: list[DpChannels]) -> DpChannels:

@@ -15,7 +15,7 @@ import numpy as np
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
-from planner.layout import plan_placement
+from planner.layout import placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
 
 LayerKind = Literal["embedding", "block", "head"]
@@ -151,8 +151,8 @@ class LayerContext:
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision),
-            tp_channel=comm.group_channel(cluster, plan_placement("tp", plan, cluster.gpus_per_node), measured),
-            cp_channel=comm.p2p_channel(cluster, plan_placement("cp", plan, cluster.gpus_per_node), measured),
+            tp_channel=comm.group_channel(cluster, placement("tp", plan.degrees, cluster.gpus_per_node), measured),
+            cp_channel=comm.p2p_channel(cluster, placement("cp", plan.degrees, cluster.gpus_per_node), measured),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
             measured=measured,
             micro_batch_sizes=plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes,

@@ -21,7 +21,7 @@ import networkx as nx
 from planner.cost import comm
 from planner.cost.layers import LayerCost, layer_kinds
 from planner.cost.pipeline import p2p_activation_bytes
-from planner.layout import plan_placement
+from planner.layout import placement
 from planner.rules import partial_interleaved_round
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
 
@@ -239,6 +239,6 @@ def plan_p2p_s(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, p
     charges per transfer); 0 without a pipeline."""
     if plan.pp == 1:
         return 0.0
-    channel = comm.p2p_channel(cluster, plan_placement("pp", plan, cluster.gpus_per_node))
+    channel = comm.p2p_channel(cluster, placement("pp", plan.degrees, cluster.gpus_per_node))
     activation = p2p_activation_bytes(model, training, plan.micro_batch_size, plan.cp, plan.tp)
     return float(comm.p2p_s(activation, channel))

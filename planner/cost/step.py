@@ -19,23 +19,20 @@ answers); what the training stack itself does comes from its regime (runtime.py)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from planner.cost import comm, flops
 from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings
-from planner.cost.layers import LayerCost, LayerKinds, layer_kinds, layers_in_order
+from planner.cost.layers import LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
 from planner.cost.memory import device_memory
 from planner.cost.optimizer import measured_optimizer_s_per_param, optimizer_step_s
 from planner.cost.pipeline import microbatches_alone, pipeline_bubble_s, pp_comm_s, pp_meetings
 from planner.cost.runtime import Runtime
 from planner.cost.tensor import tp_step_comm_s
-from planner.layout import placement
-from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
-from planner.rules import require_valid
+from planner.layout import GroupAxis, GroupPlacement, placement
 from planner.specs import (
     ClusterSpec,
     MemoryEstimate,
@@ -80,15 +77,6 @@ def evaluate(batch: PlanBatch) -> BatchEstimate:
     """Every term of the step time and of each device's memory, for every row."""
     time_s = {term: np.broadcast_to(value, (len(batch.dp), 1))[:, 0] for term, value in step_times(batch).items()}
     return BatchEstimate(time_s=time_s, memory_bytes=device_memory(batch))
-
-
-def estimate_request(
-    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
-) -> StepEstimate:
-    """The contract's estimate; `resolve_profile` finds `cluster.profile` (default: a file path)."""
-    req = parse_estimate_request(request, resolve_profile)
-    require_valid(req.plan, req.model, req.training, req.cluster)
-    return estimate_step(req.model, req.training, req.cluster, req.plan, req.measured, req.runtime)
 
 
 def estimate_step(
@@ -145,15 +133,17 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
     layer_sources = {cost.time_source for cost in layers}
     compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
     cluster, measured = batch.cluster, batch.measured
-    degrees = (plan.pp, plan.dp, plan.cp, plan.tp, cluster.gpus_per_node)
+    def group(axis: GroupAxis) -> GroupPlacement:
+        return placement(axis, plan.degrees, cluster.gpus_per_node)
+
     optimizer = measured_optimizer_s_per_param(cluster, measured, batch.training.optimizer) is not None
     sources = {
         "compute_s": compute,
         "bubble_s": compute,
-        "tp_comm_s": comm.channel_source(measured, placement("tp", *degrees)),
-        "dp_comm_s": comm.channel_source(measured, placement("dp_cp", *degrees)),
-        "cp_comm_s": comm.channel_source(measured, placement("cp", *degrees), p2p=True),
-        "pp_comm_s": comm.channel_source(measured, placement("pp", *degrees), p2p=True),
+        "tp_comm_s": comm.channel_source(measured, group("tp")),
+        "dp_comm_s": comm.channel_source(measured, group("dp_cp")),
+        "cp_comm_s": comm.channel_source(measured, group("cp"), p2p=True),
+        "pp_comm_s": comm.channel_source(measured, group("pp"), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "profile" if measured is not None and measured.measures_memory else "analytic",
     }
@@ -260,12 +250,3 @@ def _assumptions(
         overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
         notes.append(f"gradient reduction {overlap} with backward")
     return notes
-
-
-def layer_costs(
-    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
-) -> list[LayerCost]:
-    """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
-    req = parse_estimate_request(request, resolve_profile)
-    require_valid(req.plan, req.model, req.training, req.cluster)
-    return layers_in_order(req.model, req.training, req.cluster, req.plan, req.measured)

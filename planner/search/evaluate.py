@@ -12,14 +12,12 @@ from functools import cached_property
 
 import numpy as np
 
-from planner.cost import comm
-from planner.cost.batch import KindColumns, PlanBatch, channel_columns, dp_channel_columns, kind_columns
+from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
 from planner.cost.layers import layer_kinds
 from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
-from planner.layout import placement
 from planner.search.space import SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
@@ -64,7 +62,8 @@ class CandidateCosts:
         self.runtime = runtime or runtime_for(cluster, measured)  # the training stack (planner/cost/runtime.py)
         self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
-        self.dp_channel, self.pp_channel, self.tp_channel = self._channels(layout_rows)
+        layouts = [candidates.degrees(int(row)) for row in layout_rows]
+        self.channels = group_channels(cluster, layouts, measured)  # one row per layout
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
@@ -81,15 +80,6 @@ class CandidateCosts:
         ]
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
         return key, kind_columns(kinds, c.tp[group_rows])
-
-    def _channels(self, layout_rows: np.ndarray) -> tuple[comm.DpChannels, comm.Channel, comm.Channel]:
-        c, gpn = self.candidates, self.cluster.gpus_per_node
-        degrees = [(int(c.pp[r]), int(c.dp[r]), int(c.cp[r]), int(c.tp[r]), gpn) for r in layout_rows]
-        cluster, measured = self.cluster, self.measured
-        dp = [comm.DpChannels.of(cluster, placement("dp_cp", *d), measured) for d in degrees]
-        pp = [comm.p2p_channel(cluster, placement("pp", *d), measured) for d in degrees]
-        tp = [comm.group_channel(cluster, placement("tp", *d), measured) for d in degrees]
-        return dp_channel_columns(dp), channel_columns(pp), channel_columns(tp)
 
     @property
     def num_layouts(self) -> int:
@@ -122,9 +112,7 @@ class CandidateCosts:
             embedding=self.kinds["embedding"].take(key),
             block=self.kinds["block"].take(key),
             head=self.kinds["head"].take(key),
-            dp_channel=self.dp_channel.take(layout),
-            pp_channel=self.pp_channel.take(layout),
-            tp_channel=self.tp_channel.take(layout),
+            **{name: channel.take(layout) for name, channel in self.channels.items()},
         )
 
     def _even_blocks(self, pp: int) -> np.ndarray:

@@ -25,19 +25,10 @@ from planner.rules import (
     sequence_parallel_splits,
     sequence_parallel_violation,
 )
-from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
+from planner.specs import MESH_AXES, ClusterSpec, Degrees, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 RECOMPUTE = ("none", "selective", "full")
-DEGREES = ("dp", "tp", "pp", "cp")
-
-
-@dataclass(frozen=True)
-class Layout:
-    dp: int
-    tp: int
-    pp: int
-    cp: int
 
 
 @dataclass
@@ -80,6 +71,9 @@ class Candidates:
         if not parts:
             return cls(**{f.name: np.zeros(0, dtype=np.int64) for f in fields(cls)})
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def degrees(self, row: int) -> Degrees:
+        return Degrees(*(int(getattr(self, axis)[row]) for axis in MESH_AXES))
 
     def plan(self, row: int, overlap_grad_reduce: bool = True) -> ParallelPlan:
         return ParallelPlan(
@@ -128,7 +122,7 @@ def _fixed_against_rules(
         for v in [*probe._intrinsic_violations(), *plan_violations(probe, model, training, cluster)]
         if v.field.removeprefix("plan.") in fixed
     ]
-    degrees = [fixed[d] for d in DEGREES if d in fixed]
+    degrees = [fixed[d] for d in MESH_AXES if d in fixed]
     if degrees and cluster.num_gpus % int(np.prod(degrees)):
         found.append(
             Violation(
@@ -188,7 +182,7 @@ def _tp_option_conflict(tp: int, cluster: ClusterSpec, options: SearchOptions) -
 
 def layouts(
     model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections
-) -> list[Layout]:
+) -> list[Degrees]:
     """Every dp x tp x pp x cp factorization of the GPU count that the fixed degrees, the options and the
     structural rules allow."""
     n, fixed = cluster.num_gpus, options.fixed
@@ -196,8 +190,8 @@ def layouts(
     for tp, pp, cp in itertools.product(divisors(n), repeat=3):
         if n % (tp * pp * cp):
             continue
-        layout = Layout(dp=n // (tp * pp * cp), tp=tp, pp=pp, cp=cp)
-        if any(getattr(fixed, d) not in (None, getattr(layout, d)) for d in DEGREES):
+        layout = Degrees(pp=pp, dp=n // (tp * pp * cp), cp=cp, tp=tp)
+        if any(getattr(fixed, d) not in (None, getattr(layout, d)) for d in MESH_AXES):
             continue
         reason = _layout_option_conflict(layout, cluster, options)
         if reason:
@@ -211,7 +205,7 @@ def layouts(
     return valid
 
 
-def _layout_option_conflict(layout: Layout, cluster: ClusterSpec, options: SearchOptions):
+def _layout_option_conflict(layout: Degrees, cluster: ClusterSpec, options: SearchOptions):
     tp_reason = _tp_option_conflict(layout.tp, cluster, options)
     if tp_reason:
         return tp_reason[0], 1, tp_reason[1]
@@ -220,9 +214,9 @@ def _layout_option_conflict(layout: Layout, cluster: ClusterSpec, options: Searc
     return None
 
 
-def _probe_plan(layout: Layout) -> ParallelPlan:
+def _probe_plan(layout: Degrees) -> ParallelPlan:
     """The layout with the least demanding other fields: what fails here fails for every candidate."""
-    return ParallelPlan(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp)
+    return ParallelPlan(**layout._asdict())
 
 
 # --------------------------------------------------------------------------------------- candidates
@@ -241,7 +235,7 @@ def search_space(
 
 
 def expand(
-    layout: Layout, model: ModelSpec, training: TrainingSpec, options: SearchOptions, rejected: Rejections
+    layout: Degrees, model: ModelSpec, training: TrainingSpec, options: SearchOptions, rejected: Rejections
 ) -> Candidates:
     """Every candidate of one layout: the product of the per-field choices, minus the combinations the
     rules forbid (counted)."""
@@ -266,14 +260,14 @@ def expand(
     keep = ~partial_round
     rows = int(keep.sum())
     return Candidates(
-        **{d: np.full(rows, getattr(layout, d)) for d in DEGREES},
+        **{d: np.full(rows, getattr(layout, d)) for d in MESH_AXES},
         **{name: values[keep] for name, values in columns.items()},
         schedule=schedule[keep],
         virtual_stages=virtual[keep],
     )
 
 
-def _zero_stages(layout: Layout, options: SearchOptions, rejected: Rejections) -> list[int]:
+def _zero_stages(layout: Degrees, options: SearchOptions, rejected: Rejections) -> list[int]:
     stages = [z for z in options.zero_stages if options.fixed.zero_stage in (None, z)]
     if layout.dp * layout.cp > 1 or len(stages) == 1:
         return stages
@@ -284,14 +278,14 @@ def _zero_stages(layout: Layout, options: SearchOptions, rejected: Rejections) -
     return stages[:1]
 
 
-def _micro_batch_sizes(layout: Layout, training: TrainingSpec, options: SearchOptions) -> list[int]:
+def _micro_batch_sizes(layout: Degrees, training: TrainingSpec, options: SearchOptions) -> list[int]:
     sizes = divisors(training.global_batch_size // layout.dp)
     if options.micro_batch_sizes is not None:
         sizes = [b for b in sizes if b in options.micro_batch_sizes]
     return [b for b in sizes if options.fixed.micro_batch_size in (None, b)]
 
 
-def _sequence_parallel(layout: Layout, training: TrainingSpec, options: SearchOptions, rejected: Rejections):
+def _sequence_parallel(layout: Degrees, training: TrainingSpec, options: SearchOptions, rejected: Rejections):
     choices = [sp for sp in (False, True) if options.fixed.sequence_parallel in (None, sp)]
     if layout.tp == 1:
         return [False] if False in choices else []
@@ -302,7 +296,7 @@ def _sequence_parallel(layout: Layout, training: TrainingSpec, options: SearchOp
     return choices
 
 
-def _schedules(layout: Layout, model: ModelSpec, options: SearchOptions) -> list[tuple[int, int]]:
+def _schedules(layout: Degrees, model: ModelSpec, options: SearchOptions) -> list[tuple[int, int]]:
     """(schedule index, virtual stages) pairs. Without a pipeline the schedule makes no difference, so one
     non-interleaved schedule stands for all."""
     fixed = options.fixed

@@ -29,7 +29,16 @@ from planner.specs.base import (
 from planner.specs.cluster import ClusterSpec, GpuSpec, LinkSpec
 from planner.specs.estimate import MemoryEstimate, StageMemory, StepEstimate, TimeBreakdown
 from planner.specs.model import ModelSpec
-from planner.specs.plan import FixedPlanFields, ParallelPlan, SearchOptions, Violation, even_layer_split
+from planner.specs.plan import (
+    MESH_AXES,
+    Degrees,
+    FixedPlanFields,
+    MeshAxis,
+    ParallelPlan,
+    SearchOptions,
+    Violation,
+    even_layer_split,
+)
 from planner.specs.profile import (
     PROFILE_SCHEMA_VERSION,
     Calibration,
@@ -50,6 +59,9 @@ from planner.specs.training import TrainingSpec
 
 __all__ = [
     "MAX_GPUS",
+    "MESH_AXES",
+    "Degrees",
+    "MeshAxis",
     "PROFILE_SCHEMA_VERSION",
     "Calibration",
     "ClusterSpec",

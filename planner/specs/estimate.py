@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from planner.specs.base import Frozen
 
 
@@ -28,15 +30,19 @@ class MemoryEstimate(Frozen):
 
 
 class TimeBreakdown(Frozen):
-    """Seconds of one step on the critical path; the terms add up to `step_time_s`."""
+    """Seconds of one step on the critical path; the terms add up to `step_time_s`.
 
-    compute_s: float
-    tp_comm_s: float
-    cp_comm_s: float
-    pp_comm_s: float
-    dp_comm_s: float  # exposed part only (the rest overlaps with backward)
-    bubble_s: float
-    optimizer_s: float
+    The one list of the breakdown's terms, in the order they happen, each described as a reader sees it (the CLI's
+    table and the OpenAPI schema read the descriptions). planner/cost/step.py `step_times` answers every field."""
+
+    compute_s: float = Field(description="compute")
+    tp_comm_s: float = Field(description="tensor-parallel comm")
+    cp_comm_s: float = Field(description="context-parallel comm")
+    pp_comm_s: float = Field(description="pipeline p2p comm")
+    # Exposed part only: the rest overlaps with backward.
+    dp_comm_s: float = Field(description="data-parallel comm (exposed)")
+    bubble_s: float = Field(description="pipeline bubble")
+    optimizer_s: float = Field(description="optimizer step")
 
     @property
     def total_s(self) -> float:

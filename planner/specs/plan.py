@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
@@ -21,6 +21,32 @@ class Violation:
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
+
+
+MeshAxis = Literal["pp", "dp", "cp", "tp"]
+MESH_AXES: tuple[MeshAxis, ...] = ("pp", "dp", "cp", "tp")
+"""The parallel axes in rank order, outermost first: rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i (DESIGN.md),
+TP innermost so its groups stay inside a node. The rank layout, the search's layouts and the executor's
+DeviceMesh all read the axes from here; an axis is added here, in `Degrees` and as a plan field."""
+
+
+class Degrees(NamedTuple):
+    """One degree per mesh axis, in MESH_AXES order: the tuple is the DeviceMesh's shape."""
+
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @classmethod
+    def of(cls, holder: object) -> Degrees:
+        """The degrees of anything with one attribute per axis (a plan, a search layout)."""
+        return cls(*(int(getattr(holder, axis)) for axis in MESH_AXES))
+
+    @property
+    def world(self) -> int:
+        """Ranks in the mesh: the product of the degrees."""
+        return self.pp * self.dp * self.cp * self.tp
 
 
 class ParallelPlan(Frozen):
@@ -86,7 +112,11 @@ class ParallelPlan(Frozen):
 
     @property
     def num_gpus(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp
+        return self.degrees.world
+
+    @property
+    def degrees(self) -> Degrees:
+        return Degrees.of(self)
 
     @property
     def num_model_chunks(self) -> int:

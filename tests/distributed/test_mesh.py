@@ -12,8 +12,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from executor.mesh import build_mesh  # noqa: E402
-from planner.layout import AXES, group_ranks  # noqa: E402
-from planner.specs import ParallelPlan  # noqa: E402
+from planner.layout import group_ranks  # noqa: E402
+from planner.specs import MESH_AXES, ParallelPlan  # noqa: E402
 
 PLAN = ParallelPlan(dp=2, tp=2, pp=2)
 
@@ -29,9 +29,9 @@ def _check_groups(rank: int, world: int, port: int, failures) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = build_mesh(PLAN, "cpu")
-        for axis in AXES:
+        for axis in MESH_AXES:
             mine = sorted(dist.get_process_group_ranks(mesh[axis].get_group()))
-            expected = next(sorted(g) for g in group_ranks(axis, PLAN.pp, PLAN.dp, PLAN.cp, PLAN.tp).tolist()
+            expected = next(sorted(g) for g in group_ranks(axis, PLAN.degrees).tolist()
                             if rank in g)  # fmt: skip
             if mine != expected:
                 failures.append((rank, axis, mine, expected))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from api.commands.defaults import VALIDATION_MODEL
-from api.loop.setup import ValidationSetup, valid_plans
+from api.commands.loop.setup import ValidationSetup, valid_plans
 from planner import calibration
 from planner.calibration import (
     FACTORS,

@@ -8,7 +8,7 @@ import pytest
 from planner.cost import comm
 from planner.layout import placement
 from planner.presets import gpu_preset
-from planner.specs import ClusterSpec
+from planner.specs import ClusterSpec, Degrees
 
 CH = comm.Channel(bus_bandwidth_Bps=100e9, latency_s=1e-5)
 
@@ -32,8 +32,8 @@ def test_vectorised_over_candidates():
 
 def test_tiers_follow_the_layout():
     cluster = ClusterSpec(gpu=gpu_preset("a100-80gb"), num_nodes=16, gpus_per_node=8)
-    tp_group = placement("tp", 2, 8, 1, 8, 8)
-    dp_group = placement("dp", 2, 8, 1, 8, 8)
+    tp_group = placement("tp", Degrees(pp=2, dp=8, cp=1, tp=8), 8)
+    dp_group = placement("dp", Degrees(pp=2, dp=8, cp=1, tp=8), 8)
     assert tp_group.intra_node and not dp_group.intra_node
     nvlink = comm.group_channel(cluster, tp_group)
     assert nvlink.bus_bandwidth_Bps == pytest.approx(300e9 * 0.77)
@@ -41,7 +41,7 @@ def test_tiers_follow_the_layout():
     network = comm.group_channel(cluster, dp_group)
     assert network.bus_bandwidth_Bps == pytest.approx(25e9 * 0.86)
     # A dp group with all 8 GPUs of each node spreads over all 8 NICs.
-    wide = comm.group_channel(cluster, placement("dp", 1, 128, 1, 1, 8))
+    wide = comm.group_channel(cluster, placement("dp", Degrees(pp=1, dp=128, cp=1, tp=1), 8))
     assert wide.bus_bandwidth_Bps == pytest.approx(8 * 25e9 * 0.86)
 
 

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from api.cli import app
 from api.cli.validate import validation_setup
-from api.loop.compare import compare
-from api.loop.records import read_runs
-from api.loop.report import markdown
-from api.loop.runs import PlanRun
-from api.loop.setup import ValidationSetup
+from api.commands.loop.compare import compare
+from api.commands.loop.records import read_runs
+from api.commands.loop.report import markdown
+from api.commands.loop.runs import PlanRun
+from api.commands.loop.setup import ValidationSetup
 from planner.describe import describe_plan_compact
 from planner.profiles import load_profile_json
 from planner.specs import HardwareProfile

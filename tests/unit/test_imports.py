@@ -1,4 +1,5 @@
-"""Which way imports go (DESIGN.md "Layout"): the contract's types are a leaf of the planner."""
+"""Which way imports go (DESIGN.md "Layout"): the contract's types are a leaf of the planner, and the import-linter
+contracts of pyproject.toml (one-way dependencies between the parts, nothing imports the CLI, no cycles) hold."""
 
 from __future__ import annotations
 
@@ -41,3 +42,17 @@ def test_specs_load_without_the_rest_of_the_planner():
     root = SPECS.parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_import_contracts_hold():
+    """`lint-imports` over the repository (the contracts in pyproject.toml), lazy imports inside functions counted."""
+    import os
+    import subprocess
+    import sys
+
+    root = SPECS.parents[1]
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([str(lint), "--no-cache"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout

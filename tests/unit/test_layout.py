@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.layout import AXES, coords_of, group_ranks, placement, rank_of
+from planner.layout import coords_of, group_ranks, placement, rank_of
+from planner.specs import MESH_AXES, Degrees, ParallelPlan
 
 SHAPES = [(pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4], [1, 2, 6], [1, 2], [1, 2, 4, 8])]
 
@@ -15,36 +16,45 @@ SHAPES = [(pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4],
 @pytest.mark.parametrize(("pp", "dp", "cp", "tp"), SHAPES)
 def test_every_axis_partitions_the_ranks(pp, dp, cp, tp):
     world = pp * dp * cp * tp
-    for axis in AXES:
-        groups = group_ranks(axis, pp, dp, cp, tp)
+    for axis in MESH_AXES:
+        groups = group_ranks(axis, Degrees(pp=pp, dp=dp, cp=cp, tp=tp))
         assert sorted(groups.ravel().tolist()) == list(range(world))
         assert groups.shape[1] == {"pp": pp, "dp": dp, "cp": cp, "tp": tp}[axis]
 
 
 @pytest.mark.parametrize(("pp", "dp", "cp", "tp"), SHAPES)
 def test_rank_formula_and_its_inverse(pp, dp, cp, tp):
+    degrees = Degrees(pp=pp, dp=dp, cp=cp, tp=tp)
     for rank in range(pp * dp * cp * tp):
-        c = coords_of(rank, dp=dp, cp=cp, tp=tp)
-        assert rank_of(c["pp"], c["dp"], c["cp"], c["tp"], dp=dp, cp=cp, tp=tp) == rank
-    groups = group_ranks("tp", pp, dp, cp, tp)
+        c = coords_of(rank, degrees)
+        assert rank_of(c, degrees) == rank
+        assert rank == ((c["pp"] * dp + c["dp"]) * cp + c["cp"]) * tp + c["tp"]  # DESIGN.md's formula
+    groups = group_ranks("tp", degrees)
     assert (np.diff(groups, axis=1) == 1).all()  # TP innermost: consecutive ranks
 
 
 @pytest.mark.parametrize("gpus_per_node", [4, 8])
 def test_tp_within_node_and_dp_across(gpus_per_node):
-    where = placement("tp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    where = placement("tp", Degrees(pp=4, dp=4, cp=1, tp=gpus_per_node), gpus_per_node)
     assert where.intra_node and where.members_per_node == gpus_per_node
-    dp = placement("dp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    dp = placement("dp", Degrees(pp=4, dp=4, cp=1, tp=gpus_per_node), gpus_per_node)
     assert not dp.intra_node and dp.members_per_node == 1
-    pp = placement("pp", 4, 4, 1, gpus_per_node, gpus_per_node)
+    pp = placement("pp", Degrees(pp=4, dp=4, cp=1, tp=gpus_per_node), gpus_per_node)
     assert pp.neighbours_cross_nodes
 
 
 def test_tp_straddling_nodes_is_detected():
     # tp=8 on 6-GPU nodes cannot stay inside a node.
-    assert not placement("tp", 1, 3, 1, 8, 6).intra_node
+    assert not placement("tp", Degrees(pp=1, dp=3, cp=1, tp=8), 6).intra_node
 
 
 def test_merged_dp_cp_group():
-    where = placement("dp_cp", 1, 4, 2, 1, 8)
+    where = placement("dp_cp", Degrees(pp=1, dp=4, cp=2, tp=1), 8)
     assert where.size == 8 and where.intra_node
+
+
+def test_a_plans_degrees_are_its_axes_in_rank_order():
+    plan = ParallelPlan(dp=3, tp=2, pp=4, cp=5)
+    assert plan.degrees == Degrees(pp=4, dp=3, cp=5, tp=2) == (4, 3, 5, 2)
+    assert plan.degrees._fields == MESH_AXES
+    assert plan.num_gpus == plan.degrees.world == 120

@@ -18,8 +18,8 @@ from planner.cost import comm
 from planner.cost.batch import PlanBatch
 from planner.cost.measured import MeasuredLayer, NotMeasured, ProfileCosts, predict_collective_s
 from planner.cost.params import model_params
-from planner.cost.step import layer_costs
 from planner.cost.tensor import tp_step_comm_s
+from planner.estimates import layer_costs
 from planner.layout import placement
 from planner.presets import gpu_preset
 from planner.profiles import ProfileError, save_profile_json
@@ -29,6 +29,7 @@ from planner.specs import (
     PROFILE_SCHEMA_VERSION,
     ClusterSpec,
     CollectiveFit,
+    Degrees,
     HardwareProfile,
     LayerMeasurement,
     MeetingWait,
@@ -566,14 +567,14 @@ def test_group_and_p2p_channels_from_the_fits():
     ]
     cluster = cpu_cluster(gpus_per_node=2, num_nodes=2)
     measured = profile_costs(cluster, make_profile(collective_fits=fits))
-    inside = placement("dp", 1, 2, 1, 1, 2)  # (axis, pp, dp, cp, tp, gpus_per_node)
+    inside = placement("dp", Degrees(pp=1, dp=2, cp=1, tp=1), 2)
     assert inside.intra_node
     assert comm.group_channel(cluster, inside, measured) == comm.Channel(4e9, 1e-4)
-    across = placement("dp", 1, 4, 1, 1, 2)
+    across = placement("dp", Degrees(pp=1, dp=4, cp=1, tp=1), 2)
     assert not across.intra_node and across.members_per_node == 2
     # Two members per node, each with its own share of the network, capped by the intra-node links.
     assert comm.group_channel(cluster, across, measured) == comm.Channel(min(4e9, 2 * 1.5e9), 5e-4)
-    neighbours = placement("pp", 4, 1, 1, 1, 2)
+    neighbours = placement("pp", Degrees(pp=4, dp=1, cp=1, tp=1), 2)
     assert neighbours.neighbours_cross_nodes
     assert comm.p2p_channel(cluster, neighbours, measured) == comm.Channel(0.75e9, 3e-4)
 

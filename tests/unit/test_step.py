@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from planner import estimate
-from planner.cost.step import layer_costs
+from planner.estimates import layer_costs
 
 
 def with_plan(request: dict, **changes) -> dict:
@@ -98,3 +98,17 @@ def test_context_parallel_splits_activations(gpt3_request):
     no_cp = estimate(with_plan(base, dp=4, tp=8, pp=1, cp=1, schedule="1f1b", virtual_stages=1))
     cp4 = estimate(with_plan(base, dp=1, tp=8, pp=1, cp=4, schedule="1f1b", virtual_stages=1))
     assert cp4.memory.by_stage[0].activations_bytes < no_cp.memory.by_stage[0].activations_bytes / 3
+
+
+def test_every_breakdown_term_is_composed_once_and_has_a_label(gpt3_request):
+    """The breakdown's fields are the one list of terms: step_times answers each of them, and no other, and each
+    carries the label the CLI prints."""
+    from planner.cost.batch import PlanBatch
+    from planner.cost.step import step_times
+    from planner.request import parse_estimate_request
+    from planner.specs import TimeBreakdown
+
+    req = parse_estimate_request(gpt3_request)
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan)
+    assert list(step_times(batch)) == list(TimeBreakdown.model_fields)
+    assert all(field.description for field in TimeBreakdown.model_fields.values())

@@ -1,5 +1,5 @@
-"""How `paraplan validate` turns a plan's runs into one measured time (api/loop/schedule.py `pooled`), which plans it
-runs again after the sweep (`confirm_finalists`), and which failed runs it runs once more (`crashed`)."""
+"""How `paraplan validate` turns a plan's runs into one measured time (api/commands/loop/schedule.py `pooled`), which
+plans it runs again after the sweep (`confirm_finalists`), and which failed runs it runs once more (`crashed`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from api.cli.validate import validate as cli_validate
 from api.commands.defaults import DEFAULT_STEPS
-from api.loop.runs import PlanRun, crashed, failure
-from api.loop.schedule import MAX_FINALISTS, Attempt, confirm_finalists, finalists, pooled
-from api.loop.setup import ValidationSetup
+from api.commands.loop.runs import PlanRun, crashed, failure
+from api.commands.loop.schedule import MAX_FINALISTS, Attempt, confirm_finalists, finalists, pooled
+from api.commands.loop.setup import ValidationSetup
 from executor.launch import FailedRank, RunResult
 from planner.specs import ParallelPlan
 

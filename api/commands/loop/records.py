@@ -8,10 +8,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from api.commands.loop.compare import own_profile
+from api.commands.loop.runs import PlanRun
+from api.commands.loop.setup import ValidationSetup, estimate_of
 from api.errors import InputError
-from api.loop.compare import own_profile
-from api.loop.runs import PlanRun
-from api.loop.setup import ValidationSetup, estimate_of
 from api.store import ApiStore, MeasuredRunRow, new_id, utc_now
 from planner.describe import describe_plan_compact
 from planner.request import parse_estimate_request

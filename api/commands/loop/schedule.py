@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from api.loop.records import PROFILE_FILE
-from api.loop.runs import PlanRun, run_plan
-from api.loop.setup import ValidationSetup
+from api.commands.loop.records import PROFILE_FILE
+from api.commands.loop.runs import PlanRun, run_plan
+from api.commands.loop.setup import ValidationSetup
 from planner.profiles import save_profile_json
 from planner.specs import HardwareProfile, ParallelPlan
 

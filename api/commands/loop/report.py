@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from api.loop.compare import Validation
-from api.loop.runs import PlanRun
+from api.commands.loop.compare import Validation
+from api.commands.loop.runs import PlanRun
 from planner.cost.step import TIME_TERMS
 from planner.describe import describe_plan_compact
 from planner.specs import LayerMeasurement
@@ -124,7 +124,8 @@ def _memory_cells(run: PlanRun, on_gpu: bool) -> str:
 
 
 def finalist_lines(result: Validation) -> list[str]:
-    """Which plans ran again after the sweep (api/loop/schedule.py `confirm_finalists`), and their times before."""
+    """Which plans ran again after the sweep (api/commands/loop/schedule.py `confirm_finalists`), and their times
+    before."""
     setup = result.setup
     confirmed = [run for run in result.runs if run.confirm_runs]
     if not confirmed:
@@ -211,7 +212,8 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
 
 
 def failure_lines(result: Validation) -> list[str]:
-    """The plans whose runs failed, and those with a run that crashed (api/loop/runs.py `crashed`) and ran again."""
+    """The plans whose runs failed, and those with a run that crashed (api/commands/loop/runs.py `crashed`) and ran
+    again."""
     failed = [run for run in result.runs if run.error]
     crashed = [run for run in result.runs if run.crash]
     lines = []

@@ -7,11 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.commands.progress import Progress
-from api.errors import InputError
-from api.loop.compare import Validation, compare
-from api.loop.profile import measure_profile
-from api.loop.records import (
+from api.commands.loop.compare import Validation, compare
+from api.commands.loop.profile import measure_profile
+from api.commands.loop.records import (
     CALIBRATED_PROFILE_FILE,
     PROFILE_FILE,
     RUNS_FILE,
@@ -21,9 +19,11 @@ from api.loop.records import (
     store_runs,
     write_runs,
 )
-from api.loop.runs import PlanRun
-from api.loop.schedule import Attempt, run_all
-from api.loop.setup import ValidationSetup, valid_plans
+from api.commands.loop.runs import PlanRun
+from api.commands.loop.schedule import Attempt, run_all
+from api.commands.loop.setup import ValidationSetup, valid_plans
+from api.commands.progress import Progress
+from api.errors import InputError
 from api.store import ApiStore, utc_now
 from planner.describe import describe_plan_compact
 from planner.profiles import save_profile_json

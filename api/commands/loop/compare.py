@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from api.loop.runs import PlanRun
-from api.loop.setup import ValidationSetup
+from api.commands.loop.runs import PlanRun
+from api.commands.loop.setup import ValidationSetup
 from planner import agreement
 from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
 from planner.profiles import load_profile_json

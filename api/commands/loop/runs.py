@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from api.loop.setup import ValidationSetup, ValidationStopped, estimate_of
+from api.commands.loop.setup import ValidationSetup, ValidationStopped, estimate_of
 from executor import launch
 from executor.config import RunDir, TrainConfig
 from planner.specs import HardwareProfile, ParallelPlan

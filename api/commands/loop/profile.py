@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import threading
 
+from api.commands.loop.setup import ValidationSetup, profile_needs
 from api.commands.progress import Progress
 from api.errors import InputError
-from api.loop.setup import ValidationSetup, profile_needs
 from planner.cost.params import model_params
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan
 

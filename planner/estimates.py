@@ -1,0 +1,37 @@
+"""The contract's estimate from a request: parse and resolve it at the edge (planner/request.py), check the plan's
+rules (planner/rules.py), then ask the cost model (planner/cost/step.py). The cost model itself never sees a
+request, so it imports nothing of the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.cost.layers import LayerCost, layers_in_order
+from planner.cost.step import estimate_step
+from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
+from planner.rules import require_valid
+from planner.specs import StepEstimate
+
+
+def estimate_request(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> StepEstimate:
+    """The contract's estimate; `resolve_profile` finds `cluster.profile` (default: a file path)."""
+    req = _valid_request(request, resolve_profile)
+    return estimate_step(req.model, req.training, req.cluster, req.plan, req.measured, req.runtime)
+
+
+def layer_costs(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> list[LayerCost]:
+    """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
+    req = _valid_request(request, resolve_profile)
+    return layers_in_order(req.model, req.training, req.cluster, req.plan, req.measured)
+
+
+def _valid_request(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None
+) -> EstimateRequest:
+    req = parse_estimate_request(request, resolve_profile)
+    require_valid(req.plan, req.model, req.training, req.cluster)
+    return req
