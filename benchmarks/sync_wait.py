@@ -12,8 +12,8 @@ rank loses at each meeting because its peer arrived later. A rank's segment time
 for a moment, caches are shared); a meeting costs the slower of the ranks' segments, so the wait grows with the
 variance of a segment (the expected maximum of two draws exceeds their mean). This benchmark shows how the wait
 grows with the segment, on synthetic segments; the profiler measures it with the executor's own layers as the
-segments (profiler/meeting_wait.py), and the cost model charges that at every meeting of a step (see README,
-*Checking the cost model against real runs*).
+segments (profiler/meeting_wait.py), and the cost model charges that at every meeting of a step (see
+docs/profiling.md and benchmarks/results/).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A shared machine's speed drifts over minutes (this project's 2-core VM: +-20-50% over tens of minutes, slow
 spells of tens of seconds), and a profile measured in one block predicts only work done at the speed of that
 block. `paraplan validate --passes N` therefore measures one profile before each pass of its runs and pools them
-(api/validation.py), so that the profile and the runs sample the same stretch of time.
+(api/commands/loop/profile.py), so that the profile and the runs sample the same stretch of time.
 
 Each measurement's pooled time is the median of its times in the profiles (with three, one slow spell is
 outvoted), its repeats are their sum, and its spread widens to cover the drift between the profiles, so a

@@ -9,15 +9,15 @@ a layer measured as a shard, plus the fitted collectives, predicts a tensor-para
 it runs. So the profiler also times the layers as the executor runs them: the model (``model_blocks`` blocks)
 parallelised by executor/parallel/tensor.py on a mesh of every rank, under each recompute mode and
 sequence-parallel setting, at the layer boundaries as profiler/layer_timing.py does. These measurements carry
-``tp_collectives=True`` (planner/specs.py LayerMeasurement); the cost model then takes TP's collectives as part of
-the layer times and does not add them again (planner/cost/layers.py).
+``tp_collectives=True`` (planner/specs/profile.py LayerMeasurement); the cost model then takes TP's collectives as
+part of the layer times and does not add them again (planner/cost/layers.py).
 
 Loaded (``--loaded``): a data-parallel or pipelined step keeps every rank of a node computing at the same time, and
 ranks that share cores, caches and memory bandwidth (CPU ranks, above all) each run slower than one rank alone,
 which is how the single-device sweep times them. So every rank times its own copy of the sweep's one-device
 (tp = 1) runs and of the optimizer step at once, lined up by a barrier before each, and rank 0's times are
-recorded with ``concurrent_ranks`` = the world size (planner/specs.py LayerMeasurement); the cost model uses them
-for plans that keep that many ranks of a node busy. The optimizer step is also timed on the model sharded over
+recorded with ``concurrent_ranks`` = the world size (planner/specs/profile.py LayerMeasurement); the cost model uses
+them for plans that keep that many ranks of a node busy. The optimizer step is also timed on the model sharded over
 every rank by FSDP2 (``sharded``): the parameters of FSDP2 and tensor-parallel plans are DTensors, and DTensor's
 dispatch of every optimizer op costs more than the arithmetic on a small model's shards.
 

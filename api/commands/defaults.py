@@ -13,8 +13,8 @@ VALIDATION_MODEL = (
 )
 
 # Steps each plan trains by default: 16 steady ones after the 4 warm-up steps. A plan's time is the median of its
-# steady steps, whose p10-p90 spread reached 30% on launch-bound GPU plans and on this 2-core CPU (README, "Checking
-# the cost model against real runs"): a coefficient of variation near 12%, so 16 steps put the median's standard
+# steady steps, whose p10-p90 spread reached 30% on launch-bound GPU plans and on this 2-core CPU
+# (benchmarks/results/2026-12-04-*.md): a coefficient of variation near 12%, so 16 steps put the median's standard
 # error near 1.25 x 12% / 4 = 4%, against 5% with the 8 of the former default of 12 steps. More passes or steps
 # narrow it further (the CPU targets took 4 runs of 30 steps a plan).
 DEFAULT_STEPS = 20

@@ -275,7 +275,8 @@ def autocast_cached_weight_bytes(model: ModelSpec, plan: ParallelPlan, precision
     of every fp32 weight it casts until the outermost autocast region exits (torch.autocast, `cache_enabled`),
     and the executor's region spans every micro-batch's forward and backward (executor/train.py `_step`), so the
     copies outlive the checkpoint that drops the block's other tensors. Measured on an H200: full-recompute
-    Llama-3.2-1B plans peaked 16 x 2 x 60.8M bytes above the layers' own measured bytes (README, "On a GPU").
+    Llama-3.2-1B plans peaked 16 x 2 x 60.8M bytes above the layers' own measured bytes
+    (benchmarks/results/2026-12-04-h200-llama3.2-1b.md).
     Under fp32 nothing is cast."""
     if precision == "fp32":
         return 0.0

@@ -76,7 +76,8 @@ def optimizer_step_extra_bytes(params, optimizer: str):
     default on CUDA, the foreach implementation, takes sqrt(v) of every tensor at once into a new list
     (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(device_exp_avg_sqs)`), 4
     bytes per parameter; SGD's step updates in place. Measured on an H200 with Llama-3.2-1B: the step peaked at
-    20.0 bytes per parameter, 16 of state and weights plus these 4 (README, "On a GPU")."""
+    20.0 bytes per parameter, 16 of state and weights plus these 4
+    (benchmarks/results/2026-12-04-h200-llama3.2-1b.md)."""
     return params * (4 if optimizer == "adamw" else 0)
 
 
@@ -108,7 +109,7 @@ def gradients_at_activation_peak(schedule, device, pp: int, microbatches, persis
     1F1B with more micro-batches than the device holds in flight (`inflight_microbatches`). A single micro-batch
     and GPipe peak at their first backward with no gradient yet; measured on an H200 (Llama-3.2-1B, 8 x 1024
     tokens in one micro-batch): the peak was 4.5 GiB under a prediction that counted its 1.24B fp32 gradients
-    (4.6 GiB; README, "On a GPU").
+    (4.6 GiB; benchmarks/results/2026-12-04-h200-llama3.2-1b.md).
     Interleaved 1F1B counts them held (the chunks' gradients arrive one chunk at a time: an upper bound), and so
     does a `persistent` gradient buffer (DDP's buckets, executor/parallel/data.py `classic_ddp`). Broadcasts."""
     schedule = np.asarray(schedule)

@@ -108,7 +108,7 @@ class Runtime:
 
 
 # Model states as the executor holds them (memory.py's docstring): fp32 parameters under torch.autocast, torch.optim's
-# step peaking on its own. Measured on an H200 (README, "On a GPU").
+# step peaking on its own. Measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md).
 EXECUTOR_MEMORY: dict[str, Any] = {
     "mixed_weight_bytes": FP32_BYTES,
     "mixed_gradient_bytes": FP32_BYTES,
@@ -127,7 +127,7 @@ ZERO_MEMORY: dict[str, Any] = {
 PARAPLAN_CUDA = Runtime(
     name="paraplan-cuda",
     source="executor/ (torch.autocast over fp32 parameters, FSDP2 / DDP / ZeroRedundancyOptimizer, DTensor tp); "
-    "memory measured on an H200 (README, 'On a GPU')",
+    "memory measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md)",
     **EXECUTOR_MEMORY,
     mixed_reduce_bytes=2,
     partial_gradient_bytes=FP32_BYTES,
