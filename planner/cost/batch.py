@@ -27,6 +27,9 @@ def _column(values: Any, dtype: Any = None) -> np.ndarray:
     return np.asarray(values, dtype=dtype).reshape(-1, 1)
 
 
+KIND_COLUMNS_DERIVED = ("params_per_gpu",)  # KindColumns fields that are not LayerCost's, matched by name
+
+
 @dataclass(frozen=True)
 class KindColumns:
     """One layer kind's cost (LayerCost fields) for every row, as (N, 1) columns."""
@@ -41,7 +44,7 @@ class KindColumns:
     cached_bytes: np.ndarray
     contention: np.ndarray
     partial_grad_params: np.ndarray
-    params_per_gpu: np.ndarray  # last: `of` derives it, every other field is a LayerCost field of the same name
+    params_per_gpu: np.ndarray  # `of` derives it (KIND_COLUMNS_DERIVED); every other field is a LayerCost field of that name
 
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
@@ -52,7 +55,8 @@ class KindColumns:
         def stacked(values: list[Any]) -> np.ndarray:
             return _column(np.concatenate([np.broadcast_to(np.asarray(v, float), (width,)) for v in values]))
 
-        column = {f.name: stacked([getattr(cost, f.name) for cost in costs]) for f in fields(cls)[:-1]}
+        copied = [f.name for f in fields(cls) if f.name not in KIND_COLUMNS_DERIVED]
+        column = {name: stacked([getattr(cost, name) for cost in costs]) for name in copied}
         sharded = stacked([cost.params.sharded for cost in costs])
         replicated = stacked([cost.params.replicated for cost in costs])
         return cls(**column, params_per_gpu=sharded / np.repeat(_column(tp), width, axis=0) + replicated)

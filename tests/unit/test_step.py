@@ -112,3 +112,15 @@ def test_every_breakdown_term_is_composed_once_and_has_a_label(gpt3_request):
     batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan)
     assert list(step_times(batch)) == list(TimeBreakdown.model_fields)
     assert all(field.description for field in TimeBreakdown.model_fields.values())
+
+
+def test_kind_columns_take_layer_cost_fields_by_name():
+    """The search's columns copy each LayerCost field of the same name; only the derived ones are not LayerCost's."""
+    from dataclasses import fields
+
+    from planner.cost.batch import KIND_COLUMNS_DERIVED, KindColumns
+    from planner.cost.layers import LayerCost
+
+    copied = {f.name for f in fields(KindColumns)} - set(KIND_COLUMNS_DERIVED)
+    assert copied <= {f.name for f in fields(LayerCost)}
+    assert set(KIND_COLUMNS_DERIVED).isdisjoint(f.name for f in fields(LayerCost))
