@@ -44,7 +44,7 @@ class KindColumns:
     cached_bytes: np.ndarray
     contention: np.ndarray
     partial_grad_params: np.ndarray
-    params_per_gpu: np.ndarray  # `of` derives it (KIND_COLUMNS_DERIVED); every other field is a LayerCost field of that name
+    params_per_gpu: np.ndarray  # derived by `of`; every other field is the LayerCost field of its name
 
     @classmethod
     def of(cls, costs: list[LayerCost], tp: np.ndarray) -> KindColumns:
