@@ -177,3 +177,40 @@ ProfileOption = Annotated[
     str | None,
     typer.Option("--profile", help="A HardwareProfile file or stored id (paraplan profile): plan from measurements."),
 ]
+
+
+# The plan's fields, which `estimate` sets and `plan` keeps fixed while it searches the rest.
+DpOption = Annotated[
+    int | None, typer.Option(help="Data-parallel degree (estimate's default: GPUs / (tp x pp x cp)); plan: kept fixed.")
+]
+
+
+TpOption = Annotated[int | None, typer.Option(help="Tensor-parallel degree; plan: kept fixed.")]
+
+
+PpOption = Annotated[int | None, typer.Option(help="Pipeline-parallel degree; plan: kept fixed.")]
+
+
+CpOption = Annotated[int | None, typer.Option(help="Context-parallel degree; plan: kept fixed.")]
+
+
+ZeroOption = Annotated[int | None, typer.Option(help="ZeRO stage 0-3; plan: kept fixed.")]
+
+
+MbsOption = Annotated[int | None, typer.Option(help="Micro-batch size (sequences); plan: kept fixed.")]
+
+
+SpOption = Annotated[
+    bool | None, typer.Option("--sp/--no-sp", help="Sequence parallelism (needs tp > 1); plan: kept on or off.")
+]
+
+
+RecomputeOption = Annotated[str | None, typer.Option(help="none, selective or full; plan: kept fixed.")]
+
+
+ScheduleOption = Annotated[str | None, typer.Option(help="gpipe, 1f1b or interleaved_1f1b; plan: kept fixed.")]
+
+
+VirtualStagesOption = Annotated[
+    int | None, typer.Option(help="Model chunks per device (interleaved); plan: kept fixed.")
+]
