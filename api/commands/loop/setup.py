@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from api.commands.defaults import DEFAULT_STEPS
+from executor.data import SHIPPED_TEXT
 from executor.support import executor_violations
 from planner.cost.step import estimate_step
 from planner.request import parse_estimate_request, parse_plan_request, profile_costs
@@ -20,7 +21,7 @@ class ValidationStopped(RuntimeError):
     """Ctrl-C, SIGTERM or a cancelled job stopped the validation; what ran so far is kept in its folder."""
 
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "executor" / "texts" / "founding.txt"
+DEFAULT_DATA = SHIPPED_TEXT  # the executor's shipped text: a path that does not depend on where this module sits
 
 
 @dataclass(frozen=True)
