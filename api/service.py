@@ -44,6 +44,10 @@ def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
     return commands.estimate(body, stored_profile_resolver(store))[1].model_dump(mode="json")
 
 
+def timeline(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
+    return commands.timeline(body, stored_profile_resolver(store)).model_dump(mode="json")
+
+
 @dataclass(frozen=True)
 class SearchAnswer:
     """A SearchResult as JSON text, with what the plans table copies out of it (read once, not per request)."""

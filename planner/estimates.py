@@ -4,13 +4,15 @@ request, so it imports nothing of the edge."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from planner.cost.layers import LayerCost, layers_in_order
+from planner.cost.schedule import pipeline_time_s, plan_schedule_graph, timeline
 from planner.cost.step import estimate_step
 from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import require_valid
-from planner.specs import StepEstimate
+from planner.specs import PipelineTimeline, ScheduledTask, StepEstimate
 
 
 def estimate_request(
@@ -27,6 +29,21 @@ def layer_costs(
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
     req = _valid_request(request, resolve_profile)
     return layers_in_order(req.model, req.training, req.cluster, req.plan, req.measured)
+
+
+def pipeline_timeline(
+    request: dict[str, Any] | EstimateRequest, resolve_profile: ProfileResolver | None = None
+) -> PipelineTimeline:
+    """The plan's pipeline schedule as a timeline: the networkx task graph of planner/cost/schedule.py, its tasks
+    with their start and end, and its longest path."""
+    req = _valid_request(request, resolve_profile)
+    graph = plan_schedule_graph(req.model, req.training, req.cluster, req.plan, req.measured)
+    tasks = [ScheduledTask(**asdict(task)) for task in timeline(graph)]
+    return PipelineTimeline(
+        pipeline_time_s=pipeline_time_s(graph),
+        num_microbatches=req.plan.num_microbatches(req.training),
+        tasks=tasks,
+    )
 
 
 def _valid_request(

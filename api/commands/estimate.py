@@ -8,10 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from api.errors import InputError
+
 if TYPE_CHECKING:
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
-    from planner.specs import HardwareProfile, StepEstimate
+    from planner.specs import HardwareProfile, PipelineTimeline, StepEstimate
+
+# The most tasks a timeline answers (chunks x micro-batches x forward, recompute, backward): enough for any plan
+# a person reads bar by bar, and it bounds what one request costs (the task graph is built in Python).
+MAX_TIMELINE_TASKS = 30_000
 
 ProfileResolver = Callable[[str], "HardwareProfile"]
 
@@ -49,3 +55,21 @@ def search_plans(
 
     parsed = parse(request, "plan", resolve)
     return parsed, planner.search(parsed)
+
+
+def timeline(request: dict[str, Any], resolve: ProfileResolver = resolve_profile) -> PipelineTimeline:
+    """The plan's pipeline schedule, task by task (planner/estimates.py `pipeline_timeline`); InputError naming
+    `training.global_batch_size` when the step has more tasks than a timeline answers."""
+    from planner.estimates import pipeline_timeline
+
+    parsed = parse(request, "estimate", resolve)
+    plan = parsed.plan
+    microbatches = plan.num_microbatches(parsed.training)
+    tasks = 3 * plan.num_model_chunks * microbatches
+    if tasks > MAX_TIMELINE_TASKS:
+        raise InputError.at(
+            "training.global_batch_size",
+            f"{microbatches} micro-batches over {plan.num_model_chunks} model chunks make up to {tasks:,} tasks, "
+            f"over the {MAX_TIMELINE_TASKS:,} a timeline answers; ask with a smaller global batch",
+        )
+    return pipeline_timeline(parsed)

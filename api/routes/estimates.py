@@ -1,4 +1,5 @@
-"""`POST /v1/estimates`: the contract's request with a `plan` -> its StepEstimate."""
+"""`POST /v1/estimates`: the contract's request with a `plan` -> its StepEstimate; `POST /v1/estimates/timeline`: the
+same request -> its pipeline schedule, task by task (what a timeline draws)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ router = APIRouter(prefix="/estimates", tags=["estimates"])
 async def create_estimate(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
     return json_response(await run_in_threadpool(planning.estimate, body, service.store))
+
+
+@router.post(
+    "/timeline",
+    summary="The pipeline schedule of a plan's step: every forward, recompute and backward task with its start and end",
+    openapi_extra=body_schema("EstimateRequest"),
+    response_description="the PipelineTimeline",
+)
+async def create_timeline(request: Request, service: ServiceDep) -> Response:
+    body = await json_body(request)
+    return json_response(await run_in_threadpool(planning.timeline, body, service.store))

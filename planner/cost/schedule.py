@@ -20,6 +20,7 @@ import networkx as nx
 
 from planner.cost import comm
 from planner.cost.layers import LayerCost, layer_kinds
+from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import p2p_activation_bytes
 from planner.layout import placement
 from planner.rules import partial_interleaved_round
@@ -194,25 +195,34 @@ def lag_s(graph: nx.DiGraph, before: Task, after: Task) -> float:
 
 
 def plan_schedule_graph(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
 ) -> nx.DiGraph:
-    """The task graph of a plan's step, from the layer costs the estimate uses (planner/cost/layers.py) and its
-    pipeline neighbours' channel. Not modelled here: a calibrated profile's per-micro-batch overhead and the
-    lighter times of a rank computing alone (cost/step.py's `microbatches_alone`)."""
+    """The task graph of a plan's step, from the layer costs the estimate uses (planner/cost/layers.py; `measured`:
+    the request's profile) and its pipeline neighbours' channel. Not modelled here: a calibrated profile's
+    per-micro-batch overhead and the lighter times of a rank computing alone (cost/step.py's
+    `microbatches_alone`)."""
     return schedule_graph(
-        plan_chunk_times(model, training, cluster, plan),
+        plan_chunk_times(model, training, cluster, plan, measured),
         plan.pp,
         plan.schedule,
         plan.num_microbatches(training),
-        plan_p2p_s(model, training, cluster, plan),
+        plan_p2p_s(model, training, cluster, plan, measured),
     )
 
 
 def plan_chunk_times(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
 ) -> list[ChunkTimes]:
     """Each chunk's times: its blocks', plus the embedding's on the first chunk and the head's on the last."""
-    kinds = layer_kinds(model, training, cluster, plan)
+    kinds = layer_kinds(model, training, cluster, plan, measured=measured)
     counts = plan.stage_layer_counts(model.num_layers)
     block = layer_phases(kinds.block)
     times = [ChunkTimes(n * block.forward_s, n * block.backward_s, n * block.recompute_s) for n in counts]
@@ -234,11 +244,17 @@ def _plus(a: ChunkTimes, b: ChunkTimes) -> ChunkTimes:
     return ChunkTimes(a.forward_s + b.forward_s, a.backward_s + b.backward_s, a.recompute_s + b.recompute_s)
 
 
-def plan_p2p_s(model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, plan: ParallelPlan) -> float:
+def plan_p2p_s(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
+) -> float:
     """One activation hand-off between pipeline neighbours (the bytes and channel cost/step.py's `pp_comm_s`
     charges per transfer); 0 without a pipeline."""
     if plan.pp == 1:
         return 0.0
-    channel = comm.p2p_channel(cluster, placement("pp", plan.degrees, cluster.gpus_per_node))
+    channel = comm.p2p_channel(cluster, placement("pp", plan.degrees, cluster.gpus_per_node), measured)
     activation = p2p_activation_bytes(model, training, plan.micro_batch_size, plan.cp, plan.tp)
     return float(comm.p2p_s(activation, channel))

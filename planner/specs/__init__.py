@@ -27,7 +27,14 @@ from planner.specs.base import (
     Width,
 )
 from planner.specs.cluster import ClusterSpec, GpuSpec, LinkSpec
-from planner.specs.estimate import MemoryEstimate, StageMemory, StepEstimate, TimeBreakdown
+from planner.specs.estimate import (
+    MemoryEstimate,
+    PipelineTimeline,
+    ScheduledTask,
+    StageMemory,
+    StepEstimate,
+    TimeBreakdown,
+)
 from planner.specs.model import ModelSpec
 from planner.specs.plan import (
     MESH_AXES,
@@ -87,11 +94,13 @@ __all__ = [
     "ModelSpec",
     "Optimizer",
     "OptimizerMeasurement",
+    "PipelineTimeline",
     "ParallelPlan",
     "PositiveInt",
     "Precision",
     "Recompute",
     "Schedule",
+    "ScheduledTask",
     "SearchOptions",
     "StageMemory",
     "StepEstimate",

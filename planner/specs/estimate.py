@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from planner.specs.base import Frozen
@@ -67,3 +69,24 @@ class StepEstimate(Frozen):
     sources: dict[str, str]
     why_not_fits: list[str] = []
     assumptions: list[str] = []
+
+
+class ScheduledTask(Frozen):
+    """One task of a pipeline's step as a timeline draws it: a bar on `device` from `start_s` to `end_s`."""
+
+    device: int
+    chunk: int  # the model chunk, in pipeline order (chunk c runs on device c % pp)
+    microbatch: int
+    kind: Literal["forward", "recompute", "backward"]
+    start_s: float
+    end_s: float
+
+
+class PipelineTimeline(Frozen):
+    """A plan's pipeline schedule (planner/cost/schedule.py): every forward, recompute and backward task of one
+    step with its start and end, each as early as what it waits for allows. `pipeline_time_s`, the longest path,
+    equals the estimate's compute + bubble for even stages without a calibrated profile's overheads."""
+
+    pipeline_time_s: float
+    num_microbatches: int
+    tasks: list[ScheduledTask]

@@ -862,3 +862,21 @@ def test_a_profiling_job_stores_a_profile_that_estimates_use(
     request["cluster"]["profile"] = str(profile_file)
     error = error_of(client.post("/v1/estimates", json=request), 422, "bad_profile")
     assert named_fields(error) == {"cluster.profile"}
+
+
+def test_a_timeline_of_a_valid_request_draws_every_task(client: TestClient, tiny_request: dict[str, Any]) -> None:
+    tiny_request["plan"] |= {"dp": 1, "pp": 2, "zero_stage": 0}
+    response = client.post("/v1/estimates/timeline", json=tiny_request)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    microbatches = answer["num_microbatches"]
+    assert len(answer["tasks"]) == 2 * 2 * microbatches  # 2 stages x forward and backward x micro-batches
+    assert {task["device"] for task in answer["tasks"]} == {0, 1}
+    assert max(task["end_s"] for task in answer["tasks"]) == pytest.approx(answer["pipeline_time_s"])
+
+
+def test_a_timeline_too_long_to_draw_names_the_batch(client: TestClient, tiny_request: dict[str, Any]) -> None:
+    tiny_request["training"]["global_batch_size"] = 20_000
+    tiny_request["plan"] |= {"dp": 1, "pp": 2, "zero_stage": 0, "micro_batch_size": 1}
+    error = error_of(client.post("/v1/estimates/timeline", json=tiny_request), 422, "bad_input")
+    assert named_fields(error) == {"training.global_batch_size"}, error

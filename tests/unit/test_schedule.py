@@ -146,3 +146,20 @@ def test_a_plans_graph_matches_its_estimate(gpt3_request, schedule, virtual_stag
     )
     with_transfers = plan_schedule_graph(req.model, req.training, req.cluster, req.plan)
     assert graph_time_s(graph) < graph_time_s(with_transfers) < graph_time_s(graph) + terms.pp_comm_s
+
+
+def test_a_plans_timeline_holds_every_task_once_without_overlap_on_a_device(gpt3_request):
+    """planner/estimates.py `pipeline_timeline`: every (chunk, micro-batch) runs forward and backward once (and its
+    recompute under full recompute), no device runs two tasks at once, and the last bar ends at the longest path."""
+    from planner.estimates import pipeline_timeline
+
+    plan = {**gpt3_request["plan"], "pp": 4, "dp": 32, "virtual_stages": 2, "recompute": "full"}
+    request = {**gpt3_request, "training": {**gpt3_request["training"], "global_batch_size": 256}, "plan": plan}
+    answer = pipeline_timeline(request)
+    assert answer.num_microbatches == 8
+    kinds = {(task.chunk, task.microbatch, task.kind) for task in answer.tasks}
+    assert len(kinds) == len(answer.tasks) == 4 * 2 * 8 * 3
+    for device in range(4):
+        bars = sorted((t.start_s, t.end_s) for t in answer.tasks if t.device == device)
+        assert all(end <= next_start + 1e-12 for (_, end), (next_start, _) in zip(bars, bars[1:], strict=False))
+    assert max(task.end_s for task in answer.tasks) == pytest.approx(answer.pipeline_time_s, rel=1e-12)
