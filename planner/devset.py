@@ -18,7 +18,10 @@ from typing import Any
 from planner.cost.flops import narayanan_eq3_flops
 from planner.specs import ModelSpec, TrainingSpec
 
-DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "dev-set.json"
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_PATH = DATA / "dev-set.json"
+# Half of vTrain's measured Megatron-LM runs on A100 (Bang et al., MICRO 2024): ../shared/data/dev-vtrain.json.
+VTRAIN_PATH = DATA / "dev-vtrain.json"
 
 # Table 1 of Narayanan et al. gives neither the micro-batch size nor the number of interleaved chunks.
 # Micro-batch 1 is what the same authors use for the large models (Korthikanti et al. 2022, table 3);
@@ -56,13 +59,25 @@ def published_run(record: dict[str, Any]) -> PublishedRun | None:
     request = {
         "model": _model(record["model"]),
         "training": _training(record),
-        "cluster": {"gpu": "a100-80gb", "num_nodes": record["cluster"]["num_gpus"] // 8, "gpus_per_node": 8},
+        "cluster": _cluster(record["cluster"]),
         "plan": _plan(record, filled),
     }
     step_time = _published_step_time_s(record, request)
     if step_time is None:
         return None
     return PublishedRun(record["id"], record["source"]["location"], request, step_time, tuple(filled))
+
+
+def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
+    """A100 nodes of 8 GPUs (fewer where the run used fewer). The network per GPU is the node's, where the record
+    states it ("inter 800 Gb/s per node": vTrain's cluster has 4 HDR NICs per node of 8, not a DGX's 8)."""
+    gpus = cluster["num_gpus"]
+    per_node = min(8, gpus)
+    spec: dict[str, Any] = {"gpu": "a100-80gb", "num_nodes": gpus // per_node, "gpus_per_node": per_node}
+    node_network = re.search(r"inter (\d+) Gb/s per node", cluster.get("interconnect") or "")
+    if node_network:
+        spec["inter_node_GBps"] = int(node_network.group(1)) / 8 / 8
+    return spec
 
 
 def _model(m: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +104,8 @@ def _training(record: dict[str, Any]) -> dict[str, Any]:
         "precision": "fp16",
         "optimizer": "adamw",
         "attention_kernel": "eager",
+        # DeepSpeed ran the ZeRO-3 rows (Narayanan et al. 2021, table 2); Megatron-LM every other run.
+        "framework": "deepspeed" if "ZeRO-3" in str(record["parallel"]["zero_or_fsdp"]) else "megatron",
     }
 
 
@@ -118,7 +135,7 @@ def _plan(record: dict[str, Any], filled: list[str]) -> dict[str, Any]:
 
 
 def _virtual_stages(schedule: str, layers: int, pp: int, filled: list[str]) -> int:
-    if pp == 1:
+    if pp == 1 or schedule == "1F1B":  # plain 1F1B, stated (vTrain's runs)
         return 1
     stated = re.search(r"(\d+) (?:model )?chunks", schedule)
     if stated:

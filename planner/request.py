@@ -52,7 +52,7 @@ class _Setup(BaseModel):
     def runtime(self) -> Runtime:
         """The training stack that runs this request's plans (planner/cost/runtime.py `runtime_for`, the one place
         that chooses it), for the cost model's `runtime` argument."""
-        return runtime_for(self.cluster, self.measured)
+        return runtime_for(self.cluster, self.measured, self.training.framework)
 
     @model_validator(mode="before")
     @classmethod

@@ -122,12 +122,50 @@ def _pipeline_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
         yield interleaved_round_violation(microbatches, plan.pp)
 
 
+# The ZeRO stages (or their equivalent) each training stack runs, and those it runs under pipeline parallelism.
+# Megatron-LM: plain data parallelism or its distributed optimizer (ZeRO-1, with tp and pp alike;
+# megatron/core/optimizer/distrib_optimizer.py). DeepSpeed: stages 0-3, but only 0 and 1 with its pipeline engine
+# ("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism", deepspeed/runtime/pipe/engine.py).
+# PyTorch FSDP2: DDP / `replicate` (0), `reshard_after_forward=False` (2, SHARD_GRAD_OP) and full sharding (3),
+# with pipeline parallelism (torchtitan); it has no optimizer-only sharding (1). paraplan's executor: all four
+# (executor/parallel/data.py: ZeRO-1 on torch's ZeroRedundancyOptimizer).
+FRAMEWORK_ZERO_STAGES: dict[str, tuple[int, ...]] = {
+    "megatron": (0, 1),
+    "deepspeed": (0, 1, 2, 3),
+    "fsdp": (0, 2, 3),
+    "paraplan": (0, 1, 2, 3),
+}
+FRAMEWORK_PIPELINE_ZERO_STAGES: dict[str, tuple[int, ...]] = {"deepspeed": (0, 1)}
+
+
+def framework_runs_zero_stage(framework: str, zero_stage: int, pp: int) -> bool:
+    allowed = FRAMEWORK_PIPELINE_ZERO_STAGES.get(framework) if pp > 1 else None
+    return zero_stage in (allowed or FRAMEWORK_ZERO_STAGES[framework])
+
+
+def framework_zero_violation(framework: str, zero_stage: int, pp: int) -> Violation:
+    stages = FRAMEWORK_PIPELINE_ZERO_STAGES.get(framework) if pp > 1 else None
+    under = f" with pipeline parallelism (pp={pp})" if stages else ""
+    stages = stages or FRAMEWORK_ZERO_STAGES[framework]
+    return Violation(
+        "plan.zero_stage",
+        "framework_zero_stage",
+        f"training.framework={framework} runs ZeRO stages {list(stages)}{under}, not {zero_stage}",
+    )
+
+
+def _framework_runs_plan(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    if not framework_runs_zero_stage(training.framework, plan.zero_stage, plan.pp):
+        yield framework_zero_violation(training.framework, plan.zero_stage, plan.pp)
+
+
 _RULES: tuple[Callable[..., Iterator[Violation]], ...] = (
     _degrees_fill_cluster,
     _tp_divides_model,
     _batch_divides,
     _sequence_splits,
     _pipeline_splits,
+    _framework_runs_plan,
 )
 
 

@@ -25,6 +25,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "precision": ("training", "precision"),
     "optimizer": ("training", "optimizer"),
     "attention": ("training", "attention_kernel"),
+    "framework": ("training", "framework"),
     "dp": ("plan", "dp"),
     "tp": ("plan", "tp"),
     "pp": ("plan", "pp"),
@@ -158,6 +159,15 @@ PrecisionOption = Annotated[
 
 
 OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adamw (default) or sgd.")]
+
+
+FrameworkOption = Annotated[
+    str | None,
+    typer.Option(
+        "--framework",
+        help="The stack that runs the plan: megatron, deepspeed, fsdp (torchtitan, Accelerate) or paraplan (default).",
+    ),
+]
 
 
 AttentionOption = Annotated[str | None, typer.Option("--attention", help="flash (default) or eager attention kernel.")]

@@ -129,7 +129,7 @@ class PlanBatch:
             training=training,
             cluster=cluster,
             measured=measured,
-            runtime=runtime or runtime_for(cluster, measured),
+            runtime=runtime or runtime_for(cluster, measured, training.framework),
             pp=plan.pp,
             dp=_column(plan.dp),
             tp=_column(plan.tp),
@@ -199,6 +199,7 @@ def group_channels(
 ) -> dict[str, DpChannels | Channel]:
     """The batch's `dp_channel`, `pp_channel` and `tp_channel`: what the gradient-reduction (dp x cp), pipeline and
     tensor-parallel groups of each layout see, placed on the cluster's nodes by planner/layout.py."""
+
     def groups(axis: GroupAxis) -> list[GroupPlacement]:
         return [placement(axis, degrees, cluster.gpus_per_node) for degrees in layouts]
 

@@ -373,9 +373,7 @@ class ProfileCosts:
         reasons: list[NotMeasured] = []
         for row, size in enumerate(sizes):
             try:
-                found = self.table.lookup(
-                    kind, tp, int(size), seq_len, dtype, recompute, sequence_parallel, busy_ranks
-                )
+                found = self.table.lookup(kind, tp, int(size), seq_len, dtype, recompute, sequence_parallel, busy_ranks)
             except NotMeasured as missing:
                 reasons.append(missing)
                 continue

@@ -202,12 +202,13 @@ def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:
 
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
-    16-bit weights, or the regime's bytes); ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao
-    et al. 2023)."""
-    precision, blocks_held = batch.training.precision, (batch.blocks > 0) * batch.block.params_per_gpu
+    weights, at the regime's unsharded bytes: 16-bit under FSDP2's mixed-precision policy, the executor's fp32);
+    ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
+    unsharded = batch.runtime.unsharded_bytes(batch.training.precision)
+    blocks_held = (batch.blocks > 0) * batch.block.params_per_gpu
     if kind == "weights":
-        return np.where(batch.zero_stage == 3, 2 * blocks_held * batch.runtime.weight_bytes(precision), 0.0)
-    return np.where(batch.zero_stage >= 2, blocks_held * batch.runtime.gradient_bytes(precision), 0.0)
+        return np.where(batch.zero_stage == 3, 2 * blocks_held * unsharded, 0.0)
+    return np.where(batch.zero_stage >= 2, blocks_held * unsharded, 0.0)
 
 
 def activation_bytes(batch: PlanBatch) -> np.ndarray:
@@ -217,9 +218,7 @@ def activation_bytes(batch: PlanBatch) -> np.ndarray:
     has_embedding, has_head = edge_masks(batch.pp)
 
     def held(kind: str, count: np.ndarray) -> np.ndarray:
-        inflight = layer_inflight(
-            kind, batch.schedule, device, batch.pp, batch.virtual_stages, batch.microbatches
-        )
+        inflight = layer_inflight(kind, batch.schedule, device, batch.pp, batch.virtual_stages, batch.microbatches)
         return count * getattr(batch, kind).saved_bytes * inflight
 
     saved = held("embedding", has_embedding) + held("block", batch.blocks) + held("head", has_head)

@@ -6,16 +6,18 @@ the rank and how many extra reductions it runs each step are properties of the s
 live here, one frozen `Runtime` record per stack, chosen once per request (`runtime_for`) and passed to the cost
 model explicitly (PlanBatch.runtime).
 
-Today's instances describe paraplan's own executor as the cost model has always charged it, so every estimate is
-unchanged by this record: `PARAPLAN_CUDA` (memory as a CUDA profile measured the executor), `PARAPLAN_CPU`
-(gloo on CPUs) and `ANALYTIC` (no profile measured memory: ZeRO's Megatron-like mixed-precision accounting of
-model states, the executor's wrappers for communication). Issue 28 adds Megatron-LM, DeepSpeed and FSDP instances.
+The request names its stack (`training.framework`): `MEGATRON` (Megatron-LM), `DEEPSPEED`, `FSDP` (PyTorch
+FSDP2: torchtitan, llm-foundry, Accelerate) or paraplan's own executor, which is `PARAPLAN_CUDA` (memory as a CUDA
+profile measured it), `PARAPLAN_CPU` (gloo on CPUs) or `ANALYTIC` (no profile measured memory: ZeRO's
+mixed-precision accounting of model states, the executor's wrappers for communication). Which plans each stack
+can run at all is a rule (planner/rules.py `FRAMEWORK_ZERO_STAGES`), not a cost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -27,31 +29,33 @@ FP32_BYTES = 4
 MiB = 1024**2
 
 
+class StateBytes(NamedTuple):
+    """Bytes per parameter element: the weight and gradient as held, what the optimizer keeps beyond its states
+    (an fp32 master weight, fp32 main gradients), what the data-parallel collectives move per element, and the
+    unsharded weight and gradient a fully sharded unit computes with (memory.py `zero_working_copies`)."""
+
+    weight: int
+    gradient: int
+    master: int
+    reduce: int
+    unsharded: int
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What one training stack does that the cost model charges for. Bytes are per parameter element."""
 
     name: str
+    framework: str  # the contract's `training.framework` this regime answers for
     source: str  # where the stack's behaviour is documented (its code, its docs, a measurement)
 
-    # Memory per parameter in mixed precision (bf16 / fp16; planner/cost/memory.py). ZeRO's accounting (sec. 3.1):
-    # 16-bit weights and gradients (2 + 2) and an fp32 master copy (4) beside the optimizer's states. The executor
-    # keeps its parameters fp32 and lets torch.autocast cast them per use: weights and gradients take 4 bytes each
-    # and the weights are the master copy (0 more). fp32 training holds 4 + 4 and no master copy in every stack.
-    mixed_weight_bytes: int
-    mixed_gradient_bytes: int
-    mixed_master_weight_bytes: int
+    # Bytes per parameter element the stack keeps and moves, per training precision (`StateBytes`).
+    states: Mapping[str, StateBytes]
     # The optimizer step peaks on its own (memory.device_memory): torch.optim's foreach AdamW temporaries, and the
     # gradients set to None before each step (`zero_grad(set_to_none=True)`), so forward may peak without them.
     optimizer_step_peak: bool
-
-    # Communication volume. Gradients reduced over dp, the tied embedding's sync and ZeRO-1's weight gather move
-    # `mixed_reduce_bytes` per element in mixed precision (4 in fp32). The executor's gradients are fp32
-    # (mixed_gradient_bytes), so its DDP and FSDP2 reductions really move 4 bytes; the cost model has always
-    # charged 2, and the numbers are kept until a measurement settles it (the restructuring keeps behaviour).
     # `partial_gradient_bytes`: what the once-a-step reduction of sequence-parallel partial gradients and DDP's
     # bucket count use: the executor's fp32 gradients, 4 bytes, in every regime today.
-    mixed_reduce_bytes: int
     partial_gradient_bytes: int
 
     # Data-parallel wrappers (executor/parallel/data.py). ZeRO stages run on FSDP2 `fully_shard`, one unit per
@@ -84,19 +88,23 @@ class Runtime:
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of one weight as the stack holds it in memory."""
-        return FP32_BYTES if precision == "fp32" else self.mixed_weight_bytes
+        return self.states[precision].weight
 
     def gradient_bytes(self, precision: str) -> int:
         """Bytes of one gradient as the stack holds it in memory."""
-        return FP32_BYTES if precision == "fp32" else self.mixed_gradient_bytes
+        return self.states[precision].gradient
 
     def master_weight_bytes(self, precision: str) -> int:
-        """Bytes of the optimizer's fp32 master copy of one weight, beyond the weight itself."""
-        return 0 if precision == "fp32" else self.mixed_master_weight_bytes
+        """Bytes the optimizer keeps per weight beyond its own states (an fp32 master copy, fp32 main gradients)."""
+        return self.states[precision].master
+
+    def unsharded_bytes(self, precision: str) -> int:
+        """Bytes of the unsharded weight or gradient a fully sharded unit computes with."""
+        return self.states[precision].unsharded
 
     def data_parallel_bytes(self, precision: str) -> int:
-        """Bytes per element of the data-parallel collectives (see `mixed_reduce_bytes` on why not 4)."""
-        return FP32_BYTES if precision == "fp32" else self.mixed_reduce_bytes
+        """Bytes per element of the data-parallel collectives (`StateBytes.reduce`)."""
+        return self.states[precision].reduce
 
     def on_fsdp2(self, zero_stage: np.ndarray, tp: np.ndarray, pp: int, shard_degree: np.ndarray) -> np.ndarray:
         """Rows whose data parallelism runs on FSDP2 (`fully_shard` or `replicate`); the rest run DDP, or nothing
@@ -107,29 +115,30 @@ class Runtime:
         return (fully_shard | replicate) & (shard_degree > 1)
 
 
+# fp32 training keeps 4-byte weights and gradients, no master copy, and reduces in fp32, in every stack.
+FP32_STATES = StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=FP32_BYTES, unsharded=FP32_BYTES)
+# ZeRO's accounting of mixed-precision Adam (Rajbhandari et al. 2020, sec. 3.1): 16-bit weights and gradients, an
+# fp32 master copy, 16-bit gradient reduction. DeepSpeed's fp16 / bf16 optimizers hold exactly these.
+ZERO_MIXED = StateBytes(weight=2, gradient=2, master=FP32_BYTES, reduce=2, unsharded=2)
+
+
+def _states(mixed: StateBytes, bf16: StateBytes | None = None) -> dict[str, StateBytes]:
+    return {"fp32": FP32_STATES, "fp16": mixed, "bf16": bf16 or mixed}
+
+
 # Model states as the executor holds them (memory.py's docstring): fp32 parameters under torch.autocast, torch.optim's
-# step peaking on its own. Measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md).
-EXECUTOR_MEMORY: dict[str, Any] = {
-    "mixed_weight_bytes": FP32_BYTES,
-    "mixed_gradient_bytes": FP32_BYTES,
-    "mixed_master_weight_bytes": 0,
-    "optimizer_step_peak": True,
-}
-# Model states as ZeRO counts them for mixed-precision Adam (Rajbhandari et al. 2020, sec. 3.1; Megatron-LM's fp16
-# / bf16 training): 16-bit weights and gradients, an fp32 master copy, no step peak of its own.
-ZERO_MEMORY: dict[str, Any] = {
-    "mixed_weight_bytes": 2,
-    "mixed_gradient_bytes": 2,
-    "mixed_master_weight_bytes": FP32_BYTES,
-    "optimizer_step_peak": False,
-}
+# step peaking on its own. Measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md). Its DDP and FSDP2
+# reductions really move the fp32 gradients' 4 bytes; the cost model has always charged 2, kept until a GPU
+# measurement of the executor's data parallelism settles it.
+EXECUTOR_STATES = _states(StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=2, unsharded=FP32_BYTES))
 
 PARAPLAN_CUDA = Runtime(
     name="paraplan-cuda",
+    framework="paraplan",
     source="executor/ (torch.autocast over fp32 parameters, FSDP2 / DDP / ZeroRedundancyOptimizer, DTensor tp); "
     "memory measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md)",
-    **EXECUTOR_MEMORY,
-    mixed_reduce_bytes=2,
+    states=EXECUTOR_STATES,
+    optimizer_step_peak=True,
     partial_gradient_bytes=FP32_BYTES,
     fully_shard_zero_stages=(2, 3),
     replicate_under_model_parallel=True,
@@ -144,14 +153,14 @@ PARAPLAN_CUDA = Runtime(
     step_host_overhead_s=0.0,
 )
 
-# The analytic model's regime, used wherever no profile measured the executor's memory (published runs, GPU presets):
-# model states as ZeRO counts them for Megatron-style mixed precision (16-bit weights and gradients, fp32 master
-# weights and Adam states; Rajbhandari et al. 2020 sec. 3.1), communication as the executor's wrappers issue it.
+# paraplan's executor on GPUs where no profile measured its memory (GPU presets): model states as ZeRO counts them
+# (Rajbhandari et al. 2020 sec. 3.1), communication as the executor's wrappers issue it.
 ANALYTIC = replace(
     PARAPLAN_CUDA,
     name="analytic",
     source="ZeRO sec. 3.1 model states (Rajbhandari et al. 2020); the executor's data-parallel wrappers",
-    **ZERO_MEMORY,
+    states=_states(ZERO_MIXED),
+    optimizer_step_peak=False,
 )
 
 # paraplan's executor on CPUs (gloo). It trains fp32 there (planner/request.py `default_cpu_precision`), where ZeRO's
@@ -163,15 +172,69 @@ PARAPLAN_CPU = replace(
     blocking_fsdp_collectives=True,
 )
 
+# Megatron-LM (megatron/core): 16-bit weights; bf16 accumulates and all-reduces its main gradients in fp32
+# (megatron/training/arguments.py: `if args.bf16: args.accumulate_allreduce_grads_in_fp32 = True`), fp16 keeps
+# 16-bit gradients and makes fp32 main gradients in the optimizer beside the fp32 master weights. Bytes per
+# parameter (docs/source/api-guide/dist_optimizer.md): fp16 20 (4 + 16/d distributed), bf16 18 (6 + 12/d). Its
+# DistributedDataParallel reduces one contiguous gradient buffer in buckets (no FSDP), parameters are plain
+# tensors (tp shards are local slices), and the gradient norm is one all-reduce over the model-parallel group.
+MEGATRON = replace(
+    ANALYTIC,
+    name="megatron",
+    framework="megatron",
+    source="Megatron-LM megatron/core (distributed optimizer docs, DistributedDataParallel)",
+    states=_states(
+        StateBytes(weight=2, gradient=2, master=2 * FP32_BYTES, reduce=2, unsharded=2),
+        bf16=StateBytes(weight=2, gradient=FP32_BYTES, master=FP32_BYTES, reduce=FP32_BYTES, unsharded=2),
+    ),
+    fully_shard_zero_stages=(),
+    replicate_under_model_parallel=False,
+    # bucket_size = max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py).
+    ddp_first_bucket_bytes=40_000_000 * FP32_BYTES,
+    ddp_bucket_bytes=40_000_000 * FP32_BYTES,
+    dtensor_parameters=False,
+    tp_norm_layouts=1,
+)
 
-def runtime_for(cluster: ClusterSpec, measured: ProfileCosts | None) -> Runtime:
-    """The regime of a request, chosen once: paraplan's executor on a CPU cluster; on GPUs, the executor as a
-    profile measured its memory (a CUDA profile with the allocator's peaks), else the analytic regime. A profile
-    that measured memory on a CPU (none does today: profiler/compute.py measures the CUDA allocator only) keeps
-    the CPU's blocking collectives with the executor's measured memory."""
+# DeepSpeed (deepspeed/runtime/zero, fp16 / bf16 optimizers): ZeRO's own accounting (sec. 3.1). Stages 2 and 3
+# partition gradients (and parameters) per module as FSDP does; stage 1 all-reduces and then gathers the updated
+# partitions.
+DEEPSPEED = replace(
+    ANALYTIC,
+    name="deepspeed",
+    framework="deepspeed",
+    source="DeepSpeed ZeRO (Rajbhandari et al. 2020; deepspeed/runtime/zero), ds_config zero_optimization",
+    dtensor_parameters=False,
+    tp_norm_layouts=1,
+)
+
+# PyTorch FSDP2 as torchtitan runs it (torchtitan/distributed: MixedPrecisionPolicy(param_dtype=bf16,
+# reduce_dtype=fp32)): fp32 sharded parameters, gradients and Adam states; 16-bit unsharded copies per unit while
+# it computes (memory.py's FSDP buffers); gradients reduce-scattered in fp32; DTensor parameters.
+FSDP = replace(
+    PARAPLAN_CUDA,
+    name="fsdp",
+    framework="fsdp",
+    source="PyTorch FSDP2 fully_shard (Zhao et al. 2023); torchtitan's mixed-precision policy",
+    states=_states(StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=FP32_BYTES, unsharded=2)),
+    # torchtitan's AdamW runs `implementation="fused"`: no foreach temporaries at the step.
+    optimizer_step_peak=False,
+)
+
+STACKS: dict[str, Runtime] = {"megatron": MEGATRON, "deepspeed": DEEPSPEED, "fsdp": FSDP}
+
+
+def runtime_for(cluster: ClusterSpec, measured: ProfileCosts | None, framework: str = "paraplan") -> Runtime:
+    """The regime of a request, chosen once. Megatron-LM, DeepSpeed and FSDP are their own; paraplan's executor
+    runs on a CPU cluster as PARAPLAN_CPU; on GPUs it is PARAPLAN_CUDA where a profile measured its memory (a
+    CUDA profile with the allocator's peaks), else ANALYTIC. A profile that measured memory on a CPU (none does
+    today: profiler/compute.py measures the CUDA allocator only) keeps the CPU's blocking collectives with the
+    executor's measured memory."""
+    if framework in STACKS:
+        return STACKS[framework]
     measured_memory = measured is not None and measured.measures_memory
     if cluster.gpu.kind == "cpu":
         if measured_memory:
-            return replace(PARAPLAN_CPU, name="paraplan-cpu-measured", **EXECUTOR_MEMORY)
+            return replace(PARAPLAN_CPU, name="paraplan-cpu-measured", states=EXECUTOR_STATES, optimizer_step_peak=True)
         return PARAPLAN_CPU
     return PARAPLAN_CUDA if measured_memory else ANALYTIC

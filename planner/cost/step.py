@@ -133,6 +133,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
     layer_sources = {cost.time_source for cost in layers}
     compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
     cluster, measured = batch.cluster, batch.measured
+
     def group(axis: GroupAxis) -> GroupPlacement:
         return placement(axis, plan.degrees, cluster.gpus_per_node)
 
@@ -182,7 +183,10 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
         breakdown=breakdown,
         sources={term: "analytic" for term in TimeBreakdown.model_fields} | {"memory": "analytic"},
         why_not_fits=[_over_message(stage) for stage in over],
-        assumptions=_assumptions(cluster, batch.measured, training, plan),
+        assumptions=[
+            _stack_assumption(batch.runtime, training),
+            *_assumptions(cluster, batch.measured, training, plan),
+        ],
     )
 
 
@@ -212,6 +216,11 @@ def _over_message(stage: StageMemory) -> str:
         f"{stage.capacity_bytes / GiB:.2f} GiB: over by {stage.over_bytes:,.0f} bytes "
         f"({stage.over_bytes / GiB:.2f} GiB)"
     )
+
+
+def _stack_assumption(runtime: Runtime, training: TrainingSpec) -> str:
+    chosen = "" if "framework" in training.model_fields_set else " (the default; set training.framework)"
+    return f"training stack: {training.framework}{chosen}, regime {runtime.name}: {runtime.source}"
 
 
 def _memory_assumption(measured: bool) -> str:

@@ -59,7 +59,8 @@ class CandidateCosts:
     ):
         self.model, self.training, self.cluster, self.candidates = model, training, cluster, candidates
         self.measured = measured  # the request's profile (planner/request.py), or None
-        self.runtime = runtime or runtime_for(cluster, measured)  # the training stack (planner/cost/runtime.py)
+        # The training stack (planner/cost/runtime.py).
+        self.runtime = runtime or runtime_for(cluster, measured, training.framework)
         self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
         layouts = [candidates.degrees(int(row)) for row in layout_rows]
@@ -185,4 +186,3 @@ def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, int]:
     present[values] = True
     rank = np.cumsum(present) - 1
     return rank[values], int(present.sum())
-

@@ -248,4 +248,3 @@ def _binding_constraint(
         f"({costed.step_time_s[nearest]:.3f} s), needs {costed.peak_bytes[nearest] / GiB:.2f} GiB on stage "
         f"{int(costed.peak_stage[nearest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
     )
-

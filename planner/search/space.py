@@ -19,6 +19,8 @@ import numpy as np
 
 from planner.errors import InfeasiblePlanError, Violation
 from planner.rules import (
+    framework_runs_zero_stage,
+    framework_zero_violation,
     interleaved_round_violation,
     partial_interleaved_round,
     plan_violations,
@@ -240,7 +242,7 @@ def expand(
     """Every candidate of one layout: the product of the per-field choices, minus the combinations the
     rules forbid (counted)."""
     choices = {
-        "zero_stage": _zero_stages(layout, options, rejected),
+        "zero_stage": _zero_stages(layout, training, options, rejected),
         "micro_batch_size": _micro_batch_sizes(layout, training, options),
         "sequence_parallel": _sequence_parallel(layout, training, options, rejected),
         "recompute": [RECOMPUTE.index(r) for r in options.recompute if options.fixed.recompute in (None, r)],
@@ -267,8 +269,15 @@ def expand(
     )
 
 
-def _zero_stages(layout: Degrees, options: SearchOptions, rejected: Rejections) -> list[int]:
+def _zero_stages(layout: Degrees, training: TrainingSpec, options: SearchOptions, rejected: Rejections) -> list[int]:
     stages = [z for z in options.zero_stages if options.fixed.zero_stage in (None, z)]
+    unsupported = [z for z in stages if not framework_runs_zero_stage(training.framework, z, layout.pp)]
+    if unsupported:
+        example = framework_zero_violation(training.framework, unsupported[0], layout.pp)
+        rejected.add("candidate", example.code, len(unsupported), example.message)
+        stages = [z for z in stages if z not in unsupported]
+    if not stages:
+        return stages
     if layout.dp * layout.cp > 1 or len(stages) == 1:
         return stages
     # ZeRO shards over dp x cp; with one replica every stage is ZeRO 0 plus FSDP's working copies.

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "sgd"]
+# The training stack that runs a plan (planner/cost/runtime.py holds what each one does).
+Framework = Literal["megatron", "deepspeed", "fsdp", "paraplan"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 PositiveInt = Annotated[int, Field(ge=1)]

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from planner.cost.measured import ProfileCosts
-from planner.cost.runtime import ANALYTIC, PARAPLAN_CPU, PARAPLAN_CUDA, runtime_for
+from planner.cost.params import block_params, model_params
+from planner.cost.runtime import ANALYTIC, DEEPSPEED, FSDP, MEGATRON, PARAPLAN_CPU, PARAPLAN_CUDA, runtime_for
 from planner.cost.step import estimate_step
+from planner.errors import InfeasiblePlanError
+from planner.estimates import estimate_request
 from planner.presets import gpu_preset
 from planner.profiles import load_profile_json
 from planner.request import parse_estimate_request
@@ -49,6 +52,70 @@ def test_the_request_names_its_regime():
     }
     assert parse_estimate_request(request).runtime is PARAPLAN_CUDA
     assert parse_estimate_request({**request, "cluster": {"gpu": "h200"}}).runtime is ANALYTIC
+
+
+def test_the_request_names_its_stack():
+    request = {
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 8},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": {"tp": 1},
+    }
+    stacks = {"megatron": MEGATRON, "deepspeed": DEEPSPEED, "fsdp": FSDP, "paraplan": ANALYTIC}
+    for framework, regime in stacks.items():
+        training = {**request["training"], "framework": framework}
+        assert parse_estimate_request({**request, "training": training}).runtime is regime
+    assert parse_estimate_request(request).training.framework == "paraplan"  # the default: paraplan train
+
+
+def model_state_bytes_per_param(framework: str, precision: str, dp: int, zero_stage: int) -> float:
+    """Weights + gradients + optimizer bytes per parameter of a dp-way run of a one-stage plan."""
+    req = parse_estimate_request({
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 64, "precision": precision, "framework": framework},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": dp},
+        "plan": {"dp": dp, "zero_stage": zero_stage},
+    })  # fmt: skip
+    stage = estimate_step(req.model, req.training, req.cluster, req.plan, runtime=req.runtime).memory.by_stage[0]
+    return (stage.params_bytes + stage.grads_bytes + stage.optimizer_bytes) / model_params(req.model)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dp", "zero_stage", "expected"),
+    [
+        # Megatron-LM docs/source/api-guide/dist_optimizer.md: bytes per parameter, d = data-parallel size.
+        ("fp16", 1, 0, 20),
+        ("bf16", 1, 0, 18),
+        ("fp16", 8, 1, 4 + 16 / 8),
+        ("bf16", 8, 1, 6 + 12 / 8),
+    ],
+)
+def test_megatron_stores_a_parameter_as_its_distributed_optimizer_docs_say(precision, dp, zero_stage, expected):
+    assert model_state_bytes_per_param("megatron", precision, dp, zero_stage) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fsdp_keeps_fp32_sharded_parameters_gradients_and_adam_states():
+    """FSDP2 under torchtitan's mixed-precision policy: 4 + 4 + 8 bytes, all sharded over dp by full sharding, and
+    16-bit unsharded copies of the block in use and the next one (weights) and of one block's gradient."""
+    model = llama_1b(dp=8)[0]
+    working = 2 * 2 + 2
+    expected = 16 / 8 + working * block_params(model).per_gpu(1) / model_params(model)
+    assert model_state_bytes_per_param("fsdp", "bf16", 8, 3) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_stack_is_offered_only_the_zero_stages_it_runs():
+    request = {
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 16, "framework": "megatron"},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": {"dp": 8, "zero_stage": 3},
+    }
+    with pytest.raises(InfeasiblePlanError, match=r"training.framework=megatron runs ZeRO stages \[0, 1\], not 3"):
+        estimate_request(request)
+    deepspeed_pp = {**request, "training": {**request["training"], "framework": "deepspeed"}}
+    deepspeed_pp["plan"] = {"dp": 4, "pp": 2, "zero_stage": 2}
+    with pytest.raises(InfeasiblePlanError, match=r"with pipeline parallelism \(pp=2\), not 2"):
+        estimate_request(deepspeed_pp)
 
 
 def test_bytes_per_element():
@@ -93,5 +160,6 @@ def test_the_cost_model_reads_the_regime_it_is_given():
     assert slower.breakdown.compute_s == pytest.approx(base.breakdown.compute_s + 0.25)
     blocking = estimate_step(*setup, runtime=replace(ANALYTIC, blocking_fsdp_collectives=True))
     assert blocking.breakdown.dp_comm_s > base.breakdown.dp_comm_s
-    fp32 = estimate_step(*setup, runtime=replace(ANALYTIC, mixed_weight_bytes=4))
+    fp32_weights = {**ANALYTIC.states, "bf16": ANALYTIC.states["bf16"]._replace(weight=4, unsharded=4)}
+    fp32 = estimate_step(*setup, runtime=replace(ANALYTIC, states=fp32_weights))
     assert fp32.memory.by_stage[0].params_bytes == pytest.approx(2 * base.memory.by_stage[0].params_bytes)
