@@ -28,7 +28,7 @@ def layer_costs(
 ) -> list[LayerCost]:
     """The per-layer records behind an estimate (for explanations and for comparing with a profile)."""
     req = _valid_request(request, resolve_profile)
-    return layers_in_order(req.model, req.training, req.cluster, req.plan, req.measured)
+    return layers_in_order(req.model, req.training, req.cluster, req.plan, req.measured, req.runtime)
 
 
 def pipeline_timeline(

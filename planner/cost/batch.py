@@ -123,7 +123,7 @@ class PlanBatch:
     ) -> PlanBatch:
         """A batch of one, for `estimate_step` (`kinds`: the plan's layer costs, if already computed; `runtime`:
         the request's regime, by default `runtime_for` the cluster and profile)."""
-        kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured)
+        kinds = kinds or layer_kinds(model, training, cluster, plan, measured=measured, runtime=runtime)
         return cls(
             model=model,
             training=training,

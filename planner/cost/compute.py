@@ -1,6 +1,16 @@
 """Compute time of operations on one GPU: a roofline per op (Williams et al. 2009, "Roofline: an insightful
-visual performance model"). Matmuls are compute-bound and run at `matmul_efficiency` x the dense peak of the
-training precision; element-wise ops are memory-bound and run at `memory_efficiency` x the HBM bandwidth.
+visual performance model") under a floor set by the host. Matmuls run at `matmul_efficiency` x the dense peak of
+the training precision, or at the HBM bandwidth their operands need where that is slower (small or thin GEMMs);
+element-wise ops are memory-bound and run at `memory_efficiency` x the HBM bandwidth.
+
+The host floor: the framework's Python, the dispatcher and autograd spend a roughly fixed time on the CPU per
+kernel they launch, and the GPU cannot run a kernel before it is issued (the "CPU-bound" regime of PyTorch's
+performance tuning guide, which CUDA graphs and torch.compile exist to remove). Kernels are issued
+asynchronously, so the CPU runs ahead during a long GEMM and queues the short kernels after it: over a layer's
+pass (forward, backward, recompute) the GPU waits only where launching the pass takes longer than running it.
+So a pass takes the longer of its ops' roofline times and its kernel count x the stack's
+`Runtime.host_s_per_kernel` (planner/cost/runtime.py), which planner/calibration.py fits on the dev half of
+vTrain's measured Megatron-LM runs, where widths of 1-2k make the floor visible.
 
 Where the efficiencies come from: the GPU presets (planner/presets.py). For the A100, matmul_efficiency is
 calibrated on one published measurement, Korthikanti et al. 2022 table 4 (one 22B-model layer, tp=8,
@@ -12,6 +22,9 @@ profile replaces these numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from planner.cost.ops import OpCost
 from planner.specs import GpuSpec
@@ -36,34 +49,59 @@ class Speeds:
 
     matmul_flops_per_s: float
     memory_bytes_per_s: float
+    host_s_per_kernel: float = 0.0  # the stack's host time per kernel launch (Runtime.host_s_per_kernel)
 
     @classmethod
-    def of(cls, gpu: GpuSpec, precision: str) -> Speeds:
+    def of(cls, gpu: GpuSpec, precision: str, host_s_per_kernel: float = 0.0) -> Speeds:
         return cls(
             matmul_flops_per_s=gpu.peak_tflops[precision] * 1e12 * gpu.matmul_efficiency,  # type: ignore[index]
             memory_bytes_per_s=gpu.hbm_GBps * 1e9 * gpu.memory_efficiency,
+            host_s_per_kernel=host_s_per_kernel,
         )
 
 
-def forward_s(op: OpCost, speeds: Speeds) -> float:
+def forward_s(op: OpCost, speeds: Speeds) -> Any:
+    """The op's forward time on the device (the host floor applies to a layer's passes: `pass_s`)."""
     work = op.matmul_flops * (CAUSAL_FLASH_WORK if op.flash else 1.0)
-    return work / speeds.matmul_flops_per_s + op.traffic_bytes / speeds.memory_bytes_per_s
+    return _matmul_s(work, op.matmul_io_bytes, speeds) + op.traffic_bytes / speeds.memory_bytes_per_s
 
 
-def backward_s(op: OpCost, speeds: Speeds) -> float:
+def backward_s(op: OpCost, speeds: Speeds) -> Any:
+    """The op's backward time on the device."""
     factor = BACKWARD_FLASH_FACTOR * CAUSAL_FLASH_WORK if op.flash else BACKWARD_MATMUL_FACTOR
-    return (
-        op.matmul_flops * factor / speeds.matmul_flops_per_s
-        + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
-    )
+    # Each backward GEMM (input and weight gradients) moves about as many bytes as the forward one.
+    matmul = _matmul_s(op.matmul_flops * factor, op.matmul_io_bytes * BACKWARD_MATMUL_FACTOR, speeds)
+    return matmul + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
 
 
-def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds) -> float:
+def _matmul_s(flops: Any, io_bytes: Any, speeds: Speeds) -> Any:
+    """The roofline of a matmul: its FLOPs at the achievable rate, or its operands' traffic, whichever is slower."""
+    return np.maximum(flops / speeds.matmul_flops_per_s, io_bytes / speeds.memory_bytes_per_s)
+
+
+def pass_s(ops: list[OpCost], speeds: Speeds, backward: bool = False) -> Any:
+    """A layer's forward (or backward) pass over `ops`: the device's time, or the host's time to launch the pass's
+    kernels where that is longer (module docstring)."""
+    if backward:
+        device = sum(backward_s(op, speeds) for op in ops)
+        kernels = sum(op.backward_kernels for op in ops)
+    else:
+        device = sum(forward_s(op, speeds) for op in ops)
+        kernels = sum(op.kernels for op in ops)
+    return host_floor_s(device, kernels, speeds)
+
+
+def host_floor_s(device_s: Any, kernels: int, speeds: Speeds) -> Any:
+    """No less than the host needs to launch `kernels`."""
+    return np.maximum(device_s, kernels * speeds.host_s_per_kernel)
+
+
+def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds) -> Any:
     """Extra forward work in backward: the whole block (full) or the attention core (selective)."""
     if recompute == "full":
-        return sum(forward_s(op, speeds) for op in ops)
+        return pass_s(ops, speeds)
     if recompute == "selective":
-        return sum(forward_s(op, speeds) for op in ops if op.attention_core)
+        return pass_s([op for op in ops if op.attention_core], speeds)
     return 0.0
 
 

@@ -13,8 +13,9 @@ from typing import Any, Literal
 import numpy as np
 
 from planner.cost import comm, ops, params
-from planner.cost.compute import Speeds, backward_s, forward_s, recompute_s
+from planner.cost.compute import Speeds, backward_s, forward_s, pass_s, recompute_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
+from planner.cost.runtime import Runtime, runtime_for
 from planner.layout import placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
 
@@ -68,14 +69,16 @@ def layer_kinds(
     plan: ParallelPlan,
     micro_batch_sizes: np.ndarray | None = None,
     measured: ProfileCosts | None = None,
+    runtime: Runtime | None = None,
 ) -> LayerKinds:
     """Costs depend on the plan only through tp, cp, sequence_parallel, micro_batch_size and recompute (the
     tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp).
 
     `micro_batch_sizes` (an array) replaces the plan's micro-batch size: every cost field then holds one
     value per size, which is how the search costs all micro-batch sizes in one call. `measured`: the request's
-    profile (planner/request.py), whose times replace the analytic ones where it has them."""
-    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes, measured)
+    profile (planner/request.py), whose times replace the analytic ones where it has them; `runtime`: the training
+    stack's regime (its host time per kernel), by default the request's own (`runtime_for`)."""
+    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes, measured, runtime)
     return LayerKinds(
         embedding=embedding_cost(model, plan, ctx),
         block=block_cost(model, training, plan, ctx),
@@ -89,9 +92,10 @@ def layers_in_order(
     cluster: ClusterSpec,
     plan: ParallelPlan,
     measured: ProfileCosts | None = None,
+    runtime: Runtime | None = None,
 ) -> list[LayerCost]:
     """embedding, block.0, ..., block.{L-1}, head: every block is the one costed block, named by its index."""
-    kinds = layer_kinds(model, training, cluster, plan, measured=measured)
+    kinds = layer_kinds(model, training, cluster, plan, measured=measured, runtime=runtime)
     blocks = [replace(kinds.block, name=f"block.{i}") for i in range(model.num_layers)]
     return [kinds.embedding, *blocks, kinds.head]
 
@@ -146,11 +150,13 @@ class LayerContext:
         plan: ParallelPlan,
         micro_batch_sizes: np.ndarray | None = None,
         measured: ProfileCosts | None = None,
+        runtime: Runtime | None = None,
     ) -> LayerContext:
         shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
+        runtime = runtime or runtime_for(cluster, measured, training.framework)
         return cls(
             shape=shape,
-            speeds=Speeds.of(cluster.gpu, training.precision),
+            speeds=Speeds.of(cluster.gpu, training.precision, runtime.host_s_per_kernel),
             tp_channel=comm.group_channel(cluster, placement("tp", plan.degrees, cluster.gpus_per_node), measured),
             cp_channel=comm.p2p_channel(cluster, placement("cp", plan.degrees, cluster.gpus_per_node), measured),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
@@ -166,8 +172,8 @@ class LayerContext:
         """Forward, backward and recompute seconds of a layer: measured, when the cluster's profile has this
         layer at this shape (its backward then includes the recompute), else from the roofline over `layer_ops`."""
         analytic = LayerTimes(
-            forward_s=sum(forward_s(op, self.speeds) for op in layer_ops),
-            backward_s=sum(backward_s(op, self.speeds) for op in layer_ops),
+            forward_s=pass_s(layer_ops, self.speeds),
+            backward_s=pass_s(layer_ops, self.speeds, backward=True),
             recompute_s=recompute_s(layer_ops, recompute, self.speeds),
             source="analytic",
             note=None,

@@ -161,7 +161,8 @@ def overhead_bytes(allocated_bytes: float, communicators: int, kind: str) -> flo
 
 def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     """Each device's peak bytes by what holds them (step.MEMORY_TERMS -> (N, pp)). Where the regime models the
-    optimizer step's own peak (Runtime.optimizer_step_peak), the peak is the larger of the forward/backward one,
+    optimizer step's own peak (Runtime.optimizer_step_peak; bytes only the step holds, StateBytes.step_only),
+    the peak is the larger of the forward/backward one,
     which may come before any gradient exists (`gradients_held_at_activation_peak`), and the step's, which holds
     no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks."""
     training, runtime, precision = batch.training, batch.runtime, batch.training.precision
@@ -174,9 +175,11 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     grads = states.grads + zero_working_copies(batch, "grads")
     activations = activation_bytes(batch)
     optimizer = np.broadcast_to(states.optimizer, weights.shape)
+    stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    extra = stepped * runtime.step_only_bytes(precision)
     if runtime.optimizer_step_peak:
-        stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
-        extra = optimizer_step_extra_bytes(stepped, training.optimizer)
+        extra = extra + optimizer_step_extra_bytes(stepped, training.optimizer)
+    if runtime.optimizer_step_peak or runtime.step_only_bytes(precision):
         held = np.where(gradients_held_at_activation_peak(batch), grads, 0.0)
         in_step = grads + extra > held + activations
         activations, optimizer = np.where(in_step, 0.0, activations), np.where(in_step, optimizer + extra, optimizer)

@@ -17,7 +17,7 @@ selective recompute discards, sec. 5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
@@ -25,6 +25,27 @@ from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 Region = Literal["tp", "sp"]
 
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# (forward, backward) kernel launches per op, as Megatron-LM's fused implementation issues them: a linear layer
+# is one GEMM forward and two backward (input and weight gradients; biases fused into the neighbouring element-
+# wise kernels: megatron/core/fusions fused_bias_gelu, fused_bias_dropout); a fused LayerNorm / RMSNorm is one
+# kernel forward and two backward (input gradient, then the weight and bias gradients, apex/TE); each fused
+# element-wise op one each way; FlashAttention-2 one forward and three backward (dot(dO, O), the main kernel,
+# dQ's conversion: Dao 2023, flash_attn_interface.py); eager attention's batched matmuls one forward and two
+# backward, its fused scale-mask-softmax and dropout one each way, plus the copy that makes its output contiguous.
+# RoPE unfused rotates q and k by slices, negation, products and a sum (about six kernels each, twelve in all, in
+# either direction). Cross entropy over the vocabulary: max, subtract, exp, sum, log, gather and the loss mean
+# forward (Megatron's vocab-parallel cross entropy), about half as many backward. Counts enter only through
+# the host's time per launch, which planner/calibration.py fits with them.
+KERNELS = {
+    "linear": (1, 2),
+    "norm": (1, 2),
+    "elementwise": (1, 1),
+    "flash_attention": (1, 3),
+    "batched_matmul": (1, 2),
+    "rotary": (12, 12),
+    "cross_entropy": (8, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,12 @@ class OpCost:
     traffic_bytes: float  # bytes moved through HBM by element-wise work (matmul I/O excluded)
     attention_core: bool = False  # discarded and recomputed by selective recompute
     flash: bool = False  # a fused attention kernel (its FLOPs run at flash-attention speed)
+    # Kernels the op launches in forward and in backward (`KERNELS`): each costs the host a launch, which the GPU
+    # waits for when the kernel itself is shorter (planner/cost/compute.py `host_floor_s`).
+    kernels: int = 1
+    backward_kernels: int = 1
+    # Bytes a matmul reads and writes (its operands and result): the memory-bound side of its roofline.
+    matmul_io_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,8 +126,8 @@ def _norm(name: str, model: ModelSpec, shape: Shape) -> OpCost:
     elems = shape.width(model.hidden_size, "sp")
     stats = NORM_STATS_BYTES[model.norm] * elems / model.hidden_size
     if model.norm == "rmsnorm" and shape.eager_rms_norm:
-        return OpCost(name, 0.0, 2 * 4 * elems + stats, 2 * shape.elem * elems)
-    return OpCost(name, 0.0, shape.elem * elems + stats, 2 * shape.elem * elems)
+        return OpCost(name, 0.0, 2 * 4 * elems + stats, 2 * shape.elem * elems, **_launches("norm"))
+    return OpCost(name, 0.0, shape.elem * elems + stats, 2 * shape.elem * elems, **_launches("norm"))
 
 
 def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:
@@ -109,13 +136,18 @@ def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:
     block keeps its own copy, whatever the micro-batch size. Its FLOPs are element-wise and negligible."""
     if model.position_embedding != "rope":
         return []
-    return [OpCost("rotary", 0.0, 2 * 4 * shape.seq * model.head_size, 0.0)]
+    return [OpCost("rotary", 0.0, 2 * 4 * shape.seq * model.head_size, 0.0, **_launches("rotary"))]
 
 
 def _linear(name: str, shape: Shape, in_features: float, out_features: float, input_region: Region) -> OpCost:
-    """A (column- or row-parallel) linear layer saves its input; 2 * in * out FLOPs per token over tp."""
+    """A (column- or row-parallel) linear layer saves its input; 2 * in * out FLOPs per token over tp. Its GEMM
+    reads the input and the weight shard and writes the output."""
     flops = 2 * shape.tokens * in_features * out_features / shape.tp
-    return OpCost(name, flops, shape.elem * shape.width(in_features, input_region), 0.0)
+    local_in = in_features / shape.tp if input_region == "tp" else in_features
+    local_out = out_features / shape.tp if input_region != "tp" else out_features
+    io = shape.elem * (shape.tokens * (local_in + local_out) + local_in * local_out)
+    saved = shape.elem * shape.width(in_features, input_region)
+    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, **_launches("linear"))
 
 
 def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
@@ -123,6 +155,11 @@ def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
     elems = shape.width(model.hidden_size, "sp")
     mask = shape.mask * elems if model.dropout > 0 else 0.0
     return OpCost(name, 0.0, mask, 3 * shape.elem * elems + mask)
+
+
+def _launches(kind: str) -> dict[str, int]:
+    forward, backward = KERNELS[kind]
+    return {"kernels": forward, "backward_kernels": backward}
 
 
 def attention_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
@@ -151,8 +188,16 @@ def _flash_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
     qkv_saved = shape.elem * shape.width(model.q_size + 2 * model.kv_size, "tp")
     logsumexp = 4 * shape.tokens * shape.heads  # fp32, one per query row and head
     return [
-        OpCost("qkv_saved", 0.0, qkv_saved, 0.0),
-        OpCost("flash_attention", _core_flops(model, shape), logsumexp, 0.0, attention_core=True, flash=True),
+        OpCost("qkv_saved", 0.0, qkv_saved, 0.0, kernels=0, backward_kernels=0),
+        OpCost(
+            "flash_attention",
+            _core_flops(model, shape),
+            logsumexp,
+            0.0,
+            attention_core=True,
+            flash=True,
+            **_launches("flash_attention"),
+        ),  # fmt: skip
     ]
 
 
@@ -168,11 +213,19 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
     dropout_saved = (shape.mask + shape.elem) * scores if has_dropout else 0.0
     dropout_traffic = (2 * shape.elem + shape.mask) * scores if has_dropout else 0.0
     return [
-        OpCost("qkv_saved", 0.0, qkv_saved, 0.0),
-        OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True),
+        OpCost("qkv_saved", 0.0, qkv_saved, 0.0, kernels=0, backward_kernels=0),
+        OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True, **_launches("batched_matmul")),
         OpCost("softmax", 0.0, softmax_out, 2 * shape.elem * scores, attention_core=True),
         OpCost("attn_prob_dropout", 0.0, dropout_saved, dropout_traffic, attention_core=True),
-        OpCost("attn_values", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True),
+        OpCost(
+            "attn_values",
+            _core_flops(model, shape) / 2,
+            0.0,
+            0.0,
+            attention_core=True,
+            kernels=KERNELS["batched_matmul"][0] + 1,
+            backward_kernels=KERNELS["batched_matmul"][1] + 1,
+        ),  # fmt: skip (+1: the copy that makes the context contiguous for out_proj)
     ]
 
 
@@ -185,7 +238,7 @@ def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
         # silu(x W1) * (x W3) in eager PyTorch: silu saves its input, the product saves both operands
         # (Shazeer 2020 for the structure; saved set measured in ../shared/notes, 8b: 4 tensors of size f).
         up = _linear("fc1_fc3", shape, h, 2 * f, "sp")
-        act = OpCost("swiglu", 0.0, 3 * shape.elem * ff, 5 * shape.elem * ff)
+        act = OpCost("swiglu", 0.0, 3 * shape.elem * ff, 5 * shape.elem * ff, kernels=2, backward_kernels=3)
     else:
         # Megatron's fused bias-GELU saves its input (Korthikanti: 8sbh for f = 4h).
         up = _linear("fc1", shape, h, f, "sp")
@@ -198,7 +251,13 @@ def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
 def _scaled(op: OpCost, factor: int) -> OpCost:
     if factor == 1:
         return op
-    return OpCost(op.name, op.matmul_flops * factor, op.saved_bytes * factor, op.traffic_bytes * factor)
+    return replace(
+        op,
+        matmul_flops=op.matmul_flops * factor,
+        saved_bytes=op.saved_bytes * factor,
+        traffic_bytes=op.traffic_bytes * factor,
+        matmul_io_bytes=op.matmul_io_bytes * factor,
+    )
 
 
 def block_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
@@ -209,7 +268,8 @@ def embedding_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """Token (+ position) lookup and embedding dropout; the lookup saves only token ids."""
     elems = shape.width(model.hidden_size, "sp")
     mask = shape.mask * elems if model.dropout > 0 else 0.0
-    return [OpCost("embedding", 0.0, mask, 3 * shape.elem * elems + mask)]
+    # Lookup, position add and dropout forward; the dense embedding backward's sort, scatter and sum.
+    return [OpCost("embedding", 0.0, mask, 3 * shape.elem * elems + mask, kernels=3, backward_kernels=3)]
 
 
 def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
@@ -220,7 +280,13 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     return [
         _norm("final_norm", model, shape),
         _linear("lm_head", shape, model.hidden_size, model.vocab_size, "sp"),
-        OpCost("cross_entropy", 0.0, (4 + shape.elem) * logits, (shape.elem + 2 * 4) * logits),
+        OpCost(
+            "cross_entropy",
+            0.0,
+            (4 + shape.elem) * logits,
+            (shape.elem + 2 * 4) * logits,
+            **_launches("cross_entropy"),
+        ),  # fmt: skip
     ]
 
 

@@ -27,18 +27,27 @@ if TYPE_CHECKING:
 
 FP32_BYTES = 4
 MiB = 1024**2
+# Host time per kernel launch of an eager PyTorch stack on a GPU, seconds (planner/cost/compute.py `host_floor_s`):
+# the least-squares fit on the fitting half of the dev vTrain runs (Megatron-LM, A100;
+# `python -m planner.calibration host-floor`; tests/validation/test_devset.py fails if it drifts). Per kernel as
+# planner/cost/ops.py counts them, so it holds the Python, dispatcher and autograd time of the ops around each one
+# too. The other stacks are eager PyTorch modules as well and are assumed to pay the same until a profile of
+# them measures it; paraplan on CPUs runs its kernels on the host itself, so no launch is waited for there.
+EAGER_HOST_S_PER_KERNEL = 70.6e-6
 
 
 class StateBytes(NamedTuple):
     """Bytes per parameter element: the weight and gradient as held, what the optimizer keeps beyond its states
-    (an fp32 master weight, fp32 main gradients), what the data-parallel collectives move per element, and the
-    unsharded weight and gradient a fully sharded unit computes with (memory.py `zero_working_copies`)."""
+    (an fp32 master weight), what the data-parallel collectives move per element, the unsharded weight and
+    gradient a fully sharded unit computes with (memory.py `zero_working_copies`), and what exists only during
+    the optimizer step, sharded as the optimizer's states are (fp32 copies of 16-bit gradients)."""
 
     weight: int
     gradient: int
     master: int
     reduce: int
     unsharded: int
+    step_only: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,9 @@ class Runtime:
     # profile's fitted overheads add to these; measured.py). 0: none known for this stack.
     microbatch_host_overhead_s: float
     step_host_overhead_s: float
+    # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
+    # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
+    host_s_per_kernel: float = 0.0
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of one weight as the stack holds it in memory."""
@@ -97,6 +109,10 @@ class Runtime:
     def master_weight_bytes(self, precision: str) -> int:
         """Bytes the optimizer keeps per weight beyond its own states (an fp32 master copy, fp32 main gradients)."""
         return self.states[precision].master
+
+    def step_only_bytes(self, precision: str) -> int:
+        """Bytes per parameter that exist only while the optimizer steps (`StateBytes.step_only`)."""
+        return self.states[precision].step_only
 
     def unsharded_bytes(self, precision: str) -> int:
         """Bytes of the unsharded weight or gradient a fully sharded unit computes with."""
@@ -151,6 +167,7 @@ PARAPLAN_CUDA = Runtime(
     dp_step_reductions=1,
     microbatch_host_overhead_s=0.0,
     step_host_overhead_s=0.0,
+    host_s_per_kernel=EAGER_HOST_S_PER_KERNEL,
 )
 
 # paraplan's executor on GPUs where no profile measured its memory (GPU presets): model states as ZeRO counts them
@@ -170,12 +187,14 @@ PARAPLAN_CPU = replace(
     name="paraplan-cpu",
     source="executor/ on gloo; ../shared/notes/torch-distributed-on-cpu.md",
     blocking_fsdp_collectives=True,
+    host_s_per_kernel=0.0,
 )
 
 # Megatron-LM (megatron/core): 16-bit weights; bf16 accumulates and all-reduces its main gradients in fp32
 # (megatron/training/arguments.py: `if args.bf16: args.accumulate_allreduce_grads_in_fp32 = True`), fp16 keeps
-# 16-bit gradients and makes fp32 main gradients in the optimizer beside the fp32 master weights. Bytes per
-# parameter (docs/source/api-guide/dist_optimizer.md): fp16 20 (4 + 16/d distributed), bf16 18 (6 + 12/d). Its
+# 16-bit gradients and copies them to fp32 main gradients at the optimizer step (Float16OptimizerWithFloat16Params
+# `_copy_model_grads_to_main_grads`), beside the fp32 master weights. Bytes per parameter at the step
+# (docs/source/api-guide/dist_optimizer.md): fp16 20 (4 + 16/d distributed), bf16 18 (6 + 12/d). Its
 # DistributedDataParallel reduces one contiguous gradient buffer in buckets (no FSDP), parameters are plain
 # tensors (tp shards are local slices), and the gradient norm is one all-reduce over the model-parallel group.
 MEGATRON = replace(
@@ -184,7 +203,7 @@ MEGATRON = replace(
     framework="megatron",
     source="Megatron-LM megatron/core (distributed optimizer docs, DistributedDataParallel)",
     states=_states(
-        StateBytes(weight=2, gradient=2, master=2 * FP32_BYTES, reduce=2, unsharded=2),
+        StateBytes(weight=2, gradient=2, master=FP32_BYTES, reduce=2, unsharded=2, step_only=FP32_BYTES),
         bf16=StateBytes(weight=2, gradient=FP32_BYTES, master=FP32_BYTES, reduce=FP32_BYTES, unsharded=2),
     ),
     fully_shard_zero_stages=(),

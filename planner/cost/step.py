@@ -90,7 +90,7 @@ def estimate_step(
     """Predict one step of a structurally valid plan (see planner.rules). `measured`: what a profile of the
     cluster measured (planner/request.py `profile_costs`), or None for the analytic model only; `runtime`: the
     training stack's regime (planner/cost/runtime.py), by default `runtime_for(cluster, measured)`."""
-    kinds = layer_kinds(model, training, cluster, plan, measured=measured)
+    kinds = layer_kinds(model, training, cluster, plan, measured=measured, runtime=runtime)
     batch = PlanBatch.of_plan(model, training, cluster, plan, kinds, measured, runtime)
     estimate = summarise(batch, evaluate(batch), row=0, plan=plan)
     if measured is None:
@@ -183,10 +183,7 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
         breakdown=breakdown,
         sources={term: "analytic" for term in TimeBreakdown.model_fields} | {"memory": "analytic"},
         why_not_fits=[_over_message(stage) for stage in over],
-        assumptions=[
-            _stack_assumption(batch.runtime, training),
-            *_assumptions(cluster, batch.measured, training, plan),
-        ],
+        assumptions=_assumptions(cluster, batch.measured, training, plan, batch.runtime),
     )
 
 
@@ -231,7 +228,7 @@ def _memory_assumption(measured: bool) -> str:
 
 
 def _assumptions(
-    cluster: ClusterSpec, measured: ProfileCosts | None, training: TrainingSpec, plan: ParallelPlan
+    cluster: ClusterSpec, measured: ProfileCosts | None, training: TrainingSpec, plan: ParallelPlan, runtime: Runtime
 ) -> list[str]:
     gpu = cluster.gpu
     if measured is None:
@@ -252,7 +249,7 @@ def _assumptions(
                 f"; calibrated on {fitted.num_runs} measured runs ({fitted.created}, step-time error "
                 f"{fitted.fit_mape:.0%} on them)"
             )
-    notes = [speeds, f"{training.attention_kernel} attention"]
+    notes = [speeds, _stack_assumption(runtime, training), f"{training.attention_kernel} attention"]
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
     if plan.dp * plan.cp > 1:

@@ -76,7 +76,7 @@ class CandidateCosts:
         group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
         sizes = np.unique(c.micro_batch_size)
         kinds = [
-            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), sizes, self.measured)
+            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), sizes, self.measured, self.runtime)
             for row in group_rows
         ]
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
