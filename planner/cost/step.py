@@ -133,6 +133,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
     layer_sources = {cost.time_source for cost in layers}
     compute = layer_sources.pop() if len(layer_sources) == 1 else "profile+analytic"
     cluster, measured = batch.cluster, batch.measured
+
     def group(axis: GroupAxis) -> GroupPlacement:
         return placement(axis, plan.degrees, cluster.gpus_per_node)
 
@@ -244,6 +245,8 @@ def _assumptions(
                 f"{fitted.fit_mape:.0%} on them)"
             )
     notes = [speeds, f"{training.attention_kernel} attention"]
+    if not gpu.supports("bf16"):  # a V100: planner/request.py made fp16 its default and refuses bf16
+        notes.append(f"{training.precision} training: {gpu.name} has no bf16 tensor cores (fp16 is its default)")
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
     if plan.dp * plan.cp > 1:
