@@ -242,3 +242,12 @@ def test_model_specs_are_frozen_presets() -> None:
     assert isinstance(spec, ModelSpec)
     with pytest.raises(ValueError):
         spec.num_layers = 1  # type: ignore[misc]
+
+
+def test_the_contract_and_the_readme_list_every_gpu_preset() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for document in ("docs/contract.md", "README.md"):
+        text = (root / document).read_text()
+        assert all(f"`{name}`" in text for name in GPU_PRESETS), document

@@ -114,7 +114,7 @@ def test_a_gpu_spec_needs_fp16_and_fp32_but_not_bf16():
         GpuSpec.model_validate(fields | {"peak_tflops": {"bf16": 100.0, "fp32": 10.0}})
 
 
-# A GPU that is not a preset, given in full as `cluster.gpu`: an NVIDIA A40 (datasheet: 48 GB
+# A GPU that is not a preset, given in full as `cluster.gpu` (as in docs/contract.md): an NVIDIA A40 (datasheet: 48 GB
 # GDDR6 at 696 GB/s, bf16/fp16 tensor 299.4 with sparsity -> 149.7 dense, fp32 37.4, PCIe Gen4), memory as
 # marketed, a 100 Gb/s NIC per GPU and the A100's matmul fraction assumed.
 CUSTOM_GPU = {
@@ -139,6 +139,18 @@ def test_an_estimate_on_a_custom_gpu_object():
     assert _precision(fp16_only, {}) == "fp16"
     with pytest.raises(ValidationError, match="training.precision: bf16 is not supported by a40"):
         estimate(_request(fp16_only, {"precision": "bf16"}))
+
+
+def test_the_contract_example_of_a_custom_gpu_estimates():
+    """docs/contract.md's worked example of a GPU object is a request that estimates, on that GPU."""
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    blocks = [block.split("```")[0] for block in text.split("```json\n")[1:]]
+    example = json.loads(next(block for block in blocks if '"gpu": {' in block))
+    result = estimate(example)
+    assert result.step_time_s > 0 and result.memory.capacity_bytes == example["cluster"]["gpu"]["memory_bytes"]
 
 
 def test_a_bad_custom_gpu_names_its_fields():
