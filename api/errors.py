@@ -102,13 +102,16 @@ def _validation_payload(exc: Any, flag_for: FlagFor | None) -> dict[str, Any]:
 
 def validation_fields(error: dict[str, Any], flag_for: FlagFor | None = None, prefix: str = "") -> list[dict[str, Any]]:
     """One entry per problem of one pydantic error. The specs join several rules broken at once into one
-    ValueError ("plan.tp: ...; plan.schedule: ..."); split them so each names its own field."""
+    ValueError ("plan.tp: ...; plan.schedule: ..."); split them so each names its own field. A rule of the whole
+    request (one that relates two sections, such as the precision and the GPU) has no location of its own: its
+    message names the field."""
     where = ".".join(str(part) for part in (*([prefix] if prefix else []), *error["loc"]))
     entries = []
     for part in error["msg"].removeprefix("Value error, ").split("; "):
         field, message = where, part
         head, sep, rest = part.partition(": ")
-        if sep and head.startswith(f"{where}.") and " " not in head:
+        names_field = head.startswith(f"{where}.") if where else "." in head
+        if sep and names_field and " " not in head:
             field, message = head, rest
         entry = {"field": field or "(request)", "message": message}
         if flag_for is not None:

@@ -300,14 +300,17 @@ def model_preset(name: str) -> ModelSpec:
 # of the block time model to the five single-layer timings of Korthikanti et al. 2022, table 4
 # (planner/calibration.py; tests/validation/test_devset.py recomputes it and fails if this drifts).
 A100_MATMUL_EFFICIENCY = 0.691
-# Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS,
-# stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe from
-# zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
+# Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS or
+# hipBLASLt, stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe
+# from zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
+# B200: torch 2.7.1+cu128. MI300X: torch 2.5.1 on ROCm 6.3 with PYTORCH_TUNABLEOP_ENABLED=1, 668.4 of its 1300.
 _MAX_ACHIEVABLE_MATMUL = {
     "a100": 271.2 / 312,
     "h100-sxm": 794.5 / 989.4,
     "h100-pcie": 503.8 / 756.5,
     "l4": 70.9 / 121,
+    "b200": 1745.0 / 2250,
+    "mi300x": 668.4 / 1300,
 }
 
 
@@ -315,6 +318,11 @@ def _matmul_efficiency(gpu: str) -> float:
     """Other GPUs: the A100 calibration scaled by how much of its peak each GPU's cuBLAS reaches relative to the
     A100 in the same benchmark (an assumption until a profile of that GPU measures it)."""
     return round(A100_MATMUL_EFFICIENCY * _MAX_ACHIEVABLE_MATMUL[gpu] / _MAX_ACHIEVABLE_MATMUL["a100"], 3)
+
+
+# GPUs that the benchmark above never measured (V100, A10, A10G, L40S, H20) take the A100's calibrated fraction
+# unchanged: an assumption, until a profile of that GPU (paraplan profile) measures its matmuls.
+UNMEASURED_MATMUL_EFFICIENCY = A100_MATMUL_EFFICIENCY
 
 
 # Achievable fraction of the HBM line rate for streaming (element-wise) kernels: BabelStream 5.0 Triad
@@ -355,6 +363,42 @@ _NVLINK4 = LinkSpec(
     source="H100/H200 datasheets (900 GB/s bidirectional NVLink); NVIDIA/nccl-tests#212",
 )
 
+_NVLINK2 = LinkSpec(
+    name="nvlink2",
+    # V100 SXM2: 6 NVLink2 links x 25 GB/s per direction = 150 (datasheet: 300 GB/s, both directions). In a
+    # DGX-1 (and HGX-1) the eight GPUs form a hybrid cube-mesh, not an all-to-all: each GPU's six links go to four
+    # of its seven peers, one or two links each. NCCL lays its rings over all of them for a collective over the
+    # eight GPUs, which sees this per-GPU rate; a smaller group has only the links among its members (a pair as
+    # little as 25 GB/s), which one tier per node cannot express: it is optimistic there.
+    # Efficiency: the A100's NVLink ratio (0.77), assumed.
+    bandwidth_GBps=150.0,
+    efficiency=_NVLINK3.efficiency,
+    latency_s=NVLINK_LATENCY_S,
+    source="Tesla V100 datasheet (300 GB/s bidirectional NVLink, SXM2); DGX-1 hybrid cube-mesh; efficiency assumed",
+)
+_NVLINK5 = LinkSpec(
+    name="nvlink5",
+    # 18 NVLink5 links x 50 GB/s = 900 per direction (1.8 TB/s bidirectional), through NVSwitch: all-to-all.
+    # Efficiency: NVLink4's 0.82, assumed until an nccl-tests run on B200 is at hand.
+    bandwidth_GBps=900.0,
+    efficiency=_NVLINK4.efficiency,
+    latency_s=NVLINK_LATENCY_S,
+    source="HGX/DGX B200 datasheet (1.8 TB/s bidirectional NVLink per GPU); efficiency assumed as NVLink4's",
+)
+_INFINITY_FABRIC_MI300X = LinkSpec(
+    name="infinity-fabric",
+    # An 8-GPU MI300X platform is a full mesh: 7 xGMI links per GPU, one to each peer, 64 GB/s per direction
+    # each (datasheet: 128 GB/s per link bidirectional), 448 GB/s per GPU in all. Only a collective over all eight
+    # GPUs uses every link; a group of k GPUs reaches (k - 1) x 64 GB/s, which this one tier overstates for k < 8.
+    # Efficiency 0.75: 48 of 64 GB/s usable per link after CRC and protocol overhead (AMD ROCm blog,
+    # "Understanding RCCL Bandwidth and xGMI Performance on AMD Instinct MI300X", 2025-03-02). Latency: NVLink's,
+    # assumed.
+    bandwidth_GBps=448.0,
+    efficiency=0.75,
+    latency_s=NVLINK_LATENCY_S,
+    source="AMD Instinct MI300X datasheet and platform (7 x 128 GB/s xGMI); rocm.blogs.amd.com mi300x-rccl-xgmi",
+)
+
 
 def _pcie(generation: int, bandwidth_GBps: float) -> LinkSpec:
     """GPUs without NVSwitch talk over PCIe x16 (per direction: Gen4 32 GB/s, Gen5 64 GB/s).
@@ -372,11 +416,11 @@ def _pcie(generation: int, bandwidth_GBps: float) -> LinkSpec:
     )
 
 
-def _network(name: str, gbit_per_s: int, source: str) -> LinkSpec:
-    """One NIC per GPU: the network bandwidth each GPU sees per direction is the NIC's line rate."""
+def _network(name: str, gbit_per_s: int, source: str, gpus_per_nic: int = 1) -> LinkSpec:
+    """The network bandwidth each GPU sees per direction: its NIC's line rate, shared by `gpus_per_nic` GPUs."""
     return LinkSpec(
         name=name,
-        bandwidth_GBps=gbit_per_s / 8,
+        bandwidth_GBps=gbit_per_s / 8 / gpus_per_nic,
         efficiency=NETWORK_EFFICIENCY,
         latency_s=NETWORK_LATENCY_S,
         source=source,
@@ -387,7 +431,17 @@ def _network(name: str, gbit_per_s: int, source: str) -> LinkSpec:
 _IB_HDR = _network("ib-hdr-200g", 200, "DGX A100 user guide: 8 x 200 Gb/s HDR InfiniBand, one per GPU")
 # DGX H100 / H200: eight 400 Gb/s NDR ConnectX-7 ports for the compute fabric, one per GPU.
 _IB_NDR = _network("ib-ndr-400g", 400, "DGX H100/H200 user guide: 8 x 400 Gb/s NDR (ConnectX-7), one per GPU")
-# PCIe servers (H100 PCIe, L4) have no reference design: assume one 200 Gb/s NIC per GPU.
+# HGX H20 is the HGX H100 board with H20 GPUs; its servers are assumed to carry DGX H100's network.
+_IB_NDR_HGX = _IB_NDR.model_copy(update={"source": "assumed: one 400 Gb/s NDR NIC per GPU, as in DGX H100"})
+# DGX B200: eight 400 Gb/s ConnectX-7 ports (InfiniBand or Ethernet) for the compute fabric, one per GPU.
+_IB_NDR_B200 = _network("ib-ndr-400g", 400, "DGX B200 datasheet: 8 x 400 Gb/s ConnectX-7, one per GPU")
+# DGX-1 (V100): four 100 Gb/s EDR InfiniBand ports for eight GPUs, one per pair (as in NVIDIA/nccl-tests#29).
+_IB_EDR_DGX1 = _network("ib-edr-100g", 100, "DGX-1 user guide: 4 x 100 Gb/s EDR InfiniBand for 8 GPUs", 2)
+# AWS g5.48xlarge: 8 A10G sharing 100 Gb/s of networking (EFA); there is no NVLink in g5 instances.
+_AWS_G5_100G = _network("aws-g5-100g", 100, "AWS EC2 G5: g5.48xlarge, 8 x A10G, 100 Gb/s networking", 8)
+# MI300X servers: one 400 Gb/s NIC per GPU, as in Azure's ND MI300X v5 (8 x 400 Gb/s InfiniBand); assumed.
+_NIC_400G = _network("nic-400g", 400, "assumed: one 400 Gb/s NIC per GPU (Azure ND MI300X v5: 8 x 400 Gb/s)")
+# PCIe servers (H100 PCIe, L4, A10, L40S) have no reference design: assume one 200 Gb/s NIC per GPU.
 _NIC_200G = _network("nic-200g", 200, "assumed: one 200 Gb/s NIC per GPU (no reference system)")
 
 
@@ -406,6 +460,23 @@ _GLOO_SHARED_MEMORY = LinkSpec(
 def _mib(mib: int) -> int:
     """Bytes in `mib` MiB (torch and deviceQuery report device memory in MiB)."""
     return mib * 2**20
+
+
+def _v100_sxm2(name: str, memory_bytes: int) -> GpuSpec:
+    """A V100 SXM2 (16 or 32 GB HBM2; the same GPU otherwise) in a DGX-1. Volta has fp16 tensor cores and no
+    bf16: peak_tflops leaves bf16 out, a bf16 request is refused and a request naming no precision is costed in
+    fp16 (planner/request.py). Tensor 125 TFLOP/s is dense (Volta has no sparsity); fp32 15.7 on CUDA cores."""
+    return GpuSpec(
+        name=name,
+        memory_bytes=memory_bytes,
+        peak_tflops={"fp16": 125.0, "fp32": 15.7},
+        hbm_GBps=900.0,
+        intra_node=_NVLINK2,
+        inter_node=_IB_EDR_DGX1,
+        matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA Tesla V100 datasheet (tesla-v100-datasheet-letter-fnl-web.pdf), SXM2; DGX-1 user guide",
+    )
 
 
 # memory_bytes is what torch.cuda.get_device_properties(i).total_memory reports (torch prints it in MiB as
@@ -492,6 +563,97 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         matmul_efficiency=_matmul_efficiency("l4"),
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4), Ada GPU architecture whitepaper v2.1",
+    ),
+    "l40s": GpuSpec(
+        name="l40s",
+        # torch: _CudaDeviceProperties(name='NVIDIA L40S', major=8, minor=9, total_memory=45589MB) of 48 GB GDDR6.
+        memory_bytes=_mib(45589),
+        # Datasheet bf16/fp16 tensor 733 with sparsity -> 362.05 dense; fp32 91.6.
+        peak_tflops={"bf16": 362.05, "fp16": 362.05, "fp32": 91.6},
+        hbm_GBps=864.0,  # GDDR6
+        intra_node=_pcie(4, 32.0),  # no NVLink
+        inter_node=_NIC_200G,
+        matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s)",
+    ),
+    "a10": GpuSpec(
+        name="a10",
+        # deviceQuery: "22599 MBytes (23696375808 bytes)" under driver 12.8 (22516 MiB under 12.2) of 24 GB GDDR6.
+        memory_bytes=23_696_375_808,
+        # Datasheet bf16/fp16 tensor 250 with sparsity -> 125 dense; fp32 31.2.
+        peak_tflops={"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+        hbm_GBps=600.0,  # GDDR6
+        intra_node=_pcie(4, 32.0),  # no NVLink
+        inter_node=_NIC_200G,
+        matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA A10 datasheet (nvidia.com/en-us/data-center/products/a10-gpu)",
+    ),
+    "a10g": GpuSpec(
+        name="a10g",
+        # torch 2.15: _CudaDeviceProperties(name='NVIDIA A10G', major=8, minor=6, total_memory=22587MB,
+        # multi_processor_count=80) of 24 GB GDDR6.
+        memory_bytes=_mib(22587),
+        # AWS's variant of the A10 has no public NVIDIA datasheet. Baseten's comparison (baseten.co, "NVIDIA A10
+        # vs A10G for ML model inference") has it trading tensor throughput for CUDA-core throughput against the
+        # A10; bf16/fp16 70 dense and fp32 35 are the figures quoted for it and agree with its 80 SMs at ~1.71 GHz
+        # (assumed) with GA102's consumer tensor rate, 512 dense fp16 FLOP/clock/SM with fp32 accumulation (half
+        # the A10's). Not checked against an NVIDIA document: assumed until a profile measures it.
+        peak_tflops={"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
+        hbm_GBps=600.0,  # GDDR6, as the A10
+        intra_node=_pcie(4, 32.0),  # g5 instances have no NVLink
+        inter_node=_AWS_G5_100G,
+        matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="AWS EC2 G5 instances (aws.amazon.com/ec2/instance-types/g5); peaks assumed (no public datasheet)",
+    ),
+    # deviceQuery: "32510 MBytes (34089730048 bytes)", Tesla V100-SXM2-32GB, driver 11.4.
+    "v100-sxm2-32gb": _v100_sxm2("v100-sxm2-32gb", 34_089_730_048),
+    # torch: _CudaDeviceProperties(name='Tesla V100-SXM2-16GB', total_memory=16130MB).
+    "v100-sxm2-16gb": _v100_sxm2("v100-sxm2-16gb", _mib(16130)),
+    "h20": GpuSpec(
+        name="h20",
+        # torch: _CudaDeviceProperties(name='NVIDIA H20', major=9, minor=0, total_memory=97285MB,
+        # multi_processor_count=78) of 96 GB HBM3.
+        memory_bytes=_mib(97285),
+        # Hopper with 78 SMs for the Chinese market. NVIDIA publishes no datasheet on nvidia.com; the widely
+        # reported specification gives bf16/fp16 148 dense (fp8 296), fp32 44, HBM3 4.0 TB/s, NVLink 900 GB/s.
+        peak_tflops={"bf16": 148.0, "fp16": 148.0, "fp32": 44.0},
+        hbm_GBps=4000.0,
+        intra_node=_NVLINK4,
+        inter_node=_IB_NDR_HGX,
+        matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA HGX H20 specification as reported (no public NVIDIA datasheet); HGX H100 board layout",
+    ),
+    "b200": GpuSpec(
+        name="b200",
+        # torch: _CudaDeviceProperties(name='NVIDIA B200', major=10, minor=0, total_memory=182642MB,
+        # multi_processor_count=148) of the 180 GB HBM3e per GPU of HGX B200 (1,440 GB for eight).
+        memory_bytes=_mib(182642),
+        # DGX/HGX B200 per GPU: bf16/fp16 4.5 PFLOP/s with sparsity -> 2250 dense; fp32 80 (the 1000 W part).
+        peak_tflops={"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0},
+        hbm_GBps=8000.0,
+        intra_node=_NVLINK5,
+        inter_node=_IB_NDR_B200,
+        matmul_efficiency=_matmul_efficiency("b200"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA DGX B200 datasheet (resources.nvidia.com/en-us-dgx-systems/dgx-b200-datasheet), per GPU",
+    ),
+    "mi300x": GpuSpec(
+        name="mi300x",
+        # torch 2.6 on ROCm: _CudaDeviceProperties(name='AMD Instinct MI300X', major=9, minor=4,
+        # total_memory=196592MB) (ROCm/ROCm#4203) of 192 GB HBM3. torch drives it as a "cuda" device, over RCCL.
+        memory_bytes=_mib(196592),
+        # AMD datasheet: bf16/fp16 matrix 1307.4 dense (2614.9 with sparsity); fp32 163.4.
+        peak_tflops={"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
+        hbm_GBps=5300.0,
+        intra_node=_INFINITY_FABRIC_MI300X,
+        inter_node=_NIC_400G,
+        matmul_efficiency=_matmul_efficiency("mi300x"),
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="AMD Instinct MI300X datasheet (amd.com/en/products/accelerators/instinct/mi300/mi300x.html)",
     ),
     # A placeholder for the CPU box that CI and the gloo tests run on. Its real speeds come from a measured
     # HardwareProfile (profiler/); these nominal figures only keep the analytic model finite and modest.

@@ -12,12 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from planner.cost.measured import ProfileCosts
 from planner.cost.runtime import Runtime, runtime_for
 from planner.profiles import ProfileError, load_profile_json
-from planner.specs import ClusterSpec, HardwareProfile, ModelSpec, ParallelPlan, SearchOptions, TrainingSpec
+from planner.specs import (
+    ClusterSpec,
+    GpuSpec,
+    HardwareProfile,
+    ModelSpec,
+    ParallelPlan,
+    Precision,
+    SearchOptions,
+    TrainingSpec,
+)
 
 
 class _Setup(BaseModel):
@@ -56,8 +65,13 @@ class _Setup(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _cpu_trains_fp32(cls, data: Any) -> Any:
-        return default_cpu_precision(data)
+    def _device_precision(cls, data: Any) -> Any:
+        return default_precision(data)
+
+    @model_validator(mode="after")
+    def _precision_on_this_gpu(self) -> _Setup:
+        check_precision(self.training, self.cluster.gpu)
+        return self
 
 
 class EstimateRequest(_Setup):
@@ -123,20 +137,55 @@ def resolve_cluster(value: Any) -> Any:
     return value
 
 
-def default_cpu_precision(data: Any) -> Any:
-    """On the `cpu` device a request that names no `training.precision` is fp32, not bf16: the executor trains
-    fp32 on CPUs whatever the request says, and a CPU profile holds fp32 layer times only, so a bf16 default would
-    predict a run that never happens (from the analytic model instead of the profile)."""
+def default_precision(data: Any) -> Any:
+    """Fill `training.precision` when the request names none and its device cannot take TrainingSpec's bf16:
+    fp32 on the `cpu` device (the executor trains fp32 on CPUs whatever the request says, and a CPU profile holds
+    fp32 layer times only, so bf16 would predict a run that never happens), fp16 on a GPU without bf16 (V100:
+    mixed precision there is fp16 with loss scaling). A precision the request names is kept; `check_precision`
+    refuses one the GPU lacks."""
     if not isinstance(data, dict):
         return data
     cluster, training = data.get("cluster"), data.get("training")
     if not isinstance(cluster, dict) or not isinstance(training, dict) or "precision" in training:
         return data
-    gpu = cluster.get("gpu")
-    on_cpu = gpu.lower() == "cpu" if isinstance(gpu, str) else isinstance(gpu, dict) and gpu.get("kind") == "cpu"
-    if on_cpu:
-        return {**data, "training": {**training, "precision": "fp32"}}
-    return data
+    gpu = _readable_gpu(cluster.get("gpu"))
+    precision = None if gpu is None else device_default_precision(gpu)
+    if precision is None:
+        return data
+    return {**data, "training": {**training, "precision": precision}}
+
+
+def device_default_precision(gpu: GpuSpec) -> Precision | None:
+    """What a request on `gpu` that names no precision trains at, where that is not TrainingSpec's bf16."""
+    if gpu.kind == "cpu":
+        return "fp32"
+    return None if gpu.supports("bf16") else "fp16"
+
+
+def _readable_gpu(value: Any) -> GpuSpec | None:
+    """`cluster.gpu` as a GpuSpec when it already reads as one (a known preset name, a valid GPU object), else
+    None: field validation then names what is wrong with it."""
+    from planner.presets import GPU_PRESETS
+
+    if isinstance(value, GpuSpec):
+        return value
+    if isinstance(value, str):
+        return GPU_PRESETS.get(value.lower())
+    try:
+        return GpuSpec.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def check_precision(training: TrainingSpec, gpu: GpuSpec) -> None:
+    """ValueError naming `training.precision` when the GPU has no peak for it (bf16 on a V100): never a KeyError
+    deep in the cost model. Every GPU has fp16 (GpuSpec requires it), hence the advice. (A message without "; ",
+    which error reports read as a separator between problems.)"""
+    if not gpu.supports(training.precision):
+        raise ValueError(
+            f"training.precision: {training.precision} is not supported by {gpu.name}, which has no "
+            f"{training.precision} tensor cores: use fp16"
+        )
 
 
 def infer_dp(data: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,6 +11,9 @@ from rich.table import Table
 from api.cli.app import catalog_app
 from api.cli.app import console as _console
 from api.cli.report import GiB, format_count
+
+if TYPE_CHECKING:
+    from planner.specs import GpuSpec
 
 
 @catalog_app.command("models")
@@ -48,9 +51,16 @@ def catalog_gpus(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
         table.add_row(
             name,
             f"{gpu.memory_bytes / GiB:.1f}",
-            f"{gpu.peak_tflops['bf16']:g}",
+            _bf16_peak(gpu),
             f"{gpu.hbm_GBps:g}",
             f"{gpu.intra_node.bandwidth_GBps:g} ({gpu.intra_node.name})",
             f"{gpu.inter_node.bandwidth_GBps:g} ({gpu.inter_node.name})",
         )
     _console().print(table)
+
+
+def _bf16_peak(gpu: GpuSpec) -> str:
+    """The bf16 peak; a GPU without bf16 (V100) shows its fp16 peak instead, which is what it trains at."""
+    if gpu.supports("bf16"):
+        return f"{gpu.peak_tflops['bf16']:g}"
+    return f"none (fp16 {gpu.peak_tflops['fp16']:g})"

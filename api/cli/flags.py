@@ -154,7 +154,11 @@ GlobalBatchOption = Annotated[int | None, typer.Option("--global-batch", help="S
 
 
 PrecisionOption = Annotated[
-    str | None, typer.Option("--precision", help="bf16 (default; fp32 with --gpu cpu), fp16 or fp32.")
+    str | None,
+    typer.Option(
+        "--precision",
+        help="bf16 (default; fp16 on GPUs without bf16 such as the V100; fp32 with --gpu cpu), fp16 or fp32.",
+    ),
 ]
 
 

@@ -40,8 +40,10 @@ def _header(request: EstimateRequest | PlanRequest) -> str:
     model, cluster, training = request.model, request.cluster, request.training
     nodes = f"{cluster.num_nodes} node{'s' if cluster.num_nodes > 1 else ''}"
     gpus = f"{cluster.num_gpus} × {cluster.gpu.name} ({nodes} × {cluster.gpus_per_node})"
+    # A GPU without bf16 (V100) is costed in fp16 unless told otherwise: say why the precision is not the usual bf16.
+    precision = training.precision if cluster.gpu.supports("bf16") else f"{training.precision} (no bf16 on this GPU)"
     setup = (
-        f"seq {training.seq_len} · global batch {training.global_batch_size} · {training.precision} · "
+        f"seq {training.seq_len} · global batch {training.global_batch_size} · {precision} · "
         f"{training.optimizer} · {training.attention_kernel} attention"
     )
     lines = [f"[bold]{_model_name(model)}[/bold] · {format_count(model_params(model))} params · {gpus}", setup]

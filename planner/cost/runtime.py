@@ -180,7 +180,7 @@ ANALYTIC = replace(
     optimizer_step_peak=False,
 )
 
-# paraplan's executor on CPUs (gloo). It trains fp32 there (planner/request.py `default_cpu_precision`), where ZeRO's
+# paraplan's executor on CPUs (gloo). It trains fp32 there (planner/request.py `default_precision`), where ZeRO's
 # accounting is its own 4 + 4 + 8 bytes; no CPU profile measures the allocator, so memory is counted analytically.
 PARAPLAN_CPU = replace(
     ANALYTIC,

@@ -250,6 +250,8 @@ def _assumptions(
                 f"{fitted.fit_mape:.0%} on them)"
             )
     notes = [speeds, _stack_assumption(runtime, training), f"{training.attention_kernel} attention"]
+    if not gpu.supports("bf16"):  # a V100: planner/request.py made fp16 its default and refuses bf16
+        notes.append(f"{training.precision} training: {gpu.name} has no bf16 tensor cores (fp16 is its default)")
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
     if plan.dp * plan.cp > 1:

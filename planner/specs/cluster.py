@@ -25,7 +25,10 @@ class LinkSpec(Frozen):
 
 
 class GpuSpec(Frozen):
-    """One accelerator as the cost model needs it. Peak numbers are dense (no sparsity), from the datasheet."""
+    """One accelerator as the cost model needs it. Peak numbers are dense (no sparsity), from the datasheet.
+
+    `peak_tflops` must hold fp16 and fp32, and bf16 where the GPU has it. A GPU without bf16 tensor cores (V100)
+    leaves bf16 out: a request for bf16 on it is refused, one naming no precision is costed in fp16."""
 
     name: str
     kind: Literal["gpu", "cpu"] = "gpu"
@@ -41,11 +44,15 @@ class GpuSpec(Frozen):
 
     @field_validator("peak_tflops")
     @classmethod
-    def _all_precisions(cls, value: dict[str, float]) -> dict[str, float]:
-        missing = {"bf16", "fp16", "fp32"} - set(value)
+    def _required_precisions(cls, value: dict[str, float]) -> dict[str, float]:
+        missing = {"fp16", "fp32"} - set(value)  # every GPU has them; bf16 arrived with Ampere (A100)
         if missing:
-            raise ValueError(f"peak_tflops lacks {sorted(missing)}")
+            raise ValueError(f"peak_tflops lacks {sorted(missing)} (bf16 may be left out, fp16 and fp32 may not)")
         return value
+
+    def supports(self, precision: str) -> bool:
+        """Whether this GPU has a peak for `precision` (every GPU has fp16 and fp32; not every one has bf16)."""
+        return precision in self.peak_tflops
 
 
 class ClusterSpec(Frozen):

@@ -175,6 +175,36 @@ def test_a_schema_error_names_the_field(
     assert field in named_fields(error)
 
 
+def test_bf16_on_a_gpu_without_bf16_is_a_422_naming_the_precision(
+    client: TestClient, tiny_request: dict[str, Any]
+) -> None:
+    tiny_request["cluster"]["gpu"] = "v100-sxm2-32gb"
+    tiny_request["training"]["precision"] = "bf16"
+    error = error_of(client.post("/v1/estimates", json=tiny_request), 422, "invalid_request")
+    assert error["fields"] == [
+        {"field": "training.precision",
+         "message": "bf16 is not supported by v100-sxm2-32gb, which has no bf16 tensor cores: use fp16"}
+    ]  # fmt: skip
+    error = error_of(client.post("/v1/plans", json=search_of(tiny_request)), 422, "invalid_request")
+    assert named_fields(error) == {"training.precision"}
+    del tiny_request["training"]["precision"]  # left out: a V100 trains fp16
+    response = client.post("/v1/estimates", json=tiny_request)
+    assert response.status_code == 200, response.text
+    assert any("no bf16 tensor cores" in note for note in response.json()["assumptions"])
+
+
+def test_an_estimate_on_a_custom_gpu_object(client: TestClient, tiny_request: dict[str, Any]) -> None:
+    """`cluster.gpu` may be a full GPU object instead of a preset name (docs/contract.md); its faults are named."""
+    gpu = client.get("/v1/catalog/gpus").json()[0]["spec"] | {"name": "my-gpu"}
+    tiny_request["cluster"]["gpu"] = gpu
+    response = client.post("/v1/estimates", json=tiny_request)
+    assert response.status_code == 200, response.text
+    assert response.json()["memory"]["capacity_bytes"] == gpu["memory_bytes"]
+    tiny_request["cluster"]["gpu"] = gpu | {"peak_tflops": {"bf16": 1.0}}
+    error = error_of(client.post("/v1/estimates", json=tiny_request), 422, "invalid_request")
+    assert "cluster.gpu.peak_tflops" in named_fields(error)
+
+
 def test_a_missing_section_is_named(client: TestClient, tiny_request: dict[str, Any]) -> None:
     del tiny_request["training"]
     error = error_of(client.post("/v1/estimates", json=tiny_request), 422, "invalid_request")

@@ -188,6 +188,25 @@ def test_invalid_fields_are_named_with_their_flags():
     assert "training.precision (--precision)" in result.output
 
 
+V100_FLAGS = ["--model", "llama3-8b", "--gpu", "v100-sxm2-32gb", "--seq-len", "2048", "--global-batch", "8"]
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+def test_bf16_on_a_v100_is_refused_naming_the_flag(command: str) -> None:
+    result = run(command, *V100_FLAGS, "--precision", "bf16")
+    assert result.exit_code == 1
+    assert "training.precision (--precision): bf16 is not supported by v100-sxm2-32gb" in result.output
+    assert "Traceback" not in result.output
+    code, answer = run_json(command, *V100_FLAGS, "--precision", "bf16")
+    assert code == 1 and answer["error"]["fields"][0]["field"] == "training.precision"
+
+
+def test_a_v100_estimate_trains_fp16_and_says_why():
+    result = run("estimate", *V100_FLAGS, "--tp", "8")
+    assert result.exit_code == 0, result.output
+    assert "fp16 (no bf16 on this GPU)" in result.output and "no bf16 tensor cores" in result.output
+
+
 def test_missing_required_flags_are_named():
     result = run("estimate", "--model", "llama3-8b", "--seq-len", "2048")
     assert result.exit_code == 1
@@ -230,8 +249,9 @@ def test_catalog_gpus_table_and_json():
     result = run("catalog", "gpus")
     assert result.exit_code == 0
     assert "h100-sxm" in result.output and "989.4" in result.output
+    assert "none (fp16 125)" in result.output  # the V100s: no bf16
     rows = json.loads(run("catalog", "gpus", "--json").stdout)
-    assert {"a100-80gb", "h100-sxm"} <= {row["name"] for row in rows}
+    assert {"a100-80gb", "h100-sxm", "v100-sxm2-32gb", "mi300x"} <= {row["name"] for row in rows}
 
 
 # --------------------------------------------------------------------------------------------- subprocess

@@ -138,18 +138,28 @@ def test_unknown_model_preset_names_the_closest() -> None:
 def test_gpu_preset_is_consistent(name: str) -> None:
     gpu = gpu_preset(name)
     assert isinstance(gpu, GpuSpec) and gpu.name == name and gpu.source
-    assert gpu.peak_tflops["bf16"] == gpu.peak_tflops["fp16"] >= gpu.peak_tflops["fp32"]
+    # bf16, where a GPU has it, runs on the same tensor cores as fp16; fp32 is never faster.
+    assert gpu.peak_tflops.get("bf16", gpu.peak_tflops["fp16"]) == gpu.peak_tflops["fp16"] >= gpu.peak_tflops["fp32"]
     assert gpu.intra_node.latency_s > 0 and gpu.inter_node.latency_s > 0
     assert gpu.intra_node.source and gpu.inter_node.source
     assert 0 < gpu.matmul_efficiency <= 1 and 0 < gpu.memory_efficiency <= 1
+    # The network never outruns the links inside a node.
+    assert gpu.inter_node.bandwidth_GBps <= gpu.intra_node.bandwidth_GBps
 
 
 def test_gpu_kinds() -> None:
     assert {name for name, gpu in GPU_PRESETS.items() if gpu.kind == "cpu"} == {"cpu"}
 
 
+def test_only_volta_lacks_bf16() -> None:
+    assert {name for name, gpu in GPU_PRESETS.items() if not gpu.supports("bf16")} == {
+        "v100-sxm2-16gb",
+        "v100-sxm2-32gb",
+    }
+
+
 @pytest.mark.parametrize(
-    ("name", "bf16_tflops", "fp32_tflops", "hbm_GBps", "nominal_gb"),
+    ("name", "fp16_tflops", "fp32_tflops", "hbm_GBps", "nominal_gb"),
     [
         ("a100-40gb", 312.0, 19.5, 1555.0, 40),
         ("a100-80gb", 312.0, 19.5, 2039.0, 80),
@@ -157,13 +167,21 @@ def test_gpu_kinds() -> None:
         ("h100-pcie", 756.5, 51.2, 2000.0, 80),
         ("h200", 989.4, 66.9, 4800.0, 141),
         ("l4", 121.0, 30.3, 300.0, 24),
+        ("l40s", 362.05, 91.6, 864.0, 48),
+        ("a10", 125.0, 31.2, 600.0, 24),
+        ("a10g", 70.0, 35.0, 600.0, 24),
+        ("v100-sxm2-32gb", 125.0, 15.7, 900.0, 32),
+        ("v100-sxm2-16gb", 125.0, 15.7, 900.0, 16),
+        ("h20", 148.0, 44.0, 4000.0, 96),
+        ("b200", 2250.0, 80.0, 8000.0, 180),
+        ("mi300x", 1307.4, 163.4, 5300.0, 192),
     ],
 )
 def test_gpu_datasheet_numbers(
-    name: str, bf16_tflops: float, fp32_tflops: float, hbm_GBps: float, nominal_gb: int
+    name: str, fp16_tflops: float, fp32_tflops: float, hbm_GBps: float, nominal_gb: int
 ) -> None:
     gpu = gpu_preset(name)
-    assert gpu.peak_tflops["bf16"] == bf16_tflops and gpu.peak_tflops["fp32"] == fp32_tflops
+    assert gpu.peak_tflops["fp16"] == fp16_tflops and gpu.peak_tflops["fp32"] == fp32_tflops
     assert gpu.hbm_GBps == hbm_GBps
     # Usable memory: a little under the marketed capacity (decimal GB for H200/L4, GiB for A100/H100).
     assert 0.9 * nominal_gb * 1e9 < gpu.memory_bytes <= nominal_gb * 2**30
@@ -182,6 +200,32 @@ def test_link_tiers() -> None:
     assert gpu_preset("h100-sxm").intra_node.bus_bandwidth_Bps == pytest.approx(369e9)
 
 
+def test_link_tiers_of_the_newer_presets() -> None:
+    # V100 SXM2: 6 NVLink2 links x 25 GB/s; a DGX-1 shares one 100 Gb/s EDR port between two GPUs.
+    assert gpu_preset("v100-sxm2-32gb").intra_node.bandwidth_GBps == 150.0
+    assert gpu_preset("v100-sxm2-32gb").inter_node.bandwidth_GBps == 100 / 8 / 2
+    # A10G in a g5.48xlarge: PCIe Gen4 only, 100 Gb/s for eight GPUs.
+    assert gpu_preset("a10g").intra_node.name == "pcie-gen4-x16"
+    assert gpu_preset("a10g").inter_node.bandwidth_GBps == 100 / 8 / 8
+    # B200: NVLink5 900 GB/s per direction; MI300X: 7 xGMI links x 64 GB/s, 48 usable each.
+    assert gpu_preset("b200").intra_node.bandwidth_GBps == 900.0
+    assert gpu_preset("mi300x").intra_node.bandwidth_GBps == 7 * 64
+    assert gpu_preset("mi300x").intra_node.bus_bandwidth_Bps == pytest.approx(7 * 48e9)
+    assert gpu_preset("h20").intra_node == gpu_preset("h100-sxm").intra_node
+
+
+def test_matmul_efficiency_of_unbenchmarked_gpus_is_the_a100_calibration() -> None:
+    """GPUs that the matmul benchmark never measured reuse the A100's fraction (one named assumption); those it
+    measured scale it by their own benchmark."""
+    from planner.presets import A100_MATMUL_EFFICIENCY, UNMEASURED_MATMUL_EFFICIENCY
+
+    assert UNMEASURED_MATMUL_EFFICIENCY == A100_MATMUL_EFFICIENCY
+    for name in ("v100-sxm2-32gb", "a10", "a10g", "l40s", "h20"):
+        assert gpu_preset(name).matmul_efficiency == UNMEASURED_MATMUL_EFFICIENCY
+    assert gpu_preset("b200").matmul_efficiency < gpu_preset("a100-80gb").matmul_efficiency
+    assert gpu_preset("mi300x").matmul_efficiency < gpu_preset("b200").matmul_efficiency
+
+
 def test_gpu_preset_lookup_and_cluster_resolution() -> None:
     assert gpu_preset("H100-SXM") is GPU_PRESETS["h100-sxm"]
     assert ClusterSpec.model_validate(resolve_cluster({"gpu": "A100-80GB"})).gpu is GPU_PRESETS["a100-80gb"]
@@ -198,3 +242,12 @@ def test_model_specs_are_frozen_presets() -> None:
     assert isinstance(spec, ModelSpec)
     with pytest.raises(ValueError):
         spec.num_layers = 1  # type: ignore[misc]
+
+
+def test_the_contract_and_the_readme_list_every_gpu_preset() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for document in ("docs/contract.md", "README.md"):
+        text = (root / document).read_text()
+        assert all(f"`{name}`" in text for name in GPU_PRESETS), document

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from planner import estimate
 from planner.errors import InfeasiblePlanError, UnknownPresetError
 from planner.presets import gpu_preset
-from planner.specs import ModelSpec, ParallelPlan
+from planner.specs import GpuSpec, ModelSpec, ParallelPlan
 
 
 def test_plan_names_every_intrinsic_rule():
@@ -55,20 +55,111 @@ def test_dp_inferred_from_cluster(gpt3_request):
     assert result.step_time_s > 0
 
 
+def _request(gpu: object, training: dict | None = None) -> dict:
+    """A one-GPU Llama-3 8B request on `gpu` (a preset name or a GPU object)."""
+    return {"model": "llama3-8b", "training": {"seq_len": 128, "global_batch_size": 8, **(training or {})},
+            "cluster": {"gpu": gpu, "gpus_per_node": 1}, "plan": {"tp": 1}}  # fmt: skip
+
+
+def _precision(gpu: object, training: dict) -> str:
+    from planner.request import parse_estimate_request
+
+    return parse_estimate_request(_request(gpu, training)).training.precision
+
+
 def test_precision_defaults_to_fp32_on_the_cpu_device_only():
     """The executor trains fp32 on CPUs, so a CPU request without a precision is costed at fp32; GPUs stay bf16
     and an explicit precision is kept."""
-    from planner.request import parse_estimate_request
-
-    def precision(gpu: object, training: dict) -> str:
-        request = {"model": "llama3-8b", "training": {"seq_len": 128, "global_batch_size": 8, **training},
-                   "cluster": {"gpu": gpu, "gpus_per_node": 1}, "plan": {"tp": 1}}  # fmt: skip
-        return parse_estimate_request(request).training.precision
-
     custom_cpu = gpu_preset("cpu").model_dump() | {"name": "my-cpu"}
-    assert precision("cpu", {}) == "fp32" and precision("CPU", {}) == "fp32" and precision(custom_cpu, {}) == "fp32"
-    assert precision("h100-sxm", {}) == "bf16"
-    assert precision("cpu", {"precision": "bf16"}) == "bf16"
+    assert _precision("cpu", {}) == "fp32" and _precision("CPU", {}) == "fp32"
+    assert _precision(custom_cpu, {}) == "fp32"
+    assert _precision("h100-sxm", {}) == "bf16"
+    assert _precision("cpu", {"precision": "bf16"}) == "bf16"
+
+
+def test_precision_defaults_to_fp16_on_a_gpu_without_bf16():
+    """A V100 has no bf16 tensor cores: a request naming no precision trains fp16 there, and says so."""
+    assert _precision("v100-sxm2-32gb", {}) == "fp16"
+    assert _precision("V100-SXM2-16GB", {}) == "fp16"
+    assert _precision("v100-sxm2-32gb", {"precision": "fp32"}) == "fp32"
+    result = estimate(_request("v100-sxm2-32gb"))
+    assert result.step_time_s > 0
+    assert any("no bf16 tensor cores" in note for note in result.assumptions)
+    assert not any("bf16" in note for note in estimate(_request("a100-80gb")).assumptions)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_naming_the_field():
+    with pytest.raises(ValidationError) as err:
+        estimate(_request("v100-sxm2-32gb", {"precision": "bf16"}))
+    assert "training.precision: bf16 is not supported by v100-sxm2-32gb" in str(err.value)
+    assert "use fp16" in str(err.value)
+
+
+def test_a_plan_search_refuses_bf16_on_a_v100_and_defaults_to_fp16():
+    from planner import search
+
+    request = {key: value for key, value in _request("v100-sxm2-32gb").items() if key != "plan"}
+    request["model"] = {"name": "llama3-8b", "num_layers": 2}
+    result = search(request)
+    assert result.found and all(ranked.estimate.step_time_s > 0 for ranked in result.plans)
+    request["training"]["precision"] = "bf16"
+    with pytest.raises(ValidationError, match="training.precision: bf16 is not supported by v100-sxm2-32gb"):
+        search(request)
+
+
+def test_a_gpu_spec_needs_fp16_and_fp32_but_not_bf16():
+    fields = gpu_preset("v100-sxm2-32gb").model_dump()
+    assert GpuSpec.model_validate(fields).peak_tflops == {"fp16": 125.0, "fp32": 15.7}
+    with pytest.raises(ValidationError, match=r"peak_tflops lacks \['fp16'\]"):
+        GpuSpec.model_validate(fields | {"peak_tflops": {"bf16": 100.0, "fp32": 10.0}})
+
+
+# A GPU that is not a preset, given in full as `cluster.gpu` (as in docs/contract.md): an NVIDIA A40 (datasheet: 48 GB
+# GDDR6 at 696 GB/s, bf16/fp16 tensor 299.4 with sparsity -> 149.7 dense, fp32 37.4, PCIe Gen4), memory as
+# marketed, a 100 Gb/s NIC per GPU and the A100's matmul fraction assumed.
+CUSTOM_GPU = {
+    "name": "a40",
+    "memory_bytes": 48 * 10**9,
+    "peak_tflops": {"bf16": 149.7, "fp16": 149.7, "fp32": 37.4},
+    "hbm_GBps": 696.0,
+    "intra_node": {"name": "pcie-gen4-x16", "bandwidth_GBps": 32.0, "efficiency": 0.5, "latency_s": 20e-6},
+    "inter_node": {"name": "nic-100g", "bandwidth_GBps": 12.5, "efficiency": 0.86, "latency_s": 20e-6},
+    "matmul_efficiency": 0.691,
+    "memory_efficiency": 0.88,
+    "source": "NVIDIA A40 datasheet",
+}
+
+
+def test_an_estimate_on_a_custom_gpu_object():
+    result = estimate(_request(CUSTOM_GPU))
+    assert result.step_time_s > 0 and result.memory.capacity_bytes == 48 * 10**9
+    assert any("a40 peak" in note for note in result.assumptions)
+    # The same object without bf16 trains fp16 and refuses bf16, as a V100 preset does.
+    fp16_only = CUSTOM_GPU | {"peak_tflops": {"fp16": 149.7, "fp32": 37.4}}
+    assert _precision(fp16_only, {}) == "fp16"
+    with pytest.raises(ValidationError, match="training.precision: bf16 is not supported by a40"):
+        estimate(_request(fp16_only, {"precision": "bf16"}))
+
+
+def test_the_contract_example_of_a_custom_gpu_estimates():
+    """docs/contract.md's worked example of a GPU object is a request that estimates, on that GPU."""
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    blocks = [block.split("```")[0] for block in text.split("```json\n")[1:]]
+    example = json.loads(next(block for block in blocks if '"gpu": {' in block))
+    result = estimate(example)
+    assert result.step_time_s > 0 and result.memory.capacity_bytes == example["cluster"]["gpu"]["memory_bytes"]
+
+
+def test_a_bad_custom_gpu_names_its_fields():
+    broken = CUSTOM_GPU | {"hbm_GBps": 0, "peak_tflops": {"bf16": 1.0}}
+    broken.pop("matmul_efficiency")
+    with pytest.raises(ValidationError) as err:
+        estimate(_request(broken))
+    fields = {".".join(map(str, e["loc"])) for e in err.value.errors()}
+    assert {"cluster.gpu.hbm_GBps", "cluster.gpu.peak_tflops", "cluster.gpu.matmul_efficiency"} <= fields
 
 
 def test_unknown_preset_suggests_close_names_with_the_other_field_errors():
