@@ -1,5 +1,6 @@
 """Context parallelism's cost (planner/cost/context.py) against hand-computed values, and what the search makes of it:
-CP where nothing needs it loses to a simpler layout, CP where memory forces it is still chosen."""
+CP where nothing needs it loses to a simpler layout, CP where memory forces it is still chosen; near ties go to the
+simpler layout (planner/search/rank.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from planner.cost import comm, context, ops
 from planner.cost.compute import Speeds
 from planner.cost.step import estimate_step
 from planner.request import parse_estimate_request
+from planner.search.rank import LAYOUT_TIE_TOLERANCE, simplest_first
+from planner.search.solve import _runner_up
 from planner.specs import ModelSpec, ParallelPlan
 
 # A small GQA model: q_size = 8 x 128 = 1024, kv_size = 2 x 128 = 256.
@@ -126,7 +129,7 @@ def test_context_parallelism_is_not_free_where_nothing_needs_it():
     dp8, cp4 = qwen_estimate(dp=8), qwen_estimate(dp=2, cp=4)
     assert dp8.breakdown.cp_comm_s == 0.0 and cp4.breakdown.cp_comm_s > 0.0
     assert cp4.breakdown.compute_s == pytest.approx(dp8.breakdown.compute_s, rel=1e-9)
-    assert cp4.step_time_s > dp8.step_time_s * 1.01
+    assert cp4.step_time_s > dp8.step_time_s * (1 + LAYOUT_TIE_TOLERANCE)
 
 
 def test_search_prefers_no_context_parallelism_where_nothing_needs_it():
@@ -147,3 +150,30 @@ def test_search_still_chooses_context_parallelism_where_memory_forces_it():
     result = planner.search(request)
     assert result.plans and result.plans[0].plan.cp > 1
     assert result.explanation.binding_constraint.startswith("memory:")
+
+
+# ------------------------------------------------------------------------------------------- near ties
+
+
+def test_near_ties_go_to_the_simpler_layout():
+    #              cp4, 1.000 s  cp1, 1.005 s  tp2, 1.009 s  cp1, 1.020 s  cp2 tp2, 1.021 s
+    times = np.array([1.000, 1.005, 1.009, 1.020, 1.021])
+    peak = np.array([10.0, 20.0, 5.0, 1.0, 1.0])
+    cp, tp, pp = np.array([4, 1, 1, 1, 2]), np.array([1, 1, 2, 1, 2]), np.array([1, 1, 1, 1, 1])
+    # Rank 1: within 1% of 1.000 s (up to 1.010 s) the cp1 plan uses no model-parallel axis. Rank 2: the fastest
+    # left is 1.000 s again; tp2 (one axis, cp 1) beats cp4 (one axis, cp 4). Rank 3: cp4 at 1.000 s is alone in its
+    # window. Rank 4: from 1.020 s, the window reaches 1.0302 s: cp1 beats cp2 tp2.
+    assert simplest_first(times, peak, cp, tp, pp, 5).tolist() == [1, 2, 0, 3, 4]
+
+
+def test_without_near_ties_the_order_is_by_time_then_memory():
+    times, peak = np.array([3.0, 1.0, 2.0, 1.0]), np.array([1.0, 2.0, 1.0, 1.0])
+    layouts = np.array([1, 1, 1, 1])
+    assert simplest_first(times, peak, layouts, layouts, layouts, 3).tolist() == [3, 1, 2]
+
+
+def test_a_faster_runner_up_is_explained_by_the_tie():
+    winner, runner = qwen_estimate(dp=8), qwen_estimate(dp=2, cp=4)
+    runner = runner.model_copy(update={"step_time_s": winner.step_time_s * 0.995})
+    line = _runner_up(ParallelPlan(dp=8), winner, ParallelPlan(dp=2, cp=4), runner)
+    assert "faster (0.5%)" in line and "tie tolerance" in line and "cp4" in line
