@@ -158,7 +158,18 @@ def print_search(request: PlanRequest, result: SearchResult) -> None:
 
 
 def _ranked_table(result: SearchResult) -> Table:
-    table = Table(title="Fastest plans that fit", title_justify="left")
+    from planner.search.rank import LAYOUT_TIE_TOLERANCE
+
+    times = [ranked.estimate.step_time_s for ranked in result.plans]
+    tie_broken = any(later < earlier for earlier, later in zip(times, times[1:], strict=False))
+    caption = (
+        f"step times within {LAYOUT_TIE_TOLERANCE:.0%} are a tie: the layout with fewer model-parallel axes "
+        "(then smaller cp, tp, pp) ranks first"
+    )
+    table = Table(
+        title="Fastest plans that fit", title_justify="left", caption=caption if tie_broken else None,
+        caption_justify="left",
+    )  # fmt: skip
     for column in ("#", "plan", "step", "tokens/s", "MFU", "peak GiB"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for ranked in result.plans:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import numpy as np
 
 from planner.cost import comm, ops, params
-from planner.cost.compute import Speeds, backward_s, forward_s, pass_s, recompute_s
+from planner.cost.compute import Speeds, pass_s, recompute_s
+from planner.cost.context import ring_attention_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
 from planner.cost.runtime import Runtime, runtime_for
 from planner.layout import placement
@@ -34,7 +35,9 @@ class LayerCost:
     backward_s: float
     recompute_s: float  # forward work repeated during backward
     tp_comm_s: float  # tensor-parallel collectives, forward + backward (+ recompute), not overlapped
-    cp_comm_s: float  # ring-attention exchanges not hidden behind attention compute
+    # What context parallelism adds beyond the attention compute (planner/cost/context.py): ring hops not hidden
+    # behind it and the merging of partial results, forward + backward (+ recompute).
+    cp_comm_s: float
     saved_bytes: float  # kept from forward to backward under the plan's recompute mode
     working_bytes: float  # rematerialised for this layer's backward (recompute), alive one layer at a time
     # Held once per layer through the step, whatever the micro-batches in flight (autocast's cached weights).
@@ -242,7 +245,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         backward_s=times.backward_s,
         recompute_s=times.recompute_s,
         tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(block_tp_allreduces(plan.recompute), plan)),
-        cp_comm_s=_ring_attention_exposed_s(model, plan, ctx, block),
+        cp_comm_s=ring_attention_s(model, plan, ctx.shape, ctx.speeds, ctx.cp_channel, block),
         saved_bytes=kept,
         working_bytes=working,
         cached_bytes=cached,
@@ -295,22 +298,6 @@ def sp_partial_params(count: params.ParamCount, plan: ParallelPlan) -> float:
     al. 2022, sec. 4.2.2; executor/apply.py `align_grads_with_params`). The embedding's replicated positions are
     added before the sequence is split (executor/parallel/tensor.py) and are not among them."""
     return float(count.replicated) if plan.sequence_parallel and plan.tp > 1 else 0.0
-
-
-def _ring_attention_exposed_s(
-    model: ModelSpec, plan: ParallelPlan, ctx: LayerContext, block: list[ops.OpCost]
-) -> float:
-    """Ring attention (Liu et al. 2023) passes each rank's K and V around the cp ring, cp - 1 hops forward and
-    K, V and their gradients backward (3x forward traffic); the hops overlap with the attention compute of the
-    chunk in hand (Megatron-LM context parallelism), so only the excess is exposed."""
-    if plan.cp == 1:
-        return 0.0
-    kv_bytes = ctx.shape.elem * ctx.shape.tokens * 2 * model.kv_size / plan.tp
-    hops_s = (plan.cp - 1) * comm.p2p_s(kv_bytes, ctx.cp_channel)
-    core = [op for op in block if op.attention_core]
-    core_forward = sum(forward_s(op, ctx.speeds) for op in core)
-    core_backward = sum(backward_s(op, ctx.speeds) for op in core)
-    return np.maximum(0.0, hops_s - core_forward) + np.maximum(0.0, 2 * hops_s - core_backward)
 
 
 def embedding_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:

@@ -11,8 +11,9 @@ The step time is the sum of the breakdown's terms (critical path of the slowest 
 
 This module composes the terms; it has none of its own. Each lives in the module of its concern, a small
 function over a `PlanBatch` (planner/cost/batch.py: candidate plans that share a pipeline depth, as numpy
-columns): data.py (dp), tensor.py (tp), pipeline.py (pp), optimizer.py, memory.py, measured.py (what a profile
-answers); what the training stack itself does comes from its regime (runtime.py), chosen once per request.
+columns): data.py (dp), tensor.py (tp), pipeline.py (pp), context.py (cp: each block's ring, through layers.py),
+optimizer.py, memory.py, measured.py (what a profile answers); what the training stack itself does comes from its
+regime (runtime.py), chosen once per request.
 `estimate_step` is a batch of one; the search evaluates hundreds of thousands of rows per call.
 """
 
@@ -138,12 +139,15 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         return placement(axis, plan.degrees, cluster.gpus_per_node)
 
     optimizer = measured_optimizer_s_per_param(cluster, measured, batch.training.optimizer) is not None
+    # The cp ring's hops as the profile's send/recv fit times them; the kernels they hide behind and the merges of
+    # the partial results come from the roofline (planner/cost/context.py).
+    ring = comm.channel_source(measured, group("cp"), p2p=True)
     sources = {
         "compute_s": compute,
         "bubble_s": compute,
         "tp_comm_s": comm.channel_source(measured, group("tp")),
         "dp_comm_s": comm.channel_source(measured, group("dp_cp")),
-        "cp_comm_s": comm.channel_source(measured, group("cp"), p2p=True),
+        "cp_comm_s": "profile+analytic" if ring == "profile" else "analytic",
         "pp_comm_s": comm.channel_source(measured, group("pp"), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "profile" if measured is not None and measured.measures_memory else "analytic",

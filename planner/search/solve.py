@@ -21,6 +21,7 @@ from planner.cost.step import TIME_TERMS, estimate_step
 from planner.describe import describe_plan
 from planner.request import PlanRequest, ProfileResolver, parse_plan_request
 from planner.search.evaluate import CandidateCosts, RowCosts
+from planner.search.rank import LAYOUT_TIE_TOLERANCE, model_parallel_axes, simplest_first
 from planner.search.result import (
     CandidateCounts,
     ClosestPlan,
@@ -36,6 +37,10 @@ from planner.specs import ParallelPlan, StepEstimate
 
 GiB = 1024**3
 FIRST_CHUNK = 4096  # candidates costed in the first round; each round doubles it
+# A candidate is faster than the winner when its step time is shorter by more than rounding: the same plan's batched
+# and scalar costs agree to 1e-12 (tests/unit/test_search.py), so a relative margin far above that and far below
+# any real difference.
+FASTER_RELATIVE = 1e-9
 
 
 def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolver | None = None) -> SearchResult:
@@ -55,7 +60,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     evaluated = time.perf_counter()
 
     # The k fastest that fit; when none fits, the k nearest to fitting, which a re-split may yet make fit.
-    leaders = _leaders(costed, limit, options.top_k)
+    leaders = _leaders(costed, candidates, limit, options.top_k)
     if len(leaders) == 0:
         leaders = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[: options.top_k]]
     estimated = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
@@ -115,8 +120,8 @@ def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) ->
 
 
 def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: bool) -> tuple[RowCosts, int]:
-    """Cost candidates in order of their lower bound until the k-th best fitting step time is below the
-    next bound. Returns what was costed and how many were never costed."""
+    """Cost candidates in order of their lower bound until the k-th best fitting step time, widened by the tie
+    tolerance, is below the next bound. Returns what was costed and how many were never costed."""
     total = len(costs.candidates)
     bound = costs.lower_bound_s()
     order = np.argsort(bound, kind="stable")
@@ -124,7 +129,8 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
     best = np.zeros(0)  # the k fastest fitting step times so far
     start, chunk = 0, FIRST_CHUNK
     while start < total:
-        if len(best) == top_k and bound[order[start]] > best[-1]:
+        # A plan up to LAYOUT_TIE_TOLERANCE slower than the k-th best may still rank above it (search/rank.py).
+        if len(best) == top_k and bound[order[start]] > best[-1] * (1 + LAYOUT_TIE_TOLERANCE):
             break
         rows = order[start : start + chunk]
         part = costs.cost(rows, overlap)
@@ -134,11 +140,16 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
     return RowCosts.concat(parts), total - start
 
 
-def _leaders(costed: RowCosts, limit: float, top_k: int) -> np.ndarray:
-    """Rows of the k fastest fitting candidates (ties: less memory)."""
+def _leaders(costed: RowCosts, candidates: Candidates, limit: float, top_k: int) -> np.ndarray:
+    """Rows of the first k fitting candidates in rank order (search/rank.py: fastest first, near ties to the simpler
+    layout)."""
     fits = np.flatnonzero(costed.peak_bytes <= limit)
-    order = np.lexsort((costed.peak_bytes[fits], costed.step_time_s[fits]))
-    return costed.rows[fits[order[:top_k]]]
+    rows = costed.rows[fits]
+    order = simplest_first(
+        costed.step_time_s[fits], costed.peak_bytes[fits], candidates.cp[rows], candidates.tp[rows],
+        candidates.pp[rows], top_k,
+    )  # fmt: skip
+    return rows[order]
 
 
 def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstimate]:
@@ -146,8 +157,12 @@ def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstim
 
 
 def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[tuple[ParallelPlan, StepEstimate]]:
+    """The fitting plans in rank order (search/rank.py)."""
     fitting = [(p, e) for p, e in plans if e.memory.peak_bytes <= limit]
-    return sorted(fitting, key=lambda pe: (pe[1].step_time_s, pe[1].memory.peak_bytes))
+    cp, tp, pp = np.array([(p.cp, p.tp, p.pp) for p, _ in fitting]).reshape(-1, 3).T
+    times = np.array([e.step_time_s for _, e in fitting])
+    order = simplest_first(times, np.array([e.memory.peak_bytes for _, e in fitting]), cp, tp, pp, len(fitting))
+    return [fitting[i] for i in order]
 
 
 # ------------------------------------------------------------------------------------------- answers
@@ -203,16 +218,32 @@ def _explain(
     versus: list[TermComparison] = []
     if len(ranked) > 1:
         runner_plan, runner = ranked[1]
-        summary.append(
-            f"runner-up {describe_plan(runner_plan)} is {runner.step_time_s - est.step_time_s:.3f} s slower "
-            f"({runner.step_time_s / est.step_time_s - 1:.1%})"
-        )
+        summary.append(_runner_up(plan, est, runner_plan, runner))
         versus = _term_differences(est, runner)
     return Explanation(
         summary=summary,
         versus_runner_up=versus,
         binding_constraint=_binding_constraint(est, candidates, costed, limit, overlap),
     )
+
+
+def _runner_up(plan: ParallelPlan, est: StepEstimate, runner_plan: ParallelPlan, runner: StepEstimate) -> str:
+    """How the runner-up compares: slower, or (a near tie that went to the simpler layout, search/rank.py) faster by
+    less than the tie tolerance."""
+    gap_s = runner.step_time_s - est.step_time_s
+    line = f"runner-up {describe_plan(runner_plan)} is {abs(gap_s):.3f} s {'slower' if gap_s >= 0 else 'faster'}"
+    line += f" ({abs(runner.step_time_s / est.step_time_s - 1):.1%})"
+    if gap_s >= 0:
+        return line
+    return line + (
+        f", within the {LAYOUT_TIE_TOLERANCE:.0%} tie tolerance, but uses {_layout_words(runner_plan)} against "
+        f"{_layout_words(plan)}: near ties go to the simpler layout"
+    )
+
+
+def _layout_words(plan: ParallelPlan) -> str:
+    axes = int(model_parallel_axes(plan.cp, plan.tp, plan.pp))
+    return f"{axes} model-parallel axes (cp{plan.cp} tp{plan.tp} pp{plan.pp})"
 
 
 def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[TermComparison]:
@@ -231,15 +262,26 @@ def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[Ter
 def _binding_constraint(
     winner: StepEstimate, candidates: Candidates, costed: RowCosts, limit: float, overlap: bool
 ) -> str:
-    """Memory binds when some faster candidate does not fit; then name the faster one nearest to fitting and
-    by how much it is over."""
-    faster = np.flatnonzero((costed.step_time_s < winner.step_time_s) & (costed.peak_bytes > limit))
-    if len(faster) == 0:
-        headroom = (limit - winner.memory.peak_bytes) / GiB
-        return (
-            f"none: no candidate in the space is faster, fitting or not ({headroom:.2f} GiB of memory headroom "
-            "below the limit)"
-        )
+    """What keeps faster candidates from ranking first: memory, when some do not fit (then the faster one nearest to
+    fitting, and by how much it is over); layout simplicity, when some that fit lost a near tie (search/rank.py)."""
+    faster = costed.step_time_s < winner.step_time_s * (1 - FASTER_RELATIVE)
+    over = costed.peak_bytes > limit
+    reasons = []
+    if (faster & over).any():
+        reasons.append(_memory_binds(np.flatnonzero(faster & over), candidates, costed, limit, overlap))
+    if (faster & ~over).any():
+        reasons.append(_simplicity_binds(np.flatnonzero(faster & ~over), winner, costed))
+    if reasons:
+        return "; ".join(reasons)
+    headroom = (limit - winner.memory.peak_bytes) / GiB
+    return (
+        f"none: no candidate in the space is faster, fitting or not ({headroom:.2f} GiB of memory headroom "
+        "below the limit)"
+    )
+
+
+def _memory_binds(faster: np.ndarray, candidates: Candidates, costed: RowCosts, limit: float, overlap: bool) -> str:
+    """`faster`: the costed rows faster than the winner that do not fit."""
     nearest = faster[np.argmin(costed.peak_bytes[faster])]
     plan = candidates.plan(int(costed.rows[nearest]), overlap)
     over = costed.peak_bytes[nearest] - limit
@@ -247,4 +289,13 @@ def _binding_constraint(
         f"memory: {len(faster):,} faster candidates do not fit; the nearest to fitting, {describe_plan(plan)} "
         f"({costed.step_time_s[nearest]:.3f} s), needs {costed.peak_bytes[nearest] / GiB:.2f} GiB on stage "
         f"{int(costed.peak_stage[nearest])}, {over:,.0f} bytes ({over / GiB:.2f} GiB) over the limit"
+    )
+
+
+def _simplicity_binds(faster: np.ndarray, winner: StepEstimate, costed: RowCosts) -> str:
+    """`faster`: the costed rows faster than the winner that fit, each within the tie tolerance of it."""
+    gain = winner.step_time_s / costed.step_time_s[faster].min() - 1
+    return (
+        f"layout simplicity: {len(faster):,} faster candidates fit, at most {gain:.1%} faster, within the "
+        f"{LAYOUT_TIE_TOLERANCE:.0%} tie tolerance, and use more model-parallel axes or larger degrees"
     )
