@@ -1,5 +1,7 @@
 """Predicted vs published step times for every training run in the dev set and the dev half of vTrain's runs,
-the A100 calibration and the host floor's fit on half of the vTrain rows, reported on the other half too.
+the A100 calibration, the host floor's fit on half of the vTrain rows (reported on the other half too), and the
+error bands every estimate carries (fitted afresh from all validation runs; `python -m planner.calibration bands`
+stores them).
 
 Run: python benchmarks/accuracy.py   (prints tables; exits 0)
 """
@@ -7,6 +9,7 @@ Run: python benchmarks/accuracy.py   (prints tables; exits 0)
 from __future__ import annotations
 
 import sys
+from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -15,10 +18,18 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from planner import estimate  # noqa: E402
-from planner.calibration import calibrate_matmul_efficiency, vtrain_halves  # noqa: E402
+from planner.calibration import (  # noqa: E402
+    MEASURED_RUNS,
+    calibrate_matmul_efficiency,
+    describe_band,
+    fit_uncertainty,
+    validation_runs,
+    vtrain_halves,
+)
 from planner.devset import UNPUBLISHED_DEFAULTS, VTRAIN_PATH, training_runs  # noqa: E402
 
 CONSOLE = Console(width=200)
+REPO = Path(__file__).resolve().parent.parent
 
 GROUPS = {
     "Narayanan et al. 2021, table 1 (target)": ("narayanan2021_t1_",),
@@ -98,6 +109,17 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def bands_table() -> None:
+    """The 90% bands of measured / predicted per regime and scale, over every validation run."""
+    bands = fit_uncertainty(validation_runs(tuple(REPO / path for path in MEASURED_RUNS)), date.today().isoformat())
+    table = Table(title="Error bands: 90% of the validation runs measured within (measured / predicted - 1)")
+    for column in ("regime", "scale", "step time", "peak memory"):
+        table.add_column(column)
+    for band in bands.bands:
+        table.add_row(band.regime, band.scale, describe_band(band.step_time), describe_band(band.peak_memory))
+    CONSOLE.print(table)
+
+
 def main() -> None:
     calibration_table()
     print(f"Unpublished fields filled in as: {UNPUBLISHED_DEFAULTS}")
@@ -112,6 +134,7 @@ def main() -> None:
     for nodes in ("one node", "several nodes"):
         ratios = groups[nodes]
         print(f"TARGET vTrain {nodes} (goal MAPE <= 10%): {sum(abs(r - 1) for r in ratios) / len(ratios):.1%}")
+    bands_table()
 
 
 if __name__ == "__main__":

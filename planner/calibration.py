@@ -12,13 +12,23 @@
    least-squares fit (Levenberg 1944; Marquardt 1963) of the log step-time ratio under Huber's robust loss
    (Huber 1964), through the cost model itself, with a weak prior at the uncalibrated values so that a factor no
    measured run depends on (say, the inter-node tier on one machine) stays where it was.
+3. Error bands (`python -m planner.calibration bands`): every validation run with a measured step time (the dev
+   set's published Megatron-LM and DeepSpeed runs, vTrain's, the executor's GPU runs) is estimated again, and the
+   spread of measured / predicted per regime and scale is stored as planner/data/uncertainty.json, which every
+   estimate reads its band from (planner/uncertainty.py). Rerun it whenever the cost model changes; a test says when.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +37,14 @@ from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
 from planner.cost.layers import LayerContext, block_tp_allreduces
 from planner.cost.runtime import MEGATRON, Runtime
 from planner.cost.step import estimate_step
+from planner.devset import DEFAULT_PATH as DEVSET_PATH
 from planner.devset import VTRAIN_PATH, PublishedLayerTiming, PublishedRun, layer_timings, training_runs
+from planner.estimates import estimate_request
+from planner.profiles import load_profile_json
 from planner.request import EstimateRequest, parse_estimate_request, profile_costs
 from planner.specs import Calibration, HardwareProfile
+from planner.specs.estimate import Scale
+from planner.uncertainty import BANDS_PATH, COVERAGE, MIN_RUNS, Band, BandTable, RegimeBands, scale_of
 
 
 @dataclass(frozen=True)
@@ -340,30 +355,173 @@ def held_out_predictions(profile: HardwareProfile, runs: list[MeasuredStep], cre
     return predicted
 
 
-# --------------------------------------------------------------------------------------------- command
+# -------------------------------------------------------------------------------------------- error bands
+# Every estimate carries the spread of comparable validated runs around their estimates (planner/uncertainty.py).
+# `fit_uncertainty` makes that spread from the runs: each is estimated again by the cost model as it is, and
+# measured / predicted is grouped by regime and scale. The ratio, not predicted / measured - 1, so that a band is
+# the estimate times its percentiles: 90% of the runs measured between estimate x low and estimate x high.
+
+BANDS_COMMAND = "python -m planner.calibration bands"
+# The executor's runs measured on a GPU: a folder per validation, each with its profile.json and runs.json. A path
+# in the repository (run the command from its root); the bands it makes are the package data.
+MEASURED_RUNS = (Path("tests/data/h200-llama3.2-1b"),)
+PUBLISHED_SOURCES = {
+    "narayanan2021": "Narayanan et al. 2021",
+    "korthikanti2022": "Korthikanti et al. 2022",
+    "vtrain": "vTrain (Bang et al. 2024)",
+}
+BAND_PERCENTILES = ((1 - COVERAGE) / 2, (1 + COVERAGE) / 2)  # 5th and 95th
+
+
+@dataclass(frozen=True)
+class ValidationRun:
+    """A run with a measured step time (and, where measured, an allocated peak memory) as a contract request."""
+
+    source: str  # the data set it comes from, as a band's basis names it
+    request: dict[str, Any]
+    step_time_s: float
+    peak_bytes: float | None = None  # torch.cuda.max_memory_allocated, comparable with the allocated peak
+    profile: HardwareProfile | None = None  # the measured profile it is estimated from
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One run against its estimate: which band it counts in, and measured / predicted."""
+
+    regime: str
+    scale: Scale
+    source: str
+    step_time_ratio: float
+    peak_memory_ratio: float | None
+
+
+def published_validation_runs() -> list[ValidationRun]:
+    """The dev set's published runs (Megatron-LM and DeepSpeed) and vTrain's Megatron-LM runs."""
+    return [
+        ValidationRun(PUBLISHED_SOURCES.get(run.id.split("_")[0], run.id), run.request, run.step_time_s)
+        for path in (DEVSET_PATH, VTRAIN_PATH)
+        for run in training_runs(path)
+    ]
+
+
+def measured_validation_runs(folder: Path) -> list[ValidationRun]:
+    """The executor's measured runs under `folder` (`paraplan validate` output: <validation>/profile.json and
+    runs.json), each to be estimated from its validation's profile (or its own, in a paired validation)."""
+    runs = []
+    for validation in sorted(p for p in folder.iterdir() if (p / "runs.json").exists()):
+        profile = load_profile_json(validation / "profile.json")
+        for record in json.loads((validation / "runs.json").read_text()):
+            if record["measured_s"] is None:
+                continue  # the run failed
+            own = record.get("profile_file")
+            runs.append(ValidationRun(
+                source=f"paraplan executor {folder.name}",
+                request=record["request"],
+                step_time_s=record["measured_s"],
+                peak_bytes=record.get("measured_peak_bytes"),
+                profile=load_profile_json(Path(own)) if own else profile,
+            ))  # fmt: skip
+    return runs
+
+
+def validation_runs(measured: tuple[Path, ...] = MEASURED_RUNS) -> list[ValidationRun]:
+    return published_validation_runs() + [run for folder in measured for run in measured_validation_runs(folder)]
+
+
+def residual(run: ValidationRun) -> Residual:
+    """The run estimated again (from its profile, where it has one), against what it measured."""
+    req = _request_of(run)
+    estimate = estimate_request(req)
+    memory = None if run.peak_bytes is None else run.peak_bytes / estimate.memory.allocated_peak_bytes
+    ratio = run.step_time_s / estimate.step_time_s
+    return Residual(req.runtime.name, scale_of(req.cluster.num_nodes), run.source, ratio, memory)
+
+
+def _request_of(run: ValidationRun) -> EstimateRequest:
+    """The run's request with its measured profile attached, so that its regime is the one the profile implies
+    (planner/cost/runtime.py `runtime_for`: a profile that measured memory is PARAPLAN_CUDA, not ANALYTIC)."""
+    if run.profile is None:
+        return parse_estimate_request(run.request)
+    profile = run.profile
+    named = {**run.request, "cluster": {**run.request["cluster"], "profile": run.source}}
+    return parse_estimate_request(named, lambda _: profile)
+
+
+def quantile_band(ratios: list[float], sources: list[str]) -> Band:
+    """The 5th and 95th percentiles of `ratios` (numpy's linear interpolation between order statistics, Hyndman
+    and Fan 1996 type 7), or no bounds below MIN_RUNS runs; `sources` counts where the runs came from."""
+    counts = {source: sources.count(source) for source in sorted(set(sources))}
+    if len(ratios) < MIN_RUNS:
+        return Band(len(ratios), None, None, counts)
+    low, high = np.quantile(np.array(ratios), BAND_PERCENTILES)
+    return Band(len(ratios), float(low), float(high), counts)
+
+
+def fit_uncertainty(runs: list[ValidationRun], created: str, command: str = BANDS_COMMAND) -> BandTable:
+    """The bands of every (regime, scale) with validated runs; a memory band only where runs measured memory."""
+    residuals = [residual(run) for run in runs]
+    bands = []
+    for regime, scale in sorted({(r.regime, r.scale) for r in residuals}):
+        group = [r for r in residuals if (r.regime, r.scale) == (regime, scale)]
+        step_time = _group_band(group, lambda r: r.step_time_ratio)
+        peak_memory = _group_band(group, lambda r: r.peak_memory_ratio)
+        bands.append(RegimeBands(regime, scale, step_time, peak_memory))
+    return BandTable(created=created, command=command, coverage=COVERAGE, bands=tuple(bands))
+
+
+def _group_band(group: list[Residual], ratio: Callable[[Residual], float | None]) -> Band | None:
+    """The band of `ratio` over the runs of `group` that measured it (None: none did)."""
+    measured = [(r.source, value) for r in group if (value := ratio(r)) is not None]
+    if not measured:
+        return None
+    return quantile_band([value for _, value in measured], [source for source, _ in measured])
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m planner.calibration {matmul,host-floor}`: refit a published constant and print it with the
-    accuracy it gives; the constant itself is set by hand in the source (planner/presets.py, planner/cost/runtime.py)
-    so that a change to it shows in review."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m planner.calibration", description=main.__doc__)
-    parser.add_argument("constant", choices=["matmul", "host-floor"])
+    """`python -m planner.calibration {bands,host-floor,matmul}`, from the repository's root. `bands` writes the
+    error bands; the other two refit a constant and print it, which is then set by hand in the source
+    (planner/cost/runtime.py, planner/presets.py) so that a change to it shows in review."""
+    parser = argparse.ArgumentParser(prog="python -m planner.calibration", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    bands = commands.add_parser("bands", help="fit the estimates' error bands (planner/data/uncertainty.json)")
+    bands.add_argument("--measured", type=Path, nargs="*", default=list(MEASURED_RUNS),
+                       help="folders of the executor's measured validations (default: %(default)s)")  # fmt: skip
+    bands.add_argument("--out", type=Path, default=BANDS_PATH)
+    commands.add_parser(
+        "host-floor", help="refit EAGER_HOST_S_PER_KERNEL on the dev vTrain runs (planner/cost/runtime.py)"
+    )
+    commands.add_parser("matmul", help="refit A100_MATMUL_EFFICIENCY on Korthikanti table 4 (planner/presets.py)")
     args = parser.parse_args(argv)
-    if args.constant == "matmul":
+    if args.command == "host-floor":
+        print_host_floor_fit()
+        return
+    if args.command == "matmul":
         print(f"A100_MATMUL_EFFICIENCY = {calibrate_matmul_efficiency().matmul_efficiency:.3f}")
         return
+    command = " ".join(["python -m planner.calibration", *(sys.argv[1:] if argv is None else argv)])
+    table = fit_uncertainty(validation_runs(tuple(args.measured)), date.today().isoformat(), command)
+    args.out.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    for band in table.bands:
+        step, memory = describe_band(band.step_time), describe_band(band.peak_memory)
+        print(f"{band.regime:>14} {band.scale:>13}: step time {step}; peak memory {memory}")
+    print(f"written to {args.out}")
+
+
+def describe_band(band: Band | None) -> str:
+    if band is None or band.low_ratio is None or band.high_ratio is None:
+        return "no band" if band is None else f"no band ({band.runs} runs)"
+    return f"{band.low_ratio - 1:+.1%} / {band.high_ratio - 1:+.1%} over {band.runs} runs"
+
+
+def print_host_floor_fit() -> None:
     fit = fit_host_floor()
     print(f"EAGER_HOST_S_PER_KERNEL = {fit.host_s_per_kernel * 1e6:.1f}e-6  # fitted on {len(fit.fit_ids)} runs")
     runs = {run.id: run for run in training_runs(VTRAIN_PATH)}
     regime = replace(MEGATRON, host_s_per_kernel=fit.host_s_per_kernel)
     for half, ids in (("fitted", fit.fit_ids), ("held out", fit.check_ids)):
         ratios = step_time_ratios([runs[i] for i in ids], regime)
-        print(
-            f"  {half}: {len(ids)} runs, MAPE {np.mean(np.abs(ratios - 1)):.1%}, median ratio {np.median(ratios):.3f}"
-        )
+        mape, median = np.mean(np.abs(ratios - 1)), np.median(ratios)
+        print(f"  {half}: {len(ids)} runs, MAPE {mape:.1%}, median predicted/measured {median:.3f}")
 
 
 if __name__ == "__main__":

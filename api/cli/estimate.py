@@ -143,6 +143,13 @@ def plan(
     max_memory_fraction: Annotated[
         float | None, typer.Option(help="A plan fits under this fraction of GPU memory (default 0.9).")
     ] = None,
+    memory_safety: Annotated[
+        bool | None,
+        typer.Option(
+            "--memory-safety/--no-memory-safety",
+            help="Keep only plans that fit even at the upper memory band of measured runs (default off).",
+        ),
+    ] = None,
     model: ModelOption = None,
     gpu: GpuOption = None,
     nodes: NodesOption = None,

@@ -39,6 +39,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "layers_per_stage": ("plan", "layers_per_stage"),
     "top": ("search", "top_k"),
     "max_memory_fraction": ("search", "max_memory_fraction"),
+    "memory_safety": ("search", "memory_safety"),
 }
 
 

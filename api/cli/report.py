@@ -14,7 +14,7 @@ from planner.describe import describe_plan
 if TYPE_CHECKING:
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
-    from planner.specs import ModelSpec, StepEstimate
+    from planner.specs import EstimateUncertainty, ModelSpec, StepEstimate
 
 GiB = 1024**3
 
@@ -28,6 +28,7 @@ def print_report(request: EstimateRequest, result: StepEstimate) -> None:
     console.print(_breakdown_table(result))
     console.print(_memory_table(result))
     _print_fit(console, result)
+    _print_bands(console, result.uncertainty)
     if result.assumptions:
         console.print("\n[bold]Assumptions[/bold]")
         for note in result.assumptions:
@@ -63,8 +64,9 @@ def _headline(result: StepEstimate) -> Table:
     table = Table.grid(padding=(0, 3))
     table.add_column(style="bold")
     table.add_column(justify="right")
+    table.add_column()
     rows = [
-        ("Step time", format_seconds(result.step_time_s)),
+        ("Step time", format_seconds(result.step_time_s), step_time_band(result.uncertainty)),
         ("Tokens/s", f"{result.tokens_per_s:,.0f}"),
         ("Tokens/s per GPU", f"{result.tokens_per_s_per_gpu:,.1f}"),
         ("Model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}"),
@@ -72,9 +74,38 @@ def _headline(result: StepEstimate) -> Table:
         ("HFU", f"{result.hfu:.1%}"),
         ("Micro-batches", str(result.num_microbatches)),
     ]
-    for label, value in rows:
-        table.add_row(label, value)
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def step_time_band(band: EstimateUncertainty) -> str:
+    """The step time's error band as the headline shows it, next to the step time."""
+    if band.step_time_low_s is None or band.step_time_high_s is None:
+        return "no error band (see Error bands)"
+    return (
+        f"{band.coverage:.0%} band {format_seconds(band.step_time_low_s)} – {format_seconds(band.step_time_high_s)} "
+        f"({_ratio_range(band.step_time_low_ratio, band.step_time_high_ratio)}, {band.step_time_runs} runs)"
+    )
+
+
+def _ratio_range(low: float | None, high: float | None) -> str:
+    assert low is not None and high is not None  # a band has both ends
+    return f"{low - 1:+.1%} / {high - 1:+.1%}"
+
+
+def _print_bands(console: Console, band: EstimateUncertainty) -> None:
+    """Where the error bands come from: comparable validated runs of the estimate's regime and scale."""
+    fitted = f"; fitted {band.fitted}" if band.fitted else ""
+    console.print(f"\n[bold]Error bands[/bold] (regime {band.regime}, {band.scale}{fitted})", highlight=False)
+    console.print(f"  - step time: {band.step_time_basis}", markup=False, highlight=False)
+    memory = band.peak_memory_basis
+    if band.peak_bytes_low is not None and band.peak_bytes_high is not None:
+        memory += (
+            f": peak {band.peak_bytes_low / GiB:.2f} to {band.peak_bytes_high / GiB:.2f} GiB "
+            f"({_ratio_range(band.peak_bytes_low_ratio, band.peak_bytes_high_ratio)})"
+        )
+    console.print(f"  - peak memory: {memory}", markup=False, highlight=False)
 
 
 def term_label(term: str) -> str:
@@ -149,12 +180,21 @@ def print_search(request: PlanRequest, result: SearchResult) -> None:
     elif result.closest:
         console.print(
             f"[bold red]NO PLAN FITS[/bold red] under {result.memory_limit_bytes / GiB:.2f} GiB per GPU "
-            "(search.max_memory_fraction x GPU memory). The closest candidates:"
+            f"({_limit_source(result)}). The closest candidates:"
         )
         console.print(_closest_table(result))
     else:
         console.print("[bold red]NO VALID PLAN[/bold red]: every layout breaks a rule (see what was left out).")
+    for note in result.notes:
+        console.print(f"  - {note}", markup=False, highlight=False)
     _print_counts(console, result)
+
+
+def _limit_source(result: SearchResult) -> str:
+    limit = "search.max_memory_fraction x GPU memory"
+    if result.memory_safety_factor > 1:
+        limit += f" / {result.memory_safety_factor:.3f}, the upper memory band (search.memory_safety)"
+    return limit
 
 
 def _ranked_table(result: SearchResult) -> Table:
@@ -220,7 +260,8 @@ def _print_counts(console: Console, result: SearchResult) -> None:
     counts, timing = result.counts, result.timing
     console.print(
         f"\n{counts.enumerated:,} candidates from {counts.layouts} layouts; {counts.evaluated:,} costed "
-        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory), {counts.pruned_by_bound:,} pruned by the "
+        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory{_over_band(counts.over_memory_band)}), "
+        f"{counts.pruned_by_bound:,} pruned by the "
         f"bound, {counts.partitioned} re-split by the ILP; {timing.total_s:.2f} s "
         f"({timing.candidates_per_s:,.0f} candidates/s)",
         highlight=False,
@@ -233,3 +274,7 @@ def _print_counts(console: Console, result: SearchResult) -> None:
                 markup=False,
                 highlight=False,
             )
+
+
+def _over_band(count: int) -> str:
+    return f", {count:,} over it at the upper memory band" if count else ""

@@ -44,6 +44,7 @@ from planner.specs import (
     TimeBreakdown,
     TrainingSpec,
 )
+from planner.uncertainty import estimate_uncertainty
 
 GiB = 1024**3
 TIME_TERMS: tuple[str, ...] = tuple(TimeBreakdown.model_fields)
@@ -186,6 +187,7 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
         memory=mem,
         breakdown=breakdown,
         sources={term: "analytic" for term in TimeBreakdown.model_fields} | {"memory": "analytic"},
+        uncertainty=estimate_uncertainty(batch.runtime.name, cluster.num_nodes, step_s, mem.peak_bytes),
         why_not_fits=[_over_message(stage) for stage in over],
         assumptions=_assumptions(cluster, batch.measured, training, plan, batch.runtime),
     )

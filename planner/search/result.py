@@ -38,6 +38,7 @@ class CandidateCounts(Frozen):
     evaluated: int  # costed exactly
     pruned_by_bound: int  # never costed: their lower bound was slower than the k-th best plan
     out_of_memory: int  # costed and over the memory limit
+    over_memory_band: int = 0  # costed, under the limit, but over it at the upper memory band (search.memory_safety)
     fits: int  # costed and within it
     partitioned: int  # leading candidates re-split by the layer-to-stage ILP
 
@@ -66,11 +67,14 @@ class SearchTiming(Frozen):
 class SearchResult(Frozen):
     plans: list[RankedPlan]  # fastest first; empty when nothing fits
     closest: list[ClosestPlan]  # when nothing fits: the candidates nearest to fitting
-    memory_limit_bytes: float  # max_memory_fraction x GPU memory
+    # What each plan's estimated peak is held to: max_memory_fraction x GPU memory / memory_safety_factor.
+    memory_limit_bytes: float
+    memory_safety_factor: float = 1.0  # with search.memory_safety: the regime's upper memory band (search/safety.py)
     counts: CandidateCounts
     rejected: list[Rejection]  # commonest first
     explanation: Explanation | None
     timing: SearchTiming
+    notes: list[str] = []  # what the search assumed beyond the request (search.memory_safety)
 
     @property
     def found(self) -> bool:

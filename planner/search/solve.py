@@ -8,6 +8,9 @@
    (search/partition.py), which moves layers off the stages that hold the embedding or LM head or more
    micro-batches; the re-split plan replaces the even split when it is faster or fits where that did not.
 4. The top k are estimated in full; the answer says why the winner wins and what binds it.
+
+With `search.memory_safety` every step holds the estimated peaks to the memory limit divided by the regime's upper
+memory band (search/safety.py), and the plans that fit only at their point estimate are counted apart.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from planner.search.result import (
     SearchTiming,
     TermComparison,
 )
+from planner.search.safety import MemorySafety, memory_safety
 from planner.search.space import Candidates, Rejections, search_space
 from planner.specs import ParallelPlan, StepEstimate
 
@@ -52,9 +56,11 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     candidates, rejected = search_space(req.model, req.training, req.cluster, options)
     enumerated = time.perf_counter()
 
-    limit = options.max_memory_fraction * req.cluster.gpu.memory_bytes
+    safety = memory_safety(req)
+    # Every plan's estimated peak is held to this: the limit, less the headroom memory_safety asks for.
+    limit = options.max_memory_fraction * req.cluster.gpu.memory_bytes / safety.factor
     if len(candidates) == 0:
-        return _no_valid_candidate(rejected, limit, time.perf_counter() - started)
+        return _no_valid_candidate(rejected, limit, safety, time.perf_counter() - started)
     costs = CandidateCosts(req.model, req.training, req.cluster, candidates, req.measured, req.runtime)
     costed, pruned = _branch_and_bound(costs, limit, options.top_k, options.overlap_grad_reduce)
     evaluated = time.perf_counter()
@@ -73,20 +79,24 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     finished = time.perf_counter()
 
     fits = costed.peak_bytes <= limit
+    over_band = ~fits & (costed.peak_bytes <= limit * safety.factor)
     return SearchResult(
         plans=[RankedPlan(rank=i + 1, plan=plan, estimate=est) for i, (plan, est) in enumerate(ranked)],
         closest=[] if ranked else _closest(estimated, limit),
         memory_limit_bytes=limit,
+        memory_safety_factor=safety.factor,
+        notes=safety.notes,
         counts=CandidateCounts(
             layouts=costs.num_layouts,
             enumerated=len(candidates),
             evaluated=len(costed.rows),
             pruned_by_bound=pruned,
-            out_of_memory=int((~fits).sum()),
+            out_of_memory=int((~fits & ~over_band).sum()),
+            over_memory_band=int(over_band.sum()),
             fits=int(fits.sum()),
             partitioned=partitioned,
         ),
-        rejected=_rejections(rejected, costed, limit, pruned),
+        rejected=_rejections(rejected, costed, limit, safety, pruned),
         explanation=_explain(ranked, candidates, costed, limit, options.overlap_grad_reduce) if ranked else None,
         timing=SearchTiming(
             enumerate_s=enumerated - started,
@@ -98,17 +108,19 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     )
 
 
-def _no_valid_candidate(rejected: Rejections, limit: float, elapsed_s: float) -> SearchResult:
+def _no_valid_candidate(rejected: Rejections, limit: float, safety: MemorySafety, elapsed_s: float) -> SearchResult:
     """Every layout breaks a structural rule: no plan, no closest candidate, and the reasons."""
     empty = RowCosts.concat([])
     return SearchResult(
         plans=[],
         closest=[],
         memory_limit_bytes=limit,
+        memory_safety_factor=safety.factor,
+        notes=safety.notes,
         counts=CandidateCounts(
             layouts=0, enumerated=0, evaluated=0, pruned_by_bound=0, out_of_memory=0, fits=0, partitioned=0
         ),
-        rejected=_rejections(rejected, empty, limit, pruned=0),
+        rejected=_rejections(rejected, empty, limit, safety, pruned=0),
         explanation=None,
         timing=SearchTiming(
             enumerate_s=elapsed_s, evaluate_s=0.0, partition_s=0.0, total_s=elapsed_s, candidates_per_s=0.0
@@ -182,13 +194,20 @@ def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -
     ]
 
 
-def _rejections(rejected: Rejections, costed: RowCosts, limit: float, pruned: int) -> list[Rejection]:
-    over = costed.peak_bytes > limit
+def _rejections(
+    rejected: Rejections, costed: RowCosts, limit: float, safety: MemorySafety, pruned: int
+) -> list[Rejection]:
+    """`limit`: what estimated peaks are held to, the memory limit / `safety.factor`."""
+    memory_limit = limit * safety.factor  # search.max_memory_fraction x GPU memory
+    over = costed.peak_bytes > memory_limit
     rejected.add(
         "candidate",
         "out_of_memory",
         int(over.sum()),
-        f"peak memory above the limit of {limit / GiB:.2f} GiB (search.max_memory_fraction x GPU memory)",
+        f"peak memory above the limit of {memory_limit / GiB:.2f} GiB (search.max_memory_fraction x GPU memory)",
+    )
+    rejected.add(
+        "candidate", "memory_safety", int(((costed.peak_bytes > limit) & ~over).sum()), safety.rejection(memory_limit)
     )
     rejected.add(
         "candidate",

@@ -29,6 +29,7 @@ from planner.specs.base import (
 )
 from planner.specs.cluster import ClusterSpec, GpuSpec, LinkSpec
 from planner.specs.estimate import (
+    EstimateUncertainty,
     MemoryEstimate,
     PipelineTimeline,
     ScheduledTask,
@@ -79,6 +80,7 @@ __all__ = [
     "ComputeClass",
     "Degree",
     "Efficiency",
+    "EstimateUncertainty",
     "Experts",
     "FixedPlanFields",
     "Frozen",

@@ -30,6 +30,13 @@ class MemoryEstimate(Frozen):
     capacity_bytes: float
     by_stage: list[StageMemory]
 
+    @property
+    def allocated_peak_bytes(self) -> float:
+        """The peak of the stage that peaks, without the bytes the CUDA caching allocator does not count as
+        allocated (the `other` term: context, NCCL buffers, fragmentation): what torch.cuda.max_memory_allocated,
+        the executor's measured peak on a GPU, compares with."""
+        return max(stage.total_bytes - stage.other_bytes for stage in self.by_stage)
+
 
 class TimeBreakdown(Frozen):
     """Seconds of one step on the critical path; the terms add up to `step_time_s`.
@@ -51,6 +58,33 @@ class TimeBreakdown(Frozen):
         return sum(self.model_dump().values())
 
 
+Scale = Literal["one node", "several nodes"]
+
+
+class EstimateUncertainty(Frozen):
+    """How far runs like this one measured from their estimates: the 5th and 95th percentiles of measured /
+    predicted over the validated runs of the same regime and scale, so that `coverage` (90%) of them lie inside
+    the band. Fitted by `python -m planner.calibration bands` into planner/data/uncertainty.json. Bounds are null
+    where no comparable run was measured (`step_time_basis`, `peak_memory_basis` say why); never guessed."""
+
+    regime: str = Field(description="the training stack's regime (planner/cost/runtime.py), e.g. megatron")
+    scale: Scale
+    coverage: float = Field(description="share of the comparable runs inside each band")
+    step_time_runs: int = Field(description="comparable runs with a measured step time (0: no band)")
+    step_time_low_s: float | None
+    step_time_high_s: float | None
+    step_time_low_ratio: float | None = Field(description="measured / predicted step time, 5th percentile")
+    step_time_high_ratio: float | None = Field(description="measured / predicted step time, 95th percentile")
+    step_time_basis: str = Field(description="the runs behind the band, or why there is none")
+    peak_memory_runs: int = Field(description="comparable runs with a measured peak memory (0: no band)")
+    peak_bytes_low: float | None
+    peak_bytes_high: float | None
+    peak_bytes_low_ratio: float | None = Field(description="measured / predicted peak memory, 5th percentile")
+    peak_bytes_high_ratio: float | None = Field(description="measured / predicted peak memory, 95th percentile")
+    peak_memory_basis: str = Field(description="the runs behind the band, or why there is none")
+    fitted: str | None = Field(description="when the bands were fitted (null: no bands stored)")
+
+
 class StepEstimate(Frozen):
     """The cost model's answer for one (model, training, cluster, plan)."""
 
@@ -67,6 +101,8 @@ class StepEstimate(Frozen):
     breakdown: TimeBreakdown
     # Which model each term came from ("analytic" now; "profile" once a HardwareProfile supplies it).
     sources: dict[str, str]
+    # The spread of comparable validated runs around their estimates (DESIGN.md "The contract").
+    uncertainty: EstimateUncertainty
     why_not_fits: list[str] = []
     assumptions: list[str] = []
 

@@ -171,6 +171,10 @@ class SearchOptions(Frozen):
     # A plan fits when every stage's peak stays under this fraction of GPU memory (headroom for spikes the
     # model does not see: allocator growth, NCCL lazy buffers, evaluation batches).
     max_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # A plan fits only if its peak at the upper memory band (the 95th percentile of measured / predicted peak over
+    # the regime's measured runs, planner/uncertainty.py) stays under that fraction too. A switch, not a fraction:
+    # the bands are fitted at one coverage (90%), and a level the runs were not fitted at would be made up.
+    memory_safety: bool = False
     fixed: FixedPlanFields = FixedPlanFields()
     schedules: tuple[Schedule, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
     recompute: tuple[Recompute, ...] = ("none", "selective", "full")

@@ -149,6 +149,24 @@ def test_an_estimate_of_a_valid_request(client: TestClient, tiny_request: dict[s
     assert math.isclose(sum(breakdown.values()), estimate["step_time_s"], rel_tol=1e-9)
 
 
+def test_an_estimate_carries_its_error_band(idle_client: TestClient, tiny_request: dict[str, Any]) -> None:
+    """A Megatron-LM plan on many nodes has validated runs, hence a band around its step time; the executor on CPUs
+    has none, and the answer says so instead of making one up."""
+    megatron = {"model": {"name": "gpt3-175b"},
+                "training": {"seq_len": 2048, "global_batch_size": 1536, "framework": "megatron"},
+                "cluster": {"gpu": "a100-80gb", "num_nodes": 128}, "plan": {"tp": 8, "pp": 8}}  # fmt: skip
+    estimate = idle_client.post("/v1/estimates", json=megatron).json()
+    band = estimate["uncertainty"]
+    assert (band["regime"], band["scale"], band["coverage"]) == ("megatron", "several nodes", 0.9)
+    assert math.isclose(band["step_time_low_s"], estimate["step_time_s"] * band["step_time_low_ratio"])
+    assert math.isclose(band["step_time_high_s"], estimate["step_time_s"] * band["step_time_high_ratio"])
+    assert band["step_time_runs"] >= 5 and band["peak_bytes_high"] is None
+
+    cpu = idle_client.post("/v1/estimates", json=tiny_request).json()["uncertainty"]
+    assert cpu["step_time_low_s"] is None and cpu["step_time_runs"] == 0
+    assert cpu["step_time_basis"] == "no validated runs for regime paraplan-cpu on one node yet"
+
+
 def test_an_estimate_of_an_invalid_plan_names_the_plan_field(client: TestClient, tiny_request: dict[str, Any]) -> None:
     tiny_request["plan"] |= {"dp": 1, "tp": 3}  # 3 divides neither the 4 heads nor the cluster's 2 GPUs
     error = error_of(client.post("/v1/estimates", json=tiny_request), 422, "invalid_plan")

@@ -11,7 +11,7 @@ from typing import Any
 from api.commands.loop.setup import ValidationSetup, ValidationStopped, estimate_of
 from executor import launch
 from executor.config import RunDir, TrainConfig
-from planner.specs import HardwareProfile, ParallelPlan
+from planner.specs import HardwareProfile, MemoryEstimate, ParallelPlan
 
 RUN_TIMEOUT_S = 600.0
 
@@ -37,11 +37,8 @@ class PlanRun:
 
     @property
     def predicted_allocated_bytes(self) -> float:
-        """The predicted peak of the stage that peaks, without the bytes the CUDA caching allocator does not count
-        as allocated (the `other` term: context, NCCL buffers, fragmentation): what torch.cuda.max_memory_allocated,
-        the executor's measured peak on a GPU, compares with."""
-        stages = self.estimate["memory"]["by_stage"]
-        return max(float(stage["total_bytes"]) - float(stage["other_bytes"]) for stage in stages)
+        """The predicted peak that the executor's measured one compares with (MemoryEstimate.allocated_peak_bytes)."""
+        return MemoryEstimate.model_validate(self.estimate["memory"]).allocated_peak_bytes
 
 
 def run_plan(
