@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.cost.ops import OpCost
+from planner.cost.ops import OpCost, SelectivePolicy, recomputed_ops
 from planner.specs import GpuSpec
 
 # Backward of a matmul computes two products of the forward's size (input and weight gradients):
@@ -96,13 +96,11 @@ def host_floor_s(device_s: Any, kernels: int, speeds: Speeds) -> Any:
     return np.maximum(device_s, kernels * speeds.host_s_per_kernel)
 
 
-def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds) -> Any:
-    """Extra forward work in backward: the whole block (full) or the attention core (selective)."""
-    if recompute == "full":
-        return pass_s(ops, speeds)
-    if recompute == "selective":
-        return pass_s([op for op in ops if op.attention_core], speeds)
-    return 0.0
+def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds, policy: SelectivePolicy = "attention_core") -> Any:
+    """Extra forward work in backward, as a forward pass of what the recompute mode repeats
+    (planner/cost/ops.py `recomputed_ops`)."""
+    repeated = recomputed_ops(ops, recompute, policy)
+    return pass_s(repeated, speeds) if repeated else 0.0
 
 
 def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float) -> float:

@@ -143,6 +143,7 @@ class LayerContext:
     dtype: Precision
     sequence_parallel: bool
     busy_ranks: int  # ranks of a node computing at once: every plan of a cluster keeps all its GPUs busy
+    selective_recompute: ops.SelectivePolicy  # what the stack's "selective" recompute keeps (Runtime)
 
     @classmethod
     def of(
@@ -160,6 +161,7 @@ class LayerContext:
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision, runtime.host_s_per_kernel),
+            selective_recompute=runtime.selective_recompute,
             tp_channel=comm.group_channel(cluster, placement("tp", plan.degrees, cluster.gpus_per_node), measured),
             cp_channel=comm.p2p_channel(cluster, placement("cp", plan.degrees, cluster.gpus_per_node), measured),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
@@ -177,7 +179,7 @@ class LayerContext:
         analytic = LayerTimes(
             forward_s=pass_s(layer_ops, self.speeds),
             backward_s=pass_s(layer_ops, self.speeds, backward=True),
-            recompute_s=recompute_s(layer_ops, recompute, self.speeds),
+            recompute_s=recompute_s(layer_ops, recompute, self.speeds, self.selective_recompute),
             source="analytic",
             note=None,
         )
@@ -229,9 +231,7 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
     """One transformer block (all blocks are identical)."""
     block = ops.block_ops(model, training, ctx.shape)
     everything = ops.saved_bytes(block, "none")
-    kept = (
-        ops.block_input_bytes(model, ctx.shape) if plan.recompute == "full" else ops.saved_bytes(block, plan.recompute)
-    )
+    kept = block_kept_bytes(model, block, plan.recompute, ctx)
     times = ctx.layer_times("block", block, plan.tp, plan.recompute)
     kept, working = layer_memory(times, kept, everything - kept)
     measured = _measured_memory(times).any()
@@ -254,6 +254,18 @@ def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx
         contention=times.contention,
         partial_grad_params=sp_partial_params(params.block_params(model), plan),
     )
+
+
+def block_kept_bytes(model: ModelSpec, block: list[ops.OpCost], recompute: str, ctx: LayerContext) -> Any:
+    """What a block keeps from its forward to its backward: its input under full recompute (Chen et al. 2016), its
+    input and the op-level policy's results under that stack's selective recompute, else its ops' saved tensors
+    (planner/cost/ops.py)."""
+    block_input = ops.block_input_bytes(model, ctx.shape)
+    if recompute == "full":
+        return block_input
+    if recompute == "selective" and ctx.selective_recompute == "op_level":
+        return block_input + ops.op_level_saved_bytes(block)
+    return ops.saved_bytes(block, recompute)
 
 
 def block_tp_allreduces(recompute: str) -> int:

@@ -64,6 +64,8 @@ class OpCost:
     backward_kernels: int = 1
     # Bytes a matmul reads and writes (its operands and result): the memory-bound side of its roofline.
     matmul_io_bytes: float = 0.0
+    # Bytes of the op's result, where an op-level recompute policy may keep it (`op_level_saved_bytes`).
+    output_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ def _linear(name: str, shape: Shape, in_features: float, out_features: float, in
     local_out = out_features / shape.tp if input_region != "tp" else out_features
     io = shape.elem * (shape.tokens * (local_in + local_out) + local_in * local_out)
     saved = shape.elem * shape.width(in_features, input_region)
-    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, **_launches("linear"))
+    output = shape.elem * shape.tokens * local_out
+    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, output_bytes=output, **_launches("linear"))
 
 
 def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
@@ -196,8 +199,9 @@ def _flash_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
             0.0,
             attention_core=True,
             flash=True,
+            output_bytes=shape.elem * shape.width(model.q_size, "tp") + logsumexp,
             **_launches("flash_attention"),
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -217,6 +221,7 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
         OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True, **_launches("batched_matmul")),
         OpCost("softmax", 0.0, softmax_out, 2 * shape.elem * scores, attention_core=True),
         OpCost("attn_prob_dropout", 0.0, dropout_saved, dropout_traffic, attention_core=True),
+        # One kernel more each way: the copy that makes the context contiguous for out_proj.
         OpCost(
             "attn_values",
             _core_flops(model, shape) / 2,
@@ -225,7 +230,7 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
             attention_core=True,
             kernels=KERNELS["batched_matmul"][0] + 1,
             backward_kernels=KERNELS["batched_matmul"][1] + 1,
-        ),  # fmt: skip (+1: the copy that makes the context contiguous for out_proj)
+        ),
     ]
 
 
@@ -286,18 +291,56 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
             (4 + shape.elem) * logits,
             (shape.elem + 2 * 4) * logits,
             **_launches("cross_entropy"),
-        ),  # fmt: skip
+        ),
     ]
 
 
-def saved_bytes(ops: list[OpCost], recompute: str) -> float:
-    """Bytes a block keeps between its forward and backward under a recompute mode.
+# What "selective" recompute means in each stack (Runtime.selective_recompute):
+# "attention_core": Megatron-LM's (Korthikanti et al. 2022, sec. 5): the attention core is dropped and recomputed,
+#   everything else kept; what paraplan's executor and DeepSpeed (on Megatron's model code) run too.
+# "op_level": torchtitan's op-level selective activation checkpointing (torchtitan/distributed/
+#   activation_checkpoint.py, `selective_ac_option = "op"`, through torch.utils.checkpoint's
+#   create_selective_checkpoint_contexts): the block's input and the results of the attention kernel and of
+#   every other matmul are kept; everything else (norms, activations, rotary, the other matmuls) is recomputed.
+SelectivePolicy = Literal["attention_core", "op_level"]
 
-    full: only the block input (Chen et al. 2016; Korthikanti table 2, 2sbh, split by sp);
-    selective: everything but the attention core (Korthikanti sec. 5); none: everything."""
+
+def saved_bytes(ops: list[OpCost], recompute: str, policy: SelectivePolicy = "attention_core") -> float:
+    """Bytes a block keeps between its forward and backward under a recompute mode (full: see
+    `block_input_bytes`).
+
+    selective: everything but the attention core (Korthikanti sec. 5), or the op-level policy's results
+    (`op_level_saved_bytes`, which adds the block input); none: everything."""
+    if recompute == "selective" and policy == "op_level":
+        return op_level_saved_bytes(ops)  # the checkpoint keeps the block input besides (planner/cost/layers.py)
     if recompute == "selective":
         return sum(op.saved_bytes for op in ops if not op.attention_core)
     return sum(op.saved_bytes for op in ops)
+
+
+def op_level_saved_bytes(ops: list[OpCost]) -> float:
+    """What torchtitan's op-level policy keeps of a block, beyond its input (`block_input_bytes`, kept by the
+    checkpoint itself): the attention kernel's output and logsumexp, and half of the matmul results (it keeps
+    every other aten.mm's result: exact where consecutive matmuls have equal outputs, an average otherwise)."""
+    matmul_results = sum(op.output_bytes for op in ops if op.matmul_io_bytes > 0)
+    attention = sum(op.output_bytes for op in ops if op.flash)
+    return matmul_results / 2 + attention
+
+
+def recomputed_ops(ops: list[OpCost], recompute: str, policy: SelectivePolicy = "attention_core") -> list[OpCost]:
+    """The forward work backward repeats: the whole block (full), the attention core (selective, Megatron), or
+    everything but the attention kernel and half of the matmul work (selective, op-level); none for none."""
+    if recompute == "full":
+        return ops
+    if recompute != "selective":
+        return []
+    if policy == "attention_core":
+        return [op for op in ops if op.attention_core]
+    return [_halved_matmul(op) if op.matmul_io_bytes > 0 else op for op in ops if not op.flash]
+
+
+def _halved_matmul(op: OpCost) -> OpCost:
+    return replace(op, matmul_flops=op.matmul_flops / 2, matmul_io_bytes=op.matmul_io_bytes / 2)
 
 
 def block_input_bytes(model: ModelSpec, shape: Shape) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from planner.cost.measured import ProfileCosts
+    from planner.cost.ops import SelectivePolicy
     from planner.specs import ClusterSpec
 
 FP32_BYTES = 4
@@ -97,6 +98,8 @@ class Runtime:
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
     host_s_per_kernel: float = 0.0
+    # What "selective" recompute keeps and repeats in this stack (planner/cost/ops.py `SelectivePolicy`).
+    selective_recompute: SelectivePolicy = "attention_core"
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of one weight as the stack holds it in memory."""
@@ -238,6 +241,7 @@ FSDP = replace(
     states=_states(StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=FP32_BYTES, unsharded=2)),
     # torchtitan's AdamW runs `implementation="fused"`: no foreach temporaries at the step.
     optimizer_step_peak=False,
+    selective_recompute="op_level",
 )
 
 STACKS: dict[str, Runtime] = {"megatron": MEGATRON, "deepspeed": DEEPSPEED, "fsdp": FSDP}
