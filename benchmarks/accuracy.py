@@ -1,4 +1,5 @@
-"""Predicted vs published step times for every training run in the dev set, and the A100 calibration.
+"""Predicted vs published step times for every training run in the dev set, the A100 calibration and the fit of
+DeepSpeed ZeRO-3's collective bandwidth.
 
 Run: python benchmarks/accuracy.py   (prints tables; exits 0)
 """
@@ -14,7 +15,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from planner import estimate  # noqa: E402
-from planner.calibration import calibrate_matmul_efficiency  # noqa: E402
+from planner.calibration import calibrate_deepspeed_zero3_bandwidth, calibrate_matmul_efficiency  # noqa: E402
 from planner.devset import UNPUBLISHED_DEFAULTS, training_runs  # noqa: E402
 
 CONSOLE = Console(width=200)
@@ -68,8 +69,23 @@ def calibration_table() -> None:
     CONSOLE.print(table)
 
 
+def zero3_calibration_table() -> None:
+    calibration = calibrate_deepspeed_zero3_bandwidth()
+    title = (
+        "DeepSpeed ZeRO-3 collectives' share of the dp bus bandwidth, fitted on Narayanan table 2: "
+        f"{calibration.bandwidth_efficiency:.3f}"
+    )
+    table = Table(title=title)
+    for column in ("run", "published s", "model s", "error"):
+        table.add_column(column)
+    for run, predicted in calibration.samples:
+        table.add_row(run.id, f"{run.step_time_s:.2f}", f"{predicted:.2f}", f"{predicted / run.step_time_s - 1:+.1%}")
+    CONSOLE.print(table)
+
+
 def main() -> None:
     calibration_table()
+    zero3_calibration_table()
     print(f"Unpublished fields filled in as: {UNPUBLISHED_DEFAULTS}")
     target: list[float] = []
     for title, prefixes in GROUPS.items():
