@@ -1,7 +1,7 @@
 """Predicted vs published step times for every training run in the dev set and the dev half of vTrain's runs,
-the A100 calibration, the host floor's fit on half of the vTrain rows (reported on the other half too), and the
-error bands every estimate carries (fitted afresh from all validation runs; `python -m planner.calibration bands`
-stores them).
+the A100 calibration, the fit of DeepSpeed ZeRO-3's collective bandwidth, the host floor's fit on half of the vTrain
+rows (reported on the other half too), and the error bands every estimate carries (fitted afresh from all
+validation runs; `python -m planner.calibration bands` stores them).
 
 Run: python benchmarks/accuracy.py   (prints tables; exits 0)
 """
@@ -20,6 +20,7 @@ from rich.table import Table  # noqa: E402
 from planner import estimate  # noqa: E402
 from planner.calibration import (  # noqa: E402
     MEASURED_RUNS,
+    calibrate_deepspeed_zero3_bandwidth,
     calibrate_matmul_efficiency,
     describe_band,
     fit_uncertainty,
@@ -120,8 +121,23 @@ def bands_table() -> None:
     CONSOLE.print(table)
 
 
+def zero3_calibration_table() -> None:
+    calibration = calibrate_deepspeed_zero3_bandwidth()
+    title = (
+        "DeepSpeed ZeRO-3 collectives' share of the dp bus bandwidth, fitted on Narayanan table 2: "
+        f"{calibration.bandwidth_efficiency:.3f}"
+    )
+    table = Table(title=title)
+    for column in ("run", "published s", "model s", "error"):
+        table.add_column(column)
+    for run, predicted in calibration.samples:
+        table.add_row(run.id, f"{run.step_time_s:.2f}", f"{predicted:.2f}", f"{predicted / run.step_time_s - 1:+.1%}")
+    CONSOLE.print(table)
+
+
 def main() -> None:
     calibration_table()
+    zero3_calibration_table()
     print(f"Unpublished fields filled in as: {UNPUBLISHED_DEFAULTS}")
     target: list[float] = []
     for title, prefixes in GROUPS.items():

@@ -4,6 +4,9 @@
    model (planner/cost/compute.py: matmul work / efficiency + element-wise traffic + TP collectives) to the five
    single-layer measurements of Korthikanti et al. 2022, table 4 (22B-model layer, tp=8, micro-batch 4, with and
    without sequence parallelism and recomputation). tests/validation checks that the preset matches the fit.
+   Likewise the DEEPSPEED regime's `zero3_bandwidth_efficiency` (planner/cost/runtime.py) is the one-parameter fit
+   of the step-time model to the six DeepSpeed ZeRO-3 runs of Narayanan et al. 2021, table 2
+   (`calibrate_deepspeed_zero3_bandwidth`).
 2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
    runs them together, with its framework around them. `fit_calibration` fits the factors of
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
@@ -35,7 +38,7 @@ import numpy as np
 from planner.cost import ops
 from planner.cost.compute import fit_matmul_efficiency, matmul_work_s, traffic_s
 from planner.cost.layers import LayerContext, block_tp_allreduces
-from planner.cost.runtime import MEGATRON, Runtime
+from planner.cost.runtime import DEEPSPEED, MEGATRON, Runtime
 from planner.cost.step import estimate_step
 from planner.devset import DEFAULT_PATH as DEVSET_PATH
 from planner.devset import VTRAIN_PATH, PublishedLayerTiming, PublishedRun, layer_timings, training_runs
@@ -143,6 +146,37 @@ def _golden_section(f: Callable[[float], float], low: float, high: float, tolera
             b = low + ratio * (high - low)
             fb = f(b)
     return (low + high) / 2
+
+
+ZERO3_SOURCES = ("narayanan2021_t2_zero3",)  # DeepSpeed ZeRO-3 runs of Narayanan et al. 2021, table 2
+
+
+@dataclass(frozen=True)
+class Zero3Calibration:
+    bandwidth_efficiency: float
+    samples: list[tuple[PublishedRun, float]]  # (published run, predicted seconds at the fitted efficiency)
+
+
+def calibrate_deepspeed_zero3_bandwidth(runs: list[PublishedRun] | None = None) -> Zero3Calibration:
+    """The DEEPSPEED regime's `zero3_bandwidth_efficiency` (planner/cost/runtime.py): the one value in (0, 1] that
+    minimises the squared log step-time ratio over DeepSpeed's published ZeRO-3 runs, everything else of the cost
+    model as it is. Golden-section search on its logarithm (Kiefer 1953): the step time falls monotonically as the
+    efficiency grows, so the error is unimodal in it."""
+    runs = training_runs(sources=ZERO3_SOURCES) if runs is None else runs
+    requests = [parse_estimate_request(run.request) for run in runs]
+
+    def predicted(efficiency: float) -> list[float]:
+        runtime = replace(DEEPSPEED, zero3_bandwidth_efficiency=efficiency)
+        return [
+            estimate_step(r.model, r.training, r.cluster, r.plan, r.measured, runtime).step_time_s for r in requests
+        ]
+
+    def loss(log_efficiency: float) -> float:
+        times = predicted(float(np.exp(log_efficiency)))
+        return sum(np.log(t / run.step_time_s) ** 2 for t, run in zip(times, runs, strict=True))
+
+    efficiency = float(np.exp(_golden_section(loss, float(np.log(0.01)), 0.0, tolerance=1e-6)))
+    return Zero3Calibration(efficiency, list(zip(runs, predicted(efficiency), strict=True)))
 
 
 # ------------------------------------------------------------------------------------- measured runs

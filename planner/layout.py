@@ -50,6 +50,7 @@ class GroupPlacement:
     intra_node: bool  # every group lies inside one node
     members_per_node: int  # fewest members any group has on one of its nodes
     neighbours_cross_nodes: bool  # some pair of consecutive members (pipeline p2p) sits on two nodes
+    nodes: int = 1  # most nodes any one group spans
 
 
 @lru_cache(maxsize=4096)
@@ -68,6 +69,7 @@ def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int) -> GroupPla
         intra_node=intra,
         members_per_node=size if intra else _fewest_members_per_node(nodes),
         neighbours_cross_nodes=bool((nodes[:, 1:] != nodes[:, :-1]).any()),
+        nodes=int(1 + (nodes[:, 1:] != nodes[:, :-1]).sum(axis=1).max()) if size > 1 else 1,
     )
 
 

@@ -299,7 +299,7 @@ def model_preset(name: str) -> ModelSpec:
 # Achievable fraction of the dense peak for a transformer's GEMMs. For the A100 it is the least-squares fit
 # of the block time model to the five single-layer timings of Korthikanti et al. 2022, table 4
 # (planner/calibration.py; tests/validation/test_devset.py recomputes it and fails if this drifts).
-A100_MATMUL_EFFICIENCY = 0.691
+A100_MATMUL_EFFICIENCY = 0.699
 # Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS or
 # hipBLASLt, stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe
 # from zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
@@ -338,6 +338,16 @@ NVLINK_LATENCY_S = 10e-6
 NETWORK_LATENCY_S = 20e-6
 PCIE_LATENCY_S = 20e-6
 
+# What each further step of a ring collective adds: NCCL's own model of a ring of n ranks over N nodes is
+# baseLat + (steps - inter_steps) x intra-hop latency + inter_steps x network-hop latency, steps = n - 1 for
+# all_gather / reduce_scatter (2(n - 1) for all_reduce), inter_steps = N - 1 (2(N - 1)); per hop, for the Simple
+# protocol that carries large messages: NVLink 3.4 us, PCI 5.7 us, network 14 us (NVIDIA/nccl
+# src/graph/tuning.cc, `hwLatencies` of ncclTunerConstantsDefaults, v2.29; NVLink and PCI unchanged since 2.9,
+# whose network hop was 9.6 us). The ring algorithm behind it: Thakur, Rabenseifner & Gropp 2005, (p - 1) alpha.
+NVLINK_RING_STEP_LATENCY_S = 3.4e-6
+PCIE_RING_STEP_LATENCY_S = 5.7e-6
+NETWORK_RING_STEP_LATENCY_S = 14e-6
+
 # Network bus bandwidth / line rate: 86 of 100 GB/s all_reduce busbw between two 8 x A100 nodes with
 # 4 x 200 Gb/s HDR (NVIDIA/nccl-tests#175, a user's measurement). Reused for NDR and for Ethernet NICs.
 NETWORK_EFFICIENCY = 0.86
@@ -349,6 +359,7 @@ _NVLINK3 = LinkSpec(
     bandwidth_GBps=300.0,
     efficiency=0.77,
     latency_s=NVLINK_LATENCY_S,
+    ring_step_latency_s=NVLINK_RING_STEP_LATENCY_S,
     source="A100 datasheet (600 GB/s bidirectional NVLink); NVIDIA/nccl-tests#149",
 )
 _NVLINK4 = LinkSpec(
@@ -360,6 +371,7 @@ _NVLINK4 = LinkSpec(
     bandwidth_GBps=450.0,
     efficiency=0.82,
     latency_s=NVLINK_LATENCY_S,
+    ring_step_latency_s=NVLINK_RING_STEP_LATENCY_S,
     source="H100/H200 datasheets (900 GB/s bidirectional NVLink); NVIDIA/nccl-tests#212",
 )
 
@@ -412,6 +424,7 @@ def _pcie(generation: int, bandwidth_GBps: float) -> LinkSpec:
         bandwidth_GBps=bandwidth_GBps,
         efficiency=0.5,
         latency_s=PCIE_LATENCY_S,
+        ring_step_latency_s=PCIE_RING_STEP_LATENCY_S,
         source=f"PCIe Gen{generation} x16 line rate per direction; efficiency per NVIDIA/nccl#1639",
     )
 
@@ -423,6 +436,7 @@ def _network(name: str, gbit_per_s: int, source: str, gpus_per_nic: int = 1) -> 
         bandwidth_GBps=gbit_per_s / 8 / gpus_per_nic,
         efficiency=NETWORK_EFFICIENCY,
         latency_s=NETWORK_LATENCY_S,
+        ring_step_latency_s=NETWORK_RING_STEP_LATENCY_S,
         source=source,
     )
 
@@ -447,7 +461,8 @@ _NIC_200G = _network("nic-200g", 200, "assumed: one 200 Gb/s NIC per GPU (no ref
 
 # gloo between processes on one machine: all_reduce sustains ~1.1 GB/s for large messages with a 0.3-0.5 ms
 # floor per collective (shared/notes/torch-distributed-on-cpu.md, section 8c, 2 processes on 2 cores). Both
-# tiers are the same shared memory; the rate is already an achieved one, hence efficiency 1.0.
+# tiers are the same shared memory; the rate is already an achieved one, hence efficiency 1.0. No figure for
+# what a further ring step adds was measured: 0, the floor stands for any group size.
 _GLOO_SHARED_MEMORY = LinkSpec(
     name="shared-memory",
     bandwidth_GBps=1.0,

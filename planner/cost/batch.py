@@ -218,4 +218,5 @@ def channel_columns(channels: list[Channel]) -> Channel:
     return Channel(
         bus_bandwidth_Bps=_column([c.bus_bandwidth_Bps for c in channels], float),
         latency_s=_column([c.latency_s for c in channels], float),
+        ring_step_latency_s=_column([c.ring_step_latency_s for c in channels], float),
     )

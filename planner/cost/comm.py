@@ -3,7 +3,11 @@
 nccl-tests (doc/PERFORMANCE.md) defines bus bandwidth so that it is comparable to the link's speed whatever
 the group size n: busbw = algbw * 2(n-1)/n for all_reduce, algbw * (n-1)/n for all_gather, reduce_scatter and
 alltoall, with algbw = bytes / time. Inverting gives the times below (Thakur et al. 2005 for the ring
-algorithms behind them); alpha is a per-operation latency.
+algorithms behind them). Latency is a ring's: alpha, one collective's latency on two ranks, plus what each further
+step of the ring adds (Thakur et al. 2005: a ring of p ranks pays (p - 1) alpha for all_gather and reduce_scatter,
+2(p - 1) for all_reduce; NCCL's tuner charges intra-node steps at the intra-node hop's latency and the N - 1 steps
+between a group's N nodes at the network hop's, src/graph/tuning.cc). On a thousand ranks that is milliseconds
+per collective, whatever its size.
 
 All functions take and return SI units and broadcast over numpy arrays, so the search can cost many
 candidates at once. A group of one rank costs nothing.
@@ -22,14 +26,17 @@ from planner.specs import ClusterSpec
 
 @dataclass(frozen=True)
 class Channel:
-    """The speed a group's collectives see: bus bandwidth (B/s) and per-operation latency (s)."""
+    """The speed a group's collectives see: bus bandwidth (B/s), one collective's latency on two ranks (s) and the
+    mean latency each further step of a ring over the group adds (s)."""
 
-    bus_bandwidth_Bps: float
-    latency_s: float
+    # Scalars for one plan, (N, 1) columns for a search's batch (planner/cost/batch.py).
+    bus_bandwidth_Bps: float | np.ndarray
+    latency_s: float | np.ndarray
+    ring_step_latency_s: float | np.ndarray = 0.0
 
     def take(self, rows) -> Channel:
         """The rows `rows` of a channel whose fields are columns (a search's batch)."""
-        return Channel(self.bus_bandwidth_Bps[rows], self.latency_s[rows])
+        return Channel(self.bus_bandwidth_Bps[rows], self.latency_s[rows], self.ring_step_latency_s[rows])
 
 
 def group_channel(cluster: ClusterSpec, group: GroupPlacement, measured: ProfileCosts | None = None) -> Channel:
@@ -37,13 +44,16 @@ def group_channel(cluster: ClusterSpec, group: GroupPlacement, measured: Profile
     over the NICs of the group's members on each node, so the group gets members_per_node GPUs' network share
     (the DGX rail layout: one NIC per GPU), never more than the intra-node links carry. With a profile attached,
     each tier's speed is its measured all_reduce fit (the inter-node tier was measured with every GPU of a node
-    sending at once, so per GPU, as the formula wants)."""
+    sending at once, so per GPU, as the formula wants). A ring over the group takes n - 1 steps, N - 1 of them
+    between its N nodes (NCCL src/graph/tuning.cc `nInterSteps`): its mean step latency weighs the two hops so."""
     intra = tier_channel(cluster, "intra_node", "all_reduce", group.size, measured)
     if group.intra_node:
         return intra
     inter = tier_channel(cluster, "inter_node", "all_reduce", group.size, measured)
     bandwidth = min(intra.bus_bandwidth_Bps, group.members_per_node * inter.bus_bandwidth_Bps)
-    return Channel(bandwidth, inter.latency_s)
+    inter_steps, steps = group.nodes - 1, group.size - 1
+    step_s = ((steps - inter_steps) * intra.ring_step_latency_s + inter_steps * inter.ring_step_latency_s) / steps
+    return Channel(bandwidth, inter.latency_s, step_s)
 
 
 def fsdp_channel(cluster: ClusterSpec, group: GroupPlacement, op: str, measured: ProfileCosts | None = None) -> Channel:
@@ -99,28 +109,38 @@ def tier_channel(
     cluster: ClusterSpec, tier: str, op: str, group_size: int, measured: ProfileCosts | None = None
 ) -> Channel:
     """One link tier's channel: the profile's fit of `op` there when it has one (`measured`, planner/cost/
-    measured.py), else the GPU preset's link (or the user's override)."""
+    measured.py; its latency as measured, without further ring steps), else the GPU preset's link (or the user's
+    override)."""
     fit = measured.channel_fit(op, tier, group_size) if measured is not None else None
     if fit is not None:
         return Channel(fit.bandwidth_GBps * 1e9, fit.latency_s)
     link = cluster.intra_link if tier == "intra_node" else cluster.inter_link
-    return Channel(link.bus_bandwidth_Bps, link.latency_s)
+    return Channel(link.bus_bandwidth_Bps, link.latency_s, link.ring_step_latency_s)
+
+
+def ring_latency_s(steps_per_rank: int, n, channel: Channel):
+    """A ring collective's latency on `n` ranks, `steps_per_rank` ring steps per rank beyond the first (1 for
+    all_gather and reduce_scatter, 2 for all_reduce): alpha on two ranks plus a step latency for each further step
+    (module docstring). 0 for a lone rank."""
+    n = np.asarray(n, dtype=float)
+    further_steps = steps_per_rank * np.maximum(n - 2, 0)
+    return (n > 1) * (channel.latency_s + further_steps * channel.ring_step_latency_s)
 
 
 def all_reduce_s(size_bytes, n, channel: Channel):
-    """Ring all-reduce of `size_bytes` per rank: 2(n-1)/n * S / busbw + alpha (nccl-tests)."""
+    """Ring all-reduce of `size_bytes` per rank: 2(n-1)/n * S / busbw + its ring latency (nccl-tests)."""
     n = np.asarray(n, dtype=float)
-    return (n > 1) * channel.latency_s + 2 * (n - 1) / n * size_bytes / channel.bus_bandwidth_Bps
+    return ring_latency_s(2, n, channel) + 2 * (n - 1) / n * size_bytes / channel.bus_bandwidth_Bps
 
 
 def all_gather_s(total_bytes, n, channel: Channel):
-    """All-gather producing `total_bytes` on every rank: (n-1)/n * S / busbw + alpha (nccl-tests)."""
+    """All-gather producing `total_bytes` on every rank: (n-1)/n * S / busbw + its ring latency (nccl-tests)."""
     n = np.asarray(n, dtype=float)
-    return (n > 1) * channel.latency_s + (n - 1) / n * total_bytes / channel.bus_bandwidth_Bps
+    return ring_latency_s(1, n, channel) + (n - 1) / n * total_bytes / channel.bus_bandwidth_Bps
 
 
 def reduce_scatter_s(total_bytes, n, channel: Channel):
-    """Reduce-scatter of a `total_bytes` input per rank: (n-1)/n * S / busbw + alpha (nccl-tests)."""
+    """Reduce-scatter of a `total_bytes` input per rank: (n-1)/n * S / busbw + its ring latency (nccl-tests)."""
     return all_gather_s(total_bytes, n, channel)
 
 

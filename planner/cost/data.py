@@ -1,16 +1,25 @@
 """Data parallelism's communication and its overlap with compute: gradient reduction, ZeRO's gathers and
 reduce-scatters, per data-parallel wrapper (DDP, FSDP2 `fully_shard` / `replicate`, ZeroRedundancyOptimizer), as
 the regime says the stack wraps each ZeRO stage and layout (planner/cost/runtime.py). Per-row values are (N, 1),
-per-device ones (N, pp) (planner/cost/batch.py)."""
+per-device ones (N, pp) (planner/cost/batch.py).
+
+Fully sharded data parallelism (ZeRO 2 and 3) moves each unit's parameters and gradients in its own collectives:
+a block is a unit, and the embedding, the head and what else a device holds make its root unit. Where the stack
+prefetches (FSDP2), a unit's collectives overlap the compute of the unit next to it, so what shows is, unit by
+unit, the collective time beyond that compute (Zhao et al. 2023, sec. 3.3-4), not the step's comm beyond the
+step's compute.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from planner.cost import comm
+from planner.cost import comm, params
 from planner.cost.measured import calibrated_overlap
+from planner.cost.pipeline import edge_masks
 
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
@@ -20,11 +29,11 @@ def dp_meetings(batch: PlanBatch) -> np.ndarray:
     """Meetings of data-parallel peers per step, each a collective every rank of the group must reach: the regime's
     reductions (Runtime.dp_step_reductions: the executor's loss mean over dp), the gradient norm's reduction when
     the parameters are DTensor shards (executor/apply.py), and the gradient collectives: DDP's buckets, after
-    which ZeRO-1's owners broadcast their shares (asynchronously, waited for together: one meeting); FSDP2 one
-    collective per unit as `dp_comm_s` counts them (ZeRO-2: a gather per unit, a reduce-scatter per unit and
-    micro-batch; ZeRO-3: two gathers and a reduce-scatter per unit and micro-batch; `replicate`: an all-reduce per
-    unit). (N, pp); 0 with one data-parallel rank."""
-    zero, m, units, fsdp2 = batch.zero_stage, batch.microbatches, dp_units(batch), batch.on_fsdp2
+    which ZeRO-1's owners broadcast their shares (asynchronously, waited for together: one meeting); fully sharded
+    stacks one collective per unit (or per tensor, `zero_collectives`) as `dp_comm_s` counts them (ZeRO-2: a gather
+    each, a reduce-scatter each per micro-batch; ZeRO-3: two gathers and a reduce-scatter each per micro-batch;
+    `replicate`: an all-reduce per unit). (N, pp); 0 with one data-parallel rank."""
+    zero, m, units, fsdp2 = batch.zero_stage, batch.microbatches, zero_collectives(batch), batch.on_fsdp2
     gradients = np.select(
         [fsdp2 & (zero == 2), fsdp2 & (zero == 3), fsdp2],
         [units * (m + 1), 3 * m * units, units],
@@ -48,21 +57,87 @@ def dp_comm_s(batch: PlanBatch) -> np.ndarray:
     ZeRO 0: all-reduce of the gradients; 1: the same all-reduce (DDP) and, after the optimizer step, each
     owner's broadcast of its updated share (torch's ZeroRedundancyOptimizer, executor/parallel/data.py), which
     together move an all-gather's bytes; 2 (FSDP, no resharding until the last micro-batch's backward): a
-    reduce-scatter per micro-batch + one all-gather; 3 (FSDP, resharding): per micro-batch, all-gathers in
-    forward and backward and a reduce-scatter. Each collective is issued once per communication unit
-    (`dp_units`): the volume is the same, the per-operation latency is paid per unit."""
+    reduce-scatter per micro-batch + one all-gather; 3 (resharding after forward): per micro-batch, an all-gather
+    in forward, another in backward and a reduce-scatter. Full recomputation adds no gather: FSDP2 unshards a unit
+    before its backward, recomputed forward included (its pre-forward hook does nothing in backward,
+    torch/distributed/fsdp/_fully_shard/_fsdp_state.py `_pre_forward`); DeepSpeed's recomputed forward gathers
+    and its backward reuses those parameters (stage3.py `_keep_for_later`), so it counts its forward's and its
+    recompute's. Each collective is issued once per unit (`dp_units`) or per tensor (`zero_collectives`): the
+    volume is the same, the ring latency is paid per collective."""
     return dp_during_backward_s(batch) + dp_after_step_s(batch)
+
+
+@dataclass(frozen=True)
+class ShardedCollectives:
+    """One pass of a fully sharded device's collectives, per block and for its root unit: seconds. (N, 1) per
+    block, (N, pp) for the root."""
+
+    block_gather_s: np.ndarray
+    block_scatter_s: np.ndarray
+    root_gather_s: np.ndarray
+    root_scatter_s: np.ndarray
+
+    def gather_s(self, blocks: np.ndarray) -> np.ndarray:
+        """All of a device's gathers in one pass. (N, pp)."""
+        return blocks * self.block_gather_s + self.root_gather_s
+
+    def scatter_s(self, blocks: np.ndarray) -> np.ndarray:
+        """All of a device's reduce-scatters in one pass. (N, pp)."""
+        return blocks * self.block_scatter_s + self.root_scatter_s
+
+
+def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
+    """Each unit's all-gather of its parameters, at the unsharded copy's bytes (FSDP2's `param_dtype`), and
+    reduce-scatter of its gradients, at the regime's reduction bytes (`reduce_dtype`), issued as one collective
+    or, for ZeRO-3 where the regime does so, one per tensor (Runtime.zero3_collective_per_tensor), each at the
+    bus bandwidth ZeRO-3's collectives reach there (Runtime.zero3_bandwidth_efficiency)."""
+    runtime, precision, n = batch.runtime, batch.training.precision, batch.shard_degree
+    zero3 = batch.zero_stage == 3
+    block_params = batch.block.params_per_gpu
+    root_params = batch.device_params() - batch.blocks * block_params
+    per_tensor = zero3 & runtime.zero3_collective_per_tensor
+    block_pieces = np.where(per_tensor, params.block_tensors(batch.model), 1)
+    root_pieces = np.where(per_tensor, root_tensors(batch), 1)
+    # A share e of the bus bandwidth moves S bytes in the time the whole of it moves S / e.
+    efficiency = np.where(zero3, runtime.zero3_bandwidth_efficiency, 1.0)
+
+    def pieces_s(collective, elements, pieces, bytes_per_element, channel: comm.Channel) -> np.ndarray:
+        return pieces * collective(elements * bytes_per_element / pieces / efficiency, n, channel)
+
+    gather_bytes, scatter_bytes = runtime.unsharded_bytes(precision), runtime.data_parallel_bytes(precision)
+    gather, scatter = batch.dp_channel.fsdp_gather, batch.dp_channel.fsdp_scatter
+    return ShardedCollectives(
+        block_gather_s=pieces_s(comm.all_gather_s, block_params, block_pieces, gather_bytes, gather),
+        block_scatter_s=pieces_s(comm.reduce_scatter_s, block_params, block_pieces, scatter_bytes, scatter),
+        root_gather_s=pieces_s(comm.all_gather_s, root_params, root_pieces, gather_bytes, gather),
+        root_scatter_s=pieces_s(comm.reduce_scatter_s, root_params, root_pieces, scatter_bytes, scatter),
+    )
+
+
+def root_tensors(batch: PlanBatch) -> np.ndarray:
+    """Parameter tensors outside the blocks on each device: the embedding's on the first, the head's on the last
+    (and the tied word-embedding copy there, `PlanBatch.tied_copy`). (1, pp)."""
+    has_embedding, has_head = edge_masks(batch.pp)
+    head = params.head_tensors(batch.model) + int(batch.tied_copy)
+    return np.maximum(has_embedding * params.embedding_tensors(batch.model) + has_head * head, 1)
+
+
+def zero_collectives(batch: PlanBatch) -> np.ndarray:
+    """Collectives of one kind (a gather, say) in one pass over a device's parameters: one per unit (`dp_units`), or
+    one per parameter tensor under ZeRO-3 where the regime issues them so. (N, pp)."""
+    if not batch.runtime.zero3_collective_per_tensor:
+        return dp_units(batch)
+    tensors = batch.blocks * params.block_tensors(batch.model) + root_tensors(batch)
+    return np.where(batch.on_fsdp2 & (batch.zero_stage == 3), tensors, dp_units(batch))
 
 
 def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
     """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
     n, zero, m, channels = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     units = dp_units(batch)
-    # Weights and gradients have the same size in bytes (both 16-bit in mixed precision, ZeRO sec. 3.1).
     unit_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) / units
-    # ZeRO 2/3 run on FSDP2: its per-unit collectives as measured, framework work included, where profiled.
-    gather = units * comm.all_gather_s(unit_bytes, n, channels.fsdp_gather)
-    scatter = units * comm.reduce_scatter_s(unit_bytes, n, channels.fsdp_scatter)
+    sharded = sharded_collectives(batch)
+    gather, scatter = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
     return np.select(
         [zero <= 1, zero == 2],
         [units * comm.all_reduce_s(unit_bytes, n, channels.bare), m * scatter + gather],
@@ -85,20 +160,38 @@ def dp_units(batch: PlanBatch) -> np.ndarray:
     return np.where(batch.on_fsdp2, batch.blocks + 1, 1)
 
 
+def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:
+    """The least of ZeRO 2/3's collectives that shows with one unit prefetched ahead (FSDP2, Zhao et al. 2023
+    sec. 3.3-4), unit by unit: in forward a block's gather hides behind the previous unit's forward, so
+    max(0, gather - forward) shows; in backward its gather (ZeRO-3) and the reduce-scatter beside it hide behind a
+    block's recompute and backward, so max(0, gather + scatter - recompute - backward) shows. The root's gather
+    comes before any compute and its reduce-scatter after all of it: both show. ZeRO-2 gathers in the first
+    micro-batch only. (N, pp)."""
+    sharded, blocks, m = sharded_collectives(batch), batch.blocks, batch.microbatches
+    forward, backward = batch.block.forward_s, batch.block.recompute_s + batch.block.backward_s
+    gather, scatter = sharded.block_gather_s, sharded.block_scatter_s
+    forward_shows = blocks * np.maximum(gather - forward, 0) + sharded.root_gather_s
+    zero3_backward = blocks * np.maximum(gather + scatter - backward, 0) + sharded.root_gather_s
+    zero2_backward = blocks * np.maximum(scatter - backward, 0)
+    backward_shows = np.where(batch.zero_stage == 3, zero3_backward, zero2_backward) + sharded.root_scatter_s
+    return np.where(batch.zero_stage == 3, m * (forward_shows + backward_shows), forward_shows + m * backward_shows)
+
+
 def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
-    """Gradient reduction runs in buckets while backward goes on (PyTorch DDP, Li et al. 2020, sec. 3.2.3;
-    FSDP prefetching, Zhao et al. 2023). ZeRO 0/1 reduce during the last micro-batch's backward; ZeRO 2/3
-    communicate every micro-batch and overlap with all of the step's compute. The last bucket (one layer's
-    share) can never overlap, nor can ZeRO-1's gather after the optimizer step. Without overlap (Megatron-LM
-    before 2023) all of it is exposed."""
+    """Gradient reduction runs in buckets while backward goes on (PyTorch DDP, Li et al. 2020, sec. 3.2.3): ZeRO 0/1
+    reduce during the last micro-batch's backward, and the last bucket (one layer's share) can never overlap, nor
+    can ZeRO-1's gather after the optimizer step. ZeRO 2/3 communicate every micro-batch, unit by unit, and hide
+    what their prefetching lets them (`sharded_exposed_s`); a regime that synchronizes around ZeRO-3's gathers
+    (Runtime.zero3_prefetch_overlap) hides none of them. Without overlap (Megatron-LM before 2023) all of it is
+    exposed."""
     hideable = dp_during_backward_s(batch)
     last_backward = batch.per_device("backward_s") + batch.per_device("recompute_s")
-    every_microbatch = batch.microbatches * (batch.per_device("forward_s") + batch.per_device("backward_s"))
-    window = np.where(batch.zero_stage <= 1, last_backward, every_microbatch)
-    overlapped = np.maximum(hideable - window, hideable / batch.layers_on_device())
+    bucketed_shows = np.maximum(hideable - last_backward, hideable / batch.layers_on_device())
+    least_shown = np.where(batch.zero_stage <= 1, bucketed_shows, sharded_exposed_s(batch))
     # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
-    hidden = calibrated_overlap(batch.measured) * (hideable - overlapped)
-    can_hide = batch.overlap_grad_reduce & (hideable > 0) & ~blocking_fsdp2(batch)
+    hidden = calibrated_overlap(batch.measured) * (hideable - least_shown)
+    synchronized = (batch.zero_stage == 3) & ~batch.runtime.zero3_prefetch_overlap
+    can_hide = batch.overlap_grad_reduce & (hideable > 0) & ~blocking_fsdp2(batch) & ~synchronized
     exposed = np.where(can_hide, hideable - hidden, hideable)
     return exposed + dp_after_step_s(batch)
 

@@ -64,6 +64,27 @@ def block_params(model: ModelSpec) -> ParamCount:
     return attention_params(model) + mlp_params(model) + ParamCount(0, 2 * norm_params(model))
 
 
+def block_tensors(model: ModelSpec) -> int:
+    """Parameter tensors of one block as Megatron-LM lays them out (megatron/core/transformer): QKV one fused
+    matrix, the attention output one, each MLP two (SwiGLU's gate and up projections fused into the first), a bias
+    beside each matrix that has one, each norm's weight and bias apart, and the router. GPT-3: 12."""
+    norms = 2 * (2 if model.norm == "layernorm" else 1)
+    attention = 2 + int(bool(model.qkv_bias)) + int(bool(model.linear_bias))
+    mlp = 2 + 2 * int(bool(model.linear_bias))
+    router = 1 if model.num_experts > 1 else 0
+    return norms + attention + mlp * model.num_experts + router
+
+
+def embedding_tensors(model: ModelSpec) -> int:
+    """The word embedding and, with learned positions, their table (`embedding_params`)."""
+    return 1 + int(model.position_embedding == "learned" and bool(model.max_position_embeddings))
+
+
+def head_tensors(model: ModelSpec) -> int:
+    """The final norm's weight (and bias) and an untied LM head (`head_params`)."""
+    return (2 if model.norm == "layernorm" else 1) + int(not model.tie_embeddings)
+
+
 def embedding_params(model: ModelSpec) -> ParamCount:
     """Word embedding (vocab-parallel) and, for GPT-style models, the learned position table (replicated)."""
     positions = model.hidden_size * (model.max_position_embeddings or 0)

@@ -34,14 +34,15 @@ MiB = 1024**2
 # planner/cost/ops.py counts them, so it holds the Python, dispatcher and autograd time of the ops around each one
 # too. The other stacks are eager PyTorch modules as well and are assumed to pay the same until a profile of
 # them measures it; paraplan on CPUs runs its kernels on the host itself, so no launch is waited for there.
-EAGER_HOST_S_PER_KERNEL = 70.6e-6
+EAGER_HOST_S_PER_KERNEL = 69.5e-6
 
 
 class StateBytes(NamedTuple):
     """Bytes per parameter element: the weight and gradient as held, what the optimizer keeps beyond its states
-    (an fp32 master weight), what the data-parallel collectives move per element, the unsharded weight and
-    gradient a fully sharded unit computes with (memory.py `zero_working_copies`), and what exists only during
-    the optimizer step, sharded as the optimizer's states are (fp32 copies of 16-bit gradients)."""
+    (an fp32 master weight), what the data-parallel gradient reductions move per element, the unsharded weight and
+    gradient a fully sharded unit computes with (memory.py `zero_working_copies`), which is also what its
+    all-gathers move (FSDP2's `param_dtype`; planner/cost/data.py), and what exists only during the optimizer
+    step, sharded as the optimizer's states are (fp32 copies of 16-bit gradients)."""
 
     weight: int
     gradient: int
@@ -95,6 +96,17 @@ class Runtime:
     # profile's fitted overheads add to these; measured.py). 0: none known for this stack.
     microbatch_host_overhead_s: float
     step_host_overhead_s: float
+    # How the stack issues ZeRO-3's collectives (planner/cost/data.py). `zero3_prefetch_overlap`: each unit's
+    # all-gather is prefetched one unit ahead on its own stream and overlaps the previous unit's compute, the
+    # reduce-scatters the next unit's backward (FSDP2: Zhao et al. 2023 sec. 3.3-4; DeepSpeed >= 0.6); False where
+    # the stack synchronizes the device around every gather, so none of it hides. `zero3_collective_per_tensor`:
+    # one all-gather and one reduce-scatter per parameter tensor (params.py `block_tensors`), not one per unit.
+    # `zero3_bandwidth_efficiency`: the share of the data-parallel group's bus bandwidth its ZeRO-3 collectives
+    # reach (1: the group's channel; a fitted value names its fit in planner/calibration.py).
+    zero3_prefetch_overlap: bool
+    zero3_collective_per_tensor: bool
+    zero3_bandwidth_efficiency: float
+
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
     host_s_per_kernel: float = 0.0
@@ -171,6 +183,9 @@ PARAPLAN_CUDA = Runtime(
     microbatch_host_overhead_s=0.0,
     step_host_overhead_s=0.0,
     host_s_per_kernel=EAGER_HOST_S_PER_KERNEL,
+    zero3_prefetch_overlap=True,
+    zero3_collective_per_tensor=False,
+    zero3_bandwidth_efficiency=1.0,
 )
 
 # paraplan's executor on GPUs where no profile measured its memory (GPU presets): model states as ZeRO counts them
@@ -218,16 +233,33 @@ MEGATRON = replace(
     tp_norm_layouts=1,
 )
 
+# The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
+# ZeRO-3 runs of Narayanan et al. 2021, table 2 (planner/calibration.py `calibrate_deepspeed_zero3_bandwidth`;
+# tests/validation/test_devset.py recomputes it and fails if this drifts). Each of those collectives goes through
+# torch's list-of-tensors all_gather / reduce_scatter into buffers allocated and zeroed per call
+# (partition_parameters.py `_allgather_param`, `_reduce_scatter_gradient`), a likely part of why they fall short of
+# the ring; no measurement separates the causes, so this one number holds them all.
+DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY = 0.225
+
 # DeepSpeed (deepspeed/runtime/zero, fp16 / bf16 optimizers): ZeRO's own accounting (sec. 3.1). Stages 2 and 3
 # partition gradients (and parameters) per module as FSDP does; stage 1 all-reduces and then gathers the updated
-# partitions.
+# partitions. ZeRO-3 as the published runs ran it (DeepSpeed 0.3-0.5, 2021): one all-gather per parameter tensor
+# (partition_parameters.py `_allgather_param`, preceded by torch.cuda.synchronize()) and one reduce-scatter per
+# gradient tensor (`_reduce_scatter_gradient`); every sub-module's fetch waits for its gathers and synchronizes
+# the device (stage3.py `fetch_sub_module`, `_synchronize_communication`), so no gather overlaps compute. DeepSpeed
+# 0.6 (2022) coalesces a module's gathers into one (`all_gather_coalesced`) and waits on events instead; that
+# DeepSpeed is not measured here.
 DEEPSPEED = replace(
     ANALYTIC,
     name="deepspeed",
     framework="deepspeed",
-    source="DeepSpeed ZeRO (Rajbhandari et al. 2020; deepspeed/runtime/zero), ds_config zero_optimization",
+    source="DeepSpeed ZeRO (Rajbhandari et al. 2020; deepspeed/runtime/zero), ds_config zero_optimization; "
+    "ZeRO-3 as DeepSpeed 0.3-0.5 issues it",
     dtensor_parameters=False,
     tp_norm_layouts=1,
+    zero3_prefetch_overlap=False,
+    zero3_collective_per_tensor=True,
+    zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,
 )
 
 # PyTorch FSDP2 as torchtitan runs it (torchtitan/distributed: MixedPrecisionPolicy(param_dtype=bf16,

@@ -11,13 +11,16 @@ from planner.specs.base import MAX_GPUS, Degree, Frozen, Precision
 
 
 class LinkSpec(Frozen):
-    """One link tier, per GPU and per direction. `efficiency` = achievable nccl-tests bus bandwidth / line rate."""
+    """One link tier, per GPU and per direction. `efficiency` = achievable nccl-tests bus bandwidth / line rate;
+    `latency_s` = one collective's latency on two ranks; `ring_step_latency_s` = what each further step of a ring
+    collective adds over this link (planner/cost/comm.py)."""
 
     name: str
     bandwidth_GBps: Annotated[float, Field(gt=0)]
     efficiency: Annotated[float, Field(gt=0, le=1)] = 1.0
     latency_s: Annotated[float, Field(ge=0)] = 0.0
     source: str = ""
+    ring_step_latency_s: Annotated[float, Field(ge=0)] = 0.0
 
     @property
     def bus_bandwidth_Bps(self) -> float:

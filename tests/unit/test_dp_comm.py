@@ -1,0 +1,116 @@
+"""Data parallelism's collectives and their exposure (planner/cost/data.py): fully sharded (ZeRO-3 / FSDP) gathers
+and reduce-scatters per unit or per tensor, per micro-batch, against hand-computed values."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from planner.cost import data
+from planner.cost.batch import PlanBatch
+from planner.cost.params import block_params, block_tensors, embedding_tensors, head_tensors
+from planner.cost.runtime import DEEPSPEED, FSDP
+from planner.presets import model_preset
+from planner.request import parse_estimate_request
+
+A100_NVLINK_BUSBW = 300e9 * 0.77
+A100_NETWORK_BUSBW = 25e9 * 0.86
+
+
+def batch_of(model: str = "gpt3-1.7b", runtime=FSDP, nodes: int = 2, batch: int = 64, **plan: object) -> PlanBatch:
+    req = parse_estimate_request({
+        "model": {"name": model},
+        "training": {"seq_len": 2048, "global_batch_size": batch, "precision": "bf16"},
+        "cluster": {"gpu": "a100-80gb", "num_nodes": nodes, "gpus_per_node": 8},
+        "plan": {"tp": 1, "pp": 1, "zero_stage": 3, "micro_batch_size": 1, **plan},
+    })  # fmt: skip
+    return PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan, runtime=runtime)
+
+
+def test_megatron_layout_tensor_counts():
+    # GPT-3: two LayerNorms (weight, bias), fused QKV + bias, output + bias, two MLP matrices + biases.
+    assert block_tensors(model_preset("gpt3-175b")) == 12
+    # Llama: two RMSNorm weights, fused QKV, output, fused gate/up, down; no biases.
+    assert block_tensors(model_preset("llama3-8b")) == 6
+    assert block_tensors(model_preset("qwen2.5-7b")) == 7  # + the QKV bias
+    gpt, llama = model_preset("gpt3-175b"), model_preset("llama3-8b")
+    assert (embedding_tensors(gpt), head_tensors(gpt)) == (2, 2)  # word + positions; final norm, tied head
+    assert (embedding_tensors(llama), head_tensors(llama)) == (1, 2)  # rotary; final norm + untied head
+
+
+def test_a_zero3_block_gathers_bf16_and_reduce_scatters_fp32_on_its_ring():
+    # 16 ranks on 2 nodes: 15 ring steps, one between the nodes; 8 GPUs per node share 8 NICs.
+    batch = batch_of(nodes=2)
+    block = block_params(batch.model).total
+    n, step = 16, (14 * 3.4e-6 + 1 * 14e-6) / 15
+    busbw = min(A100_NVLINK_BUSBW, 8 * A100_NETWORK_BUSBW)
+    latency = 20e-6 + (n - 2) * step
+    sharded = data.sharded_collectives(batch)
+    assert sharded.block_gather_s[0, 0] == pytest.approx(latency + 15 / 16 * block * 2 / busbw)  # bf16 param_dtype
+    assert sharded.block_scatter_s[0, 0] == pytest.approx(latency + 15 / 16 * block * 4 / busbw)  # fp32 reduce_dtype
+
+
+@pytest.mark.parametrize("runtime", [FSDP, DEEPSPEED])
+def test_zero3_gathers_twice_and_reduce_scatters_once_per_microbatch_with_or_without_recompute(runtime):
+    for recompute in ("none", "full"):
+        batch = batch_of(runtime=runtime, recompute=recompute)
+        sharded = data.sharded_collectives(batch)
+        one_pass = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
+        m = batch.microbatches[0, 0]
+        assert m == 4
+        assert data.dp_during_backward_s(batch)[0, 0] == pytest.approx(m * (2 * one_pass[0] + one_pass[1])[0, 0])
+    no_recompute, full = (data.dp_during_backward_s(batch_of(runtime=runtime, recompute=r)) for r in ("none", "full"))
+    assert no_recompute == pytest.approx(full)
+
+
+def test_deepspeed_issues_one_collective_per_tensor_at_its_fitted_bandwidth():
+    fsdp_like = replace(DEEPSPEED, zero3_collective_per_tensor=False, zero3_bandwidth_efficiency=1.0)
+    per_unit = data.sharded_collectives(batch_of(runtime=fsdp_like))
+    batch = batch_of(runtime=DEEPSPEED)
+    per_tensor = data.sharded_collectives(batch)
+    latency = 20e-6 + 14 * (14 * 3.4e-6 + 14e-6) / 15
+    bandwidth_term = per_unit.block_gather_s - latency
+    efficiency = DEEPSPEED.zero3_bandwidth_efficiency
+    assert per_tensor.block_gather_s[0, 0] == pytest.approx(12 * latency + bandwidth_term[0, 0] / efficiency)
+    # Meetings: the loss mean, then per micro-batch two gathers and a reduce-scatter of every tensor.
+    tensors = 24 * 12 + 2 + 2
+    expected = DEEPSPEED.dp_step_reductions + 3 * 4 * tensors
+    assert data.dp_meetings(batch)[0, 0] == expected
+
+
+def test_prefetching_hides_a_units_collectives_behind_its_neighbours_compute():
+    batch = batch_of(runtime=FSDP, nodes=2)
+    sharded = data.sharded_collectives(batch)
+    m, blocks = batch.microbatches[0, 0], batch.blocks[0, 0]
+    forward = batch.block.forward_s[0, 0]
+    backward = batch.block.backward_s[0, 0] + batch.block.recompute_s[0, 0]
+    gather, scatter = sharded.block_gather_s[0, 0], sharded.block_scatter_s[0, 0]
+    per_block = max(gather - forward, 0) + max(gather + scatter - backward, 0)
+    root = 2 * sharded.root_gather_s[0, 0] + sharded.root_scatter_s[0, 0]
+    assert data.sharded_exposed_s(batch)[0, 0] == pytest.approx(m * (blocks * per_block + root))
+    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(m * (blocks * per_block + root))
+    assert data.dp_comm_exposed_s(batch)[0, 0] < data.dp_during_backward_s(batch)[0, 0]
+
+
+def test_a_unit_whose_collectives_outlast_its_compute_shows_the_difference():
+    # 1536 ranks of GPT-3 175B, one sequence each: a block's 3.6 GB and milliseconds of ring latency per collective
+    # outlast its backward.
+    batch = batch_of(model="gpt3-175b", runtime=FSDP, nodes=192, batch=1536)
+    sharded = data.sharded_collectives(batch)
+    gather, scatter = sharded.block_gather_s[0, 0], sharded.block_scatter_s[0, 0]
+    forward = batch.block.forward_s[0, 0]
+    backward = batch.block.backward_s[0, 0] + batch.block.recompute_s[0, 0]
+    assert gather + scatter > backward
+    shown = batch.blocks[0, 0] * (max(gather - forward, 0) + gather + scatter - backward)
+    root = 2 * sharded.root_gather_s[0, 0] + sharded.root_scatter_s[0, 0]
+    assert batch.microbatches[0, 0] == 1
+    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(shown + root)
+
+
+def test_deepspeed_zero3_synchronizes_around_its_gathers_so_none_hides():
+    batch = batch_of(runtime=DEEPSPEED)
+    assert data.dp_comm_exposed_s(batch) == pytest.approx(data.dp_during_backward_s(batch))
+    overlapping = batch_of(runtime=replace(DEEPSPEED, zero3_prefetch_overlap=True))
+    assert np.all(data.dp_comm_exposed_s(overlapping) < data.dp_during_backward_s(overlapping))
