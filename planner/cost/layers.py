@@ -80,7 +80,8 @@ def layer_kinds(
     `micro_batch_sizes` (an array) replaces the plan's micro-batch size: every cost field then holds one
     value per size, which is how the search costs all micro-batch sizes in one call. `measured`: the request's
     profile (planner/request.py), whose times replace the analytic ones where it has them; `runtime`: the training
-    stack's regime (its host time per kernel), by default the request's own (`runtime_for`)."""
+    stack's regime (its host time per kernel, what its selective recompute keeps), by default the request's own
+    (`runtime_for`)."""
     ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes, measured, runtime)
     return LayerKinds(
         embedding=embedding_cost(model, plan, ctx),

@@ -122,7 +122,7 @@ class Runtime:
         return self.states[precision].gradient
 
     def master_weight_bytes(self, precision: str) -> int:
-        """Bytes the optimizer keeps per weight beyond its own states (an fp32 master copy, fp32 main gradients)."""
+        """Bytes the optimizer keeps per weight beyond its own states (an fp32 master copy)."""
         return self.states[precision].master
 
     def step_only_bytes(self, precision: str) -> int:
