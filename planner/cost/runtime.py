@@ -253,6 +253,12 @@ DEEPSPEED = replace(
     ANALYTIC,
     name="deepspeed",
     framework="deepspeed",
+    # bf16 accumulates gradients in one full-size fp32 buffer and reduces from it (deepspeed/runtime/
+    # bf16_optimizer.py `fp32_groups_gradients_flat`, `get_grads_for_reduction`): 2 + 4 + 12 bytes a parameter
+    # under ZeRO 0-1 (Megatron-DeepSpeed's BLOOM runs); fp16 keeps ZeRO's 16-bit gradients.
+    states=_states(
+        ZERO_MIXED, bf16=StateBytes(weight=2, gradient=FP32_BYTES, master=FP32_BYTES, reduce=FP32_BYTES, unsharded=2)
+    ),
     source="DeepSpeed ZeRO (Rajbhandari et al. 2020; deepspeed/runtime/zero), ds_config zero_optimization; "
     "ZeRO-3 as DeepSpeed 0.3-0.5 issues it",
     dtensor_parameters=False,

@@ -96,6 +96,14 @@ def test_megatron_stores_a_parameter_as_its_distributed_optimizer_docs_say(preci
     assert model_state_bytes_per_param("megatron", precision, dp, zero_stage) == pytest.approx(expected, rel=1e-6)
 
 
+def test_deepspeed_bf16_accumulates_gradients_in_fp32():
+    """DeepSpeed's BF16_Optimizer: bf16 weights, a full fp32 gradient buffer, fp32 master weights and Adam states
+    partitioned under ZeRO-1 (deepspeed/runtime/bf16_optimizer.py): 2 + 4 + 12/d bytes a parameter; fp16 keeps
+    ZeRO's 2 + 2 + 12/d (Rajbhandari et al. 2020, sec. 3.1)."""
+    assert model_state_bytes_per_param("deepspeed", "bf16", 8, 1) == pytest.approx(6 + 12 / 8, rel=1e-6)
+    assert model_state_bytes_per_param("deepspeed", "fp16", 8, 1) == pytest.approx(4 + 12 / 8, rel=1e-6)
+
+
 def test_fsdp_keeps_fp32_sharded_parameters_gradients_and_adam_states():
     """FSDP2 under torchtitan's mixed-precision policy: 4 + 4 + 8 bytes, all sharded over dp by full sharding, and
     16-bit unsharded copies of the block in use and the next one (weights) and of one block's gradient."""
