@@ -325,6 +325,15 @@ def _matmul_efficiency(gpu: str) -> float:
 UNMEASURED_MATMUL_EFFICIENCY = A100_MATMUL_EFFICIENCY
 
 
+# Achievable fraction of the dense peak for fused attention (forward + backward) with FlashAttention-2, the
+# kernel behind PyTorch's SDPA flash backend and Megatron-LM's / TransformerEngine's default before Hopper builds:
+# "50-73% of the theoretical maximum FLOPs/s on A100" (Dao 2023, FlashAttention-2, abstract; the low end at short
+# sequences and head size 64): the midpoint, 0.615, until a profile measures it. On Hopper FlashAttention-2
+# "achieves only 35% utilization" (Shah et al. 2024, FlashAttention-3, abstract): it has no warp-specialised
+# asynchronous pipeline there. GPUs without a published figure take their matmul efficiency.
+A100_FLASH_ATTENTION_EFFICIENCY = 0.615
+HOPPER_FLASH_ATTENTION_EFFICIENCY = 0.35
+
 # Achievable fraction of the HBM line rate for streaming (element-wise) kernels: BabelStream 5.0 Triad
 # 1377.5 GB/s of 1555 GB/s = 0.886 on an A100-SXM4-40GB (ALCF Polaris; argonne-lcf/ALCFBeginnersGuide,
 # polaris/examples/BabelStream). Assumed to carry over to the other GPUs until a profile measures them.
@@ -509,6 +518,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_NVLINK3,
         inter_node=_IB_HDR,
         matmul_efficiency=_matmul_efficiency("a100"),
+        attention_efficiency=A100_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 40GB",
     ),
@@ -522,6 +532,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_NVLINK3,
         inter_node=_IB_HDR,
         matmul_efficiency=_matmul_efficiency("a100"),
+        attention_efficiency=A100_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 80GB",
     ),
@@ -535,6 +546,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_NVLINK4,
         inter_node=_IB_NDR,
         matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet (resources.nvidia.com/en-us-tensor-core/"
         "nvidia-tensor-core-gpu-datasheet) and Hopper whitepaper, SXM5 80GB",
@@ -550,6 +562,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_pcie(5, 64.0),
         inter_node=_NIC_200G,
         matmul_efficiency=_matmul_efficiency("h100-pcie"),
+        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet and H100 PCIe product brief PB-11133-001, PCIe 80GB",
     ),
@@ -563,6 +576,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_NVLINK4,
         inter_node=_IB_NDR,
         matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H200 datasheet (nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446)",
     ),
@@ -639,6 +653,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         intra_node=_NVLINK4,
         inter_node=_IB_NDR_HGX,
         matmul_efficiency=UNMEASURED_MATMUL_EFFICIENCY,
+        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA HGX H20 specification as reported (no public NVIDIA datasheet); HGX H100 board layout",
     ),

@@ -1,7 +1,9 @@
 """Compute time of operations on one GPU: a roofline per op (Williams et al. 2009, "Roofline: an insightful
 visual performance model") under a floor set by the host. Matmuls run at `matmul_efficiency` x the dense peak of
 the training precision, or at the HBM bandwidth their operands need where that is slower (small or thin GEMMs);
-element-wise ops are memory-bound and run at `memory_efficiency` x the HBM bandwidth.
+fused (flash) attention at `attention_efficiency` x the peak (FlashAttention-2 reaches about half the A100's and a
+third of the H100's: planner/presets.py); element-wise ops are memory-bound and run at `memory_efficiency` x the
+HBM bandwidth.
 
 The host floor: the framework's Python, the dispatcher and autograd spend a roughly fixed time on the CPU per
 kernel they launch, and the GPU cannot run a kernel before it is issued (the "CPU-bound" regime of PyTorch's
@@ -50,27 +52,37 @@ class Speeds:
     matmul_flops_per_s: float
     memory_bytes_per_s: float
     host_s_per_kernel: float = 0.0  # the stack's host time per kernel launch (Runtime.host_s_per_kernel)
+    attention_flops_per_s: float | None = None  # fused attention's rate; None: the matmul rate
 
     @classmethod
     def of(cls, gpu: GpuSpec, precision: str, host_s_per_kernel: float = 0.0) -> Speeds:
+        peak = gpu.peak_tflops[precision] * 1e12  # type: ignore[index]
+        attention = None if gpu.attention_efficiency is None else peak * gpu.attention_efficiency
         return cls(
-            matmul_flops_per_s=gpu.peak_tflops[precision] * 1e12 * gpu.matmul_efficiency,  # type: ignore[index]
+            matmul_flops_per_s=peak * gpu.matmul_efficiency,
             memory_bytes_per_s=gpu.hbm_GBps * 1e9 * gpu.memory_efficiency,
             host_s_per_kernel=host_s_per_kernel,
+            attention_flops_per_s=attention,
         )
+
+    @property
+    def flash_flops_per_s(self) -> float:
+        return self.attention_flops_per_s or self.matmul_flops_per_s
 
 
 def forward_s(op: OpCost, speeds: Speeds) -> Any:
     """The op's forward time on the device (the host floor applies to a layer's passes: `pass_s`)."""
-    work = op.matmul_flops * (CAUSAL_FLASH_WORK if op.flash else 1.0)
-    return _matmul_s(work, op.matmul_io_bytes, speeds) + op.traffic_bytes / speeds.memory_bytes_per_s
+    if op.flash:
+        return op.matmul_flops * CAUSAL_FLASH_WORK / speeds.flash_flops_per_s
+    return _matmul_s(op.matmul_flops, op.matmul_io_bytes, speeds) + op.traffic_bytes / speeds.memory_bytes_per_s
 
 
 def backward_s(op: OpCost, speeds: Speeds) -> Any:
     """The op's backward time on the device."""
-    factor = BACKWARD_FLASH_FACTOR * CAUSAL_FLASH_WORK if op.flash else BACKWARD_MATMUL_FACTOR
+    if op.flash:
+        return op.matmul_flops * CAUSAL_FLASH_WORK * BACKWARD_FLASH_FACTOR / speeds.flash_flops_per_s
     # Each backward GEMM (input and weight gradients) moves about as many bytes as the forward one.
-    matmul = _matmul_s(op.matmul_flops * factor, op.matmul_io_bytes * BACKWARD_MATMUL_FACTOR, speeds)
+    matmul = _matmul_s(op.matmul_flops * BACKWARD_MATMUL_FACTOR, op.matmul_io_bytes * BACKWARD_MATMUL_FACTOR, speeds)
     return matmul + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
 
 

@@ -42,6 +42,8 @@ class GpuSpec(Frozen):
     inter_node: LinkSpec
     # Achievable fraction of peak for the large GEMMs of a transformer; see planner/cost/compute.py.
     matmul_efficiency: Annotated[float, Field(gt=0, le=1)]
+    # Achievable fraction of peak for fused (flash) attention, forward and backward; None: as matmul_efficiency.
+    attention_efficiency: Annotated[float, Field(gt=0, le=1)] | None = None
     memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.8
     source: str = ""
 

@@ -6,6 +6,7 @@ import pytest
 
 from planner.cost.compute import Speeds, backward_s, forward_s, pass_s, recompute_s
 from planner.cost.ops import OpCost, Shape, _linear
+from planner.presets import gpu_preset
 
 # 100 TFLOP/s of matmuls, 1 TB/s of HBM, 50 us per kernel launch.
 SPEEDS = Speeds(matmul_flops_per_s=100e12, memory_bytes_per_s=1e12, host_s_per_kernel=50e-6)
@@ -64,3 +65,20 @@ def test_linear_layers_count_their_operands():
     assert (op.kernels, op.backward_kernels) == (1, 2)
     row = _linear("out", shape, 3072, 1024, "tp")  # row-parallel: the input is split, the output whole
     assert row.matmul_io_bytes == 2 * (2048 * 1536 + 1536 * 1024 + 2048 * 1024)
+
+
+def test_fused_attention_runs_at_its_own_rate():
+    """A causal flash op of 2 TFLOP (half of it computed) at 35 TFLOP/s of attention: 1e12 / 35e12 s forward and
+    2.5x that backward (FlashAttention-2's five matmuls to two), whatever the GEMM rate."""
+    flash = OpCost("flash", 2e12, 0.0, 0.0, attention_core=True, flash=True)
+    speeds = Speeds(matmul_flops_per_s=100e12, memory_bytes_per_s=1e12, attention_flops_per_s=35e12)
+    assert forward_s(flash, speeds) == pytest.approx(1e12 / 35e12)
+    assert backward_s(flash, speeds) == pytest.approx(2.5e12 / 35e12)
+    assert forward_s(flash, Speeds(100e12, 1e12)) == pytest.approx(1e12 / 100e12)  # no figure: the GEMM rate
+
+
+def test_hopper_presets_take_flash_attention_2s_published_utilisation():
+    """FlashAttention-2: 50-73% of the A100's peak (Dao 2023), 35% of the H100's (Shah et al. 2024)."""
+    assert Speeds.of(gpu_preset("h100-sxm"), "bf16").flash_flops_per_s == pytest.approx(0.35 * 989.4e12)
+    assert 0.50 <= gpu_preset("a100-80gb").attention_efficiency <= 0.73
+    assert gpu_preset("mi300x").attention_efficiency is None
