@@ -25,6 +25,7 @@ from api.jobs.train import check_process_count
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
 from planner.profiles import load_profile_json
+from planner.specs import Int, Text
 
 PROFILE_FILE = "profile.json"
 Recompute = Literal["none", "selective", "full"]
@@ -36,23 +37,23 @@ class ProfileJobBody(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     what: Literal["compute", "comm", "all"] = "all"
-    name: str | None = Field(None, max_length=255, description="a label for the stored profile")
-    model: str | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
-    seq_len: list[int] | None = Field(None, min_length=1, max_length=16)
-    mbs: list[int] | None = Field(None, min_length=1, max_length=16)
-    tp: list[int] | None = Field(None, min_length=1, max_length=8)
+    name: Text | None = Field(None, max_length=255, description="a label for the stored profile")
+    model: Text | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
+    seq_len: list[Int] | None = Field(None, min_length=1, max_length=16)
+    mbs: list[Int] | None = Field(None, min_length=1, max_length=16)
+    tp: list[Int] | None = Field(None, min_length=1, max_length=8)
     recompute: list[Recompute] | None = Field(None, min_length=1, max_length=3)
     device: Literal["cpu", "cuda"] | None = None
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     optimizer: Literal["adamw", "sgd"] | None = None
-    warmup: int | None = Field(None, ge=0, le=1000)
-    repeats: int | None = Field(None, ge=1, le=10_000)
-    threads: int | None = Field(None, ge=1, le=1024)
-    passes: int | None = Field(None, ge=1, le=100)
-    nproc: int | None = Field(None, ge=2, description="processes of the collective sweep (comm, all)")
-    min_bytes: int | None = Field(None, ge=1, le=2**34)
-    max_bytes: int | None = Field(None, ge=1, le=2**34)
-    ops: list[str] | None = Field(None, min_length=1, max_length=8)
+    warmup: Int | None = Field(None, ge=0, le=1000)
+    repeats: Int | None = Field(None, ge=1, le=10_000)
+    threads: Int | None = Field(None, ge=1, le=1024)
+    passes: Int | None = Field(None, ge=1, le=100)
+    nproc: Int | None = Field(None, ge=2, description="processes of the collective sweep (comm, all)")
+    min_bytes: Int | None = Field(None, ge=1, le=2**34)
+    max_bytes: Int | None = Field(None, ge=1, le=2**34)
+    ops: list[Text] | None = Field(None, min_length=1, max_length=8)
     backend: Literal["gloo", "nccl"] | None = None
 
 
