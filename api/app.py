@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
     runner = JobRunner(store, settings, kinds)
-    service = Service(settings, store, runner, PlanSearches(store))
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

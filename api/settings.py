@@ -15,9 +15,11 @@ API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
 MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
 MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
 MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
+MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
+DEFAULT_MAX_STORED_PLANS = 1000
 
 
 class SettingsError(InputError):
@@ -38,6 +40,10 @@ class Settings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_job_processes: int = field(default_factory=lambda: default_max_job_processes())
     """Processes one job may start: a request for a 512-GPU plan must not fork 512 ranks on this machine."""
+    max_stored_plans: int = DEFAULT_MAX_STORED_PLANS
+    """Plan searches kept (the newest; a search a job runs is kept too): POST /v1/plans needs no token, and each
+    search stores its request (up to max_request_bytes) and its answer, so without a bound anyone could fill the
+    disk. 1000 searches of typical size (tens of KB) are tens of MB."""
     job_grace_s: float = 60.0
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
 
@@ -47,6 +53,8 @@ class Settings:
             raise SettingsError(f"{MAX_JOBS_ENV}: must be at least 1, got {self.max_concurrent_jobs}")
         if self.max_job_processes < 1:
             raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
+        if self.max_stored_plans < 1:
+            raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
         if self.max_request_bytes < 1024:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
         if self.api_token is not None and len(self.api_token) < 16:
@@ -65,6 +73,7 @@ class Settings:
             max_concurrent_jobs=_int_env(MAX_JOBS_ENV, 1),
             max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
             max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
+            max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
         )
         return replace(settings, **given)
 

@@ -55,14 +55,17 @@ class ValidationJobBody(BaseModel):
     recompute: list[Literal["none", "selective", "full"]] | None = Field(None, min_length=1, max_length=3)
     schedule: list[Literal["gpipe", "1f1b", "interleaved_1f1b"]] | None = Field(None, min_length=1, max_length=3)
     device: Literal["cpu", "cuda"] | None = None
-    gpu: Text | None = Field(None, max_length=64, description="GPU preset of the cuda device")
+    gpu: Text | None = Field(None, min_length=1, max_length=64, description="GPU preset of the cuda device")
     threads: Int | None = Field(None, ge=1, le=1024)
     paired: bool | None = Field(
         None,
         description="profile each plan's layer shapes again just before its run and predict it from that "
         "profile (with passes 1)",
     )
-    profile: Text | None = Field(None, max_length=64, description="a stored profile id to use instead of measuring")
+    # Not empty: an empty id would read as "none given" and start the full validation, profiling included.
+    profile: Text | None = Field(
+        None, min_length=1, max_length=64, description="a stored profile id to use instead of measuring"
+    )
 
 
 def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings, store: ApiStore) -> JobRow:
@@ -81,7 +84,7 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
         validate.check(options)
     except ValueError as error:
         raise renamed_error(error, ValidationJobBody) from None
-    profile = _stored_profile(job.profile, store) if job.profile else None
+    profile = None if job.profile is None else _stored_profile(job.profile, store)
     job_dir.mkdir(parents=True)
     try:
         if profile is not None:

@@ -176,3 +176,73 @@ def test_the_cluster_profile_reference_must_encode(hostile_client: TestClient, t
     tiny_request["cluster"]["profile"] = f"abc{SURROGATE}"
     error = error_of(post_raw(hostile_client, "/v1/estimates", json.dumps(tiny_request)), 422, "invalid_request")
     assert "cluster.profile" in named_fields(error)
+
+
+# ======================================================================================================== limits
+
+
+@pytest.mark.parametrize(
+    ("sizes", "fields"),
+    [
+        ({"seq_len": [10**12]}, {"seq_len"}),
+        ({"mbs": [10**9]}, {"mbs"}),
+        ({"seq_len": [2**17], "mbs": [1, 16]}, {"seq_len", "mbs"}),  # each fits alone, not their product
+    ],
+    ids=["seq_len", "mbs", "product"],
+)
+def test_a_profile_too_large_to_allocate_is_refused_before_it_is_accepted(
+    hostile_client: TestClient, auth_headers: dict[str, str], data_dir: Path, sizes: dict[str, Any], fields: set[str]
+) -> None:
+    response = hostile_client.post("/v1/profiles", json=PROFILE_BODY | sizes, headers=auth_headers)
+    error = error_of(response, 422, "bad_input")
+    assert named_fields(error) == fields
+    assert "1048576" in error["message"] and "allocat" in error["message"]
+    assert job_folders(data_dir) == []
+
+
+def test_a_profile_at_the_token_bound_is_accepted(
+    hostile_client: TestClient, auth_headers: dict[str, str], data_dir: Path
+) -> None:
+    body = PROFILE_BODY | {"seq_len": [2**18], "mbs": [4]}
+    assert hostile_client.post("/v1/profiles", json=body, headers=auth_headers).status_code == 202
+
+
+@pytest.mark.parametrize("field", ["profile", "gpu"])
+def test_an_empty_validation_reference_is_refused_not_read_as_none(
+    hostile_client: TestClient, auth_headers: dict[str, str], data_dir: Path, field: str
+) -> None:
+    body = SMALL_VALIDATION | {field: ""}
+    error = error_of(hostile_client.post("/v1/validations", json=body, headers=auth_headers), 422, "invalid_request")
+    assert field in named_fields(error)
+    assert job_folders(data_dir) == []
+
+
+def _search(client: TestClient, request: dict[str, Any]) -> str:
+    response = client.post("/v1/plans", json=search_of(request, 1))
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_stored_searches_keep_the_newest_and_those_jobs_run(
+    app_factory: Callable[..., Any], tiny_request: dict[str, Any], auth_headers: dict[str, str]
+) -> None:
+    client = TestClient(app_factory(max_stored_plans=2))  # job runner not started: the job stays QUEUED
+    run = _search(client, tiny_request)
+    job = client.post("/v1/jobs", json={"plan_id": run, "steps": 1}, headers=auth_headers)
+    assert job.status_code == 202, job.text
+    ids = [_search(client, tiny_request) for _ in range(4)]
+    listed = {plan["id"] for plan in client.get("/v1/plans").json()["plans"]}
+    assert listed == {run, *ids[-2:]}
+    for dropped in ids[:2]:
+        error_of(client.get(f"/v1/plans/{dropped}"), 404, "not_found")
+    assert client.get(f"/v1/plans/{run}").status_code == 200
+
+
+def test_the_stored_search_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    from api.settings import MAX_STORED_PLANS_ENV, Settings, SettingsError
+
+    monkeypatch.setenv(MAX_STORED_PLANS_ENV, "7")
+    assert Settings.from_env().max_stored_plans == 7
+    monkeypatch.setenv(MAX_STORED_PLANS_ENV, "0")
+    with pytest.raises(SettingsError, match=MAX_STORED_PLANS_ENV):
+        Settings.from_env()
