@@ -57,8 +57,8 @@ class Settings:
             raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
         if self.max_request_bytes < 1024:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
-        if self.api_token is not None and len(self.api_token) < 16:
-            raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
+        if self.api_token is not None:
+            _check_token(self.api_token)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -86,6 +86,20 @@ class Settings:
     def datasets_dir(self) -> Path:
         """Text files a training job may name as its ``data`` (by file name only)."""
         return self.data_dir / "datasets"
+
+
+def _check_token(token: str) -> None:
+    """A token a client can send: not blank, no whitespace at its ends (the server strips what a client sends, so
+    a token of 16 spaces would start the server "token: on" with nobody able to authenticate), not guessable."""
+    if not token.strip():
+        raise SettingsError(
+            f"{API_TOKEN_ENV}: is blank (only whitespace); set a token of at least 16 characters, or leave it unset "
+            "to disable the endpoints that start processes"
+        )
+    if token != token.strip():
+        raise SettingsError(f"{API_TOKEN_ENV}: has whitespace at its start or end, which no client can send; remove it")
+    if len(token) < 16:
+        raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
 
 
 def default_max_job_processes() -> int:

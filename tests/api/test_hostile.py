@@ -246,3 +246,39 @@ def test_the_stored_search_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch, d
     monkeypatch.setenv(MAX_STORED_PLANS_ENV, "0")
     with pytest.raises(SettingsError, match=MAX_STORED_PLANS_ENV):
         Settings.from_env()
+
+
+# ========================================================================================= redirect, token
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/v1/jobs/", "/v1/plans/", "/v1/estimates/", "/healthz/"])
+def test_a_trailing_slash_is_not_redirected_to_the_host_header(
+    hostile_client: TestClient, auth_headers: dict[str, str], method: str, path: str
+) -> None:
+    headers = auth_headers | {"Host": "attacker.example"}
+    response = hostile_client.request(method, path, json={}, headers=headers, follow_redirects=False)
+    error_of(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize("token", [" " * 16, "\t" * 20, " " * 8 + "\n" * 8])
+def test_a_blank_token_is_refused_at_start(data_dir: Path, monkeypatch: pytest.MonkeyPatch, token: str) -> None:
+    from typer.testing import CliRunner
+
+    from api.cli.app import app as cli
+    from api.settings import API_TOKEN_ENV, Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="blank"):
+        Settings.from_env(api_token=token)
+    monkeypatch.setenv(API_TOKEN_ENV, token)
+    result = CliRunner().invoke(cli, ["serve", "--port", "1"])
+    assert result.exit_code == 1
+    assert API_TOKEN_ENV in result.output and "blank" in result.output and "Traceback" not in result.output
+
+
+def test_a_token_with_whitespace_at_its_ends_is_refused(data_dir: Path) -> None:
+    from api.settings import API_TOKEN_ENV, Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=API_TOKEN_ENV):
+        Settings.from_env(api_token=" paraplan-test-token-0123456789 ")
