@@ -212,9 +212,7 @@ def _older_plans(keep: int, newest: str) -> Any:
     """DELETE of the plan searches beyond the newest `keep` (by `created`), except `newest` and those jobs run."""
     in_use = select(JobRow.plan_id).where(JobRow.plan_id.is_not(None))
     kept = select(PlanRow.id).where(PlanRow.id.not_in(in_use)).order_by(PlanRow.created.desc(), PlanRow.id.desc())
-    return delete(PlanRow).where(
-        PlanRow.id != newest, PlanRow.id.not_in(in_use), PlanRow.id.not_in(kept.limit(keep).scalar_subquery())
-    )
+    return delete(PlanRow).where(PlanRow.id != newest, PlanRow.id.not_in(in_use), PlanRow.id.not_in(kept.limit(keep)))
 
 
 def dumps(value: Any) -> str:

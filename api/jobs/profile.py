@@ -28,10 +28,10 @@ from planner.profiles import load_profile_json
 from planner.specs import Int, Text
 
 PROFILE_FILE = "profile.json"
-# Tokens in one profiled micro-batch (seq_len x mbs), at most: a layer's activations grow with them, and a job
-# asking for 10^12 would be accepted and then fail allocating terabytes. 2^20 is 8x the longest context trained
-# (Llama 3.1's 128K) at mbs 1, and far above what one GPU holds at any model width.
-MAX_PROFILED_TOKENS = 2**20
+# Tokens in one micro-batch (seq_len x mbs) a profiling or validation job may ask for: a layer's activations grow
+# with them, and a job asking for 10^12 would be accepted and then fail allocating terabytes. 2^20 is 8x the
+# longest context trained (Llama 3.1's 128K) at mbs 1, and far above what one GPU holds at any model width.
+MAX_JOB_TOKENS = 2**20
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -44,10 +44,10 @@ class ProfileJobBody(BaseModel):
     name: Text | None = Field(None, max_length=255, description="a label for the stored profile")
     model: Text | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
     seq_len: list[Int] | None = Field(
-        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_PROFILED_TOKENS} tokens"
+        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_JOB_TOKENS} tokens"
     )
     mbs: list[Int] | None = Field(
-        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_PROFILED_TOKENS} tokens"
+        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_JOB_TOKENS} tokens"
     )
     tp: list[Int] | None = Field(None, min_length=1, max_length=8)
     recompute: list[Recompute] | None = Field(None, min_length=1, max_length=3)
@@ -84,7 +84,8 @@ def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -
     job = ProfileJobBody.model_validate(body)
     job_dir = settings.jobs_dir / job_id
     options = _options(job, job_dir / PROFILE_FILE)
-    check_tokens(options)
+    if job.what != "comm":
+        check_tokens(max(options.seq_len), "seq_len", max(options.mbs), "mbs")
     try:
         profile.check(options)
     except ValueError as error:
@@ -118,21 +119,19 @@ def _options(job: ProfileJobBody, out: Path) -> Any:
     return OPTIONS[job.what](out=out, store=False, **given)
 
 
-def check_tokens(options: Any) -> None:
-    """InputError naming `seq_len` and/or `mbs` (whichever is over alone; both when only their product is) when
-    one profiled micro-batch would hold more than MAX_PROFILED_TOKENS tokens. A comm profile has neither."""
-    if not hasattr(options, "seq_len"):
+def check_tokens(seq_len: int, seq_field: str, mbs: int, mbs_field: str) -> None:
+    """InputError when one micro-batch of `seq_len` x `mbs` tokens is over MAX_JOB_TOKENS, naming the body
+    field of whichever is over alone (both when only their product is)."""
+    if seq_len * mbs <= MAX_JOB_TOKENS:
         return
-    seq_len, mbs = max(options.seq_len), max(options.mbs)
-    if seq_len * mbs <= MAX_PROFILED_TOKENS:
-        return
-    over = [name for name, value in (("seq_len", seq_len), ("mbs", mbs)) if value > MAX_PROFILED_TOKENS]
+    over = [name for name, value in ((seq_field, seq_len), (mbs_field, mbs)) if value > MAX_JOB_TOKENS]
     message = (
-        f"seq_len {seq_len} x mbs {mbs} = {seq_len * mbs} tokens in one micro-batch, over the {MAX_PROFILED_TOKENS} "
-        "a profiling job may time (a layer's activations grow with them; this would fail allocating after the job "
-        "was accepted)"
+        f"{seq_field} {seq_len} x {mbs_field} {mbs} = {seq_len * mbs} tokens in one micro-batch, over the "
+        f"{MAX_JOB_TOKENS} a job may ask for (a layer's activations grow with them; this would fail allocating "
+        "after the job was accepted)"
     )
-    raise InputError(message, fields=[{"field": name, "message": message} for name in over or ("seq_len", "mbs")])
+    fields = [{"field": name, "message": message} for name in over or (seq_field, mbs_field)]
+    raise InputError(message, fields=fields)
 
 
 def _names(what: str) -> str:

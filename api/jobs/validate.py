@@ -21,7 +21,7 @@ from api.commands.inputs import model_spec
 from api.commands.loop.records import CALIBRATED_PROFILE_FILE, RUNS_FILE, store_calibrated, store_runs
 from api.commands.validate import FIGURES_FILE
 from api.errors import InputError
-from api.jobs.profile import last_error, renamed_error
+from api.jobs.profile import check_tokens, last_error, renamed_error
 from api.jobs.runner import Outcome
 from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.jobs.train import check_process_count
@@ -80,6 +80,9 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
         given["model"] = model_spec(given["model"])
     options = validate.ValidateOptions(out=job_dir / OUT_FOLDER, store=False, job_id=job_id, **given)
     check_process_count(job.nproc, settings, job.device or "cpu")
+    # Without `mbs` the search tries every divisor of the per-replica batch: the whole global batch at most.
+    largest_mbs, mbs_field = (max(options.mbs), "mbs") if options.mbs else (options.global_batch, "global_batch")
+    check_tokens(options.seq_len, "seq_len", largest_mbs, mbs_field)
     try:
         validate.check(options)
     except ValueError as error:

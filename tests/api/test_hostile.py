@@ -207,6 +207,24 @@ def test_a_profile_at_the_token_bound_is_accepted(
     assert hostile_client.post("/v1/profiles", json=body, headers=auth_headers).status_code == 202
 
 
+@pytest.mark.parametrize(
+    ("sizes", "fields"),
+    [
+        ({"seq_len": 2**20, "mbs": [2]}, {"seq_len", "mbs"}),
+        ({"seq_len": 2**19, "global_batch": 8, "mbs": None}, {"seq_len", "global_batch"}),  # the search: mbs to 8
+        ({"mbs": [2**21]}, {"mbs"}),
+    ],
+    ids=["mbs", "global_batch", "mbs-alone"],
+)
+def test_a_validation_too_large_to_allocate_is_refused_before_it_is_accepted(
+    hostile_client: TestClient, auth_headers: dict[str, str], data_dir: Path, sizes: dict[str, Any], fields: set[str]
+) -> None:
+    body = SMALL_VALIDATION | sizes
+    error = error_of(hostile_client.post("/v1/validations", json=body, headers=auth_headers), 422, "bad_input")
+    assert named_fields(error) == fields
+    assert job_folders(data_dir) == []
+
+
 @pytest.mark.parametrize("field", ["profile", "gpu"])
 def test_an_empty_validation_reference_is_refused_not_read_as_none(
     hostile_client: TestClient, auth_headers: dict[str, str], data_dir: Path, field: str
