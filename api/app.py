@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
     runner = JobRunner(store, settings, kinds)
-    service = Service(settings, store, runner, PlanSearches(store))
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner.close()  # running jobs go on; the next server re-attaches to them
             store.close()
 
-    app = FastAPI(title="paraplan", version=VERSION, lifespan=lifespan,
+    # No slash redirects: Starlette answers `/v1/jobs/` with a 307 to an absolute URL built from the request's Host
+    # header (a redirect anyone can point elsewhere); a path with a trailing slash is an unknown route (404).
+    app = FastAPI(title="paraplan", version=VERSION, lifespan=lifespan, redirect_slashes=False,
                   description="Performance model and auto-parallel planner for PyTorch training.")  # fmt: skip
     app.state.service = service
     app.include_router(health.router)

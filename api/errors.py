@@ -105,7 +105,7 @@ def validation_fields(error: dict[str, Any], flag_for: FlagFor | None = None, pr
     ValueError ("plan.tp: ...; plan.schedule: ..."); split them so each names its own field. A rule of the whole
     request (one that relates two sections, such as the precision and the GPU) has no location of its own: its
     message names the field."""
-    where = ".".join(str(part) for part in (*([prefix] if prefix else []), *error["loc"]))
+    where = ".".join(str(part) for part in (*([prefix] if prefix else []), *error["loc"]) if not _union_tag(part))
     entries = []
     for part in error["msg"].removeprefix("Value error, ").split("; "):
         field, message = where, part
@@ -118,6 +118,12 @@ def validation_fields(error: dict[str, Any], flag_for: FlagFor | None = None, pr
             entry["flag"] = flag_for(field)
         entries.append(entry)
     return entries
+
+
+def _union_tag(part: Any) -> bool:
+    """A part of a location that names the member of a union a value was tried as (`str`, `dict[str,any]`,
+    `function-after[_text(), str]`) rather than a field: pydantic's tags of types, never a field name here."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
 
 
 def error_text(payload: dict[str, Any]) -> str:

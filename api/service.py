@@ -67,8 +67,9 @@ class PlanSearches:
     changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
     identical searches run once; the others wait for its answer instead of computing it again."""
 
-    def __init__(self, store: ApiStore, capacity: int = 256):
-        self._store, self._capacity = store, capacity
+    def __init__(self, store: ApiStore, capacity: int = 256, keep: int | None = None):
+        """`capacity`: answers memoized; `keep`: stored searches kept (the newest; None: all)."""
+        self._store, self._capacity, self._keep = store, capacity, keep
         self._results: OrderedDict[str, SearchAnswer] = OrderedDict()  # by the parsed request's JSON
         self._in_flight: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -125,7 +126,7 @@ class PlanSearches:
             request=dumps(body),
             result=answer.json,
         )
-        return self._store.add_plan(row)
+        return self._store.add_plan(row, keep=self._keep)
 
 
 def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:

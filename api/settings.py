@@ -15,9 +15,11 @@ API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
 MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
 MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
 MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
+MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
+DEFAULT_MAX_STORED_PLANS = 1000
 
 
 class SettingsError(InputError):
@@ -38,6 +40,10 @@ class Settings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_job_processes: int = field(default_factory=lambda: default_max_job_processes())
     """Processes one job may start: a request for a 512-GPU plan must not fork 512 ranks on this machine."""
+    max_stored_plans: int = DEFAULT_MAX_STORED_PLANS
+    """Plan searches kept (the newest; a search a job runs is kept too): POST /v1/plans needs no token, and each
+    search stores its request (up to max_request_bytes) and its answer, so without a bound anyone could fill the
+    disk. 1000 searches of typical size (tens of KB) are tens of MB."""
     job_grace_s: float = 60.0
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
 
@@ -47,10 +53,12 @@ class Settings:
             raise SettingsError(f"{MAX_JOBS_ENV}: must be at least 1, got {self.max_concurrent_jobs}")
         if self.max_job_processes < 1:
             raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
+        if self.max_stored_plans < 1:
+            raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
         if self.max_request_bytes < 1024:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
-        if self.api_token is not None and len(self.api_token) < 16:
-            raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
+        if self.api_token is not None:
+            _check_token(self.api_token)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -65,6 +73,7 @@ class Settings:
             max_concurrent_jobs=_int_env(MAX_JOBS_ENV, 1),
             max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
             max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
+            max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
         )
         return replace(settings, **given)
 
@@ -77,6 +86,20 @@ class Settings:
     def datasets_dir(self) -> Path:
         """Text files a training job may name as its ``data`` (by file name only)."""
         return self.data_dir / "datasets"
+
+
+def _check_token(token: str) -> None:
+    """A token a client can send: not blank, no whitespace at its ends (the server strips what a client sends, so
+    a token of 16 spaces would start the server "token: on" with nobody able to authenticate), not guessable."""
+    if not token.strip():
+        raise SettingsError(
+            f"{API_TOKEN_ENV}: is blank (only whitespace); set a token of at least 16 characters, or leave it unset "
+            "to disable the endpoints that start processes"
+        )
+    if token != token.strip():
+        raise SettingsError(f"{API_TOKEN_ENV}: has whitespace at its start or end, which no client can send; remove it")
+    if len(token) < 16:
+        raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
 
 
 def default_max_job_processes() -> int:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, select, text, update
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -127,9 +127,14 @@ class ApiStore:
 
     # ------------------------------------------------------------------------------------------------ plans
 
-    def add_plan(self, row: PlanRow) -> PlanRow:
+    def add_plan(self, row: PlanRow, keep: int | None = None) -> PlanRow:
+        """Insert ``row``; with ``keep``, then delete the oldest searches beyond the newest ``keep`` (never ``row``,
+        nor a search a job runs: the job's view links it)."""
         with self._writing() as session:
             session.add(row)
+            if keep is not None:
+                session.flush()
+                session.execute(_older_plans(keep, row.id))
         return row
 
     def get_plan(self, plan_id: str) -> PlanRow | None:
@@ -201,6 +206,13 @@ class ApiStore:
             query = query.where(MeasuredRunRow.validation_id == validation_id)
         with self._sessions() as session:
             return session.scalars(query).all()
+
+
+def _older_plans(keep: int, newest: str) -> Any:
+    """DELETE of the plan searches beyond the newest `keep` (by `created`), except `newest` and those jobs run."""
+    in_use = select(JobRow.plan_id).where(JobRow.plan_id.is_not(None))
+    kept = select(PlanRow.id).where(PlanRow.id.not_in(in_use)).order_by(PlanRow.created.desc(), PlanRow.id.desc())
+    return delete(PlanRow).where(PlanRow.id != newest, PlanRow.id.not_in(in_use), PlanRow.id.not_in(kept.limit(keep)))
 
 
 def dumps(value: Any) -> str:

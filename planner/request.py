@@ -9,6 +9,7 @@ as an explicit argument. This is the edge: planner/specs resolves no name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -195,14 +196,18 @@ def infer_dp(data: Any) -> Any:
     plan, cluster = data.get("plan"), data.get("cluster")
     if not isinstance(plan, dict) or "dp" in plan or not isinstance(cluster, dict):
         return data
-    try:
-        gpus = int(cluster.get("num_nodes", 1)) * int(cluster.get("gpus_per_node", 8))
-        model_parallel = int(plan.get("tp", 1)) * int(plan.get("pp", 1)) * int(plan.get("cp", 1))
-    except (TypeError, ValueError):
-        return data  # let field validation name the bad value
+    sizes = [cluster.get("num_nodes", 1), cluster.get("gpus_per_node", 8)]
+    degrees = [plan.get(axis, 1) for axis in ("tp", "pp", "cp")]
+    if not all(_is_integer(value) for value in sizes + degrees):
+        return data  # field validation names the bad value (a float, a boolean, `Infinity`, text)
+    gpus, model_parallel = math.prod(sizes), math.prod(degrees)
     if model_parallel > 0 and gpus % model_parallel == 0:
         return {**data, "plan": {**plan, "dp": gpus // model_parallel}}
     return data
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_estimate_request(

@@ -25,8 +25,13 @@ from api.jobs.train import check_process_count
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
 from planner.profiles import load_profile_json
+from planner.specs import Int, Text
 
 PROFILE_FILE = "profile.json"
+# Tokens in one micro-batch (seq_len x mbs) a profiling or validation job may ask for: a layer's activations grow
+# with them, and a job asking for 10^12 would be accepted and then fail allocating terabytes. 2^20 is 8x the
+# longest context trained (Llama 3.1's 128K) at mbs 1, and far above what one GPU holds at any model width.
+MAX_JOB_TOKENS = 2**20
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -36,23 +41,27 @@ class ProfileJobBody(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     what: Literal["compute", "comm", "all"] = "all"
-    name: str | None = Field(None, max_length=255, description="a label for the stored profile")
-    model: str | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
-    seq_len: list[int] | None = Field(None, min_length=1, max_length=16)
-    mbs: list[int] | None = Field(None, min_length=1, max_length=16)
-    tp: list[int] | None = Field(None, min_length=1, max_length=8)
+    name: Text | None = Field(None, max_length=255, description="a label for the stored profile")
+    model: Text | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec (compute, all)")
+    seq_len: list[Int] | None = Field(
+        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_JOB_TOKENS} tokens"
+    )
+    mbs: list[Int] | None = Field(
+        None, min_length=1, max_length=16, description=f"seq_len x mbs at most {MAX_JOB_TOKENS} tokens"
+    )
+    tp: list[Int] | None = Field(None, min_length=1, max_length=8)
     recompute: list[Recompute] | None = Field(None, min_length=1, max_length=3)
     device: Literal["cpu", "cuda"] | None = None
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     optimizer: Literal["adamw", "sgd"] | None = None
-    warmup: int | None = Field(None, ge=0, le=1000)
-    repeats: int | None = Field(None, ge=1, le=10_000)
-    threads: int | None = Field(None, ge=1, le=1024)
-    passes: int | None = Field(None, ge=1, le=100)
-    nproc: int | None = Field(None, ge=2, description="processes of the collective sweep (comm, all)")
-    min_bytes: int | None = Field(None, ge=1, le=2**34)
-    max_bytes: int | None = Field(None, ge=1, le=2**34)
-    ops: list[str] | None = Field(None, min_length=1, max_length=8)
+    warmup: Int | None = Field(None, ge=0, le=1000)
+    repeats: Int | None = Field(None, ge=1, le=10_000)
+    threads: Int | None = Field(None, ge=1, le=1024)
+    passes: Int | None = Field(None, ge=1, le=100)
+    nproc: Int | None = Field(None, ge=2, description="processes of the collective sweep (comm, all)")
+    min_bytes: Int | None = Field(None, ge=1, le=2**34)
+    max_bytes: Int | None = Field(None, ge=1, le=2**34)
+    ops: list[Text] | None = Field(None, min_length=1, max_length=8)
     backend: Literal["gloo", "nccl"] | None = None
 
 
@@ -75,6 +84,8 @@ def prepare_profile_job(body: dict[str, Any], job_id: str, settings: Settings) -
     job = ProfileJobBody.model_validate(body)
     job_dir = settings.jobs_dir / job_id
     options = _options(job, job_dir / PROFILE_FILE)
+    if job.what != "comm":
+        check_tokens(max(options.seq_len), "seq_len", max(options.mbs), "mbs")
     try:
         profile.check(options)
     except ValueError as error:
@@ -106,6 +117,21 @@ def _options(job: ProfileJobBody, out: Path) -> Any:
     if "model" in given:
         given["model"] = model_spec(given["model"])
     return OPTIONS[job.what](out=out, store=False, **given)
+
+
+def check_tokens(seq_len: int, seq_field: str, mbs: int, mbs_field: str) -> None:
+    """InputError when one micro-batch of `seq_len` x `mbs` tokens is over MAX_JOB_TOKENS, naming the body
+    field of whichever is over alone (both when only their product is)."""
+    if seq_len * mbs <= MAX_JOB_TOKENS:
+        return
+    over = [name for name, value in ((seq_field, seq_len), (mbs_field, mbs)) if value > MAX_JOB_TOKENS]
+    message = (
+        f"{seq_field} {seq_len} x {mbs_field} {mbs} = {seq_len * mbs} tokens in one micro-batch, over the "
+        f"{MAX_JOB_TOKENS} a job may ask for (a layer's activations grow with them; this would fail allocating "
+        "after the job was accepted)"
+    )
+    fields = [{"field": name, "message": message} for name in over or (seq_field, mbs_field)]
+    raise InputError(message, fields=fields)
 
 
 def _names(what: str) -> str:

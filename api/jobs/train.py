@@ -25,6 +25,7 @@ from api.store import ApiStore, JobRow, MeasuredRunRow, new_id, utc_now
 from executor import launch
 from executor.config import RunDir
 from executor.data import SHIPPED_TEXT
+from planner.specs import Int, Real, Text
 
 RUN_FOLDER = "run"
 
@@ -34,18 +35,18 @@ class TrainJobOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    steps: int = Field(ge=1, le=10_000_000, description="optimizer steps to run")
-    nproc: int | None = Field(None, ge=1, description="processes; default: the plan's GPU count")
-    data: str | None = Field(
+    steps: Int = Field(ge=1, le=10_000_000, description="optimizer steps to run")
+    nproc: Int | None = Field(None, ge=1, description="processes; default: the plan's GPU count")
+    data: Text | None = Field(
         None, max_length=255, description="a text file in <data dir>/datasets (by name), or 'founding' (shipped)"
     )
-    checkpoint_every: int = Field(0, ge=0, description="save every N steps; 0: at the end and when cancelled")
-    lr: float = Field(3e-4, gt=0, le=10)
-    warmup_steps: int | None = Field(None, ge=0)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    checkpoint_every: Int = Field(0, ge=0, description="save every N steps; 0: at the end and when cancelled")
+    lr: Real = Field(3e-4, gt=0, le=10)
+    warmup_steps: Int | None = Field(None, ge=0)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
     device: Literal["cpu", "cuda"] = "cpu"
-    plan_id: str | None = Field(None, max_length=32, description="run a plan of this stored search")
-    plan_rank: int = Field(1, ge=1, description="with plan_id: which of its ranked plans (1 = the best)")
+    plan_id: Text | None = Field(None, max_length=32, description="run a plan of this stored search")
+    plan_rank: Int = Field(1, ge=1, description="with plan_id: which of its ranked plans (1 = the best)")
 
 
 OPTION_FIELDS = frozenset(TrainJobOptions.model_fields)

@@ -21,13 +21,14 @@ from api.commands.inputs import model_spec
 from api.commands.loop.records import CALIBRATED_PROFILE_FILE, RUNS_FILE, store_calibrated, store_runs
 from api.commands.validate import FIGURES_FILE
 from api.errors import InputError
-from api.jobs.profile import last_error, renamed_error
+from api.jobs.profile import check_tokens, last_error, renamed_error
 from api.jobs.runner import Outcome
 from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.jobs.train import check_process_count
 from api.settings import Settings
 from api.store import ApiStore, JobRow, utc_now
 from planner.profiles import ProfileError, load_profile_json, save_profile_json
+from planner.specs import Int, Text, ZeroStage
 
 OUT_FOLDER = "validation"
 INPUT_PROFILE = "input-profile.json"
@@ -38,30 +39,33 @@ class ValidationJobBody(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nproc: int = Field(ge=1, le=1024, description="ranks on the server's machine; every plan uses all of them")
-    model: str | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec")
-    seq_len: int | None = Field(None, ge=1, le=2**20)
-    global_batch: int | None = Field(None, ge=1, le=2**20)
-    steps: int | None = Field(None, ge=2, le=10_000, description="steps each plan trains")
-    warm_steps: int | None = Field(None, ge=0, le=10_000, description="first steps left out of the median")
-    passes: int | None = Field(None, ge=1, le=100, description="runs of every plan, in alternating order, pooled")
-    confirm: int | None = Field(
+    nproc: Int = Field(ge=1, le=1024, description="ranks on the server's machine; every plan uses all of them")
+    model: Text | dict[str, Any] | None = Field(None, description="a preset name or a ModelSpec")
+    seq_len: Int | None = Field(None, ge=1, le=2**20)
+    global_batch: Int | None = Field(None, ge=1, le=2**20)
+    steps: Int | None = Field(None, ge=2, le=10_000, description="steps each plan trains")
+    warm_steps: Int | None = Field(None, ge=0, le=10_000, description="first steps left out of the median")
+    passes: Int | None = Field(None, ge=1, le=100, description="runs of every plan, in alternating order, pooled")
+    confirm: Int | None = Field(
         None, ge=0, le=100, description="runs more of the plans predicted and measured fastest, pooled (0: none)"
     )
-    max_plans: int | None = Field(None, ge=2, le=10_000)
-    zero: list[Literal[0, 1, 2, 3]] | None = Field(None, min_length=1, max_length=4)
-    mbs: list[int] | None = Field(None, min_length=1, max_length=16)
+    max_plans: Int | None = Field(None, ge=2, le=10_000)
+    zero: list[ZeroStage] | None = Field(None, min_length=1, max_length=4)
+    mbs: list[Int] | None = Field(None, min_length=1, max_length=16)
     recompute: list[Literal["none", "selective", "full"]] | None = Field(None, min_length=1, max_length=3)
     schedule: list[Literal["gpipe", "1f1b", "interleaved_1f1b"]] | None = Field(None, min_length=1, max_length=3)
     device: Literal["cpu", "cuda"] | None = None
-    gpu: str | None = Field(None, max_length=64, description="GPU preset of the cuda device")
-    threads: int | None = Field(None, ge=1, le=1024)
+    gpu: Text | None = Field(None, min_length=1, max_length=64, description="GPU preset of the cuda device")
+    threads: Int | None = Field(None, ge=1, le=1024)
     paired: bool | None = Field(
         None,
         description="profile each plan's layer shapes again just before its run and predict it from that "
         "profile (with passes 1)",
     )
-    profile: str | None = Field(None, max_length=64, description="a stored profile id to use instead of measuring")
+    # Not empty: an empty id would read as "none given" and start the full validation, profiling included.
+    profile: Text | None = Field(
+        None, min_length=1, max_length=64, description="a stored profile id to use instead of measuring"
+    )
 
 
 def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings, store: ApiStore) -> JobRow:
@@ -76,11 +80,14 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
         given["model"] = model_spec(given["model"])
     options = validate.ValidateOptions(out=job_dir / OUT_FOLDER, store=False, job_id=job_id, **given)
     check_process_count(job.nproc, settings, job.device or "cpu")
+    # Without `mbs` the search tries every divisor of the per-replica batch: the whole global batch at most.
+    largest_mbs, mbs_field = (max(options.mbs), "mbs") if options.mbs else (options.global_batch, "global_batch")
+    check_tokens(options.seq_len, "seq_len", largest_mbs, mbs_field)
     try:
         validate.check(options)
     except ValueError as error:
         raise renamed_error(error, ValidationJobBody) from None
-    profile = _stored_profile(job.profile, store) if job.profile else None
+    profile = None if job.profile is None else _stored_profile(job.profile, store)
     job_dir.mkdir(parents=True)
     try:
         if profile is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from planner.specs.base import MAX_GPUS, Degree, Frozen, Precision
+from planner.specs.base import MAX_GPUS, Degree, Frozen, Int, Precision, Real, Text
 
 
 class LinkSpec(Frozen):
@@ -15,12 +15,12 @@ class LinkSpec(Frozen):
     `latency_s` = one collective's latency on two ranks; `ring_step_latency_s` = what each further step of a ring
     collective adds over this link (planner/cost/comm.py)."""
 
-    name: str
-    bandwidth_GBps: Annotated[float, Field(gt=0)]
-    efficiency: Annotated[float, Field(gt=0, le=1)] = 1.0
-    latency_s: Annotated[float, Field(ge=0)] = 0.0
-    source: str = ""
-    ring_step_latency_s: Annotated[float, Field(ge=0)] = 0.0
+    name: Text
+    bandwidth_GBps: Annotated[Real, Field(gt=0)]
+    efficiency: Annotated[Real, Field(gt=0, le=1)] = 1.0
+    latency_s: Annotated[Real, Field(ge=0)] = 0.0
+    source: Text = ""
+    ring_step_latency_s: Annotated[Real, Field(ge=0)] = 0.0
 
     @property
     def bus_bandwidth_Bps(self) -> float:
@@ -33,19 +33,19 @@ class GpuSpec(Frozen):
     `peak_tflops` must hold fp16 and fp32, and bf16 where the GPU has it. A GPU without bf16 tensor cores (V100)
     leaves bf16 out: a request for bf16 on it is refused, one naming no precision is costed in fp16."""
 
-    name: str
+    name: Text
     kind: Literal["gpu", "cpu"] = "gpu"
-    memory_bytes: Annotated[int, Field(gt=0)]
-    peak_tflops: dict[Precision, Annotated[float, Field(gt=0)]]
-    hbm_GBps: Annotated[float, Field(gt=0)]
+    memory_bytes: Annotated[Int, Field(gt=0)]
+    peak_tflops: dict[Precision, Annotated[Real, Field(gt=0)]]
+    hbm_GBps: Annotated[Real, Field(gt=0)]
     intra_node: LinkSpec
     inter_node: LinkSpec
     # Achievable fraction of peak for the large GEMMs of a transformer; see planner/cost/compute.py.
-    matmul_efficiency: Annotated[float, Field(gt=0, le=1)]
+    matmul_efficiency: Annotated[Real, Field(gt=0, le=1)]
     # Achievable fraction of peak for fused (flash) attention, forward and backward; None: as matmul_efficiency.
-    attention_efficiency: Annotated[float, Field(gt=0, le=1)] | None = None
-    memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.8
-    source: str = ""
+    attention_efficiency: Annotated[Real, Field(gt=0, le=1)] | None = None
+    memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.8
+    source: Text = ""
 
     @field_validator("peak_tflops")
     @classmethod
@@ -65,12 +65,12 @@ class ClusterSpec(Frozen):
 
     gpu: GpuSpec
     num_nodes: Degree = 1
-    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = 8
-    intra_node_GBps: Annotated[float, Field(gt=0)] | None = None
-    inter_node_GBps: Annotated[float, Field(gt=0)] | None = None
+    gpus_per_node: Annotated[Int, Field(ge=1, le=1024)] = 8
+    intra_node_GBps: Annotated[Real, Field(gt=0)] | None = None
+    inter_node_GBps: Annotated[Real, Field(gt=0)] | None = None
     # A HardwareProfile file or stored id. The edge (planner/request.py) reads it; the cost model takes what it
     # measured as an explicit argument (planner.cost.measured.ProfileCosts), never through this spec.
-    profile: str | None = None
+    profile: Text | None = None
 
     @model_validator(mode="after")
     def _bounded_size(self) -> ClusterSpec:

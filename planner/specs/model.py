@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from planner.specs.base import Experts, Frozen, Heads, Layers, Tokens, Vocab, Width
+from planner.specs.base import Experts, Frozen, Heads, Layers, Real, Text, Tokens, Vocab, Width
 
 
 class ModelSpec(Frozen):
@@ -17,7 +17,7 @@ class ModelSpec(Frozen):
     GELU + RoPE; Qwen2: SwiGLU + QKV bias) set the fields explicitly.
     """
 
-    name: str | None = None
+    name: Text | None = None
     num_layers: Layers
     hidden_size: Width
     num_attention_heads: Heads
@@ -34,7 +34,7 @@ class ModelSpec(Frozen):
     max_position_embeddings: Tokens | None = None  # rows of a learned position table
     qkv_bias: bool | None = None
     linear_bias: bool | None = None  # attention output projection and MLP
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # hidden and attention dropout probability
+    dropout: Annotated[Real, Field(ge=0.0, lt=1.0)] = 0.0  # hidden and attention dropout probability
 
     @model_validator(mode="after")
     def _fill_family_defaults(self) -> ModelSpec:

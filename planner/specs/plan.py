@@ -7,7 +7,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
-from planner.specs.base import Degree, Frozen, Layers, Recompute, Schedule, Tokens
+from planner.specs.base import Degree, Frozen, Int, Layers, Real, Recompute, Schedule, Tokens, ZeroStage
 from planner.specs.training import TrainingSpec
 
 
@@ -60,7 +60,7 @@ class ParallelPlan(Frozen):
     tp: Degree = 1
     pp: Degree = 1
     cp: Degree = 1
-    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    zero_stage: ZeroStage = 0
     micro_batch_size: Tokens = 1
     sequence_parallel: bool = False
     recompute: Recompute = "none"
@@ -156,7 +156,7 @@ class FixedPlanFields(Frozen):
     tp: Degree | None = None
     pp: Degree | None = None
     cp: Degree | None = None
-    zero_stage: Annotated[int, Field(ge=0, le=3)] | None = None
+    zero_stage: ZeroStage | None = None
     micro_batch_size: Tokens | None = None
     sequence_parallel: bool | None = None
     recompute: Recompute | None = None
@@ -167,10 +167,10 @@ class FixedPlanFields(Frozen):
 class SearchOptions(Frozen):
     """What `paraplan plan` searches over and how it ranks (the contract's `search`)."""
 
-    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    top_k: Annotated[Int, Field(ge=1, le=100)] = 5
     # A plan fits when every stage's peak stays under this fraction of GPU memory (headroom for spikes the
     # model does not see: allocator growth, NCCL lazy buffers, evaluation batches).
-    max_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_memory_fraction: Annotated[Real, Field(gt=0, le=1)] = 0.9
     # A plan fits only if its peak at the upper memory band (the 95th percentile of measured / predicted peak over
     # the regime's measured runs, planner/uncertainty.py) stays under that fraction too. A switch, not a fraction:
     # the bands are fitted at one coverage (90%), and a level the runs were not fitted at would be made up.
@@ -178,7 +178,7 @@ class SearchOptions(Frozen):
     fixed: FixedPlanFields = FixedPlanFields()
     schedules: tuple[Schedule, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
     recompute: tuple[Recompute, ...] = ("none", "selective", "full")
-    zero_stages: tuple[Annotated[int, Field(ge=0, le=3)], ...] = (0, 1, 2, 3)
+    zero_stages: tuple[ZeroStage, ...] = (0, 1, 2, 3)
     # None: every divisor of the per-replica batch
     micro_batch_sizes: Annotated[tuple[Tokens, ...], Field(max_length=64)] | None = None
     max_tp: Degree | None = None  # None: the GPUs of one node

@@ -22,13 +22,21 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.settings import API_TOKEN_ENV, MAX_JOB_PROCESSES_ENV, MAX_JOBS_ENV, MAX_REQUEST_BYTES_ENV, Settings
+from api.settings import (
+    API_TOKEN_ENV,
+    MAX_JOB_PROCESSES_ENV,
+    MAX_JOBS_ENV,
+    MAX_REQUEST_BYTES_ENV,
+    MAX_STORED_PLANS_ENV,
+    Settings,
+)
 from profiler.store import DATA_DIR_ENV, DATABASE_URL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO_ROOT / "executor" / "examples" / "tiny-llama-2cpu.json"
 TOKEN = "paraplan-test-token-0123456789"
-_SETTINGS_ENV = (API_TOKEN_ENV, MAX_JOBS_ENV, MAX_REQUEST_BYTES_ENV, MAX_JOB_PROCESSES_ENV, DATABASE_URL_ENV)
+_SETTINGS_ENV = (API_TOKEN_ENV, MAX_JOBS_ENV, MAX_REQUEST_BYTES_ENV, MAX_JOB_PROCESSES_ENV, MAX_STORED_PLANS_ENV,
+                 DATABASE_URL_ENV)  # fmt: skip
 
 
 def processes_in(folder: Path) -> list[int]:
