@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 # Step times within 1% of the fastest plan still unranked count as a tie. 1%: well below the cost model's validated
-# error (README *Accuracy*: mean absolute step-time error 4.6% on the published Megatron runs, 4.0-6.5% on runs
+# error (README *Accuracy*: mean absolute step-time error 4.4% on the published Megatron runs, 4.0-6.5% on runs
 # measured here), so the model cannot vouch for a smaller difference; and small, so a user gives up at most 1% of
 # predicted throughput at each rank for the simpler layout.
 LAYOUT_TIE_TOLERANCE = 0.01
