@@ -6,7 +6,9 @@
    without sequence parallelism and recomputation). tests/validation checks that the preset matches the fit.
    Likewise the DEEPSPEED regime's `zero3_bandwidth_efficiency` (planner/cost/runtime.py) is the one-parameter fit
    of the step-time model to the six DeepSpeed ZeRO-3 runs of Narayanan et al. 2021, table 2
-   (`calibrate_deepspeed_zero3_bandwidth`).
+   (`calibrate_deepspeed_zero3_bandwidth`), and the eager stacks' host time per kernel
+   (runtime.EAGER_HOST_S_PER_KERNEL) the fit of the step-time model to one fixed half of the dev vTrain runs,
+   reported on the other half (`fit_host_floor`, `python -m planner.calibration host-floor`).
 2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
    runs them together, with its framework around them. `fit_calibration` fits the factors of
    `planner.specs.Calibration` (compute efficiency per operation class, collective bandwidth and latency
