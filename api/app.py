@@ -22,13 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_payload, validation_fields
 from api.jobs.profile import ProfileJobBody, ProfileJobs
-from api.jobs.runner import JobRunner
+from api.jobs.runner import JobRunner, TimeLimit
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
 from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
 from api.service import PlanSearches
-from api.settings import Settings
+from api.settings import MAX_VALIDATION_S_ENV, Settings
 from api.store import ApiStore
 
 log = logging.getLogger("paraplan.api")
@@ -44,8 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
-    runner = JobRunner(store, settings, kinds)
-    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans))
+    runner = JobRunner(store, settings, kinds, {"validate": TimeLimit(settings.max_validation_s, MAX_VALIDATION_S_ENV)})
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.plan_retention))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
