@@ -27,6 +27,7 @@ from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
 from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
+from api.routes.responses import ErrorBody
 from api.service import PlanSearches
 from api.settings import MAX_VALIDATION_S_ENV, Settings
 from api.store import ApiStore
@@ -160,7 +161,7 @@ class BodySizeLimit:
 
 
 # Bodies are read by the routes (so that every malformed one gets the common error shape); these are the
-# schemas that document them.
+# schemas that document them, and the error body every route's error answers refer to (api/routes/responses.py).
 def _body_schemas() -> dict[str, Any]:
     from pydantic import BaseModel, ConfigDict
 
@@ -172,7 +173,8 @@ def _body_schemas() -> dict[str, Any]:
 
         model_config = ConfigDict(title="TrainJobRequest")
 
-    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody]
+    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody,
+                                     ErrorBody]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
