@@ -34,7 +34,7 @@ from api.routes.common import (
     json_response,
     not_found,
 )
-from api.routes.responses import NEEDS_THE_TOKEN, STARTS_A_JOB, TextResponse, errors
+from api.routes.responses import NEEDS_THE_TOKEN, STARTS_A_JOB, TextResponse, answered_as, errors
 from api.store import FINAL_STATES, JobRow, dumps, new_id
 from executor.config import RunDir
 
@@ -218,7 +218,7 @@ def cancel_job(job_id: str, service: ServiceDep) -> Response:
     summary="The job's output: text from `offset`, or with `follow` (or Accept: text/event-stream) a "
     "server-sent-events stream, one event per line, until the job ends",
     response_class=TextResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}} | errors(404, 422),
+    responses=answered_as("text/event-stream", "The output as text, or as server-sent events") | errors(404, 422),
 )
 async def get_logs(
     job_id: str,

@@ -63,7 +63,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def answered_as(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a success answered as `media_type` (text or bytes) rather than JSON."""
+    """`responses=` for a success that may be answered as `media_type` (text or bytes) rather than JSON."""
     return {200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}}
 
 
