@@ -122,6 +122,33 @@ def test_a_schema_3_database_is_migrated_in_place_keeping_its_rows(
     assert {plan_id: client.get(f"/v1/plans/{plan_id}").json() for plan_id in ids} == answers
 
 
+def test_a_schema_3_database_without_the_service_tables_is_migrated_too(tmp_path: Path) -> None:
+    """A database only the profiler wrote (no plans table yet) is stamped 4; the table comes with its size column."""
+    from planner.profiles import load_profile_json
+    from tests.api.test_validations import FIXTURE_PROFILE
+
+    database = tmp_path / "profiles-only.db"
+    store = ApiStore(f"sqlite:///{database}")
+    profile_id = store.profiles.add(load_profile_json(FIXTURE_PROFILE))
+    store.close()
+    engine = create_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        for table in ("measured_runs", "jobs", "plans"):
+            connection.execute(text(f"DROP TABLE {table}"))
+        connection.execute(text("UPDATE paraplan_meta SET value = '3' WHERE key = 'schema_version'"))
+    engine.dispose()
+
+    store = ApiStore(f"sqlite:///{database}")
+    try:
+        assert store.profiles.get(profile_id) is not None
+        row = PlanRow(id="a" * 32, created="2026-12-07T00:00:00.000+00:00", model_name="m", num_gpus=1, found=0,
+                      best_step_time_s=None, request="{}", result="{}", stored_bytes=4)  # fmt: skip
+        store.add_plan(row)
+        assert store.get_plan(row.id).stored_bytes == 4  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
 # ======================================================================================== one data folder
 
 HOLD_THE_LOCK = """
