@@ -26,9 +26,13 @@ def framework(req: EstimateRequest) -> str:
 def _refusals(req: EstimateRequest) -> list[Violation]:
     plan = req.plan
     found = [
-        cannot("accelerate", f"plan.{axis}", f"{axis}={getattr(plan, axis)}: paraplan exports Accelerate's "
-               "data-parallel configs (DDP, DeepSpeed ZeRO, FSDP2) only; export this plan to megatron, deepspeed "
-               "or torchtitan")  # fmt: skip
+        cannot(
+            "accelerate",
+            f"plan.{axis}",
+            f"{axis}={getattr(plan, axis)}: paraplan exports Accelerate's "
+            "data-parallel configs (DDP, DeepSpeed ZeRO, FSDP2) only; export this plan to megatron, deepspeed "
+            "or torchtitan",
+        )  # fmt: skip
         for axis in ("tp", "pp", "cp")
         if getattr(plan, axis) > 1
     ]
@@ -50,7 +54,8 @@ def backend_section(req: EstimateRequest) -> dict[str, Any]:
     """The back end's own section: DeepSpeed's stage and accumulation, or FSDP2's resharding and checkpointing."""
     plan = req.plan
     if plan.zero_stage == 1:
-        return {"deepspeed_config": {"zero_stage": 1, "gradient_accumulation_steps": plan.num_microbatches(req.training),
+        steps = plan.num_microbatches(req.training)
+        return {"deepspeed_config": {"zero_stage": 1, "gradient_accumulation_steps": steps,
                                      "offload_optimizer_device": "none", "offload_param_device": "none",
                                      "zero3_init_flag": False}}  # fmt: skip
     if plan.zero_stage >= 2:

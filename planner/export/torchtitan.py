@@ -31,11 +31,17 @@ def _refusals(req: EstimateRequest) -> list[Violation]:
     plan, model, training = req.plan, req.model, req.training
     found = []
     if not (model.mlp == "swiglu" and model.norm == "rmsnorm" and model.position_embedding == "rope"):
-        found.append(cannot("torchtitan", "model.mlp", "its dense decoder is Llama's (SwiGLU, RMSNorm, RoPE); "
-                            f"this model has {model.mlp}, {model.norm}, {model.position_embedding} positions"))  # fmt: skip
+        shape = f"{model.mlp}, {model.norm}, {model.position_embedding} positions"
+        found.append(cannot("torchtitan", "model.mlp", f"its dense decoder is Llama's (SwiGLU, RMSNorm, RoPE); "
+                            f"this model has {shape}"))  # fmt: skip
     if training.optimizer != "adamw":
-        found.append(cannot("torchtitan", "training.optimizer", "its optimizers are Adam and AdamW "
-                            "(torchtitan/components/optimizer.py)"))
+        found.append(
+            cannot(
+                "torchtitan",
+                "training.optimizer",
+                "its optimizers are Adam and AdamW (torchtitan/components/optimizer.py)",
+            )
+        )
     if training.precision == "fp16":
         found.append(cannot("torchtitan", "training.precision", "it trains in bfloat16 or float32; it has no fp16 "
                             "loss scaling"))  # fmt: skip
