@@ -25,7 +25,7 @@ from api.jobs.profile import ProfileJobBody, ProfileJobs
 from api.jobs.runner import JobRunner
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
-from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
+from api.routes import catalog, estimates, exports, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
 from api.service import PlanSearches
 from api.settings import Settings
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router, validations.router):
         app.include_router(router, prefix="/v1")
+    app.include_router(exports.router, prefix="/v1")
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from planner.errors import InfeasiblePlanError
+from planner.errors import InfeasiblePlanError, Violation
 from planner.export import accelerate, deepspeed, megatron, request, torchtitan
 from planner.export.base import NOT_EXPRESSIBLE, Export, Exporter, with_framework
 from planner.rules import plan_violations
@@ -41,13 +41,21 @@ def export_plan(req: EstimateRequest, to: str) -> Export:
     exporter = EXPORTERS[to]
     under_stack = with_framework(req, exporter.framework(req))
     model, training, cluster = under_stack.model, under_stack.training, under_stack.cluster
-    violations = [*plan_violations(under_stack.plan, model, training, cluster), *exporter.refusals(under_stack)]
+    broken = plan_violations(under_stack.plan, model, training, cluster)
+    violations = [*map(lambda v: _for_target(v, to), broken), *exporter.refusals(under_stack)]
     if violations:
         raise InfeasiblePlanError(NOT_EXPRESSIBLE, violations)
     rendered = exporter.render(under_stack)
     return Export(target=to, framework=training.framework, filename=exporter.filename,
                   media_type=exporter.media_type, text=rendered.text, request=under_stack,
                   notes=rendered.notes)  # fmt: skip
+
+
+def _for_target(violation: Violation, to: str) -> Violation:
+    """A rule of the stack (its ZeRO stages) names the stack by its target, which is what the user asked for."""
+    if violation.code != "framework_zero_stage" or to == "request":
+        return violation
+    return Violation(violation.field, violation.code, f"{to}: {violation.message}")
 
 
 __all__ = ["EXPORTERS", "TARGETS", "Export", "UnknownTargetError", "export_plan"]

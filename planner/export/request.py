@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from planner.export.base import Exporter, Rendered
+from planner.presets import GPU_PRESETS, MODEL_PRESETS
 
 if TYPE_CHECKING:
     from planner.errors import Violation
@@ -14,9 +16,19 @@ if TYPE_CHECKING:
 
 
 def contract_request(req: EstimateRequest) -> dict[str, Any]:
-    """The request as JSON values: the model in full (a preset's name is kept, with its fields), the training
-    setup, the cluster (its GPU by preset name, a profile by its reference) and the plan."""
-    return req.model_dump(mode="json")
+    """The request as JSON values: the model and the GPU by their preset names when they are the presets
+    (a preset written out in full would read back as a modified preset), in full otherwise; the training setup,
+    the cluster (a profile by its reference) and the plan."""
+    request = req.model_dump(mode="json")
+    if _is_preset(req.model.name, req.model, MODEL_PRESETS):
+        request["model"] = {"name": req.model.name}
+    if _is_preset(req.cluster.gpu.name, req.cluster.gpu, GPU_PRESETS):
+        request["cluster"]["gpu"] = req.cluster.gpu.name
+    return request
+
+
+def _is_preset(name: str | None, spec: object, presets: Mapping[str, object]) -> bool:
+    return name is not None and presets.get(name.lower()) == spec
 
 
 def _no_refusals(req: EstimateRequest) -> list[Violation]:
