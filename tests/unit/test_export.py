@@ -403,3 +403,100 @@ def test_toml_and_yaml_writers_quote_what_would_read_back_as_another_type() -> N
     assert tomllib.loads(toml_text({"section": values})) == {"section": values}
     flat = {key: value for key, value in values.items() if key != "nested"}
     assert yaml.safe_load(yaml_text({"outer": flat, **flat})) == {"outer": flat, **flat}
+
+
+# ================================================================================================ the CLI
+
+
+def cli(*args: Any) -> Any:
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def request_file(tmp_path: Path, base: dict[str, Any], name: str = "request.json", **plan: Any) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({**base, "plan": plan}))
+    return path
+
+
+def test_cli_export_writes_the_file_to_stdout_and_the_estimate_to_stderr(tmp_path: Path) -> None:
+    path = request_file(tmp_path, ONE_GPU_1B, zero_stage=0, micro_batch_size=1)
+    result = cli("export", path, "--to", "deepspeed")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["zero_optimization"]["stage"] == 0
+    assert "estimated as training.framework=deepspeed" in result.stderr and "fits" in result.stderr
+    assert "set in code: optimizer" in result.stderr
+
+
+def test_cli_export_out_and_json(tmp_path: Path) -> None:
+    path = request_file(tmp_path, ONE_GPU_1B, zero_stage=3, micro_batch_size=1)
+    out = tmp_path / "job.toml"
+    result = cli("export", path, "--to", "torchtitan", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == export_plan(parse_estimate_request(json.loads(path.read_text())), "torchtitan").text
+    assert "torchtitan (torchtitan.toml), estimated as training.framework=fsdp" in result.stdout
+    answer = json.loads(cli("export", path, "--to", "torchtitan", "--json").stdout)
+    assert answer["content"] == out.read_text() and answer["framework"] == "fsdp"
+    assert answer["estimate"]["fits"] is True and answer["request"]["training"]["framework"] == "fsdp"
+
+
+def test_cli_export_refusals_exit_1_naming_the_field(tmp_path: Path) -> None:
+    path = request_file(tmp_path, LLAMA_8B_16_GPUS, tp=4, pp=2, zero_stage=1, sequence_parallel=True)
+    unknown = cli("export", path, "--to", "nemo")
+    assert unknown.exit_code == 1 and "to: unknown export target 'nemo'" in unknown.stderr
+    refused = cli("export", path, "--to", "torchtitan")
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert "cannot run this plan" in refused.stderr and "plan.zero_stage: torchtitan" in refused.stderr
+    both = cli("export", path, "--plan-id", "0" * 32)
+    assert both.exit_code == 1 and "not both" in both.stderr
+
+
+def test_estimate_and_export_exit_2_when_the_plan_does_not_fit(tmp_path: Path) -> None:
+    """Llama 3 8B on one 80 GB GPU without sharding: 16 bytes of model states per parameter alone is 128 GB."""
+    one_gpu_8b = {**LLAMA_8B_16_GPUS, "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 1}}
+    too_big = request_file(tmp_path, one_gpu_8b, zero_stage=0)
+    estimate = cli("estimate", too_big, "--json")
+    assert estimate.exit_code == 2 and json.loads(estimate.stdout)["fits"] is False
+    exported = cli("export", too_big, "--to", "megatron")
+    assert exported.exit_code == 2 and "does NOT fit" in exported.stderr
+    assert "--num-layers 32" in exported.stdout  # the file is still written
+    fits = cli("estimate", request_file(tmp_path, ONE_GPU_1B, "small.json", zero_stage=0), "--json")
+    assert fits.exit_code == 0 and json.loads(fits.stdout)["fits"] is True
+
+
+def test_plan_save_request_writes_the_best_plan_that_estimate_takes_back(tmp_path: Path) -> None:
+    search = tmp_path / "search.json"
+    search.write_text(json.dumps({**ONE_NODE_8B, "search": {"top_k": 2}}))
+    saved = tmp_path / "best.json"
+    searched = cli("plan", search, "--json", "--save-request", saved)
+    assert searched.exit_code == 0, searched.output
+    best = json.loads(searched.stdout)["plans"][0]
+    request_ = json.loads(saved.read_text())
+    assert request_["plan"] == best["plan"] and request_["model"] == {"name": "llama3-8b"}
+    estimated = cli("estimate", saved, "--json")
+    assert estimated.exit_code == 0
+    assert json.loads(estimated.stdout)["step_time_s"] == pytest.approx(best["estimate"]["step_time_s"])
+    assert cli("export", saved, "--to", "request").stdout == saved.read_text()
+
+
+def test_cli_exports_a_search_stored_by_the_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.service import PlanSearches
+    from api.store import ApiStore
+    from profiler.store import DATABASE_URL_ENV
+
+    url = f"sqlite:///{tmp_path / 'paraplan.db'}"
+    monkeypatch.setenv(DATABASE_URL_ENV, url)
+    store = ApiStore(url)
+    searches = PlanSearches(store)
+    body = {**ONE_NODE_8B, "search": {"top_k": 2}}
+    row = searches.store(body, *searches.search(body))
+    ranked = json.loads(row.result)["plans"]
+    store.close()
+    result = cli("export", "--plan-id", row.id, "--rank", len(ranked), "--to", "request")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["plan"] == ranked[-1]["plan"]
+    beyond = cli("export", "--plan-id", row.id, "--rank", len(ranked) + 1)
+    assert beyond.exit_code == 1 and "--rank" in beyond.stderr
