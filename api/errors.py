@@ -64,8 +64,8 @@ def error_payload(exc: ValueError, flag_for: FlagFor | None = None) -> dict[str,
         return {"kind": exc.kind, "message": str(exc), **({"fields": exc.fields} if exc.fields else {})}
     if isinstance(exc, InfeasiblePlanError):
         details = exc.to_dict()
-        return {"kind": "invalid_plan", "reason": details["reason"], "message": _INFEASIBLE_MESSAGES.get(
-                    details["reason"], "plan is invalid for this setup"),
+        message = _INFEASIBLE_MESSAGES.get(exc.reason, "plan is invalid for this setup")
+        return {"kind": "invalid_plan", "reason": details["reason"], "message": message,
                 "violations": details["violations"]}  # fmt: skip
     if isinstance(exc, UnknownPresetError):
         return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}
