@@ -37,7 +37,7 @@ MEGATRON_FLAGS = {
     line for line in (FIXTURES / "megatron_lm_flags.txt").read_text().splitlines() if line.startswith("--")
 }
 
-LLAMA_8B_16_GPUS = {
+LLAMA_8B_16_GPUS: dict[str, Any] = {
     "model": {"name": "llama3-8b"},
     "training": {"seq_len": 4096, "global_batch_size": 64},
     "cluster": {"gpu": "h100-sxm", "num_nodes": 2, "gpus_per_node": 8},
@@ -105,7 +105,7 @@ def transformer_config(flags: dict[str, str | bool]) -> Any:
     return TransformerConfig(**kwargs)
 
 
-MEGATRON_PLANS = {
+MEGATRON_PLANS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "3d, sequence parallel, distributed optimizer, selective": (
         LLAMA_8B_16_GPUS, {"tp": 4, "pp": 2, "zero_stage": 1, "sequence_parallel": True, "recompute": "selective"}),
     "interleaved, even chunks, full recompute": (
@@ -213,7 +213,8 @@ def test_ds_config_of_a_data_parallel_plan_keeps_the_batch_over_its_ranks() -> N
     zero = DeepSpeedZeroConfig(**config["zero_optimization"])
     assert int(zero.stage) == 3 and zero.overlap_comm is True
     assert config["train_batch_size"] == (
-        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * req.plan.dp)
+        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * req.plan.dp
+    )
 
 
 def test_deepspeed_refuses_what_it_cannot_run() -> None:
