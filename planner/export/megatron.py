@@ -56,6 +56,9 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> Args:
              ("--normalization", "RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"),
              ("--vocab-size", str(model.vocab_size)),
              ("--hidden-dropout", str(model.dropout)), ("--attention-dropout", str(model.dropout))]  # fmt: skip
+    if model.num_experts > 1:
+        # Expert parallelism is not a plan field yet: Megatron-LM's --expert-model-parallel-size stays at its 1.
+        args += [("--num-experts", str(model.num_experts)), ("--moe-router-topk", str(model.experts_per_token))]
     if model.mlp == "swiglu":
         args.append(("--swiglu", None))
     if not model.tie_embeddings:

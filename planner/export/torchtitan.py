@@ -34,6 +34,9 @@ def _refusals(req: EstimateRequest) -> list[Violation]:
         shape = f"{model.mlp}, {model.norm}, {model.position_embedding} positions"
         found.append(cannot("torchtitan", "model.mlp", f"its dense decoder is Llama's (SwiGLU, RMSNorm, RoPE); "
                             f"this model has {shape}"))  # fmt: skip
+    if model.num_experts > 1:
+        found.append(cannot("torchtitan", "model.num_experts", "its llama3 model is dense; its mixture-of-experts "
+                            "models (deepseek_v3, llama4) have their own shapes and flavors"))  # fmt: skip
     if training.optimizer != "adamw":
         found.append(
             cannot(

@@ -83,7 +83,7 @@ def transformer_config(flags: dict[str, str | bool]) -> Any:
     (megatron/training/argument_utils.py) builds it: every flag named like a config field sets it; --bf16/--fp16
     set the params and pipeline dtypes (validate_args), --swiglu the gated SiLU unit, --disable-bias-linear
     clears add_bias_linear, --attention-backend names an AttnBackend, and --num-layers-per-virtual-pipeline-stage
-    gives the virtual pipeline size (num_layers / pp / that)."""
+    gives the virtual pipeline size (num_layers / pp / that), --num-experts num_moe_experts."""
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
@@ -97,6 +97,8 @@ def transformer_config(flags: dict[str, str | bool]) -> Any:
     kwargs["attention_backend"] = AttnBackend[named["attention_backend"]]
     if "swiglu" in named:
         kwargs |= {"gated_linear_unit": True, "activation_func": F.silu}
+    if "num_experts" in named:
+        kwargs["num_moe_experts"] = int(named["num_experts"])
     if "disable_bias_linear" in named:
         kwargs["add_bias_linear"] = False
     if "num_layers_per_virtual_pipeline_stage" in named:
@@ -113,6 +115,12 @@ MEGATRON_PLANS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "uneven split, interleaved": (
         LLAMA_8B_16_GPUS, {"tp": 4, "pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 2,
                            "layers_per_stage": [7, 9, 9, 7]}),
+    "mixture of experts": (
+        {"model": {"num_layers": 8, "hidden_size": 1024, "num_attention_heads": 8, "vocab_size": 32000,
+                   "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2},
+         "training": {"seq_len": 2048, "global_batch_size": 32},
+         "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 8}},
+        {"tp": 2, "pp": 2, "sequence_parallel": True, "zero_stage": 1}),
     "gpt3 with biases, learned positions, fp16, context parallel": (
         {"model": {"name": "gpt3-1.7b"}, "training": {"seq_len": 2048, "global_batch_size": 32, "precision": "fp16"},
          "cluster": {"gpu": "v100-sxm2-32gb", "num_nodes": 1, "gpus_per_node": 8}},
@@ -140,6 +148,8 @@ def test_megatron_args_are_pretrain_gpt_flags_that_build_megatron_cores_config(c
         model.num_layers, model.hidden_size, model.ffn_size)  # fmt: skip
     assert (config.num_query_groups or config.num_attention_heads) == model.kv_heads
     assert config.add_bias_linear == model.linear_bias and config.gated_linear_unit == (model.mlp == "swiglu")
+    assert (config.num_moe_experts or 1, config.moe_router_topk if config.num_moe_experts else 1) == (
+        model.num_experts, model.experts_per_token)  # fmt: skip
     assert ("--use-distributed-optimizer" in flags) == (plan_.zero_stage == 1)
     assert int(flags["--global-batch-size"]) == req.training.global_batch_size
     assert int(flags["--micro-batch-size"]) == plan_.micro_batch_size
@@ -286,6 +296,8 @@ def test_torchtitan_refuses_what_it_cannot_run() -> None:
     zero_1 = request(tp=4, pp=2, zero_stage=1, sequence_parallel=True)
     assert refused_fields(zero_1, "torchtitan") == {"plan.zero_stage"}
     assert refused_fields(request(tp=4, zero_stage=3), "torchtitan") == {"plan.sequence_parallel"}
+    moe_base = MEGATRON_PLANS["mixture of experts"][0]
+    assert refused_fields(request(moe_base, zero_stage=3), "torchtitan") == {"model.num_experts"}
     assert refused_fields(request(tp=4, zero_stage=0, sequence_parallel=True), "torchtitan") == {"plan.zero_stage"}
 
 
