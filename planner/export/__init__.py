@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from planner.errors import InfeasiblePlanError, Violation
 from planner.export import accelerate, deepspeed, megatron, request, torchtitan
 from planner.export.base import NOT_EXPRESSIBLE, Export, Exporter, with_framework
-from planner.rules import plan_violations
+from planner.rules import FRAMEWORK_ZERO_RULE, plan_violations
 
 if TYPE_CHECKING:
     from planner.request import EstimateRequest
@@ -42,7 +42,9 @@ def export_plan(req: EstimateRequest, to: str) -> Export:
     under_stack = with_framework(req, exporter.framework(req))
     model, training, cluster = under_stack.model, under_stack.training, under_stack.cluster
     broken = plan_violations(under_stack.plan, model, training, cluster)
-    violations = [*map(lambda v: _for_target(v, to), broken), *exporter.refusals(under_stack)]
+    if any(v.code != FRAMEWORK_ZERO_RULE for v in broken):  # the plan runs nowhere: not a question of the stack
+        raise InfeasiblePlanError("invalid_plan", broken)
+    violations = [*(_for_target(v, to) for v in broken), *exporter.refusals(under_stack)]
     if violations:
         raise InfeasiblePlanError(NOT_EXPRESSIBLE, violations)
     rendered = exporter.render(under_stack)
@@ -53,7 +55,7 @@ def export_plan(req: EstimateRequest, to: str) -> Export:
 
 def _for_target(violation: Violation, to: str) -> Violation:
     """A rule of the stack (its ZeRO stages) names the stack by its target, which is what the user asked for."""
-    if violation.code != "framework_zero_stage" or to == "request":
+    if to == "request":
         return violation
     return Violation(violation.field, violation.code, f"{to}: {violation.message}")
 

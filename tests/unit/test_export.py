@@ -401,6 +401,15 @@ def test_an_exported_plan_is_estimated_under_its_stacks_regime() -> None:
     assert estimates["deepspeed"] != estimates["torchtitan"]
 
 
+def test_a_plan_that_runs_nowhere_is_invalid_not_inexpressible() -> None:
+    broken = request(tp=3)  # 3 divides neither the 32 heads nor the 16 GPUs
+    for to in TARGETS:
+        with pytest.raises(InfeasiblePlanError) as refused:
+            export_plan(broken, to)
+        assert refused.value.reason == "invalid_plan"
+        assert {v.field for v in refused.value.violations} >= {"plan.tp"}
+
+
 def test_an_unknown_target_is_refused_by_name() -> None:
     with pytest.raises(UnknownTargetError, match="one of megatron, deepspeed, torchtitan, accelerate, request"):
         export_plan(request(), "nemo")
