@@ -55,8 +55,8 @@ def print_summary(answer: ExportAnswer, stderr: bool) -> None:
 
 @app.command("export")
 def export_command(
+    to: Annotated[str, typer.Option("--to", help=f"The stack: {TARGETS_HELP}.")],
     request: Annotated[Path | None, typer.Argument(help="A contract request with its `plan` (.json).")] = None,
-    to: Annotated[str, typer.Option("--to", help=f"The stack: {TARGETS_HELP}.")] = "request",
     plan_id: Annotated[
         str | None, typer.Option("--plan-id", help="Instead of a request: a search stored by `paraplan serve`.")
     ] = None,

@@ -472,8 +472,10 @@ def test_cli_export_refusals_exit_1_naming_the_field(tmp_path: Path) -> None:
     refused = cli("export", path, "--to", "torchtitan")
     assert refused.exit_code == 1 and refused.stdout == ""
     assert "cannot run this plan" in refused.stderr and "plan.zero_stage: torchtitan" in refused.stderr
-    both = cli("export", path, "--plan-id", "0" * 32)
+    both = cli("export", path, "--plan-id", "0" * 32, "--to", "request")
     assert both.exit_code == 1 and "not both" in both.stderr
+    no_target = cli("export", path)
+    assert no_target.exit_code == 1 and "--to" in no_target.stderr
 
 
 def test_estimate_and_export_exit_2_when_the_plan_does_not_fit(tmp_path: Path) -> None:
@@ -520,5 +522,5 @@ def test_cli_exports_a_search_stored_by_the_service(tmp_path: Path, monkeypatch:
     result = cli("export", "--plan-id", row.id, "--rank", len(ranked), "--to", "request")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["plan"] == ranked[-1]["plan"]
-    beyond = cli("export", "--plan-id", row.id, "--rank", len(ranked) + 1)
+    beyond = cli("export", "--plan-id", row.id, "--rank", len(ranked) + 1, "--to", "request")
     assert beyond.exit_code == 1 and "--rank" in beyond.stderr
