@@ -102,7 +102,7 @@ function showResults(answer) {
   const counts = result.counts || {};
   $("#search-summary").textContent = result.plans.length
     ? `${result.plans.length} best of ${counts.fits ?? "?"} plans that fit (${counts.enumerated ?? "?"} considered) on `
-      + `${answer.num_gpus} GPUs. ${(result.explanation?.summary || []).join(" ")}`
+      + `${answer.num_gpus} GPUs. ${(result.explanation?.summary || []).join("; ")}.`
     : `No plan fits on ${answer.num_gpus} GPUs.`;
   const rows = result.plans.map((ranked) => planRow(ranked, answer.num_gpus));
   $("#plans tbody").replaceChildren(...rows);

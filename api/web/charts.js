@@ -58,19 +58,20 @@ export function memoryChart(container, memory, limitBytes) {
     }
   });
   svg.append(text(left + (width - left) / 2, height - 4, "pipeline stage", { "text-anchor": "middle" }));
-  const lines = [[memory.capacity_bytes, "GPU memory", "#333", ""]];
-  if (limitBytes) lines.push([limitBytes, "usable limit", "#c0392b", "5 4"]);
-  for (const [value, label, color, dash] of lines) {
+  // The capacity's label above its line, the limit's below its own: the two lines are often close.
+  const lines = [[memory.capacity_bytes, "GPU memory", "#333", "", -3]];
+  if (limitBytes) lines.push([limitBytes, "usable limit", "#c0392b", "5 4", 11]);
+  for (const [value, label, color, dash, offset] of lines) {
     svg.append(el("line", { class: "limit", x1: left, x2: width - 8, y1: y(value), y2: y(value), stroke: color,
       "stroke-dasharray": dash, "data-bytes": value }));
-    svg.append(text(width - 10, y(value) - 3, `${label} ${bytes(value)}`, { "text-anchor": "end", fill: color }));
+    svg.append(text(width - 10, y(value) + offset, `${label} ${bytes(value)}`, { "text-anchor": "end", fill: color }));
   }
   container.append(legend(MEMORY_PARTS.map(([, label, color]) => [label, color])));
 }
 
 // The step time as one horizontal stacked bar of its terms, then each term's seconds.
 export function breakdownChart(container, breakdown, stepTime) {
-  const [width, height, left] = [560, 120, 8];
+  const [width, height, left] = [560, 130, 8];
   const svg = canvas(container, width, height);
   const total = BREAKDOWN_TERMS.reduce((sum, [key]) => sum + (breakdown[key] || 0), 0) || 1;
   const x = linear(total, left, width - 8);
@@ -85,8 +86,8 @@ export function breakdownChart(container, breakdown, stepTime) {
   }
   const shown = BREAKDOWN_TERMS.filter(([key]) => (breakdown[key] || 0) > 0);
   shown.forEach(([key, label, color], index) => {
-    const row = 64 + 16 * Math.floor(index / 3);
-    const column = left + 184 * (index % 3);
+    const row = 64 + 16 * Math.floor(index / 2);
+    const column = left + 276 * (index % 2);
     svg.append(el("rect", { x: column, y: row - 9, width: 10, height: 10, fill: color }));
     const share = ((breakdown[key] / total) * 100).toFixed(1);
     svg.append(text(column + 14, row, `${label} ${seconds(breakdown[key])} (${share}%)`));

@@ -54,6 +54,7 @@ export function bytes(value) {
 }
 
 export function seconds(value) {
+  if (value === 0) return "0";
   if (value >= 1) return `${value.toFixed(value >= 100 ? 0 : 2)} s`;
   if (value >= 1e-3) return `${(value * 1e3).toFixed(1)} ms`;
   return `${(value * 1e6).toFixed(0)} µs`;
