@@ -11,12 +11,14 @@ from api.commands.inputs import model_from_json
 from api.routes.common import json_body, json_response
 
 router = APIRouter(prefix="/models", tags=["catalog"])
+ANY_OBJECT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 @router.post(
     "/resolve",
     summary="A Hugging Face config.json, a ModelSpec or {name: preset, ...overrides} -> the ModelSpec and its "
     "parameter count",
+    openapi_extra=ANY_OBJECT_BODY,
 )
 async def resolve(request: Request) -> Response:
     from planner.cost.params import model_params

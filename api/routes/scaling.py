@@ -11,8 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from api.commands import estimate as commands
 from api.errors import InputError
 from api.routes.common import ServiceDep, body_schema, json_body, json_response
+from api.service import stored_profile_resolver
+from planner.specs.base import MAX_GPUS
 
 router = APIRouter(prefix="/scaling", tags=["plans"])
 
@@ -28,36 +31,31 @@ DEFAULT_FACTORS = (0.25, 0.5, 1, 2, 4)  # around the request's own node count
 )
 async def create_scaling(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
-    nodes = node_counts(body)
-    points = await run_in_threadpool(lambda: [best_at(service, body, count) for count in nodes])
+    nodes = body.pop("nodes", None)  # no field of the plan request: the rest is one, checked as posted
+    parsed = await run_in_threadpool(commands.parse, body, "plan", stored_profile_resolver(service.store))
+    counts = node_counts(nodes, parsed.cluster.num_nodes, parsed.cluster.gpus_per_node)
+    points = await run_in_threadpool(lambda: [best_at(service, body, count) for count in counts])
     return json_response({"points": mark_pareto_front(points)})
 
 
-def node_counts(body: dict[str, Any]) -> list[int]:
-    """`nodes` from the body (removed from it: it is no field of the plan request), or the default sweep."""
-    nodes = body.pop("nodes", None)
+def node_counts(nodes: Any, requested: int, gpus_per_node: int) -> list[int]:
+    """`nodes` as given (checked), or by default the request's node count times 1/4 .. 4 (those the planner
+    searches: at most MAX_GPUS GPUs)."""
+    most = MAX_GPUS // gpus_per_node
     if nodes is None:
-        cluster = body.get("cluster")
-        base = cluster.get("num_nodes", 1) if isinstance(cluster, dict) else 1
-        if not _is_count(base):
-            return [1]  # the search itself names cluster.num_nodes and why
-        return sorted({max(1, int(base * factor)) for factor in DEFAULT_FACTORS})
+        return sorted({count for f in DEFAULT_FACTORS if (count := max(1, int(requested * f))) <= most})
     if not isinstance(nodes, list) or not 1 <= len(nodes) <= MAX_POINTS:
         raise InputError.at("nodes", f"must be a list of 1 to {MAX_POINTS} node counts")
     for index, count in enumerate(nodes):
-        if not _is_count(count):
-            raise InputError.at(f"nodes[{index}]", f"must be an integer of at least 1, got {count!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= most:
+            raise InputError.at(f"nodes[{index}]", f"must be an integer from 1 to {most} (at most {MAX_GPUS} GPUs "
+                                f"of {gpus_per_node} per node), got {count!r}")  # fmt: skip
     return sorted(set(nodes))
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def best_at(service: ServiceDep, body: dict[str, Any], num_nodes: int) -> dict[str, Any]:
     """The best plan of `body`'s search on `num_nodes` nodes (None when none fits), and how many GPUs that is."""
-    cluster = body.get("cluster") if isinstance(body.get("cluster"), dict) else {}
-    request, answer = service.searches.search({**body, "cluster": {**cluster, "num_nodes": num_nodes}})
+    request, answer = service.searches.search({**body, "cluster": {**body["cluster"], "num_nodes": num_nodes}})
     point: dict[str, Any] = {"num_nodes": num_nodes, "num_gpus": request.cluster.num_gpus, "found": answer.found}
     if not answer.found:
         return point | {"best": None}
