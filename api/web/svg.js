@@ -55,13 +55,13 @@ export function bytes(value) {
 
 export function seconds(value) {
   if (value === 0) return "0";
-  if (value >= 1) return `${value.toFixed(value >= 100 ? 0 : 2)} s`;
+  if (value >= 1) return `${value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2)} s`;
   if (value >= 1e-3) return `${(value * 1e3).toFixed(1)} ms`;
   return `${(value * 1e6).toFixed(0)} µs`;
 }
 
 export function dollars(value) {
-  return value >= 1 ? `$${value.toFixed(2)}` : `$${value.toFixed(4)}`;
+  return value === 0 ? "$0" : `$${value.toPrecision(3)}`;
 }
 
 export function legend(entries) {
