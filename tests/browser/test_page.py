@@ -197,7 +197,7 @@ def test_a_search_draws_its_plans_memory_timeline_breakdown_and_gpu_sweep(browse
     browser.find_element("css selector", "#plans tbody tr[data-rank='1']").click()
     wait_until(browser, lambda b: "Plan 1:" in b.find_element("id", "plan-title").text, "plan 1's detail")
     screenshot = SCREENSHOT if os.environ.get("PARAPLAN_UPDATE_SCREENSHOT") else tmp_path / "page.png"
-    browser.set_window_size(1400, browser.execute_script("return document.body.scrollHeight") + 40)
+    browser.set_window_size(1400, browser.execute_script("return document.documentElement.scrollHeight") + 200)
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     browser.set_window_size(1400, 1000)
