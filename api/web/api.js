@@ -27,7 +27,6 @@ function describeError(status, body) {
   const lines = [error.message];
   for (const field of error.fields || []) lines.push(`  ${field.field}: ${field.message}`);
   for (const violation of error.violations || []) lines.push(`  ${violation.message || JSON.stringify(violation)}`);
-  if (error.reason) lines.push(`  ${error.reason}`);
   return lines.join("\n");
 }
 

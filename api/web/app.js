@@ -2,7 +2,7 @@
 // timeline (POST /v1/estimates/timeline), error band and exports; the GPU-count sweep (POST /v1/scaling); jobs and
 // validations with their loss curves and live output.
 
-import { get, post, setToken, token } from "./api.js";
+import { ApiError, get, post, setToken, token } from "./api.js";
 import { breakdownChart, errorBand, lineChart, memoryChart, sweepChart, timelineChart } from "./charts.js";
 import { bytes, dollars, seconds } from "./svg.js";
 
@@ -151,18 +151,45 @@ async function choosePlan(rank) {
   }
 }
 
-// Links to GET /v1/plans/{id}/export: the file itself (raw=true), for the chosen rank.
+// Links to GET /v1/plans/{id}/export (the file itself: raw=true) for the chosen rank. A click fetches it first, so
+// a stack that cannot express the plan (422, with the planner's reason) is said here rather than downloaded.
 function showExports(planId, rank) {
+  $("#export-status").textContent = "";
   $("#exports").replaceChildren(...EXPORT_TARGETS.map(([target, label]) => {
     const item = document.createElement("li");
     const link = document.createElement("a");
     link.href = `/v1/plans/${planId}/export?to=${target}&rank=${rank}&raw=true`;
-    link.download = "";
     link.textContent = label;
     link.dataset.target = target;
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      download(link.href, label);
+    });
     item.append(link);
     return item;
   }));
+}
+
+async function download(url, label) {
+  const response = await fetch(url, { headers: token() ? { Authorization: `Bearer ${token()}` } : {} });
+  if (!response.ok) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    $("#export-status").textContent = `${label}: ${new ApiError(response.status, body).message}`;
+    return;
+  }
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const filename = (disposition.match(/filename="([^"]+)"/) || [])[1] || "export";
+  const saver = document.createElement("a");
+  saver.href = URL.createObjectURL(await response.blob());
+  saver.download = filename;
+  saver.click();
+  URL.revokeObjectURL(saver.href);
+  $("#export-status").textContent = `${label}: saved as ${filename}`;
 }
 
 async function loadSweep(request) {

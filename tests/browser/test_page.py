@@ -176,6 +176,13 @@ def test_a_search_draws_its_plans_memory_timeline_breakdown_and_gpu_sweep(browse
     assert set(links) == {"megatron", "deepspeed", "torchtitan", "accelerate", "request"}
     assert links["megatron"] == f"/v1/plans/{search['id']}/export?to=megatron&rank=1&raw=true"
 
+    # A click fetches the export first: saved where the server has the export route, else the server's refusal.
+    browser.find_element("css selector", "#exports a[data-target='request']").click()
+    said = wait_until(browser, lambda b: b.find_element("id", "export-status").text, "the export's outcome")
+    has_export = any(path.endswith("/export") for path in server.http.get("/openapi.json").json()["paths"])
+    expected = "saved as request.json" if has_export else "Not Found"
+    assert said.startswith("the contract request: ") and expected in said, said
+
     # The GPU-count sweep: a point per node count where a plan fits; the Pareto front marked.
     wait_until(browser, lambda b: count(b, "#scaling-time-chart circle.point"), "the GPU-count sweep")
     request = json.loads(json.dumps(search["request"]))
