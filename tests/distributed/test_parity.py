@@ -100,6 +100,9 @@ CASES = {
         "llama",
         ParallelPlan(pp=2, dp=2, tp=2, sequence_parallel=True, schedule="1f1b", zero_stage=3),
     ),
+    # Context parallelism: ring attention over the zigzag split; cp ranks average their gradients with dp's.
+    "cp2": ("llama", ParallelPlan(cp=2)),
+    "cp2xdp2-zero0-ddp": ("llama", ParallelPlan(dp=2, cp=2, zero_stage=0)),
     "recompute-selective": ("llama", ParallelPlan(recompute="selective")),
     "recompute-full": ("llama", ParallelPlan(recompute="full")),
     "tp2-sp-recompute-selective": ("llama", ParallelPlan(tp=2, sequence_parallel=True, recompute="selective")),

@@ -1,0 +1,192 @@
+"""Context parallelism: ring attention over the mesh's cp axis, with Megatron's zigzag load balancing.
+
+The sequence is cut into 2 x cp chunks and cp rank r holds chunks r and 2cp-1-r (`zigzag_positions`), as
+Megatron-Core does (`get_batch_on_this_cp_rank`) and as planner/cost/context.py costs it. Every activation of a
+rank covers only its s/cp tokens; only attention mixes tokens, so only attention communicates. Each rank's K and
+V travel round the cp ring (Liu et al. 2023, "Ring Attention with Blockwise Transformers"), one hop per step, and
+every step's partial attention is merged into the running output by the log-sum-exp rescaling that makes blockwise
+softmax exact (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; Dao et al. 2022,
+FlashAttention, sec. 3.1). Built on torch's point-to-point collectives only:
+
+- `_RingShift` is one hop as an autograd function: forward sends this rank's K/V to cp rank r+1 and receives rank
+  r-1's; backward sends the gradient the other way, so the dK/dV of a visiting shard travel home along the hops
+  it came by, accumulated at each rank on the way, as TransformerEngine's `AttnFuncWithCPAndKVP2P.backward` does.
+- With the zigzag split, step 0 is causal attention over the rank's own two chunks, and every other step is
+  either its whole Q against the first chunk of the visiting K/V or its second chunk of Q against all of it
+  (`_visiting_step`): the same work on every rank and step, the load balance planner/cost/context.py assumes.
+
+Why not torch's own `torch.distributed.tensor.experimental.context_parallel`: it swaps the CUDA SDPA kernels
+(flash, efficient, cuDNN) for ring versions, and CPU runs the separate `_scaled_dot_product_flash_attention_for_cpu`
+op, which it leaves alone, so on CPU/gloo every rank would silently attend only to its own tokens (torch 2.11 and
+2.13).
+
+What differs from the costed implementation (planner/cost/context.py's docstring says so too): the block attention
+is computed in fp32 by plain matmuls (no fused kernel returns the log-sum-exp through a public API), which holds a
+[s/cp, s/cp] score matrix per head and step; and each hop is waited for before the step's attention runs rather
+than overlapped with it. Both cost time, not correctness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def zigzag_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
+    """The sequence positions cp rank `cp_rank` holds, ascending: chunks r and 2cp-1-r of 2 x cp equal chunks."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"seq_len={seq_len} is not divisible by 2 x cp = {2 * cp}")
+    chunk = seq_len // (2 * cp)
+    first, second = cp_rank * chunk, (2 * cp - 1 - cp_rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
+@dataclass(frozen=True)
+class Ring:
+    """This rank's place in the cp ring: its group, its index in it, and its neighbours as global ranks."""
+
+    group: ProcessGroup
+    size: int
+    rank: int
+
+    @classmethod
+    def of(cls, cp_mesh: DeviceMesh) -> Ring:
+        return cls(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
+
+    def _global(self, index: int) -> int:
+        return dist.get_global_rank(self.group, index % self.size)
+
+    def pass_on(self, tensor: torch.Tensor, forward: bool) -> torch.Tensor:
+        """Send `tensor` one hop round the ring (to rank + 1 when `forward`, else to rank - 1) and return the
+        tensor that arrives from the other side."""
+        step = 1 if forward else -1
+        received = torch.empty_like(tensor)
+        hops = [
+            dist.P2POp(dist.isend, tensor.contiguous(), self._global(self.rank + step), self.group),
+            dist.P2POp(dist.irecv, received, self._global(self.rank - step), self.group),
+        ]
+        for request in dist.batch_isend_irecv(hops):
+            request.wait()
+        return received
+
+
+class _RingShift(torch.autograd.Function):
+    """One differentiable hop: forward passes the tensor to the next rank, backward its gradient to the previous."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, ring: Ring) -> torch.Tensor:
+        ctx.ring = ring
+        return ring.pass_on(tensor, forward=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.ring.pass_on(grad, forward=False), None
+
+
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [b, hq, m, d] over k, v [b, hk, n, d], in fp32 at least: the output and the log-sum-exp of each
+    query row's scores [b, hq, m, 1], which is what merging it with other key blocks needs. `causal` masks key j
+    for query i > j, aligned at the start (only used on square blocks). Grouped K/V heads are repeated to hq."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs are attended in fp32, as fused kernels do
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    lse = scores.logsumexp(dim=-1, keepdim=True)
+    # Dropout on each block's probabilities equals dropout on the whole row's: the merge only rescales them.
+    probs = F.dropout((scores - lse).exp(), p=dropout_p) if dropout_p > 0 else (scores - lse).exp()
+    return probs @ v.to(dtype), lse
+
+
+def merge(
+    out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attentions of the same queries over disjoint key sets -> the attention over their union (exact)."""
+    total = torch.logaddexp(lse, part_lse)
+    return out * (lse - total).exp() + part * (part_lse - total).exp(), total
+
+
+def _visiting_step(
+    q: torch.Tensor, kv: torch.Tensor, rank: int, source: int, dropout_p: float
+) -> tuple[slice, torch.Tensor, torch.Tensor]:
+    """The useful part of rank `source`'s K/V for rank `rank`'s queries: which query rows it touches and their
+    partial output and log-sum-exp. Source chunks s and 2cp-1-s against our r and 2cp-1-r: for s < r chunk s
+    precedes both of ours and chunk 2cp-1-s follows both; for s > r both of its chunks fall between ours."""
+    half = q.shape[2] // 2
+    k, v = kv.unbind(0)
+    if source < rank:
+        rows = slice(0, 2 * half)
+        k, v = k[:, :, :half], v[:, :, :half]
+    else:
+        rows = slice(half, 2 * half)
+    part, part_lse = attend_with_lse(q[:, :, rows], k, v, causal=False, dropout_p=dropout_p)
+    return rows, part, part_lse
+
+
+def zigzag_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    rank: int,
+    size: int,
+    next_kv: Callable[[torch.Tensor], torch.Tensor],
+    dropout_p: float,
+) -> torch.Tensor:
+    """Causal attention of rank `rank`'s zigzag queries [b, hq, s/cp, d] over the whole sequence, whose K/V shards
+    [2, b, hk, s/cp, d] the `size` ranks hold: `kv` is this rank's, and `next_kv(kv)` gives the shard of the rank
+    one further back (`ring_attention` passes it round the ring). Step 0 is the rank's own chunks, causal (its
+    positions ascend, so the causal mask of its concatenated chunks is the global one); step i takes the K/V of
+    rank r - i."""
+    out, lse = attend_with_lse(q, kv[0], kv[1], causal=True, dropout_p=dropout_p)
+    for step in range(1, size):
+        kv = next_kv(kv)
+        rows, part, part_lse = _visiting_step(q, kv, rank, (rank - step) % size, dropout_p)
+        merged, merged_lse = merge(out[:, :, rows], lse[:, :, rows], part, part_lse)
+        keep = slice(0, rows.start)
+        out = torch.cat([out[:, :, keep], merged], dim=2)
+        lse = torch.cat([lse[:, :, keep], merged_lse], dim=2)
+    return out.type_as(q)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, dropout_p: float) -> torch.Tensor:
+    """Causal attention of this rank's zigzag queries over the whole sequence, the other ranks' keys and values
+    brought round the cp ring (one message of K and V per hop)."""
+    return zigzag_attention(
+        q, torch.stack([k, v]), ring.rank, ring.size, lambda kv: _RingShift.apply(kv, ring), dropout_p
+    )
+
+
+def apply_context_parallel(
+    chunk: nn.Module, cp_mesh: DeviceMesh, seq_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Give every attention core of `chunk` the cp ring, and the rotary and learned position embeddings this rank's
+    zigzag positions; the positions (to cut the batch with), or None with one cp rank (`chunk` left unchanged)."""
+    from executor.models.layers import Attention, AttentionCore
+    from executor.models.transformer import Transformer
+
+    if cp_mesh.size() == 1:
+        return None
+    ring = Ring.of(cp_mesh)
+    positions = zigzag_positions(seq_len, ring.size, ring.rank).to(device)
+    for module in chunk.modules():
+        if isinstance(module, AttentionCore):
+            module.context_attention = partial(ring_attention, ring=ring)
+        elif isinstance(module, Attention | Transformer):
+            module.positions = positions
+    return positions
