@@ -98,9 +98,9 @@ class _RingShift(torch.autograd.Function):
 def attend_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [b, hq, m, d] over k, v [b, hk, n, d], in fp32 at least: the output and the log-sum-exp of each
-    query row's scores [b, hq, m, 1], which is what merging it with other key blocks needs. `causal` masks key j
-    for query i > j, aligned at the start (only used on square blocks). Grouped K/V heads are repeated to hq."""
+    """Softmax attention of q [b, hq, m, d] over k, v [b, hk, n, d], in fp32 at least: the output and the
+    log-sum-exp of each query row's scores [b, hq, m, 1], which is what merging it with other key blocks needs.
+    `causal` masks key j for query i < j (square blocks only). Grouped K/V heads are repeated to hq."""
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -8,6 +8,8 @@ processes and point-to-point messages, is tests/distributed/test_parity.py's cp 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,10 +46,15 @@ def _zigzag_on_one_process(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp
     shards = [torch.stack([k[:, :, p], v[:, :, p]]) for p in positions]
     out = torch.empty_like(q)
     for rank in range(cp):
-        hops = iter(shards[(rank - step) % cp] for step in range(1, cp))
-        local = zigzag_attention(q[:, :, positions[rank]], shards[rank], rank, cp, lambda _: next(hops), 0.0)
+        arriving = iter([shards[(rank - step) % cp] for step in range(1, cp)])
+        local = zigzag_attention(q[:, :, positions[rank]], shards[rank], rank, cp, _replay(arriving), 0.0)
         out[:, :, positions[rank]] = local
     return out
+
+
+def _replay(arriving: Iterator[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ring's next hop as the rank would receive it: the next shard in order, whatever it sent."""
+    return lambda _sent: next(arriving)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
