@@ -8,7 +8,8 @@ shared/notes/torch-distributed-on-cpu.md:
 - DP under TP or PP uses FSDP2 (`fully_shard`, or `replicate_with_fsdp.replicate` for ZeRO-0), which works with
   every schedule and with DTensor parameters. Only ZeRO-1 needs classic DDP + ZeroRedundancyOptimizer, and that
   pair fails on DTensor parameters (TP) and per stage under GPipe / interleaved 1F1B (DDP's reducer).
-- With dp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused.
+- With dp x cp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused (the cp ranks
+  hold the same weights as the dp ranks do, and data parallelism runs over both).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _context_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSp
 
 
 def _zero1_needs_ddp(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if plan.zero_stage != 1 or plan.dp == 1:
+    if plan.zero_stage != 1 or plan.dp * plan.cp == 1:  # cp ranks are replicas too (executor/apply.py)
         return
     if plan.tp > 1:
         yield Violation(

@@ -48,6 +48,12 @@ def test_context_parallelism_runs_where_2cp_divides_the_sequence() -> None:
     assert "2 x cp = 6" in violation.message
 
 
+def test_zero1_counts_cp_ranks_as_replicas() -> None:
+    # cp ranks average their gradients with the dp ranks, so ZeRO-1 has classic DDP to run even at dp=1.
+    assert codes(ParallelPlan(cp=2, tp=2, zero_stage=1)) == ["executor_zero1_with_tp"]
+    assert codes(ParallelPlan(cp=2, zero_stage=1)) == []
+
+
 def test_sequence_parallelism_under_context_parallelism_splits_each_ranks_share() -> None:
     # tp=4 divides the 24 tokens of a sequence, but not the 6 that each of cp=4's ranks holds.
     training = TRAINING.model_copy(update={"seq_len": 24})
