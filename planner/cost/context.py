@@ -32,6 +32,11 @@ matmul at one efficiency); once it has, `ring_step` is where the per-step kernel
 ring's transient buffers (cp received K/V shards and cp partial outputs alive until the merge) counted in memory,
 nor Ulysses-style all-to-all context parallelism (cp_comm_type "a2a"), nor torch's experimental context parallel,
 whose default rotater all-gathers K/V once instead of passing it round the ring.
+
+paraplan's executor (executor/parallel/context.py) runs this variant: the same zigzag split, the same ring of
+point-to-point K/V hops, dK/dV travelling home in backward. Two differences are not costed here: its block
+attention is fp32 matmuls rather than a fused kernel, and each hop is waited for before the step's attention runs
+(no overlap, so every hop's time is exposed rather than only its excess over the step's kernel).
 """
 
 from __future__ import annotations
