@@ -8,9 +8,11 @@ every step's partial attention is merged into the running output by the log-sum-
 softmax exact (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; Dao et al. 2022,
 FlashAttention, sec. 3.1). Built on torch's point-to-point collectives only:
 
-- `_RingShift` is one hop as an autograd function: forward sends this rank's K/V to cp rank r+1 and receives rank
-  r-1's; backward sends the gradient the other way, so the dK/dV of a visiting shard travel home along the hops
-  it came by, accumulated at each rank on the way, as TransformerEngine's `AttnFuncWithCPAndKVP2P.backward` does.
+- A hop is differentiable, in two autograd halves (`_LaunchHop`, `_LandHop`): forward sends this rank's K/V to
+  cp rank r+1 and receives rank r-1's; backward sends the gradient the other way, so the dK/dV of a visiting shard
+  travel home along the hops it came by, accumulated at each rank on the way, as TransformerEngine's
+  `AttnFuncWithCPAndKVP2P.backward` does. Each hop is started before a step's attention and waited for after it,
+  forward and backward, so the messages travel while the attention computes.
 - With the zigzag split, step 0 is causal attention over the rank's own two chunks, and every other step is
   either its whole Q against the first chunk of the visiting K/V or its second chunk of Q against all of it
   (`_visiting_step`): the same work on every rank and step, the load balance planner/cost/context.py assumes.
@@ -21,9 +23,9 @@ op, which it leaves alone, so on CPU/gloo every rank would silently attend only 
 2.13).
 
 What differs from the costed implementation (planner/cost/context.py's docstring says so too): the block attention
-is computed in fp32 by plain matmuls (no fused kernel returns the log-sum-exp through a public API), which holds a
-[s/cp, s/cp] score matrix per head and step; and each hop is waited for before the step's attention runs rather
-than overlapped with it. Both cost time, not correctness.
+is computed in fp32 by plain matmuls (no fused kernel returns the log-sum-exp through a public API), which keeps a
+[s/cp, s/cp] probability matrix per head and step for backward: slower and larger than a fused kernel, not less
+exact.
 """
 
 from __future__ import annotations
@@ -68,31 +70,83 @@ class Ring:
     def _global(self, index: int) -> int:
         return dist.get_global_rank(self.group, index % self.size)
 
-    def pass_on(self, tensor: torch.Tensor, forward: bool) -> torch.Tensor:
-        """Send `tensor` one hop round the ring (to rank + 1 when `forward`, else to rank - 1) and return the
-        tensor that arrives from the other side."""
+    def start_hop(self, tensor: torch.Tensor, forward: bool) -> Hop:
+        """Start sending `tensor` one hop round the ring (to rank + 1 when `forward`, else to rank - 1) and
+        receiving the tensor that comes from the other side; the caller computes while both travel."""
         step = 1 if forward else -1
-        received = torch.empty_like(tensor)
-        hops = [
-            dist.P2POp(dist.isend, tensor.contiguous(), self._global(self.rank + step), self.group),
+        sent, received = tensor.contiguous(), torch.empty_like(tensor)
+        ops = [
+            dist.P2POp(dist.isend, sent, self._global(self.rank + step), self.group),
             dist.P2POp(dist.irecv, received, self._global(self.rank - step), self.group),
         ]
-        for request in dist.batch_isend_irecv(hops):
+        return Hop(sent, received, dist.batch_isend_irecv(ops))
+
+
+@dataclass
+class Hop:
+    """A hop in flight: `received` holds nothing valid until `land` has waited for both messages."""
+
+    sent: torch.Tensor  # kept alive until the send completes
+    received: torch.Tensor
+    requests: list[Any]
+
+    def land(self) -> torch.Tensor:
+        for request in self.requests:
             request.wait()
-        return received
+        return self.received
 
 
-class _RingShift(torch.autograd.Function):
-    """One differentiable hop: forward passes the tensor to the next rank, backward its gradient to the previous."""
+@dataclass
+class _HopLink:
+    """What a hop's two autograd halves share: the forward hop, then the backward hop of its gradient."""
+
+    ring: Ring
+    forward: Hop | None = None
+    backward: Hop | None = None
+
+
+class _LaunchHop(torch.autograd.Function):
+    """First half of a differentiable hop: forward starts sending the tensor to rank + 1 and returns the buffer that
+    rank - 1's tensor is arriving in (only `_LandHop` reads it); backward waits for this tensor's gradient, which
+    rank + 1 computed and sends back in its `_LandHop.backward`, and returns it."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, ring: Ring) -> torch.Tensor:
-        ctx.ring = ring
-        return ring.pass_on(tensor, forward=True)
+    def forward(ctx: Any, tensor: torch.Tensor, link: _HopLink) -> torch.Tensor:
+        ctx.link = link
+        link.forward = link.ring.start_hop(tensor, forward=True)
+        return link.forward.received
+
+    @staticmethod
+    def backward(ctx: Any, grad_in_flight: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hop = ctx.link.backward
+        assert hop is not None and hop.received is grad_in_flight  # _LandHop.backward started it
+        return hop.land(), None
+
+
+class _LandHop(torch.autograd.Function):
+    """Second half: forward waits for the tensor to arrive; backward starts sending its gradient back to the rank it
+    came from (rank - 1), which `_LaunchHop.backward` waits for. Between the two halves sits one step's attention;
+    autograd's engine runs ready nodes latest-created first (its ready queue orders by sequence number), so that
+    step's backward runs while the gradient travels, and each hop overlaps a step's attention both ways."""
+
+    @staticmethod
+    def forward(ctx: Any, in_flight: torch.Tensor, link: _HopLink) -> torch.Tensor:
+        ctx.link = link
+        assert link.forward is not None and link.forward.received is in_flight
+        return link.forward.land().view_as(in_flight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.ring.pass_on(grad, forward=False), None
+        link = ctx.link
+        link.backward = link.ring.start_hop(grad, forward=False)
+        return link.backward.received, None
+
+
+def start_ring_hop(kv: torch.Tensor, ring: Ring) -> Callable[[], torch.Tensor]:
+    """Start passing `kv` to the next rank (differentiably); call the result for the previous rank's `kv`."""
+    link = _HopLink(ring)
+    in_flight = _LaunchHop.apply(kv, link)
+    return lambda: _LandHop.apply(in_flight, link)
 
 
 def attend_with_lse(
@@ -145,17 +199,22 @@ def zigzag_attention(
     kv: torch.Tensor,
     rank: int,
     size: int,
-    next_kv: Callable[[torch.Tensor], torch.Tensor],
+    pass_on: Callable[[torch.Tensor], Callable[[], torch.Tensor]],
     dropout_p: float,
 ) -> torch.Tensor:
     """Causal attention of rank `rank`'s zigzag queries [b, hq, s/cp, d] over the whole sequence, whose K/V shards
-    [2, b, hk, s/cp, d] the `size` ranks hold: `kv` is this rank's, and `next_kv(kv)` gives the shard of the rank
-    one further back (`ring_attention` passes it round the ring). Step 0 is the rank's own chunks, causal (its
-    positions ascend, so the causal mask of its concatenated chunks is the global one); step i takes the K/V of
-    rank r - i."""
+    [2, b, hk, s/cp, d] the `size` ranks hold: `kv` is this rank's; `pass_on(kv)` starts passing a shard on round
+    the ring and returns what to call for the shard arriving from the rank behind (`ring_attention` sends it by
+    point-to-point messages). Each hop is started before the step that precedes it computes, so it travels while
+    that step's attention runs, as TransformerEngine does. Step 0 is the rank's own chunks, causal (its positions
+    ascend, so the causal mask of its concatenated chunks is the global one); step i takes rank r - i's K/V."""
+    arrival = pass_on(kv) if size > 1 else None
     out, lse = attend_with_lse(q, kv[0], kv[1], causal=True, dropout_p=dropout_p)
     for step in range(1, size):
-        kv = next_kv(kv)
+        assert arrival is not None
+        kv = arrival()
+        if step + 1 < size:
+            arrival = pass_on(kv)
         rows, part, part_lse = _visiting_step(q, kv, rank, (rank - step) % size, dropout_p)
         merged, merged_lse = merge(out[:, :, rows], lse[:, :, rows], part, part_lse)
         keep = slice(0, rows.start)
@@ -168,7 +227,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
     """Causal attention of this rank's zigzag queries over the whole sequence, the other ranks' keys and values
     brought round the cp ring (one message of K and V per hop)."""
     return zigzag_attention(
-        q, torch.stack([k, v]), ring.rank, ring.size, lambda kv: _RingShift.apply(kv, ring), dropout_p
+        q, torch.stack([k, v]), ring.rank, ring.size, lambda kv: start_ring_hop(kv, ring), dropout_p
     )
 
 

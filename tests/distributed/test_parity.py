@@ -103,6 +103,7 @@ CASES = {
     ),
     # Context parallelism: ring attention over the zigzag split; cp ranks average their gradients with dp's.
     "cp2": ("llama", ParallelPlan(cp=2)),
+    "cp4": ("llama", ParallelPlan(cp=4)),  # three hops: shards pass through ranks, dK/dV travel home through them
     "cp2xdp2-zero0-ddp": ("llama", ParallelPlan(dp=2, cp=2, zero_stage=0)),
     "cp2-zero1-zero_redundancy_optimizer": ("llama", ParallelPlan(cp=2, zero_stage=1)),
     "cp2xtp2-sp-zero0-replicate": ("llama", ParallelPlan(cp=2, tp=2, sequence_parallel=True)),

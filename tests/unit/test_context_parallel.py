@@ -52,9 +52,9 @@ def _zigzag_on_one_process(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp
     return out
 
 
-def _replay(arriving: Iterator[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The ring's next hop as the rank would receive it: the next shard in order, whatever it sent."""
-    return lambda _sent: next(arriving)
+def _replay(arriving: Iterator[torch.Tensor]) -> Callable[[torch.Tensor], Callable[[], torch.Tensor]]:
+    """The ring's hops as the rank would see them: each hop it starts lands the next shard in order."""
+    return lambda _sent: lambda: next(arriving)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
