@@ -17,10 +17,11 @@ FlashAttention, sec. 3.1). Built on torch's point-to-point collectives only:
   either its whole Q against the first chunk of the visiting K/V or its second chunk of Q against all of it
   (`_visiting_step`): the same work on every rank and step, the load balance planner/cost/context.py assumes.
 
-Why not torch's own `torch.distributed.tensor.experimental.context_parallel`: it swaps the CUDA SDPA kernels
+Why not torch's own `torch.distributed.tensor.experimental.context_parallel`: it swaps only the CUDA SDPA kernels
 (flash, efficient, cuDNN) for ring versions, and CPU runs the separate `_scaled_dot_product_flash_attention_for_cpu`
-op, which it leaves alone, so on CPU/gloo every rank would silently attend only to its own tokens (torch 2.11 and
-2.13).
+op, so on CPU/gloo it cannot run (torch 2.13, 2 gloo ranks: "Operator
+aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy registered"), and the
+executor's parity tests run on CPU.
 
 What differs from the costed implementation (planner/cost/context.py's docstring says so too): the block attention
 is computed in fp32 by plain matmuls (no fused kernel returns the log-sum-exp through a public API), which keeps a
