@@ -160,14 +160,17 @@ def attend_with_lse(
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     dtype = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs are attended in fp32, as fused kernels do
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal:
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    lse = scores.logsumexp(dim=-1, keepdim=True)
-    # Dropout on each block's probabilities equals dropout on the whole row's: the merge only rescales them.
-    probs = F.dropout((scores - lse).exp(), p=dropout_p) if dropout_p > 0 else (scores - lse).exp()
-    return probs @ v.to(dtype), lse
+    # Under mixed precision autocast would run these matmuls in 16 bits and round the scores the log-sum-exp merge
+    # depends on; fused attention keeps them in fp32 too (Dao 2023, FlashAttention-2, sec. 3.1).
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if causal:
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        lse = scores.logsumexp(dim=-1, keepdim=True)
+        # Dropout on each block's probabilities equals dropout on the whole row's: the merge only rescales them.
+        probs = F.dropout((scores - lse).exp(), p=dropout_p) if dropout_p > 0 else (scores - lse).exp()
+        return probs @ v.to(dtype), lse
 
 
 def merge(

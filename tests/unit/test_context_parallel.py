@@ -83,3 +83,14 @@ def test_a_causal_step_sees_no_future_key() -> None:
     after, _ = attend_with_lse(q, k2, v2, causal=True, dropout_p=0.0)
     torch.testing.assert_close(after[:, :, :-1], before[:, :, :-1], rtol=0, atol=0)
     assert not torch.allclose(after[:, :, -1], before[:, :, -1])
+
+
+def test_mixed_precision_attends_in_fp32() -> None:
+    # Under autocast a 16-bit matmul would round the scores; the block keeps them in fp32 and returns fp32.
+    q, k, v = (torch.randn(1, 2, 8, HEAD_DIM).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = attend_with_lse(q, k, v, causal=True, dropout_p=0.0)
+    want, want_lse = attend_with_lse(q.float(), k.float(), v.float(), causal=True, dropout_p=0.0)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
