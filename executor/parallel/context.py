@@ -58,7 +58,7 @@ def zigzag_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Ring:
-    """This rank's place in the cp ring: its group, its index in it, and its neighbours as global ranks."""
+    """This rank's place in the cp ring: the group, its size and this rank's index in it."""
 
     group: ProcessGroup
     size: int
@@ -69,6 +69,7 @@ class Ring:
         return cls(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
 
     def _global(self, index: int) -> int:
+        """The global rank of the ring's member `index` (modulo the ring), which P2POp addresses."""
         return dist.get_global_rank(self.group, index % self.size)
 
     def start_hop(self, tensor: torch.Tensor, forward: bool) -> Hop:
@@ -209,8 +210,8 @@ def zigzag_attention(
     """Causal attention of rank `rank`'s zigzag queries [b, hq, s/cp, d] over the whole sequence, whose K/V shards
     [2, b, hk, s/cp, d] the `size` ranks hold: `kv` is this rank's; `pass_on(kv)` starts passing a shard on round
     the ring and returns what to call for the shard arriving from the rank behind (`ring_attention` sends it by
-    point-to-point messages). Each hop is started before the step that precedes it computes, so it travels while
-    that step's attention runs, as TransformerEngine does. Step 0 is the rank's own chunks, causal (its positions
+    point-to-point messages). Each hop is started before the current step computes, so the next step's K/V travel
+    while this step's attention runs, as TransformerEngine does. Step 0 is the rank's own chunks, causal (its positions
     ascend, so the causal mask of its concatenated chunks is the global one); step i takes rank r - i's K/V."""
     arrival = pass_on(kv) if size > 1 else None
     out, lse = attend_with_lse(q, kv[0], kv[1], causal=True, dropout_p=dropout_p)
