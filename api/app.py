@@ -25,7 +25,7 @@ from api.jobs.profile import ProfileJobBody, ProfileJobs
 from api.jobs.runner import JobRunner
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
-from api.routes import catalog, estimates, health, jobs, models, plans, profiles, scaling, validations
+from api.routes import catalog, estimates, exports, health, jobs, models, plans, profiles, scaling, validations
 from api.routes.common import ApiError, Service, error_response
 from api.routes.pages import install_pages
 from api.service import PlanSearches
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, prefix="/v1")
     for router in (models.router, scaling.router):
         app.include_router(router, prefix="/v1")
+    app.include_router(exports.router, prefix="/v1")
     install_pages(app)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)

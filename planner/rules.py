@@ -142,6 +142,8 @@ FRAMEWORK_ZERO_STAGES: dict[str, tuple[int, ...]] = {
     "paraplan": (0, 1, 2, 3),
 }
 FRAMEWORK_PIPELINE_ZERO_STAGES: dict[str, tuple[int, ...]] = {"deepspeed": (0, 1)}
+# The code of the rule above: the one rule about the stack rather than the plan (planner/export tells them apart).
+FRAMEWORK_ZERO_RULE = "framework_zero_stage"
 
 
 def framework_runs_zero_stage(framework: str, zero_stage: int, pp: int) -> bool:
@@ -155,7 +157,7 @@ def framework_zero_violation(framework: str, zero_stage: int, pp: int) -> Violat
     stages = stages or FRAMEWORK_ZERO_STAGES[framework]
     return Violation(
         "plan.zero_stage",
-        "framework_zero_stage",
+        FRAMEWORK_ZERO_RULE,
         f"training.framework={framework} runs ZeRO stages {list(stages)}{under}, not {zero_stage}",
     )
 
