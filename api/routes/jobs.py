@@ -218,7 +218,7 @@ def cancel_job(job_id: str, service: ServiceDep) -> Response:
     summary="The job's output: text from `offset`, or with `follow` (or Accept: text/event-stream) a "
     "server-sent-events stream, one event per line, until the job ends",
     response_class=TextResponse,
-    responses=answered_as("text/event-stream", "The output as text, or as server-sent events") | errors(404, 422),
+    responses=answered_as("The output as text, or as server-sent events", "text/event-stream") | errors(404, 422),
 )
 async def get_logs(
     job_id: str,

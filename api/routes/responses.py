@@ -62,9 +62,11 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"description": _WHEN[status], "content": body} for status in sorted(set(statuses))}
 
 
-def answered_as(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a success that may be answered as `media_type` (text or bytes) rather than JSON."""
-    return {200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}}
+def answered_as(description: str, *media_types: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a success that may be answered as any of `media_types` (text or bytes) besides the route's
+    response class's own (JSON unless the route says otherwise)."""
+    content = {media: {"schema": {"type": "string"}} for media in media_types}
+    return {200: {"description": description, "content": content}}
 
 
 class MarkdownResponse(Response):

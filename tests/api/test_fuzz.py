@@ -65,7 +65,7 @@ def _openapi_document() -> dict[str, Any]:
 # allocate). A request valid by the schema may get their 422 (naming the field or the broken rule), as the contract
 # says; every other check holds for them as for the rest.
 JUDGED_BODIES = [f"POST /v1/{path}" for path in ("estimates", "estimates/timeline", "plans", "jobs", "profiles",
-                                                  "validations")]  # fmt: skip
+                                                  "validations", "scaling", "models/resolve")]  # fmt: skip
 CHECKS = {
     "operations": [
         {
