@@ -37,17 +37,14 @@ ScaleLoss = Callable[[torch.Tensor], torch.Tensor]
 
 class ScheduleLoss:
     """The loss function a pipeline schedule calls on the last stage: the loss, times the step's loss scale under
-    fp16 (executor/precision.py), since the schedule runs backward on what this returns. It keeps the unscaled
-    micro-batch losses for the report."""
+    fp16 (executor/precision.py), since the schedule runs backward on what this returns."""
 
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn
         self.scale_loss: ScaleLoss | None = None
-        self.losses: list[torch.Tensor] = []
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(output, target)
-        self.losses.append(loss.detach())
         return loss if self.scale_loss is None else self.scale_loss(loss)
 
 
@@ -129,13 +126,17 @@ class AppliedPlan:
     def _pipeline(self, tokens: torch.Tensor, targets: torch.Tensor, scale_loss: ScaleLoss | None) -> torch.Tensor:
         """One schedule step; the last stage's mean micro-batch loss, unscaled (zero on the other stages)."""
         assert self.schedule_loss is not None
-        self.schedule_loss.scale_loss, self.schedule_loss.losses = scale_loss, []
+        self.schedule_loss.scale_loss = scale_loss
+        losses: list[torch.Tensor] = []
         inputs = (tokens,) if self.is_first else ()
-        outputs = {"target": targets} if self.is_last else {}
+        outputs = {"target": targets, "losses": losses} if self.is_last else {}
         self.schedule.step(*inputs, **outputs)
         if not self.is_last:
             return torch.zeros((), device=self.device)
-        return torch.stack(self.schedule_loss.losses).mean()
+        mean = torch.stack([loss.detach() for loss in losses]).mean()
+        if scale_loss is None:
+            return mean
+        return mean / scale_loss(torch.ones((), device=self.device))  # the scale: a power of 2, so this is exact
 
     def _global_mean(self, local: torch.Tensor) -> float:
         """Mean over dp x cp ranks (each saw B/dp rows of s/cp tokens), then the last stage's value on every pp
