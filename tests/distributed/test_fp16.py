@@ -180,3 +180,15 @@ def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
     assert [r["step"] for r in again] == list(range(1, 7))
     assert [r["loss_scale"] for r in again] == [r["loss_scale"] for r in first]
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in first], rel=0, abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_one_gpu_trains_in_fp16_with_loss_scaling(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    run_dir = RunDir(tmp_path / "run")
+    config = TrainConfig(steps=20, lr=3e-3, device="cuda", checkpoints=False)
+    records = train(run_dir, fp16_request({"dp": 1}, nproc=1, hidden=128, seq_len=128), config, nproc=1)
+    assert len(records) == 20
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(r["loss_scale"] is not None for r in records)
