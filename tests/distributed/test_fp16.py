@@ -105,7 +105,7 @@ def test_fp16_trains_on_two_ranks_and_the_loss_falls(tmp_path):
 
 # Layouts whose ranks hold different things, so that a rank that stepped alone would show in the checkpoint:
 # optimizer-state shards (ZeRO-1), parameter shards (FSDP2), tensor-parallel shards, pipeline stages (one and two
-# optimizers per rank).
+# optimizers per rank); and context parallelism, whose ranks hold the same weights but different tokens.
 OVERFLOW_LAYOUTS = {
     "dp2-zero1": {"dp": 2, "zero_stage": 1},
     "dp2-zero3-fsdp2": {"dp": 2, "zero_stage": 3},
@@ -113,6 +113,7 @@ OVERFLOW_LAYOUTS = {
     "tp2": {"dp": 1, "tp": 2},  # plain norm weights beside DTensor projections
     "pp2-1f1b": {"dp": 1, "pp": 2, "schedule": "1f1b", "micro_batch_size": 2},
     "pp2-interleaved": {"dp": 1, "pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 2, "micro_batch_size": 2},
+    "cp2-ring-attention": {"dp": 1, "cp": 2},
 }
 
 
