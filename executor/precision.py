@@ -9,7 +9,7 @@ skipped and the scale halved; after `growth_interval` clean steps it doubles (`t
 Every rank must skip the same steps, or the replicas and stages drift apart (a ZeRO-1 owner that skips its share
 while its peers step, a pipeline stage that updates while the next one does not), and so must every optimizer
 of a rank (one per model chunk: two or more under interleaved 1F1B). After `unscale_` has checked each
-optimizer's gradients, one all-reduce (MAX) over the whole world, every rank of dp, tp and pp, gives every
+optimizer's gradients, one all-reduce (MAX) over the whole world, every rank of dp, cp, tp and pp, gives every
 optimizer of every rank the same found-inf flag (`_agree_on_overflow`). torch's `ShardedGradScaler` (FSDP's)
 all-reduces per optimizer instead, which is not enough: under interleaved 1F1B an overflow in rank 1's first
 chunk was seen by rank 0's first optimizer only, and rank 0's second chunk stepped (tests/distributed/
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -74,7 +74,8 @@ class _LayoutAwareGradScaler(torch.amp.GradScaler):
     ) -> dict[torch.device, torch.Tensor]:
         found: dict[torch.device, torch.Tensor] = {}
         for params in _params_by_grad_kind(optimizer):
-            one_kind = SimpleNamespace(param_groups=[{"params": params}])
+            # `_unscale_grads_` reads only `param_groups`: a stand-in holding one kind of gradient is enough.
+            one_kind = cast(torch.optim.Optimizer, SimpleNamespace(param_groups=[{"params": params}]))
             for device, flag in super()._unscale_grads_(one_kind, inv_scale, found_inf, allow_fp16).items():
                 found[device] = torch.maximum(found[device], flag) if device in found else flag
         return found
