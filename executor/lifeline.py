@@ -25,6 +25,7 @@ No torch here: launchers import this module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any, TextIO
 
 PARENT_PID_ENV = "PARAPLAN_PARENT_PID"
 """The pid of the process that started this one, set by a launcher in its child's environment."""
@@ -74,6 +76,29 @@ def _watch(parent: int, grace_s: float) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _OutputForAGoneReader:
+    """A text stream that drops what it cannot write because its reader has gone (a broken pipe) instead of
+    raising. torchrun's output is a pipe that only its launcher reads; once the launcher is killed, each write
+    fails, and torchrun reports each failed copy of a worker's line through torch's logging, whose formatter
+    imports torch._dynamo: its stop would take many seconds longer, for output no one can read."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def adopt_orphans() -> bool:
     """Make this process the child subreaper of its tree (Linux): a descendant whose parent dies is re-parented to
     this process instead of to init, so it can still be found among this process's descendants and stopped.
@@ -92,6 +117,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m executor.lifeline MODULE [ARGS...]")
     watch_parent()
     os.environ[PARENT_PID_ENV] = str(os.getpid())
+    sys.stdout, sys.stderr = _OutputForAGoneReader(sys.stdout), _OutputForAGoneReader(sys.stderr)  # type: ignore[assignment]
     module, *args = argv
     sys.argv = [module, *args]  # run_module puts the module's file in argv[0], as `python -m` does
     runpy.run_module(module, run_name="__main__", alter_sys=True)
