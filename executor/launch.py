@@ -428,17 +428,27 @@ def descendant_pids(pid: int) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
+    """True if ``pid`` runs: a zombie has exited (it only waits to be reaped), but a process is a zombie only once
+    all of its threads are. Its main thread is shown as a zombie as soon as it has exited, while the others may
+    still be ending (freeing a rank's memory, closing its files: the run folder's lock is released only then)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
+    tasks = list(Path(f"/proc/{pid}/task").glob("[0-9]*/stat"))
+    if not tasks:
         return True  # no /proc: os.kill said it exists
+    return any(_task_state(task) not in ("Z", "X") for task in tasks)
+
+
+def _task_state(stat: Path) -> str:
+    """A thread's state letter from its /proc stat (one that has exited meanwhile reads as dead)."""
+    try:
+        return stat.read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "X"
 
 
 def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
