@@ -549,6 +549,20 @@ def visible_gpu_count() -> int:
     return min(listed, len([device for device in visible.split(",") if device.strip()]))
 
 
+TORCH_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+"""Where torch's compiler keeps its cache. Unset, it is ``<system temp>/torchinductor_<user>``, which torch creates
+whenever a process imports torch._dynamo (torchrun's logging does, to format a message): a launch would leave
+a folder in the system's temporary folder."""
+
+
+def torch_cache_env(folder: Path | None) -> dict[str, str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` in ``folder`` (a launch's log folder, a job's folder), unless this process's
+    environment already names one, or there is no folder."""
+    if folder is None or TORCH_CACHE_ENV in os.environ:
+        return {}
+    return {TORCH_CACHE_ENV: str(Path(folder) / "torchinductor")}
+
+
 def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus ``env``, with the repo root on PYTHONPATH so ``-m executor.train`` resolves from any cwd."""
     merged = {**os.environ, **(env or {})}
@@ -569,7 +583,7 @@ def start(
     return subprocess.Popen(
         watched_torchrun_command(spec),
         cwd=cwd or REPO_ROOT,
-        env=lifeline.child_env(launch_env(env)),
+        env=lifeline.child_env(launch_env({**torch_cache_env(spec.log_dir), **(env or {})})),
         pass_fds=tuple(pass_fds),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -82,7 +82,7 @@ def supervise(job_dir: Path) -> int:
     with (job_dir / OUTPUT_FILE).open("ab") as output, stop_on_interrupt(cancel):
         try:
             with _run_folder_lock(command.get("lock")) as lock_fds:
-                returncode = _run(command, output, cancel, lock_fds)
+                returncode = _run(command, job_dir, output, cancel, lock_fds)
         except run_lock.RunFolderInUse as refused:
             output.write(f"paraplan: {refused}\n".encode())
             _write_result(job_dir, {"returncode": REFUSED_RETURNCODE, "cancelled": False, "refused": str(refused)})
@@ -101,13 +101,16 @@ def _run_folder_lock(folder: str | None) -> Iterator[tuple[int, ...]]:
         yield (descriptor,)
 
 
-def _run(command: dict[str, Any], output: IO[bytes], cancel: threading.Event, pass_fds: tuple[int, ...]) -> int:
-    """Start the command, wait for it (stopping it when cancelled), then for every process it left."""
+def _run(
+    command: dict[str, Any], job_dir: Path, output: IO[bytes], cancel: threading.Event, pass_fds: tuple[int, ...]
+) -> int:
+    """Start the command, wait for it (stopping it when cancelled), then for every process it left. Its files stay
+    in the job's folder: torch's compiler cache too (``executor.launch.torch_cache_env``)."""
     grace_s = float(command["grace_s"])
     process = subprocess.Popen(
         command["argv"],
         cwd=launch.REPO_ROOT,
-        env=lifeline.child_env(launch.launch_env()),
+        env=lifeline.child_env(launch.launch_env(launch.torch_cache_env(job_dir))),
         stdin=subprocess.DEVNULL,
         stdout=output,
         stderr=subprocess.STDOUT,
