@@ -203,9 +203,11 @@ def test_the_lock_names_its_holder_and_is_freed_by_its_death(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        with pytest.raises(run_lock.RunFolderInUse, match=f"in use by pid {holder.pid}") as refused:
-            with run_lock.hold(folder):
-                pass
+        with (
+            pytest.raises(run_lock.RunFolderInUse, match=f"in use by pid {holder.pid}") as refused,
+            run_lock.hold(folder),
+        ):
+            pass
         assert refused.value.holder == holder.pid
     finally:
         holder.kill()
