@@ -13,6 +13,10 @@ decorated with ``torch.distributed.elastic.multiprocessing.errors.record`` write
 raises. When a worker fails, the agent stops the others (with ``--max-restarts=0`` it does not retry) and
 ``torchrun`` raises ``ChildFailedError``, whose text lists every failed rank (``rank : R (local_rank: L)``,
 ``exitcode : C (pid: P)``, ``error_file: ...``) and marks the first one as ``Root Cause``. :func:`run` reads both.
+
+A local launch runs torchrun under ``executor.lifeline`` (:func:`watched_torchrun_command`): the agent and its
+workers stop when the process that started them is killed, and :func:`run` returns only once every process it
+started is gone (:class:`ProcessTree`, :func:`end_leftovers`). Everything a launch writes goes to its ``log_dir``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 errors printed as text or as `--json`'s `error` object, rich consoles for people.
 
 Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input or an invalid plan,
-2 `paraplan plan` found nothing that fits; `train`, `profile` and `validate` add 3 (a run failed) and 130
-(stopped).
+2 `paraplan plan` found nothing that fits (for `train`: another run holds its --out); `train`, `profile` and
+`validate` add 3 (a run failed) and 130 (stopped).
 """
 
 from __future__ import annotations
