@@ -7,7 +7,8 @@ after `STEP_MARKER`. Checkpoints go to `OUT/checkpoints/` (`executor.train_state
 the newest complete one and reproduces the losses an uninterrupted run would have had.
 
 SIGTERM (from torchrun, Slurm preemption or `paraplan train` on Ctrl-C) stops the run cleanly: the ranks agree
-to stop after the step in flight, save a checkpoint, and exit 0.
+to stop after the step in flight, save a checkpoint, and exit 0. SIGHUP (torchrun passes on the one it got) does
+the same, and so does the death of torchrun's agent (`executor.lifeline`): a rank never trains on as an orphan.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from executor import precision, train_state
+from executor import lifeline, precision, train_state
 from executor.apply import AppliedPlan, apply_plan
 from executor.config import RunDir, TrainConfig, TrainRun, step_line
 from executor.data import batches
@@ -38,11 +39,12 @@ from executor.models import build_model, next_token_loss
 
 
 class StopRequest:
-    """Set by SIGTERM; the ranks act on it together (see `Trainer._agree`), never inside the handler."""
+    """Set by SIGTERM or SIGHUP; the ranks act on it together (see `Trainer._agree`), never inside the handler."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
@@ -211,6 +213,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     stop = StopRequest()  # before the process group: a SIGTERM during start-up must not kill the rank mid-way
+    lifeline.watch_parent()  # torchrun's agent killed: SIGTERM to this rank, as if the agent had sent it
     run_dir = RunDir(args.run_file.parent)
     run = run_dir.read_run()
     device_type = run.config.device

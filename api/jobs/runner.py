@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -243,6 +244,8 @@ class JobRunner:
                 if row.cancel_requested  # stopped before it could install its signal handler
                 else Outcome("FAILED", "the job's supervisor exited without a result (it was killed)")
             )
+        elif result.get("refused"):  # its run folder was in use: nothing started
+            outcome = Outcome("FAILED", result["refused"], updates={"returncode": result["returncode"]})
         elif result.get("cancelled") or (row.cancel_requested and result["returncode"] != 0):
             outcome = _stopped(row, returncode=result["returncode"])
         else:
@@ -295,13 +298,32 @@ def _stopped(row: JobRow, **updates: Any) -> Outcome:
     return Outcome("CANCELLED", updates=updates)
 
 
-def kill_strays(job_dir: Path) -> None:
-    """SIGKILL every process still running a job's command (found by its folder in their command lines): what a
-    killed supervisor left behind must not go on using the machine."""
+STRAYS_LIMIT_S = 10.0
+"""How long killing a dead supervisor's strays may take (SIGKILL is delivered at once, but a process exits only
+once its memory is freed), and again for processes started meanwhile by a dying parent."""
+
+
+def kill_strays(job_dir: Path, limit_s: float = STRAYS_LIMIT_S) -> None:
+    """SIGKILL every process still running a job's command (found by its folder in their command lines) and wait
+    until they are gone: what a killed supervisor left behind must not go on using the machine, and the job is
+    recorded as ended only once nothing of it runs."""
+    deadline = time.monotonic() + limit_s
+    while (strays := _processes_naming(job_dir)) and time.monotonic() < deadline:
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # gone meanwhile, or not ours to kill
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    if strays:
+        log.warning("job folder %s: processes %s outlived SIGKILL for %.0f s", job_dir, strays, limit_s)
+
+
+def _processes_naming(job_dir: Path) -> list[int]:
+    """The live processes (other than this one) whose command line names ``job_dir``."""
     marker = str(job_dir).encode()
+    found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if marker in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to kill
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            pid = int(cmdline.parent.name)
+            if marker in cmdline.read_bytes() and pid != os.getpid() and launch.pid_alive(pid):
+                found.append(pid)
+    return found
