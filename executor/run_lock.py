@@ -2,9 +2,8 @@
 is gone, so a second `paraplan train` or `--resume` into it is refused instead of training beside the first (two
 copies appending to one metrics file and overwriting each other's checkpoints).
 
-The lock is ``flock(LOCK_EX)`` on ``<run folder>/run.lock``, which holds the holder's pid for the error message.
-The kernel releases a flock when the last descriptor of its open file is closed, which includes every exit of
-the holder, ``kill -9`` too: a dead run never leaves its folder locked. The launcher passes the descriptor on to
+The lock is executor/pid_lock.py's on ``<run folder>/run.lock``: released by the kernel however the holder exits, so a
+dead run never leaves its folder locked. The launcher passes the descriptor on to
 torchrun's agent (``executor.launch.start``'s ``pass_fds``), so the folder stays locked while the agent stops
 its workers, even when the launcher itself is gone.
 
@@ -13,11 +12,12 @@ No torch here: launchers import this module.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from executor import pid_lock
 
 LOCK_FILE = "run.lock"
 
@@ -44,46 +44,18 @@ def hold(folder: Path) -> Iterator[int]:
     folder = Path(folder)
     created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
-    descriptor = _lock(folder / LOCK_FILE)
     try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        descriptor = pid_lock.take(folder / LOCK_FILE)
+    except pid_lock.LockHeld as held:
+        raise RunFolderInUse(folder, held.holder) from None
+    try:
         try:
             yield descriptor
         finally:
-            (folder / LOCK_FILE).unlink(missing_ok=True)  # while still locked: see _lock
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # while still locked: see pid_lock.take
             _remove_empty(created)
     finally:
         os.close(descriptor)  # the lock goes with the last descriptor: this one, or a child's
-
-
-def _lock(path: Path) -> int:
-    """A descriptor of ``path`` holding its flock. A holder removes the file before it releases the lock, so a lock
-    won on a file that is no longer at ``path`` is stale: try again with the file there now."""
-    while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(descriptor)
-            os.close(descriptor)
-            raise RunFolderInUse(path.parent, holder) from None
-        if _same_file(descriptor, path):
-            return descriptor
-        os.close(descriptor)
-
-
-def _same_file(descriptor: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(descriptor), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
-def _holder(descriptor: int) -> int | None:
-    """The pid the holder wrote; None if it has not written it yet."""
-    text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
 
 
 def _remove_empty(created: list[Path]) -> None:

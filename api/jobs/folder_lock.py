@@ -1,5 +1,5 @@
-"""One data folder, one job runner: a server holds ``<data dir>/server.lock`` (an exclusive ``flock``) for as long as
-its job runner runs.
+"""One data folder, one job runner: a server holds ``<data dir>/server.lock`` (executor/pid_lock.py's exclusive
+``flock`` naming its holder) for as long as its job runner runs.
 
 Two servers on one folder would each run ``--max-jobs`` jobs at once on one machine, and each would fail, as "server
 restarted", the running jobs of the other one that it cannot see. So a second server on a folder is refused at
@@ -15,12 +15,12 @@ processes a server starts (Python's default): a job's supervisor, which outlives
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from pathlib import Path
 
 from api.errors import InputError
+from executor import pid_lock
 
 LOCK_FILE = "server.lock"
 
@@ -50,15 +50,10 @@ def acquire(data_dir: Path) -> None:
             _held[path] = (descriptor, holds + 1)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's pid is in it
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _recorded_pid(descriptor)
-            os.close(descriptor)
-            raise FolderInUse(path.parent, holder) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            descriptor = pid_lock.take(path)
+        except pid_lock.LockHeld as held:
+            raise FolderInUse(path.parent, held.holder) from None
         _held[path] = (descriptor, 1)
 
 
@@ -73,11 +68,3 @@ def release(data_dir: Path) -> None:
             _held[path] = (descriptor, holds - 1)
             return
         os.close(descriptor)  # closing the only descriptor releases the flock; the file stays, unlocked
-
-
-def _recorded_pid(descriptor: int) -> int | None:
-    """The pid the holder wrote (None if it has not written it yet, or the file holds something else)."""
-    try:
-        return int(os.pread(descriptor, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return None
