@@ -101,6 +101,7 @@ class PlanBatch:
     schedule: np.ndarray  # strings
     virtual_stages: np.ndarray
     overlap_grad_reduce: np.ndarray  # bools
+    offload: np.ndarray  # strings: the plan's `offload` (planner/cost/offload.py)
     microbatches: np.ndarray
     blocks: np.ndarray  # (N, pp): blocks on each device, all of its chunks together
     embedding: KindColumns
@@ -139,6 +140,7 @@ class PlanBatch:
             schedule=_column(plan.schedule),
             virtual_stages=_column(plan.virtual_stages),
             overlap_grad_reduce=_column(plan.overlap_grad_reduce),
+            offload=_column(plan.offload),
             microbatches=_column(plan.num_microbatches(training)),
             blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
             **kind_columns([kinds], _column(plan.tp)),

@@ -18,10 +18,11 @@ from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
-from planner.search.space import SCHEDULES, Candidates
+from planner.search.space import OFFLOADS, SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
+_OFFLOAD_NAMES = np.array(OFFLOADS)
 
 
 def _col(values: np.ndarray) -> np.ndarray:
@@ -30,19 +31,26 @@ def _col(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RowCosts:
-    """The exact cost of some rows: step time, peak bytes and the stage that holds the peak."""
+    """The exact cost of some rows: step time, peak bytes, the stage that holds the peak, and whether the host
+    memory their CPU offload needs exceeds a node's RAM (planner/rules.py `host_memory_violation`)."""
 
     rows: np.ndarray
     step_time_s: np.ndarray
     peak_bytes: np.ndarray
     peak_stage: np.ndarray
+    host_over: np.ndarray  # bools
 
     @classmethod
     def concat(cls, parts: list[RowCosts]) -> RowCosts:
         """Rows costed in several rounds as one, in the order they were costed (none: empty)."""
         if not parts:
-            return cls(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+            empty_int = np.zeros(0, dtype=np.int64)
+            return cls(empty_int, np.zeros(0), np.zeros(0), empty_int, np.zeros(0, dtype=bool))
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def fits(self, limit_bytes: float) -> np.ndarray:
+        """Rows whose GPU peak stays under `limit_bytes` and whose offload fits in host memory."""
+        return (self.peak_bytes <= limit_bytes) & ~self.host_over
 
 
 class CandidateCosts:
@@ -108,6 +116,7 @@ class CandidateCosts:
             schedule=_col(_SCHEDULE_NAMES[c.schedule[rows]]),
             virtual_stages=_col(c.virtual_stages[rows]),
             overlap_grad_reduce=np.full((len(rows), 1), overlap_grad_reduce),
+            offload=_col(_OFFLOAD_NAMES[c.offload[rows]]),
             microbatches=_col(self.microbatches[rows]),
             blocks=self._even_blocks(pp)[c.virtual_stages[rows]],
             embedding=self.kinds["embedding"].take(key),
@@ -158,12 +167,17 @@ class CandidateCosts:
         step = np.empty(len(rows))
         peak = np.empty(len(rows))
         stage = np.empty(len(rows), dtype=np.int64)
+        host = np.zeros(len(rows))
         pps = self.candidates.pp[rows]
         for pp in np.unique(pps):
             where = np.flatnonzero(pps == pp)
-            result = evaluate(self.batch(rows[where], int(pp), overlap_grad_reduce))
+            batch = self.batch(rows[where], int(pp), overlap_grad_reduce)
+            result = evaluate(batch)
             step[where], peak[where], stage[where] = result.step_time_s, result.peak_bytes, result.peak_stage
-        return RowCosts(rows, step, peak, stage)
+            host[where] = result.host_bytes_per_node(batch)
+        capacity = self.cluster.host_memory_bytes
+        host_over = host > capacity if capacity is not None else np.zeros(len(rows), dtype=bool)
+        return RowCosts(rows, step, peak, stage, host_over)
 
 
 def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
