@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 
+from planner.specs import ClusterSpec
+
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
 
@@ -43,15 +45,15 @@ def stepped_params(batch: PlanBatch) -> np.ndarray:
     return batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
 
 
-def gpus_sharing_a_host(batch: PlanBatch) -> int:
+def gpus_sharing_a_host(cluster: ClusterSpec) -> int:
     """GPUs of one node, whose offloads share its RAM and CPUs (fewer when the plan uses fewer GPUs)."""
-    return min(batch.cluster.gpus_per_node, batch.cluster.num_gpus)
+    return min(cluster.gpus_per_node, cluster.num_gpus)
 
 
 def host_bytes_per_node(host_bytes_per_gpu: np.ndarray, batch: PlanBatch) -> np.ndarray:
     """Host bytes a node needs: its GPUs' offloads (memory.py `host_memory`, (N, pp)), each counted at the largest
     stage's (an upper bound where a node holds GPUs of several pipeline stages). (N,)."""
-    return host_bytes_per_gpu.max(axis=1) * gpus_sharing_a_host(batch)
+    return host_bytes_per_gpu.max(axis=1) * gpus_sharing_a_host(batch.cluster)
 
 
 # ------------------------------------------------------------------------------------------- traffic

@@ -10,7 +10,8 @@ import numpy as np
 from planner.cost.layers import busy_ranks_per_node
 from planner.cost.measured import ProfileCosts
 from planner.cost.offload import gpus_sharing_a_host, offloads_optimizer, stepped_params
-from planner.specs import ClusterSpec
+from planner.cost.params import model_params
+from planner.specs import ClusterSpec, ModelSpec
 
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
@@ -47,10 +48,22 @@ def cpu_optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The CPU step of a node: every parameter its GPUs own (their ZeRO shards), at CPU-Adam's rate
     (`CPU_ADAM_S_PER_PARAM`); SGD at that rate scaled by its fp32 memory traffic per parameter against Adam's (both
     memory-bound on the CPU, as `optimizer_traffic_bytes_per_param` counts for the GPU). (N, pp)."""
-    relative = optimizer_traffic_bytes_per_param("fp32", batch.training.optimizer) / optimizer_traffic_bytes_per_param(
-        "fp32", "adamw"
-    )
-    return stepped_params(batch) * gpus_sharing_a_host(batch) * CPU_ADAM_S_PER_PARAM * relative
+    node_params = stepped_params(batch) * gpus_sharing_a_host(batch.cluster)
+    return node_params * cpu_optimizer_s_per_param(batch.training.optimizer)
+
+
+def cpu_optimizer_s_per_param(optimizer: str) -> float:
+    """Seconds a node's CPUs spend per parameter on `optimizer`'s step (`cpu_optimizer_step_s`)."""
+    relative = optimizer_traffic_bytes_per_param("fp32", optimizer) / optimizer_traffic_bytes_per_param("fp32", "adamw")
+    return CPU_ADAM_S_PER_PARAM * relative
+
+
+def cpu_optimizer_floor_s(model: ModelSpec, optimizer: str, cluster: ClusterSpec) -> float:
+    """A lower bound on `cpu_optimizer_step_s` for any plan of `model` on `cluster`: the GPUs' shards cover every
+    parameter at least once, so the GPU that owns the most owns at least model_params / GPUs (the search's bound,
+    planner/search/evaluate.py)."""
+    owned_at_least = model_params(model) / cluster.num_gpus
+    return owned_at_least * gpus_sharing_a_host(cluster) * cpu_optimizer_s_per_param(optimizer)
 
 
 def gpu_optimizer_step_s(batch: PlanBatch) -> np.ndarray:

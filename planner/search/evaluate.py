@@ -15,6 +15,7 @@ import numpy as np
 from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
 from planner.cost.layers import layer_kinds
 from planner.cost.measured import ProfileCosts
+from planner.cost.optimizer import cpu_optimizer_floor_s
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
@@ -153,7 +154,16 @@ class CandidateCosts:
         block, edges = block[self.layer_key], edges[self.layer_key]
         total = self.model.num_layers * block + edges
         slowest_at_most = self._most_blocks_on_a_device() * block + edges
-        return self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
+        pipeline = self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
+        return pipeline + self._cpu_optimizer_floor_s()
+
+    def _cpu_optimizer_floor_s(self) -> np.ndarray:
+        """Rows that offload the optimizer step it on the host, on the critical path (planner/cost/offload.py): at
+        least `cpu_optimizer_floor_s`. Without it an offloading row, never faster than its twin that does not
+        offload, would be costed wherever its twin is."""
+        offloading = (self.candidates.offload != OFFLOADS.index("none")) & (self.cluster.gpu.kind != "cpu")
+        floor = cpu_optimizer_floor_s(self.model, self.training.optimizer, self.cluster)
+        return np.where(offloading, floor, 0.0)
 
     def _most_blocks_on_a_device(self) -> np.ndarray:
         c, most = self.candidates, np.empty(len(self.candidates), dtype=np.int64)
