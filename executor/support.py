@@ -167,7 +167,8 @@ def _offload(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None
         yield Violation(
             "plan.offload",
             "executor_offload_zero3",
-            f"optimizer_and_params runs on FSDP2 fully_shard with CPUOffloadPolicy: zero_stage 3, not {plan.zero_stage}",
+            "optimizer_and_params runs on FSDP2 fully_shard with CPUOffloadPolicy: zero_stage 3, "
+            f"not {plan.zero_stage}",
         )
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from planner.cost.layers import LayerCost, layers_in_order
 from planner.cost.schedule import pipeline_time_s, plan_schedule_graph, timeline
 from planner.cost.step import estimate_step
-from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.errors import InfeasiblePlanError
+from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
 from planner.rules import host_memory_violation, require_valid
 from planner.specs import PipelineTimeline, ScheduledTask, StepEstimate
 

@@ -28,6 +28,7 @@ def print_report(request: EstimateRequest, result: StepEstimate) -> None:
     console.print(_breakdown_table(result))
     console.print(_memory_table(result))
     _print_fit(console, result)
+    _print_offload(console, result)
     _print_bands(console, result.uncertainty)
     if result.assumptions:
         console.print("\n[bold]Assumptions[/bold]")
@@ -158,6 +159,25 @@ def _print_fit(console: Console, result: StepEstimate) -> None:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
 
+def _print_offload(console: Console, result: StepEstimate) -> None:
+    """CPU offload's host memory, PCIe traffic and CPU step (planner/cost/offload.py), when the plan offloads."""
+    traffic, memory = result.offload, result.memory
+    if traffic is None:
+        return
+    capacity = "unknown" if memory.host_capacity_bytes is None else f"{memory.host_capacity_bytes / 1e12:.2f} TB"
+    console.print(f"\n[bold]CPU offload[/bold] ({traffic.offload})", highlight=False)
+    lines = [
+        f"host memory per node: {memory.host_bytes_per_node / 1e12:.2f} TB of {capacity}",
+        f"PCIe per GPU and step at {traffic.host_link_GBps:.0f} GB/s: "
+        f"device->host {traffic.device_to_host_bytes / 1e9:.1f} GB ({format_seconds(traffic.device_to_host_s)}), "
+        f"host->device {traffic.host_to_device_bytes / 1e9:.1f} GB ({format_seconds(traffic.host_to_device_s)}); "
+        f"exposed {format_seconds(traffic.exposed_s)}",
+        f"CPU optimizer step: {format_seconds(traffic.cpu_optimizer_s)}",
+    ]
+    for line in lines:
+        console.print(f"  - {line}", markup=False, highlight=False)
+
+
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
@@ -227,7 +247,7 @@ def _ranked_table(result: SearchResult) -> Table:
 
 def _closest_table(result: SearchResult) -> Table:
     table = Table()
-    for column in ("plan", "step", "peak GiB", "over GiB", "on stage"):
+    for column in ("plan", "step", "peak GiB", "over GiB", "on stage", "host over TB"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for near in result.closest:
         table.add_row(
@@ -236,6 +256,7 @@ def _closest_table(result: SearchResult) -> Table:
             f"{near.estimate.memory.peak_bytes / GiB:.2f}",
             f"{near.over_bytes / GiB:.2f}",
             str(near.over_stage),
+            f"{near.over_host_bytes / 1e12:.2f}" if near.over_host_bytes > 0 else "-",
         )
     return table
 

@@ -37,8 +37,7 @@ from planner.cost.offload import (
     pcie_s,
     weight_upload_bytes,
 )
-from planner.cost.optimizer import cpu_optimizer_step_s
-from planner.cost.optimizer import measured_optimizer_s_per_param, optimizer_step_s
+from planner.cost.optimizer import cpu_optimizer_step_s, measured_optimizer_s_per_param, optimizer_step_s
 from planner.cost.pipeline import microbatches_alone, pipeline_bubble_s, pp_comm_s, pp_meetings
 from planner.cost.runtime import Runtime
 from planner.cost.tensor import tp_step_comm_s
@@ -309,4 +308,17 @@ def _assumptions(
     if plan.dp * plan.cp > 1:
         overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
         notes.append(f"gradient reduction {overlap} with backward")
+    if plan.offload != "none":
+        notes.append(_offload_assumption(cluster))
     return notes
+
+
+def _offload_assumption(cluster: ClusterSpec) -> str:
+    if cluster.gpu.kind == "cpu":
+        return "CPU offload on a CPU device moves nothing: host and device memory are the same"
+    return (
+        "CPU offload (ZeRO-Offload / ZeRO-Infinity): the optimizer steps on the host at DeepSpeed CPU-Adam's rate "
+        "(Ren et al. 2021, Table 2), one node's CPUs for all its GPUs; gradients go to the host behind backward, "
+        "the updated weights come back on the critical path (no delayed parameter update); PCIe: "
+        f"{cluster.gpu.host_source or 'cluster override'}"
+    )

@@ -307,9 +307,8 @@ def _zero_offloads(
     # ZeRO shards over dp x cp; with one replica every stage is ZeRO 0 plus FSDP's working copies.
     least = {offload: min(z for z, o in pairs if o == offload) for _, offload in pairs}
     kept = [(z, o) for z, o in pairs if z == least[o]]
-    rejected.add(
-        "candidate", "zero_without_replicas", len(pairs) - len(kept), "ZeRO over dp x cp = 1 rank only adds FSDP buffers"
-    )
+    dropped = len(pairs) - len(kept)
+    rejected.add("candidate", "zero_without_replicas", dropped, "ZeRO over dp x cp = 1 rank only adds FSDP buffers")
     return kept
 
 

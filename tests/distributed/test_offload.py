@@ -34,7 +34,11 @@ def _max_diff(first: list[float], second: list[float]) -> float:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_offload_trains_like_the_plan_without_it(name: str, reference: Callable[[str], dict], tmp_path: Path) -> None:
+def test_offload_trains_like_the_plan_without_it(
+    name: str,
+    reference: Callable[[str], dict],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
     plan = CASES[name]
     offloaded = plan.model_copy(update={"offload": "optimizer_and_params"})
     with_offload, _ = launch("llama", offloaded, tmp_path / "offload.json")
