@@ -72,7 +72,7 @@ def test_cpu_step_is_the_optimizer_term(params):
     """The node's CPUs step all its GPUs' shards at CPU-Adam's rate (Ren et al. 2021, Table 2: 2.57 s for 10B)."""
     offloaded = estimate(request("optimizer"))
     expected_s = 4 * params / 4 * 2.57 / 10e9
-    assert CPU_ADAM_S_PER_PARAM == pytest.approx(2.57e-10)
+    assert pytest.approx(2.57e-10) == CPU_ADAM_S_PER_PARAM
     assert offloaded.breakdown.optimizer_s == pytest.approx(expected_s)
     assert offloaded.offload.cpu_optimizer_s == pytest.approx(expected_s)
 
@@ -117,7 +117,9 @@ def violations(req: dict) -> list[tuple[str, str]]:
     return [(v.field, v.code) for v in plan_violations(parsed.plan, parsed.model, parsed.training, parsed.cluster)]
 
 
-@pytest.mark.parametrize(("offload", "zero"), [("optimizer", 0), ("optimizer_and_params", 1), ("optimizer_and_params", 2)])
+@pytest.mark.parametrize(
+    ("offload", "zero"), [("optimizer", 0), ("optimizer_and_params", 1), ("optimizer_and_params", 2)]
+)
 def test_offload_needs_its_zero_stage(offload, zero):
     assert zero < OFFLOAD_MIN_ZERO_STAGE[offload]
     assert ("plan.offload", "offload_zero_stage") in violations(request(offload, zero=zero))
@@ -191,5 +193,6 @@ def test_search_keeps_a_fixed_offload_and_refuses_one_outside_the_allowed():
 def test_an_offloading_plan_never_beats_its_twin_that_fits():
     """A search where everything fits without offload ranks no offloading plan first."""
     req = {"model": SMALL_LLAMA, "training": {"seq_len": 2048, "global_batch_size": 8, "framework": "deepspeed"},
-           "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 4}, "search": {"partition": False}}  # fmt: skip
+           "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 4},
+           "search": {"partition": False}}  # fmt: skip
     assert search(req).plans[0].plan.offload == "none"
