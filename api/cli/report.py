@@ -200,7 +200,7 @@ def print_search(request: PlanRequest, result: SearchResult) -> None:
     elif result.closest:
         console.print(
             f"[bold red]NO PLAN FITS[/bold red] under {result.memory_limit_bytes / GiB:.2f} GiB per GPU "
-            f"({_limit_source(result)}). The closest candidates:"
+            f"({_limit_source(result)}){_host_limit(result)}. The closest candidates:"
         )
         console.print(_closest_table(result))
     else:
@@ -281,7 +281,8 @@ def _print_counts(console: Console, result: SearchResult) -> None:
     counts, timing = result.counts, result.timing
     console.print(
         f"\n{counts.enumerated:,} candidates from {counts.layouts} layouts; {counts.evaluated:,} costed "
-        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory{_over_band(counts.over_memory_band)}), "
+        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory{_over_band(counts.over_memory_band)}"
+        f"{_over_host(counts.over_host_memory)}), "
         f"{counts.pruned_by_bound:,} pruned by the "
         f"bound, {counts.partitioned} re-split by the ILP; {timing.total_s:.2f} s "
         f"({timing.candidates_per_s:,.0f} candidates/s)",
@@ -295,6 +296,18 @@ def _print_counts(console: Console, result: SearchResult) -> None:
                 markup=False,
                 highlight=False,
             )
+
+
+def _over_host(count: int) -> str:
+    return f", {count:,} over a node's host memory" if count else ""
+
+
+def _host_limit(result: SearchResult) -> str:
+    """The host-memory limit, when CPU offload candidates ran into it."""
+    if not result.counts.over_host_memory:
+        return ""
+    capacity = next((c.estimate.memory.host_capacity_bytes for c in result.closest), None)
+    return f" and, offloading, {capacity / 1e12:.2f} TB of host memory per node" if capacity else ""
 
 
 def _over_band(count: int) -> str:
