@@ -316,9 +316,13 @@ def _assumptions(
 def _offload_assumption(cluster: ClusterSpec) -> str:
     if cluster.gpu.kind == "cpu":
         return "CPU offload on a CPU device moves nothing: host and device memory are the same"
+    fields = ("host_link_GBps", "host_memory_per_node_bytes")
+    overridden = [name for name in fields if getattr(cluster, name) is not None]
+    host_side = f"host side of the {cluster.gpu.name} preset: {cluster.gpu.host_source or 'none given'}"
+    if overridden:
+        host_side += f" (overridden: cluster.{', cluster.'.join(overridden)})"
     return (
         "CPU offload (ZeRO-Offload / ZeRO-Infinity): the optimizer steps on the host at DeepSpeed CPU-Adam's rate "
         "(Ren et al. 2021, Table 2), one node's CPUs for all its GPUs; gradients go to the host behind backward, "
-        "the updated weights come back on the critical path (no delayed parameter update); PCIe: "
-        f"{cluster.gpu.host_source or 'cluster override'}"
+        f"the updated weights come back on the critical path (no delayed parameter update); {host_side}"
     )
