@@ -39,19 +39,29 @@ class RowCosts:
     step_time_s: np.ndarray
     peak_bytes: np.ndarray
     peak_stage: np.ndarray
-    host_over: np.ndarray  # bools
+    host_fraction: np.ndarray  # host bytes per node / a node's RAM (0 without offload or a known RAM)
 
     @classmethod
     def concat(cls, parts: list[RowCosts]) -> RowCosts:
         """Rows costed in several rounds as one, in the order they were costed (none: empty)."""
         if not parts:
             empty_int = np.zeros(0, dtype=np.int64)
-            return cls(empty_int, np.zeros(0), np.zeros(0), empty_int, np.zeros(0, dtype=bool))
+            return cls(empty_int, np.zeros(0), np.zeros(0), empty_int, np.zeros(0))
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    @property
+    def host_over(self) -> np.ndarray:
+        """Rows whose CPU offload needs more host memory than a node has."""
+        return self.host_fraction > 1
 
     def fits(self, limit_bytes: float) -> np.ndarray:
         """Rows whose GPU peak stays under `limit_bytes` and whose offload fits in host memory."""
         return (self.peak_bytes <= limit_bytes) & ~self.host_over
+
+    def nearest_to_fitting(self, limit_bytes: float) -> np.ndarray:
+        """Indices of the rows in order of how far they are over, as a fraction of what they are held to: the GPU
+        limit, or a node's RAM for what they offload, whichever is the further over."""
+        return np.argsort(np.maximum(self.peak_bytes / limit_bytes, self.host_fraction), kind="stable")
 
 
 class CandidateCosts:
@@ -186,8 +196,7 @@ class CandidateCosts:
             step[where], peak[where], stage[where] = result.step_time_s, result.peak_bytes, result.peak_stage
             host[where] = result.host_bytes_per_node(batch)
         capacity = self.cluster.host_memory_bytes
-        host_over = host > capacity if capacity is not None else np.zeros(len(rows), dtype=bool)
-        return RowCosts(rows, step, peak, stage, host_over)
+        return RowCosts(rows, step, peak, stage, host / capacity if capacity is not None else np.zeros(len(rows)))
 
 
 def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     # The k fastest that fit; when none fits, the k nearest to fitting, which a re-split may yet make fit.
     leaders = _leaders(costed, candidates, limit, options.top_k)
     if len(leaders) == 0:
-        leaders = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[: options.top_k]]
+        leaders = costed.rows[costed.nearest_to_fitting(limit)[: options.top_k]]
     estimated = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
     partitioned = 0
     if options.partition:
@@ -190,7 +190,7 @@ def _fits(estimate: StepEstimate, limit: float) -> bool:
 
 def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[ClosestPlan]:
     """When nothing fits: the candidates nearest to fitting, by how much they are over."""
-    nearest = sorted(estimated, key=lambda pe: (_host_over_bytes(pe[1]) > 0, pe[1].memory.peak_bytes))
+    nearest = sorted(estimated, key=lambda pe: _over_fraction(pe[1], limit))
     return [
         ClosestPlan(
             plan=plan,
@@ -201,6 +201,13 @@ def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -
         )
         for plan, est in nearest
     ]
+
+
+def _over_fraction(estimate: StepEstimate, limit: float) -> float:
+    """How far a plan is over, as a fraction of what it is held to (evaluate.py `RowCosts.nearest_to_fitting`)."""
+    memory = estimate.memory
+    host = memory.host_bytes_per_node / memory.host_capacity_bytes if memory.host_capacity_bytes else 0.0
+    return max(memory.peak_bytes / limit, host)
 
 
 def _host_over_bytes(estimate: StepEstimate) -> float:

@@ -174,10 +174,13 @@ def test_nothing_fits_answers_the_closest_candidates():
     result = planner.search(request)
     assert not result.found and result.plans == [] and result.explanation is None
     assert result.closest
-    # Each is over the GPU memory limit or, offloading, over a node's RAM; those within the GPU come last.
+    # Each is over the GPU memory limit or, offloading, over a node's RAM, nearest first by the fraction over.
     assert all(c.over_bytes > 0 or c.over_host_bytes > 0 for c in result.closest)
-    overs = [c.over_bytes for c in result.closest if c.over_host_bytes == 0]
-    assert all(over > 0 for over in overs) and overs == sorted(overs)
+    limit = result.memory_limit_bytes
+    fractions = [max(c.estimate.memory.peak_bytes / limit,
+                     c.estimate.memory.host_bytes_per_node / c.estimate.memory.host_capacity_bytes)
+                 for c in result.closest]  # fmt: skip
+    assert fractions == sorted(fractions) and fractions[0] > 1
     assert result.counts.fits == 0 and result.counts.pruned_by_bound == 0  # nothing to prune against
     assert result.closest[0].over_bytes == pytest.approx(
         result.closest[0].estimate.memory.peak_bytes - result.memory_limit_bytes
