@@ -24,6 +24,8 @@ from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
 _OFFLOAD_NAMES = np.array(OFFLOADS)
+# Candidates over by fractions equal to this many decimals are equally near to fitting (RowCosts.nearest_to_fitting).
+OVER_FRACTION_DECIMALS = 3
 
 
 def _col(values: np.ndarray) -> np.ndarray:
@@ -60,8 +62,11 @@ class RowCosts:
 
     def nearest_to_fitting(self, limit_bytes: float) -> np.ndarray:
         """Indices of the rows in order of how far they are over, as a fraction of what they are held to: the GPU
-        limit, or a node's RAM for what they offload, whichever is the further over."""
-        return np.argsort(np.maximum(self.peak_bytes / limit_bytes, self.host_fraction), kind="stable")
+        limit, or a node's RAM for what they offload, whichever is the further over; near ties (offloads of about
+        one size over the same RAM: tp's replicated norms differ by a few bytes) by their GPU peak."""
+        gpu_fraction = self.peak_bytes / limit_bytes
+        over = np.round(np.maximum(gpu_fraction, self.host_fraction), OVER_FRACTION_DECIMALS)
+        return np.lexsort((gpu_fraction, over))
 
 
 class CandidateCosts:

@@ -23,7 +23,7 @@ import numpy as np
 from planner.cost.step import TIME_TERMS, estimate_step
 from planner.describe import describe_plan
 from planner.request import PlanRequest, ProfileResolver, parse_plan_request
-from planner.search.evaluate import CandidateCosts, RowCosts
+from planner.search.evaluate import OVER_FRACTION_DECIMALS, CandidateCosts, RowCosts
 from planner.search.rank import LAYOUT_TIE_TOLERANCE, model_parallel_axes, simplest_first
 from planner.search.result import (
     CandidateCounts,
@@ -203,11 +203,12 @@ def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -
     ]
 
 
-def _over_fraction(estimate: StepEstimate, limit: float) -> float:
-    """How far a plan is over, as a fraction of what it is held to (evaluate.py `RowCosts.nearest_to_fitting`)."""
+def _over_fraction(estimate: StepEstimate, limit: float) -> tuple[float, float]:
+    """How far a plan is over, as a fraction of what it is held to, then its GPU peak's fraction (evaluate.py
+    `RowCosts.nearest_to_fitting`)."""
     memory = estimate.memory
     host = memory.host_bytes_per_node / memory.host_capacity_bytes if memory.host_capacity_bytes else 0.0
-    return max(memory.peak_bytes / limit, host)
+    return round(max(memory.peak_bytes / limit, host), OVER_FRACTION_DECIMALS), memory.peak_bytes / limit
 
 
 def _host_over_bytes(estimate: StepEstimate) -> float:

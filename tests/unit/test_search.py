@@ -177,8 +177,8 @@ def test_nothing_fits_answers_the_closest_candidates():
     # Each is over the GPU memory limit or, offloading, over a node's RAM, nearest first by the fraction over.
     assert all(c.over_bytes > 0 or c.over_host_bytes > 0 for c in result.closest)
     limit = result.memory_limit_bytes
-    fractions = [max(c.estimate.memory.peak_bytes / limit,
-                     c.estimate.memory.host_bytes_per_node / c.estimate.memory.host_capacity_bytes)
+    fractions = [round(max(c.estimate.memory.peak_bytes / limit,
+                           c.estimate.memory.host_bytes_per_node / c.estimate.memory.host_capacity_bytes), 3)
                  for c in result.closest]  # fmt: skip
     assert fractions == sorted(fractions) and fractions[0] > 1
     assert result.counts.fits == 0 and result.counts.pruned_by_bound == 0  # nothing to prune against
