@@ -324,14 +324,13 @@ def _zero_stages(layout: Degrees, training: TrainingSpec, options: SearchOptions
 
 def _offloads(training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections) -> list[str]:
     """The offloads to search: allowed, fixed, run by the training stack, and with the host side known."""
-    offloads = [o for o in options.offloads if options.fixed.offload in (None, o)]
-    kept = []
-    for offload in offloads:
-        broken = [framework_offload_violation(training.framework, offload), *host_side_violations(offload, cluster)]
-        broken = [b for b in broken if b is not None]
-        for violation in broken[:1]:
-            rejected.add("candidate", violation.code, 1, violation.message)
-        if not broken:
+    kept: list[str] = []
+    for offload in (o for o in options.offloads if options.fixed.offload in (None, o)):
+        found = framework_offload_violation(training.framework, offload)
+        broken = ([] if found is None else [found]) + host_side_violations(offload, cluster)
+        if broken:
+            rejected.add("candidate", broken[0].code, 1, broken[0].message)
+        else:
             kept.append(offload)
     return kept
 
