@@ -9,6 +9,7 @@ request's measured profile and its training-stack regime (planner/cost/runtime.p
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -179,7 +180,12 @@ class PlanBatch:
         )
 
     def device_params(self) -> np.ndarray:
-        """Parameters each device holds per GPU (its tp shard): (N, pp)."""
+        """Parameters each device holds per GPU (its tp shard): (N, pp). Computed once per batch: the memory,
+        optimizer and offload terms all read it."""
+        return self._device_params
+
+    @cached_property
+    def _device_params(self) -> np.ndarray:
         count = self.per_device("params_per_gpu")
         if self.tied_copy:
             _, has_head = edge_masks(self.pp)

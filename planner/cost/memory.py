@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from planner.cost.offload import HOST_GRADIENT_BYTES, offloads_optimizer, offloads_params, stepped_params
+from planner.cost.offload import (
+    HOST_GRADIENT_BYTES,
+    any_offload,
+    offloads_optimizer,
+    offloads_params,
+    stepped_params,
+)
 from planner.cost.pipeline import edge_masks
 
 if TYPE_CHECKING:
@@ -210,6 +216,8 @@ def host_memory(batch: PlanBatch) -> np.ndarray:
     """Host bytes each GPU's offload keeps (ZeRO-Offload sec. 4.1): the optimizer's states with its master copy
     and the fp32 gradients of the GPU's shard (`HOST_GRADIENT_BYTES`); offloading the weights (ZeRO-Infinity), the
     ZeRO-3 weight shard in the stack's weight bytes as well. 0 where nothing is offloaded. (N, pp)."""
+    if not any_offload(batch):
+        return np.zeros_like(batch.device_params())
     states = batch_state_bytes(batch)
     optimizer = states.optimizer + stepped_params(batch) * HOST_GRADIENT_BYTES
     return np.where(offloads_optimizer(batch), optimizer, 0.0) + np.where(offloads_params(batch), states.weights, 0.0)

@@ -34,6 +34,11 @@ def offloads_optimizer(batch: PlanBatch) -> np.ndarray:
     return (batch.offload != "none") & (batch.cluster.gpu.kind != "cpu")
 
 
+def any_offload(batch: PlanBatch) -> bool:
+    """Whether any row offloads: the offload terms of a batch that does not are zeros, costed for free."""
+    return bool(offloads_optimizer(batch).any())
+
+
 def offloads_params(batch: PlanBatch) -> np.ndarray:
     """Rows whose ZeRO-3 weight shards also live on the host: (N, 1) bools."""
     return (batch.offload == "optimizer_and_params") & (batch.cluster.gpu.kind != "cpu")
@@ -93,6 +98,8 @@ def offload_exposed_s(batch: PlanBatch) -> np.ndarray:
     micro-batch's backward hides (ZeRO-Offload sec. 4.2 overlaps it with backward); the weights' trip back, on the
     critical path after the step; with weight offload, each pass's fetch beyond the compute it is prefetched behind
     (ZeRO-Infinity sec. 6). The CPU step itself is the optimizer term (optimizer.py `cpu_optimizer_step_s`)."""
+    if not any_offload(batch):
+        return np.zeros_like(batch.device_params())
     backward_s = batch.per_device("backward_s")
     gradients_s = np.maximum(pcie_s(gradient_offload_bytes(batch), batch) - backward_s, 0.0)
     upload_s = pcie_s(weight_upload_bytes(batch), batch)

@@ -9,7 +9,7 @@ import numpy as np
 
 from planner.cost.layers import busy_ranks_per_node
 from planner.cost.measured import ProfileCosts
-from planner.cost.offload import gpus_sharing_a_host, offloads_optimizer, stepped_params
+from planner.cost.offload import any_offload, gpus_sharing_a_host, offloads_optimizer, stepped_params
 from planner.cost.params import model_params
 from planner.specs import ClusterSpec, ModelSpec
 
@@ -41,6 +41,8 @@ CPU_ADAM_S_PER_PARAM = 2.57 / 10e9
 def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The step where it runs: on the host for rows that offload the optimizer (`cpu_optimizer_step_s`), on the
     GPU otherwise (`gpu_optimizer_step_s`). (N, pp)."""
+    if not any_offload(batch):
+        return gpu_optimizer_step_s(batch)
     return np.where(offloads_optimizer(batch), cpu_optimizer_step_s(batch), gpu_optimizer_step_s(batch))
 
 
