@@ -323,9 +323,13 @@ def _zero_stages(layout: Degrees, training: TrainingSpec, options: SearchOptions
 
 
 def _offloads(training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections) -> list[str]:
-    """The offloads to search: allowed, fixed, run by the training stack, and with the host side known."""
+    """The offloads to search: allowed, fixed, run by the training stack, and with the host side known. On a CPU
+    device offload moves nothing (planner/cost/offload.py), so an offloading plan would only repeat its twin."""
     kept: list[str] = []
-    for offload in (o for o in options.offloads if options.fixed.offload in (None, o)):
+    wanted = [o for o in options.offloads if options.fixed.offload in (None, o)]
+    if cluster.gpu.kind == "cpu" and options.fixed.offload is None:
+        wanted = [o for o in wanted if o == "none"] or wanted[:1]
+    for offload in wanted:
         found = framework_offload_violation(training.framework, offload)
         broken = ([] if found is None else [found]) + host_side_violations(offload, cluster)
         if broken:

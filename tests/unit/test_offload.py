@@ -196,3 +196,12 @@ def test_an_offloading_plan_never_beats_its_twin_that_fits():
            "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 4},
            "search": {"partition": False}}  # fmt: skip
     assert search(req).plans[0].plan.offload == "none"
+
+
+def test_on_a_cpu_device_the_search_offers_no_offload_it_would_only_repeat_its_twin():
+    req = {"model": SMALL_LLAMA, "training": {"seq_len": 256, "global_batch_size": 8, "framework": "deepspeed"},
+           "cluster": {"gpu": "cpu", "num_nodes": 1, "gpus_per_node": 2}, "search": {"partition": False}}  # fmt: skip
+    result = search(req)
+    assert result.found and {ranked.plan.offload for ranked in result.plans} == {"none"}
+    fixed = search(req | {"search": {"partition": False, "fixed": {"offload": "optimizer"}}})
+    assert {ranked.plan.offload for ranked in fixed.plans} == {"optimizer"}  # asked for, still answered
