@@ -22,13 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_payload, validation_fields
 from api.jobs.profile import ProfileJobBody, ProfileJobs
-from api.jobs.runner import JobRunner
+from api.jobs.runner import JobRunner, TimeLimit
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
-from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
+from api.routes import catalog, estimates, exports, health, jobs, models, plans, profiles, scaling, validations
 from api.routes.common import ApiError, Service, error_response
+from api.routes.pages import install_pages
+from api.routes.responses import ErrorBody
 from api.service import PlanSearches
-from api.settings import Settings
+from api.settings import MAX_VALIDATION_S_ENV, Settings
 from api.store import ApiStore
 
 log = logging.getLogger("paraplan.api")
@@ -44,8 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
-    runner = JobRunner(store, settings, kinds)
-    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans))
+    runner = JobRunner(store, settings, kinds, {"validate": TimeLimit(settings.max_validation_s, MAX_VALIDATION_S_ENV)})
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.plan_retention))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,12 +60,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # No slash redirects: Starlette answers `/v1/jobs/` with a 307 to an absolute URL built from the request's Host
     # header (a redirect anyone can point elsewhere); a path with a trailing slash is an unknown route (404).
+    # docs_url=None: /docs is served by api/routes/pages.py from vendored files (FastAPI's loads them from a CDN).
     app = FastAPI(title="paraplan", version=VERSION, lifespan=lifespan, redirect_slashes=False,
-                  description="Performance model and auto-parallel planner for PyTorch training.")  # fmt: skip
+                  description="Performance model and auto-parallel planner for PyTorch training.",
+                  docs_url=None, redoc_url=None)  # fmt: skip
     app.state.service = service
     app.include_router(health.router)
     for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router, validations.router):
         app.include_router(router, prefix="/v1")
+    for router in (models.router, scaling.router):
+        app.include_router(router, prefix="/v1")
+    app.include_router(exports.router, prefix="/v1")
+    install_pages(app)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -160,7 +168,7 @@ class BodySizeLimit:
 
 
 # Bodies are read by the routes (so that every malformed one gets the common error shape); these are the
-# schemas that document them.
+# schemas that document them, and the error body every route's error answers refer to (api/routes/responses.py).
 def _body_schemas() -> dict[str, Any]:
     from pydantic import BaseModel, ConfigDict
 
@@ -172,7 +180,8 @@ def _body_schemas() -> dict[str, Any]:
 
         model_config = ConfigDict(title="TrainJobRequest")
 
-    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody]
+    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody,
+                                     ErrorBody]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

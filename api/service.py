@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from api.commands import estimate as commands
 from api.errors import InputError
-from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
+from api.store import ApiStore, PlanRow, Retention, dumps, new_id, utc_now
 from planner.profiles import ProfileError
 from planner.request import EstimateRequest, PlanRequest
 from planner.specs import HardwareProfile
@@ -67,8 +67,8 @@ class PlanSearches:
     changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
     identical searches run once; the others wait for its answer instead of computing it again."""
 
-    def __init__(self, store: ApiStore, capacity: int = 256, keep: int | None = None):
-        """`capacity`: answers memoized; `keep`: stored searches kept (the newest; None: all)."""
+    def __init__(self, store: ApiStore, capacity: int = 256, keep: Retention | None = None):
+        """`capacity`: answers memoized; `keep`: which stored searches are kept (the newest; None: all)."""
         self._store, self._capacity, self._keep = store, capacity, keep
         self._results: OrderedDict[str, SearchAnswer] = OrderedDict()  # by the parsed request's JSON
         self._in_flight: dict[str, threading.Lock] = {}
@@ -116,6 +116,7 @@ class PlanSearches:
 
     def store(self, body: dict[str, Any], request: PlanRequest, answer: SearchAnswer) -> PlanRow:
         """Keep a search (the request as posted, and its answer) under a new id."""
+        request_text = dumps(body)
         row = PlanRow(
             id=new_id(),
             created=utc_now(),
@@ -123,14 +124,16 @@ class PlanSearches:
             num_gpus=request.cluster.num_gpus,
             found=answer.found,
             best_step_time_s=answer.best_step_time_s,
-            request=dumps(body),
+            request=request_text,
             result=answer.json,
+            stored_bytes=PlanRow.size_of(request_text, answer.json),
         )
         return self._store.add_plan(row, keep=self._keep)
 
 
-def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:
-    """The contract request (with `plan`) of the `rank`-th plan of stored search `plan_id`."""
+def stored_plan_request(store: ApiStore, plan_id: str, rank: int, rank_field: str = "plan_rank") -> dict[str, Any]:
+    """The contract request (with `plan`) of the `rank`-th plan of stored search `plan_id`; InputError naming
+    `plan_id` or the request's `rank_field`."""
     row = store.get_plan(plan_id)
     if row is None:
         raise InputError.at("plan_id", f"no stored plan search with id {plan_id!r}")
@@ -138,6 +141,6 @@ def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, A
     if not ranked:
         raise InputError.at("plan_id", f"plan search {plan_id} found no plan that fits; there is nothing to run")
     if rank > len(ranked):
-        raise InputError.at("plan_rank", f"plan search {plan_id} ranked {len(ranked)} plan(s), not {rank}")
+        raise InputError.at(rank_field, f"plan search {plan_id} ranked {len(ranked)} plan(s), not {rank}")
     searched = json.loads(row.request)
     return {key: searched[key] for key in ("model", "training", "cluster")} | {"plan": ranked[rank - 1]["plan"]}

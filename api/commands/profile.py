@@ -159,7 +159,7 @@ def measure(options: _Output, progress: Progress, cancel: threading.Event) -> Ha
         compute = measure_node(sweep, options.nproc, progress, cancel)
         return merge(compute, run_comm(comm, sweep_file(options.out), progress, cancel))
     if isinstance(options, ComputeOptions):
-        return run_compute(compute_sweep(options), progress)
+        return run_compute(compute_sweep(options), progress, cancel)
     assert isinstance(options, CommOptions)
     if options.from_sweep is not None:
         return comm_profile(options.from_sweep)
@@ -167,14 +167,24 @@ def measure(options: _Output, progress: Progress, cancel: threading.Event) -> Ha
 
 
 def run_compute(
-    sweep: ComputeSweep, progress: Progress, after_pass: Callable[[int], None] | None = None
+    sweep: ComputeSweep,
+    progress: Progress,
+    cancel: threading.Event | None = None,
+    after_pass: Callable[[int], None] | None = None,
 ) -> HardwareProfile:
     """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer); `after_pass`
-    as `profile_compute` takes it."""
+    as `profile_compute` takes it. ProfileRunError once `cancel` is set: the sweep runs in this process, so a stop
+    is seen between one layer shape and the next (a shape takes seconds), not when the whole sweep is done."""
     from profiler.compute import profile_compute
 
     with progress.task("compute", total=sweep.passes * len(sweep.runs()) + 1, what="starting") as update:
-        return profile_compute(sweep, on_progress=update, after_pass=after_pass)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            if cancel is not None and cancel.is_set():
+                raise ProfileRunError("the compute sweep was stopped before it finished")
+            update(done, total, what)
+
+        return profile_compute(sweep, on_progress=on_progress, after_pass=after_pass)
 
 
 def run_tp_layers(sweep: ComputeSweep, progress: Progress, cancel: threading.Event) -> tp_layers.RanksResult:
@@ -215,10 +225,10 @@ def measure_node(sweep: ComputeSweep, nproc: int, progress: Progress, cancel: th
     drift lands on the ratios the cost model reads between them (a loaded layer's contention over its time alone,
     tp ranks against one device); pass by pass every phase samples the same stretch of time."""
     if nproc < 2 or sweep.passes == 1:
-        return with_layers_on_ranks(run_compute(sweep, progress), sweep, nproc, progress, cancel)
+        return with_layers_on_ranks(run_compute(sweep, progress, cancel), sweep, nproc, progress, cancel)
     one_pass = replace(sweep, passes=1)
     passes = [
-        with_layers_on_ranks(run_compute(one_pass, progress), one_pass, nproc, progress, cancel)
+        with_layers_on_ranks(run_compute(one_pass, progress, cancel), one_pass, nproc, progress, cancel)
         for _ in range(sweep.passes)
     ]
     pooled = pool_profiles(passes)
