@@ -30,6 +30,8 @@ CASES = {
     "530B, 5,120 A100-80GB": ("gpt3-529.6b", 2048, 2520, "a100-80gb", 640),
     "Llama-3 405B, 16,384 H100": ("llama3-405b", 8192, 2048, "h100-sxm", 2048),
     "Llama-3 8B, 8 H100": ("llama3-8b", 8192, 64, "h100-sxm", 1),
+    # Model states alone (16 bytes a parameter) need 202 GB a GPU here: only CPU offload (ZeRO-3 + weights) fits.
+    "Llama-3 405B, 32 H100 (offload)": ("llama3-405b", 8192, 64, "h100-sxm", 4),
 }
 
 

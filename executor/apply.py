@@ -167,7 +167,7 @@ def clip_grad_norm(
     model (their squares are summed), if any."""
     groups = _grads_by_layout(iter(params))
     zero = torch.zeros((), device=device)
-    norm_sq = sum((_group_norm(group) ** 2 for group in groups), zero)
+    norm_sq = sum((_group_norm(group, device) ** 2 for group in groups), zero)
     if pp_group is not None:
         dist.all_reduce(norm_sq, group=pp_group)
     total = norm_sq.sqrt()
@@ -270,11 +270,13 @@ def _grads_by_layout(params: Iterator[nn.Parameter]) -> list[list[nn.Parameter]]
     return list(groups.values())
 
 
-def _group_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """2-norm of the gradients of parameters of one layout, as a plain tensor: the value over the whole model."""
+def _group_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """2-norm of the gradients of parameters of one layout, as a plain tensor on `device`: the value over the whole
+    model. Offloaded gradients (FSDP2's CPUOffloadPolicy) are on the host: their norm moves to `device` before it
+    is reduced, since the device's collectives (NCCL) take no host tensor."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0).to(device)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
@@ -341,4 +343,6 @@ def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh,
     # 4. DP last among module transforms: FSDP2 shards the parameters as they now are (TP's DTensors become 2-D
     #    (dp, tp) DTensors) and hooks the checkpoint-wrapped blocks, so backward's recompute re-gathers them.
     #    Under context parallelism the cp ranks are replicas too: DP runs over dp x cp (`replica_mesh`).
-    return apply_data_parallel(chunk, replicas, plan.zero_stage, pure_dp=plan.tp == 1 and plan.pp == 1)
+    offload_params = plan.offload == "optimizer_and_params"
+    pure_dp = plan.tp == 1 and plan.pp == 1
+    return apply_data_parallel(chunk, replicas, plan.zero_stage, pure_dp, offload_params=offload_params)

@@ -155,6 +155,26 @@ def _stage_layers(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec |
         )
 
 
+def _offload(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    # torch has no optimizer-only CPU offload: FSDP2's CPUOffloadPolicy keeps the weight shards, their gradients and
+    # the optimizer step on the host together, and DDP / ZeroRedundancyOptimizer keep every state on the device.
+    if plan.offload == "optimizer":
+        yield Violation(
+            "plan.offload",
+            "executor_optimizer_offload",
+            "the executor offloads through FSDP2's CPUOffloadPolicy, which moves the weights with the optimizer; "
+            "torch has no optimizer-only CPU offload (DeepSpeed's offload_optimizer): use optimizer_and_params "
+            "with zero_stage 3",
+        )
+    elif plan.offload == "optimizer_and_params" and plan.zero_stage != 3:
+        yield Violation(
+            "plan.offload",
+            "executor_offload_zero3",
+            "optimizer_and_params runs on FSDP2 fully_shard with CPUOffloadPolicy: zero_stage 3, "
+            f"not {plan.zero_stage}",
+        )
+
+
 _RULES: tuple[Rule, ...] = (
     _context_parallel,
     _zero1_needs_ddp,
@@ -164,6 +184,7 @@ _RULES: tuple[Rule, ...] = (
     _microbatches,
     _one_f_one_b_fill,
     _stage_layers,
+    _offload,
 )
 
 

@@ -25,6 +25,8 @@ def describe_plan(plan: ParallelPlan) -> str:
     parts.append(plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""))
     if plan.layers_per_stage is not None:
         parts.append("layers " + ",".join(str(n) for n in plan.layers_per_stage))
+    if plan.offload != "none":
+        parts.append("offload " + plan.offload.replace("_", " "))
     return SEPARATOR.join(parts)
 
 
@@ -40,4 +42,6 @@ def describe_plan_compact(plan: ParallelPlan) -> str:
         text += " sp"
     if plan.pp > 1:
         text += f" {plan.schedule}" + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
+    if plan.offload != "none":
+        text += f" offload-{plan.offload}"
     return text

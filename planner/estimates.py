@@ -10,8 +10,9 @@ from typing import Any
 from planner.cost.layers import LayerCost, layers_in_order
 from planner.cost.schedule import pipeline_time_s, plan_schedule_graph, timeline
 from planner.cost.step import estimate_step
+from planner.errors import InfeasiblePlanError
 from planner.request import EstimateRequest, ProfileResolver, parse_estimate_request
-from planner.rules import require_valid
+from planner.rules import host_memory_violation, require_valid
 from planner.specs import PipelineTimeline, ScheduledTask, StepEstimate
 
 
@@ -20,7 +21,11 @@ def estimate_request(
 ) -> StepEstimate:
     """The contract's estimate; `resolve_profile` finds `cluster.profile` (default: a file path)."""
     req = _valid_request(request, resolve_profile)
-    return estimate_step(req.model, req.training, req.cluster, req.plan, req.measured, req.runtime)
+    estimate = estimate_step(req.model, req.training, req.cluster, req.plan, req.measured, req.runtime)
+    over = host_memory_violation(estimate.memory.host_bytes_per_node, req.cluster)
+    if over is not None:  # GPU memory may overflow and still be answered (fits=false); host memory may not
+        raise InfeasiblePlanError("host_memory_exceeded", [over])
+    return estimate
 
 
 def layer_costs(

@@ -703,6 +703,50 @@ GPU_PRESETS: dict[str, GpuSpec] = {
 }
 
 
+# ---------------------------------------------------------------------------------- the host side (CPU offload)
+
+# Achievable host <-> device copy rate of one GPU's PCIe x16 link, per direction, in GB/s: measured peaks are
+# 25 GB/s on an A100's Gen4 x16 (line rate 32) and 12 GB/s on a V100's Gen3 x16 (line rate 16), "measured peak" per
+# the BaM authors (ZaidQureshi/bam#54). Gen5 doubles Gen4's line rate (64 GB/s); its achievable rate is taken at
+# Gen4's ratio (25 / 32), 50 GB/s.
+PCIE_GEN3_HOST_GBPS = 12.0
+PCIE_GEN4_HOST_GBPS = 25.0
+PCIE_GEN5_HOST_GBPS = 50.0
+TB = 10**12
+# Each GPU preset's host side: (PCIe rate per GPU, RAM per node, where the RAM figure comes from). A GPU sold in
+# no reference system (the PCIe cards) has no RAM figure: an offloading plan on it must set
+# cluster.host_memory_per_node_bytes.
+_HOST_SIDES: dict[str, tuple[float, int | None, str]] = {
+    "a100-40gb": (PCIE_GEN4_HOST_GBPS, 1 * TB, "DGX A100 320GB datasheet: 1 TB system memory"),
+    "a100-80gb": (PCIE_GEN4_HOST_GBPS, 2 * TB, "DGX A100 640GB datasheet: 2 TB system memory"),
+    "h100-sxm": (PCIE_GEN5_HOST_GBPS, 2 * TB, "DGX H100 datasheet: 2 TB system memory"),
+    "h100-pcie": (PCIE_GEN5_HOST_GBPS, None, "no reference system"),
+    "h200": (PCIE_GEN5_HOST_GBPS, 2 * TB, "DGX H200 datasheet: 2 TB system memory"),
+    "l4": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
+    "l40s": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
+    "a10": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
+    "a10g": (PCIE_GEN4_HOST_GBPS, 768 * 2**30, "AWS EC2 G5: g5.48xlarge, 768 GiB memory"),
+    "v100-sxm2-32gb": (PCIE_GEN3_HOST_GBPS, 512 * 2**30, "DGX-1 user guide: 512 GB system memory"),
+    "v100-sxm2-16gb": (PCIE_GEN3_HOST_GBPS, 512 * 2**30, "DGX-1 user guide: 512 GB system memory"),
+    "h20": (PCIE_GEN5_HOST_GBPS, 2 * TB, "assumed: as DGX H100 (HGX H100 board), 2 TB"),
+    "b200": (PCIE_GEN5_HOST_GBPS, 4 * TB, "DGX B200 datasheet: 2 TB system memory, configurable to 4 TB"),
+    "mi300x": (PCIE_GEN5_HOST_GBPS, 2 * TB, "assumed: 2 TB (Azure ND MI300X v5: 1.85 TB)"),
+}
+
+
+def _with_host_side(gpu: GpuSpec) -> GpuSpec:
+    """The preset with its host side (`_HOST_SIDES`); the CPU placeholder has none: there is nothing to offload to."""
+    if gpu.name not in _HOST_SIDES:
+        return gpu
+    link_GBps, memory_bytes, memory_source = _HOST_SIDES[gpu.name]
+    source = f"PCIe: ZaidQureshi/bam#54 measured peaks; RAM: {memory_source}"
+    update = {"host_link_GBps": link_GBps, "host_memory_per_node_bytes": memory_bytes, "host_source": source}
+    return gpu.model_copy(update=update)
+
+
+GPU_PRESETS = {name: _with_host_side(gpu) for name, gpu in GPU_PRESETS.items()}
+
+
 def gpu_preset(name: str) -> GpuSpec:
     """The named GPU (case-insensitive); UnknownPresetError lists the closest names."""
     try:

@@ -167,6 +167,88 @@ def _framework_runs_plan(plan: ParallelPlan, model: ModelSpec, training: Trainin
         yield framework_zero_violation(training.framework, plan.zero_stage, plan.pp)
 
 
+# The CPU offloads each training stack runs. DeepSpeed: `offload_optimizer` (ZeRO-Offload, Ren et al. 2021) and
+# `offload_param` (ZeRO-Infinity, Rajbhandari et al. 2021), device cpu (DeepSpeed config docs, "ZeRO
+# optimizations"). Megatron-Core: `--optimizer-cpu-offload` with its distributed optimizer
+# (megatron/core/optimizer/cpu_offloading/hybrid_optimizer.py); it offloads no weights. PyTorch FSDP2:
+# `fully_shard(offload_policy=CPUOffloadPolicy())` keeps the sharded weights, their gradients and the optimizer
+# step on the CPU together; it has no optimizer-only offload. paraplan's executor runs FSDP2's (executor/apply.py).
+FRAMEWORK_OFFLOADS: dict[str, tuple[str, ...]] = {
+    "megatron": ("none", "optimizer"),
+    "deepspeed": ("none", "optimizer", "optimizer_and_params"),
+    "fsdp": ("none", "optimizer_and_params"),
+    "paraplan": ("none", "optimizer_and_params"),
+}
+# The least ZeRO stage each offload needs (DeepSpeed: offload_optimizer with stages 1-3, offload_param with stage 3
+# only: "only valid with stage 3", DeepSpeed config docs); without ZeRO-3 no stack shards the weights it offloads.
+OFFLOAD_MIN_ZERO_STAGE: dict[str, int] = {"none": 0, "optimizer": 1, "optimizer_and_params": 3}
+
+
+def offload_zero_violation(offload: str, zero_stage: int) -> Violation | None:
+    """The violation of offloading `offload` at `zero_stage`, or None where the stage allows it."""
+    least = OFFLOAD_MIN_ZERO_STAGE[offload]
+    if zero_stage >= least:
+        return None
+    needs = "zero_stage 3" if least == 3 else f"zero_stage >= {least}"
+    return Violation("plan.offload", "offload_zero_stage", f"offload={offload} needs {needs}, got {zero_stage}")
+
+
+def framework_offload_violation(framework: str, offload: str) -> Violation | None:
+    """The violation of asking `framework` for `offload`, or None where it runs it."""
+    if offload in FRAMEWORK_OFFLOADS[framework]:
+        return None
+    return Violation(
+        "plan.offload",
+        "framework_offload",
+        f"training.framework={framework} offloads {list(FRAMEWORK_OFFLOADS[framework])}, not {offload}",
+    )
+
+
+def _offload_runs(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    for found in (offload_zero_violation(plan.offload, plan.zero_stage),
+                  framework_offload_violation(training.framework, plan.offload)):  # fmt: skip
+        if found is not None:
+            yield found
+
+
+def host_side_violations(offload: str, cluster: ClusterSpec) -> list[Violation]:
+    """What an offloading plan needs to know of the host that the GPU preset may not say: the node's RAM and the
+    PCIe rate (planner/presets.py `_HOST_SIDES`; a CPU device offloads to itself and needs neither)."""
+    if offload == "none" or cluster.gpu.kind == "cpu":
+        return []
+    found = []
+    if cluster.host_memory_bytes is None:
+        found.append(Violation(
+            "cluster.host_memory_per_node_bytes", "host_memory_unknown",
+            f"offload={offload} needs the RAM of a node, which the {cluster.gpu.name} preset does not know: set it",
+        ))  # fmt: skip
+    if cluster.host_link_Bps is None:
+        found.append(Violation(
+            "cluster.host_link_GBps", "host_link_unknown",
+            f"offload={offload} needs the GPU's PCIe rate to the host, which {cluster.gpu.name} does not give: set it",
+        ))  # fmt: skip
+    return found
+
+
+def _host_side_known(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    yield from host_side_violations(plan.offload, cluster)
+
+
+def host_memory_violation(needed_bytes: float, cluster: ClusterSpec) -> Violation | None:
+    """The violation of offloading `needed_bytes` per node (planner/cost/offload.py `host_bytes_per_node`) to a
+    node with less RAM, or None where it fits (or nothing is offloaded)."""
+    capacity = cluster.host_memory_bytes
+    if needed_bytes <= 0 or capacity is None or needed_bytes <= capacity:
+        return None
+    over = needed_bytes - capacity
+    return Violation(
+        "cluster.host_memory_per_node_bytes",
+        "host_memory_exceeded",
+        f"the offloaded states need {needed_bytes:,.0f} bytes of host memory per node ({needed_bytes / 1e12:.2f} TB) "
+        f"but a node has {capacity:,.0f}: over by {over:,.0f} bytes ({over / 1e12:.2f} TB)",
+    )
+
+
 _RULES: tuple[Callable[..., Iterator[Violation]], ...] = (
     _degrees_fill_cluster,
     _tp_divides_model,
@@ -174,6 +256,8 @@ _RULES: tuple[Callable[..., Iterator[Violation]], ...] = (
     _sequence_splits,
     _pipeline_splits,
     _framework_runs_plan,
+    _offload_runs,
+    _host_side_known,
 )
 
 

@@ -19,11 +19,14 @@ from api.cli.flags import (
     GlobalBatchOption,
     GpuOption,
     GpusPerNodeOption,
+    HostLinkOption,
+    HostMemoryOption,
     InterNodeOption,
     IntraNodeOption,
     MbsOption,
     ModelOption,
     NodesOption,
+    OffloadOption,
     OptimizerOption,
     PpOption,
     PrecisionOption,
@@ -110,11 +113,14 @@ def estimate(
     recompute: RecomputeOption = None,
     schedule: ScheduleOption = None,
     virtual_stages: VirtualStagesOption = None,
+    offload: OffloadOption = None,
     layers_per_stage: Annotated[
         str | None, typer.Option(help="Layers of each model chunk, comma-separated: 10,12,12,10.")
     ] = None,
     intra_node_GBps: IntraNodeOption = None,
     inter_node_GBps: InterNodeOption = None,
+    host_link_GBps: HostLinkOption = None,
+    host_memory_per_node_bytes: HostMemoryOption = None,
     profile: ProfileOption = None,
 ) -> None:
     """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits.
@@ -175,8 +181,11 @@ def plan(
     recompute: RecomputeOption = None,
     schedule: ScheduleOption = None,
     virtual_stages: VirtualStagesOption = None,
+    offload: OffloadOption = None,
     intra_node_GBps: IntraNodeOption = None,
     inter_node_GBps: InterNodeOption = None,
+    host_link_GBps: HostLinkOption = None,
+    host_memory_per_node_bytes: HostMemoryOption = None,
     profile: ProfileOption = None,
 ) -> None:
     """Search for the fastest plans that fit: a ranked table, why the winner wins, what was left out.

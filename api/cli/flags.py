@@ -19,6 +19,8 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "gpus_per_node": ("cluster", "gpus_per_node"),
     "intra_node_GBps": ("cluster", "intra_node_GBps"),
     "inter_node_GBps": ("cluster", "inter_node_GBps"),
+    "host_link_GBps": ("cluster", "host_link_GBps"),
+    "host_memory_per_node_bytes": ("cluster", "host_memory_per_node_bytes"),
     "profile": ("cluster", "profile"),
     "seq_len": ("training", "seq_len"),
     "global_batch": ("training", "global_batch_size"),
@@ -37,6 +39,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "schedule": ("plan", "schedule"),
     "virtual_stages": ("plan", "virtual_stages"),
     "layers_per_stage": ("plan", "layers_per_stage"),
+    "offload": ("plan", "offload"),
     "top": ("search", "top_k"),
     "max_memory_fraction": ("search", "max_memory_fraction"),
     "memory_safety": ("search", "memory_safety"),
@@ -191,6 +194,20 @@ InterNodeOption = Annotated[
 ]
 
 
+HostLinkOption = Annotated[
+    float | None,
+    typer.Option("--host-link-GBps", help="Override the GPU's PCIe rate to host memory (CPU offload), GB/s."),
+]
+
+
+HostMemoryOption = Annotated[
+    int | None,
+    typer.Option(
+        "--host-memory-per-node-bytes", help="Override a node's RAM (CPU offload; default: the GPU's DGX/HGX node)."
+    ),
+]
+
+
 ProfileOption = Annotated[
     str | None,
     typer.Option("--profile", help="A HardwareProfile file or stored id (paraplan profile): plan from measurements."),
@@ -227,6 +244,15 @@ RecomputeOption = Annotated[str | None, typer.Option(help="none, selective or fu
 
 
 ScheduleOption = Annotated[str | None, typer.Option(help="gpipe, 1f1b or interleaved_1f1b; plan: kept fixed.")]
+
+
+OffloadOption = Annotated[
+    str | None,
+    typer.Option(
+        help="CPU offload: none, optimizer (ZeRO-Offload; zero >= 1) or optimizer_and_params (ZeRO-3); "
+        "plan: kept fixed."
+    ),
+]
 
 
 VirtualStagesOption = Annotated[

@@ -28,6 +28,7 @@ def print_report(request: EstimateRequest, result: StepEstimate) -> None:
     console.print(_breakdown_table(result))
     console.print(_memory_table(result))
     _print_fit(console, result)
+    _print_offload(console, result)
     _print_bands(console, result.uncertainty)
     if result.assumptions:
         console.print("\n[bold]Assumptions[/bold]")
@@ -158,6 +159,25 @@ def _print_fit(console: Console, result: StepEstimate) -> None:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
 
+def _print_offload(console: Console, result: StepEstimate) -> None:
+    """CPU offload's host memory, PCIe traffic and CPU step (planner/cost/offload.py), when the plan offloads."""
+    traffic, memory = result.offload, result.memory
+    if traffic is None:
+        return
+    capacity = "unknown" if memory.host_capacity_bytes is None else f"{memory.host_capacity_bytes / 1e12:.2f} TB"
+    console.print(f"\n[bold]CPU offload[/bold] ({traffic.offload})", highlight=False)
+    lines = [
+        f"host memory per node: {memory.host_bytes_per_node / 1e12:.2f} TB of {capacity}",
+        f"PCIe per GPU and step at {traffic.host_link_GBps:.0f} GB/s: "
+        f"device->host {traffic.device_to_host_bytes / 1e9:.1f} GB ({format_seconds(traffic.device_to_host_s)}), "
+        f"host->device {traffic.host_to_device_bytes / 1e9:.1f} GB ({format_seconds(traffic.host_to_device_s)}); "
+        f"exposed {format_seconds(traffic.exposed_s)}",
+        f"CPU optimizer step: {format_seconds(traffic.cpu_optimizer_s)}",
+    ]
+    for line in lines:
+        console.print(f"  - {line}", markup=False, highlight=False)
+
+
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
@@ -180,7 +200,7 @@ def print_search(request: PlanRequest, result: SearchResult) -> None:
     elif result.closest:
         console.print(
             f"[bold red]NO PLAN FITS[/bold red] under {result.memory_limit_bytes / GiB:.2f} GiB per GPU "
-            f"({_limit_source(result)}). The closest candidates:"
+            f"({_limit_source(result)}){_host_limit(result)}. The closest candidates:"
         )
         console.print(_closest_table(result))
     else:
@@ -227,7 +247,7 @@ def _ranked_table(result: SearchResult) -> Table:
 
 def _closest_table(result: SearchResult) -> Table:
     table = Table()
-    for column in ("plan", "step", "peak GiB", "over GiB", "on stage"):
+    for column in ("plan", "step", "peak GiB", "over GiB", "on stage", "host over TB"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for near in result.closest:
         table.add_row(
@@ -236,6 +256,7 @@ def _closest_table(result: SearchResult) -> Table:
             f"{near.estimate.memory.peak_bytes / GiB:.2f}",
             f"{near.over_bytes / GiB:.2f}",
             str(near.over_stage),
+            f"{near.over_host_bytes / 1e12:.2f}" if near.over_host_bytes > 0 else "-",
         )
     return table
 
@@ -260,7 +281,8 @@ def _print_counts(console: Console, result: SearchResult) -> None:
     counts, timing = result.counts, result.timing
     console.print(
         f"\n{counts.enumerated:,} candidates from {counts.layouts} layouts; {counts.evaluated:,} costed "
-        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory{_over_band(counts.over_memory_band)}), "
+        f"({counts.fits:,} fit, {counts.out_of_memory:,} out of memory{_over_band(counts.over_memory_band)}"
+        f"{_over_host(counts.over_host_memory)}), "
         f"{counts.pruned_by_bound:,} pruned by the "
         f"bound, {counts.partitioned} re-split by the ILP; {timing.total_s:.2f} s "
         f"({timing.candidates_per_s:,.0f} candidates/s)",
@@ -274,6 +296,18 @@ def _print_counts(console: Console, result: SearchResult) -> None:
                 markup=False,
                 highlight=False,
             )
+
+
+def _over_host(count: int) -> str:
+    return f", {count:,} over a node's host memory" if count else ""
+
+
+def _host_limit(result: SearchResult) -> str:
+    """The host-memory limit, when CPU offload candidates ran into it."""
+    if not result.counts.over_host_memory:
+        return ""
+    capacity = next((c.estimate.memory.host_capacity_bytes for c in result.closest), None)
+    return f" and, offloading, {capacity / 1e12:.2f} TB of host memory per node" if capacity else ""
 
 
 def _over_band(count: int) -> str:

@@ -42,17 +42,25 @@ def _per_block_then_root(wrap: Callable[..., Any], module: Transformer, **kwargs
     return module
 
 
-def apply_data_parallel(module: Transformer, dp_mesh: DeviceMesh, zero_stage: int, pure_dp: bool) -> nn.Module:
+def apply_data_parallel(
+    module: Transformer, dp_mesh: DeviceMesh, zero_stage: int, pure_dp: bool, offload_params: bool = False
+) -> nn.Module:
     """`module` synchronised over `dp_mesh` at `zero_stage`; DDP returns a wrapper, FSDP2 changes it in place.
 
     `pure_dp`: the plan has tp == pp == 1, so classic DDP can run ZeRO-0 (it is the fastest on CPU/gloo).
+    `offload_params`: ZeRO-3 with the weight shards, their gradients and the optimizer step on the host (the plan's
+    offload "optimizer_and_params"): FSDP2's CPUOffloadPolicy, also with one dp rank (single-GPU offload).
     """
-    if dp_mesh.size() == 1:
+    if dp_mesh.size() == 1 and not offload_params:
         return module
     if zero_stage >= 2:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        return _per_block_then_root(fully_shard, module, mesh=dp_mesh, reshard_after_forward=zero_stage == 3)
+        # Pinned host memory makes the copies asynchronous on CUDA; there is nothing to pin for on a CPU mesh.
+        policy = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda") if offload_params else OffloadPolicy()
+        return _per_block_then_root(
+            fully_shard, module, mesh=dp_mesh, reshard_after_forward=zero_stage == 3, offload_policy=policy
+        )
     if zero_stage == 1 or pure_dp:
         return classic_ddp(module, dp_mesh.get_group())
     from torch.distributed._composable.replicate_with_fsdp import replicate

@@ -9,6 +9,7 @@ request's measured profile and its training-stack regime (planner/cost/runtime.p
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,7 @@ class PlanBatch:
     schedule: np.ndarray  # strings
     virtual_stages: np.ndarray
     overlap_grad_reduce: np.ndarray  # bools
+    offload: np.ndarray  # strings: the plan's `offload` (planner/cost/offload.py)
     microbatches: np.ndarray
     blocks: np.ndarray  # (N, pp): blocks on each device, all of its chunks together
     embedding: KindColumns
@@ -139,6 +141,7 @@ class PlanBatch:
             schedule=_column(plan.schedule),
             virtual_stages=_column(plan.virtual_stages),
             overlap_grad_reduce=_column(plan.overlap_grad_reduce),
+            offload=_column(plan.offload),
             microbatches=_column(plan.num_microbatches(training)),
             blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
             **kind_columns([kinds], _column(plan.tp)),
@@ -177,7 +180,12 @@ class PlanBatch:
         )
 
     def device_params(self) -> np.ndarray:
-        """Parameters each device holds per GPU (its tp shard): (N, pp)."""
+        """Parameters each device holds per GPU (its tp shard): (N, pp). Computed once per batch: the memory,
+        optimizer and offload terms all read it."""
+        return self._device_params
+
+    @cached_property
+    def _device_params(self) -> np.ndarray:
         count = self.per_device("params_per_gpu")
         if self.tied_copy:
             _, has_head = edge_masks(self.pp)

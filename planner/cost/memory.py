@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from planner.cost.offload import (
+    HOST_GRADIENT_BYTES,
+    any_offload,
+    offloads_optimizer,
+    offloads_params,
+    stepped_params,
+)
 from planner.cost.pipeline import edge_masks
 
 if TYPE_CHECKING:
@@ -164,18 +171,18 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
     optimizer step's own peak (Runtime.optimizer_step_peak; bytes only the step holds, StateBytes.step_only),
     the peak is the larger of the forward/backward one,
     which may come before any gradient exists (`gradients_held_at_activation_peak`), and the step's, which holds
-    no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks."""
+    no activations but its temporaries (`optimizer_step_extra_bytes`): the terms of the phase that peaks.
+    What CPU offload keeps on the host (`host_memory`) is left out: the optimizer's states and its step, the
+    gradient shards under ZeRO >= 2 and, offloading the weights, the weight shards (ZeRO-Offload sec. 4.1)."""
     training, runtime, precision = batch.training, batch.runtime, batch.training.precision
-    optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[training.optimizer]
-    states = sharded_state_bytes(
-        batch.device_params(), runtime.weight_bytes(precision), runtime.gradient_bytes(precision), optimizer_bytes,
-        batch.zero_stage, batch.shard_degree,
-    )  # fmt: skip
-    weights = states.weights + zero_working_copies(batch, "weights")
-    grads = states.grads + zero_working_copies(batch, "grads")
+    states = batch_state_bytes(batch)
+    on_host, weights_on_host = offloads_optimizer(batch), offloads_params(batch)
+    sharded_grads = np.where(on_host & (batch.zero_stage >= 2), 0.0, states.grads)
+    weights = np.where(weights_on_host, 0.0, states.weights) + zero_working_copies(batch, "weights")
+    grads = sharded_grads + zero_working_copies(batch, "grads")
     activations = activation_bytes(batch)
-    optimizer = np.broadcast_to(states.optimizer, weights.shape)
-    stepped = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    optimizer = np.broadcast_to(np.where(on_host, 0.0, states.optimizer), weights.shape)
+    stepped = np.where(on_host, 0.0, stepped_params(batch))
     extra = stepped * runtime.step_only_bytes(precision)
     if runtime.optimizer_step_peak:
         extra = extra + optimizer_step_extra_bytes(stepped, training.optimizer)
@@ -193,6 +200,27 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
         "activations_bytes": activations,
         "other_bytes": other,
     }
+
+
+def batch_state_bytes(batch: PlanBatch) -> ModelStateBytes:
+    """Each device's sharded model states in its regime's bytes (`sharded_state_bytes`): (N, pp) arrays."""
+    runtime, precision = batch.runtime, batch.training.precision
+    optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[batch.training.optimizer]
+    return sharded_state_bytes(
+        batch.device_params(), runtime.weight_bytes(precision), runtime.gradient_bytes(precision), optimizer_bytes,
+        batch.zero_stage, batch.shard_degree,
+    )  # fmt: skip
+
+
+def host_memory(batch: PlanBatch) -> np.ndarray:
+    """Host bytes each GPU's offload keeps (ZeRO-Offload sec. 4.1): the optimizer's states with its master copy
+    and the fp32 gradients of the GPU's shard (`HOST_GRADIENT_BYTES`); offloading the weights (ZeRO-Infinity), the
+    ZeRO-3 weight shard in the stack's weight bytes as well. 0 where nothing is offloaded. (N, pp)."""
+    if not any_offload(batch):
+        return np.zeros_like(batch.device_params())
+    states = batch_state_bytes(batch)
+    optimizer = states.optimizer + stepped_params(batch) * HOST_GRADIENT_BYTES
+    return np.where(offloads_optimizer(batch), optimizer, 0.0) + np.where(offloads_params(batch), states.weights, 0.0)
 
 
 def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:

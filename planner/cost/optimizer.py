@@ -9,7 +9,9 @@ import numpy as np
 
 from planner.cost.layers import busy_ranks_per_node
 from planner.cost.measured import ProfileCosts
-from planner.specs import ClusterSpec
+from planner.cost.offload import any_offload, gpus_sharing_a_host, offloads_optimizer, stepped_params
+from planner.cost.params import model_params
+from planner.specs import ClusterSpec, ModelSpec
 
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
@@ -30,14 +32,50 @@ def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
     return 6 + unscale + 4 + update + 6 + 2
 
 
+# DeepSpeed's CPU-Adam steps 10B parameters in 2.57 s (Ren et al. 2021, "ZeRO-Offload", Table 2, CPU-Adam column;
+# 1B: 0.22 s) on the host of a DGX-2 (2 x 24-core Xeon Platinum 8168). Taken as what one node's CPUs do for all its
+# GPUs together: their processes share the host's cores and memory bandwidth. Seconds per parameter.
+CPU_ADAM_S_PER_PARAM = 2.57 / 10e9
+
+
 def optimizer_step_s(batch: PlanBatch) -> np.ndarray:
+    """The step where it runs: on the host for rows that offload the optimizer (`cpu_optimizer_step_s`), on the
+    GPU otherwise (`gpu_optimizer_step_s`). (N, pp)."""
+    if not any_offload(batch):
+        return gpu_optimizer_step_s(batch)
+    return np.where(offloads_optimizer(batch), cpu_optimizer_step_s(batch), gpu_optimizer_step_s(batch))
+
+
+def cpu_optimizer_step_s(batch: PlanBatch) -> np.ndarray:
+    """The CPU step of a node: every parameter its GPUs own (their ZeRO shards), at CPU-Adam's rate
+    (`CPU_ADAM_S_PER_PARAM`); SGD at that rate scaled by its fp32 memory traffic per parameter against Adam's (both
+    memory-bound on the CPU, as `optimizer_traffic_bytes_per_param` counts for the GPU). (N, pp)."""
+    node_params = stepped_params(batch) * gpus_sharing_a_host(batch.cluster)
+    return node_params * cpu_optimizer_s_per_param(batch.training.optimizer)
+
+
+def cpu_optimizer_s_per_param(optimizer: str) -> float:
+    """Seconds a node's CPUs spend per parameter on `optimizer`'s step (`cpu_optimizer_step_s`)."""
+    relative = optimizer_traffic_bytes_per_param("fp32", optimizer) / optimizer_traffic_bytes_per_param("fp32", "adamw")
+    return CPU_ADAM_S_PER_PARAM * relative
+
+
+def cpu_optimizer_floor_s(model: ModelSpec, optimizer: str, cluster: ClusterSpec) -> float:
+    """A lower bound on `cpu_optimizer_step_s` for any plan of `model` on `cluster`: the GPUs' shards cover every
+    parameter at least once, so the GPU that owns the most owns at least model_params / GPUs (the search's bound,
+    planner/search/evaluate.py)."""
+    owned_at_least = model_params(model) / cluster.num_gpus
+    return owned_at_least * gpus_sharing_a_host(cluster) * cpu_optimizer_s_per_param(optimizer)
+
+
+def gpu_optimizer_step_s(batch: PlanBatch) -> np.ndarray:
     """The optimizer is memory-bound (roofline, Williams et al. 2009): bytes touched / achievable HBM
     bandwidth, on this rank's shard only under ZeRO >= 1 (Rajbhandari et al. 2020, sec. 5.1). (N, pp).
     With a profile that timed this optimizer: its measured seconds per parameter instead, as timed on DTensor
     shards for plans whose parameters are DTensors (PlanBatch.holds_dtensors; profiler/compute.py
     `measure_optimizer`)."""
     training, gpu = batch.training, batch.cluster.gpu
-    params = batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    params = stepped_params(batch)
     plain_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer)
     if plain_s is not None:
         sharded_s = measured_optimizer_s_per_param(batch.cluster, batch.measured, training.optimizer, sharded=True)

@@ -7,7 +7,8 @@ The step time is the sum of the breakdown's terms (critical path of the slowest 
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward
                                  (both comm terms also hold a measured profile's wait at each meeting of the ranks)
-  optimizer                      the optimizer step (memory-bound)
+  optimizer                      the optimizer step (memory-bound), on the host CPU where it is offloaded
+  offload                        CPU offload's PCIe copies not hidden behind backward or compute (offload.py)
 
 This module composes the terms; it has none of its own. Each lives in the module of its concern, a small
 function over a `PlanBatch` (planner/cost/batch.py: candidate plans that share a pipeline depth, as numpy
@@ -28,8 +29,15 @@ from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings
 from planner.cost.layers import LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
-from planner.cost.memory import device_memory
-from planner.cost.optimizer import measured_optimizer_s_per_param, optimizer_step_s
+from planner.cost.memory import device_memory, host_memory
+from planner.cost.offload import (
+    gradient_offload_bytes,
+    host_bytes_per_node,
+    offload_exposed_s,
+    pcie_s,
+    weight_upload_bytes,
+)
+from planner.cost.optimizer import cpu_optimizer_step_s, measured_optimizer_s_per_param, optimizer_step_s
 from planner.cost.pipeline import microbatches_alone, pipeline_bubble_s, pp_comm_s, pp_meetings
 from planner.cost.runtime import Runtime
 from planner.cost.tensor import tp_step_comm_s
@@ -38,6 +46,7 @@ from planner.specs import (
     ClusterSpec,
     MemoryEstimate,
     ModelSpec,
+    OffloadTraffic,
     ParallelPlan,
     StageMemory,
     StepEstimate,
@@ -57,6 +66,7 @@ class BatchEstimate:
 
     time_s: dict[str, np.ndarray]  # TIME_TERMS -> (N,)
     memory_bytes: dict[str, np.ndarray]  # MEMORY_TERMS -> (N, pp)
+    host_bytes: np.ndarray  # (N, pp): host memory one GPU's offload keeps (memory.host_memory), not GPU memory
 
     @property
     def step_time_s(self) -> np.ndarray:
@@ -74,11 +84,15 @@ class BatchEstimate:
     def peak_stage(self) -> np.ndarray:
         return self.device_total_bytes.argmax(axis=1)
 
+    def host_bytes_per_node(self, batch: PlanBatch) -> np.ndarray:
+        """(N,): host bytes one node's GPUs keep offloaded (offload.host_bytes_per_node)."""
+        return host_bytes_per_node(self.host_bytes, batch)
+
 
 def evaluate(batch: PlanBatch) -> BatchEstimate:
     """Every term of the step time and of each device's memory, for every row."""
     time_s = {term: np.broadcast_to(value, (len(batch.dp), 1))[:, 0] for term, value in step_times(batch).items()}
-    return BatchEstimate(time_s=time_s, memory_bytes=device_memory(batch))
+    return BatchEstimate(time_s=time_s, memory_bytes=device_memory(batch), host_bytes=host_memory(batch))
 
 
 def estimate_step(
@@ -125,6 +139,7 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * wait_s).max(axis=1, keepdims=True),
         "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + overhead, batch.virtual_stages),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
+        "offload_s": offload_exposed_s(batch).max(axis=1, keepdims=True),
     }
 
 
@@ -190,6 +205,27 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
         uncertainty=estimate_uncertainty(batch.runtime.name, cluster.num_nodes, step_s, mem.peak_bytes),
         why_not_fits=[_over_message(stage) for stage in over],
         assumptions=_assumptions(cluster, batch.measured, training, plan, batch.runtime),
+        offload=offload_traffic(batch, breakdown, row, plan),
+    )
+
+
+def offload_traffic(batch: PlanBatch, breakdown: TimeBreakdown, row: int, plan: ParallelPlan) -> OffloadTraffic | None:
+    """Row `row`'s PCIe traffic and CPU step (planner/cost/offload.py), on the device that moves the most; None
+    without offload, or on a CPU device, where it moves nothing."""
+    rate = batch.cluster.host_link_Bps
+    if plan.offload == "none" or batch.cluster.gpu.kind == "cpu" or rate is None:
+        return None
+    down, up = gradient_offload_bytes(batch)[row], weight_upload_bytes(batch)[row]
+    device = int(np.argmax(down + up))
+    return OffloadTraffic(
+        offload=plan.offload,
+        device_to_host_bytes=float(down[device]),
+        host_to_device_bytes=float(up[device]),
+        host_link_GBps=rate / 1e9,
+        device_to_host_s=float(pcie_s(down, batch)[device]),
+        host_to_device_s=float(pcie_s(up, batch)[device]),
+        exposed_s=breakdown.offload_s,
+        cpu_optimizer_s=float(cpu_optimizer_step_s(batch)[row].max()),
     )
 
 
@@ -207,10 +243,19 @@ def memory_of_row(batch: PlanBatch, result: BatchEstimate, row: int) -> MemoryEs
                 total_bytes=total,
                 capacity_bytes=capacity,
                 over_bytes=max(0.0, total - capacity),
+                host_bytes=float(result.host_bytes[row, device]),
             )
         )
     peak = max(stages, key=lambda s: s.total_bytes)
-    return MemoryEstimate(peak_bytes=peak.total_bytes, peak_stage=peak.stage, capacity_bytes=capacity, by_stage=stages)
+    host_capacity = batch.cluster.host_memory_bytes
+    return MemoryEstimate(
+        peak_bytes=peak.total_bytes,
+        peak_stage=peak.stage,
+        capacity_bytes=capacity,
+        by_stage=stages,
+        host_bytes_per_node=float(result.host_bytes_per_node(batch)[row]),
+        host_capacity_bytes=None if host_capacity is None else float(host_capacity),
+    )
 
 
 def _over_message(stage: StageMemory) -> str:
@@ -263,4 +308,21 @@ def _assumptions(
     if plan.dp * plan.cp > 1:
         overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
         notes.append(f"gradient reduction {overlap} with backward")
+    if plan.offload != "none":
+        notes.append(_offload_assumption(cluster))
     return notes
+
+
+def _offload_assumption(cluster: ClusterSpec) -> str:
+    if cluster.gpu.kind == "cpu":
+        return "CPU offload on a CPU device moves nothing: host and device memory are the same"
+    fields = ("host_link_GBps", "host_memory_per_node_bytes")
+    overridden = [name for name in fields if getattr(cluster, name) is not None]
+    host_side = f"host side of the {cluster.gpu.name} preset: {cluster.gpu.host_source or 'none given'}"
+    if overridden:
+        host_side += f" (overridden: cluster.{', cluster.'.join(overridden)})"
+    return (
+        "CPU offload (ZeRO-Offload / ZeRO-Infinity): the optimizer steps on the host at DeepSpeed CPU-Adam's rate "
+        "(Ren et al. 2021, Table 2), one node's CPUs for all its GPUs; gradients go to the host behind backward, "
+        f"the updated weights come back on the critical path (no delayed parameter update); {host_side}"
+    )

@@ -15,13 +15,17 @@ import numpy as np
 from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
 from planner.cost.layers import layer_kinds
 from planner.cost.measured import ProfileCosts
+from planner.cost.optimizer import cpu_optimizer_floor_s
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
-from planner.search.space import SCHEDULES, Candidates
+from planner.search.space import OFFLOADS, SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
+_OFFLOAD_NAMES = np.array(OFFLOADS)
+# Candidates over by fractions equal to this many decimals are equally near to fitting (RowCosts.nearest_to_fitting).
+OVER_FRACTION_DECIMALS = 3
 
 
 def _col(values: np.ndarray) -> np.ndarray:
@@ -30,19 +34,39 @@ def _col(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RowCosts:
-    """The exact cost of some rows: step time, peak bytes and the stage that holds the peak."""
+    """The exact cost of some rows: step time, peak bytes, the stage that holds the peak, and whether the host
+    memory their CPU offload needs exceeds a node's RAM (planner/rules.py `host_memory_violation`)."""
 
     rows: np.ndarray
     step_time_s: np.ndarray
     peak_bytes: np.ndarray
     peak_stage: np.ndarray
+    host_fraction: np.ndarray  # host bytes per node / a node's RAM (0 without offload or a known RAM)
 
     @classmethod
     def concat(cls, parts: list[RowCosts]) -> RowCosts:
         """Rows costed in several rounds as one, in the order they were costed (none: empty)."""
         if not parts:
-            return cls(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+            empty_int = np.zeros(0, dtype=np.int64)
+            return cls(empty_int, np.zeros(0), np.zeros(0), empty_int, np.zeros(0))
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    @property
+    def host_over(self) -> np.ndarray:
+        """Rows whose CPU offload needs more host memory than a node has."""
+        return self.host_fraction > 1
+
+    def fits(self, limit_bytes: float) -> np.ndarray:
+        """Rows whose GPU peak stays under `limit_bytes` and whose offload fits in host memory."""
+        return (self.peak_bytes <= limit_bytes) & ~self.host_over
+
+    def nearest_to_fitting(self, limit_bytes: float) -> np.ndarray:
+        """Indices of the rows in order of how far they are over, as a fraction of what they are held to: the GPU
+        limit, or a node's RAM for what they offload, whichever is the further over; near ties (offloads of about
+        one size over the same RAM: tp's replicated norms differ by a few bytes) by their GPU peak."""
+        gpu_fraction = self.peak_bytes / limit_bytes
+        over = np.round(np.maximum(gpu_fraction, self.host_fraction), OVER_FRACTION_DECIMALS)
+        return np.lexsort((gpu_fraction, over))
 
 
 class CandidateCosts:
@@ -108,6 +132,7 @@ class CandidateCosts:
             schedule=_col(_SCHEDULE_NAMES[c.schedule[rows]]),
             virtual_stages=_col(c.virtual_stages[rows]),
             overlap_grad_reduce=np.full((len(rows), 1), overlap_grad_reduce),
+            offload=_col(_OFFLOAD_NAMES[c.offload[rows]]),
             microbatches=_col(self.microbatches[rows]),
             blocks=self._even_blocks(pp)[c.virtual_stages[rows]],
             embedding=self.kinds["embedding"].take(key),
@@ -144,7 +169,16 @@ class CandidateCosts:
         block, edges = block[self.layer_key], edges[self.layer_key]
         total = self.model.num_layers * block + edges
         slowest_at_most = self._most_blocks_on_a_device() * block + edges
-        return self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
+        pipeline = self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
+        return pipeline + self._cpu_optimizer_floor_s()
+
+    def _cpu_optimizer_floor_s(self) -> np.ndarray:
+        """Rows that offload the optimizer step it on the host, on the critical path (planner/cost/offload.py): at
+        least `cpu_optimizer_floor_s`. Without it an offloading row, never faster than its twin that does not
+        offload, would be costed wherever its twin is."""
+        offloading = (self.candidates.offload != OFFLOADS.index("none")) & (self.cluster.gpu.kind != "cpu")
+        floor = cpu_optimizer_floor_s(self.model, self.training.optimizer, self.cluster)
+        return np.where(offloading, floor, 0.0)
 
     def _most_blocks_on_a_device(self) -> np.ndarray:
         c, most = self.candidates, np.empty(len(self.candidates), dtype=np.int64)
@@ -158,12 +192,16 @@ class CandidateCosts:
         step = np.empty(len(rows))
         peak = np.empty(len(rows))
         stage = np.empty(len(rows), dtype=np.int64)
+        host = np.zeros(len(rows))
         pps = self.candidates.pp[rows]
         for pp in np.unique(pps):
             where = np.flatnonzero(pps == pp)
-            result = evaluate(self.batch(rows[where], int(pp), overlap_grad_reduce))
+            batch = self.batch(rows[where], int(pp), overlap_grad_reduce)
+            result = evaluate(batch)
             step[where], peak[where], stage[where] = result.step_time_s, result.peak_bytes, result.peak_stage
-        return RowCosts(rows, step, peak, stage)
+            host[where] = result.host_bytes_per_node(batch)
+        capacity = self.cluster.host_memory_bytes
+        return RowCosts(rows, step, peak, stage, host / capacity if capacity is not None else np.zeros(len(rows)))
 
 
 def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

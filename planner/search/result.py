@@ -20,6 +20,8 @@ class ClosestPlan(Frozen):
     estimate: StepEstimate
     over_bytes: float  # peak bytes above the search's memory limit
     over_stage: int
+    # Host bytes per node its CPU offload needs above a node's RAM (0: within it, or no offload).
+    over_host_bytes: float = 0.0
 
 
 class Rejection(Frozen):
@@ -39,6 +41,7 @@ class CandidateCounts(Frozen):
     pruned_by_bound: int  # never costed: their lower bound was slower than the k-th best plan
     out_of_memory: int  # costed and over the memory limit
     over_memory_band: int = 0  # costed, under the limit, but over it at the upper memory band (search.memory_safety)
+    over_host_memory: int = 0  # costed, but their CPU offload needs more than a node's RAM
     fits: int  # costed and within it
     partitioned: int  # leading candidates re-split by the layer-to-stage ILP
 

@@ -23,7 +23,7 @@ import numpy as np
 from planner.cost.step import TIME_TERMS, estimate_step
 from planner.describe import describe_plan
 from planner.request import PlanRequest, ProfileResolver, parse_plan_request
-from planner.search.evaluate import CandidateCosts, RowCosts
+from planner.search.evaluate import OVER_FRACTION_DECIMALS, CandidateCosts, RowCosts
 from planner.search.rank import LAYOUT_TIE_TOLERANCE, model_parallel_axes, simplest_first
 from planner.search.result import (
     CandidateCounts,
@@ -68,7 +68,7 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     # The k fastest that fit; when none fits, the k nearest to fitting, which a re-split may yet make fit.
     leaders = _leaders(costed, candidates, limit, options.top_k)
     if len(leaders) == 0:
-        leaders = costed.rows[np.argsort(costed.peak_bytes, kind="stable")[: options.top_k]]
+        leaders = costed.rows[costed.nearest_to_fitting(limit)[: options.top_k]]
     estimated = [_full(req, candidates.plan(int(r), options.overlap_grad_reduce)) for r in leaders]
     partitioned = 0
     if options.partition:
@@ -78,8 +78,8 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
     ranked = _rank(estimated, limit)[: options.top_k]
     finished = time.perf_counter()
 
-    fits = costed.peak_bytes <= limit
-    over_band = ~fits & (costed.peak_bytes <= limit * safety.factor)
+    fits = costed.fits(limit)
+    over_band = ~fits & ~costed.host_over & (costed.peak_bytes <= limit * safety.factor)
     return SearchResult(
         plans=[RankedPlan(rank=i + 1, plan=plan, estimate=est) for i, (plan, est) in enumerate(ranked)],
         closest=[] if ranked else _closest(estimated, limit),
@@ -91,8 +91,9 @@ def search(request: dict[str, Any] | PlanRequest, resolve_profile: ProfileResolv
             enumerated=len(candidates),
             evaluated=len(costed.rows),
             pruned_by_bound=pruned,
-            out_of_memory=int((~fits & ~over_band).sum()),
+            out_of_memory=int((~fits & ~over_band & ~costed.host_over).sum()),
             over_memory_band=int(over_band.sum()),
+            over_host_memory=int(costed.host_over.sum()),
             fits=int(fits.sum()),
             partitioned=partitioned,
         ),
@@ -147,7 +148,7 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
         rows = order[start : start + chunk]
         part = costs.cost(rows, overlap)
         parts.append(part)
-        best = np.sort(np.concatenate([best, part.step_time_s[part.peak_bytes <= limit]]))[:top_k]
+        best = np.sort(np.concatenate([best, part.step_time_s[part.fits(limit)]]))[:top_k]
         start, chunk = start + len(rows), chunk * 2
     return RowCosts.concat(parts), total - start
 
@@ -155,7 +156,7 @@ def _branch_and_bound(costs: CandidateCosts, limit: float, top_k: int, overlap: 
 def _leaders(costed: RowCosts, candidates: Candidates, limit: float, top_k: int) -> np.ndarray:
     """Rows of the first k fitting candidates in rank order (search/rank.py: fastest first, near ties to the simpler
     layout)."""
-    fits = np.flatnonzero(costed.peak_bytes <= limit)
+    fits = np.flatnonzero(costed.fits(limit))
     rows = costed.rows[fits]
     order = simplest_first(
         costed.step_time_s[fits], costed.peak_bytes[fits], candidates.cp[rows], candidates.tp[rows],
@@ -170,11 +171,18 @@ def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstim
 
 def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[tuple[ParallelPlan, StepEstimate]]:
     """The fitting plans in rank order (search/rank.py)."""
-    fitting = [(p, e) for p, e in plans if e.memory.peak_bytes <= limit]
+    fitting = [(p, e) for p, e in plans if _fits(e, limit)]
     cp, tp, pp = np.array([(p.cp, p.tp, p.pp) for p, _ in fitting]).reshape(-1, 3).T
     times = np.array([e.step_time_s for _, e in fitting])
     order = simplest_first(times, np.array([e.memory.peak_bytes for _, e in fitting]), cp, tp, pp, len(fitting))
     return [fitting[i] for i in order]
+
+
+def _fits(estimate: StepEstimate, limit: float) -> bool:
+    """Under the GPU memory limit, and its offload (if any) within a node's RAM."""
+    memory = estimate.memory
+    host_fits = memory.host_capacity_bytes is None or memory.host_bytes_per_node <= memory.host_capacity_bytes
+    return memory.peak_bytes <= limit and host_fits
 
 
 # ------------------------------------------------------------------------------------------- answers
@@ -182,16 +190,32 @@ def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[
 
 def _closest(estimated: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[ClosestPlan]:
     """When nothing fits: the candidates nearest to fitting, by how much they are over."""
-    nearest = sorted(estimated, key=lambda pe: pe[1].memory.peak_bytes)
+    nearest = sorted(estimated, key=lambda pe: _over_fraction(pe[1], limit))
     return [
         ClosestPlan(
             plan=plan,
             estimate=est,
             over_bytes=est.memory.peak_bytes - limit,
             over_stage=est.memory.peak_stage,
+            over_host_bytes=_host_over_bytes(est),
         )
         for plan, est in nearest
     ]
+
+
+def _over_fraction(estimate: StepEstimate, limit: float) -> tuple[float, float]:
+    """How far a plan is over, as a fraction of what it is held to, then its GPU peak's fraction (evaluate.py
+    `RowCosts.nearest_to_fitting`)."""
+    memory = estimate.memory
+    host = memory.host_bytes_per_node / memory.host_capacity_bytes if memory.host_capacity_bytes else 0.0
+    return round(max(memory.peak_bytes / limit, host), OVER_FRACTION_DECIMALS), memory.peak_bytes / limit
+
+
+def _host_over_bytes(estimate: StepEstimate) -> float:
+    memory = estimate.memory
+    if memory.host_capacity_bytes is None:
+        return 0.0
+    return max(0.0, memory.host_bytes_per_node - memory.host_capacity_bytes)
 
 
 def _rejections(
@@ -199,7 +223,13 @@ def _rejections(
 ) -> list[Rejection]:
     """`limit`: what estimated peaks are held to, the memory limit / `safety.factor`."""
     memory_limit = limit * safety.factor  # search.max_memory_fraction x GPU memory
-    over = costed.peak_bytes > memory_limit
+    over = (costed.peak_bytes > memory_limit) & ~costed.host_over
+    rejected.add(
+        "candidate",
+        "host_memory_exceeded",
+        int(costed.host_over.sum()),
+        "CPU offload needs more host memory per node than cluster.host_memory_per_node_bytes",
+    )
     rejected.add(
         "candidate",
         "out_of_memory",
@@ -207,7 +237,10 @@ def _rejections(
         f"peak memory above the limit of {memory_limit / GiB:.2f} GiB (search.max_memory_fraction x GPU memory)",
     )
     rejected.add(
-        "candidate", "memory_safety", int(((costed.peak_bytes > limit) & ~over).sum()), safety.rejection(memory_limit)
+        "candidate",
+        "memory_safety",
+        int(((costed.peak_bytes > limit) & ~over & ~costed.host_over).sum()),
+        safety.rejection(memory_limit),
     )
     rejected.add(
         "candidate",
@@ -288,8 +321,11 @@ def _binding_constraint(
     reasons = []
     if (faster & over).any():
         reasons.append(_memory_binds(np.flatnonzero(faster & over), candidates, costed, limit, overlap))
-    if (faster & ~over).any():
-        reasons.append(_simplicity_binds(np.flatnonzero(faster & ~over), winner, costed))
+    if (faster & costed.host_over & ~over).any():
+        count = int((faster & costed.host_over & ~over).sum())
+        reasons.append(f"host memory: {count:,} faster candidates offload more than a node's RAM holds")
+    if (faster & costed.fits(limit)).any():
+        reasons.append(_simplicity_binds(np.flatnonzero(faster & costed.fits(limit)), winner, costed))
     if reasons:
         return "; ".join(reasons)
     headroom = (limit - winner.memory.peak_bytes) / GiB

@@ -19,9 +19,12 @@ import numpy as np
 
 from planner.errors import InfeasiblePlanError, Violation
 from planner.rules import (
+    framework_offload_violation,
     framework_runs_zero_stage,
     framework_zero_violation,
+    host_side_violations,
     interleaved_round_violation,
+    offload_zero_violation,
     partial_interleaved_round,
     plan_violations,
     sequence_parallel_splits,
@@ -31,6 +34,7 @@ from planner.specs import MESH_AXES, ClusterSpec, Degrees, ModelSpec, ParallelPl
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 RECOMPUTE = ("none", "selective", "full")
+OFFLOADS = ("none", "optimizer", "optimizer_and_params")
 
 
 @dataclass
@@ -48,8 +52,8 @@ class Rejections:
 
 @dataclass(frozen=True)
 class Candidates:
-    """One row per candidate plan. Schedules and recompute modes are stored as indices into SCHEDULES and
-    RECOMPUTE so every column is an integer array."""
+    """One row per candidate plan. Schedules, recompute modes and offloads are stored as indices into SCHEDULES,
+    RECOMPUTE and OFFLOADS so every column is an integer array."""
 
     dp: np.ndarray
     tp: np.ndarray
@@ -61,6 +65,7 @@ class Candidates:
     recompute: np.ndarray
     schedule: np.ndarray
     virtual_stages: np.ndarray
+    offload: np.ndarray
 
     def __len__(self) -> int:
         return len(self.dp)
@@ -90,6 +95,7 @@ class Candidates:
             schedule=SCHEDULES[self.schedule[row]],
             virtual_stages=int(self.virtual_stages[row]),
             overlap_grad_reduce=overlap_grad_reduce,
+            offload=OFFLOADS[self.offload[row]],
         )
 
 
@@ -118,7 +124,8 @@ def _fixed_against_rules(
     """The plan rules a fixed field breaks whatever the other fields are. A plan with only the fixed fields
     set is checked and only the violations blaming a fixed field are kept."""
     fixed = options.fixed.model_dump(exclude_none=True)
-    probe = ParallelPlan.model_construct(**fixed)
+    # An unfixed ZeRO stage is probed at the highest allowed, which every offload accepts.
+    probe = ParallelPlan.model_construct(**{"zero_stage": max(options.zero_stages), **fixed})
     found = [
         Violation(f"search.fixed.{v.field.removeprefix('plan.')}", v.code, v.message)
         for v in [*probe._intrinsic_violations(), *plan_violations(probe, model, training, cluster)]
@@ -149,7 +156,12 @@ def _fixed_against_rules(
 
 def _fixed_against_options(cluster: ClusterSpec, options: SearchOptions) -> list[Violation]:
     fixed, found = options.fixed, []
-    allowed = {"schedule": options.schedules, "recompute": options.recompute, "zero_stage": options.zero_stages}
+    allowed = {
+        "schedule": options.schedules,
+        "recompute": options.recompute,
+        "zero_stage": options.zero_stages,
+        "offload": options.offloads,
+    }
     if options.micro_batch_sizes is not None:
         allowed["micro_batch_size"] = options.micro_batch_sizes
     for name, values in allowed.items():
@@ -230,19 +242,24 @@ def search_space(
     check_options(model, training, cluster, options)
     rejected = Rejections()
     parts = [
-        expand(layout, model, training, options, rejected)
+        expand(layout, model, training, cluster, options, rejected)
         for layout in layouts(model, training, cluster, options, rejected)
     ]
     return Candidates.concat(parts), rejected
 
 
 def expand(
-    layout: Degrees, model: ModelSpec, training: TrainingSpec, options: SearchOptions, rejected: Rejections
+    layout: Degrees,
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    rejected: Rejections,
 ) -> Candidates:
     """Every candidate of one layout: the product of the per-field choices, minus the combinations the
     rules forbid (counted)."""
     choices = {
-        "zero_stage": _zero_stages(layout, training, options, rejected),
+        "zero_offload": _zero_offloads(layout, training, cluster, options, rejected),
         "micro_batch_size": _micro_batch_sizes(layout, training, options),
         "sequence_parallel": _sequence_parallel(layout, training, options, rejected),
         "recompute": [RECOMPUTE.index(r) for r in options.recompute if options.fixed.recompute in (None, r)],
@@ -250,9 +267,11 @@ def expand(
     }
     if not all(choices.values()):
         return Candidates.concat([])
-    grid = np.stack(np.meshgrid(*[np.arange(len(c)) for c in choices.values()], indexing="ij"), -1).reshape(-1, 5)
+    grid = np.stack(np.meshgrid(*[np.arange(len(c)) for c in choices.values()], indexing="ij"), -1)
+    grid = grid.reshape(-1, len(choices))
     columns = {name: np.asarray(values)[grid[:, i]] for i, (name, values) in enumerate(choices.items())}
     schedule, virtual = columns.pop("schedule_v").T
+    columns["zero_stage"], columns["offload"] = columns.pop("zero_offload").T
     microbatches = training.global_batch_size // (layout.dp * columns["micro_batch_size"])
     interleaved = schedule == SCHEDULES.index("interleaved_1f1b")
     partial_round = interleaved & partial_interleaved_round(microbatches, layout.pp)
@@ -269,6 +288,30 @@ def expand(
     )
 
 
+def _zero_offloads(
+    layout: Degrees, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections
+) -> list[tuple[int, int]]:
+    """(ZeRO stage, offload index) pairs the training stack runs and the rules allow (an offload needs its least
+    ZeRO stage, planner/rules.py). With one replica the stage shards nothing, so each offload keeps only the
+    least stage it runs at."""
+    stages = _zero_stages(layout, training, options, rejected)
+    offloads = _offloads(training, cluster, options, rejected)
+    # Not counted as rejections: like a schedule's virtual stages, the pairs define the space.
+    pairs = [
+        (zero_stage, OFFLOADS.index(offload))
+        for zero_stage, offload in itertools.product(stages, offloads)
+        if offload_zero_violation(offload, zero_stage) is None
+    ]
+    if layout.dp * layout.cp > 1 or len(stages) == 1:
+        return pairs
+    # ZeRO shards over dp x cp; with one replica every stage is ZeRO 0 plus FSDP's working copies.
+    least = {offload: min(z for z, o in pairs if o == offload) for _, offload in pairs}
+    kept = [(z, o) for z, o in pairs if z == least[o]]
+    dropped = len(pairs) - len(kept)
+    rejected.add("candidate", "zero_without_replicas", dropped, "ZeRO over dp x cp = 1 rank only adds FSDP buffers")
+    return kept
+
+
 def _zero_stages(layout: Degrees, training: TrainingSpec, options: SearchOptions, rejected: Rejections) -> list[int]:
     stages = [z for z in options.zero_stages if options.fixed.zero_stage in (None, z)]
     unsupported = [z for z in stages if not framework_runs_zero_stage(training.framework, z, layout.pp)]
@@ -276,15 +319,24 @@ def _zero_stages(layout: Degrees, training: TrainingSpec, options: SearchOptions
         example = framework_zero_violation(training.framework, unsupported[0], layout.pp)
         rejected.add("candidate", example.code, len(unsupported), example.message)
         stages = [z for z in stages if z not in unsupported]
-    if not stages:
-        return stages
-    if layout.dp * layout.cp > 1 or len(stages) == 1:
-        return stages
-    # ZeRO shards over dp x cp; with one replica every stage is ZeRO 0 plus FSDP's working copies.
-    rejected.add(
-        "candidate", "zero_without_replicas", len(stages) - 1, "ZeRO over dp x cp = 1 rank only adds FSDP buffers"
-    )
-    return stages[:1]
+    return stages
+
+
+def _offloads(training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions, rejected: Rejections) -> list[str]:
+    """The offloads to search: allowed, fixed, run by the training stack, and with the host side known. On a CPU
+    device offload moves nothing (planner/cost/offload.py), so an offloading plan would only repeat its twin."""
+    kept: list[str] = []
+    wanted = [o for o in options.offloads if options.fixed.offload in (None, o)]
+    if cluster.gpu.kind == "cpu" and options.fixed.offload is None:
+        wanted = [o for o in wanted if o == "none"] or wanted[:1]
+    for offload in wanted:
+        found = framework_offload_violation(training.framework, offload)
+        broken = ([] if found is None else [found]) + host_side_violations(offload, cluster)
+        if broken:
+            rejected.add("candidate", broken[0].code, 1, broken[0].message)
+        else:
+            kept.append(offload)
+    return kept
 
 
 def _micro_batch_sizes(layout: Degrees, training: TrainingSpec, options: SearchOptions) -> list[int]:

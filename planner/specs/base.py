@@ -14,6 +14,10 @@ Optimizer = Literal["adamw", "sgd"]
 Framework = Literal["megatron", "deepspeed", "fsdp", "paraplan"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+# What lives in host (CPU) memory instead of on the GPU: ZeRO-Offload (Ren et al. 2021) moves the optimizer's
+# states, its step and the gradients; ZeRO-Infinity (Rajbhandari et al. 2021) the weights as well. DeepSpeed's
+# `zero_optimization.offload_optimizer` / `offload_param` with `device: cpu` (planner/cost/offload.py).
+Offload = Literal["none", "optimizer", "optimizer_and_params"]
 
 
 def _text(value: str) -> str:

@@ -49,6 +49,12 @@ class GpuSpec(Frozen):
     attention_efficiency: Annotated[Real, Field(gt=0, le=1)] | None = None
     memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.8
     source: Text = ""
+    # The host side, for CPU offload (planner/cost/offload.py): the achievable host <-> device copy rate of one GPU's
+    # PCIe link per direction, and the RAM of the node it comes in (the reference system's). None: not known for
+    # this GPU; an offloading plan then needs the cluster's override.
+    host_link_GBps: Annotated[Real, Field(gt=0)] | None = None
+    host_memory_per_node_bytes: Annotated[Int, Field(gt=0)] | None = None
+    host_source: Text = ""
 
     @field_validator("peak_tflops")
     @classmethod
@@ -71,6 +77,10 @@ class ClusterSpec(Frozen):
     gpus_per_node: Annotated[Int, Field(ge=1, le=1024)] = 8
     intra_node_GBps: Annotated[Real, Field(gt=0)] | None = None
     inter_node_GBps: Annotated[Real, Field(gt=0)] | None = None
+    # Override the GPU preset's host side (GpuSpec.host_link_GBps, host_memory_per_node_bytes): CPU offload's PCIe
+    # rate per GPU and direction, and the RAM of one node that the offloaded states must fit in.
+    host_link_GBps: Annotated[Real, Field(gt=0)] | None = None
+    host_memory_per_node_bytes: Annotated[Int, Field(gt=0)] | None = None
     # A HardwareProfile file or stored id. The edge (planner/request.py) reads it; the cost model takes what it
     # measured as an explicit argument (planner.cost.measured.ProfileCosts), never through this spec.
     profile: Text | None = None
@@ -87,6 +97,19 @@ class ClusterSpec(Frozen):
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    @property
+    def host_link_Bps(self) -> float | None:
+        """Bytes per second one GPU copies to or from host memory (the override, else the GPU preset's)."""
+        rate = self.host_link_GBps if self.host_link_GBps is not None else self.gpu.host_link_GBps
+        return None if rate is None else rate * 1e9
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        """RAM of one node (the override, else the GPU preset's reference node), or None: not known."""
+        if self.host_memory_per_node_bytes is not None:
+            return self.host_memory_per_node_bytes
+        return self.gpu.host_memory_per_node_bytes
 
     @property
     def intra_link(self) -> LinkSpec:

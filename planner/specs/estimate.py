@@ -22,6 +22,8 @@ class StageMemory(Frozen):
     total_bytes: float
     capacity_bytes: float
     over_bytes: float  # > 0: does not fit, by this many bytes
+    # Host (CPU) memory one GPU of this stage keeps offloaded (plan.offload); not part of total_bytes.
+    host_bytes: float = 0.0
 
 
 class MemoryEstimate(Frozen):
@@ -29,6 +31,10 @@ class MemoryEstimate(Frozen):
     peak_stage: int
     capacity_bytes: float
     by_stage: list[StageMemory]
+    # CPU offload (plan.offload): host bytes one node's GPUs keep offloaded, and the node's RAM
+    # (cluster.host_memory_per_node_bytes; null: not known). Host memory, never counted in the GPU's peak.
+    host_bytes_per_node: float = 0.0
+    host_capacity_bytes: float | None = None
 
     @property
     def allocated_peak_bytes(self) -> float:
@@ -52,6 +58,8 @@ class TimeBreakdown(Frozen):
     dp_comm_s: float = Field(description="data-parallel comm (exposed)")
     bubble_s: float = Field(description="pipeline bubble")
     optimizer_s: float = Field(description="optimizer step")
+    # Exposed part only: CPU offload's PCIe copies that neither backward nor compute hides (planner/cost/offload.py).
+    offload_s: float = Field(0.0, description="CPU offload PCIe (exposed)")
 
     @property
     def total_s(self) -> float:
@@ -85,6 +93,20 @@ class EstimateUncertainty(Frozen):
     fitted: str | None = Field(description="when the bands were fitted (null: no bands stored)")
 
 
+class OffloadTraffic(Frozen):
+    """What CPU offload (plan.offload) moves over one GPU's PCIe link each step, on the GPU whose stage moves the
+    most, and how long it takes (planner/cost/offload.py)."""
+
+    offload: str = Field(description="plan.offload: optimizer or optimizer_and_params")
+    device_to_host_bytes: float = Field(description="gradients to the host, per GPU and step")
+    host_to_device_bytes: float = Field(description="weights to the GPU (updated, or fetched per pass), per GPU")
+    host_link_GBps: float = Field(description="the PCIe rate per GPU and direction it moves at")
+    device_to_host_s: float
+    host_to_device_s: float
+    exposed_s: float = Field(description="the part on the critical path (the breakdown's offload_s)")
+    cpu_optimizer_s: float = Field(description="the CPU optimizer step (the breakdown's optimizer_s)")
+
+
 class StepEstimate(Frozen):
     """The cost model's answer for one (model, training, cluster, plan)."""
 
@@ -105,6 +127,8 @@ class StepEstimate(Frozen):
     uncertainty: EstimateUncertainty
     why_not_fits: list[str] = []
     assumptions: list[str] = []
+    # CPU offload's PCIe traffic and CPU step; null without offload.
+    offload: OffloadTraffic | None = None
 
 
 class ScheduledTask(Frozen):

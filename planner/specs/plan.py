@@ -7,7 +7,18 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
-from planner.specs.base import Degree, Frozen, Int, Layers, Real, Recompute, Schedule, Tokens, ZeroStage
+from planner.specs.base import (
+    Degree,
+    Frozen,
+    Int,
+    Layers,
+    Offload,
+    Real,
+    Recompute,
+    Schedule,
+    Tokens,
+    ZeroStage,
+)
 from planner.specs.training import TrainingSpec
 
 
@@ -69,6 +80,10 @@ class ParallelPlan(Frozen):
     layers_per_stage: tuple[Layers, ...] | None = None
     # Reduce gradients while backward still runs (PyTorch DDP / FSDP do; Megatron-LM before 2023 did not).
     overlap_grad_reduce: bool = True
+    # CPU offload (ZeRO-Offload / ZeRO-Infinity): "optimizer" keeps the optimizer's states, its step and the
+    # gradients in host memory; "optimizer_and_params" the weights as well (ZeRO-3 only). DeepSpeed's
+    # offload_optimizer / offload_param (device: cpu); FSDP2's CPUOffloadPolicy is "optimizer_and_params".
+    offload: Offload = "none"
 
     @model_validator(mode="after")
     def _intrinsic_rules(self) -> ParallelPlan:
@@ -162,6 +177,7 @@ class FixedPlanFields(Frozen):
     recompute: Recompute | None = None
     schedule: Schedule | None = None
     virtual_stages: Layers | None = None
+    offload: Offload | None = None
 
 
 class SearchOptions(Frozen):
@@ -179,6 +195,9 @@ class SearchOptions(Frozen):
     schedules: tuple[Schedule, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
     recompute: tuple[Recompute, ...] = ("none", "selective", "full")
     zero_stages: tuple[ZeroStage, ...] = (0, 1, 2, 3)
+    # CPU offload is searched like the ZeRO stage: a plan that offloads is never faster than its twin that does
+    # not (planner/cost/offload.py), so it ranks only where the twin does not fit.
+    offloads: tuple[Offload, ...] = ("none", "optimizer", "optimizer_and_params")
     # None: every divisor of the per-replica batch
     micro_batch_sizes: Annotated[tuple[Tokens, ...], Field(max_length=64)] | None = None
     max_tp: Degree | None = None  # None: the GPUs of one node
@@ -188,7 +207,7 @@ class SearchOptions(Frozen):
     overlap_grad_reduce: bool = True
     partition: bool = True  # balance layers over stages with the ILP for the leading candidates
 
-    @field_validator("schedules", "recompute", "zero_stages")
+    @field_validator("schedules", "recompute", "zero_stages", "offloads")
     @classmethod
     def _not_empty(cls, value: tuple) -> tuple:
         if not value:

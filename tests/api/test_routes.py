@@ -174,6 +174,18 @@ def test_an_estimate_of_an_invalid_plan_names_the_plan_field(client: TestClient,
     assert all(violation["message"] for violation in error["violations"])
 
 
+def test_an_offload_over_the_node_ram_is_a_422_naming_the_field_and_the_bytes(
+    client: TestClient, tiny_request: dict[str, Any]
+) -> None:
+    tiny_request["cluster"] = {"gpu": "h100-sxm", "gpus_per_node": 2, "host_memory_per_node_bytes": 1000}
+    tiny_request["plan"] = {"dp": 2, "zero_stage": 3, "offload": "optimizer_and_params"}
+    tiny_request["training"].pop("precision", None)
+    error = error_of(client.post("/v1/estimates", json=tiny_request), 422, "invalid_plan")
+    (violation,) = error["violations"]
+    assert violation["field"] == "cluster.host_memory_per_node_bytes" and violation["code"] == "host_memory_exceeded"
+    assert "over by" in violation["message"]
+
+
 @pytest.mark.parametrize(
     ("section", "name", "value", "field"),
     [

@@ -106,7 +106,18 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     # an all-reduce in each operation that reads it).
     optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
     return {"losses": losses, "grad_norms": norms, "local_params": local_params,
-            "optimizer_collectives": optimizer_collectives, "misplaced_grads": misplaced_grads}  # fmt: skip
+            "optimizer_collectives": optimizer_collectives, "misplaced_grads": misplaced_grads,
+            "offload_policies": sorted(_offload_policies(applied))}  # fmt: skip
+
+
+def _offload_policies(applied: Any) -> set[str]:
+    """The class names of the offload policies FSDP2 runs this rank's parameter groups with (a private attribute:
+    torch has no public getter; the offload test checks the policy really reached fully_shard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for chunk in applied.chunks for m in chunk.modules() if isinstance(m, FSDPModule)]
+    groups = [group for m in modules for group in m._get_fsdp_state()._fsdp_param_groups]
+    return {type(group.offload_policy).__name__ for group in groups}
 
 
 def _named_parameters(applied: Any) -> Iterator[tuple[str, torch.Tensor]]:

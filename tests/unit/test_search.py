@@ -12,7 +12,7 @@ import planner
 from planner.cost.step import estimate_step
 from planner.errors import InfeasiblePlanError
 from planner.request import parse_plan_request
-from planner.rules import plan_violations
+from planner.rules import OFFLOAD_MIN_ZERO_STAGE, plan_violations
 from planner.search.evaluate import CandidateCosts
 from planner.search.rank import LAYOUT_TIE_TOLERANCE
 from planner.search.space import search_space
@@ -46,7 +46,8 @@ def small_request(case, **search) -> dict:
 
 def brute_force_plans(req) -> list[ParallelPlan]:
     """Every valid plan, enumerated field by field with no help from planner/search, in canonical form: one
-    schedule without a pipeline and ZeRO 0 without replicas (where every stage is ZeRO 0 plus buffers)."""
+    schedule without a pipeline and, without replicas (where every stage is ZeRO 0 plus buffers), the least ZeRO
+    stage the plan's offload needs."""
     model, training, cluster = req.model, req.training, req.cluster
     n = cluster.num_gpus
     found = set()
@@ -54,14 +55,15 @@ def brute_force_plans(req) -> list[ParallelPlan]:
     for dp, tp, pp, cp in itertools.product(divisors, repeat=4):
         if dp * tp * pp * cp != n or cluster.gpus_per_node % tp:
             continue
-        for zero, mbs, sp, recompute, schedule, v in itertools.product(
+        for zero, mbs, sp, recompute, schedule, v, offload in itertools.product(
             range(4), range(1, training.global_batch_size + 1), (False, True), ("none", "selective", "full"),
             ("gpipe", "1f1b", "interleaved_1f1b"), range(1, model.num_layers + 1),
+            ("none", "optimizer", "optimizer_and_params"),
         ):  # fmt: skip
             try:
                 plan = ParallelPlan(
                     dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, micro_batch_size=mbs, sequence_parallel=sp,
-                    recompute=recompute, schedule=schedule, virtual_stages=v,
+                    recompute=recompute, schedule=schedule, virtual_stages=v, offload=offload,
                 )  # fmt: skip
             except ValueError:
                 continue
@@ -70,7 +72,7 @@ def brute_force_plans(req) -> list[ParallelPlan]:
             if pp == 1:
                 plan = plan.model_copy(update={"schedule": "1f1b"})
             if dp * cp == 1:
-                plan = plan.model_copy(update={"zero_stage": 0})
+                plan = plan.model_copy(update={"zero_stage": OFFLOAD_MIN_ZERO_STAGE[offload]})
             found.add(plan)
     return sorted(found, key=repr)
 
@@ -172,8 +174,13 @@ def test_nothing_fits_answers_the_closest_candidates():
     result = planner.search(request)
     assert not result.found and result.plans == [] and result.explanation is None
     assert result.closest
-    overs = [c.over_bytes for c in result.closest]
-    assert all(over > 0 for over in overs) and overs == sorted(overs)
+    # Each is over the GPU memory limit or, offloading, over a node's RAM, nearest first by the fraction over.
+    assert all(c.over_bytes > 0 or c.over_host_bytes > 0 for c in result.closest)
+    limit = result.memory_limit_bytes
+    fractions = [round(max(c.estimate.memory.peak_bytes / limit,
+                           c.estimate.memory.host_bytes_per_node / c.estimate.memory.host_capacity_bytes), 3)
+                 for c in result.closest]  # fmt: skip
+    assert fractions == sorted(fractions) and fractions[0] > 1
     assert result.counts.fits == 0 and result.counts.pruned_by_bound == 0  # nothing to prune against
     assert result.closest[0].over_bytes == pytest.approx(
         result.closest[0].estimate.memory.peak_bytes - result.memory_limit_bytes

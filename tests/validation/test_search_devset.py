@@ -9,7 +9,7 @@ import pytest
 import planner
 from planner.devset import training_runs
 from planner.request import parse_estimate_request, parse_plan_request
-from planner.search.space import RECOMPUTE, SCHEDULES, search_space
+from planner.search.space import OFFLOADS, RECOMPUTE, SCHEDULES, search_space
 
 RUNS = training_runs()
 
@@ -37,6 +37,7 @@ def test_published_layout_is_a_candidate_and_the_found_plan_is_no_slower(run):
         same &= getattr(candidates, field) == getattr(plan, field)
     same &= candidates.schedule == SCHEDULES.index(plan.schedule)
     same &= candidates.recompute == RECOMPUTE.index(plan.recompute)
+    same &= candidates.offload == OFFLOADS.index(plan.offload)
     matches = np.flatnonzero(same)
     assert len(matches) == 1, "the published layout is among the candidates, once"
 
