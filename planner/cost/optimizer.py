@@ -35,9 +35,9 @@ def optimizer_traffic_bytes_per_param(precision: str, optimizer: str) -> int:
 # DeepSpeed's CPU-Adam steps 10B parameters in 2.57 s (Ren et al. 2021, "ZeRO-Offload", Table 2, CPU-Adam column;
 # 1B: 0.22 s) on the host of a DGX-2 (2 x 24-core Xeon Platinum 8168). Taken as what one node's CPUs do for all its
 # GPUs together: their processes share the host's cores and memory bandwidth. Seconds per parameter. (The table
-# was quoted from memory, not re-read; the roofline agrees: Adam on the host moves about 28 bytes per parameter
+# was quoted from memory, not re-read; the roofline agrees: Adam on the host moves 30 bytes per parameter
 # (fp32 gradient, weight, momentum and variance read, the last three written back, a 16-bit copy out), and 10B of
-# them in 2.57 s is 109 GB/s, 43% of the host's 2 sockets x 6 channels of DDR4-2666, 256 GB/s.)
+# them in 2.57 s is 117 GB/s, 46% of the host's 2 sockets x 6 channels of DDR4-2666, 256 GB/s.)
 CPU_ADAM_S_PER_PARAM = 2.57 / 10e9
 
 
