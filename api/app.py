@@ -27,6 +27,7 @@ from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
 from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
 from api.routes.common import ApiError, Service, error_response
+from api.search_pool import SearchPool
 from api.service import PlanSearches
 from api.settings import Settings
 from api.store import ApiStore
@@ -45,14 +46,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
     runner = JobRunner(store, settings, kinds)
-    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans))
+    pool = SearchPool(settings.search_workers)
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans, pool=pool))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.start()
+        pool.start()
         try:
             yield
         finally:
+            pool.close()  # no search worker outlives the lifespan
             runner.close()  # running jobs go on; the next server re-attaches to them
             store.close()
 

@@ -16,6 +16,7 @@ MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
 MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
 MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
 MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
+SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
@@ -44,6 +45,9 @@ class Settings:
     """Plan searches kept (the newest; a search a job runs is kept too): POST /v1/plans needs no token, and each
     search stores its request (up to max_request_bytes) and its answer, so without a bound anyone could fill the
     disk. 1000 searches of typical size (tens of KB) are tens of MB."""
+    search_workers: int = field(default_factory=lambda: default_search_workers())
+    """Worker processes that run plan searches side by side (api/search_pool.py); 0 runs them in the server's own
+    process, one at a time."""
     job_grace_s: float = 60.0
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
 
@@ -55,6 +59,8 @@ class Settings:
             raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
         if self.max_stored_plans < 1:
             raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
+        if self.search_workers < 0:
+            raise SettingsError(f"{SEARCH_WORKERS_ENV}: must be 0 or more (0: none), got {self.search_workers}")
         if self.max_request_bytes < 1024:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
         if self.api_token is not None:
@@ -74,6 +80,7 @@ class Settings:
             max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
             max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
             max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
+            search_workers=_int_env(SEARCH_WORKERS_ENV, default_search_workers()),
         )
         return replace(settings, **given)
 
@@ -105,6 +112,11 @@ def _check_token(token: str) -> None:
 def default_max_job_processes() -> int:
     """One process per core, and at least 8 (a one-node GPU job)."""
     return max(8, os.cpu_count() or 1)
+
+
+def default_search_workers() -> int:
+    """One search worker per core this process may run on: a search is CPU-bound and single-threaded."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _int_env(name: str, default: int) -> int:

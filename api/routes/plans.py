@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.routes.common import Limit, Offset, ServiceDep, body_schema, json_body, json_response, json_with, not_found
+from api.routes.common import (
+    Limit,
+    Offset,
+    ServiceDep,
+    body_schema,
+    error_response,
+    json_body,
+    json_response,
+    json_with,
+    not_found,
+)
+from api.search_pool import SearchUnavailable
 from api.store import PlanRow
 
 router = APIRouter(prefix="/plans", tags=["plans"])
@@ -33,12 +45,12 @@ def plan_text(row: PlanRow) -> str:
 )
 async def create_plan(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
-
-    def search_and_store() -> PlanRow:
-        parsed, result = service.searches.search(body)
-        return service.searches.store(body, parsed, result)
-
-    row = await run_in_threadpool(search_and_store)
+    parsed, pending = await run_in_threadpool(service.searches.submit, body)
+    try:  # awaited here, not in a thread: a thread per waiting search would starve the other routes of threads
+        answer = await asyncio.shield(asyncio.wrap_future(pending))  # shielded: others may wait for it too
+    except SearchUnavailable as error:
+        return error_response({"kind": "unavailable", "message": str(error)}, headers={"Retry-After": "1"})
+    row = await run_in_threadpool(service.searches.store, body, parsed, answer)
     return json_response(plan_text(row), 201, {"Location": f"/v1/plans/{row.id}"})
 
 
