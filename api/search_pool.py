@@ -19,6 +19,7 @@ ProcessPoolExecutor, one worker per core by default (Settings.search_workers).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -66,6 +67,8 @@ class SearchPool:
         self._executor: ProcessPoolExecutor | None = None
         self._retired: list[ProcessPoolExecutor] = []  # broken ones, joined at close()
         self._cold: set[ProcessPoolExecutor] = set()  # none of their workers started yet
+        self.in_flight = 0
+        """Tasks handed to workers and not finished (queued or running)."""
         self._lock = threading.Lock()
 
     @property
@@ -104,6 +107,8 @@ class SearchPool:
         except RuntimeError:  # shut down meanwhile: the app's lifespan is ending
             answer.set_exception(SearchUnavailable(SHUTTING_DOWN))
             return answer
+        with self._lock:
+            self.in_flight += 1
         running.add_done_callback(functools.partial(self._settle, answer, executor))
         self._start_every_worker(executor)
         return answer
@@ -115,8 +120,9 @@ class SearchPool:
         with self._lock:
             cold = executor in self._cold
             self._cold.discard(executor)
-        for _ in range(self.workers - 1 if cold else 0):
-            executor.submit(os.getpid)
+        with contextlib.suppress(RuntimeError):  # broken or shut down meanwhile: the next search starts afresh
+            for _ in range(self.workers - 1 if cold else 0):
+                executor.submit(os.getpid)
 
     def _run_here(self, answer: Future[T], fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         try:
@@ -129,6 +135,8 @@ class SearchPool:
 
     def _settle(self, answer: Future[T], executor: ProcessPoolExecutor, done: Future[tuple[T, Run]]) -> None:
         """Pass a worker's outcome on (called in the executor's own thread: nothing slow here)."""
+        with self._lock:
+            self.in_flight -= 1
         if done.cancelled():
             answer.set_exception(SearchUnavailable(SHUTTING_DOWN))
             return
