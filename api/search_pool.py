@@ -34,12 +34,20 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from planner.request import PlanRequest
+    from planner.search.result import SearchResult
 
 log = logging.getLogger("paraplan.api")
 T = TypeVar("T")
 RECENT_RUNS = 256
 """Runs remembered for diagnosis (which process ran a search, from when to when)."""
+WORKER_NICENESS = 5
+"""Added to the workers' nice value: Linux's scheduler then gives a busy worker about a third of the CPU share of
+a busy server process (each nice step is a factor of about 1.25 in weight: sched_prio_to_weight in the kernel's
+kernel/sched/core.c, 1024 at nice 0 and 335 at nice 5)."""
 SHUTTING_DOWN = "the server is shutting down; the search did not run"
 
 
@@ -169,9 +177,37 @@ class SearchPool:
         return executor
 
 
+# ==================================================================================== what a worker runs
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A SearchResult as JSON text, with what the plans table copies out of it (read once, not per request)."""
+
+    json: str
+    found: int
+    best_step_time_s: float | None
+
+    @classmethod
+    def of(cls, result: SearchResult) -> SearchAnswer:
+        best = result.plans[0].estimate.step_time_s if result.plans else None
+        return cls(result.model_dump_json(), len(result.plans), best)
+
+
+def search_answer(request: PlanRequest) -> SearchAnswer:
+    """Search, answering in JSON: the task the service gives its workers (here, so that a worker imports the
+    planner and this module, not the service's database layer), and the text is what crosses back."""
+    import planner
+
+    return SearchAnswer.of(planner.search(request))
+
+
 def _prepare_worker() -> None:
-    """In each worker, once: leave Ctrl-C to the server (a terminal sends SIGINT to the whole process group, and
-    the server stops its workers itself), and import the search before the first one is timed."""
+    """In each worker, once: yield the CPU to the server (with one worker per core the workers alone can fill the
+    machine, and the server's event loop must still answer at once: /healthz, memoized searches, job logs); leave
+    Ctrl-C to the server (a terminal sends SIGINT to the whole process group, and the server stops its workers
+    itself); import the search before the first one is timed."""
+    os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import planner.search  # noqa: F401
 

@@ -12,20 +12,16 @@ import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from api.commands import estimate as commands
 from api.errors import InputError
-from api.search_pool import SearchPool
+from api.search_pool import SearchAnswer, SearchPool, search_answer
 from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
 from planner.profiles import ProfileError
 from planner.request import EstimateRequest, PlanRequest
 from planner.specs import HardwareProfile
 from profiler.store import is_profile_id
-
-if TYPE_CHECKING:
-    from planner.search.result import SearchResult
 
 
 def stored_profile_resolver(store: ApiStore) -> Any:
@@ -50,20 +46,6 @@ def estimate(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
 
 def timeline(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
     return commands.timeline(body, stored_profile_resolver(store)).model_dump(mode="json")
-
-
-@dataclass(frozen=True)
-class SearchAnswer:
-    """A SearchResult as JSON text, with what the plans table copies out of it (read once, not per request)."""
-
-    json: str
-    found: int
-    best_step_time_s: float | None
-
-    @classmethod
-    def of(cls, result: SearchResult) -> SearchAnswer:
-        best = result.plans[0].estimate.step_time_s if result.plans else None
-        return cls(result.model_dump_json(), len(result.plans), best)
 
 
 class PlanSearches:
@@ -147,13 +129,6 @@ def _answered(answer: SearchAnswer) -> Future[SearchAnswer]:
     done: Future[SearchAnswer] = Future()
     done.set_result(answer)
     return done
-
-
-def search_answer(request: PlanRequest) -> SearchAnswer:
-    """Search, answering in JSON (run in a search worker: the text is what crosses back to the server)."""
-    import planner
-
-    return SearchAnswer.of(planner.search(request))
 
 
 def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:
