@@ -7,9 +7,13 @@ ProcessPoolExecutor, one worker per core by default (Settings.search_workers).
 - Workers are started with `spawn`, not `fork`: the server has threads (the event loop's, the job runner's,
   SQLAlchemy's pool) whose locks a forked child would inherit held. `forkserver` is not used either: its server
   process outlives any pool, so an app whose lifespan ended would leave a process behind. The executor starts
-  workers on demand (up to the limit), so an app that never searches starts none.
-- `start()` / `close()` follow the app's lifespan and may be repeated. A pool that is not started (an app used
-  without its lifespan) and a pool of 0 workers run each search in the calling thread, as the server did before.
+  workers on demand (up to the limit), so an app that never searches starts none. As with any spawned process,
+  a script run as `python script.py` that builds the app must do so under `if __name__ == "__main__":` (the
+  worker imports the script); `paraplan serve`, `python -m api.cli` and uvicorn's command need nothing. The first
+  spawn also starts Python's resource tracker, one per server process, kept until it exits.
+- `start()` / `close()` follow the app's lifespan and may be repeated; close() terminates the workers and joins
+  them, so none outlives the lifespan. A pool that is not started (an app used without its lifespan) and a pool
+  of 0 workers run each search in the calling thread, as the server did before.
 - A worker that dies (killed, out of memory) breaks the whole executor: every search it held fails with
   SearchUnavailable (the service answers 503), and a fresh executor takes the next search.
 - The planner's errors come back as the same exceptions (planner/errors.py keeps them picklable); one that would
@@ -19,7 +23,6 @@ ProcessPoolExecutor, one worker per core by default (Settings.search_workers).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import multiprocessing
@@ -74,7 +77,6 @@ class SearchPool:
         self.recent_runs: deque[Run] = deque(maxlen=RECENT_RUNS)
         self._executor: ProcessPoolExecutor | None = None
         self._retired: list[ProcessPoolExecutor] = []  # broken ones, joined at close()
-        self._cold: set[ProcessPoolExecutor] = set()  # none of their workers started yet
         self.in_flight = 0
         """Tasks handed to workers and not finished (queued or running)."""
         self._lock = threading.Lock()
@@ -90,14 +92,15 @@ class SearchPool:
                 self._executor = self._new_executor()
 
     def close(self) -> None:
-        """Stop every worker: searches queued are cancelled (their callers get SearchUnavailable), running ones
-        finish first (seconds at most). Afterwards searches run in the calling thread until start()."""
+        """Stop every worker now: searches still queued or running fail with SearchUnavailable (by now the server
+        has answered or dropped their requests). Stopped rather than waited for, since a worker still starting
+        (seconds, on a busy machine) would hold up the shutdown. Afterwards searches run in the calling thread
+        until start()."""
         with self._lock:
             executors, self._executor, self._retired = [self._executor, *self._retired], None, []
-            self._cold.clear()
         for executor in executors:
             if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+                _stop(executor)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """`fn(*args)` in a worker; the future's exception is fn's own, or SearchUnavailable."""
@@ -118,19 +121,7 @@ class SearchPool:
         with self._lock:
             self.in_flight += 1
         running.add_done_callback(functools.partial(self._settle, answer, executor))
-        self._start_every_worker(executor)
         return answer
-
-    def _start_every_worker(self, executor: ProcessPoolExecutor) -> None:
-        """On an executor's first search, start all its workers, not only the one this search needs: a worker
-        takes seconds to start, and a search arriving meanwhile would otherwise queue behind this one. (The
-        executor starts a worker per task that finds none idle; a no-op task per worker makes it start them.)"""
-        with self._lock:
-            cold = executor in self._cold
-            self._cold.discard(executor)
-        with contextlib.suppress(RuntimeError):  # broken or shut down meanwhile: the next search starts afresh
-            for _ in range(self.workers - 1 if cold else 0):
-                executor.submit(os.getpid)
 
     def _run_here(self, answer: Future[T], fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         try:
@@ -172,9 +163,19 @@ class SearchPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
-        executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_prepare_worker)
-        self._cold.add(executor)
-        return executor
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_prepare_worker)
+
+
+def _stop(executor: ProcessPoolExecutor) -> None:
+    """Cancel what is queued, terminate the workers, and join them and the executor's thread. (The executor has
+    no public way to terminate its workers before Python 3.14's terminate_workers; this is what it does.)"""
+    workers = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join()
+    executor.shutdown(wait=True)
 
 
 # ==================================================================================== what a worker runs
@@ -197,9 +198,9 @@ class SearchAnswer:
 def search_answer(request: PlanRequest) -> SearchAnswer:
     """Search, answering in JSON: the task the service gives its workers (here, so that a worker imports the
     planner and this module, not the service's database layer), and the text is what crosses back."""
-    import planner
+    from planner.search import search
 
-    return SearchAnswer.of(planner.search(request))
+    return SearchAnswer.of(search(request))
 
 
 def _prepare_worker() -> None:

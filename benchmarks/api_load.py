@@ -275,11 +275,12 @@ def report(args: argparse.Namespace, settings: list[Setting]) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column in ("workers", "scenario") else "right")
     for setting in settings:
-        runs = [("1. cached (same search)", setting.cached, None)] if setting.cached else []
+        runs: list[tuple[str, Outcome, Outcome | None]] = []
+        if setting.cached:
+            runs.append(("1. cached (same search)", setting.cached, None))
         runs += [(f"2. uncached (distinct) #{i + 1}", searches, health) for i, (searches, health) in
                  enumerate(setting.uncached)]  # fmt: skip
         for scenario, outcome, health in runs:
-            assert outcome is not None
             probe = [f"{health.percentile_ms(q):,.1f}" for q in (0.5, 0.99, 1.0)] if health else ["", "", ""]
             table.add_row(setting.name, scenario, str(args.clients), f"{outcome.wall_s:.1f}",
                           f"{len(outcome.latencies_s):,}", f"{outcome.errors:,}", f"{rate(outcome):,.1f}",
