@@ -48,6 +48,12 @@ def timeline(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
     return commands.timeline(body, stored_profile_resolver(store)).model_dump(mode="json")
 
 
+def _answered(answer: SearchAnswer) -> Future[SearchAnswer]:
+    done: Future[SearchAnswer] = Future()
+    done.set_result(answer)
+    return done
+
+
 class PlanSearches:
     """Plan searches, memoized: a search is a pure function of its parsed request (a stored profile never
     changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
@@ -123,12 +129,6 @@ class PlanSearches:
             result=answer.json,
         )
         return self._store.add_plan(row, keep=self._keep)
-
-
-def _answered(answer: SearchAnswer) -> Future[SearchAnswer]:
-    done: Future[SearchAnswer] = Future()
-    done.set_result(answer)
-    return done
 
 
 def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:
