@@ -25,8 +25,9 @@ from api.jobs.profile import ProfileJobBody, ProfileJobs
 from api.jobs.runner import JobRunner
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
-from api.routes import catalog, estimates, health, jobs, plans, profiles, validations
+from api.routes import catalog, estimates, exports, health, jobs, models, plans, profiles, scaling, validations
 from api.routes.common import ApiError, Service, error_response
+from api.routes.pages import install_pages
 from api.search_pool import SearchPool
 from api.service import PlanSearches
 from api.settings import Settings
@@ -62,12 +63,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # No slash redirects: Starlette answers `/v1/jobs/` with a 307 to an absolute URL built from the request's Host
     # header (a redirect anyone can point elsewhere); a path with a trailing slash is an unknown route (404).
+    # docs_url=None: /docs is served by api/routes/pages.py from vendored files (FastAPI's loads them from a CDN).
     app = FastAPI(title="paraplan", version=VERSION, lifespan=lifespan, redirect_slashes=False,
-                  description="Performance model and auto-parallel planner for PyTorch training.")  # fmt: skip
+                  description="Performance model and auto-parallel planner for PyTorch training.",
+                  docs_url=None, redoc_url=None)  # fmt: skip
     app.state.service = service
     app.include_router(health.router)
     for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router, validations.router):
         app.include_router(router, prefix="/v1")
+    for router in (models.router, scaling.router):
+        app.include_router(router, prefix="/v1")
+    app.include_router(exports.router, prefix="/v1")
+    install_pages(app)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -49,6 +49,10 @@ class InputError(ValueError):
         return cls(f"{field}: {message}", kind, [{"field": field, "message": message}])
 
 
+# What an InfeasiblePlanError's reason means, for people; any other reason is an invalid plan.
+_INFEASIBLE_MESSAGES = {"not_expressible": "the target stack cannot run this plan as given"}
+
+
 def error_payload(exc: ValueError, flag_for: FlagFor | None = None) -> dict[str, Any]:
     """The machine-readable form of a bad-input error. ``flag_for`` (the command line's) adds the flag that
     sets each field named. Anything but the known kinds is a bug and is raised again, traceback and all."""
@@ -61,7 +65,8 @@ def error_payload(exc: ValueError, flag_for: FlagFor | None = None) -> dict[str,
         return {"kind": exc.kind, "message": str(exc), **({"fields": exc.fields} if exc.fields else {})}
     if isinstance(exc, InfeasiblePlanError):
         details = exc.to_dict()
-        return {"kind": "invalid_plan", "reason": details["reason"], "message": "plan is invalid for this setup",
+        message = _INFEASIBLE_MESSAGES.get(exc.reason, "plan is invalid for this setup")
+        return {"kind": "invalid_plan", "reason": details["reason"], "message": message,
                 "violations": details["violations"]}  # fmt: skip
     if isinstance(exc, UnknownPresetError):
         return {"kind": "unknown_preset", "message": str(exc), "closest": exc.closest}

@@ -131,8 +131,9 @@ class PlanSearches:
         return self._store.add_plan(row, keep=self._keep)
 
 
-def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, Any]:
-    """The contract request (with `plan`) of the `rank`-th plan of stored search `plan_id`."""
+def stored_plan_request(store: ApiStore, plan_id: str, rank: int, rank_field: str = "plan_rank") -> dict[str, Any]:
+    """The contract request (with `plan`) of the `rank`-th plan of stored search `plan_id`; InputError naming
+    `plan_id` or the request's `rank_field`."""
     row = store.get_plan(plan_id)
     if row is None:
         raise InputError.at("plan_id", f"no stored plan search with id {plan_id!r}")
@@ -140,6 +141,6 @@ def stored_plan_request(store: ApiStore, plan_id: str, rank: int) -> dict[str, A
     if not ranked:
         raise InputError.at("plan_id", f"plan search {plan_id} found no plan that fits; there is nothing to run")
     if rank > len(ranked):
-        raise InputError.at("plan_rank", f"plan search {plan_id} ranked {len(ranked)} plan(s), not {rank}")
+        raise InputError.at(rank_field, f"plan search {plan_id} ranked {len(ranked)} plan(s), not {rank}")
     searched = json.loads(row.request)
     return {key: searched[key] for key in ("model", "training", "cluster")} | {"plan": ranked[rank - 1]["plan"]}

@@ -1,9 +1,9 @@
 """apply_plan: turn one rank's copy of the model into its share of a parallel plan, in DESIGN.md's fixed order.
 
-pipeline split -> tensor/sequence parallel -> activation recompute -> data parallel (DDP / FSDP2) -> pipeline
-stages + schedule. Every rank calls it with the same full model (same seed) and the plan's mesh; what comes back
-(`AppliedPlan`) runs one step's forward and backward on this rank's slice of the global batch and reports the
-global-batch mean loss, so a parallel run and a single-device run can be compared number for number.
+pipeline split -> context parallel -> tensor/sequence parallel -> activation recompute -> data parallel (DDP /
+FSDP2) -> pipeline stages + schedule. Every rank calls it with the same full model (same seed) and the plan's mesh;
+what comes back (`AppliedPlan`) runs one step's forward and backward on this rank's slice of the global batch and
+reports the global-batch mean loss, so a parallel run and a single-device run can be compared number for number.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from executor.parallel.checkpoint import apply_recompute
+from executor.parallel.context import apply_context_parallel
 from executor.parallel.data import apply_data_parallel, make_optimizer
 from executor.parallel.pipeline import build_schedule, build_stages, split_model
 from executor.parallel.tensor import apply_tensor_parallel
@@ -46,6 +47,12 @@ class AppliedPlan:
     microbatches: int
     loss_fn: LossFn
     device: torch.device
+    replicas: DeviceMesh  # the ranks holding the same weights, whose gradients are averaged: dp, or dp x cp
+    positions: torch.Tensor | None = None  # this rank's sequence positions under context parallelism
+
+    @property
+    def replica_group(self) -> Any:
+        return self.replicas.get_group()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for chunk in self.chunks:
@@ -56,9 +63,8 @@ class AppliedPlan:
     ) -> list[torch.optim.Optimizer]:
         """One optimizer per model chunk (ZeroRedundancyOptimizer under ZeRO-1). Per chunk, so that a checkpoint
         can name each optimizer's state by the parameter names of its own chunk (executor/train_state.py)."""
-        dp_group = self.mesh["dp"].get_group()
         return [
-            make_optimizer(chunk.parameters(), self.plan.zero_stage, dp_group, optimizer_class, **kwargs)
+            make_optimizer(chunk.parameters(), self.plan.zero_stage, self.replica_group, optimizer_class, **kwargs)
             for chunk in self.chunks
         ]
 
@@ -66,7 +72,11 @@ class AppliedPlan:
         """Forward and backward over this rank's rows of the global batch [B, s]; the global-batch mean loss.
 
         Gradients equal those of the mean loss over all B sequences: each micro-batch's mean loss is scaled by
-        1/microbatches (by hand here, by the schedule's `scale_grads` under PP) and DP averages over dp ranks.
+        1/microbatches (by hand here, by the schedule's `scale_grads` under PP) and DP averages over dp x cp ranks.
+        Under context parallelism each rank's loss covers its s/cp tokens; the ring carries every other rank's
+        gradient with respect to this rank's keys and values back to it, so the sum over cp ranks of their
+        gradients is the gradient of the sum of their losses, and the average over cp that of the mean loss
+        (Megatron-LM averages over its data-parallel-with-context-parallel group the same way).
         """
         tokens, targets = self._local_rows(tokens), self._local_rows(targets)
         local = self._pipeline(tokens, targets) if self.schedule is not None else self._accumulate(tokens, targets)
@@ -74,8 +84,10 @@ class AppliedPlan:
         return self._global_mean(local)
 
     def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
-        """dp rank r takes rows [r B/dp, (r+1) B/dp) of the global batch."""
-        return batch.chunk(self.plan.dp)[self.mesh["dp"].get_local_rank()].to(self.device)
+        """dp rank r takes rows [r B/dp, (r+1) B/dp) of the global batch; under context parallelism, only the
+        columns of its cp rank's positions (the zigzag chunks, executor/parallel/context.py)."""
+        rows = batch.chunk(self.plan.dp)[self.mesh["dp"].get_local_rank()].to(self.device)
+        return rows if self.positions is None else rows[:, self.positions]
 
     def _accumulate(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Gradient accumulation over equal micro-batches, communicating as the cost model counts it
@@ -101,12 +113,12 @@ class AppliedPlan:
         return torch.stack([loss.detach() for loss in losses]).mean()
 
     def _global_mean(self, local: torch.Tensor) -> float:
-        """Mean over dp ranks (each saw B/dp rows), then the last stage's value on every pp rank. TP ranks
-        already agree (the head's output is replicated)."""
+        """Mean over dp x cp ranks (each saw B/dp rows of s/cp tokens), then the last stage's value on every pp
+        rank. TP ranks already agree (the head's output is replicated)."""
         loss = local.detach().float().clone()
-        if self.plan.dp > 1:
-            dist.all_reduce(loss, group=self.mesh["dp"].get_group())
-            loss /= self.plan.dp
+        if self.replicas.size() > 1:
+            dist.all_reduce(loss, group=self.replica_group)
+            loss /= self.replicas.size()
         if self.plan.pp > 1:  # the other stages contribute zeros: a sum is a broadcast from the last stage
             dist.all_reduce(loss, group=self.mesh["pp"].get_group())
         return loss.item()
@@ -254,7 +266,9 @@ def apply_plan(
     # 1. Pipeline split first: every later step then touches only the layers this rank runs, and the chunks keep
     #    the full model's FQNs, which the TP plan below addresses.
     chunks = split_model(model, plan, mesh["pp"].get_local_rank())
-    modules = [_parallelize_chunk(chunk, plan, mesh) for _, chunk in chunks]
+    replicas = replica_mesh(mesh, plan)
+    positions = [apply_context_parallel(chunk, mesh["cp"], training.seq_len, device) for _, chunk in chunks]
+    modules = [_parallelize_chunk(chunk, plan, mesh, replicas) for _, chunk in chunks]
     num_stages = plan.num_model_chunks
     stage_ids = [stage for stage, _ in chunks]
     schedule = None
@@ -273,16 +287,30 @@ def apply_plan(
         microbatches=plan.num_microbatches(training),
         loss_fn=loss_fn,
         device=device,
+        replicas=replicas,
+        positions=positions[0],
     )
 
 
-def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh) -> nn.Module:
+def replica_mesh(mesh: DeviceMesh, plan: ParallelPlan) -> DeviceMesh:
+    """The ranks that hold the same weights and average their gradients: the dp axis, or under context
+    parallelism dp x cp flattened into one axis (Megatron-LM's data-parallel group with context parallelism;
+    torchtitan's `dp_shard_cp`), over which ZeRO then shards too, as planner/cost/batch.py `shard_degree` counts."""
+    if plan.cp == 1:
+        return mesh["dp"]
+    return mesh["dp", "cp"]._flatten("dp_cp")
+
+
+def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh, replicas: DeviceMesh) -> nn.Module:
     # 2. TP/SP before anything wraps the blocks: parallelize_module finds submodules by their plain FQNs and
     #    turns their parameters into DTensors on the tp mesh.
     chunk = apply_tensor_parallel(chunk, mesh["tp"], plan.sequence_parallel)
+    # (Context parallelism, applied before this in apply_plan, only hands the attention cores their ring and the
+    # position embeddings their positions: it changes no parameter, so it composes with everything here.)
     # 3. Recompute next, inside DP: the checkpointed region then contains TP's collectives (replayed or saved in
     #    backward) but not FSDP2's all-gathers, which FSDP2 schedules itself around each block.
     chunk = apply_recompute(chunk, plan.recompute)
     # 4. DP last among module transforms: FSDP2 shards the parameters as they now are (TP's DTensors become 2-D
     #    (dp, tp) DTensors) and hooks the checkpoint-wrapped blocks, so backward's recompute re-gathers them.
-    return apply_data_parallel(chunk, mesh["dp"], plan.zero_stage, pure_dp=plan.tp == 1 and plan.pp == 1)
+    #    Under context parallelism the cp ranks are replicas too: DP runs over dp x cp (`replica_mesh`).
+    return apply_data_parallel(chunk, replicas, plan.zero_stage, pure_dp=plan.tp == 1 and plan.pp == 1)

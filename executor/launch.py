@@ -184,8 +184,10 @@ def _sbatch_directives(
     return [f"#SBATCH {option}" for option in (*options, *extra_sbatch)]
 
 
-def _slurm_torchrun_line(spec: LaunchSpec) -> str:
-    """The command each Slurm task runs, with node facts taken from Slurm's environment on that node."""
+def _slurm_torchrun_line(spec: LaunchSpec, python: str) -> str:
+    """The command each Slurm task runs, with node facts taken from Slurm's environment on that node. torchrun as
+    `python -m torch.distributed.run` of the environment paraplan runs in: a bare `torchrun` would be whichever
+    one the node's PATH finds first, outside that environment."""
     rendezvous = [
         _ShellExpr('--nnodes="$SLURM_NNODES"'),
         _ShellExpr('--node-rank="$SLURM_NODEID"'),
@@ -193,7 +195,7 @@ def _slurm_torchrun_line(spec: LaunchSpec) -> str:
         _ShellExpr(f'--rdzv-endpoint="$head_node:{SLURM_RDZV_PORT}"'),
         _ShellExpr(f'--rdzv-id="{spec.rdzv_id}-$SLURM_JOB_ID"'),
     ]
-    inner = _shell_join(["exec", "torchrun", *rendezvous, *_worker_flags(spec)])
+    inner = _shell_join(["exec", python, "-m", "torch.distributed.run", *rendezvous, *_worker_flags(spec)])
     # SLURM_NODEID differs per node, so it must be expanded by each task's shell, not by the batch script
     # (which runs on the first node only): hence srun bash -c '<single-quoted command>'.
     return f"srun bash -c {shlex.quote(inner)}"
@@ -211,8 +213,10 @@ def sbatch_script(
     time_limit: str = "01:00:00",
     partition: str | None = None,
     extra_sbatch: Sequence[str] = (),
+    python: str = sys.executable,
 ) -> str:
-    """A Slurm batch script that runs ``spec`` on ``spec.nnodes`` nodes, rendezvousing on the first node."""
+    """A Slurm batch script that runs ``spec`` on ``spec.nnodes`` nodes, rendezvousing on the first node, with
+    ``python`` (this interpreter: the nodes share its file system and so its environment) running torchrun."""
     lines = [
         "#!/bin/bash",
         *_sbatch_directives(spec, job_name, time_limit, partition, extra_sbatch),
@@ -220,7 +224,7 @@ def sbatch_script(
         "# The first node of the allocation hosts the c10d rendezvous store.",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
         "export head_node",
-        _slurm_torchrun_line(spec),
+        _slurm_torchrun_line(spec, python),
     ]
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,8 @@ shared/notes/torch-distributed-on-cpu.md:
 - DP under TP or PP uses FSDP2 (`fully_shard`, or `replicate_with_fsdp.replicate` for ZeRO-0), which works with
   every schedule and with DTensor parameters. Only ZeRO-1 needs classic DDP + ZeroRedundancyOptimizer, and that
   pair fails on DTensor parameters (TP) and per stage under GPipe / interleaved 1F1B (DDP's reducer).
-- With dp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused.
+- With dp x cp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused (the cp ranks
+  hold the same weights as the dp ranks do, and data parallelism runs over both).
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from planner.errors import InfeasiblePlanError, Violation
-from planner.rules import sequence_parallel_splits, tensor_parallel_widths
+from planner.rules import (
+    context_parallel_splits,
+    context_parallel_violation,
+    sequence_parallel_splits,
+    tensor_parallel_widths,
+)
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 
 Rule = Callable[[ParallelPlan, ModelSpec, TrainingSpec | None], Iterator[Violation]]
 
 
 def _context_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if plan.cp > 1:
-        yield Violation("plan.cp", "executor_no_cp", "context parallelism is not implemented by the executor yet")
+    # Ring attention's zigzag split (executor/parallel/context.py) cuts each sequence into 2 x cp equal chunks.
+    if training is not None and not context_parallel_splits(training.seq_len, plan.cp):
+        yield context_parallel_violation(training.seq_len, plan.cp)
 
 
 def _zero1_needs_ddp(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if plan.zero_stage != 1 or plan.dp == 1:
+    if plan.zero_stage != 1 or plan.dp * plan.cp == 1:  # cp ranks are replicas too (executor/apply.py)
         return
     if plan.tp > 1:
         yield Violation(
@@ -80,11 +87,16 @@ def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: Trai
 
 
 def _sequence_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if training is not None and plan.sequence_parallel and not sequence_parallel_splits(training.seq_len, plan.tp):
+    # Under context parallelism each rank's sequence is its s/cp tokens, which SP then splits over tp.
+    if training is None or not plan.sequence_parallel:
+        return
+    local = training.seq_len // plan.cp
+    if not sequence_parallel_splits(local, plan.tp):
+        per_rank = "" if plan.cp == 1 else f" (seq_len / cp = {training.seq_len} / {plan.cp} per cp rank)"
         yield Violation(
             "plan.sequence_parallel",
             "executor_sp_divides_seq",
-            f"sequence parallelism splits seq_len={training.seq_len} over tp={plan.tp} ranks, which does not divide it",
+            f"sequence parallelism splits {local} tokens{per_rank} over tp={plan.tp} ranks, which does not divide it",
         )
 
 

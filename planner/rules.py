@@ -59,6 +59,17 @@ def sequence_parallel_splits(seq_len, tp):
     return seq_len % tp == 0
 
 
+def context_parallel_splits(seq_len, cp):
+    """Context parallelism splits each sequence into 2 x cp chunks for load balance, rank r holding chunks r and
+    2cp-1-r (Megatron-LM's context parallelism docs; executor/parallel/context.py), so 2 x cp must divide seq_len.
+    One rank splits nothing."""
+    return (cp == 1) | (seq_len % (2 * cp) == 0)
+
+
+def context_parallel_violation(seq_len: int, cp: int) -> Violation:
+    return Violation("plan.cp", "cp_divides_seq", f"seq_len={seq_len} is not divisible by 2 x cp = {2 * cp}")
+
+
 def sequence_parallel_violation(seq_len: int, tp: int) -> Violation:
     return Violation(
         "plan.sequence_parallel",
@@ -85,13 +96,8 @@ def interleaved_round_violation(microbatches: int, pp: int) -> Violation:
 def _sequence_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
     if plan.sequence_parallel and not sequence_parallel_splits(training.seq_len, plan.tp):
         yield sequence_parallel_violation(training.seq_len, plan.tp)
-    # Context parallelism splits each sequence into 2*cp chunks for load balance (Megatron-LM CP docs).
-    if plan.cp > 1 and training.seq_len % (2 * plan.cp):
-        yield Violation(
-            "plan.cp",
-            "cp_divides_seq",
-            f"seq_len={training.seq_len} is not divisible by 2 x cp = {2 * plan.cp}",
-        )
+    if not context_parallel_splits(training.seq_len, plan.cp):
+        yield context_parallel_violation(training.seq_len, plan.cp)
     if plan.cp > 1 and training.attention_kernel != "flash":
         yield Violation("plan.cp", "cp_needs_flash", "context parallelism (ring attention) needs flash attention")
     if model.position_embedding == "learned" and training.seq_len > (model.max_position_embeddings or 0):
@@ -136,6 +142,8 @@ FRAMEWORK_ZERO_STAGES: dict[str, tuple[int, ...]] = {
     "paraplan": (0, 1, 2, 3),
 }
 FRAMEWORK_PIPELINE_ZERO_STAGES: dict[str, tuple[int, ...]] = {"deepspeed": (0, 1)}
+# The code of the rule above: the one rule about the stack rather than the plan (planner/export tells them apart).
+FRAMEWORK_ZERO_RULE = "framework_zero_stage"
 
 
 def framework_runs_zero_stage(framework: str, zero_stage: int, pp: int) -> bool:
@@ -149,7 +157,7 @@ def framework_zero_violation(framework: str, zero_stage: int, pp: int) -> Violat
     stages = stages or FRAMEWORK_ZERO_STAGES[framework]
     return Violation(
         "plan.zero_stage",
-        "framework_zero_stage",
+        FRAMEWORK_ZERO_RULE,
         f"training.framework={framework} runs ZeRO stages {list(stages)}{under}, not {zero_stage}",
     )
 

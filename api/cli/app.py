@@ -1,8 +1,8 @@
 """The `paraplan` Typer application, its command groups, and what every command shares: bad input exits 1,
 errors printed as text or as `--json`'s `error` object, rich consoles for people.
 
-Exit codes: 0 an answer (a plan that does not fit is an answer too), 1 bad input or an invalid plan,
-2 `paraplan plan` found nothing that fits; `train`, `profile` and `validate` add 3 (a run failed) and 130
+Exit codes: 0 an answer, 1 bad input or an invalid plan, 2 the plan does not fit (`estimate`, `export`) or
+`paraplan plan` found nothing that fits; `train`, `profile` and `validate` add 3 (a run failed) and 130
 (stopped).
 """
 
@@ -21,6 +21,7 @@ from api.commands import flags
 from api.errors import error_text
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 1
+EXIT_NOTHING_FITS = 2  # the plan does not fit (estimate, export), or `plan` found none that does
 EXIT_RUN_FAILED = 3  # a rank failed (training, profiling, a validation's runs): the output says which and why
 
 # typer re-exports click's BadParameter but not its base class, click's UsageError, which every

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from api.cli.app import EXIT_BAD_INPUT, EXIT_OK, app, error_payload, print_error
+from api.cli.app import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, app, error_payload, print_error
 from api.cli.flags import (
     FLAG_FIELDS,
     AttentionOption,
@@ -41,8 +41,6 @@ from api.cli.flags import (
 from api.commands.inputs import parse_json_object, read_json_object, read_text
 from api.errors import InputError
 
-EXIT_NOTHING_FITS = 2
-
 
 def estimate_one(path: Path | None, model_flag: str | None, flags: dict[str, Any], as_json: bool) -> int:
     from api.cli.report import print_report
@@ -58,12 +56,12 @@ def estimate_one(path: Path | None, model_flag: str | None, flags: dict[str, Any
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         print_report(request, result)
-    return EXIT_OK
+    return EXIT_OK if result.fits else EXIT_NOTHING_FITS
 
 
 def estimate_lines(path: Path, model_flag: str | None, flags: dict[str, Any]) -> int:
     """One estimate per line of a `.jsonl` file, one JSON answer per line; a bad line answers its error and
-    the others still run."""
+    the others still run. Exit 1 if a line was bad, else 2 if a plan does not fit."""
     from api.commands.estimate import estimate
 
     try:
@@ -71,17 +69,18 @@ def estimate_lines(path: Path, model_flag: str | None, flags: dict[str, Any]) ->
     except InputError as exc:
         print_error(error_payload(exc), as_json=True)
         return EXIT_BAD_INPUT
-    failed = False
+    failed = overflowed = False
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             base = parse_json_object(line, f"{path} line {number}")
-            record = estimate(build_request(base, model_flag, flags))[1].model_dump(mode="json")
+            result = estimate(build_request(base, model_flag, flags))[1]
+            record, overflowed = result.model_dump(mode="json"), overflowed or not result.fits
         except ValueError as exc:
             record, failed = {"line": number, "error": error_payload(exc)}, True
         typer.echo(json.dumps(record))
-    return EXIT_BAD_INPUT if failed else EXIT_OK
+    return EXIT_BAD_INPUT if failed else EXIT_NOTHING_FITS if overflowed else EXIT_OK
 
 
 @app.command()
@@ -118,7 +117,9 @@ def estimate(
     inter_node_GBps: InterNodeOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits."""
+    """Predict one training step: time, its breakdown, memory per pipeline stage, and whether it fits.
+
+    Exit 0 when the plan fits, 2 when it does not (the estimate is still shown), 1 on bad input."""
     parameters = dict(locals())
     flags = {name: value for name, value in parameters.items() if name in FLAG_FIELDS}
     try:
@@ -150,6 +151,10 @@ def plan(
             help="Keep only plans that fit even at the upper memory band of measured runs (default off).",
         ),
     ] = None,
+    save_request: Annotated[
+        Path | None,
+        typer.Option("--save-request", help="Write the best plan as a request that estimate, export and train take."),
+    ] = None,
     model: ModelOption = None,
     gpu: GpuOption = None,
     nodes: NodesOption = None,
@@ -179,16 +184,20 @@ def plan(
     Exit 0 with plans, 2 when nothing fits (the closest candidates are shown), 1 on bad input."""
     parameters = dict(locals())
     flags = {name: value for name, value in parameters.items() if name in FLAG_FIELDS}
-    raise typer.Exit(plan_search(request, model, flags, as_json))
+    raise typer.Exit(plan_search(request, model, flags, as_json, save_request))
 
 
-def plan_search(path: Path | None, model_flag: str | None, flags: dict[str, Any], as_json: bool) -> int:
+def plan_search(
+    path: Path | None, model_flag: str | None, flags: dict[str, Any], as_json: bool, save_to: Path | None = None
+) -> int:
     from api.cli.report import print_search
     from api.commands.estimate import search_plans
 
     try:
         base = read_json_object(path) if path is not None else {}
         request, result = search_plans(build_request(base, model_flag, flags, command="plan"))
+        if save_to is not None and result.found:
+            save_best_request(request, result, save_to)
     except ValueError as exc:
         print_error(error_payload(exc), as_json)
         return EXIT_BAD_INPUT
@@ -197,3 +206,14 @@ def plan_search(path: Path | None, model_flag: str | None, flags: dict[str, Any]
     else:
         print_search(request, result)
     return EXIT_OK if result.found else EXIT_NOTHING_FITS
+
+
+def save_best_request(request: Any, result: Any, path: Path) -> None:
+    """The search's best plan as the contract request (planner/export's `request` target), written to `path`."""
+    from api.cli.export import write_file
+    from planner.export import export_plan
+    from planner.request import EstimateRequest
+
+    setup = {"model": request.model, "training": request.training, "cluster": request.cluster}
+    best = EstimateRequest.model_validate({**setup, "plan": result.plans[0].plan})
+    write_file(path, export_plan(best, "request").text)

@@ -135,7 +135,10 @@ def parse_layers_per_stage(text: str | None) -> list[int] | None:
 # Options `estimate` and `plan` share: the model, the training setup and the cluster.
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", help="Preset name, ModelSpec JSON file, Hugging Face config.json, or inline JSON {...}."),
+    typer.Option(
+        "--model",
+        help="Preset name, ModelSpec JSON file, Hugging Face config.json or Hub id (owner/name), or inline JSON {...}.",
+    ),
 ]
 
 

@@ -107,8 +107,12 @@ def launch_script(
     request: Annotated[Path, typer.Argument(help="A contract request with its `plan` (.json).")],
     steps: StepsOption,
     out: Annotated[Path, typer.Option("--out", help="The run's folder, on a file system every node shares.")],
-    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes.")] = 1,
-    nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", help="Processes per node.")] = None,
+    nnodes: Annotated[
+        int | None, typer.Option("--nnodes", help="Nodes (default: the request's cluster.num_nodes, else 1).")
+    ] = None,
+    nproc_per_node: Annotated[
+        int | None, typer.Option("--nproc-per-node", help="Processes per node (default: cluster.gpus_per_node).")
+    ] = None,
     rdzv_endpoint: Annotated[
         str | None, typer.Option("--rdzv-endpoint", help="host:port of the c10d rendezvous (on node 0).")
     ] = None,
@@ -136,6 +140,8 @@ def launch_script(
             raise InputError("--submit needs --sbatch")
         if per_node is None:
             per_node = _gpus_per_node(request)
+        if nnodes is None:
+            nnodes = _num_nodes(request)
         spec = launch.LaunchSpec(nproc_per_node=per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                                  args=worker_args(RunDir(out), resume))  # fmt: skip
     except ValueError as exc:
@@ -170,6 +176,15 @@ def _gpus_per_node(request: Path) -> int:
     value = cluster.get("gpus_per_node") if isinstance(cluster, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
         raise InputError("give --nproc-per-node, or cluster.gpus_per_node in the request")
+    return value
+
+
+def _num_nodes(request: Path) -> int:
+    """The request's cluster.num_nodes (the contract's default, 1, when it has none): the default node count."""
+    cluster = read_json_object(request).get("cluster")
+    value = cluster.get("num_nodes", 1) if isinstance(cluster, dict) else 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError.at("cluster.num_nodes", f"expected a whole number of nodes, got {value!r}")
     return value
 
 

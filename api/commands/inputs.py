@@ -1,5 +1,6 @@
 """What the user hands a command, read at the edge: JSON objects from files or inline text, and the model, given
-as a preset name, a ModelSpec (JSON) or a Hugging Face config.json. Errors are InputError naming the source."""
+as a preset name, a ModelSpec (JSON), a Hugging Face config.json or a Hub id. Errors are InputError naming the
+source."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from api import errors
+from api.commands.hub import hub_config_path, looks_like_hub_id
 from api.errors import InputError
 
 
 def model_from_flag(value: str) -> Any:
     """`--model`: inline JSON (`{...}`), a JSON file (a ModelSpec or a Hugging Face config.json, or a folder
-    holding config.json), or else a preset name, which the request layer resolves."""
+    holding config.json), a Hugging Face Hub id (`owner/name`, no such file: api/commands/hub.py), or else a preset
+    name, which the request layer resolves."""
     if value.lstrip().startswith("{"):
         return model_from_json(parse_json_object(value, "--model"), "--model", default_name=None)
+    if looks_like_hub_id(value):
+        return model_from_json(read_json_object(hub_config_path(value)), value, default_name=value)
     path = Path(value)
     if value.endswith(".json") or "/" in value or path.is_dir():
         if path.is_dir():

@@ -8,6 +8,7 @@ Biases follow `ModelSpec.qkv_bias` (q, k, v) and `ModelSpec.linear_bias` (wo and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +37,21 @@ def make_dropout(p: float) -> nn.Module:
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles m * theta_i, [seq_len, head_dim], fp32 (Su et al. 2021, eq. 34).
+    """cos and sin of the rotation angles m * theta_i for positions m = 0..seq_len-1, [seq_len, head_dim], fp32
+    (Su et al. 2021, eq. 34).
 
     Computed on every call instead of cached in a buffer: a buffer would travel with state_dict and
     parallelization wrappers, and these few flops are nothing next to the attention they feed.
     """
+    return rotary_cos_sin_at(torch.arange(seq_len, device=device), head_dim)
+
+
+def rotary_cos_sin_at(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles at the given positions [n] -> [n, head_dim]: a context-parallel rank holds
+    positions that are not 0..n-1 (executor/parallel/context.py)."""
+    device = positions.device
     inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # the two halves of a head share frequencies (rotate_half)
     return angles.cos(), angles.sin()
 
@@ -81,14 +90,20 @@ class AttentionCore(nn.Module):
     With grouped-query attention K and V keep their kv_heads (`enable_gqa`), so backward saves them at kv size,
     as the planner counts (planner/cost/ops.py); query head i reads kv head i // group on every TP rank as long
     as tp divides kv_heads (the planner's rule).
+
+    Under context parallelism `context_attention` (set by executor/parallel/context.py) replaces SDPA: q, k and v
+    then hold this rank's share of the sequence, and the ring brings the other ranks' keys.
     """
 
     def __init__(self, dropout_p: float) -> None:
         super().__init__()
         self.dropout_p = dropout_p  # on the attention probabilities (GPT-2's attn_pdrop)
+        self.context_attention: Callable[..., torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
+        if self.context_attention is not None:
+            return self.context_attention(q, k, v, dropout_p=dropout_p)
         grouped = q.shape[1] != k.shape[1]
         if grouped and not native_gqa(q):
             group = q.shape[1] // k.shape[1]
@@ -116,6 +131,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, spec.kv_size, bias=bool(spec.qkv_bias), **factory)
         self.core = AttentionCore(spec.dropout)
         self.wo = nn.Linear(spec.q_size, h, bias=bool(spec.linear_bias), **factory)
+        self.positions: torch.Tensor | None = None  # this rank's sequence positions under context parallelism
 
     def _heads(self, x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -124,7 +140,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x, self.wq), self._heads(x, self.wk), self._heads(x, self.wv)
         if self.use_rope:
-            cos, sin = rotary_cos_sin(x.shape[1], self.head_dim, x.device)
+            if self.positions is None:
+                cos, sin = rotary_cos_sin(x.shape[1], self.head_dim, x.device)
+            else:
+                cos, sin = rotary_cos_sin_at(self.positions, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim], as SDPA wants
         out = self.core(q, k, v)

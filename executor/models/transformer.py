@@ -68,6 +68,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(spec, **factory) for i in range(spec.num_layers)})
         self.norm: nn.Module | None = make_norm(spec, **factory)
         self.output: nn.Linear | None = nn.Linear(h, spec.vocab_size, bias=False, **factory)
+        self.positions: torch.Tensor | None = None  # this rank's sequence positions under context parallelism
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -84,8 +85,11 @@ class Transformer(nn.Module):
         return self.embedding_dropout(hidden)
 
     def _positions(self, seq: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Rows 0..seq-1 of the learned position table, after checking they line up with `hidden`."""
+        """Rows 0..seq-1 of the learned position table, after checking they line up with `hidden`; under context
+        parallelism the rows of this rank's positions."""
         assert self.pos_embeddings is not None
+        if self.positions is not None:
+            return self.pos_embeddings(self.positions)
         if seq > self.pos_embeddings.num_embeddings:
             raise ValueError(
                 f"sequence length {seq} exceeds max_position_embeddings ({self.pos_embeddings.num_embeddings})"

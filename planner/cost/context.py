@@ -32,6 +32,12 @@ matmul at one efficiency); once it has, `ring_step` is where the per-step kernel
 ring's transient buffers (cp received K/V shards and cp partial outputs alive until the merge) counted in memory,
 nor Ulysses-style all-to-all context parallelism (cp_comm_type "a2a"), nor torch's experimental context parallel,
 whose default rotater all-gathers K/V once instead of passing it round the ring.
+
+paraplan's executor (executor/parallel/context.py) runs this variant: the same zigzag split, the same ring of
+point-to-point K/V hops started before a step's attention and waited for after it, dK/dV travelling home in
+backward (there cp - 1 hops, each carrying the K/V gradient alone: it keeps the visiting K/V of every step for
+backward instead of passing them on again). Not costed here: its block attention is fp32 matmuls rather than a
+fused kernel, slower and holding a [s/cp, s/cp] probability matrix per head and step; no profile measures it yet.
 """
 
 from __future__ import annotations

@@ -159,9 +159,11 @@ def _states(mixed: StateBytes, bf16: StateBytes | None = None) -> dict[str, Stat
 
 # Model states as the executor holds them (memory.py's docstring): fp32 parameters under torch.autocast, torch.optim's
 # step peaking on its own. Measured on an H200 (benchmarks/results/2026-12-04-h200-llama3.2-1b.md). Its DDP and FSDP2
-# reductions really move the fp32 gradients' 4 bytes; the cost model has always charged 2, kept until a GPU
-# measurement of the executor's data parallelism settles it.
-EXECUTOR_STATES = _states(StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=2, unsharded=FP32_BYTES))
+# wrappers are given no reduce dtype (executor/parallel/data.py: no comm hook, no MixedPrecisionPolicy), so they
+# reduce the fp32 gradients as they are, 4 bytes, as FSDP2 gathers the fp32 parameters.
+EXECUTOR_STATES = _states(
+    StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=FP32_BYTES, unsharded=FP32_BYTES)
+)
 
 PARAPLAN_CUDA = Runtime(
     name="paraplan-cuda",

@@ -3,11 +3,11 @@
 Two plans whose predicted step times differ by less than LAYOUT_TIE_TOLERANCE are not told apart by the cost model:
 its estimates carry an error band of several percent (each StepEstimate's `uncertainty`; the README's *Accuracy*),
 so a gain smaller than that is noise, while every model-parallel axis a plan uses is certain to cost something the
-model leaves out (another process group and its collectives to set up and debug, a layout the executor or the
-stack may not run: executor/support.py refuses cp > 1). Within a tie the plan with fewer model-parallel axes in use
-ranks first; then the smaller cp, tp and pp in that order (context parallelism changes the attention kernels
-themselves, tensor parallelism every matmul, a pipeline only where the layers are cut); then the faster; then
-the one that needs less memory.
+model leaves out (another process group and its collectives to set up and debug, a layout a stack may not run or
+may run with slower kernels: the executor's ring attention, executor/parallel/context.py). Within a tie the plan
+with fewer model-parallel axes in use ranks first; then the smaller cp, tp and pp in that order (context
+parallelism changes the attention kernels themselves, tensor parallelism every matmul, a pipeline only where the
+layers are cut); then the faster; then the one that needs less memory.
 """
 
 from __future__ import annotations

@@ -71,8 +71,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]
 
 
 def _sharded_ways(plan: ParallelPlan) -> int:
-    """Into how many pieces the plan splits the parameters (TP, PP and ZeRO >= 2 shard; ZeRO 0/1 replicate)."""
-    return plan.tp * plan.pp * (plan.dp if plan.zero_stage >= 2 else 1)
+    """Into how many pieces the plan splits the parameters (TP, PP and ZeRO >= 2 shard; ZeRO 0/1 replicate; ZeRO
+    shards over dp x cp, cp ranks holding the same weights)."""
+    return plan.tp * plan.pp * (plan.dp * plan.cp if plan.zero_stage >= 2 else 1)
 
 
 CASES = {
@@ -100,6 +101,18 @@ CASES = {
         "llama",
         ParallelPlan(pp=2, dp=2, tp=2, sequence_parallel=True, schedule="1f1b", zero_stage=3),
     ),
+    # Context parallelism: ring attention over the zigzag split; cp ranks average their gradients with dp's.
+    "cp2": ("llama", ParallelPlan(cp=2)),
+    "cp4": ("llama", ParallelPlan(cp=4)),  # three hops: shards pass through ranks, dK/dV travel home through them
+    "cp2xdp2-zero0-ddp": ("llama", ParallelPlan(dp=2, cp=2, zero_stage=0)),
+    "cp2-zero1-zero_redundancy_optimizer": ("llama", ParallelPlan(cp=2, zero_stage=1)),
+    "cp2xtp2-sp-zero0-replicate": ("llama", ParallelPlan(cp=2, tp=2, sequence_parallel=True)),
+    "pp2xcp2-1f1b-recompute-selective": (
+        "llama",
+        ParallelPlan(pp=2, cp=2, schedule="1f1b", micro_batch_size=2, recompute="selective"),
+    ),
+    # learned positions at each cp rank's zigzag positions; FSDP2 sharding over dp x cp
+    "gpt-cp2xdp2-zero3-fsdp2": ("gpt", ParallelPlan(cp=2, dp=2, zero_stage=3)),
     "recompute-selective": ("llama", ParallelPlan(recompute="selective")),
     "recompute-full": ("llama", ParallelPlan(recompute="full")),
     "tp2-sp-recompute-selective": ("llama", ParallelPlan(tp=2, sequence_parallel=True, recompute="selective")),
@@ -128,7 +141,7 @@ def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict
     # Gradients reach the optimizer reduced and in their parameters' layouts (after the last step's backward), so
     # the optimizer issues no collective but ZeRO-1's broadcasts of updated shares.
     assert result["misplaced_grads"] == [], result["misplaced_grads"]
-    zero1_broadcasts = {"c10d.broadcast_"} if plan.zero_stage == 1 and plan.dp > 1 else set()
+    zero1_broadcasts = {"c10d.broadcast_"} if plan.zero_stage == 1 and plan.dp * plan.cp > 1 else set()
     assert set(result["optimizer_collectives"]) == zero1_broadcasts, result["optimizer_collectives"]
 
 

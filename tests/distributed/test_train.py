@@ -119,6 +119,8 @@ RESUME_LAYOUTS = {
         "micro_batch_size": 2,
     },  # fmt: skip
     "dp2-zero3-full-recompute": {"dp": 2, "zero_stage": 3, "recompute": "full"},
+    # FSDP2 shards over the flattened dp x cp axis; the checkpoint holds each cp rank's shard
+    "cp2-zero2": {"dp": 1, "cp": 2, "zero_stage": 2},
 }
 
 

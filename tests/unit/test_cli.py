@@ -136,10 +136,10 @@ def test_inline_json_model():
     assert_breakdown_adds_up(answer)
 
 
-def test_a_plan_that_does_not_fit_is_an_answer():
+def test_a_plan_that_does_not_fit_is_an_answer_that_exits_2():
     result = run("estimate", "--model", "llama3-70b", "--gpu", "h100-sxm", "--tp", "1", "--pp", "1", "--dp", "8",
                  "--zero", "0", "--seq-len", "4096", "--global-batch", "64")  # fmt: skip
-    assert result.exit_code == 0
+    assert result.exit_code == 2  # as `plan` when nothing fits: a script tells it from bad input (1)
     assert "DOES NOT FIT" in result.output
     assert "stage 0 needs" in result.output and "over by" in result.output and "bytes" in result.output
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,19 @@ def test_launch_script_default_processes_per_node_come_from_the_cluster(tmp_path
     assert len(commands) == 1
     argv = shlex.split(commands[0])
     assert "--nproc-per-node=2" in argv and "--standalone" in argv
+
+
+def test_launch_script_nodes_and_processes_come_from_the_cluster_and_run_this_python(tmp_path):
+    """A 2 x 1 cluster without --nnodes or --nproc-per-node: a Slurm script for 2 nodes of 1 process, whose srun
+    line runs torchrun as this interpreter's torch.distributed.run (not a bare `torchrun` from the node's PATH)."""
+    two_nodes = {**TINY_REQUEST, "cluster": {**TINY_REQUEST["cluster"], "num_nodes": 2, "gpus_per_node": 1}}
+    result = run("launch-script", write_request(tmp_path, two_nodes), "--steps", "3", "--out", tmp_path / "out",
+                 "--sbatch")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --gpus-per-node=1" in lines
+    inner = shlex.split([line for line in lines if line.startswith("srun ")][0])[3]
+    assert shlex.split(inner)[:4] == ["exec", sys.executable, "-m", "torch.distributed.run"]
 
 
 def test_launch_script_resume_passes_resume_to_the_workers(tmp_path, request_file):

@@ -154,7 +154,8 @@ def test_bad_specs_are_rejected_naming_the_field(fields, named):
 
 def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
     spec = LaunchSpec(nproc_per_node=8, nnodes=4, args=("--plan", "my plan.json"))  # Slurm finds the endpoint
-    script = sbatch_script(spec, "llama", time_limit="02:00:00", partition="gpu", extra_sbatch=("--exclusive",))
+    script = sbatch_script(spec, "llama", time_limit="02:00:00", partition="gpu", extra_sbatch=("--exclusive",),
+                           python="/opt/venv/bin/python")  # fmt: skip
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
     for directive in ("--job-name=llama", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
@@ -164,6 +165,8 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
     srun = lines[-1]
     assert srun.startswith("srun bash -c ")
     inner = shlex.split(srun)[3]  # what each node's shell runs, with Slurm's variables still unexpanded
+    # torchrun of paraplan's own environment, not whichever `torchrun` the node's PATH finds
+    assert shlex.split(inner)[:4] == ["exec", "/opt/venv/bin/python", "-m", "torch.distributed.run"]
     for fragment in ('--nnodes="$SLURM_NNODES"', '--node-rank="$SLURM_NODEID"', "--rdzv-backend=c10d",
                      '--rdzv-endpoint="$head_node:29500"', "--nproc-per-node=8", "-m executor.train"):  # fmt: skip
         assert fragment in inner

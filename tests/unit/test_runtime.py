@@ -130,14 +130,15 @@ def test_a_stack_is_offered_only_the_zero_stages_it_runs():
 
 def test_bytes_per_element():
     """The executor keeps fp32 weights and gradients under autocast, its weights the master copy; ZeRO's accounting
-    16-bit ones and an fp32 master copy. Both charge the training dtype's bytes on the data-parallel wire and fp32
-    for the partial gradients (the record's comment)."""
+    16-bit ones and an fp32 master copy. Each puts the gradients it holds on the data-parallel wire (the executor's
+    wrappers get no reduce dtype: 4 bytes; ZeRO's 16-bit ones: 2), and both fp32 partial gradients."""
     assert (PARAPLAN_CUDA.weight_bytes("bf16"), PARAPLAN_CUDA.gradient_bytes("bf16")) == (4, 4)
     assert (ANALYTIC.weight_bytes("bf16"), ANALYTIC.gradient_bytes("bf16")) == (2, 2)
     assert PARAPLAN_CUDA.master_weight_bytes("bf16") == 0 and ANALYTIC.master_weight_bytes("bf16") == 4
     assert ANALYTIC.weight_bytes("fp32") == ANALYTIC.gradient_bytes("fp32") == 4
     assert ANALYTIC.master_weight_bytes("fp32") == 0
-    assert PARAPLAN_CUDA.data_parallel_bytes("bf16") == ANALYTIC.data_parallel_bytes("bf16") == 2
+    assert PARAPLAN_CUDA.data_parallel_bytes("bf16") == PARAPLAN_CUDA.gradient_bytes("bf16") == 4
+    assert ANALYTIC.data_parallel_bytes("bf16") == ANALYTIC.gradient_bytes("bf16") == 2
     assert PARAPLAN_CUDA.partial_gradient_bytes == ANALYTIC.partial_gradient_bytes == 4
 
 

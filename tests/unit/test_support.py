@@ -40,10 +40,28 @@ def test_plans_the_executor_runs_pass(plan: ParallelPlan) -> None:
     assert codes(plan) == []
 
 
-def test_context_parallelism_is_refused() -> None:
-    (violation,) = executor_violations(ParallelPlan(cp=2), LLAMA, TRAINING)
-    assert (violation.field, violation.code) == ("plan.cp", "executor_no_cp")
-    assert "not implemented by the executor yet" in violation.message
+def test_context_parallelism_runs_where_2cp_divides_the_sequence() -> None:
+    assert codes(ParallelPlan(cp=2)) == []
+    assert codes(ParallelPlan(cp=2, dp=2, tp=2, sequence_parallel=True, zero_stage=3)) == []
+    (violation,) = executor_violations(ParallelPlan(cp=3), LLAMA, TRAINING)  # 32 tokens
+    assert (violation.field, violation.code) == ("plan.cp", "cp_divides_seq")
+    assert "2 x cp = 6" in violation.message
+
+
+def test_zero1_counts_cp_ranks_as_replicas() -> None:
+    # cp ranks average their gradients with the dp ranks, so ZeRO-1 has classic DDP to run even at dp=1.
+    assert codes(ParallelPlan(cp=2, tp=2, zero_stage=1)) == ["executor_zero1_with_tp"]
+    assert codes(ParallelPlan(cp=2, zero_stage=1)) == []
+
+
+def test_sequence_parallelism_under_context_parallelism_splits_each_ranks_share() -> None:
+    # tp=4 divides the 24 tokens of a sequence, but not the 6 that each of cp=4's ranks holds.
+    training = TRAINING.model_copy(update={"seq_len": 24})
+    model = LLAMA.model_copy(update={"num_attention_heads": 8, "num_kv_heads": 4, "vocab_size": 512})
+    assert codes(ParallelPlan(tp=4, sequence_parallel=True), model, training) == []
+    (violation,) = executor_violations(ParallelPlan(tp=4, cp=4, sequence_parallel=True), model, training)
+    assert violation.code == "executor_sp_divides_seq"
+    assert "6 tokens (seq_len / cp = 24 / 4 per cp rank)" in violation.message
 
 
 def test_zero1_with_tensor_parallelism_is_refused_with_ddps_error() -> None:
@@ -120,11 +138,11 @@ def test_every_pipeline_chunk_needs_a_layer() -> None:
 
 
 def test_require_executable_names_every_refusal() -> None:
-    plan = ParallelPlan(cp=2, dp=2, tp=2, zero_stage=1)
+    plan = ParallelPlan(cp=3, dp=2, tp=2, zero_stage=1)
     with pytest.raises(InfeasiblePlanError) as refused:
         require_executable(plan, LLAMA.model_copy(update={"tie_embeddings": True}), TRAINING)
     assert refused.value.reason == "not_executable"
-    assert [v.code for v in refused.value.violations] == ["executor_no_cp", "executor_zero1_with_tp"]
+    assert [v.code for v in refused.value.violations] == ["cp_divides_seq", "executor_zero1_with_tp"]
     assert refused.value.to_dict()["violations"][0]["field"] == "plan.cp"
 
 
