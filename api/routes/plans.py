@@ -9,18 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.routes.common import (
-    Limit,
-    Offset,
-    ServiceDep,
-    body_schema,
-    error_response,
-    json_body,
-    json_response,
-    json_with,
-    not_found,
-)
-from api.search_pool import SearchUnavailable
+from api.routes.common import Limit, Offset, ServiceDep, body_schema, json_body, json_response, json_with, not_found
 from api.store import PlanRow
 
 router = APIRouter(prefix="/plans", tags=["plans"])
@@ -46,10 +35,9 @@ def plan_text(row: PlanRow) -> str:
 async def create_plan(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
     parsed, pending = await run_in_threadpool(service.searches.submit, body)
-    try:  # awaited here, not in a thread: a thread per waiting search would starve the other routes of threads
-        answer = await asyncio.shield(asyncio.wrap_future(pending))  # shielded: others may wait for it too
-    except SearchUnavailable as error:
-        return error_response({"kind": "unavailable", "message": str(error)}, headers={"Retry-After": "1"})
+    # Awaited here, not in a thread: a thread per waiting search would starve the other routes of threads. Shielded:
+    # an identical request may be waiting for the same answer. A dead worker's SearchUnavailable is a 503 (app.py).
+    answer = await asyncio.shield(asyncio.wrap_future(pending))
     row = await run_in_threadpool(service.searches.store, body, parsed, answer)
     return json_response(plan_text(row), 201, {"Location": f"/v1/plans/{row.id}"})
 
