@@ -4,6 +4,7 @@ every process), never by a time limit."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -21,12 +22,13 @@ from typer.testing import CliRunner
 
 from api.cli import app as cli
 from api.cli.app import EXIT_BAD_INPUT
+from api.commands import estimate as commands
 from api.errors import InputError
-from api.search_pool import Run, SearchPool, SearchUnavailable
+from api.search_pool import Run, SearchPool, SearchUnavailable, search_answer
 from api.settings import SEARCH_WORKERS_ENV, Settings, SettingsError
 from planner.errors import InfeasiblePlanError, UnknownPresetError
 from planner.presets import model_preset
-from planner.profiles import ProfileError
+from planner.profiles import ProfileError, load_profile_json
 from planner.request import PlanRequest
 
 WAIT_S = 120.0  # for workers to start and searches to end on a loaded 2-core machine; a hang fails, not a slowness
@@ -240,3 +242,22 @@ def test_serve_refuses_a_negative_worker_count_naming_the_flag(data_dir: Path) -
     result = CliRunner().invoke(cli, ["serve", "--port", "1", "--search-workers", "-1"])
     assert result.exit_code == EXIT_BAD_INPUT
     assert "--search-workers" in result.output and "Traceback" not in result.output
+
+
+def test_a_search_from_a_measured_profile_gives_the_same_plans_in_a_worker() -> None:
+    """The parsed request carries the profile's costs (a private attribute the server resolved): they cross to
+    the worker, so its plans are the server process's, not the analytic model's."""
+    profile = Path(__file__).parents[1] / "data" / "h200-llama3.2-1b" / "seq1024" / "profile.json"
+    body = {"model": {"name": "llama3.2-1b"}, "training": {"seq_len": 1024, "global_batch_size": 8},
+            "cluster": {"gpu": "h200", "num_nodes": 1, "gpus_per_node": 8, "profile": str(profile)}}  # fmt: skip
+    measured = commands.parse(body, "plan", load_profile_json)
+    analytic = commands.parse(body | {"cluster": body["cluster"] | {"profile": None}}, "plan", None)
+    pool = SearchPool(workers=1)
+    pool.start()
+    try:
+        in_worker = json.loads(pool.submit(search_answer, measured).result(WAIT_S).json)["plans"]
+        assert pool.recent_runs[-1].pid != os.getpid()
+    finally:
+        pool.close()
+    assert in_worker == json.loads(search_answer(measured).json)["plans"]
+    assert in_worker != json.loads(search_answer(analytic).json)["plans"]
