@@ -23,15 +23,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_payload, validation_fields
 from api.jobs.profile import ProfileJobBody, ProfileJobs
-from api.jobs.runner import JobRunner
+from api.jobs.runner import JobRunner, TimeLimit
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
 from api.routes import catalog, estimates, exports, health, jobs, models, plans, profiles, scaling, validations
 from api.routes.common import ApiError, Service, error_response
 from api.routes.pages import install_pages
+from api.routes.responses import ErrorBody
 from api.search_pool import SearchPool, SearchUnavailable
 from api.service import PlanSearches
-from api.settings import Settings
+from api.settings import MAX_VALIDATION_S_ENV, Settings
 from api.store import ApiStore
 
 log = logging.getLogger("paraplan.api")
@@ -47,9 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
-    runner = JobRunner(store, settings, kinds)
+    runner = JobRunner(store, settings, kinds, {"validate": TimeLimit(settings.max_validation_s, MAX_VALIDATION_S_ENV)})
     pool = SearchPool(settings.search_workers)
-    service = Service(settings, store, runner, PlanSearches(store, keep=settings.max_stored_plans, pool=pool))
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.plan_retention, pool=pool))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -178,7 +179,7 @@ class BodySizeLimit:
 
 
 # Bodies are read by the routes (so that every malformed one gets the common error shape); these are the
-# schemas that document them.
+# schemas that document them, and the error body every route's error answers refer to (api/routes/responses.py).
 def _body_schemas() -> dict[str, Any]:
     from pydantic import BaseModel, ConfigDict
 
@@ -190,7 +191,8 @@ def _body_schemas() -> dict[str, Any]:
 
         model_config = ConfigDict(title="TrainJobRequest")
 
-    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody]
+    models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody,
+                                     ErrorBody]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

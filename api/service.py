@@ -17,7 +17,7 @@ from typing import Any
 from api.commands import estimate as commands
 from api.errors import InputError
 from api.search_pool import SearchAnswer, SearchPool, search_answer
-from api.store import ApiStore, PlanRow, dumps, new_id, utc_now
+from api.store import ApiStore, PlanRow, Retention, dumps, new_id, utc_now
 from planner.profiles import ProfileError
 from planner.request import EstimateRequest, PlanRequest
 from planner.specs import HardwareProfile
@@ -60,9 +60,11 @@ class PlanSearches:
     identical searches run once; the others wait for its answer instead of computing it again. Distinct searches
     run side by side in `pool`'s worker processes."""
 
-    def __init__(self, store: ApiStore, capacity: int = 256, keep: int | None = None, pool: SearchPool | None = None):
-        """`capacity`: answers memoized; `keep`: stored searches kept (the newest; None: all); `pool`: where
-        searches run (None: in the calling thread)."""
+    def __init__(
+        self, store: ApiStore, capacity: int = 256, keep: Retention | None = None, pool: SearchPool | None = None
+    ):
+        """`capacity`: answers memoized; `keep`: which stored searches are kept (the newest; None: all); `pool`:
+        where searches run (None: in the calling thread)."""
         self._store, self._capacity, self._keep = store, capacity, keep
         self.pool = pool or SearchPool(workers=0)
         self._results: OrderedDict[str, SearchAnswer] = OrderedDict()  # by the parsed request's JSON
@@ -118,6 +120,7 @@ class PlanSearches:
 
     def store(self, body: dict[str, Any], request: PlanRequest, answer: SearchAnswer) -> PlanRow:
         """Keep a search (the request as posted, and its answer) under a new id."""
+        request_text = dumps(body)
         row = PlanRow(
             id=new_id(),
             created=utc_now(),
@@ -125,8 +128,9 @@ class PlanSearches:
             num_gpus=request.cluster.num_gpus,
             found=answer.found,
             best_step_time_s=answer.best_step_time_s,
-            request=dumps(body),
+            request=request_text,
             result=answer.json,
+            stored_bytes=PlanRow.size_of(request_text, answer.json),
         )
         return self._store.add_plan(row, keep=self._keep)
 

@@ -3,12 +3,14 @@ default (`Settings.from_env`), so `paraplan serve` needs no flags on a fresh mac
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from api.errors import InputError
+from api.store import Retention
 from profiler.store import DATABASE_FILE_NAME, DATABASE_URL_ENV, default_data_dir
 
 API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
@@ -17,10 +19,18 @@ MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
 MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
 MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
 SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
+MAX_STORED_PLAN_BYTES_ENV = "PARAPLAN_MAX_STORED_PLAN_BYTES"
+MAX_VALIDATION_S_ENV = "PARAPLAN_MAX_VALIDATION_S"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
 DEFAULT_MAX_STORED_PLANS = 1000
+DEFAULT_MAX_STORED_PLAN_BYTES = 256 << 20
+"""256 MiB: 1000 searches of typical size (tens of KB) fit several times over; 1000 at the request size limit
+(1 MiB each, and an answer of up to 100 ranked plans) would not."""
+DEFAULT_MAX_VALIDATION_S = 24 * 3600.0
+"""A day: a full CPU validation (90 plans, several passes, their profiles) takes hours on a small machine; one that
+runs past a day is stuck (a hung collective that torchrun's own timeout did not end) or asked far too much."""
 
 
 class SettingsError(InputError):
@@ -48,6 +58,12 @@ class Settings:
     search_workers: int = field(default_factory=lambda: default_search_workers())
     """Worker processes that run plan searches side by side (api/search_pool.py); 0 runs them in the server's own
     process, one at a time."""
+    max_stored_plan_bytes: int = DEFAULT_MAX_STORED_PLAN_BYTES
+    """Bytes the kept plan searches may take (their requests and answers as stored), the oldest deleted first: the
+    count alone bounds the disk only at 1000 times the largest search."""
+    max_validation_s: float = DEFAULT_MAX_VALIDATION_S
+    """Wall time a validation job may run (from its start); past it the job is stopped and marked FAILED, naming
+    this bound."""
     job_grace_s: float = 60.0
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
 
@@ -61,6 +77,12 @@ class Settings:
             raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
         if self.search_workers < 0:
             raise SettingsError(f"{SEARCH_WORKERS_ENV}: must be 0 or more (0: none), got {self.search_workers}")
+        if self.max_stored_plan_bytes < 1:
+            raise SettingsError(f"{MAX_STORED_PLAN_BYTES_ENV}: must be at least 1, got {self.max_stored_plan_bytes}")
+        if not (self.max_validation_s > 0 and math.isfinite(self.max_validation_s)):
+            raise SettingsError(
+                f"{MAX_VALIDATION_S_ENV}: must be a positive number of seconds, got {self.max_validation_s}"
+            )
         if self.max_request_bytes < 1024:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
         if self.api_token is not None:
@@ -81,8 +103,14 @@ class Settings:
             max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
             max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
             search_workers=_int_env(SEARCH_WORKERS_ENV, default_search_workers()),
+            max_stored_plan_bytes=_int_env(MAX_STORED_PLAN_BYTES_ENV, DEFAULT_MAX_STORED_PLAN_BYTES),
+            max_validation_s=_float_env(MAX_VALIDATION_S_ENV, DEFAULT_MAX_VALIDATION_S),
         )
         return replace(settings, **given)
+
+    @property
+    def plan_retention(self) -> Retention:
+        return Retention(searches=self.max_stored_plans, stored_bytes=self.max_stored_plan_bytes)
 
     @property
     def jobs_dir(self) -> Path:
@@ -127,3 +155,13 @@ def _int_env(name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise SettingsError(f"{name}: expected an integer, got {text!r}") from None
+
+
+def _float_env(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {text!r}") from None

@@ -13,10 +13,11 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, delete, select, text, update
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -48,6 +49,21 @@ class PlanRow(Base):
     best_step_time_s: Mapped[float | None] = mapped_column(Float)
     request: Mapped[str] = mapped_column(Text)
     result: Mapped[str] = mapped_column(Text)
+    stored_bytes: Mapped[int] = mapped_column(Integer, default=0)  # request and result as stored (UTF-8)
+
+    @staticmethod
+    def size_of(request: str, result: str) -> int:
+        """The bytes a search's request and answer take in the database (their UTF-8 text)."""
+        return len(request.encode()) + len(result.encode())
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many stored plan searches are kept, and how many bytes they may take: past either bound the oldest go
+    first. A search a job runs is kept whatever its age and counts toward neither (jobs need the token)."""
+
+    searches: int
+    stored_bytes: int
 
 
 class JobRow(Base):
@@ -127,9 +143,9 @@ class ApiStore:
 
     # ------------------------------------------------------------------------------------------------ plans
 
-    def add_plan(self, row: PlanRow, keep: int | None = None) -> PlanRow:
-        """Insert ``row``; with ``keep``, then delete the oldest searches beyond the newest ``keep`` (never ``row``,
-        nor a search a job runs: the job's view links it)."""
+    def add_plan(self, row: PlanRow, keep: Retention | None = None) -> PlanRow:
+        """Insert ``row``; with ``keep``, then delete the oldest searches beyond its bounds (never ``row``, nor a
+        search a job runs: the job's view links it)."""
         with self._writing() as session:
             session.add(row)
             if keep is not None:
@@ -208,11 +224,25 @@ class ApiStore:
             return session.scalars(query).all()
 
 
-def _older_plans(keep: int, newest: str) -> Any:
-    """DELETE of the plan searches beyond the newest `keep` (by `created`), except `newest` and those jobs run."""
+def _older_plans(keep: Retention, newest: str) -> Any:
+    """DELETE of the plan searches past `keep`'s bounds, newest first (by `created`): those after the first
+    `keep.searches`, and those from where the running total of their sizes passes `keep.stored_bytes` on; never
+    `newest`, nor those jobs run."""
     in_use = select(JobRow.plan_id).where(JobRow.plan_id.is_not(None))
-    kept = select(PlanRow.id).where(PlanRow.id.not_in(in_use)).order_by(PlanRow.created.desc(), PlanRow.id.desc())
-    return delete(PlanRow).where(PlanRow.id != newest, PlanRow.id.not_in(in_use), PlanRow.id.not_in(kept.limit(keep)))
+    newest_first = (PlanRow.created.desc(), PlanRow.id.desc())  # a total order: no two rows are peers
+    ranked = (
+        select(
+            PlanRow.id,
+            func.row_number().over(order_by=newest_first).label("position"),
+            func.sum(PlanRow.stored_bytes).over(order_by=newest_first).label("bytes_so_far"),
+        )
+        .where(PlanRow.id.not_in(in_use))
+        .subquery()
+    )
+    past_bounds = select(ranked.c.id).where(
+        or_(ranked.c.position > keep.searches, ranked.c.bytes_so_far > keep.stored_bytes)
+    )
+    return delete(PlanRow).where(PlanRow.id != newest, PlanRow.id.in_(past_bounds))
 
 
 def dumps(value: Any) -> str:

@@ -32,6 +32,20 @@ if TYPE_CHECKING:
     from planner.specs import ParallelPlan, TrainingSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScaleLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ScheduleLoss:
+    """The loss function a pipeline schedule calls on the last stage: the loss, times the step's loss scale under
+    fp16 (executor/precision.py), since the schedule runs backward on what this returns."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+        self.scale_loss: ScaleLoss | None = None
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(output, target)
+        return loss if self.scale_loss is None else self.scale_loss(loss)
 
 
 @dataclass
@@ -49,6 +63,7 @@ class AppliedPlan:
     device: torch.device
     replicas: DeviceMesh  # the ranks holding the same weights, whose gradients are averaged: dp, or dp x cp
     positions: torch.Tensor | None = None  # this rank's sequence positions under context parallelism
+    schedule_loss: ScheduleLoss | None = None  # the schedule's loss function under PP
 
     @property
     def replica_group(self) -> Any:
@@ -68,7 +83,7 @@ class AppliedPlan:
             for chunk in self.chunks
         ]
 
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, scale_loss: ScaleLoss | None = None) -> float:
         """Forward and backward over this rank's rows of the global batch [B, s]; the global-batch mean loss.
 
         Gradients equal those of the mean loss over all B sequences: each micro-batch's mean loss is scaled by
@@ -77,9 +92,14 @@ class AppliedPlan:
         gradient with respect to this rank's keys and values back to it, so the sum over cp ranks of their
         gradients is the gradient of the sum of their losses, and the average over cp that of the mean loss
         (Megatron-LM averages over its data-parallel-with-context-parallel group the same way).
+        `scale_loss` (fp16's loss scaler) multiplies every loss before its backward; the gradients then carry
+        the scale until the scaler unscales them, and the loss reported is unscaled.
         """
         tokens, targets = self._local_rows(tokens), self._local_rows(targets)
-        local = self._pipeline(tokens, targets) if self.schedule is not None else self._accumulate(tokens, targets)
+        if self.schedule is not None:
+            local = self._pipeline(tokens, targets, scale_loss)
+        else:
+            local = self._accumulate(tokens, targets, scale_loss)
         align_grads_with_params(self.parameters())
         return self._global_mean(local)
 
@@ -89,7 +109,7 @@ class AppliedPlan:
         rows = batch.chunk(self.plan.dp)[self.mesh["dp"].get_local_rank()].to(self.device)
         return rows if self.positions is None else rows[:, self.positions]
 
-    def _accumulate(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _accumulate(self, tokens: torch.Tensor, targets: torch.Tensor, scale_loss: ScaleLoss | None) -> torch.Tensor:
         """Gradient accumulation over equal micro-batches, communicating as the cost model counts it
         (planner/cost/step.py `dp_comm_s`); see `_accumulating`."""
         (model,) = self.chunks
@@ -98,19 +118,25 @@ class AppliedPlan:
         for index, (x, y) in enumerate(pairs):
             with _accumulating(model, self.plan.zero_stage, last=index == len(pairs) - 1):
                 loss = self.loss_fn(model(x), y)
-                (loss / self.microbatches).backward()
+                share = loss / self.microbatches
+                (share if scale_loss is None else scale_loss(share)).backward()
             total += loss.detach()
         return total / self.microbatches
 
-    def _pipeline(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One schedule step; the last stage's mean micro-batch loss (zero on the other stages)."""
+    def _pipeline(self, tokens: torch.Tensor, targets: torch.Tensor, scale_loss: ScaleLoss | None) -> torch.Tensor:
+        """One schedule step; the last stage's mean micro-batch loss, unscaled (zero on the other stages)."""
+        assert self.schedule_loss is not None
+        self.schedule_loss.scale_loss = scale_loss
         losses: list[torch.Tensor] = []
         inputs = (tokens,) if self.is_first else ()
         outputs = {"target": targets, "losses": losses} if self.is_last else {}
         self.schedule.step(*inputs, **outputs)
         if not self.is_last:
             return torch.zeros((), device=self.device)
-        return torch.stack([loss.detach() for loss in losses]).mean()
+        mean = torch.stack([loss.detach() for loss in losses]).mean()
+        if scale_loss is None:
+            return mean
+        return mean / scale_loss(torch.ones((), device=self.device))  # the scale: a power of 2, so this is exact
 
     def _global_mean(self, local: torch.Tensor) -> float:
         """Mean over dp x cp ranks (each saw B/dp rows of s/cp tokens), then the last stage's value on every pp
@@ -271,12 +297,13 @@ def apply_plan(
     modules = [_parallelize_chunk(chunk, plan, mesh, replicas) for _, chunk in chunks]
     num_stages = plan.num_model_chunks
     stage_ids = [stage for stage, _ in chunks]
-    schedule = None
+    schedule, schedule_loss = None, None
     if plan.pp > 1:
         # 5. Stages and schedule last: PipelineStage must wrap the final (DDP/FSDP2) module, whose backward it
         #    drives (no_sync / requires_gradient_sync on all but the last micro-batch).
         stages = build_stages(list(zip(stage_ids, modules, strict=True)), num_stages, mesh["pp"], device)
-        schedule = build_schedule(stages, plan.schedule, plan.num_microbatches(training), loss_fn)
+        schedule_loss = ScheduleLoss(loss_fn)
+        schedule = build_schedule(stages, plan.schedule, plan.num_microbatches(training), schedule_loss)
     return AppliedPlan(
         plan=plan,
         mesh=mesh,
@@ -289,6 +316,7 @@ def apply_plan(
         device=device,
         replicas=replicas,
         positions=positions[0],
+        schedule_loss=schedule_loss,
     )
 
 

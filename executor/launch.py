@@ -13,6 +13,10 @@ decorated with ``torch.distributed.elastic.multiprocessing.errors.record`` write
 raises. When a worker fails, the agent stops the others (with ``--max-restarts=0`` it does not retry) and
 ``torchrun`` raises ``ChildFailedError``, whose text lists every failed rank (``rank : R (local_rank: L)``,
 ``exitcode : C (pid: P)``, ``error_file: ...``) and marks the first one as ``Root Cause``. :func:`run` reads both.
+
+A local launch runs torchrun under ``executor.lifeline`` (:func:`watched_torchrun_command`): the agent and its
+workers stop when the process that started them is killed, and :func:`run` returns only once every process it
+started is gone (:class:`ProcessTree`, :func:`end_leftovers`). Everything a launch writes goes to its ``log_dir``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -33,6 +36,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
+
+from executor import lifeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_LOG = "launcher.log"
@@ -149,6 +154,13 @@ def _worker_flags(spec: LaunchSpec) -> list[str]:
 def torchrun_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     """The argv that launches ``spec`` on this node (``python -m torch.distributed.run`` is torchrun)."""
     return [python, "-m", "torch.distributed.run", *_rendezvous_flags(spec), *_worker_flags(spec)]
+
+
+def watched_torchrun_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
+    """:func:`torchrun_command` run under ``executor.lifeline``: the agent stops (and stops its workers) when the
+    process that started it dies, and names itself to its workers, which watch it in turn. What this machine's
+    launches run; the lines printed for other nodes stay plain torchrun."""
+    return [python, "-m", "executor.lifeline", *torchrun_command(spec, python)[2:]]
 
 
 def per_node_commands(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
@@ -424,17 +436,27 @@ def descendant_pids(pid: int) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
+    """True if ``pid`` runs: a zombie has exited (it only waits to be reaped), but a process is a zombie only once
+    all of its threads are. Its main thread is shown as a zombie as soon as it has exited, while the others may
+    still be ending (freeing a rank's memory, closing its files: the run folder's lock is released only then)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
+    tasks = list(Path(f"/proc/{pid}/task").glob("[0-9]*/stat"))
+    if not tasks:
         return True  # no /proc: os.kill said it exists
+    return any(_task_state(task) not in ("Z", "X") for task in tasks)
+
+
+def _task_state(stat: Path) -> str:
+    """A thread's state letter from its /proc stat (one that has exited meanwhile reads as dead)."""
+    try:
+        return stat.read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "X"
 
 
 def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
@@ -475,6 +497,46 @@ def stop(process: subprocess.Popen[Any], grace_s: float = 10.0) -> int:
     return process.wait() if returncode is None else returncode
 
 
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (field 22 of /proc/PID/stat, in clock ticks since boot): with the pid, an identity
+    that a later process reusing the pid does not share. None once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class ProcessTree:
+    """The processes below ``root``, as seen while it ran: a process whose parent was killed cannot be found from
+    its parent any more, so the tree is listed now and then and remembered, each process by pid and start time."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self._seen: dict[int, str] = {}
+
+    def look(self) -> None:
+        """Add the processes below ``root`` now."""
+        for pid in descendant_pids(self.root):
+            started = _start_time(pid)
+            if started is not None:
+                self._seen.setdefault(pid, started)
+
+    def alive(self) -> list[int]:
+        """The processes seen that still run (the same processes: a reused pid has another start time)."""
+        return [pid for pid, started in self._seen.items() if _start_time(pid) == started and pid_alive(pid)]
+
+
+def end_leftovers(tree: ProcessTree, grace_s: float) -> None:
+    """Wait (up to ``grace_s``) for what a launch left when its root process ended — workers stopping because
+    their agent was killed (``executor.lifeline``) — then SIGKILL what remains, and wait for it to be gone."""
+    tree.look()
+    _wait_until_gone(tree.alive(), grace_s)
+    survivors = tree.alive()
+    if survivors:
+        _signal_groups(survivors, signal.SIGKILL)
+        _wait_until_gone(survivors, grace_s)
+
+
 def _wait_until_gone(pids: Sequence[int], limit_s: float) -> None:
     """Wait (bounded) for killed processes to finish exiting: SIGKILL is delivered, not completed, at once."""
     deadline = time.monotonic() + limit_s
@@ -495,6 +557,20 @@ def visible_gpu_count() -> int:
     return min(listed, len([device for device in visible.split(",") if device.strip()]))
 
 
+TORCH_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+"""Where torch's compiler keeps its cache. Unset, it is ``<system temp>/torchinductor_<user>``, which torch creates
+whenever a process imports torch._dynamo (torchrun's logging does, to format a message): a launch would leave
+a folder in the system's temporary folder."""
+
+
+def torch_cache_env(folder: Path | None) -> dict[str, str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` in ``folder`` (a launch's log folder, a job's folder), unless this process's
+    environment already names one, or there is no folder."""
+    if folder is None or TORCH_CACHE_ENV in os.environ:
+        return {}
+    return {TORCH_CACHE_ENV: str(Path(folder) / "torchinductor")}
+
+
 def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus ``env``, with the repo root on PYTHONPATH so ``-m executor.train`` resolves from any cwd."""
     merged = {**os.environ, **(env or {})}
@@ -503,15 +579,20 @@ def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return merged
 
 
-def start(spec: LaunchSpec, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
-    """Start torchrun for ``spec`` in its own session, stdout and stderr merged into one text pipe.
+def start(
+    spec: LaunchSpec, env: Mapping[str, str] | None = None, cwd: Path | None = None, pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[str]:
+    """Start torchrun for ``spec`` in its own session, stdout and stderr merged into one text pipe; it and its
+    workers die with this process (``executor.lifeline``). ``pass_fds`` stay open in torchrun (a run folder's lock,
+    so that it is held until torchrun has stopped its workers).
 
     The caller must keep reading ``process.stdout`` (as :func:`run` does) and end it with :func:`stop`.
     """
     return subprocess.Popen(
-        torchrun_command(spec),
+        watched_torchrun_command(spec),
         cwd=cwd or REPO_ROOT,
-        env=launch_env(env),
+        env=lifeline.child_env(launch_env({**torch_cache_env(spec.log_dir), **(env or {})})),
+        pass_fds=tuple(pass_fds),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -547,15 +628,25 @@ def _call_safely(on_line: Callable[[str], None], line: str, log: IO[str]) -> boo
     return True
 
 
+_LOOK_EVERY_S = 1.0
+"""How often a running launch's process tree is listed (a scan of /proc: a few milliseconds)."""
+
+
 def _wait(
     process: subprocess.Popen[str],
     timeout_s: float | None,
     cancel: threading.Event | None,
     grace_s: float,
+    tree: ProcessTree,
 ) -> tuple[bool, bool]:
-    """Wait for the launch to end, stopping it on timeout or cancel; return (timed_out, cancelled)."""
+    """Wait for the launch to end, stopping it on timeout or cancel; return (timed_out, cancelled). ``tree``
+    learns torchrun's workers meanwhile."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    next_look = time.monotonic()
     while True:
+        if time.monotonic() >= next_look:
+            tree.look()
+            next_look = time.monotonic() + _LOOK_EVERY_S
         try:
             process.wait(timeout=0.2)
             return False, False
@@ -626,27 +717,33 @@ def run(
     cwd: Path | None = None,
     cancel: threading.Event | None = None,
     grace_s: float = 10.0,
+    pass_fds: Sequence[int] = (),
 ) -> RunResult:
     """Run ``spec`` to completion under torchrun and report which ranks failed, and why.
 
-    Output lines go to ``on_line`` (from a reader thread) and to ``<log_dir>/launcher.log``. Without a
-    ``spec.log_dir`` a fresh temporary one is used, because per-rank error files are what name a failure.
+    Output lines go to ``on_line`` (from a reader thread) and to ``<log_dir>/launcher.log``; ``spec.log_dir`` is
+    required, because per-rank error files are what name a failure (and a launch writes nowhere else).
     ``timeout_s`` or setting ``cancel`` stops the launch with :func:`stop` (SIGTERM, then SIGKILL after
-    ``grace_s``).
+    ``grace_s``). It returns once every process of the launch is gone: workers that outlive a killed torchrun
+    stop by their lifeline, and are killed if they have not within ``grace_s``. ``pass_fds`` as :func:`start`.
     """
     if spec.log_dir is None:
-        spec = replace(spec, log_dir=Path(tempfile.mkdtemp(prefix="paraplan-launch-")))
-    assert spec.log_dir is not None
+        raise LaunchError("run needs the spec's log_dir: where torchrun writes each rank's logs and error file")
     spec.log_dir.mkdir(parents=True, exist_ok=True)
     before = set(spec.log_dir.iterdir())
     parser = FailureSummaryParser()
-    process = start(spec, env=env, cwd=cwd)
+    process = start(spec, env=env, cwd=cwd, pass_fds=pass_fds)
     assert process.stdout is not None
     reader = threading.Thread(
         target=_pump, args=(process.stdout, spec.log_dir / LAUNCHER_LOG, on_line, parser), daemon=True
     )
     reader.start()
-    timed_out, cancelled = _wait(process, timeout_s, cancel, grace_s)
+    tree = ProcessTree(process.pid)
+    try:
+        timed_out, cancelled = _wait(process, timeout_s, cancel, grace_s, tree)
+    finally:  # whatever ends the wait, nothing of the launch outlives it
+        stop(process, grace_s)
+        end_leftovers(tree, grace_s)
     # The pipe closes when torchrun exits (workers write to their own files under --tee), so this is quick;
     # the bound only guards against a stray process that inherited the pipe.
     reader.join(timeout=10.0)

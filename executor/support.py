@@ -155,15 +155,6 @@ def _stage_layers(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec |
         )
 
 
-def _precision(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if training is not None and training.precision == "fp16":
-        yield Violation(
-            "training.precision",
-            "executor_fp16_loss_scaling",
-            "fp16 training needs dynamic loss scaling, which the executor does not do; use bf16 (or fp32)",
-        )
-
-
 _RULES: tuple[Rule, ...] = (
     _context_parallel,
     _zero1_needs_ddp,
@@ -173,7 +164,6 @@ _RULES: tuple[Rule, ...] = (
     _microbatches,
     _one_f_one_b_fill,
     _stage_layers,
-    _precision,
 )
 
 

@@ -7,7 +7,8 @@ after `STEP_MARKER`. Checkpoints go to `OUT/checkpoints/` (`executor.train_state
 the newest complete one and reproduces the losses an uninterrupted run would have had.
 
 SIGTERM (from torchrun, Slurm preemption or `paraplan train` on Ctrl-C) stops the run cleanly: the ranks agree
-to stop after the step in flight, save a checkpoint, and exit 0.
+to stop after the step in flight, save a checkpoint, and exit 0. SIGHUP (torchrun passes on the one it got) does
+the same, and so does the death of torchrun's agent (`executor.lifeline`): a rank never trains on as an orphan.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,22 +30,21 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from executor import train_state
+from executor import lifeline, precision, train_state
 from executor.apply import AppliedPlan, apply_plan
 from executor.config import RunDir, TrainConfig, TrainRun, step_line
 from executor.data import batches
 from executor.mesh import build_mesh
 from executor.models import build_model, next_token_loss
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class StopRequest:
-    """Set by SIGTERM; the ranks act on it together (see `Trainer._agree`), never inside the handler."""
+    """Set by SIGTERM or SIGHUP; the ranks act on it together (see `Trainer._agree`), never inside the handler."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
@@ -59,6 +59,7 @@ class Trainer:
     device: torch.device
     autocast: Callable[[], AbstractContextManager[Any]]
     stop: StopRequest
+    scaler: Any = None  # fp16's GradScaler (executor/precision.py); None for bf16 and fp32
 
     @property
     def config(self) -> TrainConfig:
@@ -83,32 +84,33 @@ class Trainer:
         for step in range(first_step + 1, self.config.steps + 1):
             batch = next(data)
             started = time.perf_counter()
-            loss, grad_norm = self._step(step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
+            loss, outcome = self._step(step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
             step_time_s = time.perf_counter() - started
             stop, peak_bytes = self._agree()
-            self._record(step, loss, grad_norm, step_time_s, peak_bytes)
+            self._record(step, loss, outcome, step_time_s, peak_bytes)
             if self._checkpoint_due(step) or (stop and self.config.checkpoints):
                 self.save(step)
             if stop:
                 break
         return step
 
-    def _step(self, step: int, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, float | None]:
+    def _step(self, step: int, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, precision.OptimizerStep]:
         lr = self.config.learning_rate(step)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        scale_loss = self.scaler.scale if self.scaler is not None else None
         with self.autocast():
-            loss = self.applied.step(tokens, targets)
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            grad_norm = self.applied.clip_grad_norm_(self.config.max_grad_norm)
-        for optimizer in self.optimizers:
-            optimizer.step()
+            loss = self.applied.step(tokens, targets, scale_loss=scale_loss)
+        if precision.overflow_hook_step(dist.get_rank()) == step:
+            precision.inject_overflow(self.applied.parameters())
+        max_norm = self.config.max_grad_norm
+        clip = (lambda: self.applied.clip_grad_norm_(max_norm)) if max_norm is not None else None
+        outcome = precision.step_optimizers(self.optimizers, self.scaler, clip)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return loss, grad_norm
+        return loss, outcome
 
     def _agree(self) -> tuple[bool, int]:
         """One small all-reduce per step: did any rank get SIGTERM, and the peak memory over all ranks."""
@@ -116,7 +118,9 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), int(flags[1].item())
 
-    def _record(self, step: int, loss: float, grad_norm: float | None, step_time_s: float, peak_bytes: int) -> None:
+    def _record(
+        self, step: int, loss: float, outcome: precision.OptimizerStep, step_time_s: float, peak_bytes: int
+    ) -> None:
         if not self.is_rank0:
             return
         training = self.run.request.training
@@ -127,7 +131,9 @@ class Trainer:
             "tokens_per_s": training.global_batch_size * training.seq_len / step_time_s,
             "peak_memory_bytes": peak_bytes,
             "lr": self.config.learning_rate(step),
-            "grad_norm": grad_norm,
+            "grad_norm": outcome.grad_norm,
+            "loss_scale": outcome.loss_scale,
+            "skipped": outcome.skipped,
         }
         with self.run_dir.metrics_file.open("a") as file:
             file.write(json.dumps(metrics) + "\n")
@@ -140,7 +146,7 @@ class Trainer:
         return step == self.config.steps or (every > 0 and step % every == 0)
 
     def save(self, step: int) -> None:
-        train_state.save(self.run_dir.checkpoint_dir(step), step, self.applied.chunks, self.optimizers)
+        train_state.save(self.run_dir.checkpoint_dir(step), step, self.applied.chunks, self.optimizers, self.scaler)
         if self.is_rank0:
             self.run_dir.prune_checkpoints(self.config.keep_checkpoints)
             print(f"paraplan: checkpoint saved at step {step}", flush=True)
@@ -151,7 +157,7 @@ class Trainer:
         step = 0
         if latest is not None:
             step, folder = latest
-            train_state.load(folder, self.applied.chunks, self.optimizers)
+            train_state.load(folder, self.applied.chunks, self.optimizers, self.scaler)
         dist.barrier()  # rank 0 rewrites the metrics file only once every rank has found the same checkpoint
         if self.is_rank0:
             self.run_dir.truncate_metrics(step)  # the steps after it are trained again
@@ -177,15 +183,6 @@ def _device(config: TrainConfig) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _autocast(run: TrainRun, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
-    """Mixed precision on GPU at the request's precision (fp32 master weights and optimizer state); on CPU
-    everything runs in fp32, whatever the request says."""
-    dtype = _AUTOCAST_DTYPES.get(run.request.training.precision)
-    if device.type != "cuda" or dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def _optimizers(run: TrainRun, applied: AppliedPlan) -> list[torch.optim.Optimizer]:
     config = run.config
     if run.request.training.optimizer == "sgd":
@@ -199,7 +196,10 @@ def build_trainer(run: TrainRun, run_dir: RunDir, stop: StopRequest) -> Trainer:
     mesh = build_mesh(plan, device.type)
     model = build_model(run.request.model, device=device, seed=run.config.seed)
     applied = apply_plan(model, plan, mesh, training=run.request.training, loss_fn=next_token_loss, device=device)
-    return Trainer(run, run_dir, applied, _optimizers(run, applied), device, _autocast(run, device), stop)
+    precision_name = run.request.training.precision
+    autocast = precision.autocast_for(precision_name, device)
+    scaler = precision.grad_scaler_for(precision_name, device)
+    return Trainer(run, run_dir, applied, _optimizers(run, applied), device, autocast, stop, scaler)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,6 +213,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     stop = StopRequest()  # before the process group: a SIGTERM during start-up must not kill the rank mid-way
+    lifeline.watch_parent()  # torchrun's agent killed: SIGTERM to this rank, as if the agent had sent it
     run_dir = RunDir(args.run_file.parent)
     run = run_dir.read_run()
     device_type = run.config.device

@@ -9,6 +9,9 @@ identical (DCP writes those once).
 Under ZeRO-1 the ZeroRedundancyOptimizer keeps each parameter's state on one dp rank, in a local optimizer
 over that rank's share: that local optimizer is what is saved, so each state key exists on exactly one rank.
 
+Under fp16 the loss scaler's scale and growth count are saved too (`grad_scaler`, the same on every rank, so
+written once): a resumed run goes on with the scale the interrupted one had reached, not torch's initial 2^16.
+
 Nothing else needs saving: the data is a function of (seed, step) and the learning rate a function of the step.
 """
 
@@ -29,10 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from executor.config import COMPLETE_MARKER
+from executor.precision import load_scaler_state, scaler_state
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from torch.amp import GradScaler
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -42,27 +47,46 @@ def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optim", optimizer)
 
 
-def _state_dicts(chunks: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def _state_dicts(
+    chunks: list[nn.Module], optimizers: list[torch.optim.Optimizer], scaler: GradScaler | None
+) -> dict[str, Any]:
     model: dict[str, Any] = {}
     optim: dict[str, Any] = {}
     for chunk, optimizer in zip(chunks, optimizers, strict=True):
         model.update(get_model_state_dict(chunk))
         optim.update(get_optimizer_state_dict(chunk, _local_optimizer(optimizer), options=_FLAT))
-    return {"model": model, "optimizer": optim}
+    state = {"model": model, "optimizer": optim}
+    if scaler is not None:
+        state["grad_scaler"] = scaler_state(scaler)
+    return state
 
 
-def save(folder: Path, step: int, chunks: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+def save(
+    folder: Path,
+    step: int,
+    chunks: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    scaler: GradScaler | None = None,
+) -> None:
     """Write this rank's share into `folder`; once all ranks are done, rank 0 marks it complete."""
-    dcp.save(_state_dicts(chunks, optimizers), checkpoint_id=str(folder))
+    dcp.save(_state_dicts(chunks, optimizers, scaler), checkpoint_id=str(folder))
     dist.barrier()  # every rank's files are written before the folder is declared usable
     if dist.get_rank() == 0:
         (folder / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n")
 
 
-def load(folder: Path, chunks: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
-    """Restore `chunks` and `optimizers` in place from `folder` (the layout they were saved with or another)."""
-    state = _state_dicts(chunks, optimizers)  # templates: DCP loads into tensors of these shapes and shardings
+def load(
+    folder: Path,
+    chunks: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    scaler: GradScaler | None = None,
+) -> None:
+    """Restore `chunks`, `optimizers` and the loss `scaler` in place from `folder` (the layout they were saved
+    with or another)."""
+    state = _state_dicts(chunks, optimizers, scaler)  # templates: DCP loads into tensors of these shapes
     dcp.load(state, checkpoint_id=str(folder))
+    if scaler is not None:
+        load_scaler_state(scaler, state["grad_scaler"])
     for chunk, optimizer in zip(chunks, optimizers, strict=True):
         set_model_state_dict(chunk, state["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(chunk, _local_optimizer(optimizer), state["optimizer"], options=_FLAT)

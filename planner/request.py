@@ -140,7 +140,7 @@ def resolve_cluster(value: Any) -> Any:
 
 def default_precision(data: Any) -> Any:
     """Fill `training.precision` when the request names none and its device cannot take TrainingSpec's bf16:
-    fp32 on the `cpu` device (the executor trains fp32 on CPUs whatever the request says, and a CPU profile holds
+    fp32 on the `cpu` device (the executor trains bf16 requests in fp32 on CPUs, and a CPU profile holds
     fp32 layer times only, so bf16 would predict a run that never happens), fp16 on a GPU without bf16 (V100:
     mixed precision there is fp16 with loss scaling). A precision the request names is kept; `check_precision`
     refuses one the GPU lacks."""

@@ -42,9 +42,11 @@ DATA_DIR_ENV = "PARAPLAN_DATA_DIR"
 DATABASE_URL_ENV = "PARAPLAN_DATABASE_URL"
 DATABASE_FILE_NAME = "paraplan.db"
 
-DATABASE_SCHEMA_VERSION = 3
-"""Bumped whenever a table of the database changes; a database of another version is refused, not migrated.
-2: the REST service's tables (api/store.py: plans, jobs, measured_runs) joined the profiles."""
+DATABASE_SCHEMA_VERSION = 4
+"""Bumped whenever a table of the database changes. A database of an older version that `MIGRATIONS` leads from is
+migrated in place when opened, rows kept; any other version is refused, not reinterpreted.
+2: the REST service's tables (api/store.py: plans, jobs, measured_runs) joined the profiles.
+4: plans.stored_bytes, each stored search's size (the service keeps stored searches to a byte budget)."""
 
 SCHEMA_VERSION_KEY = "schema_version"
 _PROFILE_ID = re.compile(r"[0-9a-fA-F]{32}")
@@ -256,6 +258,8 @@ def _open_schema(engine: sqlalchemy.Engine, sessions: sessionmaker, url: str) ->
     try:
         Base.metadata.tables[MetaRow.__tablename__].create(engine, checkfirst=True)
         found = _database_version(sessions)
+        if found.isdigit() and int(found) < DATABASE_SCHEMA_VERSION:
+            found = _migrate(engine, int(found))
         if found != str(DATABASE_SCHEMA_VERSION):
             raise ProfileError(
                 f"database {_safe_url(url)} has schema version {found}, expected {DATABASE_SCHEMA_VERSION}; "
@@ -265,6 +269,39 @@ def _open_schema(engine: sqlalchemy.Engine, sessions: sessionmaker, url: str) ->
         Base.metadata.create_all(engine)
     except SQLAlchemyError as error:  # not a database, unreachable, no permission
         raise ProfileError(f"cannot open database {_safe_url(url)}: {error}", field="database") from error
+
+
+def _add_plan_sizes(connection: sqlalchemy.Connection) -> None:
+    """3 -> 4: each stored plan search's size in bytes (its request and its answer, as stored), counted for the rows
+    already there. A database that never held the service's tables gets them from `create_all`, size included."""
+    if not sqlalchemy.inspect(connection).has_table("plans"):
+        return
+    octets = "length(CAST({} AS BLOB))" if connection.dialect.name == "sqlite" else "octet_length({})"
+    size = f"{octets.format('request')} + {octets.format('result')}"
+    connection.execute(sqlalchemy.text("ALTER TABLE plans ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0"))
+    connection.execute(sqlalchemy.text(f"UPDATE plans SET stored_bytes = {size}"))
+
+
+MIGRATIONS = {3: _add_plan_sizes}
+"""Schema version -> the step that brings a database of that version to the next one."""
+
+
+def _migrate(engine: sqlalchemy.Engine, version: int) -> str:
+    """Bring a database of `version` up to DATABASE_SCHEMA_VERSION, one step after another, each in one
+    transaction with the version stamp (a failed step leaves the database as it was). The stamp is moved first: that
+    takes the write lock, and a process that opened the database at the same time finds the step done and skips it.
+    The version reached (an older one if no step leads on from it, which the caller refuses)."""
+    while version < DATABASE_SCHEMA_VERSION and version in MIGRATIONS:
+        with engine.begin() as connection:
+            stamped = connection.execute(
+                sqlalchemy.update(MetaRow)
+                .where(MetaRow.key == SCHEMA_VERSION_KEY, MetaRow.value == str(version))
+                .values(value=str(version + 1))
+            )
+            if stamped.rowcount:
+                MIGRATIONS[version](connection)
+        version += 1
+    return str(version)
 
 
 def _database_version(sessions: sessionmaker) -> str:

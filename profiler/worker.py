@@ -1,5 +1,6 @@
 """What every profiling worker run under torchrun does at its edges (profiler/collectives.py, profiler/tp_layers.py):
-write rank 0's result atomically, leave the process group, and record an exception in torchrun's error file."""
+write rank 0's result atomically, leave the process group, record an exception in torchrun's error file, and die
+with torchrun's agent (executor/lifeline.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from executor import lifeline
 
 
 def write_json_atomically(path: Path, data: object) -> None:
@@ -34,7 +37,9 @@ def leave() -> NoReturn:
 
 
 def run_recorded(run: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None) -> None:
-    """Run a worker's body; an exception is recorded in the rank's torchrun error file (and so in its report)."""
+    """Run a worker's body; an exception is recorded in the rank's torchrun error file (and so in its report). If
+    torchrun's agent dies meanwhile, the worker ends (SIGTERM's default: at once) instead of measuring on."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    lifeline.watch_parent()
     record(run)(argv)

@@ -1,9 +1,9 @@
 """The `paraplan` Typer application, its command groups, and what every command shares: bad input exits 1,
 errors printed as text or as `--json`'s `error` object, rich consoles for people.
 
-Exit codes: 0 an answer, 1 bad input or an invalid plan, 2 the plan does not fit (`estimate`, `export`) or
-`paraplan plan` found nothing that fits; `train`, `profile` and `validate` add 3 (a run failed) and 130
-(stopped).
+Exit codes: 0 an answer, 1 bad input or an invalid plan, 2 the plan does not fit (`estimate`, `export`),
+`paraplan plan` found nothing that fits, or (`train`) another run holds its --out; `train`, `profile` and
+`validate` add 3 (a run failed) and 130 (stopped).
 """
 
 from __future__ import annotations

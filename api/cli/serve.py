@@ -37,10 +37,13 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.jobs import folder_lock
     from api.settings import Settings
 
     try:
         settings = Settings.from_env(data_dir=data_dir, max_concurrent_jobs=max_jobs, search_workers=search_workers)
+        # Held until this process exits: a second server on the folder is refused here, naming this one's pid.
+        folder_lock.acquire(settings.data_dir)
         application = create_app(settings)
     except ValueError as exc:
         print_error(error_payload(exc), as_json=False)

@@ -4,6 +4,8 @@ trained here under torchrun (api/commands/train.py) or printed as per-node torch
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -82,8 +84,9 @@ def train(
 ) -> None:
     """Train the request's model under its plan on this machine (torchrun, one process per GPU or CPU rank).
 
-    Exit 0 when every step ran, 1 on bad input (nothing started), 3 when a rank failed, 130 when stopped with
-    Ctrl-C (after a checkpoint: continue with --resume)."""
+    Exit 0 when every step ran, 1 on bad input (nothing started), 2 when another run holds --out (nothing
+    started), 3 when a rank failed, 130 when stopped with Ctrl-C, SIGTERM or SIGHUP (after a checkpoint: continue
+    with --resume)."""
     from api.cli.progress import RichProgress
     from api.cli.report import _header
     from api.commands.train import TrainOptions, exit_code, run_training
@@ -92,14 +95,30 @@ def train(
     options = TrainOptions(steps=steps, out=out, nproc=nproc, data=data, resume=resume,
                            checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps, seed=seed,
                            device=device)  # fmt: skip
-    run = _prepare(request, options)
-    if run is None:
-        raise typer.Exit(EXIT_BAD_INPUT)
-    console = _console()
-    console.print(_header(run.request), highlight=False)
-    result = run_training(run, RunDir(out), run.request.plan.num_gpus, resume, RichProgress(console))
+    with _run_folder(out) as lock:  # before run.json is written: it may be a running run's
+        run = _prepare(request, options)
+        if run is None:
+            raise typer.Exit(EXIT_BAD_INPUT)
+        console = _console()
+        console.print(_header(run.request), highlight=False)
+        progress = RichProgress(console)
+        result = run_training(run, RunDir(out), run.request.plan.num_gpus, resume, progress, pass_fds=(lock,))
     print_outcome(console, RunDir(out), result)
     raise typer.Exit(exit_code(result))
+
+
+@contextmanager
+def _run_folder(out: Path) -> Iterator[int]:
+    """Hold the run folder's lock (executor/run_lock.py); exit 2, naming the holder's pid, if another run has it."""
+    from api.commands.train import EXIT_FOLDER_IN_USE
+    from executor import run_lock
+
+    try:
+        with run_lock.hold(out) as lock:
+            yield lock
+    except run_lock.RunFolderInUse as busy:
+        print_error({"kind": "run_refused", "message": str(busy)}, as_json=False)
+        raise typer.Exit(EXIT_FOLDER_IN_USE) from None
 
 
 @app.command("launch-script")
@@ -158,8 +177,9 @@ def launch_script(
     options = TrainOptions(steps=steps, out=out, nproc=nnodes * per_node, data=data, resume=resume,
                            checkpoint_every=checkpoint_every, lr=lr, warmup_steps=warmup_steps, seed=seed,
                            device=device)  # fmt: skip
-    if _prepare(request, options) is None:
-        raise typer.Exit(EXIT_BAD_INPUT)
+    with _run_folder(out):  # run.json must not change under a running run
+        if _prepare(request, options) is None:
+            raise typer.Exit(EXIT_BAD_INPUT)
     if not submit:
         typer.echo(text, nl=False)
         return

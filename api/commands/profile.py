@@ -5,14 +5,19 @@ under torchrun through `executor.launch`, one worker per rank, and is turned int
 fits here. Across several nodes this command cannot start the other nodes' workers: the CLI prints the torchrun
 line for each node (`per_node_text`), and `from_sweep` turns the file rank 0 wrote into a profile afterwards.
 Progress goes through `api.commands.progress.Progress`.
+
+Each launch works in a folder of its own beside the profile it measures for (`launch_folder`), never in the system's
+temporary folder: a profiling job's files stay in its job folder, inside the data folder.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,10 @@ from profiler.pool import pool_profiles
 
 class ProfileRunError(RuntimeError):
     """A profiling run that failed (a rank died, the sweep wrote nothing): the message says which and why."""
+
+
+class ProfileRunStopped(ProfileRunError):
+    """A profiling run stopped before it finished (Ctrl-C, SIGTERM, SIGHUP, a job's cancel)."""
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -156,10 +165,10 @@ def measure(options: _Output, progress: Progress, cancel: threading.Event) -> Ha
     if isinstance(options, AllOptions):
         sweep = sweep_for_ranks(compute_sweep(options), options.nproc)
         comm = comm_launch(options)
-        compute = measure_node(sweep, options.nproc, progress, cancel)
+        compute = measure_node(sweep, options.nproc, progress, cancel, work_dir=options.out.parent)
         return merge(compute, run_comm(comm, sweep_file(options.out), progress, cancel))
     if isinstance(options, ComputeOptions):
-        return run_compute(compute_sweep(options), progress)
+        return run_compute(compute_sweep(options), progress, cancel)
     assert isinstance(options, CommOptions)
     if options.from_sweep is not None:
         return comm_profile(options.from_sweep)
@@ -167,58 +176,83 @@ def measure(options: _Output, progress: Progress, cancel: threading.Event) -> Ha
 
 
 def run_compute(
-    sweep: ComputeSweep, progress: Progress, after_pass: Callable[[int], None] | None = None
+    sweep: ComputeSweep,
+    progress: Progress,
+    cancel: threading.Event | None = None,
+    after_pass: Callable[[int], None] | None = None,
 ) -> HardwareProfile:
     """Measure `sweep` here, with a progress bar (one tick per layer shape, one for the optimizer); `after_pass`
-    as `profile_compute` takes it."""
+    as `profile_compute` takes it. ProfileRunError once `cancel` is set: the sweep runs in this process, so a stop
+    is seen between one layer shape and the next (a shape takes seconds), not when the whole sweep is done."""
     from profiler.compute import profile_compute
 
     with progress.task("compute", total=sweep.passes * len(sweep.runs()) + 1, what="starting") as update:
-        return profile_compute(sweep, on_progress=update, after_pass=after_pass)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            if cancel is not None and cancel.is_set():
+                raise ProfileRunError("the compute sweep was stopped before it finished")
+            update(done, total, what)
+
+        return profile_compute(sweep, on_progress=on_progress, after_pass=after_pass)
 
 
-def run_tp_layers(sweep: ComputeSweep, progress: Progress, cancel: threading.Event) -> tp_layers.RanksResult:
+def run_tp_layers(
+    sweep: ComputeSweep, progress: Progress, cancel: threading.Event, work_dir: Path
+) -> tp_layers.RanksResult:
     """Time the sweep's layers on tp ranks (profiler/tp_layers.py) for every tp degree > 1 it names: one torchrun
-    launch of tp workers per degree, with a progress bar."""
+    launch of tp workers per degree, with a progress bar; each launch works in a folder in `work_dir`."""
     layers: list[LayerMeasurement] = []
     for tp in sorted(t for t in set(sweep.tps) if t > 1):
-        layers += _run_on_ranks(sweep, tp, (), f"layers on {tp} tp ranks", progress, cancel).layers
+        layers += _run_on_ranks(sweep, tp, (), f"layers on {tp} tp ranks", progress, cancel, work_dir).layers
     return tp_layers.RanksResult(layers, [])
 
 
 def run_loaded_layers(
-    sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event
+    sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event, work_dir: Path
 ) -> tp_layers.RanksResult:
     """Time the sweep's one-device layers and optimizer step on `nproc` ranks at once (profiler/tp_layers.py
-    `--loaded`): what each rank takes while every rank of the node computes."""
-    return _run_on_ranks(sweep, nproc, ("--loaded",), f"layers on {nproc} loaded ranks", progress, cancel)
+    `--loaded`): what each rank takes while every rank of the node computes. The launch works in `work_dir`."""
+    label = f"layers on {nproc} loaded ranks"
+    return _run_on_ranks(sweep, nproc, ("--loaded",), label, progress, cancel, work_dir)
 
 
 def with_layers_on_ranks(
-    profile: HardwareProfile, sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event
+    profile: HardwareProfile,
+    sweep: ComputeSweep,
+    nproc: int,
+    progress: Progress,
+    cancel: threading.Event,
+    work_dir: Path,
 ) -> HardwareProfile:
     """`profile` (the sweep measured on one device) with what a node of `nproc` ranks adds: the layers on tp ranks
     for every tp degree of the sweep up to `nproc` (larger ones cannot run on the node; their shards' times and the
     fitted collectives cost them), and the one-device layers, optimizer step and meeting waits on `nproc` ranks
-    busy at once. The sweep must hold tp 1 (`sweep_for_ranks`). One device: `profile` unchanged."""
+    busy at once. The sweep must hold tp 1 (`sweep_for_ranks`). One device: `profile` unchanged. The launches work
+    in folders in `work_dir`."""
     if nproc < 2:
         return profile
     on_node = replace(sweep, tps=tuple(tp for tp in sweep.tps if tp <= nproc))
-    on_ranks = run_tp_layers(on_node, progress, cancel), run_loaded_layers(sweep, nproc, progress, cancel)
+    on_ranks = (
+        run_tp_layers(on_node, progress, cancel, work_dir),
+        run_loaded_layers(sweep, nproc, progress, cancel, work_dir),
+    )
     return with_rank_measurements(profile, *on_ranks)
 
 
-def measure_node(sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event) -> HardwareProfile:
+def measure_node(
+    sweep: ComputeSweep, nproc: int, progress: Progress, cancel: threading.Event, work_dir: Path
+) -> HardwareProfile:
     """`sweep` measured on this node: alone and, with several ranks, on them (`with_layers_on_ranks`). With several
     ranks and passes, pass after pass of all three phases (alone, tp ranks, busy ranks), pooled (profiler/pool.py):
     a shared machine's speed drifts over the minutes between the phases, and measured one phase after another the
     drift lands on the ratios the cost model reads between them (a loaded layer's contention over its time alone,
-    tp ranks against one device); pass by pass every phase samples the same stretch of time."""
+    tp ranks against one device); pass by pass every phase samples the same stretch of time. The launches on ranks
+    work in folders in `work_dir`."""
     if nproc < 2 or sweep.passes == 1:
-        return with_layers_on_ranks(run_compute(sweep, progress), sweep, nproc, progress, cancel)
+        return with_layers_on_ranks(run_compute(sweep, progress, cancel), sweep, nproc, progress, cancel, work_dir)
     one_pass = replace(sweep, passes=1)
     passes = [
-        with_layers_on_ranks(run_compute(one_pass, progress), one_pass, nproc, progress, cancel)
+        with_layers_on_ranks(run_compute(one_pass, progress, cancel), one_pass, nproc, progress, cancel, work_dir)
         for _ in range(sweep.passes)
     ]
     pooled = pool_profiles(passes)
@@ -242,25 +276,51 @@ def with_rank_measurements(profile: HardwareProfile, *results: tp_layers.RanksRe
     return profile.model_copy(update=added)
 
 
+@contextmanager
+def launch_folder(work_dir: Path, what: str) -> Iterator[Path]:
+    """A fresh folder in `work_dir` (beside the profile being measured) for one launch's files: its input, its
+    result, torchrun's logs. Removed when the block ends, unless the launch failed: then its logs stay, and the
+    error names them."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{what}-launch-", dir=work_dir))
+    try:
+        yield folder
+    except ProfileRunStopped:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except ProfileRunError:
+        raise  # a rank failed: its logs are what says why
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _run_on_ranks(
-    sweep: ComputeSweep, nproc: int, flags: tuple[str, ...], label: str, progress: Progress, cancel: threading.Event
+    sweep: ComputeSweep,
+    nproc: int,
+    flags: tuple[str, ...],
+    label: str,
+    progress: Progress,
+    cancel: threading.Event,
+    work_dir: Path,
 ) -> tp_layers.RanksResult:
     """One torchrun launch of profiler/tp_layers.py on `nproc` ranks with `flags`, with a progress bar."""
-    folder = Path(tempfile.mkdtemp(prefix="paraplan-layers-on-ranks-"))
-    sweep_file, out = folder / "sweep.json", folder / "result.json"
-    sweep_file.write_text(sweep.to_json())
-    spec = launch.LaunchSpec(
-        nproc_per_node=nproc,
-        module="profiler.tp_layers",
-        args=("--sweep", str(sweep_file), "--out", str(out), *flags),
-        log_dir=folder / "logs",
-    )
-    env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
-    with progress.task(label, what="starting workers") as update:
-        on_line = _line_handler(update, lambda record: record["what"])
-        result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
-    _require_finished(result, f"timing {label}", folder)
-    return tp_layers.read_result(out)
+    with launch_folder(work_dir, "layers-on-ranks") as folder:
+        sweep_file, out = folder / "sweep.json", folder / "result.json"
+        sweep_file.write_text(sweep.to_json())
+        spec = launch.LaunchSpec(
+            nproc_per_node=nproc,
+            module="profiler.tp_layers",
+            args=("--sweep", str(sweep_file), "--out", str(out), *flags),
+            log_dir=folder / "logs",
+        )
+        env = {"OMP_NUM_THREADS": str(sweep.threads)} if sweep.threads is not None else None
+        with progress.task(label, what="starting workers") as update:
+            on_line = _line_handler(update, lambda record: record["what"])
+            result = launch.run(spec, env=env, on_line=on_line, cancel=cancel)
+        _require_finished(result, f"timing {label}", folder)
+        return tp_layers.read_result(out)
 
 
 @dataclass(frozen=True)
@@ -299,19 +359,20 @@ def per_node_text(comm: CommLaunch) -> str:
 
 
 def run_comm(comm: CommLaunch, sweep_file: Path, progress: Progress, cancel: threading.Event) -> HardwareProfile:
-    """Run a one-node sweep under torchrun with a progress bar; the profile of what it measured, with fits."""
-    log_dir = Path(tempfile.mkdtemp(prefix="paraplan-comm-"))
-    with progress.task("collectives", what="starting workers") as update:
-        on_line = _line_handler(update, lambda r: f"{r['tier']} {r['op']} {r['size_bytes']:,} B")
-        result = launch.run(comm.spec(log_dir), on_line=on_line, cancel=cancel)
-    _require_finished(result, "the collective sweep", log_dir)
+    """Run a one-node sweep under torchrun with a progress bar; the profile of what it measured, with fits. The
+    launch works in a folder beside `sweep_file`."""
+    with launch_folder(sweep_file.parent, "comm") as log_dir:
+        with progress.task("collectives", what="starting workers") as update:
+            on_line = _line_handler(update, lambda r: f"{r['tier']} {r['op']} {r['size_bytes']:,} B")
+            result = launch.run(comm.spec(log_dir), on_line=on_line, cancel=cancel)
+        _require_finished(result, "the collective sweep", log_dir)
     return comm_profile(sweep_file)
 
 
 def _require_finished(result: launch.RunResult, what: str, log_dir: Path) -> None:
     """ProfileRunError unless the workers' launch finished and succeeded: stopped, or which rank failed and why."""
     if result.cancelled:
-        raise ProfileRunError(f"{what} was stopped before it finished")
+        raise ProfileRunStopped(f"{what} was stopped before it finished")
     if not result.ok:
         cause = result.root_cause
         why = f"rank {cause.rank} exited with {cause.exitcode}: {cause.message}" if cause else "see the logs"

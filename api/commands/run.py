@@ -1,6 +1,7 @@
 """`python -m api.commands.run RECORD`: run one command from its stored options record (written by
 `write_record`), reporting progress as plain lines. A job's supervisor (api/jobs/supervise.py) starts it in the job's
-own process, so that cancelling a job stops its whole process group and a job outlives the server.
+own process, so that cancelling a job stops its whole process group and a job outlives the server; it dies with
+its supervisor (executor/lifeline.py).
 
 Exit codes as the CLI's: 0 done, 1 bad input, 3 a run failed, 130 stopped.
 """
@@ -68,7 +69,9 @@ def main(path: Path) -> int:
     from api.commands.loop.setup import ValidationStopped
     from api.commands.progress import LineProgress
     from api.errors import error_text
+    from executor import lifeline
 
+    lifeline.watch_parent()  # the job's supervisor killed: stop as if it had sent SIGTERM
     command, options = read_record(path)
     body: Callable[[threading.Event], None]
     if command == "validate":

@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 EXIT_RUN_FAILED = 3  # a rank failed; the run's logs say why
 
 
-EXIT_STOPPED = 130  # stopped by Ctrl-C / SIGTERM after a checkpoint (the shell's code for an interrupt)
+EXIT_STOPPED = 130  # stopped by Ctrl-C / SIGTERM / SIGHUP after a checkpoint (the shell's code for an interrupt)
+
+
+EXIT_FOLDER_IN_USE = 2  # another run holds the run folder (executor/run_lock.py): nothing started
 
 
 GRACE_S = 60.0
@@ -112,15 +115,19 @@ def _line_handler(update: Update, progress: Progress) -> Callable[[str], None]:
     return on_line
 
 
-def run_training(run: TrainRun, run_dir: RunDir, nproc: int, resume: bool, progress: Progress) -> launch.RunResult:
-    """Launch the run locally and report its progress until it ends (or is stopped with Ctrl-C)."""
+def run_training(
+    run: TrainRun, run_dir: RunDir, nproc: int, resume: bool, progress: Progress, pass_fds: tuple[int, ...] = ()
+) -> launch.RunResult:
+    """Launch the run locally and report its progress until it ends (or is stopped with Ctrl-C, SIGTERM or SIGHUP).
+    `pass_fds`: the run folder's lock (executor/run_lock.py), held by torchrun until its workers are gone."""
     latest = run_dir.latest_checkpoint() if resume else None
     first_step = latest[0] if latest else 0
     cancel = threading.Event()
     task = progress.task("train", total=run.config.steps, done=first_step, what="loss - - tok/s")
     with task as update, stop_on_interrupt(cancel):
         spec = local_spec(run_dir, nproc, resume)
-        return launch.run(spec, on_line=_line_handler(update, progress), cancel=cancel, grace_s=GRACE_S)
+        on_line = _line_handler(update, progress)
+        return launch.run(spec, on_line=on_line, cancel=cancel, grace_s=GRACE_S, pass_fds=pass_fds)
 
 
 def exit_code(result: launch.RunResult) -> int:

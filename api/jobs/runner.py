@@ -19,11 +19,14 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from api.jobs import folder_lock
 from api.jobs.supervise import OUTPUT_FILE, is_supervisor_of, read_result, supervisor_argv
 from api.settings import Settings
 from api.store import FINAL_STATES, ApiStore, JobRow, utc_now
@@ -45,6 +48,18 @@ class Outcome:
     updates: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TimeLimit:
+    """The wall time one kind of job may run, from its start, and the setting that sets it (named when a job is
+    stopped for running past it)."""
+
+    seconds: float
+    setting: str
+
+    def reason(self, kind: str) -> str:
+        return f"ran past the time limit of {kind} jobs ({self.seconds:g} s, {self.setting}) and was stopped"
+
+
 class JobKind(Protocol):
     """What one kind of job (training, profiling) makes of a finished supervisor's files."""
 
@@ -58,8 +73,16 @@ class JobNotFound(LookupError):
 class JobRunner:
     """Starts queued jobs (at most ``settings.max_concurrent_jobs`` at once), watches and cancels them."""
 
-    def __init__(self, store: ApiStore, settings: Settings, kinds: Mapping[str, JobKind]):
+    def __init__(
+        self,
+        store: ApiStore,
+        settings: Settings,
+        kinds: Mapping[str, JobKind],
+        time_limits: Mapping[str, TimeLimit] | None = None,
+    ):
+        """`time_limits`: kind -> the wall time its jobs may run (kinds not named: no limit)."""
         self._store, self._settings, self._kinds = store, settings, dict(kinds)
+        self._time_limits = dict(time_limits or {})
         self._watched: set[str] = set()
         self._lock = threading.Lock()  # guards _watched: the dispatcher and the watchers change it
         self._wake = threading.Event()
@@ -73,10 +96,15 @@ class JobRunner:
 
     def start(self) -> None:
         """Reconcile what a previous server left, then start dispatching queued jobs (again, after a close:
-        an app's lifespan can run more than once)."""
+        an app's lifespan can run more than once). FolderInUse if another server's runner holds the data folder."""
+        folder_lock.acquire(self._settings.data_dir)
         self._closing.clear()
-        self._settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.reconcile()
+        try:
+            self._settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.reconcile()
+        except BaseException:
+            folder_lock.release(self._settings.data_dir)
+            raise
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="paraplan-dispatcher", daemon=True)
         self._dispatcher.start()
 
@@ -86,6 +114,8 @@ class JobRunner:
         self._wake.set()
         if self._dispatcher is not None:
             self._dispatcher.join(timeout=5)
+            self._dispatcher = None
+            folder_lock.release(self._settings.data_dir)
 
     @property
     def alive(self) -> bool:
@@ -166,7 +196,11 @@ class JobRunner:
 
     def _watch_loop(self, job_id: str, exited: Callable[[], bool]) -> None:
         try:
+            deadline = self._deadline(job_id)
             while not exited():
+                if deadline is not None and datetime.now(UTC) > deadline:
+                    self._stop_overdue(job_id)
+                    deadline = None  # asked once; the supervisor stops it within its grace period
                 if self._closing.wait(POLL_S):
                     return  # the server is stopping: the job goes on, and the next server watches it
             self._finish(job_id)
@@ -178,6 +212,24 @@ class JobRunner:
                 self._watched.discard(job_id)
             self.wake()
 
+    def _deadline(self, job_id: str) -> datetime | None:
+        """When the job's time is up: its start plus its kind's time limit (None: no limit)."""
+        row = self._store.get_job(job_id)
+        limit = None if row is None else self._time_limits.get(row.kind)
+        if row is None or limit is None or row.started is None:
+            return None
+        return datetime.fromisoformat(row.started) + timedelta(seconds=limit.seconds)
+
+    def _stop_overdue(self, job_id: str) -> None:
+        """Stop a job that ran past its time limit as a cancel does; the reason recorded makes it end FAILED."""
+        row = self._store.get_job(job_id)
+        if row is None:
+            return
+        reason = self._time_limits[row.kind].reason(row.kind)
+        if self._store.update_job(job_id, only_if_state=["RUNNING"], cancel_requested=True, failure_reason=reason):
+            log.info("job %s: %s", job_id, reason)
+            self._signal_supervisor(job_id)
+
     def _finish(self, job_id: str) -> None:
         """Record how a job whose supervisor has exited ended."""
         row = self._store.get_job(job_id)
@@ -188,12 +240,14 @@ class JobRunner:
         if result is None:
             kill_strays(job_dir)
             outcome = (
-                Outcome("CANCELLED")
+                _stopped(row)
                 if row.cancel_requested  # stopped before it could install its signal handler
                 else Outcome("FAILED", "the job's supervisor exited without a result (it was killed)")
             )
+        elif result.get("refused"):  # its run folder was in use: nothing started
+            outcome = Outcome("FAILED", result["refused"], updates={"returncode": result["returncode"]})
         elif result.get("cancelled") or (row.cancel_requested and result["returncode"] != 0):
-            outcome = Outcome("CANCELLED", updates={"returncode": result["returncode"]})
+            outcome = _stopped(row, returncode=result["returncode"])
         else:
             outcome = self._kinds[row.kind].outcome(row, job_dir, result["returncode"])
             outcome.updates.setdefault("returncode", result["returncode"])
@@ -236,13 +290,40 @@ class JobRunner:
             os.kill(row.pid, signal.SIGTERM)
 
 
-def kill_strays(job_dir: Path) -> None:
-    """SIGKILL every process still running a job's command (found by its folder in their command lines): what a
-    killed supervisor left behind must not go on using the machine."""
+def _stopped(row: JobRow, **updates: Any) -> Outcome:
+    """How a job that was asked to stop ended: CANCELLED, or FAILED if the runner stopped it for running too long
+    (the only stop that records a reason before the job ends)."""
+    if row.failure_reason is not None:
+        return Outcome("FAILED", row.failure_reason, updates)
+    return Outcome("CANCELLED", updates=updates)
+
+
+STRAYS_LIMIT_S = 10.0
+"""How long killing a dead supervisor's strays may take (SIGKILL is delivered at once, but a process exits only
+once its memory is freed), and again for processes started meanwhile by a dying parent."""
+
+
+def kill_strays(job_dir: Path, limit_s: float = STRAYS_LIMIT_S) -> None:
+    """SIGKILL every process still running a job's command (found by its folder in their command lines) and wait
+    until they are gone: what a killed supervisor left behind must not go on using the machine, and the job is
+    recorded as ended only once nothing of it runs."""
+    deadline = time.monotonic() + limit_s
+    while (strays := _processes_naming(job_dir)) and time.monotonic() < deadline:
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # gone meanwhile, or not ours to kill
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    if strays:
+        log.warning("job folder %s: processes %s outlived SIGKILL for %.0f s", job_dir, strays, limit_s)
+
+
+def _processes_naming(job_dir: Path) -> list[int]:
+    """The live processes (other than this one) whose command line names ``job_dir``."""
     marker = str(job_dir).encode()
+    found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if marker in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to kill
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            pid = int(cmdline.parent.name)
+            if marker in cmdline.read_bytes() and pid != os.getpid() and launch.pid_alive(pid):
+                found.append(pid)
+    return found

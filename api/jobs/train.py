@@ -122,7 +122,7 @@ def prepare_train_job(body: dict[str, Any], job_id: str, store: ApiStore, settin
         run = prepare(parsed, run_options)
         predicted = planner.estimate(run.request)
         spec = local_spec(RunDir(job_dir / RUN_FOLDER), nproc, resume=False)
-        write_command(job_dir, launch.torchrun_command(spec), settings.job_grace_s)
+        write_command(job_dir, launch.watched_torchrun_command(spec), settings.job_grace_s, lock=job_dir / RUN_FOLDER)
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise

@@ -32,6 +32,10 @@ from planner.specs import Int, Text, ZeroStage
 
 OUT_FOLDER = "validation"
 INPUT_PROFILE = "input-profile.json"
+STOP_GRACE_S = 5.0
+"""How long a cancelled validation may take to stop before its supervisor kills every process it started. A
+validation saves nothing on the way out (its runs keep no checkpoints, and runs.json is written after each run), so
+a training job's grace (time to save a checkpoint, a minute) would only keep a cancelled one running."""
 
 
 class ValidationJobBody(BaseModel):
@@ -92,7 +96,7 @@ def prepare_validation_job(body: dict[str, Any], job_id: str, settings: Settings
     try:
         if profile is not None:
             options = options.model_copy(update={"profile": str(save_profile_json(profile, job_dir / INPUT_PROFILE))})
-        write_command(job_dir, argv(write_record(job_dir / RECORD_FILE, "validate", options)), settings.job_grace_s)
+        write_command(job_dir, argv(write_record(job_dir / RECORD_FILE, "validate", options)), STOP_GRACE_S)
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise

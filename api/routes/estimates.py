@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from api import service as planning
 from api.routes.common import ServiceDep, body_schema, json_body, json_response
+from api.routes.responses import READS_A_BODY, errors
 
 router = APIRouter(prefix="/estimates", tags=["estimates"])
 
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/estimates", tags=["estimates"])
     "",
     summary="Predict one training step of a plan: time, memory per stage, and where the time goes",
     openapi_extra=body_schema("EstimateRequest"),
+    responses=errors(*READS_A_BODY),
     response_description="the StepEstimate",
 )
 async def create_estimate(request: Request, service: ServiceDep) -> Response:
@@ -28,6 +30,7 @@ async def create_estimate(request: Request, service: ServiceDep) -> Response:
     "/timeline",
     summary="The pipeline schedule of a plan's step: every forward, recompute and backward task with its start and end",
     openapi_extra=body_schema("EstimateRequest"),
+    responses=errors(*READS_A_BODY),
     response_description="the PipelineTimeline",
 )
 async def create_timeline(request: Request, service: ServiceDep) -> Response:

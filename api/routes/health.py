@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.routes.common import ApiError, ServiceDep
+from api.routes.responses import errors
 
 router = APIRouter(tags=["health"])
 
@@ -15,7 +16,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers and the job runner is running")
+@router.get("/readyz", summary="The database answers and the job runner is running", responses=errors(503))
 def readyz(service: ServiceDep) -> dict[str, str]:
     try:
         service.store.ping()

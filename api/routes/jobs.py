@@ -34,6 +34,7 @@ from api.routes.common import (
     json_response,
     not_found,
 )
+from api.routes.responses import NEEDS_THE_TOKEN, STARTS_A_JOB, TextResponse, answered_as, errors
 from api.store import FINAL_STATES, JobRow, dumps, new_id
 from executor.config import RunDir
 
@@ -162,6 +163,7 @@ def get_job_row(service: Service, job_id: str, kind: str | None = "train") -> Jo
     dependencies=[TokenDep],
     summary="Run a training job: the contract's request with `plan` (or `plan_id`) plus steps, nproc, data, ...",
     openapi_extra=body_schema("TrainJobRequest"),
+    responses=errors(*STARTS_A_JOB),
 )
 async def create_job(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
     def prepare(body: dict[str, Any], job_id: str) -> JobRow:
@@ -170,7 +172,7 @@ async def create_job(request: Request, service: ServiceDep, idempotency_key: Ide
     return await accept_job(request, service, "train", idempotency_key, prepare)
 
 
-@router.get("", summary="Training jobs, newest first")
+@router.get("", summary="Training jobs, newest first", responses=errors(422))
 def list_jobs(
     service: ServiceDep,
     state: Annotated[Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"] | None, Query()] = None,
@@ -181,12 +183,16 @@ def list_jobs(
     return json_response({"jobs": [job_view(service, row) for row in rows]})
 
 
-@router.get("/{job_id}", summary="One training job: state, failure reason, latest metrics")
+@router.get("/{job_id}", summary="One training job: state, failure reason, latest metrics", responses=errors(404, 422))
 def get_job(job_id: str, service: ServiceDep) -> Response:
     return json_response(job_view(service, get_job_row(service, job_id)))
 
 
-@router.get("/{job_id}/metrics", summary="Every step's metrics, the summary, and the prediction beside it")
+@router.get(
+    "/{job_id}/metrics",
+    summary="Every step's metrics, the summary, and the prediction beside it",
+    responses=errors(404, 422),
+)
 def get_metrics(job_id: str, service: ServiceDep) -> Response:
     row = get_job_row(service, job_id)
     run_dir = RunDir(service.runner.job_dir(job_id) / RUN_FOLDER)
@@ -196,7 +202,12 @@ def get_metrics(job_id: str, service: ServiceDep) -> Response:
                           "measured_run": view["measured_run"]})  # fmt: skip
 
 
-@router.post("/{job_id}/cancel", dependencies=[TokenDep], summary="Cancel a job (every rank is stopped)")
+@router.post(
+    "/{job_id}/cancel",
+    dependencies=[TokenDep],
+    summary="Cancel a job (every rank is stopped)",
+    responses=errors(*NEEDS_THE_TOKEN, 404, 422),
+)
 def cancel_job(job_id: str, service: ServiceDep) -> Response:
     get_job_row(service, job_id, kind=None)
     return json_response(job_view(service, service.runner.cancel(job_id)))
@@ -206,6 +217,8 @@ def cancel_job(job_id: str, service: ServiceDep) -> Response:
     "/{job_id}/logs",
     summary="The job's output: text from `offset`, or with `follow` (or Accept: text/event-stream) a "
     "server-sent-events stream, one event per line, until the job ends",
+    response_class=TextResponse,
+    responses=answered_as("The output as text, or as server-sent events", "text/event-stream") | errors(404, 422),
 )
 async def get_logs(
     job_id: str,

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from api.commands.inputs import model_from_json
 from api.routes.common import json_body, json_response
+from api.routes.responses import READS_A_BODY, errors
 
 router = APIRouter(prefix="/models", tags=["catalog"])
 ANY_OBJECT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
@@ -19,6 +20,7 @@ ANY_OBJECT_BODY = {"requestBody": {"required": True, "content": {"application/js
     summary="A Hugging Face config.json, a ModelSpec or {name: preset, ...overrides} -> the ModelSpec and its "
     "parameter count",
     openapi_extra=ANY_OBJECT_BODY,
+    responses=errors(*READS_A_BODY),
 )
 async def resolve(request: Request) -> Response:
     from planner.cost.params import model_params

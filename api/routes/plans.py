@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.routes.common import Limit, Offset, ServiceDep, body_schema, json_body, json_response, json_with, not_found
+from api.routes.responses import READS_A_BODY, errors
 from api.store import PlanRow
 
 router = APIRouter(prefix="/plans", tags=["plans"])
@@ -31,6 +32,7 @@ def plan_text(row: PlanRow) -> str:
     status_code=201,
     summary="Search for the fastest plans that fit; the search is stored and returned with its id",
     openapi_extra=body_schema("PlanRequest"),
+    responses=errors(*READS_A_BODY),
 )
 async def create_plan(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
@@ -42,12 +44,12 @@ async def create_plan(request: Request, service: ServiceDep) -> Response:
     return json_response(plan_text(row), 201, {"Location": f"/v1/plans/{row.id}"})
 
 
-@router.get("", summary="Stored plan searches, newest first (summaries)")
+@router.get("", summary="Stored plan searches, newest first (summaries)", responses=errors(422))
 def list_plans(service: ServiceDep, limit: Limit = 50, offset: Offset = 0) -> Response:
     return json_response({"plans": [plan_summary(row) for row in service.store.plans(limit, offset)]})
 
 
-@router.get("/{plan_id}", summary="One stored plan search: request and result")
+@router.get("/{plan_id}", summary="One stored plan search: request and result", responses=errors(404, 422))
 def get_plan(plan_id: str, service: ServiceDep) -> Response:
     row = service.store.get_plan(plan_id)
     if row is None:

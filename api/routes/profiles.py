@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from api.jobs.profile import prepare_profile_job
 from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_response, json_with, not_found
 from api.routes.jobs import IdempotencyKey, accept_job, job_view
+from api.routes.responses import STARTS_A_JOB, errors
 from api.store import JobRow
 from planner.profiles import ProfileError
 
@@ -25,6 +26,7 @@ router = APIRouter(prefix="/profiles", tags=["profiles"])
     dependencies=[TokenDep],
     summary="Profile this machine (layer compute and/or collectives); the profile is stored under the job's id",
     openapi_extra=body_schema("ProfileJobBody"),
+    responses=errors(*STARTS_A_JOB),
 )
 async def create_profile(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
     return await accept_job(
@@ -36,7 +38,7 @@ async def create_profile(request: Request, service: ServiceDep, idempotency_key:
     )
 
 
-@router.get("", summary="Profiling jobs and stored profiles, newest first")
+@router.get("", summary="Profiling jobs and stored profiles, newest first", responses=errors(422))
 def list_profiles(service: ServiceDep, limit: Limit = 100) -> Response:
     jobs = service.store.jobs(kind="profile", limit=limit)
     from_jobs = {row.id for row in jobs}
@@ -46,7 +48,11 @@ def list_profiles(service: ServiceDep, limit: Limit = 100) -> Response:
     return json_response({"profiles": views[:limit]})
 
 
-@router.get("/{profile_id}", summary="A profiling job or stored profile, with the profile once it is measured")
+@router.get(
+    "/{profile_id}",
+    summary="A profiling job or stored profile, with the profile once it is measured",
+    responses=errors(404, 422),
+)
 def get_profile(profile_id: str, service: ServiceDep) -> Response:
     row = service.store.get_job(profile_id)
     if row is not None and row.kind == "profile":

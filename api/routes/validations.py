@@ -13,6 +13,7 @@ from api.commands.loop.report import PLOT_FILE, REPORT_FILE
 from api.jobs.validate import OUT_FOLDER, prepare_validation_job
 from api.routes.common import Limit, ServiceDep, TokenDep, body_schema, json_response, not_found
 from api.routes.jobs import IdempotencyKey, accept_job, job_view, measured_view
+from api.routes.responses import STARTS_A_JOB, MarkdownResponse, PngResponse, errors
 from api.store import JobRow
 
 router = APIRouter(prefix="/validations", tags=["validations"])
@@ -24,6 +25,7 @@ router = APIRouter(prefix="/validations", tags=["validations"])
     dependencies=[TokenDep],
     summary="Validate the cost model on this machine: profile, run every valid plan, compare, recalibrate",
     openapi_extra=body_schema("ValidationJobBody"),
+    responses=errors(*STARTS_A_JOB),
 )
 async def create_validation(request: Request, service: ServiceDep, idempotency_key: IdempotencyKey = None) -> Response:
     return await accept_job(
@@ -35,25 +37,39 @@ async def create_validation(request: Request, service: ServiceDep, idempotency_k
     )
 
 
-@router.get("", summary="Validation jobs, newest first")
+@router.get("", summary="Validation jobs, newest first", responses=errors(422))
 def list_validations(service: ServiceDep, limit: Limit = 100) -> Response:
     rows = service.store.jobs(kind="validate", limit=limit)
     return json_response({"validations": [job_view(service, row) for row in rows]})
 
 
-@router.get("/{validation_id}", summary="A validation: progress, figures, measured runs, calibrated profile")
+@router.get(
+    "/{validation_id}",
+    summary="A validation: progress, figures, measured runs, calibrated profile",
+    responses=errors(404, 422),
+)
 def get_validation(validation_id: str, service: ServiceDep) -> Response:
     row = _validation(service, validation_id)
     runs = service.store.measured_runs(validation_id=row.id, limit=10_000)
     return json_response(job_view(service, row) | {"measured_runs": [measured_view(run) for run in runs]})
 
 
-@router.get("/{validation_id}/report", summary="The validation's Markdown report")
+@router.get(
+    "/{validation_id}/report",
+    summary="The validation's Markdown report",
+    response_class=MarkdownResponse,
+    responses=errors(404, 422),
+)
 def get_report(validation_id: str, service: ServiceDep) -> Response:
     return _result_file(service, validation_id, REPORT_FILE, "text/markdown; charset=utf-8")
 
 
-@router.get("/{validation_id}/plot", summary="The validation's PNG plot (predicted vs measured, breakdown)")
+@router.get(
+    "/{validation_id}/plot",
+    summary="The validation's PNG plot (predicted vs measured, breakdown)",
+    response_class=PngResponse,
+    responses=errors(404, 422),
+)
 def get_plot(validation_id: str, service: ServiceDep) -> Response:
     return _result_file(service, validation_id, PLOT_FILE, "image/png")
 

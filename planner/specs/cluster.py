@@ -36,7 +36,10 @@ class GpuSpec(Frozen):
     name: Text
     kind: Literal["gpu", "cpu"] = "gpu"
     memory_bytes: Annotated[Int, Field(gt=0)]
-    peak_tflops: dict[Precision, Annotated[Real, Field(gt=0)]]
+    # The schema states the validator's rule too, so a client (or a schema fuzzer) reads it there.
+    peak_tflops: Annotated[
+        dict[Precision, Annotated[Real, Field(gt=0)]], Field(json_schema_extra={"required": ["fp16", "fp32"]})
+    ]
     hbm_GBps: Annotated[Real, Field(gt=0)]
     intra_node: LinkSpec
     inter_node: LinkSpec

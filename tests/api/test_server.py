@@ -316,3 +316,25 @@ def test_a_job_lost_with_its_server_is_failed_by_the_next_one(servers: Callable[
     assert job["finished"] is not None
     assert server_b.http.get("/v1/jobs", params={"state": "RUNNING"}).json()["jobs"] == []
     assert processes_in(job_dir) == {}
+
+
+def test_one_data_folder_serves_one_server_and_a_killed_one_gives_it_back(
+    servers: Callable[[], Server], tmp_path: Path
+) -> None:
+    """Two servers on one folder would each run --max-jobs jobs and fail each other's running jobs as "server
+    restarted": the second is refused at start, naming the first one's pid. SIGKILL releases the folder's lock."""
+    first = servers()
+    second = Server(tmp_path / "data", tmp_path / "second.log")
+    try:
+        returncode = second.process.wait(timeout=60)
+    finally:
+        second.stop()
+    assert returncode != 0, second.output()
+    assert f"is in use by another paraplan server (pid {first.process.pid})" in second.output(), second.output()
+    assert "Traceback" not in second.output(), second.output()
+    assert first.http.get("/readyz").status_code == 200
+
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    third = servers()  # ready: it holds the folder now
+    assert third.http.get("/readyz").status_code == 200

@@ -43,13 +43,13 @@ def quiet() -> Progress:
 
 
 @pytest.fixture(scope="module")
-def measured():
-    return run_tp_layers(SWEEP, quiet(), threading.Event()).layers
+def measured(tmp_path_factory):
+    return run_tp_layers(SWEEP, quiet(), threading.Event(), tmp_path_factory.mktemp("tp-layers")).layers
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return run_loaded_layers(SWEEP, 2, quiet(), threading.Event())
+def loaded(tmp_path_factory):
+    return run_loaded_layers(SWEEP, 2, quiet(), threading.Event(), tmp_path_factory.mktemp("loaded-layers"))
 
 
 def test_every_shape_mode_and_sequence_parallel_setting_is_timed_on_two_ranks(measured):

@@ -113,13 +113,12 @@ def test_train_refuses_bad_hyperparameters(tmp_path, request_file):
 
 def test_train_reports_every_problem_at_once(tmp_path):
     request = copy.deepcopy(TINY_REQUEST)
-    request["training"]["precision"] = "fp16"
     request["model"]["tie_embeddings"] = True
-    request["plan"] = {"dp": 1, "pp": 2}
+    request["plan"] = {"dp": 1, "pp": 2, "schedule": "1f1b", "micro_batch_size": 8}
     out = tmp_path / "out"
     result = run("train", write_request(tmp_path, request), "--steps", "3", "--out", out, "--nproc", "3",
                  "--data", tmp_path / "missing.txt")  # fmt: skip
-    assert_refused(result, "  - model.tie_embeddings: ", "  - training.precision: ", "  - nproc: ", "  - data: ")
+    assert_refused(result, "  - model.tie_embeddings: ", "  - plan.micro_batch_size: ", "  - nproc: ", "  - data: ")
     assert not out.exists()
 
 

@@ -442,16 +442,24 @@ def test_resume_refuses_a_different_plan_or_rate(tmp_path):
 
 
 def test_executor_refusals(tmp_path):
-    request = tiny_request(model={"tie_embeddings": True}, training={"precision": "fp16"}, plan={"dp": 1, "pp": 2})
+    # One micro-batch of 8 for two 1F1B stages: torch's Schedule1F1B needs at least pp micro-batches.
+    plan = {"dp": 1, "pp": 2, "schedule": "1f1b", "micro_batch_size": 8}
+    request = tiny_request(model={"tie_embeddings": True}, plan=plan)
     found = refusal(request, TrainConfig(steps=5), tmp_path / "out", nproc=2)
     assert sorted(found) == [
         ("model.tie_embeddings", "executor_tied_embeddings_pp"),
-        ("training.precision", "executor_fp16_loss_scaling"),
+        ("plan.micro_batch_size", "executor_1f1b_fill"),
     ]
 
 
+def test_fp16_is_accepted_with_loss_scaling(tmp_path):
+    request = tiny_request(training={"precision": "fp16"})
+    run = prepare_run(request, TrainConfig(steps=5), tmp_path / "out", nproc=2)
+    assert run.request.training.precision == "fp16"
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
-    request = tiny_request(model={"tie_embeddings": True}, training={"precision": "fp16"}, plan={"dp": 2, "pp": 2})
+    request = tiny_request(model={"tie_embeddings": True}, plan={"dp": 2, "pp": 2, "micro_batch_size": 4})
     config = TrainConfig(steps=5, data=tmp_path / "missing.txt")
     out = tmp_path / "out"
     found = refusal(request, config, out, nproc=3)
@@ -460,7 +468,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ("model.tie_embeddings", "executor_tied_embeddings_pp"),
         ("nproc", "nproc_differs_from_plan"),
         ("plan", "degrees_product"),  # 2 x 1 x 2 x 1 = 4 GPUs on a 2-GPU cluster
-        ("training.precision", "executor_fp16_loss_scaling"),
+        ("plan.micro_batch_size", "executor_1f1b_fill"),  # one micro-batch of 4 per replica, two stages
     ]
     assert not out.exists()
 

@@ -50,7 +50,7 @@ def measure_profile(
     problems = sweep.violations()
     if problems:
         raise InputError("; ".join(f"{field}: {why}" for field, why in problems))
-    compute = measure_node(sweep, setup.nproc, progress, cancel)
+    compute = measure_node(sweep, setup.nproc, progress, cancel, work_dir=setup.out)
     if setup.nproc < 2 or not collectives:
         return compute
     sweep_file = setup.out / "profile.sweep.json"

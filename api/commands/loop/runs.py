@@ -14,6 +14,9 @@ from executor.config import RunDir, TrainConfig
 from planner.specs import HardwareProfile, MemoryEstimate, ParallelPlan
 
 RUN_TIMEOUT_S = 600.0
+STOP_GRACE_S = 2.0
+"""How long a stopped plan run's ranks get between SIGTERM and SIGKILL: a run here keeps no checkpoint, so there is
+nothing to wait for; a rank blocked in a collective whose peer has stopped would only hold the stop up."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def _train(setup: ValidationSetup, plan: ParallelPlan, run_dir: Path, cancel: th
                          checkpoints=False)  # fmt: skip
     prepare_run(setup.request(plan), config, run_dir, nproc=setup.nproc)
     spec = local_spec(RunDir(run_dir), setup.nproc, resume=False)
-    result = launch.run(spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel)
+    result = launch.run(
+        spec, env={"OMP_NUM_THREADS": str(setup.threads)}, timeout_s=RUN_TIMEOUT_S, cancel=cancel, grace_s=STOP_GRACE_S
+    )
     if result.cancelled:
         raise ValidationStopped(f"stopped while running {run_dir}")
     return result
