@@ -3,7 +3,8 @@
 Every error, from a malformed body to an unknown route, is answered with one body shape,
 `{"error": {"kind", "message", "fields" | "violations" | ...}}`, and the status of its kind (api/errors.py):
 422 for bad input (naming the field) and for plans that cannot run (with the planner's reason), 404 for unknown
-ids, 401/403 for a missing or wrong token, 413 for a body over the size limit. A 500 is a bug.
+ids, 401/403 for a missing or wrong token, 413 for a body over the size limit, 503 for a plan search whose worker
+process died (the request may be retried). A 500 is a bug.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from api.routes import catalog, estimates, exports, health, jobs, models, plans,
 from api.routes.common import ApiError, Service, error_response
 from api.routes.pages import install_pages
 from api.routes.responses import ErrorBody
+from api.search_pool import SearchPool, SearchUnavailable
 from api.service import PlanSearches
 from api.settings import MAX_VALIDATION_S_ENV, Settings
 from api.store import ApiStore
@@ -47,14 +49,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ApiStore(settings.database_url)
     kinds = {"train": TrainJobs(store), "profile": ProfileJobs(store), "validate": ValidationJobs(store)}
     runner = JobRunner(store, settings, kinds, {"validate": TimeLimit(settings.max_validation_s, MAX_VALIDATION_S_ENV)})
-    service = Service(settings, store, runner, PlanSearches(store, keep=settings.plan_retention))
+    pool = SearchPool(settings.search_workers)
+    service = Service(settings, store, runner, PlanSearches(store, keep=settings.plan_retention, pool=pool))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.start()
+        pool.start()
         try:
             yield
         finally:
+            pool.close()  # no search worker outlives the lifespan
             runner.close()  # running jobs go on; the next server re-attaches to them
             store.close()
 
@@ -86,6 +91,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValueError, _bad_input)
     app.add_exception_handler(RequestValidationError, _invalid_parameters)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(SearchUnavailable, _search_unavailable)
     app.add_exception_handler(Exception, _internal_error)
 
 
@@ -124,6 +130,11 @@ def _allowed_methods(request: Request) -> list[str]:
     routes = request.app.router.routes
     methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
     return [m for m in methods if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+
+
+async def _search_unavailable(request: Request, exc: Exception) -> Response:
+    """A search whose worker died (or that the shutdown cancelled): the same request may be retried."""
+    return error_response({"kind": "unavailable", "message": str(exc)}, headers={"Retry-After": "1"})
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -28,6 +28,7 @@ HTTP_STATUS = {
     "too_large": 413,
     "unsupported_media_type": 415,
     "not_ready": 503,
+    "unavailable": 503,
     "internal": 500,
 }
 

@@ -1,27 +1,27 @@
 """What the REST service does with the contract's requests, apart from HTTP: parse them (resolving
-`cluster.profile` among stored profiles only), estimate, search (memoized) and store searches.
+`cluster.profile` among stored profiles only), estimate, search (memoized; in worker processes) and store
+searches.
 
 No FastAPI here; api/routes/ translate between this and HTTP.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from typing import Any
 
 from api.commands import estimate as commands
 from api.errors import InputError
+from api.search_pool import SearchAnswer, SearchPool, search_answer
 from api.store import ApiStore, PlanRow, Retention, dumps, new_id, utc_now
 from planner.profiles import ProfileError
 from planner.request import EstimateRequest, PlanRequest
 from planner.specs import HardwareProfile
 from profiler.store import is_profile_id
-
-if TYPE_CHECKING:
-    from planner.search.result import SearchResult
 
 
 def stored_profile_resolver(store: ApiStore) -> Any:
@@ -48,54 +48,64 @@ def timeline(body: dict[str, Any], store: ApiStore) -> dict[str, Any]:
     return commands.timeline(body, stored_profile_resolver(store)).model_dump(mode="json")
 
 
-@dataclass(frozen=True)
-class SearchAnswer:
-    """A SearchResult as JSON text, with what the plans table copies out of it (read once, not per request)."""
-
-    json: str
-    found: int
-    best_step_time_s: float | None
-
-    @classmethod
-    def of(cls, result: SearchResult) -> SearchAnswer:
-        best = result.plans[0].estimate.step_time_s if result.plans else None
-        return cls(result.model_dump_json(), len(result.plans), best)
+def _answered(answer: SearchAnswer) -> Future[SearchAnswer]:
+    done: Future[SearchAnswer] = Future()
+    done.set_result(answer)
+    return done
 
 
 class PlanSearches:
     """Plan searches, memoized: a search is a pure function of its parsed request (a stored profile never
     changes), and teams post the same search again and again (CI pipelines, notebooks re-run). Concurrent
-    identical searches run once; the others wait for its answer instead of computing it again."""
+    identical searches run once; the others wait for its answer instead of computing it again. Distinct searches
+    run side by side in `pool`'s worker processes."""
 
-    def __init__(self, store: ApiStore, capacity: int = 256, keep: Retention | None = None):
-        """`capacity`: answers memoized; `keep`: which stored searches are kept (the newest; None: all)."""
+    def __init__(
+        self, store: ApiStore, capacity: int = 256, keep: Retention | None = None, pool: SearchPool | None = None
+    ):
+        """`capacity`: answers memoized; `keep`: which stored searches are kept (the newest; None: all); `pool`:
+        where searches run (None: in the calling thread)."""
         self._store, self._capacity, self._keep = store, capacity, keep
+        self.pool = pool or SearchPool(workers=0)
         self._results: OrderedDict[str, SearchAnswer] = OrderedDict()  # by the parsed request's JSON
-        self._in_flight: dict[str, threading.Lock] = {}
+        self._in_flight: dict[str, Future[SearchAnswer]] = {}
         self._lock = threading.Lock()
 
     def search(self, body: dict[str, Any]) -> tuple[PlanRequest, SearchAnswer]:
-        """The parsed request and its answer."""
+        """The parsed request and its answer (waits for it)."""
+        request, answer = self.submit(body)
+        return request, answer.result()
+
+    def submit(self, body: dict[str, Any]) -> tuple[PlanRequest, Future[SearchAnswer]]:
+        """The parsed request (bad input raises here) and its answer to come: remembered, already running for
+        an identical request, or started now."""
         request = commands.parse(body, "plan", stored_profile_resolver(self._store))
         key = json.dumps(request.model_dump(mode="json"), sort_keys=True)
         with self._lock:
             cached = self._cached(key)
-            flight = self._in_flight.setdefault(key, threading.Lock()) if cached is None else None
+            running = None if cached else self._in_flight.get(key)
+            fresh = cached is None and running is None
+            if fresh:
+                running = self._in_flight[key] = Future()
         if cached is not None:
-            return request, cached
-        assert flight is not None
-        with flight:
-            with self._lock:
-                cached = self._cached(key)
-            if cached is None:
-                try:
-                    cached = self._run(request)
-                    with self._lock:
-                        self._remember(key, cached)
-                finally:
-                    with self._lock:
-                        self._in_flight.pop(key, None)
-        return request, cached
+            return request, _answered(cached)
+        assert running is not None
+        if fresh:
+            self.pool.submit(search_answer, request).add_done_callback(functools.partial(self._settle, key, running))
+        return request, running
+
+    def _settle(self, key: str, running: Future[SearchAnswer], done: Future[SearchAnswer]) -> None:
+        """Remember a search's answer (not its failure: the next identical request tries again), then hand it to
+        everyone waiting."""
+        error = done.exception()
+        with self._lock:
+            if error is None:
+                self._remember(key, done.result())
+            self._in_flight.pop(key, None)
+        if error is None:
+            running.set_result(done.result())
+        else:
+            running.set_exception(error)
 
     def _cached(self, key: str) -> SearchAnswer | None:
         found = self._results.get(key)
@@ -107,12 +117,6 @@ class PlanSearches:
         self._results[key] = result
         while len(self._results) > self._capacity:
             self._results.popitem(last=False)
-
-    @staticmethod
-    def _run(request: PlanRequest) -> SearchAnswer:
-        import planner
-
-        return SearchAnswer.of(planner.search(request))
 
     def store(self, body: dict[str, Any], request: PlanRequest, answer: SearchAnswer) -> PlanRow:
         """Keep a search (the request as posted, and its answer) under a new id."""

@@ -18,6 +18,7 @@ MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
 MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
 MAX_JOB_PROCESSES_ENV = "PARAPLAN_MAX_JOB_PROCESSES"
 MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
+SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
 MAX_STORED_PLAN_BYTES_ENV = "PARAPLAN_MAX_STORED_PLAN_BYTES"
 MAX_VALIDATION_S_ENV = "PARAPLAN_MAX_VALIDATION_S"
 
@@ -54,6 +55,9 @@ class Settings:
     """Plan searches kept (the newest; a search a job runs is kept too): POST /v1/plans needs no token, and each
     search stores its request (up to max_request_bytes) and its answer, so without a bound anyone could fill the
     disk. 1000 searches of typical size (tens of KB) are tens of MB."""
+    search_workers: int = field(default_factory=lambda: default_search_workers())
+    """Worker processes that run plan searches side by side (api/search_pool.py); 0 runs them in the server's own
+    process, one at a time."""
     max_stored_plan_bytes: int = DEFAULT_MAX_STORED_PLAN_BYTES
     """Bytes the kept plan searches may take (their requests and answers as stored), the oldest deleted first: the
     count alone bounds the disk only at 1000 times the largest search."""
@@ -71,6 +75,8 @@ class Settings:
             raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
         if self.max_stored_plans < 1:
             raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
+        if self.search_workers < 0:
+            raise SettingsError(f"{SEARCH_WORKERS_ENV}: must be 0 or more (0: none), got {self.search_workers}")
         if self.max_stored_plan_bytes < 1:
             raise SettingsError(f"{MAX_STORED_PLAN_BYTES_ENV}: must be at least 1, got {self.max_stored_plan_bytes}")
         if not (self.max_validation_s > 0 and math.isfinite(self.max_validation_s)):
@@ -96,6 +102,7 @@ class Settings:
             max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
             max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
             max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
+            search_workers=_int_env(SEARCH_WORKERS_ENV, default_search_workers()),
             max_stored_plan_bytes=_int_env(MAX_STORED_PLAN_BYTES_ENV, DEFAULT_MAX_STORED_PLAN_BYTES),
             max_validation_s=_float_env(MAX_VALIDATION_S_ENV, DEFAULT_MAX_VALIDATION_S),
         )
@@ -133,6 +140,11 @@ def _check_token(token: str) -> None:
 def default_max_job_processes() -> int:
     """One process per core, and at least 8 (a one-node GPU job)."""
     return max(8, os.cpu_count() or 1)
+
+
+def default_search_workers() -> int:
+    """One search worker per core this process may run on: a search is CPU-bound and single-threaded."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _int_env(name: str, default: int) -> int:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from planner.specs.plan import Violation  # re-exported: rules and the API name it from here
 
 
-class InfeasiblePlanError(ValueError):
+class _PicklableError(ValueError):
+    """An error that survives pickling (the service's search workers send the planner's errors back to the server).
+    An exception pickles as `(its class, its args)` plus its attributes, and unpickling calls the class with those
+    args: here only the message, which constructors taking more than the message refuse. Rebuilt without calling
+    `__init__`, then given its attributes back."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt, (type(self), self.args), self.__dict__
+
+
+def _rebuilt(cls: type[ValueError], args: tuple[Any, ...]) -> ValueError:
+    return cls.__new__(cls, *args)
+
+
+class InfeasiblePlanError(_PicklableError):
     """This plan cannot run on this model, training setup and cluster.
 
     `reason` is a stable code (e.g. "invalid_plan"); `violations` names every broken rule, not just the first,
@@ -25,7 +41,7 @@ class InfeasiblePlanError(ValueError):
         }
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(_PicklableError):
     """A preset name that does not exist; the message lists the closest known names."""
 
     def __init__(self, kind: str, name: str, known: list[str]):

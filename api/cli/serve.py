@@ -21,6 +21,15 @@ def serve(
         int | None, typer.Option("--max-jobs", help="Jobs run at once; more wait in a queue ($PARAPLAN_MAX_JOBS).")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's: critical, error, warning, info.")] = "info",
+    search_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--search-workers",
+            min=0,
+            help="Processes running plan searches side by side; 0: in the server process "
+            "($PARAPLAN_SEARCH_WORKERS; default: one per core).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (OpenAPI docs at /docs). Endpoints that start processes need PARAPLAN_API_TOKEN."""
     import logging
@@ -32,7 +41,7 @@ def serve(
     from api.settings import Settings
 
     try:
-        settings = Settings.from_env(data_dir=data_dir, max_concurrent_jobs=max_jobs)
+        settings = Settings.from_env(data_dir=data_dir, max_concurrent_jobs=max_jobs, search_workers=search_workers)
         # Held until this process exits: a second server on the folder is refused here, naming this one's pid.
         folder_lock.acquire(settings.data_dir)
         application = create_app(settings)

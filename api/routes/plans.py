@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -35,12 +36,11 @@ def plan_text(row: PlanRow) -> str:
 )
 async def create_plan(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
-
-    def search_and_store() -> PlanRow:
-        parsed, result = service.searches.search(body)
-        return service.searches.store(body, parsed, result)
-
-    row = await run_in_threadpool(search_and_store)
+    parsed, pending = await run_in_threadpool(service.searches.submit, body)
+    # Awaited here, not in a thread: a thread per waiting search would starve the other routes of threads. Shielded:
+    # an identical request may be waiting for the same answer. A dead worker's SearchUnavailable is a 503 (app.py).
+    answer = await asyncio.shield(asyncio.wrap_future(pending))
+    row = await run_in_threadpool(service.searches.store, body, parsed, answer)
     return json_response(plan_text(row), 201, {"Location": f"/v1/plans/{row.id}"})
 
 

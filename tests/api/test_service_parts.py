@@ -162,18 +162,9 @@ def test_an_idempotency_key_is_held_by_one_job(tmp_path):
 # ----------------------------------------------------------------------------------------------- search
 
 
-def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
+def test_concurrent_identical_searches_are_computed_once(tmp_path):
     store = ApiStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    searches = PlanSearches(store)
-    runs = []
-    real_run = PlanSearches._run
-
-    def counted(request):
-        runs.append(1)
-        time.sleep(0.2)  # long enough for the other threads to arrive while it runs
-        return real_run(request)
-
-    monkeypatch.setattr(PlanSearches, "_run", staticmethod(counted))
+    searches = PlanSearches(store)  # no pool given: searches run in the calling thread, each run recorded
     body = json.loads(TINY_SEARCH.read_text())
     answers: list = []
     threads = [threading.Thread(target=lambda: answers.append(searches.search(body)[1])) for _ in range(6)]
@@ -181,10 +172,10 @@ def test_concurrent_identical_searches_are_computed_once(tmp_path, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(runs) == 1 and len(set(answers)) == 1 and len(answers) == 6
+    assert len(searches.pool.recent_runs) == 1 and len(set(answers)) == 1 and len(answers) == 6
     other = {**body, "training": {**body["training"], "global_batch_size": 16}}
     searches.search(other)
-    assert len(runs) == 2
+    assert len(searches.pool.recent_runs) == 2
     store.close()
 
 
