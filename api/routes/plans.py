@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.routes.common import Limit, Offset, ServiceDep, body_schema, json_body, json_response, json_with, not_found
-from api.routes.responses import READS_A_BODY, errors
+from api.routes.responses import RUNS_A_SEARCH, errors
 from api.store import PlanRow
 
 router = APIRouter(prefix="/plans", tags=["plans"])
@@ -32,7 +32,7 @@ def plan_text(row: PlanRow) -> str:
     status_code=201,
     summary="Search for the fastest plans that fit; the search is stored and returned with its id",
     openapi_extra=body_schema("PlanRequest"),
-    responses=errors(*READS_A_BODY),
+    responses=errors(*RUNS_A_SEARCH),
 )
 async def create_plan(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)

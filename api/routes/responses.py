@@ -46,12 +46,14 @@ _WHEN = {
     409: "The `Idempotency-Key` was used for a job with another body",
     413: "The request body is over the server's size limit",
     422: "Bad input, naming each field at fault; or a plan that cannot run, with the planner's reason",
-    503: "Not ready: the database does not answer, or the job runner does not run",
+    503: "Unavailable for now (retry): the database does not answer, the job runner does not run, or the worker "
+    "process running a search died (`Retry-After`)",
 }
 
 READS_A_BODY = (413, 422)
 NEEDS_THE_TOKEN = (401, 403)
 STARTS_A_JOB = (*NEEDS_THE_TOKEN, 409, *READS_A_BODY)
+RUNS_A_SEARCH = (*READS_A_BODY, 503)  # api/search_pool.py: a worker that dies answers its searches 503
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from api.commands import estimate as commands
 from api.errors import InputError
 from api.routes.common import ServiceDep, body_schema, json_body, json_response
-from api.routes.responses import READS_A_BODY, errors
+from api.routes.responses import RUNS_A_SEARCH, errors
 from api.service import stored_profile_resolver
 from planner.specs.base import MAX_GPUS
 
@@ -29,7 +29,7 @@ DEFAULT_FACTORS = (0.25, 0.5, 1, 2, 4)  # around the request's own node count
     summary="The best plan at each of several node counts (`nodes`, default: the request's num_nodes x 1/4 .. 4), "
     "with the Pareto front of GPU count vs step time",
     openapi_extra=body_schema("PlanRequest"),
-    responses=errors(*READS_A_BODY),
+    responses=errors(*RUNS_A_SEARCH),
 )
 async def create_scaling(request: Request, service: ServiceDep) -> Response:
     body = await json_body(request)
