@@ -152,7 +152,7 @@ def test_a_gpu_without_a_known_node_needs_the_host_memory_field():
 
 
 def test_405b_on_16_h100_fits_the_gpus_only_with_offload_and_not_the_dgx_h100_ram():
-    """The README's question: ZeRO-3 with CPU offload fits the GPUs, but 405B's offloaded states (18 bytes a
+    """docs/offload.md's question: ZeRO-3 with CPU offload fits the GPUs, but 405B's offloaded states (18 bytes a
     parameter over 16 GPUs, 8 to a node) need ~3.65 TB of host memory per node, over DGX H100's 2 TB."""
     req = {"model": "llama3-405b", "training": {"seq_len": 8192, "global_batch_size": 16},
            "cluster": {"gpu": "h100-sxm", "num_nodes": 2}, "search": {"top_k": 3}}  # fmt: skip
