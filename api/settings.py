@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from api.errors import InputError
 from api.store import Retention
 from profiler.store import DATABASE_FILE_NAME, DATABASE_URL_ENV, default_data_dir
+
+T = TypeVar("T", int, float)
 
 API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
 MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
@@ -148,20 +151,19 @@ def default_search_workers() -> int:
 
 
 def _int_env(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise SettingsError(f"{name}: expected an integer, got {text!r}") from None
+    return _number_env(name, default, int, "an integer")
 
 
 def _float_env(name: str, default: float) -> float:
+    return _number_env(name, default, float, "a number")
+
+
+def _number_env(name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+    """The environment variable `name` read by `parse`, `default` when unset or empty; SettingsError naming it."""
     text = os.environ.get(name)
     if not text:
         return default
     try:
-        return float(text)
+        return parse(text)
     except ValueError:
-        raise SettingsError(f"{name}: expected a number, got {text!r}") from None
+        raise SettingsError(f"{name}: expected {expected}, got {text!r}") from None
