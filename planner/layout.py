@@ -17,7 +17,9 @@ from planner.specs import MESH_AXES, Degrees, MeshAxis
 
 # Gradients are reduced over dp and cp together (Megatron-LM's data-parallel group with context parallelism);
 # cp sits next to dp in the rank order, so the merged group is the dp axis of a mesh with dp x cp data ranks.
-GroupAxis = MeshAxis | Literal["dp_cp"]
+# Expert parallelism splits that merged group: "ep" is ep consecutive ranks of it (one copy of every expert, the
+# dispatch all-to-all's group), "edp" the ranks that hold the same experts (their gradients' reduction).
+GroupAxis = MeshAxis | Literal["dp_cp", "ep", "edp"]
 
 
 def rank_of(coords: dict[MeshAxis, int], degrees: Degrees) -> int:
@@ -53,13 +55,32 @@ class GroupPlacement:
     nodes: int = 1  # most nodes any one group spans
 
 
-@lru_cache(maxsize=4096)
-def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int) -> GroupPlacement:
-    """Where the groups along `axis` of a mesh of `degrees` sit on nodes of `gpus_per_node` ranks."""
+def expert_group_ranks(degrees: Degrees, ep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The expert-parallel groups and the expert-data-parallel groups, each [num_groups, group_size] of ranks.
+
+    Each dp x cp group is cut into runs of ep consecutive members (the ep groups, DESIGN.md); the members at the
+    same position of every run hold the same experts (the edp groups). ep must divide dp x cp."""
+    data = axis_groups("dp_cp", degrees)  # [groups, dp * cp]
+    assert data.shape[1] % ep == 0, "ep divides dp x cp"
+    runs = data.reshape(data.shape[0], data.shape[1] // ep, ep)  # [groups, edp, ep]
+    return runs.reshape(-1, ep), np.swapaxes(runs, 1, 2).reshape(-1, data.shape[1] // ep)
+
+
+def axis_groups(axis: GroupAxis, degrees: Degrees, ep: int = 1) -> np.ndarray:
+    """All groups along `axis` (a mesh axis, the merged dp x cp group, or an expert grouping of it)."""
     if axis == "dp_cp":
-        groups = group_ranks("dp", degrees._replace(dp=degrees.dp * degrees.cp, cp=1))
-    else:
-        groups = group_ranks(axis, degrees)
+        return group_ranks("dp", degrees._replace(dp=degrees.dp * degrees.cp, cp=1))
+    if axis in ("ep", "edp"):
+        ep_groups, edp_groups = expert_group_ranks(degrees, ep)
+        return ep_groups if axis == "ep" else edp_groups
+    return group_ranks(axis, degrees)
+
+
+@lru_cache(maxsize=4096)
+def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int, ep: int = 1) -> GroupPlacement:
+    """Where the groups along `axis` of a mesh of `degrees` sit on nodes of `gpus_per_node` ranks (`ep` only
+    matters to the expert groupings)."""
+    groups = axis_groups(axis, degrees, ep)
     nodes = groups // gpus_per_node
     size = groups.shape[1]
     intra = bool((nodes == nodes[:, :1]).all())

@@ -109,6 +109,25 @@ def _sequence_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpe
         )
 
 
+def _experts_split(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
+    """Expert parallelism splits whole experts over ep ranks of the dp x cp group (DESIGN.md)."""
+    if plan.ep == 1:
+        return
+    if model.num_experts == 1:
+        yield Violation("plan.ep", "ep_needs_experts", f"ep={plan.ep} needs a mixture of experts; the model is dense")
+    elif model.num_experts % plan.ep:
+        yield Violation(
+            "plan.ep", "ep_divides_experts", f"ep={plan.ep} does not divide num_experts={model.num_experts}"
+        )
+    if (plan.dp * plan.cp) % plan.ep:
+        yield Violation(
+            "plan.ep",
+            "ep_divides_dp_cp",
+            f"ep={plan.ep} does not divide the data-parallel group dp x cp = {plan.dp} x {plan.cp} = "
+            f"{plan.dp * plan.cp}",
+        )
+
+
 def _pipeline_splits(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
     chunks = plan.num_model_chunks
     if chunks > model.num_layers:
@@ -254,6 +273,7 @@ _RULES: tuple[Callable[..., Iterator[Violation]], ...] = (
     _tp_divides_model,
     _batch_divides,
     _sequence_splits,
+    _experts_split,
     _pipeline_splits,
     _framework_runs_plan,
     _offload_runs,

@@ -84,6 +84,9 @@ class ParallelPlan(Frozen):
     # gradients in host memory; "optimizer_and_params" the weights as well (ZeRO-3 only). DeepSpeed's
     # offload_optimizer / offload_param (device: cpu); FSDP2's CPUOffloadPolicy is "optimizer_and_params".
     offload: Offload = "none"
+    # Expert parallelism: the experts of each MoE layer split over `ep` ranks of the dp x cp group (Megatron-Core's
+    # layout, DESIGN.md): an expert group is ep consecutive ranks of that group; ep = 1 replicates every expert.
+    ep: Degree = 1
 
     @model_validator(mode="after")
     def _intrinsic_rules(self) -> ParallelPlan:
@@ -134,6 +137,12 @@ class ParallelPlan(Frozen):
         return Degrees.of(self)
 
     @property
+    def expert_data_parallel(self) -> int:
+        """Replicas of each expert: the dp x cp group's ranks that hold the same experts (ep does not divide dp x cp
+        in a plan that breaks `planner.rules`; the floor keeps this total)."""
+        return max(1, self.dp * self.cp // self.ep)
+
+    @property
     def num_model_chunks(self) -> int:
         """Pipeline stages in the model: pp devices x virtual_stages chunks each."""
         return self.pp * self.virtual_stages
@@ -178,6 +187,7 @@ class FixedPlanFields(Frozen):
     schedule: Schedule | None = None
     virtual_stages: Layers | None = None
     offload: Offload | None = None
+    ep: Degree | None = None
 
 
 class SearchOptions(Frozen):

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.layout import coords_of, group_ranks, placement, rank_of
+from planner.layout import axis_groups, coords_of, expert_group_ranks, group_ranks, placement, rank_of
 from planner.specs import MESH_AXES, Degrees, ParallelPlan
 
 SHAPES = [(pp, dp, cp, tp) for pp, dp, cp, tp in itertools.product([1, 2, 3, 4], [1, 2, 6], [1, 2], [1, 2, 4, 8])]
@@ -51,6 +51,29 @@ def test_tp_straddling_nodes_is_detected():
 def test_merged_dp_cp_group():
     where = placement("dp_cp", Degrees(pp=1, dp=4, cp=2, tp=1), 8)
     assert where.size == 8 and where.intra_node
+
+
+@pytest.mark.parametrize(("pp", "dp", "cp", "tp"), [s for s in SHAPES if s[1] * s[2] % 2 == 0])
+@pytest.mark.parametrize("ep", [1, 2])
+def test_expert_groups_cut_each_data_group_into_consecutive_runs(pp, dp, cp, tp, ep):
+    degrees = Degrees(pp=pp, dp=dp, cp=cp, tp=tp)
+    ep_groups, edp_groups = expert_group_ranks(degrees, ep)
+    assert ep_groups.shape[1] == ep and edp_groups.shape[1] == dp * cp // ep
+    for groups in (ep_groups, edp_groups):
+        assert sorted(groups.ravel().tolist()) == list(range(degrees.world))
+    data = {frozenset(g) for g in axis_groups("dp_cp", degrees).tolist()}
+    for group in ep_groups.tolist():
+        # ep consecutive members of one dp x cp group: stride tp in global ranks
+        assert any(set(group) <= d for d in data) and (np.diff(group) == tp).all()
+    for expert_group, replicas in itertools.product(ep_groups.tolist(), edp_groups.tolist()):
+        assert len(set(expert_group) & set(replicas)) <= 1  # one rank in common at most: ep x edp tiles a group
+
+
+def test_expert_groups_stay_inside_a_node_where_they_fit():
+    degrees = Degrees(pp=1, dp=16, cp=1, tp=1)
+    assert placement("ep", degrees, 8, 8).intra_node
+    assert not placement("edp", degrees, 8, 8).intra_node
+    assert not placement("ep", Degrees(pp=1, dp=8, cp=1, tp=2), 8, 8).intra_node  # tp x ep = 16 > 8
 
 
 def test_a_plans_degrees_are_its_axes_in_rank_order():

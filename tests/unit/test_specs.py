@@ -43,6 +43,23 @@ def test_contextual_rules_all_reported(gpt3_request):
     assert all(v.field.startswith(("plan", "training")) for v in err.value.violations)
 
 
+def test_expert_parallelism_rules_name_the_field(gpt3_request):
+    dense = {**gpt3_request, "plan": {**gpt3_request["plan"], "ep": 2}}
+    with pytest.raises(InfeasiblePlanError) as err:
+        estimate(dense)
+    assert [(v.field, v.code) for v in err.value.violations] == [("plan.ep", "ep_needs_experts")]
+    moe = {"num_layers": 96, "hidden_size": 256, "num_attention_heads": 8, "vocab_size": 1000, "num_experts": 6,
+           "experts_per_token": 2, "mlp": "swiglu"}  # fmt: skip
+    bad = {**gpt3_request, "model": moe, "plan": {**gpt3_request["plan"], "ep": 4}}  # dp=16 x cp=1, 6 experts
+    with pytest.raises(InfeasiblePlanError) as err:
+        estimate(bad)
+    assert {v.code for v in err.value.violations} == {"ep_divides_experts"}
+    bad["plan"] = {**bad["plan"], "ep": 32}
+    with pytest.raises(InfeasiblePlanError) as err:
+        estimate(bad)
+    assert {v.code for v in err.value.violations} == {"ep_divides_experts", "ep_divides_dp_cp"}
+
+
 def test_even_split_puts_extra_layers_in_the_middle():
     counts = ParallelPlan(pp=4).stage_layer_counts(10)
     assert sum(counts) == 10 and counts == (2, 3, 3, 2)
