@@ -48,8 +48,8 @@ MAX_LOG_CHUNK_BYTES = 1 << 20
 SSE_POLL_S = 0.25
 """How often a followed job's output file is read for new lines while the job runs."""
 SSE_PING_S = 15.0
-"""A comment line this often while a followed job is quiet: proxies close a connection idle for 60 s by default
-(nginx's proxy_read_timeout), and the client sees the server is still there. SSE clients skip comment lines."""
+"""A comment line this often on a followed job's stream (sse-starlette's ping): proxies close a connection idle for
+60 s by default (nginx's proxy_read_timeout), and a quiet job writes nothing for longer. SSE clients skip comments."""
 
 
 # ============================================================================================= submitting

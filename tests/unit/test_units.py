@@ -14,4 +14,3 @@ from planner.units import GiB, KiB, MiB, binary_size
 )  # fmt: skip
 def test_a_size_reads_in_the_largest_binary_unit_it_reaches(size: int, text: str) -> None:
     assert binary_size(size) == text
-
