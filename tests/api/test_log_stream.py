@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import uvicorn
 import api.routes.jobs as job_routes
 from api.app import create_app
 from api.jobs.supervise import OUTPUT_FILE
+from api.routes.common import Service
 from api.settings import Settings
 from api.store import JobRow, new_id, utc_now
 from tests.api.test_routes import sse_events
@@ -28,17 +30,28 @@ from tests.api.test_routes import sse_events
 PING_S = 0.2
 
 
+@dataclass
+class Served:
+    server: uvicorn.Server
+    service: Service
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+
 @pytest.fixture
-def server(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[uvicorn.Server]:
+def served(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     """uvicorn serving a fresh app on a free port, in a thread; stopped (its lifespan closed) afterwards."""
     monkeypatch.setattr(job_routes, "SSE_PING_S", PING_S)
     app = create_app(Settings.from_env(data_dir=data_dir, search_workers=0))
-    served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=served.run, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_until(lambda: served.started, "the server started")
-    yield served
-    served.should_exit = True
+    wait_until(lambda: server.started, "the server started")
+    yield Served(server, app.state.service)
+    server.should_exit = True
     thread.join(timeout=10)
     assert not thread.is_alive(), "the server did not stop"
 
@@ -51,14 +64,8 @@ def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 10) -> No
         time.sleep(0.02)
 
 
-def url_of(server: uvicorn.Server) -> str:
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    return f"http://{host}:{port}"
-
-
-def running_job(server: uvicorn.Server, first_lines: bytes) -> tuple[str, Path]:
+def running_job(service: Service, first_lines: bytes) -> tuple[str, Path]:
     """A RUNNING job with `first_lines` of output: its id and its output file."""
-    service = server.config.app.state.service
     job_id = new_id()
     service.store.add_job(JobRow(id=job_id, kind="train", state="RUNNING", created=utc_now(), nproc=1, body="{}",
                                  body_hash="h"))  # fmt: skip
@@ -82,9 +89,9 @@ def read_until_data(lines: Iterator[str], limit: int = 100) -> tuple[list[dict[s
     raise AssertionError(f"no data in {limit} lines")
 
 
-def test_a_followed_job_is_pinged_while_quiet_and_resumed_after_a_disconnect(server: uvicorn.Server) -> None:
-    job_id, output = running_job(server, b"step 1\n")
-    url = f"{url_of(server)}/v1/jobs/{job_id}/logs"
+def test_a_followed_job_is_pinged_while_quiet_and_resumed_after_a_disconnect(served: Served) -> None:
+    job_id, output = running_job(served.service, b"step 1\n")
+    url = f"{served.url}/v1/jobs/{job_id}/logs"
     with httpx.Client(timeout=10) as client, client.stream("GET", url, params={"follow": "true"}) as stream:
         assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
         lines = stream.iter_lines()
@@ -96,11 +103,11 @@ def test_a_followed_job_is_pinged_while_quiet_and_resumed_after_a_disconnect(ser
         assert event == [{"id": "14", "data": "step 2"}] and pings >= 2
 
     # The client went away: the server ends the stream (its request task returns) instead of polling on.
-    wait_until(lambda: not server.server_state.tasks, "the stream's task ended")
+    wait_until(lambda: not served.server.server_state.tasks, "the stream's task ended")
 
     with output.open("ab") as appending:
         appending.write(b"step 3\n")
-    server.config.app.state.service.store.update_job(job_id, state="SUCCEEDED")
+    served.service.store.update_job(job_id, state="SUCCEEDED")
     resumed = httpx.get(url, params={"follow": "true"}, headers={"Last-Event-ID": "14"}, timeout=10)
     *lines_after, end = sse_events(resumed.text)
     assert lines_after == [{"id": "21", "data": "step 3"}]
