@@ -1,21 +1,25 @@
 """How a paraplan server is configured: a data folder, a database, a token, limits. From the environment by
-default (`Settings.from_env`), so `paraplan serve` needs no flags on a fresh machine."""
+default (`Settings.from_env`), so `paraplan serve` needs no flags on a fresh machine.
+
+pydantic-settings reads the PARAPLAN_* variables (each field's name under the prefix, except where `_ENV` below says
+otherwise) and checks them with the field's constraints; `Settings` turns its validation error into a SettingsError
+that names the variable, the reason and the value given."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.errors import InputError
 from api.store import Retention
-from profiler.store import DATABASE_FILE_NAME, DATABASE_URL_ENV, default_data_dir
+from profiler.store import DATABASE_FILE_NAME, default_data_dir
 
-T = TypeVar("T", int, float)
-
+ENV_PREFIX = "PARAPLAN_"
 API_TOKEN_ENV = "PARAPLAN_API_TOKEN"
 MAX_JOBS_ENV = "PARAPLAN_MAX_JOBS"
 MAX_REQUEST_BYTES_ENV = "PARAPLAN_MAX_REQUEST_BYTES"
@@ -24,9 +28,12 @@ MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
 SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
 MAX_STORED_PLAN_BYTES_ENV = "PARAPLAN_MAX_STORED_PLAN_BYTES"
 MAX_VALIDATION_S_ENV = "PARAPLAN_MAX_VALIDATION_S"
+JOB_GRACE_S_ENV = "PARAPLAN_JOB_GRACE_S"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
+MIN_MAX_REQUEST_BYTES = 1024
+"""A smaller body limit would refuse the smallest real request (a preset name, a GPU and a batch)."""
 DEFAULT_MAX_STORED_PLANS = 1000
 DEFAULT_MAX_STORED_PLAN_BYTES = 256 << 20
 """256 MiB: 1000 searches of typical size (tens of KB) fit several times over; 1000 at the request size limit
@@ -34,82 +41,95 @@ DEFAULT_MAX_STORED_PLAN_BYTES = 256 << 20
 DEFAULT_MAX_VALIDATION_S = 24 * 3600.0
 """A day: a full CPU validation (90 plans, several passes, their profiles) takes hours on a small machine; one that
 runs past a day is stuck (a hung collective that torchrun's own timeout did not end) or asked far too much."""
+DEFAULT_JOB_GRACE_S = 60.0
+"""A minute: a training job saves its checkpoint in seconds on a local disk; a slower one is told to stop anyway."""
+
+_ENV = {"max_concurrent_jobs": MAX_JOBS_ENV}
+"""Fields read from a variable that is not the field's name under ENV_PREFIX (the name users already set)."""
+
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class SettingsError(InputError):
     """A setting that cannot work; names the environment variable or flag."""
 
 
-@dataclass(frozen=True)
-class Settings:
+def default_max_job_processes() -> int:
+    """One process per core, and at least 8 (a one-node GPU job)."""
+    return max(8, os.cpu_count() or 1)
+
+
+def default_search_workers() -> int:
+    """One search worker per core this process may run on: a search is CPU-bound and single-threaded."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
     """Everything a server instance needs to know; ``create_app(settings)`` builds a server from it.
 
+    What is not passed is read from its PARAPLAN_* variable (an empty one counts as unset), else its default.
     ``api_token`` None means the endpoints that start processes (profiles, jobs) are disabled, not open.
     """
 
-    data_dir: Path
-    database_url: str
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid", validate_default=True,
+        validate_by_name=True, validate_by_alias=True,
+    )  # fmt: skip
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str = ""
+    """A SQLAlchemy URL; empty: the SQLite file paraplan.db in the data folder."""
     api_token: str | None = None
-    max_concurrent_jobs: int = 1
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    max_job_processes: int = field(default_factory=lambda: default_max_job_processes())
+    max_concurrent_jobs: int = Field(1, ge=1, validation_alias=MAX_JOBS_ENV)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=MIN_MAX_REQUEST_BYTES)
+    max_job_processes: int = Field(default_factory=default_max_job_processes, ge=1)
     """Processes one job may start: a request for a 512-GPU plan must not fork 512 ranks on this machine."""
-    max_stored_plans: int = DEFAULT_MAX_STORED_PLANS
+    max_stored_plans: int = Field(DEFAULT_MAX_STORED_PLANS, ge=1)
     """Plan searches kept (the newest; a search a job runs is kept too): POST /v1/plans needs no token, and each
     search stores its request (up to max_request_bytes) and its answer, so without a bound anyone could fill the
     disk. 1000 searches of typical size (tens of KB) are tens of MB."""
-    search_workers: int = field(default_factory=lambda: default_search_workers())
+    search_workers: int = Field(default_factory=default_search_workers, ge=0)
     """Worker processes that run plan searches side by side (api/search_pool.py); 0 runs them in the server's own
     process, one at a time."""
-    max_stored_plan_bytes: int = DEFAULT_MAX_STORED_PLAN_BYTES
+    max_stored_plan_bytes: int = Field(DEFAULT_MAX_STORED_PLAN_BYTES, ge=1)
     """Bytes the kept plan searches may take (their requests and answers as stored), the oldest deleted first: the
     count alone bounds the disk only at 1000 times the largest search."""
-    max_validation_s: float = DEFAULT_MAX_VALIDATION_S
+    max_validation_s: PositiveSeconds = DEFAULT_MAX_VALIDATION_S
     """Wall time a validation job may run (from its start); past it the job is stopped and marked FAILED, naming
     this bound."""
-    job_grace_s: float = 60.0
+    job_grace_s: PositiveSeconds = DEFAULT_JOB_GRACE_S
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
-        if self.max_concurrent_jobs < 1:
-            raise SettingsError(f"{MAX_JOBS_ENV}: must be at least 1, got {self.max_concurrent_jobs}")
-        if self.max_job_processes < 1:
-            raise SettingsError(f"{MAX_JOB_PROCESSES_ENV}: must be at least 1, got {self.max_job_processes}")
-        if self.max_stored_plans < 1:
-            raise SettingsError(f"{MAX_STORED_PLANS_ENV}: must be at least 1, got {self.max_stored_plans}")
-        if self.search_workers < 0:
-            raise SettingsError(f"{SEARCH_WORKERS_ENV}: must be 0 or more (0: none), got {self.search_workers}")
-        if self.max_stored_plan_bytes < 1:
-            raise SettingsError(f"{MAX_STORED_PLAN_BYTES_ENV}: must be at least 1, got {self.max_stored_plan_bytes}")
-        if not (self.max_validation_s > 0 and math.isfinite(self.max_validation_s)):
-            raise SettingsError(
-                f"{MAX_VALIDATION_S_ENV}: must be a positive number of seconds, got {self.max_validation_s}"
-            )
-        if self.max_request_bytes < 1024:
-            raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
-        if self.api_token is not None:
-            _check_token(self.api_token)
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise _settings_error(error) from None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from PARAPLAN_* variables, then ``overrides`` (what the command line was given, None for
         "not given"). The database follows the data folder unless PARAPLAN_DATABASE_URL names one."""
-        given = {name: value for name, value in overrides.items() if value is not None}
-        data_dir = Path(given.pop("data_dir", None) or default_data_dir()).expanduser().resolve()
-        settings = cls(
-            data_dir=data_dir,
-            database_url=os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{data_dir / DATABASE_FILE_NAME}",
-            api_token=os.environ.get(API_TOKEN_ENV) or None,
-            max_concurrent_jobs=_int_env(MAX_JOBS_ENV, 1),
-            max_request_bytes=_int_env(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
-            max_job_processes=_int_env(MAX_JOB_PROCESSES_ENV, default_max_job_processes()),
-            max_stored_plans=_int_env(MAX_STORED_PLANS_ENV, DEFAULT_MAX_STORED_PLANS),
-            search_workers=_int_env(SEARCH_WORKERS_ENV, default_search_workers()),
-            max_stored_plan_bytes=_int_env(MAX_STORED_PLAN_BYTES_ENV, DEFAULT_MAX_STORED_PLAN_BYTES),
-            max_validation_s=_float_env(MAX_VALIDATION_S_ENV, DEFAULT_MAX_VALIDATION_S),
-        )
-        return replace(settings, **given)
+        return cls(**{name: value for name, value in overrides.items() if value is not None})
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, data_dir: Path) -> Path:
+        return data_dir.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _in_the_data_dir_by_default(cls, url: str, info: ValidationInfo) -> str:
+        if url or "data_dir" not in info.data:  # no data folder: its own error is reported
+            return url
+        return f"sqlite:///{info.data['data_dir'] / DATABASE_FILE_NAME}"
+
+    @field_validator("api_token")
+    @classmethod
+    def _usable_token(cls, token: str | None) -> str | None:
+        if token is not None:
+            _check_token(token)
+        return token
 
     @property
     def plan_retention(self) -> Retention:
@@ -126,44 +146,37 @@ class Settings:
         return self.data_dir / "datasets"
 
 
+def env_name(field: str) -> str:
+    """The environment variable that sets `field` (a name of Settings, or already a variable's)."""
+    if field.startswith(ENV_PREFIX):
+        return field
+    return _ENV.get(field, f"{ENV_PREFIX}{field.upper()}")
+
+
+def _settings_error(error: ValidationError) -> SettingsError:
+    """One SettingsError for all the settings pydantic refused, each named by its variable."""
+    problems = [(env_name(str(detail["loc"][0]) if detail["loc"] else "settings"), _reason(detail))
+                for detail in error.errors(include_url=False)]  # fmt: skip
+    return SettingsError("; ".join(f"{variable}: {reason}" for variable, reason in problems))
+
+
+def _reason(detail: ErrorDetails) -> str:
+    """Why a value was refused: a check's own message, or pydantic's with the value given (never for a value
+    error: the token's checks must not print the token)."""
+    if detail["type"] == "value_error":
+        return str(detail.get("ctx", {}).get("error", detail["msg"]))
+    return f"{detail['msg'].removeprefix('Input ')}, got {detail['input']!r}"
+
+
 def _check_token(token: str) -> None:
     """A token a client can send: not blank, no whitespace at its ends (the server strips what a client sends, so
     a token of 16 spaces would start the server "token: on" with nobody able to authenticate), not guessable."""
     if not token.strip():
-        raise SettingsError(
-            f"{API_TOKEN_ENV}: is blank (only whitespace); set a token of at least 16 characters, or leave it unset "
+        raise ValueError(
+            "is blank (only whitespace); set a token of at least 16 characters, or leave it unset "
             "to disable the endpoints that start processes"
         )
     if token != token.strip():
-        raise SettingsError(f"{API_TOKEN_ENV}: has whitespace at its start or end, which no client can send; remove it")
+        raise ValueError("has whitespace at its start or end, which no client can send; remove it")
     if len(token) < 16:
-        raise SettingsError(f"{API_TOKEN_ENV}: use a token of at least 16 characters (a guessable one is open)")
-
-
-def default_max_job_processes() -> int:
-    """One process per core, and at least 8 (a one-node GPU job)."""
-    return max(8, os.cpu_count() or 1)
-
-
-def default_search_workers() -> int:
-    """One search worker per core this process may run on: a search is CPU-bound and single-threaded."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _int_env(name: str, default: int) -> int:
-    return _number_env(name, default, int, "an integer")
-
-
-def _float_env(name: str, default: float) -> float:
-    return _number_env(name, default, float, "a number")
-
-
-def _number_env(name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
-    """The environment variable `name` read by `parse`, `default` when unset or empty; SettingsError naming it."""
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        return parse(text)
-    except ValueError:
-        raise SettingsError(f"{name}: expected {expected}, got {text!r}") from None
+        raise ValueError("use a token of at least 16 characters (a guessable one is open)")

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from api.cli.app import catalog_app
 from api.cli.app import console as _console
-from api.cli.report import GiB, format_count
+from api.cli.report import format_count
+from planner.units import GiB
 
 if TYPE_CHECKING:
     from planner.specs import GpuSpec

@@ -17,6 +17,7 @@ import typer
 from api.cli.app import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, app, error_payload, print_error
 from api.commands.inputs import read_json_object
 from api.errors import InputError
+from planner.units import GiB
 
 if TYPE_CHECKING:
     from api.commands.export import ExportAnswer
@@ -48,7 +49,7 @@ def print_summary(answer: ExportAnswer, stderr: bool) -> None:
     fits = "fits" if estimate.fits else "does NOT fit"
     typer.echo(f"{answer.export.target} ({answer.export.filename}), estimated as training.framework="
                f"{answer.export.framework}: {estimate.step_time_s:.3f} s/step, MFU {estimate.mfu:.1%}, "
-               f"{estimate.memory.peak_bytes / 2**30:.1f} GiB peak, {fits}", err=stderr)  # fmt: skip
+               f"{estimate.memory.peak_bytes / GiB:.1f} GiB peak, {fits}", err=stderr)  # fmt: skip
     for note in answer.export.notes:
         typer.echo(f"  set in code: {note}", err=stderr)
 

@@ -13,6 +13,7 @@ from api.cli.app import bad_input, profile_app, run_failed
 from api.cli.app import console as _console
 from api.commands.defaults import ALL_COLLECTIVES as COLLECTIVES
 from api.commands.inputs import model_from_flag, parse_int_list
+from planner.units import MiB, binary_size
 
 if TYPE_CHECKING:
     from planner.specs import HardwareProfile, LayerMeasurement, OptimizerMeasurement
@@ -140,7 +141,7 @@ def profile_comm(
     nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes; above 1 the per-node commands are printed.")] = 1,
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port of node 0.")] = None,
     min_bytes: Annotated[int, typer.Option("--min-bytes")] = 1024,
-    max_bytes: Annotated[int, typer.Option("--max-bytes")] = 256 * 2**20,
+    max_bytes: Annotated[int, typer.Option("--max-bytes")] = 256 * MiB,
     ops: Annotated[str, typer.Option(help="Collectives, comma-separated.")] = ALL_COLLECTIVES,
     warmup: Annotated[int, typer.Option(help="Untimed runs per size.")] = 5,
     repeats: Annotated[int, typer.Option(help="Timed runs per size.")] = 20,
@@ -186,7 +187,7 @@ def profile_all(
     threads: ThreadsOption = None,
     passes: PassesOption = 1,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes for the collective sweep (one node).")] = 2,
-    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest collective message.")] = 256 * 2**20,
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest collective message.")] = 256 * MiB,
     store: StoreOption = True,
     name: NameOption = None,
 ) -> None:
@@ -220,7 +221,7 @@ def layer_table(profile: HardwareProfile) -> Table:
         table.add_row(
             m.layer, m.recompute if m.layer == "block" else "-", _timed_on(m), str(m.tp), str(m.micro_batch_size),
             str(m.seq_len), f"{m.forward.median_s * 1e3:.3f}", f"{m.backward.median_s * 1e3:.3f}",
-            f"{m.saved_bytes / 2**20:.2f}", f"{spread:.0%}{flag}",
+            f"{m.saved_bytes / MiB:.2f}", f"{spread:.0%}{flag}",
         )  # fmt: skip
     lines = [_optimizer_line(o) for o in profile.optimizer]
     lines += [
@@ -259,7 +260,7 @@ def collective_table(profile: HardwareProfile) -> Table:
         table.add_column(f"{op}\n{tier} n={n}", justify="right")
     for size in sizes:
         cells = [_busbw_cell(busbw.get((tier, op, n, size))) for tier, op, n in series]
-        table.add_row(_size_text(size), *cells)
+        table.add_row(binary_size(size), *cells)
     fits = [
         f"{f.op} {f.tier} n={f.group_size}: latency {f.latency_s * 1e6:.1f} us, busbw {f.bandwidth_GBps:.2f} GB/s, "
         f"log-R2 {f.r2:.3f}, max error {f.max_rel_error:.0%}"
@@ -274,10 +275,3 @@ def _busbw_cell(measurement: Any) -> str:
         return "-"
     mark = "*" if measurement.time.unstable else ""
     return f"{measurement.busbw_GBps:.3f}{mark}"
-
-
-def _size_text(size_bytes: int) -> str:
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if size_bytes >= scale:
-            return f"{size_bytes / scale:g} {unit}"
-    return f"{size_bytes} B"

@@ -10,13 +10,12 @@ from rich.table import Table
 
 from api.cli.app import console as _console
 from planner.describe import describe_plan
+from planner.units import GiB
 
 if TYPE_CHECKING:
     from planner.request import EstimateRequest, PlanRequest
     from planner.search.result import SearchResult
     from planner.specs import EstimateUncertainty, ModelSpec, StepEstimate
-
-GiB = 1024**3
 
 
 def print_report(request: EstimateRequest, result: StepEstimate) -> None:

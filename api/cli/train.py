@@ -17,6 +17,7 @@ from api.cli.app import EXIT_BAD_INPUT, app, error_payload, print_error
 from api.cli.app import console as _console
 from api.commands.inputs import read_json_object
 from api.errors import InputError
+from planner.units import GiB
 
 if TYPE_CHECKING:
     from api.commands.train import Summary
@@ -230,7 +231,7 @@ def summary_table(summary: Summary) -> Table:
     table.add_row("loss first -> last", f"{_fmt(summary.first_loss, '.4f')} -> {_fmt(summary.last_loss, '.4f')}")
     table.add_row("median step time", _fmt(summary.median_step_time_s, ".4f", " s"))
     table.add_row("median tokens/s", _fmt(summary.median_tokens_per_s, ",.0f"))
-    peak = None if summary.peak_memory_bytes is None else summary.peak_memory_bytes / 2**30
+    peak = None if summary.peak_memory_bytes is None else summary.peak_memory_bytes / GiB
     table.add_row("peak memory (max over ranks)", _fmt(peak, ".2f", " GiB"))
     return table
 

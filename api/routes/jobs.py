@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
 
 from api.errors import InputError
 from api.jobs.supervise import OUTPUT_FILE
@@ -45,6 +46,10 @@ IdempotencyKey = Annotated[
 ]
 MAX_LOG_CHUNK_BYTES = 1 << 20
 SSE_POLL_S = 0.25
+"""How often a followed job's output file is read for new lines while the job runs."""
+SSE_PING_S = 15.0
+"""A comment line this often on a followed job's stream (sse-starlette's ping): proxies close a connection idle for
+60 s by default (nginx's proxy_read_timeout), and a quiet job writes nothing for longer. SSE clients skip comments."""
 
 
 # ============================================================================================= submitting
@@ -232,8 +237,7 @@ async def get_logs(
     output = service.runner.job_dir(job_id) / OUTPUT_FILE
     if follow or "text/event-stream" in request.headers.get("accept", ""):
         start = int(last_event_id) if last_event_id and last_event_id.isdigit() else offset
-        return StreamingResponse(_events(service, job_id, output, start, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return EventSourceResponse(_events(service, job_id, output, start), ping=SSE_PING_S, sep="\n")
     data = await run_in_threadpool(_read_from, output, offset, MAX_LOG_CHUNK_BYTES)
     headers = {"X-Next-Offset": str(offset + len(data))}
     return Response(data.decode("utf-8", errors="replace"), media_type="text/plain; charset=utf-8", headers=headers)
@@ -250,21 +254,20 @@ def _read_from(path: Path, offset: int, limit: int, whole_lines: bool = False) -
     return data[: data.rfind(b"\n") + 1] if whole_lines else data
 
 
-async def _events(service: Service, job_id: str, output: Path, offset: int, request: Request) -> AsyncIterator[str]:
+async def _events(service: Service, job_id: str, output: Path, offset: int) -> AsyncIterator[dict[str, str]]:
     """One `data:` event per output line (its `id` is the byte offset after it, for Last-Event-ID), then an
-    `end` event with the job's final state."""
+    `end` event with the job's final state. sse-starlette encodes them, pings while the job is quiet, and ends this
+    generator when the client disconnects or the server shuts down (the client reconnects with Last-Event-ID)."""
     while True:
         row = await run_in_threadpool(service.store.get_job, job_id)
         ended = row is None or row.state in FINAL_STATES  # once ended, nothing more is written: read to the end
         data = await run_in_threadpool(_read_from, output, offset, MAX_LOG_CHUNK_BYTES, not ended)
         for line in data.splitlines(keepends=True):
             offset += len(line)
-            yield f"id: {offset}\ndata: {line.decode('utf-8', errors='replace').rstrip()}\n\n"
+            yield {"id": str(offset), "data": line.decode("utf-8", errors="replace").rstrip()}
         if data:
             continue
         if ended:
-            yield f"event: end\ndata: {json.dumps({'state': row.state if row else 'UNKNOWN'})}\n\n"
-            return
-        if await request.is_disconnected():
+            yield {"event": "end", "data": json.dumps({"state": row.state if row else "UNKNOWN"})}
             return
         await asyncio.sleep(SSE_POLL_S)

@@ -29,12 +29,11 @@ from planner.cost.offload import (
     stepped_params,
 )
 from planner.cost.pipeline import edge_masks
+from planner.units import GiB, MiB
 
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
 
-GiB = 1024**3
-MiB = 1024**2
 
 # (weight bytes, gradient bytes) per parameter by training precision (ZeRO sec. 3.1: fp16 weights and grads).
 _WEIGHT_GRAD_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from planner.units import MiB
+
 if TYPE_CHECKING:
     from planner.cost.measured import ProfileCosts
     from planner.cost.ops import SelectivePolicy
     from planner.specs import ClusterSpec
 
 FP32_BYTES = 4
-MiB = 1024**2
 # Host time per kernel launch of an eager PyTorch stack on a GPU, seconds (planner/cost/compute.py `host_floor_s`):
 # the least-squares fit on the fitting half of the dev vTrain runs (Megatron-LM, A100;
 # `python -m planner.calibration host-floor`; tests/validation/test_devset.py fails if it drifts). Per kernel as

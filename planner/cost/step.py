@@ -54,8 +54,8 @@ from planner.specs import (
     TrainingSpec,
 )
 from planner.uncertainty import estimate_uncertainty
+from planner.units import GiB
 
-GiB = 1024**3
 TIME_TERMS: tuple[str, ...] = tuple(TimeBreakdown.model_fields)
 MEMORY_TERMS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from planner.request import PlanRequest
 from planner.uncertainty import memory_band, scale_of
-
-GiB = 1024**3
+from planner.units import GiB
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from planner.search.result import (
 from planner.search.safety import MemorySafety, memory_safety
 from planner.search.space import Candidates, Rejections, search_space
 from planner.specs import ParallelPlan, StepEstimate
+from planner.units import GiB
 
-GiB = 1024**3
 FIRST_CHUNK = 4096  # candidates costed in the first round; each round doubles it
 # A candidate is faster than the winner when its step time is shorter by more than rounding: the same plan's batched
 # and scalar costs agree to 1e-12 (tests/unit/test_search.py), so a relative margin far above that and far below

@@ -79,11 +79,13 @@ def wait_for_end(client: TestClient, path: str, timeout_s: float) -> dict[str, A
 
 
 def sse_events(text: str) -> list[dict[str, str]]:
-    """Server-sent events as {field: value} (each event here has one line per field)."""
+    """Server-sent events as {field: value} (each event here has one line per field); comment lines (the keep-alive
+    pings) are skipped, as the SSE spec tells clients to."""
     events = []
     for block in text.split("\n\n"):
-        if block.strip():
-            events.append(dict(line.partition(": ")[::2] for line in block.split("\n")))
+        fields = [line.partition(": ")[::2] for line in block.split("\n") if line and not line.startswith(":")]
+        if fields:
+            events.append(dict(fields))
     return events
 
 

@@ -173,11 +173,14 @@ def alive(pid: int) -> bool:
 
 
 def sse_events(text: str) -> list[dict[str, str]]:
-    """The events of a text/event-stream body: one {field: value} per event (data lines joined)."""
+    """The events of a text/event-stream body: one {field: value} per event (data lines joined); comment lines (the
+    keep-alive pings) are skipped, as the SSE spec tells clients to."""
     events = []
     for block in text.split("\n\n"):
         event: dict[str, str] = {}
         for line in block.splitlines():
+            if line.startswith(":"):
+                continue
             field, _, value = line.partition(": ")
             event[field] = f"{event[field]}\n{value}" if field in event else value
         if event:

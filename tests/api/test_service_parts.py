@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from api.cli import app
 from api.jobs.supervise import read_result, supervisor_argv, write_command
 from api.service import PlanSearches
-from api.settings import Settings, SettingsError
+from api.settings import JOB_GRACE_S_ENV, MAX_JOBS_ENV, SEARCH_WORKERS_ENV, Settings, SettingsError, env_name
 from api.store import ApiStore, JobRow, utc_now
+from profiler.store import DATA_DIR_ENV, DATABASE_URL_ENV
 
 TINY_SEARCH = Path(__file__).parents[2] / "executor" / "examples" / "tiny-llama-2cpu-search.json"
 
@@ -49,6 +50,33 @@ def test_bad_settings_name_their_variable(tmp_path, monkeypatch, variable, value
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env()
+
+
+def test_every_setting_is_read_from_its_variable_and_an_empty_one_is_unset(tmp_path, monkeypatch):
+    assert [env_name(name) for name in ("data_dir", "database_url", "max_concurrent_jobs")] == [
+        DATA_DIR_ENV, DATABASE_URL_ENV, MAX_JOBS_ENV]  # fmt: skip
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(JOB_GRACE_S_ENV, "2.5")
+    monkeypatch.setenv(MAX_JOBS_ENV, "")
+    monkeypatch.setenv(DATABASE_URL_ENV, "sqlite:///" + str(tmp_path / "elsewhere.db"))
+    settings = Settings.from_env()
+    assert settings.job_grace_s == 2.5 and settings.max_concurrent_jobs == 1
+    assert settings.database_url.endswith("elsewhere.db")
+    assert Settings.from_env(job_grace_s=9.0).job_grace_s == 9.0  # what the caller passes wins
+
+
+def test_every_bad_setting_is_reported_at_once_and_a_bad_token_is_not_echoed(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(MAX_JOBS_ENV, "two")
+    monkeypatch.setenv(SEARCH_WORKERS_ENV, "-1")
+    monkeypatch.setenv(JOB_GRACE_S_ENV, "nan")
+    monkeypatch.setenv("PARAPLAN_API_TOKEN", "secret")
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env()
+    message = str(refused.value)
+    for variable, value in ((MAX_JOBS_ENV, "'two'"), (SEARCH_WORKERS_ENV, "'-1'"), (JOB_GRACE_S_ENV, "'nan'")):
+        assert f"{variable}: " in message and value in message, message
+    assert "PARAPLAN_API_TOKEN: use a token of at least 16 characters" in message and "secret" not in message
 
 
 def test_serve_refuses_bad_settings_before_listening(tmp_path, monkeypatch):

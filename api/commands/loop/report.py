@@ -16,10 +16,10 @@ from api.commands.loop.runs import PlanRun
 from planner.cost.step import TIME_TERMS
 from planner.describe import describe_plan_compact
 from planner.specs import LayerMeasurement
+from planner.units import MiB
 from profiler.timing import stats
 
 REPORT_FILE, PLOT_FILE = "report.md", "validation.png"
-MiB = 2**20
 
 
 def write_report(result: Validation, stored_profile_id: str | None, command: str) -> tuple[Path, Path]:
