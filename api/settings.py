@@ -24,6 +24,8 @@ MAX_STORED_PLANS_ENV = "PARAPLAN_MAX_STORED_PLANS"
 SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
 MAX_STORED_PLAN_BYTES_ENV = "PARAPLAN_MAX_STORED_PLAN_BYTES"
 MAX_VALIDATION_S_ENV = "PARAPLAN_MAX_VALIDATION_S"
+SLURM_PARTITION_ENV = "PARAPLAN_SLURM_PARTITION"
+SLURM_TIME_LIMIT_ENV = "PARAPLAN_SLURM_TIME_LIMIT"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
@@ -34,6 +36,9 @@ DEFAULT_MAX_STORED_PLAN_BYTES = 256 << 20
 DEFAULT_MAX_VALIDATION_S = 24 * 3600.0
 """A day: a full CPU validation (90 plans, several passes, their profiles) takes hours on a small machine; one that
 runs past a day is stuck (a hung collective that torchrun's own timeout did not end) or asked far too much."""
+DEFAULT_SLURM_TIME_LIMIT = "1-00:00:00"
+"""A day, in Slurm's --time format (days-hours:minutes:seconds): what a Slurm job asks for unless the server is told
+otherwise. Slurm ends a job past it (state TIMEOUT); a partition may allow less."""
 
 
 class SettingsError(InputError):
@@ -69,6 +74,10 @@ class Settings:
     this bound."""
     job_grace_s: float = 60.0
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
+    slurm_partition: str | None = None
+    """The partition Slurm jobs are submitted to (None: the cluster's default partition)."""
+    slurm_time_limit: str = DEFAULT_SLURM_TIME_LIMIT
+    """The wall time a Slurm job asks for (sbatch --time)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -90,6 +99,10 @@ class Settings:
             raise SettingsError(f"{MAX_REQUEST_BYTES_ENV}: must be at least 1024, got {self.max_request_bytes}")
         if self.api_token is not None:
             _check_token(self.api_token)
+        for name, value in ((SLURM_PARTITION_ENV, self.slurm_partition), (SLURM_TIME_LIMIT_ENV, self.slurm_time_limit)):
+            if value is not None and (not value or any(ch.isspace() for ch in value)):
+                raise SettingsError(f"{name}: must be one word (a batch script's #SBATCH line ends at a blank), "
+                                    f"got {value!r}")  # fmt: skip
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -108,6 +121,8 @@ class Settings:
             search_workers=_int_env(SEARCH_WORKERS_ENV, default_search_workers()),
             max_stored_plan_bytes=_int_env(MAX_STORED_PLAN_BYTES_ENV, DEFAULT_MAX_STORED_PLAN_BYTES),
             max_validation_s=_float_env(MAX_VALIDATION_S_ENV, DEFAULT_MAX_VALIDATION_S),
+            slurm_partition=os.environ.get(SLURM_PARTITION_ENV) or None,
+            slurm_time_limit=os.environ.get(SLURM_TIME_LIMIT_ENV) or DEFAULT_SLURM_TIME_LIMIT,
         )
         return replace(settings, **given)
 
