@@ -160,4 +160,3 @@ def test_a_slurm_job_outlives_its_server_and_the_next_one_reattaches(
     assert job["returncode"] == 0 and job["steps_done"] == steps and job["slurm_job_id"] == slurm_job_id, job
     assert job["measured_run"] is not None and job["measured_run"]["steps"] == steps, job
     assert f"re-attached to Slurm job {slurm_job_id}" in server_b.output(tail=10**7), server_b.output()
-
