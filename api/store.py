@@ -100,6 +100,7 @@ class JobRow(Base):
     launcher: Mapped[str] = mapped_column(String(16), default=LOCAL, server_default=LOCAL)  # one of LAUNCHERS
     nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     slurm_job_id: Mapped[str | None] = mapped_column(String(32))  # set once sbatch has accepted the job
+    slurm_state: Mapped[str | None] = mapped_column(String(32))  # Slurm's (PENDING, RUNNING, ...) when last asked
 
 
 class MeasuredRunRow(Base):

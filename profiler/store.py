@@ -284,11 +284,12 @@ def _add_plan_sizes(connection: sqlalchemy.Connection) -> None:
 
 def _add_job_launchers(connection: sqlalchemy.Connection) -> None:
     """4 -> 5: where each job runs: its launcher (`local` for the jobs already there, the only kind before), its node
-    count (1) and the id Slurm gave it (none). A database without the service's tables gets them from `create_all`."""
+    count (1), and the id and state Slurm gave it (none). A database without the service's tables gets them from
+    `create_all`."""
     if not sqlalchemy.inspect(connection).has_table("jobs"):
         return
     for column in ("launcher VARCHAR(16) NOT NULL DEFAULT 'local'", "nodes INTEGER NOT NULL DEFAULT 1",
-                   "slurm_job_id VARCHAR(32)"):  # fmt: skip
+                   "slurm_job_id VARCHAR(32)", "slurm_state VARCHAR(32)"):  # fmt: skip
         connection.execute(sqlalchemy.text(f"ALTER TABLE jobs ADD COLUMN {column}"))
 
 

@@ -151,7 +151,7 @@ class JobRunner:
             self._end(row.id, Outcome("FAILED", RESTARTED))
             return
         log.info("job %s: re-attached to Slurm job %s", row.id, row.slurm_job_id)
-        self._watch(row.id, slurm.EndWatch(row.id, row.slurm_job_id), SLURM)
+        self._watch_slurm(row.id, row.slurm_job_id)
 
     # ------------------------------------------------------------------------------------------ dispatching
 
@@ -193,8 +193,14 @@ class JobRunner:
             return
         self._store.update_job(job_id, slurm_job_id=slurm_job_id)
         log.info("job %s: submitted to Slurm (job %s)", job_id, slurm_job_id)
-        self._watch(job_id, slurm.EndWatch(job_id, slurm_job_id), SLURM)
+        self._watch_slurm(job_id, slurm_job_id)
         self._stop_if_cancelled_while_starting(job_id)
+
+    def _watch_slurm(self, job_id: str, slurm_job_id: str) -> None:
+        def store_state(state: str) -> None:
+            self._store.update_job(job_id, slurm_state=state)
+
+        self._watch(job_id, slurm.EndWatch(job_id, slurm_job_id, store_state), SLURM)
 
     def _start_supervisor(self, job_id: str) -> None:
         job_dir = self.job_dir(job_id)

@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,11 +140,13 @@ def _run(argv: list[str]) -> str:
 
 class EndWatch:
     """Whether a Slurm job has ended, for the runner's watcher, which asks every fraction of a second: Slurm is
-    asked at most every POLL_S, and a failing ask (the controller restarting) reads as "still running"."""
+    asked at most every POLL_S, and a failing ask (the controller restarting) reads as "still running". Each new
+    state Slurm reports goes to ``on_state`` (the runner stores it, so a job's view tells PENDING from RUNNING)."""
 
-    def __init__(self, job_id: str, slurm_job_id: str):
-        self._job_id, self._slurm_job_id = job_id, slurm_job_id
+    def __init__(self, job_id: str, slurm_job_id: str, on_state: Callable[[str], object]):
+        self._job_id, self._slurm_job_id, self._on_state = job_id, slurm_job_id, on_state
         self._next_ask = 0.0
+        self._last_state: str | None = None
 
     def __call__(self) -> bool:
         if time.monotonic() < self._next_ask:
@@ -154,4 +157,7 @@ class EndWatch:
         except SlurmError as error:
             log.warning("job %s: cannot ask Slurm about job %s: %s", self._job_id, self._slurm_job_id, error)
             return False
+        if state is not None and state.state != self._last_state:
+            self._last_state = state.state
+            self._on_state(state.state)
         return state is None or state.ended

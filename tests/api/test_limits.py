@@ -89,10 +89,11 @@ def test_the_new_bounds_are_settings(
 
 
 def _as_schema_4(database: Path) -> None:
-    """Turn a database this paraplan made into the one schema 4 made: jobs without launcher, nodes, slurm_job_id."""
+    """Turn a database this paraplan made into the one schema 4 made: jobs without launcher, nodes and Slurm's id
+    and state."""
     engine = create_engine(f"sqlite:///{database}")
     with engine.begin() as connection:
-        for column in ("launcher", "nodes", "slurm_job_id"):
+        for column in ("launcher", "nodes", "slurm_job_id", "slurm_state"):
             connection.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
         connection.execute(text("UPDATE paraplan_meta SET value = '4' WHERE key = 'schema_version'"))
     engine.dispose()
@@ -151,7 +152,12 @@ def test_a_schema_4_database_is_migrated_in_place_its_jobs_local(
     store = ApiStore(f"sqlite:///{database}")  # opening migrates
     try:
         row = store.get_job(job_id)
-        assert row is not None and (row.launcher, row.nodes, row.slurm_job_id) == ("local", 1, None), row
+        assert row is not None and (row.launcher, row.nodes, row.slurm_job_id, row.slurm_state) == (
+            "local",
+            1,
+            None,
+            None,
+        )
         assert row.state == "QUEUED" and row.nproc == 2
         assert [job.id for job in store.jobs(launcher="local")] == [job_id] and store.jobs(launcher="slurm") == []
     finally:

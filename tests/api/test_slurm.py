@@ -111,7 +111,7 @@ def test_a_slurm_job_is_trained_and_followed_to_its_end(servers: Callable[[], Se
         job = server.wait_for_job(job_id, lambda job: job["state"] == "SUCCEEDED", timeout_s=180)
         events = sse_events(followed.result(timeout=60))
 
-    assert job["slurm_job_id"] and slurm_state(job["slurm_job_id"]) == "COMPLETED", job
+    assert job["slurm_job_id"] and slurm_state(job["slurm_job_id"]) == job["slurm_state"] == "COMPLETED", job
     assert job["returncode"] == 0 and job["failure_reason"] is None and job["steps_done"] == 6, job
     measured = job["measured_run"]
     assert measured is not None and measured["steps"] == 6 and measured["measured_step_time_s"] > 0, job
@@ -135,7 +135,7 @@ def test_a_cancelled_slurm_job_is_scancelled(servers: Callable[[], Server], tmp_
     assert response.status_code == 200 and response.json()["cancel_requested"], response.text
     job = wait_for(lambda: (j := server.job(job_id))["state"] != "RUNNING" and j or None, 120, "the cancel")
     assert job["state"] == "CANCELLED" and job["failure_reason"] is None and job["steps_done"] < 10_000, job
-    assert slurm_state(job["slurm_job_id"]) == "CANCELLED"
+    assert slurm_state(job["slurm_job_id"]) == job["slurm_state"] == "CANCELLED", job
     assert processes_in(job_dir) == {}
     # scancel's SIGTERM reached the ranks, which saved a checkpoint before they stopped
     assert "paraplan: checkpoint saved at step" in server.http.get(f"/v1/jobs/{job_id}/logs").text
@@ -156,6 +156,7 @@ def test_a_slurm_job_outlives_its_server_and_the_next_one_reattaches(
     server_b = servers()
     job = server_b.job(job_id)
     assert job["state"] == "RUNNING" and job["steps_done"] < steps, f"raise `steps`: the job ended too soon: {job}"
+    assert job["slurm_state"] == "RUNNING", job
     job = server_b.wait_for_job(job_id, lambda job: job["state"] == "SUCCEEDED", timeout_s=150)
     assert job["returncode"] == 0 and job["steps_done"] == steps and job["slurm_job_id"] == slurm_job_id, job
     assert job["measured_run"] is not None and job["measured_run"]["steps"] == steps, job
