@@ -147,7 +147,11 @@ class JobRunner:
                 self._end(row.id, Outcome("FAILED", RESTARTED))
 
     def _reattach_slurm(self, row: JobRow) -> None:
-        if row.slurm_job_id is None:  # the previous server stopped while submitting it
+        if row.slurm_job_id is None:  # the previous server stopped while submitting it: sbatch may have taken it
+            try:
+                slurm.cancel_by_name(self.job_dir(row.id))
+            except slurm.SlurmError as error:
+                log.warning("job %s: cannot cancel what its lost submission left in Slurm: %s", row.id, error)
             self._end(row.id, Outcome("FAILED", RESTARTED))
             return
         log.info("job %s: re-attached to Slurm job %s", row.id, row.slurm_job_id)

@@ -71,11 +71,16 @@ def missing_reason() -> str | None:
 def write_script(
     job_dir: Path, spec: launch.LaunchSpec, partition: str | None, time_limit: str, cpu_only: bool
 ) -> None:
-    """The job's batch script, in its folder: srun starts one torchrun of this server's Python per node. Named after
-    the job's folder (``paraplan-<job id>``), so squeue shows which job of the service it is."""
-    script = launch.sbatch_script(spec, job_name=f"paraplan-{job_dir.name}", time_limit=time_limit,
-                                  partition=partition, cpu_only=cpu_only)  # fmt: skip
+    """The job's batch script, in its folder: srun starts one torchrun of this server's Python per node."""
+    script = launch.sbatch_script(spec, job_name=job_name(job_dir), time_limit=time_limit, partition=partition,
+                                  cpu_only=cpu_only)  # fmt: skip
     (job_dir / SCRIPT_FILE).write_text(script)
+
+
+def job_name(job_dir: Path) -> str:
+    """The Slurm job name of the service's job in ``job_dir``: ``paraplan-<job id>``, so squeue shows which job of
+    the service it is, and a job whose id was never stored can still be found."""
+    return f"paraplan-{job_dir.name}"
 
 
 def submit(job_dir: Path) -> str:
@@ -89,6 +94,11 @@ def cancel(slurm_job_id: str) -> None:
     """``scancel``: Slurm sends SIGTERM to every process of the job (a training run saves a checkpoint and exits),
     then SIGKILL after the cluster's KillWait (slurm.conf; 30 s by default)."""
     _run(["scancel", slurm_job_id])
+
+
+def cancel_by_name(job_dir: Path) -> None:
+    """``scancel`` whatever Slurm job runs for ``job_dir`` (by its job name): a submission whose id was lost."""
+    _run(["scancel", f"--name={job_name(job_dir)}"])
 
 
 def job_state(slurm_job_id: str) -> SlurmJobState | None:

@@ -28,7 +28,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from api.jobs import slurm
+from api.store import utc_now
 from tests.api.test_server import AUTH, Server, kill_processes_in, processes_in, sse_events, tiny_job, wait_for
 
 pytestmark = pytest.mark.slow
@@ -161,3 +164,28 @@ def test_a_slurm_job_outlives_its_server_and_the_next_one_reattaches(
     assert job["returncode"] == 0 and job["steps_done"] == steps and job["slurm_job_id"] == slurm_job_id, job
     assert job["measured_run"] is not None and job["measured_run"]["steps"] == steps, job
     assert f"re-attached to Slurm job {slurm_job_id}" in server_b.output(tail=10**7), server_b.output()
+
+
+def test_a_job_whose_slurm_id_was_lost_is_failed_and_its_slurm_job_cancelled(
+    app_factory: Callable[..., Any], tiny_request: dict[str, Any], auth_headers: dict[str, str], data_dir: Path
+) -> None:
+    """A server that stopped between marking a job RUNNING and storing the id sbatch answered: the next server
+    cannot follow the job, so it fails it ("server restarted") and cancels the Slurm job by its name."""
+    idle = TestClient(app_factory())  # no lifespan: the job is prepared (job.sbatch written) and stays QUEUED
+    accepted = idle.post("/v1/jobs", json=tiny_request | {"steps": 10_000, "launcher": "slurm"}, headers=auth_headers)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    store = idle.app.state.service.store  # type: ignore[attr-defined]
+    assert store.update_job(job_id, state="RUNNING", started=utc_now())
+    lost_id = slurm.submit(data_dir / "jobs" / job_id)  # what the stopped server's sbatch did
+    store.close()
+
+    with TestClient(app_factory()) as client:  # starting reconciles
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "FAILED" and job["failure_reason"] == "server restarted", job
+    wait_for(lambda: slurm_state(lost_id) == "CANCELLED" or None, 60, f"Slurm job {lost_id} to be cancelled")
+
+
+def test_a_job_slurm_does_not_know_has_no_state() -> None:
+    """Neither the controller nor accounting (none here: sacct refuses) knows the job: None, not an error."""
+    assert slurm.job_state("987654321") is None
