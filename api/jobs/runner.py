@@ -307,8 +307,8 @@ class JobRunner:
         except slurm.SlurmError as error:
             return Outcome("FAILED", f"Slurm job {row.slurm_job_id}: cannot read how it ended: {error}")
         if ended is None:
-            return Outcome("FAILED", f"Slurm job {row.slurm_job_id}: Slurm no longer knows how it ended (the "
-                                     "controller forgets an ended job after MinJobAge; accounting has no record)")  # fmt: skip
+            forgotten = "the controller forgets an ended job after MinJobAge; accounting has no record"
+            return Outcome("FAILED", f"Slurm job {row.slurm_job_id}: Slurm no longer knows how it ended ({forgotten})")
         if ended.state == "CANCELLED" or (row.cancel_requested and ended.returncode != 0):
             return _stopped(row, returncode=ended.returncode)
         if ended.state in slurm.RAN_TO_ITS_END:
