@@ -87,7 +87,8 @@ def submit(job_dir: Path) -> str:
     """Submit the job's batch script (written by the job's preparation) from its folder; return Slurm's job id. Its
     output, and every rank's under torchrun's --tee, goes to the job's output.log. LaunchError if sbatch refuses."""
     env = launch.launch_env(launch.torch_cache_env(job_dir))  # the job inherits it (sbatch's default --export=ALL)
-    return launch.run_sbatch(job_dir / SCRIPT_FILE, options=[f"--output={job_dir / OUTPUT_FILE}"], env=env)
+    output = str(job_dir / OUTPUT_FILE).replace("%", "%%")  # sbatch reads %j, %N, ... in a file name; %% is a %
+    return launch.run_sbatch(job_dir / SCRIPT_FILE, options=[f"--output={output}"], env=env)
 
 
 def cancel(slurm_job_id: str) -> None:
