@@ -29,6 +29,8 @@ SEARCH_WORKERS_ENV = "PARAPLAN_SEARCH_WORKERS"
 MAX_STORED_PLAN_BYTES_ENV = "PARAPLAN_MAX_STORED_PLAN_BYTES"
 MAX_VALIDATION_S_ENV = "PARAPLAN_MAX_VALIDATION_S"
 JOB_GRACE_S_ENV = "PARAPLAN_JOB_GRACE_S"
+SLURM_PARTITION_ENV = "PARAPLAN_SLURM_PARTITION"
+SLURM_TIME_LIMIT_ENV = "PARAPLAN_SLURM_TIME_LIMIT"
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 """1 MiB: a full request with an inline model is a few KiB; a larger body is a mistake or an attack."""
@@ -48,6 +50,10 @@ _ENV = {"max_concurrent_jobs": MAX_JOBS_ENV}
 """Fields read from a variable that is not the field's name under ENV_PREFIX (the name users already set)."""
 
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+DEFAULT_SLURM_TIME_LIMIT = "1-00:00:00"
+"""A day, in Slurm's --time format (days-hours:minutes:seconds): what a Slurm job asks for unless the server is told
+otherwise. Slurm ends a job past it (state TIMEOUT); a partition may allow less."""
 
 
 class SettingsError(InputError):
@@ -99,6 +105,10 @@ class Settings(BaseSettings):
     this bound."""
     job_grace_s: PositiveSeconds = DEFAULT_JOB_GRACE_S
     """How long a cancelled job may take to save a checkpoint and stop before every rank is killed."""
+    slurm_partition: str | None = None
+    """The partition Slurm jobs are submitted to (None: the cluster's default partition)."""
+    slurm_time_limit: str = DEFAULT_SLURM_TIME_LIMIT
+    """The wall time a Slurm job asks for (sbatch --time)."""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -130,6 +140,14 @@ class Settings(BaseSettings):
         if token is not None:
             _check_token(token)
         return token
+
+    @field_validator("slurm_partition", "slurm_time_limit")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        # A batch script's #SBATCH line ends at a blank, so a value with one would be cut short there.
+        if value is not None and (not value or any(ch.isspace() for ch in value)):
+            raise ValueError(f"must be one word (a batch script's #SBATCH line ends at a blank), got {value!r}")
+        return value
 
     @property
     def plan_retention(self) -> Retention:

@@ -26,6 +26,9 @@ from profiler.store import Base, ProfileStore
 JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 JOB_KINDS = ("train", "profile")
+LOCAL, SLURM = "local", "slurm"
+LAUNCHERS = (LOCAL, SLURM)
+"""Where a job runs: on the server's own host, under a supervisor process; or as a Slurm batch job."""
 
 
 def new_id() -> str:
@@ -70,7 +73,9 @@ class JobRow(Base):
     """A training or profiling run the service started (or will start: QUEUED).
 
     ``pid`` is the job's supervisor (api/jobs/supervise.py), which outlives the server that started it; a restarted
-    server finds it again by pid and job folder. ``idempotency_key`` makes a retried POST return this job.
+    server finds it again by pid and job folder. A job of the ``slurm`` launcher has no supervisor: Slurm runs it,
+    and a restarted server follows it again by ``slurm_job_id`` (api/jobs/slurm.py). ``idempotency_key`` makes a
+    retried POST return this job.
     """
 
     __tablename__ = "jobs"
@@ -92,6 +97,10 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     profile_id: Mapped[str | None] = mapped_column(String(32))  # what a profiling job stored
+    launcher: Mapped[str] = mapped_column(String(16), default=LOCAL, server_default=LOCAL)  # one of LAUNCHERS
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32))  # set once sbatch has accepted the job
+    slurm_state: Mapped[str | None] = mapped_column(String(32))  # Slurm's (PENDING, RUNNING, ...) when last asked
 
 
 class MeasuredRunRow(Base):
@@ -185,10 +194,12 @@ class ApiStore:
             return session.get(JobRow, job_id)
 
     def jobs(self, kind: str | None = None, states: Sequence[str] = (), limit: int = 100, offset: int = 0,
-             oldest_first: bool = False) -> Sequence[JobRow]:  # fmt: skip
+             oldest_first: bool = False, launcher: str | None = None) -> Sequence[JobRow]:  # fmt: skip
         query = select(JobRow)
         if kind is not None:
             query = query.where(JobRow.kind == kind)
+        if launcher is not None:
+            query = query.where(JobRow.launcher == launcher)
         if states:
             query = query.where(JobRow.state.in_(states))
         order = JobRow.created.asc() if oldest_first else JobRow.created.desc()

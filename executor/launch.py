@@ -42,7 +42,9 @@ from executor import lifeline
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_LOG = "launcher.log"
 SLURM_RDZV_PORT = 29500
-"""Port of the c10d rendezvous store on a Slurm job's first node (torchrun's default master port)."""
+"""First port of the c10d rendezvous store on a Slurm job's first node (torchrun's default master port); a job uses
+this plus its Slurm job id modulo SLURM_RDZV_PORTS, so jobs sharing a node do not take each other's port."""
+SLURM_RDZV_PORTS = 1000
 
 _SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 _RDZV_ID = re.compile(r"[\w.-]+")
@@ -174,9 +176,15 @@ def per_node_commands(spec: LaunchSpec, python: str = sys.executable) -> list[st
 
 
 def _sbatch_directives(
-    spec: LaunchSpec, job_name: str, time_limit: str, partition: str | None, extra_sbatch: Sequence[str]
+    spec: LaunchSpec,
+    job_name: str,
+    time_limit: str,
+    partition: str | None,
+    extra_sbatch: Sequence[str],
+    cpu_only: bool = False,
 ) -> list[str]:
-    """The ``#SBATCH`` header: one task per node (torchrun starts the per-GPU workers itself)."""
+    """The ``#SBATCH`` header: one task per node (torchrun starts the per-GPU workers itself), with a GPU per worker,
+    or with ``cpu_only`` a CPU core per worker."""
     _require_word("job_name", job_name)
     _require_word("time_limit", time_limit)
     if partition is not None:
@@ -188,7 +196,7 @@ def _sbatch_directives(
         f"--job-name={job_name}",
         f"--nodes={spec.nnodes}",
         "--ntasks-per-node=1",
-        f"--gpus-per-node={spec.nproc_per_node}",
+        f"--cpus-per-task={spec.nproc_per_node}" if cpu_only else f"--gpus-per-node={spec.nproc_per_node}",
         f"--time={time_limit}",
     ]
     if partition:
@@ -204,7 +212,7 @@ def _slurm_torchrun_line(spec: LaunchSpec, python: str) -> str:
         _ShellExpr('--nnodes="$SLURM_NNODES"'),
         _ShellExpr('--node-rank="$SLURM_NODEID"'),
         "--rdzv-backend=c10d",
-        _ShellExpr(f'--rdzv-endpoint="$head_node:{SLURM_RDZV_PORT}"'),
+        _ShellExpr('--rdzv-endpoint="$head_node:$rdzv_port"'),
         _ShellExpr(f'--rdzv-id="{spec.rdzv_id}-$SLURM_JOB_ID"'),
     ]
     inner = _shell_join(["exec", python, "-m", "torch.distributed.run", *rendezvous, *_worker_flags(spec)])
@@ -226,16 +234,19 @@ def sbatch_script(
     partition: str | None = None,
     extra_sbatch: Sequence[str] = (),
     python: str = sys.executable,
+    cpu_only: bool = False,
 ) -> str:
     """A Slurm batch script that runs ``spec`` on ``spec.nnodes`` nodes, rendezvousing on the first node, with
-    ``python`` (this interpreter: the nodes share its file system and so its environment) running torchrun."""
+    ``python`` (this interpreter: the nodes share its file system and so its environment) running torchrun.
+    ``cpu_only``: the workers train on CPUs (a core each) and ask for no GPU."""
     lines = [
         "#!/bin/bash",
-        *_sbatch_directives(spec, job_name, time_limit, partition, extra_sbatch),
+        *_sbatch_directives(spec, job_name, time_limit, partition, extra_sbatch, cpu_only),
         "set -euo pipefail",
-        "# The first node of the allocation hosts the c10d rendezvous store.",
+        "# The first node of the allocation hosts the c10d rendezvous store, on a port of this job's own.",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "export head_node",
+        f"rdzv_port=$(( {SLURM_RDZV_PORT} + SLURM_JOB_ID % {SLURM_RDZV_PORTS} ))",
+        "export head_node rdzv_port",
         _slurm_torchrun_line(spec, python),
     ]
     return "\n".join(lines) + "\n"
@@ -243,14 +254,21 @@ def sbatch_script(
 
 def submit_sbatch(script_text: str, workdir: Path, script_name: str = "paraplan.sbatch") -> str:
     """Write the script into ``workdir`` and submit it with ``sbatch``; return Slurm's job id."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise LaunchError("Slurm's sbatch is not on PATH; write the script with sbatch_script() and submit it by hand")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     script_path = workdir / script_name
     script_path.write_text(script_text)
-    done = subprocess.run([sbatch, str(script_path)], cwd=workdir, capture_output=True, text=True, timeout=120)
+    return run_sbatch(script_path)
+
+
+def run_sbatch(script_path: Path, options: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
+    """Submit a written batch script with ``sbatch`` (``options`` before it, on its command line), from its folder
+    (the job's working directory) and with ``env`` (which the job inherits); return Slurm's job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise LaunchError("Slurm's sbatch is not on PATH; write the script with sbatch_script() and submit it by hand")
+    done = subprocess.run([sbatch, *options, str(script_path)], cwd=script_path.parent, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
     match = _SUBMITTED.search(done.stdout)
     if done.returncode != 0 or match is None:
         raise LaunchError(f"sbatch failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")

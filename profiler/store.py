@@ -42,7 +42,7 @@ DATA_DIR_ENV = "PARAPLAN_DATA_DIR"
 DATABASE_URL_ENV = "PARAPLAN_DATABASE_URL"
 DATABASE_FILE_NAME = "paraplan.db"
 
-DATABASE_SCHEMA_VERSION = 4
+DATABASE_SCHEMA_VERSION = 5
 """Bumped whenever a table of the database changes. A database of an older version that `MIGRATIONS` leads from is
 migrated in place when opened, rows kept; any other version is refused, not reinterpreted.
 2: the REST service's tables (api/store.py: plans, jobs, measured_runs) joined the profiles.
@@ -282,7 +282,18 @@ def _add_plan_sizes(connection: sqlalchemy.Connection) -> None:
     connection.execute(sqlalchemy.text(f"UPDATE plans SET stored_bytes = {size}"))
 
 
-MIGRATIONS = {3: _add_plan_sizes}
+def _add_job_launchers(connection: sqlalchemy.Connection) -> None:
+    """4 -> 5: where each job runs: its launcher (`local` for the jobs already there, the only kind before), its node
+    count (1), and the id and state Slurm gave it (none). A database without the service's tables gets them from
+    `create_all`."""
+    if not sqlalchemy.inspect(connection).has_table("jobs"):
+        return
+    for column in ("launcher VARCHAR(16) NOT NULL DEFAULT 'local'", "nodes INTEGER NOT NULL DEFAULT 1",
+                   "slurm_job_id VARCHAR(32)", "slurm_state VARCHAR(32)"):  # fmt: skip
+        connection.execute(sqlalchemy.text(f"ALTER TABLE jobs ADD COLUMN {column}"))
+
+
+MIGRATIONS = {3: _add_plan_sizes, 4: _add_job_launchers}
 """Schema version -> the step that brings a database of that version to the next one."""
 
 

@@ -9,6 +9,11 @@ Supervisors run in sessions of their own and write only to files, so jobs outliv
 server itself. When a server starts it reconciles what a previous one left RUNNING: a job whose supervisor still
 runs is watched again; one that wrote its result meanwhile is finished from it; any other is FAILED with reason
 "server restarted" and whatever it left running is killed. Nothing stays RUNNING forever.
+
+A job of the Slurm launcher (api/jobs/slurm.py) has no supervisor: starting it submits its batch script, Slurm
+runs and queues it (so it does not count toward ``max_concurrent_jobs``, which bounds this host's own work), its
+watcher asks Slurm whether it has ended, and cancelling it is ``scancel``. A restarted server watches it again by
+its Slurm job id.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from api.jobs import folder_lock
+from api.jobs import folder_lock, slurm
 from api.jobs.supervise import OUTPUT_FILE, is_supervisor_of, read_result, supervisor_argv
 from api.settings import Settings
-from api.store import FINAL_STATES, ApiStore, JobRow, utc_now
+from api.store import FINAL_STATES, LOCAL, SLURM, ApiStore, JobRow, utc_now
 from executor import launch
 
 log = logging.getLogger("paraplan.jobs")
@@ -83,7 +88,7 @@ class JobRunner:
         """`time_limits`: kind -> the wall time its jobs may run (kinds not named: no limit)."""
         self._store, self._settings, self._kinds = store, settings, dict(kinds)
         self._time_limits = dict(time_limits or {})
-        self._watched: set[str] = set()
+        self._watched: dict[str, str] = {}  # job id -> its launcher
         self._lock = threading.Lock()  # guards _watched: the dispatcher and the watchers change it
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -130,7 +135,9 @@ class JobRunner:
     def reconcile(self) -> None:
         for row in self._store.jobs(states=["RUNNING"], limit=10_000):
             job_dir = self.job_dir(row.id)
-            if read_result(job_dir) is not None:
+            if row.launcher == SLURM:
+                self._reattach_slurm(row)
+            elif read_result(job_dir) is not None:
                 self._finish(row.id)
             elif row.pid is not None and is_supervisor_of(row.pid, job_dir):
                 log.info("job %s: re-attached to its supervisor (pid %d)", row.id, row.pid)
@@ -138,6 +145,17 @@ class JobRunner:
             else:
                 kill_strays(job_dir)
                 self._end(row.id, Outcome("FAILED", RESTARTED))
+
+    def _reattach_slurm(self, row: JobRow) -> None:
+        if row.slurm_job_id is None:  # the previous server stopped while submitting it: sbatch may have taken it
+            try:
+                slurm.cancel_by_name(self.job_dir(row.id))
+            except slurm.SlurmError as error:
+                log.warning("job %s: cannot cancel what its lost submission left in Slurm: %s", row.id, error)
+            self._end(row.id, Outcome("FAILED", RESTARTED))
+            return
+        log.info("job %s: re-attached to Slurm job %s", row.id, row.slurm_job_id)
+        self._watch_slurm(row.id, row.slurm_job_id)
 
     # ------------------------------------------------------------------------------------------ dispatching
 
@@ -151,19 +169,44 @@ class JobRunner:
             self._wake.clear()
 
     def _start_queued(self) -> None:
+        """Every queued Slurm job (Slurm queues them in turn), and local ones while fewer than the limit run."""
         with self._lock:
-            free = self._settings.max_concurrent_jobs - len(self._watched)
-        if free <= 0:
-            return
-        for row in self._store.jobs(states=["QUEUED"], limit=free, oldest_first=True):
+            free = self._settings.max_concurrent_jobs - list(self._watched.values()).count(LOCAL)
+        queued = list(self._store.jobs(states=["QUEUED"], launcher=SLURM, limit=10_000, oldest_first=True))
+        if free > 0:
+            queued += self._store.jobs(states=["QUEUED"], launcher=LOCAL, limit=free, oldest_first=True)
+        for row in queued:
             if self._closing.is_set():
                 return
-            self._launch(row.id)
+            self._launch(row)
 
-    def _launch(self, job_id: str) -> None:
-        """QUEUED -> RUNNING (unless it was cancelled meanwhile), then start its supervisor."""
-        if not self._store.update_job(job_id, only_if_state=["QUEUED"], state="RUNNING", started=utc_now()):
+    def _launch(self, row: JobRow) -> None:
+        """QUEUED -> RUNNING (unless it was cancelled meanwhile), then start its supervisor or submit it to Slurm."""
+        if not self._store.update_job(row.id, only_if_state=["QUEUED"], state="RUNNING", started=utc_now()):
             return
+        if row.launcher == SLURM:
+            self._submit_to_slurm(row.id)
+        else:
+            self._start_supervisor(row.id)
+
+    def _submit_to_slurm(self, job_id: str) -> None:
+        try:
+            slurm_job_id = slurm.submit(self.job_dir(job_id))
+        except launch.LaunchError as error:
+            self._end(job_id, Outcome("FAILED", f"could not submit the job to Slurm: {error}"))
+            return
+        self._store.update_job(job_id, slurm_job_id=slurm_job_id)
+        log.info("job %s: submitted to Slurm (job %s)", job_id, slurm_job_id)
+        self._watch_slurm(job_id, slurm_job_id)
+        self._stop_if_cancelled_while_starting(job_id)
+
+    def _watch_slurm(self, job_id: str, slurm_job_id: str) -> None:
+        def store_state(state: str) -> None:
+            self._store.update_job(job_id, slurm_state=state)
+
+        self._watch(job_id, slurm.EndWatch(job_id, slurm_job_id, store_state), SLURM)
+
+    def _start_supervisor(self, job_id: str) -> None:
         job_dir = self.job_dir(job_id)
         try:
             with (job_dir / OUTPUT_FILE).open("ab") as output:  # where a supervisor's own crash would show
@@ -182,15 +225,19 @@ class JobRunner:
         self._store.update_job(job_id, pid=process.pid)
         log.info("job %s: started (supervisor pid %d)", job_id, process.pid)
         self._watch(job_id, lambda: process.poll() is not None)
+        self._stop_if_cancelled_while_starting(job_id)
+
+    def _stop_if_cancelled_while_starting(self, job_id: str) -> None:
+        """A cancel that came before the job's pid (or Slurm job id) was stored could not stop it: stop it now."""
         row = self._store.get_job(job_id)
-        if row is not None and row.cancel_requested:  # cancelled while starting, before its pid was known
-            self._signal_supervisor(job_id)
+        if row is not None and row.cancel_requested:
+            self._stop(job_id)
 
     # --------------------------------------------------------------------------------------------- watching
 
-    def _watch(self, job_id: str, exited: Callable[[], bool]) -> None:
+    def _watch(self, job_id: str, exited: Callable[[], bool], launcher: str = LOCAL) -> None:
         with self._lock:
-            self._watched.add(job_id)
+            self._watched[job_id] = launcher
         thread = threading.Thread(target=self._watch_loop, args=(job_id, exited), name=f"job-{job_id}", daemon=True)
         thread.start()
 
@@ -209,7 +256,7 @@ class JobRunner:
             self._end(job_id, Outcome("FAILED", "the server failed while recording how the job ended; see its log"))
         finally:
             with self._lock:
-                self._watched.discard(job_id)
+                self._watched.pop(job_id, None)
             self.wake()
 
     def _deadline(self, job_id: str) -> datetime | None:
@@ -228,30 +275,52 @@ class JobRunner:
         reason = self._time_limits[row.kind].reason(row.kind)
         if self._store.update_job(job_id, only_if_state=["RUNNING"], cancel_requested=True, failure_reason=reason):
             log.info("job %s: %s", job_id, reason)
-            self._signal_supervisor(job_id)
+            self._stop(job_id)
 
     def _finish(self, job_id: str) -> None:
-        """Record how a job whose supervisor has exited ended."""
+        """Record how a job whose supervisor has exited (or that Slurm has ended) ended."""
         row = self._store.get_job(job_id)
         if row is None or row.state in FINAL_STATES:
             return
-        job_dir = self.job_dir(job_id)
+        self._end(job_id, self._slurm_outcome(row) if row.launcher == SLURM else self._local_outcome(row))
+
+    def _local_outcome(self, row: JobRow) -> Outcome:
+        job_dir = self.job_dir(row.id)
         result = read_result(job_dir)
         if result is None:
             kill_strays(job_dir)
-            outcome = (
-                _stopped(row)
-                if row.cancel_requested  # stopped before it could install its signal handler
-                else Outcome("FAILED", "the job's supervisor exited without a result (it was killed)")
-            )
-        elif result.get("refused"):  # its run folder was in use: nothing started
-            outcome = Outcome("FAILED", result["refused"], updates={"returncode": result["returncode"]})
-        elif result.get("cancelled") or (row.cancel_requested and result["returncode"] != 0):
-            outcome = _stopped(row, returncode=result["returncode"])
-        else:
-            outcome = self._kinds[row.kind].outcome(row, job_dir, result["returncode"])
-            outcome.updates.setdefault("returncode", result["returncode"])
-        self._end(job_id, outcome)
+            if row.cancel_requested:  # stopped before it could install its signal handler
+                return _stopped(row)
+            return Outcome("FAILED", "the job's supervisor exited without a result (it was killed)")
+        if result.get("refused"):  # its run folder was in use: nothing started
+            return Outcome("FAILED", result["refused"], updates={"returncode": result["returncode"]})
+        if result.get("cancelled") or (row.cancel_requested and result["returncode"] != 0):
+            return _stopped(row, returncode=result["returncode"])
+        return self._kind_outcome(row, result["returncode"])
+
+    def _slurm_outcome(self, row: JobRow) -> Outcome:
+        """From Slurm's final state: CANCELLED as a cancel; COMPLETED or FAILED (the batch script ran to its end)
+        as the job's kind reads its files; any other (TIMEOUT, NODE_FAIL, ...) FAILED, naming Slurm's state."""
+        assert row.slurm_job_id is not None
+        try:
+            ended = slurm.job_state(row.slurm_job_id)
+        except slurm.SlurmError as error:
+            return Outcome("FAILED", f"Slurm job {row.slurm_job_id}: cannot read how it ended: {error}")
+        if ended is None:
+            forgotten = "the controller forgets an ended job after MinJobAge; accounting has no record"
+            return Outcome("FAILED", f"Slurm job {row.slurm_job_id}: Slurm no longer knows how it ended ({forgotten})")
+        if ended.state == "CANCELLED" or (row.cancel_requested and ended.returncode != 0):
+            return _stopped(row, returncode=ended.returncode)
+        if ended.state in slurm.RAN_TO_ITS_END:
+            return self._kind_outcome(row, ended.returncode)
+        reason = f"Slurm ended job {row.slurm_job_id} as {ended.state}" + (f" ({ended.reason})" if ended.reason else "")
+        return Outcome("FAILED", reason, {"returncode": ended.returncode})
+
+    def _kind_outcome(self, row: JobRow, returncode: int) -> Outcome:
+        """What the job's kind makes of its files, now that its command has exited with `returncode`."""
+        outcome = self._kinds[row.kind].outcome(row, self.job_dir(row.id), returncode)
+        outcome.updates.setdefault("returncode", returncode)
+        return outcome
 
     def _end(self, job_id: str, outcome: Outcome) -> None:
         self._store.update_job(
@@ -279,11 +348,19 @@ class JobRunner:
             return self._store.get_job(job_id) or row
         if row.state == "RUNNING" or (row.state == "QUEUED"):  # QUEUED here: it started meanwhile
             self._store.update_job(job_id, only_if_state=["RUNNING"], cancel_requested=True)
-            self._signal_supervisor(job_id)
+            self._stop(job_id)
         return self._store.get_job(job_id) or row
 
-    def _signal_supervisor(self, job_id: str) -> None:
+    def _stop(self, job_id: str) -> None:
+        """Ask a running job to stop: scancel for a Slurm job, SIGTERM to a local job's supervisor."""
         row = self._store.get_job(job_id)
+        if row is not None and row.launcher == SLURM:
+            if row.slurm_job_id is not None:  # else not submitted yet: it is stopped once its id is stored
+                try:
+                    slurm.cancel(row.slurm_job_id)
+                except slurm.SlurmError as error:  # it ended meanwhile, or Slurm cannot be reached
+                    log.warning("job %s: scancel of Slurm job %s failed: %s", job_id, row.slurm_job_id, error)
+            return
         if row is None or row.pid is None or not is_supervisor_of(row.pid, self.job_dir(job_id)):
             return  # not started yet (the watcher will see cancel_requested) or already gone
         with contextlib.suppress(ProcessLookupError):

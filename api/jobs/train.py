@@ -4,12 +4,16 @@ when it ends, its measured step time is stored next to the step time the cost mo
 The body is the contract's request with `plan` (or `plan_id` of a stored plan search, whose `plan_rank`-th plan
 is run) plus the run's own fields (`TrainJobOptions`). Nothing a request names is executed or read outside the
 data folder: `data` is the name of a text in `<data dir>/datasets/` or a text shipped with paraplan.
+
+`launcher` says where it runs: `local`, on this server's host under a supervisor; or `slurm`, as a Slurm batch job
+over `nodes` nodes (api/jobs/slurm.py), `nproc` processes split evenly over them.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.commands.train import Summary, TrainOptions, failure_text, local_spec, prepare
 from api.errors import InputError
+from api.jobs import slurm
 from api.jobs.runner import Outcome
 from api.jobs.supervise import OUTPUT_FILE, write_command
 from api.service import parse_estimate, stored_plan_request
 from api.settings import Settings
-from api.store import ApiStore, JobRow, MeasuredRunRow, new_id, utc_now
+from api.store import LOCAL, SLURM, ApiStore, JobRow, MeasuredRunRow, new_id, utc_now
 from executor import launch
 from executor.config import RunDir
 from executor.data import SHIPPED_TEXT
@@ -36,7 +41,11 @@ class TrainJobOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: Int = Field(ge=1, le=10_000_000, description="optimizer steps to run")
-    nproc: Int | None = Field(None, ge=1, description="processes; default: the plan's GPU count")
+    nproc: Int | None = Field(None, ge=1, description="processes (over all nodes); default: the plan's GPU count")
+    launcher: Literal["local", "slurm"] = Field(
+        LOCAL, description="local: on this server's host; slurm: a Slurm batch job (sbatch, srun, torchrun per node)"
+    )
+    nodes: Int = Field(1, ge=1, le=100_000, description="nodes to run on (more than 1 takes launcher slurm)")
     data: Text | None = Field(
         None, max_length=255, description="a text file in <data dir>/datasets (by name), or 'founding' (shipped)"
     )
@@ -88,6 +97,22 @@ def dataset_path(name: str | None, settings: Settings) -> Path | None:
     return candidate
 
 
+def check_launcher(options: TrainJobOptions) -> None:
+    """A job over several nodes needs Slurm, and Slurm needs its commands on this server's PATH."""
+    if options.nodes > 1 and options.launcher == LOCAL:
+        raise InputError.at("nodes", f"{options.nodes} nodes need launcher 'slurm'; a local job runs on this "
+                                     "server's host only")  # fmt: skip
+    if options.launcher == SLURM and (missing := slurm.missing_reason()) is not None:
+        raise InputError.at("launcher", missing)
+
+
+def processes_per_node(nproc: int, nodes: int) -> int:
+    """Each node runs as many processes (one torchrun per node, with --nproc-per-node)."""
+    if nproc % nodes:
+        raise InputError.at("nodes", f"{nproc} processes do not split evenly over {nodes} nodes")
+    return nproc // nodes
+
+
 def check_process_count(nproc: int, settings: Settings, device: str = "cpu") -> None:
     """A job may not start more processes than the server allows, nor more CUDA ranks than it has GPUs."""
     gpus = launch.visible_gpu_count()
@@ -107,9 +132,12 @@ def prepare_train_job(body: dict[str, Any], job_id: str, store: ApiStore, settin
     import planner
 
     options, request = split_body(body)
+    check_launcher(options)
     parsed = parse_estimate(request_of(options, request, store), store)
     nproc = options.nproc or parsed.plan.num_gpus
-    check_process_count(nproc, settings, options.device)
+    if options.launcher == LOCAL:  # a Slurm job's processes run on the cluster's nodes, within what Slurm grants
+        check_process_count(nproc, settings, options.device)
+    per_node = processes_per_node(nproc, options.nodes)
     job_dir = settings.jobs_dir / job_id
     run_options = TrainOptions(
         steps=options.steps, out=job_dir / RUN_FOLDER, nproc=nproc, data=dataset_path(options.data, settings),
@@ -121,14 +149,18 @@ def prepare_train_job(body: dict[str, Any], job_id: str, store: ApiStore, settin
     try:
         run = prepare(parsed, run_options)
         predicted = planner.estimate(run.request)
-        spec = local_spec(RunDir(job_dir / RUN_FOLDER), nproc, resume=False)
-        write_command(job_dir, launch.watched_torchrun_command(spec), settings.job_grace_s, lock=job_dir / RUN_FOLDER)
+        spec = replace(local_spec(RunDir(job_dir / RUN_FOLDER), per_node, resume=False), nnodes=options.nodes)
+        if options.launcher == SLURM:
+            slurm.write_script(job_dir, spec, settings.slurm_partition, settings.slurm_time_limit,
+                               cpu_only=options.device == "cpu")  # fmt: skip
+        else:
+            write_command(job_dir, launch.watched_torchrun_command(spec), settings.job_grace_s, job_dir / RUN_FOLDER)
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     return JobRow(
         id=job_id, kind="train", state="QUEUED", created=utc_now(), nproc=nproc, plan_id=options.plan_id,
-        estimate=predicted.model_dump_json(),
+        estimate=predicted.model_dump_json(), launcher=options.launcher, nodes=options.nodes,
     )  # fmt: skip
 
 

@@ -113,7 +113,8 @@ def job_view(service: Service, row: JobRow) -> dict[str, Any]:
     collection = {"train": "jobs", "profile": "profiles", "validate": "validations"}[row.kind]
     view: dict[str, Any] = {
         "id": row.id, "kind": row.kind, "state": row.state, "created": row.created, "started": row.started,
-        "finished": row.finished, "nproc": row.nproc, "cancel_requested": row.cancel_requested,
+        "finished": row.finished, "nproc": row.nproc, "launcher": row.launcher, "nodes": row.nodes,
+        "slurm_job_id": row.slurm_job_id, "slurm_state": row.slurm_state, "cancel_requested": row.cancel_requested,
         "failure_reason": row.failure_reason, "returncode": row.returncode,
         "links": {"self": f"/v1/{collection}/{row.id}", "logs": f"/v1/jobs/{row.id}/logs"},
     }  # fmt: skip

@@ -85,16 +85,33 @@ def test_the_new_bounds_are_settings(
             Settings.from_env()
 
 
-# ================================================================================= schema 3 -> 4, in place
+# ============================================================================ schemas 3 -> 4 -> 5, in place
+
+
+def _as_schema_4(database: Path) -> None:
+    """Turn a database this paraplan made into the one schema 4 made: jobs without launcher, nodes and Slurm's id
+    and state."""
+    engine = create_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        for column in ("launcher", "nodes", "slurm_job_id", "slurm_state"):
+            connection.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+        connection.execute(text("UPDATE paraplan_meta SET value = '4' WHERE key = 'schema_version'"))
+    engine.dispose()
 
 
 def _as_schema_3(database: Path) -> None:
-    """Turn a database this paraplan made into the one the previous schema (3) made: no plans.stored_bytes."""
+    """Turn a database this paraplan made into the one the schema 3 made: schema 4's, without plans.stored_bytes."""
+    _as_schema_4(database)
     engine = create_engine(f"sqlite:///{database}")
     with engine.begin() as connection:
         connection.execute(text("ALTER TABLE plans DROP COLUMN stored_bytes"))
         connection.execute(text("UPDATE paraplan_meta SET value = '3' WHERE key = 'schema_version'"))
     engine.dispose()
+
+
+def _schema_version(database: Path) -> str:
+    with create_engine(f"sqlite:///{database}").connect() as connection:
+        return connection.execute(text("SELECT value FROM paraplan_meta WHERE key = 'schema_version'")).scalar()
 
 
 def test_a_schema_3_database_is_migrated_in_place_keeping_its_rows(
@@ -115,15 +132,43 @@ def test_a_schema_3_database_is_migrated_in_place_keeping_its_rows(
             assert row is not None and row.stored_bytes == PlanRow.size_of(row.request, row.result) > 0
     finally:
         store.close()
-    with create_engine(f"sqlite:///{database}").connect() as connection:
-        version = connection.execute(text("SELECT value FROM paraplan_meta WHERE key = 'schema_version'")).scalar()
-    assert version == str(DATABASE_SCHEMA_VERSION) == "4"
+    assert _schema_version(database) == str(DATABASE_SCHEMA_VERSION) == "5"
     client = TestClient(app_factory())
     assert {plan_id: client.get(f"/v1/plans/{plan_id}").json() for plan_id in ids} == answers
 
 
+def test_a_schema_4_database_is_migrated_in_place_its_jobs_local(
+    app_factory: Callable[..., Any], tiny_request: dict[str, Any], auth_headers: dict[str, str], data_dir: Path
+) -> None:
+    """Schema 5 adds where a job runs: the jobs a schema 4 database holds ran locally, on one node."""
+    client = TestClient(app_factory())  # its runner is not started: the job stays QUEUED
+    accepted = client.post("/v1/jobs", json=tiny_request | {"steps": 1}, headers=auth_headers)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    client.app.state.service.store.close()  # type: ignore[attr-defined]
+    database = data_dir / "paraplan.db"
+    _as_schema_4(database)
+
+    store = ApiStore(f"sqlite:///{database}")  # opening migrates
+    try:
+        row = store.get_job(job_id)
+        assert row is not None and (row.launcher, row.nodes, row.slurm_job_id, row.slurm_state) == (
+            "local",
+            1,
+            None,
+            None,
+        )
+        assert row.state == "QUEUED" and row.nproc == 2
+        assert [job.id for job in store.jobs(launcher="local")] == [job_id] and store.jobs(launcher="slurm") == []
+    finally:
+        store.close()
+    assert _schema_version(database) == "5"
+    job = TestClient(app_factory()).get(f"/v1/jobs/{job_id}").json()
+    assert (job["launcher"], job["nodes"], job["slurm_job_id"], job["state"]) == ("local", 1, None, "QUEUED"), job
+
+
 def test_a_schema_3_database_without_the_service_tables_is_migrated_too(tmp_path: Path) -> None:
-    """A database only the profiler wrote (no plans table yet) is stamped 4; the table comes with its size column."""
+    """A database only the profiler wrote (no plans table yet) is stamped 5; the table comes with its size column."""
     from planner.profiles import load_profile_json
     from tests.api.test_validations import FIXTURE_PROFILE
 

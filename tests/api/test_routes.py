@@ -510,6 +510,9 @@ REFUSED_JOBS: list[Any] = [
     ),
     pytest.param(lambda r: r | {"steps": 2, "bogus": 1}, "invalid_request", "bogus", id="unknown-field"),
     pytest.param(lambda r: r | {"steps": 2, "device": "tpu"}, "invalid_request", "device", id="device"),
+    pytest.param(lambda r: r | {"steps": 2, "nodes": 2}, "bad_input", "nodes", id="nodes-without-slurm-launcher"),
+    pytest.param(lambda r: r | {"steps": 2, "nodes": 0}, "invalid_request", "nodes", id="nodes-0"),
+    pytest.param(lambda r: r | {"steps": 2, "launcher": "pbs"}, "invalid_request", "launcher", id="launcher-unknown"),
     pytest.param(
         lambda r: r | {"steps": 2, "cluster": r["cluster"] | {"profile": "/etc/passwd"}},
         "bad_profile",
@@ -538,6 +541,22 @@ def test_a_refused_job_names_the_field_and_leaves_nothing(
     assert field in named_fields(error_of(response, 422, kind))
     assert job_folders(data_dir) == []
     assert strict_limits_client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_a_slurm_job_on_a_server_without_slurm_is_a_422_naming_the_launcher(
+    idle_client: TestClient,
+    tiny_request: dict[str, Any],
+    auth_headers: dict[str, str],
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))  # the server's own PATH: no sbatch on it
+    body = tiny_request | {"steps": 2, "launcher": "slurm"}
+    error = error_of(idle_client.post("/v1/jobs", json=body, headers=auth_headers), 422, "bad_input")
+    assert named_fields(error) == {"launcher"}, error
+    assert "cannot submit to Slurm: sbatch, scontrol, scancel not on its PATH" in error["message"], error
+    assert job_folders(data_dir) == []
 
 
 @pytest.mark.parametrize("data", ["corpus.txt", "founding"])

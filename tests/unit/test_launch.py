@@ -162,13 +162,14 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
                       "--time=02:00:00", "--partition=gpu", "--exclusive"):  # fmt: skip
         assert f"#SBATCH {directive}" in lines
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
+    assert "rdzv_port=$(( 29500 + SLURM_JOB_ID % 1000 ))" in lines  # jobs sharing a node each have their own
     srun = lines[-1]
     assert srun.startswith("srun bash -c ")
     inner = shlex.split(srun)[3]  # what each node's shell runs, with Slurm's variables still unexpanded
     # torchrun of paraplan's own environment, not whichever `torchrun` the node's PATH finds
     assert shlex.split(inner)[:4] == ["exec", "/opt/venv/bin/python", "-m", "torch.distributed.run"]
     for fragment in ('--nnodes="$SLURM_NNODES"', '--node-rank="$SLURM_NODEID"', "--rdzv-backend=c10d",
-                     '--rdzv-endpoint="$head_node:29500"', "--nproc-per-node=8", "-m executor.train"):  # fmt: skip
+                     '--rdzv-endpoint="$head_node:$rdzv_port"', "--nproc-per-node=8", "-m executor.train"):  # fmt: skip
         assert fragment in inner
     assert shlex.split(inner)[-2:] == ["--plan", "my plan.json"]
     script_path = tmp_path / "job.sbatch"
