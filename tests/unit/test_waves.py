@@ -48,13 +48,9 @@ def test_forward_and_input_gradient_run_at_their_waves_the_weight_gradient_fills
     assert forward_s(op, SPEEDS) == pytest.approx(product_s * 216 / 144)
     assert backward_s(op, SPEEDS) == pytest.approx(product_s * 432 / 384 + product_s)
     # matmul_work_s (what the A100 calibration fits) charges the same waves: forward, input and weight gradients.
-    assert matmul_work_s([op], "none", 100e12, A100_SMS) == pytest.approx(
-        product_s * (216 / 144 + 432 / 384 + 1)
-    )
+    assert matmul_work_s([op], "none", 100e12, A100_SMS) == pytest.approx(product_s * (216 / 144 + 432 / 384 + 1))
     # Full recompute repeats the forward, waves included.
-    assert matmul_work_s([op], "full", 100e12, A100_SMS) == pytest.approx(
-        product_s * (2 * 216 / 144 + 432 / 384 + 1)
-    )
+    assert matmul_work_s([op], "full", 100e12, A100_SMS) == pytest.approx(product_s * (2 * 216 / 144 + 432 / 384 + 1))
 
 
 def test_no_sm_count_means_no_quantization():
