@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from planner.cost.compute import Speeds, backward_s, forward_s, matmul_work_s, wave_efficiency
-from planner.cost.ops import Gemm, OpCost, Shape, _eager_core, _linear, recomputed_ops
+from planner.cost.ops import Gemm, OpCost, Shape, _eager_core, _linear, mlp_ops, recomputed_ops
 from planner.presets import gpu_preset
 from planner.specs import ModelSpec
 
@@ -98,3 +98,13 @@ def test_eager_attention_products_move_the_scores():
     assert not core["scores"].linear and not core["attn_values"].linear
     recomputed = {op.name: op for op in recomputed_ops(list(core.values()), "selective", "op_level")}
     assert recomputed["scores"].matmul_flops == core["scores"].matmul_flops
+
+
+def test_a_token_routed_to_k_experts_runs_k_times_the_rows():
+    """Top-2 routing: the expert MLPs' products take twice the tokens in all (grouped over the experts), so their
+    GEMM has 2 x 4096 rows, as their FLOPs are twice a dense MLP's."""
+    moe = GPT_H1024.model_copy(update={"num_experts": 8, "experts_per_token": 2})
+    shape = Shape(tokens=4096, seq=2048, key_len=2048, heads=16, tp=1, sp_div=1, elem=2, mask=1)
+    fc1 = {op.name: op for op in mlp_ops(moe, shape)}["fc1"]
+    assert fc1.gemm == Gemm(rows=2 * 4096, cols=4096, inner=1024)
+    assert fc1.matmul_flops == 2 * (2 * 4096 * 1024 * 4096)
