@@ -66,7 +66,7 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
     recompute = req.plan.recompute
     peak = req.cluster.gpu.peak_tflops[req.training.precision] * 1e12
     return BlockTimeTerms(
-        matmul_at_peak_s=matmul_work_s(block, recompute, peak),
+        matmul_at_peak_s=matmul_work_s(block, recompute, peak, req.cluster.gpu.sm_count),
         other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s)
         + ctx.tp_allreduces_s(block_tp_allreduces(recompute), req.plan),
     )

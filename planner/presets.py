@@ -299,7 +299,7 @@ def model_preset(name: str) -> ModelSpec:
 # Achievable fraction of the dense peak for a transformer's GEMMs. For the A100 it is the least-squares fit
 # of the block time model to the five single-layer timings of Korthikanti et al. 2022, table 4
 # (planner/calibration.py; tests/validation/test_devset.py recomputes it and fails if this drifts).
-A100_MATMUL_EFFICIENCY = 0.699
+A100_MATMUL_EFFICIENCY = 0.744
 # Maximum achievable dense bf16 matmul throughput / peak, one benchmark for all GPUs (torch.mm on cuBLAS or
 # hipBLASLt, stas00/ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS" table; L4 and H100 PCIe
 # from zzc0721/torch-performance-test-data issues 120 and 112, the H800 PCIe having the H100 PCIe's compute).
@@ -492,6 +492,7 @@ def _v100_sxm2(name: str, memory_bytes: int) -> GpuSpec:
     fp16 (planner/request.py). Tensor 125 TFLOP/s is dense (Volta has no sparsity); fp32 15.7 on CUDA cores."""
     return GpuSpec(
         name=name,
+        sm_count=80,  # Volta whitepaper (NVIDIA Tesla V100 GPU Architecture): 80 SMs on the V100
         memory_bytes=memory_bytes,
         peak_tflops={"fp16": 125.0, "fp32": 15.7},
         hbm_GBps=900.0,
@@ -509,6 +510,7 @@ def _v100_sxm2(name: str, memory_bytes: int) -> GpuSpec:
 GPU_PRESETS: dict[str, GpuSpec] = {
     "a100-40gb": GpuSpec(
         name="a100-40gb",
+        sm_count=108,  # A100 whitepaper (NVIDIA A100 Tensor Core GPU Architecture): 108 SMs
         # deviceQuery: "40339 MBytes (42298834944 bytes)" (bottlerocket-os/bottlerocket#3873).
         memory_bytes=42_298_834_944,
         # Dense tensor-core bf16/fp16 312 TFLOP/s; fp32 is the CUDA-core 19.5 because PyTorch leaves TF32
@@ -524,6 +526,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "a100-80gb": GpuSpec(
         name="a100-80gb",
+        sm_count=108,  # A100 whitepaper (NVIDIA A100 Tensor Core GPU Architecture): 108 SMs
         # A100-SXM4-80GB totalGlobalMem 85,198,045,184 B (81251 MiB), as tabulated in public scheduler code
         # (e.g. a Kubernetes GPU-sharing simulator's per-model memory map) and in deviceQuery output.
         memory_bytes=85_198_045_184,
@@ -538,6 +541,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "h100-sxm": GpuSpec(
         name="h100-sxm",
+        sm_count=132,  # Hopper whitepaper: 132 SMs on H100 SXM5
         # torch 2.7: _CudaDeviceProperties(name='NVIDIA H100 80GB HBM3', total_memory=81089MB).
         memory_bytes=_mib(81089),
         # Hopper whitepaper dense peaks (the datasheet's bf16 1979 assumes 2:4 sparsity); fp32 CUDA cores.
@@ -553,6 +557,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "h100-pcie": GpuSpec(
         name="h100-pcie",
+        sm_count=114,  # H100 PCIe: 114 SMs (Hopper whitepaper)
         # torch: _CudaDeviceProperties(name='NVIDIA H100 PCIe', total_memory=81008MB).
         memory_bytes=_mib(81008),
         # 114 SMs at a lower clock: bf16 1513 with sparsity -> 756.5 dense; fp32 51.2.
@@ -568,6 +573,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "h200": GpuSpec(
         name="h200",
+        sm_count=132,  # the H100 SXM's GH100 with its 132 SMs
         # torch: _CudaDeviceProperties(name='NVIDIA H200', total_memory=143156MB) of the marketed 141 GB.
         memory_bytes=_mib(143156),
         # Same GH100 compute as H100 SXM; only the memory changed (141 GB HBM3e at 4.8 TB/s).
@@ -582,6 +588,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "l4": GpuSpec(
         name="l4",
+        sm_count=58,  # Ada whitepaper: L4, 58 SMs (7,424 CUDA cores)
         # deviceQuery: "22518 MBytes (23612293120 bytes)" of the marketed 24 GB GDDR6.
         memory_bytes=23_612_293_120,
         # Datasheet bf16/fp16 tensor 242 with sparsity -> 121 dense; fp32 30.3.
@@ -595,6 +602,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "l40s": GpuSpec(
         name="l40s",
+        sm_count=142,  # L40S: 142 SMs (18,176 CUDA cores, 128 a SM: Ada whitepaper)
         # torch: _CudaDeviceProperties(name='NVIDIA L40S', major=8, minor=9, total_memory=45589MB) of 48 GB GDDR6.
         memory_bytes=_mib(45589),
         # Datasheet bf16/fp16 tensor 733 with sparsity -> 362.05 dense; fp32 91.6.
@@ -608,6 +616,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "a10": GpuSpec(
         name="a10",
+        sm_count=72,  # A10: 72 SMs (9,216 CUDA cores, 128 a SM: GA102, Ampere GA102 whitepaper)
         # deviceQuery: "22599 MBytes (23696375808 bytes)" under driver 12.8 (22516 MiB under 12.2) of 24 GB GDDR6.
         memory_bytes=23_696_375_808,
         # Datasheet bf16/fp16 tensor 250 with sparsity -> 125 dense; fp32 31.2.
@@ -621,6 +630,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "a10g": GpuSpec(
         name="a10g",
+        sm_count=80,  # torch's multi_processor_count=80, above
         # torch 2.15: _CudaDeviceProperties(name='NVIDIA A10G', major=8, minor=6, total_memory=22587MB,
         # multi_processor_count=80) of 24 GB GDDR6.
         memory_bytes=_mib(22587),
@@ -643,6 +653,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     "v100-sxm2-16gb": _v100_sxm2("v100-sxm2-16gb", _mib(16130)),
     "h20": GpuSpec(
         name="h20",
+        sm_count=78,  # torch's multi_processor_count=78, above
         # torch: _CudaDeviceProperties(name='NVIDIA H20', major=9, minor=0, total_memory=97285MB,
         # multi_processor_count=78) of 96 GB HBM3.
         memory_bytes=_mib(97285),
@@ -659,6 +670,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "b200": GpuSpec(
         name="b200",
+        sm_count=148,  # torch's multi_processor_count=148, above
         # torch: _CudaDeviceProperties(name='NVIDIA B200', major=10, minor=0, total_memory=182642MB,
         # multi_processor_count=148) of the 180 GB HBM3e per GPU of HGX B200 (1,440 GB for eight).
         memory_bytes=_mib(182642),
@@ -673,6 +685,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "mi300x": GpuSpec(
         name="mi300x",
+        sm_count=304,  # AMD datasheet: 304 compute units
         # torch 2.6 on ROCm: _CudaDeviceProperties(name='AMD Instinct MI300X', major=9, minor=4,
         # total_memory=196592MB) (ROCm/ROCm#4203) of 192 GB HBM3. torch drives it as a "cuda" device, over RCCL.
         memory_bytes=_mib(196592),

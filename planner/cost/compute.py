@@ -1,6 +1,8 @@
 """Compute time of operations on one GPU: a roofline per op (Williams et al. 2009, "Roofline: an insightful
 visual performance model") under a floor set by the host. Matmuls run at `matmul_efficiency` x the dense peak of
-the training precision, or at the HBM bandwidth their operands need where that is slower (small or thin GEMMs);
+the training precision, times the share of the SMs their output's tiles keep busy (`wave_efficiency`: a GEMM
+runs in whole waves of tiles over the GPU's SMs), or at the HBM bandwidth their operands need where that is slower
+(small or thin GEMMs, and eager attention's products, which write and read the s x s scores);
 fused (flash) attention at `attention_efficiency` x the peak (FlashAttention-2 reaches about half the A100's and a
 third of the H100's: planner/presets.py); element-wise ops are memory-bound and run at `memory_efficiency` x the
 HBM bandwidth.
@@ -16,7 +18,8 @@ vTrain's measured Megatron-LM runs, where widths of 1-2k make the floor visible.
 
 Where the efficiencies come from: the GPU presets (planner/presets.py). For the A100, matmul_efficiency is
 calibrated on one published measurement, Korthikanti et al. 2022 table 4 (one 22B-model layer, tp=8,
-micro-batch 4, five variants of parallelism and recomputation): `fit_matmul_efficiency` below is the fit,
+micro-batch 4, five variants of parallelism and recomputation), as the efficiency of full waves:
+`fit_matmul_efficiency` below is the fit,
 planner/calibration.py applies it and tests/validation/test_devset.py checks the preset against it. A measured
 profile replaces these numbers.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.cost.ops import OpCost, SelectivePolicy, recomputed_ops
+from planner.cost.ops import Gemm, OpCost, SelectivePolicy, recomputed_ops
 from planner.specs import GpuSpec
 
 # Backward of a matmul computes two products of the forward's size (input and weight gradients):
@@ -43,6 +46,13 @@ CAUSAL_FLASH_WORK = 0.5
 # An element-wise forward reads its input and writes its output (2 passes); its backward reads the saved
 # input and the incoming gradient and writes the outgoing gradient (3 passes): 1.5x the forward traffic.
 BACKWARD_TRAFFIC_FACTOR = 1.5
+# Output elements one thread block of a large 16-bit cuBLAS GEMM computes, rows x columns, one block per SM at a
+# time: NVIDIA's Matrix Multiplication Background User's Guide ("Wave Quantization": on an A100, "256x128 thread
+# block tiles ... one thread block per SM, leading to a wave size of 108 tiles"; docs.nvidia.com/deeplearning/
+# performance/dl-performance-matrix-multiplication). Assumed for every GPU: cuBLAS's Hopper kernels use the same
+# 256 x 128 and 128 x 256 tiles.
+GEMM_TILE_ROWS = 256
+GEMM_TILE_COLS = 128
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class Speeds:
     memory_bytes_per_s: float
     host_s_per_kernel: float = 0.0  # the stack's host time per kernel launch (Runtime.host_s_per_kernel)
     attention_flops_per_s: float | None = None  # fused attention's rate; None: the matmul rate
+    sm_count: int | None = None  # the GPU's SMs, which a GEMM's tiles run over in waves; None: no quantization
 
     @classmethod
     def of(cls, gpu: GpuSpec, precision: str, host_s_per_kernel: float = 0.0) -> Speeds:
@@ -63,6 +74,7 @@ class Speeds:
             memory_bytes_per_s=gpu.hbm_GBps * 1e9 * gpu.memory_efficiency,
             host_s_per_kernel=host_s_per_kernel,
             attention_flops_per_s=attention,
+            sm_count=gpu.sm_count,
         )
 
     @property
@@ -74,21 +86,58 @@ def forward_s(op: OpCost, speeds: Speeds) -> Any:
     """The op's forward time on the device (the host floor applies to a layer's passes: `pass_s`)."""
     if op.flash:
         return op.matmul_flops * CAUSAL_FLASH_WORK / speeds.flash_flops_per_s
-    return _matmul_s(op.matmul_flops, op.matmul_io_bytes, speeds) + op.traffic_bytes / speeds.memory_bytes_per_s
+    waves = wave_efficiencies(op.gemm, speeds.sm_count)
+    return _matmul_s(op.matmul_flops / waves.forward, op.matmul_io_bytes, speeds) + (
+        op.traffic_bytes / speeds.memory_bytes_per_s
+    )
 
 
 def backward_s(op: OpCost, speeds: Speeds) -> Any:
-    """The op's backward time on the device."""
+    """The op's backward time on the device: two GEMMs of the forward's FLOPs and about as many bytes each
+    (`BACKWARD_MATMUL_FACTOR`), the input gradient's with its own output's waves (`WaveEfficiencies`)."""
     if op.flash:
         return op.matmul_flops * CAUSAL_FLASH_WORK * BACKWARD_FLASH_FACTOR / speeds.flash_flops_per_s
-    # Each backward GEMM (input and weight gradients) moves about as many bytes as the forward one.
-    matmul = _matmul_s(op.matmul_flops * BACKWARD_MATMUL_FACTOR, op.matmul_io_bytes * BACKWARD_MATMUL_FACTOR, speeds)
-    return matmul + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
+    waves = wave_efficiencies(op.gemm, speeds.sm_count)
+    input_grad = _matmul_s(op.matmul_flops / waves.input_grad, op.matmul_io_bytes, speeds)
+    weight_grad = _matmul_s(op.matmul_flops * (BACKWARD_MATMUL_FACTOR - 1), op.matmul_io_bytes, speeds)
+    return input_grad + weight_grad + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
 
 
 def _matmul_s(flops: Any, io_bytes: Any, speeds: Speeds) -> Any:
     """The roofline of a matmul: its FLOPs at the achievable rate, or its operands' traffic, whichever is slower."""
     return np.maximum(flops / speeds.matmul_flops_per_s, io_bytes / speeds.memory_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class WaveEfficiencies:
+    """The share of the SMs' time a GEMM's tiles keep busy (`wave_efficiency`): the forward product C = A B
+    (rows x cols tiles) and the input gradient dA = dC B^T (rows x inner). The weight gradient dB = A^T dC is not
+    quantized: its output is the weight shard, its reduction runs over every token of the micro-batch, and a
+    reduction that long is what cuBLAS splits over several thread blocks (split-K, cublasLt's
+    CUBLASLT_ALGO_CONFIG_SPLITK_NUM) when the output's tiles would leave SMs idle, so it fills the SMs
+    (an assumption: cuBLAS's heuristics are not published)."""
+
+    forward: Any = 1.0
+    input_grad: Any = 1.0
+
+
+def wave_efficiencies(gemm: Gemm | None, sm_count: int | None) -> WaveEfficiencies:
+    if gemm is None or not sm_count:
+        return WaveEfficiencies()
+    return WaveEfficiencies(
+        forward=wave_efficiency(gemm.rows, gemm.cols, gemm.batch, sm_count),
+        input_grad=wave_efficiency(gemm.rows, gemm.inner, gemm.batch, sm_count),
+    )
+
+
+def wave_efficiency(rows: Any, cols: Any, batch: Any, sm_count: int) -> Any:
+    """Wave quantization (NVIDIA, Matrix Multiplication Background User's Guide): a GEMM's output splits into
+    tiles of GEMM_TILE_ROWS x GEMM_TILE_COLS, which run one per SM in ceil(tiles / SMs) waves of equal length; the
+    last wave's idle SMs are lost. The achievable rate scales by tiles / (waves x SMs): 1 for a full last wave,
+    down to 1 / SMs for a single tile."""
+    tiles = batch * np.ceil(rows / GEMM_TILE_ROWS) * np.ceil(cols / GEMM_TILE_COLS)
+    waves = np.ceil(tiles / sm_count)
+    return tiles / (waves * sm_count)
 
 
 def pass_s(ops: list[OpCost], speeds: Speeds, backward: bool = False) -> Any:
@@ -115,13 +164,17 @@ def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds, policy: Selec
     return pass_s(repeated, speeds) if repeated else 0.0
 
 
-def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float) -> float:
-    """Seconds of matmul work in forward + backward + recompute of `ops` at `matmul_flops_per_s`."""
+def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float, sm_count: int | None = None) -> float:
+    """Seconds of matmul work in forward + backward + recompute of `ops` at `matmul_flops_per_s`, each GEMM's
+    slowed by its waves on `sm_count` SMs (`wave_efficiency`)."""
 
     def work(op: OpCost, recomputed: bool) -> float:
         if op.flash:
             return op.matmul_flops * CAUSAL_FLASH_WORK * (1 + BACKWARD_FLASH_FACTOR + recomputed)
-        return op.matmul_flops * (1 + BACKWARD_MATMUL_FACTOR + recomputed)
+        waves = wave_efficiencies(op.gemm, sm_count)
+        forward = op.matmul_flops / waves.forward
+        input_grad = op.matmul_flops / waves.input_grad
+        return forward * (1 + recomputed) + input_grad + op.matmul_flops * (BACKWARD_MATMUL_FACTOR - 1)
 
     return sum(work(op, _recomputed(op, recompute)) for op in ops) / matmul_flops_per_s
 

@@ -49,6 +49,18 @@ KERNELS = {
 
 
 @dataclass(frozen=True)
+class Gemm:
+    """The shape of an op's matrix products: `batch` products of a [rows, inner] by an [inner, cols] matrix
+    (numbers, or arrays over micro-batch sizes). A linear layer's rows are its tokens; the attention core's
+    batched products run one per sequence and head. planner/cost/compute.py tiles the outputs over the SMs."""
+
+    rows: Any
+    cols: Any
+    inner: Any
+    batch: Any = 1
+
+
+@dataclass(frozen=True)
 class OpCost:
     """One forward operation of a block, per micro-batch, per GPU (after tp / sp / cp splitting)."""
 
@@ -66,6 +78,13 @@ class OpCost:
     matmul_io_bytes: float = 0.0
     # Bytes of the op's result, where an op-level recompute policy may keep it (`op_level_saved_bytes`).
     output_bytes: float = 0.0
+    # The shape of its matrix products (None: it has none, or the shape is not known): their wave quantization.
+    gemm: Gemm | None = None
+
+    @property
+    def linear(self) -> bool:
+        """A linear layer's plain matrix product (aten.mm / addmm), not a batched one."""
+        return self.gemm is not None and self.gemm.batch == 1
 
 
 @dataclass(frozen=True)
@@ -150,7 +169,8 @@ def _linear(name: str, shape: Shape, in_features: float, out_features: float, in
     io = shape.elem * (shape.tokens * (local_in + local_out) + local_in * local_out)
     saved = shape.elem * shape.width(in_features, input_region)
     output = shape.elem * shape.tokens * local_out
-    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, output_bytes=output, **_launches("linear"))
+    gemm = Gemm(rows=shape.tokens, cols=local_out, inner=local_in)
+    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, output_bytes=output, gemm=gemm, **_launches("linear"))
 
 
 def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
@@ -216,9 +236,26 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
     softmax_out = shape.elem * scores
     dropout_saved = (shape.mask + shape.elem) * scores if has_dropout else 0.0
     dropout_traffic = (2 * shape.elem + shape.mask) * scores if has_dropout else 0.0
+    # QK^T reads Q and K and writes the scores; softmax(.)V reads the probabilities and V and writes the context:
+    # with a head size d the product does 2d FLOPs per score element it writes or reads, below the A100's ridge
+    # point (~120 FLOP/byte at 2 bytes), so these matmuls are bound by the s x s traffic, not their FLOPs.
+    scores_io = shape.elem * (shape.width(model.q_size + model.kv_size, "tp") + scores)
+    values_io = shape.elem * (scores + shape.width(model.kv_size + model.q_size, "tp"))
+    sequences = shape.tokens / shape.seq
+    per_head = sequences * shape.heads
+    head = model.head_size
     return [
         OpCost("qkv_saved", 0.0, qkv_saved, 0.0, kernels=0, backward_kernels=0),
-        OpCost("scores", _core_flops(model, shape) / 2, 0.0, 0.0, attention_core=True, **_launches("batched_matmul")),
+        OpCost(
+            "scores",
+            _core_flops(model, shape) / 2,
+            0.0,
+            0.0,
+            attention_core=True,
+            matmul_io_bytes=scores_io,
+            gemm=Gemm(rows=shape.seq, cols=shape.key_len, inner=head, batch=per_head),
+            **_launches("batched_matmul"),
+        ),
         OpCost("softmax", 0.0, softmax_out, 2 * shape.elem * scores, attention_core=True),
         OpCost("attn_prob_dropout", 0.0, dropout_saved, dropout_traffic, attention_core=True),
         # One kernel more each way: the copy that makes the context contiguous for out_proj.
@@ -228,6 +265,8 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
             0.0,
             0.0,
             attention_core=True,
+            matmul_io_bytes=values_io,
+            gemm=Gemm(rows=shape.seq, cols=head, inner=shape.key_len, batch=per_head),
             kernels=KERNELS["batched_matmul"][0] + 1,
             backward_kernels=KERNELS["batched_matmul"][1] + 1,
         ),
@@ -256,8 +295,11 @@ def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
 def _scaled(op: OpCost, factor: int) -> OpCost:
     if factor == 1:
         return op
+    # The k experts' products run over k times the tokens in all (grouped: each expert takes its routed rows).
+    gemm = None if op.gemm is None else replace(op.gemm, rows=op.gemm.rows * factor)
     return replace(
         op,
+        gemm=gemm,
         matmul_flops=op.matmul_flops * factor,
         saved_bytes=op.saved_bytes * factor,
         traffic_bytes=op.traffic_bytes * factor,
@@ -322,7 +364,7 @@ def op_level_saved_bytes(ops: list[OpCost]) -> float:
     """What torchtitan's op-level policy keeps of a block, beyond its input (`block_input_bytes`, kept by the
     checkpoint itself): the attention kernel's output and logsumexp, and half of the matmul results (it keeps
     every other aten.mm's result: exact where consecutive matmuls have equal outputs, an average otherwise)."""
-    matmul_results = sum(op.output_bytes for op in ops if op.matmul_io_bytes > 0)
+    matmul_results = sum(op.output_bytes for op in ops if op.linear)
     attention = sum(op.output_bytes for op in ops if op.flash)
     return matmul_results / 2 + attention
 
@@ -336,7 +378,7 @@ def recomputed_ops(ops: list[OpCost], recompute: str, policy: SelectivePolicy = 
         return []
     if policy == "attention_core":
         return [op for op in ops if op.attention_core]
-    return [_halved_matmul(op) if op.matmul_io_bytes > 0 else op for op in ops if not op.flash]
+    return [_halved_matmul(op) if op.linear else op for op in ops if not op.flash]
 
 
 def _halved_matmul(op: OpCost) -> OpCost:

@@ -35,7 +35,7 @@ FP32_BYTES = 4
 # planner/cost/ops.py counts them, so it holds the Python, dispatcher and autograd time of the ops around each one
 # too. The other stacks are eager PyTorch modules as well and are assumed to pay the same until a profile of
 # them measures it; paraplan on CPUs runs its kernels on the host itself, so no launch is waited for there.
-EAGER_HOST_S_PER_KERNEL = 69.5e-6
+EAGER_HOST_S_PER_KERNEL = 68.7e-6
 
 
 class StateBytes(NamedTuple):
@@ -242,7 +242,7 @@ MEGATRON = replace(
 # torch's list-of-tensors all_gather / reduce_scatter into buffers allocated and zeroed per call
 # (partition_parameters.py `_allgather_param`, `_reduce_scatter_gradient`), a likely part of why they fall short of
 # the ring; no measurement separates the causes, so this one number holds them all.
-DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY = 0.225
+DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY = 0.216
 
 # DeepSpeed (deepspeed/runtime/zero, fp16 / bf16 optimizers): ZeRO's own accounting (sec. 3.1). Stages 2 and 3
 # partition gradients (and parameters) per module as FSDP does; stage 1 all-reduces and then gathers the updated

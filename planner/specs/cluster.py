@@ -48,6 +48,9 @@ class GpuSpec(Frozen):
     # Achievable fraction of peak for fused (flash) attention, forward and backward; None: as matmul_efficiency.
     attention_efficiency: Annotated[Real, Field(gt=0, le=1)] | None = None
     memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.8
+    # Streaming multiprocessors (compute units on AMD), over which a GEMM's output tiles run in waves
+    # (planner/cost/compute.py `wave_efficiency`); None: not known, GEMMs run at matmul_efficiency whatever their shape.
+    sm_count: Annotated[Int, Field(gt=0)] | None = None
     source: Text = ""
     # The host side, for CPU offload (planner/cost/offload.py): the achievable host <-> device copy rate of one GPU's
     # PCIe link per direction, and the RAM of the node it comes in (the reference system's). None: not known for

@@ -1,9 +1,9 @@
 """The cost model against published measurements (planner/data/dev-set.json, planner/data/dev-vtrain.json).
 
 Targets (issue 28): on Narayanan et al. 2021 table 1 and Korthikanti et al. 2022 table 5, mean absolute error
-<= 5% and max <= 12% on iteration time; on the dev half of vTrain's measured runs, <= 10% MAPE on its one-node
-and its multi-node rows each; on the DeepSpeed ZeRO-3 runs of Narayanan et al. 2021 table 2, mean absolute error
-<= 15%. benchmarks/accuracy.py prints the full tables.
+<= 5% and max <= 10% on iteration time; on the dev half of vTrain's measured runs, <= 10% MAPE on its one-node
+and its multi-node rows each, and on the rows the host floor was not fitted on; on the DeepSpeed ZeRO-3 runs of
+Narayanan et al. 2021 table 2, mean absolute error <= 15%. benchmarks/accuracy.py prints the full tables.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from planner.calibration import (
     calibrate_deepspeed_zero3_bandwidth,
     calibrate_matmul_efficiency,
     fit_host_floor,
+    vtrain_halves,
 )
 from planner.cost.runtime import DEEPSPEED, EAGER_HOST_S_PER_KERNEL
 from planner.devset import VTRAIN_PATH, training_runs
@@ -33,7 +34,7 @@ def test_table1_and_table5_accuracy():
     assert len(errors) == 18  # 10 rows of table 1, 8 of table 5
     absolute = [abs(e) for e in errors.values()]
     assert sum(absolute) / len(absolute) <= 0.05, errors
-    assert max(absolute) <= 0.12, errors
+    assert max(absolute) <= 0.10, errors
 
 
 def test_every_published_run_is_a_valid_request():
@@ -58,6 +59,13 @@ def test_vtrain_dev_accuracy(nodes: str):
     ]  # fmt: skip
     errors = [abs(estimate(run.request).step_time_s / run.step_time_s - 1) for run in runs]
     assert len(errors) >= 60
+    assert sum(errors) / len(errors) <= 0.10
+
+
+def test_vtrain_rows_the_host_floor_was_not_fitted_on():
+    _, held_out = vtrain_halves(training_runs(VTRAIN_PATH))
+    errors = [abs(estimate(run.request).step_time_s / run.step_time_s - 1) for run in held_out]
+    assert len(errors) >= 300
     assert sum(errors) / len(errors) <= 0.10
 
 
