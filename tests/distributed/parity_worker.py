@@ -40,7 +40,9 @@ LLAMA = ModelSpec(
 GPT = ModelSpec(
     num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=255, tie_embeddings=True, max_position_embeddings=32
 )
-MODELS = {"llama": LLAMA, "gpt": GPT}
+# Mixtral style (Jiang et al. 2024): the Llama blocks with 4 SwiGLU experts, 2 per token; 2 layers keep it quick.
+MIXTRAL = LLAMA.model_copy(update={"num_layers": 2, "ffn_hidden_size": 96, "num_experts": 4, "experts_per_token": 2})
+MODELS = {"llama": LLAMA, "gpt": GPT, "mixtral": MIXTRAL}
 TRAINING = TrainingSpec(seq_len=32, global_batch_size=8, precision="fp32", optimizer="sgd")
 STEPS = 4
 LR, MOMENTUM = 0.5, 0.9
