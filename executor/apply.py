@@ -25,6 +25,7 @@ from executor.parallel.data import apply_data_parallel, make_optimizer, uses_cla
 from executor.parallel.expert import (
     ExpertGradReduction,
     apply_expert_parallel,
+    apply_sequence_shards,
     expert_parameters,
     moe_layers,
     set_aux_grad_scale,
@@ -130,7 +131,7 @@ class AppliedPlan:
         dense model. Every rank must call it (two small all-reduces)."""
         if not self.moe:
             return None
-        total, layers = take_aux_losses(self.chunks)
+        total, layers = take_aux_losses(self.chunks, self.microbatches)
         summed = torch.tensor([total, float(layers)], device=self.device)
         if self.plan.pp > 1:
             dist.all_reduce(summed, group=self.mesh["pp"].get_group())
@@ -365,6 +366,8 @@ def apply_plan(
     replicas = replica_mesh(mesh, plan)
     positions = [apply_context_parallel(chunk, mesh["cp"], training.seq_len, device) for _, chunk in chunks]
     # Expert parallelism next, before anything wraps parameters: each rank drops the experts it does not hold.
+    for _, chunk in chunks:
+        apply_sequence_shards(chunk, mesh["cp"])  # the load-balancing loss's statistics are per whole sequence
     expert_mesh, edp_mesh = None, None
     if plan.ep > 1:
         expert_mesh = build_expert_mesh(plan, device.type)

@@ -190,7 +190,8 @@ class MoEFeedForward(nn.Module):
     wrapper sees every parameter), and the outputs are put back and summed with the gates. Under expert parallelism
     `expert_parallel` (set by executor/parallel/expert.py) carries the sorted rows to the ranks holding their experts
     and back; `experts` then holds this rank's experts only, keyed by their index in the whole model so that their
-    parameter names (and checkpoint keys) do not depend on ep.
+    parameter names (and checkpoint keys) do not depend on ep. Under context parallelism `sequence_shards` adds the
+    other cp ranks' routing statistics to this rank's, since the load-balancing loss is per whole sequence.
 
     The load-balancing loss (routing.py) joins the training loss through the gradient, Megatron-Core's
     `MoEAuxLossAutoScaler` way (`_AttachAuxLoss`): whatever loss is backpropagated through this layer's output also
@@ -210,6 +211,7 @@ class MoEFeedForward(nn.Module):
         self.aux_grad_scale = 1.0
         self.aux_losses: list[torch.Tensor] = []
         self.expert_parallel: Callable[..., torch.Tensor] | None = None
+        self.sequence_shards: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """[..., num_experts] routing weights: the top-k softmax probabilities, renormalised; zeros elsewhere."""
@@ -233,7 +235,10 @@ class MoEFeedForward(nn.Module):
             expert_out = self.expert_parallel(routed, routing.counts, self.run_local_experts)
         out = unpermute_and_combine(expert_out, routing).view_as(x)
         counts, prob_sums = expert_fractions(routing, batch)
-        aux = load_balancing_loss(counts, prob_sums, flat.shape[0] // batch, self.top_k)
+        tokens = flat.shape[0] // batch
+        if self.sequence_shards is not None:
+            counts, prob_sums, tokens = self.sequence_shards(counts, prob_sums, tokens)
+        aux = load_balancing_loss(counts, prob_sums, tokens, self.top_k)
         return _AttachAuxLoss.apply(out, aux, self)
 
 

@@ -104,6 +104,10 @@ def _experts_on_edp(
         for expert in moe.experts.values():
             wrap(expert, mesh=edp_mesh, **kwargs)
             expert.set_gradient_divide_factor(float(data_ranks))
+            # A factor other than the group's size makes FSDP2 reduce with PREMUL_SUM, which gloo lacks ("Cannot
+            # use ReduceOp.PREMUL_SUM with Gloo"): sum, then divide. Not on a one-rank edp mesh, where there is no
+            # collective and torch 2.13 would divide twice (by the factor, then again as the post-sum division).
+            expert.set_force_sum_reduction_for_comms(edp_mesh.size() > 1)
 
 
 def classic_ddp(module: nn.Module, dp_group: ProcessGroup) -> nn.Module:

@@ -114,6 +114,53 @@ def apply_expert_parallel(chunk: nn.Module, ep_mesh: DeviceMesh) -> None:
         moe.expert_parallel = ExpertParallel(group, size)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients: every rank's copy of the output feeds a
+    loss, so each input's gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        summed = tensor.clone()
+        dist.all_reduce(summed, group=group)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        summed = grad.clone()
+        dist.all_reduce(summed, group=ctx.group)
+        return summed, None
+
+
+@dataclass(frozen=True)
+class SequenceShards:
+    """Under context parallelism, the routing statistics of a whole sequence from its cp ranks' shares
+    (`MoEFeedForward.sequence_shards`): counts and probability sums added over the cp group, tokens times cp.
+
+    Each cp rank then computes the same per-sequence load-balancing loss and backpropagates it; the summed
+    gradient brings every rank cp times its share, which the average over dp x cp divides back, as it does for the
+    cross-entropy of each rank's s / cp tokens (executor/apply.py `AppliedPlan.step`)."""
+
+    group: ProcessGroup
+    size: int
+
+    def __call__(
+        self, counts: torch.Tensor, prob_sums: torch.Tensor, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        counts = counts.clone()
+        dist.all_reduce(counts, group=self.group)  # no gradient: which experts were chosen
+        return counts, _SumOverRanks.apply(prob_sums, self.group), tokens * self.size
+
+
+def apply_sequence_shards(chunk: nn.Module, cp_mesh: DeviceMesh) -> None:
+    """Give every MoE layer of `chunk` the cp group its sequences are split over; nothing with one cp rank."""
+    if cp_mesh.size() == 1:
+        return
+    shards = SequenceShards(cp_mesh.get_group(), cp_mesh.size())
+    for moe in moe_layers(chunk):
+        moe.sequence_shards = shards
+
+
 def expert_parameter_names(module: nn.Module) -> list[str]:
     """FQNs (in `module`) of every routed expert's parameters: what is reduced over edp instead of dp x cp."""
     names = []
@@ -156,14 +203,16 @@ def set_aux_grad_scale(modules: Iterable[nn.Module], scale: float) -> None:
             moe.aux_grad_scale = scale
 
 
-def take_aux_losses(modules: Iterable[nn.Module]) -> tuple[float, int]:
-    """The sum over this rank's MoE layers of each layer's mean aux loss over the step's backwards, and the number
-    of layers; clears what the layers recorded."""
+def take_aux_losses(modules: Iterable[nn.Module], microbatches: int) -> tuple[float, int]:
+    """The sum over this rank's MoE layers of each layer's mean aux loss over the step's `microbatches` backwards,
+    and the number of layers; clears what the layers recorded. Only the last `microbatches` records count: on its
+    first step torch 2.13's PipelineStage runs one more forward and backward, on uninitialised tensors, to infer
+    the shapes it sends (`_backward_metadata_inference`)."""
     total, layers = 0.0, 0
     for module in modules:
         for moe in moe_layers(module):
             if moe.aux_losses:
-                total += torch.stack(moe.aux_losses).mean().item()
+                total += torch.stack(moe.aux_losses[-microbatches:]).mean().item()
                 layers += 1
             moe.aux_losses.clear()
     return total, layers

@@ -68,15 +68,25 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def reference(spec: ModelSpec) -> dict:
     model = build_model(spec, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    losses, norms = [], []
+    losses, norms, aux_losses = [], [], []
     for tokens, targets in batches(spec):
         optimizer.zero_grad()
         loss = loss_fn(model(tokens), targets)
-        loss.backward()
+        loss.backward()  # a mixture of experts adds its load-balancing loss's gradient itself (MoEFeedForward)
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM).item())
         optimizer.step()
         losses.append(loss.item())
-    return {"losses": losses, "grad_norms": norms, "local_params": [sum(p.numel() for p in model.parameters())]}
+        aux_losses.append(_mean_aux_loss(model))
+    return {"losses": losses, "grad_norms": norms, "local_params": [sum(p.numel() for p in model.parameters())],
+            "aux_losses": aux_losses}  # fmt: skip
+
+
+def _mean_aux_loss(model: torch.nn.Module) -> float | None:
+    """The load-balancing loss of the last backward, averaged over the MoE layers; None for a dense model."""
+    from executor.models import MoEFeedForward
+
+    values = [m.aux_losses.pop() for m in model.modules() if isinstance(m, MoEFeedForward)]
+    return torch.stack(values).mean().item() if values else None
 
 
 def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
@@ -91,11 +101,12 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     model = build_model(spec, seed=0)
     applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
     optimizers = applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
-    losses, norms = [], []
+    losses, norms, aux_losses = [], [], []
     for tokens, targets in batches(spec):
         for optimizer in optimizers:
             optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
+        aux_losses.append(applied.aux_loss())
         misplaced_grads = [name for name, p in _named_parameters(applied) if _layout(p.grad) != _layout(p)]
         norms.append(applied.clip_grad_norm_(MAX_GRAD_NORM))
         with CommDebugMode() as optimizer_comms:
@@ -107,7 +118,7 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
     # The collectives DTensor issued inside the last optimizer step (a Partial gradient left by backward costs
     # an all-reduce in each operation that reads it).
     optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
-    return {"losses": losses, "grad_norms": norms, "local_params": local_params,
+    return {"losses": losses, "grad_norms": norms, "local_params": local_params, "aux_losses": aux_losses,
             "optimizer_collectives": optimizer_collectives, "misplaced_grads": misplaced_grads,
             "offload_policies": sorted(_offload_policies(applied))}  # fmt: skip
 
