@@ -89,20 +89,29 @@ def _mean_aux_loss(model: torch.nn.Module) -> float | None:
     return torch.stack(values).mean().item() if values else None
 
 
-def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
+def _applied(spec: ModelSpec, plan: ParallelPlan, mesh: Any, seed: int) -> tuple[Any, list[torch.optim.Optimizer]]:
+    from executor.apply import apply_plan
+
+    model = build_model(spec, seed=seed)
+    applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
+    return applied, applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+
+
+def parallel(spec: ModelSpec, plan: ParallelPlan, resume_after: int | None, checkpoint: Path) -> dict:
+    """The plan's run; with `resume_after`, its state is saved after that step and loaded into a freshly built model
+    of other weights (seed 1) and fresh optimizers, which train on: the losses show whether the checkpoint held
+    it all."""
     import torch.distributed as dist
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from executor.apply import apply_plan
+    from executor import train_state
     from executor.mesh import build_mesh
 
     dist.init_process_group("gloo")
     mesh = build_mesh(plan, "cpu")
-    model = build_model(spec, seed=0)
-    applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
-    optimizers = applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    applied, optimizers = _applied(spec, plan, mesh, seed=0)
     losses, norms, aux_losses = [], [], []
-    for tokens, targets in batches(spec):
+    for step, (tokens, targets) in enumerate(batches(spec), start=1):
         for optimizer in optimizers:
             optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
@@ -112,6 +121,10 @@ def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
         with CommDebugMode() as optimizer_comms:
             for optimizer in optimizers:
                 optimizer.step()
+        if step == resume_after:
+            train_state.save(checkpoint, step, applied.chunks, optimizers)
+            applied, optimizers = _applied(spec, plan, mesh, seed=1)
+            train_state.load(checkpoint, applied.chunks, optimizers)
     local_params = [None] * dist.get_world_size()
     dist.all_gather_object(local_params, sum(_local_numel(p) for p in applied.parameters()))
     dist.destroy_process_group()
@@ -157,11 +170,16 @@ def main() -> None:
     parser.add_argument("--plan", default="{}", help="ParallelPlan fields as JSON")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama")
     parser.add_argument("--reference", action="store_true", help="plain single-process PyTorch, no executor")
+    parser.add_argument("--resume-after", type=int, help="save after this step and go on from the checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
     spec = MODELS[args.model]
-    result = reference(spec) if args.reference else parallel(spec, ParallelPlan.model_validate_json(args.plan))
+    if args.reference:
+        result = reference(spec)
+    else:
+        plan = ParallelPlan.model_validate_json(args.plan)
+        result = parallel(spec, plan, args.resume_after, args.out.with_suffix(".checkpoint"))
     result["worker_s"] = time.perf_counter() - started  # process group, model, plan and steps
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result))
