@@ -53,12 +53,15 @@ def permute(tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
     return tokens.index_select(0, routing.order // routing.top_k)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order`: rows.index_select(0, order).index_select(0, inverse) == rows."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def unpermute_and_combine(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[T * k, h] expert outputs in `permute`'s order -> [T, h]: each token's k outputs weighted by its gates."""
-    slots = torch.empty_like(routing.order).scatter_(
-        0, routing.order, torch.arange(routing.order.numel(), device=routing.order.device)
-    )  # the inverse permutation: where each slot's row sits in expert order
-    per_slot = expert_out.index_select(0, slots).view(-1, routing.top_k, expert_out.shape[-1])
+    per_slot = expert_out.index_select(0, inverse_permutation(routing.order))
+    per_slot = per_slot.view(-1, routing.top_k, expert_out.shape[-1])
     return (per_slot * routing.gates.unsqueeze(-1).type_as(per_slot)).sum(dim=1)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from executor.models.layers import MoEFeedForward
+from executor.models.routing import inverse_permutation
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -79,17 +80,17 @@ class ExpertParallel:
         dist.all_to_all_single(arriving, per_rank, group=self.group)  # [ep sources, local experts]
         send, receive = per_rank.sum(dim=1).tolist(), arriving.sum(dim=1).tolist()
         received = _AllToAll.apply(routed, send, receive, self.group)  # ordered by (source, local expert)
-        by_expert = _source_to_expert_order(arriving)
+        by_expert = source_to_expert_order(arriving)
         out = run_local_experts(received.index_select(0, by_expert), arriving.sum(dim=0))
-        back = torch.empty_like(by_expert).scatter_(0, by_expert, torch.arange(by_expert.numel()))
-        return _AllToAll.apply(out.index_select(0, back), receive, send, self.group)
+        by_source = inverse_permutation(by_expert)
+        return _AllToAll.apply(out.index_select(0, by_source), receive, send, self.group)
 
 
-def _source_to_expert_order(arriving: torch.Tensor) -> torch.Tensor:
+def source_to_expert_order(arriving: torch.Tensor) -> torch.Tensor:
     """The row order that turns received rows, grouped by (source rank, local expert) with `arriving` [sources,
     experts] rows each, into rows grouped by (local expert, source rank)."""
     sources, experts = arriving.shape
-    segment_expert = torch.arange(sources * experts) % experts
+    segment_expert = torch.arange(sources * experts, device=arriving.device) % experts
     row_expert = segment_expert.repeat_interleave(arriving.flatten())
     return torch.argsort(row_expert, stable=True)
 

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from executor.models import MoEFeedForward
-from executor.models.routing import ROUTER_AUX_LOSS_COEF, expert_fractions, load_balancing_loss, route
+from executor.models.routing import (
+    ROUTER_AUX_LOSS_COEF,
+    expert_fractions,
+    inverse_permutation,
+    load_balancing_loss,
+    route,
+)
+from executor.parallel.expert import source_to_expert_order
 from planner.specs import ModelSpec
 
 MOE = ModelSpec(
@@ -122,3 +129,14 @@ def test_unchosen_experts_still_get_a_gradient() -> None:
     moe(x).sum().backward()
     unchosen = moe.experts["3"].w1.weight.grad
     assert unchosen is not None and not unchosen.any()
+
+
+def test_received_rows_are_regrouped_by_local_expert_and_back() -> None:
+    """Under expert parallelism a rank receives rows grouped by (source rank, local expert); its experts need them
+    grouped by (local expert, source rank), and the outputs go home in the first order."""
+    arriving = torch.tensor([[1, 2], [3, 0], [0, 1]])  # 3 source ranks, 2 local experts
+    rows = torch.tensor([0, 10, 11, 1, 2, 3, 12])  # expert a's rows are 0-9, expert b's 10-19
+    by_expert = source_to_expert_order(arriving)
+    # expert a's rows from sources 0, 1 (rows 0; 1, 2, 3), then expert b's from sources 0, 2 (rows 10, 11; 12)
+    assert rows[by_expert].tolist() == [0, 1, 2, 3, 10, 11, 12]
+    assert rows[by_expert][inverse_permutation(by_expert)].tolist() == rows.tolist()
