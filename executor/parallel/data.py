@@ -75,7 +75,7 @@ def apply_data_parallel(
         # Pinned host memory makes the copies asynchronous on CUDA; there is nothing to pin for on a CPU mesh.
         policy = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda") if offload_params else OffloadPolicy()
         kwargs = {"reshard_after_forward": zero_stage == 3, "offload_policy": policy}
-        _experts_on_edp(fully_shard, module, edp_mesh, dp_mesh.size(), **kwargs)
+        _experts_on_edp(fully_shard, module, edp_mesh, dp_mesh.size(), sharded=True, **kwargs)
         return _per_block_then_root(fully_shard, module, mesh=dp_mesh, **kwargs)
     if uses_classic_ddp(zero_stage, pure_dp):
         if edp_mesh is not None:
@@ -87,27 +87,36 @@ def apply_data_parallel(
         return classic_ddp(module, dp_mesh.get_group())
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    _experts_on_edp(replicate, module, edp_mesh, dp_mesh.size())
+    _experts_on_edp(replicate, module, edp_mesh, dp_mesh.size(), sharded=False)
     return _per_block_then_root(replicate, module, mesh=dp_mesh)
 
 
 def _experts_on_edp(
-    wrap: Callable[..., Any], module: Transformer, edp_mesh: DeviceMesh | None, data_ranks: int, **kwargs: Any
+    wrap: Callable[..., Any],
+    module: Transformer,
+    edp_mesh: DeviceMesh | None,
+    data_ranks: int,
+    sharded: bool,
+    **kwargs: Any,
 ) -> None:
     """Wrap every routed expert of `module` on `edp_mesh` (before its block, which then leaves its parameters
-    alone), its gradients summed over edp and divided by the `data_ranks` (dp x cp) whose mean loss they serve."""
+    alone), its gradients summed over edp and divided by the `data_ranks` (dp x cp) whose mean loss they serve.
+    `sharded`: `wrap` is fully_shard (reduce-scatter over edp), not replicate (all-reduce)."""
     if edp_mesh is None:
         return
     from executor.parallel.expert import moe_layers
 
+    # With a divide factor other than the group's size FSDP2 reduce-scatters with PREMUL_SUM, which gloo lacks
+    # ("Cannot use ReduceOp.PREMUL_SUM with Gloo"): forced to sum, it divides after. Only for a real reduce-scatter:
+    # where there is none (replicate, or one edp rank) torch 2.13 divides the local gradient by the factor itself,
+    # all-reduces with SUM, and a forced sum would divide a second time (measured: expert gradients 1/factor too
+    # small at pp2 x dp4 x ep2 and dp2 x ep2 at ZeRO-3).
+    force_sum = sharded and edp_mesh.size() > 1
     for moe in moe_layers(module):
         for expert in moe.experts.values():
             wrap(expert, mesh=edp_mesh, **kwargs)
             expert.set_gradient_divide_factor(float(data_ranks))
-            # A factor other than the group's size makes FSDP2 reduce with PREMUL_SUM, which gloo lacks ("Cannot
-            # use ReduceOp.PREMUL_SUM with Gloo"): sum, then divide. Not on a one-rank edp mesh, where there is no
-            # collective and torch 2.13 would divide twice (by the factor, then again as the post-sum division).
-            expert.set_force_sum_reduction_for_comms(edp_mesh.size() > 1)
+            expert.set_force_sum_reduction_for_comms(force_sum)
 
 
 def classic_ddp(module: nn.Module, dp_group: ProcessGroup) -> nn.Module:
