@@ -1,9 +1,10 @@
 """apply_plan: turn one rank's copy of the model into its share of a parallel plan, in DESIGN.md's fixed order.
 
-pipeline split -> context parallel -> tensor/sequence parallel -> activation recompute -> data parallel (DDP /
-FSDP2) -> pipeline stages + schedule. Every rank calls it with the same full model (same seed) and the plan's mesh;
-what comes back (`AppliedPlan`) runs one step's forward and backward on this rank's slice of the global batch and
-reports the global-batch mean loss, so a parallel run and a single-device run can be compared number for number.
+pipeline split -> context parallel -> expert parallel -> tensor/sequence parallel -> activation recompute -> data
+parallel (DDP / FSDP2; experts over their edp ranks) -> pipeline stages + schedule. Every rank calls it with the
+same full model (same seed) and the plan's mesh; what comes back (`AppliedPlan`) runs one step's forward and
+backward on this rank's slice of the global batch and reports the global-batch mean loss, so a parallel run and a
+single-device run can be compared number for number.
 """
 
 from __future__ import annotations
@@ -366,14 +367,8 @@ def apply_plan(
     replicas = replica_mesh(mesh, plan)
     positions = [apply_context_parallel(chunk, mesh["cp"], training.seq_len, device) for _, chunk in chunks]
     # Expert parallelism next, before anything wraps parameters: each rank drops the experts it does not hold.
-    for _, chunk in chunks:
-        apply_sequence_shards(chunk, mesh["cp"])  # the load-balancing loss's statistics are per whole sequence
-    expert_mesh, edp_mesh = None, None
-    if plan.ep > 1:
-        expert_mesh = build_expert_mesh(plan, device.type)
-        for _, chunk in chunks:
-            apply_expert_parallel(chunk, expert_mesh["ep"])
-        edp_mesh = expert_mesh["edp"]
+    expert_mesh = _apply_experts([chunk for _, chunk in chunks], plan, mesh, device)
+    edp_mesh = expert_mesh["edp"] if expert_mesh is not None else None
     modules = [_parallelize_chunk(chunk, plan, mesh, replicas, edp_mesh) for _, chunk in chunks]
     num_stages = plan.num_model_chunks
     stage_ids = [stage for stage, _ in chunks]
@@ -400,6 +395,22 @@ def apply_plan(
         expert_grads=_expert_grad_reduction(modules, plan, edp_mesh),
         expert_group=expert_mesh["ep"].get_group() if expert_mesh is not None else None,
     )
+
+
+def _apply_experts(
+    chunks: list[Transformer], plan: ParallelPlan, mesh: DeviceMesh, device: torch.device
+) -> DeviceMesh | None:
+    """Give the MoE layers of `chunks` their cp group (the load-balancing loss's statistics are per whole
+    sequence) and, under expert parallelism, their ep group and this rank's experts; the (pp, edp, ep, tp) mesh of
+    expert parallelism, or None without it."""
+    for chunk in chunks:
+        apply_sequence_shards(chunk, mesh["cp"])
+    if plan.ep == 1:
+        return None
+    expert_mesh = build_expert_mesh(plan, device.type)
+    for chunk in chunks:
+        apply_expert_parallel(chunk, expert_mesh["ep"])
+    return expert_mesh
 
 
 def _expert_grad_reduction(
