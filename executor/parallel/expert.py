@@ -11,9 +11,9 @@ the edp group is the ranks holding the same experts. Per MoE layer and micro-bat
 3. the reverse regrouping and all-to-all bring the outputs home, where they are combined with the gates.
 
 `_AllToAll` is the differentiable all-to-all: its backward is the all-to-all with the splits swapped. (torch's
-`torch.distributed.nn.functional.all_to_all_single` is meant to be that, but in torch 2.13 on gloo its input got
-no gradient, and `_functional_collectives.all_to_all_single_autograd` is private; gloo runs `all_to_all_single`
-with uneven splits, checked on 2 ranks, so the plain collective is enough.)
+`torch.distributed.nn.functional.all_to_all_single` does the same, but torch 2.13 deprecates it (FutureWarning) for
+`_functional_collectives.all_to_all_single_autograd`, which is private. gloo runs `all_to_all_single` with uneven
+splits, checked on 2 ranks, so the plain collective is all this needs, on CPU as on NCCL.)
 
 Gradients: dense parameters are averaged over dp x cp as before (executor/parallel/data.py); an expert's gradient
 on one rank already sums the contributions of every token its ep group routed to it (the combine all-to-all's
