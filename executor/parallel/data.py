@@ -17,7 +17,7 @@ hold DTensor (tensor-parallel) parameters, and the old `_composable.replicate` t
 Every wrapper averages gradients over dp, so gradients equal those of the mean loss over the global batch.
 With one dp rank there is nothing to synchronise and the module is returned unchanged.
 
-Under expert parallelism (`experts`, executor/parallel/expert.py) the routed experts are synchronised over their
+Under expert parallelism (`edp_mesh`, executor/parallel/expert.py) the routed experts are synchronised over their
 edp group instead: FSDP2 (and its `replicate`) wraps each expert as its own unit on the edp mesh, before the blocks,
 with gradients divided by dp x cp rather than edp (torchtitan's MoE parallelize does the same); classic DDP is told
 to skip them, and `ExpertGradReduction` reduces them after backward.
