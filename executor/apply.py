@@ -123,6 +123,8 @@ class AppliedPlan:
         """Give the MoE load-balancing loss's gradient the scale this step gives the loss: 1 / micro-batches when
         this code divides each micro-batch's loss (a pipeline schedule divides the gradients itself, `scale_grads`),
         times fp16's loss scale."""
+        if not self.moe:
+            return
         scale = 1.0 if scale_loss is None else scale_loss(torch.ones((), device=self.device)).item()
         set_aux_grad_scale(self.chunks, scale if self.schedule is not None else scale / self.microbatches)
 
