@@ -1,9 +1,10 @@
 """apply_plan: turn one rank's copy of the model into its share of a parallel plan, in DESIGN.md's fixed order.
 
-pipeline split -> context parallel -> tensor/sequence parallel -> activation recompute -> data parallel (DDP /
-FSDP2) -> pipeline stages + schedule. Every rank calls it with the same full model (same seed) and the plan's mesh;
-what comes back (`AppliedPlan`) runs one step's forward and backward on this rank's slice of the global batch and
-reports the global-batch mean loss, so a parallel run and a single-device run can be compared number for number.
+pipeline split -> context parallel -> expert parallel -> tensor/sequence parallel -> activation recompute -> data
+parallel (DDP / FSDP2; experts over their edp ranks) -> pipeline stages + schedule. Every rank calls it with the
+same full model (same seed) and the plan's mesh; what comes back (`AppliedPlan`) runs one step's forward and
+backward on this rank's slice of the global batch and reports the global-batch mean loss, so a parallel run and a
+single-device run can be compared number for number.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from executor.mesh import build_expert_mesh
 from executor.parallel.checkpoint import apply_recompute
 from executor.parallel.context import apply_context_parallel
-from executor.parallel.data import apply_data_parallel, make_optimizer
+from executor.parallel.data import apply_data_parallel, make_optimizer, uses_classic_ddp
+from executor.parallel.expert import (
+    ExpertGradReduction,
+    apply_expert_parallel,
+    apply_sequence_shards,
+    expert_parameters,
+    moe_layers,
+    set_aux_grad_scale,
+    take_aux_losses,
+)
 from executor.parallel.pipeline import build_schedule, build_stages, split_model
 from executor.parallel.tensor import apply_tensor_parallel
 from executor.support import require_executable
@@ -64,6 +75,8 @@ class AppliedPlan:
     replicas: DeviceMesh  # the ranks holding the same weights, whose gradients are averaged: dp, or dp x cp
     positions: torch.Tensor | None = None  # this rank's sequence positions under context parallelism
     schedule_loss: ScheduleLoss | None = None  # the schedule's loss function under PP
+    expert_grads: ExpertGradReduction | None = None  # expert parallelism on classic DDP: the experts' reduction
+    expert_group: Any = None  # expert parallelism: the ep group, whose ranks hold different experts
 
     @property
     def replica_group(self) -> Any:
@@ -96,12 +109,44 @@ class AppliedPlan:
         the scale until the scaler unscales them, and the loss reported is unscaled.
         """
         tokens, targets = self._local_rows(tokens), self._local_rows(targets)
+        self._scale_aux_loss(scale_loss)
         if self.schedule is not None:
             local = self._pipeline(tokens, targets, scale_loss)
         else:
             local = self._accumulate(tokens, targets, scale_loss)
+        if self.expert_grads is not None:
+            self.expert_grads()
         align_grads_with_params(self.parameters())
         return self._global_mean(local)
+
+    def _scale_aux_loss(self, scale_loss: ScaleLoss | None) -> None:
+        """Give the MoE load-balancing loss's gradient the scale this step gives the loss: 1 / micro-batches when
+        this code divides each micro-batch's loss (a pipeline schedule divides the gradients itself, `scale_grads`),
+        times fp16's loss scale."""
+        if not self.moe:
+            return
+        scale = 1.0 if scale_loss is None else scale_loss(torch.ones((), device=self.device)).item()
+        set_aux_grad_scale(self.chunks, scale if self.schedule is not None else scale / self.microbatches)
+
+    def aux_loss(self) -> float | None:
+        """The step's MoE load-balancing loss (executor/models/routing.py, without its coefficient): per layer,
+        the mean over the step's micro-batches; then the mean over all MoE layers and dp x cp ranks. None for a
+        dense model. Every rank must call it (two small all-reduces)."""
+        if not self.moe:
+            return None
+        total, layers = take_aux_losses(self.chunks, self.microbatches)
+        summed = torch.tensor([total, float(layers)], device=self.device)
+        if self.plan.pp > 1:
+            dist.all_reduce(summed, group=self.mesh["pp"].get_group())
+        if self.replicas.size() > 1:
+            dist.all_reduce(summed, group=self.replica_group)
+            summed[0] /= self.replicas.size()
+            summed[1] /= self.replicas.size()
+        return (summed[0] / summed[1]).item() if summed[1] > 0 else None
+
+    @property
+    def moe(self) -> bool:
+        return any(True for chunk in self.chunks for _ in moe_layers(chunk))
 
     def _local_rows(self, batch: torch.Tensor) -> torch.Tensor:
         """dp rank r takes rows [r B/dp, (r+1) B/dp) of the global batch; under context parallelism, only the
@@ -153,21 +198,43 @@ class AppliedPlan:
         """Scale gradients so their global 2-norm is at most `max_norm`; the norm before clipping.
 
         The norm covers every parameter of the model once, whatever is sharded over tp/dp (DTensor norms are
-        reduced by `full_tensor`) or split over pipeline stages (squares summed over pp).
+        reduced by `full_tensor`), split over pipeline stages (squares summed over pp) or, for routed experts, split
+        over the ep group (their squares summed over it).
         """
         pp_group = self.mesh["pp"].get_group() if self.plan.pp > 1 else None
-        return clip_grad_norm(self.parameters(), max_norm, self.device, pp_group)
+        experts = None
+        if self.expert_group is not None:
+            experts = ExpertShards(expert_parameters(self.chunks), self.expert_group)
+        return clip_grad_norm(self.parameters(), max_norm, self.device, pp_group, experts)
+
+
+@dataclass(frozen=True)
+class ExpertShards:
+    """Parameters that each rank of `group` holds a different share of (expert parallelism's experts)."""
+
+    params: list[nn.Parameter]
+    group: Any
 
 
 def clip_grad_norm(
-    params: Iterable[nn.Parameter], max_norm: float, device: torch.device, pp_group: Any = None
+    params: Iterable[nn.Parameter],
+    max_norm: float,
+    device: torch.device,
+    pp_group: Any = None,
+    experts: ExpertShards | None = None,
 ) -> float:
     """Scale the gradients of `params` (plain tensors or DTensors of any layouts) so that their global 2-norm is at
     most `max_norm`; the norm before clipping. `pp_group`: the pipeline group whose stages hold the rest of the
-    model (their squares are summed), if any."""
-    groups = _grads_by_layout(iter(params))
-    zero = torch.zeros((), device=device)
-    norm_sq = sum((_group_norm(group, device) ** 2 for group in groups), zero)
+    model (their squares are summed), if any; `experts`: those of `params` whose other shares other ranks hold."""
+    params = list(params)
+    sharded = {id(p) for p in experts.params} if experts is not None else set()
+    groups = _grads_by_layout(p for p in params if id(p) not in sharded)
+    norm_sq = _norm_sq(groups, device)
+    if experts is not None:
+        expert_groups = _grads_by_layout(iter(experts.params))
+        expert_sq = _norm_sq(expert_groups, device)
+        dist.all_reduce(expert_sq, group=experts.group)
+        norm_sq, groups = norm_sq + expert_sq, groups + expert_groups
     if pp_group is not None:
         dist.all_reduce(norm_sq, group=pp_group)
     total = norm_sq.sqrt()
@@ -270,6 +337,11 @@ def _grads_by_layout(params: Iterator[nn.Parameter]) -> list[list[nn.Parameter]]
     return list(groups.values())
 
 
+def _norm_sq(groups: list[list[nn.Parameter]], device: torch.device) -> torch.Tensor:
+    """The sum of the squared gradient norms of `groups` (each of one layout)."""
+    return sum((_group_norm(group, device) ** 2 for group in groups), torch.zeros((), device=device))
+
+
 def _group_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
     """2-norm of the gradients of parameters of one layout, as a plain tensor on `device`: the value over the whole
     model. Offloaded gradients (FSDP2's CPUOffloadPolicy) are on the host: their norm moves to `device` before it
@@ -296,7 +368,10 @@ def apply_plan(
     chunks = split_model(model, plan, mesh["pp"].get_local_rank())
     replicas = replica_mesh(mesh, plan)
     positions = [apply_context_parallel(chunk, mesh["cp"], training.seq_len, device) for _, chunk in chunks]
-    modules = [_parallelize_chunk(chunk, plan, mesh, replicas) for _, chunk in chunks]
+    # Expert parallelism next, before anything wraps parameters: each rank drops the experts it does not hold.
+    expert_mesh = _apply_experts([chunk for _, chunk in chunks], plan, mesh, device)
+    edp_mesh = expert_mesh["edp"] if expert_mesh is not None else None
+    modules = [_parallelize_chunk(chunk, plan, mesh, replicas, edp_mesh) for _, chunk in chunks]
     num_stages = plan.num_model_chunks
     stage_ids = [stage for stage, _ in chunks]
     schedule, schedule_loss = None, None
@@ -319,7 +394,38 @@ def apply_plan(
         replicas=replicas,
         positions=positions[0],
         schedule_loss=schedule_loss,
+        expert_grads=_expert_grad_reduction(modules, plan, edp_mesh),
+        expert_group=expert_mesh["ep"].get_group() if expert_mesh is not None else None,
     )
+
+
+def _apply_experts(
+    chunks: list[Transformer], plan: ParallelPlan, mesh: DeviceMesh, device: torch.device
+) -> DeviceMesh | None:
+    """Give the MoE layers of `chunks` their cp group (the load-balancing loss's statistics are per whole
+    sequence) and, under expert parallelism, their ep group and this rank's experts; the (pp, edp, ep, tp) mesh of
+    expert parallelism, or None without it."""
+    for chunk in chunks:
+        apply_sequence_shards(chunk, mesh["cp"])
+    if plan.ep == 1:
+        return None
+    expert_mesh = build_expert_mesh(plan, device.type)
+    for chunk in chunks:
+        apply_expert_parallel(chunk, expert_mesh["ep"])
+    return expert_mesh
+
+
+def _expert_grad_reduction(
+    modules: list[nn.Module], plan: ParallelPlan, edp_mesh: DeviceMesh | None
+) -> ExpertGradReduction | None:
+    """The experts' gradient reduction that classic DDP, told to skip them, leaves to the step; None where no
+    expert parallelism or where FSDP2 reduces them over edp itself (executor/parallel/data.py)."""
+    pure_dp = plan.tp == 1 and plan.pp == 1
+    if edp_mesh is None or not uses_classic_ddp(plan.zero_stage, pure_dp):
+        return None
+    params = expert_parameters(modules)
+    edp_group = edp_mesh.get_group() if edp_mesh.size() > 1 else None
+    return ExpertGradReduction(params, edp_group, plan.dp * plan.cp)
 
 
 def replica_mesh(mesh: DeviceMesh, plan: ParallelPlan) -> DeviceMesh:
@@ -331,7 +437,9 @@ def replica_mesh(mesh: DeviceMesh, plan: ParallelPlan) -> DeviceMesh:
     return mesh["dp", "cp"]._flatten("dp_cp")
 
 
-def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh, replicas: DeviceMesh) -> nn.Module:
+def _parallelize_chunk(
+    chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh, replicas: DeviceMesh, edp_mesh: DeviceMesh | None
+) -> nn.Module:
     # 2. TP/SP before anything wraps the blocks: parallelize_module finds submodules by their plain FQNs and
     #    turns their parameters into DTensors on the tp mesh.
     chunk = apply_tensor_parallel(chunk, mesh["tp"], plan.sequence_parallel)
@@ -345,4 +453,6 @@ def _parallelize_chunk(chunk: Transformer, plan: ParallelPlan, mesh: DeviceMesh,
     #    Under context parallelism the cp ranks are replicas too: DP runs over dp x cp (`replica_mesh`).
     offload_params = plan.offload == "optimizer_and_params"
     pure_dp = plan.tp == 1 and plan.pp == 1
-    return apply_data_parallel(chunk, replicas, plan.zero_stage, pure_dp, offload_params=offload_params)
+    return apply_data_parallel(
+        chunk, replicas, plan.zero_stage, pure_dp, offload_params=offload_params, edp_mesh=edp_mesh
+    )

@@ -10,6 +10,8 @@ shared/notes/torch-distributed-on-cpu.md:
   pair fails on DTensor parameters (TP) and per stage under GPipe / interleaved 1F1B (DDP's reducer).
 - With dp x cp == 1 there is nothing to synchronise, so the ZeRO stage is ignored and never refused (the cp ranks
   hold the same weights as the dp ranks do, and data parallelism runs over both).
+- Expert parallelism (executor/parallel/expert.py) runs at ZeRO 0, 2 and 3 (with or without offload), with pp and
+  cp; not at ZeRO-1, and a mixture of experts never with tp > 1 (`_experts`).
 """
 
 from __future__ import annotations
@@ -78,11 +80,27 @@ def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: Trai
                 f"executor_tp_divides_{name}",
                 f"tensor parallelism splits {name} over tp={plan.tp} ranks, but {width} is not divisible by it",
             )
-    if plan.tp > 1 and model.num_experts > 1:
+
+
+def _experts(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
+    if model.num_experts > 1 and plan.tp > 1:
+        # A choice, not a torch limit: running the MoE layer replicated on every tp rank would repeat the experts'
+        # work tp times, and splitting each expert (Megatron's expert tensor parallelism) is not implemented.
         yield Violation(
             "plan.tp",
             "executor_tp_moe",
-            "the executor's tensor-parallel plan covers dense MLPs only; a mixture of experts needs tp=1",
+            "the executor's tensor-parallel plan covers attention and dense MLPs only: it neither splits the experts "
+            "of a mixture of experts over tp ranks nor repeats them on each; use tp=1 and split the experts with ep",
+        )
+    if plan.ep > 1 and plan.zero_stage == 1:
+        # Measured (2 gloo ranks, dp=2 ep=2): losses drift from the second step, the ZeroRedundancyOptimizer's
+        # broadcasts overwrite one rank's experts with the other's.
+        yield Violation(
+            "plan.zero_stage",
+            "executor_ep_zero1",
+            "ZeRO-1 runs on ZeroRedundancyOptimizer, which gives each parameter one owner in the dp x cp group and "
+            "broadcasts its update to the whole group; with ep > 1 the ranks of that group hold different experts, "
+            "which the broadcasts would overwrite; use zero_stage 0, 2 or 3",
         )
 
 
@@ -180,6 +198,7 @@ _RULES: tuple[Rule, ...] = (
     _zero1_needs_ddp,
     _tied_embeddings,
     _tensor_parallel_widths,
+    _experts,
     _sequence_parallel,
     _microbatches,
     _one_f_one_b_fill,

@@ -87,7 +87,7 @@ class Trainer:
             loss, outcome = self._step(step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
             step_time_s = time.perf_counter() - started
             stop, peak_bytes = self._agree()
-            self._record(step, loss, outcome, step_time_s, peak_bytes)
+            self._record(step, loss, outcome, step_time_s, peak_bytes, self.applied.aux_loss())
             if self._checkpoint_due(step) or (stop and self.config.checkpoints):
                 self.save(step)
             if stop:
@@ -119,8 +119,17 @@ class Trainer:
         return bool(flags[0].item()), int(flags[1].item())
 
     def _record(
-        self, step: int, loss: float, outcome: precision.OptimizerStep, step_time_s: float, peak_bytes: int
+        self,
+        step: int,
+        loss: float,
+        outcome: precision.OptimizerStep,
+        step_time_s: float,
+        peak_bytes: int,
+        aux_loss: float | None,
     ) -> None:
+        """Rank 0 logs the step. `loss` is the language-model cross-entropy; a mixture of experts also trains on
+        ROUTER_AUX_LOSS_COEF x `aux_loss` (executor/models/routing.py), logged apart as Megatron-LM logs its
+        load_balancing_loss (1.0 when the routing is balanced)."""
         if not self.is_rank0:
             return
         training = self.run.request.training
@@ -135,6 +144,8 @@ class Trainer:
             "loss_scale": outcome.loss_scale,
             "skipped": outcome.skipped,
         }
+        if aux_loss is not None:
+            metrics["aux_loss"] = aux_loss
         with self.run_dir.metrics_file.open("a") as file:
             file.write(json.dumps(metrics) + "\n")
         print(step_line(metrics), flush=True)

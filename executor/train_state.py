@@ -6,6 +6,10 @@ its optimizers' state, keyed by the parameter names of the full model (`get_mode
 Those names do not depend on the split, so every rank's keys are disjoint or, for replicated tensors,
 identical (DCP writes those once).
 
+Under expert parallelism each rank holds only its experts, under their names in the whole model
+(`layers.<i>.feed_forward.experts.<e>...`, executor/parallel/expert.py): the ep ranks save disjoint keys, and the
+edp ranks holding the same experts identical ones (or, under FSDP2, their shards of them).
+
 Under ZeRO-1 the ZeroRedundancyOptimizer keeps each parameter's state on one dp rank, in a local optimizer
 over that rank's share: that local optimizer is what is saved, so each state key exists on exactly one rank.
 

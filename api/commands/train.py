@@ -108,7 +108,8 @@ def _line_handler(update: Update, progress: Progress) -> Callable[[str], None]:
     def on_line(line: str) -> None:
         record = parse_step_line(line)
         if record is not None:
-            update(record["step"], what=f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s")
+            aux = f" aux {record['aux_loss']:.3f}" if "aux_loss" in record else ""  # a mixture of experts'
+            update(record["step"], what=f"loss {record['loss']:.4f}{aux} {record['tokens_per_s']:,.0f} tok/s")
         elif "paraplan: " in line:  # checkpoints, resume and stop notices from rank 0
             progress.note(line.partition("paraplan: ")[2], style="dim")
 

@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executor.models.routing import (
+    ROUTER_AUX_LOSS_COEF,
+    expert_fractions,
+    load_balancing_loss,
+    permute,
+    route,
+    unpermute_and_combine,
+)
 from planner.specs import ModelSpec
 
 NORM_EPS = 1e-5  # Llama's and GPT-2's norm epsilon (Touvron et al. 2023 code; Radford et al. 2019 code)
@@ -174,33 +182,83 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Mixture of experts: a bias-free router picks each token's top-k of `num_experts` MLPs (Fedus et al. 2021).
+    """Mixture of experts: a bias-free router sends each token to its top-k of `num_experts` MLPs (Fedus et al.
+    2021), and only those experts compute it (executor/models/routing.py: drop-less top-k routing, Mixtral's gates).
 
-    Gates are the softmax over all experts, renormalised over the chosen k (Mixtral, Jiang et al. 2024).
-    Every expert runs on every token and unchosen experts get gate 0: k/E of the work is useful, but the
-    result is exact, every parameter gets a gradient (DDP needs no find_unused_parameters) and there is no
-    token dispatch to shard. It is a reference model, not a fast one.
+    The T x k (token, expert) assignments are sorted by expert, each expert runs once on its rows (also on none: an
+    expert with no token this micro-batch still joins autograd, so it gets a zero gradient and every data-parallel
+    wrapper sees every parameter), and the outputs are put back and summed with the gates. Under expert parallelism
+    `expert_parallel` (set by executor/parallel/expert.py) carries the sorted rows to the ranks holding their experts
+    and back; `experts` then holds this rank's experts only, keyed by their index in the whole model so that their
+    parameter names (and checkpoint keys) do not depend on ep. Under context parallelism `sequence_shards` adds the
+    other cp ranks' routing statistics to this rank's, since the load-balancing loss is per whole sequence.
+
+    The load-balancing loss (routing.py) joins the training loss through the gradient, Megatron-Core's
+    `MoEAuxLossAutoScaler` way (`_AttachAuxLoss`): whatever loss is backpropagated through this layer's output also
+    gets the gradient of coef x aux, so a plain `loss.backward()` trains on loss + coef x aux, and so does a pipeline
+    stage that never sees the loss. `aux_grad_scale` multiplies that gradient as the caller scales its loss (1 /
+    micro-batches under gradient accumulation, the loss scale under fp16); `aux_losses` keeps each backward's value
+    for the step's log.
     """
 
     def __init__(self, spec: ModelSpec, **factory: Any) -> None:
         super().__init__()
         self.top_k = spec.experts_per_token
+        self.num_experts = spec.num_experts
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False, **factory)
-        self.experts = nn.ModuleList(FeedForward(spec, **factory) for _ in range(spec.num_experts))
+        self.experts = nn.ModuleDict({str(i): FeedForward(spec, **factory) for i in range(spec.num_experts)})
+        self.aux_loss_coef = ROUTER_AUX_LOSS_COEF
+        self.aux_grad_scale = 1.0
+        self.aux_losses: list[torch.Tensor] = []
+        self.expert_parallel: Callable[..., torch.Tensor] | None = None
+        self.sequence_shards: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """[..., num_experts] routing weights: the top-k softmax probabilities, renormalised; zeros elsewhere."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        top_probs, top_index = probs.topk(self.top_k, dim=-1)
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, top_index, top_probs).type_as(x)
+        routing = route(self.router(x.reshape(-1, x.shape[-1])), self.top_k)
+        dense = torch.zeros_like(routing.probs).scatter(-1, routing.experts, routing.gates)
+        return dense.view(*x.shape[:-1], self.num_experts).type_as(x)
+
+    def run_local_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by this rank's experts, in their order, `counts` [local experts] rows each -> their outputs."""
+        pieces = tokens.split(counts.tolist())
+        return torch.cat([expert(piece) for expert, piece in zip(self.experts.values(), pieces, strict=True)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = self.gates(x)
-        out = torch.zeros_like(x)
-        for i, expert in enumerate(self.experts):
-            out = out + gates[..., i : i + 1] * expert(x)
-        return out
+        batch, _, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        routing = route(self.router(flat), self.top_k)
+        routed = permute(flat, routing)
+        if self.expert_parallel is None:
+            expert_out = self.run_local_experts(routed, routing.counts)
+        else:
+            expert_out = self.expert_parallel(routed, routing.counts, self.run_local_experts)
+        out = unpermute_and_combine(expert_out, routing).view_as(x)
+        counts, prob_sums = expert_fractions(routing, batch)
+        tokens = flat.shape[0] // batch
+        if self.sequence_shards is not None:
+            counts, prob_sums, tokens = self.sequence_shards(counts, prob_sums, tokens)
+        aux = load_balancing_loss(counts, prob_sums, tokens, self.top_k)
+        return _AttachAuxLoss.apply(out, aux, self)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer's output whose backward also gives the aux loss the gradient coef x scale, as if
+    coef x aux had been added to the loss (Megatron-Core's `MoEAuxLossAutoScaler`), and records the aux value."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, aux: torch.Tensor, moe: MoEFeedForward) -> torch.Tensor:
+        ctx.moe = moe
+        ctx.aux = aux.detach()
+        ctx.weight = moe.aux_loss_coef * moe.aux_grad_scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        # Recorded here rather than in forward: recompute (executor/parallel/checkpoint.py) runs a block's forward
+        # twice, its backward once.
+        ctx.moe.aux_losses.append(ctx.aux)
+        return grad, torch.full_like(ctx.aux, ctx.weight), None
 
 
 def make_mlp(spec: ModelSpec, **factory: Any) -> nn.Module:

@@ -1,8 +1,9 @@
 """One parallelism concern per module, each an `apply_*` function that takes only the fields it needs.
 
 executor/apply.py composes them in DESIGN.md's fixed order: pipeline split (pipeline.py) -> context parallel
-(context.py: ring attention, which changes no parameter) -> tensor/sequence parallel (tensor.py) -> activation
-recompute (checkpoint.py) -> data parallel (data.py, over dp x cp) -> pipeline stages and schedule (pipeline.py).
+(context.py: ring attention, which changes no parameter) -> expert parallel (expert.py: each rank keeps its experts,
+tokens travel by all-to-all) -> tensor/sequence parallel (tensor.py) -> activation recompute (checkpoint.py) -> data
+parallel (data.py, over dp x cp; experts over their edp ranks) -> pipeline stages and schedule (pipeline.py).
 """
 
 from __future__ import annotations

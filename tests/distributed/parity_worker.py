@@ -40,7 +40,9 @@ LLAMA = ModelSpec(
 GPT = ModelSpec(
     num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=255, tie_embeddings=True, max_position_embeddings=32
 )
-MODELS = {"llama": LLAMA, "gpt": GPT}
+# Mixtral style (Jiang et al. 2024): the Llama blocks with 4 SwiGLU experts, 2 per token; 2 layers keep it quick.
+MIXTRAL = LLAMA.model_copy(update={"num_layers": 2, "ffn_hidden_size": 96, "num_experts": 4, "experts_per_token": 2})
+MODELS = {"llama": LLAMA, "gpt": GPT, "mixtral": MIXTRAL}
 TRAINING = TrainingSpec(seq_len=32, global_batch_size=8, precision="fp32", optimizer="sgd")
 STEPS = 4
 LR, MOMENTUM = 0.5, 0.9
@@ -66,46 +68,70 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def reference(spec: ModelSpec) -> dict:
     model = build_model(spec, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    losses, norms = [], []
+    losses, norms, aux_losses = [], [], []
     for tokens, targets in batches(spec):
         optimizer.zero_grad()
         loss = loss_fn(model(tokens), targets)
-        loss.backward()
+        loss.backward()  # a mixture of experts adds its load-balancing loss's gradient itself (MoEFeedForward)
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM).item())
         optimizer.step()
         losses.append(loss.item())
-    return {"losses": losses, "grad_norms": norms, "local_params": [sum(p.numel() for p in model.parameters())]}
+        aux_losses.append(_mean_aux_loss(model))
+    return {"losses": losses, "grad_norms": norms, "local_params": [sum(p.numel() for p in model.parameters())],
+            "aux_losses": aux_losses}  # fmt: skip
 
 
-def parallel(spec: ModelSpec, plan: ParallelPlan) -> dict:
+def _mean_aux_loss(model: torch.nn.Module) -> float | None:
+    """The load-balancing loss of the last backward, averaged over the MoE layers; None for a dense model."""
+    from executor.models import MoEFeedForward
+
+    values = [m.aux_losses.pop() for m in model.modules() if isinstance(m, MoEFeedForward)]
+    return torch.stack(values).mean().item() if values else None
+
+
+def _applied(spec: ModelSpec, plan: ParallelPlan, mesh: Any, seed: int) -> tuple[Any, list[torch.optim.Optimizer]]:
+    from executor.apply import apply_plan
+
+    model = build_model(spec, seed=seed)
+    applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
+    return applied, applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+
+
+def parallel(spec: ModelSpec, plan: ParallelPlan, resume_after: int | None, checkpoint: Path) -> dict:
+    """The plan's run; with `resume_after`, its state is saved after that step and loaded into a freshly built model
+    of other weights (seed 1) and fresh optimizers, which train on: the losses show whether the checkpoint held
+    it all."""
     import torch.distributed as dist
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from executor.apply import apply_plan
+    from executor import train_state
     from executor.mesh import build_mesh
 
     dist.init_process_group("gloo")
     mesh = build_mesh(plan, "cpu")
-    model = build_model(spec, seed=0)
-    applied = apply_plan(model, plan, mesh, training=TRAINING, loss_fn=loss_fn, device=torch.device("cpu"))
-    optimizers = applied.make_optimizers(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
-    losses, norms = [], []
-    for tokens, targets in batches(spec):
+    applied, optimizers = _applied(spec, plan, mesh, seed=0)
+    losses, norms, aux_losses = [], [], []
+    for step, (tokens, targets) in enumerate(batches(spec), start=1):
         for optimizer in optimizers:
             optimizer.zero_grad()
         losses.append(applied.step(tokens, targets))
+        aux_losses.append(applied.aux_loss())
         misplaced_grads = [name for name, p in _named_parameters(applied) if _layout(p.grad) != _layout(p)]
         norms.append(applied.clip_grad_norm_(MAX_GRAD_NORM))
         with CommDebugMode() as optimizer_comms:
             for optimizer in optimizers:
                 optimizer.step()
+        if step == resume_after:
+            train_state.save(checkpoint, step, applied.chunks, optimizers)
+            applied, optimizers = _applied(spec, plan, mesh, seed=1)
+            train_state.load(checkpoint, applied.chunks, optimizers)
     local_params = [None] * dist.get_world_size()
     dist.all_gather_object(local_params, sum(_local_numel(p) for p in applied.parameters()))
     dist.destroy_process_group()
     # The collectives DTensor issued inside the last optimizer step (a Partial gradient left by backward costs
     # an all-reduce in each operation that reads it).
     optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
-    return {"losses": losses, "grad_norms": norms, "local_params": local_params,
+    return {"losses": losses, "grad_norms": norms, "local_params": local_params, "aux_losses": aux_losses,
             "optimizer_collectives": optimizer_collectives, "misplaced_grads": misplaced_grads,
             "offload_policies": sorted(_offload_policies(applied))}  # fmt: skip
 
@@ -144,11 +170,16 @@ def main() -> None:
     parser.add_argument("--plan", default="{}", help="ParallelPlan fields as JSON")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama")
     parser.add_argument("--reference", action="store_true", help="plain single-process PyTorch, no executor")
+    parser.add_argument("--resume-after", type=int, help="save after this step and go on from the checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
     spec = MODELS[args.model]
-    result = reference(spec) if args.reference else parallel(spec, ParallelPlan.model_validate_json(args.plan))
+    if args.reference:
+        result = reference(spec)
+    else:
+        plan = ParallelPlan.model_validate_json(args.plan)
+        result = parallel(spec, plan, args.resume_after, args.out.with_suffix(".checkpoint"))
     result["worker_s"] = time.perf_counter() - started  # process group, model, plan and steps
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result))

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("torch")
 
 from executor.support import require_executable  # noqa: E402
+from planner.cost.params import expert_mlp_params  # noqa: E402
 from planner.errors import InfeasiblePlanError  # noqa: E402
 from planner.specs import ParallelPlan  # noqa: E402
 from tests.distributed.parity_worker import MODELS, TRAINING  # noqa: E402
@@ -44,12 +45,13 @@ def _run_worker(command: list[str], out: Path) -> tuple[dict, float]:
     return json.loads(out.read_text()), wall_s
 
 
-def launch(model: str, plan: ParallelPlan, out: Path) -> tuple[dict, float]:
+def launch(model: str, plan: ParallelPlan, out: Path, resume_after: int | None = None) -> tuple[dict, float]:
     """Run the worker under torchrun with one process per GPU of the plan; refuse what the executor cannot run
-    before any process starts."""
+    before any process starts. `resume_after`: go on from a checkpoint of that step, in a freshly built model."""
     require_executable(plan, MODELS[model], TRAINING)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_gpus}"]
     command += [WORKER, "--model", model, "--plan", plan.model_dump_json(), "--out", str(out)]
+    command += ["--resume-after", str(resume_after)] if resume_after is not None else []
     return _run_worker(command, out)
 
 
@@ -74,6 +76,18 @@ def _sharded_ways(plan: ParallelPlan) -> int:
     """Into how many pieces the plan splits the parameters (TP, PP and ZeRO >= 2 shard; ZeRO 0/1 replicate; ZeRO
     shards over dp x cp, cp ranks holding the same weights)."""
     return plan.tp * plan.pp * (plan.dp * plan.cp if plan.zero_stage >= 2 else 1)
+
+
+def _expert_ways(plan: ParallelPlan) -> int:
+    """Into how many pieces the plan splits the routed experts: ep splits them, ZeRO >= 2 shards each over its edp
+    ranks, PP splits the layers."""
+    return plan.pp * plan.ep * (plan.expert_data_parallel if plan.zero_stage >= 2 else 1)
+
+
+def _expected_local_params(model: str, plan: ParallelPlan, full: int) -> float:
+    spec = MODELS[model]
+    experts = spec.num_layers * spec.num_experts * expert_mlp_params(spec).total if spec.num_experts > 1 else 0
+    return (full - experts) / _sharded_ways(plan) + experts / _expert_ways(plan)
 
 
 CASES = {
@@ -120,24 +134,39 @@ CASES = {
     # GPT-2 style: tied head re-tied after TP, learned positions under SP, GELU MLP without w3, biases, and an
     # odd vocabulary (255) that TP shards unevenly.
     "gpt-dp2xtp2-sp-zero3": ("gpt", ParallelPlan(dp=2, tp=2, sequence_parallel=True, zero_stage=3)),
+    # Mixture of experts, drop-less top-2 routing: experts split over ep ranks, tokens carried by all-to-all, expert
+    # gradients reduced over edp only. DDP skipping the experts (edp = 1); FSDP2 expert units on a 2-rank edp mesh.
+    "mixtral-dp2xep2-zero0-ddp": ("mixtral", ParallelPlan(dp=2, ep=2)),  # also resumed from a checkpoint
+    "mixtral-dp4xep2-zero2-fsdp2": ("mixtral", ParallelPlan(dp=4, ep=2, zero_stage=2)),  # also resumed
+    # pipeline stages each with their MoE layers, and the per-sequence aux loss summed over cp ranks
+    "mixtral-pp2xcp2xep2-1f1b-zero3": (
+        "mixtral",
+        ParallelPlan(pp=2, cp=2, ep=2, schedule="1f1b", micro_batch_size=2, zero_stage=3),
+    ),
 }
+# Cases that save their state after step 2 and go on from the checkpoint in a freshly built model of other weights:
+# the experts are saved by the ranks that hold them (each expert under its own name) and restored there.
+RESUMED_MID_RUN = {"mixtral-dp2xep2-zero0-ddp", "mixtral-dp4xep2-zero2-fsdp2"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict], tmp_path: Path) -> None:
     model, plan = CASES[name]
     expected = reference(model)
-    result, wall_s = launch(model, plan, tmp_path / "result.json")
+    result, wall_s = launch(model, plan, tmp_path / "result.json", 2 if name in RESUMED_MID_RUN else None)
     loss_diff = max(abs(a - b) for a, b in zip(result["losses"], expected["losses"], strict=True))
     norm_diff = max(abs(a - b) for a, b in zip(result["grad_norms"], expected["grad_norms"], strict=True))
     print(f"\nparity {name}: {plan.num_gpus} processes, max |loss diff| {loss_diff:.1e}, "
           f"max |grad norm diff| {norm_diff:.1e}, wall {wall_s:.1f} s, worker {result['worker_s']:.1f} s")  # fmt: skip
     assert loss_diff <= TOLERANCE, (result["losses"], expected["losses"])
     assert norm_diff <= TOLERANCE, (result["grad_norms"], expected["grad_norms"])
+    if MODELS[model].num_experts > 1:  # the load-balancing loss the step logs, averaged as one process has it
+        aux_diff = max(abs(a - b) for a, b in zip(result["aux_losses"], expected["aux_losses"], strict=True))
+        assert aux_diff <= TOLERANCE, (result["aux_losses"], expected["aux_losses"])
     (full,) = expected["local_params"]
     assert len(result["local_params"]) == plan.num_gpus
     # Each rank holds its share, plus the few parameters every layout replicates (norms, positions, row biases).
-    assert max(result["local_params"]) <= 1.05 * full / _sharded_ways(plan), result["local_params"]
+    assert max(result["local_params"]) <= 1.05 * _expected_local_params(model, plan, full), result["local_params"]
     # Gradients reach the optimizer reduced and in their parameters' layouts (after the last step's backward), so
     # the optimizer issues no collective but ZeRO-1's broadcasts of updated shares.
     assert result["misplaced_grads"] == [], result["misplaced_grads"]
@@ -157,3 +186,15 @@ def test_an_unsupported_plan_is_refused_before_any_process_starts(
         launch("llama", plan, tmp_path / "never.json")
     assert refused.value.reason == "not_executable"
     assert [v.code for v in refused.value.violations] == ["executor_zero1_schedule"]
+
+
+def test_an_expert_parallel_plan_at_zero1_is_refused_before_any_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_launch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process was started for a plan the executor cannot run")
+
+    monkeypatch.setattr(subprocess, "run", no_launch)
+    with pytest.raises(InfeasiblePlanError) as refused:
+        launch("mixtral", ParallelPlan(dp=2, ep=2, zero_stage=1), tmp_path / "never.json")
+    assert [(v.field, v.code) for v in refused.value.violations] == [("plan.zero_stage", "executor_ep_zero1")]

@@ -82,8 +82,12 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     # One profile pass before each pass of runs, the two pooled.
     assert len(measured.settings["pooled_from"]) == 2
     # Layers and the optimizer timed alone, on 2 tp ranks, and on both ranks at once (loaded).
-    assert {(m.tp, m.tp_collectives, m.concurrent_ranks) for m in measured.layers} == {(1, False, 1), (2, False, 1),
-                                                                                      (2, True, 2), (1, False, 2)}
+    assert {(m.tp, m.tp_collectives, m.concurrent_ranks) for m in measured.layers} == {
+        (1, False, 1),
+        (2, False, 1),
+        (2, True, 2),
+        (1, False, 2),
+    }
     assert sorted((o.concurrent_ranks, o.sharded) for o in measured.optimizer) == [(1, False), (2, False), (2, True)]
     assert [(w.micro_batch_size, w.concurrent_ranks) for w in measured.meeting_waits] == [(2, 2)]
     calibrated = load_profile_json(out / "calibrated-profile.json")

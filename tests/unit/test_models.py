@@ -210,7 +210,7 @@ def test_moe_with_one_expert_per_token_is_that_expert() -> None:
     moe = _first_moe(spec)
     x = torch.randn(1, 3, spec.hidden_size)
     chosen = moe.gates(x).argmax(-1)[0]
-    expected = torch.stack([moe.experts[int(e)](x[0, i]) for i, e in enumerate(chosen)])
+    expected = torch.stack([moe.experts[str(int(e))](x[0, i]) for i, e in enumerate(chosen)])
     torch.testing.assert_close(moe(x)[0], expected)
 
 

@@ -776,9 +776,7 @@ def test_measured_overlap_hides_only_its_share_of_the_gradient_reduction(save):
 def loaded_layers(scale: float, concurrent_ranks: int = 2) -> list[LayerMeasurement]:
     """Embedding, block and head at tp 1, timed with `concurrent_ranks` ranks busy: `scale` x the alone times."""
     times = {"embedding": EMBEDDING, "block": BLOCK, "head": HEAD}
-    return [
-        layer(kind, (f * scale, b * scale), concurrent_ranks=concurrent_ranks) for kind, (f, b) in times.items()
-    ]
+    return [layer(kind, (f * scale, b * scale), concurrent_ranks=concurrent_ranks) for kind, (f, b) in times.items()]
 
 
 def test_loaded_times_answer_plans_that_keep_as_many_ranks_busy():

@@ -149,3 +149,12 @@ def test_require_executable_names_every_refusal() -> None:
 def test_support_imports_no_torch() -> None:
     check = "import sys, executor.support; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_expert_parallelism_runs_except_at_zero1() -> None:
+    moe = LLAMA.model_copy(update={"num_experts": 4, "experts_per_token": 2})
+    for zero_stage in (0, 2, 3):
+        assert codes(ParallelPlan(dp=2, ep=2, zero_stage=zero_stage), moe) == []
+    assert codes(ParallelPlan(dp=2, ep=2, zero_stage=1), moe) == ["executor_ep_zero1"]
+    assert codes(ParallelPlan(dp=2, ep=1, zero_stage=1), moe) == []  # every expert on every rank: plain ZeRO-1
+    assert codes(ParallelPlan(dp=2, cp=2, ep=4, zero_stage=3, offload="optimizer_and_params"), moe) == []

@@ -19,8 +19,25 @@ from planner.uncertainty import Band, BandTable, RegimeBands, estimate_uncertain
 
 GiB = 1024**3
 MEGATRON_MULTI_NODE = [
-    "estimate", "--model", "gpt3-175b", "--gpu", "a100-80gb", "--nodes", "128", "--seq-len", "2048",
-    "--global-batch", "1536", "--tp", "8", "--pp", "8", "--recompute", "full", "--framework", "megatron",
+    "estimate",
+    "--model",
+    "gpt3-175b",
+    "--gpu",
+    "a100-80gb",
+    "--nodes",
+    "128",
+    "--seq-len",
+    "2048",
+    "--global-batch",
+    "1536",
+    "--tp",
+    "8",
+    "--pp",
+    "8",
+    "--recompute",
+    "full",
+    "--framework",
+    "megatron",
 ]  # fmt: skip  (full recompute, as Narayanan et al. 2021 ran it: without it the plan does not fit and exits 2)
 SMALL_GPT = {"name": "gpt3-1.7b", "num_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
              "vocab_size": 8192, "max_position_embeddings": 4096}  # fmt: skip
