@@ -579,6 +579,8 @@ TORCH_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 """Where torch's compiler keeps its cache. Unset, it is ``<system temp>/torchinductor_<user>``, which torch creates
 whenever a process imports torch._dynamo (torchrun's logging does, to format a message): a launch would leave
 a folder in the system's temporary folder."""
+TORCH_CACHE_FOLDER = "torchinductor"
+"""The cache's folder inside a launch's log folder (never one of torchrun's per-run folders)."""
 
 
 def torch_cache_env(folder: Path | None) -> dict[str, str]:
@@ -586,7 +588,7 @@ def torch_cache_env(folder: Path | None) -> dict[str, str]:
     environment already names one, or there is no folder."""
     if folder is None or TORCH_CACHE_ENV in os.environ:
         return {}
-    return {TORCH_CACHE_ENV: str(Path(folder) / "torchinductor")}
+    return {TORCH_CACHE_ENV: str(Path(folder) / TORCH_CACHE_FOLDER)}
 
 
 def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -679,8 +681,9 @@ def _wait(
 
 
 def _new_run_dir(log_dir: Path, before: set[Path]) -> Path | None:
-    """The per-run folder torchrun created in ``log_dir`` during this launch (newest, if several)."""
-    created = [p for p in log_dir.iterdir() if p.is_dir() and p not in before]
+    """The per-run folder torchrun created in ``log_dir`` during this launch (newest, if several); torch's compiler
+    cache, which the launch also puts there, is not one."""
+    created = [p for p in log_dir.iterdir() if p.is_dir() and p not in before and p.name != TORCH_CACHE_FOLDER]
     return max(created, key=lambda p: p.stat().st_mtime, default=None)
 
 

@@ -16,11 +16,13 @@ import pytest
 from executor.launch import (
     LAUNCHER_LOG,
     REPO_ROOT,
+    TORCH_CACHE_FOLDER,
     FailedRank,
     FailureSummaryParser,
     LaunchError,
     LaunchSpec,
     RunResult,
+    _new_run_dir,
     _pump,
     blame_past_stopped_ranks,
     failures_from_error_files,
@@ -412,3 +414,12 @@ def test_timeout_stops_the_launch(tmp_path):
     assert result.timed_out and result.returncode != 0
     assert time.monotonic() - started < 2.0 + 5.0 + 5.0
     _assert_nothing_left(tmp_path)
+
+
+def test_torch_compiler_cache_is_not_taken_for_torchruns_run_folder(tmp_path):
+    before = set(tmp_path.iterdir())
+    run_folder = tmp_path / "paraplan-run_abc123"
+    run_folder.mkdir()
+    time.sleep(0.01)
+    (tmp_path / TORCH_CACHE_FOLDER).mkdir()  # created later, as a failing rank's import of torch._dynamo does
+    assert _new_run_dir(tmp_path, before) == run_folder
