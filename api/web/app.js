@@ -244,9 +244,10 @@ function jobRow(job) {
 function showJob(job) {
   $("#job-detail").hidden = false;
   $("#job-title").textContent = `${job.kind} job ${job.id}`;
-  followLogs(job.id);
   clearInterval(state.jobTimer);
   const update = job.kind === "validate" ? () => showValidation(job.id) : () => showLoss(job.id);
+  // The poll may last have run before the final steps were written: redraw once more when the job ends.
+  followLogs(job.id, update);
   update();
   state.jobTimer = setInterval(update, JOB_POLL_MS);
 }
@@ -279,7 +280,7 @@ function stopPolling() {
   refreshJobs();
 }
 
-function followLogs(jobId) {
+function followLogs(jobId, onEnd) {
   if (state.logStream) state.logStream.close();
   $("#job-log").textContent = "";
   const stream = new EventSource(`/v1/jobs/${jobId}/logs?follow=true`);
@@ -290,6 +291,7 @@ function followLogs(jobId) {
   stream.addEventListener("end", (event) => {
     $("#job-log").textContent += `[${JSON.parse(event.data).state}]\n`;
     stream.close();
+    onEnd();
   });
   state.logStream = stream;
 }
