@@ -93,7 +93,9 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
     bus bandwidth ZeRO-3's collectives reach there (Runtime.zero3_bandwidth_efficiency)."""
     runtime, precision, n = batch.runtime, batch.training.precision, batch.shard_degree
     zero3 = batch.zero_stage == 3
-    block_params = batch.block.params_per_gpu
+    # With ep > 1 the experts' collectives run over edp ranks (executor: one FSDP2 unit per expert on the edp mesh);
+    # here they are costed in the block's, over dp x cp, at the block's share of the experts: an approximation.
+    block_params = batch.block_params_per_gpu
     root_params = batch.device_params() - batch.blocks * block_params
     per_tensor = zero3 & runtime.zero3_collective_per_tensor
     block_pieces = np.where(per_tensor, params.block_tensors(batch.model), 1)
@@ -135,21 +137,40 @@ def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
     """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
     n, zero, m, channels = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     units = dp_units(batch)
-    unit_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) / units
+    experts = separate_expert_bytes(batch)
+    unit_bytes = (batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) - experts) / units
+    experts_reduce = expert_collective_s(comm.all_reduce_s, experts, batch)
     sharded = sharded_collectives(batch)
     gather, scatter = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
     return np.select(
         [zero <= 1, zero == 2],
-        [units * comm.all_reduce_s(unit_bytes, n, channels.bare), m * scatter + gather],
+        [units * comm.all_reduce_s(unit_bytes, n, channels.bare) + experts_reduce, m * scatter + gather],
         m * (2 * gather + scatter),
     )
 
 
+def separate_expert_bytes(batch: PlanBatch) -> np.ndarray:
+    """The bytes of a device's expert gradients (or weights) that a DDP-style reduction moves over the edp group on
+    their own, apart from the dense ones over dp x cp: with ep > 1 each expert's replicas are only the edp ranks
+    (Megatron-Core's expert data-parallel group; the executor's `ExpertGradReduction`,
+    executor/parallel/expert.py). With ep = 1 the experts go with the rest. (N, pp)."""
+    experts = batch.device_expert_params() * batch.runtime.data_parallel_bytes(batch.training.precision)
+    return np.where(batch.ep > 1, experts, 0.0)
+
+
+def expert_collective_s(collective, expert_bytes: np.ndarray, batch: PlanBatch) -> np.ndarray:
+    """`collective` of the experts' `expert_bytes` over the edp group's ring; nothing where there are none. (N, pp)."""
+    timed = collective(expert_bytes, batch.expert_shard_degree, batch.edp_channel)
+    return np.where(expert_bytes > 0, timed, 0.0)
+
+
 def dp_after_step_s(batch: PlanBatch) -> np.ndarray:
     """ZeRO-1's gather of the updated weights (one broadcast per owner, same bytes as an all-gather): it runs
-    after the optimizer step, so nothing overlaps with it."""
-    weight_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision)
+    after the optimizer step, so nothing overlaps with it. The experts' weights are gathered over edp."""
+    experts = separate_expert_bytes(batch)
+    weight_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) - experts
     gather = comm.all_gather_s(weight_bytes, batch.shard_degree, batch.dp_channel.bare)
+    gather = gather + expert_collective_s(comm.all_gather_s, experts, batch)
     return np.where(batch.zero_stage == 1, gather, 0.0)
 
 
