@@ -231,7 +231,8 @@ class PlanBatch:
         expert states over the expert data-parallel group). Elsewhere all of `device_params`. (N, pp)."""
         experts = self.device_expert_params()
         dense = self.device_params() - experts
-        return dense / np.where(sharded, self.shard_degree, 1) + experts / np.where(sharded, self.expert_shard_degree, 1)
+        dense_shards = np.where(sharded, self.shard_degree, 1)
+        return dense / dense_shards + experts / np.where(sharded, self.expert_shard_degree, 1)
 
     def layers_on_device(self) -> np.ndarray:
         has_embedding, has_head = edge_masks(self.pp)

@@ -86,7 +86,8 @@ class CandidateCosts:
         self.measured = measured  # the request's profile (planner/request.py), or None
         # The training stack (planner/cost/runtime.py).
         self.runtime = runtime or runtime_for(cluster, measured, training.framework)
-        self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp, candidates.ep)
+        c = candidates
+        self.layout_id, layout_rows = _group_ids(c.dp, c.tp, c.pp, c.cp, c.ep)
         self.layer_key, self.kinds = self._layer_kinds()
         layouts = [candidates.degrees(int(row)) for row in layout_rows]
         eps = [int(candidates.ep[row]) for row in layout_rows]
