@@ -134,8 +134,12 @@ def test_expert_gradients_are_reduced_over_edp_not_dp():
 
 
 def test_dense_models_are_unchanged_by_the_expert_terms():
-    req = parse_estimate_request({"model": {"name": "llama3-8b"}, "training": {"seq_len": 4096, "global_batch_size": 64},
-                                  "cluster": {"gpu": "h100-sxm", "num_nodes": 1}, "plan": {"dp": 8}})  # fmt: skip
+    req = parse_estimate_request({
+        "model": {"name": "llama3-8b"},
+        "training": {"seq_len": 4096, "global_batch_size": 64},
+        "cluster": {"gpu": "h100-sxm", "num_nodes": 1},
+        "plan": {"dp": 8},
+    })  # fmt: skip
     batch = batch_of(req)
     assert not np.any(batch.device_expert_params())
     assert estimate(req).breakdown.ep_comm_s == 0.0
@@ -200,5 +204,7 @@ def test_batched_moe_costs_equal_the_scalar_estimate():
         assert bound[row] <= est.step_time_s * (1 + 1e-12)
 
 
-SMALL_MOE = {"num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 2, "ffn_hidden_size": 1024,
-             "vocab_size": 8000, "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2}  # fmt: skip
+SMALL_MOE = {
+    "num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 2, "ffn_hidden_size": 1024,
+    "vocab_size": 8000, "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2,
+}  # fmt: skip
