@@ -302,9 +302,10 @@ def _router(model: ModelSpec, shape: Shape) -> OpCost:
     output = shape.elem * rows * experts
     io = shape.elem * (rows * (h + experts) + h * experts)
     gemm = Gemm(rows=rows, cols=experts, inner=h)
+    forward, backward = KERNELS["linear"]
     return OpCost(
         "router", 2 * rows * h * experts, output, 0.0, matmul_io_bytes=io, output_bytes=output, gemm=gemm,
-        **_launches("linear"),
+        kernels=forward, backward_kernels=backward,
     )  # fmt: skip
 
 
