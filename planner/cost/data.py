@@ -93,10 +93,9 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
     bus bandwidth ZeRO-3's collectives reach there (Runtime.zero3_bandwidth_efficiency)."""
     runtime, precision, n = batch.runtime, batch.training.precision, batch.shard_degree
     zero3 = batch.zero_stage == 3
-    # With ep > 1 the experts' collectives run over edp ranks (executor: one FSDP2 unit per expert on the edp mesh);
-    # here they are costed in the block's, over dp x cp, at the block's share of the experts: an approximation.
-    block_params = batch.block_params_per_gpu
-    root_params = batch.device_params() - batch.blocks * block_params
+    experts = np.where(batch.ep > 1, batch.expert_params_per_block, 0.0)  # costed apart: `expert_units_s`
+    block_params = batch.block_params_per_gpu - experts
+    root_params = batch.device_params() - batch.blocks * batch.block_params_per_gpu
     per_tensor = zero3 & runtime.zero3_collective_per_tensor
     block_pieces = np.where(per_tensor, params.block_tensors(batch.model), 1)
     root_pieces = np.where(per_tensor, root_tensors(batch), 1)
@@ -106,11 +105,21 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
     def pieces_s(collective, elements, pieces, bytes_per_element, channel: comm.Channel) -> np.ndarray:
         return pieces * collective(elements * bytes_per_element / pieces / efficiency, n, channel)
 
+    def expert_units_s(collective, bytes_per_element) -> np.ndarray:
+        """With ep > 1 each of a rank's E/ep experts is its own unit over the edp ranks holding it (Megatron-Core's
+        expert data-parallel group; executor/parallel/data.py wraps each on the edp mesh)."""
+        units = batch.model.num_experts // batch.ep
+        unit_bytes = experts * bytes_per_element / units / efficiency
+        timed = units * collective(unit_bytes, batch.expert_shard_degree, batch.edp_channel)
+        return np.where(experts > 0, timed, 0.0)
+
     gather_bytes, scatter_bytes = runtime.unsharded_bytes(precision), runtime.data_parallel_bytes(precision)
     gather, scatter = batch.dp_channel.fsdp_gather, batch.dp_channel.fsdp_scatter
     return ShardedCollectives(
-        block_gather_s=pieces_s(comm.all_gather_s, block_params, block_pieces, gather_bytes, gather),
-        block_scatter_s=pieces_s(comm.reduce_scatter_s, block_params, block_pieces, scatter_bytes, scatter),
+        block_gather_s=pieces_s(comm.all_gather_s, block_params, block_pieces, gather_bytes, gather)
+        + expert_units_s(comm.all_gather_s, gather_bytes),
+        block_scatter_s=pieces_s(comm.reduce_scatter_s, block_params, block_pieces, scatter_bytes, scatter)
+        + expert_units_s(comm.reduce_scatter_s, scatter_bytes),
         root_gather_s=pieces_s(comm.all_gather_s, root_params, root_pieces, gather_bytes, gather),
         root_scatter_s=pieces_s(comm.reduce_scatter_s, root_params, root_pieces, scatter_bytes, scatter),
     )

@@ -208,3 +208,17 @@ SMALL_MOE = {
     "num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 2, "ffn_hidden_size": 1024,
     "vocab_size": 8000, "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2,
 }  # fmt: skip
+
+
+def test_zero3_gathers_each_expert_as_its_own_unit_over_edp():
+    """FSDP2 (the executor's ZeRO-3): a block's dense parameters are one unit over dp x cp; with ep = 4 of dp 8 each
+    of a rank's 2 experts is a unit of its own over its edp = 2 ranks; with ep = 8 no other rank holds them."""
+    for ep in (4, 8):
+        batch = batch_of(mixtral(dp=8, ep=ep, zero_stage=3, framework="paraplan"))
+        runtime = batch.runtime
+        gather_bytes, efficiency = runtime.unsharded_bytes("bf16"), runtime.zero3_bandwidth_efficiency
+        assert not runtime.zero3_collective_per_tensor
+        dense = comm.all_gather_s(DENSE_PER_BLOCK * gather_bytes / efficiency, 8, batch.dp_channel.fsdp_gather)
+        experts = 8 // ep * comm.all_gather_s(EXPERT * gather_bytes / efficiency, 8 // ep, batch.edp_channel)
+        got = data.sharded_collectives(batch).block_gather_s
+        assert float(got[0, 0]) == pytest.approx(float((dense + experts)[0, 0]), rel=1e-12)
