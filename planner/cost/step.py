@@ -310,6 +310,11 @@ def _assumptions(
         notes.append(f"{training.precision} training: {gpu.name} has no bf16 tensor cores (fp16 is its default)")
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
+    if plan.ep > 1:
+        notes.append(
+            "expert parallelism: balanced drop-less routing (capacity factor 1.0); the dispatch and combine "
+            "all-to-alls are not overlapped with compute"
+        )
     if plan.dp * plan.cp > 1:
         overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
         notes.append(f"gradient reduction {overlap} with backward")
