@@ -258,6 +258,20 @@ _HF_CONFIGS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
+    # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json (8 SwiGLU experts, top-2; rope theta
+    # 1e6 and 32768 positions do not shape the parameters)
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2,
+    },
+    # https://huggingface.co/mistralai/Mixtral-8x22B-v0.1/blob/main/config.json (vocabulary 32000; the v0.3 and
+    # instruct checkpoints' 32768 adds 9.4M parameters)
+    "mixtral-8x22b": {
+        "model_type": "mixtral", "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 56,
+        "num_attention_heads": 48, "num_key_value_heads": 8, "vocab_size": 32000,
+        "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2,
+    },
     # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
     "qwen2.5-7b": {
         "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,

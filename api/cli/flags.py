@@ -32,6 +32,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "tp": ("plan", "tp"),
     "pp": ("plan", "pp"),
     "cp": ("plan", "cp"),
+    "ep": ("plan", "ep"),
     "zero": ("plan", "zero_stage"),
     "mbs": ("plan", "micro_batch_size"),
     "sp": ("plan", "sequence_parallel"),
@@ -227,6 +228,12 @@ PpOption = Annotated[int | None, typer.Option(help="Pipeline-parallel degree; pl
 
 
 CpOption = Annotated[int | None, typer.Option(help="Context-parallel degree; plan: kept fixed.")]
+
+
+EpOption = Annotated[
+    int | None,
+    typer.Option(help="Expert-parallel degree (MoE: divides num_experts and dp x cp); plan: kept fixed."),
+]
 
 
 ZeroOption = Annotated[int | None, typer.Option(help="ZeRO stage 0-3; plan: kept fixed.")]

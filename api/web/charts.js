@@ -16,6 +16,7 @@ const BREAKDOWN_TERMS = [
   ["compute_s", "compute", "#4c78a8"],
   ["tp_comm_s", "TP comm", "#72b7b2"],
   ["cp_comm_s", "CP comm", "#54a24b"],
+  ["ep_comm_s", "EP all-to-all", "#9d755d"],
   ["pp_comm_s", "PP comm", "#eeca3b"],
   ["dp_comm_s", "DP comm (exposed)", "#f58518"],
   ["bubble_s", "pipeline bubble", "#d3d3d3"],

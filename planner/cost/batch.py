@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.cost import comm
+from planner.cost import comm, params
 from planner.cost.comm import Channel, DpChannels
 from planner.cost.layers import LayerCost, LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts
@@ -97,9 +97,11 @@ class PlanBatch:
     dp: np.ndarray
     tp: np.ndarray
     cp: np.ndarray
+    ep: np.ndarray  # expert parallelism: experts split over ep ranks of the dp x cp group (1 for a dense model)
     zero_stage: np.ndarray
     micro_batch_size: np.ndarray
     schedule: np.ndarray  # strings
+    recompute: np.ndarray  # strings: "none", "selective" or "full"
     virtual_stages: np.ndarray
     overlap_grad_reduce: np.ndarray  # bools
     offload: np.ndarray  # strings: the plan's `offload` (planner/cost/offload.py)
@@ -111,6 +113,8 @@ class PlanBatch:
     dp_channel: DpChannels  # bus bandwidths and latencies as (N, 1) columns
     pp_channel: Channel
     tp_channel: Channel
+    ep_channel: Channel  # the all-to-all's channel over each row's ep group (comm.all_to_all_channel)
+    edp_channel: Channel  # the ring channel over the ranks holding the same experts (their gradients' reduction)
 
     @classmethod
     def of_plan(
@@ -136,22 +140,30 @@ class PlanBatch:
             dp=_column(plan.dp),
             tp=_column(plan.tp),
             cp=_column(plan.cp),
+            ep=_column(plan.ep),
             zero_stage=_column(plan.zero_stage),
             micro_batch_size=_column(plan.micro_batch_size),
             schedule=_column(plan.schedule),
+            recompute=_column(plan.recompute),
             virtual_stages=_column(plan.virtual_stages),
             overlap_grad_reduce=_column(plan.overlap_grad_reduce),
             offload=_column(plan.offload),
             microbatches=_column(plan.num_microbatches(training)),
             blocks=blocks_per_device(plan.stage_layer_counts(model.num_layers), plan.pp)[None, :],
             **kind_columns([kinds], _column(plan.tp)),
-            **group_channels(cluster, [plan.degrees], measured),
+            **group_channels(cluster, [plan.degrees], measured, [plan.ep]),
         )
 
     @property
     def shard_degree(self) -> np.ndarray:
         """ZeRO partitions over the gradient-reduction group: dp x cp (Megatron-LM, FSDP over dp_cp)."""
         return self.dp * self.cp
+
+    @property
+    def expert_shard_degree(self) -> np.ndarray:
+        """The ranks an expert's gradients are reduced and its ZeRO states sharded over: edp = dp x cp / ep
+        (ParallelPlan.expert_data_parallel; Megatron-Core's expert data-parallel group). (N, 1)."""
+        return self.shard_degree // self.ep
 
     @property
     def on_fsdp2(self) -> np.ndarray:
@@ -180,17 +192,47 @@ class PlanBatch:
         )
 
     def device_params(self) -> np.ndarray:
-        """Parameters each device holds per GPU (its tp shard): (N, pp). Computed once per batch: the memory,
-        optimizer and offload terms all read it."""
+        """Parameters each device holds per GPU (its tp shard, and its 1/ep of the experts): (N, pp). Computed once
+        per batch: the memory, optimizer and offload terms all read it."""
         return self._device_params
 
     @cached_property
     def _device_params(self) -> np.ndarray:
-        count = self.per_device("params_per_gpu")
+        count = self.per_device("params_per_gpu") - self.blocks * self._experts_elsewhere_per_block
         if self.tied_copy:
             _, has_head = edge_masks(self.pp)
             count = count + has_head * self.model.vocab_size * self.model.hidden_size / self.tp
         return count
+
+    @cached_property
+    def expert_params_per_block(self) -> np.ndarray:
+        """One block's experts a GPU holds: all experts' MLPs over tp (Megatron-Core's default expert tensor
+        parallelism is tp) and over ep; the router is dense, replicated. (N, 1)."""
+        experts = params.experts_params(self.model)
+        return (experts.sharded / self.tp + experts.replicated) / self.ep
+
+    @property
+    def _experts_elsewhere_per_block(self) -> np.ndarray:
+        """The experts of a block the KindColumns count per GPU (all of them) that live on the other ep ranks."""
+        return self.expert_params_per_block * (self.ep - 1)
+
+    @property
+    def block_params_per_gpu(self) -> np.ndarray:
+        """One block's parameters on a GPU, its share of the experts only. (N, 1)."""
+        return self.block.params_per_gpu - self._experts_elsewhere_per_block
+
+    def device_expert_params(self) -> np.ndarray:
+        """The experts' parameters each device holds per GPU (in `device_params`): (N, pp)."""
+        return self.blocks * self.expert_params_per_block
+
+    def params_per_shard(self, sharded: np.ndarray) -> np.ndarray:
+        """Parameters a device keeps of what ZeRO shards where `sharded` ((N, 1) bools): the dense ones over dp x cp,
+        the experts over edp (each edp group holds its own experts; Megatron-Core's distributed optimizer shards
+        expert states over the expert data-parallel group). Elsewhere all of `device_params`. (N, pp)."""
+        experts = self.device_expert_params()
+        dense = self.device_params() - experts
+        dense_shards = np.where(sharded, self.shard_degree, 1)
+        return dense / dense_shards + experts / np.where(sharded, self.expert_shard_degree, 1)
 
     def layers_on_device(self) -> np.ndarray:
         has_embedding, has_head = edge_masks(self.pp)
@@ -203,18 +245,21 @@ def kind_columns(kinds: list[LayerKinds], tp: np.ndarray) -> dict[str, KindColum
 
 
 def group_channels(
-    cluster: ClusterSpec, layouts: list[Degrees], measured: ProfileCosts | None
+    cluster: ClusterSpec, layouts: list[Degrees], measured: ProfileCosts | None, eps: list[int]
 ) -> dict[str, DpChannels | Channel]:
-    """The batch's `dp_channel`, `pp_channel` and `tp_channel`: what the gradient-reduction (dp x cp), pipeline and
-    tensor-parallel groups of each layout see, placed on the cluster's nodes by planner/layout.py."""
+    """The batch's `dp_channel`, `pp_channel`, `tp_channel`, `ep_channel` and `edp_channel`: what the
+    gradient-reduction (dp x cp), pipeline, tensor-parallel and expert groups of each layout (with its ep, `eps`)
+    see, placed on the cluster's nodes by planner/layout.py."""
 
     def groups(axis: GroupAxis) -> list[GroupPlacement]:
-        return [placement(axis, degrees, cluster.gpus_per_node) for degrees in layouts]
+        return [placement(axis, degrees, cluster.gpus_per_node, ep) for degrees, ep in zip(layouts, eps, strict=True)]
 
     return {
         "dp_channel": dp_channel_columns([DpChannels.of(cluster, g, measured) for g in groups("dp_cp")]),
         "pp_channel": channel_columns([comm.p2p_channel(cluster, g, measured) for g in groups("pp")]),
         "tp_channel": channel_columns([comm.group_channel(cluster, g, measured) for g in groups("tp")]),
+        "ep_channel": channel_columns([comm.all_to_all_channel(cluster, g, measured) for g in groups("ep")]),
+        "edp_channel": channel_columns([comm.group_channel(cluster, g, measured) for g in groups("edp")]),
     }
 
 

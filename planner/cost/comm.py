@@ -56,6 +56,21 @@ def group_channel(cluster: ClusterSpec, group: GroupPlacement, measured: Profile
     return Channel(bandwidth, inter.latency_s, step_s)
 
 
+def all_to_all_channel(cluster: ClusterSpec, group: GroupPlacement, measured: ProfileCosts | None = None) -> Channel:
+    """The channel an all-to-all over the group sees. Inside a node, the intra-node tier. Across nodes, unlike a
+    ring (`group_channel`), every rank sends its own (n - m)/n share to the other nodes' ranks through its own NIC
+    (m: its node's members of the group), so the network link of one GPU carries it: the channel's bandwidth is
+    that link's scaled by (n - 1)/(n - m), so that `all_to_all_s`'s (n-1)/n S / busbw is (n - m)/n S over the link
+    (why Megatron-Core's MoE guide, megatron/core/transformer/moe/README.md, keeps the ep all-to-all inside the
+    NVLink domain where it can)."""
+    intra = tier_channel(cluster, "intra_node", "all_to_all", group.size, measured)
+    if group.intra_node:
+        return intra
+    inter = tier_channel(cluster, "inter_node", "all_to_all", group.size, measured)
+    n, local = group.size, group.members_per_node
+    return Channel(inter.bus_bandwidth_Bps * (n - 1) / (n - local), inter.latency_s, inter.ring_step_latency_s)
+
+
 def fsdp_channel(cluster: ClusterSpec, group: GroupPlacement, op: str, measured: ProfileCosts | None = None) -> Channel:
     """One FSDP2 unit's `op` ("fsdp_all_gather" or "fsdp_reduce_scatter") on the group as the profile measured
     it, the framework's work around the collective included (profiler/collectives.py), on the slowest tier the
@@ -142,6 +157,14 @@ def all_gather_s(total_bytes, n, channel: Channel):
 def reduce_scatter_s(total_bytes, n, channel: Channel):
     """Reduce-scatter of a `total_bytes` input per rank: (n-1)/n * S / busbw + its ring latency (nccl-tests)."""
     return all_gather_s(total_bytes, n, channel)
+
+
+def all_to_all_s(size_bytes, n, channel: Channel):
+    """All-to-all of `size_bytes` per rank, a 1/n share of it to each peer: (n-1)/n * S / busbw (nccl-tests
+    doc/PERFORMANCE.md, alltoall's bus-bandwidth factor) + one latency, since its n - 1 sends go out at once
+    (nccl-tests src/alltoall.cu issues an ncclSend and an ncclRecv per peer inside one group). 0 for a lone rank."""
+    n = np.asarray(n, dtype=float)
+    return (n > 1) * (channel.latency_s + (n - 1) / n * size_bytes / channel.bus_bandwidth_Bps)
 
 
 def p2p_s(size_bytes, channel: Channel):

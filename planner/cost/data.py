@@ -93,8 +93,9 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
     bus bandwidth ZeRO-3's collectives reach there (Runtime.zero3_bandwidth_efficiency)."""
     runtime, precision, n = batch.runtime, batch.training.precision, batch.shard_degree
     zero3 = batch.zero_stage == 3
-    block_params = batch.block.params_per_gpu
-    root_params = batch.device_params() - batch.blocks * block_params
+    experts = np.where(batch.ep > 1, batch.expert_params_per_block, 0.0)  # costed apart: `expert_units_s`
+    block_params = batch.block_params_per_gpu - experts
+    root_params = batch.device_params() - batch.blocks * batch.block_params_per_gpu
     per_tensor = zero3 & runtime.zero3_collective_per_tensor
     block_pieces = np.where(per_tensor, params.block_tensors(batch.model), 1)
     root_pieces = np.where(per_tensor, root_tensors(batch), 1)
@@ -104,11 +105,21 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
     def pieces_s(collective, elements, pieces, bytes_per_element, channel: comm.Channel) -> np.ndarray:
         return pieces * collective(elements * bytes_per_element / pieces / efficiency, n, channel)
 
+    def expert_units_s(collective, bytes_per_element) -> np.ndarray:
+        """With ep > 1 each of a rank's E/ep experts is its own unit over the edp ranks holding it (Megatron-Core's
+        expert data-parallel group; executor/parallel/data.py wraps each on the edp mesh)."""
+        units = batch.model.num_experts // batch.ep
+        unit_bytes = experts * bytes_per_element / units / efficiency
+        timed = units * collective(unit_bytes, batch.expert_shard_degree, batch.edp_channel)
+        return np.where(experts > 0, timed, 0.0)
+
     gather_bytes, scatter_bytes = runtime.unsharded_bytes(precision), runtime.data_parallel_bytes(precision)
     gather, scatter = batch.dp_channel.fsdp_gather, batch.dp_channel.fsdp_scatter
     return ShardedCollectives(
-        block_gather_s=pieces_s(comm.all_gather_s, block_params, block_pieces, gather_bytes, gather),
-        block_scatter_s=pieces_s(comm.reduce_scatter_s, block_params, block_pieces, scatter_bytes, scatter),
+        block_gather_s=pieces_s(comm.all_gather_s, block_params, block_pieces, gather_bytes, gather)
+        + expert_units_s(comm.all_gather_s, gather_bytes),
+        block_scatter_s=pieces_s(comm.reduce_scatter_s, block_params, block_pieces, scatter_bytes, scatter)
+        + expert_units_s(comm.reduce_scatter_s, scatter_bytes),
         root_gather_s=pieces_s(comm.all_gather_s, root_params, root_pieces, gather_bytes, gather),
         root_scatter_s=pieces_s(comm.reduce_scatter_s, root_params, root_pieces, scatter_bytes, scatter),
     )
@@ -135,21 +146,40 @@ def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
     """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
     n, zero, m, channels = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
     units = dp_units(batch)
-    unit_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) / units
+    experts = separate_expert_bytes(batch)
+    unit_bytes = (batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) - experts) / units
+    experts_reduce = expert_collective_s(comm.all_reduce_s, experts, batch)
     sharded = sharded_collectives(batch)
     gather, scatter = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
     return np.select(
         [zero <= 1, zero == 2],
-        [units * comm.all_reduce_s(unit_bytes, n, channels.bare), m * scatter + gather],
+        [units * comm.all_reduce_s(unit_bytes, n, channels.bare) + experts_reduce, m * scatter + gather],
         m * (2 * gather + scatter),
     )
 
 
+def separate_expert_bytes(batch: PlanBatch) -> np.ndarray:
+    """The bytes of a device's expert gradients (or weights) that a DDP-style reduction moves over the edp group on
+    their own, apart from the dense ones over dp x cp: with ep > 1 each expert's replicas are only the edp ranks
+    (Megatron-Core's expert data-parallel group; the executor's `ExpertGradReduction`,
+    executor/parallel/expert.py). With ep = 1 the experts go with the rest. (N, pp)."""
+    experts = batch.device_expert_params() * batch.runtime.data_parallel_bytes(batch.training.precision)
+    return np.where(batch.ep > 1, experts, 0.0)
+
+
+def expert_collective_s(collective, expert_bytes: np.ndarray, batch: PlanBatch) -> np.ndarray:
+    """`collective` of the experts' `expert_bytes` over the edp group's ring; nothing where there are none. (N, pp)."""
+    timed = collective(expert_bytes, batch.expert_shard_degree, batch.edp_channel)
+    return np.where(expert_bytes > 0, timed, 0.0)
+
+
 def dp_after_step_s(batch: PlanBatch) -> np.ndarray:
     """ZeRO-1's gather of the updated weights (one broadcast per owner, same bytes as an all-gather): it runs
-    after the optimizer step, so nothing overlaps with it."""
-    weight_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision)
+    after the optimizer step, so nothing overlaps with it. The experts' weights are gathered over edp."""
+    experts = separate_expert_bytes(batch)
+    weight_bytes = batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) - experts
     gather = comm.all_gather_s(weight_bytes, batch.shard_degree, batch.dp_channel.bare)
+    gather = gather + expert_collective_s(comm.all_gather_s, experts, batch)
     return np.where(batch.zero_stage == 1, gather, 0.0)
 
 

@@ -202,13 +202,15 @@ def device_memory(batch: PlanBatch) -> dict[str, np.ndarray]:
 
 
 def batch_state_bytes(batch: PlanBatch) -> ModelStateBytes:
-    """Each device's sharded model states in its regime's bytes (`sharded_state_bytes`): (N, pp) arrays."""
-    runtime, precision = batch.runtime, batch.training.precision
+    """Each device's sharded model states in its regime's bytes (`sharded_state_bytes`'s ZeRO stages; the experts
+    over edp ranks, the rest over dp x cp: PlanBatch.params_per_shard): (N, pp) arrays."""
+    runtime, precision, zero = batch.runtime, batch.training.precision, batch.zero_stage
     optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[batch.training.optimizer]
-    return sharded_state_bytes(
-        batch.device_params(), runtime.weight_bytes(precision), runtime.gradient_bytes(precision), optimizer_bytes,
-        batch.zero_stage, batch.shard_degree,
-    )  # fmt: skip
+    return ModelStateBytes(
+        weights=batch.params_per_shard(zero >= 3) * runtime.weight_bytes(precision),
+        grads=batch.params_per_shard(zero >= 2) * runtime.gradient_bytes(precision),
+        optimizer=batch.params_per_shard(zero >= 1) * optimizer_bytes,
+    )
 
 
 def host_memory(batch: PlanBatch) -> np.ndarray:
@@ -235,7 +237,7 @@ def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     weights, at the regime's unsharded bytes: 16-bit under FSDP2's mixed-precision policy, the executor's fp32);
     ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
     unsharded = batch.runtime.unsharded_bytes(batch.training.precision)
-    blocks_held = (batch.blocks > 0) * batch.block.params_per_gpu
+    blocks_held = (batch.blocks > 0) * batch.block_params_per_gpu
     if kind == "weights":
         return np.where(batch.zero_stage == 3, 2 * blocks_held * unsharded, 0.0)
     return np.where(batch.zero_stage >= 2, blocks_held * unsharded, 0.0)
@@ -264,6 +266,8 @@ def activation_bytes(batch: PlanBatch) -> np.ndarray:
 
 
 def communicators(batch: PlanBatch) -> np.ndarray:
-    """NCCL communicators a rank joins: one per group of size > 1, two for its pipeline neighbours."""
-    groups = (batch.tp > 1).astype(int) + (batch.cp > 1) + (batch.shard_degree > 1)
+    """NCCL communicators a rank joins: one per group of size > 1 (the ep and edp groups included), two for its
+    pipeline neighbours."""
+    experts = (batch.ep > 1).astype(int) + ((batch.ep > 1) & (batch.expert_shard_degree > 1))
+    groups = (batch.tp > 1).astype(int) + (batch.cp > 1) + (batch.shard_degree > 1) + experts
     return groups + (2 if batch.pp > 1 else 0) + int(batch.tied_copy)

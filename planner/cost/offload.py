@@ -46,7 +46,7 @@ def offloads_params(batch: PlanBatch) -> np.ndarray:
 
 def stepped_params(batch: PlanBatch) -> np.ndarray:
     """Parameters whose optimizer state each GPU owns (its ZeRO shard, ZeRO sec. 5.1): (N, pp)."""
-    return batch.device_params() / np.where(batch.zero_stage >= 1, batch.shard_degree, 1)
+    return batch.params_per_shard(batch.zero_stage >= 1)
 
 
 def gpus_sharing_a_host(cluster: ClusterSpec) -> int:
@@ -76,7 +76,7 @@ def weight_upload_bytes(batch: PlanBatch) -> np.ndarray:
     micro-batch's forward and backward fetch the GPU's weight shard (ZeRO-Infinity sec. 6), 2 m times. (N, pp)."""
     weight_bytes = batch.runtime.weight_bytes(batch.training.precision)
     after_step = stepped_params(batch) * weight_bytes
-    per_pass = batch.device_params() / batch.shard_degree * weight_bytes
+    per_pass = batch.params_per_shard(np.full_like(batch.zero_stage, True, dtype=bool)) * weight_bytes
     fetched = 2 * batch.microbatches * per_pass
     only_optimizer = offloads_optimizer(batch) & ~offloads_params(batch)
     return np.where(offloads_params(batch), fetched, np.where(only_optimizer, after_step, 0.0))

@@ -275,7 +275,7 @@ def _eager_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
 
 def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """Norm, MLP, dropout + residual. A MoE token runs `experts_per_token` expert MLPs (Fedus et al. 2021),
-    so its MLP FLOPs and saved activations scale by that factor; the router is negligible."""
+    so its MLP FLOPs and saved activations scale by that factor, after the router (`_router`)."""
     h, f, k = model.hidden_size, model.ffn_size, model.experts_per_token
     ff = shape.width(f, "tp")
     if model.mlp == "swiglu":
@@ -289,7 +289,24 @@ def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
         act = OpCost("gelu", 0.0, shape.elem * ff, 2 * shape.elem * ff)
     down = _linear("fc2", shape, f, h, "tp")
     expert_ops = [_scaled(op, k) for op in (up, act, down)]
-    return [_norm("mlp_norm", model, shape), *expert_ops, _dropout_add("mlp_dropout", model, shape)]
+    router = [_router(model, shape)] if model.num_experts > 1 else []
+    return [_norm("mlp_norm", model, shape), *router, *expert_ops, _dropout_add("mlp_dropout", model, shape)]
+
+
+def _router(model: ModelSpec, shape: Shape) -> OpCost:
+    """The MoE router: an h x E linear layer over every token this rank routes, 2 h E FLOPs a token (Fedus et al.
+    2021, sec. 2.1; Lepikhin et al. 2020, GShard, sec. 2.2), replicated on the tp ranks, each routing its own
+    sequence-parallel shard (Megatron-Core's `TopKRouter`). It saves the gate probabilities ([tokens, E]) for
+    its backward; its input is the norm's output, which the first expert matrix saves already."""
+    rows, h, experts = shape.tokens / shape.sp_div, model.hidden_size, model.num_experts
+    output = shape.elem * rows * experts
+    io = shape.elem * (rows * (h + experts) + h * experts)
+    gemm = Gemm(rows=rows, cols=experts, inner=h)
+    forward, backward = KERNELS["linear"]
+    return OpCost(
+        "router", 2 * rows * h * experts, output, 0.0, matmul_io_bytes=io, output_bytes=output, gemm=gemm,
+        kernels=forward, backward_kernels=backward,
+    )  # fmt: skip
 
 
 def _scaled(op: OpCost, factor: int) -> OpCost:

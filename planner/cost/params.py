@@ -51,12 +51,20 @@ def expert_mlp_params(model: ModelSpec) -> ParamCount:
     return ParamCount(sharded=matrices * h * f + column_bias, replicated=row_bias)
 
 
+def experts_params(model: ModelSpec) -> ParamCount:
+    """All experts' MLPs of one block, without the router: what expert parallelism splits over ep ranks
+    (Lepikhin et al. 2020, GShard sec. 3.2). 0 for a dense model, whose one MLP every rank holds."""
+    if model.num_experts == 1:
+        return ParamCount(0, 0)
+    one = expert_mlp_params(model)
+    return ParamCount(one.sharded * model.num_experts, one.replicated * model.num_experts)
+
+
 def mlp_params(model: ModelSpec) -> ParamCount:
     """All experts' MLPs plus the router (h x num_experts, replicated) when the model is a mixture of experts."""
-    one = expert_mlp_params(model)
-    experts = ParamCount(one.sharded * model.num_experts, one.replicated * model.num_experts)
-    router = model.hidden_size * model.num_experts if model.num_experts > 1 else 0
-    return experts + ParamCount(0, router)
+    if model.num_experts == 1:
+        return expert_mlp_params(model)
+    return experts_params(model) + ParamCount(0, model.hidden_size * model.num_experts)
 
 
 def block_params(model: ModelSpec) -> ParamCount:

@@ -2,7 +2,8 @@
 
 The step time is the sum of the breakdown's terms (critical path of the slowest pipeline device):
   compute + tp_comm + cp_comm    m x the slowest device's per-micro-batch work (+ a calibrated profile's
-                                 framework overheads per micro-batch and per step)
+  + ep_comm                      framework overheads per micro-batch and per step); ep_comm: a mixture of
+                                 experts' dispatch and combine all-to-alls (planner/cost/expert.py)
   bubble                         pipeline fill and drain (Narayanan et al. 2021, eq. 1-2)
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward
@@ -27,6 +28,7 @@ import numpy as np
 from planner.cost import comm, flops
 from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings
+from planner.cost.expert import ep_device_comm_s
 from planner.cost.layers import LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
 from planner.cost.memory import device_memory, host_memory
@@ -121,7 +123,8 @@ def estimate_step(
 def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
     """The breakdown's terms (TIME_TERMS), each (N, 1) or broadcastable to it (module docstring)."""
     overhead = batch.runtime.microbatch_host_overhead_s + microbatch_overhead_s(batch.measured)
-    busy = batch.per_device("busy_s") + overhead
+    all_to_all = ep_device_comm_s(batch)
+    busy = batch.per_device("busy_s") + all_to_all + overhead
     slowest = busy.argmax(axis=1)[:, None]
     m = batch.microbatches
     alone = microbatches_alone(batch.pp, batch.virtual_stages, m)
@@ -135,9 +138,10 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         "compute_s": on_slowest("work_s", m - alone) + on_slowest("alone_work_s", alone) + m * overhead + step_overhead,
         "tp_comm_s": on_slowest("tp_comm_s") + tp_step_comm_s(batch),
         "cp_comm_s": on_slowest("cp_comm_s"),
+        "ep_comm_s": m * np.take_along_axis(all_to_all, slowest, axis=1),
         "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * wait_s,
         "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * wait_s).max(axis=1, keepdims=True),
-        "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + overhead, batch.virtual_stages),
+        "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + all_to_all + overhead, batch.virtual_stages),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
         "offload_s": offload_exposed_s(batch).max(axis=1, keepdims=True),
     }
@@ -164,6 +168,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         "tp_comm_s": comm.channel_source(measured, group("tp")),
         "dp_comm_s": comm.channel_source(measured, group("dp_cp")),
         "cp_comm_s": "profile+analytic" if ring == "profile" else "analytic",
+        "ep_comm_s": "analytic",
         "pp_comm_s": comm.channel_source(measured, group("pp"), p2p=True),
         "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "profile" if measured is not None and measured.measures_memory else "analytic",
@@ -305,6 +310,11 @@ def _assumptions(
         notes.append(f"{training.precision} training: {gpu.name} has no bf16 tensor cores (fp16 is its default)")
     if plan.tp > 1:
         notes.append("tensor-parallel collectives are not overlapped with compute (Megatron-LM default)")
+    if plan.ep > 1:
+        notes.append(
+            "expert parallelism: balanced drop-less routing (capacity factor 1.0); the dispatch and combine "
+            "all-to-alls are not overlapped with compute"
+        )
     if plan.dp * plan.cp > 1:
         overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
         notes.append(f"gradient reduction {overlap} with backward")

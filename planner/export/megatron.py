@@ -57,7 +57,6 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> Args:
              ("--vocab-size", str(model.vocab_size)),
              ("--hidden-dropout", str(model.dropout)), ("--attention-dropout", str(model.dropout))]  # fmt: skip
     if model.num_experts > 1:
-        # Expert parallelism is not a plan field yet: Megatron-LM's --expert-model-parallel-size stays at its 1.
         args += [("--num-experts", str(model.num_experts)), ("--moe-router-topk", str(model.experts_per_token))]
     if model.mlp == "swiglu":
         args.append(("--swiglu", None))
@@ -94,11 +93,15 @@ def pipeline_args(plan: ParallelPlan, num_layers: int) -> Args:
 
 
 def parallel_args(plan: ParallelPlan, num_layers: int) -> Args:
-    """The mesh (data parallelism is what is left of the world: world / (tp x pp x cp)) and ZeRO-1."""
+    """The mesh (data parallelism is what is left of the world: world / (tp x pp x cp); expert parallelism within
+    it) and ZeRO-1."""
     args: Args = [("--tensor-model-parallel-size", str(plan.tp))]
     args += pipeline_args(plan, num_layers)
     if plan.cp > 1:
         args.append(("--context-parallel-size", str(plan.cp)))
+    if plan.ep > 1:
+        # Megatron-Core takes the expert groups from the dp x cp ranks, as the plan does (DESIGN.md, rank layout).
+        args.append(("--expert-model-parallel-size", str(plan.ep)))
     if plan.sequence_parallel:
         args.append(("--sequence-parallel", None))
     if plan.zero_stage == 1:

@@ -19,11 +19,12 @@ from planner.cost.optimizer import cpu_optimizer_floor_s
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
-from planner.search.space import OFFLOADS, SCHEDULES, Candidates
+from planner.search.space import OFFLOADS, RECOMPUTE, SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
 _OFFLOAD_NAMES = np.array(OFFLOADS)
+_RECOMPUTE_NAMES = np.array(RECOMPUTE)
 # Candidates over by fractions equal to this many decimals are equally near to fitting (RowCosts.nearest_to_fitting).
 OVER_FRACTION_DECIMALS = 3
 
@@ -85,10 +86,12 @@ class CandidateCosts:
         self.measured = measured  # the request's profile (planner/request.py), or None
         # The training stack (planner/cost/runtime.py).
         self.runtime = runtime or runtime_for(cluster, measured, training.framework)
-        self.layout_id, layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
+        c = candidates
+        self.layout_id, layout_rows = _group_ids(c.dp, c.tp, c.pp, c.cp, c.ep)
         self.layer_key, self.kinds = self._layer_kinds()
         layouts = [candidates.degrees(int(row)) for row in layout_rows]
-        self.channels = group_channels(cluster, layouts, measured)  # one row per layout
+        eps = [int(candidates.ep[row]) for row in layout_rows]
+        self.channels = group_channels(cluster, layouts, measured, eps)  # one row per layout (and ep)
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
@@ -127,9 +130,11 @@ class CandidateCosts:
             dp=_col(c.dp[rows]),
             tp=_col(c.tp[rows]),
             cp=_col(c.cp[rows]),
+            ep=_col(c.ep[rows]),
             zero_stage=_col(c.zero_stage[rows]),
             micro_batch_size=_col(c.micro_batch_size[rows]),
             schedule=_col(_SCHEDULE_NAMES[c.schedule[rows]]),
+            recompute=_col(_RECOMPUTE_NAMES[c.recompute[rows]]),
             virtual_stages=_col(c.virtual_stages[rows]),
             overlap_grad_reduce=np.full((len(rows), 1), overlap_grad_reduce),
             offload=_col(_OFFLOAD_NAMES[c.offload[rows]]),

@@ -59,6 +59,7 @@ class Candidates:
     tp: np.ndarray
     pp: np.ndarray
     cp: np.ndarray
+    ep: np.ndarray
     zero_stage: np.ndarray
     micro_batch_size: np.ndarray
     sequence_parallel: np.ndarray
@@ -88,6 +89,7 @@ class Candidates:
             tp=int(self.tp[row]),
             pp=int(self.pp[row]),
             cp=int(self.cp[row]),
+            ep=int(self.ep[row]),
             zero_stage=int(self.zero_stage[row]),
             micro_batch_size=int(self.micro_batch_size[row]),
             sequence_parallel=bool(self.sequence_parallel[row]),
@@ -129,7 +131,7 @@ def _fixed_against_rules(
     found = [
         Violation(f"search.fixed.{v.field.removeprefix('plan.')}", v.code, v.message)
         for v in [*probe._intrinsic_violations(), *plan_violations(probe, model, training, cluster)]
-        if v.field.removeprefix("plan.") in fixed
+        if v.field.removeprefix("plan.") in fixed and not _probed_degree(v, fixed)
     ]
     degrees = [fixed[d] for d in MESH_AXES if d in fixed]
     if degrees and cluster.num_gpus % int(np.prod(degrees)):
@@ -152,6 +154,12 @@ def _fixed_against_rules(
             )
         )
     return found
+
+
+def _probed_degree(violation: Violation, fixed: dict) -> bool:
+    """Whether `violation` blames a fixed ep only against the probe's stand-in dp or cp (1 where not fixed): the
+    search still chooses those, so it is no contradiction."""
+    return violation.code == "ep_divides_dp_cp" and not {"dp", "cp"} <= fixed.keys()
 
 
 def _fixed_against_options(cluster: ClusterSpec, options: SearchOptions) -> list[Violation]:
@@ -264,6 +272,7 @@ def expand(
         "sequence_parallel": _sequence_parallel(layout, training, options, rejected),
         "recompute": [RECOMPUTE.index(r) for r in options.recompute if options.fixed.recompute in (None, r)],
         "schedule_v": _schedules(layout, model, options),
+        "ep": _expert_degrees(layout, model, options),
     }
     if not all(choices.values()):
         return Candidates.concat([])
@@ -355,6 +364,13 @@ def _sequence_parallel(layout: Degrees, training: TrainingSpec, options: SearchO
         rejected.add("candidate", broken.code, 1, broken.message)
         choices.remove(True)
     return choices
+
+
+def _expert_degrees(layout: Degrees, model: ModelSpec, options: SearchOptions) -> list[int]:
+    """The expert-parallel degrees of a layout: the divisors of num_experts that divide its dp x cp group
+    (planner/rules.py `_experts_split`), or the fixed one. A dense model has only ep = 1, so its space does not grow."""
+    choices = [ep for ep in divisors(model.num_experts) if (layout.dp * layout.cp) % ep == 0]
+    return [ep for ep in choices if options.fixed.ep in (None, ep)]
 
 
 def _schedules(layout: Degrees, model: ModelSpec, options: SearchOptions) -> list[tuple[int, int]]:

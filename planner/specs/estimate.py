@@ -53,6 +53,8 @@ class TimeBreakdown(Frozen):
     compute_s: float = Field(description="compute")
     tp_comm_s: float = Field(description="tensor-parallel comm")
     cp_comm_s: float = Field(description="context-parallel comm")
+    # A mixture of experts' dispatch and combine all-to-alls over the ep group (planner/cost/expert.py).
+    ep_comm_s: float = Field(0.0, description="expert-parallel all-to-all")
     pp_comm_s: float = Field(description="pipeline p2p comm")
     # Exposed part only: the rest overlaps with backward.
     dp_comm_s: float = Field(description="data-parallel comm (exposed)")

@@ -326,3 +326,20 @@ def test_plan_with_contradictory_options_exits_1_naming_the_option():
     result = run("plan", *LLAMA8B_PLAN_FLAGS, "--tp", "3")
     assert result.exit_code == 1
     assert "search.fixed.tp" in result.output and "Traceback" not in result.output
+
+
+MIXTRAL_FLAGS = ["--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--nodes", "1", "--seq-len", "4096",
+                 "--global-batch", "64"]  # fmt: skip
+
+
+def test_ep_flag_sets_the_plan_s_expert_parallelism_and_plan_keeps_it():
+    code, answer = run_json("estimate", *MIXTRAL_FLAGS, "--ep", "8", "--zero", "3")
+    assert code in (0, 2), answer
+    assert answer["breakdown"]["ep_comm_s"] > 0
+    assert_breakdown_adds_up(answer)
+    result = run("estimate", *MIXTRAL_FLAGS, "--ep", "8", "--zero", "3")
+    assert "ep8" in result.output
+    code, answer = run_json("plan", *MIXTRAL_FLAGS, "--ep", "4", "--top", "2")
+    assert code == 0 and {ranked["plan"]["ep"] for ranked in answer["plans"]} == {4}
+    code, answer = run_json("estimate", *MIXTRAL_FLAGS, "--ep", "3")
+    assert code == 1 and "plan.ep" in json.dumps(answer)

@@ -31,3 +31,10 @@ def test_a_compact_label_names_only_what_applies() -> None:
 
 def test_a_compact_label_names_context_parallelism_and_its_zero_group() -> None:
     assert describe_plan_compact(ParallelPlan(cp=2, zero_stage=2)) == "dp1 tp1 pp1 cp2 zero2 mbs1 none"
+
+
+def test_expert_parallelism_is_named_only_above_one() -> None:
+    plan = ParallelPlan(dp=8, ep=4, zero_stage=2)
+    assert describe_plan(plan).startswith("dp8 tp1 pp1 cp1 ep4 · ZeRO-2")
+    assert describe_plan_compact(plan).startswith("dp8 tp1 pp1 ep4 zero2")
+    assert "ep" not in describe_plan(ParallelPlan(dp=8)).split(" · ")[0]

@@ -120,7 +120,7 @@ MEGATRON_PLANS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                    "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2},
          "training": {"seq_len": 2048, "global_batch_size": 32},
          "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 8}},
-        {"tp": 2, "pp": 2, "sequence_parallel": True, "zero_stage": 1}),
+        {"tp": 2, "pp": 2, "sequence_parallel": True, "zero_stage": 1, "ep": 2}),
     "gpt3 with biases, learned positions, fp16, context parallel": (
         {"model": {"name": "gpt3-1.7b"}, "training": {"seq_len": 2048, "global_batch_size": 32, "precision": "fp16"},
          "cluster": {"gpu": "v100-sxm2-32gb", "num_nodes": 1, "gpus_per_node": 8}},
@@ -150,6 +150,8 @@ def test_megatron_args_are_pretrain_gpt_flags_that_build_megatron_cores_config(c
     assert config.add_bias_linear == model.linear_bias and config.gated_linear_unit == (model.mlp == "swiglu")
     assert (config.num_moe_experts or 1, config.moe_router_topk if config.num_moe_experts else 1) == (
         model.num_experts, model.experts_per_token)  # fmt: skip
+    assert config.expert_model_parallel_size == plan_.ep
+    assert ("--expert-model-parallel-size" in flags) == (plan_.ep > 1)
     assert ("--use-distributed-optimizer" in flags) == (plan_.zero_stage == 1)
     assert int(flags["--global-batch-size"]) == req.training.global_batch_size
     assert int(flags["--micro-batch-size"]) == plan_.micro_batch_size

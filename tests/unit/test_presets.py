@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.cost.params import model_params
+from planner.cost.params import active_params_per_token, model_params
 from planner.errors import UnknownPresetError
 from planner.presets import GPU_PRESETS, MODEL_PRESETS, gpu_preset, model_preset
 from planner.request import resolve_cluster
@@ -47,7 +47,13 @@ PUBLISHED_TOTALS = {
     # Qwen2.5 model cards: "Number of Parameters: 7.61B" / "72.7B".
     "qwen2.5-7b": 7.61e9,
     "qwen2.5-72b": 72.7e9,
+    # Mistral AI's announcements of Mixtral 8x7B ("46.7B total parameters but only uses 12.9B parameters per
+    # token") and Mixtral 8x22B ("39B active parameters out of 141B").
+    "mixtral-8x7b": 46.7e9,
+    "mixtral-8x22b": 141e9,
 }
+# Parameters a token uses (the same announcements).
+PUBLISHED_ACTIVE = {"mixtral-8x7b": 12.9e9, "mixtral-8x22b": 39e9}
 
 
 def narayanan_eq2(layers: int, hidden: int, vocab: int = 51200, seq: int = 2048) -> float:
@@ -67,6 +73,14 @@ def test_every_model_preset_has_a_published_total() -> None:
 def test_preset_matches_published_total(name: str) -> None:
     total = model_params(model_preset(name))
     assert relative_error(total, PUBLISHED_TOTALS[name]) < TOLERANCE, f"{name}: {total:,}"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_ACTIVE))
+def test_mixtral_active_parameters_match_published(name: str) -> None:
+    spec = model_preset(name)
+    assert (spec.num_experts, spec.experts_per_token) == (8, 2)
+    active = active_params_per_token(spec)
+    assert relative_error(active, PUBLISHED_ACTIVE[name]) < TOLERANCE, f"{name}: {active:,}"
 
 
 @pytest.mark.parametrize("name", sorted(NARAYANAN_TABLE_1_BILLIONS))
