@@ -109,8 +109,11 @@ def sharded_collectives(batch: PlanBatch) -> ShardedCollectives:
         """With ep > 1 each of a rank's E/ep experts is its own unit over the edp ranks holding it (Megatron-Core's
         expert data-parallel group; executor/parallel/data.py wraps each on the edp mesh)."""
         units = batch.model.num_experts // batch.ep
-        unit_bytes = experts * bytes_per_element / units / efficiency
-        timed = units * collective(unit_bytes, batch.expert_shard_degree, batch.edp_channel)
+        # Rows without experts (ep 1, or an edp group of one rank with no link) would divide by zero; np.where
+        # drops what they compute.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unit_bytes = experts * bytes_per_element / units / efficiency
+            timed = units * collective(unit_bytes, batch.expert_shard_degree, batch.edp_channel)
         return np.where(experts > 0, timed, 0.0)
 
     gather_bytes, scatter_bytes = runtime.unsharded_bytes(precision), runtime.data_parallel_bytes(precision)
