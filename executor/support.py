@@ -22,6 +22,7 @@ from planner.errors import InfeasiblePlanError, Violation
 from planner.rules import (
     context_parallel_splits,
     context_parallel_violation,
+    paraplan_expert_violations,
     sequence_parallel_splits,
     tensor_parallel_widths,
 )
@@ -83,25 +84,7 @@ def _tensor_parallel_widths(plan: ParallelPlan, model: ModelSpec, training: Trai
 
 
 def _experts(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:
-    if model.num_experts > 1 and plan.tp > 1:
-        # A choice, not a torch limit: running the MoE layer replicated on every tp rank would repeat the experts'
-        # work tp times, and splitting each expert (Megatron's expert tensor parallelism) is not implemented.
-        yield Violation(
-            "plan.tp",
-            "executor_tp_moe",
-            "the executor's tensor-parallel plan covers attention and dense MLPs only: it neither splits the experts "
-            "of a mixture of experts over tp ranks nor repeats them on each; use tp=1 and split the experts with ep",
-        )
-    if plan.ep > 1 and plan.zero_stage == 1:
-        # Measured (2 gloo ranks, dp=2 ep=2): losses drift from the second step, the ZeroRedundancyOptimizer's
-        # broadcasts overwrite one rank's experts with the other's.
-        yield Violation(
-            "plan.zero_stage",
-            "executor_ep_zero1",
-            "ZeRO-1 runs on ZeroRedundancyOptimizer, which gives each parameter one owner in the dp x cp group and "
-            "broadcasts its update to the whole group; with ep > 1 the ranks of that group hold different experts, "
-            "which the broadcasts would overwrite; use zero_stage 0, 2 or 3",
-        )
+    yield from paraplan_expert_violations(plan, model)
 
 
 def _sequence_parallel(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec | None) -> Iterator[Violation]:

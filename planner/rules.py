@@ -181,9 +181,35 @@ def framework_zero_violation(framework: str, zero_stage: int, pp: int) -> Violat
     )
 
 
+def paraplan_expert_violations(plan: ParallelPlan, model: ModelSpec) -> Iterator[Violation]:
+    """What paraplan's own executor runs of a mixture of experts (executor/parallel/expert.py): the planner's
+    `paraplan` regime offers only those plans, and the executor refuses the rest (executor/support.py)."""
+    if model.num_experts > 1 and plan.tp > 1:
+        # A choice, not a torch limit: running the MoE layer replicated on every tp rank would repeat the experts'
+        # work tp times, and splitting each expert (Megatron's expert tensor parallelism) is not implemented.
+        yield Violation(
+            "plan.tp",
+            "executor_tp_moe",
+            "the executor's tensor-parallel plan covers attention and dense MLPs only: it neither splits the experts "
+            "of a mixture of experts over tp ranks nor repeats them on each; use tp=1 and split the experts with ep",
+        )
+    if plan.ep > 1 and plan.zero_stage == 1:
+        # Measured (2 gloo ranks, dp=2 ep=2): losses drift from the second step, the ZeroRedundancyOptimizer's
+        # broadcasts overwrite one rank's experts with the other's.
+        yield Violation(
+            "plan.zero_stage",
+            "executor_ep_zero1",
+            "ZeRO-1 runs on ZeroRedundancyOptimizer, which gives each parameter one owner in the dp x cp group and "
+            "broadcasts its update to the whole group; with ep > 1 the ranks of that group hold different experts, "
+            "which the broadcasts would overwrite; use zero_stage 0, 2 or 3",
+        )
+
+
 def _framework_runs_plan(plan: ParallelPlan, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec):
     if not framework_runs_zero_stage(training.framework, plan.zero_stage, plan.pp):
         yield framework_zero_violation(training.framework, plan.zero_stage, plan.pp)
+    if training.framework == "paraplan":
+        yield from paraplan_expert_violations(plan, model)
 
 
 # The CPU offloads each training stack runs. DeepSpeed: `offload_optimizer` (ZeRO-Offload, Ren et al. 2021) and

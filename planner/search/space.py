@@ -25,6 +25,7 @@ from planner.rules import (
     host_side_violations,
     interleaved_round_violation,
     offload_zero_violation,
+    paraplan_expert_violations,
     partial_interleaved_round,
     plan_violations,
     sequence_parallel_splits,
@@ -287,7 +288,7 @@ def expand(
     if partial_round.any():
         example = interleaved_round_violation(int(microbatches[partial_round.argmax()]), layout.pp)
         rejected.add("candidate", example.code, int(partial_round.sum()), example.message)
-    keep = ~partial_round
+    keep = ~partial_round & ~_unrun_expert_sharding(model, training, columns, rejected)
     rows = int(keep.sum())
     return Candidates(
         **{d: np.full(rows, getattr(layout, d)) for d in MESH_AXES},
@@ -295,6 +296,19 @@ def expand(
         schedule=schedule[keep],
         virtual_stages=virtual[keep],
     )
+
+
+def _unrun_expert_sharding(
+    model: ModelSpec, training: TrainingSpec, columns: dict[str, np.ndarray], rejected: Rejections
+) -> np.ndarray:
+    """Rows whose ZeRO stage the stack cannot run with their ep: paraplan's executor shards experts at ZeRO 0, 2
+    and 3, not 1 (planner/rules.py `paraplan_expert_violations`; counted)."""
+    refused = (columns["ep"] > 1) & (columns["zero_stage"] == 1) & (training.framework == "paraplan")
+    if refused.any():
+        probe = ParallelPlan.model_construct(ep=2, zero_stage=1, tp=1)
+        example = next(paraplan_expert_violations(probe, model))
+        rejected.add("candidate", example.code, int(refused.sum()), example.message)
+    return refused
 
 
 def _zero_offloads(

@@ -172,6 +172,19 @@ def test_every_mixtral_plan_is_valid_and_ep_is_searched():
     assert any(ranked.plan.ep > 1 for ranked in result.plans)
 
 
+def test_the_paraplan_regime_offers_only_the_expert_layouts_its_executor_runs():
+    """paraplan's executor runs experts with tp = 1 and shards them at ZeRO 0, 2 or 3 (executor/support.py);
+    Megatron-LM splits experts under tensor parallelism and with its distributed optimizer (ZeRO-1)."""
+    own = mixtral_search()
+    candidates, rejected = search_space(own.model, own.training, own.cluster, own.search)
+    assert not np.any(candidates.tp > 1) and not np.any((candidates.ep > 1) & (candidates.zero_stage == 1))
+    assert {"executor_tp_moe", "executor_ep_zero1"} <= {code for _, code in rejected.counts}
+    megatron = parse_plan_request({**own.model_dump(mode="json"), "training": {
+        **own.training.model_dump(mode="json"), "framework": "megatron"}})  # fmt: skip
+    candidates, _ = search_space(megatron.model, megatron.training, megatron.cluster, megatron.search)
+    assert np.any(candidates.tp > 1) and np.any((candidates.ep > 1) & (candidates.zero_stage == 1))
+
+
 def test_a_fixed_ep_is_kept_and_a_dense_space_does_not_grow():
     result = planner.search(mixtral_search(fixed={"ep": 4}))
     assert result.plans and {ranked.plan.ep for ranked in result.plans} == {4}
