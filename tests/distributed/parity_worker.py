@@ -107,7 +107,6 @@ def parallel(spec: ModelSpec, plan: ParallelPlan, resume_after: int | None, chec
     from executor import train_state
     from executor.mesh import build_mesh
 
-    dist.init_process_group("gloo")
     mesh = build_mesh(plan, "cpu")
     applied, optimizers = _applied(spec, plan, mesh, seed=0)
     losses, norms, aux_losses = [], [], []
@@ -127,7 +126,6 @@ def parallel(spec: ModelSpec, plan: ParallelPlan, resume_after: int | None, chec
             train_state.load(checkpoint, applied.chunks, optimizers)
     local_params = [None] * dist.get_world_size()
     dist.all_gather_object(local_params, sum(_local_numel(p) for p in applied.parameters()))
-    dist.destroy_process_group()
     # The collectives DTensor issued inside the last optimizer step (a Partial gradient left by backward costs
     # an all-reduce in each operation that reads it).
     optimizer_collectives = {str(op): count for op, count in optimizer_comms.get_comm_counts().items()}
@@ -165,22 +163,36 @@ def _local_numel(param: torch.Tensor) -> int:
     return (param.to_local() if isinstance(param, DTensor) else param).numel()
 
 
+def parallel_cases(cases: list[dict], out: Path) -> dict[str, dict]:
+    """Each case's run, by name, one after another in one process group (process start-up and torch's import are
+    paid once per launch, not once per case)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    results = {}
+    for case in cases:
+        started = time.perf_counter()
+        plan = ParallelPlan.model_validate(case["plan"])
+        checkpoint = out.with_name(f"{out.stem}-{case['name']}.checkpoint")
+        results[case["name"]] = parallel(MODELS[case["model"]], plan, case.get("resume_after"), checkpoint)
+        results[case["name"]]["worker_s"] = time.perf_counter() - started  # mesh, model, plan and steps
+    dist.destroy_process_group()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--plan", default="{}", help="ParallelPlan fields as JSON")
-    parser.add_argument("--model", choices=sorted(MODELS), default="llama")
+    parser.add_argument("--cases", help='JSON list of {"name", "model", "plan": ParallelPlan fields, "resume_after"}')
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama", help="the --reference run's model")
     parser.add_argument("--reference", action="store_true", help="plain single-process PyTorch, no executor")
-    parser.add_argument("--resume-after", type=int, help="save after this step and go on from the checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    started = time.perf_counter()
-    spec = MODELS[args.model]
     if args.reference:
-        result = reference(spec)
+        started = time.perf_counter()
+        result = reference(MODELS[args.model])
+        result["worker_s"] = time.perf_counter() - started
     else:
-        plan = ParallelPlan.model_validate_json(args.plan)
-        result = parallel(spec, plan, args.resume_after, args.out.with_suffix(".checkpoint"))
-    result["worker_s"] = time.perf_counter() - started  # process group, model, plan and steps
+        result = parallel_cases(json.loads(args.cases), args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result))
     # Leave without interpreter finalization. With torch 2.13 + gloo, a gloo worker thread can still be dropping

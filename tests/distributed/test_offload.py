@@ -21,7 +21,7 @@ pytest.importorskip("torch")
 
 from planner.errors import InfeasiblePlanError  # noqa: E402
 from planner.specs import ParallelPlan  # noqa: E402
-from tests.distributed.test_parity import TOLERANCE, launch, reference  # noqa: E402, F401  (reference: a fixture)
+from tests.distributed.test_parity import TOLERANCE, launch, launch_cases, reference  # noqa: E402, F401  (reference: a fixture)
 
 CASES = {
     "dp2-zero3": ParallelPlan(dp=2, zero_stage=3),
@@ -41,8 +41,9 @@ def test_offload_trains_like_the_plan_without_it(
 ) -> None:
     plan = CASES[name]
     offloaded = plan.model_copy(update={"offload": "optimizer_and_params"})
-    with_offload, _ = launch("llama", offloaded, tmp_path / "offload.json")
-    without, _ = launch("llama", plan, tmp_path / "plain.json")
+    both = {"offload": ("llama", offloaded, None), "plain": ("llama", plan, None)}
+    runs, _ = launch_cases(both, tmp_path / "runs.json")  # one launch: the same processes run both
+    with_offload, without = runs["offload"], runs["plain"]
     expected = reference("llama")
     for result in (without, expected):
         assert _max_diff(with_offload["losses"], result["losses"]) <= TOLERANCE, (with_offload, result)

@@ -1,9 +1,10 @@
 """Every parallel layout the executor runs trains exactly like one process: same losses, same gradient norms.
 
-Each case launches tests/distributed/parity_worker.py under torchrun (gloo on CPU) and compares its 4 losses and
+Each case runs tests/distributed/parity_worker.py under torchrun (gloo on CPU) and compares its 4 losses and
 clipped gradient norms with a plain single-process PyTorch run (fp32, SGD with momentum, which is
-scale-sensitive). It also checks that each rank really holds only its share of the parameters. Launches run one
-after another: the box has 2 cores, and the 8-process case alone takes about 30 s.
+scale-sensitive). It also checks that each rank really holds only its share of the parameters. The selected cases
+of one process count share a launch (one process group, a mesh per case): starting the processes and importing
+torch, several seconds a launch on this 2-core box, is paid once per count rather than once per case.
 """
 
 from __future__ import annotations
@@ -32,27 +33,40 @@ TOLERANCE = 1e-5
 LAUNCH_TIMEOUT_S = 120
 
 
-def _run_worker(command: list[str], out: Path) -> tuple[dict, float]:
+def _run_worker(command: list[str], out: Path, timeout_s: float = LAUNCH_TIMEOUT_S) -> tuple[dict, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"{' '.join(command)} ran past {LAUNCH_TIMEOUT_S} s:\n{timeout.stderr}")
+        pytest.fail(f"{' '.join(command)} ran past {timeout_s} s:\n{timeout.stderr}")
     wall_s = time.perf_counter() - started
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
     return json.loads(out.read_text()), wall_s
 
 
+Case = tuple[str, ParallelPlan, int | None]  # model, plan, resume after this step (None: no checkpoint)
+
+
+def launch_cases(cases: dict[str, Case], out: Path) -> tuple[dict[str, dict], float]:
+    """Run every case, all plans of the same GPU count, in one torchrun launch with one process per GPU; refuse
+    what the executor cannot run before any process starts. Results by case name, and the launch's wall time."""
+    (world,) = {plan.num_gpus for _, plan, _ in cases.values()}
+    for model, plan, _ in cases.values():
+        require_executable(plan, MODELS[model], TRAINING)
+    payload = [{"name": name, "model": model, "plan": plan.model_dump(mode="json"), "resume_after": resume_after}
+               for name, (model, plan, resume_after) in cases.items()]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    command += [WORKER, "--cases", json.dumps(payload), "--out", str(out)]
+    return _run_worker(command, out, LAUNCH_TIMEOUT_S * len(cases))
+
+
 def launch(model: str, plan: ParallelPlan, out: Path, resume_after: int | None = None) -> tuple[dict, float]:
-    """Run the worker under torchrun with one process per GPU of the plan; refuse what the executor cannot run
-    before any process starts. `resume_after`: go on from a checkpoint of that step, in a freshly built model."""
-    require_executable(plan, MODELS[model], TRAINING)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_gpus}"]
-    command += [WORKER, "--model", model, "--plan", plan.model_dump_json(), "--out", str(out)]
-    command += ["--resume-after", str(resume_after)] if resume_after is not None else []
-    return _run_worker(command, out)
+    """One plan's run in a launch of its own. `resume_after`: go on from a checkpoint of that step, in a freshly
+    built model."""
+    results, wall_s = launch_cases({"run": (model, plan, resume_after)}, out)
+    return results["run"], wall_s
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +163,44 @@ CASES = {
 RESUMED_MID_RUN = {"mixtral-dp2xep2-zero0-ddp", "mixtral-dp4xep2-zero2-fsdp2"}
 
 
+@pytest.fixture(scope="module")
+def case_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """case_run(name): the result of CASES[name], launched on first use with every other selected case of its
+    process count."""
+    folder = tmp_path_factory.mktemp("cases")
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "function", None) is test_plan_trains_like_one_process]  # fmt: skip
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+
+    def get(name: str) -> dict:
+        if name not in results and name not in failures:
+            world = CASES[name][1].num_gpus
+            batch = {other: (*CASES[other], 2 if other in RESUMED_MID_RUN else None)
+                     for other in selected if CASES[other][1].num_gpus == world}  # fmt: skip
+            try:
+                found, wall_s = launch_cases(batch, folder / f"{world}-processes.json")
+            except pytest.fail.Exception as failed:  # every case of the launch fails with its output
+                failures.update(dict.fromkeys(batch, str(failed)))
+            else:
+                print(f"\nparity launch of {len(batch)} cases on {world} processes: wall {wall_s:.1f} s")
+                results.update(found)
+        if name in failures:
+            pytest.fail(failures[name])
+        return results[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict], tmp_path: Path) -> None:
+def test_plan_trains_like_one_process(name: str, reference: Callable[[str], dict], case_run: Callable[[str], dict]):
     model, plan = CASES[name]
     expected = reference(model)
-    result, wall_s = launch(model, plan, tmp_path / "result.json", 2 if name in RESUMED_MID_RUN else None)
+    result = case_run(name)
     loss_diff = max(abs(a - b) for a, b in zip(result["losses"], expected["losses"], strict=True))
     norm_diff = max(abs(a - b) for a, b in zip(result["grad_norms"], expected["grad_norms"], strict=True))
     print(f"\nparity {name}: {plan.num_gpus} processes, max |loss diff| {loss_diff:.1e}, "
-          f"max |grad norm diff| {norm_diff:.1e}, wall {wall_s:.1f} s, worker {result['worker_s']:.1f} s")  # fmt: skip
+          f"max |grad norm diff| {norm_diff:.1e}, worker {result['worker_s']:.1f} s")  # fmt: skip
     assert loss_diff <= TOLERANCE, (result["losses"], expected["losses"])
     assert norm_diff <= TOLERANCE, (result["grad_norms"], expected["grad_norms"])
     if MODELS[model].num_experts > 1:  # the load-balancing loss the step logs, averaged as one process has it
