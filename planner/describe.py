@@ -33,8 +33,9 @@ def describe_plan(plan: ParallelPlan) -> str:
 def describe_plan_compact(plan: ParallelPlan) -> str:
     """A short label for progress bars, the validation's per-plan rows and its plot's ticks, e.g.
     "dp2 tp1 pp2 zero1 mbs4 none sp 1f1b": only what varies among one machine's plans, nothing that does not
-    apply (ZeRO without data parallelism, a schedule without a pipeline, cp at 1)."""
+    apply (ZeRO without data parallelism, a schedule without a pipeline, cp or ep at 1)."""
     text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" cp{plan.cp}" if plan.cp > 1 else "")
+    text += f" ep{plan.ep}" if plan.ep > 1 else ""
     if plan.dp * plan.cp > 1:  # ZeRO shards over the dp x cp group
         text += f" zero{plan.zero_stage}"
     text += f" mbs{plan.micro_batch_size} {plan.recompute}"

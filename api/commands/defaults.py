@@ -18,3 +18,8 @@ VALIDATION_MODEL = (
 # error near 1.25 x 12% / 4 = 4%, against 5% with the 8 of the former default of 12 steps. More passes or steps
 # narrow it further (the CPU targets took 4 runs of 30 steps a plan).
 DEFAULT_STEPS = 20
+
+# The technique entries `validate` adds to the search space's plans (api/commands/loop/techniques.py), each where
+# this machine can run it: context parallelism, fp16 with loss scaling, CPU offload, expert parallelism.
+ALL_TECHNIQUES = ("cp", "fp16", "offload", "ep")
+DEFAULT_TECHNIQUES = ALL_TECHNIQUES
