@@ -144,6 +144,45 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
     assert "was made with passes 2, not --passes 1" in done.stdout + done.stderr, done.stdout + done.stderr
 
 
+def test_validate_runs_the_technique_entries_and_calibrates_on_them(tmp_path: Path):
+    """`--techniques all`: a cp, an fp16, an offload and an ep entry join the search space's plans, each trained
+    under torchrun, predicted (fp16 and ep from their own layers' profile) and stored like the plans."""
+    out, data_dir = tmp_path / "validation", tmp_path / "data"
+    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "2", "--confirm", "0",
+                    "--techniques", "all", "--profile", str(FIXTURE_PROFILE), "--out", str(out), "--json",
+                    data_dir=data_dir, timeout_s=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    ran = {entry["technique"]: entry for entry in figures["techniques"]}
+    left_out = {entry["technique"]: entry["reason"] for entry in figures["left_out"]}
+    assert set(ran) | set(left_out) == {"cp", "fp16", "offload", "ep"} and {"cp", "offload", "ep"} <= set(ran)
+    assert figures["plans"] == figures["measured"] == 2 + len(ran) and figures["failed"] == []
+    assert all(entry["measured_s"] > 0 and entry["predicted_s"] > 0 for entry in ran.values())
+    assert ran["cp"]["plan"]["cp"] == 2 and ran["ep"]["plan"]["ep"] == 2
+    assert ran["offload"]["plan"]["offload"] != "none"
+    records = {run["technique"]: run for run in json.loads((out / "runs.json").read_text())}
+    assert records["ep"]["request"]["model"]["num_experts"] > 1
+    if "fp16" in ran:
+        assert records["fp16"]["request"]["training"]["precision"] == "fp16"
+        fp16_profile = load_profile_json(Path(records["fp16"]["profile_file"]))
+        assert {m.dtype for m in fp16_profile.layers} == {"fp16"}
+    else:  # this machine cannot run or profile fp16: the reason is printed
+        assert left_out["fp16"] in done.stderr
+    # The entries flow into the same calibration and the same stored runs as the search space's plans.
+    calibrated = load_profile_json(out / "calibrated-profile.json")
+    assert calibrated.calibration is not None and calibrated.calibration.num_runs == figures["measured"]
+    report = (out / "report.md").read_text()
+    assert "## Technique entries" in report and "[ep entry]" in report and "4 experts top-2" in report
+    store = ApiStore(f"sqlite:///{data_dir / 'paraplan.db'}")
+    try:
+        stored = [json.loads(run.request) for run in store.measured_runs(limit=20)]
+    finally:
+        store.close()
+    assert len(stored) == figures["measured"]
+    assert sum(request["plan"]["cp"] == 2 for request in stored) == 1
+    assert sum(request["plan"]["ep"] == 2 for request in stored) == 1
+
+
 def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
     out, data_dir = tmp_path / "validation", tmp_path / "data"
     env = {**os.environ, "PARAPLAN_DATA_DIR": str(data_dir)}

@@ -85,8 +85,11 @@ class Validation:
             "measured": len(self.measured),
             "failed": [_plan_json(r) | {"error": r.error} for r in self.runs if r.error],
             "crashed_once": [_plan_json(r) | {"error": r.crash} for r in self.runs if r.crash],
-            "techniques": [_plan_json(r) | {"predicted_s": r.predicted_s, "measured_s": r.measured_s}
-                           for r in self.runs if r.technique],
+            "techniques": [
+                _plan_json(r) | {"predicted_s": r.predicted_s, "measured_s": r.measured_s}
+                for r in self.runs
+                if r.technique
+            ],
             "left_out": [{"technique": s.technique, "reason": s.reason} for s in self.left_out],
             "calibration": calibration.model_dump(mode="json") if calibration else None,
         }
