@@ -37,6 +37,8 @@ TINY_MODEL = {"name": "llama3-8b", "num_layers": 2, "hidden_size": 64, "num_atte
 # Four plans (dp2, tp2 with and without sequence parallelism, pp2 1f1b) at micro-batch 2; three are run.
 SMALL_SPACE = ["--model", json.dumps(TINY_MODEL), "--seq-len", "32", "--global-batch", "4", "--mbs", "2",
                "--recompute", "none", "--zero", "0", "--schedule", "1f1b", "--max-plans", "3"]  # fmt: skip
+# A profile of TINY_MODEL in SMALL_SPACE's shapes (the first validation of its test, measured on this 2-core box).
+TINY_PROFILE = REPO / "tests" / "unit" / "fixtures" / "validation" / "tiny-cpu-profile.json"
 
 
 def paraplan(*args: str, data_dir: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
@@ -148,9 +150,11 @@ def test_validate_runs_the_technique_entries_and_calibrates_on_them(tmp_path: Pa
     """`--techniques all`: a cp, an fp16, an offload and an ep entry join the search space's plans, each trained
     under torchrun, predicted (fp16 and ep from their own layers' profile) and stored like the plans."""
     out, data_dir = tmp_path / "validation", tmp_path / "data"
-    done = paraplan("validate", "--nproc", "2", *FIXTURE_SPACE, "--max-plans", "2", "--confirm", "0",
-                    "--techniques", "all", "--profile", str(FIXTURE_PROFILE), "--out", str(out), "--json",
-                    data_dir=data_dir, timeout_s=600)  # fmt: skip
+    # The tiny model, whose fp16 layers take milliseconds even on a CPU (the default model's fp16 backward is ~20x its
+    # fp32 one here), with a profile of it: only the fp16 and ep entries' own layers are measured.
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--max-plans", "2", "--steps", "3", "--warm-steps",
+                    "1", "--confirm", "0", "--techniques", "all", "--profile", str(TINY_PROFILE), "--out", str(out),
+                    "--json", data_dir=data_dir, timeout_s=480)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     ran = {entry["technique"]: entry for entry in figures["techniques"]}
