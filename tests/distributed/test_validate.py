@@ -186,6 +186,16 @@ def test_validate_runs_the_technique_entries_and_calibrates_on_them(tmp_path: Pa
     assert sum(request["plan"]["cp"] == 2 for request in stored) == 1
     assert sum(request["plan"]["ep"] == 2 for request in stored) == 1
 
+    # Compared again (--runs): each entry is checked against, and predicted from, its own setup and profile.
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--max-plans", "2", "--steps", "3", "--warm-steps",
+                    "1", "--techniques", "all", "--runs", str(out / "runs.json"), "--no-store", "--out",
+                    str(tmp_path / "again"), "--json", data_dir=data_dir, timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: again[k] for k in ("mape", "kendall_tau", "measured")} == {
+        k: figures[k] for k in ("mape", "kendall_tau", "measured")
+    }
+
 
 def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):
     out, data_dir = tmp_path / "validation", tmp_path / "data"
