@@ -14,8 +14,8 @@ What is measured is what the executor runs (executor/models, executor/parallel/c
 Layer times are taken inside a small running model of the executor's own Transformer, at the layer boundaries
 (profiler/layer_timing.py says why): CUDA events on a GPU, ``perf_counter`` on the CPU with a fixed thread count,
 after warm-ups, reporting the median and spread of the repeats (pooled over `passes`). On CUDA 16-bit precisions
-run as the executor runs them, under autocast over fp32 weights; on the CPU the executor trains in fp32, so only
-fp32 is profiled there.
+run as the executor runs them, under autocast over fp32 weights; on the CPU the executor trains bf16 requests in fp32
+and fp16 ones under autocast (executor/precision.py), so fp32 and fp16 are profiled there, bf16 is not.
 
 Saved bytes. `saved_activation_bytes` counts the storages that a forward pass creates and that are still alive
 once it returns, other than its output: exactly what the autograd graph (or a checkpoint) holds until backward.
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
-_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _MAX_GRAD_NORM = 1.0  # the trainer's default (executor/config.py); clipping costs the same whatever the bound
 
 
@@ -102,8 +101,8 @@ class ComputeSweep:
         found += [("recompute_modes", f"unknown mode {m!r}") for m in self.recompute_modes if m not in RECOMPUTE_MODES]
         if self.device not in ("cpu", "cuda"):
             found.append(("device", f"must be cpu or cuda, got {self.device!r}"))
-        if self.device == "cpu" and self.dtype != "fp32":
-            found.append(("dtype", f"the executor trains in fp32 on the CPU; {self.dtype} is profiled on cuda only"))
+        if self.device == "cpu" and self.dtype == "bf16":
+            found.append(("dtype", "the executor trains bf16 in fp32 on the CPU; bf16 is profiled on cuda only"))
         for name in ("warmup", "repeats", "threads", "model_blocks", "passes"):
             value = getattr(self, name)
             minimum = 0 if name == "warmup" else 1
@@ -318,13 +317,11 @@ def build_layer(
 
 
 def autocast_for(dtype: Precision, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
-    """The trainer's mixed precision (executor/train.py): autocast to a 16-bit dtype on CUDA, nothing else."""
-    import torch
+    """The trainer's mixed precision, its own function (executor/precision.py): autocast to a 16-bit dtype on CUDA,
+    to fp16 on the CPU, nothing else."""
+    from executor.precision import autocast_for as trainers_autocast
 
-    if dtype not in _AUTOCAST_DTYPES or device.type != "cuda":
-        return nullcontext
-    autocast_dtype = getattr(torch, _AUTOCAST_DTYPES[dtype])
-    return lambda: torch.autocast(device_type="cuda", dtype=autocast_dtype)
+    return trainers_autocast(dtype, device)
 
 
 def _block(spec: ModelSpec, point: LayerPoint, device: Any, dtype: Any, generator: Any) -> LayerUnderTest:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from api.cli.app import app, bad_input, run_failed
 from api.cli.app import console as _console
-from api.commands.defaults import DEFAULT_STEPS, VALIDATION_MODEL
+from api.commands.defaults import ALL_TECHNIQUES, DEFAULT_STEPS, DEFAULT_TECHNIQUES, VALIDATION_MODEL
 from api.commands.inputs import model_from_flag, parse_int_list
 from api.errors import InputError
 
@@ -64,6 +64,15 @@ def validate(
     mbs: Annotated[str | None, typer.Option("--mbs", help="Micro-batch sizes to include.")] = None,
     recompute: Annotated[str | None, typer.Option("--recompute", help="Recompute modes to include.")] = None,
     schedule: Annotated[str | None, typer.Option("--schedule", help="Pipeline schedules to include.")] = None,
+    techniques: Annotated[
+        str | None,
+        typer.Option(
+            "--techniques",
+            help="Technique entries to add to the plans, each where this machine can run it (else left out with "
+            f"the reason): some of {','.join(ALL_TECHNIQUES)}, all or none. ep trains the model with "
+            "experts added. Default: " + (",".join(DEFAULT_TECHNIQUES) or "none") + ".",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu (gloo, fp32) or cuda (NCCL, bf16).")] = "cpu",
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPU preset of the cuda device, e.g. h100-sxm.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads per rank, profile and runs.", min=1)] = 1,
@@ -127,6 +136,8 @@ def options_of(flags: dict[str, Any]) -> Any:
     from planner.specs import ModelSpec
 
     values = {name: value for name, value in flags.items() if name != "as_json" and value is not None}
+    if "techniques" in values:
+        values["techniques"] = technique_names(values["techniques"])
     for name, kind in _LIST_FLAGS.items():
         if name in values:
             flag, text = "--" + name, values[name]
@@ -139,6 +150,14 @@ def options_of(flags: dict[str, Any]) -> Any:
             f"--model: {problem['msg']}", fields=[{"field": "--model", "message": problem["msg"]}]
         ) from None
     return ValidateOptions(**values)
+
+
+def technique_names(text: str) -> tuple[str, ...]:
+    """`--techniques`: a comma-separated list, `all` or `none` (checked against the known names by the command)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if names == ("all",):
+        return ALL_TECHNIQUES
+    return () if names == ("none",) else names
 
 
 def validation_setup(

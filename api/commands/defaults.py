@@ -18,3 +18,10 @@ VALIDATION_MODEL = (
 # error near 1.25 x 12% / 4 = 4%, against 5% with the 8 of the former default of 12 steps. More passes or steps
 # narrow it further (the CPU targets took 4 runs of 30 steps a plan).
 DEFAULT_STEPS = 20
+
+# The technique entries `validate` can add to the search space's plans (api/commands/loop/techniques.py), each where
+# this machine can run it: context parallelism, fp16 with loss scaling, CPU offload, expert parallelism. Asked for
+# (`--techniques all`), not by default: on this 2-core CPU they add four runs and two layer profiles (fp16's and
+# the mixture of experts'), which lengthened a 3-plan validation by more than half (docs/profiling.md).
+ALL_TECHNIQUES = ("cp", "fp16", "offload", "ep")
+DEFAULT_TECHNIQUES: tuple[str, ...] = ()

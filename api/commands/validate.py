@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.commands.defaults import DEFAULT_STEPS, VALIDATION_MODEL
+from api.commands.defaults import DEFAULT_STEPS, DEFAULT_TECHNIQUES, VALIDATION_MODEL
 from api.commands.inputs import model_spec
 from api.commands.progress import Progress
 from api.errors import InputError
@@ -48,6 +48,7 @@ class ValidateOptions(BaseModel):
     mbs: tuple[int, ...] | None = None
     recompute: tuple[str, ...] | None = None
     schedule: tuple[str, ...] | None = None
+    techniques: tuple[str, ...] = DEFAULT_TECHNIQUES  # checked by `setup_of`, whose refusal names the flag
     device: str = "cpu"  # checked by `setup_of`, whose refusal names the flag
     gpu: str | None = None
     threads: int = 1
@@ -85,6 +86,7 @@ def setup_of(options: ValidateOptions) -> Any:
     if warm_steps >= steps:
         raise InputError(f"--warm-steps: must be below --steps ({steps}), got {warm_steps}", fields=[
             {"field": "--warm-steps", "message": "must be below --steps"}])  # fmt: skip
+    _check_techniques(options.techniques)
     given = {field: getattr(options, name) for name, (field, _) in _LISTS.items() if getattr(options, name) is not None}
     try:
         search = SearchOptions(**given)
@@ -97,15 +99,25 @@ def setup_of(options: ValidateOptions) -> Any:
         model=options.model, seq_len=options.seq_len, global_batch_size=options.global_batch, nproc=options.nproc,
         out=options.out, device=device, gpu=gpu or "cpu", steps=steps, warm_steps=warm_steps, search=search,
         max_plans=options.max_plans, threads=options.threads, passes=passes, paired=options.paired,
-        confirm=options.confirm,
+        confirm=options.confirm, techniques=options.techniques,
     )  # fmt: skip
+
+
+def _check_techniques(techniques: tuple[str, ...]) -> None:
+    from api.commands.loop.techniques import TECHNIQUES
+
+    unknown = [name for name in techniques if name not in TECHNIQUES]
+    if unknown or len(set(techniques)) != len(techniques):
+        why = f"unknown {', '.join(map(repr, unknown))}" if unknown else "each at most once"
+        message = f"{why}; give some of {', '.join(TECHNIQUES)}, all or none"
+        raise InputError(f"--techniques: {message}", fields=[{"field": "--techniques", "message": message}])
 
 
 def check(options: ValidateOptions) -> None:
     """What a validation job checks before it is queued (no torch): the setup, and two plans the executor runs."""
-    from api.commands.loop.setup import valid_plans
+    from api.commands.loop.techniques import grid
 
-    plans = valid_plans(setup_of(options))
+    plans, _ = grid(setup_of(options))
     if len(plans) < 2:
         raise InputError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
 

@@ -58,6 +58,9 @@ class ValidationJobBody(BaseModel):
     mbs: list[Int] | None = Field(None, min_length=1, max_length=16)
     recompute: list[Literal["none", "selective", "full"]] | None = Field(None, min_length=1, max_length=3)
     schedule: list[Literal["gpipe", "1f1b", "interleaved_1f1b"]] | None = Field(None, min_length=1, max_length=3)
+    techniques: list[Literal["cp", "fp16", "offload", "ep"]] | None = Field(
+        None, max_length=4, description="technique entries added to the plans, each where the machine runs it"
+    )
     device: Literal["cpu", "cuda"] | None = None
     gpu: Text | None = Field(None, min_length=1, max_length=64, description="GPU preset of the cuda device")
     threads: Int | None = Field(None, ge=1, le=1024)

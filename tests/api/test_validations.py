@@ -37,6 +37,8 @@ def test_a_validation_needs_the_token(idle_client: TestClient):
         (SMALL | {"model": {"name": "llama3-8b", "num_layers": 0}}, "bad_input", "model.num_layers"),
         (SMALL | {"unknown": 1}, "invalid_request", "unknown"),
         (SMALL | {"paired": True, "passes": 2}, "bad_input", "paired"),
+        (SMALL | {"techniques": ["tp"]}, "invalid_request", "techniques.0"),
+        (SMALL | {"techniques": ["cp", "cp"]}, "bad_input", "techniques"),
     ],
 )
 def test_bad_validations_name_the_field_and_start_nothing(
@@ -71,6 +73,18 @@ def test_paired_reaches_the_command_as_its_switch(
     command, options = read_record(record)
     assert command == "validate"
     assert options.paired is paired  # type: ignore[attr-defined]
+
+
+def test_techniques_reach_the_command(idle_client: TestClient, auth_headers: dict[str, str], data_dir: Path):
+    """The job's options record asks for the technique entries the body names (run: tests/distributed/
+    test_validate.py); without them, none (the default)."""
+    from api.commands.run import RECORD_FILE, read_record
+
+    accepted = idle_client.post("/v1/validations", json=SMALL | {"techniques": ["cp", "ep"]}, headers=auth_headers)
+    assert accepted.status_code == 202, accepted.text
+    (job_id,) = job_folders(data_dir)
+    _, options = read_record(data_dir / "jobs" / job_id / RECORD_FILE)
+    assert options.techniques == ("cp", "ep")  # type: ignore[attr-defined]
 
 
 def test_a_space_without_two_runnable_plans_is_refused(idle_client: TestClient, auth_headers: dict[str, str]):

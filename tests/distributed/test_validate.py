@@ -37,6 +37,8 @@ TINY_MODEL = {"name": "llama3-8b", "num_layers": 2, "hidden_size": 64, "num_atte
 # Four plans (dp2, tp2 with and without sequence parallelism, pp2 1f1b) at micro-batch 2; three are run.
 SMALL_SPACE = ["--model", json.dumps(TINY_MODEL), "--seq-len", "32", "--global-batch", "4", "--mbs", "2",
                "--recompute", "none", "--zero", "0", "--schedule", "1f1b", "--max-plans", "3"]  # fmt: skip
+# A profile of TINY_MODEL in SMALL_SPACE's shapes (the first validation of its test, measured on this 2-core box).
+TINY_PROFILE = REPO / "tests" / "unit" / "fixtures" / "validation" / "tiny-cpu-profile.json"
 
 
 def paraplan(*args: str, data_dir: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
@@ -142,6 +144,57 @@ def test_validate_profiles_runs_compares_and_calibrates(tmp_path: Path):
                     data_dir=data_dir, timeout_s=60)  # fmt: skip
     assert done.returncode == 1
     assert "was made with passes 2, not --passes 1" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_validate_runs_the_technique_entries_and_calibrates_on_them(tmp_path: Path):
+    """`--techniques all`: a cp, an fp16, an offload and an ep entry join the search space's plans, each trained
+    under torchrun, predicted (fp16 and ep from their own layers' profile) and stored like the plans."""
+    out, data_dir = tmp_path / "validation", tmp_path / "data"
+    # The tiny model, whose fp16 layers take milliseconds even on a CPU (the default model's fp16 backward is ~20x its
+    # fp32 one here), with a profile of it: only the fp16 and ep entries' own layers are measured.
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--max-plans", "2", "--steps", "3", "--warm-steps",
+                    "1", "--confirm", "0", "--techniques", "all", "--profile", str(TINY_PROFILE), "--out", str(out),
+                    "--json", data_dir=data_dir, timeout_s=480)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    ran = {entry["technique"]: entry for entry in figures["techniques"]}
+    left_out = {entry["technique"]: entry["reason"] for entry in figures["left_out"]}
+    assert set(ran) | set(left_out) == {"cp", "fp16", "offload", "ep"} and {"cp", "offload", "ep"} <= set(ran)
+    assert figures["plans"] == figures["measured"] == 2 + len(ran) and figures["failed"] == []
+    assert all(entry["measured_s"] > 0 and entry["predicted_s"] > 0 for entry in ran.values())
+    assert ran["cp"]["plan"]["cp"] == 2 and ran["ep"]["plan"]["ep"] == 2
+    assert ran["offload"]["plan"]["offload"] != "none"
+    records = {run["technique"]: run for run in json.loads((out / "runs.json").read_text())}
+    assert records["ep"]["request"]["model"]["num_experts"] > 1
+    if "fp16" in ran:
+        assert records["fp16"]["request"]["training"]["precision"] == "fp16"
+        fp16_profile = load_profile_json(Path(records["fp16"]["profile_file"]))
+        assert {m.dtype for m in fp16_profile.layers} == {"fp16"}
+    else:  # this machine cannot run or profile fp16: the reason is printed
+        assert left_out["fp16"] in done.stderr
+    # The entries flow into the same calibration and the same stored runs as the search space's plans.
+    calibrated = load_profile_json(out / "calibrated-profile.json")
+    assert calibrated.calibration is not None and calibrated.calibration.num_runs == figures["measured"]
+    report = (out / "report.md").read_text()
+    assert "## Technique entries" in report and "[ep entry]" in report and "4 experts top-2" in report
+    store = ApiStore(f"sqlite:///{data_dir / 'paraplan.db'}")
+    try:
+        stored = [json.loads(run.request) for run in store.measured_runs(limit=20)]
+    finally:
+        store.close()
+    assert len(stored) == figures["measured"]
+    assert sum(request["plan"]["cp"] == 2 for request in stored) == 1
+    assert sum(request["plan"]["ep"] == 2 for request in stored) == 1
+
+    # Compared again (--runs): each entry is checked against, and predicted from, its own setup and profile.
+    done = paraplan("validate", "--nproc", "2", *SMALL_SPACE, "--max-plans", "2", "--steps", "3", "--warm-steps",
+                    "1", "--techniques", "all", "--runs", str(out / "runs.json"), "--no-store", "--out",
+                    str(tmp_path / "again"), "--json", data_dir=data_dir, timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: again[k] for k in ("mape", "kendall_tau", "measured")} == {
+        k: figures[k] for k in ("mape", "kendall_tau", "measured")
+    }
 
 
 def test_a_stopped_validation_keeps_the_runs_it_measured(tmp_path: Path):

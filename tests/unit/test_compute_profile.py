@@ -150,3 +150,18 @@ def test_cuda_profile_records_allocator_peaks():
     result = profile_compute(sweep(device="cuda", dtype="bf16", seq_lens=(64,), micro_batch_sizes=(2,)))
     assert result.device_kind == "cuda" and result.cuda_version
     assert all(m.peak_allocated_bytes and m.peak_allocated_bytes >= m.saved_bytes for m in result.layers)
+
+
+def test_fp16_is_profiled_on_the_cpu_under_the_trainers_autocast():
+    """The executor trains fp16 on the CPU under autocast (executor/precision.py), so the profiler times it so too:
+    its layers' matmuls run in fp16 while the weights stay fp32."""
+    import torch
+
+    from profiler.compute import autocast_for
+
+    assert sweep(dtype="fp16").violations() == []
+    with autocast_for("fp16", torch.device("cpu"))():
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == torch.float16
+    result = profile_compute(sweep(dtype="fp16", seq_lens=(16,), micro_batch_sizes=(1,)))
+    assert {m.dtype for m in result.layers} == {"fp16"} and all(m.forward.median_s > 0 for m in result.layers)

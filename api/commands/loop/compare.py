@@ -10,6 +10,7 @@ import numpy as np
 
 from api.commands.loop.runs import PlanRun
 from api.commands.loop.setup import ValidationSetup
+from api.commands.loop.techniques import Skipped, technique_entries
 from planner import agreement
 from planner.calibration import MeasuredStep, fit_calibration, held_out_predictions, predict_steps
 from planner.profiles import load_profile_json
@@ -62,8 +63,14 @@ class Validation:
 
     @property
     def paired(self) -> bool:
-        """The runs were predicted from profiles measured next to them (`ValidationSetup.paired`)."""
-        return any(run.profile_file for run in self.runs)
+        """The runs were predicted from profiles measured next to them (`ValidationSetup.paired`); a technique
+        entry's own profile (api/commands/loop/techniques.py) does not make a validation paired."""
+        return self.setup.paired or any(run.profile_file and run.technique is None for run in self.runs)
+
+    @property
+    def left_out(self) -> list[Skipped]:
+        """The techniques asked for that this machine cannot run, with why."""
+        return technique_entries(self.setup)[1]
 
     def figures_json(self) -> dict[str, Any]:
         """What `--json` prints: the headline figures (before calibration at the top level, as the issue names
@@ -76,10 +83,27 @@ class Validation:
             "paired": self.paired,
             "plans": len(self.runs),
             "measured": len(self.measured),
-            "failed": [{"plan": r.plan.model_dump(mode="json"), "error": r.error} for r in self.runs if r.error],
-            "crashed_once": [{"plan": r.plan.model_dump(mode="json"), "error": r.crash} for r in self.runs if r.crash],
+            "failed": [_plan_json(r) | {"error": r.error} for r in self.runs if r.error],
+            "crashed_once": [_plan_json(r) | {"error": r.crash} for r in self.runs if r.crash],
+            "techniques": [
+                _plan_json(r) | {"predicted_s": r.predicted_s, "measured_s": r.measured_s}
+                for r in self.runs
+                if r.technique
+            ],
+            "left_out": [{"technique": s.technique, "reason": s.reason} for s in self.left_out],
             "calibration": calibration.model_dump(mode="json") if calibration else None,
         }
+
+
+def _plan_json(run: PlanRun) -> dict[str, Any]:
+    """A run's plan, and the technique entry it is (None for the search space's plans)."""
+    return {"plan": run.plan.model_dump(mode="json"), "technique": run.technique}
+
+
+def trained_request(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
+    """The request the run trained: its own, kept since technique entries train their own model or precision;
+    the setup's for runs recorded before (every run trained the setup's)."""
+    return run.request or setup.request(run.plan)
 
 
 def own_profile(run: PlanRun) -> HardwareProfile | None:
@@ -93,7 +117,7 @@ def compare(setup: ValidationSetup, profile: HardwareProfile, runs: list[PlanRun
     if len(measured) < 2:
         raise RuntimeError(f"only {len(measured)} plan(s) ran; comparing and calibrating needs at least two")
     steps = [
-        MeasuredStep(parse_estimate_request(setup.request(run.plan)), run.measured_s, own_profile(run))  # type: ignore[arg-type]
+        MeasuredStep(parse_estimate_request(trained_request(run, setup)), run.measured_s, own_profile(run))  # type: ignore[arg-type]
         for run in measured
     ]
     times = np.array([run.measured_s for run in measured])

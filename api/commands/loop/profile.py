@@ -10,6 +10,7 @@ from api.commands.progress import Progress
 from api.errors import InputError
 from planner.cost.params import model_params
 from planner.specs import HardwareProfile, ModelSpec, ParallelPlan
+from profiler.compute import ComputeSweep
 
 # With one pass of runs, the profile is measured in three passes, each timing every layer shape alone, on tp ranks
 # and on busy ranks (api/commands/profile.py `measure_node`), pooled by their median: a shared machine's speed drifts
@@ -29,24 +30,10 @@ def measure_profile(
 ) -> HardwareProfile:
     """A profile of this machine for the plans: their layer shapes (alone, on tp ranks, and on all `nproc` ranks
     at once), in `passes` passes of all three, and, with `collectives`, the collectives of `nproc` ranks."""
-    from api.commands.profile import CommLaunch, measure_node, merge, run_comm, sweep_for_ranks
+    from api.commands.profile import CommLaunch, measure_node, merge, run_comm
     from profiler.collectives import sweep_command_args
-    from profiler.compute import ComputeSweep
 
-    needs = profile_needs(plans)
-    sweep = ComputeSweep(
-        model=setup.model,
-        seq_lens=(setup.seq_len,),
-        micro_batch_sizes=tuple(needs["micro_batch_sizes"]),
-        tps=tuple(needs["tps"]),
-        recompute_modes=tuple(needs["recompute_modes"]),
-        dtype="fp32" if setup.device == "cpu" else "bf16",
-        device=setup.device,
-        threads=setup.threads if setup.device == "cpu" else None,
-        sequence_parallel=tuple(needs["sequence_parallel"]),
-        passes=passes,
-    )
-    sweep = sweep_for_ranks(sweep, setup.nproc)
+    sweep = layer_sweep(setup, plans, passes)
     problems = sweep.violations()
     if problems:
         raise InputError("; ".join(f"{field}: {why}" for field, why in problems))
@@ -56,6 +43,27 @@ def measure_profile(
     sweep_file = setup.out / "profile.sweep.json"
     comm = CommLaunch(setup.nproc, 1, sweep_command_args(sweep_file, max_bytes=largest_message_bytes(setup.model)))
     return merge(compute, run_comm(comm, sweep_file, progress, cancel))
+
+
+def layer_sweep(setup: ValidationSetup, plans: list[ParallelPlan], passes: int = PROFILE_PASSES) -> ComputeSweep:
+    """The layer shapes of `plans` for `setup`'s model and precision, as the profiler sweeps them on `nproc`
+    ranks."""
+    from api.commands.profile import sweep_for_ranks
+
+    needs = profile_needs(plans)
+    sweep = ComputeSweep(
+        model=setup.model,
+        seq_lens=(setup.seq_len,),
+        micro_batch_sizes=tuple(needs["micro_batch_sizes"]),
+        tps=tuple(needs["tps"]),
+        recompute_modes=tuple(needs["recompute_modes"]),
+        dtype=setup.training_precision,  # type: ignore[arg-type]
+        device=setup.device,
+        threads=setup.threads if setup.device == "cpu" else None,
+        sequence_parallel=tuple(needs["sequence_parallel"]),
+        passes=passes,
+    )
+    return sweep_for_ranks(sweep, setup.nproc)
 
 
 def largest_message_bytes(model: ModelSpec) -> int:

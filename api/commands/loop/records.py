@@ -8,9 +8,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from api.commands.loop.compare import own_profile
+from api.commands.loop.compare import own_profile, trained_request
 from api.commands.loop.runs import PlanRun
 from api.commands.loop.setup import ValidationSetup, estimate_of
+from api.commands.loop.techniques import entry_setup
 from api.errors import InputError
 from api.store import ApiStore, MeasuredRunRow, new_id, utc_now
 from planner.describe import describe_plan_compact
@@ -21,7 +22,7 @@ from profiler.worker import write_json_atomically
 
 def run_record(run: PlanRun, setup: ValidationSetup) -> dict[str, Any]:
     """A run as runs.json keeps it: what it measured, with the full request it trained."""
-    return {**asdict(run), "plan": run.plan.model_dump(mode="json"), "request": setup.request(run.plan),
+    return {**asdict(run), "plan": run.plan.model_dump(mode="json"), "request": trained_request(run, setup),
             "device": setup.device, "steps": setup.steps, "passes": setup.passes}  # fmt: skip
 
 
@@ -45,14 +46,18 @@ def read_runs(path: Path, setup: ValidationSetup, profile: HardwareProfile) -> l
     estimated = []
     for number, (record, run) in enumerate(zip(records, runs, strict=True)):
         where = f"{path} run {number}"
-        _require_same_setup(trained[number], setup, run.plan, where)
+        try:
+            own_setup = entry_setup(setup, run.technique)  # a technique entry trains its own model or precision
+        except ValueError as error:
+            raise InputError.at("--runs", f"{where}: {error}") from error
+        _require_same_setup(trained[number], own_setup, run.plan, where)
         _require_same_count(record, "steps", setup.steps, where)
         _require_same_count(record, "passes", setup.passes, where)  # the report counts each plan's runs from it
         try:
             own = own_profile(run)  # a paired validation's run is estimated from its own profile
         except ValueError as error:
             raise InputError.at("--runs", f"{where}: {error}") from error
-        estimated.append(replace(run, estimate=estimate_of(setup, run.plan, own or profile)))
+        estimated.append(replace(run, estimate=estimate_of(own_setup, run.plan, own or profile)))
     return estimated
 
 
@@ -75,6 +80,8 @@ def _earlier_run(record: dict[str, Any]) -> PlanRun:
         profile_file=record.get("profile_file"),
         confirm_runs=record.get("confirm_runs", 0),
         crash=record.get("crash"),
+        technique=record.get("technique"),
+        request=record["request"],
     )
 
 

@@ -58,6 +58,7 @@ def markdown(result: Validation, stored_profile_id: str | None, command: str, pl
         *meeting_lines(result),
         *calibration_lines(result, stored_profile_id),
         *failure_lines(result),
+        *technique_lines(result),
     ]
     return "\n".join(lines) + "\n"
 
@@ -100,7 +101,7 @@ def plan_table(result: Validation) -> list[str]:
     for run, held_out in zip(result.measured, result.held_out_s, strict=True):
         measured = run.measured_s or float("nan")
         lines.append(
-            f"| {describe_plan_compact(run.plan)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
+            f"| {describe_run(run)} | {run.predicted_s:.4f} | {held_out:.4f} | {measured:.4f} "
             f"| {step_spread(run):.0%} | {run.predicted_s / measured - 1:+.1%} | {held_out / measured - 1:+.1%} "
             f"| {_memory_cells(run, on_gpu)} |"
         )
@@ -132,9 +133,9 @@ def finalist_lines(result: Validation) -> list[str]:
         return []
     swept_steps = setup.passes * (setup.steps - setup.warm_steps)
     times = "; ".join(
-        f"{describe_plan_compact(run.plan)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
+        f"{describe_run(run)} {float(np.median(run.step_times_s[:swept_steps])):.4f} s in the sweep, "
         f"{run.measured_s:.4f} s with {_runs(run.confirm_runs)} more" if run.measured_s is not None
-        else f"{describe_plan_compact(run.plan)} failed in a run after the sweep"
+        else f"{describe_run(run)} failed in a run after the sweep"
         for run in confirmed
     )  # fmt: skip
     return ["Finalists (the plans predicted and measured fastest) ran again after the sweep, in alternating order, "
@@ -211,6 +212,32 @@ def calibration_lines(result: Validation, stored_profile_id: str | None) -> list
     ]
 
 
+def describe_run(run: PlanRun) -> str:
+    """A run's label: its plan's, with the technique entry it is (an fp16 entry's plan reads like a plan's)."""
+    label = describe_plan_compact(run.plan)
+    return f"{label} [{run.technique} entry]" if run.technique else label
+
+
+def technique_lines(result: Validation) -> list[str]:
+    """The technique entries (api/commands/loop/techniques.py): what each trained, and those this machine left out
+    with why."""
+    entries = [run for run in result.runs if run.technique]
+    if not entries and not result.left_out:
+        return []
+    lines = ["", "## Technique entries", "",
+             "One plan per technique the search space's sweep leaves out, run and compared like the others "
+             "(api/commands/loop/techniques.py); an entry of another precision or model is predicted from its own "
+             "layers, profiled before its first run, with this validation's collectives.", ""]  # fmt: skip
+    for run in entries:
+        training = run.request["training"]
+        model = run.request["model"]
+        experts = f", {model['num_experts']} experts top-{model.get('experts_per_token', 1)}" if model.get(
+            "num_experts", 1) > 1 else ""  # fmt: skip
+        lines.append(f"- {run.technique}: {describe_plan_compact(run.plan)}, {training['precision']}{experts}")
+    lines += [f"- {skipped.technique}: left out, {skipped.reason}" for skipped in result.left_out]
+    return lines
+
+
 def failure_lines(result: Validation) -> list[str]:
     """The plans whose runs failed, and those with a run that crashed (api/commands/loop/runs.py `crashed`) and ran
     again."""
@@ -222,12 +249,12 @@ def failure_lines(result: Validation) -> list[str]:
             "",
             "## Runs that failed",
             "",
-            *(f"- {describe_plan_compact(run.plan)}: {run.error}" for run in failed),
+            *(f"- {describe_run(run)}: {run.error}" for run in failed),
         ]
     if crashed:
         lines += ["", "## Runs that crashed and ran again", "",
                   "Killed by a signal, not by an error of their own; each ran once more, in `<its folder>-again`:", "",
-                  *(f"- {describe_plan_compact(run.plan)}: {run.crash}" for run in crashed)]  # fmt: skip
+                  *(f"- {describe_run(run)}: {run.crash}" for run in crashed)]  # fmt: skip
     return lines
 
 
@@ -261,7 +288,7 @@ def plot_validation(result: Validation, path: Path) -> Path:
             bottom += values
     bars.scatter(x, measured[order], color="black", marker="_", s=120, zorder=3, label="measured")
     bars.scatter(x, after[order], color="red", marker=".", zorder=3, label="calibrated (held out)")
-    bars.set_xticks(x, [describe_plan_compact(runs[i].plan) for i in order], rotation=90, fontsize=6)
+    bars.set_xticks(x, [describe_run(runs[i]) for i in order], rotation=90, fontsize=6)
     bars.set(ylabel="seconds per step", title="predicted breakdown before calibration, by measured time")
     bars.legend(fontsize=7, ncols=3)
     figure.tight_layout()

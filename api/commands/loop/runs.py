@@ -33,6 +33,8 @@ class PlanRun:
     profile_file: str | None = None  # a paired validation's profile of this run (None: the validation's)
     confirm_runs: int = 0  # runs after the sweep pooled into this one (a finalist, `confirm_finalists`)
     crash: str | None = None  # why a run of this plan was killed by a signal and run once more (`run_plan`)
+    technique: str | None = None  # the technique entry this run is (api/commands/loop/techniques.py); None: a plan
+    request: dict[str, Any] = field(default_factory=dict)  # the contract request it trained, its entry's model too
 
     @property
     def predicted_s(self) -> float:
@@ -55,7 +57,7 @@ def run_plan(
     if crashed(result):
         crash, run_dir = failure(result), run_dir.with_name(f"{run_dir.name}-again")
         result = _train(setup, plan, run_dir, cancel)
-    run = PlanRun(plan, estimate, str(run_dir), crash=crash)
+    run = PlanRun(plan, estimate, str(run_dir), crash=crash, request=setup.request(plan))
     if not result.ok:
         return replace(run, error=failure(result))
     records = RunDir(run_dir).read_metrics()

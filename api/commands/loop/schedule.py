@@ -12,25 +12,28 @@ from pathlib import Path
 from api.commands.loop.records import PROFILE_FILE
 from api.commands.loop.runs import PlanRun, run_plan
 from api.commands.loop.setup import ValidationSetup
+from api.commands.loop.techniques import Entry
 from planner.profiles import save_profile_json
 from planner.specs import HardwareProfile, ParallelPlan
 
 
 def run_all(
     setup: ValidationSetup,
-    plans: list[ParallelPlan],
+    plans: list[Entry],
     profile_for_pass: Callable[[int], HardwareProfile],
     cancel: threading.Event,
     on_attempt: Callable[[Attempt], None] = lambda attempt: None,
-    profile_for_run: Callable[[ParallelPlan, HardwareProfile], HardwareProfile] | None = None,
+    profile_for_run: Callable[[Entry, HardwareProfile], HardwareProfile | None] | None = None,
 ) -> list[PlanRun]:
-    """Run every plan `setup.passes` times, one run at a time (they share this machine), odd passes in reverse
-    order, so that early and late plans see the machine's drift alike; a plan's result pools its passes
+    """Run every plan (an entry of the grid: a plan and the setup it trains) `setup.passes` times, one run at a
+    time (they share this machine), odd passes in reverse order, so that early and late plans see the machine's
+    drift alike; a plan's result pools its passes
     (`pooled`). Each pass's runs are estimated from `profile_for_pass(pass)`, called as the pass begins (it may
     measure). Then the finalists are run `setup.confirm` times more (`confirm_finalists`), estimated from the last
     pass's profile. After each run, `on_attempt` sees the progress and the result so far of every plan run at
-    least once. With `profile_for_run` (a paired validation), each run is estimated from
-    `profile_for_run(plan, pass profile)`, measured just before it and kept in its run folder."""
+    least once. Each run for which `profile_for_run(entry, pass profile)` gives a profile (in a paired validation,
+    its plan's layers measured just before it; for a technique entry of another model or precision, that
+    entry's own layers) is estimated from it, and keeps it in its run folder."""
     attempts: list[list[PlanRun]] = [[] for _ in plans]
     schedule = [(attempt, i) for attempt in range(setup.passes) for i in _pass_order(len(plans), attempt)]
     done = 0
@@ -39,9 +42,9 @@ def run_all(
         profile = profile_for_pass(attempt)
         for i in _pass_order(len(plans), attempt):
             folder = f"{i:03d}" if setup.passes == 1 else f"{i:03d}-pass{attempt + 1}"
-            attempts[i].append(_run_one(setup, plans[i], profile, setup.out / "runs" / folder, cancel, profile_for_run))
+            attempts[i].append(_run_one(plans[i], profile, setup.out / "runs" / folder, cancel, profile_for_run))
             done += 1
-            upcoming = plans[schedule[done][1]] if done < len(schedule) else None
+            upcoming = plans[schedule[done][1]].plan if done < len(schedule) else None
             on_attempt(Attempt(done, len(schedule), upcoming, [pooled(runs) for runs in attempts if runs]))
     swept = [pooled(runs) for runs in attempts]
     if setup.confirm == 0 or profile is None:
@@ -50,7 +53,7 @@ def run_all(
 
     def rerun(i: int, attempt: int) -> PlanRun:
         folder = setup.out / "runs" / f"{i:03d}-confirm{attempt + 1}"
-        return _run_one(setup, plans[i], last_profile, folder, cancel, profile_for_run)
+        return _run_one(plans[i], last_profile, folder, cancel, profile_for_run)
 
     return confirm_finalists(swept, setup.confirm, rerun, lambda progress: on_attempt(progress.after(done)))
 
@@ -127,19 +130,19 @@ def _with_extra(run: PlanRun, extra: list[PlanRun]) -> PlanRun:
 
 
 def _run_one(
-    setup: ValidationSetup,
-    plan: ParallelPlan,
+    entry: Entry,
     profile: HardwareProfile,
     run_dir: Path,
     cancel: threading.Event,
-    profile_for_run: Callable[[ParallelPlan, HardwareProfile], HardwareProfile] | None,
+    profile_for_run: Callable[[Entry, HardwareProfile], HardwareProfile | None] | None,
 ) -> PlanRun:
-    """`run_plan`, estimated from the plan's own profile when there is `profile_for_run`, which is then saved in
-    the folder of the run measured (`<run_dir>-again` after a crash)."""
-    if profile_for_run is None:
-        return run_plan(setup, plan, profile, run_dir, cancel)
-    own = profile_for_run(plan, profile)
-    run = run_plan(setup, plan, own, run_dir, cancel)
+    """`run_plan` of the entry in its own setup, estimated from its own profile when `profile_for_run` gives one
+    (paired, or an entry with its own layers); that profile is then saved in the folder of the run measured
+    (`<run_dir>-again` after a crash)."""
+    own = profile_for_run(entry, profile) if profile_for_run is not None else None
+    if own is None:
+        return replace(run_plan(entry.setup, entry.plan, profile, run_dir, cancel), technique=entry.technique)
+    run = replace(run_plan(entry.setup, entry.plan, own, run_dir, cancel), technique=entry.technique)
     return replace(run, profile_file=str(save_profile_json(own, Path(run.run_dir) / PROFILE_FILE)))
 
 

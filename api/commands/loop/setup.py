@@ -52,13 +52,24 @@ class ValidationSetup:
     # Runs more of each finalist (the plans predicted and measured fastest) after the sweep, pooled with its first
     # (`confirm_finalists`): the top-1 regret is then taken between times the machine would repeat.
     confirm: int = 3
+    # The training precision; None: the device's own (fp32 on a CPU, bf16 on a GPU). A technique entry's setup sets
+    # it (the fp16 entry, api/commands/loop/techniques.py); the validation's own plans run at the device's.
+    precision: str | None = None
+    # The techniques whose entries join the search space's plans (api/commands/loop/techniques.py TECHNIQUES), each
+    # where this machine can run and profile it.
+    techniques: tuple[str, ...] = ()
+
+    @property
+    def training_precision(self) -> str:
+        """The precision the setup's runs train at, and its profile times layers at."""
+        return self.precision or ("fp32" if self.device == "cpu" else "bf16")
 
     def request(self, plan: ParallelPlan | None = None) -> dict[str, Any]:
         """The contract request of this setup, with `plan` when given."""
         request: dict[str, Any] = {
             "model": self.model.model_dump(mode="json", exclude_unset=True),
             "training": {"seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                         "precision": "fp32" if self.device == "cpu" else "bf16"},
+                         "precision": self.training_precision},
             "cluster": {"gpu": self.gpu, "num_nodes": 1, "gpus_per_node": self.nproc},
         }  # fmt: skip
         if plan is not None:
@@ -80,10 +91,11 @@ def valid_plans(setup: ValidationSetup) -> list[ParallelPlan]:
 
 
 def _profiled(plan: ParallelPlan) -> bool:
-    """Whether the validation's profile can predict the plan from measured layers. Not yet for context parallelism:
-    the profiler times blocks with SDPA over the whole sequence, while a cp rank's block runs the executor's ring
-    attention (executor/parallel/context.py) on s/cp queries against all s keys, so the estimate would fall back
-    to the analytic block (planner/cost/measured.py) and the comparison would not test the profile's model."""
+    """Whether the search space's plan is one the sweep takes. Not for context parallelism: the profiler times
+    blocks with SDPA over the whole sequence, while a cp rank's block runs the executor's ring attention
+    (executor/parallel/context.py) on s/cp queries against all s keys, which the cost model derives from the
+    whole-sequence block (planner/cost/context.py); a sweep of every cp plan would weigh that one derivation as
+    many times as it has cp plans. The cp technique entry (api/commands/loop/techniques.py) runs one."""
     return plan.cp == 1
 
 

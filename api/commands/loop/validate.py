@@ -21,13 +21,14 @@ from api.commands.loop.records import (
 )
 from api.commands.loop.runs import PlanRun
 from api.commands.loop.schedule import Attempt, run_all
-from api.commands.loop.setup import ValidationSetup, valid_plans
+from api.commands.loop.setup import ValidationSetup
+from api.commands.loop.techniques import Entry, entry_profile, grid
 from api.commands.progress import Progress
 from api.errors import InputError
 from api.store import ApiStore, utc_now
 from planner.describe import describe_plan_compact
 from planner.profiles import save_profile_json
-from planner.specs import HardwareProfile, ParallelPlan
+from planner.specs import HardwareProfile
 from profiler.pool import overlay_profile, pool_profiles
 
 
@@ -84,13 +85,17 @@ def _profile_and_run(
     of runs, a profile pass is measured before each pass of runs and the profiles are pooled (profiler/pool.py),
     so that the profile samples the machine over the same stretch of time as the runs; each pass's runs are
     estimated from the pooled profile so far, and the last pass's from all of it."""
-    plans = valid_plans(setup)
+    plans, skipped = grid(setup)
     if len(plans) < 2:
         raise InputError(f"the search space holds {len(plans)} plan(s) the executor can run; validating needs two")
     setup.out.mkdir(parents=True, exist_ok=True)
     progress.note(f"validating {len(plans)} plans on {setup.nproc} {setup.device} rank(s); results in {setup.out}")
+    for left_out in skipped:
+        progress.note(f"left out the {left_out.technique} entry: {left_out.reason}")
+    # The validation's profile times the layers of every entry that trains its model at its precision.
+    profiled = [entry.plan for entry in plans if not entry.own_layers]
     if profile is None and setup.passes == 1:
-        profile = measure_profile(setup, plans, progress, cancel)
+        profile = measure_profile(setup, profiled, progress, cancel)
     if profile is not None:
         save_profile_json(profile, setup.out / PROFILE_FILE)  # before the runs: a stopped validation keeps it
         given = profile
@@ -98,7 +103,7 @@ def _profile_and_run(
     measured: list[HardwareProfile] = []
 
     def profile_pass(attempt: int) -> HardwareProfile:
-        measured.append(measure_profile(setup, plans, progress, cancel, passes=1, collectives=attempt == 0))
+        measured.append(measure_profile(setup, profiled, progress, cancel, passes=1, collectives=attempt == 0))
         pooled_so_far = pool_profiles(measured)
         save_profile_json(pooled_so_far, setup.out / PROFILE_FILE)
         return pooled_so_far
@@ -109,13 +114,13 @@ def _profile_and_run(
 
 def _run_with_progress(
     setup: ValidationSetup,
-    plans: list[ParallelPlan],
+    plans: list[Entry],
     profile_for_pass: Callable[[int], HardwareProfile],
     progress: Progress,
     cancel: threading.Event,
 ) -> list[PlanRun]:
     # The profiler's own tasks, started while the runs' task shows, hide it until they end (`Progress.task`).
-    with progress.task("runs", total=len(plans) * setup.passes, what=describe_plan_compact(plans[0])) as update:
+    with progress.task("runs", total=len(plans) * setup.passes, what=describe_plan_compact(plans[0].plan)) as update:
 
         def on_attempt(attempt: Attempt) -> None:
             upcoming = describe_plan_compact(attempt.upcoming) if attempt.upcoming else "done"
@@ -123,8 +128,18 @@ def _run_with_progress(
             # A stopped validation keeps what it measured, in the form `--runs` re-analyses.
             write_runs(setup.out / RUNS_FILE, attempt.so_far, setup)
 
-        def profile_for_run(plan: ParallelPlan, profile: HardwareProfile) -> HardwareProfile:
-            own = measure_profile(setup, [plan], progress, cancel, passes=1, collectives=False)
+        own_layers: dict[str, HardwareProfile] = {}  # a technique entry's layers, measured before its first run
+
+        def profile_for_run(entry: Entry, profile: HardwareProfile) -> HardwareProfile | None:
+            if entry.own_layers and entry.technique is not None:
+                if setup.paired or entry.technique not in own_layers:
+                    own_layers[entry.technique] = measure_profile(
+                        entry.setup, [entry.plan], progress, cancel, passes=1, collectives=False
+                    )
+                return entry_profile(profile, own_layers[entry.technique])
+            if not setup.paired:
+                return None
+            own = measure_profile(entry.setup, [entry.plan], progress, cancel, passes=1, collectives=False)
             return overlay_profile(profile, own)
 
-        return run_all(setup, plans, profile_for_pass, cancel, on_attempt, profile_for_run if setup.paired else None)
+        return run_all(setup, plans, profile_for_pass, cancel, on_attempt, profile_for_run)
