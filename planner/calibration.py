@@ -261,7 +261,7 @@ def predict_steps(profile: HardwareProfile, runs: list[MeasuredStep]) -> np.ndar
     for run in runs:
         req = run.request
         own = profile if run.profile is None else run.profile.model_copy(update={"calibration": profile.calibration})
-        measured = profile_costs(req.cluster, own)
+        measured = profile_costs(req.cluster, own, req.model)
         predicted.append(estimate_step(req.model, req.training, req.cluster, req.plan, measured=measured).step_time_s)
     return np.array(predicted)
 

@@ -234,14 +234,15 @@ def attach_profile(req: Request, resolve_profile: ProfileResolver | None = None)
         message = str(error) if str(error).startswith("cluster.profile") else f"cluster.profile: {error}"
         raise ProfileError(message, field="cluster.profile") from None
     attached = req.model_copy()
-    attached._measured = profile_costs(cluster, profile)
+    attached._measured = profile_costs(cluster, profile, req.model)
     return attached
 
 
-def profile_costs(cluster: ClusterSpec, profile: HardwareProfile) -> ProfileCosts:
-    """`profile` as the cost model reads it for `cluster`; ProfileError naming `cluster.profile` when the profile
-    was measured on another kind of device than `cluster.gpu`."""
-    costs = ProfileCosts(profile)
+def profile_costs(cluster: ClusterSpec, profile: HardwareProfile, model: ModelSpec | None = None) -> ProfileCosts:
+    """`profile` as the cost model reads it for `cluster` (and `model`: its layer times only where the profile
+    measured layers of that model's shapes); ProfileError naming `cluster.profile` when the profile was measured on
+    another kind of device than `cluster.gpu`."""
+    costs = ProfileCosts(profile, model)
     mismatch = costs.device_mismatch(cluster.gpu.kind, cluster.gpu.name)
     if mismatch:
         raise ProfileError(f"cluster.profile: {mismatch}", field="cluster.profile")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         HardwareProfile,
         LayerKind,
         LayerMeasurement,
+        ModelSpec,
         OptimizerMeasurement,
         Precision,
         Recompute,
@@ -317,6 +318,32 @@ class MeasuredLayer:
         return not np.any(self.missing)
 
 
+def layer_shape(model: ModelSpec) -> dict[str, Any]:
+    """What a layer's time depends on: every width and kind of a layer, not how many layers there are."""
+    return {
+        "hidden_size": model.hidden_size, "num_attention_heads": model.num_attention_heads,
+        "num_kv_heads": model.kv_heads, "head_dim": model.head_size, "ffn_hidden_size": model.ffn_size,
+        "vocab_size": model.vocab_size, "mlp": model.mlp, "norm": model.norm, "num_experts": model.num_experts,
+        "experts_per_token": model.experts_per_token, "qkv_bias": model.qkv_bias, "linear_bias": model.linear_bias,
+        "tie_embeddings": model.tie_embeddings, "position_embedding": model.position_embedding,
+        "dropout": model.dropout,
+    }  # fmt: skip
+
+
+def other_layer_shapes(measured: ModelSpec | None, model: ModelSpec | None) -> str | None:
+    """Why a profile's layer times do not describe `model`'s layers, or None when they do (or either is unknown:
+    profiles written before they named their model)."""
+    if measured is None or model is None:
+        return None
+    mine, theirs = layer_shape(model), layer_shape(measured)
+    differ = [field for field in mine if mine[field] != theirs[field]]
+    if not differ:
+        return None
+    name = measured.name or "another model"
+    shown = ", ".join(f"{field} {theirs[field]} (not {mine[field]})" for field in differ)
+    return f"the profile's layers were measured on {name}, of other layer shapes: {shown}"
+
+
 class ProfileCosts:
     """A HardwareProfile as the cost model reads it: layer times (`layer`), the optimizer's time per parameter
     and collective channels from the alpha-beta fits. Each answers None where the profile cannot, and the caller
@@ -325,9 +352,12 @@ class ProfileCosts:
     A calibrated profile (`profile.calibration`, fitted by planner/calibration.py) answers with its factors
     applied: measured seconds / the class's efficiency, collective fits at the tier's efficiency."""
 
-    def __init__(self, profile: HardwareProfile):
+    def __init__(self, profile: HardwareProfile, model: ModelSpec | None = None):
+        """`model`: the model the costs are for. A profile whose layers were measured on a model of other layer
+        shapes answers no layer time (NotMeasured says whose they are); its device measurements still hold."""
         self.profile = profile
-        self.table = LayerTable.from_measurements(profile.layers)
+        self.other_model = other_layer_shapes(profile.model, model)
+        self.table = LayerTable.from_measurements([] if self.other_model else profile.layers)
         # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
         # profile, as the profiler's stack (the executor's) holds it (planner/cost/layers.py `layer_memory`).
         self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
@@ -365,6 +395,8 @@ class ProfileCosts:
         """The layer's times at every micro-batch size of `micro_batch_sizes` (a number or an array, each size
         answered on its own) with `busy_ranks` ranks of the node computing at once, or, when the profile answers
         none of them, the NotMeasured that says why."""
+        if self.other_model:
+            return NotMeasured("cluster.profile", self.other_model)
         sizes = np.atleast_1d(np.asarray(micro_batch_sizes))
         times = np.full((len(sizes), 2), np.nan)
         memory = np.full((len(sizes), 2), np.nan)  # saved_bytes, peak_bytes

@@ -386,6 +386,21 @@ def test_a_resolver_finds_profiles_by_id():
 # -------------------------------------------------------------------------------------------- estimate
 
 
+def test_a_profile_of_other_layer_shapes_answers_no_layer_time_and_says_whose_it_is(save):
+    """A profile's layer times are the measured model's; its optimizer and device figures serve any model."""
+    moe = MODEL.model_copy(update={"num_experts": 4, "experts_per_token": 2})
+    found = ProfileCosts(make_profile(), moe).layer("block", 1, 4, SEQ_LEN, "fp32", "none")
+    assert isinstance(found, NotMeasured) and found.field == "cluster.profile"
+    assert "num_experts 1 (not 4)" in str(found) and "experts_per_token 1 (not 2)" in str(found)
+    deeper = MODEL.model_copy(update={"num_layers": MODEL.num_layers * 2})  # more layers of the same shapes
+    assert isinstance(ProfileCosts(make_profile(), deeper).layer("block", 1, 4, SEQ_LEN, "fp32", "none"), MeasuredLayer)
+
+    result = planner.estimate({**request(save(make_profile())), "model": moe.model_dump(exclude_none=True)})
+    assert result.sources["compute_s"] == "analytic" and result.sources["optimizer_s"] == "profile"
+    assert any("num_experts 1 (not 4)" in note for note in result.assumptions), result.assumptions
+
+
+
 def test_single_process_estimate_from_the_profile(save):
     result = planner.estimate(request(save(make_profile())))
     assert result.num_microbatches == 2

@@ -112,5 +112,5 @@ def profile_needs(plans: list[ParallelPlan]) -> dict[str, list]:
 def estimate_of(setup: ValidationSetup, plan: ParallelPlan, profile: HardwareProfile) -> dict[str, Any]:
     """The uncalibrated estimate of `plan` from `profile`, as JSON."""
     req = parse_estimate_request(setup.request(plan))
-    measured = profile_costs(req.cluster, profile)
+    measured = profile_costs(req.cluster, profile, req.model)
     return estimate_step(req.model, req.training, req.cluster, req.plan, measured=measured).model_dump(mode="json")
