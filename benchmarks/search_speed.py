@@ -23,6 +23,14 @@ from rich.table import Table  # noqa: E402
 import planner  # noqa: E402
 import planner.search.partition  # noqa: E402, F401  (OR-Tools loads here, not inside the first timing)
 from planner.describe import describe_plan  # noqa: E402
+from planner.presets import MODEL_PRESETS  # noqa: E402
+
+# Mixtral 8x22B's published config (https://huggingface.co/mistralai/Mixtral-8x22B-v0.1/blob/main/config.json):
+# the full form until the `mixtral-8x22b` preset exists, then the preset.
+MIXTRAL_8X22B = "mixtral-8x22b" if "mixtral-8x22b" in MODEL_PRESETS else {
+    "num_layers": 56, "hidden_size": 6144, "num_attention_heads": 48, "num_kv_heads": 8, "ffn_hidden_size": 16384,
+    "vocab_size": 32768, "mlp": "swiglu", "norm": "rmsnorm", "num_experts": 8, "experts_per_token": 2,
+}  # fmt: skip
 
 CASES = {
     "GPT-3 175B, 1,024 A100-80GB": ("gpt3-175b", 2048, 1536, "a100-80gb", 128),
@@ -32,10 +40,12 @@ CASES = {
     "Llama-3 8B, 8 H100": ("llama3-8b", 8192, 64, "h100-sxm", 1),
     # Model states alone (16 bytes a parameter) need 202 GB a GPU here: only CPU offload (ZeRO-3 + weights) fits.
     "Llama-3 405B, 32 H100 (offload)": ("llama3-405b", 8192, 64, "h100-sxm", 4),
+    # seq 4096, global batch 1,024 sequences (4M tokens a step).
+    "Mixtral-8x22B, 512 H100": (MIXTRAL_8X22B, 4096, 1024, "h100-sxm", 64),
 }
 
 
-def request(model: str, seq_len: int, batch: int, gpu: str, nodes: int) -> dict:
+def request(model: str | dict, seq_len: int, batch: int, gpu: str, nodes: int) -> dict:
     return {
         "model": model,
         "training": {"seq_len": seq_len, "global_batch_size": batch},
