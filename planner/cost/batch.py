@@ -54,7 +54,10 @@ class KindColumns:
         width = max(np.size(cost.forward_s) for cost in costs)
 
         def stacked(values: list[Any]) -> np.ndarray:
-            return _column(np.concatenate([np.broadcast_to(np.asarray(v, float), (width,)) for v in values]))
+            rows = np.empty((len(values), width))
+            for row, value in zip(rows, values, strict=True):
+                row[:] = value  # a number fills the row; an array over the sizes is copied
+            return rows.reshape(-1, 1)
 
         copied = [f.name for f in fields(cls) if f.name not in KIND_COLUMNS_DERIVED]
         column = {name: stacked([getattr(cost, name) for cost in costs]) for name in copied}

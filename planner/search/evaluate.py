@@ -13,13 +13,13 @@ from functools import cached_property
 import numpy as np
 
 from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
-from planner.cost.layers import layer_kinds
+from planner.cost.layers import LayerKinds, layer_kinds_by_recompute
 from planner.cost.measured import ProfileCosts
 from planner.cost.optimizer import cpu_optimizer_floor_s
 from planner.cost.pipeline import blocks_per_device
 from planner.cost.runtime import Runtime, runtime_for
 from planner.cost.step import evaluate
-from planner.search.space import OFFLOADS, SCHEDULES, Candidates
+from planner.search.space import OFFLOADS, RECOMPUTE, SCHEDULES, Candidates
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec, even_layer_split
 
 _SCHEDULE_NAMES = np.array(SCHEDULES)
@@ -29,6 +29,10 @@ OVER_FRACTION_DECIMALS = 3
 
 
 def _col(values: np.ndarray) -> np.ndarray:
+    """Rows as an (N, 1) column; integers widened to int64 (Candidates stores them narrower), so no cost formula
+    computes in a narrow type."""
+    if values.dtype.kind in "iu":
+        values = values.astype(np.int64)
     return values.reshape(-1, 1)
 
 
@@ -99,12 +103,27 @@ class CandidateCosts:
         c = self.candidates
         group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
         sizes = np.unique(c.micro_batch_size)
-        kinds = [
-            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), sizes, self.measured, self.runtime)
-            for row in group_rows
-        ]
+        # The groups that differ only in recompute share most of their costs (layers.layer_kinds_by_recompute).
+        shape, shape_rows = _group_ids(c.tp[group_rows], c.cp[group_rows], c.sequence_parallel[group_rows])
+        kinds = self._kinds_of_groups(group_rows, shape, shape_rows, sizes)
         key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
         return key, kind_columns(kinds, c.tp[group_rows])
+
+    def _kinds_of_groups(
+        self, group_rows: np.ndarray, shape: np.ndarray, shape_rows: np.ndarray, sizes: np.ndarray
+    ) -> list[LayerKinds]:
+        """Each group's LayerKinds (`group_rows`: a row of each group; `shape`: each group's (tp, cp,
+        sequence_parallel) id, `shape_rows` a group of each), costed once per shape for all its recompute modes."""
+        c = self.candidates
+        modes = [RECOMPUTE[int(c.recompute[row])] for row in group_rows]
+        by_shape = {}
+        for s, group in enumerate(shape_rows):
+            wanted = sorted({modes[g] for g in np.flatnonzero(shape == s)}, key=RECOMPUTE.index)
+            plan = c.plan(int(group_rows[group]))
+            by_shape[s] = layer_kinds_by_recompute(
+                self.model, self.training, self.cluster, plan, wanted, sizes, self.measured, self.runtime
+            )
+        return [by_shape[int(shape[g])][modes[g]] for g in range(len(group_rows))]
 
     @property
     def num_layouts(self) -> int:
@@ -112,7 +131,8 @@ class CandidateCosts:
 
     @cached_property
     def microbatches(self) -> np.ndarray:
-        return self.training.global_batch_size // (self.candidates.dp * self.candidates.micro_batch_size)
+        c = self.candidates
+        return self.training.global_batch_size // (c.dp.astype(np.int64) * c.micro_batch_size)
 
     def batch(self, rows: np.ndarray, pp: int, overlap_grad_reduce: bool) -> PlanBatch:
         """The rows (all with pipeline depth pp) as a PlanBatch."""
