@@ -9,10 +9,12 @@ command below prints the lines), and only then.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import planner
 from planner.describe import describe_plan
+from planner.search.solve import BoundOrder
 
 
 def request(model: str, seq_len: int, batch: int, nodes: int) -> dict:
@@ -95,3 +97,13 @@ def record() -> None:
         print(name, result.counts.model_dump())
         for p in result.plans:
             print(f"    ({describe_plan(p.plan)!r}, {p.estimate.step_time_s!r}, {p.estimate.memory.peak_bytes!r}),")
+
+
+def test_bound_order_reads_the_stable_argsort_a_prefix_at_a_time():
+    """The search reads rows best-first from a partial sort; it must be the full stable sort's prefix, ties in row
+    order included (which rows a round costs decides the counts)."""
+    bound = np.random.default_rng(0).integers(0, 500, size=300_000).astype(float)  # many ties
+    expected = np.argsort(bound, kind="stable")
+    order = BoundOrder(bound)
+    for count in (1, 4097, 12_289, 70_000, 140_001, 300_000, 400_000):
+        np.testing.assert_array_equal(order.first(count), expected[:count])
