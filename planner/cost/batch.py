@@ -174,13 +174,20 @@ class PlanBatch:
         return self.model.tie_embeddings and self.pp > 1
 
     def per_device(self, quantity: str) -> np.ndarray:
-        """A KindColumns quantity summed over each device's layers: (N, pp)."""
-        has_embedding, has_head = edge_masks(self.pp)
-        return (
-            self.blocks * getattr(self.block, quantity)
-            + has_embedding * getattr(self.embedding, quantity)
-            + has_head * getattr(self.head, quantity)
-        )
+        """A KindColumns quantity summed over each device's layers: (N, pp), read-only. Computed once per batch
+        and quantity (kept in the instance's __dict__, which `dataclasses.replace` does not carry over): the time,
+        memory and communication terms read the same sums."""
+        cache = self.__dict__.setdefault("_per_device", {})
+        if quantity not in cache:
+            has_embedding, has_head = edge_masks(self.pp)
+            total = (
+                self.blocks * getattr(self.block, quantity)
+                + has_embedding * getattr(self.embedding, quantity)
+                + has_head * getattr(self.head, quantity)
+            )
+            total.flags.writeable = False
+            cache[quantity] = total
+        return cache[quantity]
 
     def device_params(self) -> np.ndarray:
         """Parameters each device holds per GPU (its tp shard): (N, pp). Computed once per batch: the memory,
