@@ -210,7 +210,7 @@ class LayerContext:
         analytic = LayerTimes(
             forward_s=self._pass_s(kind, layer_ops, backward=False),
             backward_s=self._pass_s(kind, layer_ops, backward=True),
-            recompute_s=recompute_s(layer_ops, recompute, self.speeds, self.selective_recompute),
+            recompute_s=self._recompute_s(kind, layer_ops, recompute),
             source="analytic",
             note=None,
         )
@@ -246,6 +246,13 @@ class LayerContext:
         if (kind, backward) not in self._passes:
             self._passes[(kind, backward)] = pass_s(layer_ops, self.speeds, backward=backward)
         return self._passes[(kind, backward)]
+
+    def _recompute_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], recompute: str) -> Any:
+        """`compute.recompute_s`; a mode that repeats the whole forward (full recompute: `ops.recomputed_ops`
+        returns the layer's own ops) repeats the forward pass already costed."""
+        if ops.recomputed_ops(layer_ops, recompute, self.selective_recompute) is layer_ops:
+            return self._pass_s(kind, layer_ops, backward=False)
+        return recompute_s(layer_ops, recompute, self.speeds, self.selective_recompute)
 
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
         """`count` all-reduces of one activation over the TP group. With sequence parallelism each becomes a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -91,8 +92,12 @@ class CandidateCosts:
         self.runtime = runtime or runtime_for(cluster, measured, training.framework)
         self.layout_id, self.layout_rows = _group_ids(candidates.dp, candidates.tp, candidates.pp, candidates.cp)
         self.layer_key, self.kinds = self._layer_kinds()
-        layouts = [candidates.degrees(int(row)) for row in self.layout_rows]
-        self.channels = group_channels(cluster, layouts, measured)  # one row per layout
+        self.layouts = [candidates.degrees(int(row)) for row in self.layout_rows]
+        # The channels each layout's groups see, placed on the nodes (planner/layout.py) only for the layouts of
+        # rows the search costs: most layouts have every row pruned by the bound, and placing a layout's groups
+        # walks all of its ranks. `_channel_row[layout]`: its row in `_channels`, -1 until placed.
+        self._channels: dict[str, Any] | None = None
+        self._channel_row = np.full(len(self.layouts), -1, dtype=np.int64)
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
@@ -170,8 +175,22 @@ class CandidateCosts:
             embedding=self.kinds["embedding"].take(key),
             block=self.kinds["block"].take(key),
             head=self.kinds["head"].take(key),
-            **{name: channel.take(layout) for name, channel in self.channels.items()},
+            **{name: channel.take(self._channel_row[layout]) for name, channel in self._channels_of(layout).items()},
         )
+
+    def _channels_of(self, layouts: np.ndarray) -> dict[str, Any]:
+        """The channel columns, with every layout in `layouts` placed."""
+        wanted = np.bincount(layouts, minlength=len(self.layouts)) > 0
+        missing = np.flatnonzero(wanted & (self._channel_row < 0))
+        if len(missing):
+            placed = group_channels(self.cluster, [self.layouts[i] for i in missing], self.measured)
+            start = 0 if self._channels is None else len(self._channels["tp_channel"].latency_s)
+            self._channels = placed if self._channels is None else {
+                name: _stacked(self._channels[name], channel) for name, channel in placed.items()
+            }  # fmt: skip
+            self._channel_row[missing] = np.arange(start, start + len(missing))
+        assert self._channels is not None
+        return self._channels
 
     def _even_blocks(self, pp: int) -> np.ndarray:
         """Blocks per device of the even split, indexed by virtual-stage count: (max v + 1, pp)."""
@@ -246,6 +265,13 @@ class CandidateCosts:
             host[where] = result.host_bytes_per_node(batch)
         capacity = self.cluster.host_memory_bytes
         return RowCosts(rows, step, peak, stage, host / capacity if capacity is not None else np.zeros(len(rows)))
+
+
+def _stacked(first: Any, second: Any) -> Any:
+    """Two channel records (Channel, DpChannels) of column fields, rows of `second` after those of `first`."""
+    if isinstance(first, np.ndarray):
+        return np.concatenate([first, second])
+    return type(first)(*(_stacked(getattr(first, f.name), getattr(second, f.name)) for f in fields(first)))
 
 
 def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
