@@ -179,12 +179,11 @@ class PlanBatch:
         memory and communication terms read the same sums."""
         cache = self.__dict__.setdefault("_per_device", {})
         if quantity not in cache:
-            has_embedding, has_head = edge_masks(self.pp)
-            total = (
-                self.blocks * getattr(self.block, quantity)
-                + has_embedding * getattr(self.embedding, quantity)
-                + has_head * getattr(self.head, quantity)
-            )
+            # The embedding sits on the first device, the head on the last (pipeline.edge_masks): added in place
+            # to those columns, in the order the masked sum blocks + embedding + head would add them.
+            total = self.blocks * getattr(self.block, quantity)
+            total[:, 0] += getattr(self.embedding, quantity)[:, 0]
+            total[:, -1] += getattr(self.head, quantity)[:, 0]
             total.flags.writeable = False
             cache[quantity] = total
         return cache[quantity]
