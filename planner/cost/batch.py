@@ -156,9 +156,10 @@ class PlanBatch:
         """ZeRO partitions over the gradient-reduction group: dp x cp (Megatron-LM, FSDP over dp_cp)."""
         return self.dp * self.cp
 
-    @property
+    @cached_property
     def on_fsdp2(self) -> np.ndarray:
-        """Rows whose data parallelism runs on FSDP2 in this regime (Runtime.on_fsdp2). (N, 1)."""
+        """Rows whose data parallelism runs on FSDP2 in this regime (Runtime.on_fsdp2). (N, 1). Computed once per
+        batch: the memory, communication and offload terms all ask."""
         return self.runtime.on_fsdp2(self.zero_stage, self.tp, self.pp, self.shard_degree)
 
     @property
