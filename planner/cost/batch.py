@@ -54,7 +54,10 @@ class KindColumns:
         width = max(np.size(cost.forward_s) for cost in costs)
 
         def stacked(values: list[Any]) -> np.ndarray:
-            return _column(np.concatenate([np.broadcast_to(np.asarray(v, float), (width,)) for v in values]))
+            rows = np.empty((len(values), width))
+            for row, value in zip(rows, values, strict=True):
+                row[:] = value  # a number fills the row; an array over the sizes is copied
+            return rows.reshape(-1, 1)
 
         copied = [f.name for f in fields(cls) if f.name not in KIND_COLUMNS_DERIVED]
         column = {name: stacked([getattr(cost, name) for cost in costs]) for name in copied}
@@ -165,9 +168,10 @@ class PlanBatch:
         (ParallelPlan.expert_data_parallel; Megatron-Core's expert data-parallel group). (N, 1)."""
         return self.shard_degree // self.ep
 
-    @property
+    @cached_property
     def on_fsdp2(self) -> np.ndarray:
-        """Rows whose data parallelism runs on FSDP2 in this regime (Runtime.on_fsdp2). (N, 1)."""
+        """Rows whose data parallelism runs on FSDP2 in this regime (Runtime.on_fsdp2). (N, 1). Computed once per
+        batch: the memory, communication and offload terms all ask."""
         return self.runtime.on_fsdp2(self.zero_stage, self.tp, self.pp, self.shard_degree)
 
     @property
@@ -183,13 +187,19 @@ class PlanBatch:
         return self.model.tie_embeddings and self.pp > 1
 
     def per_device(self, quantity: str) -> np.ndarray:
-        """A KindColumns quantity summed over each device's layers: (N, pp)."""
-        has_embedding, has_head = edge_masks(self.pp)
-        return (
-            self.blocks * getattr(self.block, quantity)
-            + has_embedding * getattr(self.embedding, quantity)
-            + has_head * getattr(self.head, quantity)
-        )
+        """A KindColumns quantity summed over each device's layers: (N, pp), read-only. Computed once per batch
+        and quantity (kept in the instance's __dict__, which `dataclasses.replace` does not carry over): the time,
+        memory and communication terms read the same sums."""
+        cache = self.__dict__.setdefault("_per_device", {})
+        if quantity not in cache:
+            # The embedding sits on the first device, the head on the last (pipeline.edge_masks): added in place
+            # to those columns, in the order the masked sum blocks + embedding + head would add them.
+            total = self.blocks * getattr(self.block, quantity)
+            total[:, 0] += getattr(self.embedding, quantity)[:, 0]
+            total[:, -1] += getattr(self.head, quantity)[:, 0]
+            total.flags.writeable = False
+            cache[quantity] = total
+        return cache[quantity]
 
     def device_params(self) -> np.ndarray:
         """Parameters each device holds per GPU (its tp shard, and its 1/ep of the experts): (N, pp). Computed once

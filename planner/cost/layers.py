@@ -7,7 +7,7 @@ prediction and a measurement compare field by field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -90,6 +90,33 @@ def layer_kinds(
     )
 
 
+def layer_kinds_by_recompute(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    recompute_modes: list[str],
+    micro_batch_sizes: np.ndarray | None = None,
+    measured: ProfileCosts | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, LayerKinds]:
+    """`layer_kinds` of `plan` under each of `recompute_modes` (its own `recompute` ignored), as many calls to it
+    would answer, at a fraction of their cost: the embedding and the head are never recomputed, so they are costed
+    once, and the blocks of every mode share one context, one list of ops and its forward and backward passes (the
+    mode changes only what is recomputed and kept). The search costs every layer group this way."""
+    ctx = LayerContext.of(model, training, cluster, plan, micro_batch_sizes, measured, runtime)
+    embedding, head = embedding_cost(model, plan, ctx), head_cost(model, plan, ctx)
+    block = ops.block_ops(model, training, ctx.shape)
+    return {
+        mode: LayerKinds(
+            embedding=embedding,
+            block=block_cost(model, training, plan.model_copy(update={"recompute": mode}), ctx, block),
+            head=head,
+        )
+        for mode in recompute_modes
+    }
+
+
 def layers_in_order(
     model: ModelSpec,
     training: TrainingSpec,
@@ -145,6 +172,9 @@ class LayerContext:
     sequence_parallel: bool
     busy_ranks: int  # ranks of a node computing at once: every plan of a cluster keeps all its GPUs busy
     selective_recompute: ops.SelectivePolicy  # what the stack's "selective" recompute keeps (Runtime)
+    # Analytic forward and backward passes by (layer kind, backward): one kind's ops are the same under every
+    # recompute mode, and a context serves one model, training setup and plan shape (`layer_kinds_by_recompute`).
+    _passes: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -178,9 +208,9 @@ class LayerContext:
         """Forward, backward and recompute seconds of a layer: measured, when the cluster's profile has this
         layer at this shape (its backward then includes the recompute), else from the roofline over `layer_ops`."""
         analytic = LayerTimes(
-            forward_s=pass_s(layer_ops, self.speeds),
-            backward_s=pass_s(layer_ops, self.speeds, backward=True),
-            recompute_s=recompute_s(layer_ops, recompute, self.speeds, self.selective_recompute),
+            forward_s=self._pass_s(kind, layer_ops, backward=False),
+            backward_s=self._pass_s(kind, layer_ops, backward=True),
+            recompute_s=self._recompute_s(kind, layer_ops, recompute),
             source="analytic",
             note=None,
         )
@@ -212,6 +242,18 @@ class LayerContext:
             peak_bytes=found.peak_bytes,
         )
 
+    def _pass_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], backward: bool) -> Any:
+        if (kind, backward) not in self._passes:
+            self._passes[(kind, backward)] = pass_s(layer_ops, self.speeds, backward=backward)
+        return self._passes[(kind, backward)]
+
+    def _recompute_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], recompute: str) -> Any:
+        """`compute.recompute_s`; a mode that repeats the whole forward (full recompute: `ops.recomputed_ops`
+        returns the layer's own ops) repeats the forward pass already costed."""
+        if ops.recomputed_ops(layer_ops, recompute, self.selective_recompute) is layer_ops:
+            return self._pass_s(kind, layer_ops, backward=False)
+        return recompute_s(layer_ops, recompute, self.speeds, self.selective_recompute)
+
     def tp_allreduces_s(self, count: int, plan: ParallelPlan):
         """`count` all-reduces of one activation over the TP group. With sequence parallelism each becomes a
         reduce-scatter + all-gather pair of the same volume (Korthikanti et al. 2022, sec. 4.2.2)."""
@@ -228,9 +270,15 @@ def busy_ranks_per_node(cluster: ClusterSpec) -> int:
     return min(cluster.gpus_per_node, cluster.num_gpus)
 
 
-def block_cost(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
-    """One transformer block (all blocks are identical)."""
-    block = ops.block_ops(model, training, ctx.shape)
+def block_cost(
+    model: ModelSpec,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    ctx: LayerContext,
+    block: list[ops.OpCost] | None = None,
+) -> LayerCost:
+    """One transformer block (all blocks are identical). `block`: its ops at `ctx`'s shape, if already listed."""
+    block = ops.block_ops(model, training, ctx.shape) if block is None else block
     everything = ops.saved_bytes(block, "none")
     kept = block_kept_bytes(model, block, plan.recompute, ctx)
     times = ctx.layer_times("block", block, plan.tp, plan.recompute)

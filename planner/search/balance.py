@@ -20,8 +20,13 @@ from planner.search.partition import PartitionProblem, solve_partition
 from planner.specs import ParallelPlan, StepEstimate
 
 Ranked = list[tuple[ParallelPlan, StepEstimate]]
-# Per leading candidate; the search as a whole aims at under a second.
+# Per leading candidate; the search as a whole aims at under half a second.
 PARTITION_TIME_LIMIT_S = 0.2
+# CP-SAT search threads. The search's problems have uniform blocks, so CP-SAT solves the small count model
+# (partition.py), proven optimal in milliseconds by one worker with an answer that does not depend on the workers;
+# a second worker only adds its start and, on a machine of few cores, competes with the first (5 leaders'
+# solves: 60-70 ms with one worker, 90-145 ms with two, on the 2-core VM of benchmarks/results/).
+PARTITION_WORKERS = 1
 
 
 def partition_problem(req: PlanRequest, plan: ParallelPlan, limit_bytes: float) -> PartitionProblem:
@@ -65,7 +70,8 @@ def _better_split(
     req: PlanRequest, plan: ParallelPlan, est: StepEstimate, limit_bytes: float
 ) -> tuple[ParallelPlan, StepEstimate]:
     try:
-        found = solve_partition(partition_problem(req, plan, limit_bytes), time_limit_s=PARTITION_TIME_LIMIT_S)
+        problem = partition_problem(req, plan, limit_bytes)
+        found = solve_partition(problem, time_limit_s=PARTITION_TIME_LIMIT_S, workers=PARTITION_WORKERS)
     except TimeoutError:
         return plan, est  # no split found in time: the even split stands
     if found is None or found.layers_per_stage == plan.stage_layer_counts(req.model.num_layers):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
-from planner.cost.layers import layer_kinds
+from planner.cost.layers import LayerKinds, layer_kinds_by_recompute
 from planner.cost.measured import ProfileCosts
 from planner.cost.optimizer import cpu_optimizer_floor_s
 from planner.cost.pipeline import blocks_per_device
@@ -30,6 +31,10 @@ OVER_FRACTION_DECIMALS = 3
 
 
 def _col(values: np.ndarray) -> np.ndarray:
+    """Rows as an (N, 1) column; integers widened to int64 (Candidates stores them narrower), so no cost formula
+    computes in a narrow type."""
+    if values.dtype.kind in "iu":
+        values = values.astype(np.int64)
     return values.reshape(-1, 1)
 
 
@@ -87,11 +92,15 @@ class CandidateCosts:
         # The training stack (planner/cost/runtime.py).
         self.runtime = runtime or runtime_for(cluster, measured, training.framework)
         c = candidates
-        self.layout_id, layout_rows = _group_ids(c.dp, c.tp, c.pp, c.cp, c.ep)
+        self.layout_id, self.layout_rows = _group_ids(c.dp, c.tp, c.pp, c.cp, c.ep)
         self.layer_key, self.kinds = self._layer_kinds()
-        layouts = [candidates.degrees(int(row)) for row in layout_rows]
-        eps = [int(candidates.ep[row]) for row in layout_rows]
-        self.channels = group_channels(cluster, layouts, measured, eps)  # one row per layout (and ep)
+        self.layouts = [candidates.degrees(int(row)) for row in self.layout_rows]
+        self.layout_eps = [int(c.ep[row]) for row in self.layout_rows]  # a layout here is its degrees and its ep
+        # The channels each layout's groups see, placed on the nodes (planner/layout.py) only for the layouts of
+        # rows the search costs: most layouts have every row pruned by the bound, and placing a layout's groups
+        # walks all of its ranks. `_channel_row[layout]`: its row in `_channels`, -1 until placed.
+        self._channels: dict[str, Any] | None = None
+        self._channel_row = np.full(len(self.layouts), -1, dtype=np.int64)
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
@@ -100,14 +109,41 @@ class CandidateCosts:
         costed with one of its rows' plans: `sizes` replaces its micro-batch size, and no other field it does not
         share with the group (schedule, ZeRO stage, dp, pp) changes a layer's cost."""
         c = self.candidates
-        group, group_rows = _group_ids(c.tp, c.cp, c.sequence_parallel, c.recompute)
-        sizes = np.unique(c.micro_batch_size)
-        kinds = [
-            layer_kinds(self.model, self.training, self.cluster, c.plan(int(row)), sizes, self.measured, self.runtime)
-            for row in group_rows
-        ]
-        key = group * len(sizes) + np.searchsorted(sizes, c.micro_batch_size)
+        group, group_rows = self._layer_groups()
+        (size_index, _), sizes = _dense_rank(c.micro_batch_size), _distinct(c.micro_batch_size)
+        # The groups that differ only in recompute share most of their costs (layers.layer_kinds_by_recompute).
+        shape, shape_rows = _group_ids(c.tp[group_rows], c.cp[group_rows], c.sequence_parallel[group_rows])
+        kinds = self._kinds_of_groups(group_rows, shape, shape_rows, sizes)
+        key = group * len(sizes) + size_index
         return key, kind_columns(kinds, c.tp[group_rows])
+
+    def _layer_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's (tp, cp, sequence_parallel, recompute) group and a row of each (its last). tp and cp are the
+        layout's, so the rows' codes are built from the layouts' ids: one pass of small integers over the rows."""
+        c = self.candidates
+        shape_of_layout, _ = _combination_ids([c.tp[self.layout_rows], c.cp[self.layout_rows]])
+        code = shape_of_layout[self.layout_id] * 2 + c.sequence_parallel
+        code = code * len(RECOMPUTE) + c.recompute
+        group, groups = _dense_rank(code)
+        representative = np.empty(groups, dtype=np.int64)
+        representative[group] = np.arange(len(group))  # later rows overwrite: each group's last row
+        return group, representative
+
+    def _kinds_of_groups(
+        self, group_rows: np.ndarray, shape: np.ndarray, shape_rows: np.ndarray, sizes: np.ndarray
+    ) -> list[LayerKinds]:
+        """Each group's LayerKinds (`group_rows`: a row of each group; `shape`: each group's (tp, cp,
+        sequence_parallel) id, `shape_rows` a group of each), costed once per shape for all its recompute modes."""
+        c = self.candidates
+        modes = [RECOMPUTE[int(c.recompute[row])] for row in group_rows]
+        by_shape = {}
+        for s, group in enumerate(shape_rows):
+            wanted = sorted({modes[g] for g in np.flatnonzero(shape == s)}, key=RECOMPUTE.index)
+            plan = c.plan(int(group_rows[group]))
+            by_shape[s] = layer_kinds_by_recompute(
+                self.model, self.training, self.cluster, plan, wanted, sizes, self.measured, self.runtime
+            )
+        return [by_shape[int(shape[g])][modes[g]] for g in range(len(group_rows))]
 
     @property
     def num_layouts(self) -> int:
@@ -115,7 +151,8 @@ class CandidateCosts:
 
     @cached_property
     def microbatches(self) -> np.ndarray:
-        return self.training.global_batch_size // (self.candidates.dp * self.candidates.micro_batch_size)
+        c = self.candidates
+        return self.training.global_batch_size // (c.dp.astype(np.int64) * c.micro_batch_size)
 
     def batch(self, rows: np.ndarray, pp: int, overlap_grad_reduce: bool) -> PlanBatch:
         """The rows (all with pipeline depth pp) as a PlanBatch."""
@@ -143,8 +180,24 @@ class CandidateCosts:
             embedding=self.kinds["embedding"].take(key),
             block=self.kinds["block"].take(key),
             head=self.kinds["head"].take(key),
-            **{name: channel.take(layout) for name, channel in self.channels.items()},
+            **{name: channel.take(self._channel_row[layout]) for name, channel in self._channels_of(layout).items()},
         )
+
+    def _channels_of(self, layouts: np.ndarray) -> dict[str, Any]:
+        """The channel columns, with every layout in `layouts` placed."""
+        wanted = np.bincount(layouts, minlength=len(self.layouts)) > 0
+        missing = np.flatnonzero(wanted & (self._channel_row < 0))
+        if len(missing):
+            placed = group_channels(
+                self.cluster, [self.layouts[i] for i in missing], self.measured, [self.layout_eps[i] for i in missing]
+            )
+            start = 0 if self._channels is None else len(self._channels["tp_channel"].latency_s)
+            self._channels = placed if self._channels is None else {
+                name: _stacked(self._channels[name], channel) for name, channel in placed.items()
+            }  # fmt: skip
+            self._channel_row[missing] = np.arange(start, start + len(missing))
+        assert self._channels is not None
+        return self._channels
 
     def _even_blocks(self, pp: int) -> np.ndarray:
         """Blocks per device of the even split, indexed by virtual-stage count: (max v + 1, pp)."""
@@ -171,26 +224,38 @@ class CandidateCosts:
             return np.minimum(kinds[kind].busy_s, kinds[kind].alone_busy_s)[:, 0]
 
         block, edges = least_busy_s("block"), least_busy_s("embedding") + least_busy_s("head")
-        block, edges = block[self.layer_key], edges[self.layer_key]
-        total = self.model.num_layers * block + edges
-        slowest_at_most = self._most_blocks_on_a_device() * block + edges
-        pipeline = self.microbatches * total / c.pp + np.maximum(total - slowest_at_most, 0.0) / c.virtual_stages
-        return pipeline + self._cpu_optimizer_floor_s()
+        # Per layer group first, then gathered per row, each row's terms computed in place, in the same order.
+        total = (self.model.num_layers * block + edges)[self.layer_key]
+        slack = self._most_blocks_on_a_device() * block[self.layer_key]
+        slack += edges[self.layer_key]  # the slowest device's time at most
+        np.subtract(total, slack, out=slack)
+        np.maximum(slack, 0.0, out=slack)
+        slack /= c.virtual_stages  # the bubble, at least
+        bound = self.microbatches * total
+        bound /= c.pp
+        bound += slack
+        offloading = self._offloading()
+        if offloading.any():
+            bound[offloading] += cpu_optimizer_floor_s(self.model, self.training.optimizer, self.cluster)
+        return bound
 
-    def _cpu_optimizer_floor_s(self) -> np.ndarray:
+    def _offloading(self) -> np.ndarray:
         """Rows that offload the optimizer step it on the host, on the critical path (planner/cost/offload.py): at
-        least `cpu_optimizer_floor_s`. Without it an offloading row, never faster than its twin that does not
-        offload, would be costed wherever its twin is."""
-        offloading = (self.candidates.offload != OFFLOADS.index("none")) & (self.cluster.gpu.kind != "cpu")
-        floor = cpu_optimizer_floor_s(self.model, self.training.optimizer, self.cluster)
-        return np.where(offloading, floor, 0.0)
+        least `cpu_optimizer_floor_s`. Without that floor in its bound an offloading row, never faster than its twin
+        that does not offload, would be costed wherever its twin is."""
+        return (self.candidates.offload != OFFLOADS.index("none")) & (self.cluster.gpu.kind != "cpu")
 
     def _most_blocks_on_a_device(self) -> np.ndarray:
-        c, most = self.candidates, np.empty(len(self.candidates), dtype=np.int64)
-        for pp in np.unique(c.pp):
-            rows = np.flatnonzero(c.pp == pp)
-            most[rows] = self._even_blocks(int(pp)).max(axis=1)[c.virtual_stages[rows]]
-        return most
+        """The most blocks any device holds under the even split, per row: a table over (pp, virtual stages),
+        read per row through its layout's pp."""
+        c = self.candidates
+        layout_pp = c.pp[self.layout_rows]
+        depths = np.unique(layout_pp)
+        table = np.zeros((len(depths), self.model.num_layers // int(depths[0]) + 1), dtype=np.int64)
+        for i, pp in enumerate(depths):
+            most = self._even_blocks(int(pp)).max(axis=1)
+            table[i, : len(most)] = most
+        return table[np.searchsorted(depths, layout_pp)[self.layout_id], c.virtual_stages]
 
     def cost(self, rows: np.ndarray, overlap_grad_reduce: bool) -> RowCosts:
         """Exact step time and peak memory of `rows`, one PlanBatch per pipeline depth."""
@@ -209,17 +274,46 @@ class CandidateCosts:
         return RowCosts(rows, step, peak, stage, host / capacity if capacity is not None else np.zeros(len(rows)))
 
 
+def _stacked(first: Any, second: Any) -> Any:
+    """Two channel records (Channel, DpChannels) of column fields, rows of `second` after those of `first`."""
+    if isinstance(first, np.ndarray):
+        return np.concatenate([first, second])
+    return type(first)(*(_stacked(getattr(first, f.name), getattr(second, f.name)) for f in fields(first)))
+
+
 def _group_ids(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An id per row for each distinct combination of the (small, non-negative integer) columns, and one
-    representative row per id. Presence tables instead of sorting: the columns have few distinct values."""
+    representative row per id (its last). The search space writes each layout's rows together, so equal
+    combinations come in runs: the runs are found first and only their first rows ranked."""
+    count = len(columns[0])
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts_run = np.zeros(count, dtype=bool)
+    starts_run[0] = True
+    for column in columns:
+        starts_run[1:] |= column[1:] != column[:-1]
+    starts = np.flatnonzero(starts_run)
+    run_ids, groups = _combination_ids([column[starts] for column in columns])
+    representative = np.empty(groups, dtype=np.int64)
+    representative[run_ids] = np.append(starts[1:], count) - 1  # later runs overwrite: each group's last row
+    return np.repeat(run_ids, np.diff(starts, append=count)), representative
+
+
+def _combination_ids(columns: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Each row's rank among the distinct combinations of the columns (in their lexicographic order), and how many
+    there are. Presence tables instead of sorting: the columns have few distinct values."""
     code = np.zeros(len(columns[0]), dtype=np.int64)
     for column in columns:
         rank, distinct = _dense_rank(column)
         code = code * distinct + rank
-    ids, groups = _dense_rank(code)
-    representative = np.empty(groups, dtype=np.int64)
-    representative[ids] = np.arange(len(ids))
-    return ids, representative
+    return _dense_rank(code)
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct (small, non-negative integer) values, ascending: the order `_dense_rank` ranks them in."""
+    present = np.zeros(int(values.max(initial=0)) + 1, dtype=bool)
+    present[values] = True
+    return np.flatnonzero(present)
 
 
 def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, int]:

@@ -44,7 +44,13 @@ class PartitionProblem:
     def __post_init__(self) -> None:
         for name in _FLOAT_VECTORS:
             object.__setattr__(self, name, tuple(map(float, getattr(self, name))))
-        object.__setattr__(self, "block_memory_bytes", tuple(tuple(map(float, r)) for r in self.block_memory_bytes))
+        # The search's problems repeat one row for every block: each distinct row object is converted once.
+        converted: dict[int, tuple[float, ...]] = {}
+        for row in self.block_memory_bytes:
+            if id(row) not in converted:
+                converted[id(row)] = tuple(map(float, row))
+        rows = tuple(converted[id(row)] for row in self.block_memory_bytes)
+        object.__setattr__(self, "block_memory_bytes", rows)
         for name in ("pp", "virtual_stages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -57,7 +63,7 @@ class PartitionProblem:
         for name in ("device_base_time_s", "device_base_memory_bytes"):
             if len(getattr(self, name)) != pp:
                 raise ValueError(f"{name}: must have pp={pp} values, got {len(getattr(self, name))}")
-        memory = [v for row in self.block_memory_bytes for v in row]
+        memory = [v for row in {id(r): r for r in self.block_memory_bytes}.values() for v in row]
         for name, values in [("block_memory_bytes", memory)] + [(f, getattr(self, f)) for f in _FLOAT_VECTORS]:
             if not all(math.isfinite(v) and v >= 0 for v in values):
                 raise ValueError(f"{name}: every value must be finite and >= 0")
@@ -214,7 +220,10 @@ def _solve_block_counts(problem: PartitionProblem, time_limit_s: float, workers:
     solver, status = solved
     sizes = [solver.value(count) for count in counts]
     remaining_s = time_limit_s - solver.wall_time
-    if status == cp_model.OPTIMAL and remaining_s > 0:
+    if status == cp_model.OPTIMAL and _even_split_is_optimal(data, even, pp, solver.value(slowest)):
+        # The tie-break below would answer the even split itself: its deviation, 0, is the least there is.
+        sizes = list(even)
+    elif status == cp_model.OPTIMAL and remaining_s > 0:
         model.add(slowest <= solver.value(slowest))
         model.clear_objective()
         model.clear_hints()
@@ -235,6 +244,17 @@ def _solve_block_counts(problem: PartitionProblem, time_limit_s: float, workers:
         if tie_break.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             sizes = [tie_break.value(count) for count in counts]
     return evaluate_partition(problem, tuple(sizes), optimal=status == cp_model.OPTIMAL)
+
+
+def _even_split_is_optimal(data: _Scaled, even: tuple[int, ...], pp: int, optimum: int) -> bool:
+    """Whether the even split fits and its slowest device takes the optimum (in the count model's units)."""
+    blocks = [sum(even[device::pp]) for device in range(pp)]
+    slowest = max(base + data.time_units[0] * k for base, k in zip(data.base_time_units, blocks, strict=True))
+    fits = data.capacity_units is None or all(
+        base + per_block * k <= data.capacity_units
+        for base, per_block, k in zip(data.base_memory_units, data.memory_units[0], blocks, strict=True)
+    )
+    return fits and slowest == optimum
 
 
 def _extra_block_rank(chunks: int) -> list[int]:

@@ -13,7 +13,7 @@ import functools
 import itertools
 import math
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -250,11 +250,11 @@ def search_space(
 ) -> tuple[Candidates, Rejections]:
     check_options(model, training, cluster, options)
     rejected = Rejections()
-    parts = [
-        expand(layout, model, training, cluster, options, rejected)
+    grids = [
+        layout_grid(layout, model, training, cluster, options, rejected)
         for layout in layouts(model, training, cluster, options, rejected)
     ]
-    return Candidates.concat(parts), rejected
+    return write_candidates(grids), rejected
 
 
 def expand(
@@ -267,6 +267,75 @@ def expand(
 ) -> Candidates:
     """Every candidate of one layout: the product of the per-field choices, minus the combinations the
     rules forbid (counted)."""
+    return write_candidates([layout_grid(layout, model, training, cluster, options, rejected)])
+
+
+# The columns' integer types: a search holds up to about a million rows, and on a cold start writing memory for
+# the first time is much of what it costs. CandidateCosts widens the rows it costs to int64 (search/evaluate.py).
+COLUMN_DTYPES = {
+    "dp": np.int32, "tp": np.int32, "pp": np.int32, "cp": np.int32, "zero_stage": np.int8,
+    "micro_batch_size": np.int32, "sequence_parallel": np.bool_, "recompute": np.int8, "schedule": np.int8,
+    "virtual_stages": np.int32, "offload": np.int8,
+}  # fmt: skip
+# Choices that set two columns at once: (first column, second column).
+PAIRED_CHOICES = {"zero_offload": ("zero_stage", "offload"), "schedule_v": ("schedule", "virtual_stages")}
+
+
+@dataclass(frozen=True)
+class LayoutGrid:
+    """One layout's candidates before they are written out: the product of the per-field choices, in row-major
+    order (the last choice varies fastest), and which rows of it the rules keep."""
+
+    layout: Degrees
+    choices: dict[str, np.ndarray]  # choice -> its values: (count,), or (count, 2) for PAIRED_CHOICES
+    keep: np.ndarray | None  # bool over the product's shape; None: every row
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(values) for values in self.choices.values())
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape)) if self.keep is None else int(self.keep.sum())
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        """Write this layout's rows into `columns` (every Candidates field, each sliced to this layout's rows)."""
+        for axis in MESH_AXES:
+            columns[axis][:] = getattr(self.layout, axis)
+        for position, (choice, values) in enumerate(self.choices.items()):
+            view = [1] * len(self.shape)
+            view[position] = len(values)
+            names = PAIRED_CHOICES.get(choice, (choice,))
+            for i, name in enumerate(names):
+                value = values[:, i] if len(names) > 1 else values
+                grid = np.broadcast_to(value.reshape(view), self.shape)
+                if self.keep is None:
+                    columns[name].reshape(self.shape)[...] = grid
+                else:
+                    columns[name][:] = grid[self.keep]
+
+
+def write_candidates(grids: list[LayoutGrid]) -> Candidates:
+    """The layouts' candidates, in layout order, each column written once in place."""
+    counts = [grid.rows for grid in grids]
+    ends = np.cumsum(counts)
+    columns = {f.name: np.empty(int(ends[-1]) if grids else 0, COLUMN_DTYPES.get(f.name, np.int64))
+               for f in fields(Candidates)}  # fmt: skip
+    for grid, end, count in zip(grids, ends, counts, strict=True):
+        if count:
+            grid.write({name: column[end - count : end] for name, column in columns.items()})
+    return Candidates(**columns)
+
+
+def layout_grid(
+    layout: Degrees,
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    rejected: Rejections,
+) -> LayoutGrid:
+    """One layout's product of the per-field choices, minus the combinations the rules forbid (counted)."""
     choices = {
         "zero_offload": _zero_offloads(layout, training, cluster, options, rejected),
         "micro_batch_size": _micro_batch_sizes(layout, training, options),
@@ -276,39 +345,54 @@ def expand(
         "ep": _expert_degrees(layout, model, options),
     }
     if not all(choices.values()):
-        return Candidates.concat([])
-    grid = np.stack(np.meshgrid(*[np.arange(len(c)) for c in choices.values()], indexing="ij"), -1)
-    grid = grid.reshape(-1, len(choices))
-    columns = {name: np.asarray(values)[grid[:, i]] for i, (name, values) in enumerate(choices.items())}
-    schedule, virtual = columns.pop("schedule_v").T
-    columns["zero_stage"], columns["offload"] = columns.pop("zero_offload").T
-    microbatches = training.global_batch_size // (layout.dp * columns["micro_batch_size"])
+        return LayoutGrid(layout, {name: np.zeros(0, dtype=np.int64) for name in choices}, None)
+    grid = LayoutGrid(layout, {name: np.asarray(values) for name, values in choices.items()}, None)
+    partial_round = _partial_rounds(grid, training)
+    if partial_round is not None:
+        first_size = grid.choices["micro_batch_size"][partial_round.any(axis=1)][0]
+        example = interleaved_round_violation(training.global_batch_size // (layout.dp * int(first_size)), layout.pp)
+        grid = _without(grid, ("micro_batch_size", "schedule_v"), partial_round, example, rejected)
+    unrun = _unrun_expert_sharding(grid, training)
+    if unrun is not None:
+        example = next(paraplan_expert_violations(ParallelPlan.model_construct(ep=2, zero_stage=1, tp=1), model))
+        grid = _without(grid, ("zero_offload", "ep"), unrun, example, rejected)
+    return grid
+
+
+def _without(
+    grid: LayoutGrid, pair: tuple[str, str], forbidden: np.ndarray, example: Violation, rejected: Rejections
+) -> LayoutGrid:
+    """`grid` less its rows whose values of the two choices in `pair` are `forbidden` (a bool table over those
+    values, in the choices' order), counted under `example`'s code (rows another rule already dropped are not)."""
+    position = [list(grid.choices).index(name) for name in pair]
+    assert position[0] < position[1], "the pair in the choices' order"
+    view = [1] * len(grid.shape)
+    view[position[0]], view[position[1]] = forbidden.shape
+    dropped = np.broadcast_to(forbidden.reshape(view), grid.shape)
+    kept = np.ones(grid.shape, dtype=bool) if grid.keep is None else grid.keep
+    rejected.add("candidate", example.code, int((dropped & kept).sum()), example.message)
+    return replace(grid, keep=kept & ~dropped)
+
+
+def _partial_rounds(grid: LayoutGrid, training: TrainingSpec) -> np.ndarray | None:
+    """(micro-batch size, schedule) pairs whose interleaved schedule would run a partial round of micro-batches
+    (planner/rules.py), as a bool table; None when there are none."""
+    layout, sizes = grid.layout, grid.choices["micro_batch_size"]
+    schedule = grid.choices["schedule_v"][:, 0]
+    microbatches = training.global_batch_size // (layout.dp * sizes)
     interleaved = schedule == SCHEDULES.index("interleaved_1f1b")
-    partial_round = interleaved & partial_interleaved_round(microbatches, layout.pp)
-    if partial_round.any():
-        example = interleaved_round_violation(int(microbatches[partial_round.argmax()]), layout.pp)
-        rejected.add("candidate", example.code, int(partial_round.sum()), example.message)
-    keep = ~partial_round & ~_unrun_expert_sharding(model, training, columns, rejected)
-    rows = int(keep.sum())
-    return Candidates(
-        **{d: np.full(rows, getattr(layout, d)) for d in MESH_AXES},
-        **{name: values[keep] for name, values in columns.items()},
-        schedule=schedule[keep],
-        virtual_stages=virtual[keep],
-    )
+    partial = interleaved[None, :] & partial_interleaved_round(microbatches, layout.pp)[:, None]
+    return partial if partial.any() else None
 
 
-def _unrun_expert_sharding(
-    model: ModelSpec, training: TrainingSpec, columns: dict[str, np.ndarray], rejected: Rejections
-) -> np.ndarray:
-    """Rows whose ZeRO stage the stack cannot run with their ep: paraplan's executor shards experts at ZeRO 0, 2
-    and 3, not 1 (planner/rules.py `paraplan_expert_violations`; counted)."""
-    refused = (columns["ep"] > 1) & (columns["zero_stage"] == 1) & (training.framework == "paraplan")
-    if refused.any():
-        probe = ParallelPlan.model_construct(ep=2, zero_stage=1, tp=1)
-        example = next(paraplan_expert_violations(probe, model))
-        rejected.add("candidate", example.code, int(refused.sum()), example.message)
-    return refused
+def _unrun_expert_sharding(grid: LayoutGrid, training: TrainingSpec) -> np.ndarray | None:
+    """(ZeRO stage and offload, ep) pairs the stack cannot run: paraplan's executor shards experts at ZeRO 0, 2
+    and 3, not 1 (planner/rules.py `paraplan_expert_violations`), as a bool table; None when there are none."""
+    if training.framework != "paraplan":
+        return None
+    zero1 = grid.choices["zero_offload"][:, 0] == 1
+    refused = zero1[:, None] & (grid.choices["ep"] > 1)[None, :]
+    return refused if refused.any() else None
 
 
 def _zero_offloads(

@@ -1,0 +1,109 @@
+"""The search's answers pinned: speed work on the search (issue 29) must not change what it finds.
+
+Recorded from main at 1afeff3, before the search was made faster: the ranked plans, their step times and peaks,
+and every candidate count. A change to the cost model itself moves these on purpose; re-record them then (the
+command below prints the lines), and only then.
+
+    PYTHONPATH=. python -c "from tests.unit.test_search_pinned import record; record()"
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import planner
+from planner.describe import describe_plan
+from planner.search.solve import BoundOrder
+
+
+def request(model: str, seq_len: int, batch: int, nodes: int) -> dict:
+    return {
+        "model": model,
+        "training": {"seq_len": seq_len, "global_batch_size": batch},
+        "cluster": {"gpu": "h100-sxm", "num_nodes": nodes, "gpus_per_node": 8},
+    }
+
+
+# (request, counts, ranked plans as (description, step seconds, peak bytes))
+PINNED = {
+    "llama3-8b on 8 H100": (
+        request("llama3-8b", 8192, 64, 1),
+        {"layouts": 20, "enumerated": 14316, "evaluated": 4096, "pruned_by_bound": 10220, "out_of_memory": 2855,
+         "over_memory_band": 0, "over_host_memory": 0, "fits": 1241, "partitioned": 0},
+        [
+            ("dp8 tp1 pp1 cp1 · ZeRO-3 · mbs 1 · no recompute · 1f1b", 6.449983359577927, 72212823654.4),
+            ("dp4 tp1 pp1 cp2 · ZeRO-1 · mbs 1 · no recompute · 1f1b", 6.474494867408625, 73832105472.0),
+            ("dp4 tp1 pp1 cp2 · ZeRO-2 · mbs 1 · no recompute · 1f1b", 6.519364722894676, 59534535628.8),
+            ("dp4 tp1 pp1 cp2 · ZeRO-3 · mbs 2 · no recompute · 1f1b", 6.537397890704114, 72206112768.0),
+            ("dp2 tp1 pp1 cp4 · ZeRO-1 · mbs 2 · no recompute · 1f1b", 6.561909398534812, 73761641164.8),
+        ],
+    ),
+    # Pipelined leaders re-split by the partition ILP (partitioned: 2), offloading plans among the best.
+    "llama3-70b on 64 H100": (
+        request("llama3-70b", 8192, 256, 8),
+        {"layouts": 74, "enumerated": 180957, "evaluated": 61440, "pruned_by_bound": 119517, "out_of_memory": 57213,
+         "over_memory_band": 0, "over_host_memory": 0, "fits": 4227, "partitioned": 2},
+        [
+            ("dp16 tp1 pp1 cp4 · ZeRO-3 · mbs 1 · no recompute · 1f1b · offload optimizer and params",
+             28.37209270203031, 65218878259.2),
+            ("dp8 tp1 pp1 cp8 · ZeRO-3 · mbs 2 · no recompute · 1f1b · offload optimizer and params",
+             28.765458092098154, 65130797875.2),
+            ("dp16 tp2 pp1 cp2 · ZeRO-3 · mbs 1 · sp · no recompute · 1f1b · offload optimizer and params",
+             29.201053209163607, 62833997004.8),
+            ("dp8 tp1 pp2 cp4 · ZeRO-3 · mbs 1 · no recompute · interleaved_1f1b v4 · offload optimizer and params",
+             29.103673863515358, 70924238848.0),
+            ("dp8 tp1 pp2 cp4 · ZeRO-3 · mbs 1 · no recompute · interleaved_1f1b v5 · offload optimizer and params",
+             29.115557489106184, 69491797196.8),
+        ],
+    ),
+    # Nothing fits without offload: every candidate is costed, none pruned.
+    "llama3-405b on 32 H100": (
+        request("llama3-405b", 8192, 64, 4),
+        {"layouts": 52, "enumerated": 144735, "evaluated": 144735, "pruned_by_bound": 0, "out_of_memory": 138009,
+         "over_memory_band": 0, "over_host_memory": 0, "fits": 6726, "partitioned": 0},
+        [
+            ("dp32 tp1 pp1 cp1 · ZeRO-3 · mbs 1 · full recompute · 1f1b · offload optimizer and params",
+             114.22824102045921, 68572566323.2),
+            ("dp16 tp1 pp1 cp2 · ZeRO-3 · mbs 2 · full recompute · 1f1b · offload optimizer and params",
+             114.6584844158459, 68702380032.0),
+            ("dp16 tp2 pp1 cp1 · ZeRO-3 · mbs 2 · sp · full recompute · 1f1b · offload optimizer and params",
+             116.03435912093188, 58665620275.2),
+            ("dp16 tp1 pp1 cp2 · ZeRO-3 · mbs 1 · full recompute · 1f1b · offload optimizer and params",
+             114.95976592405692, 44797312204.8),
+            ("dp8 tp1 pp1 cp4 · ZeRO-3 · mbs 4 · full recompute · 1f1b · offload optimizer and params",
+             115.0887278112326, 68700178022.4),
+        ],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_search_answers_are_unchanged(name):
+    req, counts, plans = PINNED[name]
+    result = planner.search(req)
+    assert result.counts.model_dump() == counts
+    got = [(describe_plan(p.plan), p.estimate.step_time_s, p.estimate.memory.peak_bytes) for p in result.plans]
+    assert [g[0] for g in got] == [p[0] for p in plans]
+    for (_, time_s, peak), (_, pinned_time_s, pinned_peak) in zip(got, plans, strict=True):
+        assert time_s == pytest.approx(pinned_time_s, rel=1e-9)
+        assert peak == pytest.approx(pinned_peak, rel=1e-9)
+
+
+def record() -> None:
+    """Print the current answers in PINNED's form."""
+    for name, (req, _, _) in PINNED.items():
+        result = planner.search(req)
+        print(name, result.counts.model_dump())
+        for p in result.plans:
+            print(f"    ({describe_plan(p.plan)!r}, {p.estimate.step_time_s!r}, {p.estimate.memory.peak_bytes!r}),")
+
+
+def test_bound_order_reads_the_stable_argsort_a_prefix_at_a_time():
+    """The search reads rows best-first from a partial sort; it must be the full stable sort's prefix, ties in row
+    order included (which rows a round costs decides the counts)."""
+    bound = np.random.default_rng(0).integers(0, 500, size=300_000).astype(float)  # many ties
+    expected = np.argsort(bound, kind="stable")
+    order = BoundOrder(bound)
+    for count in (1, 4097, 12_289, 70_000, 140_001, 300_000, 400_000):
+        np.testing.assert_array_equal(order.first(count), expected[:count])
