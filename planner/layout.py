@@ -7,7 +7,7 @@ bandwidth tiers and the executor's DeviceMesh both come from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -80,6 +80,8 @@ def axis_groups(axis: GroupAxis, degrees: Degrees, ep: int = 1) -> np.ndarray:
 def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int, ep: int = 1) -> GroupPlacement:
     """Where the groups along `axis` of a mesh of `degrees` sit on nodes of `gpus_per_node` ranks (`ep` only
     matters to the expert groupings)."""
+    if ep == 1 and axis in ("ep", "edp"):  # without expert parallelism: no need to walk the ranks again
+        return _without_expert_parallelism(axis, degrees, gpus_per_node)
     groups = axis_groups(axis, degrees, ep)
     nodes = groups // gpus_per_node
     size = groups.shape[1]
@@ -92,6 +94,13 @@ def placement(axis: GroupAxis, degrees: Degrees, gpus_per_node: int, ep: int = 1
         neighbours_cross_nodes=bool((nodes[:, 1:] != nodes[:, :-1]).any()),
         nodes=int(1 + (nodes[:, 1:] != nodes[:, :-1]).sum(axis=1).max()) if size > 1 else 1,
     )
+
+
+def _without_expert_parallelism(axis: GroupAxis, degrees: Degrees, gpus_per_node: int) -> GroupPlacement:
+    """With ep = 1 every ep group is one rank, and every edp group a whole dp x cp group (`expert_group_ranks`)."""
+    if axis == "ep":
+        return GroupPlacement(axis, size=1, intra_node=True, members_per_node=1, neighbours_cross_nodes=False)
+    return replace(placement("dp_cp", degrees, gpus_per_node), axis=axis)
 
 
 def _fewest_members_per_node(nodes: np.ndarray) -> int:

@@ -208,11 +208,19 @@ class PlanBatch:
 
     @cached_property
     def _device_params(self) -> np.ndarray:
-        count = self.per_device("params_per_gpu") - self.blocks * self._experts_elsewhere_per_block
+        count = self.per_device("params_per_gpu")
+        if self.has_experts:
+            count = count - self.blocks * self._experts_elsewhere_per_block
         if self.tied_copy:
             _, has_head = edge_masks(self.pp)
             count = count + has_head * self.model.vocab_size * self.model.hidden_size / self.tp
         return count
+
+    @property
+    def has_experts(self) -> bool:
+        """A mixture of experts: a dense model skips the expert terms below, which would all be zero (the search
+        costs hundreds of thousands of rows, most of them dense)."""
+        return self.model.num_experts > 1
 
     @cached_property
     def expert_params_per_block(self) -> np.ndarray:
@@ -239,6 +247,8 @@ class PlanBatch:
         """Parameters a device keeps of what ZeRO shards where `sharded` ((N, 1) bools): the dense ones over dp x cp,
         the experts over edp (each edp group holds its own experts; Megatron-Core's distributed optimizer shards
         expert states over the expert data-parallel group). Elsewhere all of `device_params`. (N, pp)."""
+        if not self.has_experts:
+            return self.device_params() / np.where(sharded, self.shard_degree, 1)
         experts = self.device_expert_params()
         dense = self.device_params() - experts
         dense_shards = np.where(sharded, self.shard_degree, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,3 +82,16 @@ def test_a_plans_degrees_are_its_axes_in_rank_order():
     assert plan.degrees == Degrees(pp=4, dp=3, cp=5, tp=2) == (4, 3, 5, 2)
     assert plan.degrees._fields == MESH_AXES
     assert plan.num_gpus == plan.degrees.world == 120
+
+
+@pytest.mark.parametrize("degrees", [Degrees(dp=8, tp=2, pp=4, cp=2), Degrees(dp=3, tp=8, pp=1, cp=1)])
+def test_without_expert_parallelism_the_expert_groups_are_placed_without_walking_the_ranks(degrees):
+    """ep = 1: each ep group is one rank and each edp group a whole dp x cp group, so their placements are those."""
+    assert (axis_groups("edp", degrees, 1) == axis_groups("dp_cp", degrees)).all()
+    assert axis_groups("ep", degrees, 1).shape == (degrees.world, 1)
+    for gpus_per_node in (4, 8):
+        edp = placement("edp", degrees, gpus_per_node, 1)
+        assert edp == replace(placement("dp_cp", degrees, gpus_per_node), axis="edp")
+        alone = placement("ep", degrees, gpus_per_node, 1)
+        assert (alone.size, alone.intra_node, alone.members_per_node, alone.nodes) == (1, True, 1, 1)
+        assert not alone.neighbours_cross_nodes
