@@ -50,7 +50,9 @@ def test_expert_parallelism_rules_name_the_field(gpt3_request):
     assert [(v.field, v.code) for v in err.value.violations] == [("plan.ep", "ep_needs_experts")]
     moe = {"num_layers": 96, "hidden_size": 256, "num_attention_heads": 8, "vocab_size": 1000, "num_experts": 6,
            "experts_per_token": 2, "mlp": "swiglu"}  # fmt: skip
-    bad = {**gpt3_request, "model": moe, "plan": {**gpt3_request["plan"], "ep": 4}}  # dp=16 x cp=1, 6 experts
+    # dp=16 x cp=1, 6 experts; on Megatron-LM, which splits experts under tp (paraplan's executor would refuse tp 8)
+    megatron = {**gpt3_request["training"], "framework": "megatron"}
+    bad = {**gpt3_request, "model": moe, "training": megatron, "plan": {**gpt3_request["plan"], "ep": 4}}
     with pytest.raises(InfeasiblePlanError) as err:
         estimate(bad)
     assert {v.code for v in err.value.violations} == {"ep_divides_experts"}
