@@ -187,7 +187,7 @@ def _leaders(costed: RowCosts, candidates: Candidates, limit: float, top_k: int)
     rows = costed.rows[fits]
     order = simplest_first(
         costed.step_time_s[fits], costed.peak_bytes[fits], candidates.cp[rows], candidates.tp[rows],
-        candidates.pp[rows], top_k,
+        candidates.pp[rows], top_k, candidates.ep[rows],
     )  # fmt: skip
     return rows[order]
 
@@ -199,9 +199,10 @@ def _full(req: PlanRequest, plan: ParallelPlan) -> tuple[ParallelPlan, StepEstim
 def _rank(plans: list[tuple[ParallelPlan, StepEstimate]], limit: float) -> list[tuple[ParallelPlan, StepEstimate]]:
     """The fitting plans in rank order (search/rank.py)."""
     fitting = [(p, e) for p, e in plans if _fits(e, limit)]
-    cp, tp, pp = np.array([(p.cp, p.tp, p.pp) for p, _ in fitting]).reshape(-1, 3).T
+    cp, tp, pp, ep = np.array([(p.cp, p.tp, p.pp, p.ep) for p, _ in fitting]).reshape(-1, 4).T
     times = np.array([e.step_time_s for _, e in fitting])
-    order = simplest_first(times, np.array([e.memory.peak_bytes for _, e in fitting]), cp, tp, pp, len(fitting))
+    peaks = np.array([e.memory.peak_bytes for _, e in fitting])
+    order = simplest_first(times, peaks, cp, tp, pp, len(fitting), ep)
     return [fitting[i] for i in order]
 
 
@@ -321,8 +322,9 @@ def _runner_up(plan: ParallelPlan, est: StepEstimate, runner_plan: ParallelPlan,
 
 
 def _layout_words(plan: ParallelPlan) -> str:
-    axes = int(model_parallel_axes(plan.cp, plan.tp, plan.pp))
-    return f"{axes} model-parallel axes (cp{plan.cp} tp{plan.tp} pp{plan.pp})"
+    axes = int(model_parallel_axes(plan.cp, plan.tp, plan.pp, plan.ep))
+    experts = f" ep{plan.ep}" if plan.ep > 1 else ""
+    return f"{axes} model-parallel axes (cp{plan.cp} tp{plan.tp} pp{plan.pp}{experts})"
 
 
 def _term_differences(winner: StepEstimate, runner_up: StepEstimate) -> list[TermComparison]:

@@ -169,6 +169,16 @@ def test_near_ties_go_to_the_simpler_layout():
     assert simplest_first(times, peak, cp, tp, pp, 5).tolist() == [1, 2, 0, 3, 4]
 
 
+def test_in_a_near_tie_expert_parallelism_counts_as_a_model_parallel_axis():
+    #              ep8, 1.000 s  ep1, 1.004 s  ep2 tp2, 1.006 s  ep2, 1.008 s
+    times, peak = np.array([1.000, 1.004, 1.006, 1.008]), np.array([1.0, 1.0, 1.0, 1.0])
+    ones = np.ones(4, dtype=int)
+    ep, tp = np.array([8, 1, 2, 2]), np.array([1, 1, 2, 1])
+    # Rank 1: ep1 uses no axis. Rank 2: ep8 and ep2 use one each, the smaller ep first. Then ep8; ep2 tp2 (two) last.
+    assert simplest_first(times, peak, ones, tp, ones, 4, ep).tolist() == [1, 3, 0, 2]
+    assert simplest_first(times, peak, ones, tp, ones, 4).tolist() == [0, 1, 3, 2]  # ep unknown: a dense model's
+
+
 def test_without_near_ties_the_order_is_by_time_then_memory():
     times, peak = np.array([3.0, 1.0, 2.0, 1.0]), np.array([1.0, 2.0, 1.0, 1.0])
     layouts = np.array([1, 1, 1, 1])
