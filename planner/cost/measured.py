@@ -357,10 +357,11 @@ class ProfileCosts:
         shapes answers no layer time (NotMeasured says whose they are); its device measurements still hold."""
         self.profile = profile
         self.other_model = other_layer_shapes(profile.model, model)
-        self.table = LayerTable.from_measurements([] if self.other_model else profile.layers)
+        layers = [] if self.other_model else profile.layers
+        self.table = LayerTable.from_measurements(layers)
         # A CUDA profile holds each layer's allocator peak: the cost model then takes activation memory from the
         # profile, as the profiler's stack (the executor's) holds it (planner/cost/layers.py `layer_memory`).
-        self.measures_memory = any(m.peak_allocated_bytes is not None for m in profile.layers)
+        self.measures_memory = any(m.peak_allocated_bytes is not None for m in layers)
         self.fits: dict[tuple[str, str, int], CollectiveFit] = {
             (fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits
         }

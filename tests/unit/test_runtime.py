@@ -42,6 +42,10 @@ def test_a_gpu_is_the_executor_where_a_profile_measured_its_memory_else_analytic
     assert runtime_for(cluster("h200"), None) is ANALYTIC
     timings_only = ProfileCosts(load_profile_json(H200_PROFILE).model_copy(update={"layers": []}))
     assert runtime_for(cluster("h200"), timings_only) is ANALYTIC
+    profile = load_profile_json(H200_PROFILE)  # layers of Llama 3.2 1B, which answer no other model's layers
+    wider = profile.model.model_copy(update={"hidden_size": profile.model.hidden_size * 2})
+    assert not ProfileCosts(profile, wider).measures_memory
+    assert runtime_for(cluster("h200"), ProfileCosts(profile, wider)) is ANALYTIC
 
 
 def test_the_request_names_its_regime():
