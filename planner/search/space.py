@@ -257,19 +257,6 @@ def search_space(
     return write_candidates(grids), rejected
 
 
-def expand(
-    layout: Degrees,
-    model: ModelSpec,
-    training: TrainingSpec,
-    cluster: ClusterSpec,
-    options: SearchOptions,
-    rejected: Rejections,
-) -> Candidates:
-    """Every candidate of one layout: the product of the per-field choices, minus the combinations the
-    rules forbid (counted)."""
-    return write_candidates([layout_grid(layout, model, training, cluster, options, rejected)])
-
-
 # The columns' integer types: a search holds up to about a million rows, and on a cold start writing memory for
 # the first time is much of what it costs. CandidateCosts widens the rows it costs to int64 (search/evaluate.py).
 COLUMN_DTYPES = {
