@@ -215,8 +215,9 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     reduce during the last micro-batch's backward, and the last bucket (one layer's share) can never overlap, nor
     can ZeRO-1's gather after the optimizer step. ZeRO 2/3 communicate every micro-batch, unit by unit, and hide
     what their prefetching lets them (`sharded_exposed_s`); a regime that synchronizes around ZeRO-3's gathers
-    (Runtime.zero3_prefetch_overlap) hides none of them. Without overlap (Megatron-LM before 2023) all of it is
-    exposed."""
+    (Runtime.zero3_prefetch_overlap) hides none of them. Without overlap (Megatron-LM before 2023), or where the
+    stack reduces only after backward or after the pipeline's flush (DeepSpeed: Runtime.reduction_overlaps), all of
+    it is exposed."""
     hideable = dp_during_backward_s(batch)
     last_backward = batch.per_device("backward_s") + batch.per_device("recompute_s")
     bucketed_shows = np.maximum(hideable - last_backward, hideable / batch.layers_on_device())
@@ -224,7 +225,8 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
     hidden = calibrated_overlap(batch.measured) * (hideable - least_shown)
     synchronized = (batch.zero_stage == 3) & ~batch.runtime.zero3_prefetch_overlap
-    can_hide = batch.overlap_grad_reduce & (hideable > 0) & ~blocking_fsdp2(batch) & ~synchronized
+    in_backward = batch.runtime.reduction_overlaps(batch.zero_stage, batch.pp, batch.training.precision)
+    can_hide = batch.overlap_grad_reduce & in_backward & (hideable > 0) & ~blocking_fsdp2(batch) & ~synchronized
     exposed = np.where(can_hide, hideable - hidden, hideable)
     return exposed + dp_after_step_s(batch)
 

@@ -16,7 +16,7 @@ can run at all is a rule (planner/rules.py `FRAMEWORK_ZERO_STAGES`), not a cost.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from planner.specs import ClusterSpec
 
 FP32_BYTES = 4
+# Every ZeRO stage's gradient reduction runs during backward where the plan overlaps it (Runtime.
+# overlapped_reduction_stages): DDP's and Megatron-LM's bucket hooks, FSDP2's per-unit reduce-scatters.
+EVERY_STAGE_OVERLAPS = {precision: (0, 1, 2, 3) for precision in ("fp32", "fp16", "bf16")}
 # Host time per kernel launch of an eager PyTorch stack on a GPU, seconds (planner/cost/compute.py `host_floor_s`):
 # the least-squares fit on the fitting half of the dev vTrain runs (Megatron-LM, A100;
 # `python -m planner.calibration host-floor`; tests/validation/test_devset.py fails if it drifts). Per kernel as
@@ -108,6 +111,12 @@ class Runtime:
     zero3_collective_per_tensor: bool
     zero3_bandwidth_efficiency: float
 
+    # Where the stack can run the data-parallel gradient reduction during backward, as the plan asks
+    # (`overlap_grad_reduce`; DeepSpeed's `overlap_comm`): the ZeRO stages per training precision whose reduction
+    # is issued while backward runs (the others reduce after it), and whether a pipeline defers it past its flush.
+    overlapped_reduction_stages: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: EVERY_STAGE_OVERLAPS)
+    pipeline_reduces_after_flush: bool = False
+
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
     host_s_per_kernel: float = 0.0
@@ -137,6 +146,13 @@ class Runtime:
     def data_parallel_bytes(self, precision: str) -> int:
         """Bytes per element of the data-parallel collectives (`StateBytes.reduce`)."""
         return self.states[precision].reduce
+
+    def reduction_overlaps(self, zero_stage: np.ndarray, pp: int, precision: str) -> np.ndarray:
+        """Rows whose gradient reduction the stack issues during backward, so that it can hide there when the plan
+        overlaps it (`overlapped_reduction_stages`, `pipeline_reduces_after_flush`)."""
+        if self.pipeline_reduces_after_flush and pp > 1:
+            return np.zeros(np.shape(zero_stage), dtype=bool)
+        return np.isin(zero_stage, self.overlapped_reduction_stages[precision])
 
     def on_fsdp2(self, zero_stage: np.ndarray, tp: np.ndarray, pp: int, shard_degree: np.ndarray) -> np.ndarray:
         """Rows whose data parallelism runs on FSDP2 (`fully_shard` or `replicate`); the rest run DDP, or nothing
@@ -266,6 +282,14 @@ DEEPSPEED = replace(
     "ZeRO-3 as DeepSpeed 0.3-0.5 issues it",
     dtensor_parameters=False,
     tp_norm_layouts=1,
+    # Gradient reduction (deepspeed/runtime/engine.py `_backward_epilogue`, pipe/engine.py): without ZeRO the engine
+    # all-reduces the gradients after backward (`allreduce_gradients`); bf16 with ZeRO-1 runs BF16_Optimizer
+    # (`_do_optimizer_sanity_check`), which reduces its fp32 gradient buffer after backward too; ZeRO 1-2's optimizer
+    # reduces in backward hooks on a stream of its own only with `overlap_comm` (zero/stage_1_and_2.py), which the
+    # plan's overlap_grad_reduce sets (planner/export/deepspeed.py). The PipelineEngine turns the backward hooks off
+    # (`enable_backward_allreduce = False`) and reduces after the last micro-batch (TrainSchedule's `ReduceGrads`).
+    overlapped_reduction_stages={"fp32": (1, 2, 3), "fp16": (1, 2, 3), "bf16": (2, 3)},
+    pipeline_reduces_after_flush=True,
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,

@@ -316,11 +316,21 @@ def _assumptions(
             "all-to-alls are not overlapped with compute"
         )
     if plan.dp * plan.cp > 1:
-        overlap = "overlaps" if plan.overlap_grad_reduce else "does not overlap"
-        notes.append(f"gradient reduction {overlap} with backward")
+        notes.append(_reduction_assumption(plan, runtime, training.precision))
     if plan.offload != "none":
         notes.append(_offload_assumption(cluster))
     return notes
+
+
+def _reduction_assumption(plan: ParallelPlan, runtime: Runtime, precision: str) -> str:
+    if not plan.overlap_grad_reduce:
+        return "gradient reduction does not overlap with backward"
+    if runtime.pipeline_reduces_after_flush and plan.pp > 1:
+        return f"gradient reduction does not overlap with backward: {runtime.name}'s pipeline reduces after its flush"
+    if not runtime.reduction_overlaps(np.array(plan.zero_stage), plan.pp, precision):
+        return (f"gradient reduction does not overlap with backward: {runtime.name} reduces {precision} ZeRO-"
+                f"{plan.zero_stage} gradients after backward")  # fmt: skip
+    return "gradient reduction overlaps with backward"
 
 
 def _offload_assumption(cluster: ClusterSpec) -> str:

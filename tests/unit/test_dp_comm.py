@@ -11,7 +11,7 @@ import pytest
 from planner.cost import data
 from planner.cost.batch import PlanBatch
 from planner.cost.params import block_params, block_tensors, embedding_tensors, head_tensors
-from planner.cost.runtime import DEEPSPEED, FSDP
+from planner.cost.runtime import DEEPSPEED, EVERY_STAGE_OVERLAPS, FSDP
 from planner.presets import model_preset
 from planner.request import parse_estimate_request
 
@@ -19,10 +19,12 @@ A100_NVLINK_BUSBW = 300e9 * 0.77
 A100_NETWORK_BUSBW = 25e9 * 0.86
 
 
-def batch_of(model: str = "gpt3-1.7b", runtime=FSDP, nodes: int = 2, batch: int = 64, **plan: object) -> PlanBatch:
+def batch_of(
+    model: str = "gpt3-1.7b", runtime=FSDP, nodes: int = 2, batch: int = 64, precision: str = "bf16", **plan: object
+) -> PlanBatch:
     req = parse_estimate_request({
         "model": {"name": model},
-        "training": {"seq_len": 2048, "global_batch_size": batch, "precision": "bf16"},
+        "training": {"seq_len": 2048, "global_batch_size": batch, "precision": precision},
         "cluster": {"gpu": "a100-80gb", "num_nodes": nodes, "gpus_per_node": 8},
         "plan": {"tp": 1, "pp": 1, "zero_stage": 3, "micro_batch_size": 1, **plan},
     })  # fmt: skip
@@ -114,3 +116,40 @@ def test_deepspeed_zero3_synchronizes_around_its_gathers_so_none_hides():
     assert data.dp_comm_exposed_s(batch) == pytest.approx(data.dp_during_backward_s(batch))
     overlapping = batch_of(runtime=replace(DEEPSPEED, zero3_prefetch_overlap=True))
     assert np.all(data.dp_comm_exposed_s(overlapping) < data.dp_during_backward_s(overlapping))
+
+
+def bucketed_exposed_s(batch: PlanBatch) -> float:
+    """What DDP-style bucketed reduction shows when it overlaps the last micro-batch's backward (data.py): the
+    reduction beyond that backward, and never less than the last layer's bucket."""
+    hideable = data.dp_during_backward_s(batch)[0, 0]
+    last_backward = batch.per_device("backward_s")[0, 0] + batch.per_device("recompute_s")[0, 0]
+    return max(hideable - last_backward, hideable / batch.layers_on_device()[0, 0])
+
+
+@pytest.mark.parametrize(
+    ("zero", "precision", "pp", "why"),
+    [
+        (0, "bf16", 1, "no ZeRO: the engine all-reduces in its backward epilogue"),
+        (1, "bf16", 1, "bf16 ZeRO-1 runs BF16_Optimizer, which reduces after backward"),
+        (1, "fp16", 2, "the PipelineEngine reduces after the pipeline's flush"),
+    ],
+)
+def test_deepspeed_reduces_after_backward_where_its_engine_does(zero, precision, pp, why):
+    plan = {"zero_stage": zero, "pp": pp, "overlap_grad_reduce": True}
+    deepspeed = batch_of(runtime=DEEPSPEED, nodes=4, precision=precision, **plan)
+    assert not deepspeed.runtime.reduction_overlaps(deepspeed.zero_stage, pp, precision).any(), why
+    everything = data.dp_during_backward_s(deepspeed) + data.dp_after_step_s(deepspeed)
+    assert data.dp_comm_exposed_s(deepspeed) == pytest.approx(everything)
+    # The same plan on a stack that overlaps hides all but the last bucket (and ZeRO-1's gather after the step).
+    overlapping = replace(deepspeed, runtime=replace(DEEPSPEED, overlapped_reduction_stages=EVERY_STAGE_OVERLAPS,
+                                                     pipeline_reduces_after_flush=False))  # fmt: skip
+    shown = bucketed_exposed_s(overlapping) + data.dp_after_step_s(overlapping)[0, 0]
+    assert data.dp_comm_exposed_s(overlapping)[0, 0] == pytest.approx(shown)
+    assert shown < everything[0, 0]
+
+
+def test_deepspeed_zero1_in_fp16_and_zero2_overlap_with_overlap_comm():
+    for zero, precision in ((1, "fp16"), (2, "bf16")):
+        assert DEEPSPEED.reduction_overlaps(np.array([[zero]]), 1, precision).all()
+        assert not DEEPSPEED.reduction_overlaps(np.array([[zero]]), 2, precision).any()
+    assert FSDP.reduction_overlaps(np.array([[0], [1], [2], [3]]), 4, "bf16").all()
