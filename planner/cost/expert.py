@@ -66,8 +66,9 @@ def ep_layer_comm_s(batch: PlanBatch) -> np.ndarray:
     channel). 0 where ep = 1 or the model is dense. (N, 1)."""
     if batch.model.num_experts == 1:
         return np.zeros_like(batch.ep, dtype=float)
-    tokens = tokens_per_rank(batch.micro_batch_size, batch.training.seq_len, batch.cp, batch.tp)
-    return layer_all_to_alls_s(batch.model, batch.training.precision, tokens, batch.recompute, batch.ep, batch.ep_channel)
+    model, training = batch.model, batch.training
+    tokens = tokens_per_rank(batch.micro_batch_size, training.seq_len, batch.cp, batch.tp)
+    return layer_all_to_alls_s(model, training.precision, tokens, batch.recompute, batch.ep, batch.ep_channel)
 
 
 def ep_device_comm_s(batch: PlanBatch) -> np.ndarray:
