@@ -203,7 +203,8 @@ def plan_schedule_graph(
     measured: ProfileCosts | None = None,
 ) -> nx.DiGraph:
     """The task graph of a plan's step, from the layer costs the estimate uses (planner/cost/layers.py; `measured`:
-    the request's profile) and its pipeline neighbours' channel. Not modelled here: a calibrated profile's
+    the request's profile), a mixture of experts' all-to-alls (planner/cost/expert.py) and its pipeline neighbours'
+    channel. Not modelled here: a calibrated profile's
     per-micro-batch overhead and the lighter times of a rank computing alone (cost/step.py's
     `microbatches_alone`)."""
     return schedule_graph(
