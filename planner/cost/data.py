@@ -32,22 +32,57 @@ def dp_meetings(batch: PlanBatch) -> np.ndarray:
     which ZeRO-1's owners broadcast their shares (asynchronously, waited for together: one meeting); fully sharded
     stacks one collective per unit (or per tensor, `zero_collectives`) as `dp_comm_s` counts them (ZeRO-2: a gather
     each, a reduce-scatter each per micro-batch; ZeRO-3: two gathers and a reduce-scatter each per micro-batch;
-    `replicate`: an all-reduce per unit). (N, pp); 0 with one data-parallel rank."""
-    zero, m, units, fsdp2 = batch.zero_stage, batch.microbatches, zero_collectives(batch), batch.on_fsdp2
+    `replicate`: an all-reduce per unit). With ep > 1 the experts meet their edp peers apart (`expert_meetings`).
+    (N, pp); 0 with one data-parallel rank."""
+    zero, m, fsdp2 = batch.zero_stage, batch.microbatches, batch.on_fsdp2
+    units = zero_collectives(batch) + expert_units(batch)
     gradients = np.select(
         [fsdp2 & (zero == 2), fsdp2 & (zero == 3), fsdp2],
         [units * (m + 1), 3 * m * units, units],
-        ddp_buckets(batch) + (zero == 1),
+        ddp_buckets(batch) + (zero == 1) + ddp_expert_collectives(batch),
     )
     reductions = batch.runtime.dp_step_reductions + batch.holds_dtensors
     return (batch.shard_degree > 1) * (reductions + gradients)
 
 
+def experts_meet_apart(batch: PlanBatch) -> np.ndarray | bool:
+    """Rows whose experts' gradients are reduced apart from the dense ones over an edp group of more than one rank
+    (`separate_expert_bytes`): ep > 1 and edp = dp x cp / ep > 1. With edp = 1 each expert lives on one rank,
+    which meets no peer over it. (N, 1); False for a dense model."""
+    if not batch.has_experts:
+        return False
+    return (batch.ep > 1) & (batch.expert_shard_degree > 1)
+
+
+def expert_units(batch: PlanBatch) -> np.ndarray | int:
+    """FSDP2 units the experts add where they meet apart: each of a block's E/ep local experts is its own
+    `fully_shard` / `replicate` unit on the edp mesh (executor/parallel/data.py `_experts_on_edp`; the units
+    `sharded_collectives.expert_units_s` costs), whose collectives count as a block's do. (N, pp)."""
+    if not batch.has_experts:
+        return 0
+    return np.where(experts_meet_apart(batch), batch.blocks * (batch.model.num_experts // batch.ep), 0)
+
+
+def ddp_expert_collectives(batch: PlanBatch) -> np.ndarray | int:
+    """Collectives the experts add on the DDP path where they meet apart: DDP is told to skip them and
+    `ExpertGradReduction` (executor/parallel/expert.py) all-reduces all of a rank's expert gradients, flattened
+    into one tensor, once per step over edp: one meeting (the `experts_reduce` of `dp_during_backward_s`); ZeRO-1
+    gathers the experts' updated weights over edp apart too (`dp_after_step_s`): one more. (N, 1)."""
+    if not batch.has_experts:
+        return 0
+    return experts_meet_apart(batch) * (1 + (batch.zero_stage == 1))
+
+
 def ddp_buckets(batch: PlanBatch) -> np.ndarray:
     """How many buckets DDP reduces a device's gradients in: the first of Runtime.ddp_first_bucket_bytes, the rest
-    of Runtime.ddp_bucket_bytes (torch.nn.parallel.DistributedDataParallel), at the regime's gradient bytes. (N, pp)."""
+    of Runtime.ddp_bucket_bytes (torch.nn.parallel.DistributedDataParallel), at the regime's gradient bytes. With
+    ep > 1 DDP holds no experts: the executor tells it to ignore them (executor/parallel/data.py
+    `_set_params_and_buffers_to_ignore_for_model`), and they are reduced apart (`ddp_expert_collectives`). (N, pp)."""
     runtime = batch.runtime
-    gradient_bytes = batch.device_params() * runtime.partial_gradient_bytes
+    params = batch.device_params()
+    if batch.has_experts:
+        params = params - np.where(batch.ep > 1, batch.device_expert_params(), 0.0)
+    gradient_bytes = params * runtime.partial_gradient_bytes
     return 1 + np.ceil(np.maximum(gradient_bytes - runtime.ddp_first_bucket_bytes, 0) / runtime.ddp_bucket_bytes)
 
 

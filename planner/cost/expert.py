@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from planner.cost import comm, ops
-from planner.specs import ModelSpec
+from planner.layout import placement
+from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, TrainingSpec
 
 if TYPE_CHECKING:
     from planner.cost.batch import PlanBatch
+    from planner.cost.measured import ProfileCosts
 
 # Drop-less routing sends exactly the rows routed (Megatron-Core's default, `--moe-expert-capacity-factor` unset,
 # and the executor's routing): no padding.
@@ -43,23 +45,50 @@ def all_to_alls_per_layer(recompute) -> np.ndarray:
     return np.where(np.asarray(recompute) == "full", 6, 4)
 
 
-def tokens_per_rank(batch: PlanBatch) -> np.ndarray:
+def tokens_per_rank(micro_batch_size, seq_len: int, cp, tp):
     """Tokens one rank routes per micro-batch: its sequence shard (s / cp) of the micro-batch, split over tp, since
     Megatron-Core runs MoE with tensor parallelism only under sequence parallelism (its arguments check: "sequence
-    parallelism must be enabled" with MoE and tp > 1). (N, 1)."""
-    return batch.micro_batch_size * batch.training.seq_len / (batch.cp * batch.tp)
+    parallelism must be enabled" with MoE and tp > 1). Numbers or (N, 1) columns."""
+    return micro_batch_size * seq_len / (cp * tp)
+
+
+def layer_all_to_alls_s(model: ModelSpec, precision: str, tokens, recompute, ep, channel: comm.Channel):
+    """One MoE layer's all-to-alls for one micro-batch on one rank that routes `tokens`: `all_to_alls_per_layer` of
+    `dispatch_bytes` each over the ep group's channel (`comm.all_to_all_s`, 0 where ep = 1). Numbers or (N, 1)
+    columns: the one formula the step's term (`ep_layer_comm_s`) and the pipeline schedule
+    (`plan_ep_layer_comm_s`) share."""
+    size = dispatch_bytes(model, tokens, ops.ACTIVATION_BYTES[precision])
+    return all_to_alls_per_layer(recompute) * comm.all_to_all_s(size, ep, channel)
 
 
 def ep_layer_comm_s(batch: PlanBatch) -> np.ndarray:
-    """One MoE layer's all-to-alls for one micro-batch on one rank (`comm.all_to_all_s` over the ep group's channel).
-    0 where ep = 1 or the model is dense. (N, 1)."""
+    """One MoE layer's all-to-alls for one micro-batch on one rank (`layer_all_to_alls_s` over each row's ep
+    channel). 0 where ep = 1 or the model is dense. (N, 1)."""
     if batch.model.num_experts == 1:
         return np.zeros_like(batch.ep, dtype=float)
-    elem = ops.ACTIVATION_BYTES[batch.training.precision]
-    size = dispatch_bytes(batch.model, tokens_per_rank(batch), elem)
-    return all_to_alls_per_layer(batch.recompute) * comm.all_to_all_s(size, batch.ep, batch.ep_channel)
+    model, training = batch.model, batch.training
+    tokens = tokens_per_rank(batch.micro_batch_size, training.seq_len, batch.cp, batch.tp)
+    return layer_all_to_alls_s(model, training.precision, tokens, batch.recompute, batch.ep, batch.ep_channel)
 
 
 def ep_device_comm_s(batch: PlanBatch) -> np.ndarray:
     """Each device's all-to-all seconds per micro-batch: every block of a MoE model is a MoE layer. (N, pp)."""
     return batch.blocks * ep_layer_comm_s(batch)
+
+
+def plan_ep_layer_comm_s(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    plan: ParallelPlan,
+    measured: ProfileCosts | None = None,
+) -> float:
+    """`ep_layer_comm_s` of one plan, as a number: what each block of the pipeline schedule (planner/cost/
+    schedule.py) adds per micro-batch, over the channel the batch's `ep_channel` holds for it (planner/cost/batch.py
+    `group_channels`). 0 where ep = 1 or the model is dense."""
+    if model.num_experts == 1 or plan.ep == 1:
+        return 0.0
+    group = placement("ep", plan.degrees, cluster.gpus_per_node, plan.ep)
+    channel = comm.all_to_all_channel(cluster, group, measured)
+    tokens = tokens_per_rank(plan.micro_batch_size, training.seq_len, plan.cp, plan.tp)
+    return float(layer_all_to_alls_s(model, training.precision, tokens, plan.recompute, plan.ep, channel))

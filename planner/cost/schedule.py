@@ -19,6 +19,7 @@ from typing import Literal
 import networkx as nx
 
 from planner.cost import comm
+from planner.cost.expert import plan_ep_layer_comm_s
 from planner.cost.layers import LayerCost, layer_kinds
 from planner.cost.measured import ProfileCosts
 from planner.cost.pipeline import p2p_activation_bytes
@@ -202,7 +203,8 @@ def plan_schedule_graph(
     measured: ProfileCosts | None = None,
 ) -> nx.DiGraph:
     """The task graph of a plan's step, from the layer costs the estimate uses (planner/cost/layers.py; `measured`:
-    the request's profile) and its pipeline neighbours' channel. Not modelled here: a calibrated profile's
+    the request's profile), a mixture of experts' all-to-alls (planner/cost/expert.py) and its pipeline neighbours'
+    channel. Not modelled here: a calibrated profile's
     per-micro-batch overhead and the lighter times of a rank computing alone (cost/step.py's
     `microbatches_alone`)."""
     return schedule_graph(
@@ -221,22 +223,25 @@ def plan_chunk_times(
     plan: ParallelPlan,
     measured: ProfileCosts | None = None,
 ) -> list[ChunkTimes]:
-    """Each chunk's times: its blocks', plus the embedding's on the first chunk and the head's on the last."""
+    """Each chunk's times: its blocks', plus the embedding's on the first chunk and the head's on the last. A
+    mixture of experts' block also runs its dispatch and combine all-to-alls (`plan_ep_layer_comm_s`), which the
+    step's `ep_comm_s` charges per block and micro-batch too (planner/cost/step.py)."""
     kinds = layer_kinds(model, training, cluster, plan, measured=measured)
     counts = plan.stage_layer_counts(model.num_layers)
-    block = layer_phases(kinds.block)
+    block = layer_phases(kinds.block, plan_ep_layer_comm_s(model, training, cluster, plan, measured))
     times = [ChunkTimes(n * block.forward_s, n * block.backward_s, n * block.recompute_s) for n in counts]
     times[0] = _plus(times[0], layer_phases(kinds.embedding))
     times[-1] = _plus(times[-1], layer_phases(kinds.head))
     return times
 
 
-def layer_phases(cost: LayerCost) -> ChunkTimes:
-    """A layer's busy time split into forward, backward and recompute. Its TP and CP communication runs inside
-    those phases; it is shared among them in proportion to their compute, which keeps each chunk's total busy
-    time the cost model's (the pipeline's time depends on the split only through the bubble's shape)."""
+def layer_phases(cost: LayerCost, all_to_alls_s: float = 0.0) -> ChunkTimes:
+    """A layer's busy time split into forward, backward and recompute. Its TP and CP communication, and a MoE
+    block's all-to-alls (`all_to_alls_s`, per micro-batch: planner/cost/expert.py), run inside those phases; they
+    are shared among them in proportion to their compute, which keeps each chunk's total busy time the cost
+    model's (the pipeline's time depends on the split only through the bubble's shape)."""
     work = cost.forward_s + cost.backward_s + cost.recompute_s
-    scale = 1.0 + (cost.tp_comm_s + cost.cp_comm_s) / work if work > 0 else 1.0
+    scale = 1.0 + (cost.tp_comm_s + cost.cp_comm_s + all_to_alls_s) / work if work > 0 else 1.0
     return ChunkTimes(cost.forward_s * scale, cost.backward_s * scale, cost.recompute_s * scale)
 
 

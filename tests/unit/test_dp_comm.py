@@ -3,6 +3,7 @@ and reduce-scatters per unit or per tensor, per micro-batch, against hand-comput
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -11,9 +12,10 @@ import pytest
 from planner.cost import data
 from planner.cost.batch import PlanBatch
 from planner.cost.params import block_params, block_tensors, embedding_tensors, head_tensors
-from planner.cost.runtime import DEEPSPEED, EVERY_STAGE_OVERLAPS, FSDP
+from planner.cost.runtime import ANALYTIC, DEEPSPEED, EVERY_STAGE_OVERLAPS, FSDP
 from planner.presets import model_preset
 from planner.request import parse_estimate_request
+from planner.units import MiB
 
 A100_NVLINK_BUSBW = 300e9 * 0.77
 A100_NETWORK_BUSBW = 25e9 * 0.86
@@ -153,3 +155,64 @@ def test_deepspeed_zero1_in_fp16_and_zero2_overlap_with_overlap_comm():
         assert DEEPSPEED.reduction_overlaps(np.array([[zero]]), 1, precision).all()
         assert not DEEPSPEED.reduction_overlaps(np.array([[zero]]), 2, precision).any()
     assert FSDP.reduction_overlaps(np.array([[0], [1], [2], [3]]), 4, "bf16").all()
+
+
+# Mixtral 8x7B and its dense sibling Mistral 7B (planner/presets.py): the same attention, norms and edges; one
+# SwiGLU MLP of 3 x 4096 x 14336 in Mistral, eight expert MLPs and a router (4096 x 8) in Mixtral.
+ATTENTION_AND_NORMS = 4096 * 6144 + 4096 * 4096 + 2 * 4096
+EDGES = 2 * 32000 * 4096 + 4096  # embedding, LM head, final norm
+MIXTRAL_DENSE = 32 * (ATTENTION_AND_NORMS + 4096 * 8) + EDGES
+MISTRAL = 32 * (ATTENTION_AND_NORMS + 3 * 4096 * 14336) + EDGES
+
+
+def ddp_buckets_of(params: int) -> int:
+    """The executor's DDP buckets of fp32 gradients (ANALYTIC's partial_gradient_bytes): 1 MiB, then 25 MiB each."""
+    return 1 + math.ceil((params * 4 - MiB) / (25 * MiB))
+
+
+def moe_batch(model: str = "mixtral-8x7b", runtime=ANALYTIC, **plan) -> PlanBatch:
+    """One node of 8 A100s, dp8, 64 sequences of 2048: 8 micro-batches of 1."""
+    return batch_of(model=model, runtime=runtime, nodes=1, batch=64, dp=8, **plan)
+
+
+@pytest.mark.parametrize(("ep", "expert_meetings"), [(4, 1), (8, 0)])
+def test_ddp_meets_once_more_for_the_experts_own_all_reduce_over_edp(ep, expert_meetings):
+    """ZeRO-0, pure dp: DDP, told to ignore the experts, buckets the dense gradients only; `ExpertGradReduction`
+    (executor/parallel/expert.py) all-reduces the rank's expert gradients flattened into one tensor over edp = 8 / ep
+    ranks: one more meeting where edp = 2, none where each expert lives on one rank (ep = 8). Plus the loss mean."""
+    assert ddp_buckets_of(MIXTRAL_DENSE) == 246
+    batch = moe_batch(ep=ep, zero_stage=0)
+    assert not batch.on_fsdp2[0, 0]
+    assert data.dp_meetings(batch)[0, 0] == ANALYTIC.dp_step_reductions + 246 + expert_meetings
+
+
+def test_with_ep1_the_experts_ride_in_ddps_buckets_and_a_dense_model_is_unchanged():
+    experts = 32 * 8 * 3 * 4096 * 14336
+    mixtral = data.dp_meetings(moe_batch(ep=1, zero_stage=0))[0, 0]
+    assert mixtral == ANALYTIC.dp_step_reductions + ddp_buckets_of(MIXTRAL_DENSE + experts)
+    mistral = data.dp_meetings(moe_batch(model="mistral-7b", zero_stage=0))[0, 0]
+    assert ddp_buckets_of(MISTRAL) == 1106
+    assert mistral == ANALYTIC.dp_step_reductions + 1106
+
+
+# Collectives per unit: ZeRO-2 a gather, then a reduce-scatter per micro-batch; ZeRO-3 two gathers and a
+# reduce-scatter per micro-batch (8 of them).
+@pytest.mark.parametrize(("zero_stage", "per_unit"), [(2, 1 + 8), (3, 3 * 8)])
+def test_fsdp2_meets_for_each_local_expert_unit_like_a_blocks(zero_stage, per_unit):
+    """FSDP2 wraps each of a block's 8 / ep local experts as its own unit on the edp mesh (executor/parallel/data.py),
+    beside the 32 blocks and the root: ep = 4 (edp 2) adds 32 x 2 units. ep = 8 (edp 1) adds none, nor does ep = 1,
+    whose experts ride in their block's unit, nor a dense model. Plus the loss mean and the DTensor norm."""
+    reductions = ANALYTIC.dp_step_reductions + 1
+    assert data.dp_meetings(moe_batch(ep=4, zero_stage=zero_stage))[0, 0] == reductions + per_unit * (33 + 32 * 2)
+    for ep in (8, 1):
+        assert data.dp_meetings(moe_batch(ep=ep, zero_stage=zero_stage))[0, 0] == reductions + per_unit * 33
+    assert data.dp_meetings(moe_batch(model="mistral-7b", zero_stage=zero_stage))[0, 0] == reductions + per_unit * 33
+
+
+def test_fsdp2_replicate_all_reduces_each_local_expert_unit_once():
+    """ZeRO-0 under pp2 runs FSDP2's `replicate`: per device 16 blocks and the root, and with ep = 2 (edp 2 of the
+    dp4 group) 16 x 4 expert units, one all-reduce each."""
+    batch = batch_of(model="mixtral-8x7b", runtime=ANALYTIC, nodes=1, batch=64, dp=4, pp=2, ep=2, zero_stage=0)
+    assert batch.on_fsdp2[0, 0]
+    reductions = ANALYTIC.dp_step_reductions + 1
+    np.testing.assert_array_equal(data.dp_meetings(batch)[0], reductions + 17 + 16 * 4)

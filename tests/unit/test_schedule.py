@@ -163,3 +163,48 @@ def test_a_plans_timeline_holds_every_task_once_without_overlap_on_a_device(gpt3
         bars = sorted((t.start_s, t.end_s) for t in answer.tasks if t.device == device)
         assert all(end <= next_start + 1e-12 for (_, end), (next_start, _) in zip(bars, bars[1:], strict=False))
     assert max(task.end_s for task in answer.tasks) == pytest.approx(answer.pipeline_time_s, rel=1e-12)
+
+
+def mixtral_request(schedule: str, ep: int, virtual_stages: int = 1):
+    """Mixtral 8x7B on one H100 node, pp2 x dp4: 16 blocks a device, 64 / 4 = 16 micro-batches; ep splits the 8
+    experts over ep ranks of the dp group, all on the node's NVLink."""
+    return parse_estimate_request({
+        "model": {"name": "mixtral-8x7b"},
+        "training": {"seq_len": 4096, "global_batch_size": 64, "precision": "bf16", "framework": "megatron"},
+        "cluster": {"gpu": "h100-sxm", "num_nodes": 1, "gpus_per_node": 8},
+        "plan": {"pp": 2, "dp": 4, "ep": ep, "zero_stage": 0, "micro_batch_size": 1, "schedule": schedule,
+                 "virtual_stages": virtual_stages},
+    })  # fmt: skip
+
+
+def mixtral_graph_s(req, p2p: bool = False) -> float:
+    if p2p:
+        return graph_time_s(plan_schedule_graph(req.model, req.training, req.cluster, req.plan))
+    chunks = plan_chunk_times(req.model, req.training, req.cluster, req.plan)
+    return graph_time_s(schedule_graph(chunks, req.plan.pp, req.plan.schedule, 16, p2p_s=0.0))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "virtual_stages", "slots", "rel"),
+    [("gpipe", 1, 16 + 1, 1e-12), ("1f1b", 1, 16 + 1, 1e-12), ("interleaved_1f1b", 2, 16 + 1 / 2, 1e-3)],
+)
+def test_a_moe_plans_graph_holds_its_all_to_alls_as_its_estimate_does(schedule, virtual_stages, slots, rel):
+    """Every block of a MoE model runs 4 all-to-alls per micro-batch (dispatch and combine, forward and backward:
+    planner/cost/expert.py) of 4096 tokens x top-2 x 4096 x 2 bytes, 3/4 of it to the ep4 group's other ranks over
+    NVLink. The longest path without transfers is the estimate's compute, TP, CP, EP and bubble terms; against the
+    same plan with ep1 (the same layers, no all-to-alls) it is longer by the all-to-alls of a device's 16 blocks in
+    each of the m + (pp - 1) / v micro-batch slots on the critical path (Narayanan et al. SC'21 eq. 1-2), exactly
+    also when interleaved, where only the match with the closed form's bubble is approximate."""
+    req = mixtral_request(schedule, ep=4, virtual_stages=virtual_stages)
+    assert req.plan.num_microbatches(req.training) == 16
+    link = req.cluster.intra_link
+    all_to_alls = 4 * (link.latency_s + 3 / 4 * (4096 * 2 * 4096 * 2) / link.bus_bandwidth_Bps)
+    terms = estimate_step(req.model, req.training, req.cluster, req.plan).breakdown
+    assert terms.ep_comm_s == pytest.approx(16 * 16 * all_to_alls, rel=1e-12)
+    with_ep = mixtral_graph_s(req)
+    assert with_ep == pytest.approx(
+        terms.compute_s + terms.tp_comm_s + terms.cp_comm_s + terms.ep_comm_s + terms.bubble_s, rel=rel
+    )
+    without = mixtral_graph_s(mixtral_request(schedule, ep=1, virtual_stages=virtual_stages))
+    assert with_ep - without == pytest.approx(slots * 16 * all_to_alls, rel=1e-12)
+    assert with_ep < mixtral_graph_s(req, p2p=True) < with_ep + terms.pp_comm_s
