@@ -175,6 +175,12 @@ class PlanBatch:
         return self.runtime.on_fsdp2(self.zero_stage, self.tp, self.pp, self.shard_degree)
 
     @property
+    def fsdp2_pipelined(self) -> np.ndarray:
+        """Rows whose FSDP2 units run inside torch.distributed.pipelining, reducing their gradients once a step
+        (Runtime.fsdp2_in_torch_pipelining). (N, 1)."""
+        return self.on_fsdp2 & (self.pp > 1) & self.runtime.fsdp2_in_torch_pipelining
+
+    @property
     def holds_dtensors(self) -> np.ndarray:
         """Rows whose parameters are DTensors: sharded by tensor parallelism or wrapped by FSDP2 (executor/apply.py),
         where the regime's parameters are DTensors at all (Runtime.dtensor_parameters). (N, 1)."""

@@ -30,15 +30,15 @@ def dp_meetings(batch: PlanBatch) -> np.ndarray:
     reductions (Runtime.dp_step_reductions: the executor's loss mean over dp), the gradient norm's reduction when
     the parameters are DTensor shards (executor/apply.py), and the gradient collectives: DDP's buckets, after
     which ZeRO-1's owners broadcast their shares (asynchronously, waited for together: one meeting); fully sharded
-    stacks one collective per unit (or per tensor, `zero_collectives`) as `dp_comm_s` counts them (ZeRO-2: a gather
-    each, a reduce-scatter each per micro-batch; ZeRO-3: two gathers and a reduce-scatter each per micro-batch;
-    `replicate`: an all-reduce per unit). With ep > 1 the experts meet their edp peers apart (`expert_meetings`).
-    (N, pp); 0 with one data-parallel rank."""
-    zero, m, fsdp2 = batch.zero_stage, batch.microbatches, batch.on_fsdp2
+    stacks one collective per unit (or per tensor, `zero_collectives`) as `dp_comm_s` counts them (`sharded_passes`
+    of the gathers and reduce-scatters; `replicate`: an all-reduce per unit). With ep > 1 the experts meet their
+    edp peers apart (`expert_units`, `ddp_expert_collectives`). (N, pp); 0 with one data-parallel rank."""
+    zero, fsdp2 = batch.zero_stage, batch.on_fsdp2
     units = zero_collectives(batch) + expert_units(batch)
+    passes = sharded_passes(batch)
     gradients = np.select(
-        [fsdp2 & (zero == 2), fsdp2 & (zero == 3), fsdp2],
-        [units * (m + 1), 3 * m * units, units],
+        [fsdp2 & (zero >= 2), fsdp2],
+        [units * (passes.gathers + passes.scatters), units],
         ddp_buckets(batch) + (zero == 1) + ddp_expert_collectives(batch),
     )
     reductions = batch.runtime.dp_step_reductions + batch.holds_dtensors
@@ -71,6 +71,35 @@ def ddp_expert_collectives(batch: PlanBatch) -> np.ndarray | int:
     if not batch.has_experts:
         return 0
     return experts_meet_apart(batch) * (1 + (batch.zero_stage == 1))
+
+
+@dataclass(frozen=True)
+class ShardedPasses:
+    """How many times a step runs every fully sharded unit's all-gather and its reduce-scatter. (N, 1)."""
+
+    gathers: np.ndarray
+    scatters: np.ndarray
+
+
+# All-gathers per ZeRO-3 unit and step inside torch.distributed.pipelining, m micro-batches a step: a backward leaves
+# the unit's parameters gathered (`set_reshard_after_backward(False)`), so a forward that follows a backward gathers
+# nothing (FSDP2's `unshard` returns when the group is unsharded) and reshards after itself; every backward that
+# follows a forward gathers. Over a step that is one gather per micro-batch and one more, whatever the device's
+# warm-up: its forwards before the first backward gather each, and as many fewer backwards follow a forward
+# (counted on the executor: tests/distributed/test_pipeline_fsdp_collectives.py).
+def pipelined_zero3_gathers(microbatches: np.ndarray) -> np.ndarray:
+    return microbatches + 1
+
+
+def sharded_passes(batch: PlanBatch) -> ShardedPasses:
+    """Passes of ZeRO 2/3's collectives per step (Rajbhandari et al. 2020, sec. 5; executor/apply.py
+    `_accumulating`): ZeRO-2 gathers once, its parameters staying gathered through the step, and reduce-scatters
+    every micro-batch; ZeRO-3 gathers in every micro-batch's forward and again in its backward, and reduce-scatters
+    every micro-batch. Where FSDP2 runs inside torch.distributed.pipelining (`PlanBatch.fsdp2_pipelined`) each unit
+    reduce-scatters once, after the stage's last backward, and ZeRO-3 gathers `pipelined_zero3_gathers` times."""
+    m, zero3, pipelined = batch.microbatches, batch.zero_stage == 3, batch.fsdp2_pipelined
+    zero3_gathers = np.where(pipelined, pipelined_zero3_gathers(m), 2 * m)
+    return ShardedPasses(gathers=np.where(zero3, zero3_gathers, 1), scatters=np.where(pipelined, 1, m))
 
 
 def ddp_buckets(batch: PlanBatch) -> np.ndarray:
@@ -182,17 +211,17 @@ def zero_collectives(batch: PlanBatch) -> np.ndarray:
 
 def dp_during_backward_s(batch: PlanBatch) -> np.ndarray:
     """The part of `dp_comm_s` issued while forward and backward run, which can overlap with them."""
-    n, zero, m, channels = batch.shard_degree, batch.zero_stage, batch.microbatches, batch.dp_channel
+    n, zero, channels = batch.shard_degree, batch.zero_stage, batch.dp_channel
     units = dp_units(batch)
     experts = separate_expert_bytes(batch)
     unit_bytes = (batch.device_params() * batch.runtime.data_parallel_bytes(batch.training.precision) - experts) / units
     experts_reduce = expert_collective_s(comm.all_reduce_s, experts, batch)
-    sharded = sharded_collectives(batch)
+    sharded, passes = sharded_collectives(batch), sharded_passes(batch)
     gather, scatter = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
-    return np.select(
-        [zero <= 1, zero == 2],
-        [units * comm.all_reduce_s(unit_bytes, n, channels.bare) + experts_reduce, m * scatter + gather],
-        m * (2 * gather + scatter),
+    return np.where(
+        zero <= 1,
+        units * comm.all_reduce_s(unit_bytes, n, channels.bare) + experts_reduce,
+        passes.gathers * gather + passes.scatters * scatter,
     )
 
 
@@ -234,7 +263,7 @@ def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:
     max(0, gather - forward) shows; in backward its gather (ZeRO-3) and the reduce-scatter beside it hide behind a
     block's recompute and backward, so max(0, gather + scatter - recompute - backward) shows. The root's gather
     comes before any compute and its reduce-scatter after all of it: both show. ZeRO-2 gathers in the first
-    micro-batch only. (N, pp)."""
+    micro-batch only. Inside torch.distributed.pipelining: `pipelined_sharded_exposed_s`. (N, pp)."""
     sharded, blocks, m = sharded_collectives(batch), batch.blocks, batch.microbatches
     forward, backward = batch.block.forward_s, batch.block.recompute_s + batch.block.backward_s
     gather, scatter = sharded.block_gather_s, sharded.block_scatter_s
@@ -242,7 +271,24 @@ def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:
     zero3_backward = blocks * np.maximum(gather + scatter - backward, 0) + sharded.root_gather_s
     zero2_backward = blocks * np.maximum(scatter - backward, 0)
     backward_shows = np.where(batch.zero_stage == 3, zero3_backward, zero2_backward) + sharded.root_scatter_s
-    return np.where(batch.zero_stage == 3, m * (forward_shows + backward_shows), forward_shows + m * backward_shows)
+    accumulating = np.where(
+        batch.zero_stage == 3, m * (forward_shows + backward_shows), forward_shows + m * backward_shows
+    )
+    return np.where(batch.fsdp2_pipelined, pipelined_sharded_exposed_s(batch, sharded), accumulating)
+
+
+def pipelined_sharded_exposed_s(batch: PlanBatch, sharded: ShardedCollectives) -> np.ndarray:
+    """ZeRO 2/3 inside torch.distributed.pipelining (`sharded_passes`): each unit's one reduce-scatter comes after
+    the stage's last backward, all at once, and the step waits for them (`_root_post_backward_final_callback`):
+    all of it shows. The gathers hide unit by unit as they do elsewhere (`sharded_exposed_s`): the step's first
+    behind the forward, ZeRO-3's further ones, which come before backwards, behind a block's recompute and
+    backward. (N, pp)."""
+    blocks, gather = batch.blocks, sharded.block_gather_s
+    forward, backward = batch.block.forward_s, batch.block.recompute_s + batch.block.backward_s
+    first_gather = blocks * np.maximum(gather - forward, 0) + sharded.root_gather_s
+    later_gather = blocks * np.maximum(gather - backward, 0) + sharded.root_gather_s
+    later_gathers = sharded_passes(batch).gathers - 1
+    return first_gather + later_gathers * later_gather + sharded.scatter_s(blocks)
 
 
 def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
@@ -256,7 +302,9 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     hideable = dp_during_backward_s(batch)
     last_backward = batch.per_device("backward_s") + batch.per_device("recompute_s")
     bucketed_shows = np.maximum(hideable - last_backward, hideable / batch.layers_on_device())
-    least_shown = np.where(batch.zero_stage <= 1, bucketed_shows, sharded_exposed_s(batch))
+    # `replicate` inside torch.distributed.pipelining all-reduces every unit after the stage's last backward.
+    replicated_shows = np.where(batch.fsdp2_pipelined, hideable, bucketed_shows)
+    least_shown = np.where(batch.zero_stage <= 1, replicated_shows, sharded_exposed_s(batch))
     # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
     hidden = calibrated_overlap(batch.measured) * (hideable - least_shown)
     synchronized = (batch.zero_stage == 3) & ~batch.runtime.zero3_prefetch_overlap

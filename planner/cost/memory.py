@@ -235,12 +235,18 @@ def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
     weights, at the regime's unsharded bytes: 16-bit under FSDP2's mixed-precision policy, the executor's fp32);
-    ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023)."""
-    unsharded = batch.runtime.unsharded_bytes(batch.training.precision)
+    ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023). Inside
+    torch.distributed.pipelining (PlanBatch.fsdp2_pipelined) no unit reduces before the stage's last backward, so
+    the device's whole unsharded gradient accumulates, in the reduction's dtype (FSDP2's
+    `to_accumulated_grad_if_needed` upcasts a 16-bit gradient to `reduce_dtype`)."""
+    precision = batch.training.precision
+    unsharded = batch.runtime.unsharded_bytes(precision)
     blocks_held = (batch.blocks > 0) * batch.block_params_per_gpu
     if kind == "weights":
         return np.where(batch.zero_stage == 3, 2 * blocks_held * unsharded, 0.0)
-    return np.where(batch.zero_stage >= 2, blocks_held * unsharded, 0.0)
+    accumulated = batch.device_params() * batch.runtime.data_parallel_bytes(precision)
+    working = np.where(batch.fsdp2_pipelined, accumulated, blocks_held * unsharded)
+    return np.where(batch.zero_stage >= 2, working, 0.0)
 
 
 def activation_bytes(batch: PlanBatch) -> np.ndarray:

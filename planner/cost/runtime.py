@@ -116,6 +116,12 @@ class Runtime:
     # is issued while backward runs (the others reduce after it), and whether a pipeline defers it past its flush.
     overlapped_reduction_stages: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: EVERY_STAGE_OVERLAPS)
     pipeline_reduces_after_flush: bool = False
+    # The stack runs a pipeline's FSDP2 units (`fully_shard`, `replicate`) inside torch.distributed.pipelining, which
+    # runs every micro-batch's backward without gradient sync or resharding (`set_requires_gradient_sync(False)`,
+    # `set_reshard_after_backward(False)`) and reduces each unit once, after the stage's last backward
+    # (torch/distributed/pipelining/stage.py `backward_maybe_with_nosync`, `perform_reduce_grad`): the executor's
+    # pipelines (executor/apply.py wraps each chunk, then its PipelineStage) and torchtitan's.
+    fsdp2_in_torch_pipelining: bool = True
 
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
@@ -250,6 +256,7 @@ MEGATRON = replace(
     ddp_bucket_bytes=40_000_000 * FP32_BYTES,
     dtensor_parameters=False,
     tp_norm_layouts=1,
+    fsdp2_in_torch_pipelining=False,
 )
 
 # The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
@@ -290,6 +297,7 @@ DEEPSPEED = replace(
     # (`enable_backward_allreduce = False`) and reduces after the last micro-batch (TrainSchedule's `ReduceGrads`).
     overlapped_reduction_stages={"fp32": (1, 2, 3), "fp16": (1, 2, 3), "bf16": (2, 3)},
     pipeline_reduces_after_flush=True,
+    fsdp2_in_torch_pipelining=False,
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,

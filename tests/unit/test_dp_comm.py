@@ -216,3 +216,58 @@ def test_fsdp2_replicate_all_reduces_each_local_expert_unit_once():
     assert batch.on_fsdp2[0, 0]
     reductions = ANALYTIC.dp_step_reductions + 1
     np.testing.assert_array_equal(data.dp_meetings(batch)[0], reductions + 17 + 16 * 4)
+
+
+# FSDP2 inside torch.distributed.pipelining (PlanBatch.fsdp2_pipelined): every unit reduces once a step, after the
+# stage's last backward, and a backward leaves its parameters gathered (planner/cost/data.py `sharded_passes`).
+def pipelined(zero_stage: int, runtime=FSDP) -> PlanBatch:
+    return batch_of(runtime=runtime, nodes=2, pp=2, zero_stage=zero_stage)  # dp8 x pp2, 8 micro-batches
+
+
+def test_pipelined_zero3_gathers_once_a_microbatch_and_once_more_and_reduce_scatters_once():
+    batch = pipelined(3)
+    m = batch.microbatches[0, 0]
+    assert (m, batch.fsdp2_pipelined[0, 0]) == (8, True)
+    passes = data.sharded_passes(batch)
+    assert (passes.gathers[0, 0], passes.scatters[0, 0]) == (m + 1, 1)
+    sharded = data.sharded_collectives(batch)
+    gather, scatter = sharded.gather_s(batch.blocks), sharded.scatter_s(batch.blocks)
+    assert data.dp_during_backward_s(batch) == pytest.approx((m + 1) * gather + scatter)
+    # Without a pipeline the same stage reduce-scatters every micro-batch and gathers twice in each.
+    alone = batch_of(runtime=FSDP, nodes=2, zero_stage=3, batch=128, dp=16)
+    assert not alone.fsdp2_pipelined[0, 0]
+    m_alone = alone.microbatches[0, 0]
+    alone_passes = data.sharded_passes(alone)
+    assert (alone_passes.gathers[0, 0], alone_passes.scatters[0, 0]) == (2 * m_alone, m_alone)
+
+
+def test_pipelined_zero2_gathers_and_reduce_scatters_once():
+    passes = data.sharded_passes(pipelined(2))
+    assert (passes.gathers[0, 0], passes.scatters[0, 0]) == (1, 1)
+
+
+def test_a_pipelined_stage_waits_for_all_its_reduce_scatters_after_its_last_backward():
+    batch = pipelined(3)
+    sharded = data.sharded_collectives(batch)
+    blocks, m = batch.blocks[0], batch.microbatches[0, 0]
+    forward = batch.block.forward_s[0, 0]
+    backward = batch.block.backward_s[0, 0] + batch.block.recompute_s[0, 0]
+    gather = sharded.block_gather_s[0, 0]
+    first = blocks * max(gather - forward, 0) + sharded.root_gather_s[0]
+    later = blocks * max(gather - backward, 0) + sharded.root_gather_s[0]
+    reduce = blocks * sharded.block_scatter_s[0, 0] + sharded.root_scatter_s[0]
+    assert data.sharded_exposed_s(batch)[0] == pytest.approx(first + m * later + reduce)
+    assert np.all(data.sharded_exposed_s(batch)[0] >= reduce)
+
+
+def test_pipelined_replicate_shows_every_all_reduce():
+    batch = pipelined(0)  # ZeRO-0 under pp runs FSDP2's `replicate`
+    assert batch.fsdp2_pipelined[0, 0]
+    assert data.dp_comm_exposed_s(batch) == pytest.approx(data.dp_during_backward_s(batch))
+    assert data.dp_meetings(batch)[0, 0] == FSDP.dp_step_reductions + 1 + batch.blocks[0, 0] + 1
+
+
+def test_stacks_with_their_own_pipeline_engines_keep_their_counts():
+    for runtime in (DEEPSPEED, replace(FSDP, fsdp2_in_torch_pipelining=False)):
+        batch = pipelined(0, runtime)
+        assert not batch.fsdp2_pipelined[0, 0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from planner.cost.batch import PlanBatch
 from planner.cost.layers import layer_kinds
 from planner.cost.measured import ProfileCosts
 from planner.cost.params import block_params, model_params
@@ -115,6 +116,30 @@ def test_fsdp_keeps_fp32_sharded_parameters_gradients_and_adam_states():
     working = 2 * 2 + 2
     expected = 16 / 8 + working * block_params(model).per_gpu(1) / model_params(model)
     assert model_state_bytes_per_param("fsdp", "bf16", 8, 3) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fsdp_in_a_pipeline_accumulates_the_stages_unsharded_fp32_gradients():
+    """Inside torch.distributed.pipelining no FSDP2 unit reduces before the stage's last backward
+    (torch/distributed/pipelining/stage.py `backward_maybe_with_nosync`), so each device holds its whole
+    unsharded gradient, upcast to the fp32 `reduce_dtype` (FSDP2's `to_accumulated_grad_if_needed`), beside its
+    4-byte gradient shard, where one block's 16-bit gradient is held without a pipeline."""
+    req = parse_estimate_request({
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 64, "framework": "fsdp"},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": {"dp": 4, "pp": 2, "zero_stage": 3, "micro_batch_size": 1, "schedule": "1f1b"},
+    })  # fmt: skip
+    memory = estimate_step(req.model, req.training, req.cluster, req.plan, runtime=req.runtime).memory
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan, runtime=req.runtime)
+    device_params = batch.device_params()[0]
+    for device, stage in enumerate(memory.by_stage):
+        sharded = device_params[device] / 4 * 4
+        assert stage.grads_bytes == pytest.approx(sharded + 4 * device_params[device], rel=1e-9)
+    unpipelined = estimate_step(req.model, req.training, req.cluster, req.plan, runtime=replace(FSDP,
+                                fsdp2_in_torch_pipelining=False)).memory  # fmt: skip
+    block = 2 * block_params(req.model).per_gpu(1)
+    for device, stage in enumerate(unpipelined.by_stage):
+        assert stage.grads_bytes == pytest.approx(device_params[device] / 4 * 4 + block, rel=1e-9)
 
 
 def test_a_stack_is_offered_only_the_zero_stages_it_runs():
