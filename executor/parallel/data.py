@@ -11,7 +11,9 @@
 | 3    | + parameters                     | FSDP2 `fully_shard(reshard_after_forward=True)`                     |
 
 FSDP2 (and its `replicate`) is applied per block and then to the root, so each block's all-gather /
-reduce-scatter is its own collective that overlaps with the neighbouring blocks' compute. Classic DDP cannot
+reduce-scatter is its own collective that overlaps with the neighbouring blocks' compute. Under a pipeline, torch's
+PipelineStage drives the units instead of `_accumulating`: no unit reduces or reshards after a micro-batch's
+backward, each reduces once after the stage's last one (planner/cost/data.py `sharded_passes`). Classic DDP cannot
 hold DTensor (tensor-parallel) parameters, and the old `_composable.replicate` trains silently wrong with them
 (shared/notes/torch-distributed-on-cpu.md), hence FSDP2's `replicate` whenever the plan is not pure DP.
 Every wrapper averages gradients over dp, so gradients equal those of the mean loss over the global batch.
