@@ -181,6 +181,13 @@ class PlanBatch:
         return self.on_fsdp2 & (self.pp > 1) & self.runtime.fsdp2_in_torch_pipelining
 
     @property
+    def weights_sharded(self) -> np.ndarray:
+        """Rows whose weights ZeRO shards: ZeRO-3, and ZeRO-2 on FSDP2's `fully_shard` (Runtime.zero2_shards_weights),
+        which gathers a copy to compute with (planner/cost/memory.py `zero_working_copies`). (N, 1)."""
+        fsdp2_zero2 = (self.zero_stage == 2) & self.on_fsdp2 & self.runtime.zero2_shards_weights
+        return (self.zero_stage >= 3) | fsdp2_zero2
+
+    @property
     def holds_dtensors(self) -> np.ndarray:
         """Rows whose parameters are DTensors: sharded by tensor parallelism or wrapped by FSDP2 (executor/apply.py),
         where the regime's parameters are DTensors at all (Runtime.dtensor_parameters). (N, 1)."""

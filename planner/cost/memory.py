@@ -207,7 +207,7 @@ def batch_state_bytes(batch: PlanBatch) -> ModelStateBytes:
     runtime, precision, zero = batch.runtime, batch.training.precision, batch.zero_stage
     optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[batch.training.optimizer]
     return ModelStateBytes(
-        weights=batch.params_per_shard(zero >= 3) * runtime.weight_bytes(precision),
+        weights=batch.params_per_shard(batch.weights_sharded) * runtime.weight_bytes(precision),
         grads=batch.params_per_shard(zero >= 2) * runtime.gradient_bytes(precision),
         optimizer=batch.params_per_shard(zero >= 1) * optimizer_bytes,
     )
@@ -234,7 +234,8 @@ def gradients_held_at_activation_peak(batch: PlanBatch) -> np.ndarray:
 
 def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     """FSDP's unsharded working copies: ZeRO-3 gathers the block in use and prefetches the next (2 blocks of
-    weights, at the regime's unsharded bytes: 16-bit under FSDP2's mixed-precision policy, the executor's fp32);
+    weights, at the regime's unsharded bytes: 16-bit under FSDP2's mixed-precision policy, the executor's fp32),
+    ZeRO-2 on `fully_shard` keeps every unit gathered through the step (PlanBatch.weights_sharded);
     ZeRO-2/3 hold one block's full gradient until its reduce-scatter (Zhao et al. 2023). Inside
     torch.distributed.pipelining (PlanBatch.fsdp2_pipelined) no unit reduces before the stage's last backward, so
     the device's whole unsharded gradient accumulates, in the reduction's dtype (FSDP2's
@@ -243,7 +244,12 @@ def zero_working_copies(batch: PlanBatch, kind: str) -> np.ndarray:
     unsharded = batch.runtime.unsharded_bytes(precision)
     blocks_held = (batch.blocks > 0) * batch.block_params_per_gpu
     if kind == "weights":
-        return np.where(batch.zero_stage == 3, 2 * blocks_held * unsharded, 0.0)
+        zero2_gathered = batch.weights_sharded & (batch.zero_stage == 2)
+        return np.select(
+            [batch.zero_stage == 3, zero2_gathered],
+            [2 * blocks_held * unsharded, batch.device_params() * unsharded],
+            0.0,
+        )
     accumulated = batch.device_params() * batch.runtime.data_parallel_bytes(precision)
     working = np.where(batch.fsdp2_pipelined, accumulated, blocks_held * unsharded)
     return np.where(batch.zero_stage >= 2, working, 0.0)

@@ -122,6 +122,10 @@ class Runtime:
     # (torch/distributed/pipelining/stage.py `backward_maybe_with_nosync`, `perform_reduce_grad`): the executor's
     # pipelines (executor/apply.py wraps each chunk, then its PipelineStage) and torchtitan's.
     fsdp2_in_torch_pipelining: bool = True
+    # ZeRO-2 on FSDP2 is `fully_shard(reshard_after_forward=False)`: the parameters stay sharded, and the gathered
+    # copy (at `StateBytes.unsharded`) is kept from the first forward to the last backward instead of being freed.
+    # False where ZeRO-2 keeps whole 16-bit weights (DeepSpeed's stage 2; Megatron-LM has no ZeRO-2).
+    zero2_shards_weights: bool = True
 
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
@@ -257,6 +261,7 @@ MEGATRON = replace(
     dtensor_parameters=False,
     tp_norm_layouts=1,
     fsdp2_in_torch_pipelining=False,
+    zero2_shards_weights=False,
 )
 
 # The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
@@ -298,6 +303,7 @@ DEEPSPEED = replace(
     overlapped_reduction_stages={"fp32": (1, 2, 3), "fp16": (1, 2, 3), "bf16": (2, 3)},
     pipeline_reduces_after_flush=True,
     fsdp2_in_torch_pipelining=False,
+    zero2_shards_weights=False,
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,

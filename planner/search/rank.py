@@ -23,9 +23,7 @@ import numpy.typing as npt
 LAYOUT_TIE_TOLERANCE = 0.01
 
 
-def model_parallel_axes(
-    cp: npt.ArrayLike, tp: npt.ArrayLike, pp: npt.ArrayLike, ep: npt.ArrayLike = 1
-) -> np.ndarray:
+def model_parallel_axes(cp: npt.ArrayLike, tp: npt.ArrayLike, pp: npt.ArrayLike, ep: npt.ArrayLike = 1) -> np.ndarray:
     """How many of context, tensor, pipeline and expert parallelism each plan uses (a degree above 1)."""
     return (np.asarray(cp) > 1).astype(int) + (np.asarray(tp) > 1) + (np.asarray(pp) > 1) + (np.asarray(ep) > 1)
 

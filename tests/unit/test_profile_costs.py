@@ -400,7 +400,6 @@ def test_a_profile_of_other_layer_shapes_answers_no_layer_time_and_says_whose_it
     assert any("num_experts 1 (not 4)" in note for note in result.assumptions), result.assumptions
 
 
-
 def test_single_process_estimate_from_the_profile(save):
     result = planner.estimate(request(save(make_profile())))
     assert result.num_microbatches == 2

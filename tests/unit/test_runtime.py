@@ -118,6 +118,17 @@ def test_fsdp_keeps_fp32_sharded_parameters_gradients_and_adam_states():
     assert model_state_bytes_per_param("fsdp", "bf16", 8, 3) == pytest.approx(expected, rel=1e-6)
 
 
+def test_fsdp_zero2_keeps_sharded_parameters_and_their_gathered_16_bit_copy():
+    """ZeRO-2 on FSDP2 is `fully_shard(reshard_after_forward=False)`: fp32 shards of the weights, gradients and Adam
+    states, the bf16 gathered weights kept through the step, and one block's 16-bit gradient before its
+    reduce-scatter. DeepSpeed's stage 2 keeps whole 16-bit weights instead (2 + 2/d + 12/d, no gathered copy)."""
+    model = llama_1b(dp=8)[0]
+    expected = (4 + 4 + 8) / 8 + 2 + 2 * block_params(model).per_gpu(1) / model_params(model)
+    assert model_state_bytes_per_param("fsdp", "bf16", 8, 2) == pytest.approx(expected, rel=1e-6)
+    deepspeed = 2 + (2 + 12) / 8 + 2 * block_params(model).per_gpu(1) / model_params(model)
+    assert model_state_bytes_per_param("deepspeed", "fp16", 8, 2) == pytest.approx(deepspeed, rel=1e-6)
+
+
 def test_fsdp_in_a_pipeline_accumulates_the_stages_unsharded_fp32_gradients():
     """Inside torch.distributed.pipelining no FSDP2 unit reduces before the stage's last backward
     (torch/distributed/pipelining/stage.py `backward_maybe_with_nosync`), so each device holds its whole

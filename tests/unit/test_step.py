@@ -42,10 +42,24 @@ def test_recompute_trades_memory_for_time(gpt3_request):
     assert modes["none"].hfu == pytest.approx(modes["none"].mfu)
 
 
+def model_states(request: dict, **plan) -> float:
+    stages = estimate(with_plan(request, **plan)).memory.by_stage
+    stage = stages[min(1, len(stages) - 1)]  # a middle stage where there is one
+    return stage.params_bytes + stage.grads_bytes + stage.optimizer_bytes
+
+
 def test_zero_stages_shrink_model_states(gpt3_request):
-    totals = [estimate(with_plan(gpt3_request, zero_stage=z)).memory.by_stage[1] for z in range(4)]
-    states = [s.params_bytes + s.grads_bytes + s.optimizer_bytes for s in totals]
+    unpipelined = {"tp": 8, "pp": 1, "dp": 128, "sequence_parallel": True, "schedule": "1f1b", "virtual_stages": 1}
+    states = [model_states(gpt3_request, zero_stage=z, **unpipelined) for z in range(4)]
     assert states[0] > states[1] > states[2] > states[3]
+
+
+def test_in_a_pipeline_fsdp2s_zero2_holds_more_than_zero1(gpt3_request):
+    """Inside torch.distributed.pipelining FSDP2 reduces once a step, so ZeRO-2 accumulates the stage's whole
+    unsharded gradient and keeps its gathered weights beside their shards (planner/cost/data.py `sharded_passes`),
+    where ZeRO-1 on DDP holds the gradient and the weights once."""
+    assert model_states(gpt3_request, zero_stage=2) > model_states(gpt3_request, zero_stage=1)
+    assert model_states(gpt3_request, zero_stage=3) < model_states(gpt3_request, zero_stage=1)
 
 
 def test_gpipe_holds_more_activations_than_1f1b(gpt3_request):
