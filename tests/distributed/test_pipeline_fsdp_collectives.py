@@ -55,7 +55,11 @@ import pytest
 pytest.importorskip("torch")
 
 from executor import launch  # noqa: E402
-from planner.specs import ParallelPlan  # noqa: E402
+from planner.cost.batch import PlanBatch  # noqa: E402
+from planner.cost.data import sharded_passes  # noqa: E402
+from planner.presets import gpu_preset  # noqa: E402
+from planner.specs import ClusterSpec, ParallelPlan  # noqa: E402
+from tests.distributed.parity_worker import LLAMA, TRAINING  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 240
 WORKER = "tests.distributed.pipeline_fsdp_worker"
@@ -98,6 +102,23 @@ def per_unit(zero_stage: int, microbatches: int) -> dict[str, int]:
     if zero_stage == 0:
         return {"all_reduce": 1}
     return {"all_gather_single": 1 if zero_stage == 2 else microbatches + 1, "reduce_scatter_single": 1}
+
+
+def test_the_cost_model_counts_the_tables_collectives() -> None:
+    """planner/cost/data.py `sharded_passes` (ZeRO 2/3) and `dp_units` (`replicate`'s one all-reduce a unit) count
+    what the table says, for the plans measured here."""
+    cluster = ClusterSpec(gpu=gpu_preset("cpu"), gpus_per_node=4)
+    for name, (layers, plan) in TABLE_CASES.items():
+        model = LLAMA.model_copy(update={"num_layers": layers})
+        batch = PlanBatch.of_plan(model, TRAINING, cluster, plan)
+        assert batch.fsdp2_pipelined[0, 0], name
+        table = per_unit(plan.zero_stage, plan.num_microbatches(TRAINING))
+        if plan.zero_stage == 0:
+            assert table == {"all_reduce": 1}
+            continue
+        passes = sharded_passes(batch)
+        counted = {"all_gather_single": passes.gathers[0, 0], "reduce_scatter_single": passes.scatters[0, 0]}
+        assert counted == table, name
 
 
 def gathers_on_program(program: list[str], zero_stage: int) -> int:
