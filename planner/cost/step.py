@@ -327,7 +327,11 @@ def _reduction_assumption(plan: ParallelPlan, runtime: Runtime, precision: str) 
         return "gradient reduction does not overlap with backward"
     if runtime.pipeline_reduces_after_flush and plan.pp > 1:
         return f"gradient reduction does not overlap with backward: {runtime.name}'s pipeline reduces after its flush"
-    if not runtime.reduction_overlaps(np.array(plan.zero_stage), plan.pp, precision):
+    zero_stage = np.array(plan.zero_stage)
+    fsdp2 = runtime.on_fsdp2(zero_stage, np.array(plan.tp), plan.pp, np.array(plan.dp * plan.cp))
+    if runtime.fsdp2_in_torch_pipelining and plan.pp > 1 and fsdp2:
+        return "gradient reduction does not overlap with backward: FSDP2 in a pipeline reduces after its last backward"
+    if not runtime.reduction_overlaps(zero_stage, plan.pp, precision):
         return (f"gradient reduction does not overlap with backward: {runtime.name} reduces {precision} ZeRO-"
                 f"{plan.zero_stage} gradients after backward")  # fmt: skip
     return "gradient reduction overlaps with backward"

@@ -236,3 +236,25 @@ def test_fsdp_selective_recompute_is_torchtitans_op_level_policy():
     megatron = replace(req.runtime, selective_recompute="attention_core")
     kept_by_megatron = layer_kinds(req.model, req.training, req.cluster, req.plan, runtime=megatron).block.saved_bytes
     assert block.saved_bytes < kept_by_megatron / 2  # flash keeps no scores: Megatron's selective keeps nearly all
+
+
+@pytest.mark.parametrize(
+    ("framework", "plan", "note"),
+    [
+        ("fsdp", {"dp": 8, "zero_stage": 3}, "gradient reduction overlaps with backward"),
+        ("fsdp", {"dp": 4, "pp": 2, "zero_stage": 3}, "FSDP2 in a pipeline reduces after its last backward"),
+        ("deepspeed", {"dp": 4, "pp": 2, "zero_stage": 1}, "deepspeed's pipeline reduces after its flush"),
+        ("deepspeed", {"dp": 8, "zero_stage": 0}, "deepspeed reduces bf16 ZeRO-0 gradients after backward"),
+        ("deepspeed", {"dp": 8, "zero_stage": 2}, "gradient reduction overlaps with backward"),
+    ],
+)
+def test_the_assumptions_say_why_a_reduction_cannot_overlap(framework, plan, note):
+    result = estimate_request({
+        "model": {"name": "llama3.2-1b"},
+        "training": {"seq_len": 1024, "global_batch_size": 64, "framework": framework},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": {**plan, "schedule": "1f1b"},
+    })  # fmt: skip
+    assert [line for line in result.assumptions if line.startswith("gradient reduction")] == [
+        note if note.startswith("gradient reduction") else f"gradient reduction does not overlap with backward: {note}"
+    ]
