@@ -15,12 +15,14 @@ from api.commands import estimate as commands
 from api.errors import InputError
 from api.routes.common import ServiceDep, body_schema, json_body, json_response
 from api.routes.responses import RUNS_A_SEARCH, errors
+from api.search_pool import SearchAnswer
 from api.service import stored_profile_resolver
+from planner.request import PlanRequest
 from planner.specs.base import MAX_GPUS
 
 router = APIRouter(prefix="/scaling", tags=["plans"])
 
-MAX_POINTS = 8  # each point is a full plan search (about a second on one core): a sweep stays interactive
+MAX_POINTS = 8  # each point is a full plan search (up to a second on one core; side by side in the pool)
 DEFAULT_FACTORS = (0.25, 0.5, 1, 2, 4)  # around the request's own node count
 
 
@@ -36,7 +38,7 @@ async def create_scaling(request: Request, service: ServiceDep) -> Response:
     nodes = body.pop("nodes", None)  # no field of the plan request: the rest is one, checked as posted
     parsed = await run_in_threadpool(commands.parse, body, "plan", stored_profile_resolver(service.store))
     counts = node_counts(nodes, parsed.cluster.num_nodes, parsed.cluster.gpus_per_node)
-    points = await run_in_threadpool(lambda: [best_at(service, body, count) for count in counts])
+    points = await run_in_threadpool(best_at_each, service, body, counts)
     return json_response({"points": mark_pareto_front(points)})
 
 
@@ -55,9 +57,18 @@ def node_counts(nodes: Any, requested: int, gpus_per_node: int) -> list[int]:
     return sorted(set(nodes))
 
 
-def best_at(service: ServiceDep, body: dict[str, Any], num_nodes: int) -> dict[str, Any]:
-    """The best plan of `body`'s search on `num_nodes` nodes (None when none fits), and how many GPUs that is."""
-    request, answer = service.searches.search({**body, "cluster": {**body["cluster"], "num_nodes": num_nodes}})
+def best_at_each(service: ServiceDep, body: dict[str, Any], counts: list[int]) -> list[dict[str, Any]]:
+    """`best_at` every node count: all the searches are submitted first, so that they run side by side in the
+    service's search pool (one worker per core), then each answer is waited for."""
+    submitted = [
+        (count, *service.searches.submit({**body, "cluster": {**body["cluster"], "num_nodes": count}}))
+        for count in counts
+    ]
+    return [best_at(count, request, answer.result()) for count, request, answer in submitted]
+
+
+def best_at(num_nodes: int, request: PlanRequest, answer: SearchAnswer) -> dict[str, Any]:
+    """The best plan of a search on `num_nodes` nodes (None when none fits), and how many GPUs that is."""
     point: dict[str, Any] = {"num_nodes": num_nodes, "num_gpus": request.cluster.num_gpus, "found": answer.found}
     if not answer.found:
         return point | {"best": None}

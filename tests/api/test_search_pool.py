@@ -130,6 +130,22 @@ def test_distinct_searches_run_side_by_side(app_factory: Callable[..., FastAPI])
     assert overlap(first, second), (first, second)
 
 
+def test_a_scaling_sweeps_node_counts_side_by_side(app_factory: Callable[..., FastAPI]) -> None:
+    """POST /v1/scaling submits every node count's search before waiting for any (api/routes/scaling.py)."""
+    app = app_factory(search_workers=2)
+    pool = pool_of(app)
+    with TestClient(app) as client:
+        batches = iter(range(520, 4000, 8))
+        while len({run.pid for run in pool.recent_runs}) < 2:  # both workers started
+            assert post_together(client, [search(next(batches)), search(next(batches))]) == [201, 201]
+        answer = client.post("/v1/scaling", json=search(4096) | {"nodes": [32, 64]})
+        assert answer.status_code == 200, answer.text
+        assert [point["num_nodes"] for point in answer.json()["points"]] == [32, 64]
+        first, second = list(pool.recent_runs)[-2:]
+    assert first.pid != second.pid
+    assert overlap(first, second), (first, second)
+
+
 def test_with_no_workers_searches_run_in_the_server_process(app_factory: Callable[..., FastAPI]) -> None:
     app = app_factory(search_workers=0)
     with TestClient(app) as client:
