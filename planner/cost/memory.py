@@ -208,7 +208,8 @@ def batch_state_bytes(batch: PlanBatch) -> ModelStateBytes:
     optimizer_bytes = runtime.master_weight_bytes(precision) + OPTIMIZER_STATE_BYTES[batch.training.optimizer]
     return ModelStateBytes(
         weights=batch.params_per_shard(batch.weights_sharded) * runtime.weight_bytes(precision),
-        grads=batch.params_per_shard(zero >= 2) * runtime.gradient_bytes(precision),
+        grads=batch.params_per_shard(zero >= 2) * runtime.gradient_bytes(precision)
+        + np.where(zero <= 1, batch.device_params() * runtime.retained_16bit_gradient_bytes(precision), 0.0),
         optimizer=batch.params_per_shard(zero >= 1) * optimizer_bytes,
     )
 

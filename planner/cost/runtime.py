@@ -54,6 +54,10 @@ class StateBytes(NamedTuple):
     reduce: int
     unsharded: int
     step_only: int = 0
+    # 16-bit gradients kept beside the optimizer's own gradient buffer, whole, where ZeRO (0-1) does not partition
+    # gradients: DeepSpeed's BF16_Optimizer adds autograd's bf16 gradients into its fp32 buffer and zeroes them
+    # instead of freeing them (`update_hp_grads(clear_lp_grads=False)`, `clear_lp_grads`).
+    retained_16bit_gradient: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,10 @@ class Runtime:
     def master_weight_bytes(self, precision: str) -> int:
         """Bytes the optimizer keeps per weight beyond its own states (an fp32 master copy)."""
         return self.states[precision].master
+
+    def retained_16bit_gradient_bytes(self, precision: str) -> int:
+        """Bytes per parameter of 16-bit gradients kept whole beside the optimizer's gradients (ZeRO 0-1)."""
+        return self.states[precision].retained_16bit_gradient
 
     def step_only_bytes(self, precision: str) -> int:
         """Bytes per parameter that exist only while the optimizer steps (`StateBytes.step_only`)."""
@@ -285,10 +293,15 @@ DEEPSPEED = replace(
     name="deepspeed",
     framework="deepspeed",
     # bf16 accumulates gradients in one full-size fp32 buffer and reduces from it (deepspeed/runtime/
-    # bf16_optimizer.py `fp32_groups_gradients_flat`, `get_grads_for_reduction`): 2 + 4 + 12 bytes a parameter
-    # under ZeRO 0-1 (Megatron-DeepSpeed's BLOOM runs); fp16 keeps ZeRO's 16-bit gradients.
+    # bf16_optimizer.py `fp32_groups_gradients_flat`, `get_grads_for_reduction`), and keeps autograd's bf16
+    # gradients allocated beside it (`update_hp_grads(clear_lp_grads=False)`; the PipelineEngine zeroes them before
+    # each backward, `clear_lp_grads`): 2 + 2 + 4 + 12 bytes a parameter under ZeRO 0-1 (Megatron-DeepSpeed's BLOOM
+    # runs); fp16 keeps ZeRO's 16-bit gradients.
     states=_states(
-        ZERO_MIXED, bf16=StateBytes(weight=2, gradient=FP32_BYTES, master=FP32_BYTES, reduce=FP32_BYTES, unsharded=2)
+        ZERO_MIXED,
+        bf16=StateBytes(
+            weight=2, gradient=FP32_BYTES, master=FP32_BYTES, reduce=FP32_BYTES, unsharded=2, retained_16bit_gradient=2
+        ),
     ),
     source="DeepSpeed ZeRO (Rajbhandari et al. 2020; deepspeed/runtime/zero), ds_config zero_optimization; "
     "ZeRO-3 as DeepSpeed 0.3-0.5 issues it",

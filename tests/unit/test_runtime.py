@@ -102,10 +102,11 @@ def test_megatron_stores_a_parameter_as_its_distributed_optimizer_docs_say(preci
 
 
 def test_deepspeed_bf16_accumulates_gradients_in_fp32():
-    """DeepSpeed's BF16_Optimizer: bf16 weights, a full fp32 gradient buffer, fp32 master weights and Adam states
-    partitioned under ZeRO-1 (deepspeed/runtime/bf16_optimizer.py): 2 + 4 + 12/d bytes a parameter; fp16 keeps
+    """DeepSpeed's BF16_Optimizer: bf16 weights, autograd's bf16 gradients kept allocated beside a full fp32
+    gradient buffer, fp32 master weights and Adam states partitioned under ZeRO-1 (deepspeed/runtime/
+    bf16_optimizer.py `update_hp_grads(clear_lp_grads=False)`): 2 + 2 + 4 + 12/d bytes a parameter; fp16 keeps
     ZeRO's 2 + 2 + 12/d (Rajbhandari et al. 2020, sec. 3.1)."""
-    assert model_state_bytes_per_param("deepspeed", "bf16", 8, 1) == pytest.approx(6 + 12 / 8, rel=1e-6)
+    assert model_state_bytes_per_param("deepspeed", "bf16", 8, 1) == pytest.approx(8 + 12 / 8, rel=1e-6)
     assert model_state_bytes_per_param("deepspeed", "fp16", 8, 1) == pytest.approx(4 + 12 / 8, rel=1e-6)
 
 
