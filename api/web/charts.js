@@ -20,6 +20,7 @@ const BREAKDOWN_TERMS = [
   ["pp_comm_s", "PP comm", "#eeca3b"],
   ["dp_comm_s", "DP comm (exposed)", "#f58518"],
   ["bubble_s", "pipeline bubble", "#d3d3d3"],
+  ["accumulation_s", "grad accumulation", "#ff9da6"],
   ["optimizer_s", "optimizer", "#b279a2"],
 ];
 

@@ -130,6 +130,13 @@ class Runtime:
     # copy (at `StateBytes.unsharded`) is kept from the first forward to the last backward instead of being freed.
     # False where ZeRO-2 keeps whole 16-bit weights (DeepSpeed's stage 2; Megatron-LM has no ZeRO-2).
     zero2_shards_weights: bool = True
+    # Gradient accumulation's HBM traffic (planner/cost/accumulation.py), bytes per gradient element a device holds,
+    # per training precision: for every micro-batch after the first (autograd's in-place `grad += new`), and for
+    # every micro-batch where the optimizer copies whole 16-bit gradients into its own buffer (ZeRO 0-1).
+    # The executor's gradients are fp32 in every precision (fp32 parameters under torch.autocast): read 4 + 4,
+    # write 4.
+    accumulation_bytes: Mapping[str, int] = field(default_factory=lambda: {p: 12 for p in ("fp32", "fp16", "bf16")})
+    microbatch_gradient_bytes: Mapping[str, int] = field(default_factory=dict)
 
     # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
     # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
@@ -270,6 +277,10 @@ MEGATRON = replace(
     tp_norm_layouts=1,
     fsdp2_in_torch_pipelining=False,
     zero2_shards_weights=False,
+    # `--gradient-accumulation-fusion` (on by default): the weight-gradient GEMM accumulates into the fp32
+    # main_grad itself (megatron/core/tensor_parallel/layers.py `LinearWithGradAccumulationAndAsyncCommunication`,
+    # wgrad_gemm_accum_fp32): no pass of its own.
+    accumulation_bytes={},
 )
 
 # The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
@@ -317,6 +328,11 @@ DEEPSPEED = replace(
     pipeline_reduces_after_flush=True,
     fsdp2_in_torch_pipelining=False,
     zero2_shards_weights=False,
+    # fp16: autograd adds 16-bit gradients (read 2 + 2, write 2); fp32: 12. bf16's BF16_Optimizer, every micro-batch:
+    # zeroes the bf16 gradients (`clear_lp_grads`, write 2), autograd adds into them (6), and `update_hp_grads` adds
+    # them into its fp32 buffer (read 2 + 4, write 4).
+    accumulation_bytes={"fp32": 12, "fp16": 6},
+    microbatch_gradient_bytes={"bf16": 2 + 6 + 10},
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,
@@ -333,6 +349,9 @@ FSDP = replace(
     states=_states(StateBytes(weight=FP32_BYTES, gradient=FP32_BYTES, master=0, reduce=FP32_BYTES, unsharded=2)),
     # torchtitan's AdamW runs `implementation="fused"`: no foreach temporaries at the step.
     optimizer_step_peak=False,
+    # A bf16 gradient added into the fp32 one FSDP2 accumulates (`accumulate_unsharded_grad_if_needed`: read 4 + 2,
+    # write 4): whole inside a pipeline, the reduce-scattered shard elsewhere.
+    accumulation_bytes={"fp32": 12, "fp16": 10, "bf16": 10},
     selective_recompute="op_level",
 )
 

@@ -8,14 +8,15 @@ The step time is the sum of the breakdown's terms (critical path of the slowest 
   pp_comm                        point-to-point activations and gradients, plus tied-embedding sync
   dp_comm                        gradient reduction / ZeRO gathers not hidden behind backward
                                  (both comm terms also hold a measured profile's wait at each meeting of the ranks)
+  accumulation                   adding each micro-batch's gradients into those held (memory-bound; accumulation.py)
   optimizer                      the optimizer step (memory-bound), on the host CPU where it is offloaded
   offload                        CPU offload's PCIe copies not hidden behind backward or compute (offload.py)
 
 This module composes the terms; it has none of its own. Each lives in the module of its concern, a small
 function over a `PlanBatch` (planner/cost/batch.py: candidate plans that share a pipeline depth, as numpy
 columns): data.py (dp), tensor.py (tp), pipeline.py (pp), context.py (cp: each block's ring, through layers.py),
-optimizer.py, memory.py, measured.py (what a profile answers); what the training stack itself does comes from its
-regime (runtime.py), chosen once per request.
+accumulation.py, optimizer.py, memory.py, measured.py (what a profile answers); what the training stack itself does
+comes from its regime (runtime.py), chosen once per request.
 `estimate_step` is a batch of one; the search evaluates hundreds of thousands of rows per call.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost import comm, flops
+from planner.cost.accumulation import accumulation_s
 from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings
 from planner.cost.expert import ep_device_comm_s
@@ -142,6 +144,7 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * wait_s,
         "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * wait_s).max(axis=1, keepdims=True),
         "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + all_to_all + overhead, batch.virtual_stages),
+        "accumulation_s": accumulation_s(batch).max(axis=1, keepdims=True),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
         "offload_s": offload_exposed_s(batch).max(axis=1, keepdims=True),
     }
@@ -170,6 +173,7 @@ def profile_sources(kinds: LayerKinds, batch: PlanBatch, plan: ParallelPlan) -> 
         "cp_comm_s": "profile+analytic" if ring == "profile" else "analytic",
         "ep_comm_s": "analytic",
         "pp_comm_s": comm.channel_source(measured, group("pp"), p2p=True),
+        "accumulation_s": "analytic",
         "optimizer_s": "profile" if optimizer else "analytic",
         "memory": "profile" if measured is not None and measured.measures_memory else "analytic",
     }

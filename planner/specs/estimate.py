@@ -59,6 +59,9 @@ class TimeBreakdown(Frozen):
     # Exposed part only: the rest overlaps with backward.
     dp_comm_s: float = Field(description="data-parallel comm (exposed)")
     bubble_s: float = Field(description="pipeline bubble")
+    # Adding each micro-batch's gradients into those held, where the stack does not fuse it (planner/cost/
+    # accumulation.py).
+    accumulation_s: float = Field(0.0, description="gradient accumulation")
     optimizer_s: float = Field(description="optimizer step")
     # Exposed part only: CPU offload's PCIe copies that neither backward nor compute hides (planner/cost/offload.py).
     offload_s: float = Field(0.0, description="CPU offload PCIe (exposed)")
