@@ -81,14 +81,24 @@ class ShardedPasses:
     scatters: np.ndarray
 
 
-# All-gathers per ZeRO-3 unit and step inside torch.distributed.pipelining, m micro-batches a step: a backward leaves
-# the unit's parameters gathered (`set_reshard_after_backward(False)`), so a forward that follows a backward gathers
-# nothing (FSDP2's `unshard` returns when the group is unsharded) and reshards after itself; every backward that
-# follows a forward gathers. Over a step that is one gather per micro-batch and one more, whatever the device's
-# warm-up: its forwards before the first backward gather each, and as many fewer backwards follow a forward
-# (counted on the executor: tests/distributed/test_pipeline_fsdp_collectives.py).
-def pipelined_zero3_gathers(microbatches: np.ndarray) -> np.ndarray:
-    return microbatches + 1
+# Chunks of a rank that torch's interleaved schedules keep gathered at once (torch/distributed/pipelining/
+# schedules.py `_add_unshard_reshard`, max_active_stages=3): it reshards the others, fully, between their uses.
+TORCH_ACTIVE_PIPELINE_CHUNKS = 3
+
+
+def pipelined_gathers(zero3: np.ndarray, microbatches: np.ndarray, virtual_stages: np.ndarray) -> np.ndarray:
+    """All-gathers per FSDP2 unit and step inside torch.distributed.pipelining, m micro-batches a step. A backward
+    leaves the unit's parameters gathered (`set_reshard_after_backward(False)`), so a forward after a backward
+    gathers nothing (FSDP2's `unshard` returns when the group is unsharded). ZeRO-3 reshards after each forward, so
+    every backward that follows a forward gathers: m + 1 a step, whatever the device's warm-up (its forwards
+    before the first backward gather each, and as many fewer backwards follow a forward); ZeRO-2 gathers once.
+    With more chunks a rank than TORCH_ACTIVE_PIPELINE_CHUNKS, the share of them beyond it is taken to regather
+    for every forward and backward (2m), an approximation: at 4 chunks a rank and 4 micro-batches it is within 6% of
+    the executor's count averaged over the pipeline's ranks (tests/distributed/test_pipeline_fsdp_collectives.py),
+    and torch's lowered programs gather less than it as micro-batches grow."""
+    kept = np.where(zero3, microbatches + 1, 1)
+    evicted = np.maximum(virtual_stages - TORCH_ACTIVE_PIPELINE_CHUNKS, 0) / virtual_stages
+    return (1 - evicted) * kept + evicted * 2 * microbatches
 
 
 def sharded_passes(batch: PlanBatch) -> ShardedPasses:
@@ -96,10 +106,11 @@ def sharded_passes(batch: PlanBatch) -> ShardedPasses:
     `_accumulating`): ZeRO-2 gathers once, its parameters staying gathered through the step, and reduce-scatters
     every micro-batch; ZeRO-3 gathers in every micro-batch's forward and again in its backward, and reduce-scatters
     every micro-batch. Where FSDP2 runs inside torch.distributed.pipelining (`PlanBatch.fsdp2_pipelined`) each unit
-    reduce-scatters once, after the stage's last backward, and ZeRO-3 gathers `pipelined_zero3_gathers` times."""
+    reduce-scatters once, after the stage's last backward, and gathers `pipelined_gathers` times."""
     m, zero3, pipelined = batch.microbatches, batch.zero_stage == 3, batch.fsdp2_pipelined
-    zero3_gathers = np.where(pipelined, pipelined_zero3_gathers(m), 2 * m)
-    return ShardedPasses(gathers=np.where(zero3, zero3_gathers, 1), scatters=np.where(pipelined, 1, m))
+    accumulating = np.where(zero3, 2 * m, 1)
+    gathers = np.where(pipelined, pipelined_gathers(zero3, m, batch.virtual_stages), accumulating)
+    return ShardedPasses(gathers=gathers, scatters=np.where(pipelined, 1, m))
 
 
 def ddp_buckets(batch: PlanBatch) -> np.ndarray:

@@ -56,12 +56,13 @@ pytest.importorskip("torch")
 
 from executor import launch  # noqa: E402
 from planner.cost.batch import PlanBatch  # noqa: E402
-from planner.cost.data import sharded_passes  # noqa: E402
+from planner.cost.data import ShardedPasses, sharded_passes  # noqa: E402
 from planner.presets import gpu_preset  # noqa: E402
 from planner.specs import ClusterSpec, ParallelPlan  # noqa: E402
 from tests.distributed.parity_worker import LLAMA, TRAINING  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 240
+CLUSTER = ClusterSpec(gpu=gpu_preset("cpu"), gpus_per_node=4)
 WORKER = "tests.distributed.pipeline_fsdp_worker"
 
 
@@ -104,19 +105,22 @@ def per_unit(zero_stage: int, microbatches: int) -> dict[str, int]:
     return {"all_gather_single": 1 if zero_stage == 2 else microbatches + 1, "reduce_scatter_single": 1}
 
 
+def model_passes(layers: int, plan: ParallelPlan) -> ShardedPasses:
+    """The cost model's collectives per unit for a plan measured here (planner/cost/data.py `sharded_passes`)."""
+    batch = PlanBatch.of_plan(LLAMA.model_copy(update={"num_layers": layers}), TRAINING, CLUSTER, plan)
+    assert batch.fsdp2_pipelined[0, 0]
+    return sharded_passes(batch)
+
+
 def test_the_cost_model_counts_the_tables_collectives() -> None:
-    """planner/cost/data.py `sharded_passes` (ZeRO 2/3) and `dp_units` (`replicate`'s one all-reduce a unit) count
-    what the table says, for the plans measured here."""
-    cluster = ClusterSpec(gpu=gpu_preset("cpu"), gpus_per_node=4)
+    """`sharded_passes` (ZeRO 2/3) and `dp_units` (`replicate`'s one all-reduce a unit) count what the table says,
+    for the plans measured here."""
     for name, (layers, plan) in TABLE_CASES.items():
-        model = LLAMA.model_copy(update={"num_layers": layers})
-        batch = PlanBatch.of_plan(model, TRAINING, cluster, plan)
-        assert batch.fsdp2_pipelined[0, 0], name
         table = per_unit(plan.zero_stage, plan.num_microbatches(TRAINING))
         if plan.zero_stage == 0:
             assert table == {"all_reduce": 1}
             continue
-        passes = sharded_passes(batch)
+        passes = model_passes(layers, plan)
         counted = {"all_gather_single": passes.gathers[0, 0], "reduce_scatter_single": passes.scatters[0, 0]}
         assert counted == table, name
 
@@ -176,6 +180,11 @@ def test_more_than_three_chunks_per_rank_gather_again(name: str, counted: dict[s
         gathers = sum(stage["units"] * gathers_on_program(stage["program"], plan.zero_stage) for stage in stages)
         assert calls == {"all_gather_single": gathers, "reduce_scatter_single": units}, record["calls"]
         assert gathers > units * per_unit(plan.zero_stage, record["microbatches"])["all_gather_single"]
+    if plan.zero_stage >= 2:  # the cost model's share of regathered chunks (data.py `pipelined_gathers`)
+        measured = [_dp_calls(record)["all_gather_single"] / sum(s["units"] for s in record["stages"].values())
+                    for record in counted[name]]  # fmt: skip
+        mean = sum(measured) / len(measured)
+        assert model_passes(8, plan).gathers[0, 0] == pytest.approx(mean, rel=0.1), measured
 
 
 @pytest.mark.parametrize("name", list(CASES))
