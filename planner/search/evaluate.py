@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from planner.cost.accumulation import accumulation_floor_s
 from planner.cost.batch import KindColumns, PlanBatch, group_channels, kind_columns
 from planner.cost.layers import LayerKinds, layer_kinds_by_recompute
 from planner.cost.measured import ProfileCosts
@@ -216,8 +217,9 @@ class CandidateCosts:
         """A lower bound on every row's step time, from its per-micro-batch busy times: the sum S over all
         layers, and an upper bound M on the slowest device (the most blocks any device holds, plus both the
         embedding and the head). The step has m x max >= m x S / pp of work, and a bubble
-        (S - max) / v >= (S - M) / v; every other term is non-negative. Each layer's busy time is the lesser of
-        its loaded and its alone time (KindColumns), since a step charges some micro-batches at either."""
+        (S - max) / v >= (S - M) / v; gradient accumulation is at least `accumulation_floor_s`; every other term is
+        non-negative. Each layer's busy time is the lesser of its loaded and its alone time (KindColumns), since a
+        step charges some micro-batches at either."""
         c, kinds = self.candidates, self.kinds
 
         def least_busy_s(kind: str) -> np.ndarray:
@@ -234,6 +236,9 @@ class CandidateCosts:
         bound = self.microbatches * total
         bound /= c.pp
         bound += slack
+        bound += accumulation_floor_s(
+            self.model, self.training.precision, self.cluster.gpu, self.runtime, c, self.microbatches
+        )
         offloading = self._offloading()
         if offloading.any():
             bound[offloading] += cpu_optimizer_floor_s(self.model, self.training.optimizer, self.cluster)
