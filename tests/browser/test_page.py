@@ -25,11 +25,11 @@ from tests.api.test_server import TINY, TOKEN, Server, kill_processes_in
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "page.png"
 WAIT_S = 60
-# A search whose best plans are pipelined (pp 4), so the timeline has several stages: Llama 3 70B on 4 x 8 H100. At
-# 512 sequences a step is long enough that ZeRO-3 with CPU offload and no pipeline wins instead (its CPU optimizer
-# step, a few seconds, is a small share of the step); at 128 it is not.
+# A search whose best plans are pipelined (tp 4 x pp 4), so the timeline has several stages: Llama 3 70B on 4 x 8
+# H100 run by Megatron-LM. (Run by paraplan's executor, ZeRO-3 without a pipeline wins there: its pipelines keep
+# whole fp32 gradients and add every micro-batch's into them, where Megatron-LM fuses the addition.)
 SEARCH_FORM = {"gpu": "h100-sxm", "num-nodes": "4", "gpus-per-node": "8", "seq-len": "4096", "global-batch": "128",
-               "top-k": "5"}  # fmt: skip
+               "framework": "megatron", "top-k": "5"}  # fmt: skip
 SEARCH_MODEL = "llama3-70b"
 # A Hugging Face config.json as published (the fields the reader takes): TinyLlama 1.1B.
 HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -193,12 +193,17 @@ def main() -> None:
         result["worker_s"] = time.perf_counter() - started
     else:
         result = parallel_cases(json.loads(args.cases), args.out)
+    write_and_leave(args.out, result)
+
+
+def write_and_leave(out: Path, result: Any) -> NoReturn:
+    """Rank 0 writes `result` to `out`; then every rank leaves without interpreter finalization. With torch 2.13 +
+    gloo, a gloo worker thread can still be dropping the last reference to a finished collective's tensors when
+    Python finalizes; taking the GIL then kills that thread through a noexcept C++ frame and the rank aborts
+    ("terminate called without an active exception", SIGABRT) after all its work is done: about 1 launch in 20
+    here. Everything is written; nothing is lost."""
     if int(os.environ.get("RANK", "0")) == 0:
-        args.out.write_text(json.dumps(result))
-    # Leave without interpreter finalization. With torch 2.13 + gloo, a gloo worker thread can still be dropping
-    # the last reference to a finished collective's tensors when Python finalizes; taking the GIL then kills that
-    # thread through a noexcept C++ frame and the rank aborts ("terminate called without an active exception",
-    # SIGABRT) after all its work is done: about 1 launch in 20 here. Everything is written; nothing is lost.
+        out.write_text(json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from planner.specs import ModelSpec, ParallelPlan
-from tests.distributed.parity_worker import LLAMA, _applied, _local_numel, batches
+from tests.distributed.parity_worker import LLAMA, _applied, _local_numel, batches, write_and_leave
 
 FSDP2_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
 STEPS = 2  # the counts are of the last
@@ -177,12 +175,7 @@ def main() -> None:
         per_rank: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, count_case(spec, plan, build_mesh(plan, "cpu")))
         results[name] = per_rank
-    if dist.get_rank() == 0:
-        args.out.write_text(json.dumps(results))
-    # As parity_worker: leave without interpreter finalization (a gloo thread can abort a rank after its work).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    write_and_leave(args.out, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from api.cli import app
 from api.cli.validate import validation_setup
-from api.commands.loop.compare import compare
+from api.commands.loop.compare import Validation, compare
 from api.commands.loop.records import read_runs
 from api.commands.loop.report import markdown
 from api.commands.loop.runs import PlanRun
@@ -42,9 +42,22 @@ def h200_runs(name: str, tmp_path: Path) -> tuple[ValidationSetup, HardwareProfi
     return setup, profile, read_runs(DATA / name / "runs.json", setup, profile)
 
 
+@pytest.fixture(scope="module")
+def validations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ValidationSetup, HardwareProfile,
+                                                                            list[PlanRun]]]:  # fmt: skip
+    """Every validation's setup, profile and runs, predicted once for the module (seconds each)."""
+    return {name: h200_runs(name, tmp_path_factory.mktemp(name)) for name in VALIDATIONS}
+
+
+@pytest.fixture(scope="module")
+def compared(validations) -> dict[str, Validation]:
+    """Every validation compared with its runs, its calibration fitted and held out, once for the module."""
+    return {name: compare(*validations[name], "2026-12-04T12:00:00+00:00") for name in VALIDATIONS}
+
+
 @pytest.mark.parametrize("name", sorted(VALIDATIONS))
-def test_every_h200_run_peaks_within_5_percent_of_its_prediction(name, tmp_path):
-    _, _, runs = h200_runs(name, tmp_path)
+def test_every_h200_run_peaks_within_5_percent_of_its_prediction(name, validations):
+    _, _, runs = validations[name]
     assert runs and all(run.measured_peak_bytes for run in runs)
     for run in runs:
         error = run.predicted_allocated_bytes / run.measured_peak_bytes - 1
@@ -52,15 +65,14 @@ def test_every_h200_run_peaks_within_5_percent_of_its_prediction(name, tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(VALIDATIONS))
-def test_h200_peak_memory_mape_is_under_one_percent(name, tmp_path):
-    setup, profile, runs = h200_runs(name, tmp_path)
-    result = compare(setup, profile, runs, "2026-12-04T12:00:00+00:00")
+def test_h200_peak_memory_mape_is_under_one_percent(name, compared):
+    result = compared[name]
     assert result.memory_mape is not None and result.memory_mape < 0.01
 
 
-def test_a_single_micro_batch_peaks_without_gradients_as_measured(tmp_path):
+def test_a_single_micro_batch_peaks_without_gradients_as_measured(validations):
     """mbs 8 of a global batch of 8: one micro-batch, whose backward peaks before any gradient exists."""
-    _, _, runs = h200_runs("seq1024-20steps", tmp_path)
+    _, _, runs = validations["seq1024-20steps"]
     single = [run for run in runs if run.plan.micro_batch_size == 8]
     assert len(single) == 3
     for run in single:
@@ -69,10 +81,9 @@ def test_a_single_micro_batch_peaks_without_gradients_as_measured(tmp_path):
         assert abs(run.predicted_allocated_bytes / run.measured_peak_bytes - 1) < 0.01
 
 
-def test_h200_step_time_of_the_20_step_validation_is_within_5_percent_on_average(tmp_path):
+def test_h200_step_time_of_the_20_step_validation_is_within_5_percent_on_average(compared):
     """Before calibration and held out; the plans that keep the GPU busy (mbs >= 4) each within 5%."""
-    setup, profile, runs = h200_runs("seq1024-20steps", tmp_path)
-    result = compare(setup, profile, runs, "2026-12-04T18:00:00+00:00")
+    result = compared["seq1024-20steps"]
     assert len(result.measured) == 12
     assert result.before.mape < 0.05 and result.after.mape < 0.05
     for run in result.measured:
@@ -80,10 +91,10 @@ def test_h200_step_time_of_the_20_step_validation_is_within_5_percent_on_average
             assert abs(run.estimate["step_time_s"] / run.measured_s - 1) < 0.05, describe_plan_compact(run.plan)
 
 
-def test_the_predicted_peak_of_a_small_fully_recomputed_plan_is_the_optimizer_step(tmp_path):
+def test_the_predicted_peak_of_a_small_fully_recomputed_plan_is_the_optimizer_step(validations):
     """mbs 1 with full recompute holds little but the weights' state: its peak is AdamW's step, 16 bytes of
     weights, gradients and state plus 4 of temporaries per parameter, as measured."""
-    _, _, runs = h200_runs("seq1024", tmp_path)
+    _, _, runs = validations["seq1024"]
     (run,) = [r for r in runs if r.plan.micro_batch_size == 1 and r.plan.recompute == "full"]
     (stage,) = run.estimate["memory"]["by_stage"]
     assert stage["activations_bytes"] == 0
@@ -91,9 +102,8 @@ def test_the_predicted_peak_of_a_small_fully_recomputed_plan_is_the_optimizer_st
     assert run.estimate["sources"]["memory"] == "profile"
 
 
-def test_the_report_scores_memory_on_a_gpu(tmp_path):
-    setup, profile, runs = h200_runs("seq2048", tmp_path)
-    report = markdown(compare(setup, profile, runs, "2026-12-04T12:00:00+00:00"), None, "paraplan validate", "p.png")
+def test_the_report_scores_memory_on_a_gpu(compared):
+    report = markdown(compared["seq2048"], None, "paraplan validate", "p.png")
     assert "| peak-memory MAPE (allocated) | 0.2% | 0.2% |" in report
     assert "| predicted allocated MiB | measured allocated MiB | memory error |" in report
     assert "| 34340 | 34405 | -0.2% |" in report  # mbs 2, no recompute
