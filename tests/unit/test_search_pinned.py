@@ -3,8 +3,9 @@
 Recorded from main at 1afeff3, before the search was made faster: the ranked plans, their step times and peaks,
 and every candidate count; re-recorded when FSDP2 inside a pipeline came to reduce once a step and keep its
 whole gradient, and ZeRO-2 on FSDP2 its sharded weights (fewer plans fit), and when gradient accumulation's memory
-traffic was counted (planner/cost/accumulation.py: the leaders are slower by it, ZeRO-1's whole gradients most). A change to the cost model itself moves these on purpose; re-record them then (the
-command below prints the lines), and only then.
+traffic was counted (planner/cost/accumulation.py: the leaders are slower by it, ZeRO-1's whole gradients most).
+A change to the cost model itself moves these on purpose; re-record them then (the command below prints the
+lines), and only then.
 
     PYTHONPATH=. python -c "from tests.unit.test_search_pinned import record; record()"
 """
