@@ -285,7 +285,10 @@ def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:
     accumulating = np.where(
         batch.zero_stage == 3, m * (forward_shows + backward_shows), forward_shows + m * backward_shows
     )
-    return np.where(batch.fsdp2_pipelined, pipelined_sharded_exposed_s(batch, sharded), accumulating)
+    pipelined = batch.fsdp2_pipelined
+    if not pipelined.any():  # no pipeline, or a stack with its own: the search's common case, spared the work
+        return accumulating
+    return np.where(pipelined, pipelined_sharded_exposed_s(batch, sharded), accumulating)
 
 
 def pipelined_sharded_exposed_s(batch: PlanBatch, sharded: ShardedCollectives) -> np.ndarray:
