@@ -4,6 +4,8 @@
    model (planner/cost/compute.py: matmul work / efficiency + element-wise traffic + TP collectives) to the five
    single-layer measurements of Korthikanti et al. 2022, table 4 (22B-model layer, tp=8, micro-batch 4, with and
    without sequence parallelism and recomputation). tests/validation checks that the preset matches the fit.
+   The Hopper presets' is the same fit to the executor's own block timings on an H200 (tests/data;
+   `calibrate_hopper_matmul_efficiency`).
    Likewise the DEEPSPEED regime's `zero3_bandwidth_efficiency` (planner/cost/runtime.py) is the one-parameter fit
    of the step-time model to the six DeepSpeed ZeRO-3 runs of Narayanan et al. 2021, table 2
    (`calibrate_deepspeed_zero3_bandwidth`), and the eager stacks' host time per kernel
@@ -59,15 +61,20 @@ class BlockTimeTerms:
 
 
 def block_time_terms(request: dict) -> BlockTimeTerms:
-    """Split one block's forward + backward (+ recompute) time into its matmul part and everything else."""
+    """Split one block's forward + backward (+ recompute) time into its matmul part and everything else (fused
+    attention, where the GPU has an efficiency of its own for it, is everything else)."""
     req = parse_estimate_request(request)
     ctx = LayerContext.of(req.model, req.training, req.cluster, req.plan, measured=req.measured)
     block = ops.block_ops(req.model, req.training, ctx.shape)
-    recompute = req.plan.recompute
-    peak = req.cluster.gpu.peak_tflops[req.training.precision] * 1e12
+    recompute, gpu = req.plan.recompute, req.cluster.gpu
+    peak = gpu.peak_tflops[req.training.precision] * 1e12
+    own_rate = gpu.attention_efficiency is not None
+    gemms = [op for op in block if not (op.flash and own_rate)]
+    attention = [op for op in block if op.flash and own_rate]
     return BlockTimeTerms(
-        matmul_at_peak_s=matmul_work_s(block, recompute, peak, req.cluster.gpu.sm_count),
+        matmul_at_peak_s=matmul_work_s(gemms, recompute, peak, gpu.sm_count),
         other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s)
+        + matmul_work_s(attention, recompute, ctx.speeds.flash_flops_per_s)
         + ctx.tp_allreduces_s(block_tp_allreduces(recompute), req.plan),
     )
 
@@ -86,6 +93,65 @@ def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = Non
     )
     predicted = [x.matmul_at_peak_s / efficiency + x.other_s for x in terms]
     return MatmulCalibration(efficiency, list(zip(timings, predicted, strict=True)))
+
+
+# ------------------------------------------------------------------- Hopper's matmuls, measured on an H200
+
+# The executor's block timings on an H200 (`paraplan profile`, kept in the repo with their runs:
+# benchmarks/results/2026-12-04-h200-llama3.2-1b.md), Llama-3.2 1B blocks of 1,024-2,048 tokens a sequence.
+H200_PROFILES = ("seq1024", "seq1024-20steps", "seq2048")
+H200_PROFILE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "h200-llama3.2-1b"
+# Blocks of at least this many tokens a micro-batch are timed device-bound: their forward runs over 2 ms, where
+# the host's launches of a block measured 1.0-1.5 ms (micro-batch 1); smaller ones time the host, not the GEMMs.
+DEVICE_BOUND_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class MeasuredBlock:
+    """One block timing of a profile as a contract request: forward + backward (+ recompute) seconds."""
+
+    request: dict
+    measured_s: float
+
+
+def h200_block_timings(folder: Path = H200_PROFILE_DIR) -> list[MeasuredBlock]:
+    """The device-bound block timings of the executor's H200 profiles, every recompute mode, on one GPU (tp 1)."""
+    blocks = []
+    for name in H200_PROFILES:
+        profile = json.loads((folder / name / "profile.json").read_text())
+        for layer in profile["layers"]:
+            tokens = layer["seq_len"] * layer["micro_batch_size"]
+            if layer["layer"] != "block" or layer["tp"] != 1 or tokens < DEVICE_BOUND_TOKENS:
+                continue
+            blocks.append(MeasuredBlock(_block_request(profile, layer), _median_s(layer, "forward", "backward")))
+    return blocks
+
+
+def _block_request(profile: dict, layer: dict) -> dict:
+    return {
+        "model": profile["model"],
+        "cluster": {"gpu": "h200", "num_nodes": 1, "gpus_per_node": 1},
+        "training": {"seq_len": layer["seq_len"], "global_batch_size": layer["micro_batch_size"],
+                     "precision": layer["dtype"]},
+        "plan": {"micro_batch_size": layer["micro_batch_size"], "recompute": layer["recompute"]},
+    }  # fmt: skip
+
+
+def _median_s(layer: dict, *passes: str) -> float:
+    return sum(layer[name]["median_s"] for name in passes)
+
+
+def calibrate_hopper_matmul_efficiency(blocks: list[MeasuredBlock] | None = None) -> MatmulCalibration:
+    """The matmul efficiency (in full waves) that makes the block time model, with everything else as it is
+    (fused attention at the Hopper preset's own rate, element-wise traffic, the executor's casts), match the
+    executor's device-bound block timings on an H200: least squares, as `calibrate_matmul_efficiency`."""
+    blocks = h200_block_timings() if blocks is None else blocks
+    terms = [block_time_terms(block.request) for block in blocks]
+    efficiency = fit_matmul_efficiency(
+        [(x.matmul_at_peak_s, x.other_s, b.measured_s) for x, b in zip(terms, blocks, strict=True)]
+    )
+    predicted = [x.matmul_at_peak_s / efficiency + x.other_s for x in terms]
+    return MatmulCalibration(efficiency, list(zip(blocks, predicted, strict=True)))
 
 
 # ---------------------------------------------------------------------------------- the host's floor
@@ -526,13 +592,18 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "host-floor", help="refit EAGER_HOST_S_PER_KERNEL on the dev vTrain runs (planner/cost/runtime.py)"
     )
-    commands.add_parser("matmul", help="refit A100_MATMUL_EFFICIENCY on Korthikanti table 4 (planner/presets.py)")
+    commands.add_parser(
+        "matmul",
+        help="refit A100_MATMUL_EFFICIENCY on Korthikanti table 4 and HOPPER_MATMUL_EFFICIENCY on the executor's H200 "
+        "blocks (planner/presets.py)",
+    )
     args = parser.parse_args(argv)
     if args.command == "host-floor":
         print_host_floor_fit()
         return
     if args.command == "matmul":
         print(f"A100_MATMUL_EFFICIENCY = {calibrate_matmul_efficiency().matmul_efficiency:.3f}")
+        print(f"HOPPER_MATMUL_EFFICIENCY = {calibrate_hopper_matmul_efficiency().matmul_efficiency:.3f}")
         return
     command = " ".join(["python -m planner.calibration", *(sys.argv[1:] if argv is None else argv)])
     table = fit_uncertainty(validation_runs(tuple(args.measured)), date.today().isoformat(), command)

@@ -334,9 +334,22 @@ def _matmul_efficiency(gpu: str) -> float:
     return round(A100_MATMUL_EFFICIENCY * _MAX_ACHIEVABLE_MATMUL[gpu] / _MAX_ACHIEVABLE_MATMUL["a100"], 3)
 
 
-# GPUs that the benchmark above never measured (V100, A10, A10G, L40S, H20) take the A100's calibrated fraction
+# GPUs that the benchmark above never measured (V100, A10, A10G, L40S) take the A100's calibrated fraction
 # unchanged: an assumption, until a profile of that GPU (paraplan profile) measures its matmuls.
 UNMEASURED_MATMUL_EFFICIENCY = A100_MATMUL_EFFICIENCY
+
+# Hopper (the GH100 of the H100 SXM and the H200), measured: the least-squares fit of the same block time model to the
+# executor's device-bound Llama-3.2 1B block timings on an H200 (8 timings of 8,192 tokens a micro-batch, all three
+# recompute modes; planner/calibration.py `calibrate_hopper_matmul_efficiency`, within 4% of each;
+# tests/validation/test_devset.py fails if this drifts). Well below what the benchmark above implies (0.687): that
+# benchmark searches for the fastest square shapes, and these blocks' GEMMs have inner dimensions of 2,048-8,192.
+# Wider models' GEMMs may run faster; no measurement of them here. The H100 PCIe scales it by its cuBLAS fraction
+# relative to the SXM's; the H20, whose peak is capped far below its SMs', keeps the unmeasured default.
+HOPPER_MATMUL_EFFICIENCY = 0.538
+
+
+def _hopper_matmul_efficiency(gpu: str) -> float:
+    return round(HOPPER_MATMUL_EFFICIENCY * _MAX_ACHIEVABLE_MATMUL[gpu] / _MAX_ACHIEVABLE_MATMUL["h100-sxm"], 3)
 
 
 # Achievable fraction of the dense peak for fused attention (forward + backward) with FlashAttention-2, the
@@ -563,7 +576,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         hbm_GBps=3350.0,
         intra_node=_NVLINK4,
         inter_node=_IB_NDR,
-        matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        matmul_efficiency=HOPPER_MATMUL_EFFICIENCY,
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet (resources.nvidia.com/en-us-tensor-core/"
@@ -580,7 +593,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         # NVLink bridges pair PCIe cards at most two by two; an 8-GPU server talks over PCIe Gen5.
         intra_node=_pcie(5, 64.0),
         inter_node=_NIC_200G,
-        matmul_efficiency=_matmul_efficiency("h100-pcie"),
+        matmul_efficiency=_hopper_matmul_efficiency("h100-pcie"),
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet and H100 PCIe product brief PB-11133-001, PCIe 80GB",
@@ -595,7 +608,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         hbm_GBps=4800.0,
         intra_node=_NVLINK4,
         inter_node=_IB_NDR,
-        matmul_efficiency=_matmul_efficiency("h100-sxm"),
+        matmul_efficiency=HOPPER_MATMUL_EFFICIENCY,
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H200 datasheet (nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446)",

@@ -100,7 +100,15 @@ def backward_s(op: OpCost, speeds: Speeds) -> Any:
     waves = wave_efficiencies(op.gemm, speeds.sm_count)
     input_grad = _matmul_s(op.matmul_flops / waves.input_grad, op.matmul_io_bytes, speeds)
     weight_grad = _matmul_s(op.matmul_flops * (BACKWARD_MATMUL_FACTOR - 1), op.matmul_io_bytes, speeds)
-    return input_grad + weight_grad + op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR / speeds.memory_bytes_per_s
+    return input_grad + weight_grad + backward_traffic_bytes(op) / speeds.memory_bytes_per_s
+
+
+def backward_traffic_bytes(op: OpCost) -> float:
+    """Bytes the op's backward moves through HBM: its own count where it has one, else `BACKWARD_TRAFFIC_FACTOR` x
+    the forward's."""
+    if op.backward_traffic_bytes is not None:
+        return op.backward_traffic_bytes
+    return op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR
 
 
 def _matmul_s(flops: Any, io_bytes: Any, speeds: Speeds) -> Any:
@@ -181,8 +189,8 @@ def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float, 
 
 def traffic_s(ops: list[OpCost], recompute: str, memory_bytes_per_s: float) -> float:
     """Seconds of element-wise memory traffic in forward + backward + recompute of `ops`."""
-    passes = {True: 1 + BACKWARD_TRAFFIC_FACTOR + 1, False: 1 + BACKWARD_TRAFFIC_FACTOR}
-    return sum(op.traffic_bytes * passes[_recomputed(op, recompute)] for op in ops) / memory_bytes_per_s
+    moved = sum(op.traffic_bytes * (1 + _recomputed(op, recompute)) + backward_traffic_bytes(op) for op in ops)
+    return moved / memory_bytes_per_s
 
 
 def _recomputed(op: OpCost, recompute: str) -> bool:

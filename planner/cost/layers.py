@@ -187,8 +187,11 @@ class LayerContext:
         measured: ProfileCosts | None = None,
         runtime: Runtime | None = None,
     ) -> LayerContext:
-        shape = ops.Shape.of(model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu")
         runtime = runtime or runtime_for(cluster, measured, training.framework)
+        shape = ops.Shape.of(
+            model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu", rotary=runtime.rotary,
+            weight_cast_bytes=runtime.weight_cast_bytes(training.precision),
+        )  # fmt: skip
         return cls(
             shape=shape,
             speeds=Speeds.of(cluster.gpu, training.precision, runtime.host_s_per_kernel),

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from planner.cost import params
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 
 Region = Literal["tp", "sp"]
@@ -33,19 +34,52 @@ ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # element-wise op one each way; FlashAttention-2 one forward and three backward (dot(dO, O), the main kernel,
 # dQ's conversion: Dao 2023, flash_attn_interface.py); eager attention's batched matmuls one forward and two
 # backward, its fused scale-mask-softmax and dropout one each way, plus the copy that makes its output contiguous.
-# RoPE unfused rotates q and k by slices, negation, products and a sum (about six kernels each, twelve in all, in
-# either direction). Cross entropy over the vocabulary: max, subtract, exp, sum, log, gather and the loss mean
-# forward (Megatron's vocab-parallel cross entropy), about half as many backward. Counts enter only through
-# the host's time per launch, which planner/calibration.py fits with them.
+# RoPE's launches depend on the stack's implementation (`Rotary`). Cross entropy over the vocabulary: max,
+# subtract, exp, sum, log, gather and the loss mean forward (Megatron's vocab-parallel cross entropy), about half
+# as many backward. Counts enter only through the host's time per launch, which planner/calibration.py fits with
+# them.
 KERNELS = {
     "linear": (1, 2),
     "norm": (1, 2),
     "elementwise": (1, 1),
     "flash_attention": (1, 3),
     "batched_matmul": (1, 2),
-    "rotary": (12, 12),
     "cross_entropy": (8, 4),
 }
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """How a stack's model code applies RoPE to q and k: `passes` reads and writes of q and k in the dtype it
+    computes in, fp32 or the activations' (16-bit q and k are upcast first and cast back after: a read and a write
+    each way more), and its kernel launches for q and k together, (forward, backward). Its backward mirrors its
+    forward (the gradient passes through the same products)."""
+
+    passes: int
+    fp32: bool
+    kernels: tuple[int, int]
+
+    def bytes_per_element(self, elem: int) -> float:
+        """Bytes moved per element of q and k by one pass (forward or backward) at `elem` bytes per activation."""
+        if not self.fp32:
+            return self.passes * elem
+        casts = 2 * (elem + 4) if elem < 4 else 0
+        return self.passes * 4 + casts
+
+
+# Rotate-half, (x * cos + rotate_half(x) * sin): x * cos, the negated half, the concatenation, x * sin and the sum
+# read and write 10 tensors of q's and k's size (the half-size negation counting as one). HF transformers' Llama
+# (`apply_rotary_pos_emb`) and Megatron-DeepSpeed run it in the activation dtype; paraplan's executor in fp32
+# (executor/models/layers.py `apply_rotary`: 52 bytes an element in bf16). Forward about 5 kernels a tensor
+# (7 with the casts), backward about 7 (8).
+ROTATE_HALF = Rotary(passes=10, fp32=False, kernels=(10, 14))
+ROTATE_HALF_FP32 = Rotary(passes=10, fp32=True, kernels=(14, 16))
+# torchtitan's `apply_rotary_emb`: view q and k as complex in fp32 and multiply by freqs_cis, one product (read
+# and write), then `type_as` (20 bytes an element in bf16); 3 kernels a tensor each way.
+COMPLEX_FP32 = Rotary(passes=2, fp32=True, kernels=(6, 6))
+# Megatron-Core's fused RoPE (on by default: megatron/training/arguments.py `--no-rope-fusion` clears
+# `apply_rope_fusion`; TransformerEngine's fused_apply_rotary_pos_emb): one read and one write, a kernel a tensor.
+FUSED_ROTARY = Rotary(passes=2, fp32=False, kernels=(2, 2))
 
 
 @dataclass(frozen=True)
@@ -80,6 +114,9 @@ class OpCost:
     output_bytes: float = 0.0
     # The shape of its matrix products (None: it has none, or the shape is not known): their wave quantization.
     gemm: Gemm | None = None
+    # Bytes its backward moves through HBM, where that is not `BACKWARD_TRAFFIC_FACTOR` x the forward's
+    # (planner/cost/compute.py): None for an element-wise op with one input and one output.
+    backward_traffic_bytes: float | None = None
 
     @property
     def linear(self) -> bool:
@@ -100,6 +137,10 @@ class Shape:
     elem: int  # bytes per activation element
     mask: int  # bytes per dropout-mask element
     eager_rms_norm: bool = False  # RMSNorm runs as separate kernels (no fused kernel on this device)
+    rotary: Rotary = ROTATE_HALF_FP32  # how the stack's model code applies RoPE (Runtime.rotary)
+    # Bytes per weight that autocast moves casting fp32 parameters to 16 bits in forward, and their 16-bit
+    # gradients back to fp32 in backward (Runtime.autocast_cast_bytes); 0 where weights are 16-bit already.
+    weight_cast_bytes: float = 0.0
 
     @classmethod
     def of(
@@ -109,8 +150,11 @@ class Shape:
         plan: ParallelPlan,
         micro_batch_sizes: Any = None,
         cpu: bool = False,
+        rotary: Rotary = ROTATE_HALF_FP32,
+        weight_cast_bytes: float = 0.0,
     ) -> Shape:
-        """`micro_batch_sizes` (a numpy array) replaces the plan's: every size below then broadcasts over it."""
+        """`micro_batch_sizes` (a numpy array) replaces the plan's: every size below then broadcasts over it.
+        `rotary` and `weight_cast_bytes` are the stack's (Runtime)."""
         elem = ACTIVATION_BYTES[training.precision]
         micro_batch = plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes
         return cls(
@@ -127,6 +171,8 @@ class Shape:
             # torch has no fused RMSNorm kernel on CPU (aten::_fused_rms_norm is CompositeImplicitAutograd
             # there, torch 2.13); CUDA builds since torch 2.8 run the fused one.
             eager_rms_norm=cpu,
+            rotary=rotary,
+            weight_cast_bytes=weight_cast_bytes,
         )
 
     def width(self, features: float, region: Region) -> float:
@@ -154,10 +200,32 @@ def _norm(name: str, model: ModelSpec, shape: Shape) -> OpCost:
 def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """RoPE (Su et al. 2021) rotates q and k by cos/sin tables of [seq, head_dim] in fp32, which its products
     keep for backward; the reference model (executor/models/layers.py) computes them in every block, so every
-    block keeps its own copy, whatever the micro-batch size. Its FLOPs are element-wise and negligible."""
+    block keeps its own copy, whatever the micro-batch size. Its FLOPs are element-wise and negligible; its
+    traffic is not: `shape.rotary_bytes` per element of q and k each way (an unfused rotation passes over them
+    several times: `Rotary`), its backward the mirror of its forward."""
     if model.position_embedding != "rope":
         return []
-    return [OpCost("rotary", 0.0, 2 * 4 * shape.seq * model.head_size, 0.0, **_launches("rotary"))]
+    rotated = shape.tokens * (model.q_size + model.kv_size) / shape.tp
+    traffic = shape.rotary.bytes_per_element(shape.elem) * rotated
+    saved = 2 * 4 * shape.seq * model.head_size
+    forward, backward = shape.rotary.kernels
+    kernels = {"kernels": forward, "backward_kernels": backward}
+    return [OpCost("rotary", 0.0, saved, traffic, backward_traffic_bytes=traffic, **kernels)]
+
+
+def _weight_casts(model: ModelSpec, shape: Shape, layer_ops: list[OpCost]) -> list[OpCost]:
+    """torch.autocast over fp32 parameters: every forward (and recompute) casts each linear layer's weights to 16
+    bits (aten::_to_copy: read 4, write 2 bytes a weight), and backward casts their 16-bit gradients back to fp32
+    for the fp32 parameters (ToCopyBackward0: read 2, write 4); a kernel each way per linear layer of `layer_ops`.
+    Norm weights are not cast (autocast runs norms in fp32). A mixture of experts counts every expert's weights,
+    whichever its rank holds (an overcount under expert parallelism)."""
+    if not shape.weight_cast_bytes:
+        return []
+    weights = params.block_params(model).per_gpu(shape.tp) - 2 * params.norm_params(model)
+    traffic = shape.weight_cast_bytes * weights
+    linears = sum(1 for op in layer_ops if op.linear)
+    return [OpCost("autocast_casts", 0.0, 0.0, traffic, kernels=linears, backward_kernels=linears,
+                   backward_traffic_bytes=traffic)]  # fmt: skip
 
 
 def _linear(name: str, shape: Shape, in_features: float, out_features: float, input_region: Region) -> OpCost:
@@ -325,7 +393,8 @@ def _scaled(op: OpCost, factor: int) -> OpCost:
 
 
 def block_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
-    return attention_ops(model, training, shape) + mlp_ops(model, shape)
+    layer_ops = attention_ops(model, training, shape) + mlp_ops(model, shape)
+    return _weight_casts(model, shape, layer_ops) + layer_ops
 
 
 def embedding_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from planner.cost.ops import COMPLEX_FP32, FUSED_ROTARY, ROTATE_HALF, ROTATE_HALF_FP32, Rotary
 from planner.units import MiB
 
 if TYPE_CHECKING:
@@ -143,6 +144,15 @@ class Runtime:
     host_s_per_kernel: float = 0.0
     # What "selective" recompute keeps and repeats in this stack (planner/cost/ops.py `SelectivePolicy`).
     selective_recompute: SelectivePolicy = "attention_core"
+    # How the stack's model code applies RoPE (planner/cost/ops.py `Rotary`): the executor's rotate-half in fp32.
+    rotary: Rotary = ROTATE_HALF_FP32
+    # Parameters kept in fp32 under torch.autocast, which casts every weight to 16 bits each forward and its
+    # gradient back each backward (ops.py `_weight_casts`): the executor's, in 16-bit training.
+    autocast_weights: bool = True
+
+    def weight_cast_bytes(self, precision: str) -> int:
+        """Bytes per weight autocast moves per pass, one way (read fp32 4, write 2; or read 2, write 4)."""
+        return 4 + 2 if self.autocast_weights and precision in ("bf16", "fp16") else 0
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes of one weight as the stack holds it in memory."""
@@ -281,6 +291,8 @@ MEGATRON = replace(
     # main_grad itself (megatron/core/tensor_parallel/layers.py `LinearWithGradAccumulationAndAsyncCommunication`,
     # wgrad_gemm_accum_fp32): no pass of its own.
     accumulation_bytes={},
+    rotary=FUSED_ROTARY,
+    autocast_weights=False,
 )
 
 # The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
@@ -336,6 +348,10 @@ DEEPSPEED = replace(
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,
+    # Megatron-DeepSpeed's model code (megatron/model/rotary_pos_embedding.py) rotates half in the activation dtype,
+    # as HF transformers' models, which DeepSpeed also trains, do; its fp16/bf16 modules hold 16-bit weights.
+    rotary=ROTATE_HALF,
+    autocast_weights=False,
 )
 
 # PyTorch FSDP2 as torchtitan runs it (torchtitan/distributed: MixedPrecisionPolicy(param_dtype=bf16,
@@ -353,6 +369,10 @@ FSDP = replace(
     # write 4): whole inside a pipeline, the reduce-scattered shard elsewhere.
     accumulation_bytes={"fp32": 12, "fp16": 10, "bf16": 10},
     selective_recompute="op_level",
+    # torchtitan's complex product (HF transformers' rotate-half in bf16, under Accelerate, moves the same 20 bytes
+    # an element); FSDP2 gathers 16-bit weights (`param_dtype`), so nothing casts them at each forward.
+    rotary=COMPLEX_FP32,
+    autocast_weights=False,
 )
 
 STACKS: dict[str, Runtime] = {"megatron": MEGATRON, "deepspeed": DEEPSPEED, "fsdp": FSDP}

@@ -128,10 +128,12 @@ def test_context_parallelism_is_not_free_where_nothing_needs_it():
     """Qwen2.5-7B at 8k tokens on 8 H100s: dp2 x cp4 does the same work per GPU as dp8 (in 4x the micro-batches,
     each a quarter of the sequence, so a little more of it waits for the host, and its GEMMs of 2048 rows fill
     their last wave of tiles less: 2048 x 4608 is 288 tiles, 3 waves of 132 SMs, 73% busy, where 8192 rows fill
-    97%), plus the ring's cost."""
+    97%), plus the ring's cost. The executor's autocast casts its fp32 weights once a micro-batch each way, 4x as
+    often under cp4: 12 bytes x 6.5B block weights, 27 ms a micro-batch at the H100's 3.35 TB/s x 0.88, 24
+    micro-batches more (0.64 s, 10% of dp8's compute)."""
     dp8, cp4 = qwen_estimate(dp=8), qwen_estimate(dp=2, cp=4)
     assert dp8.breakdown.cp_comm_s == 0.0 and cp4.breakdown.cp_comm_s > 0.0
-    assert dp8.breakdown.compute_s <= cp4.breakdown.compute_s <= 1.06 * dp8.breakdown.compute_s
+    assert dp8.breakdown.compute_s <= cp4.breakdown.compute_s <= 1.16 * dp8.breakdown.compute_s
     assert cp4.step_time_s > dp8.step_time_s * (1 + LAYOUT_TIE_TOLERANCE)
 
 

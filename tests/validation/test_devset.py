@@ -14,6 +14,7 @@ from planner import estimate
 from planner.calibration import (
     ZERO3_SOURCES,
     calibrate_deepspeed_zero3_bandwidth,
+    calibrate_hopper_matmul_efficiency,
     calibrate_matmul_efficiency,
     fit_host_floor,
     vtrain_halves,
@@ -49,6 +50,16 @@ def test_a100_matmul_efficiency_is_the_table4_fit():
     assert gpu_preset("a100-80gb").matmul_efficiency == pytest.approx(calibration.matmul_efficiency, abs=5e-4)
     for timing, predicted_s in calibration.samples:
         assert predicted_s == pytest.approx(timing.measured_s, rel=0.05), timing.id
+
+
+def test_hopper_matmul_efficiency_is_the_h200_fit():
+    """The executor's device-bound block timings on an H200 (tests/data), each within 5% of the fitted model."""
+    calibration = calibrate_hopper_matmul_efficiency()
+    assert len(calibration.samples) == 8
+    for name in ("h100-sxm", "h200"):
+        assert gpu_preset(name).matmul_efficiency == pytest.approx(calibration.matmul_efficiency, abs=5e-4)
+    for block, predicted_s in calibration.samples:
+        assert predicted_s == pytest.approx(block.measured_s, rel=0.05), block.request["plan"]
 
 
 @pytest.mark.parametrize("nodes", ["one node", "several nodes"])
