@@ -9,7 +9,8 @@
    Likewise the DEEPSPEED regime's `zero3_bandwidth_efficiency` (planner/cost/runtime.py) is the one-parameter fit
    of the step-time model to the six DeepSpeed ZeRO-3 runs of Narayanan et al. 2021, table 2
    (`calibrate_deepspeed_zero3_bandwidth`), and the eager stacks' host time per kernel
-   (runtime.EAGER_HOST_S_PER_KERNEL) the fit of the step-time model to one fixed half of the dev vTrain runs,
+   (runtime.EAGER_HOST_S_PER_KERNEL, forward, and EAGER_HOST_S_PER_BACKWARD_KERNEL) the fit of the step-time
+   model to one fixed half of the dev vTrain runs,
    reported on the other half (`fit_host_floor`, `python -m planner.calibration host-floor`).
 2. Measured (`paraplan validate`): a HardwareProfile times layers and collectives one at a time; a training step
    runs them together, with its framework around them. `fit_calibration` fits the factors of
@@ -161,9 +162,14 @@ def calibrate_hopper_matmul_efficiency(blocks: list[MeasuredBlock] | None = None
 HOST_FLOOR_BOUNDS_S = (0.0, 200e-6)
 
 
+# Backward's launches cost at most what forward's do (the same kernels, without the model's Python around them).
+BACKWARD_HOST_SHARE_BOUNDS = (0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class HostFloorFit:
     host_s_per_kernel: float
+    host_s_per_backward_kernel: float
     fit_ids: list[str]  # the runs it was fitted on (one half of the dev vTrain rows)
     check_ids: list[str]  # the other half, reported, never fitted
 
@@ -186,18 +192,31 @@ def step_time_ratios(runs: list[PublishedRun], runtime: Runtime) -> np.ndarray:
     return np.asarray(ratios)
 
 
+def host_floor_loss(runs: list[PublishedRun], host_s: float, backward_host_s: float, base: Runtime = MEGATRON) -> float:
+    """The mean squared log error of the step time of `runs` with these host times per kernel."""
+    regime = replace(base, host_s_per_kernel=host_s, host_s_per_backward_kernel=backward_host_s)
+    return float(np.mean(np.log(step_time_ratios(runs, regime)) ** 2))
+
+
 def fit_host_floor(runs: list[PublishedRun] | None = None, base: Runtime = MEGATRON) -> HostFloorFit:
-    """The host time per kernel that minimises the squared log error of the step time over the fitting half of the
-    dev vTrain runs (Megatron-LM on A100, widths 1-4k, where the host bounds small layers). One scalar: a golden-
-    section search (Kiefer 1953) over HOST_FLOOR_BOUNDS_S; the loss is unimodal in it (more floor, slower steps)."""
+    """The host times per kernel, forward and backward, that minimise the squared log error of the step time over
+    the fitting half of the dev vTrain runs (Megatron-LM on A100, widths 1-4k, where the host bounds small layers).
+    Two nested golden-section searches (Kiefer 1953): over backward's share of forward's time per kernel
+    (BACKWARD_HOST_SHARE_BOUNDS), and for each share over forward's (HOST_FLOOR_BOUNDS_S); the loss is unimodal in
+    each (more floor, slower steps). Minutes: the command runs it, the test checks the optimum around the preset."""
     fit, check = vtrain_halves(training_runs(VTRAIN_PATH) if runs is None else runs)
 
-    def loss(host_s: float) -> float:
-        ratios = step_time_ratios(fit, replace(base, host_s_per_kernel=host_s))
-        return float(np.mean(np.log(ratios) ** 2))
+    def best_forward_s(share: float) -> float:
+        return _golden_section(lambda host_s: host_floor_loss(fit, host_s, share * host_s, base),
+                               *HOST_FLOOR_BOUNDS_S, tolerance=0.5e-6)  # fmt: skip
 
-    best = _golden_section(loss, *HOST_FLOOR_BOUNDS_S, tolerance=0.5e-6)
-    return HostFloorFit(best, [run.id for run in fit], [run.id for run in check])
+    def loss_at_share(share: float) -> float:
+        host_s = best_forward_s(share)
+        return host_floor_loss(fit, host_s, share * host_s, base)
+
+    share = _golden_section(loss_at_share, *BACKWARD_HOST_SHARE_BOUNDS, tolerance=0.01)
+    host_s = best_forward_s(share)
+    return HostFloorFit(host_s, share * host_s, [run.id for run in fit], [run.id for run in check])
 
 
 def _golden_section(f: Callable[[float], float], low: float, high: float, tolerance: float) -> float:
@@ -590,7 +609,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="folders of the executor's measured validations (default: %(default)s)")  # fmt: skip
     bands.add_argument("--out", type=Path, default=BANDS_PATH)
     commands.add_parser(
-        "host-floor", help="refit EAGER_HOST_S_PER_KERNEL on the dev vTrain runs (planner/cost/runtime.py)"
+        "host-floor",
+        help="refit EAGER_HOST_S_PER_KERNEL and EAGER_HOST_S_PER_BACKWARD_KERNEL on the dev vTrain runs "
+        "(planner/cost/runtime.py)",
     )
     commands.add_parser(
         "matmul",
@@ -623,8 +644,11 @@ def describe_band(band: Band | None) -> str:
 def print_host_floor_fit() -> None:
     fit = fit_host_floor()
     print(f"EAGER_HOST_S_PER_KERNEL = {fit.host_s_per_kernel * 1e6:.1f}e-6  # fitted on {len(fit.fit_ids)} runs")
+    print(f"EAGER_HOST_S_PER_BACKWARD_KERNEL = {fit.host_s_per_backward_kernel * 1e6:.1f}e-6")
     runs = {run.id: run for run in training_runs(VTRAIN_PATH)}
-    regime = replace(MEGATRON, host_s_per_kernel=fit.host_s_per_kernel)
+    regime = replace(
+        MEGATRON, host_s_per_kernel=fit.host_s_per_kernel, host_s_per_backward_kernel=fit.host_s_per_backward_kernel
+    )
     for half, ids in (("fitted", fit.fit_ids), ("held out", fit.check_ids)):
         ratios = step_time_ratios([runs[i] for i in ids], regime)
         mape, median = np.mean(np.abs(ratios - 1)), np.median(ratios)

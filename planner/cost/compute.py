@@ -61,18 +61,22 @@ class Speeds:
 
     matmul_flops_per_s: float
     memory_bytes_per_s: float
-    host_s_per_kernel: float = 0.0  # the stack's host time per kernel launch (Runtime.host_s_per_kernel)
+    host_s_per_kernel: float = 0.0  # the stack's host time per kernel launch in forward (Runtime.host_s_per_kernel)
+    host_s_per_backward_kernel: float = 0.0  # ... and in backward, where autograd's engine launches them
     attention_flops_per_s: float | None = None  # fused attention's rate; None: the matmul rate
     sm_count: int | None = None  # the GPU's SMs, which a GEMM's tiles run over in waves; None: no quantization
 
     @classmethod
-    def of(cls, gpu: GpuSpec, precision: str, host_s_per_kernel: float = 0.0) -> Speeds:
+    def of(
+        cls, gpu: GpuSpec, precision: str, host_s_per_kernel: float = 0.0, host_s_per_backward_kernel: float = 0.0
+    ) -> Speeds:
         peak = gpu.peak_tflops[precision] * 1e12  # type: ignore[index]
         attention = None if gpu.attention_efficiency is None else peak * gpu.attention_efficiency
         return cls(
             matmul_flops_per_s=peak * gpu.matmul_efficiency,
             memory_bytes_per_s=gpu.hbm_GBps * 1e9 * gpu.memory_efficiency,
             host_s_per_kernel=host_s_per_kernel,
+            host_s_per_backward_kernel=host_s_per_backward_kernel,
             attention_flops_per_s=attention,
             sm_count=gpu.sm_count,
         )
@@ -153,16 +157,11 @@ def pass_s(ops: list[OpCost], speeds: Speeds, backward: bool = False) -> Any:
     kernels where that is longer (module docstring)."""
     if backward:
         device = sum(backward_s(op, speeds) for op in ops)
-        kernels = sum(op.backward_kernels for op in ops)
+        host = sum(op.backward_kernels for op in ops) * speeds.host_s_per_backward_kernel
     else:
         device = sum(forward_s(op, speeds) for op in ops)
-        kernels = sum(op.kernels for op in ops)
-    return host_floor_s(device, kernels, speeds)
-
-
-def host_floor_s(device_s: Any, kernels: int, speeds: Speeds) -> Any:
-    """No less than the host needs to launch `kernels`."""
-    return np.maximum(device_s, kernels * speeds.host_s_per_kernel)
+        host = sum(op.kernels for op in ops) * speeds.host_s_per_kernel
+    return np.maximum(device, host)
 
 
 def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds, policy: SelectivePolicy = "attention_core") -> Any:

@@ -194,7 +194,9 @@ class LayerContext:
         )  # fmt: skip
         return cls(
             shape=shape,
-            speeds=Speeds.of(cluster.gpu, training.precision, runtime.host_s_per_kernel),
+            speeds=Speeds.of(
+                cluster.gpu, training.precision, runtime.host_s_per_kernel, runtime.host_s_per_backward_kernel
+            ),
             selective_recompute=runtime.selective_recompute,
             tp_channel=comm.group_channel(cluster, placement("tp", plan.degrees, cluster.gpus_per_node), measured),
             cp_channel=comm.p2p_channel(cluster, placement("cp", plan.degrees, cluster.gpus_per_node), measured),

@@ -105,7 +105,7 @@ class OpCost:
     attention_core: bool = False  # discarded and recomputed by selective recompute
     flash: bool = False  # a fused attention kernel (its FLOPs run at flash-attention speed)
     # Kernels the op launches in forward and in backward (`KERNELS`): each costs the host a launch, which the GPU
-    # waits for when the kernel itself is shorter (planner/cost/compute.py `host_floor_s`).
+    # waits for when the kernel itself is shorter (planner/cost/compute.py `pass_s`).
     kernels: int = 1
     backward_kernels: int = 1
     # Bytes a matmul reads and writes (its operands and result): the memory-bound side of its roofline.

@@ -33,13 +33,17 @@ FP32_BYTES = 4
 # Every ZeRO stage's gradient reduction runs during backward where the plan overlaps it (Runtime.
 # overlapped_reduction_stages): DDP's and Megatron-LM's bucket hooks, FSDP2's per-unit reduce-scatters.
 EVERY_STAGE_OVERLAPS = {precision: (0, 1, 2, 3) for precision in ("fp32", "fp16", "bf16")}
-# Host time per kernel launch of an eager PyTorch stack on a GPU, seconds (planner/cost/compute.py `host_floor_s`):
-# the least-squares fit on the fitting half of the dev vTrain runs (Megatron-LM, A100;
-# `python -m planner.calibration host-floor`; tests/validation/test_devset.py fails if it drifts). Per kernel as
-# planner/cost/ops.py counts them, so it holds the Python, dispatcher and autograd time of the ops around each one
-# too. The other stacks are eager PyTorch modules as well and are assumed to pay the same until a profile of
-# them measures it; paraplan on CPUs runs its kernels on the host itself, so no launch is waited for there.
-EAGER_HOST_S_PER_KERNEL = 68.7e-6
+# Host time per kernel launch of an eager PyTorch stack on a GPU, seconds (planner/cost/compute.py `pass_s`), in
+# forward (and recompute), where the model's Python issues every op, and in backward, where autograd's C++ engine
+# does: the least-squares fit of both on the fitting half of the dev vTrain runs (Megatron-LM, A100;
+# `python -m planner.calibration host-floor`; tests/validation/test_devset.py fails if they drift). Per kernel as
+# planner/cost/ops.py counts them, so they hold the Python, dispatcher and autograd time of the ops around each one
+# too. The executor's blocks on an H200 show the same split: backward's launches took at most 22 us a kernel,
+# forward's 35-53 us (benchmarks/h200_blocks.py, micro-batch 1). The other stacks are eager PyTorch modules as
+# well and are assumed to pay the same until a profile of them measures it; paraplan on CPUs runs its kernels on
+# the host itself, so no launch is waited for there.
+EAGER_HOST_S_PER_KERNEL = 87.3e-6
+EAGER_HOST_S_PER_BACKWARD_KERNEL = 38.6e-6
 
 
 class StateBytes(NamedTuple):
@@ -139,9 +143,11 @@ class Runtime:
     accumulation_bytes: Mapping[str, int] = field(default_factory=lambda: {p: 12 for p in ("fp32", "fp16", "bf16")})
     microbatch_gradient_bytes: Mapping[str, int] = field(default_factory=dict)
 
-    # Host time per kernel launch (planner/cost/compute.py `host_floor_s`): what the stack's Python, the dispatcher
-    # and autograd spend on the CPU per kernel, below which a kernel cannot run. 0: never host-bound.
+    # Host time per kernel launch (planner/cost/compute.py `pass_s`): what the stack's Python, the dispatcher and
+    # autograd spend on the CPU per kernel, below which a kernel cannot run, in forward and in backward. 0: never
+    # host-bound.
     host_s_per_kernel: float = 0.0
+    host_s_per_backward_kernel: float = 0.0
     # What "selective" recompute keeps and repeats in this stack (planner/cost/ops.py `SelectivePolicy`).
     selective_recompute: SelectivePolicy = "attention_core"
     # How the stack's model code applies RoPE (planner/cost/ops.py `Rotary`): the executor's rotate-half in fp32.
@@ -237,6 +243,7 @@ PARAPLAN_CUDA = Runtime(
     microbatch_host_overhead_s=0.0,
     step_host_overhead_s=0.0,
     host_s_per_kernel=EAGER_HOST_S_PER_KERNEL,
+    host_s_per_backward_kernel=EAGER_HOST_S_PER_BACKWARD_KERNEL,
     zero3_prefetch_overlap=True,
     zero3_collective_per_tensor=False,
     zero3_bandwidth_efficiency=1.0,
@@ -260,6 +267,7 @@ PARAPLAN_CPU = replace(
     source="executor/ on gloo; ../shared/notes/torch-distributed-on-cpu.md",
     blocking_fsdp_collectives=True,
     host_s_per_kernel=0.0,
+    host_s_per_backward_kernel=0.0,
 )
 
 # Megatron-LM (megatron/core): 16-bit weights; bf16 accumulates and all-reduces its main gradients in fp32

@@ -5,7 +5,8 @@ and every candidate count; re-recorded when FSDP2 inside a pipeline came to redu
 whole gradient, and ZeRO-2 on FSDP2 its sharded weights (fewer plans fit), and when gradient accumulation's memory
 traffic was counted (planner/cost/accumulation.py: the leaders are slower by it, ZeRO-1's whole gradients most),
 and when the executor's RoPE and autocast casts were counted and the Hopper matmul efficiency was measured on an
-H200 (every plan slower; context parallelism's extra micro-batches pay their casts).
+H200 (every plan slower; context parallelism's extra micro-batches pay their casts), and when the host floor was
+split into forward's and backward's time per launch.
 A change to the cost model itself moves these on purpose; re-record them then (the command below prints the
 lines), and only then.
 
@@ -38,15 +39,15 @@ PINNED = {
          "over_memory_band": 0, "over_host_memory": 0, "fits": 576, "partitioned": 0},
         [
             ("dp8 tp1 pp1 cp1 · ZeRO-3 · mbs 1 · no recompute · 1f1b",
-             8.307514378372511, 72212823654.4),
+             8.307238378372512, 72212823654.4),
             ("dp4 tp1 pp1 cp2 · ZeRO-3 · mbs 2 · no recompute · 1f1b",
-             8.394928909498699, 72206112768.0),
+             8.3946529094987, 72206112768.0),
             ("dp4 tp2 pp1 cp1 · ZeRO-3 · mbs 2 · sp · no recompute · 1f1b",
-             8.52430993720328, 71660573491.2),
+             8.52403393720328, 71660573491.2),
             ("dp2 tp1 pp1 cp4 · ZeRO-3 · mbs 4 · no recompute · 1f1b",
-             8.482343440624886, 72135648460.8),
+             8.482067440624887, 72135648460.8),
             ("dp4 tp2 pp1 cp1 · ZeRO-2 · mbs 1 · sp · no recompute · 1f1b",
-             8.697242537720133, 53123463168.0),
+             8.696690537720134, 53123463168.0),
         ],
     ),
     # Offloading plans among the best; the pipelined ZeRO-3 ones do not fit (FSDP2 inside a pipeline keeps the
@@ -57,15 +58,15 @@ PINNED = {
          "over_memory_band": 0, "over_host_memory": 0, "fits": 374, "partitioned": 0},
         [
             ("dp16 tp2 pp1 cp2 · ZeRO-3 · mbs 1 · sp · no recompute · 1f1b · offload optimizer and params",
-             38.03262112692045, 62833997004.8),
+             38.032069126920454, 62833997004.8),
             ("dp16 tp2 pp1 cp2 · ZeRO-3 · mbs 1 · no recompute · 1f1b · offload optimizer and params",
-             38.34621461082974, 74180135321.6),
+             38.34566261082974, 74180135321.6),
             ("dp8 tp2 pp1 cp4 · ZeRO-3 · mbs 2 · sp · no recompute · 1f1b · offload optimizer and params",
-             38.22930382195437, 62657836236.8),
+             38.22875182195437, 62657836236.8),
             ("dp16 tp4 pp1 cp1 · ZeRO-3 · mbs 1 · sp · no recompute · 1f1b · offload optimizer and params",
-             38.64422014261215, 61704470937.6),
+             38.64366814261215, 61704470937.6),
             ("dp8 tp4 pp1 cp2 · ZeRO-3 · mbs 2 · sp · no recompute · 1f1b · offload optimizer and params",
-             38.84090283764607, 61486367129.6),
+             38.84035083764607, 61486367129.6),
         ],
     ),
     # Nothing fits without offload; the bound prunes what cannot beat the best offloading plans found.
