@@ -190,7 +190,7 @@ class LayerContext:
         runtime = runtime or runtime_for(cluster, measured, training.framework)
         shape = ops.Shape.of(
             model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu", rotary=runtime.rotary,
-            weight_cast_bytes=runtime.weight_cast_bytes(training.precision),
+            weight_cast_bytes=runtime.weight_cast_bytes(training.precision), fused_rms_norm=runtime.fused_rms_norm,
         )  # fmt: skip
         return cls(
             shape=shape,

@@ -41,6 +41,7 @@ ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 KERNELS = {
     "linear": (1, 2),
     "norm": (1, 2),
+    "eager_rms_norm": (7, 12),  # `_eager_rms_norm_traffic`'s ops, with the eps add and rsqrt
     "elementwise": (1, 1),
     "flash_attention": (1, 3),
     "batched_matmul": (1, 2),
@@ -152,9 +153,10 @@ class Shape:
         cpu: bool = False,
         rotary: Rotary = ROTATE_HALF_FP32,
         weight_cast_bytes: float = 0.0,
+        fused_rms_norm: bool = True,
     ) -> Shape:
         """`micro_batch_sizes` (a numpy array) replaces the plan's: every size below then broadcasts over it.
-        `rotary` and `weight_cast_bytes` are the stack's (Runtime)."""
+        `rotary`, `weight_cast_bytes` and `fused_rms_norm` are the stack's (Runtime)."""
         elem = ACTIVATION_BYTES[training.precision]
         micro_batch = plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes
         return cls(
@@ -169,8 +171,8 @@ class Shape:
             # in the activation dtype (measured: ../shared/notes/torch-distributed-on-cpu.md, 8b).
             mask=elem if cpu else 1,
             # torch has no fused RMSNorm kernel on CPU (aten::_fused_rms_norm is CompositeImplicitAutograd
-            # there, torch 2.13); CUDA builds since torch 2.8 run the fused one.
-            eager_rms_norm=cpu,
+            # there, torch 2.13); CUDA builds since torch 2.8 run the fused one, where the stack calls it.
+            eager_rms_norm=cpu or not fused_rms_norm,
             rotary=rotary,
             weight_cast_bytes=weight_cast_bytes,
         )
@@ -188,13 +190,26 @@ NORM_STATS_BYTES = {"layernorm": 8, "rmsnorm": 4}
 def _norm(name: str, model: ModelSpec, shape: Shape) -> OpCost:
     """LayerNorm / RMSNorm saves its input (Korthikanti: 2sbh each) and its per-token statistics; reads x,
     writes y. Without a fused kernel, RMSNorm runs as torch's decomposition, which upcasts x to fp32, and whose
-    products keep the fp32 x and the fp32 normalised x instead (measured:
-    tests/validation/test_saved_activations.py)."""
+    products keep the fp32 x and the fp32 normalised x (measured: tests/validation/test_saved_activations.py), and
+    which passes over x many times (`_eager_rms_norm_traffic`)."""
     elems = shape.width(model.hidden_size, "sp")
     stats = NORM_STATS_BYTES[model.norm] * elems / model.hidden_size
     if model.norm == "rmsnorm" and shape.eager_rms_norm:
-        return OpCost(name, 0.0, 2 * 4 * elems + stats, 2 * shape.elem * elems, **_launches("norm"))
+        forward, backward = _eager_rms_norm_traffic(shape.elem)
+        return OpCost(name, 0.0, 2 * 4 * elems + stats, forward * elems, backward_traffic_bytes=backward * elems,
+                      **_launches("eager_rms_norm"))  # fmt: skip
     return OpCost(name, 0.0, shape.elem * elems + stats, 2 * shape.elem * elems, **_launches("norm"))
+
+
+def _eager_rms_norm_traffic(elem: int) -> tuple[float, float]:
+    """Bytes per element of x that ATen's composite `rms_norm` moves, forward and backward: x.float(), pow(2),
+    mean, x * rsqrt(.), the weight's product (in fp32) and the cast back forward; backward their gradients, the
+    weight's and rsqrt's reduced over the row, and x's two paths added. 40 and 88 bytes in bf16, where a fused
+    kernel moves 4 and 6 (HF transformers' LlamaRMSNorm, weighting after the cast, moves a little less)."""
+    casts = elem + 4 if elem < 4 else 0  # the upcast and the cast back (read one width, write the other)
+    forward = casts + 8 + 4 + 8 + 8 + casts
+    backward = casts + 24 + 24 + 4 + 12 + 12 + casts
+    return forward, backward
 
 
 def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:

@@ -155,6 +155,9 @@ class Runtime:
     # Parameters kept in fp32 under torch.autocast, which casts every weight to 16 bits each forward and its
     # gradient back each backward (ops.py `_weight_casts`): the executor's, in 16-bit training.
     autocast_weights: bool = True
+    # RMSNorm runs in one fused kernel (ops.py `_norm`): Megatron-LM's and DeepSpeed's (apex / TransformerEngine),
+    # the executor's (torch's fused CUDA kernel since 2.8); not an eager HF or torchtitan model on an earlier torch.
+    fused_rms_norm: bool = True
 
     def weight_cast_bytes(self, precision: str) -> int:
         """Bytes per weight autocast moves per pass, one way (read fp32 4, write 2; or read 2, write 4)."""
@@ -381,6 +384,9 @@ FSDP = replace(
     # an element); FSDP2 gathers 16-bit weights (`param_dtype`), so nothing casts them at each forward.
     rotary=COMPLEX_FP32,
     autocast_weights=False,
+    # HF transformers' LlamaRMSNorm is the decomposition; torchtitan's nn.RMSNorm is ATen's composite before
+    # torch 2.8 without torch.compile: the published FSDP runs' stacks (an assumption for a newer one).
+    fused_rms_norm=False,
 )
 
 STACKS: dict[str, Runtime] = {"megatron": MEGATRON, "deepspeed": DEEPSPEED, "fsdp": FSDP}

@@ -35,7 +35,7 @@ def block(runtime, precision="bf16", tp=1):
     training = TrainingSpec(seq_len=1024, global_batch_size=8, precision=precision)
     shape = ops.Shape.of(
         LLAMA_1B, training, ParallelPlan(tp=tp, micro_batch_size=8), rotary=runtime.rotary,
-        weight_cast_bytes=runtime.weight_cast_bytes(precision),
+        weight_cast_bytes=runtime.weight_cast_bytes(precision), fused_rms_norm=runtime.fused_rms_norm,
     )  # fmt: skip
     return {op.name: op for op in ops.block_ops(LLAMA_1B, training, shape)}
 
@@ -72,3 +72,21 @@ def test_autocast_casts_every_linear_weight_each_way():
                                                 (PARAPLAN_CPU, "fp32"), (ANALYTIC, "fp32")])  # fmt: skip
 def test_no_casts_where_weights_are_16_bit_or_training_is_fp32(runtime, precision):
     assert "autocast_casts" not in block(runtime, precision)
+
+
+@pytest.mark.parametrize("elem, forward, backward", [(2, 40, 88), (4, 28, 76)])
+def test_eager_rms_norm_moves_its_decomposition(elem, forward, backward):
+    """ATen's composite rms_norm in bf16: upcast (2 + 4), pow (8), mean (4), x * rsqrt (8), * weight (8), cast back
+    (4 + 2) = 40; backward the cast (6), the weight's product and its reduced gradient (24), rsqrt's product and
+    its reduced gradient (24), mean (4), pow (12), x's two paths added (12), the cast (6) = 88. fp32 has no casts."""
+    assert ops._eager_rms_norm_traffic(elem) == (forward, backward)
+
+
+def test_only_stacks_without_a_fused_rms_norm_decompose_it():
+    elems = TOKENS * 2048
+    eager, fused = block(FSDP)["attn_norm"], block(MEGATRON)["attn_norm"]
+    assert (eager.traffic_bytes, eager.backward_traffic_bytes) == (40 * elems, 88 * elems)
+    assert (eager.kernels, eager.backward_kernels) == (7, 12)
+    assert eager.saved_bytes == 8 * elems + 4 * TOKENS  # fp32 x and fp32 normalised x, and 1/rms a token
+    assert (fused.traffic_bytes, fused.backward_traffic_bytes) == (4 * elems, None)
+    assert block(ANALYTIC)["attn_norm"].traffic_bytes == 4 * elems  # the executor: torch's fused CUDA kernel
