@@ -359,8 +359,9 @@ DEEPSPEED = replace(
     zero3_prefetch_overlap=False,
     zero3_collective_per_tensor=True,
     zero3_bandwidth_efficiency=DEEPSPEED_ZERO3_BANDWIDTH_EFFICIENCY,
-    # Megatron-DeepSpeed's model code (megatron/model/rotary_pos_embedding.py) rotates half in the activation dtype,
-    # as HF transformers' models, which DeepSpeed also trains, do; its fp16/bf16 modules hold 16-bit weights.
+    # Megatron-DeepSpeed's model code (megatron/model/rotary_pos_embedding.py) rotates half eagerly, counted in the
+    # activation dtype as HF transformers' models, which DeepSpeed also trains, run it; its fp16/bf16 modules hold
+    # 16-bit weights.
     rotary=ROTATE_HALF,
     autocast_weights=False,
 )
