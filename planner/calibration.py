@@ -83,11 +83,16 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
 @dataclass(frozen=True)
 class MatmulCalibration:
     matmul_efficiency: float
-    samples: list[tuple[PublishedLayerTiming, float]]  # (measurement, predicted seconds at the fitted efficiency)
+    # (measurement, predicted seconds at the fitted efficiency); a measurement has `request` and `measured_s`
+    samples: list[tuple[Any, float]]
 
 
 def calibrate_matmul_efficiency(timings: list[PublishedLayerTiming] | None = None) -> MatmulCalibration:
-    timings = layer_timings() if timings is None else timings
+    return fit_block_timings(layer_timings() if timings is None else timings)
+
+
+def fit_block_timings(timings: list[Any]) -> MatmulCalibration:
+    """The least-squares matmul efficiency of measured block times (each a `request` and its `measured_s`)."""
     terms = [block_time_terms(t.request) for t in timings]
     efficiency = fit_matmul_efficiency(
         [(x.matmul_at_peak_s, x.other_s, t.measured_s) for x, t in zip(terms, timings, strict=True)]
@@ -146,13 +151,7 @@ def calibrate_hopper_matmul_efficiency(blocks: list[MeasuredBlock] | None = None
     """The matmul efficiency (in full waves) that makes the block time model, with everything else as it is
     (fused attention at the Hopper preset's own rate, element-wise traffic, the executor's casts), match the
     executor's device-bound block timings on an H200: least squares, as `calibrate_matmul_efficiency`."""
-    blocks = h200_block_timings() if blocks is None else blocks
-    terms = [block_time_terms(block.request) for block in blocks]
-    efficiency = fit_matmul_efficiency(
-        [(x.matmul_at_peak_s, x.other_s, b.measured_s) for x, b in zip(terms, blocks, strict=True)]
-    )
-    predicted = [x.matmul_at_peak_s / efficiency + x.other_s for x in terms]
-    return MatmulCalibration(efficiency, list(zip(blocks, predicted, strict=True)))
+    return fit_block_timings(h200_block_timings() if blocks is None else blocks)
 
 
 # ---------------------------------------------------------------------------------- the host's floor
