@@ -12,16 +12,18 @@ kernel they launch, and the GPU cannot run a kernel before it is issued (the "CP
 performance tuning guide, which CUDA graphs and torch.compile exist to remove). Kernels are issued
 asynchronously, so the CPU runs ahead during a long GEMM and queues the short kernels after it: over a layer's
 pass (forward, backward, recompute) the GPU waits only where launching the pass takes longer than running it.
-So a pass takes the longer of its ops' roofline times and its kernel count x the stack's
-`Runtime.host_s_per_kernel` (planner/cost/runtime.py), which planner/calibration.py fits on the dev half of
-vTrain's measured Megatron-LM runs, where widths of 1-2k make the floor visible.
+So a pass takes the longer of its ops' roofline times and its kernel count x the stack's host time per kernel:
+`Runtime.host_s_per_kernel` forward (and recompute), where the model's Python issues each op, and
+`Runtime.host_s_per_backward_kernel` backward, where autograd's C++ engine does (planner/cost/runtime.py), which
+planner/calibration.py fits on the dev half of vTrain's measured Megatron-LM runs, where widths of 1-2k make the
+floor visible.
 
 Where the efficiencies come from: the GPU presets (planner/presets.py). For the A100, matmul_efficiency is
 calibrated on one published measurement, Korthikanti et al. 2022 table 4 (one 22B-model layer, tp=8,
-micro-batch 4, five variants of parallelism and recomputation), as the efficiency of full waves:
-`fit_matmul_efficiency` below is the fit,
-planner/calibration.py applies it and tests/validation/test_devset.py checks the preset against it. A measured
-profile replaces these numbers.
+micro-batch 4, five variants of parallelism and recomputation), as the efficiency of full waves; for Hopper, on
+the executor's own block timings on an H200: `fit_matmul_efficiency` below is the fit, planner/calibration.py
+applies it and tests/validation/test_devset.py checks the presets against it. A measured profile replaces these
+numbers.
 """
 
 from __future__ import annotations

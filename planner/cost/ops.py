@@ -140,7 +140,7 @@ class Shape:
     eager_rms_norm: bool = False  # RMSNorm runs as separate kernels (no fused kernel on this device)
     rotary: Rotary = ROTATE_HALF_FP32  # how the stack's model code applies RoPE (Runtime.rotary)
     # Bytes per weight that autocast moves casting fp32 parameters to 16 bits in forward, and their 16-bit
-    # gradients back to fp32 in backward (Runtime.autocast_cast_bytes); 0 where weights are 16-bit already.
+    # gradients back to fp32 in backward (Runtime.weight_cast_bytes); 0 where weights are 16-bit already.
     weight_cast_bytes: float = 0.0
 
     @classmethod
@@ -216,7 +216,7 @@ def _rotary(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """RoPE (Su et al. 2021) rotates q and k by cos/sin tables of [seq, head_dim] in fp32, which its products
     keep for backward; the reference model (executor/models/layers.py) computes them in every block, so every
     block keeps its own copy, whatever the micro-batch size. Its FLOPs are element-wise and negligible; its
-    traffic is not: `shape.rotary_bytes` per element of q and k each way (an unfused rotation passes over them
+    traffic is not: `shape.rotary`'s bytes per element of q and k each way (an unfused rotation passes over them
     several times: `Rotary`), its backward the mirror of its forward."""
     if model.position_embedding != "rope":
         return []
