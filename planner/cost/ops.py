@@ -138,6 +138,7 @@ class Shape:
     elem: int  # bytes per activation element
     mask: int  # bytes per dropout-mask element
     eager_rms_norm: bool = False  # RMSNorm runs as separate kernels (no fused kernel on this device)
+    ep: int = 1  # expert-parallel ranks a MoE layer's experts are split over (each rank holds num_experts / ep)
     rotary: Rotary = ROTATE_HALF_FP32  # how the stack's model code applies RoPE (Runtime.rotary)
     # Bytes per weight that autocast moves casting fp32 parameters to 16 bits in forward, and their 16-bit
     # gradients back to fp32 in backward (Runtime.weight_cast_bytes); 0 where weights are 16-bit already.
@@ -173,6 +174,7 @@ class Shape:
             # torch has no fused RMSNorm kernel on CPU (aten::_fused_rms_norm is CompositeImplicitAutograd
             # there, torch 2.13); CUDA builds since torch 2.8 run the fused one, where the stack calls it.
             eager_rms_norm=cpu or not fused_rms_norm,
+            ep=plan.ep,
             rotary=rotary,
             weight_cast_bytes=weight_cast_bytes,
         )
@@ -232,11 +234,12 @@ def _weight_casts(model: ModelSpec, shape: Shape, layer_ops: list[OpCost]) -> li
     """torch.autocast over fp32 parameters: every forward (and recompute) casts each linear layer's weights to 16
     bits (aten::_to_copy: read 4, write 2 bytes a weight), and backward casts their 16-bit gradients back to fp32
     for the fp32 parameters (ToCopyBackward0: read 2, write 4); a kernel each way per linear layer of `layer_ops`.
-    Norm weights are not cast (autocast runs norms in fp32). A mixture of experts counts every expert's weights,
-    whichever its rank holds (an overcount under expert parallelism)."""
+    Norm weights are not cast (autocast runs norms in fp32); a mixture of experts casts the experts its rank holds
+    (num_experts / ep)."""
     if not shape.weight_cast_bytes:
         return []
-    weights = params.block_params(model).per_gpu(shape.tp) - 2 * params.norm_params(model)
+    remote_experts = params.experts_params(model).per_gpu(shape.tp) * (1 - 1 / shape.ep)
+    weights = params.block_params(model).per_gpu(shape.tp) - 2 * params.norm_params(model) - remote_experts
     traffic = shape.weight_cast_bytes * weights
     linears = sum(1 for op in layer_ops if op.linear)
     return [OpCost("autocast_casts", 0.0, 0.0, traffic, kernels=linears, backward_kernels=linears,

@@ -90,3 +90,14 @@ def test_only_stacks_without_a_fused_rms_norm_decompose_it():
     assert eager.saved_bytes == 8 * elems + 4 * TOKENS  # fp32 x and fp32 normalised x, and 1/rms a token
     assert (fused.traffic_bytes, fused.backward_traffic_bytes) == (4 * elems, None)
     assert block(ANALYTIC)["attn_norm"].traffic_bytes == 4 * elems  # the executor: torch's fused CUDA kernel
+
+
+def test_autocast_casts_only_the_experts_a_rank_holds():
+    """Mixtral 8x7B at ep 4: attention and router whole, 2 of the 8 experts' three 4,096 x 14,336 matrices."""
+    mixtral = model_preset("mixtral-8x7b")
+    training = TrainingSpec(seq_len=1024, global_batch_size=8, precision="bf16")
+    shape = ops.Shape.of(mixtral, training, ParallelPlan(ep=4, dp=4, micro_batch_size=1), weight_cast_bytes=6)
+    casts = {op.name: op for op in ops.block_ops(mixtral, training, shape)}["autocast_casts"]
+    attention = 4096 * (4096 + 2 * 1024) + 4096 * 4096
+    router = 4096 * 8
+    assert casts.traffic_bytes == 6 * (attention + router + 2 * 3 * 4096 * 14336)
