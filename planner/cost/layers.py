@@ -74,8 +74,9 @@ def layer_kinds(
     measured: ProfileCosts | None = None,
     runtime: Runtime | None = None,
 ) -> LayerKinds:
-    """Costs depend on the plan only through tp, cp, sequence_parallel, micro_batch_size and recompute (the
-    tp and cp groups are the innermost axes of the rank layout, so their placement ignores dp and pp).
+    """Costs depend on the plan only through tp, cp, ep (a MoE rank casts only its own experts' weights),
+    sequence_parallel, micro_batch_size and recompute (the tp and cp groups are the innermost axes of the rank
+    layout, so their placement ignores dp and pp).
 
     `micro_batch_sizes` (an array) replaces the plan's micro-batch size: every cost field then holds one
     value per size, which is how the search costs all micro-batch sizes in one call. `measured`: the request's

@@ -1,6 +1,6 @@
 """The cost model over a whole candidate set: shared inputs computed once, rows costed in numpy batches.
 
-Layer costs depend on a candidate only through (tp, cp, sequence_parallel, micro_batch_size, recompute), and
+Layer costs depend on a candidate only through (tp, cp, ep, sequence_parallel, micro_batch_size, recompute), and
 group channels only through the layout, so both are computed once per distinct key and gathered per row.
 A cheap lower bound on every row's step time lets the search cost rows best-first and stop early.
 """
@@ -105,7 +105,7 @@ class CandidateCosts:
         self._even_block_tables: dict[int, np.ndarray] = {}
 
     def _layer_kinds(self) -> tuple[np.ndarray, dict[str, KindColumns]]:
-        """Layer costs for every (tp, cp, sequence_parallel, recompute) group, each costed at all micro-batch
+        """Layer costs for every (tp, cp, ep, sequence_parallel, recompute) group, each costed at all micro-batch
         sizes at once; row r's costs sit at index group * len(sizes) + the index of its size. Each group is
         costed with one of its rows' plans: `sizes` replaces its micro-batch size, and no other field it does not
         share with the group (schedule, ZeRO stage, dp, pp) changes a layer's cost."""
@@ -113,16 +113,20 @@ class CandidateCosts:
         group, group_rows = self._layer_groups()
         (size_index, _), sizes = _dense_rank(c.micro_batch_size), _distinct(c.micro_batch_size)
         # The groups that differ only in recompute share most of their costs (layers.layer_kinds_by_recompute).
-        shape, shape_rows = _group_ids(c.tp[group_rows], c.cp[group_rows], c.sequence_parallel[group_rows])
+        shape, shape_rows = _group_ids(
+            c.tp[group_rows], c.cp[group_rows], c.ep[group_rows], c.sequence_parallel[group_rows]
+        )
         kinds = self._kinds_of_groups(group_rows, shape, shape_rows, sizes)
         key = group * len(sizes) + size_index
         return key, kind_columns(kinds, c.tp[group_rows])
 
     def _layer_groups(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's (tp, cp, sequence_parallel, recompute) group and a row of each (its last). tp and cp are the
-        layout's, so the rows' codes are built from the layouts' ids: one pass of small integers over the rows."""
+        """Each row's (tp, cp, ep, sequence_parallel, recompute) group and a row of each (its last). tp, cp and ep
+        are the layout's, so the rows' codes are built from the layouts' ids: one pass of small integers over the
+        rows. ep matters to a MoE layer only (the experts whose weights a rank casts: planner/cost/ops.py)."""
         c = self.candidates
-        shape_of_layout, _ = _combination_ids([c.tp[self.layout_rows], c.cp[self.layout_rows]])
+        layouts = self.layout_rows
+        shape_of_layout, _ = _combination_ids([c.tp[layouts], c.cp[layouts], c.ep[layouts]])
         code = shape_of_layout[self.layout_id] * 2 + c.sequence_parallel
         code = code * len(RECOMPUTE) + c.recompute
         group, groups = _dense_rank(code)
@@ -133,7 +137,7 @@ class CandidateCosts:
     def _kinds_of_groups(
         self, group_rows: np.ndarray, shape: np.ndarray, shape_rows: np.ndarray, sizes: np.ndarray
     ) -> list[LayerKinds]:
-        """Each group's LayerKinds (`group_rows`: a row of each group; `shape`: each group's (tp, cp,
+        """Each group's LayerKinds (`group_rows`: a row of each group; `shape`: each group's (tp, cp, ep,
         sequence_parallel) id, `shape_rows` a group of each), costed once per shape for all its recompute modes."""
         c = self.candidates
         modes = [RECOMPUTE[int(c.recompute[row])] for row in group_rows]

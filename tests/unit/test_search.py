@@ -24,6 +24,7 @@ SMALL_GPT = {"name": "gpt3-1.7b", "num_layers": 4, "hidden_size": 512, "num_atte
              "vocab_size": 8192, "max_position_embeddings": 4096}  # fmt: skip
 SMALL_LLAMA = {"name": "llama3-8b", "num_layers": 6, "hidden_size": 1024, "num_attention_heads": 16,
                "num_kv_heads": 4, "ffn_hidden_size": 2816, "vocab_size": 16000}  # fmt: skip
+SMALL_MOE = {**SMALL_LLAMA, "name": "mixtral-8x7b", "num_experts": 8, "experts_per_token": 2}
 
 # (model, seq_len, batch, gpu, nodes, gpus per node, memory fraction): small enough for brute force, shaped so
 # that memory binds in some (the 2 GiB L4-like cap) and not in others.
@@ -123,7 +124,11 @@ def test_search_misses_no_faster_plan_than_brute_force(case):
     assert result.counts.fits + result.counts.out_of_memory == result.counts.evaluated
 
 
-@pytest.mark.parametrize("case", SMALL_CASES)
+# A mixture of experts, whose layer costs also depend on ep (the experts a rank holds and casts).
+MOE_CASE = (SMALL_MOE, 2048, 16, "h100-sxm", 1, 8, 0.9)
+
+
+@pytest.mark.parametrize("case", [*SMALL_CASES, MOE_CASE])
 def test_batched_costs_equal_the_scalar_estimate(case):
     req = parse_plan_request(small_request(case))
     candidates, _ = search_space(req.model, req.training, req.cluster, req.search)
