@@ -22,6 +22,7 @@ from planner.calibration import (  # noqa: E402
     H200_PROFILE_DIR,
     H200_PROFILES,
     calibrate_hopper_matmul_efficiency,
+    h200_block_request,
 )
 from planner.cost.layers import LayerContext, block_cost  # noqa: E402
 from planner.request import parse_estimate_request  # noqa: E402
@@ -37,12 +38,7 @@ def block_rows() -> list[dict]:
         for layer in profile["layers"]:
             if layer["layer"] != "block" or layer["tp"] != 1:
                 continue
-            req = parse_estimate_request({
-                "model": profile["model"],
-                "cluster": {"gpu": "h200", "num_nodes": 1, "gpus_per_node": 1},
-                "training": {"seq_len": layer["seq_len"], "global_batch_size": layer["micro_batch_size"]},
-                "plan": {"micro_batch_size": layer["micro_batch_size"], "recompute": layer["recompute"]},
-            })  # fmt: skip
+            req = parse_estimate_request(h200_block_request(profile, layer))
             block = block_cost(req.model, req.training, req.plan, LayerContext.of(req.model, req.training,
                                req.cluster, req.plan))  # fmt: skip
             rows.append({

@@ -129,11 +129,12 @@ def h200_block_timings(folder: Path = H200_PROFILE_DIR) -> list[MeasuredBlock]:
             tokens = layer["seq_len"] * layer["micro_batch_size"]
             if layer["layer"] != "block" or layer["tp"] != 1 or tokens < DEVICE_BOUND_TOKENS:
                 continue
-            blocks.append(MeasuredBlock(_block_request(profile, layer), _median_s(layer, "forward", "backward")))
+            blocks.append(MeasuredBlock(h200_block_request(profile, layer), _median_s(layer, "forward", "backward")))
     return blocks
 
 
-def _block_request(profile: dict, layer: dict) -> dict:
+def h200_block_request(profile: dict, layer: dict) -> dict:
+    """A profile's block timing as a contract request: its model, shape and recompute mode on one H200."""
     return {
         "model": profile["model"],
         "cluster": {"gpu": "h200", "num_nodes": 1, "gpus_per_node": 1},
