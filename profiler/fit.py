@@ -43,8 +43,11 @@ def fit_collective(measurements: list[CollectiveMeasurement]) -> CollectiveFit:
 
     Least squares on the relative error, sum(((predicted - measured) / measured)^2): a sweep spans 1 KiB to
     hundreds of MiB, and an unweighted fit would spend everything on the largest messages and leave the latency
-    (what small messages cost) to their noise. A negative latency is clamped to 0 and the bandwidth refitted
-    through the origin; data whose times do not grow with size raise ValueError.
+    (what small messages cost) to their noise. The fit is of the medians' non-decreasing projection: a larger
+    message cannot take less time, and on a busy host (a shared CPU box, where a 1 KiB gloo collective can take
+    longer than a 4 MiB one) the scheduler's delays would otherwise turn the fitted bandwidth negative. A negative
+    latency is clamped to 0 and the bandwidth refitted through the origin; data whose times do not grow with size
+    at all raise ValueError.
 
     Reported with the fit: r2 of log(fitted time) against log(measured time) (logs, so that every size counts,
     not just the largest), the largest relative error, and the number of samples.
@@ -55,7 +58,10 @@ def fit_collective(measurements: list[CollectiveMeasurement]) -> CollectiveFit:
     factor = busbw_factor(first.op, first.group_size)
     traffic_bytes = np.array([m.size_bytes * factor for m in measurements], dtype=float)
     times_s = np.array([m.time.median_s for m in measurements], dtype=float)
-    latency_s, seconds_per_byte = _relative_least_squares(traffic_bytes, times_s)
+    order = np.argsort(traffic_bytes, kind="stable")
+    monotone_s = np.empty_like(times_s)
+    monotone_s[order] = non_decreasing(times_s[order])
+    latency_s, seconds_per_byte = _relative_least_squares(traffic_bytes, monotone_s)
     predicted_s = latency_s + seconds_per_byte * traffic_bytes
     return CollectiveFit(
         op=first.op,
@@ -70,11 +76,18 @@ def fit_collective(measurements: list[CollectiveMeasurement]) -> CollectiveFit:
 
 
 def fit_all(measurements: Iterable[CollectiveMeasurement]) -> list[CollectiveFit]:
-    """One fit per (op, tier, group_size) present, in that sort order."""
+    """One fit per (op, tier, group_size) present, in that sort order. A series that cannot be fitted raises
+    ValueError naming it."""
     series: dict[tuple[str, str, int], list[CollectiveMeasurement]] = {}
     for m in measurements:
         series.setdefault((m.op, m.tier, m.group_size), []).append(m)
-    return [fit_collective(series[key]) for key in sorted(series)]
+    fits = []
+    for op, tier, group_size in sorted(series):
+        try:
+            fits.append(fit_collective(series[op, tier, group_size]))
+        except ValueError as error:
+            raise ValueError(f"{op} over {group_size} ranks ({tier}): {error}") from None
+    return fits
 
 
 def _check_one_series(measurements: list[CollectiveMeasurement]) -> CollectiveMeasurement:
@@ -91,6 +104,27 @@ def _check_one_series(measurements: list[CollectiveMeasurement]) -> CollectiveMe
     if any(m.time.median_s <= 0 for m in measurements):
         raise ValueError("time.median_s: every sample needs a positive time")
     return first
+
+
+def non_decreasing(times_s: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence nearest to `times_s` in log space (pool adjacent violators, Ayer et al. 1955;
+    a pooled block takes its geometric mean, the relative-error counterpart of the mean). A sequence that already
+    grows comes back unchanged.
+
+    With it the fit's slope is positive whenever the largest messages took longer than the smallest: a weighted
+    least-squares slope of a non-decreasing, non-constant sequence is positive for any positive weights
+    (Chebyshev's sum inequality)."""
+    blocks: list[tuple[float, int]] = []  # (mean log time, samples pooled)
+    for log_time in np.log(times_s):
+        mean, count = float(log_time), 1
+        while blocks and blocks[-1][0] > mean:
+            previous_mean, previous_count = blocks.pop()
+            mean = (previous_mean * previous_count + mean * count) / (previous_count + count)
+            count += previous_count
+        blocks.append((mean, count))
+    pooled = np.exp(np.concatenate([np.full(count, mean) for mean, count in blocks]))
+    kept = np.concatenate([np.full(count, count == 1) for _, count in blocks])
+    return np.where(kept, times_s, pooled)  # an unpooled sample exactly as measured, not exp(log(t))
 
 
 def _relative_least_squares(traffic_bytes: np.ndarray, times_s: np.ndarray) -> tuple[float, float]:

@@ -266,7 +266,7 @@ def test_a_profiling_job_on_ranks_writes_nothing_outside_the_data_folder(tmp_pat
     """A profile of layers on 2 tp ranks, on 2 loaded ranks, and of the collectives: three torchrun launches,
     whose inputs, results and logs stay in the job's folder and go when each launch succeeds."""
     body = {"what": "all", "model": TINY_PROFILE_MODEL, "seq_len": [32], "mbs": [1], "tp": [1, 2],
-            "recompute": ["none"], "warmup": 1, "repeats": 2, "threads": 1, "nproc": 2, "max_bytes": 2**22}  # fmt: skip
+            "recompute": ["none"], "warmup": 1, "repeats": 2, "threads": 1, "nproc": 2, "max_bytes": 2**24}  # fmt: skip
     job_id = post_profile(service, body)
     job = wait_for_end(service, job_id, timeout_s=300)
     assert job["state"] == "SUCCEEDED", service.logs(job_id)

@@ -149,6 +149,40 @@ def test_times_falling_with_size_are_refused():
         fit.fit_collective(samples)
 
 
+def test_non_decreasing_pools_violators_at_their_geometric_mean():
+    # 4 then 2 violate the order: pooled at sqrt(4 x 2); the samples in order are kept exactly as measured.
+    assert fit.non_decreasing(np.array([1.0, 4.0, 2.0, 8.0])) == pytest.approx([1.0, 8**0.5, 8**0.5, 8.0])
+    # 9, 1, 1 pool to the cube root of 9; then 5 is above it and stays.
+    assert fit.non_decreasing(np.array([9.0, 1.0, 1.0, 5.0])) == pytest.approx([9 ** (1 / 3)] * 3 + [5.0])
+    growing = np.array([1e-5, 1.3e-5, 2e-5, 7e-4])
+    assert np.array_equal(fit.non_decreasing(growing), growing)
+
+
+def test_a_busy_hosts_sweep_is_fitted_through_its_delays():
+    """A sweep of 1 KiB-4 MiB over gloo on a loaded 2-core box (the CI's): 1.5 ms of latency, 10 GB/s of bus
+    bandwidth (4 MiB adds 0.21 ms), and scheduler delays of up to 2.3 ms on the medians, so the 256 KiB message took
+    longer than every larger one. Least squares on the medians gives a negative slope; their non-decreasing
+    projection gives a positive bandwidth of the right order and the latency of the undelayed small messages."""
+    sizes = [1024 * 2**k for k in range(13)]
+    delays_s = [0, 0, 5e-4, 8e-4, 2e-4, 4e-4, 4e-4, 8e-4, 2.3e-3, 1e-4, 1e-4, 0, 2e-4]
+    samples = [
+        sample("reduce_scatter", 2, size, 1.5e-3 + size * 0.5 / 10e9 + delay_s)
+        for size, delay_s in zip(sizes, delays_s, strict=True)
+    ]
+    traffic = np.array([size * 0.5 for size in sizes], dtype=float)
+    with pytest.raises(ValueError, match="bandwidth"):  # the fit of the medians themselves
+        fit._relative_least_squares(traffic, np.array([s.time.median_s for s in samples]))
+    result = fit.fit_collective(samples)
+    assert 5.0 < result.bandwidth_GBps < 20.0
+    assert 1.5e-3 < result.latency_s < 2.0e-3
+
+
+def test_fit_all_names_the_series_it_cannot_fit():
+    falling = [sample("all_gather", 4, size, 1e-3 / (k + 1)) for k, size in enumerate(SIZES_BYTES)]
+    with pytest.raises(ValueError, match=r"^all_gather over 4 ranks \(intra_node\): bandwidth"):
+        fit.fit_all(sweep(5e-6, 80.0) + falling)
+
+
 def test_fit_refuses_mixed_series_naming_the_field():
     clean = sweep(5e-6, 80.0)
     with pytest.raises(ValueError, match="^op"):
