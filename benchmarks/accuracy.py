@@ -4,10 +4,15 @@ rows (reported on the other half too), and the error bands every estimate carrie
 validation runs; `python -m planner.calibration bands` stores them).
 
 Run: python benchmarks/accuracy.py   (prints tables; exits 0)
+
+Any other file of published runs in the dev set's record schema (../shared/data/dev-set.json):
+     python benchmarks/accuracy.py --records runs.json
+prints predicted / measured per source, stack and GPU, and the records it cannot express, with the reason.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from datetime import date
 from pathlib import Path
@@ -27,7 +32,7 @@ from planner.calibration import (  # noqa: E402
     validation_runs,
     vtrain_halves,
 )
-from planner.devset import UNPUBLISHED_DEFAULTS, VTRAIN_PATH, training_runs  # noqa: E402
+from planner.devset import UNPUBLISHED_DEFAULTS, VTRAIN_PATH, training_runs, unsupported_runs  # noqa: E402
 
 CONSOLE = Console(width=200)
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +140,44 @@ def zero3_calibration_table() -> None:
     CONSOLE.print(table)
 
 
+def records_report(path: Path) -> None:
+    """Predicted / measured for every run of `path`, by source, stack and GPU; then what could not be estimated."""
+    groups: dict[str, list[float]] = {}
+    refused = unsupported_runs(path)
+    for run in training_runs(path):
+        try:
+            predicted = estimate(run.request).step_time_s
+        except ValueError as error:  # a request the contract refuses: its first line says which field
+            refused[run.id] = str(error).splitlines()[0]
+            continue
+        training, cluster = run.request["training"], run.request["cluster"]
+        group = f"{run.id.split('_')[0]} · {training['framework']} · {cluster['gpu']}"
+        groups.setdefault(group, []).append(predicted / run.step_time_s)
+    table = Table(title=f"{path.name}: predicted / measured step time")
+    for column in ("source · stack · GPU", "runs", "median", "p10", "p90", "MAPE"):
+        table.add_column(column, justify="left" if column.startswith("source") else "right")
+    every = []
+    for group in sorted(groups):
+        ratios = sorted(groups[group])
+        every += ratios
+        table.add_row(
+            group, str(len(ratios)), f"{_quantile(ratios, 0.5):.3f}", f"{_quantile(ratios, 0.1):.3f}",
+            f"{_quantile(ratios, 0.9):.3f}", f"{sum(abs(r - 1) for r in ratios) / len(ratios):.1%}",
+        )  # fmt: skip
+    CONSOLE.print(table)
+    if every:
+        print(f"all {len(every)} runs: MAPE {sum(abs(r - 1) for r in every) / len(every):.1%}")
+    for run_id, reason in sorted(refused.items()):
+        print(f"not estimated: {run_id}: {reason}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=Path, help="a file of published runs in the dev set's record schema")
+    records = parser.parse_args().records
+    if records is not None:
+        records_report(records)
+        return
     calibration_table()
     zero3_calibration_table()
     print(f"Unpublished fields filled in as: {UNPUBLISHED_DEFAULTS}")

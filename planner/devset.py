@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.cost.flops import narayanan_eq3_flops
+from planner.cost.flops import model_flops_per_step, narayanan_eq3_flops
+from planner.presets import gpu_preset
 from planner.specs import ModelSpec, TrainingSpec
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -38,29 +39,55 @@ class PublishedRun:
     filled_in: tuple[str, ...]  # request fields the paper does not publish
 
 
+class UnsupportedRecord(ValueError):
+    """A published run this loader cannot turn into a request (a GPU with no preset, fp8, ...): the message names
+    the record's field and why."""
+
+
 def load_records(path: Path = DEFAULT_PATH) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())["records"]
 
 
 def training_runs(path: Path = DEFAULT_PATH, sources: tuple[str, ...] = ()) -> list[PublishedRun]:
-    """Every training_run record with a published time (optionally only ids starting with `sources`)."""
+    """Every training_run record with a published time (optionally only ids starting with `sources`); records
+    the loader cannot express are left out (`unsupported_runs` lists them with the reason)."""
     runs = []
-    for record in load_records(path):
-        if record["record_type"] != "training_run" or (sources and not record["id"].startswith(sources)):
+    for record in _training_records(path, sources):
+        try:
+            run = published_run(record)
+        except UnsupportedRecord:
             continue
-        run = published_run(record)
         if run is not None:
             runs.append(run)
     return runs
 
 
+def unsupported_runs(path: Path = DEFAULT_PATH, sources: tuple[str, ...] = ()) -> dict[str, str]:
+    """id -> why, for the training_run records `training_runs` leaves out as unsupported."""
+    reasons = {}
+    for record in _training_records(path, sources):
+        try:
+            published_run(record)
+        except UnsupportedRecord as error:
+            reasons[record["id"]] = str(error)
+    return reasons
+
+
+def _training_records(path: Path, sources: tuple[str, ...]) -> list[dict[str, Any]]:
+    records = load_records(path)
+    return [r for r in records if r["record_type"] == "training_run" and (not sources or r["id"].startswith(sources))]
+
+
 def published_run(record: dict[str, Any]) -> PublishedRun | None:
+    """The contract request of one published run and its measured step time; None when it publishes no time.
+    UnsupportedRecord when it cannot be expressed."""
     filled: list[str] = []
+    framework, zero_stage = _stack(record)
     request = {
-        "model": _model(record["model"]),
-        "training": _training(record),
+        "model": _model(record["model"], filled),
+        "training": _training(record, framework, filled),
         "cluster": _cluster(record["cluster"]),
-        "plan": _plan(record, filled),
+        "plan": _plan(record, framework, zero_stage, filled),
     }
     step_time = _published_step_time_s(record, request)
     if step_time is None:
@@ -68,70 +95,231 @@ def published_run(record: dict[str, Any]) -> PublishedRun | None:
     return PublishedRun(record["id"], record["source"]["location"], request, step_time, tuple(filled))
 
 
-def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
-    """A100 nodes of 8 GPUs (fewer where the run used fewer). The network per GPU is the node's, where the record
-    states it ("inter 800 Gb/s per node": vTrain's cluster has 4 HDR NICs per node of 8, not a DGX's 8)."""
-    gpus = cluster["num_gpus"]
-    per_node = min(8, gpus)
-    spec: dict[str, Any] = {"gpu": "a100-80gb", "num_nodes": gpus // per_node, "gpus_per_node": per_node}
-    node_network = re.search(r"inter (\d+) Gb/s per node", cluster.get("interconnect") or "")
-    if node_network:
-        spec["inter_node_GBps"] = int(node_network.group(1)) / 8 / 8
-    return spec
+# ------------------------------------------------------------------------------------------- model
 
 
-def _model(m: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": m["name"],
+# Families the record's model name tells apart, and what their architectures are (each model card's config.json):
+# GPT-style (GPT-2/3, Megatron's GPT, OPT, BLOOM) 4h GeLU MLP, LayerNorm, tied embeddings; Llama-style (Llama 2/3,
+# Mistral, Mixtral, Qwen2) SwiGLU, RMSNorm, rotary positions, untied embeddings, no dropout.
+_LLAMA_STYLE = re.compile(r"llama|mistral|mixtral|qwen|gemma|deepseek|yi\b|internlm", re.IGNORECASE)
+# Megatron-LM's GPT runs of 2021-22 train with dropout 0.1 (Narayanan et al. 2021; Korthikanti et al. 2022);
+# BLOOM with none (its config.json: hidden_dropout = attention_dropout = 0.0).
+_NO_DROPOUT = re.compile(r"bloom", re.IGNORECASE)
+# Mixture-of-experts names "<experts>x<size>B" (Mixtral 8x7B, 8x22B): top-2 routing (Jiang et al. 2024).
+_EXPERTS_IN_NAME = re.compile(r"(\d+)\s*x\s*\d+(?:\.\d+)?\s*B", re.IGNORECASE)
+MIXTRAL_EXPERTS_PER_TOKEN = 2
+# Architecture fields a record may state outright; they win over what the name implies.
+_STATED_MODEL_FIELDS = ("mlp", "norm", "position_embedding", "tie_embeddings", "qkv_bias", "linear_bias", "dropout")
+
+
+def _model(m: dict[str, Any], filled: list[str]) -> dict[str, Any]:
+    name = str(m["name"])
+    spec = {
+        "name": name,
         "num_layers": m["layers"],
         "hidden_size": m["hidden"],
         "num_attention_heads": m["heads"],
-        "num_kv_heads": m["kv_heads"],
+        "num_kv_heads": m.get("kv_heads") or m["heads"],
         "ffn_hidden_size": m["ffn_hidden"],
         "vocab_size": m["vocab"],
-        "mlp": "gelu",
-        "norm": "layernorm",
-        "tie_embeddings": True,
         "max_position_embeddings": m["seq_len"],
-        "dropout": 0.1,
+        **_architecture(name),
+        **_experts(m, name, filled),
     }
+    spec.update({field: m[field] for field in _STATED_MODEL_FIELDS if m.get(field) is not None})
+    return spec
 
 
-def _training(record: dict[str, Any]) -> dict[str, Any]:
+def _architecture(name: str) -> dict[str, Any]:
+    if _LLAMA_STYLE.search(name):
+        return {"mlp": "swiglu", "norm": "rmsnorm", "position_embedding": "rope", "tie_embeddings": False,
+                "dropout": 0.0}  # fmt: skip
+    dropout = 0.0 if _NO_DROPOUT.search(name) else 0.1
+    return {"mlp": "gelu", "norm": "layernorm", "tie_embeddings": True, "dropout": dropout}
+
+
+def _experts(m: dict[str, Any], name: str, filled: list[str]) -> dict[str, Any]:
+    stated = m.get("num_experts") or m.get("experts")
+    if stated:
+        return {"num_experts": stated, "experts_per_token": m.get("experts_per_token") or m.get("top_k") or 1}
+    in_name = _EXPERTS_IN_NAME.search(name)
+    if not in_name:
+        return {}
+    filled.append(f"experts_per_token={MIXTRAL_EXPERTS_PER_TOKEN}")
+    return {"num_experts": int(in_name.group(1)), "experts_per_token": MIXTRAL_EXPERTS_PER_TOKEN}
+
+
+# ------------------------------------------------------------------------------------------- stack
+
+
+def _stack(record: dict[str, Any]) -> tuple[str, int]:
+    """(training.framework, plan.zero_stage) from the record's sharding field (or, where that names no stack, from
+    the title of its source).
+
+    PyTorch FSDP (torchtitan, llm-foundry, Accelerate): FULL_SHARD (its default) is ZeRO-3, SHARD_GRAD_OP ZeRO-2,
+    NO_SHARD plain data parallelism (torch.distributed.fsdp.ShardingStrategy). DeepSpeed, and Megatron-DeepSpeed,
+    state their ZeRO stage. Megatron-LM's distributed optimizer shards the optimizer's states: ZeRO-1."""
+    lowered = f"{record.get('framework') or ''} {record['parallel'].get('zero_or_fsdp') or ''}".lower()
+    if not re.search(r"fsdp|torchtitan|llm-foundry|accelerate|zero|deepspeed|megatron|optimizer", lowered):
+        lowered = str(record["source"].get("title") or "").lower()  # the stack the source is about
+    stage = re.search(r"zero[- ]?(\d)", lowered)
+    if re.search(r"fsdp|torchtitan|llm-foundry|accelerate", lowered):
+        if "no_shard" in lowered:
+            return "fsdp", 0
+        return "fsdp", 2 if "shard_grad_op" in lowered else int(stage.group(1)) if stage else 3
+    if stage or "deepspeed" in lowered:
+        return "deepspeed", int(stage.group(1)) if stage else 0
+    return "megatron", 1 if "distributed optimizer" in lowered else 0
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _training(record: dict[str, Any], framework: str, filled: list[str]) -> dict[str, Any]:
+    gpu = _gpu(record["cluster"])
     return {
         "seq_len": record["model"]["seq_len"],
-        "global_batch_size": record["parallel"]["global_batch"] or 1,
-        "precision": "fp16",
+        "global_batch_size": _global_batch(record, filled),
+        "precision": _precision(record.get("precision"), gpu),
         "optimizer": "adamw",
-        "attention_kernel": "eager",
-        # DeepSpeed ran the ZeRO-3 rows (Narayanan et al. 2021, table 2); Megatron-LM every other run.
-        "framework": "deepspeed" if "ZeRO-3" in str(record["parallel"]["zero_or_fsdp"]) else "megatron",
+        "attention_kernel": _attention_kernel(record, framework, gpu),
+        "framework": framework,
     }
 
 
-def _plan(record: dict[str, Any], filled: list[str]) -> dict[str, Any]:
+def _precision(stated: str | None, gpu: str) -> str:
+    """bf16 or fp16 as stated; Megatron's "mixed precision (16-bit)" of the A100 papers is fp16 (Narayanan et al.
+    2021, sec. 5). Unstated: fp16 on GPUs without bf16 (V100), else bf16."""
+    text = (stated or "").lower()
+    if "fp8" in text or "float8" in text:
+        raise UnsupportedRecord(f"precision: {stated!r}: fp8 GEMMs are not modelled")
+    if "bf16" in text or "bfloat16" in text:
+        return "bf16"
+    if re.search(r"fp16|float16|16-bit|half|mixed", text):
+        return "fp16"
+    if "fp32" in text or "tf32" in text:
+        return "fp32"
+    return "fp16" if gpu.startswith("v100") else "bf16"
+
+
+def _attention_kernel(record: dict[str, Any], framework: str, gpu: str) -> str:
+    """flash or eager where the record says; else what each stack ran by default on that GPU: PyTorch's SDPA
+    (flash) under FSDP; Megatron-LM and Megatron-DeepSpeed on V100/A100 their eager softmax (flash attention was
+    opt-in, `--use-flash-attn`, until Transformer Engine's fused attention, which their Hopper runs use)."""
+    text = json.dumps([record["parallel"], record.get("notes"), record["measured"].get("notes")]).lower()
+    if "flash" in text:
+        return "flash"
+    if "eager" in text or "softmax" in text:
+        return "eager"
+    if framework == "fsdp" or not gpu.startswith(("a100", "v100")):
+        return "flash"
+    return "eager"
+
+
+def _global_batch(record: dict[str, Any], filled: list[str]) -> int:
     par = record["parallel"]
-    layers, pp = record["model"]["layers"], par["pp"]
+    if par.get("global_batch"):
+        return int(par["global_batch"])
+    if par.get("grad_accum") and par.get("micro_batch"):
+        return int(par["grad_accum"] * par["micro_batch"] * _dp(record))
+    filled.append("global_batch_size=1")
+    return 1
+
+
+# ----------------------------------------------------------------------------------------- cluster
+
+
+# GPU names in the records' `cluster.gpu_type`, most specific first, and their presets (planner/presets.py).
+_GPU_NAMES = (
+    (r"h200", "h200"),
+    (r"h100.*pcie", "h100-pcie"),
+    (r"h100", "h100-sxm"),
+    (r"\bh20\b", "h20"),
+    (r"b200", "b200"),
+    (r"mi300x", "mi300x"),
+    (r"a100.*40\s*gb", "a100-40gb"),
+    (r"a100", "a100-80gb"),
+    (r"v100.*16\s*gb", "v100-sxm2-16gb"),
+    (r"v100", "v100-sxm2-32gb"),
+    (r"l40s", "l40s"),
+    (r"a10g", "a10g"),
+    (r"\ba10\b", "a10"),
+    (r"\bl4\b", "l4"),
+)
+
+
+def _gpu(cluster: dict[str, Any]) -> str:
+    name = str(cluster.get("gpu_type") or "")
+    for pattern, preset in _GPU_NAMES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return preset
+    raise UnsupportedRecord(f"cluster.gpu_type: {name!r} matches no GPU preset")
+
+
+def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
+    """Nodes of the GPUs per node the record states (8 otherwise; fewer where the run used fewer). The network per
+    GPU is the node's, where the record states it ("inter 800 Gb/s per node": vTrain's cluster has 4 HDR NICs per
+    node of 8, not a DGX's 8)."""
+    gpus = cluster["num_gpus"]
+    interconnect = cluster.get("interconnect") or ""
+    stated_per_node = re.search(r"(\d+) GPUs (?:per|a) node", interconnect)
+    node_gpus = int(stated_per_node.group(1)) if stated_per_node else 8
+    per_node = min(node_gpus, gpus)
+    spec: dict[str, Any] = {"gpu": _gpu(cluster), "num_nodes": max(1, gpus // per_node), "gpus_per_node": per_node}
+    node_network = re.search(r"inter (\d+) Gb/s per node", interconnect)
+    if node_network:
+        spec["inter_node_GBps"] = int(node_network.group(1)) / 8 / node_gpus
+    return spec
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+
+def _dp(record: dict[str, Any]) -> int:
+    par = record["parallel"]
+    if par.get("dp"):
+        return int(par["dp"])
+    return record["cluster"]["num_gpus"] // ((par.get("tp") or 1) * (par.get("pp") or 1) * (par.get("cp") or 1))
+
+
+def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[str]) -> dict[str, Any]:
+    par = record["parallel"]
+    layers, pp = record["model"]["layers"], par.get("pp") or 1
     micro = par["micro_batch"]
     if micro is None:
         micro = UNPUBLISHED_DEFAULTS["micro_batch_size"]
         filled.append(f"micro_batch_size={micro}")
-    zero = 3 if "ZeRO-3" in str(par["zero_or_fsdp"]) else 0
     plan: dict[str, Any] = {
-        "dp": par["dp"],
-        "tp": par["tp"],
+        "dp": _dp(record),
+        "tp": par.get("tp") or 1,
         "pp": pp,
-        "zero_stage": zero,
+        "zero_stage": zero_stage,
         "micro_batch_size": micro,
         "sequence_parallel": bool(par["sequence_parallel"]),
-        "recompute": "selective" if str(par["recompute"]).startswith("selective") else "full",
-        # DeepSpeed ZeRO-3 overlaps its collectives; Megatron-LM of that time did not.
-        "overlap_grad_reduce": zero == 3,
+        "recompute": _recompute(par.get("recompute"), filled),
+        # FSDP and DeepSpeed ZeRO-3 overlap their collectives with compute; Megatron-LM of 2021-22 did not.
+        "overlap_grad_reduce": framework == "fsdp" or zero_stage == 3,
     }
-    chunks = _virtual_stages(str(par["schedule"]), layers, pp, filled)
+    plan.update({axis: par[axis] for axis in ("cp", "ep") if (par.get(axis) or 1) > 1})
+    chunks = par.get("vp") or _virtual_stages(str(par["schedule"]), layers, pp, filled)
     if chunks > 1:
         plan.update(schedule="interleaved_1f1b", virtual_stages=chunks)
     return plan
+
+
+def _recompute(stated: str | None, filled: list[str]) -> str:
+    """selective (each stack's own: Megatron's attention core, torchtitan's per-op policy), none, or full. Unstated:
+    full, what Narayanan et al.'s eq. 3 assumes."""
+    text = (stated or "").lower()
+    if "microbatch-level" in text:  # Korthikanti et al. 2022, appendix C: some micro-batches skip checkpointing
+        raise UnsupportedRecord(f"parallel.recompute: {stated!r}: micro-batch-level recomputation is not modelled")
+    if "selective" in text or "per-op" in text:
+        return "selective"
+    if re.match(r"(none|no\b|off|false|disabled)", text):
+        return "none"
+    if not text:
+        filled.append("recompute=full")
+    return "full"
 
 
 def _virtual_stages(schedule: str, layers: int, pp: int, filled: list[str]) -> int:
@@ -147,16 +335,34 @@ def _virtual_stages(schedule: str, layers: int, pp: int, filled: list[str]) -> i
     return chunks
 
 
+# --------------------------------------------------------------------------------------- step time
+
+
 def _published_step_time_s(record: dict[str, Any], request: dict[str, Any]) -> float | None:
-    measured = record["measured"]
+    """The measured step time, or what the record's measured throughput implies:
+    - `iteration_time_s` as published;
+    - `tflops_per_gpu` counted by Narayanan et al.'s eq. 3 (recomputation included, what Megatron-LM reports):
+      F_eq3 / (n x X); counted otherwise, as model FLOPs (PaLM's convention): model FLOPs / (n x X);
+    - `tokens_per_s` (or per GPU), `samples_per_s`: tokens (sequences) per step / throughput;
+    - `mfu` alone: model FLOPs / (n x peak x MFU), the peak of the GPU's preset at the run's precision."""
+    measured, gpus = record["measured"], record["cluster"]["num_gpus"]
+    model = ModelSpec.model_validate(request["model"])
+    training = TrainingSpec.model_validate(request["training"])
     if measured.get("iteration_time_s"):
         return float(measured["iteration_time_s"])
     if measured.get("tflops_per_gpu"):
-        # Narayanan et al. report eq. 3 TFLOP/s per GPU; the step time is F_eq3 / (n * X).
-        model = ModelSpec.model_validate(request["model"])
-        training = TrainingSpec.model_validate(request["training"])
-        gpus = record["cluster"]["num_gpus"]
-        return narayanan_eq3_flops(model, training) / (gpus * measured["tflops_per_gpu"] * 1e12)
+        kind = str(measured.get("tflops_kind") or "").lower()
+        flops = narayanan_eq3_flops(model, training) if "eq" in kind and "3" in kind else None
+        flops = flops or model_flops_per_step(model, training)
+        return flops / (gpus * measured["tflops_per_gpu"] * 1e12)
+    tokens_per_s = measured.get("tokens_per_s") or (measured.get("tokens_per_s_per_gpu") or 0) * gpus
+    if tokens_per_s:
+        return training.tokens_per_step / tokens_per_s
+    if measured.get("samples_per_s"):
+        return training.global_batch_size / measured["samples_per_s"]
+    if measured.get("mfu"):
+        peak = gpu_preset(request["cluster"]["gpu"]).peak_tflops[training.precision] * 1e12
+        return model_flops_per_step(model, training) / (gpus * peak * measured["mfu"])
     return None
 
 
@@ -176,8 +382,8 @@ def layer_timings(path: Path = DEFAULT_PATH) -> list[PublishedLayerTiming]:
             continue
         par = record["parallel"]
         request = {
-            "model": {**_model(record["model"]), "num_layers": 1},
-            "training": {**_training(record), "global_batch_size": par["micro_batch"]},
+            "model": {**_model(record["model"], []), "num_layers": 1},
+            "training": {**_training(record, "megatron", []), "global_batch_size": par["micro_batch"]},
             "cluster": {"gpu": "a100-80gb", "num_nodes": 1, "gpus_per_node": par["tp"]},
             "plan": {
                 "tp": par["tp"],

@@ -1,0 +1,187 @@
+"""planner.devset turns published runs of any stack, GPU and model family (the record schema of
+../shared/data/dev-set.json) into contract requests and measured step times: what each record states, and what
+the stack that ran it does by default where it does not (issue 28: check the model "as a new user would")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from planner import estimate
+from planner.devset import (
+    DEFAULT_PATH,
+    UnsupportedRecord,
+    load_records,
+    published_run,
+    training_runs,
+    unsupported_runs,
+)
+
+
+def record(**overrides: Any) -> dict[str, Any]:
+    """A training_run record in the dev set's schema: Llama 3 8B under torchtitan's FSDP2 on 64 H100."""
+    base = {
+        "id": "example_llama3_8b",
+        "record_type": "training_run",
+        "source": {"key": "example", "title": "torchtitan FSDP2 benchmark", "location": "table 1"},
+        "model": {
+            "name": "Llama 3 8B",
+            "params_b": 8.0,
+            "layers": 32,
+            "hidden": 4096,
+            "heads": 32,
+            "kv_heads": 8,
+            "ffn_hidden": 14336,
+            "seq_len": 8192,
+            "vocab": 128256,
+        },  # fmt: skip
+        "cluster": {"gpu_type": "H100-SXM5-80GB", "num_gpus": 64, "interconnect": "8 GPUs per node"},
+        "parallel": {
+            "tp": 1,
+            "pp": 1,
+            "dp": 64,
+            "cp": 1,
+            "vp": None,
+            "ep": None,
+            "zero_or_fsdp": "FSDP2",
+            "sequence_parallel": None,
+            "micro_batch": 1,
+            "global_batch": 64,
+            "grad_accum": None,
+            "recompute": "selective (per-op)",
+            "schedule": None,
+        },  # fmt: skip
+        "precision": "bf16",
+        "measured": {"tokens_per_s_per_gpu": 5000},
+    }
+    for path, value in overrides.items():
+        *parents, leaf = path.split("__")
+        holder = base
+        for key in parents:
+            holder = holder[key]
+        holder[leaf] = value
+    return base
+
+
+def test_an_fsdp2_llama_run_is_a_llama_model_under_the_fsdp_regime():
+    run = published_run(record())
+    assert run is not None
+    model, training, cluster, plan = (run.request[k] for k in ("model", "training", "cluster", "plan"))
+    assert (model["mlp"], model["norm"], model["position_embedding"]) == ("swiglu", "rmsnorm", "rope")
+    assert model["tie_embeddings"] is False and model["dropout"] == 0.0 and model["num_kv_heads"] == 8
+    assert training == {"seq_len": 8192, "global_batch_size": 64, "precision": "bf16", "optimizer": "adamw",
+                        "attention_kernel": "flash", "framework": "fsdp"}  # fmt: skip
+    assert cluster == {"gpu": "h100-sxm", "num_nodes": 8, "gpus_per_node": 8}
+    assert plan["zero_stage"] == 3 and plan["overlap_grad_reduce"] and plan["recompute"] == "selective"
+    # 64 sequences of 8192 tokens at 5000 tokens/s on each of 64 GPUs
+    assert run.step_time_s == pytest.approx(64 * 8192 / (5000 * 64))
+    assert estimate(run.request).step_time_s > 0
+
+
+@pytest.mark.parametrize(
+    ("sharding", "stage"), [("FSDP FULL_SHARD", 3), ("FSDP SHARD_GRAD_OP", 2), ("FSDP NO_SHARD", 0)]
+)
+def test_fsdp_sharding_strategies_are_zero_stages(sharding, stage):
+    run = published_run(record(parallel__zero_or_fsdp=sharding))
+    assert run is not None and run.request["plan"]["zero_stage"] == stage
+    assert run.request["training"]["framework"] == "fsdp"
+
+
+def test_a_megatron_deepspeed_bloom_run_is_zero1_under_deepspeed_with_eager_attention():
+    """BLOOM-176B (Megatron-DeepSpeed, ZeRO-1, A100): GeLU, LayerNorm, no dropout; Megatron's fused softmax on an
+    A100; its TFLOP/s are model FLOPs, so the time is model FLOPs / (n x X)."""
+    bloom = record(
+        model={
+            "name": "BLOOM 176B",
+            "layers": 70,
+            "hidden": 14336,
+            "heads": 112,
+            "kv_heads": None,
+            "ffn_hidden": 57344,
+            "seq_len": 2048,
+            "vocab": 250880,
+        },  # fmt: skip
+        cluster={"gpu_type": "A100-SXM4-80GB", "num_gpus": 384, "interconnect": None},
+        parallel__zero_or_fsdp="ZeRO-1 (Megatron-DeepSpeed)",
+        parallel__tp=4,
+        parallel__pp=12,
+        parallel__dp=8,
+        parallel__micro_batch=2,
+        parallel__global_batch=2048,
+        parallel__recompute="full",
+        measured={"tflops_per_gpu": 150, "tflops_kind": "model FLOPs"},
+    )
+    run = published_run(bloom)
+    assert run is not None
+    model, training, plan = run.request["model"], run.request["training"], run.request["plan"]
+    assert (model["mlp"], model["norm"], model["dropout"], model["num_kv_heads"]) == ("gelu", "layernorm", 0.0, 112)
+    assert (training["framework"], training["attention_kernel"], training["precision"]) == (
+        "deepspeed",
+        "eager",
+        "bf16",
+    )
+    assert (plan["zero_stage"], plan["tp"], plan["pp"], plan["dp"], plan["recompute"]) == (1, 4, 12, 8, "full")
+    # Model FLOPs by hand: 3 x forward, forward = 24 B s l h^2 (1 + s / (6h)) + 2 B s h V.
+    b, s, layers, h, v = 2048, 2048, 70, 14336, 250880
+    flops = 3 * (24 * b * s * layers * h**2 * (1 + s / (6 * h)) + 2 * b * s * h * v)
+    assert run.step_time_s == pytest.approx(flops / (384 * 150e12), rel=1e-3)
+
+
+def test_a_mixtral_run_gets_its_experts_from_the_name_and_says_so():
+    run = published_run(record(model__name="Mixtral 8x7B", parallel__ep=8, parallel__dp=64))
+    assert run is not None
+    assert (run.request["model"]["num_experts"], run.request["model"]["experts_per_token"]) == (8, 2)
+    assert run.request["plan"]["ep"] == 8
+    assert "experts_per_token=2" in run.filled_in
+
+
+def test_stated_architecture_fields_win_over_the_name():
+    run = published_run(record(model__mlp="gelu", model__tie_embeddings=True))
+    assert run is not None and run.request["model"]["mlp"] == "gelu" and run.request["model"]["tie_embeddings"]
+
+
+def test_throughputs_convert_to_step_times():
+    tokens = 64 * 8192
+    assert published_run(record(measured={"tokens_per_s": 1e6})).step_time_s == pytest.approx(tokens / 1e6)
+    assert published_run(record(measured={"samples_per_s": 16.0})).step_time_s == pytest.approx(64 / 16)
+    assert published_run(record(measured={"iteration_time_s": 3.5})).step_time_s == 3.5
+    assert published_run(record(measured={"notes": "no throughput"})) is None
+
+
+def test_mfu_alone_is_model_flops_over_the_presets_peak():
+    """Korthikanti et al. 2022's 530B run with full recomputation publishes only its MFU, 42.1%."""
+    run = next(r for r in training_runs(sources=("korthikanti2022_530B_2240gpu_dp8_full",)))
+    b, s, layers, h, v = 2240, 2048, 105, 20480, 51200
+    flops = 3 * (24 * b * s * layers * h**2 * (1 + s / (6 * h)) + 2 * b * s * h * v)
+    assert run.step_time_s == pytest.approx(flops / (2240 * 312e12 * 0.421), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"cluster__gpu_type": "TPU v4"}, "cluster.gpu_type"),
+        ({"precision": "fp8 (Transformer Engine)"}, "precision"),
+        ({"parallel__recompute": "selective + microbatch-level"}, "parallel.recompute"),
+    ],
+)
+def test_what_cannot_be_modelled_is_named_and_left_out(tmp_path, overrides, field):
+    with pytest.raises(UnsupportedRecord, match=f"^{field}: "):
+        published_run(record(**overrides))
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"about": "test", "records": [record(**overrides), record(id="fine")]}))
+    assert [run.id for run in training_runs(path)] == ["fine"]
+    assert list(unsupported_runs(path)) == ["example_llama3_8b"]
+
+
+def test_the_dev_sets_megatron_runs_keep_their_2021_settings():
+    """Narayanan et al. 2021 table 1, GPT 1.7B: fp16, eager attention, Megatron-LM, dropout 0.1, 4 DGX nodes."""
+    first = next(r for r in load_records(DEFAULT_PATH) if r["id"] == "narayanan2021_t1_1.7B")
+    run = published_run(first)
+    assert run is not None
+    assert run.request["training"]["precision"] == "fp16"
+    assert run.request["training"]["attention_kernel"] == "eager"
+    assert run.request["training"]["framework"] == "megatron"
+    assert run.request["model"]["dropout"] == 0.1 and run.request["model"]["mlp"] == "gelu"
+    assert run.request["cluster"] == {"gpu": "a100-80gb", "num_nodes": 4, "gpus_per_node": 8}
