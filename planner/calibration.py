@@ -75,7 +75,7 @@ def block_time_terms(request: dict) -> BlockTimeTerms:
     return BlockTimeTerms(
         matmul_at_peak_s=matmul_work_s(gemms, recompute, peak, gpu.sm_count),
         other_s=traffic_s(block, recompute, ctx.speeds.memory_bytes_per_s)
-        + matmul_work_s(attention, recompute, ctx.speeds.flash_flops_per_s)
+        + matmul_work_s(attention, recompute, ctx.speeds.flash_flops_per_s, gpu.sm_count)
         + ctx.tp_allreduces_s(block_tp_allreduces(recompute), req.plan),
     )
 

@@ -4,8 +4,8 @@ the training precision, times the share of the SMs their output's tiles keep bus
 runs in whole waves of tiles over the GPU's SMs), or at the HBM bandwidth their operands need where that is slower
 (small or thin GEMMs, and eager attention's products, which write and read the s x s scores);
 fused (flash) attention at `attention_efficiency` x the peak (FlashAttention-2 reaches about half the A100's and a
-third of the H100's: planner/presets.py); element-wise ops are memory-bound and run at `memory_efficiency` x the
-HBM bandwidth.
+third of the H100's: planner/presets.py), times the share of the SMs its blocks keep busy (`flash_occupancy`);
+element-wise ops are memory-bound and run at `memory_efficiency` x the HBM bandwidth.
 
 The host floor: the framework's Python, the dispatcher and autograd spend a roughly fixed time on the CPU per
 kernel they launch, and the GPU cannot run a kernel before it is issued (the "CPU-bound" regime of PyTorch's
@@ -55,6 +55,12 @@ BACKWARD_TRAFFIC_FACTOR = 1.5
 # 256 x 128 and 128 x 256 tiles.
 GEMM_TILE_ROWS = 256
 GEMM_TILE_COLS = 128
+# Query rows one thread block of fused attention takes (its forward grid: query blocks x sequences x heads), and
+# key rows one block of its backward takes (key blocks x sequences x heads), for head dims up to 128:
+# FlashAttention-2's kBlockM = 128 forward, kBlockN = 128 backward on the A100 (csrc/flash_attn/src/
+# flash_fwd_launch_template.h, flash_bwd_launch_template.h `run_mha_*_hdim128`; Dao 2023 sec. 3.2), and
+# FlashAttention-3's 2 x 64 rows on Hopper (hopper/flash_fwd_launch_template.h).
+FLASH_BLOCK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class Speeds:
 def forward_s(op: OpCost, speeds: Speeds) -> Any:
     """The op's forward time on the device (the host floor applies to a layer's passes: `pass_s`)."""
     if op.flash:
-        return op.matmul_flops * CAUSAL_FLASH_WORK / speeds.flash_flops_per_s
+        return _flash_s(op, speeds)
     waves = wave_efficiencies(op.gemm, speeds.sm_count)
     return _matmul_s(op.matmul_flops / waves.forward, op.matmul_io_bytes, speeds) + (
         op.traffic_bytes / speeds.memory_bytes_per_s
@@ -102,7 +108,7 @@ def backward_s(op: OpCost, speeds: Speeds) -> Any:
     """The op's backward time on the device: two GEMMs of the forward's FLOPs and about as many bytes each
     (`BACKWARD_MATMUL_FACTOR`), the input gradient's with its own output's waves (`WaveEfficiencies`)."""
     if op.flash:
-        return op.matmul_flops * CAUSAL_FLASH_WORK * BACKWARD_FLASH_FACTOR / speeds.flash_flops_per_s
+        return _flash_s(op, speeds) * BACKWARD_FLASH_FACTOR
     waves = wave_efficiencies(op.gemm, speeds.sm_count)
     input_grad = _matmul_s(op.matmul_flops / waves.input_grad, op.matmul_io_bytes, speeds)
     weight_grad = _matmul_s(op.matmul_flops * (BACKWARD_MATMUL_FACTOR - 1), op.matmul_io_bytes, speeds)
@@ -115,6 +121,28 @@ def backward_traffic_bytes(op: OpCost) -> float:
     if op.backward_traffic_bytes is not None:
         return op.backward_traffic_bytes
     return op.traffic_bytes * BACKWARD_TRAFFIC_FACTOR
+
+
+def _flash_s(op: OpCost, speeds: Speeds) -> Any:
+    """Fused attention's forward: its causal FLOPs at the attention rate, over the share of the SMs its blocks
+    keep busy (`flash_occupancy`)."""
+    occupancy = flash_occupancy(op.gemm, speeds.sm_count)
+    return op.matmul_flops * CAUSAL_FLASH_WORK / (speeds.flash_flops_per_s * occupancy)
+
+
+def flash_occupancy(gemm: Gemm | None, sm_count: int | None) -> Any:
+    """The share of the SMs' time fused attention keeps busy. Its thread blocks each take `FLASH_BLOCK_ROWS`
+    queries of one sequence and head against every key (forward; backward's take as many keys against every
+    query), so no block finishes sooner than one SM takes for a full row of the causal mask's blocks, while the
+    causal work spread evenly over all the SMs is `CAUSAL_FLASH_WORK` x blocks x that row. With fewer blocks than
+    twice the SMs (few sequences x heads on a GPU: small micro-batches, tp, short or cp-split sequences), that
+    longest block sets the time: FlashAttention-2 parallelizes over the sequence for this reason (Dao 2023,
+    sec. 3.2), and runs a causal mask's longest blocks first, so with more blocks they pack evenly. 1 without the
+    shape or the SM count."""
+    if gemm is None or not sm_count:
+        return 1.0
+    blocks = gemm.batch * gemm.rows / np.minimum(gemm.rows, FLASH_BLOCK_ROWS)
+    return np.minimum(1.0, CAUSAL_FLASH_WORK * blocks / sm_count)
 
 
 def _matmul_s(flops: Any, io_bytes: Any, speeds: Speeds) -> Any:
@@ -179,7 +207,8 @@ def matmul_work_s(ops: list[OpCost], recompute: str, matmul_flops_per_s: float, 
 
     def work(op: OpCost, recomputed: bool) -> float:
         if op.flash:
-            return op.matmul_flops * CAUSAL_FLASH_WORK * (1 + BACKWARD_FLASH_FACTOR + recomputed)
+            causal = op.matmul_flops * CAUSAL_FLASH_WORK / flash_occupancy(op.gemm, sm_count)
+            return causal * (1 + BACKWARD_FLASH_FACTOR + recomputed)
         waves = wave_efficiencies(op.gemm, sm_count)
         forward = op.matmul_flops / waves.forward
         input_grad = op.matmul_flops / waves.input_grad

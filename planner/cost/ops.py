@@ -122,7 +122,7 @@ class OpCost:
     @property
     def linear(self) -> bool:
         """A linear layer's plain matrix product (aten.mm / addmm), not a batched one."""
-        return self.gemm is not None and self.gemm.batch == 1
+        return not self.flash and self.gemm is not None and self.gemm.batch == 1
 
 
 @dataclass(frozen=True)
@@ -306,6 +306,10 @@ def _flash_core(model: ModelSpec, shape: Shape) -> list[OpCost]:
             attention_core=True,
             flash=True,
             output_bytes=shape.elem * shape.width(model.q_size, "tp") + logsumexp,
+            # One product per sequence and head, its queries against every key (compute.py `flash_occupancy`).
+            gemm=Gemm(
+                rows=shape.seq, cols=model.head_size, inner=shape.key_len, batch=shape.tokens / shape.seq * shape.heads
+            ),
             **_launches("flash_attention"),
         ),
     ]

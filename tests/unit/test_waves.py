@@ -1,15 +1,16 @@
-"""GEMM wave quantization and eager attention's memory-bound products (planner/cost/compute.py, ops.py), against
-hand-computed values. Tiles are 256 x 128 output elements, one per SM (NVIDIA's Matrix Multiplication Background
-User's Guide, "Wave Quantization")."""
+"""GEMM wave quantization, eager attention's memory-bound products and fused attention's occupancy
+(planner/cost/compute.py, ops.py), against hand-computed values. Tiles are 256 x 128 output elements, one per SM
+(NVIDIA's Matrix Multiplication Background User's Guide, "Wave Quantization"); fused attention's blocks 128 query
+(or key) rows of one sequence and head (FlashAttention-2)."""
 
 from __future__ import annotations
 
 import pytest
 
-from planner.cost.compute import Speeds, backward_s, forward_s, matmul_work_s, wave_efficiency
-from planner.cost.ops import Gemm, OpCost, Shape, _eager_core, _linear, mlp_ops, recomputed_ops
-from planner.presets import gpu_preset
-from planner.specs import ModelSpec
+from planner.cost.compute import Speeds, backward_s, flash_occupancy, forward_s, matmul_work_s, wave_efficiency
+from planner.cost.ops import Gemm, OpCost, Shape, _eager_core, _linear, block_ops, mlp_ops, recomputed_ops
+from planner.presets import MODEL_PRESETS, gpu_preset
+from planner.specs import ModelSpec, TrainingSpec
 
 A100_SMS = 108
 # 100 TFLOP/s of matmuls, 1 TB/s of HBM, no host floor, an A100's SMs.
@@ -108,3 +109,35 @@ def test_a_token_routed_to_k_experts_runs_k_times_the_rows():
     fc1 = {op.name: op for op in mlp_ops(moe, shape)}["fc1"]
     assert fc1.gemm == Gemm(rows=2 * 4096, cols=4096, inner=1024)
     assert fc1.matmul_flops == 2 * (2 * 4096 * 1024 * 4096)
+
+
+# ------------------------------------------------------------------------------------- fused attention
+
+
+def flash_op(shape: Shape, model: ModelSpec) -> OpCost:
+    return next(op for op in block_ops(model, TrainingSpec(seq_len=int(shape.key_len), global_batch_size=1), shape)
+                if op.flash)  # fmt: skip
+
+
+def test_fused_attention_with_few_blocks_waits_for_its_longest_block():
+    """Llama 3 8B's attention at tp 8 (4 heads a GPU), micro-batch 1, 2048 tokens: 4 x 2048 / 128 = 64 blocks of
+    128 queries on 108 SMs. The last block of the causal mask takes all 2048 keys, so the pass takes one SM's time
+    for it while the causal half of the work spread over all SMs would take a quarter of that: 0.5 x 64 / 108."""
+    model = ModelSpec.model_validate(MODEL_PRESETS["llama3-8b"].model_dump())
+    shape = Shape(tokens=2048, seq=2048, key_len=2048, heads=4, tp=8, sp_div=1, elem=2, mask=0)
+    op = flash_op(shape, model)
+    assert op.gemm == Gemm(rows=2048, cols=128, inner=2048, batch=4)
+    assert flash_occupancy(op.gemm, A100_SMS) == pytest.approx(0.5 * 64 / 108)
+    flash = Speeds(matmul_flops_per_s=100e12, memory_bytes_per_s=1e12, attention_flops_per_s=50e12, sm_count=108)
+    causal_s = op.matmul_flops * 0.5 / 50e12
+    assert forward_s(op, flash) == pytest.approx(causal_s * 108 / 32)
+    assert backward_s(op, flash) == pytest.approx(2.5 * causal_s * 108 / 32)
+    assert matmul_work_s([op], "none", 50e12, A100_SMS) == pytest.approx(3.5 * causal_s * 108 / 32)
+
+
+def test_fused_attention_with_enough_blocks_fills_the_sms():
+    """Micro-batch 4 at 8192 tokens and 32 heads: 4 x 32 x 64 = 8192 blocks, far over twice the SMs; and a
+    sequence shorter than a block (64 queries) counts as one block of its own length."""
+    assert flash_occupancy(Gemm(rows=8192, cols=128, inner=8192, batch=128), A100_SMS) == 1.0
+    assert flash_occupancy(Gemm(rows=64, cols=128, inner=64, batch=54), A100_SMS) == pytest.approx(0.5 * 54 / 108)
+    assert flash_occupancy(Gemm(rows=8192, cols=128, inner=8192, batch=1), None) == 1.0
