@@ -141,19 +141,31 @@ def zero3_calibration_table() -> None:
 
 
 def records_report(path: Path) -> None:
-    """Predicted / measured for every run of `path`, by source, stack and GPU; then what could not be estimated."""
-    groups: dict[str, list[float]] = {}
+    """Predicted / measured for every run of `path`, by source, stack and GPU (step time, and peak memory where the
+    run published it); then what could not be estimated."""
+    times: dict[str, list[float]] = {}
+    memories: dict[str, list[float]] = {}
     refused = unsupported_runs(path)
     for run in training_runs(path):
         try:
-            predicted = estimate(run.request).step_time_s
+            result = estimate(run.request)
         except ValueError as error:  # a request the contract refuses: its first line says which field
             refused[run.id] = str(error).splitlines()[0]
             continue
         training, cluster = run.request["training"], run.request["cluster"]
         group = f"{run.id.split('_')[0]} · {training['framework']} · {cluster['gpu']}"
-        groups.setdefault(group, []).append(predicted / run.step_time_s)
-    table = Table(title=f"{path.name}: predicted / measured step time")
+        times.setdefault(group, []).append(result.step_time_s / run.step_time_s)
+        if run.peak_memory_bytes:
+            memories.setdefault(group, []).append(result.memory.peak_bytes / run.peak_memory_bytes)
+    _ratio_table(f"{path.name}: predicted / measured step time", times)
+    if memories:
+        _ratio_table(f"{path.name}: predicted / published peak memory", memories)
+    for run_id, reason in sorted(refused.items()):
+        print(f"not estimated: {run_id}: {reason}")
+
+
+def _ratio_table(title: str, groups: dict[str, list[float]]) -> None:
+    table = Table(title=title)
     for column in ("source · stack · GPU", "runs", "median", "p10", "p90", "MAPE"):
         table.add_column(column, justify="left" if column.startswith("source") else "right")
     every = []
@@ -167,8 +179,6 @@ def records_report(path: Path) -> None:
     CONSOLE.print(table)
     if every:
         print(f"all {len(every)} runs: MAPE {sum(abs(r - 1) for r in every) / len(every):.1%}")
-    for run_id, reason in sorted(refused.items()):
-        print(f"not estimated: {run_id}: {reason}")
 
 
 def main() -> None:

@@ -37,6 +37,9 @@ class PublishedRun:
     request: dict[str, Any]
     step_time_s: float  # measured, or derived from measured TFLOP/s through Narayanan eq. 3
     filled_in: tuple[str, ...]  # request fields the paper does not publish
+    # The peak GPU memory the run published (`measured.memory_gb`, in 10^9 bytes as the dev set's ZeRO example,
+    # 7.5B x 16 bytes = 120 GB, counts it); None where it published none.
+    peak_memory_bytes: float | None = None
 
 
 class UnsupportedRecord(ValueError):
@@ -92,7 +95,9 @@ def published_run(record: dict[str, Any]) -> PublishedRun | None:
     step_time = _published_step_time_s(record, request)
     if step_time is None:
         return None
-    return PublishedRun(record["id"], record["source"]["location"], request, step_time, tuple(filled))
+    memory_gb = record["measured"].get("memory_gb")
+    peak_memory = float(memory_gb) * 1e9 if memory_gb else None
+    return PublishedRun(record["id"], record["source"]["location"], request, step_time, tuple(filled), peak_memory)
 
 
 # ------------------------------------------------------------------------------------------- model

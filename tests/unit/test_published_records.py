@@ -185,3 +185,12 @@ def test_the_dev_sets_megatron_runs_keep_their_2021_settings():
     assert run.request["training"]["framework"] == "megatron"
     assert run.request["model"]["dropout"] == 0.1 and run.request["model"]["mlp"] == "gelu"
     assert run.request["cluster"] == {"gpu": "a100-80gb", "num_nodes": 4, "gpus_per_node": 8}
+
+
+def test_published_peak_memory_is_in_the_dev_sets_gigabytes():
+    """`measured.memory_gb` counts 10^9 bytes, as the dev set's ZeRO example does (7.5B x 16 bytes = 120 GB)."""
+    zero = next(r for r in load_records(DEFAULT_PATH) if r["id"] == "zero2020_fig1_baseline_DP")
+    assert zero["measured"]["memory_gb"] * 1e9 == pytest.approx(7.5e9 * 16)
+    run = published_run(record(measured={"iteration_time_s": 2.0, "memory_gb": 61.5}))
+    assert run is not None and run.peak_memory_bytes == pytest.approx(61.5e9)
+    assert published_run(record()).peak_memory_bytes is None
