@@ -263,18 +263,31 @@ def _gpu(cluster: dict[str, Any]) -> str:
 
 def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
     """Nodes of the GPUs per node the record states (8 otherwise; fewer where the run used fewer). The network per
-    GPU is the node's, where the record states it ("inter 800 Gb/s per node": vTrain's cluster has 4 HDR NICs per
-    node of 8, not a DGX's 8)."""
+    GPU is the node's over its GPUs, where the record states it ("inter 800 Gb/s per node": vTrain's cluster has 4
+    HDR NICs per node of 8, not a DGX's 8); else the GPU preset's reference system's."""
     gpus = cluster["num_gpus"]
     interconnect = cluster.get("interconnect") or ""
     stated_per_node = re.search(r"(\d+) GPUs (?:per|a) node", interconnect)
     node_gpus = int(stated_per_node.group(1)) if stated_per_node else 8
     per_node = min(node_gpus, gpus)
     spec: dict[str, Any] = {"gpu": _gpu(cluster), "num_nodes": max(1, gpus // per_node), "gpus_per_node": per_node}
-    node_network = re.search(r"inter (\d+) Gb/s per node", interconnect)
-    if node_network:
-        spec["inter_node_GBps"] = int(node_network.group(1)) / 8 / node_gpus
+    node_gbit_per_s = _node_network_gbit_per_s(interconnect)
+    if node_gbit_per_s:
+        spec["inter_node_GBps"] = node_gbit_per_s / 8 / node_gpus
     return spec
+
+
+def _node_network_gbit_per_s(interconnect: str) -> float | None:
+    """A node's network line rate in Gb/s as the record writes it: "8x200 Gb/s HDR InfiniBand" (NICs x rate),
+    "inter 800 Gb/s per node", "3.2 Tb/s". Bits (Gb/s), not the bytes (GB/s) of NVLink figures."""
+    nics = re.search(r"(\d+)\s*x\s*(?:[A-Za-z]+\s*)?(\d+)\s*Gb/s", interconnect)
+    if nics:
+        return float(nics.group(1)) * float(nics.group(2))
+    terabits = re.search(r"(\d+(?:\.\d+)?)\s*Tb/s", interconnect)
+    if terabits:
+        return float(terabits.group(1)) * 1000
+    per_node = re.search(r"(\d+(?:\.\d+)?)\s*Gb/s per node", interconnect)
+    return float(per_node.group(1)) if per_node else None
 
 
 # -------------------------------------------------------------------------------------------- plan

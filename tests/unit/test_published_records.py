@@ -176,7 +176,8 @@ def test_what_cannot_be_modelled_is_named_and_left_out(tmp_path, overrides, fiel
 
 
 def test_the_dev_sets_megatron_runs_keep_their_2021_settings():
-    """Narayanan et al. 2021 table 1, GPT 1.7B: fp16, eager attention, Megatron-LM, dropout 0.1, 4 DGX nodes."""
+    """Narayanan et al. 2021 table 1, GPT 1.7B: fp16, eager attention, Megatron-LM, dropout 0.1, 4 DGX nodes
+    (8 x 200 Gb/s HDR a node)."""
     first = next(r for r in load_records(DEFAULT_PATH) if r["id"] == "narayanan2021_t1_1.7B")
     run = published_run(first)
     assert run is not None
@@ -184,7 +185,7 @@ def test_the_dev_sets_megatron_runs_keep_their_2021_settings():
     assert run.request["training"]["attention_kernel"] == "eager"
     assert run.request["training"]["framework"] == "megatron"
     assert run.request["model"]["dropout"] == 0.1 and run.request["model"]["mlp"] == "gelu"
-    assert run.request["cluster"] == {"gpu": "a100-80gb", "num_nodes": 4, "gpus_per_node": 8}
+    assert run.request["cluster"] == {"gpu": "a100-80gb", "num_nodes": 4, "gpus_per_node": 8, "inter_node_GBps": 25.0}
 
 
 def test_published_peak_memory_is_in_the_dev_sets_gigabytes():
@@ -194,3 +195,22 @@ def test_published_peak_memory_is_in_the_dev_sets_gigabytes():
     run = published_run(record(measured={"iteration_time_s": 2.0, "memory_gb": 61.5}))
     assert run is not None and run.peak_memory_bytes == pytest.approx(61.5e9)
     assert published_run(record()).peak_memory_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("interconnect", "per_gpu_GBps"),
+    [
+        ("NVLink; 4x100 Gb/s EFA per node, 8 GPUs per node", 400 / 8 / 8),  # AWS p4d-style: NICs x rate
+        ("8x200 Gb/s HDR InfiniBand HCAs per node", 200 / 8),  # a DGX A100: the preset's own figure
+        ("vTrain config: intra 150 GB/s, inter 800 Gb/s per node, 8 GPUs per node", 800 / 8 / 8),
+        ("EFA 3.2 Tb/s, 8 GPUs per node", 3200 / 8 / 8),
+    ],
+)
+def test_the_nodes_network_is_shared_by_its_gpus(interconnect, per_gpu_GBps):
+    run = published_run(record(cluster__interconnect=interconnect))
+    assert run is not None and run.request["cluster"]["inter_node_GBps"] == pytest.approx(per_gpu_GBps)
+
+
+def test_nvlinks_bytes_are_not_a_network():
+    run = published_run(record(cluster__interconnect="NVLink 600 GB/s, 8 GPUs per node"))
+    assert run is not None and "inter_node_GBps" not in run.request["cluster"]
