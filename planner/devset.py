@@ -169,7 +169,7 @@ def _stack(record: dict[str, Any]) -> tuple[str, int]:
         lowered = str(record["source"].get("title") or "").lower()  # the stack the source is about
     stage = re.search(r"zero[- ]?(\d)", lowered)
     if re.search(r"fsdp|torchtitan|llm-foundry|accelerate", lowered):
-        if "no_shard" in lowered:
+        if "no_shard" in lowered or str(record["parallel"].get("zero_or_fsdp")).lower() == "none":
             return "fsdp", 0
         return "fsdp", 2 if "shard_grad_op" in lowered else int(stage.group(1)) if stage else 3
     if stage or "deepspeed" in lowered:
@@ -319,7 +319,11 @@ def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[
         "overlap_grad_reduce": framework == "fsdp" or zero_stage == 3,
     }
     plan.update({axis: par[axis] for axis in ("cp", "ep") if (par.get(axis) or 1) > 1})
-    chunks = par.get("vp") or _virtual_stages(str(par["schedule"]), layers, pp, filled)
+    schedule = str(par["schedule"])
+    if pp > 1 and "gpipe" in schedule.lower():
+        plan["schedule"] = "gpipe"
+        return plan
+    chunks = par.get("vp") or _virtual_stages(schedule, layers, pp, framework, filled)
     if chunks > 1:
         plan.update(schedule="interleaved_1f1b", virtual_stages=chunks)
     return plan
@@ -340,8 +344,12 @@ def _recompute(stated: str | None, filled: list[str]) -> str:
     return "full"
 
 
-def _virtual_stages(schedule: str, layers: int, pp: int, filled: list[str]) -> int:
-    if pp == 1 or schedule == "1F1B":  # plain 1F1B, stated (vTrain's runs)
+def _virtual_stages(schedule: str, layers: int, pp: int, framework: str, filled: list[str]) -> int:
+    """Model chunks per stage: as stated; 1 for plain 1F1B, and where the stack does not interleave unless told
+    (DeepSpeed's pipeline engine never does; torchtitan's default schedule is 1F1B); for Megatron-LM's runs that
+    do not say, the interleaving Narayanan et al. used (`UNPUBLISHED_DEFAULTS`)."""
+    interleaved = "interleav" in schedule.lower()
+    if pp == 1 or schedule == "1F1B" or (framework != "megatron" and not interleaved):
         return 1
     stated = re.search(r"(\d+) (?:model )?chunks", schedule)
     if stated:

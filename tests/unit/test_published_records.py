@@ -25,7 +25,7 @@ def record(**overrides: Any) -> dict[str, Any]:
     base = {
         "id": "example_llama3_8b",
         "record_type": "training_run",
-        "source": {"key": "example", "title": "torchtitan FSDP2 benchmark", "location": "table 1"},
+        "source": {"key": "example", "title": "an example benchmark", "location": "table 1"},
         "model": {
             "name": "Llama 3 8B",
             "params_b": 8.0,
@@ -214,3 +214,29 @@ def test_the_nodes_network_is_shared_by_its_gpus(interconnect, per_gpu_GBps):
 def test_nvlinks_bytes_are_not_a_network():
     run = published_run(record(cluster__interconnect="NVLink 600 GB/s, 8 GPUs per node"))
     assert run is not None and "inter_node_GBps" not in run.request["cluster"]
+
+
+@pytest.mark.parametrize(
+    ("sharding", "schedule", "expected"),
+    [
+        ("FSDP2", None, {"schedule": "1f1b", "virtual_stages": 1}),  # torchtitan's default schedule
+        ("ZeRO-1 (Megatron-DeepSpeed)", None, {"schedule": "1f1b", "virtual_stages": 1}),  # never interleaves
+        ("none", None, {"schedule": "interleaved_1f1b", "virtual_stages": 2}),  # Megatron-LM: Narayanan's default
+        ("FSDP2", "Interleaved 1F1B, 4 chunks", {"schedule": "interleaved_1f1b", "virtual_stages": 4}),
+        ("FSDP2", "GPipe", {"schedule": "gpipe", "virtual_stages": 1}),
+    ],
+)
+def test_the_pipeline_schedule_is_the_stated_one_or_the_stacks_default(sharding, schedule, expected):
+    """32 layers on 4 stages (8 a stage: Megatron's unstated default takes the most chunks up to 3 dividing 8)."""
+    run = published_run(record(parallel__zero_or_fsdp=sharding, parallel__schedule=schedule, parallel__pp=4,
+                               parallel__dp=16))  # fmt: skip
+    assert run is not None
+    plan = {"schedule": "1f1b", "virtual_stages": 1} | run.request["plan"]
+    assert {key: plan[key] for key in expected} == expected
+
+
+def test_a_sharding_field_that_names_no_stack_leaves_it_to_the_sources_title():
+    """torchtitan's paper, its sharding stated as "none": the FSDP stack, sharding nothing (ZeRO-0)."""
+    run = published_run(record(parallel__zero_or_fsdp="none", source__title="torchtitan: one-stop PyTorch training"))
+    assert run is not None and run.request["training"]["framework"] == "fsdp"
+    assert run.request["plan"]["zero_stage"] == 0
