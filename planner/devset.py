@@ -172,9 +172,10 @@ def _stack(record: dict[str, Any]) -> tuple[str, int]:
         if "no_shard" in lowered or str(record["parallel"].get("zero_or_fsdp")).lower() == "none":
             return "fsdp", 0
         return "fsdp", 2 if "shard_grad_op" in lowered else int(stage.group(1)) if stage else 3
-    if stage or "deepspeed" in lowered:
+    megatron = "megatron" in lowered or "distributed optimizer" in lowered
+    if "deepspeed" in lowered or (stage and not megatron):
         return "deepspeed", int(stage.group(1)) if stage else 0
-    return "megatron", 1 if "distributed optimizer" in lowered else 0
+    return "megatron", 1 if "distributed optimizer" in lowered or stage else 0
 
 
 # ---------------------------------------------------------------------------------------- training

@@ -240,3 +240,19 @@ def test_a_sharding_field_that_names_no_stack_leaves_it_to_the_sources_title():
     run = published_run(record(parallel__zero_or_fsdp="none", source__title="torchtitan: one-stop PyTorch training"))
     assert run is not None and run.request["training"]["framework"] == "fsdp"
     assert run.request["plan"]["zero_stage"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sharding", "stack"),
+    [
+        ("ZeRO-1", ("deepspeed", 1)),
+        ("ZeRO-1 (Megatron-DeepSpeed)", ("deepspeed", 1)),
+        ("Megatron-LM distributed optimizer (ZeRO-1)", ("megatron", 1)),
+        ("distributed optimizer", ("megatron", 1)),
+        ("none", ("megatron", 0)),
+    ],
+)
+def test_zero_stages_go_to_the_stack_that_ran_them(sharding, stack):
+    run = published_run(record(parallel__zero_or_fsdp=sharding))
+    assert run is not None
+    assert (run.request["training"]["framework"], run.request["plan"]["zero_stage"]) == stack
