@@ -98,16 +98,8 @@ def vtrain_table() -> dict[str, list[float]]:
         half = "fitted half" if run.id in fitted else "held-out half"
         for group in (nodes, f"{nodes}, {half}", half):
             groups.setdefault(group, []).append(ratio)
-    table = Table(title="vTrain dev half (Megatron-LM, A100, measured iteration times): predicted / measured")
-    for column in ("group", "runs", "median", "p10", "p90", "MAPE"):
-        table.add_column(column, justify="left" if column == "group" else "right")
-    for group in sorted(groups):
-        ratios = sorted(groups[group])
-        table.add_row(
-            group, str(len(ratios)), f"{_quantile(ratios, 0.5):.3f}", f"{_quantile(ratios, 0.1):.3f}",
-            f"{_quantile(ratios, 0.9):.3f}", f"{sum(abs(r - 1) for r in ratios) / len(ratios):.1%}",
-        )  # fmt: skip
-    CONSOLE.print(table)
+    title = "vTrain dev half (Megatron-LM, A100, measured iteration times): predicted / measured"
+    ratio_table(title, groups, "group")
     return groups
 
 
@@ -157,28 +149,28 @@ def records_report(path: Path) -> None:
         times.setdefault(group, []).append(result.step_time_s / run.step_time_s)
         if run.peak_memory_bytes:
             memories.setdefault(group, []).append(result.memory.peak_bytes / run.peak_memory_bytes)
-    _ratio_table(f"{path.name}: predicted / measured step time", times)
+    ratio_table(f"{path.name}: predicted / measured step time", times, "source · stack · GPU")
     if memories:
-        _ratio_table(f"{path.name}: predicted / published peak memory", memories)
+        ratio_table(f"{path.name}: predicted / published peak memory", memories, "source · stack · GPU")
+    every = [ratio for ratios in times.values() for ratio in ratios]
+    if every:
+        print(f"all {len(every)} runs: step time MAPE {sum(abs(r - 1) for r in every) / len(every):.1%}")
     for run_id, reason in sorted(refused.items()):
         print(f"not estimated: {run_id}: {reason}")
 
 
-def _ratio_table(title: str, groups: dict[str, list[float]]) -> None:
+def ratio_table(title: str, groups: dict[str, list[float]], group_column: str) -> None:
+    """One row per group of predicted / measured ratios: how many, their median, p10, p90 and MAPE."""
     table = Table(title=title)
-    for column in ("source · stack · GPU", "runs", "median", "p10", "p90", "MAPE"):
-        table.add_column(column, justify="left" if column.startswith("source") else "right")
-    every = []
+    for column in (group_column, "runs", "median", "p10", "p90", "MAPE"):
+        table.add_column(column, justify="left" if column == group_column else "right")
     for group in sorted(groups):
         ratios = sorted(groups[group])
-        every += ratios
         table.add_row(
             group, str(len(ratios)), f"{_quantile(ratios, 0.5):.3f}", f"{_quantile(ratios, 0.1):.3f}",
             f"{_quantile(ratios, 0.9):.3f}", f"{sum(abs(r - 1) for r in ratios) / len(ratios):.1%}",
         )  # fmt: skip
     CONSOLE.print(table)
-    if every:
-        print(f"all {len(every)} runs: MAPE {sum(abs(r - 1) for r in every) / len(every):.1%}")
 
 
 def main() -> None:
