@@ -304,9 +304,8 @@ def _dp(record: dict[str, Any]) -> int:
 def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[str]) -> dict[str, Any]:
     par = record["parallel"]
     layers, pp = record["model"]["layers"], par.get("pp") or 1
-    micro = par["micro_batch"]
-    if micro is None:
-        micro = UNPUBLISHED_DEFAULTS["micro_batch_size"]
+    micro = par["micro_batch"] or _unpublished_micro_batch(record, framework, pp)
+    if not par["micro_batch"]:
         filled.append(f"micro_batch_size={micro}")
     plan: dict[str, Any] = {
         "dp": _dp(record),
@@ -328,6 +327,20 @@ def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[
     if chunks > 1:
         plan.update(schedule="interleaved_1f1b", virtual_stages=chunks)
     return plan
+
+
+def _unpublished_micro_batch(record: dict[str, Any], framework: str, pp: int) -> int:
+    """The micro-batch of a run that does not state it: its global batch over dp x the accumulation steps it states;
+    without those, one sequence for Megatron-LM and DeepSpeed (`UNPUBLISHED_DEFAULTS`, as their papers' large runs),
+    and no accumulation for an FSDP stack without a pipeline (torchtitan's local batch, Accelerate's per-device
+    batch and llm-foundry's micro-batch all default to the whole per-rank batch)."""
+    par = record["parallel"]
+    per_rank = (par.get("global_batch") or 0) // _dp(record)
+    if par.get("grad_accum") and per_rank:
+        return max(1, per_rank // int(par["grad_accum"]))
+    if framework == "fsdp" and pp == 1 and per_rank:
+        return per_rank
+    return UNPUBLISHED_DEFAULTS["micro_batch_size"]
 
 
 def _recompute(stated: str | None, filled: list[str]) -> str:

@@ -256,3 +256,19 @@ def test_zero_stages_go_to_the_stack_that_ran_them(sharding, stack):
     run = published_run(record(parallel__zero_or_fsdp=sharding))
     assert run is not None
     assert (run.request["training"]["framework"], run.request["plan"]["zero_stage"]) == stack
+
+
+@pytest.mark.parametrize(
+    ("sharding", "grad_accum", "micro"),
+    [
+        ("FSDP2", None, 4),  # no accumulation stated: the whole per-rank batch, 256 / 64
+        ("FSDP2", 2, 2),  # 256 / 64 over 2 accumulation steps
+        ("none", 4, 1),  # stated accumulation, Megatron-LM
+        ("none", None, 1),  # Megatron-LM, unstated: one sequence, as its papers' large runs
+    ],
+)
+def test_an_unstated_micro_batch_follows_the_batch_and_the_stack(sharding, grad_accum, micro):
+    run = published_run(record(parallel__zero_or_fsdp=sharding, parallel__micro_batch=None,
+                               parallel__global_batch=256, parallel__grad_accum=grad_accum))  # fmt: skip
+    assert run is not None and run.request["plan"]["micro_batch_size"] == micro
+    assert f"micro_batch_size={micro}" in run.filled_in
