@@ -118,6 +118,9 @@ class OpCost:
     # Bytes its backward moves through HBM, where that is not `BACKWARD_TRAFFIC_FACTOR` x the forward's
     # (planner/cost/compute.py): None for an element-wise op with one input and one output.
     backward_traffic_bytes: float | None = None
+    # A linear op that stands for several matmuls of the model's code (torchtitan's wq, wk, wv; w1, w3): their
+    # output widths, in the order the code calls them; empty for one. An op-level recompute policy counts them.
+    mm_widths: tuple[float, ...] = ()
 
     @property
     def linear(self) -> bool:
@@ -246,9 +249,17 @@ def _weight_casts(model: ModelSpec, shape: Shape, layer_ops: list[OpCost]) -> li
                    backward_traffic_bytes=traffic)]  # fmt: skip
 
 
-def _linear(name: str, shape: Shape, in_features: float, out_features: float, input_region: Region) -> OpCost:
+def _linear(
+    name: str,
+    shape: Shape,
+    in_features: float,
+    out_features: float,
+    input_region: Region,
+    mm_widths: tuple[float, ...] = (),
+) -> OpCost:
     """A (column- or row-parallel) linear layer saves its input; 2 * in * out FLOPs per token over tp. Its GEMM
-    reads the input and the weight shard and writes the output."""
+    reads the input and the weight shard and writes the output. `mm_widths`: the matmuls it stands for
+    (OpCost.mm_widths)."""
     flops = 2 * shape.tokens * in_features * out_features / shape.tp
     local_in = in_features / shape.tp if input_region == "tp" else in_features
     local_out = out_features / shape.tp if input_region != "tp" else out_features
@@ -256,7 +267,8 @@ def _linear(name: str, shape: Shape, in_features: float, out_features: float, in
     saved = shape.elem * shape.width(in_features, input_region)
     output = shape.elem * shape.tokens * local_out
     gemm = Gemm(rows=shape.tokens, cols=local_out, inner=local_in)
-    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, output_bytes=output, gemm=gemm, **_launches("linear"))
+    return OpCost(name, flops, saved, 0.0, matmul_io_bytes=io, output_bytes=output, gemm=gemm, mm_widths=mm_widths,
+                  **_launches("linear"))  # fmt: skip
 
 
 def _dropout_add(name: str, model: ModelSpec, shape: Shape) -> OpCost:
@@ -274,7 +286,8 @@ def _launches(kind: str) -> dict[str, int]:
 def attention_ops(model: ModelSpec, training: TrainingSpec, shape: Shape) -> list[OpCost]:
     """Norm, QKV projection, the attention core, output projection, dropout + residual."""
     q, kv = model.q_size, model.kv_size
-    ops = [_norm("attn_norm", model, shape), _linear("qkv_proj", shape, model.hidden_size, q + 2 * kv, "sp")]
+    qkv = _linear("qkv_proj", shape, model.hidden_size, q + 2 * kv, "sp", mm_widths=(q, kv, kv))
+    ops = [_norm("attn_norm", model, shape), qkv]
     ops += _rotary(model, shape)
     ops += _flash_core(model, shape) if training.attention_kernel == "flash" else _eager_core(model, shape)
     ops += [
@@ -371,7 +384,7 @@ def mlp_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     if model.mlp == "swiglu":
         # silu(x W1) * (x W3) in eager PyTorch: silu saves its input, the product saves both operands
         # (Shazeer 2020 for the structure; saved set measured in ../shared/notes, 8b: 4 tensors of size f).
-        up = _linear("fc1_fc3", shape, h, 2 * f, "sp")
+        up = _linear("fc1_fc3", shape, h, 2 * f, "sp", mm_widths=(f, f))
         act = OpCost("swiglu", 0.0, 3 * shape.elem * ff, 5 * shape.elem * ff, kernels=2, backward_kernels=3)
     else:
         # Megatron's fused bias-GELU saves its input (Korthikanti: 8sbh for f = 4h).
@@ -451,7 +464,8 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
 # "op_level": torchtitan's op-level selective activation checkpointing (torchtitan/distributed/
 #   activation_checkpoint.py, `selective_ac_option = "op"`, through torch.utils.checkpoint's
 #   create_selective_checkpoint_contexts): the block's input and the results of the attention kernel and of
-#   every other matmul are kept; everything else (norms, activations, rotary, the other matmuls) is recomputed.
+#   the odd-numbered matmuls (aten.mm, counted in forward order within each block: wq, wv, w1, w2 of a Llama
+#   block) are kept; everything else (norms, activations, rotary, wk, wo, w3) is recomputed.
 SelectivePolicy = Literal["attention_core", "op_level"]
 
 
@@ -470,27 +484,52 @@ def saved_bytes(ops: list[OpCost], recompute: str, policy: SelectivePolicy = "at
 
 def op_level_saved_bytes(ops: list[OpCost]) -> float:
     """What torchtitan's op-level policy keeps of a block, beyond its input (`block_input_bytes`, kept by the
-    checkpoint itself): the attention kernel's output and logsumexp, and half of the matmul results (it keeps
-    every other aten.mm's result: exact where consecutive matmuls have equal outputs, an average otherwise)."""
-    matmul_results = sum(op.output_bytes for op in ops if op.linear)
+    checkpoint itself): the attention kernel's output and logsumexp, and the odd-numbered matmuls' results
+    (`op_level_kept_shares`)."""
+    kept = op_level_kept_shares(ops)
+    matmul_results = sum(op.output_bytes * kept[i] for i, op in enumerate(ops) if op.linear)
     attention = sum(op.output_bytes for op in ops if op.flash)
-    return matmul_results / 2 + attention
+    return matmul_results + attention
+
+
+def op_level_kept_shares(ops: list[OpCost]) -> dict[int, float]:
+    """For each linear op (by its index in `ops`), the share of its result torchtitan's op-level policy keeps: the
+    policy counts every aten.mm of a block in forward order and recomputes the even-numbered ones ("Saves output
+    of all compute ops, except every second mm": torchtitan/distributed/activation_checkpoint.py). An op that
+    stands for several matmuls (OpCost.mm_widths) keeps its odd-numbered ones' widths; the same tokens and input
+    width run through each, so the share holds for its FLOPs as well as its bytes."""
+    shares, count = {}, 0
+    for index, op in enumerate(ops):
+        if not op.linear:
+            continue
+        widths = op.mm_widths or (1.0,)
+        kept = sum(width for ordinal, width in enumerate(widths, start=count + 1) if ordinal % 2 == 1)
+        shares[index] = kept / sum(widths)
+        count += len(widths)
+    return shares
 
 
 def recomputed_ops(ops: list[OpCost], recompute: str, policy: SelectivePolicy = "attention_core") -> list[OpCost]:
     """The forward work backward repeats: the whole block (full), the attention core (selective, Megatron), or
-    everything but the attention kernel and half of the matmul work (selective, op-level); none for none."""
+    everything but the attention kernel and the matmuls the op-level policy keeps (selective, op-level); none for
+    none."""
     if recompute == "full":
         return ops
     if recompute != "selective":
         return []
     if policy == "attention_core":
         return [op for op in ops if op.attention_core]
-    return [_halved_matmul(op) if op.linear else op for op in ops if not op.flash]
+    kept = op_level_kept_shares(ops)
+    repeated = []
+    for index, op in enumerate(ops):
+        if op.flash or kept.get(index) == 1:
+            continue
+        repeated.append(_matmul_share(op, 1 - kept[index]) if op.linear else op)
+    return repeated
 
 
-def _halved_matmul(op: OpCost) -> OpCost:
-    return replace(op, matmul_flops=op.matmul_flops / 2, matmul_io_bytes=op.matmul_io_bytes / 2)
+def _matmul_share(op: OpCost, share: float) -> OpCost:
+    return replace(op, matmul_flops=op.matmul_flops * share, matmul_io_bytes=op.matmul_io_bytes * share)
 
 
 def block_input_bytes(model: ModelSpec, shape: Shape) -> float:

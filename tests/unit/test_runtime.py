@@ -219,13 +219,12 @@ def test_the_cost_model_reads_the_regime_it_is_given():
 
 def test_fsdp_selective_recompute_is_torchtitans_op_level_policy():
     """torchtitan's op-level selective checkpointing keeps, per block, its input, the attention kernel's output and
-    logsumexp, and every other matmul's result. Llama-3 8B at 8,192 tokens, bf16, tp 1: input 8192 x 4096 x 2 B;
-    matmul results q|k|v 6144, o 4096, w1|w3 2 x 14336, w2 4096 wide, half of them kept; attention output
-    8192 x 4096 x 2 B and logsumexp 8192 x 32 heads x 4 B."""
+    logsumexp, and the odd-numbered matmuls' results. Llama-3 8B at 8,192 tokens, bf16, tp 1: input
+    8192 x 4096 x 2 B; of the matmuls wq 4096, wk 1024, wv 1024, wo 4096, w1 14336, w3 14336, w2 4096 wide, the
+    1st, 3rd, 5th and 7th are kept (wq, wv, w1, w2); attention output 8192 x 4096 x 2 B and logsumexp
+    8192 x 32 heads x 4 B."""
     tokens = 8192
-    expected = (
-        tokens * 4096 * 2 + tokens * (6144 + 4096 + 2 * 14336 + 4096) * 2 / 2 + tokens * 4096 * 2 + tokens * 32 * 4
-    )
+    expected = tokens * 4096 * 2 + tokens * (4096 + 1024 + 14336 + 4096) * 2 + tokens * 4096 * 2 + tokens * 32 * 4
     req = parse_estimate_request({
         "model": {"name": "llama3-8b"},
         "training": {"seq_len": tokens, "global_batch_size": 8, "framework": "fsdp"},

@@ -141,3 +141,21 @@ def test_fused_attention_with_enough_blocks_fills_the_sms():
     assert flash_occupancy(Gemm(rows=8192, cols=128, inner=8192, batch=128), A100_SMS) == 1.0
     assert flash_occupancy(Gemm(rows=64, cols=128, inner=64, batch=54), A100_SMS) == pytest.approx(0.5 * 54 / 108)
     assert flash_occupancy(Gemm(rows=8192, cols=128, inner=8192, batch=1), None) == 1.0
+
+
+def test_the_op_level_policy_recomputes_the_even_numbered_matmuls():
+    """torchtitan counts a block's aten.mm calls in forward order and recomputes the 2nd, 4th and 6th: of Llama-3
+    8B's wq 4096 | wk 1024 | wv 1024 (one qkv op here), wo, w1 14336 | w3 14336 (one op), w2, it recomputes wk
+    (1024 / 6144 of the qkv op's FLOPs), wo whole, w3 (half of w1 | w3), and not w2."""
+    model = ModelSpec.model_validate(MODEL_PRESETS["llama3-8b"].model_dump())
+    shape = Shape(tokens=8192, seq=8192, key_len=8192, heads=32, tp=1, sp_div=1, elem=2, mask=0)
+    block = block_ops(model, TrainingSpec(seq_len=8192, global_batch_size=1), shape)
+    forward = {op.name: op.matmul_flops for op in block if op.linear}
+    repeated = {op.name: op.matmul_flops for op in recomputed_ops(block, "selective", "op_level") if op.linear}
+    assert repeated == pytest.approx(
+        {
+            "qkv_proj": forward["qkv_proj"] * 1024 / 6144,
+            "out_proj": forward["out_proj"],
+            "fc1_fc3": forward["fc1_fc3"] / 2,
+        }  # fmt: skip
+    )
