@@ -7,7 +7,7 @@ is counted whole (causal masking not discounted), and model FLOPs exclude recomp
 
 from __future__ import annotations
 
-from planner.cost.ops import ACTIVATION_BYTES, OpCost, Shape, block_ops, head_ops
+from planner.cost.ops import ACTIVATION_BYTES, OpCost, SelectivePolicy, Shape, block_ops, head_ops, recomputed_ops
 from planner.specs import ModelSpec, TrainingSpec
 
 
@@ -37,17 +37,20 @@ def model_flops_per_step(model: ModelSpec, training: TrainingSpec) -> float:
     return 3 * per_sequence * training.global_batch_size
 
 
-def recompute_flops_per_step(model: ModelSpec, training: TrainingSpec, recompute: str) -> float:
-    """Forward FLOPs repeated in backward: all block FLOPs (full) or the attention core (selective)."""
-    if recompute == "none":
-        return 0.0
+def recompute_flops_per_step(
+    model: ModelSpec, training: TrainingSpec, recompute: str, policy: SelectivePolicy = "attention_core"
+) -> float:
+    """Forward FLOPs repeated in backward: all block FLOPs (full), or what the stack's selective policy repeats
+    (`recomputed_ops`: the attention core, or torchtitan's op-level share)."""
     ops = block_ops(model, training, one_sequence(model, training))
-    repeated = [op for op in ops if recompute == "full" or op.attention_core]
+    repeated = recomputed_ops(ops, recompute, policy)
     return model.num_layers * forward_flops(repeated) * training.global_batch_size
 
 
-def hardware_flops_per_step(model: ModelSpec, training: TrainingSpec, recompute: str) -> float:
-    return model_flops_per_step(model, training) + recompute_flops_per_step(model, training, recompute)
+def hardware_flops_per_step(
+    model: ModelSpec, training: TrainingSpec, recompute: str, policy: SelectivePolicy = "attention_core"
+) -> float:
+    return model_flops_per_step(model, training) + recompute_flops_per_step(model, training, recompute, policy)
 
 
 def narayanan_eq3_flops(model: ModelSpec, training: TrainingSpec) -> float:

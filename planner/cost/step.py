@@ -196,7 +196,7 @@ def summarise(batch: PlanBatch, result: BatchEstimate, row: int, plan: ParallelP
     gpus = cluster.num_gpus
     peak = cluster.gpu.peak_tflops[training.precision] * 1e12
     model_flops = flops.model_flops_per_step(model, training)
-    hardware_flops = flops.hardware_flops_per_step(model, training, plan.recompute)
+    hardware_flops = flops.hardware_flops_per_step(model, training, plan.recompute, batch.runtime.selective_recompute)
     over = [stage for stage in mem.by_stage if stage.over_bytes > 0]
     return StepEstimate(
         step_time_s=step_s,

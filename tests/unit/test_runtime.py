@@ -258,3 +258,18 @@ def test_the_assumptions_say_why_a_reduction_cannot_overlap(framework, plan, not
     assert [line for line in result.assumptions if line.startswith("gradient reduction")] == [
         note if note.startswith("gradient reduction") else f"gradient reduction does not overlap with backward: {note}"
     ]
+
+
+def test_hfu_counts_the_matmuls_the_op_level_policy_repeats():
+    """Llama-3 8B under FSDP, selective: each of the 32 blocks repeats wk (4096 x 1024), wo (4096 x 4096) and w3
+    (4096 x 14336) over its 8,192 tokens, 2 FLOPs a multiply-add, for each of the 8 sequences: HFU exceeds MFU by
+    that over the model FLOPs (3 x forward, the same for both)."""
+    result = estimate_request({
+        "model": {"name": "llama3-8b"},
+        "training": {"seq_len": 8192, "global_batch_size": 8, "framework": "fsdp"},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8},
+        "plan": {"dp": 8, "zero_stage": 3, "recompute": "selective"},
+    })  # fmt: skip
+    repeated = 32 * 8 * 2 * 8192 * 4096 * (1024 + 4096 + 14336)
+    model_flops = result.model_tflops_per_gpu * 1e12 * result.step_time_s * 8
+    assert result.hfu / result.mfu == pytest.approx(1 + repeated / model_flops, rel=1e-9)
