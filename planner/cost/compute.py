@@ -136,9 +136,9 @@ def flash_occupancy(gemm: Gemm | None, sm_count: int | None) -> Any:
     query), so no block finishes sooner than one SM takes for a full row of the causal mask's blocks, while the
     causal work spread evenly over all the SMs is `CAUSAL_FLASH_WORK` x blocks x that row. With fewer blocks than
     twice the SMs (few sequences x heads on a GPU: small micro-batches, tp, short or cp-split sequences), that
-    longest block sets the time: FlashAttention-2 parallelizes over the sequence for this reason (Dao 2023,
-    sec. 3.2), and runs a causal mask's longest blocks first, so with more blocks they pack evenly. 1 without the
-    shape or the SM count."""
+    longest block sets the time (FlashAttention-2 parallelizes over the sequence because batch x heads alone
+    leaves SMs idle: Dao 2023, sec. 3.2). With more blocks, long and short rows are taken to pack evenly over the
+    SMs (an assumption: the block scheduler's order is not modelled). 1 without the shape or the SM count."""
     if gemm is None or not sm_count:
         return 1.0
     blocks = gemm.batch * gemm.rows / np.minimum(gemm.rows, FLASH_BLOCK_ROWS)
