@@ -84,6 +84,7 @@ def _training_records(path: Path, sources: tuple[str, ...]) -> list[dict[str, An
 def published_run(record: dict[str, Any]) -> PublishedRun | None:
     """The contract request of one published run and its measured step time; None when it publishes no time.
     UnsupportedRecord when it cannot be expressed."""
+    _require_published(record)
     filled: list[str] = []
     framework, zero_stage = _stack(record)
     request = {
@@ -98,6 +99,17 @@ def published_run(record: dict[str, Any]) -> PublishedRun | None:
     memory_gb = record["measured"].get("memory_gb")
     peak_memory = float(memory_gb) * 1e9 if memory_gb else None
     return PublishedRun(record["id"], record["source"]["location"], request, step_time, tuple(filled), peak_memory)
+
+
+# Fields a request cannot do without: a record missing one is refused, naming it.
+_REQUIRED = {"model": ("name", "layers", "hidden", "heads", "ffn_hidden", "vocab", "seq_len"), "cluster": ("num_gpus",)}
+
+
+def _require_published(record: dict[str, Any]) -> None:
+    for part, fields in _REQUIRED.items():
+        for name in fields:
+            if (record.get(part) or {}).get(name) is None:
+                raise UnsupportedRecord(f"{part}.{name}: not published")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -304,8 +316,8 @@ def _dp(record: dict[str, Any]) -> int:
 def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[str]) -> dict[str, Any]:
     par = record["parallel"]
     layers, pp = record["model"]["layers"], par.get("pp") or 1
-    micro = par["micro_batch"] or _unpublished_micro_batch(record, framework, pp)
-    if not par["micro_batch"]:
+    micro = par.get("micro_batch") or _unpublished_micro_batch(record, framework, pp)
+    if not par.get("micro_batch"):
         filled.append(f"micro_batch_size={micro}")
     plan: dict[str, Any] = {
         "dp": _dp(record),
@@ -313,13 +325,13 @@ def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[
         "pp": pp,
         "zero_stage": zero_stage,
         "micro_batch_size": micro,
-        "sequence_parallel": bool(par["sequence_parallel"]),
+        "sequence_parallel": bool(par.get("sequence_parallel")),
         "recompute": _recompute(par.get("recompute"), filled),
         # FSDP and DeepSpeed ZeRO-3 overlap their collectives with compute; Megatron-LM of 2021-22 did not.
         "overlap_grad_reduce": framework == "fsdp" or zero_stage == 3,
     }
     plan.update({axis: par[axis] for axis in ("cp", "ep") if (par.get(axis) or 1) > 1})
-    schedule = str(par["schedule"])
+    schedule = str(par.get("schedule"))
     if pp > 1 and "gpipe" in schedule.lower():
         plan["schedule"] = "gpipe"
         return plan

@@ -164,6 +164,8 @@ def test_mfu_alone_is_model_flops_over_the_presets_peak():
         ({"cluster__gpu_type": "TPU v4"}, "cluster.gpu_type"),
         ({"precision": "fp8 (Transformer Engine)"}, "precision"),
         ({"parallel__recompute": "selective + microbatch-level"}, "parallel.recompute"),
+        ({"model__hidden": None}, "model.hidden"),
+        ({"cluster__num_gpus": None}, "cluster.num_gpus"),
     ],
 )
 def test_what_cannot_be_modelled_is_named_and_left_out(tmp_path, overrides, field):
