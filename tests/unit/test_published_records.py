@@ -36,7 +36,7 @@ def record(**overrides: Any) -> dict[str, Any]:
             "ffn_hidden": 14336,
             "seq_len": 8192,
             "vocab": 128256,
-        },  # fmt: skip
+        },
         "cluster": {"gpu_type": "H100-SXM5-80GB", "num_gpus": 64, "interconnect": "8 GPUs per node"},
         "parallel": {
             "tp": 1,
@@ -52,7 +52,7 @@ def record(**overrides: Any) -> dict[str, Any]:
             "grad_accum": None,
             "recompute": "selective (per-op)",
             "schedule": None,
-        },  # fmt: skip
+        },
         "precision": "bf16",
         "measured": {"tokens_per_s_per_gpu": 5000},
     }
@@ -102,7 +102,7 @@ def test_a_megatron_deepspeed_bloom_run_is_zero1_under_deepspeed_with_eager_atte
             "ffn_hidden": 57344,
             "seq_len": 2048,
             "vocab": 250880,
-        },  # fmt: skip
+        },
         cluster={"gpu_type": "A100-SXM4-80GB", "num_gpus": 384, "interconnect": None},
         parallel__zero_or_fsdp="ZeRO-1 (Megatron-DeepSpeed)",
         parallel__tp=4,
