@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.cost.flops import model_flops_per_step, narayanan_eq3_flops
-from planner.presets import gpu_preset
+from planner.presets import gpu_preset, gpu_preset_for_device
 from planner.specs import ModelSpec, TrainingSpec
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -247,30 +247,11 @@ def _global_batch(record: dict[str, Any], filled: list[str]) -> int:
 # ----------------------------------------------------------------------------------------- cluster
 
 
-# GPU names in the records' `cluster.gpu_type`, most specific first, and their presets (planner/presets.py).
-_GPU_NAMES = (
-    (r"h200", "h200"),
-    (r"h100.*pcie", "h100-pcie"),
-    (r"h100", "h100-sxm"),
-    (r"\bh20\b", "h20"),
-    (r"b200", "b200"),
-    (r"mi300x", "mi300x"),
-    (r"a100.*40\s*gb", "a100-40gb"),
-    (r"a100", "a100-80gb"),
-    (r"v100.*16\s*gb", "v100-sxm2-16gb"),
-    (r"v100", "v100-sxm2-32gb"),
-    (r"l40s", "l40s"),
-    (r"a10g", "a10g"),
-    (r"\ba10\b", "a10"),
-    (r"\bl4\b", "l4"),
-)
-
-
 def _gpu(cluster: dict[str, Any]) -> str:
     name = str(cluster.get("gpu_type") or "")
-    for pattern, preset in _GPU_NAMES:
-        if re.search(pattern, name, re.IGNORECASE):
-            return preset
+    preset = gpu_preset_for_device(name)
+    if preset is not None:
+        return preset
     raise UnsupportedRecord(f"cluster.gpu_type: {name!r} matches no GPU preset")
 
 

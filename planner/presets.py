@@ -7,6 +7,7 @@ hold datasheet peaks (dense, no sparsity) plus the achievable fractions the cost
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -785,6 +786,34 @@ def _with_host_side(gpu: GpuSpec) -> GpuSpec:
 
 
 GPU_PRESETS = {name: _with_host_side(gpu) for name, gpu in GPU_PRESETS.items()}
+
+
+# GPU names as devices and papers write them (torch.cuda.get_device_name, a published run's `gpu_type`), most
+# specific first, and their presets.
+_DEVICE_NAMES = (
+    (r"h200", "h200"),
+    (r"h100.*pcie", "h100-pcie"),
+    (r"h100", "h100-sxm"),
+    (r"\bh20\b", "h20"),
+    (r"b200", "b200"),
+    (r"mi300x", "mi300x"),
+    (r"a100.*40\s*gb", "a100-40gb"),
+    (r"a100", "a100-80gb"),
+    (r"v100.*16\s*gb", "v100-sxm2-16gb"),
+    (r"v100", "v100-sxm2-32gb"),
+    (r"l40s", "l40s"),
+    (r"a10g", "a10g"),
+    (r"\ba10\b", "a10"),
+    (r"\bl4\b", "l4"),
+)
+
+
+def gpu_preset_for_device(name: str) -> str | None:
+    """The preset a device's name ("NVIDIA H100 80GB HBM3", "A100-SXM4-40GB") is, or None for none of them."""
+    for pattern, preset in _DEVICE_NAMES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return preset
+    return None
 
 
 def gpu_preset(name: str) -> GpuSpec:

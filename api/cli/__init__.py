@@ -12,7 +12,7 @@ from api.cli.app import app
 
 # Importing the command modules registers their commands on `app`, in the order `--help` lists them.
 # isort: off
-from api.cli import estimate, export, catalog, train, profile, validate, serve  # noqa: F401, E402
+from api.cli import estimate, export, catalog, train, profile, kernels, validate, serve  # noqa: F401, E402
 # isort: on
 
 

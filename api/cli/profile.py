@@ -69,22 +69,33 @@ PassesOption = Annotated[int, typer.Option("--passes", help="Run the sweep this 
 
 
 def options_of(what: str, flags: dict[str, Any]) -> Any:
-    """The options record of `profile <what>` from its flags' values: the model resolved (a preset, a ModelSpec
-    file or inline JSON), the comma-separated lists split; InputError naming the flag otherwise."""
+    """The options record of `profile <what>` from its flags' values (`options_of_values`)."""
     from api.commands.profile import OPTIONS
+
+    return options_of_values(OPTIONS[what], flags)
+
+
+# Flags that take comma-separated integers.
+INT_LIST_FLAGS = ("seq_len", "mbs", "tp", "gemm_rows", "widths", "attention_heads", "attention_seq_lens")
+
+
+def options_of_values(record: type[Any], flags: dict[str, Any]) -> Any:
+    """An options record (a pydantic model) from the flags' values: the model resolved (a preset, a ModelSpec file
+    or inline JSON), the comma-separated lists split, unset flags left to the record's defaults; InputError naming
+    the flag otherwise."""
     from planner.request import resolve_model
     from planner.specs import ModelSpec
 
-    values = dict(flags)
+    values = {name: value for name, value in flags.items() if value is not None}
     if "model" in values:
         values["model"] = ModelSpec.model_validate(resolve_model(model_from_flag(values["model"])))
-    for name in ("seq_len", "mbs", "tp"):
+    for name in INT_LIST_FLAGS:
         if name in values:
             values[name] = parse_int_list("--" + name.replace("_", "-"), values[name])
     for name in ("recompute", "ops"):
         if name in values:
             values[name] = tuple(part.strip() if name == "recompute" else part for part in values[name].split(","))
-    return OPTIONS[what].model_validate({name: value for name, value in values.items() if value is not None})
+    return record.model_validate(values)
 
 
 def _measure(options: Any) -> HardwareProfile:
