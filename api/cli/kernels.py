@@ -96,7 +96,7 @@ def flops_table(title: str, checks: list[KernelCheck], peak_flops_per_s: float) 
     """Measured and predicted time and share of the dense peak per shape, and their ratio; the median below."""
     attention = checks[0].kind.startswith("attention")
     table = Table(title=f"{title}: measured vs predicted", title_justify="left")
-    columns = ("pass" if attention else "", "seqs x tokens x heads x dim" if attention else "rows x inner x cols",
+    columns = ("pass" if attention else "", "b x s x heads x d" if attention else "rows x inner x cols",
                "ms", "spread", "% peak", "predicted ms", "predicted % peak", "measured / predicted")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in columns[:2] else "right")
