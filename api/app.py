@@ -21,12 +21,25 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.commands.kernels import KernelCheckBody
 from api.errors import error_payload, validation_fields
 from api.jobs.profile import ProfileJobBody, ProfileJobs
 from api.jobs.runner import JobRunner, TimeLimit
 from api.jobs.train import TrainJobOptions, TrainJobs
 from api.jobs.validate import ValidationJobBody, ValidationJobs
-from api.routes import catalog, estimates, exports, health, jobs, models, plans, profiles, scaling, validations
+from api.routes import (
+    catalog,
+    estimates,
+    exports,
+    health,
+    jobs,
+    kernels,
+    models,
+    plans,
+    profiles,
+    scaling,
+    validations,
+)
 from api.routes.common import ApiError, Service, error_response
 from api.routes.pages import install_pages
 from api.routes.responses import ErrorBody
@@ -73,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (catalog.router, estimates.router, plans.router, profiles.router, jobs.router, validations.router):
         app.include_router(router, prefix="/v1")
-    for router in (models.router, scaling.router):
+    for router in (models.router, scaling.router, kernels.router):
         app.include_router(router, prefix="/v1")
     app.include_router(exports.router, prefix="/v1")
     install_pages(app)
@@ -192,7 +205,7 @@ def _body_schemas() -> dict[str, Any]:
         model_config = ConfigDict(title="TrainJobRequest")
 
     models: list[type[BaseModel]] = [EstimateRequest, PlanRequest, TrainJobRequest, ProfileJobBody, ValidationJobBody,
-                                     ErrorBody]  # fmt: skip
+                                     KernelCheckBody, ErrorBody]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

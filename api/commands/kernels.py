@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from api.commands.flags import flag_name
 from api.commands.progress import Progress
 from api.errors import InputError
+from planner.errors import UnknownPresetError
 from planner.specs import GpuSpec, ModelSpec, Precision
 from planner.specs.kernels import KERNEL_PROFILE_SCHEMA_VERSION, KernelProfile
 from profiler.kernels import KernelSweep, KernelSweepError
@@ -71,32 +72,65 @@ def save_kernel_profile(profile: KernelProfile, out: Path) -> None:
 
 
 def read_kernel_profile(path: Path, flag: str = "--from") -> KernelProfile:
-    """A kernel profile file; InputError naming `flag` when it is missing, not JSON, of another schema version or
-    not a kernel profile."""
+    """A kernel profile file; InputError naming `flag` when it is missing, not JSON or not a kernel profile
+    (`kernel_profile_of`)."""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
         raise InputError.at(flag, f"cannot read {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError.at(flag, f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    return kernel_profile_of(data, flag, f"{path}: ")
+
+
+def kernel_profile_of(data: object, field: str, where: str = "") -> KernelProfile:
+    """`data` as a KernelProfile; InputError naming `field` when it is of another schema version or not a kernel
+    profile (the first field at fault named)."""
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != KERNEL_PROFILE_SCHEMA_VERSION:
-        raise InputError.at(flag, f"{path} is not a kernel profile of schema version "
-                                  f"{KERNEL_PROFILE_SCHEMA_VERSION} (its schema_version: {version!r})")  # fmt: skip
+        raise InputError.at(field, f"{where}not a kernel profile of schema version {KERNEL_PROFILE_SCHEMA_VERSION} "
+                                   f"(its schema_version: {version!r})")  # fmt: skip
     try:
-        return KernelProfile.model_validate(data)
+        return KernelProfile.model_validate(data, strict=True)  # JSON types as they are: no 0 for false
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InputError.at(flag, f"{path}: {where}: {first['msg']}") from None
+        at = ".".join(str(part) for part in first["loc"])
+        raise InputError.at(field, f"{where}{at}: {first['msg']}") from None
 
 
-def comparison_gpu(gpu: str | None, profile: KernelProfile) -> GpuSpec:
+class KernelCheckBody(BaseModel):
+    """`POST /v1/kernel-checks`: a kernel profile and, optionally, the GPU preset to set it beside (default: the
+    one the profile's device is named after)."""
+
+    model_config = ConfigDict(title="KernelCheckBody", extra="forbid")
+
+    profile: KernelProfile
+    gpu: str | None = None
+
+
+def kernel_check_body(body: dict) -> tuple[KernelProfile, GpuSpec]:
+    """The profile and preset of a kernel-check body; InputError naming the field at fault."""
+    unknown = sorted(set(body) - set(KernelCheckBody.model_fields))
+    if unknown:
+        raise InputError.at(unknown[0], "not a field of a kernel check (profile, gpu)")
+    if "profile" not in body:
+        raise InputError.at("profile", "required: a kernel profile (`paraplan profile kernels --out`)")
+    gpu = body.get("gpu")
+    if gpu is not None and not isinstance(gpu, str):
+        raise InputError.at("gpu", f"must be a GPU preset's name, got {gpu!r}")
+    profile = kernel_profile_of(body["profile"], "profile")
+    return profile, comparison_gpu(gpu, profile, flag="gpu")
+
+
+def comparison_gpu(gpu: str | None, profile: KernelProfile, flag: str = "--gpu") -> GpuSpec:
     """The preset to set beside `profile`: `gpu` as named, else the one the measured device's name is (the CPU
-    preset for a CPU); InputError naming --gpu where neither gives one."""
+    preset for a CPU); InputError naming `flag` where neither gives one."""
     from planner.presets import gpu_preset, gpu_preset_for_device
 
     name = gpu or ("cpu" if profile.device_kind == "cpu" else gpu_preset_for_device(profile.device_name))
     if name is None:
-        raise InputError.at("--gpu", f"no GPU preset is named after {profile.device_name!r}: name one to compare with")
-    return gpu_preset(name)
+        raise InputError.at(flag, f"no GPU preset is named after {profile.device_name!r}: name one to compare with")
+    try:
+        return gpu_preset(name)
+    except UnknownPresetError as exc:
+        raise InputError.at(flag, str(exc)) from None

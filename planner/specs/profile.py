@@ -25,8 +25,8 @@ LayerKind = Literal["block", "embedding", "head"]
 class TimingStats(Frozen):
     """Repeated timings of one measurement: the median and how far the repeats spread around it."""
 
-    median_s: Annotated[float, Field(ge=0)]
-    spread: Annotated[float, Field(ge=0)]  # (p90 - p10) / median over the repeats
+    median_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    spread: Annotated[float, Field(ge=0, allow_inf_nan=False)]  # (p90 - p10) / median over the repeats
     repeats: PositiveInt
     unstable: bool = False  # spread above the profiler's threshold: the median is not to be trusted alone
 
