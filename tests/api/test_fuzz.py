@@ -62,10 +62,13 @@ def _openapi_document() -> dict[str, Any]:
 # The operations whose bodies the contract judges beyond what JSON Schema states: a plan that cannot run on its cluster
 # (InfeasiblePlanError), sections that contradict each other (bf16 on a GPU without it, a profile of `what: all`
 # without a model), a job larger than the server runs (nproc over its process limit, sequences too long to
-# allocate), a kernel profile of a device no GPU preset is named after. A request valid by the schema may get their 422 (naming the field or the broken rule), as the contract
-# says; every other check holds for them as for the rest.
-JUDGED_BODIES = [f"POST /v1/{path}" for path in ("estimates", "estimates/timeline", "plans", "jobs", "profiles",
-                                                  "validations", "scaling", "models/resolve", "kernel-checks")]  # fmt: skip
+# allocate), a kernel profile of a device no GPU preset is named after. A request valid by the schema may get their
+# 422 (naming the field or the broken rule), as the contract says; every other check holds for them as for the rest.
+JUDGED_BODIES = [
+    f"POST /v1/{path}"
+    for path in ("estimates", "estimates/timeline", "plans", "jobs", "profiles", "validations", "scaling",
+                 "models/resolve", "kernel-checks")
+]  # fmt: skip
 CHECKS = {
     "operations": [
         {
