@@ -45,6 +45,8 @@ class KindColumns:
     cached_bytes: np.ndarray
     contention: np.ndarray
     partial_grad_params: np.ndarray
+    forward_slack_s: np.ndarray
+    backward_slack_s: np.ndarray
     params_per_gpu: np.ndarray  # derived by `of`; every other field is the LayerCost field of its name
 
     @classmethod

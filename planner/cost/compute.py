@@ -185,13 +185,26 @@ def wave_efficiency(rows: Any, cols: Any, batch: Any, sm_count: int) -> Any:
 def pass_s(ops: list[OpCost], speeds: Speeds, backward: bool = False) -> Any:
     """A layer's forward (or backward) pass over `ops`: the device's time, or the host's time to launch the pass's
     kernels where that is longer (module docstring)."""
+    return np.maximum(*pass_device_and_host_s(ops, speeds, backward))
+
+
+def host_slack_s(device_and_host_s: tuple[Any, Any]) -> Any:
+    """How much more host time a pass (its `pass_device_and_host_s`) could take before the device waits on the
+    host: its device time beyond the host's launches, 0 for a pass the host already bounds. Host work beside the
+    model's own ops, such as FSDP2's per-unit hooks (planner/cost/data.py `fsdp_hooks_s`), hides in it."""
+    device, host = device_and_host_s
+    return np.maximum(device - host, 0.0)
+
+
+def pass_device_and_host_s(ops: list[OpCost], speeds: Speeds, backward: bool = False) -> tuple[Any, Any]:
+    """A pass's seconds on the device (its ops' rooflines) and on the host (its kernels' launches)."""
     if backward:
         device = sum(backward_s(op, speeds) for op in ops)
         host = sum(op.backward_kernels for op in ops) * speeds.host_s_per_backward_kernel
     else:
         device = sum(forward_s(op, speeds) for op in ops)
         host = sum(op.kernels for op in ops) * speeds.host_s_per_kernel
-    return np.maximum(device, host)
+    return device, host
 
 
 def recompute_s(ops: list[OpCost], recompute: str, speeds: Speeds, policy: SelectivePolicy = "attention_core") -> Any:

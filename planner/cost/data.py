@@ -268,6 +268,22 @@ def dp_units(batch: PlanBatch) -> np.ndarray:
     return np.where(batch.on_fsdp2, batch.blocks + 1, 1)
 
 
+def fsdp_hooks_s(batch: PlanBatch) -> np.ndarray:
+    """Host time FSDP2's hooks add to each device per micro-batch: every block unit's forward and backward hooks
+    (Runtime.fsdp_unit_host_s) beyond the host slack of the block's passes, where they hide behind the device
+    (LayerCost.forward_slack_s), and the root unit's in full (its hooks run before the embedding and after the
+    head). The host runs the hooks between the passes' launches, so on a host-bound pass each costs its whole time,
+    on a device-bound one nothing. (N, pp); 0 off FSDP2, with one data-parallel rank, and where the profile timed
+    FSDP2's collectives as training issues them (their fits hold the hooks' work: planner/cost/comm.py
+    `fsdp_channel`)."""
+    forward, backward = batch.runtime.fsdp_unit_host_s
+    if forward == backward == 0 or (batch.measured is not None and batch.measured.times_fsdp_units):
+        return np.zeros((1, batch.pp))
+    block = batch.block
+    per_block = np.maximum(forward - block.forward_slack_s, 0.0) + np.maximum(backward - block.backward_slack_s, 0.0)
+    return np.where(batch.on_fsdp2, batch.blocks * per_block + forward + backward, 0.0)
+
+
 def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:
     """The least of ZeRO 2/3's collectives that shows with one unit prefetched ahead (FSDP2, Zhao et al. 2023
     sec. 3.3-4), unit by unit: in forward a block's gather hides behind the previous unit's forward, so

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from planner.cost import comm, ops, params
-from planner.cost.compute import Speeds, pass_s, recompute_s
+from planner.cost.compute import Speeds, host_slack_s, pass_device_and_host_s, recompute_s
 from planner.cost.context import ring_attention_s
 from planner.cost.measured import MeasuredLayer, ProfileCosts
 from planner.cost.runtime import Runtime, runtime_for
@@ -49,6 +49,10 @@ class LayerCost:
     contention: float = 1.0
     # Parameters whose gradient each tp rank holds as a partial sum, reduced once per step (`sp_partial_params`).
     partial_grad_params: float = 0.0
+    # Host time the forward and backward passes could take beyond their kernels' launches before the device
+    # waits (compute.py `host_slack_s`): where the stack's per-layer host work hides. 0 for measured times.
+    forward_slack_s: float = 0.0
+    backward_slack_s: float = 0.0
 
     @property
     def busy_s(self) -> float:
@@ -146,6 +150,9 @@ class LayerTimes:
     # Per micro-batch size, from a profile that measured the allocator (CUDA); NaN where it did not.
     saved_bytes: Any = np.nan
     peak_bytes: Any = np.nan
+    # Host slack of the forward and backward passes (LayerCost.forward_slack_s): analytic times only.
+    forward_slack_s: Any = 0.0
+    backward_slack_s: Any = 0.0
 
     def tp_comm_s(self, collectives_s: Any) -> Any:
         """The layer's TP collective seconds: `collectives_s` (from the fits or the preset's links), or none where
@@ -219,6 +226,8 @@ class LayerContext:
             recompute_s=self._recompute_s(kind, layer_ops, recompute),
             source="analytic",
             note=None,
+            forward_slack_s=host_slack_s(self._device_and_host_s(kind, layer_ops, backward=False)),
+            backward_slack_s=host_slack_s(self._device_and_host_s(kind, layer_ops, backward=True)),
         )
         if self.measured is None:
             return analytic
@@ -246,11 +255,16 @@ class LayerContext:
             contention=np.where(missing, 1.0, found.contention),
             saved_bytes=found.saved_bytes,
             peak_bytes=found.peak_bytes,
+            forward_slack_s=np.where(missing, analytic.forward_slack_s, 0.0),
+            backward_slack_s=np.where(missing, analytic.backward_slack_s, 0.0),
         )
 
     def _pass_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], backward: bool) -> Any:
+        return np.maximum(*self._device_and_host_s(kind, layer_ops, backward))
+
+    def _device_and_host_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], backward: bool) -> tuple[Any, Any]:
         if (kind, backward) not in self._passes:
-            self._passes[(kind, backward)] = pass_s(layer_ops, self.speeds, backward=backward)
+            self._passes[(kind, backward)] = pass_device_and_host_s(layer_ops, self.speeds, backward=backward)
         return self._passes[(kind, backward)]
 
     def _recompute_s(self, kind: LayerKind, layer_ops: list[ops.OpCost], recompute: str) -> Any:
@@ -308,6 +322,8 @@ def block_cost(
         time_note=times.note,
         contention=times.contention,
         partial_grad_params=sp_partial_params(params.block_params(model), plan),
+        forward_slack_s=times.forward_slack_s,
+        backward_slack_s=times.backward_slack_s,
     )
 
 
@@ -406,4 +422,6 @@ def _edge_layer(
         time_source=times.source,
         time_note=times.note,
         contention=times.contention,
+        forward_slack_s=times.forward_slack_s,
+        backward_slack_s=times.backward_slack_s,
     )

@@ -365,6 +365,9 @@ class ProfileCosts:
         self.fits: dict[tuple[str, str, int], CollectiveFit] = {
             (fit.op, fit.tier, fit.group_size): fit for fit in profile.collective_fits
         }
+        # FSDP2 units' collectives timed as training issues them (profiler/collectives.py): their fits hold the hooks'
+        # host work around the collectives, which the analytic model otherwise adds (planner/cost/data.py).
+        self.times_fsdp_units = any(fit.op.startswith("fsdp_") for fit in profile.collective_fits)
         self.optimizers: dict[tuple[str, int, bool], OptimizerMeasurement] = {
             (m.optimizer, m.concurrent_ranks, m.sharded): m for m in profile.optimizer
         }

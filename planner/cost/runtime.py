@@ -44,6 +44,17 @@ EVERY_STAGE_OVERLAPS = {precision: (0, 1, 2, 3) for precision in ("fp32", "fp16"
 # the host itself, so no launch is waited for there.
 EAGER_HOST_S_PER_KERNEL = 87.3e-6
 EAGER_HOST_S_PER_BACKWARD_KERNEL = 38.6e-6
+# Host time of FSDP2's hooks per unit (`fully_shard`) and micro-batch, seconds, forward and backward, beyond the
+# bare collective: the all-gather's copy-in and copy-out and the unsharded parameters' setup before forward, the
+# reshard after it; the unshard before backward and the reduce-scatter's preparation and the sharded gradients'
+# setup after it (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py `pre_forward`, `post_backward`).
+# Measured on this project's 2-core CPU VM by `python benchmarks/fsdp_unit_host.py` (torch 2.13, one gloo rank,
+# Llama blocks of 9 parameters; benchmarks/results/2026-12-08-fsdp-unit-host.md): the hooks are Python and
+# dispatcher work, so a GPU host's CPU pays about as much (an assumption: no GPU host has been measured here;
+# pytorch/pytorch#173680 reports FSDP2's pre_forward at about 1 ms a call on a Xeon GPU host, for larger units).
+# The host does it between the passes' kernel launches, so it costs time only where it outlasts the device's
+# slack (planner/cost/data.py `fsdp_hooks_s`).
+FSDP2_UNIT_HOST_S = (250e-6, 340e-6)
 
 
 class StateBytes(NamedTuple):
@@ -150,6 +161,10 @@ class Runtime:
     host_s_per_backward_kernel: float = 0.0
     # What "selective" recompute keeps and repeats in this stack (planner/cost/ops.py `SelectivePolicy`).
     selective_recompute: SelectivePolicy = "attention_core"
+    # Host time per FSDP2 unit and micro-batch of its hooks, (forward, backward) seconds (`FSDP2_UNIT_HOST_S`), in the
+    # stacks whose ZeRO runs on FSDP2; 0 where the stack's hooks are other code (DeepSpeed's) or a profile's FSDP2
+    # collectives, timed as training issues them, hold them (paraplan on CPUs: planner/cost/comm.py `fsdp_channel`).
+    fsdp_unit_host_s: tuple[float, float] = (0.0, 0.0)
     # How the stack's model code applies RoPE (planner/cost/ops.py `Rotary`): the executor's rotate-half in fp32.
     rotary: Rotary = ROTATE_HALF_FP32
     # Parameters kept in fp32 under torch.autocast, which casts every weight to 16 bits each forward and its
@@ -247,6 +262,7 @@ PARAPLAN_CUDA = Runtime(
     step_host_overhead_s=0.0,
     host_s_per_kernel=EAGER_HOST_S_PER_KERNEL,
     host_s_per_backward_kernel=EAGER_HOST_S_PER_BACKWARD_KERNEL,
+    fsdp_unit_host_s=FSDP2_UNIT_HOST_S,
     zero3_prefetch_overlap=True,
     zero3_collective_per_tensor=False,
     zero3_bandwidth_efficiency=1.0,
@@ -271,6 +287,7 @@ PARAPLAN_CPU = replace(
     blocking_fsdp_collectives=True,
     host_s_per_kernel=0.0,
     host_s_per_backward_kernel=0.0,
+    fsdp_unit_host_s=(0.0, 0.0),
 )
 
 # Megatron-LM (megatron/core): 16-bit weights; bf16 accumulates and all-reduces its main gradients in fp32
@@ -298,6 +315,7 @@ MEGATRON = replace(
     tp_norm_layouts=1,
     fsdp2_in_torch_pipelining=False,
     zero2_shards_weights=False,
+    fsdp_unit_host_s=(0.0, 0.0),
     # `--gradient-accumulation-fusion` (on by default): the weight-gradient GEMM accumulates into the fp32
     # main_grad itself (megatron/core/tensor_parallel/layers.py `LinearWithGradAccumulationAndAsyncCommunication`,
     # wgrad_gemm_accum_fp32): no pass of its own.
@@ -351,6 +369,7 @@ DEEPSPEED = replace(
     pipeline_reduces_after_flush=True,
     fsdp2_in_torch_pipelining=False,
     zero2_shards_weights=False,
+    fsdp_unit_host_s=(0.0, 0.0),
     # fp16: autograd adds 16-bit gradients (read 2 + 2, write 2); fp32: 12. bf16's BF16_Optimizer, every micro-batch:
     # zeroes the bf16 gradients (`clear_lp_grads`, write 2), autograd adds into them (6), and `update_hp_grads` adds
     # them into its fp32 buffer (read 2 + 4, write 4).

@@ -29,7 +29,7 @@ import numpy as np
 from planner.cost import comm, flops
 from planner.cost.accumulation import accumulation_s
 from planner.cost.batch import PlanBatch
-from planner.cost.data import dp_comm_exposed_s, dp_meetings
+from planner.cost.data import dp_comm_exposed_s, dp_meetings, fsdp_hooks_s
 from planner.cost.expert import ep_device_comm_s
 from planner.cost.layers import LayerKinds, layer_kinds
 from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
@@ -126,7 +126,8 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
     """The breakdown's terms (TIME_TERMS), each (N, 1) or broadcastable to it (module docstring)."""
     overhead = batch.runtime.microbatch_host_overhead_s + microbatch_overhead_s(batch.measured)
     all_to_all = ep_device_comm_s(batch)
-    busy = batch.per_device("busy_s") + all_to_all + overhead
+    hooks = fsdp_hooks_s(batch)
+    busy = batch.per_device("busy_s") + all_to_all + overhead + hooks
     slowest = busy.argmax(axis=1)[:, None]
     m = batch.microbatches
     alone = microbatches_alone(batch.pp, batch.virtual_stages, m)
@@ -137,13 +138,19 @@ def step_times(batch: PlanBatch) -> dict[str, np.ndarray]:
         return count * np.take_along_axis(batch.per_device(quantity), slowest, axis=1)
 
     return {
-        "compute_s": on_slowest("work_s", m - alone) + on_slowest("alone_work_s", alone) + m * overhead + step_overhead,
+        "compute_s": on_slowest("work_s", m - alone)
+        + on_slowest("alone_work_s", alone)
+        + m * overhead
+        + step_overhead
+        + m * np.take_along_axis(np.broadcast_to(hooks, busy.shape), slowest, axis=1),
         "tp_comm_s": on_slowest("tp_comm_s") + tp_step_comm_s(batch),
         "cp_comm_s": on_slowest("cp_comm_s"),
         "ep_comm_s": m * np.take_along_axis(all_to_all, slowest, axis=1),
         "pp_comm_s": pp_comm_s(batch) + pp_meetings(batch) * wait_s,
         "dp_comm_s": (dp_comm_exposed_s(batch) + dp_meetings(batch) * wait_s).max(axis=1, keepdims=True),
-        "bubble_s": pipeline_bubble_s(batch.per_device("alone_busy_s") + all_to_all + overhead, batch.virtual_stages),
+        "bubble_s": pipeline_bubble_s(
+            batch.per_device("alone_busy_s") + all_to_all + overhead + hooks, batch.virtual_stages
+        ),
         "accumulation_s": accumulation_s(batch).max(axis=1, keepdims=True),
         "optimizer_s": optimizer_step_s(batch).max(axis=1, keepdims=True),
         "offload_s": offload_exposed_s(batch).max(axis=1, keepdims=True),

@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from planner.cost.batch import PlanBatch
+from planner.cost.data import fsdp_hooks_s
 from planner.cost.step import estimate_step, evaluate
 from planner.request import PlanRequest
 from planner.search.partition import PartitionProblem, solve_partition
@@ -40,8 +41,10 @@ def partition_problem(req: PlanRequest, plan: ParallelPlan, limit_bytes: float) 
 
     one, two = (evaluate(with_blocks(n)).device_total_bytes[0] for n in (1, 2))
     per_block_bytes = two - one
-    base_time = with_blocks(0).per_device("busy_s")[0]
-    block_time = float(batch.block.busy_s[0, 0])
+    # FSDP2's hooks: the root unit's on every device, and each block unit's (planner/cost/data.py `fsdp_hooks_s`).
+    root_hooks = fsdp_hooks_s(with_blocks(0))[0]
+    base_time = with_blocks(0).per_device("busy_s")[0] + root_hooks
+    block_time = float(batch.block.busy_s[0, 0] + fsdp_hooks_s(with_blocks(1))[0, 0] - root_hooks[0])
     return PartitionProblem(
         block_time_s=(block_time,) * req.model.num_layers,
         block_memory_bytes=(tuple(float(b) for b in per_block_bytes),) * req.model.num_layers,
