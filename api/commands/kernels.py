@@ -13,7 +13,7 @@ from api.commands.flags import flag_name
 from api.commands.progress import Progress
 from api.errors import InputError
 from planner.errors import UnknownPresetError
-from planner.specs import GpuSpec, ModelSpec, Precision
+from planner.specs import GpuSpec, ModelSpec
 from planner.specs.kernels import KERNEL_PROFILE_SCHEMA_VERSION, KernelProfile
 from profiler.kernels import KernelSweep, KernelSweepError
 
@@ -26,7 +26,7 @@ class KernelOptions(BaseModel):
     out: Path
     model: ModelSpec
     device: str = "cpu"
-    dtype: Precision | None = None  # None: bf16 on cuda, fp32 on the CPU
+    dtype: str | None = None  # None: bf16 on cuda, fp32 on the CPU; checked by the sweep, which names the flag
     gemm_rows: tuple[int, ...] | None = None
     widths: tuple[int, ...] | None = None
     attention_heads: tuple[int, ...] | None = None
