@@ -197,6 +197,7 @@ def test_another_preset_can_be_named(tmp_path):
         (["--device", "cpu"], "--out"),
         (["--out", "k.json", "--widths", "64,x"], "--widths"),
         (["--out", "k.json", "--dtype", "bf16"], "--dtype"),
+        (["--out", "k.json", "--dtype", "int8"], "--dtype"),
         (["--out", "k.json", "--gemm-rows", "0"], "--gemm-rows"),
     ],
 )
