@@ -19,13 +19,12 @@ torch is imported inside the functions, so the CLI can check a sweep without it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from planner.specs import ModelSpec, Precision
 from planner.specs.kernels import AttentionMeasurement, GemmMeasurement, HostFloorMeasurement, KernelProfile
-from profiler.compute import ComputeSweep, ComputeSweepError, ModelRun, no_gc_pauses, time_in_model
+from profiler.compute import ComputeSweep, ComputeSweepError, ModelRun, Progress, no_gc_pauses, time_in_model
 from profiler.environment import device_name, software_versions, utc_now
 from profiler.timing import stats, time_repeats
 
@@ -134,9 +133,6 @@ def narrow_for_host_floor(model: ModelSpec) -> ModelSpec:
         "max_position_embeddings": HOST_FLOOR_SEQ_LEN if model.position_embedding == "learned" else None,
     }
     return ModelSpec.model_validate(narrowed)
-
-
-Progress = Callable[[int, int, str], None]  # (done, total, what was just measured)
 
 
 def profile_kernels(sweep: KernelSweep, on_progress: Progress | None = None) -> KernelProfile:
