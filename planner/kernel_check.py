@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from planner.cost import ops
 from planner.cost.compute import (
     BACKWARD_FLASH_FACTOR,
@@ -19,6 +21,7 @@ from planner.cost.compute import (
     Speeds,
     backward_s,
     forward_s,
+    wave_efficiencies,
 )
 from planner.cost.layers import LayerContext, block_cost
 from planner.request import parse_estimate_request
@@ -41,6 +44,7 @@ class KernelCheck:
     spread: float  # the measurement's (p90 - p10) / median
     flops: float = 0.0
     kernels: int = 0
+    compute_bound: bool = False  # predicted at the FLOP rate (not at the HBM bandwidth its operands need)
 
     @property
     def ratio(self) -> float:
@@ -59,6 +63,46 @@ class KernelCheck:
     @property
     def predicted_s_per_kernel(self) -> float:
         return self.predicted_s / self.kernels
+
+
+@dataclass(frozen=True)
+class ImpliedConstant:
+    """One of the preset's constants beside the value the measurements imply for it."""
+
+    name: str
+    preset: float
+    measured: float
+    basis: str  # which measurements, and how they were combined
+
+
+def implied_constants(checks: list[KernelCheck], gpu: GpuSpec) -> list[ImpliedConstant]:
+    """What the measurements say the preset's constants should be. A kernel predicted at the FLOP rate takes
+    time inversely proportional to its efficiency, so the efficiency that would predict a measurement is the
+    preset's x predicted / measured: the median of that over the compute-bound GEMMs (the matmul efficiency in
+    full waves, waves being the model's own) and over the attention passes (fused attention's efficiency,
+    occupancy the model's own); and the host floor's time per kernel, measured, against the regime's."""
+    found = []
+    gemms = [c for c in checks if c.kind == "gemm" and c.compute_bound]
+    if gemms:
+        found.append(_implied("matmul efficiency", gpu.matmul_efficiency, gemms, "compute-bound GEMMs"))
+    attention = [c for c in checks if c.kind.startswith("attention")]
+    if attention:
+        preset = gpu.attention_efficiency if gpu.attention_efficiency is not None else gpu.matmul_efficiency
+        found.append(_implied("fused attention efficiency", preset, attention, "attention passes"))
+    for check in checks:
+        if check.kind.startswith("host floor"):
+            found.append(ImpliedConstant(
+                name=f"host time per kernel, {check.kind.removeprefix('host floor ')}",
+                preset=float(check.predicted_s_per_kernel), measured=float(check.measured_s_per_kernel),
+                basis=f"the narrowed block's pass over its {check.kernels} kernels",
+            ))  # fmt: skip
+    return found
+
+
+def _implied(name: str, preset: float, checks: list[KernelCheck], what: str) -> ImpliedConstant:
+    ratios = [check.predicted_s / check.measured_s for check in checks if check.measured_s > 0]
+    implied = preset * float(np.median(ratios)) if ratios else float("nan")
+    return ImpliedConstant(name=name, preset=preset, measured=implied, basis=f"median over {len(ratios)} {what}")
 
 
 def check_profile(profile: KernelProfile, gpu: GpuSpec) -> list[KernelCheck]:
@@ -91,9 +135,12 @@ def attention_op(heads: int, seq_len: int, head_dim: int, batch: int = 1) -> ops
 
 def _gemm_check(gemm: GemmMeasurement, speeds: Speeds, elem: int) -> KernelCheck:
     op = gemm_op(gemm.rows, gemm.cols, gemm.inner, elem)
+    waves = wave_efficiencies(op.gemm, speeds.sm_count).forward
+    at_flop_rate = op.matmul_flops / waves / speeds.matmul_flops_per_s
     return KernelCheck(
         kind="gemm", shape=f"{gemm.rows} x {gemm.inner} x {gemm.cols}", measured_s=gemm.time.median_s,
         predicted_s=float(forward_s(op, speeds)), spread=gemm.time.spread, flops=op.matmul_flops,
+        compute_bound=bool(at_flop_rate >= op.matmul_io_bytes / speeds.memory_bytes_per_s),
     )  # fmt: skip
 
 
@@ -103,10 +150,11 @@ def _attention_checks(attention: AttentionMeasurement, speeds: Speeds) -> list[K
     causal = op.matmul_flops * CAUSAL_FLASH_WORK
     return [
         KernelCheck(kind="attention forward", shape=shape, measured_s=attention.forward.median_s,
-                    predicted_s=float(forward_s(op, speeds)), spread=attention.forward.spread, flops=causal),
+                    predicted_s=float(forward_s(op, speeds)), spread=attention.forward.spread, flops=causal,
+                    compute_bound=True),
         KernelCheck(kind="attention backward", shape=shape, measured_s=attention.backward.median_s,
                     predicted_s=float(backward_s(op, speeds)), spread=attention.backward.spread,
-                    flops=causal * BACKWARD_FLASH_FACTOR),
+                    flops=causal * BACKWARD_FLASH_FACTOR, compute_bound=True),
     ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from api.cli.app import console as _console
 from api.cli.profile import ProfileModelOption, RepeatsOption, SweepDeviceOption, WarmupRunsOption
 
 if TYPE_CHECKING:
-    from planner.kernel_check import KernelCheck
+    from planner.kernel_check import ImpliedConstant, KernelCheck
     from planner.specs import GpuSpec
     from planner.specs.kernels import KernelProfile
 
@@ -76,7 +76,7 @@ def _measure(flags: dict) -> KernelProfile:
 
 
 def print_checks(profile: KernelProfile, gpu: GpuSpec) -> None:
-    from planner.kernel_check import check_profile
+    from planner.kernel_check import check_profile, implied_constants
 
     checks = check_profile(profile, gpu)
     peak = gpu.peak_tflops.get(profile.dtype) or 0.0
@@ -90,6 +90,7 @@ def print_checks(profile: KernelProfile, gpu: GpuSpec) -> None:
     floor = [check for check in checks if check.kind.startswith("host floor")]
     if floor:
         console.print(host_floor_table(floor))
+    console.print(constants_table(implied_constants(checks, gpu), gpu.name))
 
 
 def flops_table(title: str, checks: list[KernelCheck], peak_flops_per_s: float) -> Table:
@@ -114,6 +115,19 @@ def flops_table(title: str, checks: list[KernelCheck], peak_flops_per_s: float) 
 
 def _percent(check: KernelCheck, peak_flops_per_s: float, seconds: float) -> str:
     return f"{check.efficiency(peak_flops_per_s, seconds):.0%}" if peak_flops_per_s else "-"
+
+
+def constants_table(constants: list[ImpliedConstant], preset: str) -> Table:
+    """The preset's constants beside what the measurements imply (planner/kernel_check.py `implied_constants`)."""
+    table = Table(title=f"{preset}'s constants against this device's", title_justify="left")
+    for column in ("constant", preset, "measured", "from"):
+        table.add_column(column, justify="right" if column in (preset, "measured") else "left")
+    for constant in constants:
+        values = (constant.preset, constant.measured)
+        per_kernel = constant.name.startswith("host")
+        shown = (f"{value * 1e6:.1f} us" if per_kernel else f"{value:.3f}" for value in values)
+        table.add_row(constant.name, *shown, constant.basis)
+    return table
 
 
 def host_floor_table(checks: list[KernelCheck]) -> Table:

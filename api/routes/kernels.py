@@ -1,9 +1,11 @@
 """`POST /v1/kernel-checks`: a kernel profile (`paraplan profile kernels`) set beside a GPU preset's predictions
 (planner/kernel_check.py): each GEMM, fused-attention pass and host-floor pass, measured and predicted, and the
-ratio. Nothing is stored; measuring runs on the machine that has the GPU, under the CLI."""
+ratio, and the preset's constants beside what the measurements imply for them. Nothing is stored; measuring runs
+on the machine that has the GPU, under the CLI."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +15,7 @@ from fastapi.responses import Response
 from api.commands.kernels import kernel_check_body
 from api.routes.common import body_schema, json_body, json_response
 from api.routes.responses import READS_A_BODY, errors
-from planner.kernel_check import KernelCheck, check_profile
+from planner.kernel_check import KernelCheck, check_profile, implied_constants
 
 router = APIRouter(prefix="/kernel-checks", tags=["profiles"])
 
@@ -27,8 +29,9 @@ router = APIRouter(prefix="/kernel-checks", tags=["profiles"])
 async def create_kernel_check(request: Request) -> Response:
     profile, gpu = kernel_check_body(await json_body(request))
     checks = await run_in_threadpool(check_profile, profile, gpu)
+    constants = [asdict(constant) for constant in implied_constants(checks, gpu)]
     return json_response({"gpu": gpu.name, "device_name": profile.device_name, "dtype": profile.dtype,
-                          "checks": [check_view(check) for check in checks]})  # fmt: skip
+                          "checks": [check_view(check) for check in checks], "constants": constants})  # fmt: skip
 
 
 def check_view(check: KernelCheck) -> dict[str, Any]:

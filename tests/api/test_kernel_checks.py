@@ -37,6 +37,7 @@ def test_a_profile_is_set_beside_the_named_preset(idle_client: TestClient, cpu_p
     assert [c["predicted_s"] for c in answer["checks"]] == pytest.approx([c.predicted_s for c in expected])
     for check in answer["checks"]:
         assert check["ratio"] == pytest.approx(check["measured_s"] / check["predicted_s"])
+    assert {c["name"] for c in answer["constants"]} >= {"host time per kernel, forward", "fused attention efficiency"}
     floor = [c for c in answer["checks"] if c["kind"].startswith("host floor")]
     assert all(c["kernels"] > 0 and "flops" not in c for c in floor) and len(floor) == 2
 

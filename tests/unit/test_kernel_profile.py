@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -15,7 +16,7 @@ from api.cli import app
 from planner.cost import ops
 from planner.cost.layers import LayerContext
 from planner.cost.runtime import EAGER_HOST_S_PER_BACKWARD_KERNEL, EAGER_HOST_S_PER_KERNEL
-from planner.kernel_check import check_profile, host_floor_request
+from planner.kernel_check import check_profile, host_floor_request, implied_constants
 from planner.presets import gpu_preset, model_preset
 from planner.request import parse_estimate_request
 from planner.specs import TimingStats
@@ -167,6 +168,34 @@ def test_the_host_floor_is_predicted_at_the_executors_time_per_kernel():
                                                                                               "h100-sxm")  # fmt: skip
 
 
+def test_the_measurements_imply_the_presets_constants():
+    """Compute-bound kernels' times scale as 1 / efficiency: the implied efficiency is the preset's x predicted /
+    measured (one GEMM: exactly that; four attention passes: their median); the host floor's per kernel."""
+    h100 = gpu_preset("h100-sxm")
+    checks = check_profile(hand_profile(), h100)
+    gemm = next(c for c in checks if c.kind == "gemm")
+    attention = [c.predicted_s / c.measured_s for c in checks if c.kind.startswith("attention")]
+    floor = [c for c in checks if c.kind.startswith("host floor")]
+    constants = {c.name: c for c in implied_constants(checks, h100)}
+    assert gemm.compute_bound
+    assert constants["matmul efficiency"].preset == h100.matmul_efficiency
+    assert constants["matmul efficiency"].measured == pytest.approx(h100.matmul_efficiency * gemm.predicted_s / 0.5e-3)
+    assert constants["fused attention efficiency"].measured == pytest.approx(
+        h100.attention_efficiency * float(np.median(attention))
+    )
+    forward = constants["host time per kernel, forward"]
+    assert (forward.preset, forward.measured) == pytest.approx((EAGER_HOST_S_PER_KERNEL, 2e-3 / floor[0].kernels))
+
+
+def test_a_memory_bound_gemm_implies_no_efficiency():
+    """A thin GEMM waits on its operands' traffic: its time says nothing of the FLOP rate."""
+    thin = hand_profile().model_copy(update={"gemms": [GemmMeasurement(rows=16, cols=4096, inner=4096,
+                                                                       time=timing(20e-6))]})  # fmt: skip
+    checks = check_profile(thin, gpu_preset("h100-sxm"))
+    assert not next(c for c in checks if c.kind == "gemm").compute_bound
+    assert "matmul efficiency" not in {c.name for c in implied_constants(checks, gpu_preset("h100-sxm"))}
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 
@@ -182,6 +211,7 @@ def test_the_command_compares_a_saved_profile_with_the_devices_own_preset(tmp_pa
     assert "against preset h100-sxm" in result.output
     assert "8192 x 4096 x 4096" in result.output and "host floor" in result.output
     assert "measured / predicted: median" in result.output
+    assert "h100-sxm's constants against this device's" in result.output and "matmul efficiency" in result.output
 
 
 def test_another_preset_can_be_named(tmp_path):
