@@ -65,13 +65,14 @@ def _measure(flags: dict) -> KernelProfile:
     from api.cli.profile import options_of_values
     from api.cli.progress import RichProgress
     from api.commands.cancel import with_interrupt
-    from api.commands.kernels import KernelOptions, kernel_sweep, measure_kernels
+    from api.commands.kernels import KernelOptions, check_writable, kernel_sweep, measure_kernels
     from api.errors import InputError
 
     if flags["out"] is None:
         raise InputError.at("--out", "give a file to write the kernel profile to (or --from one measured before)")
     options = options_of_values(KernelOptions, flags)
     sweep = kernel_sweep(options)
+    check_writable(options.out)
     return with_interrupt(lambda cancel: measure_kernels(sweep, RichProgress(_console()), cancel))
 
 

@@ -66,9 +66,22 @@ def measure_kernels(sweep: KernelSweep, progress: Progress, cancel: threading.Ev
         return profile_kernels(sweep, on_progress=on_progress)
 
 
-def save_kernel_profile(profile: KernelProfile, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(profile.model_dump_json(indent=2) + "\n")
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Refuse, naming `flag`, a file that cannot be written, before a measurement would be lost to it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError.at(flag, f"cannot create the folder of {out}: {exc.strerror or exc}") from None
+    if out.is_dir():
+        raise InputError.at(flag, f"{out} is a folder; give a file name")
+
+
+def save_kernel_profile(profile: KernelProfile, out: Path, flag: str = "--out") -> None:
+    check_writable(out, flag)
+    try:
+        out.write_text(profile.model_dump_json(indent=2) + "\n")
+    except OSError as exc:
+        raise InputError.at(flag, f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def read_kernel_profile(path: Path, flag: str = "--from") -> KernelProfile:

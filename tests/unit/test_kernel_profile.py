@@ -229,6 +229,8 @@ def test_another_preset_can_be_named(tmp_path):
         (["--out", "k.json", "--dtype", "bf16"], "--dtype"),
         (["--out", "k.json", "--dtype", "int8"], "--dtype"),
         (["--out", "k.json", "--gemm-rows", "0"], "--gemm-rows"),
+        (["--out", "."], "--out"),
+        (["--out", "{bad}/k.json"], "--out"),
     ],
 )
 def test_bad_input_names_the_flag(tmp_path, monkeypatch, args, flag):
