@@ -58,9 +58,7 @@ def expert_units(batch: PlanBatch) -> np.ndarray | int:
     """FSDP2 units the experts add where they meet apart: each of a block's E/ep local experts is its own
     `fully_shard` / `replicate` unit on the edp mesh (executor/parallel/data.py `_experts_on_edp`; the units
     `sharded_collectives.expert_units_s` costs), whose collectives count as a block's do. (N, pp)."""
-    if not batch.has_experts:
-        return 0
-    return np.where(experts_meet_apart(batch), batch.blocks * (batch.model.num_experts // batch.ep), 0)
+    return batch.blocks * local_expert_units(batch)
 
 
 def ddp_expert_collectives(batch: PlanBatch) -> np.ndarray | int:
@@ -270,8 +268,9 @@ def dp_units(batch: PlanBatch) -> np.ndarray:
 
 def fsdp_hooks_s(batch: PlanBatch) -> np.ndarray:
     """Host time FSDP2's hooks add to each device per micro-batch: every block unit's forward and backward hooks
-    (Runtime.fsdp_unit_host_s) beyond the host slack of the block's passes, where they hide behind the device
-    (LayerCost.forward_slack_s), and the root unit's in full (its hooks run before the embedding and after the
+    (Runtime.fsdp_unit_host_s), with those of the block's local experts where each is a unit of its own
+    (`local_expert_units`), beyond the host slack of the block's passes, where they hide behind the device
+    (LayerCost.forward_slack_s); and the root unit's in full (its hooks run before the embedding and after the
     head). The host runs the hooks between the passes' launches, so on a host-bound pass each costs its whole time,
     on a device-bound one nothing. (N, pp); 0 off FSDP2, with one data-parallel rank, and where the profile timed
     FSDP2's collectives as training issues them (their fits hold the hooks' work: planner/cost/comm.py
@@ -279,9 +278,20 @@ def fsdp_hooks_s(batch: PlanBatch) -> np.ndarray:
     forward, backward = batch.runtime.fsdp_unit_host_s
     if forward == backward == 0 or (batch.measured is not None and batch.measured.times_fsdp_units):
         return np.zeros((1, batch.pp))
+    units = 1 + local_expert_units(batch)  # a block's own unit and its experts' (`expert_units`)
     block = batch.block
-    per_block = np.maximum(forward - block.forward_slack_s, 0.0) + np.maximum(backward - block.backward_slack_s, 0.0)
+    per_block = np.maximum(units * forward - block.forward_slack_s, 0.0) + np.maximum(
+        units * backward - block.backward_slack_s, 0.0
+    )
     return np.where(batch.on_fsdp2, batch.blocks * per_block + forward + backward, 0.0)
+
+
+def local_expert_units(batch: PlanBatch) -> np.ndarray | int:
+    """The FSDP2 units of one block's experts on a device (`expert_units` over the blocks): its E/ep local experts
+    where they meet their edp peers apart, else none. (N, 1)."""
+    if not batch.has_experts:
+        return 0
+    return np.where(experts_meet_apart(batch), batch.model.num_experts // batch.ep, 0)
 
 
 def sharded_exposed_s(batch: PlanBatch) -> np.ndarray:

@@ -69,6 +69,23 @@ def test_a_large_micro_batch_hides_the_block_hooks_behind_the_device():
     assert fsdp_hooks_s(batch)[0, 0] == pytest.approx(sum(FSDP2_UNIT_HOST_S))  # the root's alone
 
 
+def test_a_blocks_local_experts_hook_with_it_where_each_is_a_unit():
+    """Mixtral 8x7B at ep 4 on 16 ranks: two local experts a block, each its own unit over an edp group of 4
+    (executor/parallel/data.py `_experts_on_edp`), so three units' hooks share each block's slack."""
+    req = parse_estimate_request({
+        "model": {"name": "mixtral-8x7b"},
+        "training": {"seq_len": 512, "global_batch_size": 16, "framework": "fsdp"},
+        "cluster": {"gpu": "h100-sxm", "num_nodes": 2, "gpus_per_node": 8},
+        "plan": {"dp": 16, "ep": 4, "zero_stage": 3, "micro_batch_size": 1},
+    })  # fmt: skip
+    batch = PlanBatch.of_plan(req.model, req.training, req.cluster, req.plan, runtime=FSDP)
+    forward, backward = FSDP2_UNIT_HOST_S
+    slack_f, slack_b = batch.block.forward_slack_s[0, 0], batch.block.backward_slack_s[0, 0]
+    per_block = max(3 * forward - slack_f, 0.0) + max(3 * backward - slack_b, 0.0)
+    assert per_block > 0
+    assert fsdp_hooks_s(batch)[0, 0] == pytest.approx(32 * per_block + forward + backward)
+
+
 @pytest.mark.parametrize("runtime", [MEGATRON, DEEPSPEED, PARAPLAN_CPU])
 def test_stacks_whose_hooks_are_other_code_or_measured_add_none(runtime):
     assert not fsdp_hooks_s(batch_of(runtime=runtime)).any()
