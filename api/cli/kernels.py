@@ -115,7 +115,8 @@ def flops_table(title: str, checks: list[KernelCheck], peak_flops_per_s: float) 
 
 
 def _percent(check: KernelCheck, peak_flops_per_s: float, seconds: float) -> str:
-    return f"{check.efficiency(peak_flops_per_s, seconds):.0%}" if peak_flops_per_s else "-"
+    """The share of the peak, or "-" where there is no peak or the time is 0 (below a clock's resolution)."""
+    return f"{check.efficiency(peak_flops_per_s, seconds):.0%}" if peak_flops_per_s and seconds > 0 else "-"
 
 
 def constants_table(constants: list[ImpliedConstant], preset: str) -> Table:

@@ -214,6 +214,14 @@ def test_the_command_compares_a_saved_profile_with_the_devices_own_preset(tmp_pa
     assert "h100-sxm's constants against this device's" in result.output and "matmul efficiency" in result.output
 
 
+def test_a_time_of_zero_is_shown_without_a_share_of_the_peak(tmp_path):
+    """A median of 0 (below the clock's resolution) has no rate: the table shows "-" rather than dividing by it."""
+    zero = hand_profile().model_copy(update={"gemms": [GemmMeasurement(rows=64, cols=64, inner=64, time=timing(0.0))]})
+    result = runner.invoke(app, ["profile", "kernels", "--from", str(write(tmp_path, zero))])
+    assert result.exit_code == 0, result.output
+    assert "64 x 64 x 64" in result.output
+
+
 def test_another_preset_can_be_named(tmp_path):
     result = runner.invoke(app, ["profile", "kernels", "--from", str(write(tmp_path, hand_profile())), "--gpu", "h200"])
     assert result.exit_code == 0 and "against preset h200" in result.output
