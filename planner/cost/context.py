@@ -81,16 +81,17 @@ def ring_step(
     )
 
 
-def forward_hops_exposed_s(step: RingStep, cp: int, channel: comm.Channel) -> Any:
-    """cp - 1 hops of one K/V shard, each overlapping one step's kernel: only the excess is exposed."""
-    return (cp - 1) * _exposed(comm.p2p_s(step.kv_bytes, channel), step.forward_s)
+def forward_hops_exposed_s(step: RingStep, cp: int, channel: comm.Channel, hidden_share: float = 1.0) -> Any:
+    """cp - 1 hops of one K/V shard, each overlapping one step's kernel: only the excess is exposed, and the share of
+    the overlapped time the kernel loses to the transfer (`_exposed`)."""
+    return (cp - 1) * _exposed(comm.p2p_s(step.kv_bytes, channel), step.forward_s, hidden_share)
 
 
-def backward_hops_exposed_s(step: RingStep, cp: int, channel: comm.Channel) -> Any:
+def backward_hops_exposed_s(step: RingStep, cp: int, channel: comm.Channel, hidden_share: float = 1.0) -> Any:
     """cp hops, each overlapping one step's backward kernel: the first carries K/V, the last dK/dV, the cp - 2
     between them both."""
-    single = _exposed(comm.p2p_s(step.kv_bytes, channel), step.backward_s)
-    double = _exposed(comm.p2p_s(2 * step.kv_bytes, channel), step.backward_s)
+    single = _exposed(comm.p2p_s(step.kv_bytes, channel), step.backward_s, hidden_share)
+    double = _exposed(comm.p2p_s(2 * step.kv_bytes, channel), step.backward_s, hidden_share)
     return 2 * single + (cp - 2) * double
 
 
@@ -113,15 +114,17 @@ def ring_attention_s(
     speeds: Speeds,
     channel: comm.Channel,
     block: list[ops.OpCost],
+    hidden_share: float = 1.0,
 ) -> Any:
     """Seconds one block spends per micro-batch on context parallelism beyond its attention compute: hops not hidden
     behind a step's kernel and the merges, forward (once more when recompute reruns the core) and backward. 0 at
-    cp = 1. `channel`: the cp ring's point-to-point channel."""
+    cp = 1. `channel`: the cp ring's point-to-point channel; `hidden_share`: the share of an overlapped transfer's
+    time that stays hidden (planner/cost/measured.py `hidden_share`)."""
     if plan.cp == 1:
         return 0.0
     step = ring_step(model, plan, shape, speeds, block)
-    forward = forward_hops_exposed_s(step, plan.cp, channel) + forward_merge_s(step, plan.cp, speeds)
-    backward = backward_hops_exposed_s(step, plan.cp, channel) + backward_merge_s(step, plan.cp, speeds)
+    forward = forward_hops_exposed_s(step, plan.cp, channel, hidden_share) + forward_merge_s(step, plan.cp, speeds)
+    backward = backward_hops_exposed_s(step, plan.cp, channel, hidden_share) + backward_merge_s(step, plan.cp, speeds)
     return (1 + reruns_attention_core(plan.recompute)) * forward + backward
 
 
@@ -131,5 +134,7 @@ def reruns_attention_core(recompute: str) -> int:
     return int(recompute in ("selective", "full"))
 
 
-def _exposed(hop_s: Any, window_s: Any) -> Any:
-    return np.maximum(0.0, hop_s - window_s)
+def _exposed(hop_s: Any, window_s: Any, hidden_share: float = 1.0) -> Any:
+    """A hop's time beyond the kernel it overlaps, plus what the kernel loses to it while they overlap: all but
+    `hidden_share` of the overlapped time (NCCL's SMs and memory traffic beside the kernel)."""
+    return hop_s - hidden_share * np.minimum(hop_s, window_s)

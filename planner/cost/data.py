@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from planner.cost import comm, params
-from planner.cost.measured import calibrated_overlap
+from planner.cost.measured import hidden_share
 from planner.cost.pipeline import edge_masks
 
 if TYPE_CHECKING:
@@ -345,8 +345,9 @@ def dp_comm_exposed_s(batch: PlanBatch) -> np.ndarray:
     # `replicate` inside torch.distributed.pipelining all-reduces every unit after the stage's last backward.
     replicated_shows = np.where(batch.fsdp2_pipelined, hideable, bucketed_shows)
     least_shown = np.where(batch.zero_stage <= 1, replicated_shows, sharded_exposed_s(batch))
-    # How much of what could be hidden a run does hide: calibrated, else measured by the profile (`calibrated_overlap`).
-    hidden = calibrated_overlap(batch.measured) * (hideable - least_shown)
+    # How much of what could be hidden a run does hide: calibrated, else measured by the profile, else the share the
+    # compute beside a GPU collective does not lose to it (`hidden_share`).
+    hidden = hidden_share(batch.measured, batch.runtime) * (hideable - least_shown)
     synchronized = (batch.zero_stage == 3) & ~batch.runtime.zero3_prefetch_overlap
     in_backward = batch.runtime.reduction_overlaps(batch.zero_stage, batch.pp, batch.training.precision)
     can_hide = batch.overlap_grad_reduce & in_backward & (hideable > 0) & ~blocking_fsdp2(batch) & ~synchronized

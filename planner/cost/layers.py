@@ -15,7 +15,7 @@ import numpy as np
 from planner.cost import comm, ops, params
 from planner.cost.compute import Speeds, host_slack_s, pass_device_and_host_s, recompute_s
 from planner.cost.context import ring_attention_s
-from planner.cost.measured import MeasuredLayer, ProfileCosts
+from planner.cost.measured import MeasuredLayer, ProfileCosts, hidden_share
 from planner.cost.runtime import Runtime, runtime_for
 from planner.layout import placement
 from planner.specs import ClusterSpec, ModelSpec, ParallelPlan, Precision, TrainingSpec
@@ -180,6 +180,7 @@ class LayerContext:
     sequence_parallel: bool
     busy_ranks: int  # ranks of a node computing at once: every plan of a cluster keeps all its GPUs busy
     selective_recompute: ops.SelectivePolicy  # what the stack's "selective" recompute keeps (Runtime)
+    overlap_hidden_share: float  # the share of an overlapped transfer that hides (planner/cost/measured.py)
     # Analytic forward and backward passes by (layer kind, backward): one kind's ops are the same under every
     # recompute mode, and a context serves one model, training setup and plan shape (`layer_kinds_by_recompute`).
     _passes: dict = field(default_factory=dict, compare=False, repr=False)
@@ -199,6 +200,7 @@ class LayerContext:
         shape = ops.Shape.of(
             model, training, plan, micro_batch_sizes, cpu=cluster.gpu.kind == "cpu", rotary=runtime.rotary,
             weight_cast_bytes=runtime.weight_cast_bytes(training.precision), fused_rms_norm=runtime.fused_rms_norm,
+            cross_entropy=runtime.cross_entropy,
         )  # fmt: skip
         return cls(
             shape=shape,
@@ -206,6 +208,7 @@ class LayerContext:
                 cluster.gpu, training.precision, runtime.host_s_per_kernel, runtime.host_s_per_backward_kernel
             ),
             selective_recompute=runtime.selective_recompute,
+            overlap_hidden_share=hidden_share(measured, runtime),
             tp_channel=comm.group_channel(cluster, placement("tp", plan.degrees, cluster.gpus_per_node), measured),
             cp_channel=comm.p2p_channel(cluster, placement("cp", plan.degrees, cluster.gpus_per_node), measured),
             activation_bytes=shape.elem * shape.tokens * model.hidden_size,
@@ -314,7 +317,7 @@ def block_cost(
         backward_s=times.backward_s,
         recompute_s=times.recompute_s,
         tp_comm_s=times.tp_comm_s(ctx.tp_allreduces_s(block_tp_allreduces(plan.recompute), plan)),
-        cp_comm_s=ring_attention_s(model, plan, ctx.shape, ctx.speeds, ctx.cp_channel, block),
+        cp_comm_s=ring_attention_s(model, plan, ctx.shape, ctx.speeds, ctx.cp_channel, block, ctx.overlap_hidden_share),
         saved_bytes=kept,
         working_bytes=working,
         cached_bytes=cached,

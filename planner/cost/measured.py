@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 if TYPE_CHECKING:
+    from planner.cost.runtime import Runtime
     from planner.specs import (
         CollectiveFit,
         CollectiveOp,
@@ -375,9 +376,8 @@ class ProfileCosts:
         self.compute_efficiency = dict(calibration.compute_efficiency) if calibration else {}
         self.collective_efficiency = dict(calibration.collective_efficiency) if calibration else {}
         self.collective_latency_efficiency = dict(calibration.collective_latency_efficiency) if calibration else {}
-        # A calibration's fitted overlap, else the one measured, else all that can hide does.
-        measured_overlap = 1.0 if profile.comm_compute_overlap is None else profile.comm_compute_overlap
-        self.overlap = calibration.overlap if calibration else measured_overlap
+        # A calibration's fitted overlap, else the one measured; None: neither (`hidden_share`).
+        self.overlap: float | None = calibration.overlap if calibration else profile.comm_compute_overlap
         self.microbatch_overhead_s = calibration.microbatch_overhead_s if calibration else 0.0
         waits: dict[int, list[float]] = {}
         for wait in profile.meeting_waits:
@@ -501,10 +501,13 @@ def meeting_wait_s(measured: ProfileCosts | None, micro_batch_size: np.ndarray) 
     return measured.meeting_wait_s(micro_batch_size)
 
 
-def calibrated_overlap(measured: ProfileCosts | None) -> float:
-    """The share of hideable gradient reduction that runs hide: fitted by a calibration, else measured by the
-    profile (profiler/collectives.py measure_overlap), else 1."""
-    return 1.0 if measured is None else measured.overlap
+def hidden_share(measured: ProfileCosts | None, runtime: Runtime) -> float:
+    """The share of an overlappable collective's time that runs hide behind compute: fitted by a calibration, else
+    measured by the profile (profiler/collectives.py measure_overlap), else the stack's on its device
+    (Runtime.overlap_hidden_share)."""
+    if measured is not None and measured.overlap is not None:
+        return measured.overlap
+    return runtime.overlap_hidden_share
 
 
 def step_overhead_s(measured: ProfileCosts | None) -> float:

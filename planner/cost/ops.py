@@ -34,10 +34,8 @@ ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # element-wise op one each way; FlashAttention-2 one forward and three backward (dot(dO, O), the main kernel,
 # dQ's conversion: Dao 2023, flash_attn_interface.py); eager attention's batched matmuls one forward and two
 # backward, its fused scale-mask-softmax and dropout one each way, plus the copy that makes its output contiguous.
-# RoPE's launches depend on the stack's implementation (`Rotary`). Cross entropy over the vocabulary: max,
-# subtract, exp, sum, log, gather and the loss mean forward (Megatron's vocab-parallel cross entropy), about half
-# as many backward. Counts enter only through the host's time per launch, which planner/calibration.py fits with
-# them.
+# RoPE's and cross entropy's launches depend on the stack's implementation (`Rotary`, `CrossEntropy`). Counts
+# enter only through the host's time per launch, which planner/calibration.py fits with them.
 KERNELS = {
     "linear": (1, 2),
     "norm": (1, 2),
@@ -45,7 +43,6 @@ KERNELS = {
     "elementwise": (1, 1),
     "flash_attention": (1, 3),
     "batched_matmul": (1, 2),
-    "cross_entropy": (8, 4),
 }
 
 
@@ -81,6 +78,38 @@ COMPLEX_FP32 = Rotary(passes=2, fp32=True, kernels=(6, 6))
 # Megatron-Core's fused RoPE (on by default: megatron/training/arguments.py `--no-rope-fusion` clears
 # `apply_rope_fusion`; TransformerEngine's fused_apply_rotary_pos_emb): one read and one write, a kernel a tensor.
 FUSED_ROTARY = Rotary(passes=2, fp32=False, kernels=(2, 2))
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """How a stack's loss computes cross entropy over the logits: the bytes it moves per logit element over the fp32
+    logits in forward and in backward, and its kernel launches (forward, backward). In 16-bit training the logits
+    are upcast first (`logits.float()`: read 2, write 4) and their gradient cast back (read 4, write 2)."""
+
+    forward_bytes: int
+    backward_bytes: int
+    kernels: tuple[int, int]
+
+    def traffic(self, elem: int) -> tuple[int, int]:
+        """Bytes per logit element, (forward, backward), with the casts, at `elem` bytes per activation."""
+        casts = elem + 4 if elem < 4 else 0
+        return casts + self.forward_bytes, casts + self.backward_bytes
+
+
+# Megatron-LM's vocab-parallel cross entropy (megatron/core/tensor_parallel/cross_entropy.py; Megatron-DeepSpeed's
+# is the same code), one whole-tensor pass per step: the max (read 4), the max subtracted (read and write), exp in
+# place (read and write), the sum (read) and the division in place into the softmax it keeps (read and write):
+# 32 bytes; backward scales the kept softmax in place (read and write): 8. With the casts, the target mask, the
+# gather of the targets' logits and the log: about 8 kernels forward and 4 backward.
+VOCAB_PARALLEL_CROSS_ENTROPY = CrossEntropy(forward_bytes=32, backward_bytes=8, kernels=(8, 4))
+# torch.nn.functional.cross_entropy over fp32 logits (paraplan's executor: executor/models/transformer.py; also
+# torchtitan and HF transformers): log_softmax over a row longer than shared memory holds reads it three times (the
+# max, the sum of exponentials, the output) and writes it once (aten/src/ATen/native/cuda/SoftMax.cu
+# `cunn_SoftMaxForwardGmem`): 16 bytes; nll_loss reads one element a row. Backward: nll_loss's gradient is a
+# zero-filled tensor (write 4) with each row's target set, and log_softmax's backward reads it for its sum, then
+# reads it again with the kept output and writes the logits' gradient (`cunn_SoftMaxBackward`): 20 bytes. Kernels:
+# the cast, log_softmax and nll_loss forward; the fill, nll_loss's, log_softmax's and the cast backward.
+TORCH_CROSS_ENTROPY = CrossEntropy(forward_bytes=16, backward_bytes=20, kernels=(3, 4))
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,7 @@ class Shape:
     # Bytes per weight that autocast moves casting fp32 parameters to 16 bits in forward, and their 16-bit
     # gradients back to fp32 in backward (Runtime.weight_cast_bytes); 0 where weights are 16-bit already.
     weight_cast_bytes: float = 0.0
+    cross_entropy: CrossEntropy = TORCH_CROSS_ENTROPY  # how the stack's loss runs (Runtime.cross_entropy)
 
     @classmethod
     def of(
@@ -158,9 +188,10 @@ class Shape:
         rotary: Rotary = ROTATE_HALF_FP32,
         weight_cast_bytes: float = 0.0,
         fused_rms_norm: bool = True,
+        cross_entropy: CrossEntropy = TORCH_CROSS_ENTROPY,
     ) -> Shape:
         """`micro_batch_sizes` (a numpy array) replaces the plan's: every size below then broadcasts over it.
-        `rotary`, `weight_cast_bytes` and `fused_rms_norm` are the stack's (Runtime)."""
+        `rotary`, `weight_cast_bytes`, `fused_rms_norm` and `cross_entropy` are the stack's (Runtime)."""
         elem = ACTIVATION_BYTES[training.precision]
         micro_batch = plan.micro_batch_size if micro_batch_sizes is None else micro_batch_sizes
         return cls(
@@ -180,6 +211,7 @@ class Shape:
             ep=plan.ep,
             rotary=rotary,
             weight_cast_bytes=weight_cast_bytes,
+            cross_entropy=cross_entropy,
         )
 
     def width(self, features: float, region: Region) -> float:
@@ -442,9 +474,11 @@ def embedding_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
 
 def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """Final norm, the vocab-parallel LM head and cross-entropy. The loss upcasts logits to fp32 and keeps
-    fp32 log-probabilities for backward (Megatron's vocab-parallel cross entropy; PyTorch's log_softmax);
-    the logits in activation precision are alive at the same time."""
+    fp32 log-probabilities (or probabilities) for backward; the logits in activation precision are alive at the
+    same time. Its passes over the logits are the stack's (`shape.cross_entropy`)."""
     logits = shape.tokens * model.vocab_size / shape.tp
+    forward, backward = shape.cross_entropy.traffic(shape.elem)
+    forward_kernels, backward_kernels = shape.cross_entropy.kernels
     return [
         _norm("final_norm", model, shape),
         _linear("lm_head", shape, model.hidden_size, model.vocab_size, "sp"),
@@ -452,8 +486,10 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
             "cross_entropy",
             0.0,
             (4 + shape.elem) * logits,
-            (shape.elem + 2 * 4) * logits,
-            **_launches("cross_entropy"),
+            forward * logits,
+            kernels=forward_kernels,
+            backward_kernels=backward_kernels,
+            backward_traffic_bytes=backward * logits,
         ),
     ]
 

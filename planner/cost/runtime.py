@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from planner.cost.ops import COMPLEX_FP32, FUSED_ROTARY, ROTATE_HALF, ROTATE_HALF_FP32, Rotary
+from planner.cost.ops import (
+    COMPLEX_FP32,
+    FUSED_ROTARY,
+    ROTATE_HALF,
+    ROTATE_HALF_FP32,
+    TORCH_CROSS_ENTROPY,
+    VOCAB_PARALLEL_CROSS_ENTROPY,
+    CrossEntropy,
+    Rotary,
+)
 from planner.units import MiB
 
 if TYPE_CHECKING:
@@ -42,7 +51,7 @@ EVERY_STAGE_OVERLAPS = {precision: (0, 1, 2, 3) for precision in ("fp32", "fp16"
 # forward's 35-53 us (benchmarks/h200_blocks.py, micro-batch 1). The other stacks are eager PyTorch modules as
 # well and are assumed to pay the same until a profile of them measures it; paraplan on CPUs runs its kernels on
 # the host itself, so no launch is waited for there.
-EAGER_HOST_S_PER_KERNEL = 87.3e-6
+EAGER_HOST_S_PER_KERNEL = 85.7e-6
 EAGER_HOST_S_PER_BACKWARD_KERNEL = 38.6e-6
 # Host time of FSDP2's hooks per unit (`fully_shard`) and micro-batch, seconds, forward and backward, beyond the
 # bare collective: the all-gather's copy-in and copy-out and the unsharded parameters' setup before forward, the
@@ -55,6 +64,13 @@ EAGER_HOST_S_PER_BACKWARD_KERNEL = 38.6e-6
 # The host does it between the passes' kernel launches, so it costs time only where it outlasts the device's
 # slack (planner/cost/data.py `fsdp_hooks_s`).
 FSDP2_UNIT_HOST_S = (250e-6, 340e-6)
+# The share of a GPU collective's time that hides behind the compute it overlaps: NCCL's kernels take SMs and
+# memory bandwidth from the compute beside them, which slows on average by 18.9% of the collective's time (Lee et
+# al. 2025, "Characterizing Compute-Communication Overlap in GPU-Accelerated Distributed Deep Learning:
+# Performance and Power Implications", arXiv:2507.03114: GPT and Llama training on A100, H100, MI250 and MI210,
+# at most 40%). A profile's own measurement of the same share (profiler/collectives.py `measure_overlap`) or a
+# calibration's fit replaces it (planner/cost/measured.py `hidden_share`).
+OVERLAPPED_COLLECTIVE_HIDDEN_SHARE = 1 - 0.189
 
 
 class StateBytes(NamedTuple):
@@ -165,6 +181,9 @@ class Runtime:
     # stacks whose ZeRO runs on FSDP2; 0 where the stack's hooks are other code (DeepSpeed's) or a profile's FSDP2
     # collectives, timed as training issues them, hold them (paraplan on CPUs: planner/cost/comm.py `fsdp_channel`).
     fsdp_unit_host_s: tuple[float, float] = (0.0, 0.0)
+    # The share of an overlappable collective's time that hides behind compute where the stack overlaps it, without
+    # a profile that measured it (`OVERLAPPED_COLLECTIVE_HIDDEN_SHARE` on GPUs).
+    overlap_hidden_share: float = OVERLAPPED_COLLECTIVE_HIDDEN_SHARE
     # How the stack's model code applies RoPE (planner/cost/ops.py `Rotary`): the executor's rotate-half in fp32.
     rotary: Rotary = ROTATE_HALF_FP32
     # Parameters kept in fp32 under torch.autocast, which casts every weight to 16 bits each forward and its
@@ -173,6 +192,9 @@ class Runtime:
     # RMSNorm runs in one fused kernel (ops.py `_norm`): Megatron-LM's and DeepSpeed's (apex / TransformerEngine),
     # the executor's (torch's fused CUDA kernel since 2.8); not an eager HF or torchtitan model on an earlier torch.
     fused_rms_norm: bool = True
+    # How the stack's loss computes cross entropy (planner/cost/ops.py `CrossEntropy`): the executor's
+    # F.cross_entropy over fp32 logits.
+    cross_entropy: CrossEntropy = TORCH_CROSS_ENTROPY
 
     def weight_cast_bytes(self, precision: str) -> int:
         """Bytes per weight autocast moves per pass, one way (read fp32 4, write 2; or read 2, write 4)."""
@@ -288,6 +310,9 @@ PARAPLAN_CPU = replace(
     host_s_per_kernel=0.0,
     host_s_per_backward_kernel=0.0,
     fsdp_unit_host_s=(0.0, 0.0),
+    # gloo's copies compete with the compute for the cores, by as much as the profile's `measure_overlap` finds;
+    # without a profile no share is assumed lost, as before NCCL's figure above existed.
+    overlap_hidden_share=1.0,
 )
 
 # Megatron-LM (megatron/core): 16-bit weights; bf16 accumulates and all-reduces its main gradients in fp32
@@ -322,6 +347,7 @@ MEGATRON = replace(
     accumulation_bytes={},
     rotary=FUSED_ROTARY,
     autocast_weights=False,
+    cross_entropy=VOCAB_PARALLEL_CROSS_ENTROPY,
 )
 
 # The share of the data-parallel bus bandwidth that DeepSpeed 0.3-0.5's ZeRO-3 collectives reach: fitted on the
@@ -383,6 +409,8 @@ DEEPSPEED = replace(
     # 16-bit weights.
     rotary=ROTATE_HALF,
     autocast_weights=False,
+    # Megatron-DeepSpeed's loss is Megatron's vocab-parallel cross entropy (megatron/core/tensor_parallel).
+    cross_entropy=VOCAB_PARALLEL_CROSS_ENTROPY,
 )
 
 # PyTorch FSDP2 as torchtitan runs it (torchtitan/distributed: MixedPrecisionPolicy(param_dtype=bf16,

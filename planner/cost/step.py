@@ -32,7 +32,7 @@ from planner.cost.batch import PlanBatch
 from planner.cost.data import dp_comm_exposed_s, dp_meetings, fsdp_hooks_s
 from planner.cost.expert import ep_device_comm_s
 from planner.cost.layers import LayerKinds, layer_kinds
-from planner.cost.measured import ProfileCosts, meeting_wait_s, microbatch_overhead_s, step_overhead_s
+from planner.cost.measured import ProfileCosts, hidden_share, meeting_wait_s, microbatch_overhead_s, step_overhead_s
 from planner.cost.memory import device_memory, host_memory
 from planner.cost.offload import (
     gradient_offload_bytes,
@@ -327,13 +327,13 @@ def _assumptions(
             "all-to-alls are not overlapped with compute"
         )
     if plan.dp * plan.cp > 1:
-        notes.append(_reduction_assumption(plan, runtime, training.precision))
+        notes.append(_reduction_assumption(plan, runtime, training.precision, hidden_share(measured, runtime)))
     if plan.offload != "none":
         notes.append(_offload_assumption(cluster))
     return notes
 
 
-def _reduction_assumption(plan: ParallelPlan, runtime: Runtime, precision: str) -> str:
+def _reduction_assumption(plan: ParallelPlan, runtime: Runtime, precision: str, share: float) -> str:
     if not plan.overlap_grad_reduce:
         return "gradient reduction does not overlap with backward"
     if runtime.pipeline_reduces_after_flush and plan.pp > 1:
@@ -345,7 +345,10 @@ def _reduction_assumption(plan: ParallelPlan, runtime: Runtime, precision: str) 
     if not runtime.reduction_overlaps(zero_stage, plan.pp, precision):
         return (f"gradient reduction does not overlap with backward: {runtime.name} reduces {precision} ZeRO-"
                 f"{plan.zero_stage} gradients after backward")  # fmt: skip
-    return "gradient reduction overlaps with backward"
+    if share == 1:
+        return "gradient reduction overlaps with backward"
+    return (f"gradient reduction overlaps with backward; {share:.0%} of the overlapped time hides (the compute "
+            "beside a collective loses the rest to it)")  # fmt: skip
 
 
 def _offload_assumption(cluster: ClusterSpec) -> str:

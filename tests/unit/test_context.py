@@ -10,6 +10,7 @@ import pytest
 import planner
 from planner.cost import comm, context, ops
 from planner.cost.compute import Speeds
+from planner.cost.runtime import OVERLAPPED_COLLECTIVE_HIDDEN_SHARE
 from planner.cost.step import estimate_step
 from planner.request import parse_estimate_request
 from planner.search.rank import LAYOUT_TIE_TOLERANCE, simplest_first
@@ -61,6 +62,18 @@ def test_exposed_hops_by_hand():
     # leave 8.74 us each.
     assert context.backward_hops_exposed_s(step, CP, RING) == pytest.approx(2 * (DOUBLE_HOP_S - STEP_BACKWARD_S))
     assert context.backward_hops_exposed_s(step, CP, RING) == pytest.approx(17.5e-6, rel=1e-2)
+
+
+def test_a_hop_slows_the_kernel_it_overlaps_by_the_share_that_does_not_hide():
+    """On a GPU 18.9% of an overlapped transfer's time is lost to the kernel beside it (Runtime.overlap_hidden_share):
+    a forward hop of 36.21 us behind a 21.47 us kernel shows its 14.74 us excess and 18.9% of the 21.47 us overlap;
+    the backward's single hops, wholly overlapped, show 18.9% of their 36.21 us."""
+    step = context.ring_step(MODEL, plan(), SHAPE, SPEEDS, BLOCK)
+    share = OVERLAPPED_COLLECTIVE_HIDDEN_SHARE
+    forward = 3 * (HOP_S - STEP_FORWARD_S + (1 - share) * STEP_FORWARD_S)
+    assert context.forward_hops_exposed_s(step, CP, RING, share) == pytest.approx(forward)
+    backward = 2 * (1 - share) * HOP_S + 2 * (DOUBLE_HOP_S - share * STEP_BACKWARD_S)
+    assert context.backward_hops_exposed_s(step, CP, RING, share) == pytest.approx(backward)
 
 
 def test_merges_by_hand():

@@ -12,7 +12,14 @@ import pytest
 from planner.cost import data
 from planner.cost.batch import PlanBatch
 from planner.cost.params import block_params, block_tensors, embedding_tensors, head_tensors
-from planner.cost.runtime import ANALYTIC, DEEPSPEED, EVERY_STAGE_OVERLAPS, FSDP
+from planner.cost.runtime import (
+    ANALYTIC,
+    DEEPSPEED,
+    EVERY_STAGE_OVERLAPS,
+    FSDP,
+    OVERLAPPED_COLLECTIVE_HIDDEN_SHARE,
+    PARAPLAN_CPU,
+)
 from planner.presets import model_preset
 from planner.request import parse_estimate_request
 from planner.units import MiB
@@ -84,6 +91,25 @@ def test_deepspeed_issues_one_collective_per_tensor_at_its_fitted_bandwidth():
     assert data.dp_meetings(batch)[0, 0] == expected
 
 
+def contended(least_shown: float, hideable: float, share: float = OVERLAPPED_COLLECTIVE_HIDDEN_SHARE) -> float:
+    """What shows of `hideable` collective seconds when `least_shown` of them cannot hide and the rest overlaps
+    compute, which loses 1 - `share` of the overlapped time to the collectives (Runtime.overlap_hidden_share)."""
+    return least_shown + (1 - share) * (hideable - least_shown)
+
+
+def test_overlapped_gpu_collectives_cost_the_compute_beside_them_a_share_of_their_time():
+    """NCCL's kernels take SMs and memory bandwidth from the compute they overlap, 18.9% of their time on average
+    (Lee et al. 2025): what hides behind compute still costs that share. Where the stack's share is 1 (paraplan on
+    CPUs without a profile) all that can hide does."""
+    batch = batch_of(runtime=FSDP, nodes=2)
+    hideable, least = data.dp_during_backward_s(batch)[0, 0], data.sharded_exposed_s(batch)[0, 0]
+    assert least < hideable
+    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(least + 0.189 * (hideable - least))
+    assert PARAPLAN_CPU.overlap_hidden_share == 1.0
+    whole = batch_of(runtime=replace(FSDP, overlap_hidden_share=PARAPLAN_CPU.overlap_hidden_share), nodes=2)
+    assert data.dp_comm_exposed_s(whole)[0, 0] == pytest.approx(least)
+
+
 def test_prefetching_hides_a_units_collectives_behind_its_neighbours_compute():
     batch = batch_of(runtime=FSDP, nodes=2)
     sharded = data.sharded_collectives(batch)
@@ -94,8 +120,9 @@ def test_prefetching_hides_a_units_collectives_behind_its_neighbours_compute():
     per_block = max(gather - forward, 0) + max(gather + scatter - backward, 0)
     root = 2 * sharded.root_gather_s[0, 0] + sharded.root_scatter_s[0, 0]
     assert data.sharded_exposed_s(batch)[0, 0] == pytest.approx(m * (blocks * per_block + root))
-    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(m * (blocks * per_block + root))
-    assert data.dp_comm_exposed_s(batch)[0, 0] < data.dp_during_backward_s(batch)[0, 0]
+    hideable = data.dp_during_backward_s(batch)[0, 0]
+    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(contended(m * (blocks * per_block + root), hideable))
+    assert data.dp_comm_exposed_s(batch)[0, 0] < hideable
 
 
 def test_a_unit_whose_collectives_outlast_its_compute_shows_the_difference():
@@ -110,7 +137,8 @@ def test_a_unit_whose_collectives_outlast_its_compute_shows_the_difference():
     shown = batch.blocks[0, 0] * (max(gather - forward, 0) + gather + scatter - backward)
     root = 2 * sharded.root_gather_s[0, 0] + sharded.root_scatter_s[0, 0]
     assert batch.microbatches[0, 0] == 1
-    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(shown + root)
+    hideable = data.dp_during_backward_s(batch)[0, 0]
+    assert data.dp_comm_exposed_s(batch)[0, 0] == pytest.approx(contended(shown + root, hideable))
 
 
 def test_deepspeed_zero3_synchronizes_around_its_gathers_so_none_hides():
@@ -145,7 +173,8 @@ def test_deepspeed_reduces_after_backward_where_its_engine_does(zero, precision,
     # The same plan on a stack that overlaps hides all but the last bucket (and ZeRO-1's gather after the step).
     overlapping = replace(deepspeed, runtime=replace(DEEPSPEED, overlapped_reduction_stages=EVERY_STAGE_OVERLAPS,
                                                      pipeline_reduces_after_flush=False))  # fmt: skip
-    shown = bucketed_exposed_s(overlapping) + data.dp_after_step_s(overlapping)[0, 0]
+    hideable = data.dp_during_backward_s(overlapping)[0, 0]
+    shown = contended(bucketed_exposed_s(overlapping), hideable) + data.dp_after_step_s(overlapping)[0, 0]
     assert data.dp_comm_exposed_s(overlapping)[0, 0] == pytest.approx(shown)
     assert shown < everything[0, 0]
 

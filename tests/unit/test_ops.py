@@ -6,6 +6,7 @@ import pytest
 
 from planner.cost import ops
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step, narayanan_eq3_flops
+from planner.cost.runtime import DEEPSPEED, FSDP, MEGATRON, PARAPLAN_CPU, PARAPLAN_CUDA
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 from tests.conftest import gpt_block_model
 
@@ -120,3 +121,50 @@ def test_tp_splits_flops_evenly():
     one = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(micro_batch_size=B)))
     four = ops.block_ops(model, EAGER_FP16, ops.Shape.of(model, EAGER_FP16, ParallelPlan(tp=4, micro_batch_size=B)))
     assert sum(op.matmul_flops for op in four) == pytest.approx(sum(op.matmul_flops for op in one) / 4)
+
+
+# -------------------------------------------------------------------------------------- cross entropy per stack
+
+
+def cross_entropy_op(precision: str, cross_entropy: ops.CrossEntropy, tp: int = 1) -> ops.OpCost:
+    training = TrainingSpec(seq_len=S, global_batch_size=B * 8, precision=precision)
+    plan = ParallelPlan(tp=tp, micro_batch_size=B)
+    shape = ops.Shape.of(gpt_block_model(), training, plan, cross_entropy=cross_entropy)
+    (op,) = [op for op in ops.head_ops(gpt_block_model(), shape) if op.name == "cross_entropy"]
+    return op
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_megatron_cross_entropy_passes_over_fp32_logits_once_per_step(tp):
+    """Megatron-LM's vocab-parallel cross entropy in bf16: logits.float() (read 2, write 4), max (4), subtract (8),
+    exp (8), sum (4), divide (8) forward; scale in place (8) and the cast back (read 4, write 2) backward; each
+    tensor-parallel rank holds vocab / tp of the logits."""
+    logits = S * B * 51200 / tp
+    op = cross_entropy_op("bf16", ops.VOCAB_PARALLEL_CROSS_ENTROPY, tp)
+    assert op.traffic_bytes == pytest.approx((6 + 4 + 8 + 8 + 4 + 8) * logits)
+    assert op.backward_traffic_bytes == pytest.approx((8 + 6) * logits)
+    assert (op.kernels, op.backward_kernels) == (8, 4)
+
+
+def test_torch_cross_entropy_reads_each_row_three_times_and_fills_a_zero_gradient():
+    """F.cross_entropy(logits.float()): the cast (6), log_softmax's three reads and one write (16) forward; the cast
+    back (6), nll_loss's zero-filled gradient (4) and log_softmax's backward (two reads of it, one of the output, a
+    write: 16) backward."""
+    logits = S * B * 51200
+    op = cross_entropy_op("bf16", ops.TORCH_CROSS_ENTROPY)
+    assert op.traffic_bytes == pytest.approx(22 * logits)
+    assert op.backward_traffic_bytes == pytest.approx(26 * logits)
+    assert (op.kernels, op.backward_kernels) == (3, 4)
+
+
+def test_fp32_logits_are_not_cast():
+    logits = S * B * 51200
+    assert cross_entropy_op("fp32", ops.TORCH_CROSS_ENTROPY).traffic_bytes == pytest.approx(16 * logits)
+    assert cross_entropy_op("fp32", ops.VOCAB_PARALLEL_CROSS_ENTROPY).backward_traffic_bytes == pytest.approx(
+        8 * logits
+    )
+
+
+def test_each_stack_runs_its_own_cross_entropy():
+    assert MEGATRON.cross_entropy is DEEPSPEED.cross_entropy is ops.VOCAB_PARALLEL_CROSS_ENTROPY
+    assert FSDP.cross_entropy is PARAPLAN_CUDA.cross_entropy is PARAPLAN_CPU.cross_entropy is ops.TORCH_CROSS_ENTROPY

@@ -771,7 +771,8 @@ def test_fsdp_stages_pay_the_measured_fsdp_unit_collectives(save):
 
 def test_measured_overlap_hides_only_its_share_of_the_gradient_reduction(save):
     """Without a calibration the profile's measured compute-communication overlap decides how much of the
-    hideable all-reduce hides: none at 0, all that can at 1 (the default when it was not measured)."""
+    hideable all-reduce hides: none at 0, all that can at 1 (paraplan's default on CPUs when it was not measured;
+    a GPU stack's is Runtime.overlap_hidden_share)."""
     fits = [fit("all_reduce", "intra_node", 2, latency_s=1e-3, bandwidth_GBps=1.0)]
     plan = {"dp": 2, "zero_stage": 0}
 
