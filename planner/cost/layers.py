@@ -395,7 +395,8 @@ def embedding_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> L
 def head_cost(model: ModelSpec, plan: ParallelPlan, ctx: LayerContext) -> LayerCost:
     """Final norm, LM head and loss: the head's input gradient is all-reduced over TP in backward."""
     layer = ops.head_ops(model, ctx.shape)
-    head = _edge_layer("head", "head", params.head_params(model), layer, ctx, plan)
+    working = ops.head_working_bytes(model, ctx.shape)
+    head = _edge_layer("head", "head", params.head_params(model), layer, ctx, plan, working)
     return replace(head, partial_grad_params=sp_partial_params(head.params, plan))
 
 
@@ -406,10 +407,12 @@ def _edge_layer(
     layer: list[ops.OpCost],
     ctx: LayerContext,
     plan: ParallelPlan,
+    analytic_working: Any = 0.0,
 ) -> LayerCost:
-    """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only)."""
+    """Embedding and head are never recomputed (Megatron-LM checkpoints transformer layers only). `analytic_working`:
+    what the layer holds at its peak beyond what it keeps, where no profile measured it."""
     times = ctx.layer_times(kind, layer, plan.tp, "none")
-    saved, working = layer_memory(times, ops.saved_bytes(layer, "none"), 0.0)
+    saved, working = layer_memory(times, ops.saved_bytes(layer, "none"), analytic_working)
     return LayerCost(
         name=name,
         kind=kind,

@@ -83,33 +83,60 @@ FUSED_ROTARY = Rotary(passes=2, fp32=False, kernels=(2, 2))
 @dataclass(frozen=True)
 class CrossEntropy:
     """How a stack's loss computes cross entropy over the logits: the bytes it moves per logit element over the fp32
-    logits in forward and in backward, and its kernel launches (forward, backward). In 16-bit training the logits
-    are upcast first (`logits.float()`: read 2, write 4) and their gradient cast back (read 4, write 2)."""
+    logits in forward and in backward, its kernel launches (forward, backward), and what it holds. In 16-bit
+    training the logits are upcast first (`logits.float()`: read 2, write 4) and their gradient cast back (read 4,
+    write 2). Every stack keeps one fp32 tensor of the logits' size for backward (log-probabilities or
+    probabilities, `SAVED_LOGIT_BYTES`); at its peak it holds `peak_fp32_tensors` of them, the kept one included,
+    and, where `peak_holds_16bit_logits`, the 16-bit logits beside them."""
 
     forward_bytes: int
     backward_bytes: int
     kernels: tuple[int, int]
+    peak_fp32_tensors: int
+    peak_holds_16bit_logits: bool
 
     def traffic(self, elem: int) -> tuple[int, int]:
         """Bytes per logit element, (forward, backward), with the casts, at `elem` bytes per activation."""
         casts = elem + 4 if elem < 4 else 0
         return casts + self.forward_bytes, casts + self.backward_bytes
 
+    def working_bytes(self, elem: int) -> int:
+        """Bytes per logit element the loss holds at its peak beyond what it keeps for backward."""
+        sixteen_bit = elem if self.peak_holds_16bit_logits and elem < 4 else 0
+        return 4 * self.peak_fp32_tensors + sixteen_bit - SAVED_LOGIT_BYTES
 
-# Megatron-LM's vocab-parallel cross entropy (megatron/core/tensor_parallel/cross_entropy.py; Megatron-DeepSpeed's
-# is the same code), one whole-tensor pass per step: the max (read 4), the max subtracted (read and write), exp in
-# place (read and write), the sum (read) and the division in place into the softmax it keeps (read and write):
-# 32 bytes; backward scales the kept softmax in place (read and write): 8. With the casts, the target mask, the
-# gather of the targets' logits and the log: about 8 kernels forward and 4 backward.
-VOCAB_PARALLEL_CROSS_ENTROPY = CrossEntropy(forward_bytes=32, backward_bytes=8, kernels=(8, 4))
+
+# The fp32 log-probabilities (F.cross_entropy's log_softmax output) or probabilities (Megatron's softmax) a loss
+# keeps for backward, bytes per logit element. Measured on an H200 (tests/data/h200-llama3.2-1b, the profiler's
+# head at 1-8 sequences of 1,024 tokens): 4.0 bytes a logit beside a constant 525 MB (the LM head weight's cast
+# that autocast caches), and 8.0 more at the peak.
+SAVED_LOGIT_BYTES = 4
+
+# Megatron-LM's vocab-parallel cross entropy (megatron/core/tensor_parallel/cross_entropy.py), one whole-tensor pass
+# per step over the fp32 logits: the max (read 4), the max subtracted (read and write), exp (read and write), the
+# sum (read) and the division into the softmax it keeps (read and write): 32 bytes; backward scales the kept softmax
+# in place (read and write): 8. With the casts, the target mask, the gather of the targets' logits and the log:
+# about 8 kernels forward and 4 backward. Megatron-Core works in place on the fp32 copy ("In-place subtraction
+# reduces memory pressure"), so its peak is that copy beside the 16-bit logits.
+VOCAB_PARALLEL_CROSS_ENTROPY = CrossEntropy(
+    forward_bytes=32, backward_bytes=8, kernels=(8, 4), peak_fp32_tensors=1, peak_holds_16bit_logits=True
+)
+# Megatron-DeepSpeed's copy of it (megatron/core/tensor_parallel/cross_entropy.py there) subtracts the max into a
+# new tensor: two fp32 tensors and the 16-bit logits at its peak.
+VOCAB_PARALLEL_CROSS_ENTROPY_COPY = replace(VOCAB_PARALLEL_CROSS_ENTROPY, peak_fp32_tensors=2)
 # torch.nn.functional.cross_entropy over fp32 logits (paraplan's executor: executor/models/transformer.py; also
 # torchtitan and HF transformers): log_softmax over a row longer than shared memory holds reads it three times (the
 # max, the sum of exponentials, the output) and writes it once (aten/src/ATen/native/cuda/SoftMax.cu
 # `cunn_SoftMaxForwardGmem`): 16 bytes; nll_loss reads one element a row. Backward: nll_loss's gradient is a
 # zero-filled tensor (write 4) with each row's target set, and log_softmax's backward reads it for its sum, then
 # reads it again with the kept output and writes the logits' gradient (`cunn_SoftMaxBackward`): 20 bytes. Kernels:
-# the cast, log_softmax and nll_loss forward; the fill, nll_loss's, log_softmax's and the cast backward.
-TORCH_CROSS_ENTROPY = CrossEntropy(forward_bytes=16, backward_bytes=20, kernels=(3, 4))
+# the cast, log_softmax and nll_loss forward; the fill, nll_loss's, log_softmax's and the cast backward. Its peak is
+# in log_softmax's backward: the kept log-probabilities, nll_loss's gradient and the logits' gradient, all fp32
+# (the 16-bit logits are freed once the caller's loss returns: the executor's `loss_fn(model(x), y)`, torchtitan's
+# `del pred`).
+TORCH_CROSS_ENTROPY = CrossEntropy(
+    forward_bytes=16, backward_bytes=20, kernels=(3, 4), peak_fp32_tensors=3, peak_holds_16bit_logits=False
+)
 
 
 @dataclass(frozen=True)
@@ -473,10 +500,9 @@ def embedding_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
 
 
 def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
-    """Final norm, the vocab-parallel LM head and cross-entropy. The loss upcasts logits to fp32 and keeps
-    fp32 log-probabilities (or probabilities) for backward; the logits in activation precision are alive at the
-    same time. Its passes over the logits are the stack's (`shape.cross_entropy`)."""
-    logits = shape.tokens * model.vocab_size / shape.tp
+    """Final norm, the vocab-parallel LM head and cross-entropy. The loss upcasts the logits to fp32 and keeps
+    fp32 log-probabilities (or probabilities) for backward (`SAVED_LOGIT_BYTES`); its passes over the logits are the
+    stack's (`shape.cross_entropy`), and what it holds beyond them at its peak is `head_working_bytes`."""
     forward, backward = shape.cross_entropy.traffic(shape.elem)
     forward_kernels, backward_kernels = shape.cross_entropy.kernels
     return [
@@ -485,13 +511,23 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
         OpCost(
             "cross_entropy",
             0.0,
-            (4 + shape.elem) * logits,
-            forward * logits,
+            SAVED_LOGIT_BYTES * _logits(model, shape),
+            forward * _logits(model, shape),
             kernels=forward_kernels,
             backward_kernels=backward_kernels,
-            backward_traffic_bytes=backward * logits,
+            backward_traffic_bytes=backward * _logits(model, shape),
         ),
     ]
+
+
+def head_working_bytes(model: ModelSpec, shape: Shape) -> float:
+    """Bytes the loss holds at its peak beyond what the head keeps for backward (`CrossEntropy.working_bytes`)."""
+    return shape.cross_entropy.working_bytes(shape.elem) * _logits(model, shape)
+
+
+def _logits(model: ModelSpec, shape: Shape) -> float:
+    """Logit elements of one micro-batch on one GPU: its tokens by its vocab-parallel share of the vocabulary."""
+    return shape.tokens * model.vocab_size / shape.tp
 
 
 # What "selective" recompute means in each stack (Runtime.selective_recompute):

@@ -28,6 +28,7 @@ from planner.cost.ops import (
     ROTATE_HALF_FP32,
     TORCH_CROSS_ENTROPY,
     VOCAB_PARALLEL_CROSS_ENTROPY,
+    VOCAB_PARALLEL_CROSS_ENTROPY_COPY,
     CrossEntropy,
     Rotary,
 )
@@ -409,8 +410,8 @@ DEEPSPEED = replace(
     # 16-bit weights.
     rotary=ROTATE_HALF,
     autocast_weights=False,
-    # Megatron-DeepSpeed's loss is Megatron's vocab-parallel cross entropy (megatron/core/tensor_parallel).
-    cross_entropy=VOCAB_PARALLEL_CROSS_ENTROPY,
+    # Megatron-DeepSpeed's loss is its copy of Megatron's vocab-parallel cross entropy (megatron/core/tensor_parallel).
+    cross_entropy=VOCAB_PARALLEL_CROSS_ENTROPY_COPY,
 )
 
 # PyTorch FSDP2 as torchtitan runs it (torchtitan/distributed: MixedPrecisionPolicy(param_dtype=bf16,

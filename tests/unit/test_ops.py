@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from planner.cost import ops
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step, narayanan_eq3_flops
 from planner.cost.runtime import DEEPSPEED, FSDP, MEGATRON, PARAPLAN_CPU, PARAPLAN_CUDA
+from planner.presets import model_preset
+from planner.profiles import load_profile_json
 from planner.specs import ModelSpec, ParallelPlan, TrainingSpec
 from tests.conftest import gpt_block_model
 
 S, B, H, A = 2048, 2, 512, 8
+H200 = Path(__file__).parents[1] / "data" / "h200-llama3.2-1b"
 EAGER_FP16 = TrainingSpec(seq_len=S, global_batch_size=B * 8, precision="fp16", attention_kernel="eager")
 
 
@@ -166,5 +171,49 @@ def test_fp32_logits_are_not_cast():
 
 
 def test_each_stack_runs_its_own_cross_entropy():
-    assert MEGATRON.cross_entropy is DEEPSPEED.cross_entropy is ops.VOCAB_PARALLEL_CROSS_ENTROPY
+    assert MEGATRON.cross_entropy is ops.VOCAB_PARALLEL_CROSS_ENTROPY
+    assert DEEPSPEED.cross_entropy is ops.VOCAB_PARALLEL_CROSS_ENTROPY_COPY
     assert FSDP.cross_entropy is PARAPLAN_CUDA.cross_entropy is PARAPLAN_CPU.cross_entropy is ops.TORCH_CROSS_ENTROPY
+
+
+@pytest.mark.parametrize(
+    ("cross_entropy", "precision", "working"),
+    [
+        # log_softmax's backward: the kept log-probabilities, nll_loss's gradient and the logits' gradient (fp32).
+        (ops.TORCH_CROSS_ENTROPY, "bf16", 3 * 4 - 4),
+        (ops.TORCH_CROSS_ENTROPY, "fp32", 3 * 4 - 4),
+        # Megatron-Core: the fp32 copy, worked on in place, beside the 16-bit logits.
+        (ops.VOCAB_PARALLEL_CROSS_ENTROPY, "bf16", 4 + 2 - 4),
+        (ops.VOCAB_PARALLEL_CROSS_ENTROPY, "fp32", 0),
+        # Megatron-DeepSpeed: the max subtracted into a second fp32 tensor.
+        (ops.VOCAB_PARALLEL_CROSS_ENTROPY_COPY, "bf16", 2 * 4 + 2 - 4),
+    ],
+)
+def test_the_loss_keeps_fp32_logits_and_holds_its_stacks_peak_beyond_them(cross_entropy, precision, working):
+    logits = S * B * 51200
+    assert cross_entropy_op(precision, cross_entropy).saved_bytes == pytest.approx(4 * logits)
+    training = TrainingSpec(seq_len=S, global_batch_size=B * 8, precision=precision)
+    shape = ops.Shape.of(gpt_block_model(), training, ParallelPlan(micro_batch_size=B), cross_entropy=cross_entropy)
+    assert ops.head_working_bytes(gpt_block_model(), shape) == pytest.approx(working * logits)
+
+
+def test_the_executors_loss_memory_matches_its_h200_profile():
+    """The profiler's head on an H200 (tests/data/h200-llama3.2-1b: Llama-3.2 1B, 1-8 sequences of 1,024 and 2,048
+    tokens, the executor's F.cross_entropy over fp32 logits): what it keeps is the head's analytic saved bytes plus
+    the LM head weight's 16-bit cast, which autocast caches for the step (2 x hidden x vocab); what its peak holds
+    beyond that is `head_working_bytes`. Both within 1%."""
+    measured = [layer for layer in load_profile_json(H200 / "seq1024" / "profile.json").layers if layer.layer == "head"]
+    measured += [
+        layer for layer in load_profile_json(H200 / "seq2048" / "profile.json").layers if layer.layer == "head"
+    ]
+    model = model_preset("llama3.2-1b")
+    assert len(measured) == 6
+    for layer in measured:
+        training = TrainingSpec(seq_len=layer.seq_len, global_batch_size=64, precision="bf16")
+        plan = ParallelPlan(micro_batch_size=layer.micro_batch_size)
+        shape = ops.Shape.of(model, training, plan, cross_entropy=PARAPLAN_CUDA.cross_entropy)
+        cast = 2 * model.hidden_size * model.vocab_size
+        saved = ops.saved_bytes(ops.head_ops(model, shape), "none") + cast
+        assert saved == pytest.approx(layer.saved_bytes, rel=0.01)
+        working = layer.peak_allocated_bytes - layer.saved_bytes
+        assert ops.head_working_bytes(model, shape) == pytest.approx(working, rel=0.01)
