@@ -412,6 +412,16 @@ _NVLINK4 = LinkSpec(
     source="H100/H200 datasheets (900 GB/s bidirectional NVLink); NVIDIA/nccl-tests#212",
 )
 
+# The export parts for the Chinese market keep their GPU and cut NVLink to 400 GB/s bidirectional, 200 per
+# direction: A800 8 NVLink3 links where the A100 has 12, H800 8 NVLink4 links where the H100 has 18 (NVIDIA A800 and
+# H800 product pages). Each keeps its generation's protocol efficiency (assumed: no nccl-tests figure at hand).
+_NVLINK3_EXPORT = _NVLINK3.model_copy(
+    update={"bandwidth_GBps": 200.0, "source": "NVIDIA A800 SXM4 (400 GB/s bidirectional NVLink); A100's efficiency"}
+)
+_NVLINK4_EXPORT = _NVLINK4.model_copy(
+    update={"bandwidth_GBps": 200.0, "source": "NVIDIA H800 SXM5 (400 GB/s bidirectional NVLink); H100's efficiency"}
+)
+
 _NVLINK2 = LinkSpec(
     name="nvlink2",
     # V100 SXM2: 6 NVLink2 links x 25 GB/s per direction = 150 (datasheet: 300 GB/s, both directions). In a
@@ -567,6 +577,19 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 80GB",
     ),
+    "a800-80gb": GpuSpec(
+        name="a800-80gb",
+        sm_count=108,  # the A100's GA100 configuration (A800 keeps the A100's compute)
+        memory_bytes=85_198_045_184,  # the A100-SXM4-80GB's (assumed the same part)
+        peak_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        hbm_GBps=2039.0,
+        intra_node=_NVLINK3_EXPORT,
+        inter_node=_IB_HDR,
+        matmul_efficiency=_matmul_efficiency("a100"),
+        attention_efficiency=A100_FLASH_ATTENTION_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA A800 SXM4 80GB (A100 SXM4 80GB compute and HBM2e, 400 GB/s NVLink); DGX A100 network assumed",
+    ),
     "h100-sxm": GpuSpec(
         name="h100-sxm",
         sm_count=132,  # Hopper whitepaper: 132 SMs on H100 SXM5
@@ -598,6 +621,21 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet and H100 PCIe product brief PB-11133-001, PCIe 80GB",
+    ),
+    "h800": GpuSpec(
+        name="h800",
+        sm_count=132,  # the H100 SXM5's GH100 configuration (H800 keeps the H100's compute)
+        # The H100 80GB HBM3's capacity (assumed the same part).
+        memory_bytes=_mib(81089),
+        peak_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        hbm_GBps=3350.0,
+        intra_node=_NVLINK4_EXPORT,
+        # DeepSeek-V3 technical report (2024), sec. 3.1: H800 nodes, IB at 50 GB/s a GPU (400 Gb/s NDR).
+        inter_node=_network("ib-ndr-400g", 400, "DeepSeek-V3 technical report sec. 3.1: H800 nodes, 50 GB/s IB a GPU"),
+        matmul_efficiency=HOPPER_MATMUL_EFFICIENCY,
+        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
+        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
+        source="NVIDIA H800 SXM5 (H100 SXM5 compute and HBM3, 400 GB/s NVLink); Hopper whitepaper",
     ),
     "h200": GpuSpec(
         name="h200",
@@ -763,6 +801,8 @@ _HOST_SIDES: dict[str, tuple[float, int | None, str]] = {
     "h100-sxm": (PCIE_GEN5_HOST_GBPS, 2 * TB, "DGX H100 datasheet: 2 TB system memory"),
     "h100-pcie": (PCIE_GEN5_HOST_GBPS, None, "no reference system"),
     "h200": (PCIE_GEN5_HOST_GBPS, 2 * TB, "DGX H200 datasheet: 2 TB system memory"),
+    "a800-80gb": (PCIE_GEN4_HOST_GBPS, 2 * TB, "assumed: as DGX A100 640GB, 2 TB"),
+    "h800": (PCIE_GEN5_HOST_GBPS, 2 * TB, "assumed: as DGX H100, 2 TB"),
     "l4": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
     "l40s": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
     "a10": (PCIE_GEN4_HOST_GBPS, None, "no reference system"),
@@ -793,12 +833,15 @@ GPU_PRESETS = {name: _with_host_side(gpu) for name, gpu in GPU_PRESETS.items()}
 _DEVICE_NAMES = (
     (r"h200", "h200"),
     (r"h100.*pcie", "h100-pcie"),
+    (r"h800.*pcie", "h100-pcie"),  # the H800 PCIe has the H100 PCIe's compute (above)
+    (r"h800", "h800"),
     (r"h100", "h100-sxm"),
     (r"\bh20\b", "h20"),
     (r"b200", "b200"),
     (r"mi300x", "mi300x"),
     (r"a100.*40\s*gb", "a100-40gb"),
     (r"a100", "a100-80gb"),
+    (r"a800", "a800-80gb"),
     (r"v100.*16\s*gb", "v100-sxm2-16gb"),
     (r"v100", "v100-sxm2-32gb"),
     (r"l40s", "l40s"),

@@ -187,6 +187,8 @@ def test_only_volta_lacks_bf16() -> None:
         ("v100-sxm2-32gb", 125.0, 15.7, 900.0, 32),
         ("v100-sxm2-16gb", 125.0, 15.7, 900.0, 16),
         ("h20", 148.0, 44.0, 4000.0, 96),
+        ("a800-80gb", 312.0, 19.5, 2039.0, 80),
+        ("h800", 989.4, 66.9, 3350.0, 80),
         ("b200", 2250.0, 80.0, 8000.0, 180),
         ("mi300x", 1307.4, 163.4, 5300.0, 192),
     ],
@@ -226,6 +228,14 @@ def test_link_tiers_of_the_newer_presets() -> None:
     assert gpu_preset("mi300x").intra_node.bandwidth_GBps == 7 * 64
     assert gpu_preset("mi300x").intra_node.bus_bandwidth_Bps == pytest.approx(7 * 48e9)
     assert gpu_preset("h20").intra_node == gpu_preset("h100-sxm").intra_node
+    # The export parts: the A100's and H100's compute, NVLink cut to 200 GB/s per direction at each one's protocol
+    # efficiency; H800 nodes carry 400 Gb/s a GPU (DeepSeek-V3 sec. 3.1).
+    for export, original in (("a800-80gb", "a100-80gb"), ("h800", "h100-sxm")):
+        assert gpu_preset(export).peak_tflops == gpu_preset(original).peak_tflops
+        assert gpu_preset(export).matmul_efficiency == gpu_preset(original).matmul_efficiency
+        assert gpu_preset(export).intra_node.bandwidth_GBps == 200.0
+        assert gpu_preset(export).intra_node.efficiency == gpu_preset(original).intra_node.efficiency
+    assert gpu_preset("h800").inter_node.bandwidth_GBps == 50.0
 
 
 def test_matmul_efficiency_of_unbenchmarked_gpus_is_the_a100_calibration() -> None:

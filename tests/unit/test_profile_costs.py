@@ -258,6 +258,9 @@ def test_channel_fit_takes_the_nearest_measured_group_size_of_the_tier():
         ("NVIDIA H100 PCIe", "h100-sxm", False),
         ("NVIDIA A100-SXM4-80GB", "a100-80gb", True),
         ("NVIDIA H200", "h100-sxm", False),
+        ("NVIDIA H800", "h800", True),
+        ("NVIDIA H800", "h100-sxm", False),
+        ("NVIDIA A800-SXM4-80GB", "a800-80gb", True),
     ],
 )
 def test_device_mismatch_of_a_cuda_profile(device_name, gpu, matches):

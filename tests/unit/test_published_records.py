@@ -142,6 +142,16 @@ def test_stated_architecture_fields_win_over_the_name():
     assert run is not None and run.request["model"]["mlp"] == "gelu" and run.request["model"]["tie_embeddings"]
 
 
+@pytest.mark.parametrize(
+    ("gpu_type", "preset"),
+    [("H800 SXM5 80GB", "h800"), ("NVIDIA H800", "h800"), ("A800-SXM4-80GB", "a800-80gb"), ("H800 PCIe", "h100-pcie")],
+)
+def test_the_export_parts_run_on_their_own_presets(gpu_type, preset):
+    """A800 and H800: the A100's and H100's compute with NVLink cut to 400 GB/s (planner/presets.py)."""
+    run = published_run(record(cluster__gpu_type=gpu_type))
+    assert run is not None and run.request["cluster"]["gpu"] == preset
+
+
 def test_throughputs_convert_to_step_times():
     tokens = 64 * 8192
     assert published_run(record(measured={"tokens_per_s": 1e6})).step_time_s == pytest.approx(tokens / 1e6)
