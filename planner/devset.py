@@ -169,25 +169,55 @@ def _experts(m: dict[str, Any], name: str, filled: list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- stack
 
 
+# PyTorch's own data parallelism named without "FSDP": torch.distributed.fsdp.ShardingStrategy's members,
+# FSDP2's `fully_shard`, and DistributedDataParallel.
+_PYTORCH_SHARDING = r"fsdp|torchtitan|llm-foundry|accelerate|full_shard|shard_grad_op|no_shard|fully_shard|\bddp\b"
+
+
 def _stack(record: dict[str, Any]) -> tuple[str, int]:
     """(training.framework, plan.zero_stage) from the record's sharding field (or, where that names no stack, from
     the title of its source).
 
     PyTorch FSDP (torchtitan, llm-foundry, Accelerate): FULL_SHARD (its default) is ZeRO-3, SHARD_GRAD_OP ZeRO-2,
-    NO_SHARD plain data parallelism (torch.distributed.fsdp.ShardingStrategy). DeepSpeed, and Megatron-DeepSpeed,
-    state their ZeRO stage. Megatron-LM's distributed optimizer shards the optimizer's states: ZeRO-1."""
-    lowered = f"{record.get('framework') or ''} {record['parallel'].get('zero_or_fsdp') or ''}".lower()
-    if not re.search(r"fsdp|torchtitan|llm-foundry|accelerate|zero|deepspeed|megatron|optimizer", lowered):
-        lowered = str(record["source"].get("title") or "").lower()  # the stack the source is about
+    NO_SHARD plain data parallelism (torch.distributed.fsdp.ShardingStrategy), as is PyTorch's DDP. DeepSpeed, and
+    Megatron-DeepSpeed, state their ZeRO stage. Megatron-LM's distributed optimizer shards the optimizer's states:
+    ZeRO-1. Hybrid sharding (FSDP's HYBRID_SHARD, HSDP: sharded inside a group, replicated across groups) has no
+    plan field: UnsupportedRecord."""
+    lowered = _sharding_text(record)
+    if re.search(r"hybrid|hsdp", lowered):
+        stated = record["parallel"].get("zero_or_fsdp")
+        raise UnsupportedRecord(f"parallel.zero_or_fsdp: {stated!r}: hybrid sharding (HSDP) is not modelled")
     stage = re.search(r"zero[- ]?(\d)", lowered)
-    if re.search(r"fsdp|torchtitan|llm-foundry|accelerate", lowered):
-        if "no_shard" in lowered or str(record["parallel"].get("zero_or_fsdp")).lower() == "none":
+    if re.search(_PYTORCH_SHARDING, lowered):
+        if re.search(r"no_shard|\bddp\b", lowered) or str(record["parallel"].get("zero_or_fsdp")).lower() == "none":
             return "fsdp", 0
         return "fsdp", 2 if "shard_grad_op" in lowered else int(stage.group(1)) if stage else 3
     megatron = "megatron" in lowered or "distributed optimizer" in lowered
     if "deepspeed" in lowered or (stage and not megatron):
         return "deepspeed", int(stage.group(1)) if stage else 0
     return "megatron", 1 if "distributed optimizer" in lowered or stage else 0
+
+
+def _sharding_text(record: dict[str, Any]) -> str:
+    """The record's stack and sharding fields, lower case; where they name no stack, its source's title (the stack
+    the source is about)."""
+    lowered = f"{record.get('framework') or ''} {record['parallel'].get('zero_or_fsdp') or ''}".lower()
+    if not re.search(rf"{_PYTORCH_SHARDING}|hybrid|hsdp|zero|deepspeed|megatron|optimizer", lowered):
+        return str(record["source"].get("title") or "").lower()
+    return lowered
+
+
+def _offload(record: dict[str, Any], framework: str) -> str:
+    """plan.offload from the sharding field's mention of a CPU offload: FSDP's (CPUOffload / CPUOffloadPolicy) keeps
+    the weights, gradients and optimizer step on the CPU together; DeepSpeed's offloads the optimizer (ZeRO-Offload)
+    and, where the record names parameters, the weights too (ZeRO-Infinity's `offload_param`); Megatron-LM offloads
+    only its optimizer (`--optimizer-cpu-offload`)."""
+    lowered = _sharding_text(record)
+    if "offload" not in lowered:
+        return "none"
+    if framework == "fsdp" or (framework == "deepspeed" and "param" in lowered):
+        return "optimizer_and_params"
+    return "optimizer"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -311,6 +341,8 @@ def _plan(record: dict[str, Any], framework: str, zero_stage: int, filled: list[
         # FSDP and DeepSpeed ZeRO-3 overlap their collectives with compute; Megatron-LM of 2021-22 did not.
         "overlap_grad_reduce": framework == "fsdp" or zero_stage == 3,
     }
+    if (offload := _offload(record, framework)) != "none":
+        plan["offload"] = offload
     plan.update({axis: par[axis] for axis in ("cp", "ep") if (par.get(axis) or 1) > 1})
     schedule = str(par.get("schedule"))
     if pp > 1 and "gpipe" in schedule.lower():

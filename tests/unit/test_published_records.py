@@ -176,6 +176,8 @@ def test_mfu_alone_is_model_flops_over_the_presets_peak():
         ({"parallel__recompute": "selective + microbatch-level"}, "parallel.recompute"),
         ({"model__hidden": None}, "model.hidden"),
         ({"cluster__num_gpus": None}, "cluster.num_gpus"),
+        ({"parallel__zero_or_fsdp": "FSDP HYBRID_SHARD"}, "parallel.zero_or_fsdp"),
+        ({"parallel__zero_or_fsdp": "HSDP (shard 8, replicate 8)"}, "parallel.zero_or_fsdp"),
     ],
 )
 def test_what_cannot_be_modelled_is_named_and_left_out(tmp_path, overrides, field):
@@ -262,12 +264,32 @@ def test_a_sharding_field_that_names_no_stack_leaves_it_to_the_sources_title():
         ("Megatron-LM distributed optimizer (ZeRO-1)", ("megatron", 1)),
         ("distributed optimizer", ("megatron", 1)),
         ("none", ("megatron", 0)),
+        # PyTorch's strategy names alone, and its DDP, are the FSDP stack's.
+        ("FULL_SHARD", ("fsdp", 3)),
+        ("SHARD_GRAD_OP", ("fsdp", 2)),
+        ("DDP", ("fsdp", 0)),
     ],
 )
 def test_zero_stages_go_to_the_stack_that_ran_them(sharding, stack):
     run = published_run(record(parallel__zero_or_fsdp=sharding))
     assert run is not None
     assert (run.request["training"]["framework"], run.request["plan"]["zero_stage"]) == stack
+
+
+@pytest.mark.parametrize(
+    ("sharding", "offload"),
+    [
+        ("ZeRO-3", None),
+        ("ZeRO-3 + CPU offload", "optimizer"),  # ZeRO-Offload
+        ("ZeRO-3, offload optimizer and params to CPU", "optimizer_and_params"),  # ZeRO-Infinity's offload_param
+        ("FSDP FULL_SHARD + CPU offload", "optimizer_and_params"),  # FSDP has no optimizer-only offload
+        ("Megatron-LM distributed optimizer, optimizer CPU offload", "optimizer"),
+    ],
+)
+def test_a_stated_cpu_offload_is_the_stacks_own(sharding, offload):
+    run = published_run(record(parallel__zero_or_fsdp=sharding))
+    assert run is not None and run.request["plan"].get("offload") == offload
+    assert estimate(run.request).step_time_s > 0
 
 
 @pytest.mark.parametrize(
