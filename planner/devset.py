@@ -368,15 +368,21 @@ def _unpublished_micro_batch(record: dict[str, Any], framework: str, pp: int) ->
     return UNPUBLISHED_DEFAULTS["micro_batch_size"]
 
 
-def _recompute(stated: str | None, filled: list[str]) -> str:
-    """selective (each stack's own: Megatron's attention core, torchtitan's per-op policy), none, or full. Unstated:
-    full, what Narayanan et al.'s eq. 3 assumes."""
+def _recompute(stated: str | bool | None, filled: list[str]) -> str:
+    """selective (each stack's own: Megatron's attention core, torchtitan's per-op policy, "SAC"), none, or full
+    (a stated true, "activation checkpointing"). Unstated: full, what Narayanan et al.'s eq. 3 assumes. Schemes that
+    checkpoint only some micro-batches or only every n-th block have no plan field: UnsupportedRecord."""
+    if isinstance(stated, bool):
+        return "full" if stated else "none"
     text = (stated or "").lower()
     if "microbatch-level" in text:  # Korthikanti et al. 2022, appendix C: some micro-batches skip checkpointing
         raise UnsupportedRecord(f"parallel.recompute: {stated!r}: micro-batch-level recomputation is not modelled")
-    if "selective" in text or "per-op" in text:
+    if re.search(r"every\s+(\d+|other|second)|layer[- ]?(level|wise)|\bpartial\b", text):
+        # torchtitan's `selective_ac_option = "2"` and the like: every n-th block checkpointed, the rest kept
+        raise UnsupportedRecord(f"parallel.recompute: {stated!r}: checkpointing only some blocks is not modelled")
+    if re.search(r"selective|per[- ]?op|op[- ]level|\bsac\b", text):
         return "selective"
-    if re.match(r"(none|no\b|off|false|disabled)", text):
+    if re.match(r"(none|no\b|off|false|disabled|without)", text):
         return "none"
     if not text:
         filled.append("recompute=full")

@@ -277,6 +277,29 @@ def test_zero_stages_go_to_the_stack_that_ran_them(sharding, stack):
 
 
 @pytest.mark.parametrize(
+    ("stated", "recompute"),
+    [
+        ("selective (per-op)", "selective"),
+        ("SAC (op)", "selective"),
+        ("activation checkpointing", "full"),
+        (True, "full"),
+        (False, "none"),
+        ("no", "none"),
+        ("off", "none"),
+    ],
+)
+def test_recompute_as_records_state_it(stated, recompute):
+    run = published_run(record(parallel__recompute=stated))
+    assert run is not None and run.request["plan"]["recompute"] == recompute
+
+
+@pytest.mark.parametrize("stated", ["selective layer (every 2nd block)", "every other layer", "partial"])
+def test_checkpointing_only_some_blocks_is_named(stated):
+    with pytest.raises(UnsupportedRecord, match="^parallel.recompute: .*only some blocks"):
+        published_run(record(parallel__recompute=stated))
+
+
+@pytest.mark.parametrize(
     ("sharding", "offload"),
     [
         ("ZeRO-3", None),
