@@ -83,7 +83,17 @@ def _training_records(path: Path, sources: tuple[str, ...]) -> list[dict[str, An
 
 def published_run(record: dict[str, Any]) -> PublishedRun | None:
     """The contract request of one published run and its measured step time; None when it publishes no time.
-    UnsupportedRecord when it cannot be expressed."""
+    UnsupportedRecord when it cannot be expressed, or when a field holds what the schema does not (a number where a
+    text belongs, say): one odd record is named and left out, never the end of a file's check."""
+    try:
+        return _published_run(record)
+    except UnsupportedRecord:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
+        raise UnsupportedRecord(f"record {record.get('id')!r}: a field the schema does not allow: {error!r}") from error
+
+
+def _published_run(record: dict[str, Any]) -> PublishedRun | None:
     _require_published(record)
     filled: list[str] = []
     framework, zero_stage = _stack(record)
@@ -119,9 +129,16 @@ def _require_published(record: dict[str, Any]) -> None:
 # GPT-style (GPT-2/3, Megatron's GPT, OPT, BLOOM) 4h GeLU MLP, LayerNorm, tied embeddings; Llama-style (Llama 2/3,
 # Mistral, Mixtral, Qwen2) SwiGLU, RMSNorm, rotary positions, untied embeddings, no dropout.
 _LLAMA_STYLE = re.compile(r"llama|mistral|mixtral|qwen|gemma|deepseek|yi\b|internlm", re.IGNORECASE)
+# GPT-NeoX-style models (GPT-NeoX, Pythia, GPT-J, Falcon): rotary positions with a GELU MLP and LayerNorm,
+# untied embeddings (their Hugging Face configs: rotary_pct / rotary, tie_word_embeddings false), no dropout.
+_ROTARY_GELU = re.compile(r"neox|pythia|gpt-j|falcon", re.IGNORECASE)
 # Megatron-LM's GPT runs of 2021-22 train with dropout 0.1 (Narayanan et al. 2021; Korthikanti et al. 2022);
-# BLOOM with none (its config.json: hidden_dropout = attention_dropout = 0.0).
-_NO_DROPOUT = re.compile(r"bloom", re.IGNORECASE)
+# BLOOM and MPT with none (their config.json: hidden_dropout = attention_dropout = 0.0; resid_pdrop 0.0).
+_NO_DROPOUT = re.compile(r"bloom|mpt", re.IGNORECASE)
+# Models that are not decoder-only language models: encoder-decoder (T5, BART, UL2), encoder-only (BERT) and
+# others that published FSDP runs train (the FSDP paper's DHEN recommendation model, ViT). The cost model's block
+# is a causal decoder's.
+_NOT_A_DECODER = re.compile(r"\bm?t5\b|t5-|bart|\bul2\b|bert|dhen|dlrm|\bvit\b|encoder", re.IGNORECASE)
 # Mixture-of-experts names "<experts>x<size>B" (Mixtral 8x7B, 8x22B): top-2 routing (Jiang et al. 2024).
 _EXPERTS_IN_NAME = re.compile(r"(\d+)\s*x\s*\d+(?:\.\d+)?\s*B", re.IGNORECASE)
 MIXTRAL_EXPERTS_PER_TOKEN = 2
@@ -131,6 +148,8 @@ _STATED_MODEL_FIELDS = ("mlp", "norm", "position_embedding", "tie_embeddings", "
 
 def _model(m: dict[str, Any], filled: list[str]) -> dict[str, Any]:
     name = str(m["name"])
+    if _NOT_A_DECODER.search(name):
+        raise UnsupportedRecord(f"model.name: {name!r}: only decoder-only language models are modelled")
     spec = {
         "name": name,
         "num_layers": m["layers"],
@@ -150,6 +169,9 @@ def _model(m: dict[str, Any], filled: list[str]) -> dict[str, Any]:
 def _architecture(name: str) -> dict[str, Any]:
     if _LLAMA_STYLE.search(name):
         return {"mlp": "swiglu", "norm": "rmsnorm", "position_embedding": "rope", "tie_embeddings": False,
+                "dropout": 0.0}  # fmt: skip
+    if _ROTARY_GELU.search(name):
+        return {"mlp": "gelu", "norm": "layernorm", "position_embedding": "rope", "tie_embeddings": False,
                 "dropout": 0.0}  # fmt: skip
     dropout = 0.0 if _NO_DROPOUT.search(name) else 0.1
     return {"mlp": "gelu", "norm": "layernorm", "tie_embeddings": True, "dropout": dropout}

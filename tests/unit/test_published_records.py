@@ -137,6 +137,19 @@ def test_a_mixtral_run_gets_its_experts_from_the_name_and_says_so():
     assert "experts_per_token=2" in run.filled_in
 
 
+@pytest.mark.parametrize("name", ["T5-11B", "Flan-T5 XL", "BART-large", "BERT-large", "DHEN", "ViT-G"])
+def test_models_that_are_not_decoders_are_named(name):
+    with pytest.raises(UnsupportedRecord, match="^model.name: .*decoder-only"):
+        published_run(record(model__name=name))
+
+
+@pytest.mark.parametrize("name", ["GPT-NeoX-20B", "Pythia-12B", "Falcon-40B"])
+def test_neox_style_models_rotate_with_a_gelu_mlp(name):
+    model = published_run(record(model__name=name)).request["model"]
+    assert (model["mlp"], model["norm"], model["position_embedding"]) == ("gelu", "layernorm", "rope")
+    assert model["tie_embeddings"] is False and model["dropout"] == 0.0
+
+
 def test_stated_architecture_fields_win_over_the_name():
     run = published_run(record(model__mlp="gelu", model__tie_embeddings=True))
     assert run is not None and run.request["model"]["mlp"] == "gelu" and run.request["model"]["tie_embeddings"]
@@ -291,6 +304,16 @@ def test_zero_stages_go_to_the_stack_that_ran_them(sharding, stack):
 def test_recompute_as_records_state_it(stated, recompute):
     run = published_run(record(parallel__recompute=stated))
     assert run is not None and run.request["plan"]["recompute"] == recompute
+
+
+def test_a_field_of_the_wrong_type_leaves_out_its_record_alone(tmp_path):
+    odd = record(id="odd", precision=True)  # a boolean where the schema has text
+    with pytest.raises(UnsupportedRecord, match="^record 'odd': "):
+        published_run(odd)
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"about": "test", "records": [odd, record(id="fine")]}))
+    assert [run.id for run in training_runs(path)] == ["fine"]
+    assert list(unsupported_runs(path)) == ["odd"]
 
 
 @pytest.mark.parametrize("stated", ["selective layer (every 2nd block)", "every other layer", "partial"])
