@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.cost.flops import model_flops_per_step, narayanan_eq3_flops
+from planner.cost.flops import hardware_flops_per_step, model_flops_per_step, narayanan_eq3_flops
+from planner.cost.runtime import STACKS
 from planner.presets import gpu_preset, gpu_preset_for_device
 from planner.specs import ModelSpec, TrainingSpec
 
@@ -435,28 +436,41 @@ def _published_step_time_s(record: dict[str, Any], request: dict[str, Any]) -> f
     """The measured step time, or what the record's measured throughput implies:
     - `iteration_time_s` as published;
     - `tflops_per_gpu` counted by Narayanan et al.'s eq. 3 (recomputation included, what Megatron-LM reports):
-      F_eq3 / (n x X); counted otherwise, as model FLOPs (PaLM's convention): model FLOPs / (n x X);
+      F_eq3 / (n x X); counted as hardware FLOPs otherwise ("incl. recompute", "hardware", "HFU"): the model's
+      FLOPs with what the run's recomputation repeats, as its stack's policy repeats it; else as model FLOPs (PaLM's
+      convention): model FLOPs / (n x X);
     - `tokens_per_s` (or per GPU), `samples_per_s`: tokens (sequences) per step / throughput;
-    - `mfu` alone: model FLOPs / (n x peak x MFU), the peak of the GPU's preset at the run's precision."""
+    - `mfu` alone: model FLOPs / (n x peak x MFU), the peak of the GPU's preset at the run's precision; `hfu` alone
+      the same with hardware FLOPs."""
     measured, gpus = record["measured"], record["cluster"]["num_gpus"]
     model = ModelSpec.model_validate(request["model"])
     training = TrainingSpec.model_validate(request["training"])
     if measured.get("iteration_time_s"):
         return float(measured["iteration_time_s"])
     if measured.get("tflops_per_gpu"):
-        kind = str(measured.get("tflops_kind") or "").lower()
-        flops = narayanan_eq3_flops(model, training) if "eq" in kind and "3" in kind else None
-        flops = flops or model_flops_per_step(model, training)
+        flops = _counted_flops(str(measured.get("tflops_kind") or "").lower(), model, training, request)
         return flops / (gpus * measured["tflops_per_gpu"] * 1e12)
     tokens_per_s = measured.get("tokens_per_s") or (measured.get("tokens_per_s_per_gpu") or 0) * gpus
     if tokens_per_s:
         return training.tokens_per_step / tokens_per_s
     if measured.get("samples_per_s"):
         return training.global_batch_size / measured["samples_per_s"]
+    peak = gpu_preset(request["cluster"]["gpu"]).peak_tflops[training.precision] * 1e12
     if measured.get("mfu"):
-        peak = gpu_preset(request["cluster"]["gpu"]).peak_tflops[training.precision] * 1e12
         return model_flops_per_step(model, training) / (gpus * peak * measured["mfu"])
+    if measured.get("hfu"):
+        return _counted_flops("hardware", model, training, request) / (gpus * peak * measured["hfu"])
     return None
+
+
+def _counted_flops(kind: str, model: ModelSpec, training: TrainingSpec, request: dict[str, Any]) -> float:
+    """The FLOPs per step a published TFLOP/s figure counts (`_published_step_time_s`)."""
+    if "eq" in kind and "3" in kind:
+        return narayanan_eq3_flops(model, training)
+    if re.search(r"recompute|hardware|hfu", kind):
+        policy = STACKS[training.framework].selective_recompute if training.framework in STACKS else "attention_core"
+        return hardware_flops_per_step(model, training, request["plan"]["recompute"], policy)
+    return model_flops_per_step(model, training)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from planner import estimate
+from planner.cost.flops import hardware_flops_per_step
 from planner.devset import (
     DEFAULT_PATH,
     UnsupportedRecord,
@@ -18,6 +19,7 @@ from planner.devset import (
     training_runs,
     unsupported_runs,
 )
+from planner.specs import ModelSpec, TrainingSpec
 
 
 def record(**overrides: Any) -> dict[str, Any]:
@@ -171,6 +173,24 @@ def test_throughputs_convert_to_step_times():
     assert published_run(record(measured={"samples_per_s": 16.0})).step_time_s == pytest.approx(64 / 16)
     assert published_run(record(measured={"iteration_time_s": 3.5})).step_time_s == 3.5
     assert published_run(record(measured={"notes": "no throughput"})) is None
+
+
+@pytest.mark.parametrize("kind", ["hardware FLOPs incl. recompute", "HFU"])
+def test_tflops_counted_with_recompute_are_the_runs_hardware_flops(kind):
+    """Full recomputation repeats the forward: a figure that counts it is hardware FLOPs (model FLOPs + one more
+    forward), not model FLOPs."""
+    stated = {"tflops_per_gpu": 400.0, "tflops_kind": kind}
+    full = published_run(record(measured=stated, parallel__recompute="full"))
+    model = published_run(record(measured={"tflops_per_gpu": 400.0, "tflops_kind": "model FLOPs"}))
+    spec, training = (
+        ModelSpec.model_validate(full.request["model"]),
+        TrainingSpec.model_validate(full.request["training"]),
+    )
+    flops = hardware_flops_per_step(spec, training, "full")
+    assert full.step_time_s == pytest.approx(flops / (64 * 400e12))
+    assert full.step_time_s > model.step_time_s
+    hfu = published_run(record(measured={"hfu": 0.5}, parallel__recompute="full"))
+    assert hfu.step_time_s == pytest.approx(flops / (64 * 989.4e12 * 0.5))
 
 
 def test_mfu_alone_is_model_flops_over_the_presets_peak():
