@@ -10,6 +10,7 @@ backward (Korthikanti et al. 2022, sec. 6.3). Fields a paper does not publish ar
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,32 +310,46 @@ def _gpu(cluster: dict[str, Any]) -> str:
 
 
 def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
-    """Nodes of the GPUs per node the record states (8 otherwise; fewer where the run used fewer). The network per
-    GPU is the node's over its GPUs, where the record states it ("inter 800 Gb/s per node": vTrain's cluster has 4
-    HDR NICs per node of 8, not a DGX's 8); else the GPU preset's reference system's."""
+    """Nodes of the GPUs per node the record states (8 otherwise; fewer where the run used fewer, and where the
+    GPUs do not fill whole nodes of 8, the largest count that divides both). The network per GPU is the node's over
+    its GPUs, where the record states it ("inter 800 Gb/s per node": vTrain's cluster has 4 HDR NICs per node of 8,
+    not a DGX's 8); else the GPU preset's reference system's."""
     gpus = cluster["num_gpus"]
     interconnect = cluster.get("interconnect") or ""
-    stated_per_node = re.search(r"(\d+) GPUs (?:per|a) node", interconnect)
+    stated_per_node = re.search(r"(\d+) GPUs ?(?:per|a|/) ?node", interconnect)
     node_gpus = int(stated_per_node.group(1)) if stated_per_node else 8
-    per_node = min(node_gpus, gpus)
+    per_node = min(node_gpus, gpus) if stated_per_node or gpus <= node_gpus else math.gcd(node_gpus, gpus)
     spec: dict[str, Any] = {"gpu": _gpu(cluster), "num_nodes": max(1, gpus // per_node), "gpus_per_node": per_node}
     node_gbit_per_s = _node_network_gbit_per_s(interconnect)
     if node_gbit_per_s:
-        spec["inter_node_GBps"] = node_gbit_per_s / 8 / node_gpus
+        spec["inter_node_GBps"] = node_gbit_per_s / 8 / per_node
     return spec
 
 
+# A line rate in bits, however a record writes it: Gb/s, Gbps, Gbit/s (and the same with T).
+_GBIT = r"\s*G(?:b/s|bps|bit/s)"
+_TBIT = r"\s*T(?:b/s|bps|bit/s)"
+# AWS instances' EFA networking, per instance (AWS EC2 accelerated computing instance pages): p4d / p4de 400 Gb/s
+# (4 x 100), p5 / p5e / p5en 3,200 Gb/s (32 x 100 on p5; 16 x 200 on p5en).
+_AWS_INSTANCE_GBIT = {"p4d": 400.0, "p4de": 400.0, "p5": 3200.0, "p5e": 3200.0, "p5en": 3200.0}
+
+
 def _node_network_gbit_per_s(interconnect: str) -> float | None:
-    """A node's network line rate in Gb/s as the record writes it: "8x200 Gb/s HDR InfiniBand" (NICs x rate),
-    "inter 800 Gb/s per node", "3.2 Tb/s". Bits (Gb/s), not the bytes (GB/s) of NVLink figures."""
-    nics = re.search(r"(\d+)\s*x\s*(?:[A-Za-z]+\s*)?(\d+)\s*Gb/s", interconnect)
+    """A node's network line rate in Gb/s as the record writes it: "8x200 Gb/s HDR InfiniBand", "4x HDR 200Gbps",
+    "8 x ConnectX-7 400 Gb/s" (NICs x rate), "inter 800 Gb/s per node", "3.2 Tb/s", an AWS instance's EFA
+    ("p4d.24xlarge", "400 Gbps EFA": EFA is quoted per instance). Bits (Gb/s), not the bytes (GB/s) of NVLink
+    figures."""
+    nics = re.search(rf"(\d+)\s*[x×]\s*(?:[\w-]+\s+)*?(\d+){_GBIT}", interconnect)
     if nics:
         return float(nics.group(1)) * float(nics.group(2))
-    terabits = re.search(r"(\d+(?:\.\d+)?)\s*Tb/s", interconnect)
+    terabits = re.search(rf"(\d+(?:\.\d+)?){_TBIT}", interconnect)
     if terabits:
         return float(terabits.group(1)) * 1000
-    per_node = re.search(r"(\d+(?:\.\d+)?)\s*Gb/s per node", interconnect)
-    return float(per_node.group(1)) if per_node else None
+    per_node = re.search(rf"(\d+(?:\.\d+)?){_GBIT}(?:\s*EFA|\s*per node)", interconnect, re.IGNORECASE)
+    if per_node:
+        return float(per_node.group(1))
+    instance = re.search(r"\b(p4de|p4d|p5en|p5e|p5)\.", interconnect)
+    return _AWS_INSTANCE_GBIT[instance.group(1)] if instance else None
 
 
 # -------------------------------------------------------------------------------------------- plan

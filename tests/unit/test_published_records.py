@@ -251,11 +251,23 @@ def test_published_peak_memory_is_in_the_dev_sets_gigabytes():
         ("8x200 Gb/s HDR InfiniBand HCAs per node", 200 / 8),  # a DGX A100: the preset's own figure
         ("vTrain config: intra 150 GB/s, inter 800 Gb/s per node, 8 GPUs per node", 800 / 8 / 8),
         ("EFA 3.2 Tb/s, 8 GPUs per node", 3200 / 8 / 8),
+        ("NVLink 600GB/s, 4x HDR 200Gbps", 800 / 8 / 8),  # Gbps, and a word between NICs and rate
+        ("8 x ConnectX-7 400 Gb/s", 400 / 8),  # a NIC name with a digit in it
+        ("p4d.24xlarge, 400 Gbps EFA", 400 / 8 / 8),  # EFA is quoted per instance
+        ("AWS p5.48xlarge", 3200 / 8 / 8),  # the instance alone: its EFA
+        ("RoCE 3.2 Tbps", 3200 / 8 / 8),
     ],
 )
 def test_the_nodes_network_is_shared_by_its_gpus(interconnect, per_gpu_GBps):
     run = published_run(record(cluster__interconnect=interconnect))
     assert run is not None and run.request["cluster"]["inter_node_GBps"] == pytest.approx(per_gpu_GBps)
+
+
+def test_gpus_that_do_not_fill_nodes_of_8_fill_nodes_of_what_divides_both():
+    run = published_run(
+        record(cluster__num_gpus=12, cluster__interconnect=None, parallel__dp=12, parallel__global_batch=12)
+    )
+    assert (run.request["cluster"]["num_nodes"], run.request["cluster"]["gpus_per_node"]) == (3, 4)
 
 
 def test_nvlinks_bytes_are_not_a_network():
