@@ -630,8 +630,9 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         peak_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
         hbm_GBps=3350.0,
         intra_node=_NVLINK4_EXPORT,
-        # DeepSeek-V3 technical report (2024), sec. 3.1: H800 nodes, IB at 50 GB/s a GPU (400 Gb/s NDR).
-        inter_node=_network("ib-ndr-400g", 400, "DeepSeek-V3 technical report sec. 3.1: H800 nodes, 50 GB/s IB a GPU"),
+        # DeepSeek-V3 technical report (2024), sec. 3.1-3.2.2: H800 nodes, IB at 50 GB/s a GPU (400 Gb/s NDR) and
+        # NVLink at 160 GB/s achieved (0.8 of the 200 per direction: NVLink4's 0.82 above).
+        inter_node=_network("ib-ndr-400g", 400, "DeepSeek-V3 technical report sec. 3.2.2: 50 GB/s IB a GPU"),
         matmul_efficiency=HOPPER_MATMUL_EFFICIENCY,
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,

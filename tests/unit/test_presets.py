@@ -229,7 +229,7 @@ def test_link_tiers_of_the_newer_presets() -> None:
     assert gpu_preset("mi300x").intra_node.bus_bandwidth_Bps == pytest.approx(7 * 48e9)
     assert gpu_preset("h20").intra_node == gpu_preset("h100-sxm").intra_node
     # The export parts: the A100's and H100's compute, NVLink cut to 200 GB/s per direction at each one's protocol
-    # efficiency; H800 nodes carry 400 Gb/s a GPU (DeepSeek-V3 sec. 3.1).
+    # efficiency; H800 nodes carry 400 Gb/s a GPU (DeepSeek-V3 sec. 3.2.2).
     for export, original in (("a800-80gb", "a100-80gb"), ("h800", "h100-sxm")):
         assert gpu_preset(export).peak_tflops == gpu_preset(original).peak_tflops
         assert gpu_preset(export).matmul_efficiency == gpu_preset(original).matmul_efficiency
