@@ -577,19 +577,6 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM4 80GB",
     ),
-    "a800-80gb": GpuSpec(
-        name="a800-80gb",
-        sm_count=108,  # the A100's GA100 configuration (A800 keeps the A100's compute)
-        memory_bytes=85_198_045_184,  # the A100-SXM4-80GB's (assumed the same part)
-        peak_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-        hbm_GBps=2039.0,
-        intra_node=_NVLINK3_EXPORT,
-        inter_node=_IB_HDR,
-        matmul_efficiency=_matmul_efficiency("a100"),
-        attention_efficiency=A100_FLASH_ATTENTION_EFFICIENCY,
-        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
-        source="NVIDIA A800 SXM4 80GB (A100 SXM4 80GB compute and HBM2e, 400 GB/s NVLink); DGX A100 network assumed",
-    ),
     "h100-sxm": GpuSpec(
         name="h100-sxm",
         sm_count=132,  # Hopper whitepaper: 132 SMs on H100 SXM5
@@ -621,22 +608,6 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
         memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
         source="NVIDIA H100 datasheet and H100 PCIe product brief PB-11133-001, PCIe 80GB",
-    ),
-    "h800": GpuSpec(
-        name="h800",
-        sm_count=132,  # the H100 SXM5's GH100 configuration (H800 keeps the H100's compute)
-        # The H100 80GB HBM3's capacity (assumed the same part).
-        memory_bytes=_mib(81089),
-        peak_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-        hbm_GBps=3350.0,
-        intra_node=_NVLINK4_EXPORT,
-        # DeepSeek-V3 technical report (2024), sec. 3.1-3.2.2: H800 nodes, IB at 50 GB/s a GPU (400 Gb/s NDR) and
-        # NVLink at 160 GB/s achieved (0.8 of the 200 per direction: NVLink4's 0.82 above).
-        inter_node=_network("ib-ndr-400g", 400, "DeepSeek-V3 technical report sec. 3.2.2: 50 GB/s IB a GPU"),
-        matmul_efficiency=HOPPER_MATMUL_EFFICIENCY,
-        attention_efficiency=HOPPER_FLASH_ATTENTION_EFFICIENCY,
-        memory_efficiency=DEFAULT_MEMORY_EFFICIENCY,
-        source="NVIDIA H800 SXM5 (H100 SXM5 compute and HBM3, 400 GB/s NVLink); Hopper whitepaper",
     ),
     "h200": GpuSpec(
         name="h200",
@@ -781,6 +752,25 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         source="nominal placeholder; replace with a measured HardwareProfile",
     ),
 }
+
+
+def _export_part(original: str, name: str, nvlink: LinkSpec, source: str, **update: Any) -> GpuSpec:
+    """A part for the Chinese market: `original`'s GPU, memory and network, with NVLink cut (`_NVLINK3_EXPORT`,
+    `_NVLINK4_EXPORT`), and `update`'s other differences."""
+    return GPU_PRESETS[original].model_copy(update={"name": name, "intra_node": nvlink, "source": source, **update})
+
+
+GPU_PRESETS["a800-80gb"] = _export_part(
+    "a100-80gb", "a800-80gb", _NVLINK3_EXPORT,
+    "NVIDIA A800 SXM4 80GB (A100 SXM4 80GB compute and HBM2e, 400 GB/s NVLink); DGX A100 network assumed",
+)  # fmt: skip
+GPU_PRESETS["h800"] = _export_part(
+    "h100-sxm", "h800", _NVLINK4_EXPORT,
+    "NVIDIA H800 SXM5 (H100 SXM5 compute and HBM3, 400 GB/s NVLink); Hopper whitepaper",
+    # DeepSeek-V3 technical report (2024), sec. 3.1-3.2.2: H800 nodes, IB at 50 GB/s a GPU (400 Gb/s NDR) and
+    # NVLink at 160 GB/s achieved (0.8 of the 200 per direction: NVLink4's 0.82 above).
+    inter_node=_network("ib-ndr-400g", 400, "DeepSeek-V3 technical report sec. 3.2.2: 50 GB/s IB a GPU"),
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- the host side (CPU offload)
