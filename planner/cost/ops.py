@@ -108,8 +108,8 @@ class CrossEntropy:
 
 # The fp32 log-probabilities (F.cross_entropy's log_softmax output) or probabilities (Megatron's softmax) a loss
 # keeps for backward, bytes per logit element. Measured on an H200 (tests/data/h200-llama3.2-1b, the profiler's
-# head at 1-8 sequences of 1,024 tokens): 4.0 bytes a logit beside a constant 525 MB (the LM head weight's cast
-# that autocast caches), and 8.0 more at the peak.
+# head at 1-8 sequences of 1,024 and 2,048 tokens): 4.0 bytes a logit beside a constant 525 MB (the LM head
+# weight's cast that autocast caches), and 8.0 more at the peak.
 SAVED_LOGIT_BYTES = 4
 
 # Megatron-LM's vocab-parallel cross entropy (megatron/core/tensor_parallel/cross_entropy.py), one whole-tensor pass
@@ -503,6 +503,7 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
     """Final norm, the vocab-parallel LM head and cross-entropy. The loss upcasts the logits to fp32 and keeps
     fp32 log-probabilities (or probabilities) for backward (`SAVED_LOGIT_BYTES`); its passes over the logits are the
     stack's (`shape.cross_entropy`), and what it holds beyond them at its peak is `head_working_bytes`."""
+    logits = _logits(model, shape)
     forward, backward = shape.cross_entropy.traffic(shape.elem)
     forward_kernels, backward_kernels = shape.cross_entropy.kernels
     return [
@@ -511,11 +512,11 @@ def head_ops(model: ModelSpec, shape: Shape) -> list[OpCost]:
         OpCost(
             "cross_entropy",
             0.0,
-            SAVED_LOGIT_BYTES * _logits(model, shape),
-            forward * _logits(model, shape),
+            SAVED_LOGIT_BYTES * logits,
+            forward * logits,
             kernels=forward_kernels,
             backward_kernels=backward_kernels,
-            backward_traffic_bytes=backward * _logits(model, shape),
+            backward_traffic_bytes=backward * logits,
         ),
     ]
 
