@@ -470,12 +470,16 @@ def _published_step_time_s(record: dict[str, Any], request: dict[str, Any]) -> f
         return training.tokens_per_step / tokens_per_s
     if measured.get("samples_per_s"):
         return training.global_batch_size / measured["samples_per_s"]
-    peak = gpu_preset(request["cluster"]["gpu"]).peak_tflops[training.precision] * 1e12
     if measured.get("mfu"):
-        return model_flops_per_step(model, training) / (gpus * peak * measured["mfu"])
+        return model_flops_per_step(model, training) / (gpus * _peak_flops(request) * measured["mfu"])
     if measured.get("hfu"):
-        return _counted_flops("hardware", model, training, request) / (gpus * peak * measured["hfu"])
+        return _counted_flops("hardware", model, training, request) / (gpus * _peak_flops(request) * measured["hfu"])
     return None
+
+
+def _peak_flops(request: dict[str, Any]) -> float:
+    """The dense peak FLOP/s of the run's GPU preset at its precision."""
+    return gpu_preset(request["cluster"]["gpu"]).peak_tflops[request["training"]["precision"]] * 1e12
 
 
 def _counted_flops(kind: str, model: ModelSpec, training: TrainingSpec, request: dict[str, Any]) -> float:
