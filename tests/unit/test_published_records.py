@@ -182,11 +182,8 @@ def test_tflops_counted_with_recompute_are_the_runs_hardware_flops(kind):
     stated = {"tflops_per_gpu": 400.0, "tflops_kind": kind}
     full = published_run(record(measured=stated, parallel__recompute="full"))
     model = published_run(record(measured={"tflops_per_gpu": 400.0, "tflops_kind": "model FLOPs"}))
-    spec, training = (
-        ModelSpec.model_validate(full.request["model"]),
-        TrainingSpec.model_validate(full.request["training"]),
-    )
-    flops = hardware_flops_per_step(spec, training, "full")
+    spec = ModelSpec.model_validate(full.request["model"])
+    flops = hardware_flops_per_step(spec, TrainingSpec.model_validate(full.request["training"]), "full")
     assert full.step_time_s == pytest.approx(flops / (64 * 400e12))
     assert full.step_time_s > model.step_time_s
     hfu = published_run(record(measured={"hfu": 0.5}, parallel__recompute="full"))
